@@ -1,0 +1,3 @@
+from cyllm.cli import app
+
+app(prog_name="cyllm")

@@ -1,0 +1,106 @@
+"""The ``cyllm`` command."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cyllm.runtime import setup_logging
+from cyllm.settings import ConfigError, load_settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="CY-LLM: serve and fine-tune LLMs.")
+
+Host = Annotated[Optional[str], typer.Option(help="address to bind")]
+ConfigFile = Annotated[
+    Optional[Path], typer.Option("--config", exists=True, dir_okay=False, help="YAML config file")
+]
+Coordinators = Annotated[
+    Optional[list[str]],
+    typer.Option("--coordinator", help="coordinator HOST:PORT (repeatable)"),
+]
+
+
+def _load(cls, config: Path | None, **overrides):
+    try:
+        return load_settings(cls, config, **overrides)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="address the HTTP gateway binds")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port of the gateway")] = 8080,
+    coordinator_port: Annotated[int, typer.Option(help="gRPC port of the coordinator")] = 50050,
+    worker_port: Annotated[int, typer.Option(help="gRPC port of the worker")] = 50051,
+    config: ConfigFile = None,
+) -> None:
+    """Run gateway, coordinator and worker together (the embedded default)."""
+    from cyllm import supervisor
+
+    raise typer.Exit(supervisor.run(host, port, coordinator_port, worker_port, config))
+
+
+@app.command()
+def gateway(host: Host = None, port: Annotated[Optional[int], typer.Option()] = None,
+            config: ConfigFile = None, coordinator: Coordinators = None) -> None:
+    """Run the HTTP gateway (default port 8080)."""
+    from cyllm.gateway.main import serve as run
+    from cyllm.gateway.settings import GatewaySettings
+
+    setup_logging()
+    run(_load(GatewaySettings, config, host=host, port=port, coordinators=coordinator or None))
+
+
+@app.command()
+def coordinator(host: Host = None, port: Annotated[Optional[int], typer.Option()] = None,
+                config: ConfigFile = None) -> None:
+    """Run the coordinator (gRPC, default port 50050)."""
+    from cyllm.coordinator.main import serve as run
+    from cyllm.coordinator.settings import CoordinatorSettings
+
+    setup_logging()
+    asyncio.run(run(_load(CoordinatorSettings, config, host=host, port=port)))
+
+
+@app.command()
+def worker(host: Host = None, port: Annotated[Optional[int], typer.Option()] = None,
+           config: ConfigFile = None, coordinator: Coordinators = None) -> None:
+    """Run a worker (gRPC, default port 50051) with the models of the config."""
+    from cyllm.worker.main import serve as run
+    from cyllm.worker.settings import WorkerSettings
+
+    setup_logging()
+    asyncio.run(run(_load(WorkerSettings, config, host=host, port=port,
+                          coordinators=coordinator or None)))
+
+
+@app.command("prepare-models")
+def prepare_models(config: ConfigFile = None) -> None:
+    """Convert and cache the configured models (GGUF -> safetensors) ahead of serving."""
+    from cyllm.worker import model_files
+    from cyllm.worker.settings import WorkerSettings
+
+    settings = _load(WorkerSettings, config)
+    for spec in settings.models:
+        if spec.engine == "fake":
+            continue
+        try:
+            path = model_files.resolve(spec, settings.cache_dir)
+        except FileNotFoundError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+        typer.echo(f"{spec.id}: {path}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

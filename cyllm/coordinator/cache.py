@@ -1,0 +1,91 @@
+"""The prompt cache: finished responses to deterministic requests, replayed on a repeat.
+
+Keys are SHA-256 over the model, the sampling parameters and the input, so two
+requests share an entry only when they would produce the same output.  Only requests
+with temperature 0 or a fixed seed are cached; ``PromptCache`` is the interface and
+``InMemoryPromptCache`` (LRU, TTL, bounded entries) the embedded backend.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from google.protobuf import json_format
+
+from cyllm.protocol import pb
+
+
+@dataclass(frozen=True)
+class CachedResponse:
+    chunks: tuple[str, ...]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def is_deterministic(request: pb.GenerateRequest) -> bool:
+    s = request.sampling
+    greedy = s.HasField("temperature") and s.temperature == 0
+    return greedy or s.HasField("seed")
+
+
+def cache_key(request: pb.GenerateRequest) -> str:
+    """SHA-256 of model + sampling + input, in a canonical JSON form."""
+    canonical = pb.GenerateRequest(model=request.model, sampling=request.sampling)
+    if request.WhichOneof("input") == "messages":
+        canonical.messages.CopyFrom(request.messages)
+    else:
+        canonical.prompt = request.prompt
+    body = json_format.MessageToJson(canonical, sort_keys=True, indent=None)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+class PromptCache(abc.ABC):
+    hits: int
+    misses: int
+
+    @abc.abstractmethod
+    def get(self, key: str) -> CachedResponse | None: ...
+
+    @abc.abstractmethod
+    def put(self, key: str, value: CachedResponse) -> None: ...
+
+
+class InMemoryPromptCache(PromptCache):
+    def __init__(self, ttl_s: float, max_entries: int, clock=time.monotonic) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[float, CachedResponse]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.ttl_s > 0 and self.max_entries > 0
+
+    def get(self, key: str) -> CachedResponse | None:
+        entry = self._entries.get(key)
+        if entry is None or entry[0] <= self._clock():
+            if entry is not None:
+                del self._entries[key]
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return entry[1]
+
+    def put(self, key: str, value: CachedResponse) -> None:
+        if not self.enabled:
+            return
+        self._entries[key] = (self._clock() + self.ttl_s, value)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,85 @@
+"""The priority task queue: where a request waits for a worker slot.
+
+Higher priority first, FIFO within a priority.  A full queue refuses new work with
+:class:`~cyllm.errors.Overloaded` (HTTP 429 + Retry-After) instead of growing without
+bound.  ``TaskQueue`` is the interface; ``InMemoryTaskQueue`` is the embedded backend.
+"""
+
+from __future__ import annotations
+
+import abc
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from cyllm import errors
+
+
+@dataclass(eq=False)
+class Task:
+    task_id: str
+    model: str
+    priority: int = 0
+    seq: int = 0  # set by the queue: arrival order
+
+
+class TaskQueue(abc.ABC):
+    @abc.abstractmethod
+    def push(self, task: Task) -> None:
+        """Enqueue, or raise Overloaded when full."""
+
+    @abc.abstractmethod
+    def pop_first(self, ready: Callable[[Task], bool]) -> Task | None:
+        """Remove and return the first task, in priority order, for which ``ready`` holds."""
+
+    @abc.abstractmethod
+    def remove(self, task: Task) -> bool:
+        """Withdraw a waiting task (its caller gave up); False if it was not waiting."""
+
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def capacity(self) -> int: ...
+
+
+@dataclass
+class InMemoryTaskQueue(TaskQueue):
+    max_size: int
+    retry_after_s: float = 1.0
+    _tasks: list[Task] = field(default_factory=list)  # kept sorted: priority desc, seq asc
+    _counter: Iterator[int] = field(default_factory=itertools.count)
+
+    def push(self, task: Task) -> None:
+        if len(self._tasks) >= self.max_size:
+            raise errors.Overloaded(
+                f"the task queue is full ({self.max_size} waiting); retry later",
+                retry_after=self.retry_after_s,
+            )
+        task.seq = next(self._counter)
+        # Insert after every task of the same or higher priority (stable FIFO).
+        i = len(self._tasks)
+        while i > 0 and self._tasks[i - 1].priority < task.priority:
+            i -= 1
+        self._tasks.insert(i, task)
+
+    def pop_first(self, ready: Callable[[Task], bool]) -> Task | None:
+        for i, task in enumerate(self._tasks):
+            if ready(task):
+                return self._tasks.pop(i)
+        return None
+
+    def remove(self, task: Task) -> bool:
+        try:
+            self._tasks.remove(task)
+            return True
+        except ValueError:
+            return False
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    @property
+    def capacity(self) -> int:
+        return self.max_size

@@ -1,0 +1,25 @@
+"""Coordinator settings."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from cyllm.settings import ComponentSettings
+
+
+class CoordinatorSettings(ComponentSettings):
+    section: ClassVar[str] = "coordinator"
+    model_config = SettingsConfigDict(env_prefix="CYLLM_COORDINATOR_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(50050, ge=0, le=65535)
+    queue_max_size: int = Field(256, ge=1, description="waiting tasks; beyond this: 429")
+    queue_timeout_s: float = Field(120.0, gt=0, description="longest wait for a worker slot")
+    retry_after_s: float = Field(1.0, gt=0, description="Retry-After sent with a full queue")
+    cache_ttl_s: float = Field(600.0, ge=0, description="0 disables the prompt cache")
+    cache_max_entries: int = Field(1024, ge=0)
+    heartbeat_interval_s: float = Field(1.0, gt=0)
+    heartbeat_timeout_s: float = Field(5.0, gt=0, description="silence before a worker is unhealthy")

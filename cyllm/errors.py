@@ -1,0 +1,61 @@
+"""The project's own error hierarchy.
+
+Every component raises these; library exceptions are translated into them at the
+adapter edge (engines, gRPC clients).  Each boundary maps the hierarchy exactly once:
+``cyllm.protocol.status`` to and from gRPC status codes, ``cyllm.gateway.errors`` to
+HTTP status codes and OpenAI's error body.
+
+    CyllmError
+     +-- InvalidRequest        the caller sent something unusable (HTTP 400)
+     |    +-- ContextLengthExceeded   prompt + max_tokens do not fit the model (400)
+     +-- ModelNotFound         no worker serves that model id (404)
+     +-- Overloaded            queue full; carries ``retry_after`` seconds (429)
+     +-- Unavailable           no live worker / coordinator to take the work (503)
+     +-- RequestCancelled      the caller went away; not an error to report (499)
+     +-- EngineError           the engine failed while generating (500)
+"""
+
+from __future__ import annotations
+
+
+class CyllmError(Exception):
+    """Base class.  ``code`` is a stable machine-readable string (OpenAI's ``code``)."""
+
+    code = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequest(CyllmError):
+    code = "invalid_request"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class ModelNotFound(CyllmError):
+    code = "model_not_found"
+
+
+class Overloaded(CyllmError):
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Unavailable(CyllmError):
+    code = "unavailable"
+
+
+class RequestCancelled(CyllmError):
+    code = "cancelled"
+
+
+class EngineError(CyllmError):
+    code = "engine_error"

@@ -1,0 +1,85 @@
+"""The gateway application: ``create_app(settings)``."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cyllm.gateway import errors
+from cyllm.gateway.client import CoordinatorClient
+from cyllm.gateway.native.router import router as native_router
+from cyllm.gateway.openai.router import router as openai_router
+from cyllm.gateway.settings import GatewaySettings
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+class RequestContext:
+    """Per-request plumbing: a request id (accepted from X-Request-ID or made up,
+    echoed back), the body size limit (enforced while the body is read), and JSON as
+    the body type when none or curl's form default is declared (no route takes forms,
+    and ``curl -d '{...}'`` should just work)."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if headers.get(b"content-type", b"application/x-www-form-urlencoded") == b"application/x-www-form-urlencoded":
+            headers[b"content-type"] = b"application/json"
+            scope["headers"] = list(headers.items())
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        declared = headers.get(b"content-length", b"")
+        limit = self.max_body_bytes
+        received = int(declared) if declared.isdigit() else 0  # refuse early when declared
+
+        async def receive_checked() -> Message:
+            nonlocal received
+            if received > limit:
+                raise errors.BodyTooLarge(limit)
+            message = await receive()
+            if message["type"] == "http.request" and not declared:
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise errors.BodyTooLarge(limit)
+            return message
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [(b"x-request-id", request_id.encode())]
+            await send(message)
+
+        await self.app(scope, receive_checked, send_with_id)
+
+
+def create_app(settings: GatewaySettings, client: CoordinatorClient | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.client = client or CoordinatorClient(settings.coordinators, settings.request_timeout_s)
+        try:
+            yield
+        finally:
+            await app.state.client.close()
+
+    app = FastAPI(
+        title="CY-LLM Gateway",
+        version="0.1.0",
+        description="OpenAI-compatible and native inference API in front of the CY-LLM coordinators.",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    app.include_router(openai_router)
+    app.include_router(native_router)
+    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,97 @@
+"""The one place where errors become HTTP responses, in OpenAI's error shape:
+
+    {"error": {"message": "...", "type": "...", "param": "...", "code": "..."}}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cyllm import errors
+
+log = logging.getLogger(__name__)
+
+_STATUS: list[tuple[type[errors.CyllmError], int, str]] = [
+    (errors.InvalidRequest, 400, "invalid_request_error"),
+    (errors.ModelNotFound, 404, "invalid_request_error"),
+    (errors.Overloaded, 429, "rate_limit_error"),
+    (errors.Unavailable, 503, "service_unavailable"),
+    (errors.RequestCancelled, 499, "cancelled"),
+    (errors.EngineError, 500, "server_error"),
+]
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """Raised while the body is read; an HTTPException so FastAPI passes it through."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body exceeds the limit of {limit} bytes")
+
+
+def http_status(err: errors.CyllmError) -> tuple[int, str]:
+    for cls, code, kind in _STATUS:
+        if isinstance(err, cls):
+            return code, kind
+    return 500, "server_error"
+
+
+def error_body(message: str, kind: str, code: str | None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(err: errors.CyllmError) -> JSONResponse:
+    code, kind = http_status(err)
+    headers = {}
+    if isinstance(err, errors.Overloaded):
+        headers["Retry-After"] = str(max(1, round(err.retry_after)))
+    return JSONResponse(error_body(err.message, kind, err.code, err.param), code, headers=headers)
+
+
+def stream_error(err: errors.CyllmError) -> str:
+    """The error as one SSE data payload, for failures after the stream has started."""
+    _, kind = http_status(err)
+    return json.dumps(error_body(err.message, kind, err.code, err.param))
+
+
+def _describe(exc: RequestValidationError) -> tuple[str, str | None]:
+    problems = []
+    param = None
+    for e in exc.errors():
+        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        if e.get("type") == "json_invalid":
+            return f"request body is not valid JSON: {e.get('ctx', {}).get('error', e['msg'])}", None
+        where = ".".join(loc) or "body"
+        param = param or where
+        problems.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+    return "; ".join(problems) or "invalid request", param
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(errors.CyllmError)
+    async def _cyllm(request: Request, exc: errors.CyllmError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _describe(exc)
+        return JSONResponse(error_body(message, "invalid_request_error", "invalid_request", param), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status_code, "http_error")
+        message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no route {request.method} {request.url.path}"
+        return JSONResponse(error_body(message, "invalid_request_error", code), exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body("internal server error", "server_error", "internal_error"), 500)

@@ -1,0 +1,96 @@
+"""Protocol-independent pieces of a generation as the gateway sees it.
+
+Both HTTP surfaces (OpenAI's and the seed's native one) build a ``GenerateRequest``
+with :func:`build_request` and consume the coordinator's stream through
+:class:`Generation`, which reads the first event before any HTTP response is sent, so
+a refused request still gets a proper 4xx/5xx status instead of a broken stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from cyllm import errors
+from cyllm.gateway.client import CoordinatorClient
+from cyllm.protocol import pb
+
+
+def build_request(
+    request_id: str,
+    model: str,
+    *,
+    prompt: str | None = None,
+    messages: Sequence[tuple[str, str]] | None = None,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    stop: str | list[str] | None = None,
+    seed: int | None = None,
+    priority: int = 0,
+) -> pb.GenerateRequest:
+    sampling = pb.SamplingParams(stop=[stop] if isinstance(stop, str) else list(stop or []))
+    if max_tokens is not None:
+        sampling.max_tokens = max_tokens
+    if temperature is not None:
+        sampling.temperature = temperature
+    if top_p is not None:
+        sampling.top_p = top_p
+    if seed is not None:
+        sampling.seed = seed
+    req = pb.GenerateRequest(request_id=request_id, model=model, sampling=sampling, priority=priority)
+    if messages is not None:
+        req.messages.CopyFrom(
+            pb.ChatMessages(messages=[pb.ChatMessage(role=r, content=c) for r, c in messages])
+        )
+    else:
+        req.prompt = prompt or ""
+    return req
+
+
+@dataclass
+class Outcome:
+    finish_reason: str = "stop"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached: bool = False
+
+
+class Generation:
+    """One running generation: ``await start()``, then iterate text deltas, then ``outcome``."""
+
+    def __init__(self, client: CoordinatorClient, request: pb.GenerateRequest) -> None:
+        self._events = client.generate(request)
+        self.outcome = Outcome()
+
+    async def start(self) -> Generation:
+        try:
+            first = await anext(self._events)
+        except StopAsyncIteration:
+            raise errors.EngineError("the generation ended before it started") from None
+        except BaseException:
+            await self._events.aclose()
+            raise
+        self.outcome.prompt_tokens = first.started.prompt_tokens
+        self.outcome.cached = first.started.cached
+        return self
+
+    async def deltas(self) -> AsyncIterator[str]:
+        """Text pieces; closing this iterator early cancels the generation upstream."""
+        async with aclosing(self._events) as events:
+            async for msg in events:
+                kind = msg.WhichOneof("event")
+                if kind == "delta" and msg.delta.text:
+                    yield msg.delta.text
+                elif kind == "finished":
+                    f = msg.finished
+                    self.outcome.finish_reason = f.finish_reason
+                    self.outcome.prompt_tokens = f.prompt_tokens
+                    self.outcome.completion_tokens = f.completion_tokens
+
+    async def text(self) -> str:
+        return "".join([piece async for piece in self.deltas()])
+
+    async def aclose(self) -> None:
+        await self._events.aclose()

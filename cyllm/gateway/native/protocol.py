@@ -1,0 +1,98 @@
+"""Schemas of the seed's native API (``/api/v1``); JSON fields are camelCase."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+
+class _Camel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class Message(_Camel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class InferenceRequest(_Camel):
+    """``prompt`` is sent as one user message through the model's chat template, unless
+    ``raw`` is true (then it is completed as plain text); ``messages`` gives the whole
+    conversation instead."""
+
+    model_id: str = Field(min_length=1)
+    prompt: str | None = Field(None, min_length=1)
+    messages: list[Message] | None = Field(None, min_length=1)
+    raw: bool = False
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: list[str] | None = Field(None, max_length=4)
+    seed: int | None = None
+    priority: int = Field(0, ge=-100, le=100, description="higher is served first")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> InferenceRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        if self.raw and self.messages is not None:
+            raise ValueError("raw applies to prompt only")
+        return self
+
+    def conversation(self) -> list[tuple[str, str]] | None:
+        if self.messages is not None:
+            return [(m.role, m.content) for m in self.messages]
+        return None if self.raw else [("user", self.prompt or "")]
+
+
+class Usage(_Camel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class InferenceResponse(_Camel):
+    id: str
+    model_id: str
+    text: str
+    finish_reason: str
+    cached: bool
+    usage: Usage
+
+
+class ModelEntry(_Camel):
+    id: str
+    context_length: int
+    engine: str
+    created: int
+
+
+class ModelsResponse(_Camel):
+    models: list[ModelEntry]
+
+
+class WorkerHealth(_Camel):
+    id: str
+    address: str
+    healthy: bool
+    outstanding: int
+    capacity: int
+    models: list[str]
+    device: str
+
+
+class CoordinatorHealth(_Camel):
+    address: str
+    reachable: bool
+    queue_depth: int = 0
+    queue_capacity: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+
+
+class HealthResponse(_Camel):
+    status: Literal["ok", "degraded", "down"]
+    coordinators: list[CoordinatorHealth]
+    workers: list[WorkerHealth]

@@ -1,0 +1,106 @@
+"""The seed's native routes under ``/api/v1``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from cyllm import errors
+from cyllm.gateway.errors import stream_error
+from cyllm.gateway.generation import Generation, build_request
+from cyllm.gateway.native.protocol import (
+    CoordinatorHealth,
+    HealthResponse,
+    InferenceRequest,
+    InferenceResponse,
+    ModelEntry,
+    ModelsResponse,
+    Usage,
+    WorkerHealth,
+)
+from cyllm.gateway.openai.router import ERRORS
+from cyllm.gateway.sse import frame, sse_response
+
+router = APIRouter(prefix="/api/v1", tags=["native"])
+
+
+def _request(body: InferenceRequest, rid: str):
+    return build_request(
+        rid, body.model_id, prompt=body.prompt, messages=body.conversation(),
+        max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
+        stop=body.stop, seed=body.seed, priority=body.priority,
+    )
+
+
+def _usage(gen: Generation) -> Usage:
+    o = gen.outcome
+    return Usage(prompt_tokens=o.prompt_tokens, completion_tokens=o.completion_tokens,
+                 total_tokens=o.prompt_tokens + o.completion_tokens)
+
+
+@router.post("/inference", response_model=InferenceResponse, response_model_by_alias=True,
+             responses=ERRORS)
+async def inference(body: InferenceRequest, request: Request) -> InferenceResponse:
+    rid = request.state.request_id
+    gen = await Generation(request.app.state.client, _request(body, rid)).start()
+    text = await gen.text()
+    return InferenceResponse(id=rid, model_id=body.model_id, text=text, cached=gen.outcome.cached,
+                             finish_reason=gen.outcome.finish_reason, usage=_usage(gen))
+
+
+@router.post("/inference/stream", responses={**ERRORS, 200: {
+    "content": {"text/event-stream": {}},
+    "description": "events: `token` {text}, then `done` {finishReason, usage, cached} or `error`",
+}})
+async def inference_stream(body: InferenceRequest, request: Request) -> StreamingResponse:
+    rid = request.state.request_id
+    gen = await Generation(request.app.state.client, _request(body, rid)).start()
+    return sse_response(_stream(gen, rid))
+
+
+async def _stream(gen: Generation, rid: str) -> AsyncIterator[str]:
+    try:
+        async for text in gen.deltas():
+            yield frame({"text": text}, event="token")
+    except errors.CyllmError as exc:
+        yield frame(stream_error(exc), event="error")
+        return
+    yield frame({"id": rid, "finishReason": gen.outcome.finish_reason, "cached": gen.outcome.cached,
+                 "usage": _usage(gen).model_dump(by_alias=True)}, event="done")
+
+
+@router.get("/models", response_model=ModelsResponse, response_model_by_alias=True)
+async def models(request: Request) -> ModelsResponse:
+    found = await request.app.state.client.list_models()
+    return ModelsResponse(models=[
+        ModelEntry(id=m.id, context_length=m.context_length, engine=m.engine, created=m.created)
+        for m in found
+    ])
+
+
+@router.get("/health", response_model=HealthResponse, response_model_by_alias=True,
+            responses={503: {"model": HealthResponse, "description": "no healthy worker"}})
+async def health(request: Request) -> JSONResponse:
+    coordinators, workers = [], {}
+    for address, state in await request.app.state.client.cluster_status():
+        if state is None:
+            coordinators.append(CoordinatorHealth(address=address, reachable=False))
+            continue
+        coordinators.append(CoordinatorHealth(
+            address=address, reachable=True, queue_depth=state.queue_depth,
+            queue_capacity=state.queue_capacity, cache_hits=state.cache_hits,
+            cache_misses=state.cache_misses,
+        ))
+        for w in state.workers:
+            workers.setdefault(w.worker.worker_id, WorkerHealth(
+                id=w.worker.worker_id, address=w.worker.address, healthy=w.healthy,
+                outstanding=w.outstanding, capacity=w.worker.capacity,
+                models=[m.id for m in w.worker.models], device=w.worker.device,
+            ))
+    healthy = any(w.healthy for w in workers.values())
+    all_up = healthy and all(c.reachable for c in coordinators) and all(w.healthy for w in workers.values())
+    status = "ok" if all_up else ("degraded" if healthy else "down")
+    body = HealthResponse(status=status, coordinators=coordinators, workers=list(workers.values()))
+    return JSONResponse(body.model_dump(by_alias=True), status_code=200 if healthy else 503)

@@ -1,0 +1,182 @@
+"""OpenAI-compatible request and response schemas (the ``/v1`` surface)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cyllm import errors
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    # Unknown fields are accepted and ignored, as OpenAI's own SDKs add new ones often;
+    # known features this server does not implement are refused in ``unsupported``.
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1)
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> _Sampling:
+        if self.n != 1:
+            raise ValueError("n > 1 is not supported; send separate requests")
+        if isinstance(self.stop, list) and len(self.stop) > 4:
+            raise ValueError("stop takes at most 4 sequences")
+        for name in ("tools", "functions", "logprobs", "top_logprobs", "logit_bias"):
+            value = (self.model_extra or {}).get(name)
+            if value not in (None, False, [], {}):
+                raise ValueError(f"{name} is not supported by this server")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if (self.model_extra or {}).get(name) not in (None, 0, 0.0):
+                raise ValueError(f"{name} is not supported by this server (only 0)")
+        fmt = (self.model_extra or {}).get("response_format")
+        if fmt not in (None, {"type": "text"}):
+            raise ValueError("response_format other than text is not supported")
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def conversation(self) -> list[tuple[str, str]]:
+        out = [("system" if m.role == "developer" else m.role, m.text()) for m in self.messages]
+        if not any(content.strip() for _, content in out):
+            raise errors.InvalidRequest("messages contain no text", param="messages")
+        return out
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    echo: bool = False
+    suffix: str | None = None
+
+    def text(self) -> str:
+        prompt = self.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise errors.InvalidRequest(
+                    "only one prompt per request is supported", param="prompt"
+                )
+            prompt = prompt[0]
+        if not prompt:
+            raise errors.InvalidRequest("prompt must not be empty", param="prompt")
+        if self.echo or self.suffix:
+            raise errors.InvalidRequest("echo and suffix are not supported", param="echo")
+        return prompt
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: str
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "cyllm"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Model]
+
+
+def chunk(
+    kind: str, rid: str, created: int, model: str, *, delta: dict[str, Any] | None = None,
+    text: str | None = None, finish_reason: str | None = None, usage: Usage | None = None,
+    choices: bool = True,
+) -> dict[str, Any]:
+    """One streamed ``chat.completion.chunk`` or ``text_completion`` object."""
+    body: dict[str, Any] = {"id": rid, "object": kind, "created": created, "model": model}
+    if choices:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
+        if kind == "chat.completion.chunk":
+            choice["delta"] = delta or {}
+        else:
+            choice["text"] = text or ""
+        body["choices"] = [choice]
+    else:
+        body["choices"] = []
+    if usage is not None:
+        body["usage"] = usage.model_dump()
+    return body

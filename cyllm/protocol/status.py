@@ -1,0 +1,76 @@
+"""The one place where CY-LLM errors become gRPC statuses and back again."""
+
+from __future__ import annotations
+
+import grpc
+
+from cyllm import errors
+
+ERROR_KEY = "cyllm-error"
+RETRY_AFTER_KEY = "retry-after"
+
+# Ordered most specific first: the first isinstance match wins.
+_TO_GRPC: list[tuple[type[errors.CyllmError], grpc.StatusCode]] = [
+    (errors.InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.ModelNotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.RequestCancelled, grpc.StatusCode.CANCELLED),
+    (errors.EngineError, grpc.StatusCode.INTERNAL),
+]
+
+_BY_CODE: dict[str, type[errors.CyllmError]] = {
+    cls.code: cls
+    for cls in (
+        errors.InvalidRequest,
+        errors.ContextLengthExceeded,
+        errors.ModelNotFound,
+        errors.Overloaded,
+        errors.Unavailable,
+        errors.RequestCancelled,
+        errors.EngineError,
+    )
+}
+
+# A status that carries no cyllm-error key came from gRPC itself (a dead peer, a deadline).
+_FROM_BARE_STATUS: dict[grpc.StatusCode, type[errors.CyllmError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidRequest,
+    grpc.StatusCode.NOT_FOUND: errors.ModelNotFound,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.Overloaded,
+    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: errors.Unavailable,
+    grpc.StatusCode.CANCELLED: errors.RequestCancelled,
+}
+
+
+def to_grpc(err: errors.CyllmError) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """Return (status code, details, trailing metadata) for ``err``."""
+    code = grpc.StatusCode.INTERNAL
+    for cls, status in _TO_GRPC:
+        if isinstance(err, cls):
+            code = status
+            break
+    metadata: list[tuple[str, str]] = [(ERROR_KEY, err.code)]
+    if err.param:
+        metadata.append(("cyllm-param", err.param))
+    if isinstance(err, errors.Overloaded):
+        metadata.append((RETRY_AFTER_KEY, f"{err.retry_after:g}"))
+    return code, err.message, tuple(metadata)
+
+
+async def abort(context: grpc.aio.ServicerContext, err: errors.CyllmError) -> None:
+    """Finish the RPC in ``context`` with ``err``'s status (raises, as grpc's abort does)."""
+    code, details, metadata = to_grpc(err)
+    await context.abort(code, details, trailing_metadata=metadata)
+
+
+def from_grpc(exc: grpc.aio.AioRpcError) -> errors.CyllmError:
+    """Translate a failed call back into the error the peer raised."""
+    metadata = {k: v for k, v in (exc.trailing_metadata() or ())}
+    message = exc.details() or exc.code().name.lower()
+    cls = _BY_CODE.get(str(metadata.get(ERROR_KEY, "")))
+    if cls is None:
+        cls = _FROM_BARE_STATUS.get(exc.code(), errors.EngineError)
+    if cls is errors.Overloaded:
+        return errors.Overloaded(message, retry_after=float(metadata.get(RETRY_AFTER_KEY, 1)))
+    return cls(message, param=metadata.get("cyllm-param"))

@@ -1,0 +1,99 @@
+"""Loading of component settings: YAML file < environment < command line.
+
+Each component owns one ``pydantic-settings`` model (``GatewaySettings``,
+``CoordinatorSettings``, ``WorkerSettings``) beside its code.  This module only knows
+how to fill one from a section of the YAML config file.  The file looks like::
+
+    gateway:     {port: 8080, coordinators: ["127.0.0.1:50050"]}
+    coordinator: {port: 50050, queue_max_size: 256}
+    worker:      {port: 50051, coordinators: ["127.0.0.1:50050"]}
+    models:      [{id: my-model, path: /models/my-model}]   # read by the worker
+
+Environment variables override the file: ``CYLLM_<SECTION>_<FIELD>`` (lists and dicts
+as JSON), e.g. ``CYLLM_COORDINATOR_QUEUE_MAX_SIZE=64``.  A bad value stops start-up
+with pydantic's message naming the key.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import yaml
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+_config_file: ContextVar[Path | None] = ContextVar("cyllm_config_file", default=None)
+
+
+class ConfigError(Exception):
+    """The config file or a setting is invalid; the message says which and why."""
+
+
+def read_config_file(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    unknown = set(data) - {"gateway", "coordinator", "worker", "models"}
+    if unknown:
+        raise ConfigError(
+            f"config file {path}: unknown section(s) {sorted(unknown)}; "
+            "allowed: gateway, coordinator, worker, models"
+        )
+    return data
+
+
+class _YamlSection(PydanticBaseSettingsSource):
+    """The component's section of the file in ``_config_file`` (lowest precedence)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ returns the whole section
+
+    def __call__(self) -> dict[str, Any]:
+        data = read_config_file(_config_file.get())
+        section = dict(data.get(self.settings_cls.section, None) or {})
+        # The models list is shared by name so that one file can describe the fleet.
+        if "models" in self.settings_cls.model_fields and "models" in data:
+            section.setdefault("models", data["models"])
+        return section
+
+
+class ComponentSettings(BaseSettings):
+    """Base for one component's settings; subclasses set ``section`` and env_prefix."""
+
+    section: ClassVar[str] = ""
+    model_config = SettingsConfigDict(extra="forbid")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSection(settings_cls))
+
+
+S = TypeVar("S", bound=ComponentSettings)
+
+
+def load_settings(cls: type[S], config_file: Path | None = None, **overrides: Any) -> S:
+    """Build ``cls`` from file, environment and ``overrides`` (None values are skipped)."""
+    token = _config_file.set(config_file)
+    try:
+        return cls(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        where = f" (config file {config_file})" if config_file else ""
+        raise ConfigError(f"invalid {cls.section} settings{where}:\n{exc}") from exc
+    finally:
+        _config_file.reset(token)

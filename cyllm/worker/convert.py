@@ -1,0 +1,53 @@
+"""Between the gRPC messages and the engine's own types (the worker's edge)."""
+
+from __future__ import annotations
+
+from cyllm.protocol import pb
+from cyllm.worker.engines.base import (
+    Event,
+    Finished,
+    GenerationRequest,
+    ModelCard,
+    SamplingParams,
+    Started,
+    TextDelta,
+)
+
+
+def request_from_proto(msg: pb.GenerateRequest) -> GenerationRequest:
+    s = msg.sampling
+    sampling = SamplingParams(
+        max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
+        temperature=s.temperature if s.HasField("temperature") else None,
+        top_p=s.top_p if s.HasField("top_p") else None,
+        stop=tuple(s.stop),
+        seed=s.seed if s.HasField("seed") else None,
+    )
+    if msg.WhichOneof("input") == "messages":
+        messages = tuple((m.role, m.content) for m in msg.messages.messages)
+        return GenerationRequest(msg.request_id, messages=messages, sampling=sampling)
+    return GenerationRequest(msg.request_id, prompt=msg.prompt, sampling=sampling)
+
+
+def event_to_proto(event: Event, worker_id: str) -> pb.GenerateResponse:
+    if isinstance(event, TextDelta):
+        return pb.GenerateResponse(delta=pb.Delta(text=event.text, tokens=event.tokens))
+    if isinstance(event, Started):
+        return pb.GenerateResponse(
+            started=pb.Started(prompt_tokens=event.prompt_tokens, worker_id=worker_id)
+        )
+    assert isinstance(event, Finished)
+    return pb.GenerateResponse(
+        finished=pb.Finished(
+            finish_reason=event.finish_reason,
+            prompt_tokens=event.prompt_tokens,
+            completion_tokens=event.completion_tokens,
+        )
+    )
+
+
+def card_to_proto(card: ModelCard) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        id=card.model_id, context_length=card.context_length, engine=card.engine,
+        created=card.created,
+    )

@@ -1,0 +1,111 @@
+"""A running batch for a Hugging Face causal LM: one left-padded KV cache shared by
+sequences that joined at different times (continuous batching).
+
+New sequences are prefilled together and then merged into the running batch by
+left-padding the shorter cache; finished sequences are dropped by indexing the batch
+dimension, and columns that became padding for every row are trimmed.  Every decode
+step is one forward pass for all running sequences.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import DynamicCache
+
+
+class KVBatch:
+    """Tensors of the running batch; rows are in the order of ``Scheduler.running``."""
+
+    def __init__(self, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor) -> None:
+        self.cache = cache
+        self.mask = mask  # [B, T] 1 for real tokens, 0 for left padding
+        self.positions = positions  # [B] position id of the next token
+
+    @property
+    def size(self) -> int:
+        return int(self.mask.shape[0])
+
+    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(layer.keys, layer.values) for layer in self.cache.layers]
+
+    # -- building ---------------------------------------------------------------------
+
+    @classmethod
+    @torch.inference_mode()
+    def prefill(
+        cls, model: torch.nn.Module, prompts: Sequence[Sequence[int]], pad_id: int
+    ) -> tuple[KVBatch, torch.Tensor]:
+        """Run the prompts in one forward pass; return the batch and last-token logits."""
+        device = model.device
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            mask[row, width - len(prompt) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        lengths = mask.sum(-1)
+        return cls(out.past_key_values, mask, lengths), out.logits[:, -1, :].float()
+
+    def merge(self, other: KVBatch) -> KVBatch:
+        """Append ``other``'s rows after this batch's, left-padding the shorter cache."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        layers = [
+            tuple(torch.cat([_left_pad(a, width, 2), _left_pad(b, width, 2)]) for a, b in zip(x, y))
+            for x, y in zip(self.layers(), other.layers())
+        ]
+        mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(other.mask, width, 1)])
+        positions = torch.cat([self.positions, other.positions])
+        return KVBatch(DynamicCache(ddp_cache_data=layers), mask, positions)
+
+    def keep(self, rows: Sequence[int]) -> KVBatch:
+        """Keep only ``rows`` (in that order) and trim columns that are padding for all."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        mask = self.mask.index_select(0, index)
+        used = mask.any(0).nonzero()
+        cut = int(used[0]) if used.numel() else mask.shape[1]
+        layers = [
+            (k.index_select(0, index)[:, :, cut:], v.index_select(0, index)[:, :, cut:])
+            for k, v in self.layers()
+        ]
+        return KVBatch(
+            DynamicCache(ddp_cache_data=layers), mask[:, cut:], self.positions.index_select(0, index)
+        )
+
+    # -- stepping ---------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def decode(self, model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row; return next-token logits [B, V]."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones((self.size, 1))], dim=1)
+        out = model(
+            input_ids=tokens[:, None],
+            attention_mask=self.mask,
+            position_ids=self.positions[:, None],
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.cache = out.past_key_values
+        self.positions = self.positions + 1
+        return out.logits[:, -1, :].float()
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)

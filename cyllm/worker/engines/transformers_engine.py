@@ -1,0 +1,353 @@
+"""The PyTorch + Hugging Face transformers engine, with continuous batching.
+
+One scheduler thread owns the model.  Each iteration it (1) drops aborted requests,
+(2) prefills newly arrived requests together and merges them into the running batch,
+(3) runs one decode step for every running sequence, (4) samples, detokenises, checks
+stop conditions and hands the events to the asyncio loop in one call.  Requests that
+arrive mid-flight join at the next iteration instead of waiting for the batch to end.
+
+Runs on CPU and on CUDA unchanged (``device: auto`` picks CUDA when present).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cyllm import errors
+from cyllm.worker.engines.base import (
+    AbstractEngine,
+    EngineHealth,
+    Event,
+    Finished,
+    GenerationRequest,
+    ModelCard,
+    SamplingParams,
+    Started,
+    TextDelta,
+)
+from cyllm.worker.engines.text import IncrementalDecoder, StopMatcher
+from cyllm.worker.engines.validation import plan_max_tokens, resolve_sampling
+from cyllm.worker.settings import ModelSpec
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+# Prompt tokens (rows x padded width) prefilled in one forward pass at most.
+_PREFILL_TOKEN_BUDGET = 8192
+
+
+@dataclass
+class _Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    max_new: int
+    sampling: SamplingParams
+    out: asyncio.Queue[Event | BaseException]
+    decoder: IncrementalDecoder
+    stopper: StopMatcher
+    generator: Any = None
+    generated: int = 0
+    unreported: int = 0  # tokens not yet carried by a TextDelta
+    last_token: int = 0
+    done: bool = False
+    events: list[Event | BaseException] = field(default_factory=list)
+
+
+def prepare_prompt(tokenizer: Any, request: GenerationRequest) -> list[int]:
+    """Token ids for ``request``: its raw prompt, or its messages through the chat template."""
+    if request.messages is not None:
+        if not request.messages:
+            raise errors.InvalidRequest("messages must not be empty", param="messages")
+        if not getattr(tokenizer, "chat_template", None):
+            raise errors.InvalidRequest(
+                "this model has no chat template; send a raw prompt (/v1/completions)",
+                param="messages",
+            )
+        msgs = [{"role": r, "content": c} for r, c in request.messages]
+        try:
+            enc = tokenizer.apply_chat_template(
+                msgs, add_generation_prompt=True, tokenize=True, return_dict=True
+            )
+        except Exception as exc:  # jinja raises on roles or orders a template forbids
+            raise errors.InvalidRequest(f"chat template rejected the messages: {exc}") from exc
+        return list(enc["input_ids"])
+    if not request.prompt:
+        raise errors.InvalidRequest("prompt must not be empty", param="prompt")
+    return list(tokenizer(request.prompt)["input_ids"])
+
+
+class TransformersEngine(AbstractEngine):
+    name = "transformers"
+
+    def __init__(self, spec: ModelSpec, model_dir: Path) -> None:
+        self.spec = spec
+        self.model_dir = model_dir
+        self._inbox: queue.SimpleQueue[_Sequence] = queue.SimpleQueue()
+        self._aborts: set[str] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._running: list[_Sequence] = []
+        self._waiting: list[_Sequence] = []
+        self._tokens_generated = 0
+        self._last_token_at = time.monotonic()
+        self._fatal: str = ""
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def load(self) -> ModelCard:
+        self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self._load_blocking)
+        self._thread = threading.Thread(target=self._run, name=f"engine-{self.spec.id}", daemon=True)
+        self._thread.start()
+        return ModelCard(
+            model_id=self.spec.id,
+            context_length=self.context_length,
+            engine=self.name,
+            max_batch_size=self.spec.max_batch_size,
+            device=str(self.device),
+            created=int(time.time()),
+        )
+
+    def _load_blocking(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        device = self.spec.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        dtype_name = self.spec.dtype
+        if dtype_name == "auto":
+            dtype_name = "bfloat16" if self.device.type == "cuda" else "float32"
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        model = AutoModelForCausalLM.from_pretrained(
+            self.model_dir, dtype=getattr(torch, dtype_name), **self.spec.engine_args
+        )
+        self.model = model.to(self.device).eval()
+        config = self.model.config.get_text_config()
+        own = getattr(config, "max_position_embeddings", None) or 2048
+        self.context_length = min(own, self.spec.max_context or own)
+        gen_cfg = self.model.generation_config
+        sampled = bool(getattr(gen_cfg, "do_sample", False))
+        self.temperature = _first(self.spec.temperature, sampled and gen_cfg.temperature, 1.0)
+        self.top_p = _first(self.spec.top_p, sampled and gen_cfg.top_p, 1.0)
+        eos = gen_cfg.eos_token_id if gen_cfg.eos_token_id is not None else self.tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else next(iter(self.eos_ids), 0)
+        # Warm up the kernels so the first user request is not the slow one.
+        from cyllm.worker.engines.hf_batch import KVBatch
+
+        batch, logits = KVBatch.prefill(self.model, [[self.pad_id] * 4], self.pad_id)
+        batch.decode(self.model, logits.argmax(-1))
+
+    async def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+
+    # -- requests ---------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        if self._fatal:
+            raise errors.EngineError(f"engine for {self.spec.id} is down: {self._fatal}")
+        sampling = resolve_sampling(request.sampling, self.temperature, self.top_p)
+        prompt_ids = prepare_prompt(self.tokenizer, request)
+        max_new = plan_max_tokens(
+            len(prompt_ids), sampling.max_tokens, self.context_length, self.spec.default_max_tokens
+        )
+        from cyllm.worker.engines.sampling import make_generator
+
+        seq = _Sequence(
+            request_id=request.request_id,
+            prompt_ids=prompt_ids,
+            max_new=max_new,
+            sampling=sampling,
+            out=asyncio.Queue(),
+            decoder=IncrementalDecoder(self.tokenizer, prompt_ids),
+            stopper=StopMatcher(sampling.stop),
+            generator=make_generator(sampling, self.device),
+        )
+        self._inbox.put(seq)
+        self._wake.set()
+        finished = False
+        try:
+            yield Started(prompt_tokens=len(prompt_ids))
+            while True:
+                event = await seq.out.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if isinstance(event, Finished):
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self._request_abort(request.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self._request_abort(request_id)
+
+    def _request_abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.add(request_id)
+        self._wake.set()
+
+    def health(self) -> EngineHealth:
+        alive = self._thread is not None and self._thread.is_alive() and not self._fatal
+        return EngineHealth(
+            healthy=alive,
+            running=len(self._running),
+            waiting=len(self._waiting) + self._inbox.qsize(),
+            tokens_generated=self._tokens_generated,
+            last_token_at=self._last_token_at,
+            detail=self._fatal,
+        )
+
+    # -- the scheduler thread ---------------------------------------------------------
+
+    def _run(self) -> None:
+        import torch
+
+        from cyllm.worker.engines.hf_batch import KVBatch
+        from cyllm.worker.engines.sampling import sample
+
+        batch: KVBatch | None = None
+        with torch.inference_mode():
+            while not self._stop.is_set():
+                try:
+                    batch = self._iteration(batch, KVBatch, sample)
+                except Exception as exc:  # keep serving: fail only the affected requests
+                    log.exception("engine step failed; failing %d requests", len(self._running))
+                    err = errors.EngineError(f"generation failed: {exc}")
+                    for seq in self._running + self._waiting:
+                        seq.events.append(err)
+                    self._deliver(self._running + self._waiting)
+                    self._running, self._waiting, batch = [], [], None
+        for seq in self._running + self._waiting:
+            seq.events.append(errors.Unavailable("engine is shutting down"))
+        self._deliver(self._running + self._waiting)
+
+    def _iteration(self, batch: Any, KVBatch: Any, sample: Callable[..., list[int]]) -> Any:
+        # 1. take new work and drop aborted requests
+        while True:
+            try:
+                self._waiting.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        with self._lock:
+            aborts, self._aborts = self._aborts, set()
+        if aborts:
+            self._waiting = [s for s in self._waiting if s.request_id not in aborts]
+            for seq in self._running:
+                if seq.request_id in aborts:
+                    seq.done = True
+                    seq.events.append(Finished("abort", len(seq.prompt_ids), seq.generated))
+            batch = self._compact(batch)
+        if not self._running and not self._waiting:
+            self._wake.wait(timeout=0.5)
+            self._wake.clear()
+            return batch
+        # 2. admit waiting requests: prefill them together, merge into the batch
+        admitted = self._admit()
+        if admitted:
+            new, logits = KVBatch.prefill(self.model, [s.prompt_ids for s in admitted], self.pad_id)
+            self._advance(admitted, sample(logits, [s.sampling for s in admitted],
+                                           [s.generator for s in admitted]))
+            batch = new if batch is None else batch.merge(new)
+            self._running.extend(admitted)
+            batch = self._compact(batch)
+            if batch is None:
+                return None
+            # Sequences that just got their first token decode with everyone else below.
+        # 3. one decode step for the whole batch
+        import torch
+
+        tokens = torch.tensor([s.last_token for s in self._running], device=self.device)
+        logits = batch.decode(self.model, tokens)
+        self._advance(self._running, sample(logits, [s.sampling for s in self._running],
+                                            [s.generator for s in self._running]))
+        return self._compact(batch)
+
+    def _admit(self) -> list[_Sequence]:
+        room = self.spec.max_batch_size - len(self._running)
+        admitted: list[_Sequence] = []
+        width = 0
+        while self._waiting and len(admitted) < room:
+            nxt = self._waiting[0]
+            new_width = max(width, len(nxt.prompt_ids))
+            if admitted and new_width * (len(admitted) + 1) > _PREFILL_TOKEN_BUDGET:
+                break
+            admitted.append(self._waiting.pop(0))
+            width = new_width
+        return admitted
+
+    def _advance(self, seqs: list[_Sequence], tokens: list[int]) -> None:
+        """4. account each sampled token, detokenise, check stops, hand events over."""
+        now = time.monotonic()
+        for seq, token in zip(seqs, tokens):
+            seq.last_token = token
+            seq.generated += 1
+            seq.unreported += 1
+            self._tokens_generated += 1
+            reason = None
+            if token in self.eos_ids:
+                reason = "stop"
+            else:
+                text, hit = seq.stopper.push(seq.decoder.push(token))
+                if text:
+                    seq.events.append(TextDelta(text, seq.unreported))
+                    seq.unreported = 0
+                if hit:
+                    reason = "stop"
+            if reason is None and seq.generated >= seq.max_new:
+                reason = "length"
+            if reason is not None:
+                rest = seq.stopper.flush() if reason == "length" else ""
+                if rest:
+                    seq.events.append(TextDelta(rest, seq.unreported))
+                seq.events.append(Finished(reason, len(seq.prompt_ids), seq.generated))
+                seq.done = True
+        self._last_token_at = now
+        self._deliver(seqs)
+
+    def _compact(self, batch: Any) -> Any:
+        """Drop finished rows from the running list and the KV batch."""
+        if not any(s.done for s in self._running):
+            return batch
+        keep = [i for i, s in enumerate(self._running) if not s.done]
+        self._running = [self._running[i] for i in keep]
+        if not keep or batch is None:
+            return None
+        return batch.keep(keep)
+
+    def _deliver(self, seqs: list[_Sequence]) -> None:
+        items = [(s.out, s.events) for s in seqs if s.events]
+        for s in seqs:
+            s.events = []
+        if items and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(_put_all, items)
+
+
+def _first(*values: Any) -> Any:
+    return next(v for v in values if v is not None and v is not False)
+
+
+def _put_all(items: list[tuple[asyncio.Queue[Any], list[Any]]]) -> None:
+    for q, events in items:
+        for event in events:
+            q.put_nowait(event)
