@@ -27,17 +27,31 @@ def build_service(settings: CoordinatorSettings) -> CoordinatorService:
     return CoordinatorService(queue, cache, registry, dispatcher, settings.heartbeat_interval_s)
 
 
+class CoordinatorServer:
+    def __init__(self, settings: CoordinatorSettings) -> None:
+        self.settings = settings
+        self.service = build_service(settings)
+        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self._health = health.aio.HealthServicer()
+        rpc.add_CoordinatorServicer_to_server(self.service, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        self.port = 0
+
+    async def start(self) -> int:
+        self.port = self._server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        await self._server.start()
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        log.info("coordinator listening on %s:%d", self.settings.host, self.port)
+        return self.port
+
+    async def stop(self) -> None:
+        await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._server.stop(grace=5.0)
+        await self.service.registry.close()
+
+
 async def serve(settings: CoordinatorSettings) -> None:
-    service = build_service(settings)
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    rpc.add_CoordinatorServicer_to_server(service, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    server = CoordinatorServer(settings)
     await server.start()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    log.info("coordinator listening on %s:%d", settings.host, port)
     await stop_event().wait()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.stop(grace=5.0)
-    await service.registry.close()
+    await server.stop()

@@ -1,0 +1,108 @@
+"""The seed's native endpoints over raw HTTP / SSE, and the batching and abort paths."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import grpc
+import httpx
+import pytest
+
+from cyllm.protocol import pb, rpc
+from tests.e2e.conftest import MODEL
+
+pytestmark = pytest.mark.e2e
+
+
+def parse_sse(lines):
+    event, out = None, []
+    for line in lines:
+        if line.startswith("event: "):
+            event = line[len("event: "):]
+        elif line.startswith("data: "):
+            out.append((event, json.loads(line[len("data: "):])))
+    return out
+
+
+def test_stream_endpoint_streams_paris_as_sse(server):
+    # Exactly the README's curl: no content-type header.
+    body = json.dumps({"modelId": MODEL, "prompt": "What is the capital of France?"})
+    with httpx.stream("POST", f"{server.base_url}/api/v1/inference/stream", content=body,
+                      timeout=60) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        events = parse_sse(resp.iter_lines())
+    tokens = [d["text"] for e, d in events if e == "token"]
+    assert len(tokens) >= 2
+    assert "Paris" in "".join(tokens)
+    assert events[-1][0] == "done" and events[-1][1]["finishReason"] == "stop"
+
+
+def test_inference_endpoint_and_cache(server):
+    body = {"modelId": MODEL, "prompt": "What is the capital of France?", "temperature": 0, "maxTokens": 16}
+    first = httpx.post(f"{server.base_url}/api/v1/inference", json=body, timeout=60).json()
+    again = httpx.post(f"{server.base_url}/api/v1/inference", json=body, timeout=60).json()
+    assert "Paris" in first["text"]
+    assert again["cached"] is True and again["text"] == first["text"]
+
+
+def test_health_and_models(server):
+    health = httpx.get(f"{server.base_url}/api/v1/health").json()
+    assert health["status"] == "ok" and health["workers"][0]["models"] == [MODEL]
+    models = httpx.get(f"{server.base_url}/api/v1/models").json()["models"]
+    assert models[0]["id"] == MODEL and models[0]["contextLength"] == 8192
+
+
+async def _timed_chats(base: str, n: int, concurrent: bool) -> float:
+    # Distinct prompts per run: a repeated greedy prompt would come from the prompt cache.
+    tag = "together" if concurrent else "in turn"
+    body = {"model": MODEL, "max_tokens": 24, "temperature": 0}
+    async with httpx.AsyncClient(timeout=300) as http:
+        async def one(i: int) -> None:
+            r = await http.post(f"{base}/v1/chat/completions",
+                                json={**body, "messages": [{"role": "user", "content":
+                                      f"Write a long story about dragon number {i}, {tag}."}]})
+            assert r.status_code == 200
+            assert r.json()["usage"]["completion_tokens"] == 24
+        start = time.perf_counter()
+        if concurrent:
+            await asyncio.gather(*(one(i) for i in range(n)))
+        else:
+            for i in range(n):
+                await one(i)
+        return time.perf_counter() - start
+
+
+def test_concurrent_requests_share_forward_passes(server):
+    sequential = asyncio.run(_timed_chats(server.base_url, 8, concurrent=False))
+    concurrent = asyncio.run(_timed_chats(server.base_url, 8, concurrent=True))
+    # Batched decoding: 8 streams together cost far less than 8 one after another.
+    assert concurrent < 0.5 * sequential, (concurrent, sequential)
+
+
+def _engine_running(worker_address: str) -> int:
+    with grpc.insecure_channel(worker_address) as ch:
+        status = rpc.WorkerStub(ch).Status(pb.WorkerStatusRequest(), timeout=5)
+    return sum(e.running + e.waiting for e in status.engines)
+
+
+def test_disconnected_stream_frees_its_engine_slot(server):
+    body = {"modelId": MODEL, "prompt": "Write a very long story about a dragon.", "maxTokens": 2000,
+            "temperature": 0}
+    with httpx.stream("POST", f"{server.base_url}/api/v1/inference/stream", json=body, timeout=60) as resp:
+        lines = resp.iter_lines()
+        seen = 0
+        for line in lines:
+            seen += line.startswith("event: token")
+            if seen >= 3:
+                break
+        assert _engine_running(server.worker_address) == 1
+    # The client is gone: the generation must be aborted all the way down.
+    deadline = time.monotonic() + 10
+    while _engine_running(server.worker_address) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _engine_running(server.worker_address) == 0
+    health = httpx.get(f"{server.base_url}/api/v1/health").json()
+    assert health["workers"][0]["outstanding"] == 0

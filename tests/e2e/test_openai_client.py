@@ -1,0 +1,83 @@
+"""The official openai client against the running server."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.e2e.conftest import MODEL
+
+pytestmark = pytest.mark.e2e
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+
+
+def test_models_list_has_the_default_model(client):
+    assert MODEL in [m.id for m in client.models.list()]
+
+
+def test_chat_completion_answers_paris(client):
+    reply = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=20, temperature=0)
+    choice = reply.choices[0]
+    assert "Paris" in choice.message.content
+    assert choice.finish_reason == "stop"
+    assert reply.usage.prompt_tokens > 10
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_chat_completion_stream_answers_paris(client):
+    stream = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=20,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "Paris" in text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage.completion_tokens >= 2
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) >= 2  # streamed
+
+
+def test_max_tokens_and_stop_are_honoured(client):
+    long = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Write a long story about a dragon."}],
+        max_tokens=7, temperature=0)
+    assert long.choices[0].finish_reason == "length"
+    assert long.usage.completion_tokens == 7
+    cut = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=20,
+                                         temperature=0, stop=["Paris"])
+    assert cut.choices[0].finish_reason == "stop"
+    assert "Paris" not in cut.choices[0].message.content
+    assert cut.choices[0].message.content.startswith("The capital of France")
+
+
+def test_seeded_sampling_is_reproducible(client):
+    args = dict(model=MODEL, messages=[{"role": "user", "content": "Name an animal."}],
+                max_tokens=12, temperature=1.0, seed=1234)
+    a = client.chat.completions.create(**args).choices[0].message.content
+    b = client.chat.completions.create(**args).choices[0].message.content
+    assert a == b and a
+
+
+def test_text_completion(client):
+    reply = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=5,
+                                      temperature=0)
+    assert reply.choices[0].text.strip()
+    assert reply.usage.completion_tokens <= 5
+
+
+def test_errors_reach_the_client_typed(client):
+    with pytest.raises(openai.NotFoundError) as nf:
+        client.chat.completions.create(model="no-such-model", messages=QUESTION)
+    assert "no-such-model" in nf.value.message
+    with pytest.raises(openai.BadRequestError) as br:
+        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=100_000)
+    assert "maximum context length is 8192" in br.value.message
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="word " * 9000, max_tokens=1)
+    # and the server still answers
+    assert client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=3).choices

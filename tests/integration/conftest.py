@@ -1,0 +1,65 @@
+"""In-process stacks: coordinator and worker gRPC servers on real loopback sockets
+(port 0), the gateway app driven through httpx's ASGI transport, a fake engine."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from cyllm.coordinator.main import CoordinatorServer
+from cyllm.coordinator.settings import CoordinatorSettings
+from cyllm.gateway.app import create_app
+from cyllm.gateway.settings import GatewaySettings
+from cyllm.worker.main import WorkerServer
+from cyllm.worker.settings import ModelSpec, WorkerSettings
+
+
+@dataclass
+class Stack:
+    coordinator: CoordinatorServer
+    worker: WorkerServer
+    http: httpx.AsyncClient
+
+
+def fake_model(model_id: str = "fake", **kw: Any) -> ModelSpec:
+    return ModelSpec(id=model_id, engine="fake", **kw)
+
+
+@pytest.fixture
+async def make_stack() -> AsyncIterator[Any]:
+    started: list[Any] = []
+
+    async def make(models: list[ModelSpec] | None = None, **coordinator_kw: Any) -> Stack:
+        coordinator = CoordinatorServer(CoordinatorSettings(port=0, **coordinator_kw))
+        cport = await coordinator.start()
+        started.append(coordinator)
+        address = f"127.0.0.1:{cport}"
+        worker = WorkerServer(WorkerSettings(port=0, coordinators=[address],
+                                             models=models or [fake_model()]))
+        await worker.start()
+        started.append(worker)
+        for _ in range(100):
+            if coordinator.service.registry.all():
+                break
+            await asyncio.sleep(0.05)
+        app = create_app(GatewaySettings(coordinators=[address], max_body_bytes=4096))
+        lifespan = app.router.lifespan_context(app)
+        await lifespan.__aenter__()
+        started.append(lifespan)
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
+        started.append(http)
+        return Stack(coordinator, worker, http)
+
+    yield make
+    for thing in reversed(started):
+        if isinstance(thing, httpx.AsyncClient):
+            await thing.aclose()
+        elif isinstance(thing, (WorkerServer, CoordinatorServer)):
+            await thing.stop()
+        else:
+            await thing.__aexit__(None, None, None)

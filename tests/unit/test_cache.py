@@ -1,0 +1,57 @@
+from cyllm.coordinator.cache import CachedResponse, InMemoryPromptCache, cache_key, is_deterministic
+from cyllm.gateway.generation import build_request
+
+ENTRY = CachedResponse(("Paris",), "stop", 5, 1)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_key_is_sha256_and_depends_on_model_sampling_and_input():
+    base = build_request("r1", "m", prompt="hi", temperature=0)
+    key = cache_key(base)
+    assert len(key) == 64 and int(key, 16) >= 0
+    assert cache_key(build_request("other-id", "m", prompt="hi", temperature=0)) == key
+    assert cache_key(build_request("r1", "m2", prompt="hi", temperature=0)) != key
+    assert cache_key(build_request("r1", "m", prompt="hi!", temperature=0)) != key
+    assert cache_key(build_request("r1", "m", prompt="hi", temperature=0, max_tokens=3)) != key
+    assert cache_key(build_request("r1", "m", messages=[("user", "hi")], temperature=0)) != key
+
+
+def test_only_greedy_or_seeded_requests_are_deterministic():
+    assert is_deterministic(build_request("r", "m", prompt="x", temperature=0))
+    assert is_deterministic(build_request("r", "m", prompt="x", temperature=0.7, seed=1))
+    assert not is_deterministic(build_request("r", "m", prompt="x", temperature=0.7))
+    assert not is_deterministic(build_request("r", "m", prompt="x"))  # model default unknown
+
+
+def test_entries_expire_after_ttl_and_count_hits_and_misses():
+    clock = Clock()
+    cache = InMemoryPromptCache(ttl_s=10, max_entries=8, clock=clock)
+    cache.put("k", ENTRY)
+    assert cache.get("k") == ENTRY
+    clock.now = 10.5
+    assert cache.get("k") is None
+    assert (cache.hits, cache.misses) == (1, 1)
+
+
+def test_least_recently_used_entry_goes_first_when_full():
+    cache = InMemoryPromptCache(ttl_s=60, max_entries=2)
+    cache.put("a", ENTRY)
+    cache.put("b", ENTRY)
+    cache.get("a")
+    cache.put("c", ENTRY)
+    assert cache.get("b") is None
+    assert cache.get("a") == ENTRY and cache.get("c") == ENTRY
+    assert len(cache) == 2
+
+
+def test_zero_ttl_disables_the_cache():
+    cache = InMemoryPromptCache(ttl_s=0, max_entries=8)
+    cache.put("a", ENTRY)
+    assert cache.get("a") is None

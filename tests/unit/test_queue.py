@@ -1,0 +1,42 @@
+import pytest
+
+from cyllm import errors
+from cyllm.coordinator.queue import InMemoryTaskQueue, Task
+
+
+def test_higher_priority_first_and_fifo_within_a_priority():
+    q = InMemoryTaskQueue(max_size=10)
+    for tid, prio in [("a", 0), ("b", 5), ("c", 0), ("d", 5), ("e", -1)]:
+        q.push(Task(tid, "m", prio))
+    order = [q.pop_first(lambda t: True).task_id for _ in range(5)]
+    assert order == ["b", "d", "a", "c", "e"]
+    assert len(q) == 0
+
+
+def test_full_queue_refuses_with_retry_after():
+    q = InMemoryTaskQueue(max_size=2, retry_after_s=3)
+    q.push(Task("a", "m"))
+    q.push(Task("b", "m"))
+    with pytest.raises(errors.Overloaded) as info:
+        q.push(Task("c", "m"))
+    assert info.value.retry_after == 3
+    assert "full" in info.value.message
+    assert len(q) == 2  # nothing was dropped
+
+
+def test_pop_first_skips_tasks_that_are_not_ready():
+    q = InMemoryTaskQueue(max_size=10)
+    q.push(Task("a", "busy-model", 9))
+    q.push(Task("b", "free-model", 0))
+    got = q.pop_first(lambda t: t.model == "free-model")
+    assert got.task_id == "b"
+    assert len(q) == 1
+
+
+def test_remove_withdraws_a_waiting_task_once():
+    q = InMemoryTaskQueue(max_size=10)
+    t = Task("a", "m")
+    q.push(t)
+    assert q.remove(t) is True
+    assert q.remove(t) is False
+    assert q.pop_first(lambda _: True) is None

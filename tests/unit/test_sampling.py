@@ -1,0 +1,34 @@
+import torch
+
+from cyllm.worker.engines.base import SamplingParams
+from cyllm.worker.engines.sampling import make_generator, sample
+
+
+def logits():
+    torch.manual_seed(0)
+    return torch.randn(3, 50)
+
+
+def test_greedy_rows_take_the_argmax():
+    lg = logits()
+    params = [SamplingParams(temperature=0.0, top_p=1.0)] * 3
+    gens = [make_generator(p, torch.device("cpu")) for p in params]
+    assert sample(lg, params, gens) == lg.argmax(-1).tolist()
+
+
+def test_a_fixed_seed_reproduces_the_same_tokens():
+    lg = logits()
+    p = SamplingParams(temperature=1.0, top_p=1.0, seed=42)
+    runs = []
+    for _ in range(2):
+        gen = make_generator(p, torch.device("cpu"))
+        runs.append([sample(lg, [p] * 3, [gen] * 3) for _ in range(5)])
+    assert runs[0] == runs[1]
+
+
+def test_tiny_top_p_keeps_only_the_most_likely_token():
+    lg = logits()
+    p = SamplingParams(temperature=1.5, top_p=1e-6)
+    gen = make_generator(p, torch.device("cpu"))
+    for _ in range(5):
+        assert sample(lg, [p] * 3, [gen] * 3) == lg.argmax(-1).tolist()

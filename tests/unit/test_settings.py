@@ -1,0 +1,54 @@
+import pytest
+
+from cyllm.coordinator.settings import CoordinatorSettings
+from cyllm.gateway.settings import GatewaySettings
+from cyllm.settings import ConfigError, load_settings
+from cyllm.worker.settings import DEFAULT_MODEL_ID, WorkerSettings
+
+
+def write(tmp_path, text):
+    path = tmp_path / "cyllm.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_the_seed_ports_and_the_default_model(monkeypatch):
+    assert load_settings(GatewaySettings).port == 8080
+    assert load_settings(CoordinatorSettings).port == 50050
+    worker = load_settings(WorkerSettings)
+    assert worker.port == 50051
+    assert [m.id for m in worker.models] == [DEFAULT_MODEL_ID]
+
+
+def test_file_then_environment_then_overrides(tmp_path, monkeypatch):
+    cfg = write(tmp_path, "coordinator:\n  port: 6000\n  queue_max_size: 7\n")
+    assert load_settings(CoordinatorSettings, cfg).queue_max_size == 7
+    monkeypatch.setenv("CYLLM_COORDINATOR_QUEUE_MAX_SIZE", "9")
+    s = load_settings(CoordinatorSettings, cfg)
+    assert (s.port, s.queue_max_size) == (6000, 9)
+    assert load_settings(CoordinatorSettings, cfg, port=6001, host=None).port == 6001
+
+
+def test_models_section_is_read_by_the_worker(tmp_path):
+    cfg = write(tmp_path, "models:\n  - id: tiny\n    engine: fake\n    max_batch_size: 3\n")
+    (spec,) = load_settings(WorkerSettings, cfg).models
+    assert (spec.id, spec.engine, spec.max_batch_size) == ("tiny", "fake", 3)
+
+
+def test_bad_value_names_the_key(tmp_path):
+    cfg = write(tmp_path, "gateway:\n  port: not-a-port\n")
+    with pytest.raises(ConfigError, match="port"):
+        load_settings(GatewaySettings, cfg)
+
+
+def test_unknown_key_and_unknown_section_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="queue_size"):
+        load_settings(CoordinatorSettings, write(tmp_path, "coordinator:\n  queue_size: 3\n"))
+    with pytest.raises(ConfigError, match="unknown section"):
+        load_settings(CoordinatorSettings, write(tmp_path, "coordinatr: {}\n"))
+
+
+def test_a_model_needs_exactly_one_source(tmp_path):
+    cfg = write(tmp_path, "models:\n  - id: x\n    path: /a\n    gguf: /b.gguf\n")
+    with pytest.raises(ConfigError, match="exactly one of 'path' or 'gguf'"):
+        load_settings(WorkerSettings, cfg)
