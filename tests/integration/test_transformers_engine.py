@@ -101,3 +101,17 @@ async def test_requests_that_do_not_fit_are_refused_before_starting(engine):
     with pytest.raises(errors.InvalidRequest, match="empty"):
         await run(engine, GenerationRequest("empty", prompt=""))
     assert engine.health().running == 0
+
+
+async def test_abort_by_id_finishes_the_stream_with_reason_abort(engine):
+    events = []
+
+    async def consume():
+        async for ev in engine.generate(chat("by-id", "Write a very long story.", max_tokens=500)):
+            events.append(ev)
+            if isinstance(ev, TextDelta) and len(events) == 3:
+                await engine.abort("by-id")
+
+    await asyncio.wait_for(consume(), timeout=30)
+    assert isinstance(events[-1], Finished) and events[-1].finish_reason == "abort"
+    assert engine.health().running == 0

@@ -26,10 +26,6 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
 
-    @property
-    def deterministic(self) -> bool:
-        return self.temperature == 0 or self.seed is not None
-
 
 @dataclass(frozen=True)
 class GenerationRequest:

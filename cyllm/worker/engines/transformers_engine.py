@@ -16,10 +16,13 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cyllm import errors
 from cyllm.worker.engines.base import (
@@ -33,13 +36,14 @@ from cyllm.worker.engines.base import (
     Started,
     TextDelta,
 )
+from cyllm.worker.engines.hf_batch import KVBatch
+from cyllm.worker.engines.sampling import make_generator, sample
 from cyllm.worker.engines.text import IncrementalDecoder, StopMatcher
 from cyllm.worker.engines.validation import plan_max_tokens, resolve_sampling
 from cyllm.worker.settings import ModelSpec
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 # Prompt tokens (rows x padded width) prefilled in one forward pass at most.
 _PREFILL_TOKEN_BUDGET = 8192
 
@@ -120,9 +124,6 @@ class TransformersEngine(AbstractEngine):
         )
 
     def _load_blocking(self) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         device = self.spec.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -149,8 +150,6 @@ class TransformersEngine(AbstractEngine):
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else next(iter(self.eos_ids), 0)
         # Warm up the kernels so the first user request is not the slow one.
-        from cyllm.worker.engines.hf_batch import KVBatch
-
         batch, logits = KVBatch.prefill(self.model, [[self.pad_id] * 4], self.pad_id)
         batch.decode(self.model, logits.argmax(-1))
 
@@ -170,8 +169,6 @@ class TransformersEngine(AbstractEngine):
         max_new = plan_max_tokens(
             len(prompt_ids), sampling.max_tokens, self.context_length, self.spec.default_max_tokens
         )
-        from cyllm.worker.engines.sampling import make_generator
-
         seq = _Sequence(
             request_id=request.request_id,
             prompt_ids=prompt_ids,
@@ -221,16 +218,11 @@ class TransformersEngine(AbstractEngine):
     # -- the scheduler thread ---------------------------------------------------------
 
     def _run(self) -> None:
-        import torch
-
-        from cyllm.worker.engines.hf_batch import KVBatch
-        from cyllm.worker.engines.sampling import sample
-
         batch: KVBatch | None = None
         with torch.inference_mode():
             while not self._stop.is_set():
                 try:
-                    batch = self._iteration(batch, KVBatch, sample)
+                    batch = self._iteration(batch)
                 except Exception as exc:  # keep serving: fail only the affected requests
                     log.exception("engine step failed; failing %d requests", len(self._running))
                     err = errors.EngineError(f"generation failed: {exc}")
@@ -242,7 +234,7 @@ class TransformersEngine(AbstractEngine):
             seq.events.append(errors.Unavailable("engine is shutting down"))
         self._deliver(self._running + self._waiting)
 
-    def _iteration(self, batch: Any, KVBatch: Any, sample: Callable[..., list[int]]) -> Any:
+    def _iteration(self, batch: KVBatch | None) -> KVBatch | None:
         # 1. take new work and drop aborted requests
         while True:
             try:
@@ -253,11 +245,12 @@ class TransformersEngine(AbstractEngine):
             aborts, self._aborts = self._aborts, set()
         if aborts:
             self._waiting = [s for s in self._waiting if s.request_id not in aborts]
-            for seq in self._running:
-                if seq.request_id in aborts:
-                    seq.done = True
-                    seq.events.append(Finished("abort", len(seq.prompt_ids), seq.generated))
+            stopped = [s for s in self._running if s.request_id in aborts]
+            for seq in stopped:
+                seq.done = True
+                seq.events.append(Finished("abort", len(seq.prompt_ids), seq.generated))
             batch = self._compact(batch)
+            self._deliver(stopped)
         if not self._running and not self._waiting:
             self._wake.wait(timeout=0.5)
             self._wake.clear()
@@ -271,17 +264,19 @@ class TransformersEngine(AbstractEngine):
             batch = new if batch is None else batch.merge(new)
             self._running.extend(admitted)
             batch = self._compact(batch)
+            self._deliver(admitted)
             if batch is None:
                 return None
             # Sequences that just got their first token decode with everyone else below.
         # 3. one decode step for the whole batch
-        import torch
-
         tokens = torch.tensor([s.last_token for s in self._running], device=self.device)
         logits = batch.decode(self.model, tokens)
-        self._advance(self._running, sample(logits, [s.sampling for s in self._running],
-                                            [s.generator for s in self._running]))
-        return self._compact(batch)
+        stepped = self._running
+        self._advance(stepped, sample(logits, [s.sampling for s in stepped],
+                                      [s.generator for s in stepped]))
+        batch = self._compact(batch)
+        self._deliver(stepped)  # after compacting: a finished stream is no longer counted
+        return batch
 
     def _admit(self) -> list[_Sequence]:
         room = self.spec.max_batch_size - len(self._running)
@@ -297,7 +292,8 @@ class TransformersEngine(AbstractEngine):
         return admitted
 
     def _advance(self, seqs: list[_Sequence], tokens: list[int]) -> None:
-        """4. account each sampled token, detokenise, check stops, hand events over."""
+        """4. account each sampled token, detokenise, check stops (events are queued on
+        each sequence; ``_deliver`` hands them over)."""
         now = time.monotonic()
         for seq, token in zip(seqs, tokens):
             seq.last_token = token
@@ -323,9 +319,8 @@ class TransformersEngine(AbstractEngine):
                 seq.events.append(Finished(reason, len(seq.prompt_ids), seq.generated))
                 seq.done = True
         self._last_token_at = now
-        self._deliver(seqs)
 
-    def _compact(self, batch: Any) -> Any:
+    def _compact(self, batch: KVBatch | None) -> KVBatch | None:
         """Drop finished rows from the running list and the KV batch."""
         if not any(s.done for s in self._running):
             return batch
