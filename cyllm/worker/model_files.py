@@ -83,4 +83,4 @@ def _convert_gguf(source: Path, target: Path, model_id: str) -> None:
         (tmp / _MARKER).write_text(str(source) + "\n")
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
-    _console.print(f"[3/3] {model_id} cached in {target}")
+    _console.print(f"[3/3] {model_id} cached in {target}", soft_wrap=True)
