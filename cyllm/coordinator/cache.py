@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import json
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -44,15 +45,32 @@ def cache_key(request: pb.GenerateRequest) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
+def encode(entry: CachedResponse) -> bytes:
+    return json.dumps([list(entry.chunks), entry.finish_reason, entry.prompt_tokens,
+                       entry.completion_tokens]).encode()
+
+
+def decode(raw: bytes) -> CachedResponse:
+    chunks, reason, prompt, completion = json.loads(raw)
+    return CachedResponse(tuple(chunks), reason, prompt, completion)
+
+
 class PromptCache(abc.ABC):
-    hits: int
-    misses: int
+    @abc.abstractmethod
+    async def get(self, key: str) -> CachedResponse | None:
+        """The entry, counted as a hit, or None, counted as a miss."""
 
     @abc.abstractmethod
-    def get(self, key: str) -> CachedResponse | None: ...
+    async def put(self, key: str, value: CachedResponse) -> None: ...
 
     @abc.abstractmethod
-    def put(self, key: str, value: CachedResponse) -> None: ...
+    async def hits(self) -> int: ...
+
+    @abc.abstractmethod
+    async def misses(self) -> int: ...
+
+    @abc.abstractmethod
+    async def size(self) -> int: ...
 
 
 class InMemoryPromptCache(PromptCache):
@@ -61,25 +79,31 @@ class InMemoryPromptCache(PromptCache):
         self.max_entries = max_entries
         self._clock = clock
         self._entries: OrderedDict[str, tuple[float, CachedResponse]] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
+        self._hits = 0
+        self._misses = 0
 
     @property
     def enabled(self) -> bool:
         return self.ttl_s > 0 and self.max_entries > 0
 
-    def get(self, key: str) -> CachedResponse | None:
+    async def get(self, key: str) -> CachedResponse | None:
         entry = self._entries.get(key)
         if entry is None or entry[0] <= self._clock():
             if entry is not None:
                 del self._entries[key]
-            self.misses += 1
+            self._misses += 1
             return None
         self._entries.move_to_end(key)
-        self.hits += 1
+        self._hits += 1
         return entry[1]
 
-    def put(self, key: str, value: CachedResponse) -> None:
+    async def hits(self) -> int:
+        return self._hits
+
+    async def misses(self) -> int:
+        return self._misses
+
+    async def put(self, key: str, value: CachedResponse) -> None:
         if not self.enabled:
             return
         self._entries[key] = (self._clock() + self.ttl_s, value)
@@ -87,5 +111,5 @@ class InMemoryPromptCache(PromptCache):
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 
-    def __len__(self) -> int:
+    async def size(self) -> int:
         return len(self._entries)

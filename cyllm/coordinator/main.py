@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from cyllm.coordinator.cache import InMemoryPromptCache
-from cyllm.coordinator.dispatcher import Dispatcher
+from cyllm.coordinator.cache import InMemoryPromptCache, PromptCache
+from cyllm.coordinator.pool import HealthRules, Router
 from cyllm.coordinator.queue import InMemoryTaskQueue
-from cyllm.coordinator.registry import WorkerRegistry
+from cyllm.coordinator.scheduler import MemoryScheduler, Scheduler
 from cyllm.coordinator.service import CoordinatorService
 from cyllm.coordinator.settings import CoordinatorSettings
 from cyllm.protocol import rpc
@@ -19,35 +21,55 @@ from cyllm.runtime import stop_event
 log = logging.getLogger("cyllm.coordinator")
 
 
-def build_service(settings: CoordinatorSettings) -> CoordinatorService:
-    queue = InMemoryTaskQueue(settings.queue_max_size, settings.retry_after_s)
-    cache = InMemoryPromptCache(settings.cache_ttl_s, settings.cache_max_entries)
-    registry = WorkerRegistry(settings.heartbeat_timeout_s)
-    dispatcher = Dispatcher(queue, registry, settings.queue_timeout_s)
-    return CoordinatorService(queue, cache, registry, dispatcher, settings.heartbeat_interval_s)
+def build_backends(s: CoordinatorSettings, coordinator_id: str) -> tuple[Scheduler, PromptCache]:
+    rules = HealthRules(s.heartbeat_timeout_s, s.progress_timeout_s)
+    router = Router(s.routing)
+    if s.redis_url:
+        from cyllm.coordinator.redis_backend import RedisPromptCache, RedisScheduler, connect
+
+        client = connect(s.redis_url)
+        return (
+            RedisScheduler(client, coordinator_id, s.queue_max_size, s.retry_after_s, rules,
+                           router, s.queue_timeout_s, s.lease_s),
+            RedisPromptCache(client, s.cache_ttl_s, s.cache_max_entries),
+        )
+    queue = InMemoryTaskQueue(s.queue_max_size, s.retry_after_s)
+    return (MemoryScheduler(queue, rules, router, s.queue_timeout_s),
+            InMemoryPromptCache(s.cache_ttl_s, s.cache_max_entries))
 
 
 class CoordinatorServer:
     def __init__(self, settings: CoordinatorSettings) -> None:
         self.settings = settings
-        self.service = build_service(settings)
         self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         self._health = health.aio.HealthServicer()
+        self.port = self._server.add_insecure_port(f"{settings.host}:{settings.port}")
+        self.coordinator_id = settings.coordinator_id or f"{socket.gethostname()}-{self.port}-{os.getpid()}"
+        self.scheduler, self.cache = build_backends(settings, self.coordinator_id)
+        self.service = CoordinatorService(
+            self.coordinator_id, self.scheduler, self.cache,
+            heartbeat_interval_s=settings.heartbeat_interval_s,
+            progress_timeout_s=settings.progress_timeout_s,
+            breaker_failures=settings.breaker_failures,
+            breaker_cooldown_s=settings.breaker_cooldown_s,
+            lease_s=settings.lease_s,
+        )
         rpc.add_CoordinatorServicer_to_server(self.service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        self.port = 0
 
     async def start(self) -> int:
-        self.port = self._server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        await self.scheduler.start()
         await self._server.start()
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
-        log.info("coordinator listening on %s:%d", self.settings.host, self.port)
+        log.info("coordinator %s (%s backend) listening on %s:%d", self.coordinator_id,
+                 self.scheduler.backend, self.settings.host, self.port)
         return self.port
 
     async def stop(self) -> None:
         await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._server.stop(grace=5.0)
-        await self.service.registry.close()
+        await self.service.close()
+        await self.scheduler.close()
 
 
 async def serve(settings: CoordinatorSettings) -> None:

@@ -20,6 +20,7 @@ class Task:
     task_id: str
     model: str
     priority: int = 0
+    affinity: str = ""  # conversation prefix, for prefix-affinity routing
     seq: int = 0  # set by the queue: arrival order
 
 

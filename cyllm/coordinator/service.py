@@ -1,41 +1,67 @@
-"""The coordinator's gRPC service: the cache, the queue and the worker pool together."""
+"""The coordinator's gRPC service: the prompt cache, the scheduler (queue + worker pool)
+and the calls to the workers, with retries and per-worker circuit breakers."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 
 import grpc
+from purgatory import AsyncCircuitBreakerFactory
 
 from cyllm import errors
 from cyllm.coordinator.cache import CachedResponse, PromptCache, cache_key, is_deterministic
-from cyllm.coordinator.dispatcher import Dispatcher
-from cyllm.coordinator.queue import Task, TaskQueue
-from cyllm.coordinator.registry import WorkerEntry, WorkerRegistry
+from cyllm.coordinator.pool import affinity_key
+from cyllm.coordinator.queue import Task
+from cyllm.coordinator.scheduler import Scheduler
 from cyllm.protocol import pb, rpc, status
 
 log = logging.getLogger(__name__)
 
 # A worker that fails before sending anything is skipped and the request tried again.
 _ATTEMPTS = 3
+# Errors that say nothing about the worker's health.
+_NOT_THE_WORKERS_FAULT = [errors.InvalidRequest, errors.ModelNotFound, errors.RequestCancelled,
+                          asyncio.CancelledError, GeneratorExit]
+
+
+class ChannelPool:
+    """One gRPC channel per worker address, opened on first use."""
+
+    def __init__(self) -> None:
+        self._stubs: dict[str, tuple[grpc.aio.Channel, rpc.WorkerStub]] = {}
+
+    def stub(self, address: str) -> rpc.WorkerStub:
+        if address not in self._stubs:
+            channel = grpc.aio.insecure_channel(address)
+            self._stubs[address] = (channel, rpc.WorkerStub(channel))
+        return self._stubs[address][1]
+
+    async def close(self) -> None:
+        for channel, _ in self._stubs.values():
+            await channel.close()
+        self._stubs.clear()
 
 
 class CoordinatorService(rpc.CoordinatorServicer):
-    def __init__(
-        self,
-        queue: TaskQueue,
-        cache: PromptCache,
-        registry: WorkerRegistry,
-        dispatcher: Dispatcher,
-        heartbeat_interval_s: float,
-    ) -> None:
-        self.queue = queue
+    def __init__(self, coordinator_id: str, scheduler: Scheduler, cache: PromptCache, *,
+                 heartbeat_interval_s: float, progress_timeout_s: float,
+                 breaker_failures: int, breaker_cooldown_s: float, lease_s: float) -> None:
+        self.coordinator_id = coordinator_id
+        self.scheduler = scheduler
         self.cache = cache
-        self.registry = registry
-        self.dispatcher = dispatcher
         self.heartbeat_interval_s = heartbeat_interval_s
+        self.progress_timeout_s = progress_timeout_s
+        self.lease_s = lease_s
+        self.channels = ChannelPool()
+        self.breakers = AsyncCircuitBreakerFactory(
+            default_threshold=breaker_failures, default_ttl=breaker_cooldown_s,
+            exclude=_NOT_THE_WORKERS_FAULT,
+        )
+        self._breakers: dict[str, object] = {}
 
     # -- inference --------------------------------------------------------------------
 
@@ -45,9 +71,9 @@ class CoordinatorService(rpc.CoordinatorServicer):
         try:
             if not request.request_id:
                 request.request_id = uuid.uuid4().hex
-            self._check_model(request.model)
+            await self.scheduler.check_model(request.model)
             key = cache_key(request) if is_deterministic(request) else None
-            cached = self.cache.get(key) if key else None
+            cached = await self.cache.get(key) if key else None
             if cached is not None:
                 for msg in _replay(cached):
                     yield msg
@@ -57,73 +83,77 @@ class CoordinatorService(rpc.CoordinatorServicer):
         except errors.CyllmError as exc:
             await status.abort(context, exc)
 
-    def _check_model(self, model: str) -> None:
-        if not model:
-            raise errors.InvalidRequest("model is required", param="model")
-        if any(w.serves(model) for w in self.registry.all()):
-            if not self.registry.serving(model):
-                raise errors.Unavailable(f"every worker serving model {model!r} is unhealthy")
-            return
-        known = [m.id for m in self.registry.models()]
-        raise errors.ModelNotFound(
-            f"model {model!r} does not exist; available models: {', '.join(known) or 'none'}",
-            param="model",
-        )
-
     async def _run(self, request: pb.GenerateRequest, key: str | None) -> AsyncIterator[pb.GenerateResponse]:
+        task = Task(request.request_id, request.model, request.priority, affinity_key(request))
+        failed: set[str] = set()
         for attempt in range(1, _ATTEMPTS + 1):
-            worker = await self.dispatcher.acquire(
-                Task(request.request_id, request.model, request.priority)
-            )
+            worker = await self.scheduler.acquire(task, exclude=failed | self._open_circuits())
             sent = False
             chunks: list[str] = []
-            call = worker.stub.Generate(request)
+            breaker = await self.breakers.get_breaker(worker.worker_id)
+            self._breakers[worker.worker_id] = breaker
+            call = self.channels.stub(worker.address).Generate(request)
+            renewer = asyncio.create_task(self._renew(task))
             try:
-                async for msg in call:
-                    sent = True
-                    kind = msg.WhichOneof("event")
-                    if kind == "delta":
-                        chunks.append(msg.delta.text)
-                    elif kind == "finished" and key and msg.finished.finish_reason != "abort":
-                        self.cache.put(key, _to_cached(chunks, msg.finished))
-                    yield msg
+                async with breaker:
+                    async for msg in _paced(call, self.progress_timeout_s, worker.worker_id):
+                        sent = True
+                        kind = msg.WhichOneof("event")
+                        if kind == "delta":
+                            chunks.append(msg.delta.text)
+                        elif kind == "finished" and key and msg.finished.finish_reason != "abort":
+                            await self.cache.put(key, _to_cached(chunks, msg.finished))
+                        yield msg
                 return
-            except grpc.aio.AioRpcError as exc:
-                err = status.from_grpc(exc)
+            except errors.CyllmError as err:
                 if sent or not isinstance(err, errors.Unavailable) or attempt == _ATTEMPTS:
-                    raise err from None
+                    raise
                 log.warning("worker %s failed before answering (%s); trying another",
-                            worker.worker_id, exc.code().name)
-                self._suspect(worker)
+                            worker.worker_id, err.message)
+                failed.add(worker.worker_id)
             finally:
+                renewer.cancel()
                 call.cancel()
-                self.dispatcher.release(worker)
+                await self.scheduler.release(task, worker.worker_id)
 
-    def _suspect(self, worker: WorkerEntry) -> None:
-        # Unreachable: treat as unhealthy until its next heartbeat proves otherwise.
-        worker.last_heartbeat = float("-inf")
+    async def _renew(self, task: Task) -> None:
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            await self.scheduler.renew(task)
+
+    def _open_circuits(self) -> set[str]:
+        now = time.time()
+        return {
+            wid for wid, b in self._breakers.items()
+            if b.context.state == "opened" and now < (b.context.opened_at or 0) + b.context.ttl
+        }
 
     # -- discovery --------------------------------------------------------------------
 
     async def ListModels(self, request, context) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=self.registry.models())
+        return pb.ListModelsResponse(models=await self.scheduler.models())
 
     async def ClusterStatus(self, request, context) -> pb.ClusterStatusResponse:
-        now = time.monotonic()
+        now = self.scheduler.clock()
+        opened = self._open_circuits()
         return pb.ClusterStatusResponse(
             workers=[
                 pb.WorkerState(
-                    worker=w.info,
-                    healthy=self.registry.healthy(w),
-                    outstanding=w.outstanding,
-                    last_heartbeat_age_s=max(0.0, now - w.last_heartbeat),
+                    worker=v.record.info,
+                    healthy=v.healthy and v.record.worker_id not in opened,
+                    outstanding=v.record.outstanding,
+                    last_heartbeat_age_s=max(0.0, now - v.record.last_heartbeat),
+                    unhealthy_reason=v.unhealthy_reason
+                    or ("circuit open" if v.record.worker_id in opened else ""),
                 )
-                for w in self.registry.all()
+                for v in await self.scheduler.workers()
             ],
-            queue_depth=len(self.queue),
-            queue_capacity=self.queue.capacity,
-            cache_hits=self.cache.hits,
-            cache_misses=self.cache.misses,
+            queue_depth=await self.scheduler.queue_depth(),
+            queue_capacity=self.scheduler.queue_capacity,
+            cache_hits=await self.cache.hits(),
+            cache_misses=await self.cache.misses(),
+            coordinator_id=self.coordinator_id,
+            backend=self.scheduler.backend,
         )
 
     # -- the worker side --------------------------------------------------------------
@@ -131,19 +161,41 @@ class CoordinatorService(rpc.CoordinatorServicer):
     async def RegisterWorker(self, request, context) -> pb.RegisterWorkerResponse:
         if not request.worker.worker_id or not request.worker.address:
             await status.abort(context, errors.InvalidRequest("worker_id and address are required"))
-        await self.registry.register(request.worker)
-        self.dispatcher.pump()
+        await self.scheduler.register(request.worker)
+        log.info("worker %s registered at %s serving %s", request.worker.worker_id,
+                 request.worker.address, [m.id for m in request.worker.models])
         return pb.RegisterWorkerResponse(heartbeat_interval_s=self.heartbeat_interval_s)
 
     async def Heartbeat(self, request, context) -> pb.HeartbeatResponse:
-        known = self.registry.heartbeat(request.worker_id, request.tokens_generated)
-        if known:
-            self.dispatcher.pump()
+        known = await self.scheduler.heartbeat(request.worker_id, request.running,
+                                               request.tokens_generated)
         return pb.HeartbeatResponse(known=known)
 
     async def DeregisterWorker(self, request, context) -> pb.DeregisterWorkerResponse:
-        await self.registry.deregister(request.worker_id)
+        await self.scheduler.deregister(request.worker_id)
+        log.info("worker %s deregistered", request.worker_id)
         return pb.DeregisterWorkerResponse()
+
+    async def close(self) -> None:
+        await self.channels.close()
+
+
+async def _paced(call, timeout_s: float, worker_id: str) -> AsyncIterator[pb.GenerateResponse]:
+    """The worker's stream, translated; a worker silent for ``timeout_s`` is given up on."""
+    iterator = call.__aiter__()
+    while True:
+        try:
+            async with asyncio.timeout(timeout_s):
+                msg = await anext(iterator)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise errors.Unavailable(
+                f"worker {worker_id} produced nothing for {timeout_s:g}s"
+            ) from None
+        except grpc.aio.AioRpcError as exc:
+            raise status.from_grpc(exc) from None
+        yield msg
 
 
 def _to_cached(chunks: list[str], finished: pb.Finished) -> CachedResponse:

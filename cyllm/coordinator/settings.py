@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -23,3 +23,14 @@ class CoordinatorSettings(ComponentSettings):
     cache_max_entries: int = Field(1024, ge=0)
     heartbeat_interval_s: float = Field(1.0, gt=0)
     heartbeat_timeout_s: float = Field(5.0, gt=0, description="silence before a worker is unhealthy")
+    progress_timeout_s: float = Field(
+        60.0, gt=0, description="work in flight but no new token for this long: unhealthy (hung)"
+    )
+    routing: Literal["least_outstanding", "weighted_round_robin", "prefix_affinity"] = "least_outstanding"
+    breaker_failures: int = Field(3, ge=1, description="failures before a worker's circuit opens")
+    breaker_cooldown_s: float = Field(10.0, gt=0, description="open circuit: skip the worker this long")
+    redis_url: str | None = Field(
+        None, description="redis://HOST:PORT/DB shares queue, cache and workers between coordinators"
+    )
+    coordinator_id: str | None = Field(None, description="default: host-port-pid")
+    lease_s: float = Field(15.0, gt=0, description="a taken task returns to the queue if not renewed")

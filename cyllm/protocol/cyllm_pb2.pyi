@@ -101,18 +101,20 @@ class ModelInfo(_message.Message):
     def __init__(self, id: _Optional[str] = ..., context_length: _Optional[int] = ..., engine: _Optional[str] = ..., created: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "address", "models", "capacity", "device")
+    __slots__ = ("worker_id", "address", "models", "capacity", "device", "weight")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     address: str
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     capacity: int
     device: str
-    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., capacity: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+    weight: int
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., capacity: _Optional[int] = ..., device: _Optional[str] = ..., weight: _Optional[int] = ...) -> None: ...
 
 class RegisterWorkerRequest(_message.Message):
     __slots__ = ("worker",)
@@ -167,30 +169,36 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerState(_message.Message):
-    __slots__ = ("worker", "healthy", "outstanding", "last_heartbeat_age_s")
+    __slots__ = ("worker", "healthy", "outstanding", "last_heartbeat_age_s", "unhealthy_reason")
     WORKER_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     OUTSTANDING_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    UNHEALTHY_REASON_FIELD_NUMBER: _ClassVar[int]
     worker: WorkerInfo
     healthy: bool
     outstanding: int
     last_heartbeat_age_s: float
-    def __init__(self, worker: _Optional[_Union[WorkerInfo, _Mapping]] = ..., healthy: _Optional[bool] = ..., outstanding: _Optional[int] = ..., last_heartbeat_age_s: _Optional[float] = ...) -> None: ...
+    unhealthy_reason: str
+    def __init__(self, worker: _Optional[_Union[WorkerInfo, _Mapping]] = ..., healthy: _Optional[bool] = ..., outstanding: _Optional[int] = ..., last_heartbeat_age_s: _Optional[float] = ..., unhealthy_reason: _Optional[str] = ...) -> None: ...
 
 class ClusterStatusResponse(_message.Message):
-    __slots__ = ("workers", "queue_depth", "queue_capacity", "cache_hits", "cache_misses")
+    __slots__ = ("workers", "queue_depth", "queue_capacity", "cache_hits", "cache_misses", "coordinator_id", "backend")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     QUEUE_CAPACITY_FIELD_NUMBER: _ClassVar[int]
     CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     CACHE_MISSES_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerState]
     queue_depth: int
     queue_capacity: int
     cache_hits: int
     cache_misses: int
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., queue_capacity: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ...) -> None: ...
+    coordinator_id: str
+    backend: str
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., queue_capacity: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., coordinator_id: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class WorkerStatusRequest(_message.Message):
     __slots__ = ()

@@ -44,7 +44,7 @@ async def make_stack() -> AsyncIterator[Any]:
         await worker.start()
         started.append(worker)
         for _ in range(100):
-            if coordinator.service.registry.all():
+            if await coordinator.scheduler.workers():
                 break
             await asyncio.sleep(0.05)
         app = create_app(GatewaySettings(coordinators=[address], max_body_bytes=4096))

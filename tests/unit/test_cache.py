@@ -30,28 +30,28 @@ def test_only_greedy_or_seeded_requests_are_deterministic():
     assert not is_deterministic(build_request("r", "m", prompt="x"))  # model default unknown
 
 
-def test_entries_expire_after_ttl_and_count_hits_and_misses():
+async def test_entries_expire_after_ttl_and_count_hits_and_misses():
     clock = Clock()
     cache = InMemoryPromptCache(ttl_s=10, max_entries=8, clock=clock)
-    cache.put("k", ENTRY)
-    assert cache.get("k") == ENTRY
+    await cache.put("k", ENTRY)
+    assert await cache.get("k") == ENTRY
     clock.now = 10.5
-    assert cache.get("k") is None
-    assert (cache.hits, cache.misses) == (1, 1)
+    assert await cache.get("k") is None
+    assert (await cache.hits(), await cache.misses()) == (1, 1)
 
 
-def test_least_recently_used_entry_goes_first_when_full():
+async def test_least_recently_used_entry_goes_first_when_full():
     cache = InMemoryPromptCache(ttl_s=60, max_entries=2)
-    cache.put("a", ENTRY)
-    cache.put("b", ENTRY)
-    cache.get("a")
-    cache.put("c", ENTRY)
-    assert cache.get("b") is None
-    assert cache.get("a") == ENTRY and cache.get("c") == ENTRY
-    assert len(cache) == 2
+    await cache.put("a", ENTRY)
+    await cache.put("b", ENTRY)
+    await cache.get("a")
+    await cache.put("c", ENTRY)
+    assert await cache.get("b") is None
+    assert await cache.get("a") == ENTRY and await cache.get("c") == ENTRY
+    assert await cache.size() == 2
 
 
-def test_zero_ttl_disables_the_cache():
+async def test_zero_ttl_disables_the_cache():
     cache = InMemoryPromptCache(ttl_s=0, max_entries=8)
-    cache.put("a", ENTRY)
-    assert cache.get("a") is None
+    await cache.put("a", ENTRY)
+    assert await cache.get("a") is None
