@@ -58,14 +58,19 @@ def gateway(host: Host = None, port: Annotated[Optional[int], typer.Option()] = 
 
 
 @app.command()
-def coordinator(host: Host = None, port: Annotated[Optional[int], typer.Option()] = None,
-                config: ConfigFile = None) -> None:
+def coordinator(
+    host: Host = None,
+    port: Annotated[Optional[int], typer.Option()] = None,
+    config: ConfigFile = None,
+    redis_url: Annotated[Optional[str], typer.Option(
+        help="redis://HOST:PORT/DB: share queue, cache and workers with other coordinators")] = None,
+) -> None:
     """Run the coordinator (gRPC, default port 50050)."""
     from cyllm.coordinator.main import serve as run
     from cyllm.coordinator.settings import CoordinatorSettings
 
     setup_logging()
-    asyncio.run(run(_load(CoordinatorSettings, config, host=host, port=port)))
+    asyncio.run(run(_load(CoordinatorSettings, config, host=host, port=port, redis_url=redis_url)))
 
 
 @app.command()

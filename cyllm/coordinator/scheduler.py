@@ -25,6 +25,7 @@ from cyllm.protocol import pb
 class WorkerView:
     record: WorkerRecord
     unhealthy_reason: str
+    heartbeat_age_s: float
 
     @property
     def healthy(self) -> bool:
@@ -104,8 +105,10 @@ class Scheduler(abc.ABC):
                 param="model",
             )
 
-    def _free(self, records: Iterable[WorkerRecord], model: str, exclude: Iterable[str]) -> list[WorkerRecord]:
-        now, skip = self.clock(), set(exclude)
+    def _free(self, records: Iterable[WorkerRecord], model: str, exclude: Iterable[str],
+              now: float) -> list[WorkerRecord]:
+        """Healthy workers serving ``model`` with a free slot (``now`` on the records' clock)."""
+        skip = set(exclude)
         return [
             w for w in records
             if w.serves(model) and w.worker_id not in skip and w.outstanding < w.info.capacity
@@ -148,7 +151,8 @@ class MemoryScheduler(Scheduler):
 
     async def workers(self) -> list[WorkerView]:
         now = self.clock()
-        return [WorkerView(w, self.rules.check(w, now)) for w in self._workers.values()]
+        return [WorkerView(w, self.rules.check(w, now), now - w.last_heartbeat)
+                for w in self._workers.values()]
 
     async def acquire(self, task: Task, exclude: Iterable[str] = ()) -> pb.WorkerInfo:
         future: asyncio.Future[WorkerRecord] = asyncio.get_running_loop().create_future()
@@ -195,8 +199,8 @@ class MemoryScheduler(Scheduler):
 
             def ready(task: Task) -> bool:
                 _, exclude = self._waiting.get(task, (None, frozenset()))
-                worker = self.router.choose(
-                    self._free(self._workers.values(), task.model, exclude), task.affinity)
+                free = self._free(self._workers.values(), task.model, exclude, self.clock())
+                worker = self.router.choose(free, task.affinity)
                 if worker is not None:
                     picked.append(worker)
                 return worker is not None

@@ -134,7 +134,6 @@ class CoordinatorService(rpc.CoordinatorServicer):
         return pb.ListModelsResponse(models=await self.scheduler.models())
 
     async def ClusterStatus(self, request, context) -> pb.ClusterStatusResponse:
-        now = self.scheduler.clock()
         opened = self._open_circuits()
         return pb.ClusterStatusResponse(
             workers=[
@@ -142,7 +141,7 @@ class CoordinatorService(rpc.CoordinatorServicer):
                     worker=v.record.info,
                     healthy=v.healthy and v.record.worker_id not in opened,
                     outstanding=v.record.outstanding,
-                    last_heartbeat_age_s=max(0.0, now - v.record.last_heartbeat),
+                    last_heartbeat_age_s=max(0.0, v.heartbeat_age_s),
                     unhealthy_reason=v.unhealthy_reason
                     or ("circuit open" if v.record.worker_id in opened else ""),
                 )

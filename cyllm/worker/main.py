@@ -60,6 +60,7 @@ class WorkerServer:
             models=[card_to_proto(c) for c in cards],
             capacity=sum(c.max_batch_size for c in cards),
             device=",".join(sorted({c.device for c in cards})),
+            weight=s.weight,
         )
         log.info("worker %s listening on %s:%d", self.worker_id, s.host, self.port)
         self._registrars = [asyncio.create_task(self._keep_registered(a)) for a in s.coordinators]

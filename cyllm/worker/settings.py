@@ -75,4 +75,5 @@ class WorkerSettings(ComponentSettings):
     models: list[ModelSpec] = Field(default_factory=default_models, min_length=1)
     cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "cyllm")
     torch_threads: int | None = Field(None, ge=1, description="default: all cores")
+    weight: int = Field(1, ge=1, le=1000, description="share under weighted round-robin")
     drain_timeout_s: float = Field(30.0, ge=0)

@@ -77,6 +77,7 @@ class WorkerHealth(_Camel):
     id: str
     address: str
     healthy: bool
+    unhealthy_reason: str = ""
     outstanding: int
     capacity: int
     models: list[str]
@@ -86,6 +87,8 @@ class WorkerHealth(_Camel):
 class CoordinatorHealth(_Camel):
     address: str
     reachable: bool
+    id: str = ""
+    backend: str = ""
     queue_depth: int = 0
     queue_capacity: int = 0
     cache_hits: int = 0

@@ -89,13 +89,15 @@ async def health(request: Request) -> JSONResponse:
             coordinators.append(CoordinatorHealth(address=address, reachable=False))
             continue
         coordinators.append(CoordinatorHealth(
-            address=address, reachable=True, queue_depth=state.queue_depth,
+            address=address, reachable=True, id=state.coordinator_id, backend=state.backend,
+            queue_depth=state.queue_depth,
             queue_capacity=state.queue_capacity, cache_hits=state.cache_hits,
             cache_misses=state.cache_misses,
         ))
         for w in state.workers:
             workers.setdefault(w.worker.worker_id, WorkerHealth(
                 id=w.worker.worker_id, address=w.worker.address, healthy=w.healthy,
+                unhealthy_reason=w.unhealthy_reason,
                 outstanding=w.outstanding, capacity=w.worker.capacity,
                 models=[m.id for m in w.worker.models], device=w.worker.device,
             ))

@@ -1,0 +1,431 @@
+"""Redis backends: the task queue, the worker pool and the prompt cache shared by
+every coordinator on one Redis (redis-py's asyncio client).
+
+Keys (prefix ``cyllm:``)::
+
+    q:<model>   ZSET   waiting tasks; score = (100 - priority) * 2**40 + arrival seq
+    qlen        INT    waiting tasks over all models (the queue's bound)
+    task:<id>   HASH   model, owner (coordinator id), score, worker (once taken)
+    leases      ZSET   taken tasks -> lease expiry (ms, Redis clock)
+    workers     SET    worker ids;  w:<id> HASH info (WorkerInfo bytes), hb, progress,
+                       running, tokens, outstanding (over all coordinators)
+    coord:<id>  STR    a coordinator's liveness (expires unless refreshed)
+    c:<sha256>  STR    cached response (TTL);  c:lru ZSET last use;  c:hits, c:misses
+
+A request is run by the coordinator that received it (it holds the client's stream),
+but it waits in the shared queue, in global priority order per model: a coordinator
+takes a slot only for a task that is at the head of its model's queue, and taking it
+(pop + slot reservation) is one Lua script, so two coordinators never take the same
+task or overfill a worker.  A taken task holds a lease that its coordinator renews; a
+coordinator that dies lets the lease expire, and any coordinator then puts the task back
+in its place in the queue and frees the worker slot.  A retried request (the gateway
+retries elsewhere when its coordinator is unreachable) adopts its waiting task instead
+of queueing a second copy; a waiting task whose owner is gone for good is dropped when
+it reaches the head.  Times come from Redis's clock, so coordinators need not agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from cyllm import errors
+from cyllm.coordinator.cache import CachedResponse, PromptCache, decode, encode
+from cyllm.coordinator.pool import HealthRules, Router, WorkerRecord
+from cyllm.coordinator.queue import Task
+from cyllm.coordinator.scheduler import Scheduler, WorkerView
+from cyllm.protocol import pb
+
+log = logging.getLogger(__name__)
+
+P = "cyllm:"
+PUMP_CHANNEL = P + "pump"
+
+_ENQUEUE = """
+-- KEYS: qlen, q:<model>, task:<id>, seq   ARGV: id, model, owner, priority, max
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  if redis.call('ZSCORE', KEYS[2], ARGV[1]) then
+    redis.call('HSET', KEYS[3], 'owner', ARGV[3])
+    return 2
+  end
+  return 3
+end
+if tonumber(redis.call('GET', KEYS[1]) or '0') >= tonumber(ARGV[5]) then return 0 end
+local score = (100 - tonumber(ARGV[4])) * 1099511627776 + redis.call('INCR', KEYS[4])
+redis.call('ZADD', KEYS[2], score, ARGV[1])
+redis.call('HSET', KEYS[3], 'model', ARGV[2], 'owner', ARGV[3], 'score', score)
+redis.call('INCR', KEYS[1])
+return 1
+"""
+
+_CLAIM = """
+-- KEYS: q:<model>, task:<id>, w:<worker>, qlen, leases   ARGV: id, lease_ms, worker
+if redis.call('ZRANGE', KEYS[1], 0, 0)[1] ~= ARGV[1] then return 0 end
+local info = redis.call('HMGET', KEYS[3], 'outstanding', 'capacity')
+if not info[2] or tonumber(info[1] or '0') >= tonumber(info[2]) then return -1 end
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('DECR', KEYS[4])
+redis.call('HINCRBY', KEYS[3], 'outstanding', 1)
+redis.call('HSET', KEYS[2], 'worker', ARGV[3])
+redis.call('ZADD', KEYS[5], now + tonumber(ARGV[2]), ARGV[1])
+return 1
+"""
+
+_RELEASE = """
+-- KEYS: w:<worker>, task:<id>, leases   ARGV: id
+if redis.call('ZREM', KEYS[3], ARGV[1]) == 1 and redis.call('EXISTS', KEYS[1]) == 1 then
+  if redis.call('HINCRBY', KEYS[1], 'outstanding', -1) < 0 then
+    redis.call('HSET', KEYS[1], 'outstanding', 0)
+  end
+end
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
+_WITHDRAW = """
+-- KEYS: q:<model>, task:<id>, qlen   ARGV: id
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  redis.call('DECR', KEYS[3])
+  redis.call('DEL', KEYS[2])
+  return 1
+end
+return 0
+"""
+
+_REAP = """
+-- KEYS: leases, qlen   ARGV: prefix     Expired leases: back to the queue, slot freed.
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+for _, id in ipairs(expired) do
+  redis.call('ZREM', KEYS[1], id)
+  local task = ARGV[1] .. 'task:' .. id
+  local f = redis.call('HMGET', task, 'model', 'score', 'worker')
+  if f[1] then
+    local w = ARGV[1] .. 'w:' .. (f[3] or '')
+    if f[3] and redis.call('EXISTS', w) == 1 then
+      if redis.call('HINCRBY', w, 'outstanding', -1) < 0 then redis.call('HSET', w, 'outstanding', 0) end
+    end
+    redis.call('HDEL', task, 'worker')
+    redis.call('ZADD', ARGV[1] .. 'q:' .. f[1], f[2], id)
+    redis.call('INCR', KEYS[2])
+  end
+end
+return #expired
+"""
+
+_DROP_ORPHAN = """
+-- KEYS: q:<model>, qlen   ARGV: prefix     Drop the head task if its owner is gone.
+local head = redis.call('ZRANGE', KEYS[1], 0, 0)[1]
+if not head then return 0 end
+local owner = redis.call('HGET', ARGV[1] .. 'task:' .. head, 'owner')
+if owner and redis.call('EXISTS', ARGV[1] .. 'coord:' .. owner) == 1 then return 0 end
+redis.call('ZREM', KEYS[1], head)
+redis.call('DECR', KEYS[2])
+redis.call('DEL', ARGV[1] .. 'task:' .. head)
+return 1
+"""
+
+_HEARTBEAT = """
+-- KEYS: w:<worker>   ARGV: running, tokens
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+if redis.call('HGET', KEYS[1], 'tokens') ~= ARGV[2] or ARGV[1] == '0' then
+  redis.call('HSET', KEYS[1], 'progress', now)
+end
+redis.call('HSET', KEYS[1], 'hb', now, 'running', ARGV[1], 'tokens', ARGV[2])
+return 1
+"""
+
+
+def connect(url: str) -> aioredis.Redis:
+    return aioredis.from_url(url, decode_responses=False)
+
+
+async def redis_now(client: aioredis.Redis) -> float:
+    seconds, micros = await client.time()
+    return seconds + micros / 1e6
+
+
+@dataclass
+class _Waiter:
+    task: Task
+    future: asyncio.Future[pb.WorkerInfo]
+    exclude: frozenset[str]
+
+
+class RedisScheduler(Scheduler):
+    backend = "redis"
+    POLL_S = 0.25  # pump at least this often while tasks wait (pub/sub may drop wakes)
+
+    def __init__(self, client: aioredis.Redis, coordinator_id: str, max_size: int,
+                 retry_after_s: float, rules: HealthRules, router: Router,
+                 queue_timeout_s: float, lease_s: float) -> None:
+        super().__init__(rules, router, queue_timeout_s)
+        self.r = client
+        self.coordinator_id = coordinator_id
+        self.max_size = max_size
+        self.retry_after_s = retry_after_s
+        self.lease_ms = int(lease_s * 1000)
+        self._waiting: dict[str, _Waiter] = {}
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._enqueue = client.register_script(_ENQUEUE)
+        self._claim = client.register_script(_CLAIM)
+        self._release = client.register_script(_RELEASE)
+        self._withdraw = client.register_script(_WITHDRAW)
+        self._reap = client.register_script(_REAP)
+        self._drop_orphan = client.register_script(_DROP_ORPHAN)
+        self._heartbeat = client.register_script(_HEARTBEAT)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.r.ping()
+        await self._alive()
+        self._tasks = [asyncio.create_task(self._housekeeping()),
+                       asyncio.create_task(self._listen()),
+                       asyncio.create_task(self._pump_loop())]
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.r.delete(P + f"coord:{self.coordinator_id}")
+        await self.r.aclose()
+
+    async def _alive(self) -> None:
+        await self.r.set(P + f"coord:{self.coordinator_id}", b"1", px=max(self.lease_ms, 3000))
+
+    async def _housekeeping(self) -> None:
+        while True:
+            try:
+                await self._alive()
+                if await self._reap(keys=[P + "leases", P + "qlen"], args=[P]):
+                    await self._notify()
+            except Exception:  # Redis unreachable for a moment: keep trying
+                log.exception("redis housekeeping failed")
+            await asyncio.sleep(min(1.0, self.lease_ms / 3000))
+
+    async def _listen(self) -> None:
+        pubsub = self.r.pubsub()
+        await pubsub.subscribe(PUMP_CHANNEL)
+        try:
+            async for message in pubsub.listen():
+                if message.get("type") == "message":
+                    self._wake.set()
+        finally:
+            await pubsub.aclose()
+
+    async def _notify(self) -> None:
+        await self.r.publish(PUMP_CHANNEL, b"1")
+
+    # -- workers ------------------------------------------------------------------------
+
+    async def register(self, info: pb.WorkerInfo) -> None:
+        key = P + f"w:{info.worker_id}"
+        old = await self.r.hget(key, "info")
+        keep = old is not None and pb.WorkerInfo.FromString(old).address == info.address
+        now_ms = int(await redis_now(self.r) * 1000)
+        fields = {"info": info.SerializeToString(), "capacity": info.capacity, "hb": now_ms,
+                  "progress": now_ms, "running": 0, "tokens": 0}
+        if not keep:
+            fields["outstanding"] = 0
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping=fields)
+            pipe.sadd(P + "workers", info.worker_id)
+            await pipe.execute()
+        await self._notify()
+
+    async def heartbeat(self, worker_id: str, running: int, tokens: int) -> bool:
+        known = await self._heartbeat(keys=[P + f"w:{worker_id}"], args=[running, tokens])
+        if known:
+            await self._notify()
+        return bool(known)
+
+    async def deregister(self, worker_id: str) -> None:
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.delete(P + f"w:{worker_id}")
+            pipe.srem(P + "workers", worker_id)
+            await pipe.execute()
+
+    async def _records(self) -> tuple[float, list[WorkerRecord]]:
+        ids = sorted(await self.r.smembers(P + "workers"))
+        async with self.r.pipeline(transaction=False) as pipe:
+            for wid in ids:
+                pipe.hgetall(P + f"w:{wid.decode()}")
+            rows = await pipe.execute()
+        now = await redis_now(self.r)
+        records = []
+        for row in rows:
+            if not row.get(b"info"):
+                continue
+            records.append(WorkerRecord(
+                info=pb.WorkerInfo.FromString(row[b"info"]),
+                last_heartbeat=int(row.get(b"hb", 0)) / 1000,
+                outstanding=int(row.get(b"outstanding", 0)),
+                running=int(row.get(b"running", 0)),
+                tokens=int(row.get(b"tokens", 0)),
+                progress_at=int(row.get(b"progress", 0)) / 1000,
+            ))
+        return now, records
+
+    async def workers(self) -> list[WorkerView]:
+        now, records = await self._records()
+        return [WorkerView(w, self.rules.check(w, now), now - w.last_heartbeat) for w in records]
+
+    # -- tasks --------------------------------------------------------------------------
+
+    async def acquire(self, task: Task, exclude: Iterable[str] = ()) -> pb.WorkerInfo:
+        qkey, tkey = P + f"q:{task.model}", P + f"task:{task.task_id}"
+        added = await self._enqueue(
+            keys=[P + "qlen", qkey, tkey, P + "seq"],
+            args=[task.task_id, task.model, self.coordinator_id, task.priority, self.max_size],
+        )
+        if added == 0:
+            raise errors.Overloaded(
+                f"the task queue is full ({self.max_size} waiting); retry later",
+                retry_after=self.retry_after_s,
+            )
+        if added == 3:
+            raise errors.Unavailable(f"request {task.task_id} is already running elsewhere")
+        waiter = _Waiter(task, asyncio.get_running_loop().create_future(), frozenset(exclude))
+        self._waiting[task.task_id] = waiter
+        self._wake.set()
+        try:
+            async with asyncio.timeout(self.queue_timeout_s):
+                return await asyncio.shield(waiter.future)
+        except TimeoutError:
+            if waiter.future.done():
+                return waiter.future.result()
+            raise errors.Unavailable(
+                f"no worker slot for model {task.model!r} became free within {self.queue_timeout_s:g}s"
+            ) from None
+        finally:
+            self._waiting.pop(task.task_id, None)
+            if not waiter.future.done():
+                await asyncio.shield(self._withdraw(keys=[qkey, tkey, P + "qlen"], args=[task.task_id]))
+            elif _cancelling():
+                await asyncio.shield(self.release(task, waiter.future.result().worker_id))
+
+    async def release(self, task: Task, worker_id: str) -> None:
+        await self._release(keys=[P + f"w:{worker_id}", P + f"task:{task.task_id}", P + "leases"],
+                            args=[task.task_id])
+        await self._notify()
+
+    async def renew(self, task: Task) -> None:
+        now_ms = int(await redis_now(self.r) * 1000)
+        await self.r.zadd(P + "leases", {task.task_id: now_ms + self.lease_ms}, xx=True)
+
+    async def queue_depth(self) -> int:
+        return int(await self.r.get(P + "qlen") or 0)
+
+    @property
+    def queue_capacity(self) -> int:
+        return self.max_size
+
+    async def _pump_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.POLL_S):
+                    await self._wake.wait()
+            self._wake.clear()
+            if not self._waiting:
+                continue
+            try:
+                await self._pump()
+            except Exception:
+                log.exception("dispatch from redis failed; retrying")
+
+    async def _pump(self) -> None:
+        models = {w.task.model for w in self._waiting.values()}
+        now, records = await self._records()
+        for model in models:
+            qkey = P + f"q:{model}"
+            while True:
+                head = await self.r.zrange(qkey, 0, 0)
+                if not head:
+                    break
+                waiter = self._waiting.get(head[0].decode())
+                if waiter is None or waiter.future.done():
+                    # Another coordinator's turn, unless its owner is gone for good.
+                    if await self._drop_orphan(keys=[qkey, P + "qlen"], args=[P]):
+                        continue
+                    break
+                worker = self.router.choose(self._free(records, model, waiter.exclude, now),
+                                            waiter.task.affinity)
+                if worker is None:
+                    break
+                got = await self._claim(
+                    keys=[qkey, P + f"task:{waiter.task.task_id}", P + f"w:{worker.worker_id}",
+                          P + "qlen", P + "leases"],
+                    args=[waiter.task.task_id, self.lease_ms, worker.worker_id],
+                )
+                if got == 1:
+                    worker.outstanding += 1
+                    waiter.future.set_result(worker.info)
+                elif got == -1:  # another coordinator filled that slot first
+                    now, records = await self._records()
+                else:
+                    break
+
+
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+class RedisPromptCache(PromptCache):
+    """Entries expire by TTL; past ``max_entries`` the least recently used go first."""
+
+    def __init__(self, client: aioredis.Redis, ttl_s: float, max_entries: int) -> None:
+        self.r = client
+        self.ttl_ms = int(ttl_s * 1000)
+        self.max_entries = max_entries
+
+    async def get(self, key: str) -> CachedResponse | None:
+        if self.ttl_ms <= 0 or self.max_entries <= 0:
+            await self.r.incr(P + "c:misses")
+            return None
+        raw = await self.r.get(P + f"c:{key}")
+        async with self.r.pipeline(transaction=False) as pipe:
+            if raw is None:
+                pipe.incr(P + "c:misses")
+                pipe.zrem(P + "c:lru", key)
+            else:
+                pipe.incr(P + "c:hits")
+                pipe.zadd(P + "c:lru", {key: await redis_now(self.r)})
+            await pipe.execute()
+        return decode(raw) if raw is not None else None
+
+    async def put(self, key: str, value: CachedResponse) -> None:
+        if self.ttl_ms <= 0 or self.max_entries <= 0:
+            return
+        now = await redis_now(self.r)
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.set(P + f"c:{key}", encode(value), px=self.ttl_ms)
+            pipe.zadd(P + "c:lru", {key: now})
+            pipe.zcard(P + "c:lru")
+            *_, count = await pipe.execute()
+        if count > self.max_entries:
+            evicted = await self.r.zpopmin(P + "c:lru", count - self.max_entries)
+            if evicted:
+                await self.r.delete(*(P + f"c:{k.decode()}" for k, _ in evicted))
+
+    async def hits(self) -> int:
+        return int(await self.r.get(P + "c:hits") or 0)
+
+    async def misses(self) -> int:
+        return int(await self.r.get(P + "c:misses") or 0)
+
+    async def size(self) -> int:
+        return int(await self.r.zcard(P + "c:lru"))
