@@ -4,6 +4,7 @@ and the calls to the workers, with retries and per-worker circuit breakers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -11,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 from purgatory import AsyncCircuitBreakerFactory
+from purgatory.domain.model import OpenedState
 
 from cyllm import errors
 from cyllm.coordinator.cache import CachedResponse, PromptCache, cache_key, is_deterministic
@@ -95,7 +97,7 @@ class CoordinatorService(rpc.CoordinatorServicer):
             call = self.channels.stub(worker.address).Generate(request)
             renewer = asyncio.create_task(self._renew(task))
             try:
-                async with breaker:
+                async with _entered(breaker, worker.worker_id):
                     async for msg in _paced(call, self.progress_timeout_s, worker.worker_id):
                         sent = True
                         kind = msg.WhichOneof("event")
@@ -179,6 +181,21 @@ class CoordinatorService(rpc.CoordinatorServicer):
         await self.channels.close()
 
 
+@contextlib.asynccontextmanager
+async def _entered(breaker, worker_id: str) -> AsyncIterator[None]:
+    """The worker's circuit breaker; an open circuit is the worker being unavailable."""
+    try:
+        await breaker.__aenter__()
+    except OpenedState:
+        raise errors.Unavailable(f"worker {worker_id} is failing (circuit open)") from None
+    try:
+        yield
+    except BaseException as exc:
+        await breaker.__aexit__(type(exc), exc, exc.__traceback__)
+        raise
+    await breaker.__aexit__(None, None, None)
+
+
 async def _paced(call, timeout_s: float, worker_id: str) -> AsyncIterator[pb.GenerateResponse]:
     """The worker's stream, translated; a worker silent for ``timeout_s`` is given up on."""
     iterator = call.__aiter__()
@@ -193,7 +210,10 @@ async def _paced(call, timeout_s: float, worker_id: str) -> AsyncIterator[pb.Gen
                 f"worker {worker_id} produced nothing for {timeout_s:g}s"
             ) from None
         except grpc.aio.AioRpcError as exc:
-            raise status.from_grpc(exc) from None
+            err = status.from_grpc(exc)
+            if isinstance(err, errors.Unavailable) and worker_id not in err.message:
+                err = errors.Unavailable(f"worker {worker_id} became unreachable: {err.message}")
+            raise err from None
         yield msg
 
 

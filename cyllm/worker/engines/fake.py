@@ -5,8 +5,9 @@ It "generates" the words ``w0 w1 w2 ...`` (one word per token), honouring max_to
 stop strings and aborts.  ``engine_args``:
 
 - ``token_delay_s`` (float, default 0): sleep between tokens, to make streams last;
-- ``hang_after`` (int, optional): after this many tokens, stop producing forever while
-  still looking alive (a hung engine, for health-check tests).
+- ``hang_after`` (int, optional): after this many tokens the engine wedges, as a stuck
+  engine thread would: that request and every later one stop producing, aborts are not
+  processed (they stay counted as running), yet the process answers heartbeats.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class FakeEngine(AbstractEngine):
         self._aborted: set[str] = set()
         self._tokens = 0
         self._last_token_at = time.monotonic()
+        self._wedged = False
 
     async def load(self) -> ModelCard:
         return ModelCard(self.spec.id, self.spec.max_context or CONTEXT, self.name,
@@ -69,7 +71,8 @@ class FakeEngine(AbstractEngine):
         try:
             yield Started(prompt_tokens)
             for i in range(max_new):
-                if self.hang_after is not None and i >= int(self.hang_after):
+                if self._wedged or (self.hang_after is not None and i >= int(self.hang_after)):
+                    self._wedged = True
                     await asyncio.Event().wait()  # hung: alive, but no progress
                 if self.delay:
                     await asyncio.sleep(self.delay)
@@ -89,8 +92,9 @@ class FakeEngine(AbstractEngine):
                 yield TextDelta(rest, 0)
             yield Finished("length", prompt_tokens, max_new)
         finally:
-            self._running.discard(rid)
-            self._aborted.discard(rid)
+            if not self._wedged:  # a wedged engine never gets to clean up
+                self._running.discard(rid)
+                self._aborted.discard(rid)
 
     async def abort(self, request_id: str) -> None:
         if request_id in self._running:
