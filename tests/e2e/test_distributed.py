@@ -203,3 +203,27 @@ def test_a_hung_worker_is_detected_and_taken_out_of_rotation(cluster):
     assert "no token" in reason or "circuit open" in reason
     after = asyncio.run(ask_many(base, 6, 5))
     assert [r.status_code for r in after] == [200] * 6
+
+
+def test_sigterm_drains_a_worker_its_requests_finish_and_new_ones_go_elsewhere(cluster):
+    coord = cluster.coordinator("c1")
+    cluster.worker("leaving", [coord], capacity=2)
+    cluster.worker("staying", [coord], capacity=2)
+    base = cluster.gateway([coord])
+    wait_for(lambda: healthy_workers(base) == {"leaving", "staying"}, 60, "two workers", cluster)
+
+    async def scenario() -> tuple[list[httpx.Response], list[httpx.Response]]:
+        first = asyncio.create_task(ask_many(base, 4, 30))  # ~1.5 s each, on both workers
+        await asyncio.sleep(0.5)
+        cluster.procs["leaving"].send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        second = await ask_many(base, 4, 5)
+        return await first, second
+
+    first, second = asyncio.run(scenario())
+    assert [r.status_code for r in first] == [200] * 4  # in-flight work finished
+    assert all(r.json()["usage"]["completion_tokens"] == 30 for r in first)
+    assert [r.status_code for r in second] == [200] * 4  # served by the other worker
+    assert cluster.procs["leaving"].wait(20) == 0  # then it left
+    wait_for(lambda: {w["id"] for w in health(base)["workers"]} == {"staying"}, 10,
+             "leaving deregistered", cluster)

@@ -80,6 +80,12 @@ async def models(request: Request) -> ModelsResponse:
     ])
 
 
+@router.get("/health/live")
+async def live() -> dict[str, str]:
+    """Liveness: the gateway process answers (readiness is ``/api/v1/health``)."""
+    return {"status": "alive"}
+
+
 @router.get("/health", response_model=HealthResponse, response_model_by_alias=True,
             responses={503: {"model": HealthResponse, "description": "no healthy worker"}})
 async def health(request: Request) -> JSONResponse:

@@ -1,0 +1,161 @@
+"""deploy/ cannot be run here (no Docker engine, no cluster), so this keeps it honest:
+every command parses with the real CLI, ports and env names match the code, the
+configuration validates, probes point at the ports the processes listen on."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.main import get_command
+
+from cyllm.cli import app
+from cyllm.coordinator.settings import CoordinatorSettings
+from cyllm.gateway.settings import GatewaySettings
+from cyllm.settings import load_settings
+from cyllm.worker.settings import WorkerSettings
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+CONFIG_MOUNT = "/etc/cyllm/cyllm.yaml"
+SETTINGS = {"CYLLM_GATEWAY_": GatewaySettings, "CYLLM_COORDINATOR_": CoordinatorSettings,
+            "CYLLM_WORKER_": WorkerSettings}
+
+
+def compose() -> dict:
+    return yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+
+
+def k8s_docs() -> list[dict]:
+    docs = []
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def k8s_containers() -> list[tuple[dict, dict]]:
+    return [(d, c) for d in k8s_docs() if d["kind"] == "Deployment"
+            for c in d["spec"]["template"]["spec"]["containers"]]
+
+
+def parse_cli(argv: list[str]):
+    """Parse a ``cyllm ...`` command line with the real CLI; return (subcommand, params)."""
+    assert argv[0] == "cyllm"
+    argv = [str(DEPLOY / "cyllm.yaml") if a == CONFIG_MOUNT else a for a in argv[1:]]
+    group = get_command(app)
+    sub = group.get_command(None, argv[0])
+    assert sub is not None, f"unknown command {argv[0]}"
+    ctx = sub.make_context(argv[0], list(argv[1:]))
+    return argv[0], ctx.params
+
+
+def all_commands() -> list[list[str]]:
+    cmds = []
+    for svc in compose()["services"].values():
+        if svc.get("command", [""])[0] == "cyllm":
+            cmds.append(svc["command"])
+        test = svc.get("healthcheck", {}).get("test", [])
+        if test[1:2] == ["cyllm"]:
+            cmds.append(test[1:])
+    cmds += [c["command"] for _, c in k8s_containers() if c.get("command", [""])[0] == "cyllm"]
+    return cmds
+
+
+@pytest.mark.parametrize("argv", all_commands(), ids=lambda a: " ".join(a[:2]))
+def test_every_command_parses_with_the_real_cli(argv):
+    name, params = parse_cli(argv)
+    assert name in {"gateway", "coordinator", "worker", "probe"}
+
+
+def env_names() -> set[str]:
+    names = set()
+    for svc in compose()["services"].values():
+        names |= set((svc.get("environment") or {}).keys())
+    for _, c in k8s_containers():
+        names |= {e["name"] for e in c.get("env", [])}
+    return names
+
+
+def test_env_names_are_real_settings():
+    cyllm_names = {n for n in env_names() if n.startswith("CYLLM_")}
+    assert cyllm_names, "expected CYLLM_ settings in deploy/"
+    for name in cyllm_names:
+        prefix = next(p for p in SETTINGS if name.startswith(p))
+        field = name.removeprefix(prefix).lower()
+        assert field in SETTINGS[prefix].model_fields, f"{name}: no setting {field!r}"
+
+
+def test_config_validates_and_the_configmap_carries_the_same_text():
+    path = DEPLOY / "cyllm.yaml"
+    for cls in SETTINGS.values():
+        load_settings(cls, path)
+    (cm,) = [d for d in k8s_docs() if d["kind"] == "ConfigMap"]
+    assert cm["data"]["cyllm.yaml"] == path.read_text()
+
+
+def _port(params: dict) -> int:
+    return int(params["port"])
+
+
+def test_compose_ports_probes_and_addresses_match():
+    services = compose()["services"]
+    listening = {}
+    for name, svc in services.items():
+        if svc.get("command", [""])[0] == "cyllm":
+            _, params = parse_cli(svc["command"])
+            listening[name] = _port(params)
+            if "--config" in svc["command"]:
+                assert any(v.endswith(":" + CONFIG_MOUNT + ":ro") for v in svc.get("volumes", []))
+    assert listening["gateway"] == 8080 and services["gateway"]["ports"] == ["8080:8080"]
+    for name, svc in services.items():
+        test = svc.get("healthcheck", {}).get("test", [])
+        if "probe" in test:
+            assert test[-1] == f"127.0.0.1:{listening[name]}"
+        _, params = parse_cli(svc["command"]) if name in listening else (None, {})
+        for address in params.get("coordinator") or []:
+            host, port = address.split(":")
+            assert listening[host] == int(port), address
+        if params.get("redis_url"):
+            assert params["redis_url"].startswith("redis://redis:6379/")
+        advertise = (svc.get("environment") or {}).get("CYLLM_WORKER_ADVERTISE_ADDRESS")
+        if advertise:
+            assert advertise == f"{name}:{listening[name]}"
+
+
+def test_k8s_ports_probes_and_services_match():
+    docs = k8s_docs()
+    listening = {}
+    for deployment, c in k8s_containers():
+        app_label = deployment["spec"]["template"]["metadata"]["labels"]["app"]
+        container_ports = {p["containerPort"] for p in c["ports"]}
+        if c.get("command", [""])[0] == "cyllm":
+            _, params = parse_cli(c["command"])
+            port = _port(params)
+            listening[app_label] = port
+            assert port in container_ports
+            for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
+                probe = c.get(kind)
+                if probe:
+                    probe_port = (probe.get("grpc") or probe.get("httpGet"))["port"]
+                    assert probe_port == port, (app_label, kind)
+            for env in c.get("env", []):
+                if env["name"] == "CYLLM_WORKER_ADVERTISE_ADDRESS":
+                    assert env["value"].endswith(f":{port}")
+        else:
+            listening[app_label] = next(iter(container_ports))
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    for svc in services.values():
+        target = listening[svc["spec"]["selector"]["app"]]
+        assert all(p["targetPort"] == target for p in svc["spec"]["ports"]), svc["metadata"]["name"]
+    for _, c in k8s_containers():
+        if c.get("command", [""])[0] != "cyllm":
+            continue
+        _, params = parse_cli(c["command"])
+        for address in params.get("coordinator") or []:
+            host, port = address.split(":")
+            assert host in services and int(port) in {p["port"] for p in services[host]["spec"]["ports"]}
+        for env in c.get("env", []):
+            if env["name"].endswith("REDIS_URL"):
+                host, port = re.match(r"redis://([^:/]+):(\d+)/", env["value"]).groups()
+                assert int(port) in {p["port"] for p in services[host]["spec"]["ports"]}
