@@ -2,9 +2,10 @@
 
 Direct: ``FakeEngine.generate`` called in-process.  Stack: the same engine behind
 ``cyllm serve`` (gateway -> coordinator -> worker, three processes, gRPC over
-loopback), non-streaming ``/v1/completions`` over HTTP.  Both run the same number
-of requests, one at a time and ``--concurrency`` at a time; added latency is the
-stack's percentile minus the direct one.
+loopback), non-streaming ``/v1/completions`` over HTTP, once with the in-memory
+coordinator backend and once with the Redis one (a redis-server started here).  All
+run the same number of requests, one at a time and ``--concurrency`` at a time; added
+latency is the stack's percentile minus the direct one.
 
     python bench/overhead.py [--requests 400] [--concurrency 16] [--tokens 16]
 """
@@ -14,16 +15,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx  # noqa: E402
 
-from bench.common import print_table, served  # noqa: E402
+from bench.common import free_port, print_table, served  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:
@@ -72,6 +75,21 @@ async def through_stack(base: str, requests: int, concurrency: int, tokens: int)
         return await drive(call, requests, concurrency)
 
 
+@contextmanager
+def redis_server():
+    port = free_port()
+    with tempfile.TemporaryDirectory() as workdir:
+        proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                                 "--save", "", "--appendonly", "no", "--dir", workdir],
+                                stdout=subprocess.DEVNULL)
+        try:
+            time.sleep(0.5)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=400)
@@ -79,19 +97,21 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16)
     args = ap.parse_args()
     rows = []
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as cfg:
-        cfg.write("models:\n  - id: fake\n    engine: fake\n    max_batch_size: 256\n")
-        cfg.flush()
-        with served(Path(cfg.name)) as base:
-            for conc in (1, args.concurrency):
-                d_rps, d_lat = asyncio.run(direct(args.requests, conc, args.tokens))
-                s_rps, s_lat = asyncio.run(through_stack(base, args.requests, conc, args.tokens))
-                rows.append([conc, d_rps, s_rps,
-                             (pct(s_lat, 50) - pct(d_lat, 50)) * 1000,
-                             (pct(s_lat, 99) - pct(d_lat, 99)) * 1000])
+    models = "models:\n  - id: fake\n    engine: fake\n    max_batch_size: 256\n"
+    with redis_server() as url, tempfile.TemporaryDirectory() as tmp:
+        for backend, extra in (("memory", ""), ("redis", f"coordinator:\n  redis_url: {url}\n")):
+            cfg = Path(tmp) / f"{backend}.yaml"
+            cfg.write_text(models + extra)
+            with served(cfg) as base:
+                for conc in (1, args.concurrency):
+                    d_rps, d_lat = asyncio.run(direct(args.requests, conc, args.tokens))
+                    s_rps, s_lat = asyncio.run(through_stack(base, args.requests, conc, args.tokens))
+                    rows.append([backend, conc, d_rps, s_rps,
+                                 (pct(s_lat, 50) - pct(d_lat, 50)) * 1000,
+                                 (pct(s_lat, 99) - pct(d_lat, 99)) * 1000])
     print_table(
         f"stack overhead, fake engine, {args.tokens} tokens/request, {args.requests} requests",
-        ["concurrency", "direct req/s", "stack req/s", "added p50 ms", "added p99 ms"],
+        ["backend", "concurrency", "direct req/s", "stack req/s", "added p50 ms", "added p99 ms"],
         rows,
     )
 
