@@ -27,16 +27,26 @@ def prompts(n: int) -> list[str]:
     return [f"Write a long story about {TOPICS[i % len(TOPICS)]}." for i in range(n)]
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports (all held open while choosing, so none repeats)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 @contextmanager
 def served(config: Path | None = None, env: dict[str, str] | None = None):
     """``cyllm serve`` on free ports; yields the base URL; stopped by pid."""
-    http, coord, work = free_port(), free_port(), free_port()
+    http, coord, work = free_ports(3)
     cmd = [sys.executable, "-m", "cyllm", "serve", "--port", str(http),
            "--coordinator-port", str(coord), "--worker-port", str(work)]
     if config:

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from cyllm.protocol import pb, rpc
-from tests.conftest import free_port
+from tests.conftest import free_ports
 
 pytestmark = pytest.mark.e2e
 
@@ -31,6 +31,7 @@ class Cluster:
         self.tmp, self.redis_url = tmp, redis_url
         self.procs: dict[str, subprocess.Popen] = {}
         self.ports: dict[str, int] = {}
+        self._spare = free_ports(8)  # chosen together, so no two processes get the same
 
     def _start(self, name: str, args: list[str], config: dict) -> None:
         cfg = self.tmp / f"{name}.yaml"
@@ -41,13 +42,13 @@ class Cluster:
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
     def coordinator(self, name: str, **kw) -> str:
-        port = self.ports.setdefault(name, free_port())
+        port = self.ports.get(name) or self.ports.setdefault(name, self._spare.pop())
         self._start(name, ["coordinator", "--port", str(port), "--redis-url", self.redis_url],
                     {"coordinator": {**FAST, "coordinator_id": name, **kw}})
         return f"127.0.0.1:{port}"
 
     def worker(self, name: str, coordinators: list[str], capacity: int = 1, **engine_args) -> str:
-        port = self.ports.setdefault(name, free_port())
+        port = self.ports.get(name) or self.ports.setdefault(name, self._spare.pop())
         args = ["worker", "--port", str(port)]
         for c in coordinators:
             args += ["--coordinator", c]
@@ -59,7 +60,7 @@ class Cluster:
         return f"127.0.0.1:{port}"
 
     def gateway(self, coordinators: list[str]) -> str:
-        port = free_port()
+        port = self._spare.pop()
         args = ["gateway", "--port", str(port)]
         for c in coordinators:
             args += ["--coordinator", c]
