@@ -39,7 +39,7 @@ async def make_stack() -> AsyncIterator[Any]:
         cport = await coordinator.start()
         started.append(coordinator)
         address = f"127.0.0.1:{cport}"
-        worker = WorkerServer(WorkerSettings(port=0, coordinators=[address],
+        worker = WorkerServer(WorkerSettings(port=0, coordinators=[address], drain_timeout_s=2,
                                              models=models or [fake_model()]))
         await worker.start()
         started.append(worker)
