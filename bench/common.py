@@ -51,8 +51,9 @@ def served(config: Path | None = None, env: dict[str, str] | None = None):
            "--coordinator-port", str(coord), "--worker-port", str(work)]
     if config:
         cmd += ["--config", str(config)]
+    metrics = {"CYLLM_COORDINATOR_METRICS_PORT": "0", "CYLLM_WORKER_METRICS_PORT": "0"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, **metrics, **(env or {})})
     base = f"http://127.0.0.1:{http}"
     try:
         deadline = time.monotonic() + 300

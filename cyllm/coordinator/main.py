@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -10,6 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cyllm.coordinator.cache import InMemoryPromptCache, PromptCache
+from cyllm.coordinator.metrics import CoordinatorMetrics
 from cyllm.coordinator.pool import HealthRules, Router
 from cyllm.coordinator.queue import InMemoryTaskQueue
 from cyllm.coordinator.scheduler import MemoryScheduler, Scheduler
@@ -17,6 +19,7 @@ from cyllm.coordinator.service import CoordinatorService
 from cyllm.coordinator.settings import CoordinatorSettings
 from cyllm.protocol import rpc
 from cyllm.runtime import stop_event
+from cyllm.telemetry import serve_metrics
 
 log = logging.getLogger("cyllm.coordinator")
 
@@ -46,8 +49,12 @@ class CoordinatorServer:
         self.port = self._server.add_insecure_port(f"{settings.host}:{settings.port}")
         self.coordinator_id = settings.coordinator_id or f"{socket.gethostname()}-{self.port}-{os.getpid()}"
         self.scheduler, self.cache = build_backends(settings, self.coordinator_id)
+        self.metrics = CoordinatorMetrics()
+        self._metrics_server = None
+        self._refresher: asyncio.Task[None] | None = None
+        self.metrics_port = 0
         self.service = CoordinatorService(
-            self.coordinator_id, self.scheduler, self.cache,
+            self.coordinator_id, self.scheduler, self.cache, self.metrics,
             heartbeat_interval_s=settings.heartbeat_interval_s,
             progress_timeout_s=settings.progress_timeout_s,
             breaker_failures=settings.breaker_failures,
@@ -59,6 +66,9 @@ class CoordinatorServer:
 
     async def start(self) -> int:
         await self.scheduler.start()
+        self._metrics_server, self.metrics_port = serve_metrics(
+            self.metrics.registry, self.settings.host, self.settings.metrics_port)
+        self._refresher = asyncio.create_task(self.metrics.refresh_forever(self.scheduler, self.cache))
         await self._server.start()
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         log.info("coordinator %s (%s backend) listening on %s:%d", self.coordinator_id,
@@ -68,6 +78,11 @@ class CoordinatorServer:
     async def stop(self) -> None:
         await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._server.stop(grace=5.0)
+        if self._refresher is not None:
+            self._refresher.cancel()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         await self.service.close()
         await self.scheduler.close()
 

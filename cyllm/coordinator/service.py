@@ -16,6 +16,7 @@ from purgatory.domain.model import OpenedState
 
 from cyllm import errors
 from cyllm.coordinator.cache import CachedResponse, PromptCache, cache_key, is_deterministic
+from cyllm.coordinator.metrics import CoordinatorMetrics
 from cyllm.coordinator.pool import affinity_key
 from cyllm.coordinator.queue import Task
 from cyllm.coordinator.scheduler import Scheduler
@@ -49,12 +50,13 @@ class ChannelPool:
 
 
 class CoordinatorService(rpc.CoordinatorServicer):
-    def __init__(self, coordinator_id: str, scheduler: Scheduler, cache: PromptCache, *,
-                 heartbeat_interval_s: float, progress_timeout_s: float,
+    def __init__(self, coordinator_id: str, scheduler: Scheduler, cache: PromptCache,
+                 metrics: CoordinatorMetrics, *, heartbeat_interval_s: float, progress_timeout_s: float,
                  breaker_failures: int, breaker_cooldown_s: float, lease_s: float) -> None:
         self.coordinator_id = coordinator_id
         self.scheduler = scheduler
         self.cache = cache
+        self.metrics = metrics
         self.heartbeat_interval_s = heartbeat_interval_s
         self.progress_timeout_s = progress_timeout_s
         self.lease_s = lease_s
@@ -77,19 +79,24 @@ class CoordinatorService(rpc.CoordinatorServicer):
             key = cache_key(request) if is_deterministic(request) else None
             cached = await self.cache.get(key) if key else None
             if cached is not None:
+                self.metrics.requests.labels(request.model, "cached").inc()
                 for msg in _replay(cached):
                     yield msg
                 return
             async for msg in self._run(request, key):
                 yield msg
+            self.metrics.requests.labels(request.model, "ok").inc()
         except errors.CyllmError as exc:
+            self.metrics.requests.labels(request.model, exc.code).inc()
             await status.abort(context, exc)
 
     async def _run(self, request: pb.GenerateRequest, key: str | None) -> AsyncIterator[pb.GenerateResponse]:
         task = Task(request.request_id, request.model, request.priority, affinity_key(request))
         failed: set[str] = set()
         for attempt in range(1, _ATTEMPTS + 1):
+            waited = time.perf_counter()
             worker = await self.scheduler.acquire(task, exclude=failed | self._open_circuits())
+            self.metrics.queue_wait.labels(request.model).observe(time.perf_counter() - waited)
             sent = False
             chunks: list[str] = []
             breaker = await self.breakers.get_breaker(worker.worker_id)
@@ -113,6 +120,7 @@ class CoordinatorService(rpc.CoordinatorServicer):
                 log.warning("worker %s failed before answering (%s); trying another",
                             worker.worker_id, err.message)
                 failed.add(worker.worker_id)
+                self.metrics.retries.inc()
             finally:
                 renewer.cancel()
                 call.cancel()

@@ -34,3 +34,5 @@ class CoordinatorSettings(ComponentSettings):
     )
     coordinator_id: str | None = Field(None, description="default: host-port-pid")
     lease_s: float = Field(15.0, gt=0, description="a taken task returns to the queue if not renewed")
+    metrics_port: int | None = Field(9150, ge=0, le=65535,
+                                     description="HTTP port for /metrics; 0 picks one, null: off")

@@ -12,6 +12,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cyllm.gateway import errors
 from cyllm.gateway.client import CoordinatorClient
+from cyllm.gateway.metrics import GatewayMetrics, MetricsMiddleware
+from cyllm.gateway.metrics import router as metrics_router
 from cyllm.gateway.native.router import router as native_router
 from cyllm.gateway.openai.router import router as openai_router
 from cyllm.gateway.settings import GatewaySettings
@@ -78,8 +80,11 @@ def create_app(settings: GatewaySettings, client: CoordinatorClient | None = Non
         description="OpenAI-compatible and native inference API in front of the CY-LLM coordinators.",
         lifespan=lifespan,
     )
+    app.state.metrics = GatewayMetrics()
     errors.install(app)
     app.include_router(openai_router)
     app.include_router(native_router)
+    app.include_router(metrics_router)
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

@@ -12,8 +12,11 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 
+import time
+
 from cyllm import errors
 from cyllm.gateway.client import CoordinatorClient
+from cyllm.gateway.metrics import GatewayMetrics
 from cyllm.protocol import pb
 
 
@@ -60,9 +63,13 @@ class Outcome:
 class Generation:
     """One running generation: ``await start()``, then iterate text deltas, then ``outcome``."""
 
-    def __init__(self, client: CoordinatorClient, request: pb.GenerateRequest) -> None:
+    def __init__(self, client: CoordinatorClient, request: pb.GenerateRequest,
+                 metrics: GatewayMetrics) -> None:
         self._events = client.generate(request)
         self.outcome = Outcome()
+        self.model = request.model
+        self.metrics = metrics
+        self._started = time.perf_counter()
 
     async def start(self) -> Generation:
         try:
@@ -78,16 +85,24 @@ class Generation:
 
     async def deltas(self) -> AsyncIterator[str]:
         """Text pieces; closing this iterator early cancels the generation upstream."""
+        last = None
         async with aclosing(self._events) as events:
             async for msg in events:
                 kind = msg.WhichOneof("event")
                 if kind == "delta" and msg.delta.text:
+                    now = time.perf_counter()
+                    if last is None:
+                        self.metrics.ttft.labels(self.model).observe(now - self._started)
+                    else:
+                        self.metrics.itl.labels(self.model).observe(now - last)
+                    last = now
                     yield msg.delta.text
                 elif kind == "finished":
                     f = msg.finished
                     self.outcome.finish_reason = f.finish_reason
                     self.outcome.prompt_tokens = f.prompt_tokens
                     self.outcome.completion_tokens = f.completion_tokens
+                    self.metrics.tokens.labels(self.model).inc(f.completion_tokens)
 
     async def text(self) -> str:
         return "".join([piece async for piece in self.deltas()])

@@ -15,6 +15,8 @@ from cyllm.runtime import advertised, stop_event
 from cyllm.worker.convert import card_to_proto
 from cyllm.worker.engines.base import AbstractEngine, ModelCard
 from cyllm.worker.engines.factory import create_engine
+from cyllm.telemetry import serve_metrics
+from cyllm.worker.metrics import WorkerMetrics
 from cyllm.worker.service import WorkerService
 from cyllm.worker.settings import WorkerSettings
 
@@ -31,6 +33,7 @@ class WorkerServer:
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._registrars: list[asyncio.Task[None]] = []
+        self._metrics_server = None
 
     async def start(self) -> int:
         s = self.settings
@@ -49,7 +52,9 @@ class WorkerServer:
         self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         self.port = self._server.add_insecure_port(f"{s.host}:{s.port}")
         self.worker_id = s.worker_id or advertised(s.host, self.port).replace(":", "-")
-        self.service = WorkerService(self.worker_id, self.engines)
+        self.metrics = WorkerMetrics(self.engines, self.worker_id)
+        self._metrics_server, self.metrics_port = serve_metrics(self.metrics.registry, s.host, s.metrics_port)
+        self.service = WorkerService(self.worker_id, self.engines, self.metrics)
         rpc.add_WorkerServicer_to_server(self.service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         await self._server.start()
@@ -79,6 +84,9 @@ class WorkerServer:
             await asyncio.sleep(0.1)
         if self._server is not None:
             await self._server.stop(grace=1.0)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         for engine in self.engines.values():
             await engine.close()
 

@@ -11,20 +11,24 @@ import grpc
 from cyllm import errors
 from cyllm.protocol import pb, rpc, status
 from cyllm.worker.convert import event_to_proto, request_from_proto
-from cyllm.worker.engines.base import AbstractEngine
+from cyllm.worker.engines.base import AbstractEngine, Finished, TextDelta
+from cyllm.worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
 
 class WorkerService(rpc.WorkerServicer):
-    def __init__(self, worker_id: str, engines: dict[str, AbstractEngine]) -> None:
+    def __init__(self, worker_id: str, engines: dict[str, AbstractEngine],
+                 metrics: WorkerMetrics) -> None:
         self.worker_id = worker_id
         self.engines = engines
+        self.metrics = metrics
         self.draining = False
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
+        timer = self.metrics.timer(request.model)
         try:
             if self.draining:
                 raise errors.Unavailable(f"worker {self.worker_id} is draining")
@@ -37,8 +41,13 @@ class WorkerService(rpc.WorkerServicer):
             # the request inside the engine and frees its slot.
             async with aclosing(engine.generate(request_from_proto(request))) as events:
                 async for event in events:
+                    if isinstance(event, TextDelta):
+                        timer.text()
+                    elif isinstance(event, Finished):
+                        timer.done(event.finish_reason, event.completion_tokens)
                     yield event_to_proto(event, self.worker_id)
         except errors.CyllmError as exc:
+            timer.failed(exc.code)
             await status.abort(context, exc)
 
     async def Status(

@@ -77,3 +77,5 @@ class WorkerSettings(ComponentSettings):
     torch_threads: int | None = Field(None, ge=1, description="default: all cores")
     weight: int = Field(1, ge=1, le=1000, description="share under weighted round-robin")
     drain_timeout_s: float = Field(30.0, ge=0)
+    metrics_port: int | None = Field(9151, ge=0, le=65535,
+                                     description="HTTP port for /metrics; 0 picks one, null: off")

@@ -53,7 +53,9 @@ def server(tmp_path_factory) -> Server:
         proc = subprocess.Popen(
             [sys.executable, "-m", "cyllm", "serve", "--port", str(http),
              "--coordinator-port", str(coord), "--worker-port", str(work)],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "CYLLM_COORDINATOR_METRICS_PORT": "0",
+                 "CYLLM_WORKER_METRICS_PORT": "0"},
         )
     base = f"http://127.0.0.1:{http}"
     try:

@@ -44,7 +44,7 @@ class Cluster:
     def coordinator(self, name: str, **kw) -> str:
         port = self.ports.get(name) or self.ports.setdefault(name, self._spare.pop())
         self._start(name, ["coordinator", "--port", str(port), "--redis-url", self.redis_url],
-                    {"coordinator": {**FAST, "coordinator_id": name, **kw}})
+                    {"coordinator": {**FAST, "coordinator_id": name, "metrics_port": 0, **kw}})
         return f"127.0.0.1:{port}"
 
     def worker(self, name: str, coordinators: list[str], capacity: int = 1, **engine_args) -> str:
@@ -53,7 +53,7 @@ class Cluster:
         for c in coordinators:
             args += ["--coordinator", c]
         self._start(name, args, {
-            "worker": {"worker_id": name},
+            "worker": {"worker_id": name, "metrics_port": 0},
             "models": [{"id": "fake", "engine": "fake", "max_batch_size": capacity,
                         "engine_args": {"token_delay_s": 0.05, **engine_args}}],
         })

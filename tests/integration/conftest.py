@@ -34,12 +34,15 @@ def fake_model(model_id: str = "fake", **kw: Any) -> ModelSpec:
 async def make_stack() -> AsyncIterator[Any]:
     started: list[Any] = []
 
-    async def make(models: list[ModelSpec] | None = None, **coordinator_kw: Any) -> Stack:
-        coordinator = CoordinatorServer(CoordinatorSettings(port=0, **coordinator_kw))
+    async def make(models: list[ModelSpec] | None = None, metrics_port: int | None = None,
+                   **coordinator_kw: Any) -> Stack:
+        coordinator = CoordinatorServer(CoordinatorSettings(port=0, metrics_port=metrics_port,
+                                                            **coordinator_kw))
         cport = await coordinator.start()
         started.append(coordinator)
         address = f"127.0.0.1:{cport}"
         worker = WorkerServer(WorkerSettings(port=0, coordinators=[address], drain_timeout_s=2,
+                                             metrics_port=metrics_port,
                                              models=models or [fake_model()]))
         await worker.start()
         started.append(worker)

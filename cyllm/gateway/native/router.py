@@ -44,7 +44,7 @@ def _usage(gen: Generation) -> Usage:
              responses=ERRORS)
 async def inference(body: InferenceRequest, request: Request) -> InferenceResponse:
     rid = request.state.request_id
-    gen = await Generation(request.app.state.client, _request(body, rid)).start()
+    gen = await Generation(request.app.state.client, _request(body, rid), request.app.state.metrics).start()
     text = await gen.text()
     return InferenceResponse(id=rid, model_id=body.model_id, text=text, cached=gen.outcome.cached,
                              finish_reason=gen.outcome.finish_reason, usage=_usage(gen))
@@ -56,7 +56,7 @@ async def inference(body: InferenceRequest, request: Request) -> InferenceRespon
 }})
 async def inference_stream(body: InferenceRequest, request: Request) -> StreamingResponse:
     rid = request.state.request_id
-    gen = await Generation(request.app.state.client, _request(body, rid)).start()
+    gen = await Generation(request.app.state.client, _request(body, rid), request.app.state.metrics).start()
     return sse_response(_stream(gen, rid))
 
 

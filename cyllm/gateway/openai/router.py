@@ -50,7 +50,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
         rid, body.model, messages=body.conversation(), max_tokens=body.token_limit,
         temperature=body.temperature, top_p=body.top_p, stop=body.stop, seed=body.seed,
     )
-    gen = await Generation(request.app.state.client, req).start()
+    gen = await Generation(request.app.state.client, req, request.app.state.metrics).start()
     created = int(time.time())
     if body.stream:
         return sse_response(_chat_stream(gen, rid, created, body))
@@ -84,7 +84,7 @@ async def completions(body: CompletionRequest, request: Request) -> Completion |
         rid, body.model, prompt=body.text(), max_tokens=body.max_tokens,
         temperature=body.temperature, top_p=body.top_p, stop=body.stop, seed=body.seed,
     )
-    gen = await Generation(request.app.state.client, req).start()
+    gen = await Generation(request.app.state.client, req, request.app.state.metrics).start()
     created = int(time.time())
     if body.stream:
         return sse_response(_completion_stream(gen, rid, created, body))

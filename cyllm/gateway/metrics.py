@@ -1,0 +1,69 @@
+"""The gateway's Prometheus metrics (seed names first), served on its own HTTP port at
+``/actuator/prometheus`` (the seed's path) and ``/metrics``."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cyllm.telemetry import LATENCY_BUCKETS, TOKEN_GAP_BUCKETS
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("gateway_requests", "HTTP requests", ["method", "route", "status"], registry=r)
+        self.latency = Histogram("gateway_latency_seconds", "HTTP request latency, to the last byte",
+                                 ["method", "route"], registry=r, buckets=LATENCY_BUCKETS)
+        self.ttft = Histogram("gateway_time_to_first_token_seconds",
+                              "Seconds from accepting a generation to its first text", ["model"],
+                              registry=r, buckets=LATENCY_BUCKETS)
+        self.itl = Histogram("gateway_inter_token_latency_seconds",
+                             "Seconds between streamed text pieces", ["model"], registry=r,
+                             buckets=TOKEN_GAP_BUCKETS)
+        self.tokens = Counter("gateway_generated_tokens", "Completion tokens returned", ["model"], registry=r)
+        self.rejected = Counter("gateway_rejected_requests",
+                                "Requests answered with an error status (429: queue full)",
+                                ["status"], registry=r)
+
+
+class MetricsMiddleware:
+    """Counts and times every HTTP request by its route template (bounded labels)."""
+
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_observed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_observed)
+        finally:
+            route = scope.get("route")
+            label = getattr(route, "path", None) or "unmatched"
+            method = scope["method"]
+            self.metrics.requests.labels(method, label, str(status["code"])).inc()
+            if status["code"] >= 400:
+                self.metrics.rejected.labels(str(status["code"])).inc()
+            self.metrics.latency.labels(method, label).observe(time.perf_counter() - start)
+
+
+router = APIRouter(tags=["metrics"])
+
+
+@router.get("/actuator/prometheus", include_in_schema=True)
+@router.get("/metrics", include_in_schema=True)
+async def prometheus(request: Request) -> Response:
+    """Prometheus text exposition of the gateway's metrics."""
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
