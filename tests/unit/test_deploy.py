@@ -159,3 +159,25 @@ def test_k8s_ports_probes_and_services_match():
             if env["name"].endswith("REDIS_URL"):
                 host, port = re.match(r"redis://([^:/]+):(\d+)/", env["value"]).groups()
                 assert int(port) in {p["port"] for p in services[host]["spec"]["ports"]}
+
+
+def test_grafana_dashboard_queries_only_metrics_the_services_export():
+    import json
+
+    from cyllm.coordinator.metrics import CoordinatorMetrics
+    from cyllm.gateway.metrics import GatewayMetrics
+    from cyllm.worker.metrics import WorkerMetrics
+
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"], "gauge": [""]}
+    exported = set()
+    for registry in (GatewayMetrics().registry, CoordinatorMetrics().registry, WorkerMetrics({}, "w").registry):
+        for family in registry.collect():
+            exported |= {family.name + suffix for suffix in suffixes[family.type]}
+    dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
+    queried = set()
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            queried |= set(re.findall(r"\b((?:gateway|coordinator|worker)_[a-z_]+)\b", target["expr"]))
+    assert queried, "the dashboard queries nothing"
+    missing = queried - exported
+    assert not missing, missing
