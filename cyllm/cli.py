@@ -102,6 +102,50 @@ def probe(address: Annotated[str, typer.Argument(help="HOST:PORT of a coordinato
     raise typer.Exit(0 if serving else 1)
 
 
+keys_app = typer.Typer(no_args_is_help=True, help="Manage API keys (the gateway's key store).")
+app.add_typer(keys_app, name="keys")
+
+
+def _store(config: Path | None):
+    from cyllm.gateway.app import key_store
+    from cyllm.gateway.settings import GatewaySettings
+
+    return key_store(_load(GatewaySettings, config))
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="who or what the key is for")],
+    admin: Annotated[bool, typer.Option(help="may manage keys and other admin routes")] = False,
+    model: Annotated[Optional[list[str]], typer.Option(help="allowed model (repeatable); default all")] = None,
+    expires_in_days: Annotated[Optional[float], typer.Option(min=0.001)] = None,
+    config: ConfigFile = None,
+) -> None:
+    """Create a key and print it (the only time it is shown in clear)."""
+    expires = expires_in_days * 86400 if expires_in_days else None
+    key, secret = asyncio.run(_store(config).create(name, admin=admin, models=model, expires_in_s=expires))
+    typer.echo(f"created {key.key_id} ({name}); the key, shown once:")
+    typer.echo(secret)
+
+
+@keys_app.command("list")
+def keys_list(config: ConfigFile = None) -> None:
+    """List keys (never their secrets)."""
+    import json
+
+    for key in asyncio.run(_store(config).all()):
+        typer.echo(json.dumps(key.public()))
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, config: ConfigFile = None) -> None:
+    """Revoke a key; it stops working at once."""
+    if not asyncio.run(_store(config).revoke(key_id)):
+        typer.echo(f"error: no API key {key_id!r}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"revoked {key_id}")
+
+
 @app.command("prepare-models")
 def prepare_models(config: ConfigFile = None) -> None:
     """Convert and cache the configured models (GGUF -> safetensors) ahead of serving."""

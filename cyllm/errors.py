@@ -6,10 +6,13 @@ adapter edge (engines, gRPC clients).  Each boundary maps the hierarchy exactly 
 HTTP status codes and OpenAI's error body.
 
     CyllmError
+     +-- Unauthenticated       no or bad credentials (HTTP 401)
+     +-- Forbidden             valid caller, not allowed this (HTTP 403)
      +-- InvalidRequest        the caller sent something unusable (HTTP 400)
      |    +-- ContextLengthExceeded   prompt + max_tokens do not fit the model (400)
      +-- ModelNotFound         no worker serves that model id (404)
      +-- Overloaded            queue full; carries ``retry_after`` seconds (429)
+     |    +-- RateLimited       over the caller's limit; carries the rate-limit headers (429)
      +-- Unavailable           no live worker / coordinator to take the work (503)
      +-- RequestCancelled      the caller went away; not an error to report (499)
      +-- EngineError           the engine failed while generating (500)
@@ -27,6 +30,14 @@ class CyllmError(Exception):
         super().__init__(message)
         self.message = message
         self.param = param
+
+
+class Unauthenticated(CyllmError):
+    code = "invalid_api_key"
+
+
+class Forbidden(CyllmError):
+    code = "forbidden"
 
 
 class InvalidRequest(CyllmError):
@@ -47,6 +58,14 @@ class Overloaded(CyllmError):
     def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class RateLimited(Overloaded):
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float, headers: dict[str, str]) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.headers = headers
 
 
 class Unavailable(CyllmError):

@@ -11,11 +11,16 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cyllm.gateway import errors
+from cyllm.gateway.admin import router as admin_router
+from cyllm.gateway.auth import Authenticator
 from cyllm.gateway.client import CoordinatorClient
+from cyllm.gateway.keys import FileKeyStore, KeyStore, RedisKeyStore
 from cyllm.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from cyllm.gateway.metrics import router as metrics_router
+from cyllm.gateway.native.router import health_router
 from cyllm.gateway.native.router import router as native_router
 from cyllm.gateway.openai.router import router as openai_router
+from cyllm.gateway.ratelimit import RateLimiter
 from cyllm.gateway.settings import GatewaySettings
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -58,21 +63,36 @@ class RequestContext:
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message.setdefault("headers", [])
-                message["headers"] = list(message["headers"]) + [(b"x-request-id", request_id.encode())]
+                extra = [(b"x-request-id", request_id.encode())]
+                limits = scope["state"].get("ratelimit_headers") or {}
+                extra += [(k.encode(), v.encode()) for k, v in limits.items()]
+                message["headers"] = list(message.get("headers", [])) + extra
             await send(message)
 
         await self.app(scope, receive_checked, send_with_id)
+
+
+def key_store(settings: GatewaySettings) -> KeyStore:
+    """Redis when configured (shared by every gateway), else the JSON file."""
+    if settings.redis_url:
+        import redis.asyncio as aioredis
+
+        return RedisKeyStore(aioredis.from_url(settings.redis_url))
+    return FileKeyStore(settings.api_keys_file)
 
 
 def create_app(settings: GatewaySettings, client: CoordinatorClient | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.client = client or CoordinatorClient(settings.coordinators, settings.request_timeout_s)
+        app.state.keys = key_store(settings)
+        app.state.auth = Authenticator(settings, app.state.keys)
+        app.state.limiter = RateLimiter(settings)
         try:
             yield
         finally:
             await app.state.client.close()
+            await app.state.limiter.close()
 
     app = FastAPI(
         title="CY-LLM Gateway",
@@ -84,6 +104,8 @@ def create_app(settings: GatewaySettings, client: CoordinatorClient | None = Non
     errors.install(app)
     app.include_router(openai_router)
     app.include_router(native_router)
+    app.include_router(health_router)
+    app.include_router(admin_router)
     app.include_router(metrics_router)
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)

@@ -18,6 +18,8 @@ from cyllm import errors
 log = logging.getLogger(__name__)
 
 _STATUS: list[tuple[type[errors.CyllmError], int, str]] = [
+    (errors.Unauthenticated, 401, "authentication_error"),
+    (errors.Forbidden, 403, "permission_error"),
     (errors.InvalidRequest, 400, "invalid_request_error"),
     (errors.ModelNotFound, 404, "invalid_request_error"),
     (errors.Overloaded, 429, "rate_limit_error"),
@@ -50,6 +52,10 @@ def error_response(err: errors.CyllmError) -> JSONResponse:
     headers = {}
     if isinstance(err, errors.Overloaded):
         headers["Retry-After"] = str(max(1, round(err.retry_after)))
+    if isinstance(err, errors.RateLimited):
+        headers.update(err.headers)
+    if isinstance(err, errors.Unauthenticated):
+        headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(error_body(err.message, kind, err.code, err.param), code, headers=headers)
 
 

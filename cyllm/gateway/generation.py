@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import time
 
+from fastapi import Request
+
 from cyllm import errors
-from cyllm.gateway.client import CoordinatorClient
-from cyllm.gateway.metrics import GatewayMetrics
 from cyllm.protocol import pb
 
 
@@ -61,23 +61,38 @@ class Outcome:
 
 
 class Generation:
-    """One running generation: ``await start()``, then iterate text deltas, then ``outcome``."""
+    """One running generation: ``await start()``, then iterate text deltas, then ``outcome``.
 
-    def __init__(self, client: CoordinatorClient, request: pb.GenerateRequest,
-                 metrics: GatewayMetrics) -> None:
-        self._events = client.generate(request)
+    ``start`` checks the caller's model rights and rate limits before anything is sent
+    upstream; the limits are settled (slot freed, tokens counted) when the stream ends.
+    """
+
+    def __init__(self, http: Request, request: pb.GenerateRequest) -> None:
+        state = http.app.state
+        self._client, self._request = state.client, request
+        self._events = None
+        self.identity = http.state.identity
+        self.limiter = state.limiter
+        self.metrics = state.metrics
+        self._http = http
+        self._admission = None
         self.outcome = Outcome()
         self.model = request.model
-        self.metrics = metrics
         self._started = time.perf_counter()
 
     async def start(self) -> Generation:
+        self.identity.check_model(self.model)
+        self._admission = await self.limiter.admit(self.identity)
+        self._http.state.ratelimit_headers = self._admission.headers
+        self._events = self._client.generate(self._request)
         try:
             first = await anext(self._events)
         except StopAsyncIteration:
+            await self._settle()
             raise errors.EngineError("the generation ended before it started") from None
         except BaseException:
             await self._events.aclose()
+            await self._settle()
             raise
         self.outcome.prompt_tokens = first.started.prompt_tokens
         self.outcome.cached = first.started.cached
@@ -86,26 +101,31 @@ class Generation:
     async def deltas(self) -> AsyncIterator[str]:
         """Text pieces; closing this iterator early cancels the generation upstream."""
         last = None
-        async with aclosing(self._events) as events:
-            async for msg in events:
-                kind = msg.WhichOneof("event")
-                if kind == "delta" and msg.delta.text:
-                    now = time.perf_counter()
-                    if last is None:
-                        self.metrics.ttft.labels(self.model).observe(now - self._started)
-                    else:
-                        self.metrics.itl.labels(self.model).observe(now - last)
-                    last = now
-                    yield msg.delta.text
-                elif kind == "finished":
-                    f = msg.finished
-                    self.outcome.finish_reason = f.finish_reason
-                    self.outcome.prompt_tokens = f.prompt_tokens
-                    self.outcome.completion_tokens = f.completion_tokens
-                    self.metrics.tokens.labels(self.model).inc(f.completion_tokens)
+        try:
+            async with aclosing(self._events) as events:
+                async for msg in events:
+                    kind = msg.WhichOneof("event")
+                    if kind == "delta" and msg.delta.text:
+                        now = time.perf_counter()
+                        if last is None:
+                            self.metrics.ttft.labels(self.model).observe(now - self._started)
+                        else:
+                            self.metrics.itl.labels(self.model).observe(now - last)
+                        last = now
+                        yield msg.delta.text
+                    elif kind == "finished":
+                        f = msg.finished
+                        self.outcome.finish_reason = f.finish_reason
+                        self.outcome.prompt_tokens = f.prompt_tokens
+                        self.outcome.completion_tokens = f.completion_tokens
+                        self.metrics.tokens.labels(self.model).inc(f.completion_tokens)
+        finally:
+            await self._settle()
 
     async def text(self) -> str:
         return "".join([piece async for piece in self.deltas()])
 
-    async def aclose(self) -> None:
-        await self._events.aclose()
+    async def _settle(self) -> None:
+        if self._admission is not None:
+            adm, self._admission = self._admission, None
+            await self.limiter.finish(adm, self.outcome.prompt_tokens + self.outcome.completion_tokens)

@@ -65,5 +65,10 @@ router = APIRouter(tags=["metrics"])
 @router.get("/actuator/prometheus", include_in_schema=True)
 @router.get("/metrics", include_in_schema=True)
 async def prometheus(request: Request) -> Response:
-    """Prometheus text exposition of the gateway's metrics."""
+    """Prometheus text exposition of the gateway's metrics (credentials needed unless
+    ``metrics_public``)."""
+    if not request.app.state.auth.settings.metrics_public:
+        from cyllm.gateway.auth import authenticate
+
+        await authenticate(request)
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from cyllm.settings import ComponentSettings
@@ -19,3 +20,19 @@ class GatewaySettings(ComponentSettings):
     coordinators: list[str] = Field(default_factory=lambda: ["127.0.0.1:50050"], min_length=1)
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger bodies get 413")
     request_timeout_s: float = Field(600.0, gt=0, description="whole-request limit")
+    # -- who may call
+    auth_enabled: bool = Field(False, description="require an API key or a JWT on every route")
+    api_keys_file: Path = Field(default_factory=lambda: Path.home() / ".cache" / "cyllm" / "api-keys.json",
+                                description="key store when no redis_url is set")
+    redis_url: str | None = Field(None, description="shared key store and rate-limit counters")
+    jwt_secret: SecretStr | None = Field(None, description="HS256 shared secret")
+    jwt_public_key_file: Path | None = Field(None, description="RS256 public key (PEM)")
+    jwt_jwks_file: Path | None = Field(None, description="RS256 keys as a JWKS file (by kid)")
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    admin_scope: str = "admin"
+    metrics_public: bool = Field(True, description="serve metrics without credentials")
+    # -- how much (per API key or JWT subject; null: unlimited)
+    rate_limit_rpm: int | None = Field(None, ge=1, description="requests per minute")
+    rate_limit_tpm: int | None = Field(None, ge=1, description="tokens (prompt + completion) per minute")
+    rate_limit_concurrency: int | None = Field(None, ge=1, description="generations at once")

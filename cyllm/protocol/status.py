@@ -11,6 +11,8 @@ RETRY_AFTER_KEY = "retry-after"
 
 # Ordered most specific first: the first isinstance match wins.
 _TO_GRPC: list[tuple[type[errors.CyllmError], grpc.StatusCode]] = [
+    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.Forbidden, grpc.StatusCode.PERMISSION_DENIED),
     (errors.InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.ModelNotFound, grpc.StatusCode.NOT_FOUND),
     (errors.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -22,6 +24,8 @@ _TO_GRPC: list[tuple[type[errors.CyllmError], grpc.StatusCode]] = [
 _BY_CODE: dict[str, type[errors.CyllmError]] = {
     cls.code: cls
     for cls in (
+        errors.Unauthenticated,
+        errors.Forbidden,
         errors.InvalidRequest,
         errors.ContextLengthExceeded,
         errors.ModelNotFound,

@@ -24,6 +24,7 @@ class Stack:
     coordinator: CoordinatorServer
     worker: WorkerServer
     http: httpx.AsyncClient
+    app: Any = None
 
 
 def fake_model(model_id: str = "fake", **kw: Any) -> ModelSpec:
@@ -35,7 +36,7 @@ async def make_stack() -> AsyncIterator[Any]:
     started: list[Any] = []
 
     async def make(models: list[ModelSpec] | None = None, metrics_port: int | None = None,
-                   **coordinator_kw: Any) -> Stack:
+                   gateway: dict[str, Any] | None = None, **coordinator_kw: Any) -> Stack:
         coordinator = CoordinatorServer(CoordinatorSettings(port=0, metrics_port=metrics_port,
                                                             **coordinator_kw))
         cport = await coordinator.start()
@@ -50,13 +51,13 @@ async def make_stack() -> AsyncIterator[Any]:
             if await coordinator.scheduler.workers():
                 break
             await asyncio.sleep(0.05)
-        app = create_app(GatewaySettings(coordinators=[address], max_body_bytes=4096))
+        app = create_app(GatewaySettings(coordinators=[address], max_body_bytes=4096, **(gateway or {})))
         lifespan = app.router.lifespan_context(app)
         await lifespan.__aenter__()
         started.append(lifespan)
         http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
         started.append(http)
-        return Stack(coordinator, worker, http)
+        return Stack(coordinator, worker, http, app)
 
     yield make
     for thing in reversed(started):

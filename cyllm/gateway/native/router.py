@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from cyllm import errors
+from cyllm.gateway.auth import authenticate
 from cyllm.gateway.errors import stream_error
 from cyllm.gateway.generation import Generation, build_request
 from cyllm.gateway.native.protocol import (
@@ -23,7 +24,9 @@ from cyllm.gateway.native.protocol import (
 from cyllm.gateway.openai.router import ERRORS
 from cyllm.gateway.sse import frame, sse_response
 
-router = APIRouter(prefix="/api/v1", tags=["native"])
+router = APIRouter(prefix="/api/v1", tags=["native"], dependencies=[Depends(authenticate)])
+# Health needs no credentials (load balancers and probes call it).
+health_router = APIRouter(prefix="/api/v1", tags=["health"])
 
 
 def _request(body: InferenceRequest, rid: str):
@@ -44,7 +47,7 @@ def _usage(gen: Generation) -> Usage:
              responses=ERRORS)
 async def inference(body: InferenceRequest, request: Request) -> InferenceResponse:
     rid = request.state.request_id
-    gen = await Generation(request.app.state.client, _request(body, rid), request.app.state.metrics).start()
+    gen = await Generation(request, _request(body, rid)).start()
     text = await gen.text()
     return InferenceResponse(id=rid, model_id=body.model_id, text=text, cached=gen.outcome.cached,
                              finish_reason=gen.outcome.finish_reason, usage=_usage(gen))
@@ -56,7 +59,7 @@ async def inference(body: InferenceRequest, request: Request) -> InferenceRespon
 }})
 async def inference_stream(body: InferenceRequest, request: Request) -> StreamingResponse:
     rid = request.state.request_id
-    gen = await Generation(request.app.state.client, _request(body, rid), request.app.state.metrics).start()
+    gen = await Generation(request, _request(body, rid)).start()
     return sse_response(_stream(gen, rid))
 
 
@@ -74,19 +77,20 @@ async def _stream(gen: Generation, rid: str) -> AsyncIterator[str]:
 @router.get("/models", response_model=ModelsResponse, response_model_by_alias=True)
 async def models(request: Request) -> ModelsResponse:
     found = await request.app.state.client.list_models()
+    allowed = request.state.identity.models
     return ModelsResponse(models=[
         ModelEntry(id=m.id, context_length=m.context_length, engine=m.engine, created=m.created)
-        for m in found
+        for m in found if allowed is None or m.id in allowed
     ])
 
 
-@router.get("/health/live")
+@health_router.get("/health/live")
 async def live() -> dict[str, str]:
     """Liveness: the gateway process answers (readiness is ``/api/v1/health``)."""
     return {"status": "alive"}
 
 
-@router.get("/health", response_model=HealthResponse, response_model_by_alias=True,
+@health_router.get("/health", response_model=HealthResponse, response_model_by_alias=True,
             responses={503: {"model": HealthResponse, "description": "no healthy worker"}})
 async def health(request: Request) -> JSONResponse:
     coordinators, workers = [], {}

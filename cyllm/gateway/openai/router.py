@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from cyllm import errors
+from cyllm.gateway.auth import authenticate
 from cyllm.gateway.errors import stream_error
 from cyllm.gateway.generation import Generation, build_request
 from cyllm.gateway.openai.protocol import (
@@ -26,13 +27,15 @@ from cyllm.gateway.openai.protocol import (
 )
 from cyllm.gateway.sse import frame, sse_response
 
-router = APIRouter(prefix="/v1", tags=["openai"])
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(authenticate)])
 
 ERRORS = {
     400: {"description": "Invalid request (OpenAI error shape)"},
+    401: {"description": "Missing or invalid credentials"},
+    403: {"description": "Not allowed (model, or admin route)"},
     404: {"description": "Unknown model"},
     413: {"description": "Body too large"},
-    429: {"description": "Queue full; see Retry-After"},
+    429: {"description": "Queue full or rate limit; see Retry-After and x-ratelimit-*"},
     503: {"description": "No worker available"},
 }
 
@@ -50,7 +53,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
         rid, body.model, messages=body.conversation(), max_tokens=body.token_limit,
         temperature=body.temperature, top_p=body.top_p, stop=body.stop, seed=body.seed,
     )
-    gen = await Generation(request.app.state.client, req, request.app.state.metrics).start()
+    gen = await Generation(request, req).start()
     created = int(time.time())
     if body.stream:
         return sse_response(_chat_stream(gen, rid, created, body))
@@ -84,7 +87,7 @@ async def completions(body: CompletionRequest, request: Request) -> Completion |
         rid, body.model, prompt=body.text(), max_tokens=body.max_tokens,
         temperature=body.temperature, top_p=body.top_p, stop=body.stop, seed=body.seed,
     )
-    gen = await Generation(request.app.state.client, req, request.app.state.metrics).start()
+    gen = await Generation(request, req).start()
     created = int(time.time())
     if body.stream:
         return sse_response(_completion_stream(gen, rid, created, body))
@@ -112,7 +115,9 @@ async def _completion_stream(gen: Generation, rid: str, created: int, body: Comp
 @router.get("/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
     models = await request.app.state.client.list_models()
-    return ModelList(data=[Model(id=m.id, created=m.created) for m in models])
+    allowed = request.state.identity.models
+    return ModelList(data=[Model(id=m.id, created=m.created) for m in models
+                           if allowed is None or m.id in allowed])
 
 
 @router.get("/models/{model_id:path}", response_model=Model, responses={404: ERRORS[404]})

@@ -1,0 +1,57 @@
+"""Admin routes: API keys.  They need an identity with the admin scope."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, Field
+
+from cyllm import errors
+from cyllm.gateway.auth import require_admin
+
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+
+
+class KeyCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+    admin: bool = False
+    models: list[str] | None = Field(None, description="allowed models; null: all")
+    expires_in_s: float | None = Field(None, gt=0)
+
+
+class KeyInfo(BaseModel):
+    key_id: str
+    name: str
+    created: float
+    expires_at: float | None
+    models: list[str] | None
+    admin: bool
+    revoked: bool
+
+
+class KeyCreated(KeyInfo):
+    key: str = Field(description="the key in clear: shown this once, never again")
+
+
+class KeyList(BaseModel):
+    keys: list[KeyInfo]
+
+
+@router.post("/keys", response_model=KeyCreated, status_code=201)
+async def create_key(body: KeyCreate, request: Request) -> KeyCreated:
+    key, secret = await request.app.state.keys.create(
+        body.name, admin=body.admin, models=body.models, expires_in_s=body.expires_in_s)
+    return KeyCreated(key=secret, **key.public())
+
+
+@router.get("/keys", response_model=KeyList)
+async def list_keys(request: Request) -> KeyList:
+    return KeyList(keys=[KeyInfo(**k.public()) for k in await request.app.state.keys.all()])
+
+
+@router.delete("/keys/{key_id}", response_model=KeyInfo)
+async def revoke_key(key_id: str, request: Request) -> KeyInfo:
+    store = request.app.state.keys
+    if not await store.revoke(key_id):
+        raise errors.InvalidRequest(f"no API key {key_id!r}", param="key_id")
+    key = next(k for k in await store.all() if k.key_id == key_id)
+    return KeyInfo(**key.public())

@@ -1,0 +1,191 @@
+"""Authentication (API keys, JWT), authorisation and rate limits at the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from cyllm.gateway.app import create_app
+from cyllm.gateway.settings import GatewaySettings
+from tests.integration.conftest import fake_model
+
+SECRET = "s3cret-for-tests-only-0123456789abcdef"
+CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def token(sub="alice", scopes="", alg="HS256", key=SECRET, **claims) -> str:
+    body = {"sub": sub, "exp": time.time() + 60, "scope": scopes, **claims}
+    return jwt.encode(body, key, algorithm=alg, headers=claims.pop("headers", None))
+
+
+@pytest.fixture
+async def secured(make_stack, tmp_path):
+    return await make_stack([fake_model(), fake_model("other")], gateway={
+        "auth_enabled": True, "api_keys_file": tmp_path / "keys.json",
+        "jwt_secret": SECRET, "jwt_issuer": "https://issuer.test", "jwt_audience": "cyllm"})
+
+
+ROUTES = [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models"),
+          ("GET", "/v1/models/fake"), ("POST", "/api/v1/inference"), ("POST", "/api/v1/inference/stream"),
+          ("GET", "/api/v1/models"), ("GET", "/admin/keys"), ("POST", "/admin/keys"),
+          ("DELETE", "/admin/keys/x")]
+
+
+async def test_no_route_but_health_and_metrics_answers_without_credentials(secured):
+    documented = {(m.upper(), p) for p, ops in secured.app.openapi()["paths"].items() for m in ops}
+    open_routes = {("GET", "/api/v1/health"), ("GET", "/api/v1/health/live"), ("GET", "/metrics"),
+                   ("GET", "/actuator/prometheus")}
+    guarded = {(m, p.replace("{model_id}", "fake").replace("{key_id}", "x"))
+               for m, p in documented} - open_routes
+    assert guarded == set(ROUTES)  # a new route must be added here, i.e. thought about
+    for method, path in ROUTES:
+        resp = await secured.http.request(method, path, json={})
+        assert resp.status_code == 401, (method, path, resp.text)
+        assert resp.json()["error"]["type"] == "authentication_error"
+    assert (await secured.http.get("/api/v1/health")).status_code == 200
+    assert (await secured.http.get("/metrics")).status_code == 200
+
+
+async def test_api_keys_work_are_stored_hashed_and_revocation_is_immediate(secured, tmp_path):
+    store = secured.app.state.keys
+    key, secret = await store.create("ci")
+    assert (await secured.http.post("/v1/chat/completions", json=CHAT, headers=bearer(secret))).status_code == 200
+    on_disk = (tmp_path / "keys.json").read_text()
+    assert secret not in on_disk and secret.split("_")[-1] not in on_disk
+    assert (tmp_path / "keys.json").stat().st_mode & 0o077 == 0
+    wrong = secret[:-2] + ("AA" if not secret.endswith("AA") else "BB")
+    assert (await secured.http.get("/v1/models", headers=bearer(wrong))).status_code == 401
+    await store.revoke(key.key_id)
+    resp = await secured.http.get("/v1/models", headers=bearer(secret))
+    assert resp.status_code == 401 and "revoked" in resp.json()["error"]["message"]
+
+
+async def test_expired_key_and_model_allow_list(secured):
+    store = secured.app.state.keys
+    _, short = await store.create("short", expires_in_s=0.2)
+    await asyncio.sleep(0.3)
+    assert (await secured.http.get("/v1/models", headers=bearer(short))).status_code == 401
+    _, limited = await store.create("only-fake", models=["fake"])
+    ok = await secured.http.post("/v1/chat/completions", json=CHAT, headers=bearer(limited))
+    assert ok.status_code == 200
+    denied = await secured.http.post("/v1/chat/completions", json={**CHAT, "model": "other"},
+                                     headers=bearer(limited))
+    assert denied.status_code == 403 and denied.json()["error"]["type"] == "permission_error"
+    listed = (await secured.http.get("/v1/models", headers=bearer(limited))).json()["data"]
+    assert [m["id"] for m in listed] == ["fake"]
+
+
+async def test_admin_routes_need_the_admin_scope_and_manage_keys(secured):
+    _, user = await secured.app.state.keys.create("user")
+    _, admin = await secured.app.state.keys.create("root", admin=True)
+    assert (await secured.http.get("/admin/keys", headers=bearer(user))).status_code == 403
+    made = await secured.http.post("/admin/keys", json={"name": "new"}, headers=bearer(admin))
+    assert made.status_code == 201
+    new_key = made.json()["key"]
+    assert (await secured.http.get("/v1/models", headers=bearer(new_key))).status_code == 200
+    listed = (await secured.http.get("/admin/keys", headers=bearer(admin))).json()["keys"]
+    assert {k["name"] for k in listed} == {"user", "root", "new"}
+    assert all("secret_sha256" not in k and "key" not in k for k in listed)
+    gone = await secured.http.delete(f"/admin/keys/{made.json()['key_id']}", headers=bearer(admin))
+    assert gone.json()["revoked"] is True
+    assert (await secured.http.get("/v1/models", headers=bearer(new_key))).status_code == 401
+
+
+@pytest.mark.parametrize("bad, words", [
+    (dict(exp=time.time() - 10), "expired"),
+    (dict(nbf=time.time() + 600), "not valid yet"),
+    (dict(aud="someone-else"), "audience"),
+    (dict(iss="https://evil.test"), "issuer"),
+    (dict(key="a-different-secret-of-enough-length-000"), "invalid JWT"),
+])
+async def test_bad_jwts_are_refused(secured, bad, words):
+    claims = {"aud": "cyllm", "iss": "https://issuer.test", **bad}
+    if "exp" in bad:
+        claims["exp"] = bad["exp"]
+    tok = token(**claims)
+    resp = await secured.http.get("/v1/models", headers=bearer(tok))
+    assert resp.status_code == 401 and words in resp.json()["error"]["message"]
+    good = token(aud="cyllm", iss="https://issuer.test")
+    assert (await secured.http.get("/v1/models", headers=bearer(good))).status_code == 200
+
+
+async def test_jwt_scopes_make_an_admin(secured):
+    admin = token(scopes="admin inference", aud="cyllm", iss="https://issuer.test")
+    user = token(scopes="inference", aud="cyllm", iss="https://issuer.test")
+    assert (await secured.http.get("/admin/keys", headers=bearer(admin))).status_code == 200
+    assert (await secured.http.get("/admin/keys", headers=bearer(user))).status_code == 403
+
+
+async def test_rs256_with_a_public_key_and_with_a_jwks_file(make_stack, tmp_path):
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = private.public_key().public_bytes(serialization.Encoding.PEM,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+    (tmp_path / "pub.pem").write_bytes(pem)
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(private.public_key()))
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [{**jwk, "kid": "k1", "use": "sig"}]}))
+    for settings in ({"jwt_public_key_file": tmp_path / "pub.pem"}, {"jwt_jwks_file": tmp_path / "jwks.json"}):
+        stack = await make_stack(gateway={"auth_enabled": True, "api_keys_file": tmp_path / "k.json", **settings})
+        signed = jwt.encode({"sub": "bob", "exp": time.time() + 60}, private, algorithm="RS256",
+                            headers={"kid": "k1"})
+        assert (await stack.http.get("/v1/models", headers=bearer(signed))).status_code == 200
+        forged = token(sub="bob")  # HS256: not accepted by an RS256-only gateway
+        assert (await stack.http.get("/v1/models", headers=bearer(forged))).status_code == 401
+
+
+async def test_requests_per_minute_limit_gives_429_with_headers(make_stack, tmp_path):
+    stack = await make_stack(gateway={"auth_enabled": True, "api_keys_file": tmp_path / "k.json",
+                                      "rate_limit_rpm": 3})
+    _, a = await stack.app.state.keys.create("a")
+    _, b = await stack.app.state.keys.create("b")
+    codes = [(await stack.http.post("/v1/chat/completions", json=CHAT, headers=bearer(a))) for _ in range(4)]
+    assert [r.status_code for r in codes] == [200, 200, 200, 429]
+    assert codes[0].headers["x-ratelimit-limit-requests"] == "3"
+    assert codes[1].headers["x-ratelimit-remaining-requests"] == "1"
+    refused = codes[3]
+    assert int(refused.headers["retry-after"]) >= 1
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    # Limits are per caller: b is untouched.
+    assert (await stack.http.post("/v1/chat/completions", json=CHAT, headers=bearer(b))).status_code == 200
+
+
+async def test_tokens_per_minute_and_concurrency_limits(make_stack, tmp_path):
+    slow = fake_model(engine_args={"token_delay_s": 0.05})
+    stack = await make_stack([slow], gateway={"auth_enabled": True, "api_keys_file": tmp_path / "k.json",
+                                              "rate_limit_tpm": 20, "rate_limit_concurrency": 1})
+    _, key = await stack.app.state.keys.create("a")
+    body = {"model": "fake", "prompt": "one two", "max_tokens": 10}
+    first = asyncio.create_task(stack.http.post("/v1/completions", json=body, headers=bearer(key)))
+    await asyncio.sleep(0.15)
+    busy = await stack.http.post("/v1/completions", json=body, headers=bearer(key))
+    assert busy.status_code == 429 and "at once" in busy.json()["error"]["message"]
+    assert (await first).status_code == 200  # 2 + 10 tokens counted
+    assert (await stack.http.post("/v1/completions", json=body, headers=bearer(key))).status_code == 200
+    over = await stack.http.post("/v1/completions", json=body, headers=bearer(key))
+    assert over.status_code == 429 and "tokens per minute" in over.json()["error"]["message"]
+    assert over.headers["x-ratelimit-remaining-tokens"] == "0"
+
+
+async def test_two_gateways_on_one_redis_enforce_one_limit(make_stack, redis_url):
+    stack = await make_stack(gateway={"auth_enabled": True, "redis_url": redis_url, "rate_limit_rpm": 5})
+    _, key = await stack.app.state.keys.create("shared")
+    other = create_app(GatewaySettings(coordinators=[f"127.0.0.1:{stack.coordinator.port}"],
+                                       auth_enabled=True, redis_url=redis_url, rate_limit_rpm=5))
+    async with other.router.lifespan_context(other):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=other), base_url="http://gw2") as http2:
+            codes = []
+            for i in range(10):
+                client = stack.http if i % 2 else http2
+                r = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(key))
+                codes.append(r.status_code)
+    assert codes.count(200) == 5 and codes.count(429) == 5
