@@ -19,6 +19,7 @@ from cyllm.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from cyllm.gateway.metrics import router as metrics_router
 from cyllm.gateway.native.router import health_router
 from cyllm.gateway.native.router import router as native_router
+from cyllm.gateway.native.websocket import router as websocket_router
 from cyllm.gateway.openai.router import router as openai_router
 from cyllm.gateway.ratelimit import RateLimiter
 from cyllm.gateway.settings import GatewaySettings
@@ -105,6 +106,7 @@ def create_app(settings: GatewaySettings, client: CoordinatorClient | None = Non
     app.include_router(openai_router)
     app.include_router(native_router)
     app.include_router(health_router)
+    app.include_router(websocket_router)
     app.include_router(admin_router)
     app.include_router(metrics_router)
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)

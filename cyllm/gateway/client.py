@@ -1,48 +1,77 @@
 """The gateway's client for the coordinators (gRPC), errors translated at this edge.
 
 Several coordinators may be configured; a request goes to the next one in turn, and
-one that cannot be reached (before any answer) is skipped for the next.
+one that cannot be reached (before any answer) is skipped for the next.  Each
+coordinator has a circuit breaker (``purgatory``): after ``breaker_failures``
+unreachable answers it is not tried for ``breaker_cooldown_s`` unless no other is left.
+Unary calls have a 10 s timeout, generations ``request_timeout_s``.
 """
 
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import AsyncIterator
 
 import grpc
+from purgatory import AsyncCircuitBreakerFactory
 
 from cyllm import errors
 from cyllm.protocol import pb, rpc, status
 
 
 class CoordinatorClient:
-    def __init__(self, addresses: list[str], timeout_s: float = 600.0) -> None:
+    def __init__(self, addresses: list[str], timeout_s: float = 600.0,
+                 breaker_failures: int = 3, breaker_cooldown_s: float = 10.0) -> None:
         self.addresses = list(addresses)
         self.timeout_s = timeout_s
         self._channels = [grpc.aio.insecure_channel(a) for a in self.addresses]
         self._stubs = [rpc.CoordinatorStub(c) for c in self._channels]
         self._turn = itertools.count()
+        self._breakers = AsyncCircuitBreakerFactory(default_threshold=breaker_failures,
+                                                    default_ttl=breaker_cooldown_s)
+        self._open_until: dict[str, float] = {}
 
     def _in_turn(self) -> list[tuple[str, rpc.CoordinatorStub]]:
         start = next(self._turn) % len(self._stubs)
         order = list(zip(self.addresses, self._stubs))
-        return order[start:] + order[:start]
+        order = order[start:] + order[:start]
+        now = time.monotonic()
+        closed = [o for o in order if self._open_until.get(o[0], 0) <= now]
+        return closed + [o for o in order if o not in closed]  # open circuits only as a last resort
+
+    async def _record(self, address: str, failed: bool) -> None:
+        breaker = await self._breakers.get_breaker(address)
+        try:
+            async with breaker:
+                if failed:
+                    raise ConnectionError(address)
+        except Exception:
+            pass  # the breaker counted it (or is open): nothing to raise here
+        ctx = breaker.context
+        if ctx.state == "opened":
+            self._open_until[address] = time.monotonic() + (ctx.opened_at or 0) + ctx.ttl - time.time()
+        else:
+            self._open_until.pop(address, None)
 
     async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
         """Stream the coordinator's events; the call is cancelled when this is closed."""
         last: errors.CyllmError = errors.Unavailable("no coordinator configured")
-        for _, stub in self._in_turn():
+        for address, stub in self._in_turn():
             call = stub.Generate(request, timeout=self.timeout_s)
             received = False
             try:
                 async for msg in call:
-                    received = True
+                    if not received:
+                        received = True
+                        await self._record(address, failed=False)
                     yield msg
                 return
             except grpc.aio.AioRpcError as exc:
                 last = status.from_grpc(exc)
                 if received or not _unreachable(exc):
                     raise last from None
+                await self._record(address, failed=True)
             finally:
                 call.cancel()
         raise last
@@ -63,13 +92,16 @@ class CoordinatorClient:
 
     async def _unary(self, method: str, request):
         last: errors.CyllmError = errors.Unavailable("no coordinator configured")
-        for _, stub in self._in_turn():
+        for address, stub in self._in_turn():
             try:
-                return await getattr(stub, method)(request, timeout=10)
+                reply = await getattr(stub, method)(request, timeout=10)
+                await self._record(address, failed=False)
+                return reply
             except grpc.aio.AioRpcError as exc:
                 last = status.from_grpc(exc)
                 if not _unreachable(exc):
                     raise last from None
+                await self._record(address, failed=True)
         raise last
 
     async def close(self) -> None:

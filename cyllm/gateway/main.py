@@ -14,10 +14,10 @@ log = logging.getLogger("cyllm.gateway")
 
 
 def serve(settings: GatewaySettings) -> None:
-    if not _loopback(settings.host):
+    if not settings.auth_enabled and not _loopback(settings.host):
         log.warning(
-            "gateway bound to %s without authentication: anyone who can reach it can use it",
-            settings.host,
+            "gateway bound to %s without authentication: anyone who can reach it can use it "
+            "(set gateway.auth_enabled: true)", settings.host,
         )
     config = uvicorn.Config(
         create_app(settings),

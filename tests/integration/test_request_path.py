@@ -137,9 +137,13 @@ async def test_gateway_skips_an_unreachable_coordinator(make_stack, unused_tcp_p
     app = create_app(GatewaySettings(coordinators=[dead, good]))
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
-            for _ in range(3):  # each coordinator gets its turn first once
+            for _ in range(8):  # each coordinator gets its turn first
                 r = await http.post("/v1/completions", json={"model": "fake", "prompt": "x", "max_tokens": 2})
                 assert r.status_code == 200, r.text
+            # After 3 unreachable answers the dead one's circuit opens: it is tried last.
+            client = app.state.client
+            assert dead in client._open_until
+            assert [a for a, _ in client._in_turn()] == [good, dead]
             health = (await http.get("/api/v1/health")).json()
     assert health["status"] == "degraded"
     assert [c["reachable"] for c in health["coordinators"]] == [False, True]

@@ -1,0 +1,65 @@
+"""The WebSocket endpoint: same auth, limits and error shape as HTTP.  The gateway runs
+under uvicorn on a real socket; the client is the ``websockets`` library."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import uvicorn
+import websockets
+
+from cyllm.gateway.app import create_app
+from cyllm.gateway.settings import GatewaySettings
+from tests.conftest import free_port
+
+
+@pytest.fixture
+async def gateway(make_stack, tmp_path):
+    stack = await make_stack()
+    app = create_app(GatewaySettings(coordinators=[f"127.0.0.1:{stack.coordinator.port}"],
+                                     auth_enabled=True, api_keys_file=tmp_path / "keys.json",
+                                     rate_limit_rpm=2))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.02)
+    yield app, f"ws://127.0.0.1:{port}/api/v1/inference/ws"
+    server.should_exit = True
+    await task
+
+
+async def recv(ws) -> dict:
+    return json.loads(await asyncio.wait_for(ws.recv(), 10))
+
+
+async def test_websocket_needs_credentials(gateway):
+    _, url = gateway
+    async with websockets.connect(url) as ws:
+        msg = await recv(ws)
+        assert msg["type"] == "error" and msg["error"]["type"] == "authentication_error"
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await ws.recv()
+        assert closed.value.rcvd.code == 1008
+
+
+async def test_websocket_streams_tokens_then_done_and_reports_errors(gateway):
+    app, url = gateway
+    _, key = await app.state.keys.create("ws")
+    async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {key}"}) as ws:
+        await ws.send(json.dumps({"modelId": "fake", "prompt": "hello", "maxTokens": 3}))
+        got = [await recv(ws) for _ in range(4)]
+        assert [m["type"] for m in got] == ["token", "token", "token", "done"]
+        assert "".join(m["text"] for m in got[:3]) == "w0 w1 w2"
+        assert got[-1]["usage"]["completionTokens"] == 3
+        await ws.send("{not json")
+        bad = await recv(ws)
+        assert bad["type"] == "error" and bad["error"]["code"] == "invalid_request"
+        await ws.send(json.dumps({"modelId": "nope", "prompt": "x"}))
+        assert (await recv(ws))["error"]["code"] == "model_not_found"
+    async with websockets.connect(f"{url}?api_key={key}") as ws:  # browsers: key in the query
+        await ws.send(json.dumps({"modelId": "fake", "prompt": "x", "maxTokens": 1}))  # 3rd: over rpm=2
+        limited = await recv(ws)
+        assert limited["error"]["code"] == "rate_limit_exceeded"
