@@ -21,6 +21,7 @@ from cyllm.coordinator.pool import affinity_key
 from cyllm.coordinator.queue import Task
 from cyllm.coordinator.scheduler import Scheduler
 from cyllm.protocol import pb, rpc, status
+from cyllm.runtime import REQUEST_ID, request_id_of
 
 log = logging.getLogger(__name__)
 
@@ -72,25 +73,34 @@ class CoordinatorService(rpc.CoordinatorServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
+        rid = request_id_of(context) or request.request_id or uuid.uuid4().hex
+        request.request_id = request.request_id or rid
+        started, outcome = time.perf_counter(), "ok"
         try:
-            if not request.request_id:
-                request.request_id = uuid.uuid4().hex
             await self.scheduler.check_model(request.model)
             key = cache_key(request) if is_deterministic(request) else None
             cached = await self.cache.get(key) if key else None
             if cached is not None:
-                self.metrics.requests.labels(request.model, "cached").inc()
+                outcome = "cached"
                 for msg in _replay(cached):
                     yield msg
                 return
-            async for msg in self._run(request, key):
+            async for msg in self._run(request, key, rid):
                 yield msg
-            self.metrics.requests.labels(request.model, "ok").inc()
         except errors.CyllmError as exc:
-            self.metrics.requests.labels(request.model, exc.code).inc()
+            outcome = exc.code
             await status.abort(context, exc)
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            self.metrics.requests.labels(request.model, outcome).inc()
+            log.info("generation %s", outcome, extra={
+                "request_id": rid, "model": request.model, "outcome": outcome,
+                "latency_ms": round((time.perf_counter() - started) * 1000, 1)})
 
-    async def _run(self, request: pb.GenerateRequest, key: str | None) -> AsyncIterator[pb.GenerateResponse]:
+    async def _run(self, request: pb.GenerateRequest, key: str | None,
+                   rid: str) -> AsyncIterator[pb.GenerateResponse]:
         task = Task(request.request_id, request.model, request.priority, affinity_key(request))
         failed: set[str] = set()
         for attempt in range(1, _ATTEMPTS + 1):
@@ -101,7 +111,8 @@ class CoordinatorService(rpc.CoordinatorServicer):
             chunks: list[str] = []
             breaker = await self.breakers.get_breaker(worker.worker_id)
             self._breakers[worker.worker_id] = breaker
-            call = self.channels.stub(worker.address).Generate(request)
+            call = self.channels.stub(worker.address).Generate(request, metadata=((REQUEST_ID, rid),))
+            log.debug("request %s -> worker %s", rid, worker.worker_id, extra={"request_id": rid})
             renewer = asyncio.create_task(self._renew(task))
             try:
                 async with _entered(breaker, worker.worker_id):

@@ -18,6 +18,7 @@ from purgatory import AsyncCircuitBreakerFactory
 
 from cyllm import errors
 from cyllm.protocol import pb, rpc, status
+from cyllm.runtime import REQUEST_ID
 
 
 class CoordinatorClient:
@@ -54,11 +55,14 @@ class CoordinatorClient:
         else:
             self._open_until.pop(address, None)
 
-    async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
-        """Stream the coordinator's events; the call is cancelled when this is closed."""
+    async def generate(self, request: pb.GenerateRequest,
+                       request_id: str = "") -> AsyncIterator[pb.GenerateResponse]:
+        """Stream the coordinator's events; the call is cancelled when this is closed.
+        ``request_id`` travels in the gRPC metadata, into the coordinator's and worker's logs."""
         last: errors.CyllmError = errors.Unavailable("no coordinator configured")
+        metadata = ((REQUEST_ID, request_id),) if request_id else None
         for address, stub in self._in_turn():
-            call = stub.Generate(request, timeout=self.timeout_s)
+            call = stub.Generate(request, timeout=self.timeout_s, metadata=metadata)
             received = False
             try:
                 async for msg in call:

@@ -84,7 +84,7 @@ class Generation:
         self.identity.check_model(self.model)
         self._admission = await self.limiter.admit(self.identity)
         self._http.state.ratelimit_headers = self._admission.headers
-        self._events = self._client.generate(self._request)
+        self._events = self._client.generate(self._request, self._http.state.request_id)
         try:
             first = await anext(self._events)
         except StopAsyncIteration:
@@ -115,6 +115,7 @@ class Generation:
                         yield msg.delta.text
                     elif kind == "finished":
                         f = msg.finished
+                        self._http.state.usage = (self.model, f.prompt_tokens, f.completion_tokens)
                         self.outcome.finish_reason = f.finish_reason
                         self.outcome.prompt_tokens = f.prompt_tokens
                         self.outcome.completion_tokens = f.completion_tokens

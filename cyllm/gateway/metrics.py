@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from fastapi import APIRouter, Request, Response
@@ -30,8 +31,13 @@ class GatewayMetrics:
                                 ["status"], registry=r)
 
 
+access_log = logging.getLogger("cyllm.gateway.access")
+
+
 class MetricsMiddleware:
-    """Counts and times every HTTP request by its route template (bounded labels)."""
+    """Counts and times every HTTP request by its route template (bounded labels), and
+    writes one access-log record per request: method, route, status, latency, request id,
+    caller, model and token counts — never the prompt or the completion."""
 
     def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
         self.app, self.metrics = app, metrics
@@ -53,10 +59,20 @@ class MetricsMiddleware:
             route = scope.get("route")
             label = getattr(route, "path", None) or "unmatched"
             method = scope["method"]
+            elapsed = time.perf_counter() - start
             self.metrics.requests.labels(method, label, str(status["code"])).inc()
             if status["code"] >= 400:
                 self.metrics.rejected.labels(str(status["code"])).inc()
-            self.metrics.latency.labels(method, label).observe(time.perf_counter() - start)
+            state = scope.get("state", {})
+            identity = state.get("identity")
+            model, prompt_tokens, completion_tokens = state.get("usage", (None, None, None))
+            access_log.info(
+                "%s %s %d %.1fms", method, scope["path"], status["code"], elapsed * 1000,
+                extra={"request_id": state.get("request_id"), "method": method, "route": label,
+                       "status": status["code"], "latency_ms": round(elapsed * 1000, 1),
+                       "caller": identity.subject if identity else None, "model": model,
+                       "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens})
+            self.metrics.latency.labels(method, label).observe(elapsed)
 
 
 router = APIRouter(tags=["metrics"])

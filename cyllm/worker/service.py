@@ -10,6 +10,7 @@ import grpc
 
 from cyllm import errors
 from cyllm.protocol import pb, rpc, status
+from cyllm.runtime import request_id_of
 from cyllm.worker.convert import event_to_proto, request_from_proto
 from cyllm.worker.engines.base import AbstractEngine, Finished, TextDelta
 from cyllm.worker.metrics import WorkerMetrics
@@ -29,6 +30,8 @@ class WorkerService(rpc.WorkerServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         timer = self.metrics.timer(request.model)
+        rid = request_id_of(context) or request.request_id
+        outcome = "cancelled"
         try:
             if self.draining:
                 raise errors.Unavailable(f"worker {self.worker_id} is draining")
@@ -45,9 +48,16 @@ class WorkerService(rpc.WorkerServicer):
                         timer.text()
                     elif isinstance(event, Finished):
                         timer.done(event.finish_reason, event.completion_tokens)
+                        outcome = event.finish_reason
+                        log.info("generation %s", outcome, extra={
+                            "request_id": rid, "model": request.model, "outcome": outcome,
+                            "prompt_tokens": event.prompt_tokens,
+                            "completion_tokens": event.completion_tokens})
                     yield event_to_proto(event, self.worker_id)
         except errors.CyllmError as exc:
             timer.failed(exc.code)
+            log.info("generation refused: %s", exc.code,
+                     extra={"request_id": rid, "model": request.model, "outcome": exc.code})
             await status.abort(context, exc)
 
     async def Status(

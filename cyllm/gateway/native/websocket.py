@@ -58,7 +58,7 @@ async def _serve_one(ws: WebSocket, raw: str) -> None:
             f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
         await ws.send_json(_error(errors.InvalidRequest(f"invalid request: {message}")))
         return
-    rid = uuid.uuid4().hex
+    rid = ws.state.request_id = uuid.uuid4().hex
     try:
         gen = await Generation(ws, _request(body, rid)).start()
         async for text in gen.deltas():
