@@ -111,4 +111,26 @@ def create_app(settings: GatewaySettings, client: CoordinatorClient | None = Non
     app.include_router(metrics_router)
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's document, less the 422 it adds to every route: validation errors here
+    are 400 in OpenAI's shape (documented on each route as ``ErrorResponse``)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                             routes=app.routes)
+        for ops in schema.get("paths", {}).values():
+            for op in ops.values():
+                op.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer",
+                       "description": "an API key (cy_...) or a JWT, when auth is enabled"}}
+        schema["security"] = [{"bearer": []}, {}]
+        app.openapi_schema = schema
+    return app.openapi_schema

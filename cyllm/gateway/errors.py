@@ -11,6 +11,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cyllm import errors
@@ -27,6 +28,32 @@ _STATUS: list[tuple[type[errors.CyllmError], int, str]] = [
     (errors.RequestCancelled, 499, "cancelled"),
     (errors.EngineError, 500, "server_error"),
 ]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape, used for every error this gateway returns."""
+
+    error: ErrorDetail
+
+
+def responses(*codes: int) -> dict[int, dict]:
+    """OpenAPI ``responses`` entries for these error statuses, all in ``ErrorResponse``."""
+    text = {400: "Invalid request", 401: "Missing or invalid credentials",
+            403: "Not allowed (model, scope)", 404: "Unknown model or route", 413: "Body too large",
+            429: "Queue full or rate limit; see Retry-After and x-ratelimit-*",
+            500: "Internal error", 503: "No healthy worker or coordinator"}
+    return {c: {"model": ErrorResponse, "description": text[c]} for c in codes}
+
+
+# What any authenticated generation route may answer besides 200.
+GENERATION_ERRORS = responses(400, 401, 403, 404, 413, 429, 500, 503)
 
 
 class BodyTooLarge(StarletteHTTPException):

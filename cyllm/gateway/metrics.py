@@ -78,8 +78,12 @@ class MetricsMiddleware:
 router = APIRouter(tags=["metrics"])
 
 
-@router.get("/actuator/prometheus", include_in_schema=True)
-@router.get("/metrics", include_in_schema=True)
+_TEXT = {200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+               "description": "Prometheus text exposition"}}
+
+
+@router.get("/actuator/prometheus", response_class=Response, responses=_TEXT)
+@router.get("/metrics", response_class=Response, responses=_TEXT)
 async def prometheus(request: Request) -> Response:
     """Prometheus text exposition of the gateway's metrics (credentials needed unless
     ``metrics_public``)."""

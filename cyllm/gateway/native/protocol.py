@@ -26,11 +26,11 @@ class InferenceRequest(_Camel):
     prompt: str | None = Field(None, min_length=1)
     messages: list[Message] | None = Field(None, min_length=1)
     raw: bool = False
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: list[str] | None = Field(None, max_length=4)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     priority: int = Field(0, ge=-100, le=100, description="higher is served first")
 
     @model_validator(mode="after")

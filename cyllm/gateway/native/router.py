@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from cyllm import errors
 from cyllm.gateway.auth import authenticate
-from cyllm.gateway.errors import stream_error
+from cyllm.gateway.errors import GENERATION_ERRORS, responses, stream_error
 from cyllm.gateway.generation import Generation, build_request
 from cyllm.gateway.native.protocol import (
     CoordinatorHealth,
@@ -21,7 +21,7 @@ from cyllm.gateway.native.protocol import (
     Usage,
     WorkerHealth,
 )
-from cyllm.gateway.openai.router import ERRORS
+ERRORS = GENERATION_ERRORS
 from cyllm.gateway.sse import frame, sse_response
 
 router = APIRouter(prefix="/api/v1", tags=["native"], dependencies=[Depends(authenticate)])
@@ -74,7 +74,8 @@ async def _stream(gen: Generation, rid: str) -> AsyncIterator[str]:
                  "usage": _usage(gen).model_dump(by_alias=True)}, event="done")
 
 
-@router.get("/models", response_model=ModelsResponse, response_model_by_alias=True)
+@router.get("/models", response_model=ModelsResponse, response_model_by_alias=True,
+            responses=responses(401, 500, 503))
 async def models(request: Request) -> ModelsResponse:
     found = await request.app.state.client.list_models()
     allowed = request.state.identity.models

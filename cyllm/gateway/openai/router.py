@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 
 from cyllm import errors
 from cyllm.gateway.auth import authenticate
-from cyllm.gateway.errors import stream_error
+from cyllm.gateway.errors import GENERATION_ERRORS, responses, stream_error
 from cyllm.gateway.generation import Generation, build_request
 from cyllm.gateway.openai.protocol import (
     AssistantMessage,
@@ -29,15 +29,9 @@ from cyllm.gateway.sse import frame, sse_response
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(authenticate)])
 
-ERRORS = {
-    400: {"description": "Invalid request (OpenAI error shape)"},
-    401: {"description": "Missing or invalid credentials"},
-    403: {"description": "Not allowed (model, or admin route)"},
-    404: {"description": "Unknown model"},
-    413: {"description": "Body too large"},
-    429: {"description": "Queue full or rate limit; see Retry-After and x-ratelimit-*"},
-    503: {"description": "No worker available"},
-}
+ERRORS = GENERATION_ERRORS
+STREAM_OR_JSON = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        "description": "JSON, or Server-Sent Events when stream is true"}}
 
 
 def _usage(gen: Generation) -> Usage:
@@ -46,7 +40,7 @@ def _usage(gen: Generation) -> Usage:
                  total_tokens=o.prompt_tokens + o.completion_tokens)
 
 
-@router.post("/chat/completions", response_model=ChatCompletion, responses=ERRORS)
+@router.post("/chat/completions", response_model=ChatCompletion, responses={**ERRORS, **STREAM_OR_JSON})
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletion | StreamingResponse:
     rid = f"chatcmpl-{request.state.request_id}"
     req = build_request(
@@ -80,7 +74,7 @@ async def _chat_stream(gen: Generation, rid: str, created: int, body: ChatComple
     yield frame("[DONE]")
 
 
-@router.post("/completions", response_model=Completion, responses=ERRORS)
+@router.post("/completions", response_model=Completion, responses={**ERRORS, **STREAM_OR_JSON})
 async def completions(body: CompletionRequest, request: Request) -> Completion | StreamingResponse:
     rid = f"cmpl-{request.state.request_id}"
     req = build_request(
@@ -112,7 +106,7 @@ async def _completion_stream(gen: Generation, rid: str, created: int, body: Comp
     yield frame("[DONE]")
 
 
-@router.get("/models", response_model=ModelList)
+@router.get("/models", response_model=ModelList, responses=responses(401, 500, 503))
 async def list_models(request: Request) -> ModelList:
     models = await request.app.state.client.list_models()
     allowed = request.state.identity.models
@@ -120,7 +114,7 @@ async def list_models(request: Request) -> ModelList:
                            if allowed is None or m.id in allowed])
 
 
-@router.get("/models/{model_id:path}", response_model=Model, responses={404: ERRORS[404]})
+@router.get("/models/{model_id:path}", response_model=Model, responses=responses(401, 404, 500, 503))
 async def get_model(model_id: str, request: Request) -> Model:
     for m in await request.app.state.client.list_models():
         if m.id == model_id:
