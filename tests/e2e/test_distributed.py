@@ -228,3 +228,32 @@ def test_sigterm_drains_a_worker_its_requests_finish_and_new_ones_go_elsewhere(c
     assert cluster.procs["leaving"].wait(20) == 0  # then it left
     wait_for(lambda: {w["id"] for w in health(base)["workers"]} == {"staying"}, 10,
              "leaving deregistered", cluster)
+
+
+def test_two_gateway_processes_on_one_redis_allow_the_rate_once(cluster, tmp_path):
+    coord = cluster.coordinator("c1")
+    cluster.worker("w", [coord], capacity=8, token_delay_s=0.0)
+    shared = {"gateway": {"auth_enabled": True, "redis_url": cluster.redis_url, "rate_limit_rpm": 6}}
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(yaml.safe_dump(shared))
+    made = subprocess.run([sys.executable, "-m", "cyllm", "keys", "create", "--name", "ci", "--config", str(cfg)],
+                          capture_output=True, text=True, check=True)
+    key = made.stdout.strip().splitlines()[-1]
+    assert key.startswith("cy_") and key not in (tmp_path / "gw.yaml").read_text()
+    bases = []
+    for name in ("gw1", "gw2"):
+        port = cluster._spare.pop()
+        cluster._start(name, ["gateway", "--port", str(port), "--coordinator", coord], shared)
+        bases.append(f"http://127.0.0.1:{port}")
+    for base in bases:
+        wait_for(lambda b=base: healthy_workers(b) == {"w"}, 60, "gateway up", cluster)
+    headers = {"Authorization": f"Bearer {key}"}
+    codes = []
+    with httpx.Client(timeout=30) as http:
+        for i in range(12):
+            r = http.post(f"{bases[i % 2]}/v1/completions", headers=headers,
+                          json={"model": "fake", "prompt": "x", "max_tokens": 1})
+            codes.append(r.status_code)
+            if r.status_code == 429:
+                assert int(r.headers["retry-after"]) >= 1
+    assert codes.count(200) == 6 and codes.count(429) == 6, codes
