@@ -79,6 +79,7 @@ class Generation:
         self.outcome = Outcome()
         self.model = request.model
         self._started = time.perf_counter()
+        self._keep_text: list[str] | None = [] if state.auth.settings.log_content else None
 
     async def start(self) -> Generation:
         self.identity.check_model(self.model)
@@ -112,10 +113,18 @@ class Generation:
                         else:
                             self.metrics.itl.labels(self.model).observe(now - last)
                         last = now
+                        if self._keep_text is not None:
+                            self._keep_text.append(msg.delta.text)
                         yield msg.delta.text
                     elif kind == "finished":
                         f = msg.finished
                         self._http.state.usage = (self.model, f.prompt_tokens, f.completion_tokens)
+                        if self._keep_text is not None:  # log_content: explicitly enabled
+                            r = self._request
+                            self._http.state.content = {
+                                "prompt": r.prompt if r.WhichOneof("input") == "prompt"
+                                else [[m.role, m.content] for m in r.messages.messages],
+                                "completion": "".join(self._keep_text)}
                         self.outcome.finish_reason = f.finish_reason
                         self.outcome.prompt_tokens = f.prompt_tokens
                         self.outcome.completion_tokens = f.completion_tokens

@@ -37,7 +37,8 @@ access_log = logging.getLogger("cyllm.gateway.access")
 class MetricsMiddleware:
     """Counts and times every HTTP request by its route template (bounded labels), and
     writes one access-log record per request: method, route, status, latency, request id,
-    caller, model and token counts — never the prompt or the completion."""
+    caller, model and token counts — the prompt and the completion only when
+    ``gateway.log_content`` is explicitly on."""
 
     def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
         self.app, self.metrics = app, metrics
@@ -71,7 +72,8 @@ class MetricsMiddleware:
                 extra={"request_id": state.get("request_id"), "method": method, "route": label,
                        "status": status["code"], "latency_ms": round(elapsed * 1000, 1),
                        "caller": identity.subject if identity else None, "model": model,
-                       "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens})
+                       "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                       **state.get("content", {})})
             self.metrics.latency.labels(method, label).observe(elapsed)
 
 

@@ -32,6 +32,7 @@ class GatewaySettings(ComponentSettings):
     jwt_audience: str | None = None
     admin_scope: str = "admin"
     metrics_public: bool = Field(True, description="serve metrics without credentials")
+    log_content: bool = Field(False, description="put prompts and completions in the access log")
     # -- how much (per API key or JWT subject; null: unlimited)
     rate_limit_rpm: int | None = Field(None, ge=1, description="requests per minute")
     rate_limit_tpm: int | None = Field(None, ge=1, description="tokens (prompt + completion) per minute")

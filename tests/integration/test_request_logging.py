@@ -30,3 +30,13 @@ async def test_request_id_reaches_every_service_and_content_is_not_logged(make_s
     everything = "\n".join(r.getMessage() + json.dumps(vars(r), default=str) for r in caplog.records)
     assert SECRET_PROMPT not in everything
     assert "w0 w1 w2" not in everything
+
+
+async def test_content_is_logged_only_when_enabled(make_stack, caplog):
+    stack = await make_stack(gateway={"log_content": True})
+    caplog.set_level(logging.INFO)
+    await stack.http.post("/v1/completions", headers={"X-Request-ID": "req-content"},
+                          json={"model": "fake", "max_tokens": 2, "prompt": SECRET_PROMPT})
+    access = next(r for r in caplog.records
+                  if r.name == "cyllm.gateway.access" and getattr(r, "request_id", "") == "req-content")
+    assert (access.prompt, access.completion) == (SECRET_PROMPT, "w0 w1")
