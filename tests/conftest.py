@@ -3,28 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 
 import pytest
 import redis
 
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports (all held open while choosing, so none repeats)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
+from bench.common import free_port, free_ports  # noqa: F401  (re-exported to the tiers)
 
 
 @pytest.fixture(scope="session")
