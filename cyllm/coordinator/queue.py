@@ -2,12 +2,12 @@
 
 Higher priority first, FIFO within a priority.  A full queue refuses new work with
 :class:`~cyllm.errors.Overloaded` (HTTP 429 + Retry-After) instead of growing without
-bound.  ``TaskQueue`` is the interface; ``InMemoryTaskQueue`` is the embedded backend.
+bound.  This is the embedded default's queue (used by ``MemoryScheduler``); the shared
+one lives in Redis (``redis_backend.py``), behind the same ``Scheduler`` interface.
 """
 
 from __future__ import annotations
 
-import abc
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,29 +24,8 @@ class Task:
     seq: int = 0  # set by the queue: arrival order
 
 
-class TaskQueue(abc.ABC):
-    @abc.abstractmethod
-    def push(self, task: Task) -> None:
-        """Enqueue, or raise Overloaded when full."""
-
-    @abc.abstractmethod
-    def pop_first(self, ready: Callable[[Task], bool]) -> Task | None:
-        """Remove and return the first task, in priority order, for which ``ready`` holds."""
-
-    @abc.abstractmethod
-    def remove(self, task: Task) -> bool:
-        """Withdraw a waiting task (its caller gave up); False if it was not waiting."""
-
-    @abc.abstractmethod
-    def __len__(self) -> int: ...
-
-    @property
-    @abc.abstractmethod
-    def capacity(self) -> int: ...
-
-
 @dataclass
-class InMemoryTaskQueue(TaskQueue):
+class InMemoryTaskQueue:
     max_size: int
     retry_after_s: float = 1.0
     _tasks: list[Task] = field(default_factory=list)  # kept sorted: priority desc, seq asc

@@ -38,7 +38,7 @@ from cyllm import errors
 from cyllm.coordinator.cache import CachedResponse, PromptCache, decode, encode
 from cyllm.coordinator.pool import HealthRules, Router, WorkerRecord
 from cyllm.coordinator.queue import Task
-from cyllm.coordinator.scheduler import Scheduler, WorkerView
+from cyllm.coordinator.scheduler import Scheduler, WorkerView, caller_cancelled
 from cyllm.protocol import pb
 
 log = logging.getLogger(__name__)
@@ -314,7 +314,7 @@ class RedisScheduler(Scheduler):
             self._waiting.pop(task.task_id, None)
             if not waiter.future.done():
                 await asyncio.shield(self._withdraw(keys=[qkey, tkey, P + "qlen"], args=[task.task_id]))
-            elif _cancelling():
+            elif caller_cancelled():
                 await asyncio.shield(self.release(task, waiter.future.result().worker_id))
 
     async def release(self, task: Task, worker_id: str) -> None:
@@ -377,11 +377,6 @@ class RedisScheduler(Scheduler):
                     now, records = await self._records()
                 else:
                     break
-
-
-def _cancelling() -> bool:
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
 
 
 class RedisPromptCache(PromptCache):

@@ -35,12 +35,10 @@ class WorkerView:
 class Scheduler(abc.ABC):
     backend = "abstract"
 
-    def __init__(self, rules: HealthRules, router: Router, queue_timeout_s: float,
-                 clock=time.monotonic) -> None:
+    def __init__(self, rules: HealthRules, router: Router, queue_timeout_s: float) -> None:
         self.rules = rules
         self.router = router
         self.queue_timeout_s = queue_timeout_s
-        self.clock = clock
 
     async def start(self) -> None:
         """Begin background work (timers, subscriptions)."""
@@ -124,7 +122,8 @@ class MemoryScheduler(Scheduler):
 
     def __init__(self, queue: InMemoryTaskQueue, rules: HealthRules, router: Router,
                  queue_timeout_s: float, clock=time.monotonic) -> None:
-        super().__init__(rules, router, queue_timeout_s, clock)
+        super().__init__(rules, router, queue_timeout_s)
+        self.clock = clock
         self.queue = queue
         self._workers: dict[str, WorkerRecord] = {}
         self._waiting: dict[Task, tuple[asyncio.Future[WorkerRecord], frozenset[str]]] = {}
@@ -171,7 +170,7 @@ class MemoryScheduler(Scheduler):
         finally:
             self._waiting.pop(task, None)
             # Still queued: nothing was reserved.  Reserved but our caller is gone: give back.
-            if not self.queue.remove(task) and future.done() and _abandoned():
+            if not self.queue.remove(task) and future.done() and caller_cancelled():
                 self._give_back(future.result().worker_id)
 
     async def release(self, task: Task, worker_id: str) -> None:
@@ -215,7 +214,7 @@ class MemoryScheduler(Scheduler):
             future.set_result(picked[-1])
 
 
-def _abandoned() -> bool:
-    """True when the current task is being cancelled (the slot will never be used)."""
+def caller_cancelled() -> bool:
+    """True when the current task is being cancelled (a reserved slot will never be used)."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
