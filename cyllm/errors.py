@@ -11,6 +11,9 @@ HTTP status codes and OpenAI's error body.
      +-- InvalidRequest        the caller sent something unusable (HTTP 400)
      |    +-- ContextLengthExceeded   prompt + max_tokens do not fit the model (400)
      +-- ModelNotFound         no worker serves that model id (404)
+     +-- NotLoadable           a model cannot be loaded here: its engine's library or
+     |    |                    hardware is missing (409)
+     |    +-- InsufficientMemory   it does not fit; says how much is needed and free (409)
      +-- Overloaded            queue full; carries ``retry_after`` seconds (429)
      |    +-- RateLimited       over the caller's limit; carries the rate-limit headers (429)
      +-- Unavailable           no live worker / coordinator to take the work (503)
@@ -50,6 +53,14 @@ class ContextLengthExceeded(InvalidRequest):
 
 class ModelNotFound(CyllmError):
     code = "model_not_found"
+
+
+class NotLoadable(CyllmError):
+    code = "model_not_loadable"
+
+
+class InsufficientMemory(NotLoadable):
+    code = "insufficient_memory"
 
 
 class Overloaded(CyllmError):

@@ -80,11 +80,17 @@ class Scheduler(abc.ABC):
     def queue_capacity(self) -> int: ...
 
     async def models(self) -> list[pb.ModelInfo]:
+        """Loaded models of healthy workers, then catalog entries loaded nowhere."""
         seen: dict[str, pb.ModelInfo] = {}
+        available: dict[str, pb.ModelInfo] = {}
         for view in await self.workers():
             if view.healthy:
                 for m in view.record.info.models:
                     seen.setdefault(m.id, m)
+                for m in view.record.info.available:
+                    available.setdefault(m.id, m)
+        for mid, m in available.items():
+            seen.setdefault(mid, m)
         return sorted(seen.values(), key=lambda m: m.id)
 
     async def check_model(self, model: str) -> None:

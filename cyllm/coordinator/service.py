@@ -17,6 +17,7 @@ from purgatory.domain.model import OpenedState
 from cyllm import errors
 from cyllm.coordinator.cache import CachedResponse, PromptCache, cache_key, is_deterministic
 from cyllm.coordinator.metrics import CoordinatorMetrics
+from cyllm.coordinator.models import ModelAdmin
 from cyllm.coordinator.pool import affinity_key
 from cyllm.coordinator.queue import Task
 from cyllm.coordinator.scheduler import Scheduler
@@ -67,6 +68,7 @@ class CoordinatorService(rpc.CoordinatorServicer):
             exclude=_NOT_THE_WORKERS_FAULT,
         )
         self._breakers: dict[str, object] = {}
+        self.admin = ModelAdmin(scheduler, self.channels.stub)
 
     # -- inference --------------------------------------------------------------------
 
@@ -153,6 +155,23 @@ class CoordinatorService(rpc.CoordinatorServicer):
 
     async def ListModels(self, request, context) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=await self.scheduler.models())
+
+    async def LoadModel(self, request, context) -> pb.LoadModelResponse:
+        try:
+            reply = await self.admin.load(request)
+        except errors.CyllmError as exc:
+            await status.abort(context, exc)
+        log.info("model %s loaded on %s (evicted: %s)", request.model, reply.worker_id,
+                 list(reply.evicted) or "none")
+        return reply
+
+    async def UnloadModel(self, request, context) -> pb.UnloadModelResponse:
+        try:
+            reply = await self.admin.unload(request)
+        except errors.CyllmError as exc:
+            await status.abort(context, exc)
+        log.info("model %s unloaded from %s", request.model, list(reply.worker_ids))
+        return reply
 
     async def ClusterStatus(self, request, context) -> pb.ClusterStatusResponse:
         opened = self._open_circuits()

@@ -84,6 +84,13 @@ class CoordinatorClient:
         reply = await self._unary("ListModels", pb.ListModelsRequest())
         return list(reply.models)
 
+    async def load_model(self, request: pb.LoadModelRequest) -> pb.LoadModelResponse:
+        # Loading may start an engine (vLLM: about a minute on CPU) or convert a GGUF.
+        return await self._unary("LoadModel", request, timeout=900)
+
+    async def unload_model(self, request: pb.UnloadModelRequest) -> pb.UnloadModelResponse:
+        return await self._unary("UnloadModel", request, timeout=300)
+
     async def cluster_status(self) -> list[tuple[str, pb.ClusterStatusResponse | None]]:
         """Every coordinator's view (None where it cannot be reached)."""
         out: list[tuple[str, pb.ClusterStatusResponse | None]] = []
@@ -94,11 +101,11 @@ class CoordinatorClient:
                 out.append((address, None))
         return out
 
-    async def _unary(self, method: str, request):
+    async def _unary(self, method: str, request, timeout: float = 10):
         last: errors.CyllmError = errors.Unavailable("no coordinator configured")
         for address, stub in self._in_turn():
             try:
-                reply = await getattr(stub, method)(request, timeout=10)
+                reply = await getattr(stub, method)(request, timeout=timeout)
                 await self._record(address, failed=False)
                 return reply
             except grpc.aio.AioRpcError as exc:

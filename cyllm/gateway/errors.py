@@ -23,6 +23,7 @@ _STATUS: list[tuple[type[errors.CyllmError], int, str]] = [
     (errors.Forbidden, 403, "permission_error"),
     (errors.InvalidRequest, 400, "invalid_request_error"),
     (errors.ModelNotFound, 404, "invalid_request_error"),
+    (errors.NotLoadable, 409, "invalid_request_error"),
     (errors.Overloaded, 429, "rate_limit_error"),
     (errors.Unavailable, 503, "service_unavailable"),
     (errors.RequestCancelled, 499, "cancelled"),
@@ -46,7 +47,8 @@ class ErrorResponse(BaseModel):
 def responses(*codes: int) -> dict[int, dict]:
     """OpenAPI ``responses`` entries for these error statuses, all in ``ErrorResponse``."""
     text = {400: "Invalid request", 401: "Missing or invalid credentials",
-            403: "Not allowed (model, scope)", 404: "Unknown model or route", 413: "Body too large",
+            403: "Not allowed (model, scope)", 404: "Unknown model or route",
+            409: "The model cannot be loaded here (engine library, hardware or memory)", 413: "Body too large",
             429: "Queue full or rate limit; see Retry-After and x-ratelimit-*",
             500: "Internal error", 503: "No healthy worker or coordinator"}
     return {c: {"model": ErrorResponse, "description": text[c]} for c in codes}

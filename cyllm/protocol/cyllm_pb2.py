@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63yllm/protocol/cyllm.proto\x12\x08\x63yllm.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"7\n\x0c\x43hatMessages\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.cyllm.v1.ChatMessage\"\xaa\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xb9\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12*\n\x08messages\x18\x04 \x01(\x0b\x32\x16.cyllm.v1.ChatMessagesH\x00\x12*\n\x08sampling\x18\x05 \x01(\x0b\x32\x18.cyllm.v1.SamplingParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x42\x07\n\x05input\"C\n\x07Started\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\x03 \x01(\x08\"%\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\x05\"S\n\x08\x46inished\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\"\x8b\x01\n\x10GenerateResponse\x12$\n\x07started\x18\x01 \x01(\x0b\x32\x11.cyllm.v1.StartedH\x00\x12 \n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x0f.cyllm.v1.DeltaH\x00\x12&\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x12.cyllm.v1.FinishedH\x00\x42\x07\n\x05\x65vent\"P\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\x05\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x03\"\x87\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12#\n\x06models\x18\x03 \x03(\x0b\x32\x13.cyllm.v1.ModelInfo\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x0e\n\x06weight\x18\x06 \x01(\x05\"=\n\x15RegisterWorkerRequest\x12$\n\x06worker\x18\x01 \x01(\x0b\x32\x14.cyllm.v1.WorkerInfo\"6\n\x16RegisterWorkerResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\"P\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07running\x18\x02 \x01(\x05\x12\x18\n\x10tokens_generated\x18\x03 \x01(\x03\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\",\n\x17\x44\x65registerWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65registerWorkerResponse\"\x13\n\x11ListModelsRequest\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.cyllm.v1.ModelInfo\"\x16\n\x14\x43lusterStatusRequest\"\x91\x01\n\x0bWorkerState\x12$\n\x06worker\x18\x01 \x01(\x0b\x32\x14.cyllm.v1.WorkerInfo\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x13\n\x0boutstanding\x18\x03 \x01(\x05\x12\x1c\n\x14last_heartbeat_age_s\x18\x04 \x01(\x01\x12\x18\n\x10unhealthy_reason\x18\x05 \x01(\t\"\xbf\x01\n\x15\x43lusterStatusResponse\x12&\n\x07workers\x18\x01 \x03(\x0b\x32\x15.cyllm.v1.WorkerState\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\x05\x12\x16\n\x0equeue_capacity\x18\x03 \x01(\x05\x12\x12\n\ncache_hits\x18\x04 \x01(\x03\x12\x14\n\x0c\x63\x61\x63he_misses\x18\x05 \x01(\x03\x12\x16\n\x0e\x63oordinator_id\x18\x06 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t\"\x15\n\x13WorkerStatusRequest\"P\n\x0c\x45ngineStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07running\x18\x02 \x01(\x05\x12\x0f\n\x07waiting\x18\x03 \x01(\x05\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\"l\n\x14WorkerStatusResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\'\n\x07\x65ngines\x18\x02 \x03(\x0b\x32\x16.cyllm.v1.EngineStatus\x12\x18\n\x10tokens_generated\x18\x03 \x01(\x03\x32\xe3\x03\n\x0b\x43oordinator\x12\x43\n\x08Generate\x12\x19.cyllm.v1.GenerateRequest\x1a\x1a.cyllm.v1.GenerateResponse0\x01\x12G\n\nListModels\x12\x1b.cyllm.v1.ListModelsRequest\x1a\x1c.cyllm.v1.ListModelsResponse\x12P\n\rClusterStatus\x12\x1e.cyllm.v1.ClusterStatusRequest\x1a\x1f.cyllm.v1.ClusterStatusResponse\x12S\n\x0eRegisterWorker\x12\x1f.cyllm.v1.RegisterWorkerRequest\x1a .cyllm.v1.RegisterWorkerResponse\x12\x44\n\tHeartbeat\x12\x1a.cyllm.v1.HeartbeatRequest\x1a\x1b.cyllm.v1.HeartbeatResponse\x12Y\n\x10\x44\x65registerWorker\x12!.cyllm.v1.DeregisterWorkerRequest\x1a\".cyllm.v1.DeregisterWorkerResponse2\x96\x01\n\x06Worker\x12\x43\n\x08Generate\x12\x19.cyllm.v1.GenerateRequest\x1a\x1a.cyllm.v1.GenerateResponse0\x01\x12G\n\x06Status\x12\x1d.cyllm.v1.WorkerStatusRequest\x1a\x1e.cyllm.v1.WorkerStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63yllm/protocol/cyllm.proto\x12\x08\x63yllm.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"7\n\x0c\x43hatMessages\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.cyllm.v1.ChatMessage\"\xaa\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xb9\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12*\n\x08messages\x18\x04 \x01(\x0b\x32\x16.cyllm.v1.ChatMessagesH\x00\x12*\n\x08sampling\x18\x05 \x01(\x0b\x32\x18.cyllm.v1.SamplingParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x42\x07\n\x05input\"C\n\x07Started\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\x03 \x01(\x08\"%\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\x05\"S\n\x08\x46inished\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x05\"\x8b\x01\n\x10GenerateResponse\x12$\n\x07started\x18\x01 \x01(\x0b\x32\x11.cyllm.v1.StartedH\x00\x12 \n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x0f.cyllm.v1.DeltaH\x00\x12&\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x12.cyllm.v1.FinishedH\x00\x42\x07\n\x05\x65vent\"\x93\x01\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\x05\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x0f\n\x07\x63reated\x18\x04 \x01(\x03\x12\r\n\x05state\x18\x05 \x01(\t\x12\x0c\n\x04\x62\x61se\x18\x06 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x07 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\"\xe7\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12#\n\x06models\x18\x03 \x03(\x0b\x32\x13.cyllm.v1.ModelInfo\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x0e\n\x06weight\x18\x06 \x01(\x05\x12&\n\tavailable\x18\x07 \x03(\x0b\x32\x13.cyllm.v1.ModelInfo\x12\x1b\n\x13memory_budget_bytes\x18\x08 \x01(\x03\x12\x19\n\x11memory_used_bytes\x18\t \x01(\x03\"J\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61\x64\x61pter_path\x18\x02 \x01(\t\x12\x11\n\tworker_id\x18\x03 \x01(\t\"]\n\x11LoadModelResponse\x12$\n\x06worker\x18\x01 \x01(\x0b\x32\x14.cyllm.v1.WorkerInfo\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0f\n\x07\x65victed\x18\x03 \x03(\t\"6\n\x12UnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\"O\n\x13UnloadModelResponse\x12\x12\n\nworker_ids\x18\x01 \x03(\t\x12$\n\x06worker\x18\x02 \x01(\x0b\x32\x14.cyllm.v1.WorkerInfo\"=\n\x15RegisterWorkerRequest\x12$\n\x06worker\x18\x01 \x01(\x0b\x32\x14.cyllm.v1.WorkerInfo\"6\n\x16RegisterWorkerResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\"P\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07running\x18\x02 \x01(\x05\x12\x18\n\x10tokens_generated\x18\x03 \x01(\x03\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\",\n\x17\x44\x65registerWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65registerWorkerResponse\"\x13\n\x11ListModelsRequest\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.cyllm.v1.ModelInfo\"\x16\n\x14\x43lusterStatusRequest\"\x91\x01\n\x0bWorkerState\x12$\n\x06worker\x18\x01 \x01(\x0b\x32\x14.cyllm.v1.WorkerInfo\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x13\n\x0boutstanding\x18\x03 \x01(\x05\x12\x1c\n\x14last_heartbeat_age_s\x18\x04 \x01(\x01\x12\x18\n\x10unhealthy_reason\x18\x05 \x01(\t\"\xbf\x01\n\x15\x43lusterStatusResponse\x12&\n\x07workers\x18\x01 \x03(\x0b\x32\x15.cyllm.v1.WorkerState\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\x05\x12\x16\n\x0equeue_capacity\x18\x03 \x01(\x05\x12\x12\n\ncache_hits\x18\x04 \x01(\x03\x12\x14\n\x0c\x63\x61\x63he_misses\x18\x05 \x01(\x03\x12\x16\n\x0e\x63oordinator_id\x18\x06 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t\"\x15\n\x13WorkerStatusRequest\"P\n\x0c\x45ngineStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07running\x18\x02 \x01(\x05\x12\x0f\n\x07waiting\x18\x03 \x01(\x05\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\"l\n\x14WorkerStatusResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\'\n\x07\x65ngines\x18\x02 \x03(\x0b\x32\x16.cyllm.v1.EngineStatus\x12\x18\n\x10tokens_generated\x18\x03 \x01(\x03\x32\xf5\x04\n\x0b\x43oordinator\x12\x43\n\x08Generate\x12\x19.cyllm.v1.GenerateRequest\x1a\x1a.cyllm.v1.GenerateResponse0\x01\x12G\n\nListModels\x12\x1b.cyllm.v1.ListModelsRequest\x1a\x1c.cyllm.v1.ListModelsResponse\x12P\n\rClusterStatus\x12\x1e.cyllm.v1.ClusterStatusRequest\x1a\x1f.cyllm.v1.ClusterStatusResponse\x12S\n\x0eRegisterWorker\x12\x1f.cyllm.v1.RegisterWorkerRequest\x1a .cyllm.v1.RegisterWorkerResponse\x12\x44\n\tHeartbeat\x12\x1a.cyllm.v1.HeartbeatRequest\x1a\x1b.cyllm.v1.HeartbeatResponse\x12Y\n\x10\x44\x65registerWorker\x12!.cyllm.v1.DeregisterWorkerRequest\x1a\".cyllm.v1.DeregisterWorkerResponse\x12\x44\n\tLoadModel\x12\x1a.cyllm.v1.LoadModelRequest\x1a\x1b.cyllm.v1.LoadModelResponse\x12J\n\x0bUnloadModel\x12\x1c.cyllm.v1.UnloadModelRequest\x1a\x1d.cyllm.v1.UnloadModelResponse2\xa8\x02\n\x06Worker\x12\x43\n\x08Generate\x12\x19.cyllm.v1.GenerateRequest\x1a\x1a.cyllm.v1.GenerateResponse0\x01\x12G\n\x06Status\x12\x1d.cyllm.v1.WorkerStatusRequest\x1a\x1e.cyllm.v1.WorkerStatusResponse\x12\x44\n\tLoadModel\x12\x1a.cyllm.v1.LoadModelRequest\x1a\x1b.cyllm.v1.LoadModelResponse\x12J\n\x0bUnloadModel\x12\x1c.cyllm.v1.UnloadModelRequest\x1a\x1d.cyllm.v1.UnloadModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,40 +47,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FINISHED']._serialized_end=695
   _globals['_GENERATERESPONSE']._serialized_start=698
   _globals['_GENERATERESPONSE']._serialized_end=837
-  _globals['_MODELINFO']._serialized_start=839
-  _globals['_MODELINFO']._serialized_end=919
-  _globals['_WORKERINFO']._serialized_start=922
-  _globals['_WORKERINFO']._serialized_end=1057
-  _globals['_REGISTERWORKERREQUEST']._serialized_start=1059
-  _globals['_REGISTERWORKERREQUEST']._serialized_end=1120
-  _globals['_REGISTERWORKERRESPONSE']._serialized_start=1122
-  _globals['_REGISTERWORKERRESPONSE']._serialized_end=1176
-  _globals['_HEARTBEATREQUEST']._serialized_start=1178
-  _globals['_HEARTBEATREQUEST']._serialized_end=1258
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1260
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1294
-  _globals['_DEREGISTERWORKERREQUEST']._serialized_start=1296
-  _globals['_DEREGISTERWORKERREQUEST']._serialized_end=1340
-  _globals['_DEREGISTERWORKERRESPONSE']._serialized_start=1342
-  _globals['_DEREGISTERWORKERRESPONSE']._serialized_end=1368
-  _globals['_LISTMODELSREQUEST']._serialized_start=1370
-  _globals['_LISTMODELSREQUEST']._serialized_end=1389
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1391
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1448
-  _globals['_CLUSTERSTATUSREQUEST']._serialized_start=1450
-  _globals['_CLUSTERSTATUSREQUEST']._serialized_end=1472
-  _globals['_WORKERSTATE']._serialized_start=1475
-  _globals['_WORKERSTATE']._serialized_end=1620
-  _globals['_CLUSTERSTATUSRESPONSE']._serialized_start=1623
-  _globals['_CLUSTERSTATUSRESPONSE']._serialized_end=1814
-  _globals['_WORKERSTATUSREQUEST']._serialized_start=1816
-  _globals['_WORKERSTATUSREQUEST']._serialized_end=1837
-  _globals['_ENGINESTATUS']._serialized_start=1839
-  _globals['_ENGINESTATUS']._serialized_end=1919
-  _globals['_WORKERSTATUSRESPONSE']._serialized_start=1921
-  _globals['_WORKERSTATUSRESPONSE']._serialized_end=2029
-  _globals['_COORDINATOR']._serialized_start=2032
-  _globals['_COORDINATOR']._serialized_end=2515
-  _globals['_WORKER']._serialized_start=2518
-  _globals['_WORKER']._serialized_end=2668
+  _globals['_MODELINFO']._serialized_start=840
+  _globals['_MODELINFO']._serialized_end=987
+  _globals['_WORKERINFO']._serialized_start=990
+  _globals['_WORKERINFO']._serialized_end=1221
+  _globals['_LOADMODELREQUEST']._serialized_start=1223
+  _globals['_LOADMODELREQUEST']._serialized_end=1297
+  _globals['_LOADMODELRESPONSE']._serialized_start=1299
+  _globals['_LOADMODELRESPONSE']._serialized_end=1392
+  _globals['_UNLOADMODELREQUEST']._serialized_start=1394
+  _globals['_UNLOADMODELREQUEST']._serialized_end=1448
+  _globals['_UNLOADMODELRESPONSE']._serialized_start=1450
+  _globals['_UNLOADMODELRESPONSE']._serialized_end=1529
+  _globals['_REGISTERWORKERREQUEST']._serialized_start=1531
+  _globals['_REGISTERWORKERREQUEST']._serialized_end=1592
+  _globals['_REGISTERWORKERRESPONSE']._serialized_start=1594
+  _globals['_REGISTERWORKERRESPONSE']._serialized_end=1648
+  _globals['_HEARTBEATREQUEST']._serialized_start=1650
+  _globals['_HEARTBEATREQUEST']._serialized_end=1730
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1732
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1766
+  _globals['_DEREGISTERWORKERREQUEST']._serialized_start=1768
+  _globals['_DEREGISTERWORKERREQUEST']._serialized_end=1812
+  _globals['_DEREGISTERWORKERRESPONSE']._serialized_start=1814
+  _globals['_DEREGISTERWORKERRESPONSE']._serialized_end=1840
+  _globals['_LISTMODELSREQUEST']._serialized_start=1842
+  _globals['_LISTMODELSREQUEST']._serialized_end=1861
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1863
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1920
+  _globals['_CLUSTERSTATUSREQUEST']._serialized_start=1922
+  _globals['_CLUSTERSTATUSREQUEST']._serialized_end=1944
+  _globals['_WORKERSTATE']._serialized_start=1947
+  _globals['_WORKERSTATE']._serialized_end=2092
+  _globals['_CLUSTERSTATUSRESPONSE']._serialized_start=2095
+  _globals['_CLUSTERSTATUSRESPONSE']._serialized_end=2286
+  _globals['_WORKERSTATUSREQUEST']._serialized_start=2288
+  _globals['_WORKERSTATUSREQUEST']._serialized_end=2309
+  _globals['_ENGINESTATUS']._serialized_start=2311
+  _globals['_ENGINESTATUS']._serialized_end=2391
+  _globals['_WORKERSTATUSRESPONSE']._serialized_start=2393
+  _globals['_WORKERSTATUSRESPONSE']._serialized_end=2501
+  _globals['_COORDINATOR']._serialized_start=2504
+  _globals['_COORDINATOR']._serialized_end=3133
+  _globals['_WORKER']._serialized_start=3136
+  _globals['_WORKER']._serialized_end=3432
 # @@protoc_insertion_point(module_scope)

@@ -89,32 +89,82 @@ class GenerateResponse(_message.Message):
     def __init__(self, started: _Optional[_Union[Started, _Mapping]] = ..., delta: _Optional[_Union[Delta, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("id", "context_length", "engine", "created")
+    __slots__ = ("id", "context_length", "engine", "created", "state", "base", "memory_bytes", "device")
     ID_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     id: str
     context_length: int
     engine: str
     created: int
-    def __init__(self, id: _Optional[str] = ..., context_length: _Optional[int] = ..., engine: _Optional[str] = ..., created: _Optional[int] = ...) -> None: ...
+    state: str
+    base: str
+    memory_bytes: int
+    device: str
+    def __init__(self, id: _Optional[str] = ..., context_length: _Optional[int] = ..., engine: _Optional[str] = ..., created: _Optional[int] = ..., state: _Optional[str] = ..., base: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "address", "models", "capacity", "device", "weight")
+    __slots__ = ("worker_id", "address", "models", "capacity", "device", "weight", "available", "memory_budget_bytes", "memory_used_bytes")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     address: str
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     capacity: int
     device: str
     weight: int
-    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., capacity: _Optional[int] = ..., device: _Optional[str] = ..., weight: _Optional[int] = ...) -> None: ...
+    available: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    memory_budget_bytes: int
+    memory_used_bytes: int
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., capacity: _Optional[int] = ..., device: _Optional[str] = ..., weight: _Optional[int] = ..., available: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., memory_budget_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ...) -> None: ...
+
+class LoadModelRequest(_message.Message):
+    __slots__ = ("model", "adapter_path", "worker_id")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_PATH_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    adapter_path: str
+    worker_id: str
+    def __init__(self, model: _Optional[str] = ..., adapter_path: _Optional[str] = ..., worker_id: _Optional[str] = ...) -> None: ...
+
+class LoadModelResponse(_message.Message):
+    __slots__ = ("worker", "worker_id", "evicted")
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_FIELD_NUMBER: _ClassVar[int]
+    worker: WorkerInfo
+    worker_id: str
+    evicted: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker: _Optional[_Union[WorkerInfo, _Mapping]] = ..., worker_id: _Optional[str] = ..., evicted: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class UnloadModelRequest(_message.Message):
+    __slots__ = ("model", "worker_id")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    worker_id: str
+    def __init__(self, model: _Optional[str] = ..., worker_id: _Optional[str] = ...) -> None: ...
+
+class UnloadModelResponse(_message.Message):
+    __slots__ = ("worker_ids", "worker")
+    WORKER_IDS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    worker_ids: _containers.RepeatedScalarFieldContainer[str]
+    worker: WorkerInfo
+    def __init__(self, worker_ids: _Optional[_Iterable[str]] = ..., worker: _Optional[_Union[WorkerInfo, _Mapping]] = ...) -> None: ...
 
 class RegisterWorkerRequest(_message.Message):
     __slots__ = ("worker",)

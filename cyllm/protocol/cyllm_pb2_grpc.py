@@ -64,6 +64,16 @@ class CoordinatorStub:
                 request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.DeregisterWorkerRequest.SerializeToString,
                 response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.DeregisterWorkerResponse.FromString,
                 _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/cyllm.v1.Coordinator/LoadModel',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.LoadModelResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/cyllm.v1.Coordinator/UnloadModel',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -105,6 +115,18 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +159,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.DeregisterWorker,
                     request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.DeregisterWorkerRequest.FromString,
                     response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.DeregisterWorkerResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.LoadModelRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.LoadModelResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +343,60 @@ class Coordinator:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Coordinator/LoadModel',
+            cyllm_dot_protocol_dot_cyllm__pb2.LoadModelRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.LoadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Coordinator/UnloadModel',
+            cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class WorkerStub:
     """Missing associated documentation comment in .proto file."""
@@ -331,6 +417,16 @@ class WorkerStub:
                 request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.WorkerStatusRequest.SerializeToString,
                 response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.WorkerStatusResponse.FromString,
                 _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/cyllm.v1.Worker/LoadModel',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.LoadModelResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/cyllm.v1.Worker/UnloadModel',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -348,6 +444,18 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -360,6 +468,16 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.WorkerStatusRequest.FromString,
                     response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.WorkerStatusResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.LoadModelRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.LoadModelResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -416,6 +534,60 @@ class Worker:
             '/cyllm.v1.Worker/Status',
             cyllm_dot_protocol_dot_cyllm__pb2.WorkerStatusRequest.SerializeToString,
             cyllm_dot_protocol_dot_cyllm__pb2.WorkerStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Worker/LoadModel',
+            cyllm_dot_protocol_dot_cyllm__pb2.LoadModelRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.LoadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Worker/UnloadModel',
+            cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

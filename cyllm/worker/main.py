@@ -12,11 +12,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cyllm.protocol import pb, rpc
 from cyllm.runtime import advertised, stop_event
-from cyllm.worker.convert import card_to_proto
-from cyllm.worker.engines.base import AbstractEngine, ModelCard
-from cyllm.worker.engines.factory import create_engine
 from cyllm.telemetry import serve_metrics
+from cyllm.worker.engines.factory import detect_accelerator
 from cyllm.worker.metrics import WorkerMetrics
+from cyllm.worker.models import ModelManager
 from cyllm.worker.service import WorkerService
 from cyllm.worker.settings import WorkerSettings
 
@@ -28,45 +27,38 @@ class WorkerServer:
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
-        self.engines: dict[str, AbstractEngine] = {}
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._registrars: list[asyncio.Task[None]] = []
         self._metrics_server = None
+        self._changed = asyncio.Event()
+        self._version = 0  # bumped when the served models change
+
+    @property
+    def engines(self):
+        return self.models.engines()
 
     async def start(self) -> int:
         s = self.settings
-        if any(m.engine != "fake" for m in s.models):
+        real = any(m.engine != "fake" for m in s.models)
+        if real:
             import torch
 
             torch.set_num_threads(s.torch_threads or os.cpu_count() or 1)
-        cards: list[ModelCard] = []
-        for spec in s.models:
-            log.info("loading model %s (engine %s)", spec.id, spec.engine)
-            engine = await asyncio.to_thread(create_engine, spec, s.cache_dir)
-            cards.append(await engine.load())
-            self.engines[spec.id] = engine
-            log.info("model %s ready on %s", spec.id, cards[-1].device)
+        self.models = ModelManager(s, detect_accelerator() if real else "cpu", self._models_changed)
+        await self.models.start()
 
         self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         self.port = self._server.add_insecure_port(f"{s.host}:{s.port}")
         self.worker_id = s.worker_id or advertised(s.host, self.port).replace(":", "-")
-        self.metrics = WorkerMetrics(self.engines, self.worker_id)
+        self.metrics = WorkerMetrics(self.models, self.worker_id)
         self._metrics_server, self.metrics_port = serve_metrics(self.metrics.registry, s.host, s.metrics_port)
-        self.service = WorkerService(self.worker_id, self.engines, self.metrics)
+        self.service = WorkerService(self.worker_id, self.models, self.metrics, lambda: self.info)
         rpc.add_WorkerServicer_to_server(self.service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         await self._server.start()
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
-        self.info = pb.WorkerInfo(
-            worker_id=self.worker_id,
-            address=s.advertise_address or advertised(s.host, self.port),
-            models=[card_to_proto(c) for c in cards],
-            capacity=sum(c.max_batch_size for c in cards),
-            device=",".join(sorted({c.device for c in cards})),
-            weight=s.weight,
-        )
         log.info("worker %s listening on %s:%d", self.worker_id, s.host, self.port)
         self._registrars = [asyncio.create_task(self._keep_registered(a)) for a in s.coordinators]
         return self.port
@@ -87,16 +79,34 @@ class WorkerServer:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
-        for engine in self.engines.values():
-            await engine.close()
+        await self.models.close()
+
+    @property
+    def info(self) -> pb.WorkerInfo:
+        """What registration tells the coordinators (rebuilt after each load/unload)."""
+        s, m = self.settings, self.models
+        cards = [e.card for e in m.loaded.values()]
+        return pb.WorkerInfo(
+            worker_id=self.worker_id,
+            address=s.advertise_address or advertised(s.host, self.port),
+            models=m.served(),
+            capacity=sum(c.max_batch_size for c in cards),
+            device=",".join(sorted({c.device for c in cards})) or m.budget.device_type,
+            weight=s.weight,
+            available=m.available(),
+            memory_budget_bytes=m.budget.limit,
+            memory_used_bytes=m.budget.used_bytes,
+        )
 
     async def _keep_registered(self, address: str) -> None:
         """Register, then heartbeat (running count + progress); register again when forgotten."""
         async with grpc.aio.insecure_channel(address) as channel:
             stub = rpc.CoordinatorStub(channel)
-            interval, registered = 1.0, False
+            interval, registered, version = 1.0, False, self._version
             while True:
                 try:
+                    if version != self._version:  # a model was loaded or unloaded
+                        registered, version = False, self._version
                     if not registered:
                         reply = await stub.RegisterWorker(pb.RegisterWorkerRequest(worker=self.info), timeout=5)
                         interval, registered = reply.heartbeat_interval_s or 1.0, True
@@ -115,7 +125,19 @@ class WorkerServer:
                     if registered:
                         log.warning("coordinator %s unreachable: %s", address, exc.code().name)
                     registered = False
-                await asyncio.sleep(interval)
+                await self._wait_change(interval)
+
+    def _models_changed(self) -> None:
+        self._version += 1
+        self._changed.set()  # wakes every registrar; later waits use a fresh event
+        self._changed = asyncio.Event()
+
+    async def _wait_change(self, interval: float) -> None:
+        """Sleep until the next heartbeat, or until the served models change."""
+        try:
+            await asyncio.wait_for(self._changed.wait(), interval)
+        except TimeoutError:
+            pass
 
     async def _deregister(self, address: str) -> None:
         try:

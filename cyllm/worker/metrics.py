@@ -10,11 +10,11 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from cyllm.telemetry import LATENCY_BUCKETS
-from cyllm.worker.engines.base import AbstractEngine
+from cyllm.worker.models import ModelManager
 
 
 class WorkerMetrics:
-    def __init__(self, engines: dict[str, AbstractEngine], worker_id: str) -> None:
+    def __init__(self, models: ModelManager, worker_id: str) -> None:
         self.registry = CollectorRegistry()
         self.latency = Histogram(
             "worker_inference_latency", "Seconds from a generation's start to its end",
@@ -26,7 +26,7 @@ class WorkerMetrics:
             "worker_generated_tokens", "Tokens generated", ["model"], registry=self.registry)
         self.requests = Counter(
             "worker_requests", "Generations by outcome", ["model", "outcome"], registry=self.registry)
-        self.registry.register(_EngineCollector(engines, worker_id))
+        self.registry.register(_EngineCollector(models, worker_id))
 
     def timer(self, model: str) -> GenerationTimer:
         return GenerationTimer(self, model)
@@ -55,16 +55,17 @@ class GenerationTimer:
 
 
 class _EngineCollector(Collector):
-    """Read at scrape time: running/waiting per engine, health, device memory."""
+    """Read at scrape time: running/waiting per engine, health, device memory, the
+    memory manager's budget and estimates."""
 
-    def __init__(self, engines: dict[str, AbstractEngine], worker_id: str) -> None:
-        self.engines, self.worker_id = engines, worker_id
+    def __init__(self, models: ModelManager, worker_id: str) -> None:
+        self.models, self.worker_id = models, worker_id
 
     def collect(self):
         running = GaugeMetricFamily("worker_running_requests", "Sequences in the engine's batch", labels=["model"])
         waiting = GaugeMetricFamily("worker_waiting_requests", "Accepted, not yet prefilled", labels=["model"])
         healthy = GaugeMetricFamily("worker_engine_healthy", "1 when the engine is healthy", labels=["model"])
-        for model, engine in self.engines.items():
+        for model, engine in self.models.engines().items():
             h = engine.health()
             running.add_metric([model], h.running)
             waiting.add_metric([model], h.waiting)
@@ -75,7 +76,15 @@ class _EngineCollector(Collector):
             "memory on a CPU-only worker", labels=["device"])
         for device, used in _device_memory():
             memory.add_metric([device], used)
-        yield from (running, waiting, healthy, memory)
+        budget = GaugeMetricFamily("worker_memory_budget_bytes",
+                                   "Memory the worker's models may use (the memory manager's limit)")
+        budget.add_metric([], self.models.budget.limit)
+        estimate = GaugeMetricFamily("worker_model_memory_estimate_bytes",
+                                     "Estimated weights + KV cache of each loaded model",
+                                     labels=["model"])
+        for model, used in self.models.budget.used.items():
+            estimate.add_metric([model], used.total)
+        yield from (running, waiting, healthy, memory, budget, estimate)
 
 
 def _device_memory() -> list[tuple[str, float]]:

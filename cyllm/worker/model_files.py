@@ -38,6 +38,17 @@ def gguf_path(ref: str) -> Path:
     return path
 
 
+def gguf_source(spec: ModelSpec) -> Path:
+    """The GGUF file of ``spec`` for engines that read GGUF directly (llama.cpp)."""
+    if spec.gguf is not None:
+        return gguf_path(spec.gguf)
+    assert spec.path is not None
+    files = sorted(spec.path.glob("*.gguf")) if spec.path.is_dir() else [spec.path]
+    if not files or not files[0].is_file():
+        raise FileNotFoundError(f"model {spec.id!r}: no .gguf file at {spec.path}")
+    return files[0]
+
+
 def resolve(spec: ModelSpec, cache_dir: Path) -> Path:
     """Return a folder with config, safetensors and tokenizer for ``spec``."""
     if spec.path is not None:

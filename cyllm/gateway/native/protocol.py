@@ -67,6 +67,30 @@ class ModelEntry(_Camel):
     context_length: int
     engine: str
     created: int
+    state: Literal["loaded", "available"] = "loaded"
+    base: str | None = Field(None, description="for a LoRA adapter model: its base model")
+    device: str | None = None
+    memory_bytes: int | None = Field(None, description="the worker's estimate: weights + KV cache")
+
+
+class LoadModelRequest(_Camel):
+    """Optional body of ``POST /api/v1/models/{id}/load``."""
+
+    adapter_path: str | None = Field(
+        None, min_length=1, description="for '<base>:<adapter>': the PEFT folder, on the worker")
+    worker_id: str | None = Field(None, min_length=1, description="load on this worker")
+
+
+class LoadModelResponse(_Camel):
+    model: str
+    worker_id: str
+    evicted: list[str] = Field(description="unloaded to make room, least recently used first")
+    models: list[ModelEntry] = Field(description="what that worker serves now")
+
+
+class UnloadModelResponse(_Camel):
+    model: str
+    worker_ids: list[str]
 
 
 class ModelsResponse(_Camel):

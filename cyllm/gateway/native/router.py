@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from cyllm import errors
-from cyllm.gateway.auth import authenticate
+from cyllm.gateway.auth import authenticate, require_admin
 from cyllm.gateway.errors import GENERATION_ERRORS, responses, stream_error
 from cyllm.gateway.generation import Generation, build_request
 from cyllm.gateway.native.protocol import (
@@ -16,13 +16,18 @@ from cyllm.gateway.native.protocol import (
     HealthResponse,
     InferenceRequest,
     InferenceResponse,
+    LoadModelRequest,
+    LoadModelResponse,
     ModelEntry,
     ModelsResponse,
+    UnloadModelResponse,
     Usage,
     WorkerHealth,
 )
-ERRORS = GENERATION_ERRORS
 from cyllm.gateway.sse import frame, sse_response
+from cyllm.protocol import pb
+
+ERRORS = GENERATION_ERRORS
 
 router = APIRouter(prefix="/api/v1", tags=["native"], dependencies=[Depends(authenticate)])
 # Health needs no credentials (load balancers and probes call it).
@@ -79,10 +84,38 @@ async def _stream(gen: Generation, rid: str) -> AsyncIterator[str]:
 async def models(request: Request) -> ModelsResponse:
     found = await request.app.state.client.list_models()
     allowed = request.state.identity.models
-    return ModelsResponse(models=[
-        ModelEntry(id=m.id, context_length=m.context_length, engine=m.engine, created=m.created)
-        for m in found if allowed is None or m.id in allowed
-    ])
+    return ModelsResponse(models=[_entry(m) for m in found if allowed is None or m.id in allowed])
+
+
+def _entry(m: pb.ModelInfo) -> ModelEntry:
+    return ModelEntry(id=m.id, context_length=m.context_length, engine=m.engine,
+                      created=m.created, state=m.state or "loaded", base=m.base or None,
+                      device=m.device or None, memory_bytes=m.memory_bytes or None)
+
+
+@router.post("/models/{model_id:path}/load", response_model=LoadModelResponse,
+             response_model_by_alias=True, dependencies=[Depends(require_admin)],
+             responses=responses(400, 401, 403, 404, 409, 500, 503))
+async def load_model(model_id: str, request: Request,
+                     body: LoadModelRequest | None = None) -> LoadModelResponse:
+    """Load a model from a worker's catalog (or register a LoRA adapter as
+    ``<base>:<adapter>``), unloading idle models least recently used first if memory is
+    short; 409 when it cannot fit or its engine cannot run there.  Admin scope."""
+    body = body or LoadModelRequest()
+    reply = await request.app.state.client.load_model(pb.LoadModelRequest(
+        model=model_id, adapter_path=body.adapter_path or "", worker_id=body.worker_id or ""))
+    return LoadModelResponse(model=model_id, worker_id=reply.worker_id, evicted=list(reply.evicted),
+                             models=[_entry(m) for m in reply.worker.models])
+
+
+@router.post("/models/{model_id:path}/unload", response_model=UnloadModelResponse,
+             response_model_by_alias=True, dependencies=[Depends(require_admin)],
+             responses=responses(401, 403, 404, 500, 503))
+async def unload_model(model_id: str, request: Request) -> UnloadModelResponse:
+    """Unload a model (or adapter) from every worker serving it; running requests finish
+    first (bounded by the worker's drain timeout).  Admin scope."""
+    reply = await request.app.state.client.unload_model(pb.UnloadModelRequest(model=model_id))
+    return UnloadModelResponse(model=model_id, worker_ids=list(reply.worker_ids))
 
 
 @health_router.get("/health/live")

@@ -110,13 +110,14 @@ async def _completion_stream(gen: Generation, rid: str, created: int, body: Comp
 async def list_models(request: Request) -> ModelList:
     models = await request.app.state.client.list_models()
     allowed = request.state.identity.models
+    # Only what can answer now; /api/v1/models also lists models that can be loaded.
     return ModelList(data=[Model(id=m.id, created=m.created) for m in models
-                           if allowed is None or m.id in allowed])
+                           if m.state != "available" and (allowed is None or m.id in allowed)])
 
 
 @router.get("/models/{model_id:path}", response_model=Model, responses=responses(401, 404, 500, 503))
 async def get_model(model_id: str, request: Request) -> Model:
     for m in await request.app.state.client.list_models():
-        if m.id == model_id:
+        if m.id == model_id and m.state != "available":
             return Model(id=m.id, created=m.created)
     raise errors.ModelNotFound(f"model {model_id!r} does not exist", param="model")

@@ -16,6 +16,9 @@ import abc
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from cyllm import errors
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class GenerationRequest:
     prompt: str | None = None  # raw text, used as is
     messages: tuple[tuple[str, str], ...] | None = None  # (role, content); chat template applied
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    adapter: str | None = None  # a LoRA adapter registered on this engine; None: the base model
 
 
 @dataclass(frozen=True)
@@ -79,9 +83,29 @@ class ModelCard:
 
 
 class AbstractEngine(abc.ABC):
-    """Load, generate (async iterator of events), abort, health, close."""
+    """Load, generate (async iterator of events), abort, health, close.
+
+    Engines that serve LoRA adapters on top of their base model override the three
+    adapter methods; a request names its adapter in ``GenerationRequest.adapter``.
+    """
 
     name: str = "abstract"
+
+    async def add_adapter(self, name: str, path: Path) -> None:
+        """Register a PEFT-format LoRA folder under ``name`` (base weights stay loaded)."""
+        raise errors.InvalidRequest(f"the {self.name} engine does not serve LoRA adapters")
+
+    async def remove_adapter(self, name: str) -> None:
+        raise errors.InvalidRequest(f"the {self.name} engine does not serve LoRA adapters")
+
+    def adapters(self) -> list[str]:
+        return []
+
+    def check_adapter(self, request: GenerationRequest) -> None:
+        """Refuse a request for an adapter this engine does not hold."""
+        if request.adapter is not None and request.adapter not in self.adapters():
+            raise errors.ModelNotFound(
+                f"adapter {request.adapter!r} is not loaded on this engine", param="model")
 
     @abc.abstractmethod
     async def load(self) -> ModelCard:

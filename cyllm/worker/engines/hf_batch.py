@@ -10,6 +10,7 @@ step is one forward pass for all running sequences.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -89,9 +90,10 @@ class KVBatch:
     @classmethod
     @torch.inference_mode()
     def prefill(
-        cls, model: torch.nn.Module, prompts: Sequence[Sequence[int]], pad_id: int
+        cls, model: torch.nn.Module, prompts: Sequence[Sequence[int]], pad_id: int, **extra: Any
     ) -> tuple[KVBatch, torch.Tensor]:
-        """Run the prompts in one forward pass; return the batch and last-token logits."""
+        """Run the prompts in one forward pass; return the batch and last-token logits.
+        ``extra`` goes to the model's forward (PEFT's ``adapter_names``)."""
         device = model.device
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -109,6 +111,7 @@ class KVBatch:
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **extra,
         )
         lengths = mask.sum(-1)
         return cls(out.past_key_values, mask, lengths), out.logits[:, -1, :].float()
@@ -141,7 +144,7 @@ class KVBatch:
     # -- stepping ---------------------------------------------------------------------
 
     @torch.inference_mode()
-    def decode(self, model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    def decode(self, model: torch.nn.Module, tokens: torch.Tensor, **extra: Any) -> torch.Tensor:
         """Feed one token per row; return next-token logits [B, V]."""
         self.mask = torch.cat([self.mask, self.mask.new_ones((self.size, 1))], dim=1)
         out = model(
@@ -150,6 +153,7 @@ class KVBatch:
             position_ids=self.positions[:, None],
             past_key_values=self.cache,
             use_cache=True,
+            **extra,
         )
         self.cache = out.past_key_values
         self.positions = self.positions + 1

