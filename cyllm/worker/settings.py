@@ -79,7 +79,10 @@ class ModelSpec(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:
-        if self.engine != "fake" and (self.path is None) == (self.gguf is None):
+        engines = [c.engine for c in self.candidates] if self.engine == "hybrid" else [self.engine]
+        needs_source = any(e != "fake" for e in engines)
+        if (self.path is not None and self.gguf is not None) or (
+                needs_source and self.path is None and self.gguf is None):
             raise ValueError(f"model {self.id!r}: give exactly one of 'path' or 'gguf'")
         if (self.engine == "hybrid") != bool(self.candidates):
             raise ValueError(f"model {self.id!r}: 'candidates' go with engine 'hybrid', and only there")

@@ -2,7 +2,7 @@
 benchmarks.  It is never a production default and never counts as a supported engine.
 
 It "generates" the words ``w0 w1 w2 ...`` (one word per token), honouring max_tokens,
-stop strings and aborts.  ``engine_args``:
+stop strings and aborts; with a LoRA adapter named ``a`` it says ``a0 a1 a2 ...``.  ``engine_args``:
 
 - ``token_delay_s`` (float, default 0): sleep between tokens, to make streams last;
 - ``hang_after`` (int, optional): after this many tokens the engine wedges, as a stuck
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from cyllm import errors
 from cyllm.worker.engines.base import (
@@ -46,12 +47,29 @@ class FakeEngine(AbstractEngine):
         self._tokens = 0
         self._last_token_at = time.monotonic()
         self._wedged = False
+        self._adapters: dict[str, Path] = {}
+
+    async def add_adapter(self, name: str, path: Path) -> None:
+        if not Path(path).is_dir():
+            raise errors.InvalidRequest(f"adapter folder {path} does not exist", param="adapter_path")
+        self._adapters[name] = Path(path)
+
+    async def remove_adapter(self, name: str) -> None:
+        if self._adapters.pop(name, None) is None:
+            raise errors.ModelNotFound(f"adapter {name!r} is not loaded", param="model")
+
+    def adapters(self) -> list[str]:
+        return list(self._adapters)
 
     async def load(self) -> ModelCard:
+        for name, path in self.spec.adapters.items():
+            await self.add_adapter(name, path)
         return ModelCard(self.spec.id, self.spec.max_context or CONTEXT, self.name,
                          self.spec.max_batch_size, "cpu", int(time.time()))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        self.check_adapter(request)
+        prefix = request.adapter or "w"
         sampling = resolve_sampling(request.sampling, self.spec.temperature or 1.0, self.spec.top_p or 1.0)
         if request.messages is not None:
             if not request.messages:
@@ -81,7 +99,7 @@ class FakeEngine(AbstractEngine):
                     return
                 self._tokens += 1
                 self._last_token_at = time.monotonic()
-                out, hit = stopper.push(("" if i == 0 else " ") + f"w{i}")
+                out, hit = stopper.push(("" if i == 0 else " ") + f"{prefix}{i}")
                 if out:
                     yield TextDelta(out, 1)
                 if hit:

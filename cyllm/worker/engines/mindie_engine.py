@@ -63,6 +63,8 @@ class MindieEngine(AbstractEngine):
         self.tracker = RequestTracker()
         self.client: httpx.AsyncClient | None = None
         self._last_error = ""
+        self._streams: dict[str, httpx.Response] = {}
+        self._aborted: set[str] = set()
 
     async def load(self) -> ModelCard:
         from transformers import AutoTokenizer
@@ -119,6 +121,7 @@ class MindieEngine(AbstractEngine):
         try:
             yield Started(len(prompt_ids))
             async with self.client.stream("POST", route, json=body) as reply:
+                self._streams[rid] = reply
                 if reply.status_code >= 400:
                     detail = (await reply.aread()).decode(errors="replace")[:500]
                     raise _http_error(reply.status_code, detail)
@@ -132,18 +135,29 @@ class MindieEngine(AbstractEngine):
                         if delta is not None:
                             yield delta
                         reason = choice.get("finish_reason") or reason
+            if rid in self._aborted:
+                yield Finished("abort", len(prompt_ids), buffer.total)
+                return
             completion = int(usage["completion_tokens"]) if usage else buffer.total
             self._last_error = ""
             yield Finished("length" if reason == "length" else "stop", len(prompt_ids), completion)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.StreamError) as exc:
+            if rid in self._aborted:  # we closed the stream ourselves
+                yield Finished("abort", len(prompt_ids), buffer.total)
+                return
             self._last_error = f"{type(exc).__name__}: {exc}"
             raise errors.EngineError(f"MindIE Server at {self.endpoint} failed: {exc}") from exc
         finally:
             self.tracker.finish(rid)
+            self._streams.pop(rid, None)
+            self._aborted.discard(rid)
 
     async def abort(self, request_id: str) -> None:
-        # Cancellation is closing the stream (the generator's aclose); nothing to send.
-        return None
+        """Close the request's stream: MindIE Server cancels a request whose client left."""
+        reply = self._streams.get(request_id)
+        if reply is not None:
+            self._aborted.add(request_id)
+            await reply.aclose()
 
     def health(self) -> EngineHealth:
         return self.tracker.health(self.client is not None and not self._last_error,

@@ -88,6 +88,7 @@ class TransformersEngine(AbstractEngine):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running: list[_Sequence] = []
         self._waiting: list[_Sequence] = []
+        self._admitting: list[_Sequence] = []
         self._tokens_generated = 0
         self._last_token_at = time.monotonic()
         self._fatal: str = ""
@@ -288,10 +289,12 @@ class TransformersEngine(AbstractEngine):
                 except Exception as exc:  # keep serving: fail only the affected requests
                     log.exception("engine step failed; failing %d requests", len(self._running))
                     err = errors.EngineError(f"generation failed: {exc}")
-                    for seq in self._running + self._waiting:
+                    # Those being prefilled are in neither list yet: fail them too.
+                    failed = self._admitting + self._running + self._waiting
+                    for seq in failed:
                         seq.events.append(err)
-                    self._deliver(self._running + self._waiting)
-                    self._running, self._waiting, batch = [], [], None
+                    self._deliver(failed)
+                    self._running, self._waiting, self._admitting, batch = [], [], [], None
         for seq in self._running + self._waiting:
             seq.events.append(errors.Unavailable("engine is shutting down"))
         self._deliver(self._running + self._waiting)
@@ -319,7 +322,7 @@ class TransformersEngine(AbstractEngine):
             self._wake.clear()
             return batch
         # 2. admit waiting requests: prefill them together, merge into the batch
-        admitted = self._admit()
+        admitted = self._admitting = self._admit()
         if admitted:
             new, logits = KVBatch.prefill(self.model, [s.prompt_ids for s in admitted], self.pad_id,
                                           **self._forward_args([s.adapter for s in admitted]))
@@ -327,6 +330,7 @@ class TransformersEngine(AbstractEngine):
                                            [s.generator for s in admitted]))
             batch = new if batch is None else batch.merge(new)
             self._running.extend(admitted)
+            self._admitting = []
             batch = self._compact(batch)
             self._deliver(admitted)
             if batch is None:
