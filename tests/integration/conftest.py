@@ -36,7 +36,8 @@ async def make_stack() -> AsyncIterator[Any]:
     started: list[Any] = []
 
     async def make(models: list[ModelSpec] | None = None, metrics_port: int | None = None,
-                   gateway: dict[str, Any] | None = None, **coordinator_kw: Any) -> Stack:
+                   gateway: dict[str, Any] | None = None, worker: dict[str, Any] | None = None,
+                   **coordinator_kw: Any) -> Stack:
         coordinator = CoordinatorServer(CoordinatorSettings(port=0, metrics_port=metrics_port,
                                                             **coordinator_kw))
         cport = await coordinator.start()
@@ -44,7 +45,7 @@ async def make_stack() -> AsyncIterator[Any]:
         address = f"127.0.0.1:{cport}"
         worker = WorkerServer(WorkerSettings(port=0, coordinators=[address], drain_timeout_s=2,
                                              metrics_port=metrics_port,
-                                             models=models or [fake_model()]))
+                                             models=models or [fake_model()], **(worker or {})))
         await worker.start()
         started.append(worker)
         for _ in range(100):

