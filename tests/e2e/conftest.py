@@ -12,6 +12,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,26 +47,34 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 3
     raise RuntimeError(f"server not healthy after {timeout}s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory) -> Server:
+@contextmanager
+def serving(log: Path, config: Path | None = None, timeout: float = 300) -> Iterator[Server]:
+    """``cyllm serve`` (optionally with a config file) on free ports, stopped by its pid."""
     http, coord, work = free_ports(3)
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    cmd = [sys.executable, "-m", "cyllm", "serve", "--port", str(http),
+           "--coordinator-port", str(coord), "--worker-port", str(work)]
+    if config is not None:
+        cmd += ["--config", str(config)]
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cyllm", "serve", "--port", str(http),
-             "--coordinator-port", str(coord), "--worker-port", str(work)],
-            stdout=out, stderr=subprocess.STDOUT,
+            cmd, stdout=out, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", "CYLLM_COORDINATOR_METRICS_PORT": "0",
                  "CYLLM_WORKER_METRICS_PORT": "0"},
         )
     base = f"http://127.0.0.1:{http}"
     try:
-        wait_healthy(f"{base}/api/v1/health", proc, log)
+        wait_healthy(f"{base}/api/v1/health", proc, log, timeout)
         yield Server(base, f"127.0.0.1:{work}", f"127.0.0.1:{coord}", proc)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(30)
+            proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> Iterator[Server]:
+    with serving(tmp_path_factory.mktemp("serve") / "serve.log") as s:
+        yield s

