@@ -148,13 +148,16 @@ def keys_revoke(key_id: str, config: ConfigFile = None) -> None:
 
 @app.command("prepare-models")
 def prepare_models(config: ConfigFile = None) -> None:
-    """Convert and cache the configured models (GGUF -> safetensors) ahead of serving."""
+    """Convert and cache the configured models (GGUF -> safetensors) ahead of serving,
+    for the engines that load safetensors (llama.cpp reads the GGUF as it is)."""
     from cyllm.worker import model_files
+    from cyllm.worker.engines.factory import ENGINES, resolve_engine_name
     from cyllm.worker.settings import WorkerSettings
 
     settings = _load(WorkerSettings, config)
     for spec in settings.models:
-        if spec.engine == "fake":
+        subs = [spec.model_copy(update={"engine": c.engine}) for c in spec.candidates] or [spec]
+        if all(ENGINES[resolve_engine_name(s, settings.cpu_engine)].source != "folder" for s in subs):
             continue
         try:
             path = model_files.resolve(spec, settings.cache_dir)

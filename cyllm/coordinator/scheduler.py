@@ -102,6 +102,10 @@ class Scheduler(abc.ABC):
         if serving and not any(v.healthy for v in serving):
             reasons = "; ".join(f"{v.record.worker_id}: {v.unhealthy_reason}" for v in serving)
             raise errors.Unavailable(f"every worker serving model {model!r} is unhealthy ({reasons})")
+        if not serving and any(m.id == model for v in views for m in v.record.info.available):
+            raise errors.ModelNotFound(
+                f"model {model!r} is not loaded; an admin can load it with "
+                f"POST /api/v1/models/{model}/load", param="model")
         if not serving:
             known = sorted({m.id for v in views if v.healthy for m in v.record.info.models})
             raise errors.ModelNotFound(

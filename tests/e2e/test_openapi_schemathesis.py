@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import free_ports
-from tests.e2e.conftest import wait_healthy
+from tests.e2e.conftest import serving
 
 pytestmark = pytest.mark.e2e
 
@@ -30,26 +28,14 @@ worker:
 
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(tmp_path):
     (tmp_path / "fake.yaml").write_text(CONFIG)
-    http, coord, work = free_ports(3)
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cyllm", "serve", "--port", str(http), "--coordinator-port", str(coord),
-             "--worker-port", str(work), "--config", str(tmp_path / "fake.yaml")],
-            stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{http}"
-    try:
-        wait_healthy(f"{base}/api/v1/health", proc, log, timeout=60)
+    with serving(tmp_path / "serve.log", tmp_path / "fake.yaml", timeout=60) as server:
         st = shutil.which("schemathesis", path=os.path.dirname(sys.executable))
         # A fixed seed keeps CI reproducible; run without --seed locally to explore further.
         run = subprocess.run(
-            [st, "run", f"{base}/openapi.json", "--checks",
+            [st, "run", f"{server.base_url}/openapi.json", "--checks",
              "not_a_server_error,response_schema_conformance,status_code_conformance,"
              "content_type_conformance", "--max-examples", "25", "--seed", "20261128",
              "--request-timeout", "20"],
             capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
         assert "passed" in run.stdout
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)

@@ -50,7 +50,7 @@ async def test_load_evicts_the_least_recently_used_idle_model(make_stack):
     assert loaded.json()["evicted"] == ["b"]
     assert await openai_ids(stack) == ["a", "c"]
     gone = await stack.http.post("/v1/chat/completions", json=chat("b"))
-    assert gone.status_code == 404 and "b" in gone.json()["error"]["message"]
+    assert gone.status_code == 404 and "'b' is not loaded" in gone.json()["error"]["message"]
     assert (await listing(stack))["b"]["state"] == "available"
 
     unloaded = await stack.http.post("/api/v1/models/a/unload")

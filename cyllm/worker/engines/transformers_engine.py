@@ -118,6 +118,12 @@ class TransformersEngine(AbstractEngine):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return torch.device(device)
 
+    def load_tokenizer(self) -> Any:
+        return AutoTokenizer.from_pretrained(self.model_dir)
+
+    def load_weights(self, dtype: torch.dtype) -> torch.nn.Module:
+        return AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype, **self.spec.engine_args)
+
     # bfloat16 on accelerators, float32 on CPU (bfloat16 matmuls are slow on most CPUs).
     default_dtypes = {"cuda": "bfloat16", "npu": "float16"}
 
@@ -126,10 +132,8 @@ class TransformersEngine(AbstractEngine):
         dtype_name = self.spec.dtype
         if dtype_name == "auto":
             dtype_name = self.default_dtypes.get(self.device.type, "float32")
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        model = AutoModelForCausalLM.from_pretrained(
-            self.model_dir, dtype=getattr(torch, dtype_name), **self.spec.engine_args
-        )
+        self.tokenizer = self.load_tokenizer()
+        model = self.load_weights(getattr(torch, dtype_name))
         self.model = model.to(self.device).eval()
         config = self.model.config.get_text_config()
         own = getattr(config, "max_position_embeddings", None) or 2048
