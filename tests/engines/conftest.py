@@ -106,7 +106,7 @@ async def _make(kind: str, stack: contextlib.AsyncExitStack) -> Subject:
 
         return Subject(kind, eng, fail)
     if kind == "trtllm":
-        fakes.on_path()
+        stack.enter_context(fakes.on_path("tensorrt_llm"))
         import tensorrt_llm
 
         from cyllm.worker.engines.trtllm_engine import TrtLlmEngine

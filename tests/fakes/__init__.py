@@ -7,6 +7,8 @@ those APIs, not that the hardware path works."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -16,7 +18,14 @@ def word(i: int, prefix: str = "w") -> str:
     return ("" if i == 0 else " ") + f"{prefix}{i}"
 
 
-def on_path() -> None:
-    """Make ``import tensorrt_llm`` and friends find the fakes in this folder."""
-    if str(HERE) not in sys.path:
-        sys.path.insert(0, str(HERE))
+@contextmanager
+def on_path(*modules: str) -> Iterator[None]:
+    """``import tensorrt_llm`` (and the other ``modules``) finds the fakes here, until exit."""
+    sys.path.insert(0, str(HERE))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(HERE))
+        for name in list(sys.modules):
+            if name.split(".")[0] in modules:
+                del sys.modules[name]
