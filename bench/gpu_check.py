@@ -39,13 +39,15 @@ SHAPES = {
 }
 
 
-def byte_tokenizer():
-    """A byte-level tokenizer (ids 0-255 are bytes) with a chat template; no files."""
+def byte_tokenizer(vocab_size: int):
+    """A byte-level tokenizer (ids 0-255 are bytes; every other id decodes as ``t<id>``, so
+    whatever a random model emits is text) with a chat template; no files."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {ch: i for i, ch in enumerate(alphabet)} | {"<s>": 256, "</s>": 257, "<pad>": 258}
+    vocab |= {f"t{i}": i for i in range(259, vocab_size)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -64,7 +66,7 @@ class RandomWeightsEngine(TransformersEngine):
         self.config = config
 
     def load_tokenizer(self):
-        return byte_tokenizer()
+        return byte_tokenizer(self.config.vocab_size)
 
     def load_weights(self, dtype: torch.dtype) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
