@@ -5,9 +5,12 @@ A model's estimate is its weights plus the KV cache its engine reserves:
 - weights: the tensors' element count from the safetensors headers (no weights read)
   times the bytes of the dtype the engine will load them in; a GGUF file's size;
 - KV cache: ``2 x layers x kv_heads x head_dim x bytes`` per token, times the tokens the
-  engine may hold — ``max_context x max_batch_size`` for the transformers engine (its
-  worst case), ``n_ctx x instances`` for llama.cpp, and the configured pool for vLLM
-  (``cpu_kvcache_space_gib`` on CPU, ``gpu_memory_utilization`` of the GPU on CUDA).
+  engine holds — for vLLM its pool, reserved up front (``cpu_kvcache_space_gib`` on CPU,
+  ``gpu_memory_utilization`` of the GPU on CUDA); for llama.cpp ``n_ctx x instances``;
+  for the transformers engine, which grows its cache with the sequences, a full batch of
+  ``max_batch_size`` sequences of ``default_max_tokens + 1024`` tokens each (a long
+  prompt and its answer; capped at the context).  A batch of full-context sequences can
+  exceed that: lower ``max_batch_size`` or ``max_context`` where that matters.
 
 The worker's budget is ``memory_limit_gib`` when set, else the device's memory at start
 (CUDA: free memory of the first GPU; CPU: MemAvailable) times ``memory_fraction``.  A
@@ -99,7 +102,7 @@ def estimate_folder(spec: ModelSpec, folder: Path, device_type: str, device_tota
         else:
             kv = max(0, int(float(args.get("gpu_memory_utilization", 0.9)) * device_total) - weights)
     else:
-        kv = per_token * context * spec.max_batch_size
+        kv = per_token * min(context, spec.default_max_tokens + 1024) * spec.max_batch_size
     return Estimate(weights, kv)
 
 
