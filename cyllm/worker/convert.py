@@ -46,8 +46,11 @@ def event_to_proto(event: Event, worker_id: str) -> pb.GenerateResponse:
     )
 
 
-def card_to_proto(card: ModelCard) -> pb.ModelInfo:
+def card_to_proto(card: ModelCard, *, model_id: str | None = None, base: str = "",
+                  memory_bytes: int = 0) -> pb.ModelInfo:
+    """A loaded model (or, with ``model_id`` and ``base``, an adapter on it)."""
     return pb.ModelInfo(
-        id=card.model_id, context_length=card.context_length, engine=card.engine,
-        created=card.created,
+        id=model_id or card.model_id, context_length=card.context_length, engine=card.engine,
+        created=card.created, state="loaded", base=base, device=card.device,
+        memory_bytes=memory_bytes,
     )

@@ -23,6 +23,7 @@ from pathlib import Path
 from cyllm import errors
 from cyllm.protocol import pb
 from cyllm.worker import memory
+from cyllm.worker.convert import card_to_proto
 from cyllm.worker.engines.base import AbstractEngine, ModelCard
 from cyllm.worker.engines.factory import ENGINES, create_engine, resolve_engine_name
 from cyllm.worker.settings import ModelSpec, WorkerSettings
@@ -202,14 +203,8 @@ class ModelManager:
     def served(self) -> list[pb.ModelInfo]:
         out = []
         for mid, m in self.loaded.items():
-            c = m.card
-            out.append(pb.ModelInfo(id=mid, context_length=c.context_length, engine=c.engine,
-                                    created=c.created, state="loaded", device=c.device,
-                                    memory_bytes=m.estimate.total))
-            for name in m.adapters:
-                out.append(pb.ModelInfo(id=f"{mid}:{name}", context_length=c.context_length,
-                                        engine=c.engine, created=c.created, state="loaded",
-                                        base=mid, device=c.device))
+            out.append(card_to_proto(m.card, model_id=mid, memory_bytes=m.estimate.total))
+            out += [card_to_proto(m.card, model_id=f"{mid}:{name}", base=mid) for name in m.adapters]
         return out
 
     def available(self) -> list[pb.ModelInfo]:
