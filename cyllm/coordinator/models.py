@@ -31,11 +31,15 @@ class ModelAdmin:
 
     async def _target(self, model: str, worker_id: str) -> WorkerView:
         base = model.partition(":")[0]
-        views = [v for v in await self.scheduler.workers() if v.healthy]
+        everyone = await self.scheduler.workers()
+        views = [v for v in everyone if v.healthy]
         if worker_id:
+            if not any(v.record.worker_id == worker_id for v in everyone):
+                raise errors.InvalidRequest(f"no worker {worker_id!r} is registered",
+                                            param="worker_id")
             views = [v for v in views if v.record.worker_id == worker_id]
             if not views:
-                raise errors.Unavailable(f"worker {worker_id!r} is not registered or not healthy")
+                raise errors.Unavailable(f"worker {worker_id!r} is not healthy")
         candidates = [v for v in views if _has(v, base)]
         if not candidates:
             known = sorted({m.id for v in views

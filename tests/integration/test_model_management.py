@@ -114,3 +114,11 @@ async def test_adapters_are_registered_served_and_removed_at_run_time(make_stack
     assert (await stack.http.post("/api/v1/models/base:ada/unload")).status_code == 200
     assert await openai_ids(stack) == ["base"]
     assert (await stack.http.post("/v1/chat/completions", json=chat("base:ada"))).status_code == 404
+
+
+async def test_loading_on_a_named_worker(make_stack):
+    stack = await make_stack([fake_model("f"), fake_model("g", preload=False)])
+    unknown = await stack.http.post("/api/v1/models/g/load", json={"workerId": "nobody"})
+    assert unknown.status_code == 400 and "nobody" in unknown.json()["error"]["message"]
+    named = await stack.http.post("/api/v1/models/g/load", json={"workerId": stack.worker.worker_id})
+    assert named.status_code == 200 and named.json()["workerId"] == stack.worker.worker_id
