@@ -36,10 +36,9 @@ from cyllm.worker.engines.base import (
     ModelCard,
     Started,
 )
-from cyllm.worker.engines.prompt import messages_of, prepare_prompt
+from cyllm.worker.engines.prompt import messages_of, plan
 from cyllm.worker.engines.tracking import DeltaBuffer, RequestTracker
 from cyllm.worker.engines.trtllm_engine import model_context_length
-from cyllm.worker.engines.validation import plan_max_tokens, resolve_sampling
 from cyllm.worker.settings import ModelSpec
 
 _KNOWN_ARGS = {"endpoint", "model_name", "timeout_s", "verify"}
@@ -98,10 +97,9 @@ class MindieEngine(AbstractEngine):
         if self.client is None:
             raise errors.EngineError(f"MindIE engine for {self.spec.id} is closed")
         self.check_adapter(request)
-        sampling = resolve_sampling(request.sampling, self.temperature, self.top_p)
-        prompt_ids = prepare_prompt(self.tokenizer, request)
-        max_new = plan_max_tokens(len(prompt_ids), sampling.max_tokens, self.context_length,
-                                  self.spec.default_max_tokens)
+        sampling, prompt_ids, max_new = plan(
+            self.tokenizer, request, temperature=self.temperature, top_p=self.top_p,
+            context=self.context_length, default_max_tokens=self.spec.default_max_tokens)
         body: dict[str, Any] = {
             "model": self.model_name, "stream": True, "max_tokens": max_new,
             "temperature": sampling.temperature, "top_p": sampling.top_p,

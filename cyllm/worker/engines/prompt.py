@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from cyllm import errors
-from cyllm.worker.engines.base import GenerationRequest
+from cyllm.worker.engines.base import GenerationRequest, SamplingParams
+from cyllm.worker.engines.validation import plan_max_tokens, resolve_sampling
 
 
 def messages_of(request: GenerationRequest) -> list[dict[str, str]]:
@@ -36,3 +37,13 @@ def prepare_prompt(tokenizer: Any, request: GenerationRequest) -> list[int]:
     if not request.prompt:
         raise errors.InvalidRequest("prompt must not be empty", param="prompt")
     return list(tokenizer(request.prompt)["input_ids"])
+
+
+def plan(tokenizer: Any, request: GenerationRequest, *, temperature: float, top_p: float,
+         context: int, default_max_tokens: int) -> tuple[SamplingParams, list[int], int]:
+    """Check ``request`` before anything runs: its sampling with the model's defaults
+    filled in, its prompt ids, and how many tokens to generate."""
+    sampling = resolve_sampling(request.sampling, temperature, top_p)
+    prompt_ids = prepare_prompt(tokenizer, request)
+    max_new = plan_max_tokens(len(prompt_ids), sampling.max_tokens, context, default_max_tokens)
+    return sampling, prompt_ids, max_new

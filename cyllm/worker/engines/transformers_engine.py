@@ -43,10 +43,9 @@ from cyllm.worker.engines.base import (
     TextDelta,
 )
 from cyllm.worker.engines.hf_batch import KVBatch
-from cyllm.worker.engines.prompt import prepare_prompt
+from cyllm.worker.engines.prompt import plan
 from cyllm.worker.engines.sampling import make_generator, sample
 from cyllm.worker.engines.text import IncrementalDecoder, StopMatcher
-from cyllm.worker.engines.validation import plan_max_tokens, resolve_sampling
 from cyllm.worker.settings import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -230,11 +229,9 @@ class TransformersEngine(AbstractEngine):
         if self._fatal:
             raise errors.EngineError(f"engine for {self.spec.id} is down: {self._fatal}")
         self.check_adapter(request)
-        sampling = resolve_sampling(request.sampling, self.temperature, self.top_p)
-        prompt_ids = prepare_prompt(self.tokenizer, request)
-        max_new = plan_max_tokens(
-            len(prompt_ids), sampling.max_tokens, self.context_length, self.spec.default_max_tokens
-        )
+        sampling, prompt_ids, max_new = plan(
+            self.tokenizer, request, temperature=self.temperature, top_p=self.top_p,
+            context=self.context_length, default_max_tokens=self.spec.default_max_tokens)
         seq = _Sequence(
             request_id=request.request_id,
             prompt_ids=prompt_ids,

@@ -47,9 +47,8 @@ from cyllm.worker.engines.base import (
     ModelCard,
     Started,
 )
-from cyllm.worker.engines.prompt import prepare_prompt
+from cyllm.worker.engines.prompt import plan
 from cyllm.worker.engines.tracking import DeltaBuffer, RequestTracker
-from cyllm.worker.engines.validation import plan_max_tokens, resolve_sampling
 from cyllm.worker.settings import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -187,10 +186,9 @@ class VllmAsyncEngine(AbstractEngine):
         if self.llm is None or self.llm.errored:
             raise errors.EngineError(f"vLLM engine for {self.spec.id} is down")
         self.check_adapter(request)
-        sampling = resolve_sampling(request.sampling, self.temperature, self.top_p)
-        prompt_ids = prepare_prompt(self.tokenizer, request)
-        max_new = plan_max_tokens(len(prompt_ids), sampling.max_tokens, self.context_length,
-                                  self.spec.default_max_tokens)
+        sampling, prompt_ids, max_new = plan(
+            self.tokenizer, request, temperature=self.temperature, top_p=self.top_p,
+            context=self.context_length, default_max_tokens=self.spec.default_max_tokens)
         params = SamplingParams(
             max_tokens=max_new, temperature=sampling.temperature, top_p=sampling.top_p,
             seed=sampling.seed, stop=list(sampling.stop) or None,
