@@ -49,3 +49,19 @@ def redis_url(redis_server):
     client.flushdb()
     client.close()
     return redis_server
+
+
+@pytest.fixture(scope="session")
+def default_model_dir():
+    """The default model as a safetensors folder (converted once into the cache)."""
+    from cyllm.worker import model_files
+    from cyllm.worker.settings import WorkerSettings, default_models
+
+    return model_files.resolve(default_models()[0], WorkerSettings().cache_dir)
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer(default_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_dir)

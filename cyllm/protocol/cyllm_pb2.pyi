@@ -109,7 +109,7 @@ class ModelInfo(_message.Message):
     def __init__(self, id: _Optional[str] = ..., context_length: _Optional[int] = ..., engine: _Optional[str] = ..., created: _Optional[int] = ..., state: _Optional[str] = ..., base: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "address", "models", "capacity", "device", "weight", "available", "memory_budget_bytes", "memory_used_bytes")
+    __slots__ = ("worker_id", "address", "models", "capacity", "device", "weight", "available", "memory_budget_bytes", "memory_used_bytes", "trains", "training_job", "training_shares_device")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +119,9 @@ class WorkerInfo(_message.Message):
     AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TRAINS_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_JOB_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_SHARES_DEVICE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     address: str
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
@@ -128,17 +131,26 @@ class WorkerInfo(_message.Message):
     available: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     memory_budget_bytes: int
     memory_used_bytes: int
-    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., capacity: _Optional[int] = ..., device: _Optional[str] = ..., weight: _Optional[int] = ..., available: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., memory_budget_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ...) -> None: ...
+    trains: bool
+    training_job: str
+    training_shares_device: bool
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., capacity: _Optional[int] = ..., device: _Optional[str] = ..., weight: _Optional[int] = ..., available: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., memory_budget_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., trains: _Optional[bool] = ..., training_job: _Optional[str] = ..., training_shares_device: _Optional[bool] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
-    __slots__ = ("model", "adapter_path", "worker_id")
+    __slots__ = ("model", "adapter_path", "worker_id", "from_model", "model_path", "peft_adapter_path")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_PATH_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
+    PEFT_ADAPTER_PATH_FIELD_NUMBER: _ClassVar[int]
     model: str
     adapter_path: str
     worker_id: str
-    def __init__(self, model: _Optional[str] = ..., adapter_path: _Optional[str] = ..., worker_id: _Optional[str] = ...) -> None: ...
+    from_model: str
+    model_path: str
+    peft_adapter_path: str
+    def __init__(self, model: _Optional[str] = ..., adapter_path: _Optional[str] = ..., worker_id: _Optional[str] = ..., from_model: _Optional[str] = ..., model_path: _Optional[str] = ..., peft_adapter_path: _Optional[str] = ...) -> None: ...
 
 class LoadModelResponse(_message.Message):
     __slots__ = ("worker", "worker_id", "evicted")
@@ -275,3 +287,207 @@ class WorkerStatusResponse(_message.Message):
     engines: _containers.RepeatedCompositeFieldContainer[EngineStatus]
     tokens_generated: int
     def __init__(self, worker_id: _Optional[str] = ..., engines: _Optional[_Iterable[_Union[EngineStatus, _Mapping]]] = ..., tokens_generated: _Optional[int] = ...) -> None: ...
+
+class TrainingProgress(_message.Message):
+    __slots__ = ("step", "total_steps", "epoch", "loss", "learning_rate", "tokens_per_second", "eta_s", "tokens")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    ETA_S_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    total_steps: int
+    epoch: float
+    loss: float
+    learning_rate: float
+    tokens_per_second: float
+    eta_s: float
+    tokens: int
+    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., epoch: _Optional[float] = ..., loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., eta_s: _Optional[float] = ..., tokens: _Optional[int] = ...) -> None: ...
+
+class TrainingCheckpoint(_message.Message):
+    __slots__ = ("step", "path", "created_at", "loss")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    path: str
+    created_at: int
+    loss: float
+    def __init__(self, step: _Optional[int] = ..., path: _Optional[str] = ..., created_at: _Optional[int] = ..., loss: _Optional[float] = ...) -> None: ...
+
+class TrainingEvent(_message.Message):
+    __slots__ = ("seq", "created_at", "type", "level", "message", "progress", "checkpoint", "state", "result_kind", "result_path", "trained_tokens")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    RESULT_KIND_FIELD_NUMBER: _ClassVar[int]
+    RESULT_PATH_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    created_at: int
+    type: str
+    level: str
+    message: str
+    progress: TrainingProgress
+    checkpoint: TrainingCheckpoint
+    state: str
+    result_kind: str
+    result_path: str
+    trained_tokens: int
+    def __init__(self, seq: _Optional[int] = ..., created_at: _Optional[int] = ..., type: _Optional[str] = ..., level: _Optional[str] = ..., message: _Optional[str] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., checkpoint: _Optional[_Union[TrainingCheckpoint, _Mapping]] = ..., state: _Optional[str] = ..., result_kind: _Optional[str] = ..., result_path: _Optional[str] = ..., trained_tokens: _Optional[int] = ...) -> None: ...
+
+class TrainingJob(_message.Message):
+    __slots__ = ("id", "spec_json", "state", "error", "error_code", "worker_id", "created_at", "started_at", "finished_at", "attempts", "fine_tuned_model", "progress", "checkpoints", "trained_tokens", "output_dir", "cancel_requested", "training_file")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    FINE_TUNED_MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_DIR_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_FILE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    spec_json: str
+    state: str
+    error: str
+    error_code: str
+    worker_id: str
+    created_at: int
+    started_at: int
+    finished_at: int
+    attempts: int
+    fine_tuned_model: str
+    progress: TrainingProgress
+    checkpoints: _containers.RepeatedCompositeFieldContainer[TrainingCheckpoint]
+    trained_tokens: int
+    output_dir: str
+    cancel_requested: bool
+    training_file: str
+    def __init__(self, id: _Optional[str] = ..., spec_json: _Optional[str] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., error_code: _Optional[str] = ..., worker_id: _Optional[str] = ..., created_at: _Optional[int] = ..., started_at: _Optional[int] = ..., finished_at: _Optional[int] = ..., attempts: _Optional[int] = ..., fine_tuned_model: _Optional[str] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., checkpoints: _Optional[_Iterable[_Union[TrainingCheckpoint, _Mapping]]] = ..., trained_tokens: _Optional[int] = ..., output_dir: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., training_file: _Optional[str] = ...) -> None: ...
+
+class CreateTrainingJobRequest(_message.Message):
+    __slots__ = ("spec_json", "training_file")
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_FILE_FIELD_NUMBER: _ClassVar[int]
+    spec_json: str
+    training_file: str
+    def __init__(self, spec_json: _Optional[str] = ..., training_file: _Optional[str] = ...) -> None: ...
+
+class TrainingJobRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class ListTrainingJobsRequest(_message.Message):
+    __slots__ = ("limit", "after")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    after: str
+    def __init__(self, limit: _Optional[int] = ..., after: _Optional[str] = ...) -> None: ...
+
+class ListTrainingJobsResponse(_message.Message):
+    __slots__ = ("jobs", "has_more")
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    HAS_MORE_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[TrainingJob]
+    has_more: bool
+    def __init__(self, jobs: _Optional[_Iterable[_Union[TrainingJob, _Mapping]]] = ..., has_more: _Optional[bool] = ...) -> None: ...
+
+class TrainingEventsRequest(_message.Message):
+    __slots__ = ("id", "after_seq", "limit")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    after_seq: int
+    limit: int
+    def __init__(self, id: _Optional[str] = ..., after_seq: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class TrainingEventsResponse(_message.Message):
+    __slots__ = ("events", "has_more")
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    HAS_MORE_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[TrainingEvent]
+    has_more: bool
+    def __init__(self, events: _Optional[_Iterable[_Union[TrainingEvent, _Mapping]]] = ..., has_more: _Optional[bool] = ...) -> None: ...
+
+class FileInfo(_message.Message):
+    __slots__ = ("id", "filename", "bytes", "created_at", "purpose", "path")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    FILENAME_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    filename: str
+    bytes: int
+    created_at: int
+    purpose: str
+    path: str
+    def __init__(self, id: _Optional[str] = ..., filename: _Optional[str] = ..., bytes: _Optional[int] = ..., created_at: _Optional[int] = ..., purpose: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+
+class FileChunk(_message.Message):
+    __slots__ = ("filename", "purpose", "data")
+    FILENAME_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    filename: str
+    purpose: str
+    data: bytes
+    def __init__(self, filename: _Optional[str] = ..., purpose: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class FileRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class ListFilesRequest(_message.Message):
+    __slots__ = ("purpose",)
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    purpose: str
+    def __init__(self, purpose: _Optional[str] = ...) -> None: ...
+
+class ListFilesResponse(_message.Message):
+    __slots__ = ("files",)
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    files: _containers.RepeatedCompositeFieldContainer[FileInfo]
+    def __init__(self, files: _Optional[_Iterable[_Union[FileInfo, _Mapping]]] = ...) -> None: ...
+
+class DeleteFileResponse(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: bool
+    def __init__(self, deleted: _Optional[bool] = ...) -> None: ...
+
+class TrainRequest(_message.Message):
+    __slots__ = ("job_id", "spec_json", "resume_from")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    spec_json: str
+    resume_from: str
+    def __init__(self, job_id: _Optional[str] = ..., spec_json: _Optional[str] = ..., resume_from: _Optional[str] = ...) -> None: ...

@@ -74,6 +74,56 @@ class CoordinatorStub:
                 request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelRequest.SerializeToString,
                 response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelResponse.FromString,
                 _registered_method=True)
+        self.CreateTrainingJob = channel.unary_unary(
+                '/cyllm.v1.Coordinator/CreateTrainingJob',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.CreateTrainingJobRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingJob.FromString,
+                _registered_method=True)
+        self.GetTrainingJob = channel.unary_unary(
+                '/cyllm.v1.Coordinator/GetTrainingJob',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingJobRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingJob.FromString,
+                _registered_method=True)
+        self.ListTrainingJobs = channel.unary_unary(
+                '/cyllm.v1.Coordinator/ListTrainingJobs',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.ListTrainingJobsRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.ListTrainingJobsResponse.FromString,
+                _registered_method=True)
+        self.CancelTrainingJob = channel.unary_unary(
+                '/cyllm.v1.Coordinator/CancelTrainingJob',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingJobRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingJob.FromString,
+                _registered_method=True)
+        self.ListTrainingEvents = channel.unary_unary(
+                '/cyllm.v1.Coordinator/ListTrainingEvents',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingEventsRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingEventsResponse.FromString,
+                _registered_method=True)
+        self.WatchTrainingJob = channel.unary_stream(
+                '/cyllm.v1.Coordinator/WatchTrainingJob',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingEventsRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingEvent.FromString,
+                _registered_method=True)
+        self.UploadFile = channel.stream_unary(
+                '/cyllm.v1.Coordinator/UploadFile',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.FileChunk.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.FileInfo.FromString,
+                _registered_method=True)
+        self.GetFile = channel.unary_unary(
+                '/cyllm.v1.Coordinator/GetFile',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.FileRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.FileInfo.FromString,
+                _registered_method=True)
+        self.ListFiles = channel.unary_unary(
+                '/cyllm.v1.Coordinator/ListFiles',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.ListFilesRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.ListFilesResponse.FromString,
+                _registered_method=True)
+        self.DeleteFile = channel.unary_unary(
+                '/cyllm.v1.Coordinator/DeleteFile',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.FileRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.DeleteFileResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -127,6 +177,66 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateTrainingJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTrainingJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTrainingJobs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelTrainingJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTrainingEvents(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchTrainingJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadFile(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFiles(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteFile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +279,56 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.UnloadModel,
                     request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelRequest.FromString,
                     response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelResponse.SerializeToString,
+            ),
+            'CreateTrainingJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateTrainingJob,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.CreateTrainingJobRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingJob.SerializeToString,
+            ),
+            'GetTrainingJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTrainingJob,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingJobRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingJob.SerializeToString,
+            ),
+            'ListTrainingJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTrainingJobs,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.ListTrainingJobsRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.ListTrainingJobsResponse.SerializeToString,
+            ),
+            'CancelTrainingJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelTrainingJob,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingJobRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingJob.SerializeToString,
+            ),
+            'ListTrainingEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTrainingEvents,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingEventsRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingEventsResponse.SerializeToString,
+            ),
+            'WatchTrainingJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchTrainingJob,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingEventsRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingEvent.SerializeToString,
+            ),
+            'UploadFile': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadFile,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.FileChunk.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.FileInfo.SerializeToString,
+            ),
+            'GetFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFile,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.FileRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.FileInfo.SerializeToString,
+            ),
+            'ListFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFiles,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.ListFilesRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.ListFilesResponse.SerializeToString,
+            ),
+            'DeleteFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteFile,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.FileRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.DeleteFileResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -397,6 +557,276 @@ class Coordinator:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def CreateTrainingJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Coordinator/CreateTrainingJob',
+            cyllm_dot_protocol_dot_cyllm__pb2.CreateTrainingJobRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.TrainingJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTrainingJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Coordinator/GetTrainingJob',
+            cyllm_dot_protocol_dot_cyllm__pb2.TrainingJobRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.TrainingJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTrainingJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Coordinator/ListTrainingJobs',
+            cyllm_dot_protocol_dot_cyllm__pb2.ListTrainingJobsRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.ListTrainingJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelTrainingJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Coordinator/CancelTrainingJob',
+            cyllm_dot_protocol_dot_cyllm__pb2.TrainingJobRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.TrainingJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTrainingEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Coordinator/ListTrainingEvents',
+            cyllm_dot_protocol_dot_cyllm__pb2.TrainingEventsRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.TrainingEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchTrainingJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cyllm.v1.Coordinator/WatchTrainingJob',
+            cyllm_dot_protocol_dot_cyllm__pb2.TrainingEventsRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.TrainingEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadFile(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/cyllm.v1.Coordinator/UploadFile',
+            cyllm_dot_protocol_dot_cyllm__pb2.FileChunk.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.FileInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Coordinator/GetFile',
+            cyllm_dot_protocol_dot_cyllm__pb2.FileRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.FileInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Coordinator/ListFiles',
+            cyllm_dot_protocol_dot_cyllm__pb2.ListFilesRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.ListFilesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Coordinator/DeleteFile',
+            cyllm_dot_protocol_dot_cyllm__pb2.FileRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.DeleteFileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class WorkerStub:
     """Missing associated documentation comment in .proto file."""
@@ -427,6 +857,11 @@ class WorkerStub:
                 request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelRequest.SerializeToString,
                 response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelResponse.FromString,
                 _registered_method=True)
+        self.Train = channel.unary_stream(
+                '/cyllm.v1.Worker/Train',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingEvent.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -456,6 +891,13 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Train(self, request, context):
+        """Run a training job; events until its end.  Cancelling the call stops the job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -478,6 +920,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.UnloadModel,
                     request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelRequest.FromString,
                     response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelResponse.SerializeToString,
+            ),
+            'Train': grpc.unary_stream_rpc_method_handler(
+                    servicer.Train,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -588,6 +1035,33 @@ class Worker:
             '/cyllm.v1.Worker/UnloadModel',
             cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelRequest.SerializeToString,
             cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Train(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cyllm.v1.Worker/Train',
+            cyllm_dot_protocol_dot_cyllm__pb2.TrainRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.TrainingEvent.FromString,
             options,
             channel_credentials,
             insecure,

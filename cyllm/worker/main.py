@@ -18,6 +18,7 @@ from cyllm.worker.metrics import WorkerMetrics
 from cyllm.worker.models import ModelManager
 from cyllm.worker.service import WorkerService
 from cyllm.worker.settings import WorkerSettings
+from cyllm.worker.training.jobs import WorkerTraining
 
 log = logging.getLogger("cyllm.worker")
 
@@ -46,7 +47,9 @@ class WorkerServer:
             import torch
 
             torch.set_num_threads(s.torch_threads or os.cpu_count() or 1)
-        self.models = ModelManager(s, detect_accelerator() if real else "cpu", self._models_changed)
+        accelerator = detect_accelerator() if real else "cpu"
+        self.models = ModelManager(s, accelerator, self._models_changed)
+        self.training = WorkerTraining(s, lambda: self.models.catalog, accelerator, self._models_changed)
         await self.models.start()
 
         self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
@@ -54,7 +57,8 @@ class WorkerServer:
         self.worker_id = s.worker_id or advertised(s.host, self.port).replace(":", "-")
         self.metrics = WorkerMetrics(self.models, self.worker_id)
         self._metrics_server, self.metrics_port = serve_metrics(self.metrics.registry, s.host, s.metrics_port)
-        self.service = WorkerService(self.worker_id, self.models, self.metrics, lambda: self.info)
+        self.service = WorkerService(self.worker_id, self.models, self.metrics, lambda: self.info,
+                                     self.training)
         rpc.add_WorkerServicer_to_server(self.service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         await self._server.start()
@@ -72,6 +76,8 @@ class WorkerServer:
             task.cancel()
         await asyncio.gather(*(self._deregister(a) for a in self.settings.coordinators))
         deadline = time.monotonic() + self.settings.drain_timeout_s
+        # A training job is not waited for: its call ends with the server, the coordinator
+        # re-queues it and it resumes from its last checkpoint elsewhere.
         while time.monotonic() < deadline and any(e.health().running for e in self.engines.values()):
             await asyncio.sleep(0.1)
         if self._server is not None:
@@ -96,6 +102,9 @@ class WorkerServer:
             available=m.available(),
             memory_budget_bytes=m.budget.limit,
             memory_used_bytes=m.budget.used_bytes,
+            trains=s.training_enabled,
+            training_job=self.training.current,
+            training_shares_device=s.training_shares_device,
         )
 
     async def _keep_registered(self, address: str) -> None:

@@ -106,6 +106,28 @@ class ModelManager:
         self.on_change()
         return evicted
 
+    def register(self, model: str, from_model: str, model_path: Path | None,
+                 peft_adapter: Path | None) -> None:
+        """Add ``model`` to the catalog: ``from_model``'s spec with new weights (a full
+        fine-tune) or with a PEFT adapter applied (served by the transformers engine)."""
+        base = self.catalog.get(from_model)
+        if base is None:
+            raise errors.ModelNotFound(f"model {from_model!r} is not in this worker's catalog",
+                                       param="from_model")
+        if ":" in model or not model:
+            raise errors.InvalidRequest(f"bad model id {model!r} for a new catalog model", param="model")
+        if (model_path is None) == (peft_adapter is None):
+            raise errors.InvalidRequest("give exactly one of model_path or peft_adapter_path")
+        update: dict = {"id": model, "adapters": {}, "preload": True}
+        if model_path is not None:
+            update.update(path=model_path, gguf=None)
+        else:
+            update["peft_adapter"] = peft_adapter
+        if peft_adapter is not None or base.engine in ("hybrid", "llama_cpp"):
+            update.update(engine="ascend" if base.engine == "ascend" else "transformers",
+                          candidates=[], engine_args={})
+        self.catalog[model] = base.model_copy(update=update)
+
     async def _load_base(self, model: str) -> list[str]:
         spec = self.catalog.get(model)
         if spec is None:

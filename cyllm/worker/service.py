@@ -17,17 +17,20 @@ from cyllm.worker.convert import event_to_proto, request_from_proto
 from cyllm.worker.engines.base import Finished, TextDelta
 from cyllm.worker.metrics import WorkerMetrics
 from cyllm.worker.models import ModelManager
+from cyllm.worker.training.jobs import WorkerTraining
 
 log = logging.getLogger(__name__)
 
 
 class WorkerService(rpc.WorkerServicer):
     def __init__(self, worker_id: str, models: ModelManager, metrics: WorkerMetrics,
-                 info: Callable[[], pb.WorkerInfo] | None = None) -> None:
+                 info: Callable[[], pb.WorkerInfo] | None = None,
+                 training: WorkerTraining | None = None) -> None:
         self.worker_id = worker_id
         self.models = models
         self.metrics = metrics
         self.info = info or (lambda: pb.WorkerInfo(worker_id=worker_id))
+        self.training = training
         self.draining = False
 
     async def Generate(
@@ -79,6 +82,11 @@ class WorkerService(rpc.WorkerServicer):
             if self.draining:
                 raise errors.Unavailable(f"worker {self.worker_id} is draining")
             path = Path(request.adapter_path) if request.adapter_path else None
+            if request.from_model:
+                self.models.register(
+                    request.model, request.from_model,
+                    Path(request.model_path) if request.model_path else None,
+                    Path(request.peft_adapter_path) if request.peft_adapter_path else None)
             evicted = await self.models.load(request.model, path)
         except errors.CyllmError as exc:
             log.info("load of %s refused: %s", request.model, exc.message)
@@ -91,3 +99,15 @@ class WorkerService(rpc.WorkerServicer):
         except errors.CyllmError as exc:
             await status.abort(context, exc)
         return pb.UnloadModelResponse(worker_ids=[self.worker_id], worker=self.info())
+
+    async def Train(self, request: pb.TrainRequest, context) -> AsyncIterator[pb.TrainingEvent]:
+        """Run a training job; a cancelled call (the job cancelled) stops its process."""
+        try:
+            if self.draining or self.training is None:
+                raise errors.Unavailable(f"worker {self.worker_id} takes no training now")
+            async with aclosing(self.training.train(request)) as events:
+                async for event in events:
+                    yield event
+        except errors.CyllmError as exc:
+            log.info("training job %s refused: %s", request.job_id, exc.message)
+            await status.abort(context, exc)

@@ -75,6 +75,9 @@ class ModelSpec(BaseModel):
     candidates: list[EngineCandidate] = Field(default_factory=list, description="hybrid only")
     replicas: int = Field(1, ge=1, le=64, description="hybrid only: candidates kept loaded")
     adapters: dict[str, Path] = Field(default_factory=dict)
+    peft_adapter: Path | None = Field(
+        None, description="a PEFT adapter applied to every request (merged into the weights "
+        "where PEFT can); transformers/ascend engines only")
     preload: bool = True
 
     @model_validator(mode="after")
@@ -127,5 +130,15 @@ class WorkerSettings(ComponentSettings):
         None, gt=0, description="memory the worker's models may use; default: the device's "
         "free memory at start times memory_fraction")
     memory_fraction: float = Field(0.9, gt=0, le=1)
+    training_enabled: bool = Field(True, description="accept fine-tuning jobs")
+    training_dir: Path | None = Field(
+        None, description="job folders (checkpoints, results, logs); default cache_dir/training. "
+        "Several workers: shared storage, so a re-queued job resumes on any of them")
+    training_device: str = Field("auto", description="auto (the accelerator, else cpu) | cpu | cuda:N | npu:N")
+    training_shares_device: bool = Field(
+        False, description="keep serving inference while a job trains on the same device")
+    training_scripts_dir: Path | None = Field(
+        None, description="where 'custom' jobs' scripts live; unset: custom jobs are refused")
+    training_threads: int | None = Field(None, ge=1, description="torch threads of a job; default all")
     metrics_port: int | None = Field(9151, ge=0, le=65535,
                                      description="HTTP port for /metrics; 0 picks one, null: off")

@@ -109,6 +109,9 @@ def create_engine(spec: ModelSpec, cache_dir: Path, cpu_engine: str = "transform
     engines that load safetensors folders."""
     name = resolve_engine_name(spec, cpu_engine)
     entry = require(name)
+    if spec.peft_adapter is not None and name not in ("transformers", "ascend"):
+        raise errors.NotLoadable(f"model {spec.id!r}: a peft_adapter is applied by the "
+                                 f"transformers and ascend engines only, not {name!r}")
     cls = getattr(importlib.import_module(entry.module), entry.cls)
     if entry.source == "none":
         if name == "hybrid":

@@ -133,6 +133,8 @@ class TransformersEngine(AbstractEngine):
             dtype_name = self.default_dtypes.get(self.device.type, "float32")
         self.tokenizer = self.load_tokenizer()
         model = self.load_weights(getattr(torch, dtype_name))
+        if self.spec.peft_adapter is not None:
+            model = _apply_peft(model, self.spec.peft_adapter)
         self.model = model.to(self.device).eval()
         config = self.model.config.get_text_config()
         own = getattr(config, "max_position_embeddings", None) or 2048
@@ -425,3 +427,19 @@ def _put_all(items: list[tuple[asyncio.Queue[Any], list[Any]]]) -> None:
     for q, events in items:
         for event in events:
             q.put_nowait(event)
+
+
+def _apply_peft(model: torch.nn.Module, path: Path) -> torch.nn.Module:
+    """A model with the PEFT adapter at ``path`` applied to every request: merged into
+    the weights where PEFT can (then it runs as fast as the base), else kept wrapped
+    (adaption prompts)."""
+    from peft import PeftModel
+
+    try:
+        wrapped = PeftModel.from_pretrained(model, str(path))
+    except Exception as exc:  # noqa: BLE001  (peft raises many kinds on a bad folder)
+        raise errors.NotLoadable(f"cannot apply the PEFT adapter in {path}: {exc}") from exc
+    config = wrapped.peft_config["default"]
+    if config.is_prompt_learning or config.peft_type.value == "ADAPTION_PROMPT":
+        return wrapped
+    return wrapped.merge_and_unload()

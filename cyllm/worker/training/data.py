@@ -1,0 +1,308 @@
+"""Datasets: the seed's eight formats read into one shape — conversations — and
+tokenised for training with the loss on the responses only.
+
+Formats (``dataset_format``, detected when unset):
+
+==========  =====================================================================
+``json``      a JSON array of records, each in one of the record shapes below
+``jsonl``     one record per line, any record shape
+``openai``    records ``{"messages": [{"role", "content"}, ...]}`` (JSON or JSONL)
+``sharegpt``  records ``{"conversations": [{"from": "human"|"gpt"|"system", "value"}]}``
+``alpaca``    records ``{"instruction", "input"?, "output", "system"?}``
+``csv``       a header row; ``prompt``/``response`` columns (or ``text``/``label``, or
+              the columns named by ``prompt_column``/``response_column``)
+``parquet``   the same columns as CSV, in a Parquet file
+``hf``        a Hugging Face dataset: a folder written by ``save_to_disk``, or a folder
+              of data files ``datasets`` reads; rows in any record shape or with columns
+==========  =====================================================================
+
+Records may also be ``{"prompt", "completion"}`` (OpenAI's legacy fine-tune format).
+Every record of one file has the same shape.  A file that cannot be used is refused
+before training with ``DatasetError`` naming the file, the line (text files) or record
+(0-based rows of tabular files, 1-based lines otherwise) and what is wrong.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cyllm import errors
+
+Message = dict[str, str]
+ROLES = ("system", "user", "assistant")
+_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                   "assistant": "assistant", "chatgpt": "assistant", "model": "assistant",
+                   "bing": "assistant", "bard": "assistant"}
+_TABULAR = ("csv", "parquet", "hf")
+
+
+class DatasetError(errors.InvalidRequest):
+    """A dataset that cannot be trained on; the message says where and why."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="dataset")
+
+
+@dataclass(frozen=True)
+class Example:
+    messages: tuple[tuple[str, str], ...]  # (role, content), ending with an assistant turn
+
+    def as_messages(self) -> list[Message]:
+        return [{"role": r, "content": c} for r, c in self.messages]
+
+
+def detect_format(path: Path) -> str:
+    if path.is_dir():
+        return "hf"
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        return "csv"
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
+    if suffix == ".jsonl":
+        return "jsonl"
+    if suffix == ".json":
+        with path.open("rb") as f:
+            head = f.read(4096).lstrip()
+        return "json" if head.startswith(b"[") else "jsonl"
+    raise DatasetError(f"{path.name}: cannot tell the format from the name; give "
+                       "dataset_format (json, jsonl, alpaca, sharegpt, openai, hf, csv, parquet)")
+
+
+def load_examples(path: str | Path, fmt: str | None = None, *, prompt_column: str | None = None,
+                  response_column: str | None = None) -> list[Example]:
+    """Every example of the dataset at ``path``, or DatasetError."""
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"dataset {path} does not exist on this worker")
+    fmt = fmt or detect_format(path)
+    name = path.name
+    if fmt in _TABULAR:
+        rows = {"csv": _csv_rows, "parquet": _parquet_rows, "hf": _hf_rows}[fmt](path)
+        located = ((f"{name} record {i}", row) for i, row in enumerate(rows))
+        return _collect(located, name, None, prompt_column, response_column)
+    shape = {"alpaca": "alpaca", "sharegpt": "sharegpt", "openai": "openai"}.get(fmt)
+    if fmt == "json" or (shape and detect_format(path) == "json"):
+        located = _json_array(path)
+    else:
+        located = _jsonl(path)
+    return _collect(located, name, shape, prompt_column, response_column)
+
+
+def _collect(located: Iterable[tuple[str, Any]], name: str, shape: str | None,
+             prompt_column: str | None, response_column: str | None) -> list[Example]:
+    out: list[Example] = []
+    for where, record in located:
+        if not isinstance(record, dict):
+            raise DatasetError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        found = record_shape(record, prompt_column, response_column)
+        if found is None:
+            raise DatasetError(f"{where}: not a training record; expected 'messages' (OpenAI), "
+                               "'conversations' (ShareGPT), 'instruction'+'output' (Alpaca), "
+                               "'prompt'+'completion', or prompt/response columns; "
+                               f"found keys {sorted(record)[:8]}")
+        shape = shape or found
+        if found != shape:
+            raise DatasetError(f"{where}: a {found} record in a dataset of {shape} records")
+        out.append(_to_example(where, shape, record, prompt_column, response_column))
+    if not out:
+        raise DatasetError(f"{name}: the dataset has no records")
+    return out
+
+
+def record_shape(record: dict[str, Any], prompt_column: str | None = None,
+                 response_column: str | None = None) -> str | None:
+    if prompt_column and response_column and prompt_column in record:
+        return "columns"
+    if "messages" in record:
+        return "openai"
+    if "conversations" in record:
+        return "sharegpt"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    if "prompt" in record and ("completion" in record or "response" in record):
+        return "prompt_completion"
+    if "text" in record and "label" in record:
+        return "text_label"
+    return None
+
+
+def _to_example(where: str, shape: str, r: dict[str, Any], prompt_column: str | None,
+                response_column: str | None) -> Example:
+    if shape == "openai":
+        turns = _turns(where, r["messages"], "role", "content", {x: x for x in ROLES}, "messages")
+    elif shape == "sharegpt":
+        turns = _turns(where, r["conversations"], "from", "value", _SHAREGPT_ROLES, "conversations")
+    elif shape == "alpaca":
+        instruction = _text(where, r, "instruction")
+        extra = r.get("input") or ""
+        if not isinstance(extra, str):
+            raise DatasetError(f"{where}: 'input' must be a string")
+        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        turns = ([("system", _text(where, r, "system"))] if r.get("system") else []) + [
+            ("user", prompt), ("assistant", _text(where, r, "output"))]
+    else:
+        p, a = {"columns": (prompt_column, response_column),
+                "prompt_completion": ("prompt", "completion" if "completion" in r else "response"),
+                "text_label": ("text", "label")}[shape]
+        turns = [("user", _text(where, r, p)), ("assistant", _text(where, r, a))]
+    if not any(role == "assistant" for role, _ in turns):
+        raise DatasetError(f"{where}: no assistant message to learn from")
+    while turns[-1][0] != "assistant":  # trailing user turns teach nothing
+        turns.pop()
+    return Example(tuple(turns))
+
+
+def _turns(where: str, items: Any, role_key: str, text_key: str, roles: dict[str, str],
+           field: str) -> list[tuple[str, str]]:
+    if not isinstance(items, list) or not items:
+        raise DatasetError(f"{where}: '{field}' must be a non-empty list")
+    turns = []
+    for i, m in enumerate(items):
+        if not isinstance(m, dict):
+            raise DatasetError(f"{where}: {field}[{i}] must be an object")
+        role = m.get(role_key)
+        if role not in roles:
+            raise DatasetError(f"{where}: {field}[{i}] has {role_key} {role!r}; expected one of "
+                               f"{', '.join(sorted(roles))}")
+        turns.append((roles[role], _text(where, m, text_key, f"{field}[{i}].")))
+    return turns
+
+
+def _text(where: str, record: dict[str, Any], key: str, prefix: str = "") -> str:
+    value = record.get(key)
+    if value is None or (isinstance(value, float) and value != value):  # NaN from pandas
+        raise DatasetError(f"{where}: '{prefix}{key}' is missing")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # a numeric label
+    if not isinstance(value, str):
+        raise DatasetError(f"{where}: '{prefix}{key}' must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DatasetError(f"{where}: '{prefix}{key}' is empty")
+    return value
+
+
+# -- readers: (where, record) pairs ------------------------------------------------------
+
+def _jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open(encoding="utf-8", errors="strict") as f:
+        try:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{path.name} line {n}", json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DatasetError(f"{path.name} line {n}: not valid JSON ({exc.msg} at "
+                                       f"column {exc.colno})") from None
+        except UnicodeDecodeError as exc:
+            raise DatasetError(f"{path.name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def _json_array(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text)
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path.name}: not UTF-8 text ({exc.reason})") from None
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{path.name} line {exc.lineno}: not valid JSON ({exc.msg} at "
+                           f"column {exc.colno})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DatasetError(f"{path.name}: expected a JSON array of records, got {type(data).__name__}")
+    for i, record in enumerate(data):
+        yield f"{path.name} record {i}", record
+
+
+def _csv_rows(path: Path) -> Iterator[dict[str, Any]]:
+    try:
+        with path.open(encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f, dialect="excel-tab" if path.suffix == ".tsv" else "excel")
+            if not reader.fieldnames:
+                raise DatasetError(f"{path.name}: no header row")
+            for row in reader:
+                if None in row:
+                    raise DatasetError(f"{path.name} line {reader.line_num}: more fields than "
+                                       f"the header's {len(reader.fieldnames)}")
+                yield row
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path.name}: not UTF-8 text ({exc.reason})") from None
+    except csv.Error as exc:
+        raise DatasetError(f"{path.name}: not valid CSV ({exc})") from None
+
+
+def _parquet_rows(path: Path) -> Iterator[dict[str, Any]]:
+    import pyarrow.parquet as pq  # installed with datasets
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # noqa: BLE001  (pyarrow raises several kinds)
+        raise DatasetError(f"{path.name}: not a readable Parquet file ({exc})") from None
+    yield from table.to_pylist()
+
+
+def _hf_rows(path: Path) -> Iterator[dict[str, Any]]:
+    import datasets
+
+    try:
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            ds = datasets.load_from_disk(str(path))
+        else:
+            ds = datasets.load_dataset(str(path))
+    except Exception as exc:  # noqa: BLE001  (datasets raises many kinds)
+        raise DatasetError(f"{path.name}: not a Hugging Face dataset ({exc})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DatasetError(f"{path.name}: a dataset dict without a 'train' split "
+                               f"(splits: {', '.join(ds)})")
+        ds = ds["train"]
+    yield from ds
+
+
+# -- tokenising ----------------------------------------------------------------------------
+
+@dataclass
+class Tokenized:
+    input_ids: list[int]
+    labels: list[int]  # -100 where no loss is taken (prompt, template, padding)
+
+
+def tokenize(example: Example, tokenizer: Any, max_length: int) -> Tokenized | None:
+    """The conversation through the model's chat template; labels only on the assistant
+    turns' tokens (and their end-of-turn); cut at ``max_length``.  None when nothing of a
+    response is left after the cut."""
+    messages = example.as_messages()
+    ids = _template(tokenizer, messages, generation_prompt=False)
+    labels = [-100] * len(ids)
+    for i, (role, _) in enumerate(example.messages):
+        if role != "assistant":
+            continue
+        start = len(_template(tokenizer, messages[:i], generation_prompt=True))
+        end = len(_template(tokenizer, messages[: i + 1], generation_prompt=False))
+        labels[start:end] = ids[start:end]
+    ids, labels = ids[:max_length], labels[:max_length]
+    if all(label == -100 for label in labels):
+        return None
+    return Tokenized(ids, labels)
+
+
+def _template(tokenizer: Any, messages: list[Message], generation_prompt: bool) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt,
+                                            tokenize=True, return_dict=True)
+        return list(out["input_ids"])
+    # A model without a chat template: plain "role: content" lines.
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    if generation_prompt:
+        text += "assistant: "
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    if not generation_prompt and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return list(ids)

@@ -1,0 +1,133 @@
+"""The worker's side of a training job: resolve the base model, lay out the job folder,
+start the job's process (``runner.py``) and turn what it reports into ``TrainingEvent``s.
+
+One job at a time per worker.  While it runs the worker tells the coordinators
+(``WorkerInfo.training_job``), which then send it no inference for the device it trains
+on unless ``worker.training_shares_device`` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from cyllm import errors
+from cyllm.protocol import pb
+from cyllm.worker import model_files
+from cyllm.worker.settings import WorkerSettings
+from cyllm.worker.training.runner import run_process
+from cyllm.worker.training.spec import TrainingSpec
+
+log = logging.getLogger(__name__)
+
+
+class WorkerTraining:
+    def __init__(self, settings: WorkerSettings, catalog: Callable[[], dict], accelerator: str,
+                 on_change: Callable[[], None]) -> None:
+        self.settings = settings
+        self._catalog = catalog
+        self.accelerator = accelerator
+        self._on_change = on_change
+        self.current = ""  # the running job's id
+
+    @property
+    def root(self) -> Path:
+        return self.settings.training_dir or self.settings.cache_dir / "training"
+
+    @property
+    def device(self) -> str:
+        d = self.settings.training_device
+        if d != "auto":
+            return d
+        return {"cuda": "cuda:0", "npu": "npu:0"}.get(self.accelerator, "cpu")
+
+    async def train(self, request: pb.TrainRequest) -> AsyncIterator[pb.TrainingEvent]:
+        if not self.settings.training_enabled:
+            raise errors.Unavailable("this worker does not train (worker.training_enabled: false)")
+        if self.current:
+            raise errors.Overloaded(f"this worker is running training job {self.current}")
+        spec = TrainingSpec.parse(request.spec_json)
+        base = self._catalog().get(spec.base_model)
+        if base is None:
+            raise errors.ModelNotFound(f"base model {spec.base_model!r} is not in this worker's "
+                                       "catalog", param="base_model")
+        out = self.root / request.job_id
+        out.mkdir(parents=True, exist_ok=True)
+        job = {"spec": spec.model_dump(mode="json"), "output_dir": str(out), "device": self.device,
+               "resume_from": request.resume_from, "threads": self.settings.training_threads,
+               "base_model_path": str(model_files.resolve(base, self.settings.cache_dir))}
+        (out / "job.json").write_text(json.dumps(job, indent=1))
+        argv = self._command(spec, out)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "CYLLM_JOB_ID": request.job_id,
+               "CYLLM_DATASET": spec.dataset, "CYLLM_DATASET_FORMAT": spec.dataset_format or "",
+               "CYLLM_BASE_MODEL": job["base_model_path"], "CYLLM_BASE_MODEL_ID": spec.base_model,
+               "CYLLM_OUTPUT_DIR": str(out), "CYLLM_RESUME_FROM": request.resume_from,
+               "CYLLM_DEVICE": self.device, "CYLLM_SPEC": json.dumps(job["spec"])}
+        self.current = request.job_id
+        self._on_change()
+        log.info("training job %s started (%s on %s)", request.job_id, spec.method, self.device)
+        try:
+            async for event in run_process(argv, env=env, cwd=out, log_path=out / "job.log",
+                                           time_limit_s=spec.time_limit_s):
+                yield to_proto(event)
+        finally:
+            self.current = ""
+            self._on_change()
+
+    def _command(self, spec: TrainingSpec, out: Path) -> list[str]:
+        if spec.method != "custom":
+            return [sys.executable, "-m", "cyllm.worker.training.train", str(out / "job.json")]
+        root = self.settings.training_scripts_dir
+        if root is None:
+            raise errors.Forbidden("custom training scripts are off on this worker "
+                                   "(set worker.training_scripts_dir)")
+        script = (root / spec.script).resolve()
+        if not script.is_relative_to(root.resolve()) or not script.is_file():
+            raise errors.InvalidRequest(f"script {spec.script!r} is not a file in the worker's "
+                                        "training scripts folder", param="script")
+        head = [sys.executable, str(script)] if script.suffix == ".py" else [str(script)]
+        return head + spec.script_args
+
+
+def to_proto(event: dict) -> pb.TrainingEvent:
+    """A progress-protocol line (or the runner's exit) as a TrainingEvent."""
+    now = int(time.time() * 1000)
+    kind = event["event"]
+    if kind == "progress":
+        fields = {k: event[k] for k in ("step", "total_steps", "epoch", "loss", "learning_rate",
+                                        "tokens_per_second", "eta_s", "tokens")
+                  if isinstance(event.get(k), (int, float))}
+        fields = {k: int(v) if k in ("step", "total_steps", "tokens") else float(v)
+                  for k, v in fields.items()}
+        step, total = fields.get("step", 0), fields.get("total_steps", 0)
+        msg = f"step {step}/{total}" + (f": loss {fields['loss']:.4f}" if "loss" in fields else "")
+        return pb.TrainingEvent(created_at=now, type="metrics", level="info", message=msg,
+                                progress=pb.TrainingProgress(**fields))
+    if kind == "checkpoint":
+        step = int(event.get("step") or 0)
+        return pb.TrainingEvent(created_at=now, type="checkpoint", level="info",
+                                message=f"checkpoint at step {step}",
+                                checkpoint=pb.TrainingCheckpoint(step=step, path=str(event.get("path", "")),
+                                                                 created_at=now // 1000))
+    if kind == "result":
+        result_kind = str(event.get("kind", ""))
+        if result_kind not in ("adapter", "peft", "model"):
+            return pb.TrainingEvent(created_at=now, type="message", level="warn",
+                                    message=f"ignored a result of unknown kind {result_kind!r}")
+        return pb.TrainingEvent(created_at=now, type="result", level="info",
+                                message=f"{result_kind} saved to {event.get('path')}",
+                                result_kind=result_kind, result_path=str(event.get("path", "")),
+                                trained_tokens=int(event.get("trained_tokens") or 0))
+    if kind == "exit":
+        ok = event["code"] == 0 and not event.get("error")
+        return pb.TrainingEvent(created_at=now, type="state", level="info" if ok else "error",
+                                state="succeeded" if ok else "failed",
+                                message="training finished" if ok else event["error"])
+    level = "error" if kind == "error" else "info"
+    return pb.TrainingEvent(created_at=now, type="message", level=level,
+                            message=str(event.get("message", ""))[:2000])

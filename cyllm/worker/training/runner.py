@@ -1,0 +1,142 @@
+"""A training job's process: started, read, limited in time, stopped.
+
+Both the built-in trainer and a user's ``custom`` script run as a child process in a
+session of their own (so cancel stops the whole process group, grandchildren included)
+that dies with the worker (``launch.py``).  The child reports on stdout, one JSON object
+per line — the **progress protocol** custom scripts speak too::
+
+    {"event": "progress", "step": 10, "total_steps": 100, "epoch": 0.5, "loss": 1.23,
+     "learning_rate": 0.0002, "tokens_per_second": 950.0, "eta_s": 42.0, "tokens": 12000}
+    {"event": "checkpoint", "step": 10, "path": "/abs/path/checkpoint-10"}
+    {"event": "result", "kind": "adapter" | "peft" | "model", "path": "/abs/path"}
+    {"event": "log", "message": "anything worth showing"}
+    {"event": "error", "message": "why it failed"}
+
+Any other line on stdout or stderr becomes a log event; the whole output is also kept in
+``<output dir>/job.log``.  Fields other than ``event`` are optional.  ``result`` names
+what to serve: a PEFT LoRA folder (``adapter``, served beside its base), another PEFT
+adapter (``peft``, served as a model of its own) or a full model folder (``model``).
+Exit status 0 is success; anything else is failure (with the last ``error`` message, or
+the last lines of output).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+_LINE_LIMIT = 1 << 20
+_KILL_GRACE_S = 5.0
+
+
+async def run_process(argv: Sequence[str], *, env: dict[str, str], cwd: Path, log_path: Path,
+                      time_limit_s: float | None) -> AsyncIterator[dict[str, Any]]:
+    """Events of the child's run, ending with ``{"event": "exit", "code", "error"}``.
+
+    Closing the iterator early (a cancelled job) stops the process group."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cyllm.worker.training.launch", *argv, cwd=str(cwd),
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        start_new_session=True, limit=_LINE_LIMIT)
+    lines: asyncio.Queue[tuple[str, bytes | None]] = asyncio.Queue()
+    readers = [asyncio.create_task(_pump(name, stream, lines))
+               for name, stream in (("stdout", proc.stdout), ("stderr", proc.stderr))]
+    deadline = time.monotonic() + time_limit_s if time_limit_s else None
+    tail: deque[str] = deque(maxlen=20)
+    last_error = ""
+    open_streams, timed_out = 2, False
+    try:
+        with log_path.open("a", encoding="utf-8") as log:
+            while open_streams:
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    name, raw = await asyncio.wait_for(lines.get(), timeout)
+                except TimeoutError:
+                    timed_out = True
+                    break
+                if raw is None:
+                    open_streams -= 1
+                    continue
+                text = raw.decode("utf-8", "replace").rstrip("\r\n")
+                log.write(text + "\n")
+                log.flush()
+                event = _parse(text) if name == "stdout" else None
+                if event is None:
+                    if text.strip():
+                        tail.append(text)
+                        yield {"event": "log", "message": text[:2000], "stream": name}
+                    continue
+                if event["event"] == "error":
+                    last_error = str(event.get("message", ""))
+                yield event
+        if timed_out:
+            await _stop(proc)
+            yield {"event": "exit", "code": proc.returncode,
+                   "error": f"the job ran past its time limit of {time_limit_s:g}s and was stopped"}
+            return
+        code = await proc.wait()
+        error = "" if code == 0 else (last_error or _describe_exit(code, tail))
+        yield {"event": "exit", "code": code, "error": error}
+    finally:
+        if proc.returncode is None:
+            await _stop(proc)
+        for task in readers:
+            task.cancel()
+
+
+async def _pump(name: str, stream: asyncio.StreamReader,
+                out: asyncio.Queue[tuple[str, bytes | None]]) -> None:
+    try:
+        while True:
+            try:
+                line = await stream.readline()
+            except ValueError:  # a line over the limit: keep its start
+                line = (await stream.read(_LINE_LIMIT))[:2000] + b"...\n"
+            if not line:
+                break
+            await out.put((name, line))
+    finally:
+        await out.put((name, None))
+
+
+def _parse(text: str) -> dict[str, Any] | None:
+    if not text.startswith("{"):
+        return None
+    try:
+        event = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(event, dict) or event.get("event") not in (
+            "progress", "checkpoint", "result", "log", "error"):
+        return None
+    return event
+
+
+def _describe_exit(code: int, tail: deque[str]) -> str:
+    how = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+    last = " | ".join(list(tail)[-5:])
+    return f"the training process ended with {how}" + (f"; last output: {last}" if last else "")
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM to the job's process group, SIGKILL after a grace period."""
+    for sig, wait in ((signal.SIGTERM, _KILL_GRACE_S), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            await asyncio.wait_for(asyncio.shield(proc.wait()), wait)
+            with contextlib.suppress(ProcessLookupError):  # stragglers of the group
+                os.killpg(proc.pid, signal.SIGKILL)
+            return
+        except TimeoutError:
+            continue

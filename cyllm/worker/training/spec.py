@@ -1,0 +1,75 @@
+"""What a training job is: one pydantic model, validated where a job enters the system
+(the coordinator) and again where it runs (the worker)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cyllm import errors
+
+Method = Literal["lora", "adalora", "ia3", "loha", "lokr", "dora", "pissa", "vera", "fourier",
+                 "adaliprompt", "hyenadna", "full", "custom"]
+Format = Literal["json", "jsonl", "alpaca", "sharegpt", "openai", "hf", "csv", "parquet"]
+
+# The seed lists HyenaDNA among its adapter methods; it is a model family, not a method.
+HYENADNA = ("'hyenadna' is not a fine-tuning method: HyenaDNA is a family of genomic models "
+            "(long convolutions over DNA). To fine-tune a HyenaDNA checkpoint, serve it as the "
+            "base model and choose a method such as 'lora' or 'full'.")
+
+
+class TrainingSpec(BaseModel):
+    """A fine-tuning job.  Hyper-parameters left unset take the method's defaults
+    (``train.default_learning_rate``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str = Field(min_length=1, description="a model id from the workers' catalog")
+    method: Method = "lora"
+    dataset: str = Field(min_length=1, description="a file or folder on the worker's disk")
+    dataset_format: Format | None = Field(None, description="default: detected")
+    prompt_column: str | None = Field(None, description="CSV/Parquet/HF: the prompt column")
+    response_column: str | None = Field(None, description="CSV/Parquet/HF: the response column")
+    epochs: float = Field(3.0, gt=0, le=1000)
+    max_steps: int | None = Field(None, ge=1, description="overrides epochs")
+    batch_size: int = Field(4, ge=1, le=1024)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
+    learning_rate: float | None = Field(None, gt=0, le=1)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    max_length: int = Field(512, ge=16, le=131072, description="tokens per example; longer are cut")
+    save_steps: int = Field(50, ge=1, description="a checkpoint every N optimizer steps")
+    seed: int = 42
+    options: dict[str, Any] = Field(default_factory=dict,
+                                    description="the PEFT method's own options (r, lora_alpha, ...)")
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    script: str | None = Field(None, description="custom: a script in worker.training_scripts_dir")
+    script_args: list[str] = Field(default_factory=list)
+    time_limit_s: float | None = Field(None, gt=0)
+    suffix: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainingSpec:
+        if self.method == "hyenadna":
+            raise ValueError(HYENADNA)
+        if (self.method == "custom") != (self.script is not None):
+            raise ValueError("'script' goes with method 'custom', and only there")
+        if self.quantization != "none" and self.method in ("full", "custom"):
+            raise ValueError(f"quantization is for adapter methods, not {self.method!r}")
+        return self
+
+    @classmethod
+    def parse(cls, raw: str | dict[str, Any]) -> TrainingSpec:
+        """The spec, or InvalidRequest naming the field that is wrong."""
+        try:
+            return cls.model_validate(json.loads(raw) if isinstance(raw, str) else raw)
+        except json.JSONDecodeError as exc:
+            raise errors.InvalidRequest(f"training spec is not JSON: {exc}") from None
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or None
+            message = first["msg"].removeprefix("Value error, ")
+            raise errors.InvalidRequest(f"{where}: {message}" if where else message,
+                                        param=where) from None

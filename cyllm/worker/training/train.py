@@ -1,0 +1,197 @@
+"""The built-in training loop, run in a child process of the worker:
+
+    python -m cyllm.worker.training.train JOB.json
+
+``JOB.json`` is ``{"spec": TrainingSpec, "base_model_path", "output_dir", "resume_from",
+"device", "threads"}``.  The loop is transformers' ``Trainer`` with callbacks that print
+the progress protocol (``runner.py`` documents it) on stdout — the same lines a custom
+script prints.  Checkpoints (adapter or model, optimizer, scheduler, RNG) go to
+``output_dir/checkpoint-<step>`` every ``save_steps``; ``resume_from`` continues one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cyllm import errors
+from cyllm.worker.training import methods
+from cyllm.worker.training.data import DatasetError, load_examples, tokenize
+from cyllm.worker.training.spec import TrainingSpec
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+def print_event(event: dict[str, Any]) -> None:
+    print(json.dumps(event), flush=True)
+
+
+def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
+    """Train as ``job`` says; emit progress; return the result event (also emitted)."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
+
+    spec = TrainingSpec.parse(job["spec"])
+    out = Path(job["output_dir"])
+    device = job.get("device", "cpu")
+    if job.get("threads"):
+        torch.set_num_threads(int(job["threads"]))
+    transformers.logging.set_verbosity_error()
+    quant = methods.quantization_config(spec.quantization, device)
+
+    # 1. data, refused before any model is loaded
+    examples = load_examples(spec.dataset, spec.dataset_format, prompt_column=spec.prompt_column,
+                             response_column=spec.response_column)
+    tokenizer = AutoTokenizer.from_pretrained(job["base_model_path"])
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    rows = [t for t in (tokenize(e, tokenizer, spec.max_length) for e in examples) if t is not None]
+    if not rows:
+        raise DatasetError(f"every example's response lies beyond max_length {spec.max_length}")
+    emit({"event": "log", "message": f"{len(examples)} examples ({len(examples) - len(rows)} "
+          f"dropped: no response within max_length {spec.max_length})"})
+    train_rows = [{"input_ids": t.input_ids, "labels": t.labels} for t in rows]
+    per_step = spec.batch_size * spec.gradient_accumulation_steps
+    total_steps = spec.max_steps or max(1, math.ceil(len(rows) / per_step * spec.epochs))
+
+    # 2. model and method
+    cuda = device.startswith("cuda")
+    model = AutoModelForCausalLM.from_pretrained(
+        job["base_model_path"], dtype=torch.bfloat16 if cuda else torch.float32,
+        quantization_config=quant, device_map={"": device} if quant else None)
+    if quant is None:
+        model.to(device)
+    if spec.method != "full":
+        import peft
+
+        if quant is not None:
+            model = peft.prepare_model_for_kbit_training(model)
+        config = methods.peft_config(spec.method, spec.options, model.config.model_type, total_steps)
+        try:
+            model = peft.get_peft_model(model, config)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise errors.InvalidRequest(f"method {spec.method!r} does not apply to this model: {exc}",
+                                        param="method") from None
+        if spec.method == "pissa" and not (out / "pissa_init").exists():
+            model.peft_config["default"].init_lora_weights = True
+            model.save_pretrained(out / "pissa_init")
+            model.peft_config["default"].init_lora_weights = config.init_lora_weights
+
+    # 3. the loop
+    counter = _TokenCounter(DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+    args = transformers.TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=spec.batch_size,
+        gradient_accumulation_steps=spec.gradient_accumulation_steps,
+        learning_rate=spec.learning_rate or methods.default_learning_rate(spec.method),
+        num_train_epochs=spec.epochs, max_steps=total_steps, lr_scheduler_type=spec.lr_scheduler,
+        warmup_steps=spec.warmup_steps, logging_steps=1, save_strategy="steps",
+        save_steps=spec.save_steps, save_total_limit=3, seed=spec.seed, report_to="none",
+        disable_tqdm=True, use_cpu=not cuda and not device.startswith("npu"),
+        dataloader_pin_memory=False, remove_unused_columns=False, bf16=cuda,
+    )
+    callbacks = [_Progress(emit, counter, out)]
+    if spec.method == "adalora":
+        callbacks.append(_AdaLoraBudget())
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=train_rows,
+                                   data_collator=counter, callbacks=callbacks)
+    trainer.remove_callback(transformers.PrinterCallback)  # our events replace its prints
+    trainer.train(resume_from_checkpoint=job.get("resume_from") or None)
+
+    # 4. the result
+    if spec.method == "full":
+        path, kind = out / "model", "model"
+        trainer.save_model(str(path))
+        tokenizer.save_pretrained(str(path))
+    else:
+        path = out / "adapter"
+        kind = "adapter" if spec.method in methods.SHARED_BASE else "peft"
+        extra = {"path_initial_model_for_weight_conversion": str(out / "pissa_init")} \
+            if spec.method == "pissa" else {}
+        model.save_pretrained(str(path), **extra)
+    result = {"event": "result", "kind": kind, "path": str(path), "trained_tokens": counter.total,
+              "step": trainer.state.global_step}
+    emit(result)
+    return result
+
+
+class _TokenCounter:
+    """The data collator, counting the real (unpadded) tokens it hands the model."""
+
+    def __init__(self, collator) -> None:
+        self.collator = collator
+        self.total = 0
+
+    def __call__(self, features):
+        self.total += sum(len(f["input_ids"]) for f in features)
+        return self.collator(features)
+
+
+def _callback_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class _Progress(_callback_base()):
+    """Trainer callbacks → progress and checkpoint events."""
+
+    def __init__(self, emit: Emit, counter: _TokenCounter, out: Path) -> None:
+        self.emit, self.counter, self.out = emit, counter, out
+        self.started = time.monotonic()
+        self.first_step: int | None = None
+        self.mark = (time.monotonic(), 0)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.first_step = state.global_step  # > 0 when resumed
+        self.started = time.monotonic()
+        self.mark = (self.started, self.counter.total)
+        if state.global_step:
+            self.emit({"event": "log", "message": f"resumed from step {state.global_step}"})
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        now = time.monotonic()
+        since, tokens = self.mark
+        self.mark = (now, self.counter.total)
+        done = state.global_step - (self.first_step or 0)
+        per_step = (now - self.started) / max(1, done)
+        self.emit({
+            "event": "progress", "step": state.global_step, "total_steps": state.max_steps,
+            "epoch": round(state.epoch or 0.0, 4), "loss": logs["loss"],
+            "learning_rate": logs.get("learning_rate", 0.0),
+            "tokens_per_second": round((self.counter.total - tokens) / max(now - since, 1e-6), 1),
+            "eta_s": round(per_step * (state.max_steps - state.global_step), 1),
+            "tokens": self.counter.total,
+        })
+
+    def on_save(self, args, state, control, **kwargs):
+        path = self.out / f"checkpoint-{state.global_step}"
+        self.emit({"event": "checkpoint", "step": state.global_step, "path": str(path)})
+
+
+class _AdaLoraBudget(_callback_base()):
+    """AdaLoRA reallocates its rank budget after each optimizer step (PEFT's recipe)."""
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        model.base_model.update_and_allocate(state.global_step)
+
+
+def main() -> int:
+    job = json.loads(Path(sys.argv[1]).read_text())
+    try:
+        run(job)
+    except errors.CyllmError as exc:
+        print_event({"event": "error", "code": exc.code, "message": exc.message})
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
