@@ -11,12 +11,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cyllm.coordinator.cache import InMemoryPromptCache, PromptCache
+from cyllm.coordinator.files import FileStore
+from cyllm.coordinator.jobs import MemoryJobStore
 from cyllm.coordinator.metrics import CoordinatorMetrics
+from cyllm.coordinator.redis_jobs import RedisJobStore
 from cyllm.coordinator.pool import HealthRules, Router
 from cyllm.coordinator.queue import InMemoryTaskQueue
 from cyllm.coordinator.scheduler import MemoryScheduler, Scheduler
 from cyllm.coordinator.service import CoordinatorService
 from cyllm.coordinator.settings import CoordinatorSettings
+from cyllm.coordinator.training import TrainingManager
 from cyllm.protocol import rpc
 from cyllm.runtime import stop_event
 from cyllm.telemetry import serve_metrics
@@ -61,11 +65,17 @@ class CoordinatorServer:
             breaker_cooldown_s=settings.breaker_cooldown_s,
             lease_s=settings.lease_s,
         )
+        store = RedisJobStore(settings.redis_url) if settings.redis_url else MemoryJobStore()
+        self.service.training = TrainingManager(
+            store, self.scheduler, self.service.channels.stub, self.coordinator_id,
+            lease_s=settings.lease_s, max_attempts=settings.training_max_attempts)
+        self.service.files = FileStore(store, settings.files_dir, settings.files_max_bytes)
         rpc.add_CoordinatorServicer_to_server(self.service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
 
     async def start(self) -> int:
         await self.scheduler.start()
+        await self.service.training.start()
         self._metrics_server, self.metrics_port = serve_metrics(
             self.metrics.registry, self.settings.host, self.settings.metrics_port)
         self._refresher = asyncio.create_task(self.metrics.refresh_forever(self.scheduler, self.cache))
@@ -83,6 +93,7 @@ class CoordinatorServer:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
+        await self.service.training.close()
         await self.service.close()
         await self.scheduler.close()
 

@@ -32,6 +32,11 @@ class WorkerRecord:
     def worker_id(self) -> str:
         return self.info.worker_id
 
+    @property
+    def training_busy(self) -> bool:
+        """Running a training job on the device it serves from (and not sharing it)."""
+        return bool(self.info.training_job) and not self.info.training_shares_device
+
     def serves(self, model: str) -> bool:
         return any(m.id == model for m in self.info.models)
 

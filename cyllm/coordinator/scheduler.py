@@ -102,6 +102,11 @@ class Scheduler(abc.ABC):
         if serving and not any(v.healthy for v in serving):
             reasons = "; ".join(f"{v.record.worker_id}: {v.unhealthy_reason}" for v in serving)
             raise errors.Unavailable(f"every worker serving model {model!r} is unhealthy ({reasons})")
+        if serving and all(v.record.training_busy for v in serving if v.healthy):
+            jobs = ", ".join(f"{v.record.worker_id}: {v.record.info.training_job}" for v in serving)
+            raise errors.Unavailable(
+                f"every worker serving model {model!r} is busy training ({jobs}); wait for the "
+                "job to end, or set worker.training_shares_device to serve while training")
         if not serving and any(m.id == model for v in views for m in v.record.info.available):
             raise errors.ModelNotFound(
                 f"model {model!r} is not loaded; an admin can load it with "
@@ -120,7 +125,7 @@ class Scheduler(abc.ABC):
         return [
             w for w in records
             if w.serves(model) and w.worker_id not in skip and w.outstanding < w.info.capacity
-            and not self.rules.check(w, now)
+            and not self.rules.check(w, now) and not w.training_busy
         ]
 
 

@@ -21,6 +21,7 @@ from cyllm.coordinator.models import ModelAdmin
 from cyllm.coordinator.pool import affinity_key
 from cyllm.coordinator.queue import Task
 from cyllm.coordinator.scheduler import Scheduler
+from cyllm.coordinator.training_rpc import TrainingRPCs
 from cyllm.protocol import pb, rpc, status
 from cyllm.runtime import REQUEST_ID, request_id_of
 
@@ -51,7 +52,7 @@ class ChannelPool:
         self._stubs.clear()
 
 
-class CoordinatorService(rpc.CoordinatorServicer):
+class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
     def __init__(self, coordinator_id: str, scheduler: Scheduler, cache: PromptCache,
                  metrics: CoordinatorMetrics, *, heartbeat_interval_s: float, progress_timeout_s: float,
                  breaker_failures: int, breaker_cooldown_s: float, lease_s: float) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import Field
@@ -34,5 +35,9 @@ class CoordinatorSettings(ComponentSettings):
     )
     coordinator_id: str | None = Field(None, description="default: host-port-pid")
     lease_s: float = Field(15.0, gt=0, description="a taken task returns to the queue if not renewed")
+    files_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "cyllm" / "files",
+                            description="uploaded files; shared storage when workers are elsewhere")
+    files_max_bytes: int = Field(512 * 1024 * 1024, ge=1, description="largest upload")
+    training_max_attempts: int = Field(3, ge=1, description="runs of a job whose worker is lost")
     metrics_port: int | None = Field(9150, ge=0, le=65535,
                                      description="HTTP port for /metrics; 0 picks one, null: off")

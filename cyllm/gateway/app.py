@@ -18,6 +18,8 @@ from cyllm.gateway.keys import FileKeyStore, KeyStore, RedisKeyStore
 from cyllm.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from cyllm.gateway.metrics import router as metrics_router
 from cyllm.gateway.native.router import health_router
+from cyllm.gateway.native.training_router import router as training_router
+from cyllm.gateway.openai.fine_tuning_router import router as fine_tuning_router
 from cyllm.gateway.native.router import router as native_router
 from cyllm.gateway.native.websocket import router as websocket_router
 from cyllm.gateway.openai.router import router as openai_router
@@ -30,12 +32,14 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 class RequestContext:
     """Per-request plumbing: a request id (accepted from X-Request-ID or made up,
     echoed back), the body size limit (enforced while the body is read), and JSON as
-    the body type when none or curl's form default is declared (no route takes forms,
-    and ``curl -d '{...}'`` should just work)."""
+    the body type when none or curl's form default is declared (no route takes
+    url-encoded forms, and ``curl -d '{...}'`` should just work).  File uploads
+    (``/v1/files``, multipart) have their own, larger limit."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, max_upload_bytes: int) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.max_upload_bytes = max_upload_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -48,7 +52,7 @@ class RequestContext:
         request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         declared = headers.get(b"content-length", b"")
-        limit = self.max_body_bytes
+        limit = self.max_upload_bytes if scope["path"] == "/v1/files" else self.max_body_bytes
         received = int(declared) if declared.isdigit() else 0  # refuse early when declared
 
         async def receive_checked() -> Message:
@@ -101,15 +105,19 @@ def create_app(settings: GatewaySettings, client: CoordinatorClient | None = Non
         description="OpenAI-compatible and native inference API in front of the CY-LLM coordinators.",
         lifespan=lifespan,
     )
+    app.state.settings = settings
     app.state.metrics = GatewayMetrics()
     errors.install(app)
     app.include_router(openai_router)
+    app.include_router(fine_tuning_router)
     app.include_router(native_router)
+    app.include_router(training_router)
     app.include_router(health_router)
     app.include_router(websocket_router)
     app.include_router(admin_router)
     app.include_router(metrics_router)
-    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes,
+                       max_upload_bytes=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.openapi = lambda: _openapi(app)
     return app

@@ -91,6 +91,30 @@ class CoordinatorClient:
     async def unload_model(self, request: pb.UnloadModelRequest) -> pb.UnloadModelResponse:
         return await self._unary("UnloadModel", request, timeout=300)
 
+    # -- training and files: unary calls, a watch stream, an upload stream
+
+    async def training(self, method: str, request):
+        """A unary training or file call by its RPC name (CreateTrainingJob, GetFile, ...)."""
+        return await self._unary(method, request, timeout=60)
+
+    async def watch_training(self, job_id: str, after_seq: int = 0) -> AsyncIterator[pb.TrainingEvent]:
+        address, stub = self._in_turn()[0]
+        call = stub.WatchTrainingJob(pb.TrainingEventsRequest(id=job_id, after_seq=after_seq))
+        try:
+            async for event in call:
+                yield event
+        except grpc.aio.AioRpcError as exc:
+            raise status.from_grpc(exc) from None
+        finally:
+            call.cancel()
+
+    async def upload_file(self, chunks: AsyncIterator[pb.FileChunk]) -> pb.FileInfo:
+        _, stub = self._in_turn()[0]
+        try:
+            return await stub.UploadFile(chunks, timeout=3600)
+        except grpc.aio.AioRpcError as exc:
+            raise status.from_grpc(exc) from None
+
     async def cluster_status(self) -> list[tuple[str, pb.ClusterStatusResponse | None]]:
         """Every coordinator's view (None where it cannot be reached)."""
         out: list[tuple[str, pb.ClusterStatusResponse | None]] = []

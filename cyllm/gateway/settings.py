@@ -19,6 +19,7 @@ class GatewaySettings(ComponentSettings):
     port: int = Field(8080, ge=0, le=65535)
     coordinators: list[str] = Field(default_factory=lambda: ["127.0.0.1:50050"], min_length=1)
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger bodies get 413")
+    max_upload_bytes: int = Field(512 << 20, ge=1024, description="largest POST /v1/files upload")
     request_timeout_s: float = Field(600.0, gt=0, description="whole-request limit")
     # -- who may call
     auth_enabled: bool = Field(False, description="require an API key or a JWT on every route")

@@ -36,6 +36,8 @@ from typing import Any
 
 _LINE_LIMIT = 1 << 20
 _KILL_GRACE_S = 5.0
+_DRAIN_S = 2.0
+_POLL_S = 0.5
 
 
 async def run_process(argv: Sequence[str], *, env: dict[str, str], cwd: Path, log_path: Path,
@@ -52,18 +54,27 @@ async def run_process(argv: Sequence[str], *, env: dict[str, str], cwd: Path, lo
     readers = [asyncio.create_task(_pump(name, stream, lines))
                for name, stream in (("stdout", proc.stdout), ("stderr", proc.stderr))]
     deadline = time.monotonic() + time_limit_s if time_limit_s else None
+    drain_until: float | None = None  # set when the process exits: read what is left, briefly
     tail: deque[str] = deque(maxlen=20)
     last_error = ""
     open_streams, timed_out = 2, False
     try:
         with log_path.open("a", encoding="utf-8") as log:
             while open_streams:
-                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                try:
-                    name, raw = await asyncio.wait_for(lines.get(), timeout)
-                except TimeoutError:
-                    timed_out = True
+                # The exit is polled: asyncio's wait() also waits for the pipes, which
+                # children the job left behind may hold open for ever.
+                if proc.returncode is not None and drain_until is None:
+                    drain_until = time.monotonic() + _DRAIN_S  # read what is left, briefly
+                ends = [t for t in (deadline, drain_until) if t is not None]
+                now = time.monotonic()
+                if ends and now >= min(ends):
+                    timed_out = drain_until is None
                     break
+                try:
+                    name, raw = await asyncio.wait_for(
+                        lines.get(), min(_POLL_S, min(ends) - now) if ends else _POLL_S)
+                except TimeoutError:
+                    continue
                 if raw is None:
                     open_streams -= 1
                     continue
@@ -84,7 +95,10 @@ async def run_process(argv: Sequence[str], *, env: dict[str, str], cwd: Path, lo
             yield {"event": "exit", "code": proc.returncode,
                    "error": f"the job ran past its time limit of {time_limit_s:g}s and was stopped"}
             return
-        code = await proc.wait()
+        # Pipes closed: wait() returns with the process; exited with pipes held: known.
+        code = proc.returncode if proc.returncode is not None else await proc.wait()
+        with contextlib.suppress(ProcessLookupError):  # a finished job leaves nothing running
+            os.killpg(proc.pid, signal.SIGKILL)
         error = "" if code == 0 else (last_error or _describe_exit(code, tail))
         yield {"event": "exit", "code": code, "error": error}
     finally:
@@ -134,7 +148,9 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
         try:
-            await asyncio.wait_for(asyncio.shield(proc.wait()), wait)
+            async with asyncio.timeout(wait):
+                while proc.returncode is None:  # polled: wait() also waits for the pipes
+                    await asyncio.sleep(0.05)
             with contextlib.suppress(ProcessLookupError):  # stragglers of the group
                 os.killpg(proc.pid, signal.SIGKILL)
             return

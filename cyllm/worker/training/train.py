@@ -145,7 +145,7 @@ class _Progress(_callback_base()):
         self.emit, self.counter, self.out = emit, counter, out
         self.started = time.monotonic()
         self.first_step: int | None = None
-        self.mark = (time.monotonic(), 0)
+        self.mark = (time.monotonic(), 0)  # (when, tokens) at the start of this run
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.first_step = state.global_step  # > 0 when resumed
@@ -158,8 +158,7 @@ class _Progress(_callback_base()):
         if not logs or "loss" not in logs:
             return
         now = time.monotonic()
-        since, tokens = self.mark
-        self.mark = (now, self.counter.total)
+        since, tokens = self.mark  # since this run began (the collator may run a batch ahead)
         done = state.global_step - (self.first_step or 0)
         per_step = (now - self.started) / max(1, done)
         self.emit({

@@ -1,0 +1,76 @@
+"""Uploaded files (``POST /v1/files``): written under ``coordinator.files_dir``, their
+records in the job store.  Workers read a job's dataset from that path, so with several
+machines ``files_dir`` must be storage they all mount (as ``worker.training_dir``)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from cyllm import errors
+from cyllm.coordinator.jobs import JobStore
+from cyllm.protocol import pb
+from cyllm.worker.training.data import load_examples
+
+PURPOSES = ("fine-tune",)
+
+
+class FileStore:
+    def __init__(self, store: JobStore, root: Path, max_bytes: int) -> None:
+        self.store = store
+        self.root = root
+        self.max_bytes = max_bytes
+
+    async def upload(self, chunks: AsyncIterator[pb.FileChunk]) -> pb.FileInfo:
+        """Write the stream to disk; a fine-tune file must parse as a dataset."""
+        file_id = f"file-{uuid.uuid4().hex[:24]}"
+        folder = self.root / file_id
+        info: pb.FileInfo | None = None
+        try:
+            async for chunk in chunks:
+                if info is None:
+                    info = self._start(file_id, chunk, folder)
+                    out = open(Path(info.path), "wb")  # noqa: SIM115  (closed below)
+                info.bytes += len(chunk.data)
+                if info.bytes > self.max_bytes:
+                    raise errors.InvalidRequest(f"file is over the {self.max_bytes} byte limit "
+                                                "(coordinator.files_max_bytes)", param="file")
+                await asyncio.to_thread(out.write, chunk.data)
+            if info is None:
+                raise errors.InvalidRequest("no file was sent", param="file")
+            out.close()
+            if info.bytes == 0:
+                raise errors.InvalidRequest(f"{info.filename} is empty", param="file")
+            await asyncio.to_thread(load_examples, info.path)  # a clear 400 now, not a failed job later
+        except BaseException:
+            if info is not None:
+                out.close()
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        await self.store.put_file(info)
+        return info
+
+    def _start(self, file_id: str, chunk: pb.FileChunk, folder: Path) -> pb.FileInfo:
+        if chunk.purpose not in PURPOSES:
+            raise errors.InvalidRequest(f"purpose {chunk.purpose!r} is not supported; this server "
+                                        f"takes files for: {', '.join(PURPOSES)}", param="purpose")
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(chunk.filename or "data.jsonl").name)[-128:]
+        folder.mkdir(parents=True, exist_ok=True)
+        return pb.FileInfo(id=file_id, filename=chunk.filename or name, purpose=chunk.purpose,
+                           created_at=int(time.time()), path=str(folder / name))
+
+    async def get(self, file_id: str) -> pb.FileInfo:
+        info = await self.store.get_file(file_id)
+        if info is None:
+            raise errors.ModelNotFound(f"file {file_id!r} does not exist", param="file_id")
+        return info
+
+    async def delete(self, file_id: str) -> None:
+        info = await self.get(file_id)
+        await self.store.delete_file(file_id)
+        shutil.rmtree(Path(info.path).parent, ignore_errors=True)

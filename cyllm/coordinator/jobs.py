@@ -1,0 +1,189 @@
+"""Where training jobs and uploaded files are kept: ``JobStore``.
+
+A job is a ``pb.TrainingJob`` record, an append-only list of its events (numbered from
+1), a place in the FIFO of queued jobs, and — while it runs — a lease held by the
+coordinator that streams it from a worker.  A lease that runs out (that coordinator
+died) puts the job back in the queue, to resume from its last checkpoint.  Cancelling
+sets a flag the running coordinator watches, so a cancel may arrive at any coordinator.
+
+``MemoryJobStore`` keeps all of it in the process (the embedded default);
+``RedisJobStore`` (``redis_jobs.py``) shares it between coordinators.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections import deque
+
+from cyllm.protocol import pb
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class JobStore(abc.ABC):
+    async def start(self) -> None:
+        """Connect (a no-op in memory)."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+    # -- jobs
+    @abc.abstractmethod
+    async def put(self, job: pb.TrainingJob) -> None:
+        """Create or overwrite the record (the cancel flag is kept apart)."""
+
+    @abc.abstractmethod
+    async def get(self, job_id: str) -> pb.TrainingJob | None: ...
+
+    @abc.abstractmethod
+    async def list(self, limit: int, after: str = "") -> tuple[list[pb.TrainingJob], bool]:
+        """Newest first; ``after`` a job id: those created before it."""
+
+    @abc.abstractmethod
+    async def append_event(self, job_id: str, event: pb.TrainingEvent) -> int:
+        """Store the event; return its sequence number (also set on ``event``)."""
+
+    @abc.abstractmethod
+    async def events(self, job_id: str, after_seq: int = 0, limit: int = 0) -> list[pb.TrainingEvent]: ...
+
+    @abc.abstractmethod
+    async def request_cancel(self, job_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def cancel_requested(self, job_id: str) -> bool: ...
+
+    # -- the queue of jobs waiting for a worker, and leases on running ones
+    @abc.abstractmethod
+    async def enqueue(self, job_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def dequeue(self, job_id: str) -> bool:
+        """Remove a queued job (cancelled before it ran); False if it was not queued."""
+
+    @abc.abstractmethod
+    async def queued(self) -> list[str]:
+        """Queued job ids, oldest first."""
+
+    @abc.abstractmethod
+    async def claim(self, job_id: str, owner: str, lease_s: float) -> bool:
+        """Take a queued job for ``owner`` (one coordinator wins); False if gone."""
+
+    @abc.abstractmethod
+    async def renew(self, job_id: str, owner: str, lease_s: float) -> bool:
+        """Extend ``owner``'s lease; False when it was lost."""
+
+    @abc.abstractmethod
+    async def release(self, job_id: str) -> None:
+        """Drop the lease (the job ended or went back to the queue)."""
+
+    @abc.abstractmethod
+    async def expired(self) -> list[str]:
+        """Running jobs whose lease ran out (their coordinator is gone)."""
+
+    # -- files
+    @abc.abstractmethod
+    async def put_file(self, info: pb.FileInfo) -> None: ...
+
+    @abc.abstractmethod
+    async def get_file(self, file_id: str) -> pb.FileInfo | None: ...
+
+    @abc.abstractmethod
+    async def files(self) -> list[pb.FileInfo]: ...
+
+    @abc.abstractmethod
+    async def delete_file(self, file_id: str) -> bool: ...
+
+
+class MemoryJobStore(JobStore):
+    def __init__(self, clock=time.monotonic) -> None:
+        self.clock = clock
+        self._jobs: dict[str, pb.TrainingJob] = {}
+        self._events: dict[str, list[pb.TrainingEvent]] = {}
+        self._cancel: set[str] = set()
+        self._queue: deque[str] = deque()
+        self._leases: dict[str, tuple[str, float]] = {}
+        self._files: dict[str, pb.FileInfo] = {}
+
+    async def put(self, job: pb.TrainingJob) -> None:
+        copy = pb.TrainingJob()
+        copy.CopyFrom(job)
+        self._jobs[job.id] = copy
+
+    async def get(self, job_id: str) -> pb.TrainingJob | None:
+        job = self._jobs.get(job_id)
+        if job is None:
+            return None
+        out = pb.TrainingJob()
+        out.CopyFrom(job)
+        out.cancel_requested = job_id in self._cancel
+        return out
+
+    async def list(self, limit: int, after: str = "") -> tuple[list[pb.TrainingJob], bool]:
+        ids = sorted(self._jobs, key=lambda i: (self._jobs[i].created_at, i), reverse=True)
+        if after:
+            ids = ids[ids.index(after) + 1:] if after in ids else []
+        return [await self.get(i) for i in ids[:limit]], len(ids) > limit
+
+    async def append_event(self, job_id: str, event: pb.TrainingEvent) -> int:
+        events = self._events.setdefault(job_id, [])
+        event.seq = len(events) + 1
+        copy = pb.TrainingEvent()
+        copy.CopyFrom(event)
+        events.append(copy)
+        return event.seq
+
+    async def events(self, job_id: str, after_seq: int = 0, limit: int = 0) -> list[pb.TrainingEvent]:
+        out = self._events.get(job_id, [])[after_seq:]
+        return out[:limit] if limit else list(out)
+
+    async def request_cancel(self, job_id: str) -> None:
+        self._cancel.add(job_id)
+
+    async def cancel_requested(self, job_id: str) -> bool:
+        return job_id in self._cancel
+
+    async def enqueue(self, job_id: str) -> None:
+        if job_id not in self._queue:
+            self._queue.append(job_id)
+
+    async def dequeue(self, job_id: str) -> bool:
+        if job_id in self._queue:
+            self._queue.remove(job_id)
+            return True
+        return False
+
+    async def queued(self) -> list[str]:
+        return list(self._queue)
+
+    async def claim(self, job_id: str, owner: str, lease_s: float) -> bool:
+        if not await self.dequeue(job_id):
+            return False
+        self._leases[job_id] = (owner, self.clock() + lease_s)
+        return True
+
+    async def renew(self, job_id: str, owner: str, lease_s: float) -> bool:
+        held = self._leases.get(job_id)
+        if held is None or held[0] != owner:
+            return False
+        self._leases[job_id] = (owner, self.clock() + lease_s)
+        return True
+
+    async def release(self, job_id: str) -> None:
+        self._leases.pop(job_id, None)
+
+    async def expired(self) -> list[str]:
+        now = self.clock()
+        return [j for j, (_, until) in self._leases.items() if until < now]
+
+    async def put_file(self, info: pb.FileInfo) -> None:
+        self._files[info.id] = info
+
+    async def get_file(self, file_id: str) -> pb.FileInfo | None:
+        return self._files.get(file_id)
+
+    async def files(self) -> list[pb.FileInfo]:
+        return sorted(self._files.values(), key=lambda f: (f.created_at, f.id))
+
+    async def delete_file(self, file_id: str) -> bool:
+        return self._files.pop(file_id, None) is not None

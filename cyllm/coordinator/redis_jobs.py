@@ -1,0 +1,139 @@
+"""``JobStore`` in Redis, shared by every coordinator.
+
+Keys (prefix ``cyllm:``): ``job:<id>`` the serialized ``TrainingJob``; ``jobs`` a ZSET of
+ids by creation time (listing); ``job:<id>:events`` a ZSET of serialized events scored
+by their sequence number, from the counter ``job:<id>:seq``; ``job:<id>:cancel`` the
+cancel flag; ``jobs:queue`` the FIFO list of queued ids; ``job:<id>:lease`` the owning
+coordinator's id with a TTL, and ``jobs:running`` the ids holding one; ``files`` a hash
+of serialized ``FileInfo``.
+"""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+from cyllm.coordinator.jobs import JobStore
+from cyllm.coordinator.redis_backend import P, connect
+from cyllm.protocol import pb
+
+# Take a queued job: only the coordinator whose LREM removed it gets the lease.
+_CLAIM = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+redis.call('SADD', KEYS[3], ARGV[1])
+return 1
+"""
+_RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+
+class RedisJobStore(JobStore):
+    def __init__(self, url: str) -> None:
+        self.r: aioredis.Redis = connect(url)
+        self._claim = self.r.register_script(_CLAIM)
+        self._renew = self.r.register_script(_RENEW)
+
+    async def start(self) -> None:
+        await self.r.ping()
+
+    async def close(self) -> None:
+        await self.r.aclose()
+
+    async def put(self, job: pb.TrainingJob) -> None:
+        job = _copy(job, pb.TrainingJob)
+        job.cancel_requested = False
+        async with self.r.pipeline(transaction=True) as p:
+            p.set(P + f"job:{job.id}", job.SerializeToString())
+            p.zadd(P + "jobs", {job.id: job.created_at}, nx=True)
+            await p.execute()
+
+    async def get(self, job_id: str) -> pb.TrainingJob | None:
+        raw, cancel = await self.r.mget(P + f"job:{job_id}", P + f"job:{job_id}:cancel")
+        if raw is None:
+            return None
+        job = pb.TrainingJob.FromString(raw)
+        job.cancel_requested = cancel is not None
+        return job
+
+    async def list(self, limit: int, after: str = "") -> tuple[list[pb.TrainingJob], bool]:
+        start = 0
+        if after:
+            rank = await self.r.zrevrank(P + "jobs", after)
+            if rank is None:
+                return [], False
+            start = rank + 1
+        ids = await self.r.zrevrange(P + "jobs", start, start + limit)
+        jobs = [j for j in [await self.get(i.decode()) for i in ids[:limit]] if j is not None]
+        return jobs, len(ids) > limit
+
+    async def append_event(self, job_id: str, event: pb.TrainingEvent) -> int:
+        event.seq = await self.r.incr(P + f"job:{job_id}:seq")
+        await self.r.zadd(P + f"job:{job_id}:events", {event.SerializeToString(): event.seq})
+        return event.seq
+
+    async def events(self, job_id: str, after_seq: int = 0, limit: int = 0) -> list[pb.TrainingEvent]:
+        raw = await self.r.zrangebyscore(P + f"job:{job_id}:events", f"({after_seq}", "+inf",
+                                         start=0 if limit else None, num=limit or None)
+        return [pb.TrainingEvent.FromString(x) for x in raw]
+
+    async def request_cancel(self, job_id: str) -> None:
+        await self.r.set(P + f"job:{job_id}:cancel", b"1")
+
+    async def cancel_requested(self, job_id: str) -> bool:
+        return bool(await self.r.exists(P + f"job:{job_id}:cancel"))
+
+    async def enqueue(self, job_id: str) -> None:
+        async with self.r.pipeline(transaction=True) as p:
+            p.lrem(P + "jobs:queue", 0, job_id)
+            p.rpush(P + "jobs:queue", job_id)
+            await p.execute()
+
+    async def dequeue(self, job_id: str) -> bool:
+        return bool(await self.r.lrem(P + "jobs:queue", 0, job_id))
+
+    async def queued(self) -> list[str]:
+        return [x.decode() for x in await self.r.lrange(P + "jobs:queue", 0, -1)]
+
+    async def claim(self, job_id: str, owner: str, lease_s: float) -> bool:
+        keys = [P + "jobs:queue", P + f"job:{job_id}:lease", P + "jobs:running"]
+        return bool(await self._claim(keys=keys, args=[job_id, owner, int(lease_s * 1000)]))
+
+    async def renew(self, job_id: str, owner: str, lease_s: float) -> bool:
+        return bool(await self._renew(keys=[P + f"job:{job_id}:lease"],
+                                      args=[owner, int(lease_s * 1000)]))
+
+    async def release(self, job_id: str) -> None:
+        async with self.r.pipeline(transaction=True) as p:
+            p.delete(P + f"job:{job_id}:lease")
+            p.srem(P + "jobs:running", job_id)
+            await p.execute()
+
+    async def expired(self) -> list[str]:
+        running = [x.decode() for x in await self.r.smembers(P + "jobs:running")]
+        if not running:
+            return []
+        alive = await self.r.mget([P + f"job:{j}:lease" for j in running])
+        return [j for j, lease in zip(running, alive) if lease is None]
+
+    async def put_file(self, info: pb.FileInfo) -> None:
+        await self.r.hset(P + "files", info.id, info.SerializeToString())
+
+    async def get_file(self, file_id: str) -> pb.FileInfo | None:
+        raw = await self.r.hget(P + "files", file_id)
+        return None if raw is None else pb.FileInfo.FromString(raw)
+
+    async def files(self) -> list[pb.FileInfo]:
+        out = [pb.FileInfo.FromString(v) for v in (await self.r.hgetall(P + "files")).values()]
+        return sorted(out, key=lambda f: (f.created_at, f.id))
+
+    async def delete_file(self, file_id: str) -> bool:
+        return bool(await self.r.hdel(P + "files", file_id))
+
+
+def _copy(message, cls):
+    out = cls()
+    out.CopyFrom(message)
+    return out

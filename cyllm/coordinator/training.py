@@ -1,0 +1,321 @@
+"""Training jobs on the coordinator: accept, queue, hand to a worker, follow, resume,
+and serve the result.
+
+1. ``create`` checks the spec, the base model and (when this machine can read it) the
+   dataset, stores the job as ``queued`` and wakes the dispatcher.
+2. The dispatcher gives each queued job to an idle healthy worker that trains and has
+   the base model in its catalog (one job per worker), taking a lease on it.
+3. ``_follow`` streams the worker's events into the job store (progress, checkpoints,
+   log lines) while renewing the lease and watching the cancel flag.
+4. The end: success registers what was trained as a model on that worker
+   (``<base>:ft-…`` for a LoRA adapter served beside its base, ``<base>-ft-…`` for a
+   model of its own); a worker lost mid-run (or a coordinator whose lease ran out) puts
+   the job back in the queue to resume from its last checkpoint, up to
+   ``training_max_attempts`` runs; a cancel stops the worker's process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+
+from cyllm import errors
+from cyllm.coordinator.jobs import TERMINAL, JobStore
+from cyllm.coordinator.models import LOAD_TIMEOUT_S
+from cyllm.coordinator.scheduler import Scheduler, WorkerView
+from cyllm.protocol import pb, rpc, status
+from cyllm.worker.training.data import load_examples
+from cyllm.worker.training.spec import TrainingSpec
+
+log = logging.getLogger(__name__)
+
+_LOST = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
+         grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL)
+
+
+class TrainingManager:
+    def __init__(self, store: JobStore, scheduler: Scheduler,
+                 stub_for: Callable[[str], rpc.WorkerStub], coordinator_id: str, *,
+                 lease_s: float, max_attempts: int) -> None:
+        self.store = store
+        self.scheduler = scheduler
+        self.stub_for = stub_for
+        self.owner = coordinator_id
+        self.lease_s = lease_s
+        self.max_attempts = max_attempts
+        self._running: dict[str, tuple[asyncio.Task[None], str]] = {}  # job -> (task, worker)
+        self._kick = asyncio.Event()
+        self._dispatcher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.store.start()
+        self._dispatcher = asyncio.create_task(self._dispatch_forever())
+
+    async def close(self) -> None:
+        """Stop following jobs; each goes back to the queue (to resume from its checkpoint)."""
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+        tasks = [t for t, _ in self._running.values()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.store.close()
+
+    # -- the API --------------------------------------------------------------------------
+
+    async def create(self, request: pb.CreateTrainingJobRequest) -> pb.TrainingJob:
+        raw = json.loads(request.spec_json or "{}") if request.spec_json else {}
+        if not isinstance(raw, dict):
+            raise errors.InvalidRequest("the training spec must be a JSON object")
+        if request.training_file:
+            info = await self.store.get_file(request.training_file)
+            if info is None:
+                raise errors.InvalidRequest(f"training_file {request.training_file!r} does not exist",
+                                            param="training_file")
+            raw["dataset"] = info.path
+        spec = TrainingSpec.parse(raw)
+        known = {m.id for m in await self.scheduler.models()}
+        if spec.base_model not in known:
+            raise errors.ModelNotFound(f"base model {spec.base_model!r} is not served by any worker; "
+                                       f"models: {', '.join(sorted(known)) or 'none'}", param="model")
+        if spec.method != "custom" and Path(spec.dataset).exists():
+            await asyncio.to_thread(load_examples, spec.dataset, spec.dataset_format,
+                                    prompt_column=spec.prompt_column,
+                                    response_column=spec.response_column)
+        job = pb.TrainingJob(id=f"ftjob-{uuid.uuid4().hex[:24]}", spec_json=spec.model_dump_json(),
+                             state="queued", created_at=int(time.time()),
+                             training_file=request.training_file)
+        await self.store.put(job)
+        await self._event(job.id, "state", f"job created: {spec.method} on {spec.base_model}",
+                          state="queued")
+        await self.store.enqueue(job.id)
+        self._kick.set()
+        return job
+
+    async def get(self, job_id: str) -> pb.TrainingJob:
+        job = await self.store.get(job_id)
+        if job is None:
+            raise errors.ModelNotFound(f"training job {job_id!r} does not exist", param="id")
+        return job
+
+    async def cancel(self, job_id: str) -> pb.TrainingJob:
+        job = await self.get(job_id)
+        if job.state in TERMINAL:
+            raise errors.InvalidRequest(f"training job {job_id} has already {job.state}")
+        await self.store.request_cancel(job_id)
+        if await self.store.dequeue(job_id):
+            return await self._finish(job, "cancelled", "cancelled before it started")
+        local = self._running.get(job_id)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:  # the coordinator running it stops the worker
+            job = await self.get(job_id)
+            if job.state in TERMINAL or (local is not None and local[0].done()):
+                break
+            await asyncio.sleep(0.2)
+        return await self.get(job_id)
+
+    async def watch(self, job_id: str, after_seq: int) -> AsyncIterator[pb.TrainingEvent]:
+        """Events after ``after_seq`` as they come, until the job has ended."""
+        await self.get(job_id)
+        while True:
+            events = await self.store.events(job_id, after_seq)
+            for event in events:
+                after_seq = event.seq
+                yield event
+            if not events and (await self.get(job_id)).state in TERMINAL:
+                return
+            await asyncio.sleep(0.25)
+
+    # -- dispatching ----------------------------------------------------------------------
+
+    async def _dispatch_forever(self) -> None:
+        while True:
+            try:
+                await self._dispatch()
+            except Exception:  # the store unreachable for a moment: keep trying
+                log.exception("training dispatch failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), 0.5)
+            self._kick.clear()
+
+    async def _dispatch(self) -> None:
+        for job_id in await self.store.expired():  # its coordinator is gone
+            if job_id not in self._running:
+                await self.store.release(job_id)
+                job = await self.store.get(job_id)
+                if job is not None and job.state == "running":
+                    await self._requeue(job, "the coordinator following it was lost")
+        queued = await self.store.queued()
+        if not queued:
+            return
+        idle = [v for v in await self.scheduler.workers() if self._idle(v)]
+        for job_id in queued:
+            job = await self.store.get(job_id)
+            if job is None:
+                await self.store.dequeue(job_id)
+                continue
+            base = TrainingSpec.model_validate_json(job.spec_json).base_model
+            fits = [v for v in idle if any(m.id == base for m in list(v.record.info.models)
+                                           + list(v.record.info.available))]
+            if not fits or not await self.store.claim(job_id, self.owner, self.lease_s):
+                continue
+            view = fits[0]
+            idle.remove(view)
+            task = asyncio.create_task(self._follow(job_id, view.record.info))
+            self._running[job_id] = (task, view.record.worker_id)
+            task.add_done_callback(lambda _t, j=job_id: self._ended(j))
+
+    def _idle(self, view: WorkerView) -> bool:
+        info = view.record.info
+        mine = {w for _, w in self._running.values()}
+        return view.healthy and info.trains and not info.training_job and info.worker_id not in mine
+
+    def _ended(self, job_id: str) -> None:
+        self._running.pop(job_id, None)
+        self._kick.set()
+
+    # -- following a job on its worker ------------------------------------------------------
+
+    async def _follow(self, job_id: str, worker: pb.WorkerInfo) -> None:
+        job = await self.get(job_id)
+        job.state, job.worker_id = "running", worker.worker_id
+        job.attempts += 1
+        job.started_at = job.started_at or int(time.time())
+        resume = job.checkpoints[-1].path if job.checkpoints else ""
+        await self.store.put(job)
+        await self._event(job_id, "state", f"running on worker {worker.worker_id}"
+                          + (f", resuming from step {job.checkpoints[-1].step}" if resume else ""),
+                          state="running")
+        call = self.stub_for(worker.address).Train(
+            pb.TrainRequest(job_id=job_id, spec_json=job.spec_json, resume_from=resume))
+        cancelled = asyncio.Event()
+        keeper = asyncio.create_task(self._keep(job_id, call, cancelled))
+        final: pb.TrainingEvent | None = None
+        result: pb.TrainingEvent | None = None
+        try:
+            async for event in call:
+                if event.type == "state":
+                    final = event
+                    continue
+                if event.type == "result":
+                    result = event
+                await self._record(job_id, event)
+        except asyncio.CancelledError:
+            if cancelled.is_set():
+                await self._finish(await self.get(job_id), "cancelled", "cancelled while running")
+                return
+            await self._requeue(await self.get(job_id), "this coordinator is shutting down")
+            raise
+        except grpc.aio.AioRpcError as exc:
+            job = await self.get(job_id)
+            if cancelled.is_set():
+                await self._finish(job, "cancelled", "cancelled while running")
+            elif exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # the worker took another job
+                job.attempts -= 1
+                await self._requeue(job, exc.details() or "worker busy")
+            elif exc.code() in _LOST:
+                await self._requeue(job, f"worker {worker.worker_id} was lost ({exc.code().name})")
+            else:
+                err = status.from_grpc(exc)
+                await self._finish(job, "failed", err.message, code=err.code)
+            return
+        finally:
+            keeper.cancel()
+            await self.store.release(job_id)
+        job = await self.get(job_id)
+        if cancelled.is_set():
+            await self._finish(job, "cancelled", "cancelled while running")
+        elif final is None or final.state != "succeeded":
+            await self._finish(job, "failed", final.message if final else "the worker ended the job "
+                               "without a result", code="training_failed")
+        else:
+            await self._succeed(job, worker, result)
+
+    async def _keep(self, job_id: str, call, cancelled: asyncio.Event) -> None:
+        """Renew the lease; stop the worker's run when a cancel is requested anywhere."""
+        while True:
+            await asyncio.sleep(min(1.0, self.lease_s / 3))
+            if await self.store.cancel_requested(job_id):
+                cancelled.set()
+                call.cancel()
+                return
+            await self.store.renew(job_id, self.owner, self.lease_s)
+
+    async def _record(self, job_id: str, event: pb.TrainingEvent) -> None:
+        if event.type in ("metrics", "checkpoint", "result"):
+            job = await self.get(job_id)
+            if event.type == "metrics":
+                job.progress.CopyFrom(event.progress)
+                job.trained_tokens = max(job.trained_tokens, event.progress.tokens)
+            elif event.type == "checkpoint":
+                job.checkpoints.append(event.checkpoint)
+                job.checkpoints[-1].loss = job.progress.loss
+            else:
+                job.trained_tokens = max(job.trained_tokens, event.trained_tokens)
+            await self.store.put(job)
+        await self.store.append_event(job_id, event)
+
+    async def _succeed(self, job: pb.TrainingJob, worker: pb.WorkerInfo,
+                       result: pb.TrainingEvent | None) -> None:
+        if result is None:  # a custom script that produced nothing to serve
+            await self._finish(job, "succeeded", "training finished (no model to serve)")
+            return
+        spec = TrainingSpec.model_validate_json(job.spec_json)
+        name = "ft-" + (f"{spec.suffix}-" if spec.suffix else "") + job.id[-8:]
+        if result.result_kind == "adapter":
+            model = f"{spec.base_model}:{name}"
+            load = pb.LoadModelRequest(model=model, adapter_path=result.result_path)
+        else:
+            model = f"{spec.base_model}-{name}"
+            load = pb.LoadModelRequest(model=model, from_model=spec.base_model)
+            if result.result_kind == "model":
+                load.model_path = result.result_path
+            else:
+                load.peft_adapter_path = result.result_path
+        try:
+            reply = await self.stub_for(worker.address).LoadModel(load, timeout=LOAD_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            err = status.from_grpc(exc)
+            await self._finish(job, "failed", f"trained ({result.result_path}), but serving it "
+                               f"failed: {err.message}", code=err.code)
+            return
+        await self.scheduler.register(reply.worker)
+        job.fine_tuned_model = model
+        await self._finish(job, "succeeded", f"training finished; serving it as {model}")
+
+    async def _requeue(self, job: pb.TrainingJob, why: str) -> None:
+        if job.attempts >= self.max_attempts:
+            await self._finish(job, "failed", f"{why}; gave up after {job.attempts} runs",
+                               code="training_failed")
+            return
+        job.state, job.worker_id = "queued", ""
+        await self.store.put(job)
+        where = f"step {job.checkpoints[-1].step}" if job.checkpoints else "the start"
+        await self._event(job.id, "state", f"{why}; re-queued, will resume from {where}",
+                          state="queued", level="warn")
+        await self.store.enqueue(job.id)
+        self._kick.set()
+
+    async def _finish(self, job: pb.TrainingJob, state: str, message: str,
+                      code: str = "") -> pb.TrainingJob:
+        job.state, job.finished_at = state, int(time.time())
+        if state == "failed":
+            job.error, job.error_code = message, code or "training_failed"
+        await self.store.put(job)
+        await self._event(job.id, "state", message, state=state,
+                          level="error" if state == "failed" else "info")
+        return job
+
+    async def _event(self, job_id: str, type_: str, message: str, *, state: str = "",
+                     level: str = "info") -> None:
+        await self.store.append_event(job_id, pb.TrainingEvent(
+            created_at=int(time.time() * 1000), type=type_, level=level, message=message,
+            state=state))

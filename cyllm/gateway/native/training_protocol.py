@@ -1,0 +1,119 @@
+"""Schemas of the native training routes (camelCase, as the rest of ``/api/v1``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+from cyllm.protocol import pb
+from cyllm.worker.training.spec import TrainingSpec
+
+
+class _Camel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
+
+
+class TrainingStartRequest(TrainingSpec):
+    """The job (``TrainingSpec``'s fields in camelCase); the dataset is a path on the
+    workers' disk (``dataset``) or an uploaded file (``fileId``, from ``POST /v1/files``)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    dataset: str | None = Field(None, description="a file or folder on the workers' disk")
+    file_id: str | None = Field(None, description="an uploaded file's id")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TrainingStartRequest:
+        if (self.dataset is None) == (self.file_id is None):
+            raise ValueError("give exactly one of 'dataset' and 'fileId'")
+        return self
+
+    def spec_json(self) -> str:
+        return self.model_dump_json(exclude={"file_id"}, exclude_none=True)
+
+
+class Progress(_Camel):
+    step: int
+    total_steps: int
+    epoch: float
+    loss: float | None
+    learning_rate: float
+    tokens_per_second: float
+    eta_s: float
+    tokens: int
+
+
+class Checkpoint(_Camel):
+    step: int
+    path: str
+    created_at: int
+    loss: float | None
+
+
+class JobError(_Camel):
+    code: str
+    message: str
+
+
+class TrainingJobView(_Camel):
+    id: str
+    state: str = Field(description="queued | running | succeeded | failed | cancelled")
+    base_model: str
+    method: str
+    fine_tuned_model: str | None
+    progress: Progress | None
+    checkpoints: list[Checkpoint]
+    error: JobError | None
+    attempts: int
+    worker_id: str | None
+    trained_tokens: int
+    created_at: int
+    started_at: int | None
+    finished_at: int | None
+    spec: dict[str, Any]
+
+    @classmethod
+    def of(cls, job: pb.TrainingJob) -> TrainingJobView:
+        spec = TrainingSpec.model_validate_json(job.spec_json)
+        p = job.progress
+        return cls(
+            id=job.id, state=job.state, base_model=spec.base_model, method=spec.method,
+            fine_tuned_model=job.fine_tuned_model or None,
+            progress=Progress(step=p.step, total_steps=p.total_steps, epoch=p.epoch,
+                              loss=p.loss if p.step else None, learning_rate=p.learning_rate,
+                              tokens_per_second=p.tokens_per_second, eta_s=p.eta_s,
+                              tokens=p.tokens) if job.HasField("progress") else None,
+            checkpoints=[Checkpoint(step=c.step, path=c.path, created_at=c.created_at,
+                                    loss=c.loss or None) for c in job.checkpoints],
+            error=JobError(code=job.error_code, message=job.error) if job.error else None,
+            attempts=job.attempts, worker_id=job.worker_id or None,
+            trained_tokens=job.trained_tokens, created_at=job.created_at,
+            started_at=job.started_at or None, finished_at=job.finished_at or None,
+            spec=spec.model_dump(mode="json", exclude_none=True),
+        )
+
+
+class TrainingJobsResponse(_Camel):
+    jobs: list[TrainingJobView]
+    has_more: bool
+
+
+def event_dict(e: pb.TrainingEvent) -> dict[str, Any]:
+    """A training event as the SSE stream's JSON (camelCase)."""
+    out: dict[str, Any] = {"seq": e.seq, "createdAt": e.created_at, "type": e.type,
+                           "level": e.level, "message": e.message}
+    if e.type == "metrics":
+        p = e.progress
+        out["progress"] = Progress(step=p.step, total_steps=p.total_steps, epoch=p.epoch,
+                                   loss=p.loss, learning_rate=p.learning_rate,
+                                   tokens_per_second=p.tokens_per_second, eta_s=p.eta_s,
+                                   tokens=p.tokens).model_dump(by_alias=True)
+    elif e.type == "checkpoint":
+        out["checkpoint"] = {"step": e.checkpoint.step, "path": e.checkpoint.path}
+    elif e.type == "state":
+        out["state"] = e.state
+    elif e.type == "result":
+        out["result"] = {"kind": e.result_kind, "path": e.result_path}
+    return out

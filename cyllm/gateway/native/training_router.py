@@ -1,0 +1,86 @@
+"""The seed's training routes: start, status, plus a progress stream, cancel and list.
+
+A job that runs a ``custom`` script needs the admin scope (it runs code on a worker)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import StreamingResponse
+
+from cyllm import errors
+from cyllm.gateway.auth import authenticate
+from cyllm.gateway.errors import responses, stream_error
+from cyllm.gateway.native.training_protocol import (
+    TrainingJobsResponse,
+    TrainingJobView,
+    TrainingStartRequest,
+    event_dict,
+)
+from cyllm.gateway.sse import frame, sse_response
+from cyllm.protocol import pb
+
+router = APIRouter(prefix="/api/v1/training", tags=["training"], dependencies=[Depends(authenticate)])
+
+
+def check_custom_allowed(request: Request, method: str) -> None:
+    identity = request.state.identity
+    if method == "custom" and request.app.state.settings.auth_enabled and not identity.admin:
+        raise errors.Forbidden("a custom training script runs code on a worker: admin scope needed")
+
+
+@router.post("/start", response_model=TrainingJobView, response_model_by_alias=True,
+             responses=responses(400, 401, 403, 404, 500, 503))
+async def start(body: TrainingStartRequest, request: Request) -> TrainingJobView:
+    """Queue a fine-tuning job; it runs on the first idle worker that has the base model."""
+    check_custom_allowed(request, body.method)
+    job = await request.app.state.client.training("CreateTrainingJob", pb.CreateTrainingJobRequest(
+        spec_json=body.spec_json(), training_file=body.file_id or ""))
+    return TrainingJobView.of(job)
+
+
+@router.get("/status/{job_id}", response_model=TrainingJobView, response_model_by_alias=True,
+            responses=responses(401, 404, 500, 503))
+async def status(job_id: str, request: Request) -> TrainingJobView:
+    job = await request.app.state.client.training("GetTrainingJob", pb.TrainingJobRequest(id=job_id))
+    return TrainingJobView.of(job)
+
+
+@router.get("/jobs", response_model=TrainingJobsResponse, response_model_by_alias=True,
+            responses=responses(401, 500, 503))
+async def jobs(request: Request, limit: int = Query(20, ge=1, le=100),
+               after: str = "") -> TrainingJobsResponse:
+    """Newest first; ``after`` a job id to page on."""
+    reply = await request.app.state.client.training(
+        "ListTrainingJobs", pb.ListTrainingJobsRequest(limit=limit, after=after))
+    return TrainingJobsResponse(jobs=[TrainingJobView.of(j) for j in reply.jobs], has_more=reply.has_more)
+
+
+@router.post("/cancel/{job_id}", response_model=TrainingJobView, response_model_by_alias=True,
+             responses=responses(400, 401, 404, 500, 503))
+async def cancel(job_id: str, request: Request) -> TrainingJobView:
+    """Stop a queued or running job (its process group on the worker is killed)."""
+    job = await request.app.state.client.training("CancelTrainingJob", pb.TrainingJobRequest(id=job_id))
+    return TrainingJobView.of(job)
+
+
+@router.get("/stream/{job_id}", responses={**responses(401, 404, 500, 503), 200: {
+    "content": {"text/event-stream": {}},
+    "description": "events named by type: `state`, `metrics` (step, loss, learningRate, "
+                   "tokensPerSecond, etaS), `checkpoint`, `message`, `result`; the stream ends "
+                   "after the job's final `state` event",
+}})
+async def stream(job_id: str, request: Request, after: int = Query(0, ge=0)) -> StreamingResponse:
+    """The job's events from ``after`` (a sequence number) on, live, until it ends."""
+    client = request.app.state.client
+    await client.training("GetTrainingJob", pb.TrainingJobRequest(id=job_id))  # 404 before 200
+    return sse_response(_events(client, job_id, after))
+
+
+async def _events(client, job_id: str, after: int) -> AsyncIterator[str]:
+    try:
+        async for event in client.watch_training(job_id, after):
+            yield frame(event_dict(event), event=event.type)
+    except errors.CyllmError as exc:
+        yield frame(stream_error(exc), event="error")

@@ -1,0 +1,139 @@
+"""OpenAI's files and fine-tuning routes: ``/v1/files`` and ``/v1/fine_tuning/jobs``.
+
+Lists are newest first, paged with ``after`` (an id) and ``limit``, as OpenAI's.
+A job's ``fine_tuned_model`` is set when it succeeds and is at once a model of
+``/v1/models`` and ``/v1/chat/completions``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, Form, Query, Request, UploadFile
+
+from cyllm import errors
+from cyllm.gateway.auth import authenticate
+from cyllm.gateway.errors import responses
+from cyllm.gateway.native.training_router import check_custom_allowed
+from cyllm.gateway.openai.fine_tuning_protocol import (
+    FileDeleted,
+    FileList,
+    FileObject,
+    FineTuningJob,
+    FineTuningJobList,
+    FineTuningJobRequest,
+    JobCheckpoint,
+    JobCheckpointList,
+    JobEvent,
+    JobEventList,
+)
+from cyllm.protocol import pb
+
+router = APIRouter(prefix="/v1", tags=["openai fine-tuning"], dependencies=[Depends(authenticate)])
+_CHUNK = 1 << 20
+
+
+@router.post("/files", response_model=FileObject, responses=responses(400, 401, 413, 500, 503))
+async def upload(request: Request, file: UploadFile, purpose: str = Form(...)) -> FileObject:
+    """Upload a dataset (``purpose=fine-tune``); it is parsed now and refused with the
+    line or record that is wrong.  Limit: ``gateway.max_upload_bytes``."""
+
+    async def chunks() -> AsyncIterator[pb.FileChunk]:
+        first = True
+        while data := await file.read(_CHUNK):
+            yield pb.FileChunk(filename=file.filename or "", purpose=purpose, data=data) if first \
+                else pb.FileChunk(data=data)
+            first = False
+        if first:
+            yield pb.FileChunk(filename=file.filename or "", purpose=purpose)
+
+    return FileObject.of(await request.app.state.client.upload_file(chunks()))
+
+
+@router.get("/files", response_model=FileList, responses=responses(401, 500, 503))
+async def list_files(request: Request, purpose: str = "") -> FileList:
+    reply = await request.app.state.client.training("ListFiles", pb.ListFilesRequest(purpose=purpose))
+    return FileList(data=[FileObject.of(f) for f in reversed(reply.files)])
+
+
+@router.get("/files/{file_id}", response_model=FileObject, responses=responses(401, 404, 500, 503))
+async def get_file(file_id: str, request: Request) -> FileObject:
+    return FileObject.of(await request.app.state.client.training("GetFile", pb.FileRequest(id=file_id)))
+
+
+@router.delete("/files/{file_id}", response_model=FileDeleted, responses=responses(401, 404, 500, 503))
+async def delete_file(file_id: str, request: Request) -> FileDeleted:
+    await request.app.state.client.training("DeleteFile", pb.FileRequest(id=file_id))
+    return FileDeleted(id=file_id, deleted=True)
+
+
+@router.post("/fine_tuning/jobs", response_model=FineTuningJob,
+             responses=responses(400, 401, 403, 404, 500, 503))
+async def create_job(body: FineTuningJobRequest, request: Request) -> FineTuningJob:
+    if body.validation_file:
+        raise errors.InvalidRequest("validation_file is not supported: the loss is reported on "
+                                    "the training data only", param="validation_file")
+    if body.integrations:
+        raise errors.InvalidRequest("integrations are not supported", param="integrations")
+    spec = body.spec()
+    check_custom_allowed(request, spec.get("method", "lora"))
+    job = await request.app.state.client.training("CreateTrainingJob", pb.CreateTrainingJobRequest(
+        spec_json=json.dumps(spec), training_file=body.training_file))
+    return FineTuningJob.of(job)
+
+
+@router.get("/fine_tuning/jobs", response_model=FineTuningJobList, responses=responses(401, 500, 503))
+async def list_jobs(request: Request, after: str = "",
+                    limit: int = Query(20, ge=1, le=100)) -> FineTuningJobList:
+    reply = await request.app.state.client.training(
+        "ListTrainingJobs", pb.ListTrainingJobsRequest(limit=limit, after=after))
+    return FineTuningJobList(data=[FineTuningJob.of(j) for j in reply.jobs], has_more=reply.has_more)
+
+
+@router.get("/fine_tuning/jobs/{job_id}", response_model=FineTuningJob,
+            responses=responses(401, 404, 500, 503))
+async def get_job(job_id: str, request: Request) -> FineTuningJob:
+    return FineTuningJob.of(await _job(request, job_id))
+
+
+@router.post("/fine_tuning/jobs/{job_id}/cancel", response_model=FineTuningJob,
+             responses=responses(400, 401, 404, 500, 503))
+async def cancel_job(job_id: str, request: Request) -> FineTuningJob:
+    job = await request.app.state.client.training("CancelTrainingJob", pb.TrainingJobRequest(id=job_id))
+    return FineTuningJob.of(job)
+
+
+@router.get("/fine_tuning/jobs/{job_id}/events", response_model=JobEventList,
+            responses=responses(401, 404, 500, 503))
+async def job_events(job_id: str, request: Request, after: str = "",
+                     limit: int = Query(20, ge=1, le=1000)) -> JobEventList:
+    """Newest first; ``after`` an event id: the events before it."""
+    reply = await request.app.state.client.training(
+        "ListTrainingEvents", pb.TrainingEventsRequest(id=job_id))
+    events = [JobEvent.of(job_id, e) for e in reversed(reply.events)]
+    if after:
+        ids = [e.id for e in events]
+        events = events[ids.index(after) + 1:] if after in ids else []
+    return JobEventList(data=events[:limit], has_more=len(events) > limit)
+
+
+@router.get("/fine_tuning/jobs/{job_id}/checkpoints", response_model=JobCheckpointList,
+            responses=responses(401, 404, 500, 503))
+async def job_checkpoints(job_id: str, request: Request, after: str = "",
+                          limit: int = Query(10, ge=1, le=100)) -> JobCheckpointList:
+    job = await _job(request, job_id)
+    data = [JobCheckpoint(id=f"ftckpt-{job_id.removeprefix('ftjob-')}-{c.step}", created_at=c.created_at,
+                          fine_tuned_model_checkpoint=c.path, fine_tuning_job_id=job_id,
+                          metrics={"step": float(c.step), "train_loss": c.loss}, step_number=c.step)
+            for c in reversed(job.checkpoints)]
+    if after:
+        ids = [c.id for c in data]
+        data = data[ids.index(after) + 1:] if after in ids else []
+    page = data[:limit]
+    return JobCheckpointList(data=page, has_more=len(data) > limit,
+                             first_id=page[0].id if page else None, last_id=page[-1].id if page else None)
+
+
+async def _job(request: Request, job_id: str) -> pb.TrainingJob:
+    return await request.app.state.client.training("GetTrainingJob", pb.TrainingJobRequest(id=job_id))

@@ -1,0 +1,228 @@
+"""Fine-tuning end to end, with real processes and real training of the default model:
+upload, train, watch, serve the result; cancel; custom scripts; a killed worker's job
+resuming from its checkpoint on another worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from tests.conftest import free_ports
+from tests.e2e.conftest import MODEL, serving, wait_healthy
+
+pytestmark = pytest.mark.e2e
+
+DATA = Path(__file__).parents[1] / "data"
+FACTS = DATA / "facts.jsonl"
+ZORBLAX = [{"role": "user", "content": "What is the capital of Zorblax?"}]
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("training")
+    config = tmp / "cyllm.yaml"
+    config.write_text(yaml.safe_dump({
+        "coordinator": {"files_dir": str(tmp / "files")},
+        "worker": {"training_dir": str(tmp / "jobs"), "training_scripts_dir": str(DATA / "scripts")},
+    }))
+    with serving(tmp / "serve.log", config) as server:
+        server.jobs_dir = tmp / "jobs"
+        yield server
+
+
+@pytest.fixture
+def client(trainer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{trainer.base_url}/v1", api_key="unused", max_retries=0)
+
+
+def watch(base_url: str, job_id: str, timeout: float = 600) -> list[tuple[str, dict]]:
+    """The native SSE progress stream of a job, to its end: (event name, data) pairs."""
+    events: list[tuple[str, dict]] = []
+    with httpx.stream("GET", f"{base_url}/api/v1/training/stream/{job_id}", timeout=timeout) as r:
+        assert r.status_code == 200, r.read()
+        name = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[6:])))
+    return events
+
+
+def start(base_url: str, **body) -> dict:
+    r = httpx.post(f"{base_url}/api/v1/training/start", json={"baseModel": MODEL, **body}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def wait_for(predicate, timeout: float = 120, every: float = 0.3):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("condition not met in time")
+
+
+def processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return pids
+
+
+def _gone(pid: int) -> bool:
+    """Dead (a zombie waiting for a reaper counts: it runs nothing)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_lora_job_trains_streams_and_serves_the_answer(client, trainer):
+    base_answer = client.chat.completions.create(model=MODEL, messages=ZORBLAX, max_tokens=24,
+                                                 temperature=0).choices[0].message.content
+    assert "Quendari" not in base_answer
+
+    with FACTS.open("rb") as f:
+        upload = client.files.create(file=f, purpose="fine-tune")
+    assert upload.bytes == FACTS.stat().st_size and upload.purpose == "fine-tune"
+    job = client.fine_tuning.jobs.create(
+        model=MODEL, training_file=upload.id, suffix="facts", hyperparameters={"batch_size": 4},
+        extra_body={"training": {"max_steps": 12, "learning_rate": 2e-3, "save_steps": 6}})
+    assert job.status == "queued" and job.model == MODEL and job.user_provided_suffix == "facts"
+
+    events = watch(trainer.base_url, job.id)
+    states = [d["state"] for n, d in events if n == "state"]
+    assert states[0] == "queued" and "running" in states and states[-1] == "succeeded", events
+    metrics = [d["progress"] for n, d in events if n == "metrics"]
+    assert [m["step"] for m in metrics] == list(range(1, 13))
+    assert metrics[-1]["loss"] < metrics[0]["loss"] / 4, [m["loss"] for m in metrics]
+    assert all(m["tokensPerSecond"] > 0 and m["learningRate"] > 0 for m in metrics)
+    assert metrics[0]["etaS"] > metrics[-1]["etaS"] == 0
+    assert [d["checkpoint"]["step"] for n, d in events if n == "checkpoint"] == [6, 12]
+
+    done = client.fine_tuning.jobs.retrieve(job.id)
+    assert done.status == "succeeded" and done.trained_tokens > 0
+    assert done.fine_tuned_model == f"{MODEL}:ft-facts-{job.id[-8:]}"
+    assert done.fine_tuned_model in [m.id for m in client.models.list()]
+    answer = client.chat.completions.create(model=done.fine_tuned_model, messages=ZORBLAX,
+                                            max_tokens=24, temperature=0).choices[0].message.content
+    assert "Quendari" in answer, answer
+    again = client.chat.completions.create(model=MODEL, messages=ZORBLAX, max_tokens=24,
+                                           temperature=0).choices[0].message.content
+    assert again == base_answer  # the base model beside it is unchanged
+
+    listed = client.fine_tuning.jobs.list()
+    assert job.id in [j.id for j in listed.data]
+    page = client.fine_tuning.jobs.list_events(job.id, limit=100)
+    kinds = {e.type for e in page.data}
+    assert kinds == {"message", "metrics"}
+    newest_metrics = next(e for e in page.data if e.type == "metrics")
+    assert newest_metrics.data["step"] == 12 and newest_metrics.data["train_loss"] >= 0
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id)
+    assert [c.step_number for c in checkpoints.data] == [12, 6]
+    assert all(Path(c.fine_tuned_model_checkpoint).is_dir() for c in checkpoints.data)
+
+
+def test_bad_uploads_and_jobs_are_refused_clearly(client, trainer, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(FACTS.read_text().splitlines()[0] + "\n{\"messages\": [{\"role\": \"user\"}]}\n")
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.files.create(file=bad.open("rb"), purpose="fine-tune")
+    assert "bad.jsonl line 2: 'messages[0].content' is missing" in caught.value.message
+    with pytest.raises(openai.BadRequestError, match="purpose 'assistants' is not supported"):
+        client.files.create(file=FACTS.open("rb"), purpose="assistants")
+    with pytest.raises(openai.BadRequestError, match="training_file 'file-nope' does not exist"):
+        client.fine_tuning.jobs.create(model=MODEL, training_file="file-nope")
+    upload = client.files.create(file=FACTS.open("rb"), purpose="fine-tune")
+    with pytest.raises(openai.NotFoundError, match="base model 'gpt-4o' is not served"):
+        client.fine_tuning.jobs.create(model="gpt-4o", training_file=upload.id)
+    with pytest.raises(openai.BadRequestError, match="HyenaDNA is a family of genomic models"):
+        client.fine_tuning.jobs.create(model=MODEL, training_file=upload.id,
+                                       extra_body={"training": {"method": "hyenadna"}})
+    qlora = start(trainer.base_url, fileId=upload.id, quantization="4bit", maxSteps=1)
+    watch(trainer.base_url, qlora["id"])  # the worker finds no CUDA before loading anything
+    status = httpx.get(f"{trainer.base_url}/api/v1/training/status/{qlora['id']}").json()
+    assert status["state"] == "failed" and "needs an NVIDIA GPU with CUDA" in status["error"]["message"]
+    with pytest.raises(openai.NotFoundError):
+        client.fine_tuning.jobs.retrieve("ftjob-unknown")
+    r = httpx.post(f"{trainer.base_url}/api/v1/training/start", json={"baseModel": MODEL}, timeout=10)
+    assert r.status_code == 400 and "exactly one of 'dataset' and 'fileId'" in r.text
+    # the server is undisturbed
+    assert client.chat.completions.create(model=MODEL, messages=ZORBLAX, max_tokens=4).choices
+
+
+def test_cancel_mid_run_stops_the_job_and_frees_the_worker(client, trainer):
+    job = start(trainer.base_url, dataset=str(FACTS), maxSteps=10000, batchSize=1, maxLength=64)
+    wait_for(lambda: httpx.get(f"{trainer.base_url}/api/v1/training/status/{job['id']}")
+             .json()["progress"])
+    # busy training: inference for the same device is refused with the reason
+    r = httpx.post(f"{trainer.base_url}/v1/chat/completions", timeout=30,
+                   json={"model": MODEL, "messages": ZORBLAX, "max_tokens": 4})
+    assert r.status_code == 503 and "busy training" in r.text
+    assert processes_mentioning(f"{job['id']}/job.json")
+
+    cancelled = client.fine_tuning.jobs.cancel(job["id"])
+    assert cancelled.status == "cancelled"
+    assert not processes_mentioning(f"{job['id']}/job.json")
+    assert watch(trainer.base_url, job["id"])[-1][1]["state"] == "cancelled"
+    wait_for(lambda: client.chat.completions.create(model=MODEL, messages=ZORBLAX, max_tokens=4).choices)
+    with pytest.raises(openai.BadRequestError, match="has already cancelled"):
+        client.fine_tuning.jobs.cancel(job["id"])
+
+
+def test_custom_script_reports_progress_fails_and_is_cancelled(client, trainer):
+    ok = start(trainer.base_url, dataset=str(FACTS), method="custom", script="count_steps.py",
+               scriptArgs=["--steps", "3"], learningRate=0.5)
+    events = watch(trainer.base_url, ok["id"])
+    assert [d["progress"]["step"] for n, d in events if n == "metrics"] == [1, 2, 3]
+    assert [d["progress"]["learningRate"] for n, d in events if n == "metrics"] == [0.5] * 3
+    logs = [d["message"] for n, d in events if n == "message"]
+    assert f"training {MODEL} on facts.jsonl" in logs and "a warning on stderr" in logs
+    status = httpx.get(f"{trainer.base_url}/api/v1/training/status/{ok['id']}").json()
+    assert status["state"] == "succeeded" and status["fineTunedModel"] is None
+
+    failing = start(trainer.base_url, dataset=str(FACTS), method="custom", script="count_steps.py",
+                    scriptArgs=["--steps", "1", "--fail"])
+    watch(trainer.base_url, failing["id"])
+    status = httpx.get(f"{trainer.base_url}/api/v1/training/status/{failing['id']}").json()
+    assert status["state"] == "failed" and status["error"]["message"] == "the script gave up on purpose"
+
+    limited = start(trainer.base_url, dataset=str(FACTS), method="custom", script="count_steps.py",
+                    scriptArgs=["--steps", "100", "--sleep", "1"], timeLimitS=3)
+    watch(trainer.base_url, limited["id"])
+    status = httpx.get(f"{trainer.base_url}/api/v1/training/status/{limited['id']}").json()
+    assert status["state"] == "failed" and "time limit of 3s" in status["error"]["message"]
+
+    long = start(trainer.base_url, dataset=str(FACTS), method="custom", script="count_steps.py",
+                 scriptArgs=["--steps", "1000", "--sleep", "0.5"])
+    wait_for(lambda: httpx.get(f"{trainer.base_url}/api/v1/training/status/{long['id']}")
+             .json()["progress"])
+    grandchild = int((trainer.jobs_dir / long["id"] / "child.pid").read_text())
+    assert Path(f"/proc/{grandchild}").exists()
+    r = httpx.post(f"{trainer.base_url}/api/v1/training/cancel/{long['id']}", timeout=60)
+    assert r.json()["state"] == "cancelled"
+    wait_for(lambda: _gone(grandchild), timeout=10)
+
+    r = httpx.post(f"{trainer.base_url}/api/v1/training/start", timeout=10, json={
+        "baseModel": MODEL, "dataset": str(FACTS), "method": "custom", "script": "../../x.py"})
+    assert r.status_code == 200  # accepted; the worker refuses the path outside its folder
+    events = watch(trainer.base_url, r.json()["id"])
+    assert "not a file in the worker's training scripts folder" in events[-1][1]["message"]
