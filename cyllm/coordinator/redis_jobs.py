@@ -23,6 +23,10 @@ redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 redis.call('SADD', KEYS[3], ARGV[1])
 return 1
 """
+_ENQUEUE = """
+if redis.call('LPOS', KEYS[1], ARGV[1]) then return 0 end
+return redis.call('RPUSH', KEYS[1], ARGV[1])
+"""
 _RENEW = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -35,6 +39,7 @@ class RedisJobStore(JobStore):
         self.r: aioredis.Redis = connect(url)
         self._claim = self.r.register_script(_CLAIM)
         self._renew = self.r.register_script(_RENEW)
+        self._enqueue = self.r.register_script(_ENQUEUE)
 
     async def start(self) -> None:
         await self.r.ping()
@@ -86,10 +91,7 @@ class RedisJobStore(JobStore):
         return bool(await self.r.exists(P + f"job:{job_id}:cancel"))
 
     async def enqueue(self, job_id: str) -> None:
-        async with self.r.pipeline(transaction=True) as p:
-            p.lrem(P + "jobs:queue", 0, job_id)
-            p.rpush(P + "jobs:queue", job_id)
-            await p.execute()
+        await self._enqueue(keys=[P + "jobs:queue"], args=[job_id])
 
     async def dequeue(self, job_id: str) -> bool:
         return bool(await self.r.lrem(P + "jobs:queue", 0, job_id))

@@ -226,3 +226,71 @@ def test_custom_script_reports_progress_fails_and_is_cancelled(client, trainer):
     assert r.status_code == 200  # accepted; the worker refuses the path outside its folder
     events = watch(trainer.base_url, r.json()["id"])
     assert "not a file in the worker's training scripts folder" in events[-1][1]["message"]
+
+
+def test_killed_workers_job_resumes_from_its_checkpoint_elsewhere(tmp_path):
+    """Coordinator, gateway and worker A as separate processes; A is SIGKILLed after a
+    checkpoint; its training process dies with it; worker B takes the job and resumes
+    from that checkpoint, not from step 0."""
+    http, coord, port_a, port_b = free_ports(4)
+    config = tmp_path / "cyllm.yaml"
+    config.write_text(yaml.safe_dump({
+        "coordinator": {"heartbeat_interval_s": 0.3, "heartbeat_timeout_s": 2.0, "metrics_port": 0},
+        "worker": {"training_dir": str(tmp_path / "jobs"), "metrics_port": 0},
+    }))
+    procs: dict[str, subprocess.Popen] = {}
+
+    def launch(name: str, *args: str) -> subprocess.Popen:
+        log = open(tmp_path / f"{name}.log", "ab")
+        procs[name] = subprocess.Popen([sys.executable, "-m", "cyllm", *args, "--config", str(config)],
+                                       stdout=log, stderr=subprocess.STDOUT,
+                                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        return procs[name]
+
+    address = f"127.0.0.1:{coord}"
+    base = f"http://127.0.0.1:{http}"
+    try:
+        launch("coordinator", "coordinator", "--port", str(coord))
+        launch("gateway", "gateway", "--port", str(http), "--coordinator", address)
+        worker_a = launch("worker-a", "worker", "--port", str(port_a), "--coordinator", address)
+        wait_healthy(f"{base}/api/v1/health", worker_a, tmp_path / "worker-a.log")
+        job = start(base, dataset=str(FACTS), maxSteps=8, saveSteps=2, batchSize=2, maxLength=64)
+
+        def checkpointed():
+            status = httpx.get(f"{base}/api/v1/training/status/{job['id']}").json()
+            return status["checkpoints"] and status["checkpoints"][-1]["step"] < 8 and status
+
+        status = wait_for(checkpointed, timeout=300)
+        worker_a.send_signal(signal.SIGKILL)
+        worker_a.wait(10)
+        wait_for(lambda: not processes_mentioning(f"{job['id']}/job.json"), timeout=10)
+        requeued = wait_for(lambda: (s := httpx.get(f"{base}/api/v1/training/status/{job['id']}")
+                                     .json())["state"] == "queued" and s)
+        saved = requeued["checkpoints"][-1]["step"]
+        assert saved >= status["checkpoints"][-1]["step"] and requeued["attempts"] == 1
+
+        launch("worker-b", "worker", "--port", str(port_b), "--coordinator", address)
+        events = watch(base, job["id"])
+        final = httpx.get(f"{base}/api/v1/training/status/{job['id']}").json()
+        assert final["state"] == "succeeded", final
+        assert final["attempts"] == 2 and final["workerId"].endswith(str(port_b))
+        notes = [d["message"] for n, d in events if n == "state"]
+        assert any(f"will resume from step {saved}" in m for m in notes), notes
+        assert any(f"resuming from step {saved}" in m for m in notes), notes
+        steps = [d["progress"]["step"] for n, d in events if n == "metrics"]
+        second_run = steps[steps.index(saved) + 1:] if saved in steps else steps
+        resumed = [s for s in second_run if s <= saved]
+        assert second_run and second_run[0] == saved + 1 and not resumed, steps
+        chat = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
+            "model": final["fineTunedModel"], "messages": ZORBLAX, "max_tokens": 8})
+        assert chat.status_code == 200
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs.values():
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -8,6 +8,7 @@ on unless ``worker.training_shares_device`` is set.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -60,7 +61,7 @@ class WorkerTraining:
         out.mkdir(parents=True, exist_ok=True)
         job = {"spec": spec.model_dump(mode="json"), "output_dir": str(out), "device": self.device,
                "resume_from": request.resume_from, "threads": self.settings.training_threads,
-               "base_model_path": str(model_files.resolve(base, self.settings.cache_dir))}
+               "base_model_path": await self._base_path(base)}
         (out / "job.json").write_text(json.dumps(job, indent=1))
         argv = self._command(spec, out)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "CYLLM_JOB_ID": request.job_id,
@@ -78,6 +79,15 @@ class WorkerTraining:
         finally:
             self.current = ""
             self._on_change()
+
+    async def _base_path(self, base) -> str:
+        """The base model's folder (a GGUF converted once); empty for a test double."""
+        if base.path is None and base.gguf is None:
+            return ""
+        try:
+            return str(await asyncio.to_thread(model_files.resolve, base, self.settings.cache_dir))
+        except FileNotFoundError as exc:
+            raise errors.NotLoadable(f"base model {base.id!r}: {exc}") from exc
 
     def _command(self, spec: TrainingSpec, out: Path) -> list[str]:
         if spec.method != "custom":
