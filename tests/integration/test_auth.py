@@ -40,14 +40,22 @@ ROUTES = [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET",
           ("GET", "/v1/models/fake"), ("POST", "/api/v1/inference"), ("POST", "/api/v1/inference/stream"),
           ("GET", "/api/v1/models"), ("GET", "/admin/keys"), ("POST", "/admin/keys"),
           ("DELETE", "/admin/keys/x"), ("POST", "/api/v1/models/fake/load"),
-          ("POST", "/api/v1/models/fake/unload")]
+          ("POST", "/api/v1/models/fake/unload"),
+          ("POST", "/v1/files"), ("GET", "/v1/files"), ("GET", "/v1/files/x"), ("DELETE", "/v1/files/x"),
+          ("POST", "/v1/fine_tuning/jobs"), ("GET", "/v1/fine_tuning/jobs"),
+          ("GET", "/v1/fine_tuning/jobs/x"), ("POST", "/v1/fine_tuning/jobs/x/cancel"),
+          ("GET", "/v1/fine_tuning/jobs/x/events"), ("GET", "/v1/fine_tuning/jobs/x/checkpoints"),
+          ("POST", "/api/v1/training/start"), ("GET", "/api/v1/training/status/x"),
+          ("GET", "/api/v1/training/jobs"), ("POST", "/api/v1/training/cancel/x"),
+          ("GET", "/api/v1/training/stream/x")]
 
 
 async def test_no_route_but_health_and_metrics_answers_without_credentials(secured):
     documented = {(m.upper(), p) for p, ops in secured.app.openapi()["paths"].items() for m in ops}
     open_routes = {("GET", "/api/v1/health"), ("GET", "/api/v1/health/live"), ("GET", "/metrics"),
                    ("GET", "/actuator/prometheus")}
-    guarded = {(m, p.replace("{model_id}", "fake").replace("{key_id}", "x"))
+    guarded = {(m, p.replace("{model_id}", "fake").replace("{key_id}", "x").replace("{file_id}", "x")
+                .replace("{job_id}", "x"))
                for m, p in documented} - open_routes
     assert guarded == set(ROUTES)  # a new route must be added here, i.e. thought about
     for method, path in ROUTES:

@@ -48,7 +48,7 @@ async def status(job_id: str, request: Request) -> TrainingJobView:
 
 
 @router.get("/jobs", response_model=TrainingJobsResponse, response_model_by_alias=True,
-            responses=responses(401, 500, 503))
+            responses=responses(400, 401, 500, 503))
 async def jobs(request: Request, limit: int = Query(20, ge=1, le=100),
                after: str = "") -> TrainingJobsResponse:
     """Newest first; ``after`` a job id to page on."""
@@ -65,7 +65,7 @@ async def cancel(job_id: str, request: Request) -> TrainingJobView:
     return TrainingJobView.of(job)
 
 
-@router.get("/stream/{job_id}", responses={**responses(401, 404, 500, 503), 200: {
+@router.get("/stream/{job_id}", responses={**responses(400, 401, 404, 500, 503), 200: {
     "content": {"text/event-stream": {}},
     "description": "events named by type: `state`, `metrics` (step, loss, learningRate, "
                    "tokensPerSecond, etaS), `checkpoint`, `message`, `result`; the stream ends "

@@ -83,7 +83,8 @@ async def create_job(body: FineTuningJobRequest, request: Request) -> FineTuning
     return FineTuningJob.of(job)
 
 
-@router.get("/fine_tuning/jobs", response_model=FineTuningJobList, responses=responses(401, 500, 503))
+@router.get("/fine_tuning/jobs", response_model=FineTuningJobList,
+            responses=responses(400, 401, 500, 503))
 async def list_jobs(request: Request, after: str = "",
                     limit: int = Query(20, ge=1, le=100)) -> FineTuningJobList:
     reply = await request.app.state.client.training(
@@ -105,7 +106,7 @@ async def cancel_job(job_id: str, request: Request) -> FineTuningJob:
 
 
 @router.get("/fine_tuning/jobs/{job_id}/events", response_model=JobEventList,
-            responses=responses(401, 404, 500, 503))
+            responses=responses(400, 401, 404, 500, 503))
 async def job_events(job_id: str, request: Request, after: str = "",
                      limit: int = Query(20, ge=1, le=1000)) -> JobEventList:
     """Newest first; ``after`` an event id: the events before it."""
@@ -119,7 +120,7 @@ async def job_events(job_id: str, request: Request, after: str = "",
 
 
 @router.get("/fine_tuning/jobs/{job_id}/checkpoints", response_model=JobCheckpointList,
-            responses=responses(401, 404, 500, 503))
+            responses=responses(400, 401, 404, 500, 503))
 async def job_checkpoints(job_id: str, request: Request, after: str = "",
                           limit: int = Query(10, ge=1, le=100)) -> JobCheckpointList:
     job = await _job(request, job_id)

@@ -84,7 +84,7 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
             model.peft_config["default"].init_lora_weights = config.init_lora_weights
 
     # 3. the loop
-    counter = _TokenCounter(DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+    counter = _TokenCounter()
     args = transformers.TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=spec.batch_size,
         gradient_accumulation_steps=spec.gradient_accumulation_steps,
@@ -98,8 +98,9 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
     callbacks = [_Progress(emit, counter, out)]
     if spec.method == "adalora":
         callbacks.append(_AdaLoraBudget())
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=train_rows,
-                                   data_collator=counter, callbacks=callbacks)
+    trainer = _counting_trainer(transformers.Trainer, counter)(
+        model=model, args=args, train_dataset=train_rows, callbacks=callbacks,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
     trainer.remove_callback(transformers.PrinterCallback)  # our events replace its prints
     trainer.train(resume_from_checkpoint=job.get("resume_from") or None)
 
@@ -121,15 +122,23 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
 
 
 class _TokenCounter:
-    """The data collator, counting the real (unpadded) tokens it hands the model."""
+    """Real (unpadded) tokens the model has trained on in this run."""
 
-    def __init__(self, collator) -> None:
-        self.collator = collator
+    def __init__(self) -> None:
         self.total = 0
 
-    def __call__(self, features):
-        self.total += sum(len(f["input_ids"]) for f in features)
-        return self.collator(features)
+
+def _counting_trainer(base, counter: _TokenCounter):
+    """``Trainer`` counting each batch's tokens as the loss is computed (the data loader
+    runs a batch ahead, so counting in the collator would be early)."""
+
+    class CountingTrainer(base):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            if model.training:
+                counter.total += int(inputs["attention_mask"].sum())
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    return CountingTrainer
 
 
 def _callback_base():
