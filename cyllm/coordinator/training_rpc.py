@@ -1,8 +1,9 @@
 """The Coordinator service's training and file calls (a mixin of ``CoordinatorService``):
-errors become gRPC statuses here, once."""
+errors become gRPC statuses here, once (``_edge``)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 
 from cyllm import errors
@@ -11,37 +12,43 @@ from cyllm.coordinator.training import TrainingManager
 from cyllm.protocol import pb, status
 
 
+def _edge(handler):
+    """A unary handler whose CyllmError aborts the call with its status."""
+
+    @functools.wraps(handler)
+    async def call(self, request, context):
+        try:
+            return await handler(self, request, context)
+        except errors.CyllmError as exc:
+            await status.abort(context, exc)
+
+    return call
+
+
 class TrainingRPCs:
     training: TrainingManager
     files: FileStore
 
+    @_edge
     async def CreateTrainingJob(self, request, context) -> pb.TrainingJob:
-        try:
-            return await self.training.create(request)
-        except errors.CyllmError as exc:
-            await status.abort(context, exc)
+        return await self.training.create(request)
 
+    @_edge
     async def GetTrainingJob(self, request, context) -> pb.TrainingJob:
-        try:
-            return await self.training.get(request.id)
-        except errors.CyllmError as exc:
-            await status.abort(context, exc)
+        return await self.training.get(request.id)
 
+    @_edge
     async def ListTrainingJobs(self, request, context) -> pb.ListTrainingJobsResponse:
         jobs, more = await self.training.store.list(request.limit or 20, request.after)
         return pb.ListTrainingJobsResponse(jobs=jobs, has_more=more)
 
+    @_edge
     async def CancelTrainingJob(self, request, context) -> pb.TrainingJob:
-        try:
-            return await self.training.cancel(request.id)
-        except errors.CyllmError as exc:
-            await status.abort(context, exc)
+        return await self.training.cancel(request.id)
 
+    @_edge
     async def ListTrainingEvents(self, request, context) -> pb.TrainingEventsResponse:
-        try:
-            await self.training.get(request.id)
-        except errors.CyllmError as exc:
-            await status.abort(context, exc)
+        await self.training.get(request.id)
         limit = request.limit or 0
         events = await self.training.store.events(request.id, request.after_seq,
                                                   limit + 1 if limit else 0)
@@ -55,26 +62,21 @@ class TrainingRPCs:
         except errors.CyllmError as exc:
             await status.abort(context, exc)
 
+    @_edge
     async def UploadFile(self, request_iterator, context) -> pb.FileInfo:
-        try:
-            return await self.files.upload(request_iterator)
-        except errors.CyllmError as exc:
-            await status.abort(context, exc)
+        return await self.files.upload(request_iterator)
 
+    @_edge
     async def GetFile(self, request, context) -> pb.FileInfo:
-        try:
-            return await self.files.get(request.id)
-        except errors.CyllmError as exc:
-            await status.abort(context, exc)
+        return await self.files.get(request.id)
 
+    @_edge
     async def ListFiles(self, request, context) -> pb.ListFilesResponse:
         files = await self.training.store.files()
         return pb.ListFilesResponse(files=[f for f in files if not request.purpose
                                            or f.purpose == request.purpose])
 
+    @_edge
     async def DeleteFile(self, request, context) -> pb.DeleteFileResponse:
-        try:
-            await self.files.delete(request.id)
-        except errors.CyllmError as exc:
-            await status.abort(context, exc)
+        await self.files.delete(request.id)
         return pb.DeleteFileResponse(deleted=True)

@@ -34,6 +34,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _ends_soon(pid: int) -> bool:
+    for _ in range(50):
+        if not _alive(pid):
+            return True
+        time.sleep(0.1)
+    return False
+
+
 async def test_protocol_lines_become_events_and_the_rest_is_log(tmp_path):
     events = await _run(_script(tmp_path, """
         import json, sys
@@ -79,12 +87,7 @@ async def test_children_holding_the_pipes_do_not_keep_a_finished_job_alive(tmp_p
         print("done")
     """), tmp_path)
     assert events[-1]["code"] == 0 and time.monotonic() - started < 30
-    child = int((tmp_path / "child.pid").read_text())
-    for _ in range(50):
-        if not _alive(child):
-            break
-        time.sleep(0.1)
-    assert not _alive(child)
+    assert _ends_soon(int((tmp_path / "child.pid").read_text()))
 
 
 async def test_time_limit_stops_the_job(tmp_path):
@@ -109,12 +112,7 @@ async def test_closing_the_stream_kills_the_process_group(tmp_path):
         async for event in events:
             if event.get("message") == "ready":
                 break
-    child = int((tmp_path / "child.pid").read_text())
-    for _ in range(50):
-        if not _alive(child):
-            break
-        time.sleep(0.1)
-    assert not _alive(child)
+    assert _ends_soon(int((tmp_path / "child.pid").read_text()))
 
 
 @pytest.mark.parametrize("line", ["not json", "{broken", '["event"]'])
