@@ -72,7 +72,10 @@ class TrainingManager:
     # -- the API --------------------------------------------------------------------------
 
     async def create(self, request: pb.CreateTrainingJobRequest) -> pb.TrainingJob:
-        raw = json.loads(request.spec_json or "{}") if request.spec_json else {}
+        try:
+            raw = json.loads(request.spec_json or "{}")
+        except json.JSONDecodeError as exc:
+            raise errors.InvalidRequest(f"the training spec is not JSON: {exc}") from None
         if not isinstance(raw, dict):
             raise errors.InvalidRequest("the training spec must be a JSON object")
         if request.training_file:

@@ -104,3 +104,7 @@ async def test_unknown_jobs_and_bad_specs_get_clear_statuses(cluster):
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await one.CreateTrainingJob(pb.CreateTrainingJobRequest(spec_json=_spec(base_model="gpt-9")))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    for bad in ("{not json", "[1]"):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await one.CreateTrainingJob(pb.CreateTrainingJobRequest(spec_json=bad))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
