@@ -61,9 +61,9 @@ class TrainingManager:
 
     async def close(self) -> None:
         """Stop following jobs; each goes back to the queue (to resume from its checkpoint)."""
-        if self._dispatcher is not None:
-            self._dispatcher.cancel()
         tasks = [t for t, _ in self._running.values()]
+        if self._dispatcher is not None:
+            tasks.append(self._dispatcher)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
