@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
 import socket
@@ -26,6 +27,7 @@ from cyllm.runtime import stop_event
 from cyllm.telemetry import serve_metrics
 
 log = logging.getLogger("cyllm.coordinator")
+STOP_LIMIT_S = 20.0
 
 
 def build_backends(s: CoordinatorSettings, coordinator_id: str) -> tuple[Scheduler, PromptCache]:
@@ -102,4 +104,9 @@ async def serve(settings: CoordinatorSettings) -> None:
     server = CoordinatorServer(settings)
     await server.start()
     await stop_event().wait()
+    log.info("stopping coordinator %s", server.coordinator_id)
+    # A stop must end: if it has not after STOP_LIMIT_S, every thread's stack goes to
+    # stderr (the log) and the process exits.
+    faulthandler.dump_traceback_later(STOP_LIMIT_S, exit=True)
     await server.stop()
+    log.info("coordinator %s stopped", server.coordinator_id)

@@ -54,6 +54,7 @@ class TrainingManager:
         self._running: dict[str, tuple[asyncio.Task[None], str]] = {}  # job -> (task, worker)
         self._kick = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
+        self._closing = False
 
     async def start(self) -> None:
         await self.store.start()
@@ -61,13 +62,18 @@ class TrainingManager:
 
     async def close(self) -> None:
         """Stop following jobs; each goes back to the queue (to resume from its checkpoint)."""
+        self._closing = True
         tasks = [t for t, _ in self._running.values()]
         if self._dispatcher is not None:
             tasks.append(self._dispatcher)
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await self.store.close()
+        if tasks:  # bounded: a shutdown must not wait on a stuck store call
+            await asyncio.wait(tasks, timeout=10)
+        try:
+            await asyncio.wait_for(self.store.close(), 5)
+        except Exception:  # noqa: BLE001  (closing anyway)
+            log.warning("training job store did not close cleanly", exc_info=True)
 
     # -- the API --------------------------------------------------------------------------
 
@@ -140,7 +146,7 @@ class TrainingManager:
     # -- dispatching ----------------------------------------------------------------------
 
     async def _dispatch_forever(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 await self._dispatch()
             except Exception:  # the store unreachable for a moment: keep trying
