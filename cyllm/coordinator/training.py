@@ -95,7 +95,11 @@ class TrainingManager:
         if spec.base_model not in known:
             raise errors.ModelNotFound(f"base model {spec.base_model!r} is not served by any worker; "
                                        f"models: {', '.join(sorted(known)) or 'none'}", param="model")
-        if spec.method != "custom" and Path(spec.dataset).exists():
+        # An uploaded file was parsed on upload; read it again only if the job reads it
+        # differently (a named format or columns).
+        parsed = request.training_file and spec.dataset_format is None \
+            and spec.prompt_column is None and spec.response_column is None
+        if spec.method != "custom" and not parsed and Path(spec.dataset).exists():
             await asyncio.to_thread(load_examples, spec.dataset, spec.dataset_format,
                                     prompt_column=spec.prompt_column,
                                     response_column=spec.response_column)

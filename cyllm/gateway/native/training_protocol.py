@@ -44,6 +44,13 @@ class Progress(_Camel):
     eta_s: float
     tokens: int
 
+    @classmethod
+    def of(cls, p: pb.TrainingProgress, **override: Any) -> Progress:
+        return cls(**{"step": p.step, "total_steps": p.total_steps, "epoch": p.epoch,
+                      "loss": p.loss, "learning_rate": p.learning_rate,
+                      "tokens_per_second": p.tokens_per_second, "eta_s": p.eta_s,
+                      "tokens": p.tokens, **override})
+
 
 class Checkpoint(_Camel):
     step: int
@@ -81,10 +88,8 @@ class TrainingJobView(_Camel):
         return cls(
             id=job.id, state=job.state, base_model=spec.base_model, method=spec.method,
             fine_tuned_model=job.fine_tuned_model or None,
-            progress=Progress(step=p.step, total_steps=p.total_steps, epoch=p.epoch,
-                              loss=p.loss if p.step else None, learning_rate=p.learning_rate,
-                              tokens_per_second=p.tokens_per_second, eta_s=p.eta_s,
-                              tokens=p.tokens) if job.HasField("progress") else None,
+            progress=Progress.of(p, loss=p.loss if p.step else None)
+            if job.HasField("progress") else None,
             checkpoints=[Checkpoint(step=c.step, path=c.path, created_at=c.created_at,
                                     loss=c.loss or None) for c in job.checkpoints],
             error=JobError(code=job.error_code, message=job.error) if job.error else None,
@@ -105,11 +110,7 @@ def event_dict(e: pb.TrainingEvent) -> dict[str, Any]:
     out: dict[str, Any] = {"seq": e.seq, "createdAt": e.created_at, "type": e.type,
                            "level": e.level, "message": e.message}
     if e.type == "metrics":
-        p = e.progress
-        out["progress"] = Progress(step=p.step, total_steps=p.total_steps, epoch=p.epoch,
-                                   loss=p.loss, learning_rate=p.learning_rate,
-                                   tokens_per_second=p.tokens_per_second, eta_s=p.eta_s,
-                                   tokens=p.tokens).model_dump(by_alias=True)
+        out["progress"] = Progress.of(e.progress).model_dump(by_alias=True)
     elif e.type == "checkpoint":
         out["checkpoint"] = {"step": e.checkpoint.step, "path": e.checkpoint.path}
     elif e.type == "state":

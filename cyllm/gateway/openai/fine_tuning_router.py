@@ -113,9 +113,7 @@ async def job_events(job_id: str, request: Request, after: str = "",
     reply = await request.app.state.client.training(
         "ListTrainingEvents", pb.TrainingEventsRequest(id=job_id))
     events = [JobEvent.of(job_id, e) for e in reversed(reply.events)]
-    if after:
-        ids = [e.id for e in events]
-        events = events[ids.index(after) + 1:] if after in ids else []
+    events = _after(events, after)
     return JobEventList(data=events[:limit], has_more=len(events) > limit)
 
 
@@ -128,9 +126,7 @@ async def job_checkpoints(job_id: str, request: Request, after: str = "",
                           fine_tuned_model_checkpoint=c.path, fine_tuning_job_id=job_id,
                           metrics={"step": float(c.step), "train_loss": c.loss}, step_number=c.step)
             for c in reversed(job.checkpoints)]
-    if after:
-        ids = [c.id for c in data]
-        data = data[ids.index(after) + 1:] if after in ids else []
+    data = _after(data, after)
     page = data[:limit]
     return JobCheckpointList(data=page, has_more=len(data) > limit,
                              first_id=page[0].id if page else None, last_id=page[-1].id if page else None)
@@ -138,3 +134,11 @@ async def job_checkpoints(job_id: str, request: Request, after: str = "",
 
 async def _job(request: Request, job_id: str) -> pb.TrainingJob:
     return await request.app.state.client.training("GetTrainingJob", pb.TrainingJobRequest(id=job_id))
+
+
+def _after(items: list, after: str) -> list:
+    """The items after the one whose id is ``after`` (OpenAI's cursor); all without one."""
+    if not after:
+        return items
+    ids = [item.id for item in items]
+    return items[ids.index(after) + 1:] if after in ids else []
