@@ -49,7 +49,7 @@ async def drive(call, requests: int, concurrency: int) -> tuple[float, list[floa
 
 
 async def direct(requests: int, concurrency: int, tokens: int):
-    from cyllm.worker.engines.base import GenerationRequest, SamplingParams
+    from cyllm.worker.engines.types import GenerationRequest, SamplingParams
     from cyllm.worker.engines.fake import FakeEngine
     from cyllm.worker.settings import ModelSpec
 

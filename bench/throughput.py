@@ -52,7 +52,7 @@ def run_generate(engine, n: int, max_tokens: int) -> float:
 
 
 async def run_engine(engine, n: int, max_tokens: int) -> tuple[float, float]:
-    from cyllm.worker.engines.base import Finished, GenerationRequest, SamplingParams, TextDelta
+    from cyllm.worker.engines.types import Finished, GenerationRequest, SamplingParams, TextDelta
 
     ttfts: list[float] = []
 

@@ -95,3 +95,13 @@ def _convert_gguf(source: Path, target: Path, model_id: str) -> None:
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     _console.print(f"[3/3] {model_id} cached in {target}", soft_wrap=True)
+
+
+def context_length(folder: Path, cap: int | None = None) -> int:
+    """The model's context window (its config's ``max_position_embeddings``, read through
+    transformers so that architectures naming it otherwise are right), at most ``cap``."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder).get_text_config()
+    own = getattr(config, "max_position_embeddings", None) or 2048
+    return min(own, cap or own)

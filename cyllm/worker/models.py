@@ -24,7 +24,8 @@ from cyllm import errors
 from cyllm.protocol import pb
 from cyllm.worker import memory
 from cyllm.worker.convert import card_to_proto
-from cyllm.worker.engines.base import AbstractEngine, ModelCard
+from cyllm.worker.engines.base import AbstractEngine
+from cyllm.worker.engines.types import ModelCard
 from cyllm.worker.engines.factory import ENGINES, create_engine, resolve_engine_name
 from cyllm.worker.settings import ModelSpec, WorkerSettings
 

@@ -9,7 +9,7 @@ from contextlib import aclosing
 import pytest
 
 from cyllm import errors
-from cyllm.worker.engines.base import Finished, GenerationRequest, SamplingParams, Started, TextDelta
+from cyllm.worker.engines.types import Finished, GenerationRequest, SamplingParams, Started, TextDelta
 from tests.engines.conftest import CONTEXT
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -42,7 +42,6 @@ async def test_stream_is_started_deltas_finished(subject):
     assert all(isinstance(e, TextDelta) and e.text for e in events[1:-1])
     assert text.strip()
     assert 1 <= done.completion_tokens <= 8
-    assert sum(e.tokens for e in events[1:-1]) <= done.completion_tokens
     assert done.prompt_tokens == events[0].prompt_tokens
 
 
@@ -103,24 +102,11 @@ async def test_closing_the_stream_aborts_the_request(subject):
     assert text
 
 
-async def test_abort_by_id_finishes_the_stream(subject):
-    seen = []
-    async with aclosing(subject.engine.generate(raw("ab3", PROMPTS[3], max_tokens=300))) as events:
-        async for event in events:
-            seen.append(event)
-            if len(seen) == 2:
-                await subject.engine.abort("ab3")
-    assert isinstance(seen[-1], Finished) and seen[-1].finish_reason == "abort"
-    assert seen[-1].completion_tokens < 300
-    await _idle(subject.engine)
-
-
 async def test_health_counts_progress(subject):
     before = subject.engine.health()
     await collect(subject.engine, raw("h1", PROMPTS[0], max_tokens=4))
     after = subject.engine.health()
     assert after.healthy and after.tokens_generated >= before.tokens_generated + 3
-    assert after.last_token_at >= before.last_token_at
 
 
 @pytest.mark.parametrize("request_, error, param", [

@@ -12,7 +12,7 @@ import pytest
 
 from cyllm import errors
 from cyllm.worker.engines import factory
-from cyllm.worker.engines.base import GenerationRequest, SamplingParams, TextDelta
+from cyllm.worker.engines.types import GenerationRequest, SamplingParams, TextDelta
 from cyllm.worker.settings import EngineCandidate, ModelSpec, WorkerSettings
 from tests.engines.conftest import default_folder
 

@@ -12,7 +12,7 @@ import pytest
 import pytest_asyncio
 
 from cyllm import errors
-from cyllm.worker.engines.base import Finished, GenerationRequest, SamplingParams, TextDelta
+from cyllm.worker.engines.types import Finished, GenerationRequest, SamplingParams, TextDelta
 from tests.adapters import make_adapter
 from tests.engines.conftest import default_folder, spec
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cyllm import errors
-from cyllm.worker.engines.base import GenerationRequest, SamplingParams
+from cyllm.worker.engines.types import GenerationRequest, SamplingParams
 from cyllm.worker.engines.transformers_engine import TransformersEngine
 from cyllm.worker.settings import ModelSpec
 from cyllm.worker.training.train import run

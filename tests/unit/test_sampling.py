@@ -1,6 +1,6 @@
 import torch
 
-from cyllm.worker.engines.base import SamplingParams
+from cyllm.worker.engines.types import SamplingParams
 from cyllm.worker.engines.sampling import make_generator, sample
 
 

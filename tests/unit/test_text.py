@@ -1,4 +1,5 @@
-from cyllm.worker.engines.text import IncrementalDecoder, StopMatcher
+from cyllm.worker.engines.text import IncrementalDecoder, Stopper, StopMatcher
+from cyllm.worker.engines.types import Step
 
 
 def test_stop_matcher_passes_text_through_without_stops():
@@ -43,3 +44,51 @@ def test_incremental_decoder_waits_for_complete_multibyte_characters():
     dec = IncrementalDecoder(ByteTokenizer(), list(b"hi "))
     pieces = [dec.push(b) for b in "é!".encode()]
     assert pieces == ["", "é", "!"]
+
+
+class Words:
+    """Token i decodes to the i-th word of a fixed text (a decoder for the rule's tests)."""
+
+    def __init__(self, *words: str) -> None:
+        self.words = words
+
+    def push(self, token_id: int) -> str:
+        return self.words[token_id]
+
+    def flush(self) -> str:
+        return ""
+
+
+def run(stopper: Stopper, tokens: list[int]) -> list[Step]:
+    steps = []
+    for t in tokens:
+        step = stopper.push(t)
+        if step is not None:
+            steps.append(step)
+            if step.finish_reason:
+                break
+    return steps
+
+
+def test_stopper_ends_at_max_tokens_with_every_token_counted():
+    steps = run(Stopper(Words("a", " b", " c"), (), (), max_new=2), [0, 1, 2])
+    assert steps == [Step("a", 1), Step(" b", 1, "length")]
+
+
+def test_stopper_end_of_sequence_is_counted_not_decoded():
+    steps = run(Stopper(Words("a", "<eos>"), {1}, (), max_new=9), [0, 1])
+    assert steps == [Step("a", 1), Step("", 1, "stop")]
+
+
+def test_stopper_cuts_before_a_stop_string_and_carries_held_tokens():
+    steps = run(Stopper(Words("x", " E", "N", "D", "y"), (), ["END"], max_new=9), [0, 1, 2, 3, 4])
+    # "E" and "N" are held back (they could begin "END"); "N"'s token rides on the end.
+    assert steps == [Step("x", 1), Step(" ", 1), Step("", 2, "stop")]
+    assert sum(s.tokens for s in steps) == 4
+
+
+def test_stopper_releases_held_text_at_an_end_that_is_not_a_stop_string():
+    at_length = run(Stopper(Words("x", " E"), (), ["END"], max_new=2), [0, 1])
+    assert "".join(s.text for s in at_length) == "x E" and at_length[-1].finish_reason == "length"
+    at_eos = run(Stopper(Words("x", " E", "<eos>"), {2}, ["END"], max_new=9), [0, 1, 2])
+    assert "".join(s.text for s in at_eos) == "x E" and at_eos[-1].finish_reason == "stop"

@@ -1,52 +1,58 @@
 """A test double: an engine with no model, for gateway/coordinator tests and overhead
 benchmarks.  It is never a production default and never counts as a supported engine.
 
-It "generates" the words ``w0 w1 w2 ...`` (one word per token), honouring max_tokens,
-stop strings and aborts; with a LoRA adapter named ``a`` it says ``a0 a1 a2 ...``.  ``engine_args``:
+It "generates" the words ``w0 w1 w2 ...`` (token ``i`` is the word ``w<i>``) through the
+same skeleton and end rule as the real engines, so max_tokens and stop strings behave
+as they do there; with a LoRA adapter named ``a`` it says ``a0 a1 a2 ...``.  A prompt
+counts one token per word.  ``engine_args``:
 
 - ``token_delay_s`` (float, default 0): sleep between tokens, to make streams last;
 - ``hang_after`` (int, optional): after this many tokens the engine wedges, as a stuck
-  engine thread would: that request and every later one stop producing, aborts are not
-  processed (they stay counted as running), yet the process answers heartbeats.
+  engine thread would: that request and every later one stop producing, and they stay
+  counted as running even after their callers leave, yet the process answers heartbeats.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from cyllm import errors
-from cyllm.worker.engines.base import (
-    AbstractEngine,
-    EngineHealth,
-    Event,
-    Finished,
-    GenerationRequest,
-    ModelCard,
-    Started,
-    TextDelta,
-)
-from cyllm.worker.engines.text import StopMatcher
-from cyllm.worker.engines.validation import plan_max_tokens, resolve_sampling
+from cyllm.worker.engines.base import Engine
+from cyllm.worker.engines.planning import Plan, SamplingDefaults
+from cyllm.worker.engines.text import Stopper
+from cyllm.worker.engines.types import EngineHealth, GenerationRequest, ModelCard, Step
 from cyllm.worker.settings import ModelSpec
 
 CONTEXT = 4096
 
 
-class FakeEngine(AbstractEngine):
+class WordDecoder:
+    """Token ``i`` is the word ``<prefix><i>``, space-separated."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def push(self, token_id: int) -> str:
+        return ("" if token_id == 0 else " ") + f"{self.prefix}{token_id}"
+
+    def flush(self) -> str:
+        return ""
+
+
+class FakeEngine(Engine):
     name = "fake"
+    library = "the fake engine"
 
     def __init__(self, spec: ModelSpec) -> None:
-        self.spec = spec
+        super().__init__(spec)
         self.delay = float(spec.engine_args.get("token_delay_s", 0.0))
         self.hang_after = spec.engine_args.get("hang_after")
-        self._running: set[str] = set()
-        self._aborted: set[str] = set()
-        self._tokens = 0
-        self._last_token_at = time.monotonic()
         self._wedged = False
+        self._abandoned = 0  # wedged requests whose callers left (never cleaned up)
         self._adapters: dict[str, Path] = {}
 
     async def add_adapter(self, name: str, path: Path) -> None:
@@ -62,15 +68,14 @@ class FakeEngine(AbstractEngine):
         return list(self._adapters)
 
     async def load(self) -> ModelCard:
+        self.context_length = self.spec.max_context or CONTEXT
+        self.defaults = SamplingDefaults.of(self.spec)
         for name, path in self.spec.adapters.items():
             await self.add_adapter(name, path)
-        return ModelCard(self.spec.id, self.spec.max_context or CONTEXT, self.name,
-                         self.spec.max_batch_size, "cpu", int(time.time()))
+        return ModelCard(self.spec.id, self.context_length, self.name, self.spec.max_batch_size,
+                         "cpu", int(time.time()))
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
-        self.check_adapter(request)
-        prefix = request.adapter or "w"
-        sampling = resolve_sampling(request.sampling, self.spec.temperature or 1.0, self.spec.top_p or 1.0)
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
         if request.messages is not None:
             if not request.messages:
                 raise errors.InvalidRequest("messages must not be empty", param="messages")
@@ -79,47 +84,30 @@ class FakeEngine(AbstractEngine):
             if not request.prompt:
                 raise errors.InvalidRequest("prompt must not be empty", param="prompt")
             text = request.prompt
-        prompt_tokens = len(text.split()) or 1
-        context = self.spec.max_context or CONTEXT
-        max_new = plan_max_tokens(prompt_tokens, sampling.max_tokens, context,
-                                  self.spec.default_max_tokens)
-        stopper = StopMatcher(sampling.stop)
-        rid = request.request_id
-        self._running.add(rid)
+        return list(range(len(text.split()) or 1))
+
+    async def stream(self, plan: Plan) -> AsyncIterator[Step]:
+        stopper = Stopper(WordDecoder(plan.adapter or "w"), (), plan.sampling.stop, plan.max_new)
+        wedged = False
         try:
-            yield Started(prompt_tokens)
-            for i in range(max_new):
+            for i in itertools.count():
                 if self._wedged or (self.hang_after is not None and i >= int(self.hang_after)):
-                    self._wedged = True
+                    self._wedged = wedged = True
                     await asyncio.Event().wait()  # hung: alive, but no progress
                 if self.delay:
                     await asyncio.sleep(self.delay)
-                if rid in self._aborted:
-                    yield Finished("abort", prompt_tokens, i)
-                    return
-                self._tokens += 1
-                self._last_token_at = time.monotonic()
-                out, hit = stopper.push(("" if i == 0 else " ") + f"{prefix}{i}")
-                if out:
-                    yield TextDelta(out, 1)
-                if hit:
-                    yield Finished("stop", prompt_tokens, i + 1)
-                    return
-            rest = stopper.flush()
-            if rest:
-                yield TextDelta(rest, 0)
-            yield Finished("length", prompt_tokens, max_new)
+                step = stopper.push(i)
+                if step is not None:
+                    yield step
+                    if step.finish_reason is not None:
+                        return
         finally:
-            if not self._wedged:  # a wedged engine never gets to clean up
-                self._running.discard(rid)
-                self._aborted.discard(rid)
-
-    async def abort(self, request_id: str) -> None:
-        if request_id in self._running:
-            self._aborted.add(request_id)
+            self._abandoned += wedged
 
     def health(self) -> EngineHealth:
-        return EngineHealth(True, len(self._running), 0, self._tokens, self._last_token_at)
+        h = super().health()
+        h.running += self._abandoned
+        return h
 
     async def close(self) -> None:
         return None

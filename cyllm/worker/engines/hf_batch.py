@@ -71,7 +71,7 @@ class GrowableCache(DynamicCache):
 
 
 class KVBatch:
-    """Tensors of the running batch; rows are in the order of ``Scheduler.running``."""
+    """Tensors of the running batch; rows are in the order of the engine's running list."""
 
     def __init__(self, cache: GrowableCache, mask: torch.Tensor, positions: torch.Tensor) -> None:
         self.cache = cache

@@ -22,13 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cyllm import errors
-from cyllm.worker.engines.base import (
-    AbstractEngine,
-    EngineHealth,
-    Event,
-    GenerationRequest,
-    ModelCard,
-)
+from cyllm.worker.engines.base import AbstractEngine
+from cyllm.worker.engines.types import EngineHealth, Event, GenerationRequest, ModelCard
 from cyllm.worker.settings import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -42,6 +37,9 @@ class Member:
 
 
 class HybridEngine(AbstractEngine):
+    """A composite, not an adapter over a library: it hands the whole request to a
+    member engine, whose own skeleton (``base.Engine``) plans and runs it."""
+
     name = "hybrid"
 
     def __init__(self, spec: ModelSpec, cache_dir: Path, cpu_engine: str = "transformers") -> None:
@@ -50,7 +48,6 @@ class HybridEngine(AbstractEngine):
         self.cpu_engine = cpu_engine
         self.members: list[Member] = []
         self.skipped: list[str] = []
-        self._where: dict[str, Member] = {}
 
     async def load(self) -> ModelCard:
         from cyllm.worker.engines.factory import create_engine
@@ -98,7 +95,6 @@ class HybridEngine(AbstractEngine):
         last: errors.CyllmError | None = None
         for member in ranked:
             produced = False
-            self._where[request.request_id] = member
             try:
                 async with aclosing(member.engine.generate(request)) as events:
                     async for event in events:
@@ -111,15 +107,8 @@ class HybridEngine(AbstractEngine):
                 log.warning("hybrid %s: %s failed before output, trying the next: %s",
                             self.spec.id, member.label, exc)
                 last = exc
-            finally:
-                self._where.pop(request.request_id, None)
         assert last is not None
         raise last
-
-    async def abort(self, request_id: str) -> None:
-        member = self._where.get(request_id)
-        if member is not None:
-            await member.engine.abort(request_id)
 
     def health(self) -> EngineHealth:
         hs = [m.engine.health() for m in self.members]
@@ -129,7 +118,6 @@ class HybridEngine(AbstractEngine):
             running=sum(h.running for h in hs),
             waiting=sum(h.waiting for h in hs),
             tokens_generated=sum(h.tokens_generated for h in hs),
-            last_token_at=max((h.last_token_at for h in hs), default=time.monotonic()),
             detail="; ".join(down + [f"skipped {s}" for s in self.skipped]),
         )
 

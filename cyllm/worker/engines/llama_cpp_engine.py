@@ -26,34 +26,44 @@ from pathlib import Path
 from typing import Any
 
 from cyllm import errors
-from cyllm.worker.engines.base import (
-    AbstractEngine,
-    EngineHealth,
-    Event,
-    Finished,
-    GenerationRequest,
-    ModelCard,
-    Started,
-    TextDelta,
-)
+from cyllm.worker.engines.base import Engine
+from cyllm.worker.engines.planning import Plan, SamplingDefaults
 from cyllm.worker.engines.prompt import messages_of
-from cyllm.worker.engines.text import StopMatcher
-from cyllm.worker.engines.tracking import RequestTracker
-from cyllm.worker.engines.validation import plan_max_tokens, resolve_sampling
+from cyllm.worker.engines.text import Stopper
+from cyllm.worker.engines.types import GenerationRequest, ModelCard, Step
 from cyllm.worker.settings import ModelSpec
 
 _DONE = object()
 
 
-class LlamaCppEngine(AbstractEngine):
+class LlamaDecoder:
+    """llama.cpp's bytes for each token (with the tokens before it as context), decoded
+    as UTF-8 as they complete."""
+
+    def __init__(self, llm: Any, prompt_ids: list[int]) -> None:
+        self.llm = llm
+        self.history = list(prompt_ids)
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        piece = self.llm.detokenize([token_id], prev_tokens=self.history)
+        self.history.append(token_id)
+        return self.utf8.decode(piece)
+
+    def flush(self) -> str:
+        return self.utf8.decode(b"", final=True)
+
+
+class LlamaCppEngine(Engine):
     name = "llama_cpp"
+    library = "llama.cpp"
 
     def __init__(self, spec: ModelSpec, gguf: Path) -> None:
         if spec.adapters:
             raise errors.NotLoadable(
                 f"model {spec.id!r}: the llama_cpp engine does not serve PEFT adapters here; "
                 "use the transformers or vllm engine")
-        self.spec = spec
+        super().__init__(spec)
         self.gguf = gguf
         args = dict(spec.engine_args)
         self.instances = int(args.pop("instances", 1))
@@ -63,10 +73,8 @@ class LlamaCppEngine(AbstractEngine):
         args.setdefault("n_threads", max(1, cores // self.instances))
         args.setdefault("n_batch", 512)
         self.llama_args = args
-        self.tracker = RequestTracker()
         self._free: asyncio.Queue[Any] = asyncio.Queue()
         self._objects: list[Any] = []
-        self._aborts: dict[str, threading.Event] = {}
 
     async def load(self) -> ModelCard:
         import llama_cpp
@@ -102,8 +110,7 @@ class LlamaCppEngine(AbstractEngine):
             bos_text = llm.detokenize([bos_id], special=True).decode(errors="replace") if bos_id >= 0 else ""
             self.formatter = Jinja2ChatFormatter(template=template, eos_token=eos_text,
                                                  bos_token=bos_text, stop_token_ids=[llm.token_eos()])
-        self.temperature = self.spec.temperature if self.spec.temperature is not None else 1.0
-        self.top_p = self.spec.top_p if self.spec.top_p is not None else 1.0
+        self.defaults = SamplingDefaults.of(self.spec)
         return ModelCard(self.spec.id, self.context_length, self.name, self.spec.max_batch_size,
                          "cpu", int(time.time()))
 
@@ -112,7 +119,7 @@ class LlamaCppEngine(AbstractEngine):
             obj.close()
         self._objects.clear()
 
-    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
         llm = self._objects[0]  # tokenising is read-only on the vocabulary
         if request.messages is not None:
             msgs = messages_of(request)
@@ -129,49 +136,30 @@ class LlamaCppEngine(AbstractEngine):
             raise errors.InvalidRequest("prompt must not be empty", param="prompt")
         return llm.tokenize(request.prompt.encode(), add_bos=True, special=False)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
-        if not self._objects:
-            raise errors.EngineError(f"llama.cpp engine for {self.spec.id} is closed")
-        self.check_adapter(request)
-        sampling = resolve_sampling(request.sampling, self.temperature, self.top_p)
-        prompt_ids = self._prompt_ids(request)
-        max_new = plan_max_tokens(len(prompt_ids), sampling.max_tokens, self.context_length,
-                                  self.spec.default_max_tokens)
-        rid = request.request_id
-        abort = self._aborts.setdefault(rid, threading.Event())
+    def down(self) -> str:
+        return "" if self._objects else "closed"
+
+    async def stream(self, plan: Plan) -> AsyncIterator[Step]:
+        abort = threading.Event()
         out: asyncio.Queue[Any] = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        self.tracker.start(rid)
         self.tracker.waiting += 1
-        llm: Any = None
+        try:
+            llm = await self._free.get()
+        finally:
+            self.tracker.waiting -= 1
         worker: asyncio.Future[None] | None = None
         try:
-            yield Started(len(prompt_ids))
-            llm = await self._free.get()
-            self.tracker.waiting -= 1
             worker = asyncio.ensure_future(asyncio.to_thread(
-                self._run, llm, prompt_ids, max_new, sampling, abort,
+                self._run, llm, plan, abort,
                 lambda item: loop.call_soon_threadsafe(out.put_nowait, item)))
-            while True:
-                item = await out.get()
-                if item is _DONE:
-                    break
+            while (item := await out.get()) is not _DONE:
                 if isinstance(item, BaseException):
-                    raise errors.EngineError(f"llama.cpp failed on request {rid}: {item}") from item
-                if isinstance(item, TextDelta):
-                    self.tracker.produced(item.tokens)
+                    raise item
                 yield item
-                if isinstance(item, Finished):
-                    break
-            await worker
         finally:
-            if llm is None:
-                self.tracker.waiting -= 1
             abort.set()  # stops the thread if we leave early (client gone)
-            self.tracker.finish(rid)
-            self._aborts.pop(rid, None)
-            if llm is not None:
-                self._release_when_idle(llm, worker)
+            self._release_when_idle(llm, worker)
 
     def _release_when_idle(self, llm: Any, worker: asyncio.Future[Any] | None) -> None:
         """Give the object back only once its thread has stopped using it."""
@@ -180,55 +168,26 @@ class LlamaCppEngine(AbstractEngine):
         else:
             worker.add_done_callback(lambda _: self._free.put_nowait(llm))
 
-    def _run(self, llm: Any, prompt_ids: list[int], max_new: int, sampling: Any,
-             abort: threading.Event, emit: Any) -> None:
+    def _run(self, llm: Any, plan: Plan, abort: threading.Event, emit: Any) -> None:
         """The generation loop, on a worker thread that owns ``llm`` until it returns."""
         try:
-            llm.set_seed(sampling.seed if sampling.seed is not None else random.getrandbits(31))
-            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            stopper = StopMatcher(sampling.stop)
-            generated, unreported, reason = 0, 0, "length"
-            history = list(prompt_ids)
-            tokens = llm.generate(prompt_ids, temp=sampling.temperature, top_p=sampling.top_p,
+            s = plan.sampling
+            llm.set_seed(s.seed if s.seed is not None else random.getrandbits(31))
+            stopper = Stopper(LlamaDecoder(llm, plan.prompt_ids), self.eos, s.stop, plan.max_new)
+            tokens = llm.generate(plan.prompt_ids, temp=s.temperature, top_p=s.top_p,
                                   top_k=0, min_p=0.0, repeat_penalty=1.0, reset=True)
             try:
                 for token in tokens:
                     if abort.is_set():
-                        reason = "abort"
-                        break
-                    generated += 1
-                    unreported += 1
-                    if token in self.eos:
-                        reason = "stop"
-                        break
-                    piece = llm.detokenize([token], prev_tokens=history)
-                    history.append(token)
-                    text, hit = stopper.push(decoder.decode(piece))
-                    if text:
-                        emit(TextDelta(text, unreported))
-                        unreported = 0
-                    if hit:
-                        reason = "stop"
-                        break
-                    if generated >= max_new:
-                        break
+                        return
+                    step = stopper.push(token)
+                    if step is not None:
+                        emit(step)
+                        if step.finish_reason is not None:
+                            return
             finally:
                 tokens.close()
-            if reason == "length":
-                rest = stopper.flush() + decoder.decode(b"", final=True)
-                if rest:
-                    emit(TextDelta(rest, unreported))
-                    unreported = 0
-            emit(Finished(reason, len(prompt_ids), generated))
         except Exception as exc:
             emit(exc)
         finally:
             emit(_DONE)
-
-    async def abort(self, request_id: str) -> None:
-        event = self._aborts.get(request_id)
-        if event is not None:
-            event.set()
-
-    def health(self) -> EngineHealth:
-        return self.tracker.health(bool(self._objects), "" if self._objects else "closed")

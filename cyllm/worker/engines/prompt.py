@@ -1,14 +1,13 @@
 """Turning a request into prompt token ids with a Hugging Face tokenizer: the engines
-that tokenise on our side (transformers, vLLM, TensorRT-LLM) count and check prompts
-the same way, and the chat template is the model's own."""
+that tokenise on our side (transformers, vLLM, TensorRT-LLM, MindIE) count and check
+prompts the same way, and the chat template is the model's own."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from cyllm import errors
-from cyllm.worker.engines.base import GenerationRequest, SamplingParams
-from cyllm.worker.engines.validation import plan_max_tokens, resolve_sampling
+from cyllm.worker.engines.types import GenerationRequest
 
 
 def messages_of(request: GenerationRequest) -> list[dict[str, str]]:
@@ -37,13 +36,3 @@ def prepare_prompt(tokenizer: Any, request: GenerationRequest) -> list[int]:
     if not request.prompt:
         raise errors.InvalidRequest("prompt must not be empty", param="prompt")
     return list(tokenizer(request.prompt)["input_ids"])
-
-
-def plan(tokenizer: Any, request: GenerationRequest, *, temperature: float, top_p: float,
-         context: int, default_max_tokens: int) -> tuple[SamplingParams, list[int], int]:
-    """Check ``request`` before anything runs: its sampling with the model's defaults
-    filled in, its prompt ids, and how many tokens to generate."""
-    sampling = resolve_sampling(request.sampling, temperature, top_p)
-    prompt_ids = prepare_prompt(tokenizer, request)
-    max_new = plan_max_tokens(len(prompt_ids), sampling.max_tokens, context, default_max_tokens)
-    return sampling, prompt_ids, max_new

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from cyllm.worker.engines.base import SamplingParams
+from cyllm.worker.engines.types import SamplingParams
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:

@@ -1,13 +1,25 @@
-"""Engine-independent text handling: incremental detokenisation and stop strings."""
+"""Engine-independent text handling for the engines that sample token by token
+themselves (transformers, llama.cpp, the fake): incremental detokenisation, stop
+strings, and the one rule that decides when a sequence ends (:class:`Stopper`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Collection, Sequence
+from typing import Any, Protocol
+
+from cyllm.worker.engines.types import Step
+
+
+class Decoder(Protocol):
+    def push(self, token_id: int) -> str:
+        """Text that became final with this token (may be empty)."""
+
+    def flush(self) -> str:
+        """What is still held when the sequence ends."""
 
 
 class IncrementalDecoder:
-    """Turns a growing list of token ids into text deltas.
+    """Turns a growing list of token ids into text deltas with a Hugging Face tokenizer.
 
     Decoding token by token breaks multi-byte characters and BPE merges, so each step
     decodes a short window ending at the newest token and emits only what became
@@ -28,6 +40,11 @@ class IncrementalDecoder:
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self._prefix, self._read = self._read, len(self._ids)
             return after[len(before) :]
+        return ""
+
+    def flush(self) -> str:
+        # What is held back ends in an incomplete character; it is dropped, as vLLM's
+        # detokenizer drops it, rather than shown as U+FFFD.
         return ""
 
 
@@ -62,3 +79,44 @@ class StopMatcher:
     def flush(self) -> str:
         held, self._held = self._held, ""
         return held
+
+
+class Stopper:
+    """One sequence's end rule, token by token.
+
+    An end-of-sequence id ends it (``stop``; the id itself is counted, not decoded), so
+    does a stop string (the text is cut before it), so does the ``max_new``-th token
+    (``length``).  At an end that is not a stop string, text held back because it
+    might have begun one is released.  A Step comes out only when there is text or an
+    end, carrying every token since the last one, so a token whose text is held back
+    costs no event.
+    """
+
+    def __init__(self, decoder: Decoder, eos: Collection[int], stops: Sequence[str],
+                 max_new: int) -> None:
+        self.decoder = decoder
+        self.eos = eos
+        self.matcher = StopMatcher(stops)
+        self.max_new = max_new
+        self.generated = 0
+        self._pending = 0  # tokens not yet carried by a Step
+
+    def push(self, token_id: int) -> Step | None:
+        self.generated += 1
+        self._pending += 1
+        if token_id in self.eos:
+            return self._end("", "stop")
+        text, hit = self.matcher.push(self.decoder.push(token_id))
+        if hit:
+            return self._step(text, "stop")
+        if self.generated >= self.max_new:
+            return self._end(text, "length")
+        return self._step(text, None) if text else None
+
+    def _end(self, text: str, reason: str) -> Step:
+        tail, hit = self.matcher.push(self.decoder.flush())
+        return self._step(text + tail + ("" if hit else self.matcher.flush()), reason)
+
+    def _step(self, text: str, reason: str | None) -> Step:
+        step, self._pending = Step(text, self._pending, reason), 0
+        return step

@@ -31,21 +31,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cyllm import errors
-from cyllm.worker.engines.base import (
-    AbstractEngine,
-    EngineHealth,
-    Event,
-    Finished,
-    GenerationRequest,
-    ModelCard,
-    SamplingParams,
-    Started,
-    TextDelta,
-)
+from cyllm.worker.engines.base import Engine
 from cyllm.worker.engines.hf_batch import KVBatch
-from cyllm.worker.engines.prompt import plan
+from cyllm.worker.engines.planning import Plan, SamplingDefaults
 from cyllm.worker.engines.sampling import make_generator, sample
-from cyllm.worker.engines.text import IncrementalDecoder, StopMatcher
+from cyllm.worker.engines.text import IncrementalDecoder, Stopper
+from cyllm.worker.engines.types import EngineHealth, ModelCard, SamplingParams, Step
+from cyllm.worker.model_files import context_length
 from cyllm.worker.settings import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -54,32 +46,28 @@ log = logging.getLogger(__name__)
 _PREFILL_TOKEN_BUDGET = 8192
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: two requests may carry the same id
 class _Sequence:
-    request_id: str
     prompt_ids: list[int]
-    max_new: int
     sampling: SamplingParams
-    out: asyncio.Queue[Event | BaseException]
-    decoder: IncrementalDecoder
-    stopper: StopMatcher
+    out: asyncio.Queue[Step | BaseException]
+    stopper: Stopper
     generator: Any = None
     adapter: str | None = None
-    generated: int = 0
-    unreported: int = 0  # tokens not yet carried by a TextDelta
     last_token: int = 0
     done: bool = False
-    events: list[Event | BaseException] = field(default_factory=list)
+    events: list[Step | BaseException] = field(default_factory=list)
 
 
-class TransformersEngine(AbstractEngine):
+class TransformersEngine(Engine):
     name = "transformers"
+    library = "transformers"
 
     def __init__(self, spec: ModelSpec, model_dir: Path) -> None:
-        self.spec = spec
+        super().__init__(spec)
         self.model_dir = model_dir
         self._inbox: queue.SimpleQueue[_Sequence] = queue.SimpleQueue()
-        self._aborts: set[str] = set()
+        self._aborts: set[_Sequence] = set()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -89,8 +77,6 @@ class TransformersEngine(AbstractEngine):
         self._waiting: list[_Sequence] = []
         self._admitting: list[_Sequence] = []
         self._tokens_generated = 0
-        self._last_token_at = time.monotonic()
-        self._fatal: str = ""
         self._adapters: dict[str, Path] = {}
         self._adapter_ops: queue.SimpleQueue[tuple[str, str, Path | None, asyncio.Future[None]]] = \
             queue.SimpleQueue()
@@ -136,13 +122,12 @@ class TransformersEngine(AbstractEngine):
         if self.spec.peft_adapter is not None:
             model = _apply_peft(model, self.spec.peft_adapter)
         self.model = model.to(self.device).eval()
-        config = self.model.config.get_text_config()
-        own = getattr(config, "max_position_embeddings", None) or 2048
-        self.context_length = min(own, self.spec.max_context or own)
+        self.context_length = context_length(self.model_dir, self.spec.max_context)
         gen_cfg = self.model.generation_config
+        # The model's own sampling defaults count only where it samples by default.
         sampled = bool(getattr(gen_cfg, "do_sample", False))
-        self.temperature = _first(self.spec.temperature, sampled and gen_cfg.temperature, 1.0)
-        self.top_p = _first(self.spec.top_p, sampled and gen_cfg.top_p, 1.0)
+        self.defaults = SamplingDefaults.of(self.spec, {"temperature": gen_cfg.temperature,
+                                                        "top_p": gen_cfg.top_p} if sampled else {})
         eos = gen_cfg.eos_token_id if gen_cfg.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         if self.tokenizer.eos_token_id is not None:
@@ -227,58 +212,44 @@ class TransformersEngine(AbstractEngine):
 
     # -- requests ---------------------------------------------------------------------
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
-        if self._fatal:
-            raise errors.EngineError(f"engine for {self.spec.id} is down: {self._fatal}")
-        self.check_adapter(request)
-        sampling, prompt_ids, max_new = plan(
-            self.tokenizer, request, temperature=self.temperature, top_p=self.top_p,
-            context=self.context_length, default_max_tokens=self.spec.default_max_tokens)
+    def down(self) -> str:
+        alive = self._thread is not None and self._thread.is_alive()
+        return "" if alive else "the engine thread is not running"
+
+    async def stream(self, plan: Plan) -> AsyncIterator[Step]:
         seq = _Sequence(
-            request_id=request.request_id,
-            prompt_ids=prompt_ids,
-            max_new=max_new,
-            sampling=sampling,
+            prompt_ids=plan.prompt_ids,
+            sampling=plan.sampling,
             out=asyncio.Queue(),
-            decoder=IncrementalDecoder(self.tokenizer, prompt_ids),
-            stopper=StopMatcher(sampling.stop),
-            generator=make_generator(sampling, self.device),
-            adapter=request.adapter,
+            stopper=Stopper(IncrementalDecoder(self.tokenizer, plan.prompt_ids), self.eos_ids,
+                            plan.sampling.stop, plan.max_new),
+            generator=make_generator(plan.sampling, self.device),
+            adapter=plan.adapter,
         )
         self._inbox.put(seq)
         self._wake.set()
         finished = False
         try:
-            yield Started(prompt_tokens=len(prompt_ids))
-            while True:
-                event = await seq.out.get()
-                if isinstance(event, BaseException):
-                    raise event
-                yield event
-                if isinstance(event, Finished):
-                    finished = True
-                    return
+            while not finished:
+                step = await seq.out.get()
+                if isinstance(step, BaseException):
+                    raise step
+                finished = step.finish_reason is not None
+                yield step
         finally:
             if not finished:
-                self._request_abort(request.request_id)
-
-    async def abort(self, request_id: str) -> None:
-        self._request_abort(request_id)
-
-    def _request_abort(self, request_id: str) -> None:
-        with self._lock:
-            self._aborts.add(request_id)
-        self._wake.set()
+                with self._lock:
+                    self._aborts.add(seq)
+                self._wake.set()
 
     def health(self) -> EngineHealth:
-        alive = self._thread is not None and self._thread.is_alive() and not self._fatal
+        down = self.down()
         return EngineHealth(
-            healthy=alive,
+            healthy=not down,
             running=len(self._running),
             waiting=len(self._waiting) + self._inbox.qsize(),
             tokens_generated=self._tokens_generated,
-            last_token_at=self._last_token_at,
-            detail=self._fatal,
+            detail=down,
         )
 
     # -- the scheduler thread ---------------------------------------------------------
@@ -312,14 +283,11 @@ class TransformersEngine(AbstractEngine):
                 break
         with self._lock:
             aborts, self._aborts = self._aborts, set()
-        if aborts:
-            self._waiting = [s for s in self._waiting if s.request_id not in aborts]
-            stopped = [s for s in self._running if s.request_id in aborts]
-            for seq in stopped:
-                seq.done = True
-                seq.events.append(Finished("abort", len(seq.prompt_ids), seq.generated))
+        if aborts:  # their callers are gone: drop them, nobody reads their events
+            self._waiting = [s for s in self._waiting if s not in aborts]
+            for seq in self._running:
+                seq.done = seq.done or seq in aborts
             batch = self._compact(batch)
-            self._deliver(stopped)
         if not self._running and not self._waiting:
             self._wake.wait(timeout=0.5)
             self._wake.clear()
@@ -364,33 +332,15 @@ class TransformersEngine(AbstractEngine):
         return admitted
 
     def _advance(self, seqs: list[_Sequence], tokens: list[int]) -> None:
-        """4. account each sampled token, detokenise, check stops (events are queued on
-        each sequence; ``_deliver`` hands them over)."""
-        now = time.monotonic()
+        """4. account each sampled token, detokenise, apply the end rule (steps are
+        queued on each sequence; ``_deliver`` hands them over)."""
         for seq, token in zip(seqs, tokens):
             seq.last_token = token
-            seq.generated += 1
-            seq.unreported += 1
             self._tokens_generated += 1
-            reason = None
-            if token in self.eos_ids:
-                reason = "stop"
-            else:
-                text, hit = seq.stopper.push(seq.decoder.push(token))
-                if text:
-                    seq.events.append(TextDelta(text, seq.unreported))
-                    seq.unreported = 0
-                if hit:
-                    reason = "stop"
-            if reason is None and seq.generated >= seq.max_new:
-                reason = "length"
-            if reason is not None:
-                rest = seq.stopper.flush() if reason == "length" else ""
-                if rest:
-                    seq.events.append(TextDelta(rest, seq.unreported))
-                seq.events.append(Finished(reason, len(seq.prompt_ids), seq.generated))
-                seq.done = True
-        self._last_token_at = now
+            step = seq.stopper.push(token)
+            if step is not None:
+                seq.events.append(step)
+                seq.done = step.finish_reason is not None
 
     def _compact(self, batch: KVBatch | None) -> KVBatch | None:
         """Drop finished rows from the running list and the KV batch."""
@@ -408,10 +358,6 @@ class TransformersEngine(AbstractEngine):
             s.events = []
         if items and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(_put_all, items)
-
-
-def _first(*values: Any) -> Any:
-    return next(v for v in values if v is not None and v is not False)
 
 
 def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:

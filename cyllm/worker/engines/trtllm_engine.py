@@ -22,49 +22,30 @@ from pathlib import Path
 from typing import Any
 
 from cyllm import errors
-from cyllm.worker.engines.base import (
-    AbstractEngine,
-    EngineHealth,
-    Event,
-    Finished,
-    GenerationRequest,
-    ModelCard,
-    Started,
-)
-from cyllm.worker.engines.prompt import plan
-from cyllm.worker.engines.tracking import DeltaBuffer, RequestTracker
+from cyllm.worker.engines.base import Engine
+from cyllm.worker.engines.planning import Plan, SamplingDefaults
+from cyllm.worker.engines.types import ModelCard, Step
+from cyllm.worker.model_files import context_length
 from cyllm.worker.settings import ModelSpec
 
-# TensorRT-LLM's finish reasons -> ours.
-_FINISH = {"stop": "stop", "length": "length", "cancelled": "abort", "timeout": "abort"}
 
-
-def model_context_length(model_dir: Path, cap: int | None) -> int:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_dir).get_text_config()
-    own = getattr(config, "max_position_embeddings", None) or 2048
-    return min(own, cap or own)
-
-
-class TrtLlmEngine(AbstractEngine):
+class TrtLlmEngine(Engine):
     name = "trtllm"
+    library = "TensorRT-LLM"
+    finish_reasons = {"stop": "stop", "length": "length", "cancelled": "abort", "timeout": "abort"}
 
     def __init__(self, spec: ModelSpec, model_dir: Path) -> None:
-        self.spec = spec
+        super().__init__(spec)
         self.model_dir = model_dir
         self.llm: Any = None
-        self.tracker = RequestTracker()
-        self._results: dict[str, Any] = {}
         self._loras: dict[str, Any] = {}
-        self._dead = ""
 
     async def load(self) -> ModelCard:
         import tensorrt_llm
         from transformers import AutoTokenizer
 
         self.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.model_dir)
-        self.context_length = model_context_length(self.model_dir, self.spec.max_context)
+        self.context_length = context_length(self.model_dir, self.spec.max_context)
         kwargs = {"max_batch_size": self.spec.max_batch_size, "max_seq_len": self.context_length,
                   **self.spec.engine_args}
         try:
@@ -73,8 +54,7 @@ class TrtLlmEngine(AbstractEngine):
             raise errors.NotLoadable(f"model {self.spec.id!r}: bad TensorRT-LLM argument: {exc}") from exc
         except Exception as exc:
             raise errors.NotLoadable(f"TensorRT-LLM could not load {self.spec.id!r}: {exc}") from exc
-        self.temperature = self.spec.temperature if self.spec.temperature is not None else 1.0
-        self.top_p = self.spec.top_p if self.spec.top_p is not None else 1.0
+        self.defaults = SamplingDefaults.of(self.spec)
         for name, path in self.spec.adapters.items():
             await self.add_adapter(name, path)
         return ModelCard(self.spec.id, self.context_length, self.name, self.spec.max_batch_size,
@@ -99,52 +79,25 @@ class TrtLlmEngine(AbstractEngine):
     def adapters(self) -> list[str]:
         return list(self._loras)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+    def down(self) -> str:
+        return "not loaded" if self.llm is None else ""
+
+    async def stream(self, plan: Plan) -> AsyncIterator[Step]:
         from tensorrt_llm import SamplingParams
 
-        if self.llm is None or self._dead:
-            raise errors.EngineError(f"TensorRT-LLM engine for {self.spec.id} is down {self._dead}")
-        self.check_adapter(request)
-        sampling, prompt_ids, max_new = plan(
-            self.tokenizer, request, temperature=self.temperature, top_p=self.top_p,
-            context=self.context_length, default_max_tokens=self.spec.default_max_tokens)
-        params = SamplingParams(max_tokens=max_new, temperature=sampling.temperature,
-                                top_p=sampling.top_p, seed=sampling.seed,
-                                stop=list(sampling.stop) or None)
-        rid = request.request_id
-        lora = self._loras.get(request.adapter) if request.adapter else None
-        buffer, result = DeltaBuffer(), None
-        self.tracker.start(rid)
+        s = plan.sampling
+        params = SamplingParams(max_tokens=plan.max_new, temperature=s.temperature,
+                                top_p=s.top_p, seed=s.seed, stop=list(s.stop) or None)
+        lora = self._loras.get(plan.adapter) if plan.adapter else None
+        result = self.llm.generate_async(plan.prompt_ids, sampling_params=params,
+                                         lora_request=lora, streaming=True)
         try:
-            yield Started(len(prompt_ids))
-            result = self.llm.generate_async(prompt_ids, sampling_params=params,
-                                             lora_request=lora, streaming=True)
-            self._results[rid] = result
             async for out in result:
                 completion = out.outputs[0]
-                n = len(completion.token_ids_diff)
-                self.tracker.produced(n)
-                delta = buffer.push(completion.text_diff, n)
-                if delta is not None:
-                    yield delta
+                yield Step(completion.text_diff, len(completion.token_ids_diff),
+                           (completion.finish_reason or "") if out.finished else None)
                 if out.finished:
-                    yield Finished(_FINISH.get(completion.finish_reason or "", "stop"),
-                                   len(prompt_ids), buffer.total)
                     return
-        except (errors.CyllmError, asyncio.CancelledError, GeneratorExit):
-            raise
-        except Exception as exc:  # RequestError, executor failures
-            raise errors.EngineError(f"TensorRT-LLM failed on request {rid}: {exc}") from exc
         finally:
-            self.tracker.finish(rid)
-            self._results.pop(rid, None)
-            if result is not None and not result.finished:
+            if not result.finished:
                 result.abort()
-
-    async def abort(self, request_id: str) -> None:
-        result = self._results.get(request_id)
-        if result is not None:
-            result.abort()
-
-    def health(self) -> EngineHealth:
-        return self.tracker.health(self.llm is not None and not self._dead, self._dead)

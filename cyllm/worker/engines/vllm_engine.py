@@ -38,34 +38,25 @@ from pathlib import Path
 from typing import Any
 
 from cyllm import errors
-from cyllm.worker.engines.base import (
-    AbstractEngine,
-    EngineHealth,
-    Event,
-    Finished,
-    GenerationRequest,
-    ModelCard,
-    Started,
-)
-from cyllm.worker.engines.prompt import plan
-from cyllm.worker.engines.tracking import DeltaBuffer, RequestTracker
+from cyllm.worker.engines.base import Engine
+from cyllm.worker.engines.planning import Plan, SamplingDefaults
+from cyllm.worker.engines.types import ModelCard, Step
 from cyllm.worker.settings import ModelSpec
 
 log = logging.getLogger(__name__)
 
 _OURS = {"cpu_kvcache_space_gib", "cpu_threads_bind"}
-_FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
 
 
-class VllmAsyncEngine(AbstractEngine):
+class VllmAsyncEngine(Engine):
     name = "vllm"
+    library = "vLLM"
     platform: str | None = None  # vLLM's device_type this class insists on
 
     def __init__(self, spec: ModelSpec, model_dir: Path) -> None:
-        self.spec = spec
+        super().__init__(spec)
         self.model_dir = model_dir
         self.llm: Any = None
-        self.tracker = RequestTracker()
         self._loras: dict[str, Any] = {}  # adapter name -> LoRARequest
         self._next_lora_id = 1
 
@@ -134,10 +125,7 @@ class VllmAsyncEngine(AbstractEngine):
         except Exception as exc:
             raise errors.NotLoadable(f"vLLM could not start model {self.spec.id!r}: {exc}") from exc
         self.context_length = int(self.llm.model_config.max_model_len)
-        gen = self.llm.model_config.get_diff_sampling_param()
-        self.temperature = float(self.spec.temperature if self.spec.temperature is not None
-                                 else gen.get("temperature", 1.0))
-        self.top_p = float(self.spec.top_p if self.spec.top_p is not None else gen.get("top_p", 1.0))
+        self.defaults = SamplingDefaults.of(self.spec, self.llm.model_config.get_diff_sampling_param())
         for name, path in self.spec.adapters.items():
             await self.add_adapter(name, path)
         return ModelCard(self.spec.id, self.context_length, self.name, self.spec.max_batch_size,
@@ -178,62 +166,35 @@ class VllmAsyncEngine(AbstractEngine):
 
     # -- requests ---------------------------------------------------------------------
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+    def down(self) -> str:
+        return "engine stopped" if self.llm is None or self.llm.errored else ""
+
+    async def stream(self, plan: Plan) -> AsyncIterator[Step]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        if self.llm is None or self.llm.errored:
-            raise errors.EngineError(f"vLLM engine for {self.spec.id} is down")
-        self.check_adapter(request)
-        sampling, prompt_ids, max_new = plan(
-            self.tokenizer, request, temperature=self.temperature, top_p=self.top_p,
-            context=self.context_length, default_max_tokens=self.spec.default_max_tokens)
+        s = plan.sampling
         params = SamplingParams(
-            max_tokens=max_new, temperature=sampling.temperature, top_p=sampling.top_p,
-            seed=sampling.seed, stop=list(sampling.stop) or None,
-            output_kind=RequestOutputKind.DELTA,
+            max_tokens=plan.max_new, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
+            stop=list(s.stop) or None, output_kind=RequestOutputKind.DELTA,
         )
-        rid = request.request_id
-        lora = self._loras.get(request.adapter) if request.adapter else None
-        buffer, finished = DeltaBuffer(), False
-        self.tracker.start(rid)
+        lora = self._loras.get(plan.adapter) if plan.adapter else None
+        finished = False
         try:
-            yield Started(len(prompt_ids))
-            stream = self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, rid,
-                                       lora_request=lora)
-            async for out in stream:
+            async for out in self.llm.generate(TokensPrompt(prompt_token_ids=plan.prompt_ids),
+                                               params, plan.request_id, lora_request=lora):
                 completion = out.outputs[0]
-                n = len(completion.token_ids)
-                self.tracker.produced(n)
-                delta = buffer.push(completion.text, n)
-                if delta is not None:
-                    yield delta
-                if out.finished:
-                    finished = True
-                    yield Finished(_FINISH.get(completion.finish_reason or "", "stop"),
-                                   len(prompt_ids), buffer.total)
+                finished = out.finished
+                yield Step(completion.text, len(completion.token_ids),
+                           (completion.finish_reason or "") if finished else None)
+                if finished:
                     return
-        except errors.CyllmError:
-            raise
-        except (asyncio.CancelledError, GeneratorExit):
-            raise
-        except Exception as exc:  # vLLM's EngineDeadError, EngineGenerateError, ...
-            raise errors.EngineError(f"vLLM failed on request {rid}: {exc}") from exc
         finally:
-            self.tracker.finish(rid)
             if not finished and self.llm is not None:
                 # AsyncLLM aborts a request whose generator is closed; say it anyway, it
                 # is a no-op for ids it no longer knows.
-                await _quietly(self.llm.abort(rid))
-
-    async def abort(self, request_id: str) -> None:
-        if self.llm is not None:
-            await self.llm.abort(request_id)
-
-    def health(self) -> EngineHealth:
-        dead = self.llm is None or self.llm.errored
-        return self.tracker.health(not dead, "engine stopped" if dead else "")
+                await _quietly(self.llm.abort(plan.request_id))
 
 
 class VllmCudaEngine(VllmAsyncEngine):

@@ -1,0 +1,92 @@
+"""How a request is checked and sized before anything runs, the same way on every
+engine, with messages that name the fix."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from cyllm import errors
+from cyllm.worker.engines.types import GenerationRequest, SamplingParams
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a request that leaves temperature or top_p unset gets: the model spec's
+    value, else the model's own default (its generation config, where the engine reads
+    one), else 1.0 as in OpenAI's API.  Resolved once, when the engine loads."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    @classmethod
+    def of(cls, spec: Any, model: Mapping[str, Any] | None = None) -> SamplingDefaults:
+        own = model or {}
+
+        def pick(name: str) -> float:
+            for value in (getattr(spec, name), own.get(name)):
+                if value is not None:
+                    return float(value)
+            return 1.0
+
+        return cls(pick("temperature"), pick("top_p"))
+
+    def apply(self, p: SamplingParams) -> SamplingParams:
+        """``p`` with what it left unset filled in, then checked."""
+        resolved = replace(
+            p,
+            temperature=self.temperature if p.temperature is None else p.temperature,
+            top_p=self.top_p if p.top_p is None else p.top_p,
+        )
+        check_sampling(resolved)
+        return resolved
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A request as an engine runs it: sampling resolved, prompt tokenised, length fixed."""
+
+    request: GenerationRequest
+    sampling: SamplingParams
+    prompt_ids: list[int]
+    max_new: int
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def adapter(self) -> str | None:
+        return self.request.adapter
+
+
+def check_sampling(p: SamplingParams) -> None:
+    if not 0 <= p.temperature <= 2:
+        raise errors.InvalidRequest("temperature must be between 0 and 2", param="temperature")
+    if not 0 < p.top_p <= 1:
+        raise errors.InvalidRequest("top_p must be in (0, 1]", param="top_p")
+
+
+def plan_max_tokens(
+    prompt_tokens: int, requested: int | None, context: int, default: int
+) -> int:
+    """How many tokens to generate, or a ContextLengthExceeded naming the numbers."""
+    if prompt_tokens >= context:
+        raise errors.ContextLengthExceeded(
+            f"the prompt has {prompt_tokens} tokens, but this model's maximum context "
+            f"length is {context} tokens",
+            param="messages",
+        )
+    if requested is None:
+        return min(default, context - prompt_tokens)
+    if requested < 1:
+        raise errors.InvalidRequest("max_tokens must be at least 1", param="max_tokens")
+    if prompt_tokens + requested > context:
+        raise errors.ContextLengthExceeded(
+            f"this model's maximum context length is {context} tokens, but you requested "
+            f"{prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, {requested} "
+            "for the completion); reduce the prompt or max_tokens",
+            param="max_tokens",
+        )
+    return requested

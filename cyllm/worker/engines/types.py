@@ -1,0 +1,82 @@
+"""The engine boundary's types: what a worker asks an engine, and what comes back.
+
+An engine turns a :class:`GenerationRequest` into an async stream of events::
+
+    Started(prompt_tokens)  TextDelta(text)*  Finished(reason, prompt_tokens, completion_tokens)
+
+Inside an engine, its library's stream is read as :class:`Step`\\ s (see ``base.Engine``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int | None = None  # None: the engine's default, bounded by the context
+    temperature: float | None = None  # 0: greedy; None: the model's default
+    top_p: float | None = None  # None: the model's default
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt: str | None = None  # raw text, used as is
+    messages: tuple[tuple[str, str], ...] | None = None  # (role, content); chat template applied
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    adapter: str | None = None  # a LoRA adapter registered on this engine; None: the base model
+
+
+@dataclass(frozen=True)
+class Started:
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: str  # "stop" | "length" | "abort"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+Event = Started | TextDelta | Finished
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One read of a library's stream: new text (may be empty while the library holds
+    text back), the tokens it accounts for, and on the last step the library's own
+    finish reason (``None`` until then)."""
+
+    text: str = ""
+    tokens: int = 0
+    finish_reason: str | None = None
+
+
+@dataclass
+class EngineHealth:
+    """What a heartbeat reports: liveness *and* progress (the token counter)."""
+
+    healthy: bool
+    running: int
+    waiting: int
+    tokens_generated: int
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    model_id: str
+    context_length: int
+    engine: str
+    max_batch_size: int
+    device: str
+    created: int
