@@ -17,7 +17,6 @@ from cyllm.coordinator.jobs import MemoryJobStore
 from cyllm.coordinator.metrics import CoordinatorMetrics
 from cyllm.coordinator.redis_jobs import RedisJobStore
 from cyllm.coordinator.pool import HealthRules, Router
-from cyllm.coordinator.queue import InMemoryTaskQueue
 from cyllm.coordinator.scheduler import MemoryScheduler, Scheduler
 from cyllm.coordinator.service import CoordinatorService
 from cyllm.coordinator.settings import CoordinatorSettings
@@ -33,17 +32,17 @@ STOP_LIMIT_S = 20.0
 def build_backends(s: CoordinatorSettings, coordinator_id: str) -> tuple[Scheduler, PromptCache]:
     rules = HealthRules(s.heartbeat_timeout_s, s.progress_timeout_s)
     router = Router(s.routing)
+    limits = {"queue_timeout_s": s.queue_timeout_s, "max_size": s.queue_max_size,
+              "retry_after_s": s.retry_after_s}
     if s.redis_url:
         from cyllm.coordinator.redis_backend import RedisPromptCache, RedisScheduler, connect
 
         client = connect(s.redis_url)
         return (
-            RedisScheduler(client, coordinator_id, s.queue_max_size, s.retry_after_s, rules,
-                           router, s.queue_timeout_s, s.lease_s),
+            RedisScheduler(client, coordinator_id, rules, router, lease_s=s.lease_s, **limits),
             RedisPromptCache(client, s.cache_ttl_s, s.cache_max_entries),
         )
-    queue = InMemoryTaskQueue(s.queue_max_size, s.retry_after_s)
-    return (MemoryScheduler(queue, rules, router, s.queue_timeout_s),
+    return (MemoryScheduler(rules, router, **limits),
             InMemoryPromptCache(s.cache_ttl_s, s.cache_max_entries))
 
 

@@ -41,9 +41,23 @@ class WorkerRecord:
         return any(m.id == model for m in self.info.models)
 
     def beat(self, now: float, running: int, tokens: int) -> None:
-        if tokens != self.tokens or running == 0:
+        if progressed(self.tokens, tokens, running):
             self.progress_at = now
         self.last_heartbeat, self.running, self.tokens = now, running, tokens
+
+
+def progressed(old_tokens: int, tokens: int, running: int) -> bool:
+    """A heartbeat shows progress when the token counter moved, or when there is nothing
+    to make progress on.  (The Redis backend applies this rule inside its heartbeat
+    script, atomically with the write; a contract test checks the two agree.)"""
+    return tokens != old_tokens or running == 0
+
+
+def keeps_outstanding(old: pb.WorkerInfo | None, new: pb.WorkerInfo) -> bool:
+    """A worker registering again at the same address is the same process (its models
+    changed, or a coordinator forgot it): the generations sent to it are still running,
+    so its outstanding count stays.  A new address is a new process: it starts at zero."""
+    return old is not None and old.address == new.address
 
 
 @dataclass(frozen=True)
@@ -67,8 +81,8 @@ class Router:
     """Picks a worker among healthy ones with a free slot.
 
     - ``least_outstanding``: fewest in-flight requests; ties go round-robin.
-    - ``weighted_round_robin``: the seed's choice; smooth weighted round-robin (as nginx)
-      over ``WorkerInfo.weight``.
+    - ``weighted_round_robin``: smooth weighted round-robin (as nginx) over
+      ``WorkerInfo.weight``.
     - ``prefix_affinity``: requests with the same conversation prefix go to the same
       worker (rendezvous hashing, so a worker leaving moves only its own share), to reuse
       its KV cache; without a prefix, least outstanding.

@@ -1,9 +1,9 @@
 """The priority task queue: where a request waits for a worker slot.
 
-Higher priority first, FIFO within a priority.  A full queue refuses new work with
-:class:`~cyllm.errors.Overloaded` (HTTP 429 + Retry-After) instead of growing without
-bound.  This is the embedded default's queue (used by ``MemoryScheduler``); the shared
-one lives in Redis (``redis_backend.py``), behind the same ``Scheduler`` interface.
+Higher priority first, FIFO within a priority.  A full queue takes nothing more (the
+scheduler answers Overloaded: HTTP 429 + Retry-After) instead of growing without bound.
+This is the embedded default's queue (used by ``MemoryScheduler``); the shared one
+lives in Redis (``redis_backend.py``), behind the same ``Scheduler`` interface.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-
-from cyllm import errors
 
 
 @dataclass(eq=False)
@@ -27,22 +25,20 @@ class Task:
 @dataclass
 class InMemoryTaskQueue:
     max_size: int
-    retry_after_s: float = 1.0
     _tasks: list[Task] = field(default_factory=list)  # kept sorted: priority desc, seq asc
     _counter: Iterator[int] = field(default_factory=itertools.count)
 
-    def push(self, task: Task) -> None:
+    def push(self, task: Task) -> bool:
+        """Queue ``task``; False (and nothing queued) when the queue is full."""
         if len(self._tasks) >= self.max_size:
-            raise errors.Overloaded(
-                f"the task queue is full ({self.max_size} waiting); retry later",
-                retry_after=self.retry_after_s,
-            )
+            return False
         task.seq = next(self._counter)
         # Insert after every task of the same or higher priority (stable FIFO).
         i = len(self._tasks)
         while i > 0 and self._tasks[i - 1].priority < task.priority:
             i -= 1
         self._tasks.insert(i, task)
+        return True
 
     def pop_first(self, ready: Callable[[Task], bool]) -> Task | None:
         for i, task in enumerate(self._tasks):
@@ -59,7 +55,3 @@ class InMemoryTaskQueue:
 
     def __len__(self) -> int:
         return len(self._tasks)
-
-    @property
-    def capacity(self) -> int:
-        return self.max_size

@@ -29,16 +29,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
-from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
 from cyllm import errors
 from cyllm.coordinator.cache import CachedResponse, PromptCache, decode, encode
-from cyllm.coordinator.pool import HealthRules, Router, WorkerRecord
+from cyllm.coordinator.pool import HealthRules, Router, WorkerRecord, keeps_outstanding
 from cyllm.coordinator.queue import Task
-from cyllm.coordinator.scheduler import Scheduler, WorkerView, caller_cancelled
+from cyllm.coordinator.scheduler import Scheduler, Waiter, WorkerView
 from cyllm.protocol import pb
 
 log = logging.getLogger(__name__)
@@ -135,6 +133,8 @@ return 1
 
 _HEARTBEAT = """
 -- KEYS: w:<worker>   ARGV: running, tokens
+-- The progress rule is pool.progressed, applied here atomically with the write (two
+-- coordinators record the same worker's beats); a contract test checks they agree.
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
@@ -155,30 +155,22 @@ async def redis_now(client: aioredis.Redis) -> float:
     return seconds + micros / 1e6
 
 
-@dataclass
-class _Waiter:
-    task: Task
-    future: asyncio.Future[pb.WorkerInfo]
-    exclude: frozenset[str]
-
-
 class RedisScheduler(Scheduler):
     backend = "redis"
     POLL_S = 0.25  # pump at least this often while tasks wait (pub/sub may drop wakes)
 
-    def __init__(self, client: aioredis.Redis, coordinator_id: str, max_size: int,
-                 retry_after_s: float, rules: HealthRules, router: Router,
-                 queue_timeout_s: float, lease_s: float) -> None:
-        super().__init__(rules, router, queue_timeout_s)
+    def __init__(self, client: aioredis.Redis, coordinator_id: str, rules: HealthRules,
+                 router: Router, *, queue_timeout_s: float, max_size: int, retry_after_s: float,
+                 lease_s: float) -> None:
+        super().__init__(rules, router, queue_timeout_s=queue_timeout_s, max_size=max_size,
+                         retry_after_s=retry_after_s)
         self.r = client
         self.coordinator_id = coordinator_id
-        self.max_size = max_size
-        self.retry_after_s = retry_after_s
         self.lease_ms = int(lease_s * 1000)
-        self._waiting: dict[str, _Waiter] = {}
+        self._waiting: dict[str, Waiter] = {}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._enqueue = client.register_script(_ENQUEUE)
+        self._enqueue_script = client.register_script(_ENQUEUE)
         self._claim = client.register_script(_CLAIM)
         self._release = client.register_script(_RELEASE)
         self._withdraw = client.register_script(_WITHDRAW)
@@ -234,7 +226,7 @@ class RedisScheduler(Scheduler):
     async def register(self, info: pb.WorkerInfo) -> None:
         key = P + f"w:{info.worker_id}"
         old = await self.r.hget(key, "info")
-        keep = old is not None and pb.WorkerInfo.FromString(old).address == info.address
+        keep = keeps_outstanding(pb.WorkerInfo.FromString(old) if old else None, info)
         now_ms = int(await redis_now(self.r) * 1000)
         fields = {"info": info.SerializeToString(), "capacity": info.capacity, "hb": now_ms,
                   "progress": now_ms, "running": 0, "tokens": 0}
@@ -285,37 +277,26 @@ class RedisScheduler(Scheduler):
 
     # -- tasks --------------------------------------------------------------------------
 
-    async def acquire(self, task: Task, exclude: Iterable[str] = ()) -> pb.WorkerInfo:
-        qkey, tkey = P + f"q:{task.model}", P + f"task:{task.task_id}"
-        added = await self._enqueue(
-            keys=[P + "qlen", qkey, tkey, P + "seq"],
+    async def _enqueue(self, waiter: Waiter) -> None:
+        task = waiter.task
+        added = await self._enqueue_script(
+            keys=[P + "qlen", P + f"q:{task.model}", P + f"task:{task.task_id}", P + "seq"],
             args=[task.task_id, task.model, self.coordinator_id, task.priority, self.max_size],
         )
         if added == 0:
-            raise errors.Overloaded(
-                f"the task queue is full ({self.max_size} waiting); retry later",
-                retry_after=self.retry_after_s,
-            )
+            raise self.queue_full()
         if added == 3:
             raise errors.Unavailable(f"request {task.task_id} is already running elsewhere")
-        waiter = _Waiter(task, asyncio.get_running_loop().create_future(), frozenset(exclude))
-        self._waiting[task.task_id] = waiter
+        self._waiting[task.task_id] = waiter  # 1: queued; 2: adopted (a retry of ours)
         self._wake.set()
-        try:
-            async with asyncio.timeout(self.queue_timeout_s):
-                return await asyncio.shield(waiter.future)
-        except TimeoutError:
-            if waiter.future.done():
-                return waiter.future.result()
-            raise errors.Unavailable(
-                f"no worker slot for model {task.model!r} became free within {self.queue_timeout_s:g}s"
-            ) from None
-        finally:
-            self._waiting.pop(task.task_id, None)
-            if not waiter.future.done():
-                await asyncio.shield(self._withdraw(keys=[qkey, tkey, P + "qlen"], args=[task.task_id]))
-            elif caller_cancelled():
-                await asyncio.shield(self.release(task, waiter.future.result().worker_id))
+
+    async def _forget(self, waiter: Waiter) -> None:
+        task = waiter.task
+        if self._waiting.get(task.task_id) is waiter:
+            del self._waiting[task.task_id]
+        if not waiter.future.done():
+            await self._withdraw(keys=[P + f"q:{task.model}", P + f"task:{task.task_id}",
+                                       P + "qlen"], args=[task.task_id])
 
     async def release(self, task: Task, worker_id: str) -> None:
         await self._release(keys=[P + f"w:{worker_id}", P + f"task:{task.task_id}", P + "leases"],
@@ -328,10 +309,6 @@ class RedisScheduler(Scheduler):
 
     async def queue_depth(self) -> int:
         return int(await self.r.get(P + "qlen") or 0)
-
-    @property
-    def queue_capacity(self) -> int:
-        return self.max_size
 
     async def _pump_loop(self) -> None:
         while True:

@@ -2,9 +2,11 @@
 
 ``Scheduler`` is what the coordinator's service sees: workers register and heartbeat;
 a request is ``acquire``d a slot on a healthy worker that serves its model (waiting in
-the priority queue meanwhile) and ``release``s it when done.  ``MemoryScheduler`` keeps
-all of it in this process (the embedded default); ``RedisScheduler``
-(``redis_backend.py``) shares it between coordinators.
+the priority queue meanwhile) and ``release``s it when done.  How a request waits is
+written once, here (``acquire``); a backend says only how a task enters and leaves its
+queue (``_enqueue``, ``_forget``) and hands slots to waiters as they free up.
+``MemoryScheduler`` keeps all of it in this process (the embedded default);
+``RedisScheduler`` (``redis_backend.py``) shares it between coordinators.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from cyllm import errors
-from cyllm.coordinator.pool import HealthRules, Router, WorkerRecord
+from cyllm.coordinator.pool import HealthRules, Router, WorkerRecord, keeps_outstanding
 from cyllm.coordinator.queue import InMemoryTaskQueue, Task
 from cyllm.protocol import pb
 
@@ -32,13 +34,25 @@ class WorkerView:
         return not self.unhealthy_reason
 
 
+@dataclass(eq=False)
+class Waiter:
+    """A request waiting in ``acquire``: its future gets the worker whose slot it took."""
+
+    task: Task
+    future: asyncio.Future[pb.WorkerInfo]
+    exclude: frozenset[str]
+
+
 class Scheduler(abc.ABC):
     backend = "abstract"
 
-    def __init__(self, rules: HealthRules, router: Router, queue_timeout_s: float) -> None:
+    def __init__(self, rules: HealthRules, router: Router, *, queue_timeout_s: float,
+                 max_size: int, retry_after_s: float) -> None:
         self.rules = rules
         self.router = router
         self.queue_timeout_s = queue_timeout_s
+        self.max_size = max_size
+        self.retry_after_s = retry_after_s
 
     async def start(self) -> None:
         """Begin background work (timers, subscriptions)."""
@@ -61,9 +75,40 @@ class Scheduler(abc.ABC):
     async def workers(self) -> list[WorkerView]: ...
 
     # -- the request side
-    @abc.abstractmethod
     async def acquire(self, task: Task, exclude: Iterable[str] = ()) -> pb.WorkerInfo:
-        """Queue ``task`` until a slot is free; Overloaded when the queue is full."""
+        """Queue ``task`` until a healthy worker serving its model (and not in
+        ``exclude``) has a free slot, and take that slot.  Overloaded when the queue is
+        full, Unavailable after ``queue_timeout_s``; a caller cancelled while waiting
+        leaves the queue, and one cancelled just as a slot arrived gives it back."""
+        waiter = Waiter(task, asyncio.get_running_loop().create_future(), frozenset(exclude))
+        await self._enqueue(waiter)
+        try:
+            async with asyncio.timeout(self.queue_timeout_s):
+                return await asyncio.shield(waiter.future)
+        except TimeoutError:
+            if waiter.future.done():  # the slot arrived as the clock ran out: use it
+                return waiter.future.result()
+            raise errors.Unavailable(
+                f"no worker slot for model {task.model!r} became free within {self.queue_timeout_s:g}s"
+            ) from None
+        finally:
+            await asyncio.shield(self._forget(waiter))
+            if waiter.future.done() and caller_cancelled():
+                await asyncio.shield(self.release(task, waiter.future.result().worker_id))
+
+    @abc.abstractmethod
+    async def _enqueue(self, waiter: Waiter) -> None:
+        """Put the waiter's task in the queue (``queue_full()`` when there is no room)
+        and let the dispatch see it."""
+
+    @abc.abstractmethod
+    async def _forget(self, waiter: Waiter) -> None:
+        """The waiter stopped waiting: drop it, and its task from the queue unless a
+        slot was given."""
+
+    def queue_full(self) -> errors.Overloaded:
+        return errors.Overloaded(f"the task queue is full ({self.max_size} waiting); retry later",
+                                 retry_after=self.retry_after_s)
 
     @abc.abstractmethod
     async def release(self, task: Task, worker_id: str) -> None: ...
@@ -76,8 +121,8 @@ class Scheduler(abc.ABC):
     async def queue_depth(self) -> int: ...
 
     @property
-    @abc.abstractmethod
-    def queue_capacity(self) -> int: ...
+    def queue_capacity(self) -> int:
+        return self.max_size
 
     async def models(self) -> list[pb.ModelInfo]:
         """Loaded models of healthy workers, then catalog entries loaded nowhere."""
@@ -135,19 +180,20 @@ class MemoryScheduler(Scheduler):
 
     backend = "memory"
 
-    def __init__(self, queue: InMemoryTaskQueue, rules: HealthRules, router: Router,
-                 queue_timeout_s: float, clock=time.monotonic) -> None:
-        super().__init__(rules, router, queue_timeout_s)
+    def __init__(self, rules: HealthRules, router: Router, *, queue_timeout_s: float,
+                 max_size: int, retry_after_s: float, clock=time.monotonic) -> None:
+        super().__init__(rules, router, queue_timeout_s=queue_timeout_s, max_size=max_size,
+                         retry_after_s=retry_after_s)
         self.clock = clock
-        self.queue = queue
+        self.queue = InMemoryTaskQueue(max_size)
         self._workers: dict[str, WorkerRecord] = {}
-        self._waiting: dict[Task, tuple[asyncio.Future[WorkerRecord], frozenset[str]]] = {}
+        self._waiting: dict[Task, Waiter] = {}  # by identity: callers may reuse a request id
 
     async def register(self, info: pb.WorkerInfo) -> None:
         now = self.clock()
         old = self._workers.get(info.worker_id)
         record = WorkerRecord(info, now, progress_at=now)
-        if old is not None and old.info.address == info.address:
+        if keeps_outstanding(old.info if old else None, info):
             record.outstanding = old.outstanding
         self._workers[info.worker_id] = record
         self.pump()
@@ -168,51 +214,35 @@ class MemoryScheduler(Scheduler):
         return [WorkerView(w, self.rules.check(w, now), now - w.last_heartbeat)
                 for w in self._workers.values()]
 
-    async def acquire(self, task: Task, exclude: Iterable[str] = ()) -> pb.WorkerInfo:
-        future: asyncio.Future[WorkerRecord] = asyncio.get_running_loop().create_future()
-        self.queue.push(task)
-        self._waiting[task] = (future, frozenset(exclude))
+    async def _enqueue(self, waiter: Waiter) -> None:
+        if not self.queue.push(waiter.task):
+            raise self.queue_full()
+        self._waiting[waiter.task] = waiter
         self.pump()
-        try:
-            async with asyncio.timeout(self.queue_timeout_s):
-                return (await asyncio.shield(future)).info
-        except TimeoutError:
-            if future.done():  # the slot arrived as the clock ran out: use it
-                return future.result().info
-            raise errors.Unavailable(
-                f"no worker slot for model {task.model!r} became free within {self.queue_timeout_s:g}s"
-            ) from None
-        finally:
-            self._waiting.pop(task, None)
-            # Still queued: nothing was reserved.  Reserved but our caller is gone: give back.
-            if not self.queue.remove(task) and future.done() and caller_cancelled():
-                self._give_back(future.result().worker_id)
+
+    async def _forget(self, waiter: Waiter) -> None:
+        self._waiting.pop(waiter.task, None)
+        self.queue.remove(waiter.task)
 
     async def release(self, task: Task, worker_id: str) -> None:
-        self._give_back(worker_id)
-
-    async def renew(self, task: Task) -> None:
-        return None
-
-    def _give_back(self, worker_id: str) -> None:
         record = self._workers.get(worker_id)
         if record is not None:
             record.outstanding = max(0, record.outstanding - 1)
         self.pump()
 
+    async def renew(self, task: Task) -> None:
+        return None
+
     async def queue_depth(self) -> int:
         return len(self.queue)
-
-    @property
-    def queue_capacity(self) -> int:
-        return self.queue.capacity
 
     def pump(self) -> None:
         while True:
             picked: list[WorkerRecord] = []
 
             def ready(task: Task) -> bool:
-                _, exclude = self._waiting.get(task, (None, frozenset()))
+                waiter = self._waiting.get(task)
+                exclude = waiter.exclude if waiter else frozenset()
                 free = self._free(self._workers.values(), task.model, exclude, self.clock())
                 worker = self.router.choose(free, task.affinity)
                 if worker is not None:
@@ -222,11 +252,11 @@ class MemoryScheduler(Scheduler):
             task = self.queue.pop_first(ready)
             if task is None:
                 return
-            future, _ = self._waiting.get(task, (None, None))
-            if future is None or future.done():
+            waiter = self._waiting.get(task)
+            if waiter is None or waiter.future.done():
                 continue  # its caller already left
             picked[-1].outstanding += 1
-            future.set_result(picked[-1])
+            waiter.future.set_result(picked[-1].info)
 
 
 def caller_cancelled() -> bool:

@@ -1,6 +1,3 @@
-import pytest
-
-from cyllm import errors
 from cyllm.coordinator.queue import InMemoryTaskQueue, Task
 
 
@@ -13,15 +10,11 @@ def test_higher_priority_first_and_fifo_within_a_priority():
     assert len(q) == 0
 
 
-def test_full_queue_refuses_with_retry_after():
-    q = InMemoryTaskQueue(max_size=2, retry_after_s=3)
-    q.push(Task("a", "m"))
-    q.push(Task("b", "m"))
-    with pytest.raises(errors.Overloaded) as info:
-        q.push(Task("c", "m"))
-    assert info.value.retry_after == 3
-    assert "full" in info.value.message
-    assert len(q) == 2  # nothing was dropped
+def test_full_queue_takes_nothing_more():
+    q = InMemoryTaskQueue(max_size=2)
+    assert q.push(Task("a", "m")) and q.push(Task("b", "m"))
+    assert q.push(Task("c", "m")) is False
+    assert [q.pop_first(lambda t: True).task_id for _ in range(2)] == ["a", "b"]
 
 
 def test_pop_first_skips_tasks_that_are_not_ready():
