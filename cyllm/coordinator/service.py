@@ -185,6 +185,8 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
                     last_heartbeat_age_s=max(0.0, v.heartbeat_age_s),
                     unhealthy_reason=v.unhealthy_reason
                     or ("circuit open" if v.record.worker_id in opened else ""),
+                    running=v.record.running,
+                    tokens_generated=v.record.tokens,
                 )
                 for v in await self.scheduler.workers()
             ],
@@ -263,7 +265,7 @@ def _to_cached(chunks: list[str], finished: pb.Finished) -> CachedResponse:
 
 def _replay(entry: CachedResponse) -> list[pb.GenerateResponse]:
     msgs = [pb.GenerateResponse(started=pb.Started(prompt_tokens=entry.prompt_tokens, cached=True))]
-    msgs += [pb.GenerateResponse(delta=pb.Delta(text=c, tokens=0)) for c in entry.chunks]
+    msgs += [pb.GenerateResponse(delta=pb.Delta(text=c)) for c in entry.chunks]
     msgs.append(pb.GenerateResponse(finished=pb.Finished(
         finish_reason=entry.finish_reason, prompt_tokens=entry.prompt_tokens,
         completion_tokens=entry.completion_tokens)))

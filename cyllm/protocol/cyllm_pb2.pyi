@@ -51,22 +51,18 @@ class GenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class Started(_message.Message):
-    __slots__ = ("prompt_tokens", "worker_id", "cached")
+    __slots__ = ("prompt_tokens", "cached")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
-    worker_id: str
     cached: bool
-    def __init__(self, prompt_tokens: _Optional[int] = ..., worker_id: _Optional[str] = ..., cached: _Optional[bool] = ...) -> None: ...
+    def __init__(self, prompt_tokens: _Optional[int] = ..., cached: _Optional[bool] = ...) -> None: ...
 
 class Delta(_message.Message):
-    __slots__ = ("text", "tokens")
+    __slots__ = ("text",)
     TEXT_FIELD_NUMBER: _ClassVar[int]
-    TOKENS_FIELD_NUMBER: _ClassVar[int]
     text: str
-    tokens: int
-    def __init__(self, text: _Optional[str] = ..., tokens: _Optional[int] = ...) -> None: ...
+    def __init__(self, text: _Optional[str] = ...) -> None: ...
 
 class Finished(_message.Message):
     __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens")
@@ -231,18 +227,22 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerState(_message.Message):
-    __slots__ = ("worker", "healthy", "outstanding", "last_heartbeat_age_s", "unhealthy_reason")
+    __slots__ = ("worker", "healthy", "outstanding", "last_heartbeat_age_s", "unhealthy_reason", "running", "tokens_generated")
     WORKER_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     OUTSTANDING_FIELD_NUMBER: _ClassVar[int]
     LAST_HEARTBEAT_AGE_S_FIELD_NUMBER: _ClassVar[int]
     UNHEALTHY_REASON_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_GENERATED_FIELD_NUMBER: _ClassVar[int]
     worker: WorkerInfo
     healthy: bool
     outstanding: int
     last_heartbeat_age_s: float
     unhealthy_reason: str
-    def __init__(self, worker: _Optional[_Union[WorkerInfo, _Mapping]] = ..., healthy: _Optional[bool] = ..., outstanding: _Optional[int] = ..., last_heartbeat_age_s: _Optional[float] = ..., unhealthy_reason: _Optional[str] = ...) -> None: ...
+    running: int
+    tokens_generated: int
+    def __init__(self, worker: _Optional[_Union[WorkerInfo, _Mapping]] = ..., healthy: _Optional[bool] = ..., outstanding: _Optional[int] = ..., last_heartbeat_age_s: _Optional[float] = ..., unhealthy_reason: _Optional[str] = ..., running: _Optional[int] = ..., tokens_generated: _Optional[int] = ...) -> None: ...
 
 class ClusterStatusResponse(_message.Message):
     __slots__ = ("workers", "queue_depth", "queue_capacity", "cache_hits", "cache_misses", "coordinator_id", "backend")
@@ -261,32 +261,6 @@ class ClusterStatusResponse(_message.Message):
     coordinator_id: str
     backend: str
     def __init__(self, workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., queue_capacity: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., coordinator_id: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
-
-class WorkerStatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
-
-class EngineStatus(_message.Message):
-    __slots__ = ("model", "running", "waiting", "healthy")
-    MODEL_FIELD_NUMBER: _ClassVar[int]
-    RUNNING_FIELD_NUMBER: _ClassVar[int]
-    WAITING_FIELD_NUMBER: _ClassVar[int]
-    HEALTHY_FIELD_NUMBER: _ClassVar[int]
-    model: str
-    running: int
-    waiting: int
-    healthy: bool
-    def __init__(self, model: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., healthy: _Optional[bool] = ...) -> None: ...
-
-class WorkerStatusResponse(_message.Message):
-    __slots__ = ("worker_id", "engines", "tokens_generated")
-    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
-    ENGINES_FIELD_NUMBER: _ClassVar[int]
-    TOKENS_GENERATED_FIELD_NUMBER: _ClassVar[int]
-    worker_id: str
-    engines: _containers.RepeatedCompositeFieldContainer[EngineStatus]
-    tokens_generated: int
-    def __init__(self, worker_id: _Optional[str] = ..., engines: _Optional[_Iterable[_Union[EngineStatus, _Mapping]]] = ..., tokens_generated: _Optional[int] = ...) -> None: ...
 
 class TrainingProgress(_message.Message):
     __slots__ = ("step", "total_steps", "epoch", "loss", "learning_rate", "tokens_per_second", "eta_s", "tokens")

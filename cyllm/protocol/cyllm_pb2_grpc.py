@@ -842,11 +842,6 @@ class WorkerStub:
                 request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.GenerateResponse.FromString,
                 _registered_method=True)
-        self.Status = channel.unary_unary(
-                '/cyllm.v1.Worker/Status',
-                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.WorkerStatusRequest.SerializeToString,
-                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.WorkerStatusResponse.FromString,
-                _registered_method=True)
         self.LoadModel = channel.unary_unary(
                 '/cyllm.v1.Worker/LoadModel',
                 request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.LoadModelRequest.SerializeToString,
@@ -868,12 +863,6 @@ class WorkerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Status(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -905,11 +894,6 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.GenerateRequest.FromString,
                     response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.GenerateResponse.SerializeToString,
-            ),
-            'Status': grpc.unary_unary_rpc_method_handler(
-                    servicer.Status,
-                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.WorkerStatusRequest.FromString,
-                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.WorkerStatusResponse.SerializeToString,
             ),
             'LoadModel': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadModel,
@@ -954,33 +938,6 @@ class Worker:
             '/cyllm.v1.Worker/Generate',
             cyllm_dot_protocol_dot_cyllm__pb2.GenerateRequest.SerializeToString,
             cyllm_dot_protocol_dot_cyllm__pb2.GenerateResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Status(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/cyllm.v1.Worker/Status',
-            cyllm_dot_protocol_dot_cyllm__pb2.WorkerStatusRequest.SerializeToString,
-            cyllm_dot_protocol_dot_cyllm__pb2.WorkerStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cyllm.protocol import pb
-from cyllm.worker.engines.base import (
+from cyllm.worker.engines.types import (
     Event,
     Finished,
     GenerationRequest,
@@ -29,13 +29,11 @@ def request_from_proto(msg: pb.GenerateRequest) -> GenerationRequest:
     return GenerationRequest(msg.request_id, prompt=msg.prompt, sampling=sampling)
 
 
-def event_to_proto(event: Event, worker_id: str) -> pb.GenerateResponse:
+def event_to_proto(event: Event) -> pb.GenerateResponse:
     if isinstance(event, TextDelta):
-        return pb.GenerateResponse(delta=pb.Delta(text=event.text, tokens=event.tokens))
+        return pb.GenerateResponse(delta=pb.Delta(text=event.text))
     if isinstance(event, Started):
-        return pb.GenerateResponse(
-            started=pb.Started(prompt_tokens=event.prompt_tokens, worker_id=worker_id)
-        )
+        return pb.GenerateResponse(started=pb.Started(prompt_tokens=event.prompt_tokens))
     assert isinstance(event, Finished)
     return pb.GenerateResponse(
         finished=pb.Finished(

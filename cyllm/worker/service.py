@@ -14,7 +14,7 @@ from cyllm import errors
 from cyllm.protocol import pb, rpc, status
 from cyllm.runtime import request_id_of
 from cyllm.worker.convert import event_to_proto, request_from_proto
-from cyllm.worker.engines.base import Finished, TextDelta
+from cyllm.worker.engines.types import Finished, TextDelta
 from cyllm.worker.metrics import WorkerMetrics
 from cyllm.worker.models import ModelManager
 from cyllm.worker.training.jobs import WorkerTraining
@@ -57,25 +57,12 @@ class WorkerService(rpc.WorkerServicer):
                             "request_id": rid, "model": request.model, "outcome": outcome,
                             "prompt_tokens": event.prompt_tokens,
                             "completion_tokens": event.completion_tokens})
-                    yield event_to_proto(event, self.worker_id)
+                    yield event_to_proto(event)
         except errors.CyllmError as exc:
             timer.failed(exc.code)
             log.info("generation refused: %s", exc.code,
                      extra={"request_id": rid, "model": request.model, "outcome": exc.code})
             await status.abort(context, exc)
-
-    async def Status(
-        self, request: pb.WorkerStatusRequest, context: grpc.aio.ServicerContext
-    ) -> pb.WorkerStatusResponse:
-        engines = []
-        tokens = 0
-        for model_id, engine in self.models.engines().items():
-            h = engine.health()
-            tokens += h.tokens_generated
-            engines.append(
-                pb.EngineStatus(model=model_id, running=h.running, waiting=h.waiting, healthy=h.healthy)
-            )
-        return pb.WorkerStatusResponse(worker_id=self.worker_id, engines=engines, tokens_generated=tokens)
 
     async def LoadModel(self, request: pb.LoadModelRequest, context) -> pb.LoadModelResponse:
         try:

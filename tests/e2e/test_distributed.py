@@ -12,12 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
 import httpx
 import pytest
 import yaml
 
-from cyllm.protocol import pb, rpc
 from tests.conftest import free_ports
 
 pytestmark = pytest.mark.e2e
@@ -113,9 +111,16 @@ def healthy_workers(base: str) -> set[str]:
     return {w["id"] for w in health(base).get("workers", []) if w["healthy"]}
 
 
-def tokens_of(worker_address: str) -> int:
-    with grpc.insecure_channel(worker_address) as ch:
-        return rpc.WorkerStub(ch).Status(pb.WorkerStatusRequest(), timeout=5).tokens_generated
+def tokens_of(base: str, worker: str) -> int:
+    """The worker's generated-token counter once it is idle and a heartbeat has told it."""
+    last = None
+    for _ in range(100):
+        now = {w["id"]: (w["running"], w["tokensGenerated"]) for w in health(base)["workers"]}[worker]
+        if now == last and now[0] == 0:
+            return now[1]
+        last = now
+        time.sleep(0.5)  # more than a heartbeat interval (FAST: 0.3 s)
+    raise AssertionError(f"worker {worker} did not settle: {last}")
 
 
 async def ask_many(base: str, n: int, max_tokens: int, delay: float = 0.0) -> list[httpx.Response]:
@@ -129,14 +134,14 @@ async def ask_many(base: str, n: int, max_tokens: int, delay: float = 0.0) -> li
 
 def test_requests_spread_and_a_killed_worker_loses_no_queued_request(cluster):
     coord = cluster.coordinator("c1")
-    a = cluster.worker("wa", [coord])
-    b = cluster.worker("wb", [coord])
+    cluster.worker("wa", [coord])
+    cluster.worker("wb", [coord])
     base = cluster.gateway([coord])
     wait_for(lambda: healthy_workers(base) == {"wa", "wb"}, 60, "two healthy workers", cluster)
 
     # Spread: with one slot each, four concurrent requests use both workers.
     assert all(r.status_code == 200 for r in asyncio.run(ask_many(base, 4, 5)))
-    assert tokens_of(a) > 0 and tokens_of(b) > 0
+    assert tokens_of(base, "wa") > 0 and tokens_of(base, "wb") > 0
 
     # Eight requests of ~1 s for two slots: two run, six wait in the queue.  Kill wa.
     async def scenario() -> list[httpx.Response]:
@@ -164,10 +169,10 @@ def test_requests_spread_and_a_killed_worker_loses_no_queued_request(cluster):
 def test_two_coordinators_one_stopped_and_restarted_no_task_served_twice(cluster):
     c1 = cluster.coordinator("c1")
     c2 = cluster.coordinator("c2")
-    w = cluster.worker("w", [c1, c2], capacity=2)
+    cluster.worker("w", [c1, c2], capacity=2)
     base = cluster.gateway([c1, c2])
     wait_for(lambda: healthy_workers(base) == {"w"}, 60, "worker registered", cluster)
-    before = tokens_of(w)
+    before = tokens_of(base, "w")
 
     async def scenario() -> list[httpx.Response]:
         pending = asyncio.create_task(ask_many(base, 16, 8, delay=0.15))
@@ -182,7 +187,7 @@ def test_two_coordinators_one_stopped_and_restarted_no_task_served_twice(cluster
     served = sum(r.json()["usage"]["completion_tokens"] for r in responses)
     assert served == 16 * 8
     # Every token the worker generated went to exactly one answer: nothing ran twice.
-    assert tokens_of(w) - before == served
+    assert tokens_of(base, "w") - before == served
     wait_for(lambda: all(c["reachable"] for c in health(base).get("coordinators", [{}])),
              30, "c2 back", cluster)
     assert {c["backend"] for c in health(base)["coordinators"]} == {"redis"}

@@ -1,4 +1,4 @@
-"""The seed's native endpoints over raw HTTP / SSE, and the batching and abort paths."""
+"""The native endpoints (``/api/v1``) over raw HTTP / SSE, and the batching and abort paths."""
 
 from __future__ import annotations
 
@@ -6,11 +6,9 @@ import asyncio
 import json
 import time
 
-import grpc
 import httpx
 import pytest
 
-from cyllm.protocol import pb, rpc
 from tests.e2e.conftest import MODEL
 
 pytestmark = pytest.mark.e2e
@@ -82,10 +80,16 @@ def test_concurrent_requests_share_forward_passes(server):
     assert concurrent < 0.5 * sequential, (concurrent, sequential)
 
 
-def _engine_running(worker_address: str) -> int:
-    with grpc.insecure_channel(worker_address) as ch:
-        status = rpc.WorkerStub(ch).Status(pb.WorkerStatusRequest(), timeout=5)
-    return sum(e.running + e.waiting for e in status.engines)
+def _engine_running(base_url: str) -> int:
+    """Generations in flight on the worker, as its last heartbeat (every second) said."""
+    return sum(w["running"] for w in httpx.get(f"{base_url}/api/v1/health").json()["workers"])
+
+
+def _until(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return predicate()
 
 
 def test_disconnected_stream_frees_its_engine_slot(server):
@@ -98,11 +102,8 @@ def test_disconnected_stream_frees_its_engine_slot(server):
             seen += line.startswith("event: token")
             if seen >= 3:
                 break
-        assert _engine_running(server.worker_address) == 1
+        assert _until(lambda: _engine_running(server.base_url) == 1)
     # The client is gone: the generation must be aborted all the way down.
-    deadline = time.monotonic() + 10
-    while _engine_running(server.worker_address) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _engine_running(server.worker_address) == 0
+    assert _until(lambda: _engine_running(server.base_url) == 0)
     health = httpx.get(f"{server.base_url}/api/v1/health").json()
     assert health["workers"][0]["outstanding"] == 0

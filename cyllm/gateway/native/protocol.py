@@ -106,6 +106,8 @@ class WorkerHealth(_Camel):
     capacity: int
     models: list[str]
     device: str
+    running: int = Field(0, description="generations in flight, as it last reported")
+    tokens_generated: int = Field(0, description="tokens it has generated since it started")
 
 
 class CoordinatorHealth(_Camel):

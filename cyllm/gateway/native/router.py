@@ -144,6 +144,7 @@ async def health(request: Request) -> JSONResponse:
                 unhealthy_reason=w.unhealthy_reason,
                 outstanding=w.outstanding, capacity=w.worker.capacity,
                 models=[m.id for m in w.worker.models], device=w.worker.device,
+                running=w.running, tokens_generated=w.tokens_generated,
             ))
     healthy = any(w.healthy for w in workers.values())
     all_up = healthy and all(c.reachable for c in coordinators) and all(w.healthy for w in workers.values())
