@@ -10,13 +10,16 @@ HTTP status codes and OpenAI's error body.
      +-- Forbidden             valid caller, not allowed this (HTTP 403)
      +-- InvalidRequest        the caller sent something unusable (HTTP 400)
      |    +-- ContextLengthExceeded   prompt + max_tokens do not fit the model (400)
-     +-- ModelNotFound         no worker serves that model id (404)
+     +-- NotFound              no such training job, file, ... (404)
+     |    +-- ModelNotFound    no worker serves that model id (404)
      +-- NotLoadable           a model cannot be loaded here: its engine's library or
      |    |                    hardware is missing (409)
      |    +-- InsufficientMemory   it does not fit; says how much is needed and free (409)
      +-- Overloaded            queue full; carries ``retry_after`` seconds (429)
      |    +-- RateLimited       over the caller's limit; carries the rate-limit headers (429)
      +-- Unavailable           no live worker / coordinator to take the work (503)
+     |    +-- Unreachable       a peer could not be reached at all (a transport failure
+     |                         seen by a gRPC client, never an answer; worth another peer)
      +-- RequestCancelled      the caller went away; not an error to report (499)
      +-- EngineError           the engine failed while generating (500)
 """
@@ -51,7 +54,11 @@ class ContextLengthExceeded(InvalidRequest):
     code = "context_length_exceeded"
 
 
-class ModelNotFound(CyllmError):
+class NotFound(CyllmError):
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
@@ -81,6 +88,10 @@ class RateLimited(Overloaded):
 
 class Unavailable(CyllmError):
     code = "unavailable"
+
+
+class Unreachable(Unavailable):
+    """Made only by ``protocol.status.from_grpc`` from a status gRPC itself produced."""
 
 
 class RequestCancelled(CyllmError):

@@ -67,7 +67,7 @@ class FileStore:
     async def get(self, file_id: str) -> pb.FileInfo:
         info = await self.store.get_file(file_id)
         if info is None:
-            raise errors.ModelNotFound(f"file {file_id!r} does not exist", param="file_id")
+            raise errors.NotFound(f"file {file_id!r} does not exist", param="file_id")
         return info
 
     async def delete(self, file_id: str) -> None:

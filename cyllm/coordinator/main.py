@@ -8,7 +8,6 @@ import logging
 import os
 import socket
 
-import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cyllm.coordinator.cache import InMemoryPromptCache, PromptCache
@@ -22,6 +21,7 @@ from cyllm.coordinator.service import CoordinatorService
 from cyllm.coordinator.settings import CoordinatorSettings
 from cyllm.coordinator.training import TrainingManager
 from cyllm.protocol import rpc
+from cyllm.protocol.server import create_server
 from cyllm.runtime import stop_event
 from cyllm.telemetry import serve_metrics
 
@@ -49,7 +49,7 @@ def build_backends(s: CoordinatorSettings, coordinator_id: str) -> tuple[Schedul
 class CoordinatorServer:
     def __init__(self, settings: CoordinatorSettings) -> None:
         self.settings = settings
-        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self._server = create_server()
         self._health = health.aio.HealthServicer()
         self.port = self._server.add_insecure_port(f"{settings.host}:{settings.port}")
         self.coordinator_id = settings.coordinator_id or f"{socket.gethostname()}-{self.port}-{os.getpid()}"
@@ -68,7 +68,7 @@ class CoordinatorServer:
         )
         store = RedisJobStore(settings.redis_url) if settings.redis_url else MemoryJobStore()
         self.service.training = TrainingManager(
-            store, self.scheduler, self.service.channels.stub, self.coordinator_id,
+            store, self.scheduler, self.service.workers, self.coordinator_id,
             lease_s=settings.lease_s, max_attempts=settings.training_max_attempts)
         self.service.files = FileStore(store, settings.files_dir, settings.files_max_bytes)
         rpc.add_CoordinatorServicer_to_server(self.service, self._server)

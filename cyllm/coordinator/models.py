@@ -9,14 +9,10 @@ An unload goes to every worker serving the model (or the one named).
 
 from __future__ import annotations
 
-import grpc
-
 from cyllm import errors
-from cyllm.protocol import pb, rpc, status
 from cyllm.coordinator.scheduler import Scheduler, WorkerView
-
-# Loading can take minutes (vLLM's start, a GGUF conversion); unloading drains first.
-LOAD_TIMEOUT_S = 900.0
+from cyllm.coordinator.workers import WorkerClients
+from cyllm.protocol import pb
 
 
 def _has(view: WorkerView, model: str) -> bool:
@@ -25,9 +21,9 @@ def _has(view: WorkerView, model: str) -> bool:
 
 
 class ModelAdmin:
-    def __init__(self, scheduler: Scheduler, stub_for) -> None:
+    def __init__(self, scheduler: Scheduler, workers: WorkerClients) -> None:
         self.scheduler = scheduler
-        self.stub_for = stub_for  # address -> rpc.WorkerStub
+        self.workers = workers
 
     async def _target(self, model: str, worker_id: str) -> WorkerView:
         base = model.partition(":")[0]
@@ -57,13 +53,9 @@ class ModelAdmin:
 
     async def load(self, request: pb.LoadModelRequest) -> pb.LoadModelResponse:
         view = await self._target(request.model, request.worker_id)
-        stub: rpc.WorkerStub = self.stub_for(view.record.info.address)
-        try:
-            reply = await stub.LoadModel(
-                pb.LoadModelRequest(model=request.model, adapter_path=request.adapter_path),
-                timeout=LOAD_TIMEOUT_S)
-        except grpc.aio.AioRpcError as exc:
-            raise status.from_grpc(exc) from exc
+        reply = await self.workers.load_model(
+            view.record.info.address,
+            pb.LoadModelRequest(model=request.model, adapter_path=request.adapter_path))
         await self.scheduler.register(reply.worker)
         return reply
 
@@ -75,17 +67,10 @@ class ModelAdmin:
         done: list[str] = []
         for view in views:
             try:
-                reply = await self._unload_on(view, request)
+                reply = await self.workers.unload_model(view.record.info.address,
+                                                        pb.UnloadModelRequest(model=request.model))
             except errors.ModelNotFound:
                 continue  # unloaded meanwhile
             await self.scheduler.register(reply.worker)
             done.append(view.record.worker_id)
         return pb.UnloadModelResponse(worker_ids=done)
-
-    async def _unload_on(self, view: WorkerView, request: pb.UnloadModelRequest) -> pb.UnloadModelResponse:
-        stub: rpc.WorkerStub = self.stub_for(view.record.info.address)
-        try:
-            return await stub.UnloadModel(pb.UnloadModelRequest(model=request.model),
-                                          timeout=LOAD_TIMEOUT_S)
-        except grpc.aio.AioRpcError as exc:
-            raise status.from_grpc(exc) from exc

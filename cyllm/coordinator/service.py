@@ -1,18 +1,16 @@
 """The coordinator's gRPC service: the prompt cache, the scheduler (queue + worker pool)
-and the calls to the workers, with retries and per-worker circuit breakers."""
+and the calls to the workers, with retries and per-worker circuit breakers.  Errors
+become gRPC statuses at the server's edge (``protocol.server``)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 
 import grpc
-from purgatory import AsyncCircuitBreakerFactory
-from purgatory.domain.model import OpenedState
 
 from cyllm import errors
 from cyllm.coordinator.cache import CachedResponse, PromptCache, cache_key, is_deterministic
@@ -22,34 +20,19 @@ from cyllm.coordinator.pool import affinity_key
 from cyllm.coordinator.queue import Task
 from cyllm.coordinator.scheduler import Scheduler
 from cyllm.coordinator.training_rpc import TrainingRPCs
-from cyllm.protocol import pb, rpc, status
-from cyllm.runtime import REQUEST_ID, request_id_of
+from cyllm.coordinator.workers import WorkerClients
+from cyllm.protocol import pb, rpc
+from cyllm.protocol.breaker import CircuitBreakers
+from cyllm.protocol.client import Stream
+from cyllm.runtime import request_id_of
 
 log = logging.getLogger(__name__)
 
 # A worker that fails before sending anything is skipped and the request tried again.
 _ATTEMPTS = 3
-# Errors that say nothing about the worker's health.
-_NOT_THE_WORKERS_FAULT = [errors.InvalidRequest, errors.ModelNotFound, errors.RequestCancelled,
-                          asyncio.CancelledError, GeneratorExit]
-
-
-class ChannelPool:
-    """One gRPC channel per worker address, opened on first use."""
-
-    def __init__(self) -> None:
-        self._stubs: dict[str, tuple[grpc.aio.Channel, rpc.WorkerStub]] = {}
-
-    def stub(self, address: str) -> rpc.WorkerStub:
-        if address not in self._stubs:
-            channel = grpc.aio.insecure_channel(address)
-            self._stubs[address] = (channel, rpc.WorkerStub(channel))
-        return self._stubs[address][1]
-
-    async def close(self) -> None:
-        for channel, _ in self._stubs.values():
-            await channel.close()
-        self._stubs.clear()
+# Errors that say nothing against the worker: it answered, or our caller left.
+_NOT_THE_WORKERS_FAULT = (errors.InvalidRequest, errors.NotFound, errors.RequestCancelled,
+                          asyncio.CancelledError, GeneratorExit)
 
 
 class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
@@ -63,13 +46,9 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
         self.heartbeat_interval_s = heartbeat_interval_s
         self.progress_timeout_s = progress_timeout_s
         self.lease_s = lease_s
-        self.channels = ChannelPool()
-        self.breakers = AsyncCircuitBreakerFactory(
-            default_threshold=breaker_failures, default_ttl=breaker_cooldown_s,
-            exclude=_NOT_THE_WORKERS_FAULT,
-        )
-        self._breakers: dict[str, object] = {}
-        self.admin = ModelAdmin(scheduler, self.channels.stub)
+        self.workers = WorkerClients()
+        self.breakers = CircuitBreakers(breaker_failures, breaker_cooldown_s)
+        self.admin = ModelAdmin(scheduler, self.workers)
 
     # -- inference --------------------------------------------------------------------
 
@@ -92,7 +71,7 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
                 yield msg
         except errors.CyllmError as exc:
             outcome = exc.code
-            await status.abort(context, exc)
+            raise
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
@@ -108,36 +87,41 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
         failed: set[str] = set()
         for attempt in range(1, _ATTEMPTS + 1):
             waited = time.perf_counter()
-            worker = await self.scheduler.acquire(task, exclude=failed | self._open_circuits())
+            worker = await self.scheduler.acquire(task, exclude=failed | self.breakers.open_peers())
             self.metrics.queue_wait.labels(request.model).observe(time.perf_counter() - waited)
             sent = False
             chunks: list[str] = []
-            breaker = await self.breakers.get_breaker(worker.worker_id)
-            self._breakers[worker.worker_id] = breaker
-            call = self.channels.stub(worker.address).Generate(request, metadata=((REQUEST_ID, rid),))
+            stream = self.workers.generate(worker.address, request, rid)
             log.debug("request %s -> worker %s", rid, worker.worker_id, extra={"request_id": rid})
             renewer = asyncio.create_task(self._renew(task))
             try:
-                async with _entered(breaker, worker.worker_id):
-                    async for msg in _paced(call, self.progress_timeout_s, worker.worker_id):
-                        sent = True
-                        kind = msg.WhichOneof("event")
-                        if kind == "delta":
-                            chunks.append(msg.delta.text)
-                        elif kind == "finished" and key and msg.finished.finish_reason != "abort":
-                            await self.cache.put(key, _to_cached(chunks, msg.finished))
-                        yield msg
+                async for msg in _paced(stream, self.progress_timeout_s, worker.worker_id):
+                    sent = True
+                    kind = msg.WhichOneof("event")
+                    if kind == "delta":
+                        chunks.append(msg.delta.text)
+                    elif kind == "finished" and key and msg.finished.finish_reason != "abort":
+                        await self.cache.put(key, _to_cached(chunks, msg.finished))
+                    yield msg
+                self.breakers.succeeded(worker.worker_id)
                 return
+            except _NOT_THE_WORKERS_FAULT:
+                self.breakers.succeeded(worker.worker_id)
+                raise
             except errors.CyllmError as err:
+                self.breakers.failed(worker.worker_id)
                 if sent or not isinstance(err, errors.Unavailable) or attempt == _ATTEMPTS:
                     raise
                 log.warning("worker %s failed before answering (%s); trying another",
                             worker.worker_id, err.message)
                 failed.add(worker.worker_id)
                 self.metrics.retries.inc()
+            except BaseException:
+                self.breakers.failed(worker.worker_id)
+                raise
             finally:
                 renewer.cancel()
-                call.cancel()
+                stream.cancel()
                 await self.scheduler.release(task, worker.worker_id)
 
     async def _renew(self, task: Task) -> None:
@@ -145,37 +129,24 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
             await asyncio.sleep(self.lease_s / 3)
             await self.scheduler.renew(task)
 
-    def _open_circuits(self) -> set[str]:
-        now = time.time()
-        return {
-            wid for wid, b in self._breakers.items()
-            if b.context.state == "opened" and now < (b.context.opened_at or 0) + b.context.ttl
-        }
-
     # -- discovery --------------------------------------------------------------------
 
     async def ListModels(self, request, context) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=await self.scheduler.models())
 
     async def LoadModel(self, request, context) -> pb.LoadModelResponse:
-        try:
-            reply = await self.admin.load(request)
-        except errors.CyllmError as exc:
-            await status.abort(context, exc)
+        reply = await self.admin.load(request)
         log.info("model %s loaded on %s (evicted: %s)", request.model, reply.worker_id,
                  list(reply.evicted) or "none")
         return reply
 
     async def UnloadModel(self, request, context) -> pb.UnloadModelResponse:
-        try:
-            reply = await self.admin.unload(request)
-        except errors.CyllmError as exc:
-            await status.abort(context, exc)
+        reply = await self.admin.unload(request)
         log.info("model %s unloaded from %s", request.model, list(reply.worker_ids))
         return reply
 
     async def ClusterStatus(self, request, context) -> pb.ClusterStatusResponse:
-        opened = self._open_circuits()
+        opened = self.breakers.open_peers()
         return pb.ClusterStatusResponse(
             workers=[
                 pb.WorkerState(
@@ -202,7 +173,7 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
 
     async def RegisterWorker(self, request, context) -> pb.RegisterWorkerResponse:
         if not request.worker.worker_id or not request.worker.address:
-            await status.abort(context, errors.InvalidRequest("worker_id and address are required"))
+            raise errors.InvalidRequest("worker_id and address are required")
         await self.scheduler.register(request.worker)
         log.info("worker %s registered at %s serving %s", request.worker.worker_id,
                  request.worker.address, [m.id for m in request.worker.models])
@@ -219,27 +190,13 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
         return pb.DeregisterWorkerResponse()
 
     async def close(self) -> None:
-        await self.channels.close()
+        await self.workers.close()
 
 
-@contextlib.asynccontextmanager
-async def _entered(breaker, worker_id: str) -> AsyncIterator[None]:
-    """The worker's circuit breaker; an open circuit is the worker being unavailable."""
-    try:
-        await breaker.__aenter__()
-    except OpenedState:
-        raise errors.Unavailable(f"worker {worker_id} is failing (circuit open)") from None
-    try:
-        yield
-    except BaseException as exc:
-        await breaker.__aexit__(type(exc), exc, exc.__traceback__)
-        raise
-    await breaker.__aexit__(None, None, None)
-
-
-async def _paced(call, timeout_s: float, worker_id: str) -> AsyncIterator[pb.GenerateResponse]:
-    """The worker's stream, translated; a worker silent for ``timeout_s`` is given up on."""
-    iterator = call.__aiter__()
+async def _paced(stream: Stream[pb.GenerateResponse], timeout_s: float,
+                 worker_id: str) -> AsyncIterator[pb.GenerateResponse]:
+    """The worker's stream; a worker silent for ``timeout_s`` is given up on."""
+    iterator = aiter(stream)
     while True:
         try:
             async with asyncio.timeout(timeout_s):
@@ -250,11 +207,10 @@ async def _paced(call, timeout_s: float, worker_id: str) -> AsyncIterator[pb.Gen
             raise errors.Unavailable(
                 f"worker {worker_id} produced nothing for {timeout_s:g}s"
             ) from None
-        except grpc.aio.AioRpcError as exc:
-            err = status.from_grpc(exc)
-            if isinstance(err, errors.Unavailable) and worker_id not in err.message:
-                err = errors.Unavailable(f"worker {worker_id} became unreachable: {err.message}")
-            raise err from None
+        except errors.Unavailable as err:
+            if worker_id in err.message:
+                raise
+            raise errors.Unavailable(f"worker {worker_id} became unreachable: {err.message}") from None
         yield msg
 
 

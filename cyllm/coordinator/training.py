@@ -22,32 +22,31 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-
-import grpc
 
 from cyllm import errors
 from cyllm.coordinator.jobs import TERMINAL, JobStore
-from cyllm.coordinator.models import LOAD_TIMEOUT_S
 from cyllm.coordinator.scheduler import Scheduler, WorkerView
-from cyllm.protocol import pb, rpc, status
+from cyllm.coordinator.workers import WorkerClients
+from cyllm.protocol import pb
+from cyllm.protocol.client import Stream
 from cyllm.worker.training.data import load_examples
 from cyllm.worker.training.spec import TrainingSpec
 
 log = logging.getLogger(__name__)
 
-_LOST = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
-         grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL)
+# How a Train call that ends in an error is read: the worker went away (or failed
+# under the job) -> run the job again elsewhere; any other error is the job's own.
+_LOST = (errors.Unavailable, errors.RequestCancelled, errors.EngineError)
 
 
 class TrainingManager:
-    def __init__(self, store: JobStore, scheduler: Scheduler,
-                 stub_for: Callable[[str], rpc.WorkerStub], coordinator_id: str, *,
-                 lease_s: float, max_attempts: int) -> None:
+    def __init__(self, store: JobStore, scheduler: Scheduler, workers: WorkerClients,
+                 coordinator_id: str, *, lease_s: float, max_attempts: int) -> None:
         self.store = store
         self.scheduler = scheduler
-        self.stub_for = stub_for
+        self.workers = workers
         self.owner = coordinator_id
         self.lease_s = lease_s
         self.max_attempts = max_attempts
@@ -116,7 +115,7 @@ class TrainingManager:
     async def get(self, job_id: str) -> pb.TrainingJob:
         job = await self.store.get(job_id)
         if job is None:
-            raise errors.ModelNotFound(f"training job {job_id!r} does not exist", param="id")
+            raise errors.NotFound(f"training job {job_id!r} does not exist", param="id")
         return job
 
     async def cancel(self, job_id: str) -> pb.TrainingJob:
@@ -207,8 +206,8 @@ class TrainingManager:
         await self._event(job_id, "state", f"running on worker {worker.worker_id}"
                           + (f", resuming from step {job.checkpoints[-1].step}" if resume else ""),
                           state="running")
-        call = self.stub_for(worker.address).Train(
-            pb.TrainRequest(job_id=job_id, spec_json=job.spec_json, resume_from=resume))
+        call = self.workers.train(
+            worker.address, pb.TrainRequest(job_id=job_id, spec_json=job.spec_json, resume_from=resume))
         cancelled = asyncio.Event()
         keeper = asyncio.create_task(self._keep(job_id, call, cancelled))
         final: pb.TrainingEvent | None = None
@@ -227,21 +226,22 @@ class TrainingManager:
                 return
             await self._requeue(await self.get(job_id), "this coordinator is shutting down")
             raise
-        except grpc.aio.AioRpcError as exc:
+        except errors.CyllmError as err:
             job = await self.get(job_id)
             if cancelled.is_set():
                 await self._finish(job, "cancelled", "cancelled while running")
-            elif exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # the worker took another job
+            elif isinstance(err, errors.Overloaded):  # the worker took another job
                 job.attempts -= 1
-                await self._requeue(job, exc.details() or "worker busy")
-            elif exc.code() in _LOST:
-                await self._requeue(job, f"worker {worker.worker_id} was lost ({exc.code().name})")
+                await self._requeue(job, err.message or "worker busy")
+            elif isinstance(err, _LOST):
+                await self._requeue(job, f"worker {worker.worker_id} was lost ({err.code}: "
+                                    f"{err.message})")
             else:
-                err = status.from_grpc(exc)
                 await self._finish(job, "failed", err.message, code=err.code)
             return
         finally:
             keeper.cancel()
+            call.cancel()
             await self.store.release(job_id)
         job = await self.get(job_id)
         if cancelled.is_set():
@@ -252,7 +252,8 @@ class TrainingManager:
         else:
             await self._succeed(job, worker, result)
 
-    async def _keep(self, job_id: str, call, cancelled: asyncio.Event) -> None:
+    async def _keep(self, job_id: str, call: Stream[pb.TrainingEvent],
+                    cancelled: asyncio.Event) -> None:
         """Renew the lease; stop the worker's run when a cancel is requested anywhere."""
         while True:
             await asyncio.sleep(min(1.0, self.lease_s / 3))
@@ -294,9 +295,8 @@ class TrainingManager:
             else:
                 load.peft_adapter_path = result.result_path
         try:
-            reply = await self.stub_for(worker.address).LoadModel(load, timeout=LOAD_TIMEOUT_S)
-        except grpc.aio.AioRpcError as exc:
-            err = status.from_grpc(exc)
+            reply = await self.workers.load_model(worker.address, load)
+        except errors.CyllmError as err:
             await self._finish(job, "failed", f"trained ({result.result_path}), but serving it "
                                f"failed: {err.message}", code=err.code)
             return

@@ -22,7 +22,7 @@ _STATUS: list[tuple[type[errors.CyllmError], int, str]] = [
     (errors.Unauthenticated, 401, "authentication_error"),
     (errors.Forbidden, 403, "permission_error"),
     (errors.InvalidRequest, 400, "invalid_request_error"),
-    (errors.ModelNotFound, 404, "invalid_request_error"),
+    (errors.NotFound, 404, "invalid_request_error"),
     (errors.NotLoadable, 409, "invalid_request_error"),
     (errors.Overloaded, 429, "rate_limit_error"),
     (errors.Unavailable, 503, "service_unavailable"),

@@ -14,7 +14,7 @@ _TO_GRPC: list[tuple[type[errors.CyllmError], grpc.StatusCode]] = [
     (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (errors.Forbidden, grpc.StatusCode.PERMISSION_DENIED),
     (errors.InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
-    (errors.ModelNotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
     (errors.NotLoadable, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
@@ -29,6 +29,7 @@ _BY_CODE: dict[str, type[errors.CyllmError]] = {
         errors.Forbidden,
         errors.InvalidRequest,
         errors.ContextLengthExceeded,
+        errors.NotFound,
         errors.ModelNotFound,
         errors.NotLoadable,
         errors.InsufficientMemory,
@@ -42,9 +43,9 @@ _BY_CODE: dict[str, type[errors.CyllmError]] = {
 # A status that carries no cyllm-error key came from gRPC itself (a dead peer, a deadline).
 _FROM_BARE_STATUS: dict[grpc.StatusCode, type[errors.CyllmError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidRequest,
-    grpc.StatusCode.NOT_FOUND: errors.ModelNotFound,
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
     grpc.StatusCode.RESOURCE_EXHAUSTED: errors.Overloaded,
-    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
+    grpc.StatusCode.UNAVAILABLE: errors.Unreachable,
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.Unavailable,
     grpc.StatusCode.CANCELLED: errors.RequestCancelled,
 }

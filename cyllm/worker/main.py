@@ -11,11 +11,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cyllm.protocol import pb, rpc
+from cyllm.protocol.server import create_server
 from cyllm.runtime import advertised, stop_event
 from cyllm.telemetry import serve_metrics
 from cyllm.worker.engines.factory import detect_accelerator
+from cyllm.worker.engines.types import EngineHealth
 from cyllm.worker.metrics import WorkerMetrics
 from cyllm.worker.models import ModelManager
+from cyllm.worker.registration import Registrar
 from cyllm.worker.service import WorkerService
 from cyllm.worker.settings import WorkerSettings
 from cyllm.worker.training.jobs import WorkerTraining
@@ -31,10 +34,11 @@ class WorkerServer:
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
-        self._registrars: list[asyncio.Task[None]] = []
+        self._registrars: list[Registrar] = []
+        self._registering: list[asyncio.Task[None]] = []
         self._metrics_server = None
-        self._changed = asyncio.Event()
-        self._version = 0  # bumped when the served models change
+        self.models_changed = asyncio.Event()
+        self.models_version = 0
 
     @property
     def engines(self):
@@ -52,7 +56,7 @@ class WorkerServer:
         self.training = WorkerTraining(s, lambda: self.models.catalog, accelerator, self._models_changed)
         await self.models.start()
 
-        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self._server = create_server()
         self.port = self._server.add_insecure_port(f"{s.host}:{s.port}")
         self.worker_id = s.worker_id or advertised(s.host, self.port).replace(":", "-")
         self.metrics = WorkerMetrics(self.models, self.worker_id)
@@ -64,7 +68,8 @@ class WorkerServer:
         await self._server.start()
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         log.info("worker %s listening on %s:%d", self.worker_id, s.host, self.port)
-        self._registrars = [asyncio.create_task(self._keep_registered(a)) for a in s.coordinators]
+        self._registrars = [Registrar(a, self) for a in s.coordinators]
+        self._registering = [asyncio.create_task(r.run()) for r in self._registrars]
         return self.port
 
     async def stop(self) -> None:
@@ -72,9 +77,9 @@ class WorkerServer:
         log.info("draining worker %s", self.worker_id)
         self.service.draining = True
         await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        for task in self._registrars:
+        for task in self._registering:
             task.cancel()
-        await asyncio.gather(*(self._deregister(a) for a in self.settings.coordinators))
+        await asyncio.gather(*(r.deregister() for r in self._registrars))
         deadline = time.monotonic() + self.settings.drain_timeout_s
         # A training job is not waited for: its call ends with the server, the coordinator
         # re-queues it and it resumes from its last checkpoint elsewhere.
@@ -107,55 +112,13 @@ class WorkerServer:
             training_shares_device=s.training_shares_device,
         )
 
-    async def _keep_registered(self, address: str) -> None:
-        """Register, then heartbeat (running count + progress); register again when forgotten."""
-        async with grpc.aio.insecure_channel(address) as channel:
-            stub = rpc.CoordinatorStub(channel)
-            interval, registered, version = 1.0, False, self._version
-            while True:
-                try:
-                    if version != self._version:  # a model was loaded or unloaded
-                        registered, version = False, self._version
-                    if not registered:
-                        reply = await stub.RegisterWorker(pb.RegisterWorkerRequest(worker=self.info), timeout=5)
-                        interval, registered = reply.heartbeat_interval_s or 1.0, True
-                        log.info("registered with coordinator %s", address)
-                    healths = [e.health() for e in self.engines.values()]
-                    beat = await stub.Heartbeat(
-                        pb.HeartbeatRequest(
-                            worker_id=self.worker_id,
-                            running=sum(h.running + h.waiting for h in healths),
-                            tokens_generated=sum(h.tokens_generated for h in healths),
-                        ),
-                        timeout=5,
-                    )
-                    registered = beat.known
-                except grpc.aio.AioRpcError as exc:
-                    if registered:
-                        log.warning("coordinator %s unreachable: %s", address, exc.code().name)
-                    registered = False
-                await self._wait_change(interval)
+    def healths(self) -> list[EngineHealth]:
+        return [e.health() for e in self.engines.values()]
 
     def _models_changed(self) -> None:
-        self._version += 1
-        self._changed.set()  # wakes every registrar; later waits use a fresh event
-        self._changed = asyncio.Event()
-
-    async def _wait_change(self, interval: float) -> None:
-        """Sleep until the next heartbeat, or until the served models change."""
-        try:
-            await asyncio.wait_for(self._changed.wait(), interval)
-        except TimeoutError:
-            pass
-
-    async def _deregister(self, address: str) -> None:
-        try:
-            async with grpc.aio.insecure_channel(address) as channel:
-                await rpc.CoordinatorStub(channel).DeregisterWorker(
-                    pb.DeregisterWorkerRequest(worker_id=self.worker_id), timeout=3
-                )
-        except grpc.aio.AioRpcError as exc:
-            log.warning("could not deregister from %s: %s", address, exc.code().name)
+        self.models_version += 1
+        self.models_changed.set()  # wakes every registrar; later waits use a fresh event
+        self.models_changed = asyncio.Event()
 
 
 async def serve(settings: WorkerSettings) -> None:

@@ -1,4 +1,5 @@
-"""The worker's gRPC service: runs generations on its engines."""
+"""The worker's gRPC service: runs generations on its engines, loads models, runs
+training jobs.  Errors become gRPC statuses at the server's edge (``protocol.server``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import grpc
 
 from cyllm import errors
-from cyllm.protocol import pb, rpc, status
+from cyllm.protocol import pb, rpc
 from cyllm.runtime import request_id_of
 from cyllm.worker.convert import event_to_proto, request_from_proto
 from cyllm.worker.engines.types import Finished, TextDelta
@@ -62,7 +63,7 @@ class WorkerService(rpc.WorkerServicer):
             timer.failed(exc.code)
             log.info("generation refused: %s", exc.code,
                      extra={"request_id": rid, "model": request.model, "outcome": exc.code})
-            await status.abort(context, exc)
+            raise
 
     async def LoadModel(self, request: pb.LoadModelRequest, context) -> pb.LoadModelResponse:
         try:
@@ -77,14 +78,11 @@ class WorkerService(rpc.WorkerServicer):
             evicted = await self.models.load(request.model, path)
         except errors.CyllmError as exc:
             log.info("load of %s refused: %s", request.model, exc.message)
-            await status.abort(context, exc)
+            raise
         return pb.LoadModelResponse(worker=self.info(), worker_id=self.worker_id, evicted=evicted)
 
     async def UnloadModel(self, request: pb.UnloadModelRequest, context) -> pb.UnloadModelResponse:
-        try:
-            await self.models.unload(request.model)
-        except errors.CyllmError as exc:
-            await status.abort(context, exc)
+        await self.models.unload(request.model)
         return pb.UnloadModelResponse(worker_ids=[self.worker_id], worker=self.info())
 
     async def Train(self, request: pb.TrainRequest, context) -> AsyncIterator[pb.TrainingEvent]:
@@ -97,4 +95,4 @@ class WorkerService(rpc.WorkerServicer):
                     yield event
         except errors.CyllmError as exc:
             log.info("training job %s refused: %s", request.job_id, exc.message)
-            await status.abort(context, exc)
+            raise

@@ -142,7 +142,7 @@ async def test_gateway_skips_an_unreachable_coordinator(make_stack, unused_tcp_p
                 assert r.status_code == 200, r.text
             # After 3 unreachable answers the dead one's circuit opens: it is tried last.
             client = app.state.client
-            assert dead in client._open_until
+            assert client.breakers.open_peers() == {dead}
             assert [a for a, _ in client._in_turn()] == [good, dead]
             health = (await http.get("/api/v1/health")).json()
     assert health["status"] == "degraded"

@@ -16,6 +16,7 @@ class FakeRpcError(grpc.aio.AioRpcError):
         (errors.InvalidRequest("bad", param="x"), grpc.StatusCode.INVALID_ARGUMENT),
         (errors.ContextLengthExceeded("long"), grpc.StatusCode.INVALID_ARGUMENT),
         (errors.ModelNotFound("nope"), grpc.StatusCode.NOT_FOUND),
+        (errors.NotFound("no such job", param="id"), grpc.StatusCode.NOT_FOUND),
         (errors.Overloaded("full", retry_after=7), grpc.StatusCode.RESOURCE_EXHAUSTED),
         (errors.Unavailable("down"), grpc.StatusCode.UNAVAILABLE),
         (errors.EngineError("boom"), grpc.StatusCode.INTERNAL),
@@ -32,9 +33,12 @@ def test_errors_survive_the_round_trip_through_grpc(err, code):
         assert back.retry_after == 7
 
 
-def test_a_bare_transport_failure_becomes_unavailable():
+def test_a_bare_transport_failure_is_unreachable_but_an_answered_one_is_not():
     back = status.from_grpc(FakeRpcError(grpc.StatusCode.UNAVAILABLE, "connection refused"))
-    assert isinstance(back, errors.Unavailable)
+    assert isinstance(back, errors.Unreachable)  # nobody answered: try another peer
+    code, details, metadata = status.to_grpc(errors.Unavailable("no worker"))
+    answered = status.from_grpc(FakeRpcError(code, details, metadata))
+    assert type(answered) is errors.Unavailable  # a peer said so: not worth another
 
 
 def test_an_unknown_status_becomes_an_engine_error():

@@ -1,4 +1,4 @@
-"""The seed's training routes: start, status, plus a progress stream, cancel and list.
+"""The native training routes: start, status, a progress stream, cancel and list.
 
 A job that runs a ``custom`` script needs the admin scope (it runs code on a worker)."""
 
@@ -19,7 +19,6 @@ from cyllm.gateway.native.training_protocol import (
     event_dict,
 )
 from cyllm.gateway.sse import frame, sse_response
-from cyllm.protocol import pb
 
 router = APIRouter(prefix="/api/v1/training", tags=["training"], dependencies=[Depends(authenticate)])
 
@@ -35,16 +34,14 @@ def check_custom_allowed(request: Request, method: str) -> None:
 async def start(body: TrainingStartRequest, request: Request) -> TrainingJobView:
     """Queue a fine-tuning job; it runs on the first idle worker that has the base model."""
     check_custom_allowed(request, body.method)
-    job = await request.app.state.client.training("CreateTrainingJob", pb.CreateTrainingJobRequest(
-        spec_json=body.spec_json(), training_file=body.file_id or ""))
+    job = await request.app.state.client.create_training_job(body.spec_json(), body.file_id or "")
     return TrainingJobView.of(job)
 
 
 @router.get("/status/{job_id}", response_model=TrainingJobView, response_model_by_alias=True,
             responses=responses(401, 404, 500, 503))
 async def status(job_id: str, request: Request) -> TrainingJobView:
-    job = await request.app.state.client.training("GetTrainingJob", pb.TrainingJobRequest(id=job_id))
-    return TrainingJobView.of(job)
+    return TrainingJobView.of(await request.app.state.client.get_training_job(job_id))
 
 
 @router.get("/jobs", response_model=TrainingJobsResponse, response_model_by_alias=True,
@@ -52,8 +49,7 @@ async def status(job_id: str, request: Request) -> TrainingJobView:
 async def jobs(request: Request, limit: int = Query(20, ge=1, le=100),
                after: str = "") -> TrainingJobsResponse:
     """Newest first; ``after`` a job id to page on."""
-    reply = await request.app.state.client.training(
-        "ListTrainingJobs", pb.ListTrainingJobsRequest(limit=limit, after=after))
+    reply = await request.app.state.client.list_training_jobs(limit, after)
     return TrainingJobsResponse(jobs=[TrainingJobView.of(j) for j in reply.jobs], has_more=reply.has_more)
 
 
@@ -61,8 +57,7 @@ async def jobs(request: Request, limit: int = Query(20, ge=1, le=100),
              responses=responses(400, 401, 404, 500, 503))
 async def cancel(job_id: str, request: Request) -> TrainingJobView:
     """Stop a queued or running job (its process group on the worker is killed)."""
-    job = await request.app.state.client.training("CancelTrainingJob", pb.TrainingJobRequest(id=job_id))
-    return TrainingJobView.of(job)
+    return TrainingJobView.of(await request.app.state.client.cancel_training_job(job_id))
 
 
 @router.get("/stream/{job_id}", responses={**responses(400, 401, 404, 500, 503), 200: {
@@ -74,7 +69,7 @@ async def cancel(job_id: str, request: Request) -> TrainingJobView:
 async def stream(job_id: str, request: Request, after: int = Query(0, ge=0)) -> StreamingResponse:
     """The job's events from ``after`` (a sequence number) on, live, until it ends."""
     client = request.app.state.client
-    await client.training("GetTrainingJob", pb.TrainingJobRequest(id=job_id))  # 404 before 200
+    await client.get_training_job(job_id)  # 404 before 200
     return sse_response(_events(client, job_id, after))
 
 

@@ -53,18 +53,18 @@ async def upload(request: Request, file: UploadFile, purpose: str = Form(...)) -
 
 @router.get("/files", response_model=FileList, responses=responses(401, 500, 503))
 async def list_files(request: Request, purpose: str = "") -> FileList:
-    reply = await request.app.state.client.training("ListFiles", pb.ListFilesRequest(purpose=purpose))
-    return FileList(data=[FileObject.of(f) for f in reversed(reply.files)])
+    files = await request.app.state.client.list_files(purpose)
+    return FileList(data=[FileObject.of(f) for f in reversed(files)])
 
 
 @router.get("/files/{file_id}", response_model=FileObject, responses=responses(401, 404, 500, 503))
 async def get_file(file_id: str, request: Request) -> FileObject:
-    return FileObject.of(await request.app.state.client.training("GetFile", pb.FileRequest(id=file_id)))
+    return FileObject.of(await request.app.state.client.get_file(file_id))
 
 
 @router.delete("/files/{file_id}", response_model=FileDeleted, responses=responses(401, 404, 500, 503))
 async def delete_file(file_id: str, request: Request) -> FileDeleted:
-    await request.app.state.client.training("DeleteFile", pb.FileRequest(id=file_id))
+    await request.app.state.client.delete_file(file_id)
     return FileDeleted(id=file_id, deleted=True)
 
 
@@ -78,8 +78,7 @@ async def create_job(body: FineTuningJobRequest, request: Request) -> FineTuning
         raise errors.InvalidRequest("integrations are not supported", param="integrations")
     spec = body.spec()
     check_custom_allowed(request, spec.get("method", "lora"))
-    job = await request.app.state.client.training("CreateTrainingJob", pb.CreateTrainingJobRequest(
-        spec_json=json.dumps(spec), training_file=body.training_file))
+    job = await request.app.state.client.create_training_job(json.dumps(spec), body.training_file)
     return FineTuningJob.of(job)
 
 
@@ -87,8 +86,7 @@ async def create_job(body: FineTuningJobRequest, request: Request) -> FineTuning
             responses=responses(400, 401, 500, 503))
 async def list_jobs(request: Request, after: str = "",
                     limit: int = Query(20, ge=1, le=100)) -> FineTuningJobList:
-    reply = await request.app.state.client.training(
-        "ListTrainingJobs", pb.ListTrainingJobsRequest(limit=limit, after=after))
+    reply = await request.app.state.client.list_training_jobs(limit, after)
     return FineTuningJobList(data=[FineTuningJob.of(j) for j in reply.jobs], has_more=reply.has_more)
 
 
@@ -101,8 +99,7 @@ async def get_job(job_id: str, request: Request) -> FineTuningJob:
 @router.post("/fine_tuning/jobs/{job_id}/cancel", response_model=FineTuningJob,
              responses=responses(400, 401, 404, 500, 503))
 async def cancel_job(job_id: str, request: Request) -> FineTuningJob:
-    job = await request.app.state.client.training("CancelTrainingJob", pb.TrainingJobRequest(id=job_id))
-    return FineTuningJob.of(job)
+    return FineTuningJob.of(await request.app.state.client.cancel_training_job(job_id))
 
 
 @router.get("/fine_tuning/jobs/{job_id}/events", response_model=JobEventList,
@@ -110,9 +107,8 @@ async def cancel_job(job_id: str, request: Request) -> FineTuningJob:
 async def job_events(job_id: str, request: Request, after: str = "",
                      limit: int = Query(20, ge=1, le=1000)) -> JobEventList:
     """Newest first; ``after`` an event id: the events before it."""
-    reply = await request.app.state.client.training(
-        "ListTrainingEvents", pb.TrainingEventsRequest(id=job_id))
-    events = [JobEvent.of(job_id, e) for e in reversed(reply.events)]
+    found = await request.app.state.client.list_training_events(job_id)
+    events = [JobEvent.of(job_id, e) for e in reversed(found)]
     events = _after(events, after)
     return JobEventList(data=events[:limit], has_more=len(events) > limit)
 
@@ -133,7 +129,7 @@ async def job_checkpoints(job_id: str, request: Request, after: str = "",
 
 
 async def _job(request: Request, job_id: str) -> pb.TrainingJob:
-    return await request.app.state.client.training("GetTrainingJob", pb.TrainingJobRequest(id=job_id))
+    return await request.app.state.client.get_training_job(job_id)
 
 
 def _after(items: list, after: str) -> list:

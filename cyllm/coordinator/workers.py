@@ -1,0 +1,44 @@
+"""The coordinator's calls to its workers: one channel per worker address, typed
+calls, failures arriving as the project's errors (``protocol.client``)."""
+
+from __future__ import annotations
+
+from cyllm.protocol import pb, rpc
+from cyllm.protocol.client import Stream, open_channel, unary
+from cyllm.runtime import REQUEST_ID
+
+# Loading can take minutes (vLLM's start, a GGUF conversion); unloading drains first.
+LOAD_TIMEOUT_S = 900.0
+
+
+class WorkerClients:
+    def __init__(self) -> None:
+        self._stubs: dict[str, rpc.WorkerStub] = {}
+        self._channels = []
+
+    def _stub(self, address: str) -> rpc.WorkerStub:
+        if address not in self._stubs:
+            channel = open_channel(address)
+            self._channels.append(channel)
+            self._stubs[address] = rpc.WorkerStub(channel)
+        return self._stubs[address]
+
+    def generate(self, address: str, request: pb.GenerateRequest,
+                 request_id: str) -> Stream[pb.GenerateResponse]:
+        return Stream(self._stub(address).Generate(request, metadata=((REQUEST_ID, request_id),)))
+
+    async def load_model(self, address: str, request: pb.LoadModelRequest) -> pb.LoadModelResponse:
+        return await unary(self._stub(address).LoadModel, request, timeout=LOAD_TIMEOUT_S)
+
+    async def unload_model(self, address: str,
+                           request: pb.UnloadModelRequest) -> pb.UnloadModelResponse:
+        return await unary(self._stub(address).UnloadModel, request, timeout=LOAD_TIMEOUT_S)
+
+    def train(self, address: str, request: pb.TrainRequest) -> Stream[pb.TrainingEvent]:
+        return Stream(self._stub(address).Train(request))
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+        self._channels.clear()
+        self._stubs.clear()

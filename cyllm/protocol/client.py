@@ -1,0 +1,49 @@
+"""The calling side of the internal gRPC plane: channels are opened here, and a failed
+call becomes the project's error here (``status.from_grpc``), once, so the typed
+clients built on it (the gateway's ``CoordinatorClient``, the coordinator's
+``WorkerClients``, the worker's registration) never see a gRPC exception.  Whatever
+every outgoing call must carry (credentials of the internal plane) belongs here too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Generic, TypeVar
+
+import grpc
+
+from cyllm.protocol import status
+
+T = TypeVar("T")
+
+
+def open_channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address)
+
+
+async def unary(method: Callable[..., Awaitable[T]], request: Any, **kwargs: Any) -> T:
+    """Call a unary RPC; its failure arrives as the error the peer raised."""
+    try:
+        return await method(request, **kwargs)
+    except grpc.aio.AioRpcError as exc:
+        raise status.from_grpc(exc) from None
+
+
+class Stream(Generic[T]):
+    """A call that streams replies: iterate it (a failure arrives as the error the peer
+    raised); ``cancel()`` may come from another task; leaving the iteration cancels it."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    async def __aiter__(self) -> AsyncIterator[T]:
+        try:
+            async for reply in self._call:
+                yield reply
+        except grpc.aio.AioRpcError as exc:
+            raise status.from_grpc(exc) from None
+        finally:
+            self._call.cancel()
