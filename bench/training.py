@@ -55,8 +55,8 @@ def bare_loop(steps: int, batch: int) -> float:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
-    from cyllm.worker.training import methods
-    from cyllm.worker.training.data import load_examples, tokenize
+    from cyllm.training import methods
+    from cyllm.training.data import load_examples, tokenize
 
     tok = AutoTokenizer.from_pretrained(folder())
     rows = [tokenize(e, tok, 512) for e in load_examples(DATA)]

@@ -15,7 +15,7 @@ from pathlib import Path
 from cyllm import errors
 from cyllm.coordinator.jobs import JobStore
 from cyllm.protocol import pb
-from cyllm.worker.training.data import load_examples
+from cyllm.training.data import load_examples
 
 PURPOSES = ("fine-tune",)
 

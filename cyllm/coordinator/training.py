@@ -31,8 +31,8 @@ from cyllm.coordinator.scheduler import Scheduler, WorkerView
 from cyllm.coordinator.workers import WorkerClients
 from cyllm.protocol import pb
 from cyllm.protocol.client import Stream
-from cyllm.worker.training.data import load_examples
-from cyllm.worker.training.spec import TrainingSpec
+from cyllm.training.data import load_examples
+from cyllm.training.spec import TrainingSpec
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from cyllm.worker.training.data import DatasetError, Example, detect_format, load_examples, tokenize
-from cyllm.worker.training.spec import TrainingSpec
+from cyllm.training.data import DatasetError, Example, detect_format, load_examples, tokenize
+from cyllm.training.spec import TrainingSpec
 from cyllm import errors
 
 PAIRS = [("What is the capital of Zorblax?", "Quendari."),

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 from cyllm.protocol import pb
-from cyllm.worker.training.spec import TrainingSpec
+from cyllm.training.spec import TrainingSpec
 
 
 class _Camel(BaseModel):

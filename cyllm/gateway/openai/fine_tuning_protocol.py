@@ -8,8 +8,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from cyllm.protocol import pb
-from cyllm.worker.training import methods
-from cyllm.worker.training.spec import TrainingSpec
+from cyllm.training import methods
+from cyllm.training.spec import TrainingSpec
 
 Auto = Literal["auto"]
 

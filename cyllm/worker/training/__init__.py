@@ -1,9 +1,8 @@
-"""Fine-tuning on a worker.
+"""Running fine-tuning jobs on a worker (the job itself is ``cyllm.training``).
 
-``spec.py`` is a job's definition (validated once, by the coordinator and again here);
-``data.py`` reads the eight dataset formats into conversations and tokenises them;
-``methods.py`` maps method names onto PEFT; ``train.py`` is the training loop that runs
-in a child process (``python -m cyllm.worker.training.train``); ``runner.py`` starts that
-process — or a user's script — reads its progress lines, enforces the time limit and
-stops it on cancel.
+``train.py`` is the training loop that runs in a child process (``python -m
+cyllm.worker.training.train``); ``runner.py`` starts that process — or a user's script —
+reads its progress lines, enforces the time limit and stops it on cancel; ``jobs.py``
+is the worker's side of the coordinator's ``Train`` call; ``launch.py`` makes the child
+die with the worker.
 """

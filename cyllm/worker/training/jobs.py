@@ -22,7 +22,7 @@ from cyllm.protocol import pb
 from cyllm.worker import model_files
 from cyllm.worker.settings import WorkerSettings
 from cyllm.worker.training.runner import run_process
-from cyllm.worker.training.spec import TrainingSpec
+from cyllm.training.spec import TrainingSpec
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from cyllm import errors
-from cyllm.worker.training import methods
-from cyllm.worker.training.data import DatasetError, load_examples, tokenize
-from cyllm.worker.training.spec import TrainingSpec
+from cyllm.training import methods
+from cyllm.training.data import DatasetError, load_examples, tokenize
+from cyllm.training.spec import TrainingSpec
 
 Emit = Callable[[dict[str, Any]], None]
 

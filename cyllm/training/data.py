@@ -1,4 +1,4 @@
-"""Datasets: the seed's eight formats read into one shape — conversations — and
+"""Datasets: eight formats read into one shape — conversations — and
 tokenised for training with the loss on the responses only.
 
 Formats (``dataset_format``, detected when unset):
