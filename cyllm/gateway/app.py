@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import re
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cyllm.gateway import errors
 from cyllm.gateway.admin import router as admin_router
 from cyllm.gateway.auth import Authenticator
 from cyllm.gateway.client import CoordinatorClient
+from cyllm.gateway.context import EdgeMiddleware
 from cyllm.gateway.keys import FileKeyStore, KeyStore, RedisKeyStore
 from cyllm.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from cyllm.gateway.metrics import router as metrics_router
@@ -25,57 +23,6 @@ from cyllm.gateway.native.websocket import router as websocket_router
 from cyllm.gateway.openai.router import router as openai_router
 from cyllm.gateway.ratelimit import RateLimiter
 from cyllm.gateway.settings import GatewaySettings
-
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-
-
-class RequestContext:
-    """Per-request plumbing: a request id (accepted from X-Request-ID or made up,
-    echoed back), the body size limit (enforced while the body is read), and JSON as
-    the body type when none or curl's form default is declared (no route takes
-    url-encoded forms, and ``curl -d '{...}'`` should just work).  File uploads
-    (``/v1/files``, multipart) have their own, larger limit."""
-
-    def __init__(self, app: ASGIApp, max_body_bytes: int, max_upload_bytes: int) -> None:
-        self.app = app
-        self.max_body_bytes = max_body_bytes
-        self.max_upload_bytes = max_upload_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        if headers.get(b"content-type", b"application/x-www-form-urlencoded") == b"application/x-www-form-urlencoded":
-            headers[b"content-type"] = b"application/json"
-            scope["headers"] = list(headers.items())
-        given = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
-        declared = headers.get(b"content-length", b"")
-        limit = self.max_upload_bytes if scope["path"] == "/v1/files" else self.max_body_bytes
-        received = int(declared) if declared.isdigit() else 0  # refuse early when declared
-
-        async def receive_checked() -> Message:
-            nonlocal received
-            if received > limit:
-                raise errors.BodyTooLarge(limit)
-            message = await receive()
-            if message["type"] == "http.request" and not declared:
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise errors.BodyTooLarge(limit)
-            return message
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                extra = [(b"x-request-id", request_id.encode())]
-                limits = scope["state"].get("ratelimit_headers") or {}
-                extra += [(k.encode(), v.encode()) for k, v in limits.items()]
-                message["headers"] = list(message.get("headers", [])) + extra
-            await send(message)
-
-        await self.app(scope, receive_checked, send_with_id)
-
 
 def key_store(settings: GatewaySettings) -> KeyStore:
     """Redis when configured (shared by every gateway), else the JSON file."""
@@ -116,7 +63,7 @@ def create_app(settings: GatewaySettings, client: CoordinatorClient | None = Non
     app.include_router(websocket_router)
     app.include_router(admin_router)
     app.include_router(metrics_router)
-    app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes,
+    app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes,
                        max_upload_bytes=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.openapi = lambda: _openapi(app)

@@ -16,6 +16,7 @@ import jwt
 from fastapi import Request
 
 from cyllm import errors
+from cyllm.gateway.context import context
 from cyllm.gateway.keys import PREFIX, KeyStore
 from cyllm.gateway.settings import GatewaySettings
 
@@ -115,14 +116,14 @@ class Authenticator:
 
 
 async def authenticate(request: Request) -> Identity:
-    """FastAPI dependency: the caller's identity, or 401."""
+    """FastAPI dependency: the caller's identity (also in the request's context), or 401."""
     identity = await request.app.state.auth.identify(request.headers.get("authorization"))
-    request.state.identity = identity
+    context(request).identity = identity
     return identity
 
 
 async def require_admin(request: Request) -> Identity:
     identity = await authenticate(request)
     if not identity.admin:
-        raise errors.Forbidden(f"this route needs the {request.app.state.auth.settings.admin_scope!r} scope")
+        raise errors.Forbidden(f"this route needs the {request.app.state.settings.admin_scope!r} scope")
     return identity

@@ -1,22 +1,25 @@
 """Protocol-independent pieces of a generation as the gateway sees it.
 
-Both HTTP surfaces (OpenAI's and the seed's native one) build a ``GenerateRequest``
-with :func:`build_request` and consume the coordinator's stream through
-:class:`Generation`, which reads the first event before any HTTP response is sent, so
-a refused request still gets a proper 4xx/5xx status instead of a broken stream.
+Every surface (OpenAI's routes, the native routes, the WebSocket) builds a
+``GenerateRequest`` with :func:`build_request` and runs it as a :class:`Generation`,
+which reads the first event before any response is sent, so a refused request still
+gets a proper 4xx/5xx status instead of a broken stream.  After that, ``events()`` is
+the one stream every surface formats: text pieces, then ``Done`` or ``Failed``.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Self
 
-import time
-
-from fastapi import Request
+from pydantic import BaseModel
+from starlette.requests import HTTPConnection
 
 from cyllm import errors
+from cyllm.gateway.context import Usage, context
 from cyllm.protocol import pb
 
 
@@ -60,32 +63,65 @@ class Outcome:
     cached: bool = False
 
 
+class TokenUsage(BaseModel):
+    """Token counts of one generation; each surface's ``Usage`` schema is one of these."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, o: Outcome) -> Self:
+        return cls(prompt_tokens=o.prompt_tokens, completion_tokens=o.completion_tokens,
+                   total_tokens=o.prompt_tokens + o.completion_tokens)
+
+
+@dataclass(frozen=True)
+class Text:
+    text: str
+
+
+@dataclass(frozen=True)
+class Done:
+    outcome: Outcome
+
+
+@dataclass(frozen=True)
+class Failed:
+    """An error after the response started: the surface sends it as its error frame."""
+
+    error: errors.CyllmError
+
+
+Event = Text | Done | Failed
+
+
 class Generation:
-    """One running generation: ``await start()``, then iterate text deltas, then ``outcome``.
+    """One running generation: ``await start()``, then ``events()`` (streams) or
+    ``text()`` (whole answers).
 
     ``start`` checks the caller's model rights and rate limits before anything is sent
     upstream; the limits are settled (slot freed, tokens counted) when the stream ends.
     """
 
-    def __init__(self, http: Request, request: pb.GenerateRequest) -> None:
-        state = http.app.state
+    def __init__(self, conn: HTTPConnection, request: pb.GenerateRequest) -> None:
+        state = conn.app.state
         self._client, self._request = state.client, request
-        self._events = None
-        self.identity = http.state.identity
+        self._events: AsyncIterator[pb.GenerateResponse] | None = None
+        self.ctx = context(conn)
         self.limiter = state.limiter
         self.metrics = state.metrics
-        self._http = http
         self._admission = None
         self.outcome = Outcome()
         self.model = request.model
         self._started = time.perf_counter()
-        self._keep_text: list[str] | None = [] if state.auth.settings.log_content else None
+        self._keep_text: list[str] | None = [] if state.settings.log_content else None
 
     async def start(self) -> Generation:
-        self.identity.check_model(self.model)
-        self._admission = await self.limiter.admit(self.identity)
-        self._http.state.ratelimit_headers = self._admission.headers
-        self._events = self._client.generate(self._request, self._http.state.request_id)
+        self.ctx.caller.check_model(self.model)
+        self._admission = await self.limiter.admit(self.ctx.caller)
+        self.ctx.ratelimit_headers = self._admission.headers
+        self._events = self._client.generate(self._request, self.ctx.request_id)
         try:
             first = await anext(self._events)
         except StopAsyncIteration:
@@ -99,8 +135,22 @@ class Generation:
         self.outcome.cached = first.started.cached
         return self
 
-    async def deltas(self) -> AsyncIterator[str]:
-        """Text pieces; closing this iterator early cancels the generation upstream."""
+    async def events(self) -> AsyncIterator[Event]:
+        """Text pieces, then Done or Failed; closing this early cancels upstream."""
+        try:
+            async for piece in self._pieces():
+                yield Text(piece)
+        except errors.CyllmError as exc:
+            yield Failed(exc)
+            return
+        yield Done(self.outcome)
+
+    async def text(self) -> str:
+        """The whole answer (an error raises: nothing was sent yet)."""
+        return "".join([piece async for piece in self._pieces()])
+
+    async def _pieces(self) -> AsyncIterator[str]:
+        assert self._events is not None, "start() first"
         last = None
         try:
             async with aclosing(self._events) as events:
@@ -117,23 +167,22 @@ class Generation:
                             self._keep_text.append(msg.delta.text)
                         yield msg.delta.text
                     elif kind == "finished":
-                        f = msg.finished
-                        self._http.state.usage = (self.model, f.prompt_tokens, f.completion_tokens)
-                        if self._keep_text is not None:  # log_content: explicitly enabled
-                            r = self._request
-                            self._http.state.content = {
-                                "prompt": r.prompt if r.WhichOneof("input") == "prompt"
-                                else [[m.role, m.content] for m in r.messages.messages],
-                                "completion": "".join(self._keep_text)}
-                        self.outcome.finish_reason = f.finish_reason
-                        self.outcome.prompt_tokens = f.prompt_tokens
-                        self.outcome.completion_tokens = f.completion_tokens
-                        self.metrics.tokens.labels(self.model).inc(f.completion_tokens)
+                        self._finished(msg.finished)
         finally:
             await self._settle()
 
-    async def text(self) -> str:
-        return "".join([piece async for piece in self.deltas()])
+    def _finished(self, f: pb.Finished) -> None:
+        self.ctx.usage = Usage(self.model, f.prompt_tokens, f.completion_tokens)
+        if self._keep_text is not None:  # log_content: explicitly enabled
+            r = self._request
+            self.ctx.content = {
+                "prompt": r.prompt if r.WhichOneof("input") == "prompt"
+                else [[m.role, m.content] for m in r.messages.messages],
+                "completion": "".join(self._keep_text)}
+        self.outcome.finish_reason = f.finish_reason
+        self.outcome.prompt_tokens = f.prompt_tokens
+        self.outcome.completion_tokens = f.completion_tokens
+        self.metrics.tokens.labels(self.model).inc(f.completion_tokens)
 
     async def _settle(self) -> None:
         if self._admission is not None:

@@ -1,5 +1,5 @@
-"""The gateway's Prometheus metrics (seed names first), served on its own HTTP port at
-``/actuator/prometheus`` (the seed's path) and ``/metrics``."""
+"""The gateway's Prometheus metrics, served on its HTTP port at ``/metrics`` and
+``/actuator/prometheus`` (the path of the original design, kept for its dashboards)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cyllm.gateway.context import peek
 from cyllm.telemetry import LATENCY_BUCKETS, TOKEN_GAP_BUCKETS
 
 
@@ -64,16 +65,18 @@ class MetricsMiddleware:
             self.metrics.requests.labels(method, label, str(status["code"])).inc()
             if status["code"] >= 400:
                 self.metrics.rejected.labels(str(status["code"])).inc()
-            state = scope.get("state", {})
-            identity = state.get("identity")
-            model, prompt_tokens, completion_tokens = state.get("usage", (None, None, None))
+            ctx = peek(scope)
+            identity, usage = (ctx.identity, ctx.usage) if ctx else (None, None)
             access_log.info(
                 "%s %s %d %.1fms", method, scope["path"], status["code"], elapsed * 1000,
-                extra={"request_id": state.get("request_id"), "method": method, "route": label,
-                       "status": status["code"], "latency_ms": round(elapsed * 1000, 1),
-                       "caller": identity.subject if identity else None, "model": model,
-                       "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                       **state.get("content", {})})
+                extra={"request_id": ctx.request_id if ctx else None, "method": method,
+                       "route": label, "status": status["code"],
+                       "latency_ms": round(elapsed * 1000, 1),
+                       "caller": identity.subject if identity else None,
+                       "model": usage.model if usage else None,
+                       "prompt_tokens": usage.prompt_tokens if usage else None,
+                       "completion_tokens": usage.completion_tokens if usage else None,
+                       **((ctx.content if ctx else None) or {})})
             self.metrics.latency.labels(method, label).observe(elapsed)
 
 
@@ -89,7 +92,7 @@ _TEXT = {200: {"content": {"text/plain": {"schema": {"type": "string"}}},
 async def prometheus(request: Request) -> Response:
     """Prometheus text exposition of the gateway's metrics (credentials needed unless
     ``metrics_public``)."""
-    if not request.app.state.auth.settings.metrics_public:
+    if not request.app.state.settings.metrics_public:
         from cyllm.gateway.auth import authenticate
 
         await authenticate(request)

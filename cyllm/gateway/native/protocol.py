@@ -1,4 +1,4 @@
-"""Schemas of the seed's native API (``/api/v1``); JSON fields are camelCase."""
+"""Schemas of the native API (``/api/v1``); JSON fields are camelCase."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
+
+from cyllm.gateway.generation import Outcome, TokenUsage, build_request
+from cyllm.protocol import pb
 
 
 class _Camel(BaseModel):
@@ -46,11 +49,29 @@ class InferenceRequest(_Camel):
             return [(m.role, m.content) for m in self.messages]
         return None if self.raw else [("user", self.prompt or "")]
 
+    def generate_request(self, request_id: str) -> pb.GenerateRequest:
+        return build_request(
+            request_id, self.model_id, prompt=self.prompt, messages=self.conversation(),
+            max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+            stop=self.stop, seed=self.seed, priority=self.priority,
+        )
 
-class Usage(_Camel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
+
+class Usage(_Camel, TokenUsage):
+    pass
+
+
+class InferenceDone(_Camel):
+    """The last event of a native stream (SSE ``done``, WebSocket ``{"type": "done"}``)."""
+
+    id: str
+    finish_reason: str
+    cached: bool
+    usage: Usage
+
+    @classmethod
+    def of(cls, rid: str, o: Outcome) -> InferenceDone:
+        return cls(id=rid, finish_reason=o.finish_reason, cached=o.cached, usage=Usage.of(o))
 
 
 class InferenceResponse(_Camel):

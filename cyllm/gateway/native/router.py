@@ -1,4 +1,4 @@
-"""The seed's native routes under ``/api/v1``."""
+"""The native routes under ``/api/v1``: inference (whole, SSE), models, health."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from cyllm import errors
 from cyllm.gateway.auth import authenticate, require_admin
+from cyllm.gateway.context import context
 from cyllm.gateway.errors import GENERATION_ERRORS, responses, stream_error
-from cyllm.gateway.generation import Generation, build_request
+from cyllm.gateway.generation import Done, Failed, Generation
 from cyllm.gateway.native.protocol import (
     CoordinatorHealth,
     HealthResponse,
+    InferenceDone,
     InferenceRequest,
     InferenceResponse,
     LoadModelRequest,
@@ -34,28 +35,14 @@ router = APIRouter(prefix="/api/v1", tags=["native"], dependencies=[Depends(auth
 health_router = APIRouter(prefix="/api/v1", tags=["health"])
 
 
-def _request(body: InferenceRequest, rid: str):
-    return build_request(
-        rid, body.model_id, prompt=body.prompt, messages=body.conversation(),
-        max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
-        stop=body.stop, seed=body.seed, priority=body.priority,
-    )
-
-
-def _usage(gen: Generation) -> Usage:
-    o = gen.outcome
-    return Usage(prompt_tokens=o.prompt_tokens, completion_tokens=o.completion_tokens,
-                 total_tokens=o.prompt_tokens + o.completion_tokens)
-
-
 @router.post("/inference", response_model=InferenceResponse, response_model_by_alias=True,
              responses=ERRORS)
 async def inference(body: InferenceRequest, request: Request) -> InferenceResponse:
-    rid = request.state.request_id
-    gen = await Generation(request, _request(body, rid)).start()
+    rid = context(request).request_id
+    gen = await Generation(request, body.generate_request(rid)).start()
     text = await gen.text()
     return InferenceResponse(id=rid, model_id=body.model_id, text=text, cached=gen.outcome.cached,
-                             finish_reason=gen.outcome.finish_reason, usage=_usage(gen))
+                             finish_reason=gen.outcome.finish_reason, usage=Usage.of(gen.outcome))
 
 
 @router.post("/inference/stream", responses={**ERRORS, 200: {
@@ -63,27 +50,26 @@ async def inference(body: InferenceRequest, request: Request) -> InferenceRespon
     "description": "events: `token` {text}, then `done` {finishReason, usage, cached} or `error`",
 }})
 async def inference_stream(body: InferenceRequest, request: Request) -> StreamingResponse:
-    rid = request.state.request_id
-    gen = await Generation(request, _request(body, rid)).start()
+    rid = context(request).request_id
+    gen = await Generation(request, body.generate_request(rid)).start()
     return sse_response(_stream(gen, rid))
 
 
 async def _stream(gen: Generation, rid: str) -> AsyncIterator[str]:
-    try:
-        async for text in gen.deltas():
-            yield frame({"text": text}, event="token")
-    except errors.CyllmError as exc:
-        yield frame(stream_error(exc), event="error")
-        return
-    yield frame({"id": rid, "finishReason": gen.outcome.finish_reason, "cached": gen.outcome.cached,
-                 "usage": _usage(gen).model_dump(by_alias=True)}, event="done")
+    async for event in gen.events():
+        if isinstance(event, Failed):
+            yield frame(stream_error(event.error), event="error")
+        elif isinstance(event, Done):
+            yield frame(InferenceDone.of(rid, event.outcome).model_dump(by_alias=True), event="done")
+        else:
+            yield frame({"text": event.text}, event="token")
 
 
 @router.get("/models", response_model=ModelsResponse, response_model_by_alias=True,
             responses=responses(401, 500, 503))
 async def models(request: Request) -> ModelsResponse:
     found = await request.app.state.client.list_models()
-    allowed = request.state.identity.models
+    allowed = context(request).caller.models
     return ModelsResponse(models=[_entry(m) for m in found if allowed is None or m.id in allowed])
 
 

@@ -11,6 +11,7 @@ from fastapi.responses import StreamingResponse
 
 from cyllm import errors
 from cyllm.gateway.auth import authenticate
+from cyllm.gateway.context import context
 from cyllm.gateway.errors import responses, stream_error
 from cyllm.gateway.native.training_protocol import (
     TrainingJobsResponse,
@@ -24,8 +25,8 @@ router = APIRouter(prefix="/api/v1/training", tags=["training"], dependencies=[D
 
 
 def check_custom_allowed(request: Request, method: str) -> None:
-    identity = request.state.identity
-    if method == "custom" and request.app.state.settings.auth_enabled and not identity.admin:
+    if method == "custom" and request.app.state.settings.auth_enabled \
+            and not context(request).caller.admin:
         raise errors.Forbidden("a custom training script runs code on a worker: admin scope needed")
 
 

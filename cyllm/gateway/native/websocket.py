@@ -12,16 +12,17 @@ A client that goes away mid-stream aborts its generation.
 from __future__ import annotations
 
 import json
-import uuid
+from contextlib import aclosing
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
 from cyllm import errors
+from cyllm.gateway.auth import Identity
+from cyllm.gateway.context import new_context
 from cyllm.gateway.errors import error_body, http_status
-from cyllm.gateway.generation import Generation
-from cyllm.gateway.native.protocol import InferenceRequest
-from cyllm.gateway.native.router import _request, _usage
+from cyllm.gateway.generation import Done, Failed, Generation
+from cyllm.gateway.native.protocol import InferenceDone, InferenceRequest
 
 router = APIRouter(prefix="/api/v1", tags=["native"])
 
@@ -38,19 +39,19 @@ async def inference_ws(ws: WebSocket) -> None:
     if header is None and ws.query_params.get("api_key"):
         header = f"Bearer {ws.query_params['api_key']}"
     try:
-        ws.state.identity = await ws.app.state.auth.identify(header)
+        identity = await ws.app.state.auth.identify(header)
     except errors.CyllmError as exc:
         await ws.send_json(_error(exc))
         await ws.close(code=1008, reason="unauthenticated")
         return
     try:
         while True:
-            await _serve_one(ws, await ws.receive_text())
+            await _serve_one(ws, identity, await ws.receive_text())
     except WebSocketDisconnect:
         return
 
 
-async def _serve_one(ws: WebSocket, raw: str) -> None:
+async def _serve_one(ws: WebSocket, identity: Identity, raw: str) -> None:
     try:
         body = InferenceRequest.model_validate(json.loads(raw))
     except (ValueError, ValidationError) as exc:
@@ -58,13 +59,19 @@ async def _serve_one(ws: WebSocket, raw: str) -> None:
             f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
         await ws.send_json(_error(errors.InvalidRequest(f"invalid request: {message}")))
         return
-    rid = ws.state.request_id = uuid.uuid4().hex
+    ctx = new_context(ws.scope)  # each message is a request of its own
+    ctx.identity = identity
     try:
-        gen = await Generation(ws, _request(body, rid)).start()
-        async for text in gen.deltas():
-            await ws.send_json({"type": "token", "text": text})
+        gen = await Generation(ws, body.generate_request(ctx.request_id)).start()
     except errors.CyllmError as exc:
         await ws.send_json(_error(exc))
         return
-    await ws.send_json({"type": "done", "id": rid, "finishReason": gen.outcome.finish_reason,
-                        "cached": gen.outcome.cached, "usage": _usage(gen).model_dump(by_alias=True)})
+    async with aclosing(gen.events()) as events:  # a client gone mid-stream: closed here
+        async for event in events:
+            if isinstance(event, Failed):
+                await ws.send_json(_error(event.error))
+            elif isinstance(event, Done):
+                done = InferenceDone.of(ctx.request_id, event.outcome).model_dump(by_alias=True)
+                await ws.send_json({"type": "done", **done})
+            else:
+                await ws.send_json({"type": "token", "text": event.text})

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cyllm import errors
+from cyllm.gateway.generation import TokenUsage
 
 INT32_MAX = 2**31 - 1  # the gRPC contract's int32: larger counts are refused here, not there
 
@@ -108,10 +109,8 @@ class CompletionRequest(_Sampling):
         return prompt
 
 
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
+class Usage(TokenUsage):
+    pass
 
 
 class AssistantMessage(BaseModel):
