@@ -2,7 +2,7 @@
 
 Each component owns its metrics on its own ``CollectorRegistry`` (no process-global
 state, so several components can live in one test process).  The gateway serves them
-on its HTTP port (``/actuator/prometheus``, the seed's path, and ``/metrics``); the
+on its HTTP port (``/metrics``, and ``/actuator/prometheus``, the design's path); the
 coordinator and the worker speak gRPC, so they serve ``/metrics`` on a separate HTTP
 port (``metrics_port``; 0 picks a free one, None turns it off).
 """

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import socket
 import subprocess
 import time
 
 import pytest
 import redis
 
-from bench.common import free_port, free_ports  # noqa: F401  (re-exported to the tiers)
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports (held open together while chosen, so none repeats)."""
+    with contextlib.ExitStack() as held:
+        socks = [held.enter_context(socket.create_server(("127.0.0.1", 0))) for _ in range(n)]
+        return [s.getsockname()[1] for s in socks]
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
+
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""The coordinator's Prometheus metrics (seed names first)."""
+"""The coordinator's Prometheus metrics (names as in docs/design.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fine-tuning methods: the seed's names mapped onto the ``peft`` library.
+"""Fine-tuning methods: the names of docs/design.md mapped onto the ``peft`` library.
 
 ========== ===============================================================
 ``lora``        ``LoraConfig``
@@ -11,7 +11,7 @@
 ``lokr``        ``LoKrConfig``
 ``vera``        ``VeraConfig``
 ``fourier``     ``FourierFTConfig``
-``adaliprompt`` ``AdaptionPromptConfig`` — LLaMA-Adapter's adaption prompts. The seed's
+``adaliprompt`` ``AdaptionPromptConfig`` — LLaMA-Adapter's adaption prompts. The design's
                 "adaliprompt" (adaptive prompt) has no library of that name; PEFT's
                 adaption prompt is the adaptive-prompt method it ships (Llama, Mistral,
                 GPT-2 style models only).

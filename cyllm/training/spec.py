@@ -14,7 +14,7 @@ Method = Literal["lora", "adalora", "ia3", "loha", "lokr", "dora", "pissa", "ver
                  "adaliprompt", "hyenadna", "full", "custom"]
 Format = Literal["json", "jsonl", "alpaca", "sharegpt", "openai", "hf", "csv", "parquet"]
 
-# The seed lists HyenaDNA among its adapter methods; it is a model family, not a method.
+# The design lists HyenaDNA among the adapter methods; it is a model family, not a method.
 HYENADNA = ("'hyenadna' is not a fine-tuning method: HyenaDNA is a family of genomic models "
             "(long convolutions over DNA). To fine-tune a HyenaDNA checkpoint, serve it as the "
             "base model and choose a method such as 'lora' or 'full'.")

@@ -14,7 +14,7 @@ from cyllm.protocol import pb, rpc
 from cyllm.protocol.server import create_server
 from cyllm.runtime import advertised, stop_event
 from cyllm.telemetry import serve_metrics
-from cyllm.worker.engines.factory import detect_accelerator
+from cyllm.worker.engines.factory import detect_accelerator, is_test_double
 from cyllm.worker.engines.types import EngineHealth
 from cyllm.worker.metrics import WorkerMetrics
 from cyllm.worker.models import ModelManager
@@ -46,7 +46,7 @@ class WorkerServer:
 
     async def start(self) -> int:
         s = self.settings
-        real = any(m.engine != "fake" for m in s.models)
+        real = not all(is_test_double(m) for m in s.models)
         if real:
             import torch
 

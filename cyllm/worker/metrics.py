@@ -1,4 +1,4 @@
-"""The worker's Prometheus metrics (seed names first)."""
+"""The worker's Prometheus metrics (names as in docs/design.md)."""
 
 from __future__ import annotations
 

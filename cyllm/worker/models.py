@@ -26,7 +26,12 @@ from cyllm.worker import memory
 from cyllm.worker.convert import card_to_proto
 from cyllm.worker.engines.base import AbstractEngine
 from cyllm.worker.engines.types import ModelCard
-from cyllm.worker.engines.factory import ENGINES, create_engine, resolve_engine_name
+from cyllm.worker.engines.factory import (
+    ENGINES,
+    create_engine,
+    engine_for_new_weights,
+    resolve_engine_name,
+)
 from cyllm.worker.settings import ModelSpec, WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -85,10 +90,10 @@ class ModelManager:
         from cyllm.worker import model_files
 
         name = resolve_engine_name(spec, self.settings.cpu_engine)
-        source = ENGINES[name].source
-        if source == "none" or name == "fake" or name == "hybrid":
-            return memory.Estimate(0, 0)  # memory lives elsewhere (MindIE) or in members
-        if source == "gguf":
+        entry = ENGINES[name]
+        if not entry.holds_weights:
+            return memory.Estimate(0, 0)  # in a server (MindIE), in members, or nowhere
+        if entry.source == "gguf":
             return memory.estimate_gguf(spec.model_copy(update={"engine": name}),
                                         model_files.gguf_source(spec))
         folder = model_files.resolve(spec, self.settings.cache_dir)
@@ -110,7 +115,8 @@ class ModelManager:
     def register(self, model: str, from_model: str, model_path: Path | None,
                  peft_adapter: Path | None) -> None:
         """Add ``model`` to the catalog: ``from_model``'s spec with new weights (a full
-        fine-tune) or with a PEFT adapter applied (served by the transformers engine)."""
+        fine-tune) or with a PEFT adapter applied, served by an engine that loads them
+        (``factory.engine_for_new_weights``)."""
         base = self.catalog.get(from_model)
         if base is None:
             raise errors.ModelNotFound(f"model {from_model!r} is not in this worker's catalog",
@@ -124,9 +130,9 @@ class ModelManager:
             update.update(path=model_path, gguf=None)
         else:
             update["peft_adapter"] = peft_adapter
-        if peft_adapter is not None or base.engine in ("hybrid", "llama_cpp"):
-            update.update(engine="ascend" if base.engine == "ascend" else "transformers",
-                          candidates=[], engine_args={})
+        engine = engine_for_new_weights(base, self.settings.cpu_engine, peft=peft_adapter is not None)
+        if engine != base.engine:
+            update.update(engine=engine, candidates=[], engine_args={})
         self.catalog[model] = base.model_copy(update=update)
 
     async def _load_base(self, model: str) -> list[str]:

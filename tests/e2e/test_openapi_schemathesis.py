@@ -36,6 +36,6 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(tmp_path):
              "not_a_server_error,response_schema_conformance,status_code_conformance,"
              "content_type_conformance", "--max-examples", "25", "--seed", "20261128",
              "--request-timeout", "20"],
-            capture_output=True, text=True, timeout=600)
+            capture_output=True, text=True, timeout=600, cwd=tmp_path)  # its cache stays out of the tree
         assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
         assert "passed" in run.stdout

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from bench.common import free_port
 from cyllm.worker import model_files
 from cyllm.worker.engines.base import AbstractEngine
 from cyllm.worker.settings import DEFAULT_GGUF, ModelSpec, WorkerSettings, default_models
 from tests import fakes
+from tests.conftest import free_port
 
 CONTEXT = 512
 

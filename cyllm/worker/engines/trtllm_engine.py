@@ -9,7 +9,7 @@ new text and tokens; ``RequestOutput.abort()`` cancels.  LoRA adapters named in 
 are sent per request as ``LoRARequest`` (the LLM must be built with LoRA enabled, via
 ``engine_args``).
 
-Not run on hardware here (no NVIDIA GPU on the development machine): tested against a
+Not yet run on NVIDIA hardware (see the README's status table): tested against a
 fake of the ``tensorrt_llm`` API surface used below.
 """
 

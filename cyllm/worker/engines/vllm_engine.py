@@ -204,7 +204,7 @@ class VllmCudaEngine(VllmAsyncEngine):
 
 class VllmAscendEngine(VllmAsyncEngine):
     """vLLM on Ascend: the ``vllm-ascend`` plugin registers the ``npu`` platform with
-    vLLM, so the same AsyncLLM code runs there.  Not run on Ascend hardware here."""
+    vLLM, so the same AsyncLLM code runs there.  Not yet run on Ascend hardware."""
 
     name = "vllm_ascend"
     platform = "npu"
