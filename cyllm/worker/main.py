@@ -107,7 +107,7 @@ class WorkerServer:
             available=m.available(),
             memory_budget_bytes=m.budget.limit,
             memory_used_bytes=m.budget.used_bytes,
-            trains=s.training_enabled,
+            trains=not self.training.unavailable,
             training_job=self.training.current,
             training_shares_device=s.training_shares_device,
         )

@@ -9,6 +9,7 @@ on unless ``worker.training_shares_device`` is set.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import logging
 import os
@@ -20,11 +21,14 @@ from pathlib import Path
 from cyllm import errors
 from cyllm.protocol import pb
 from cyllm.worker import model_files
+from cyllm.training.spec import TrainingSpec
 from cyllm.worker.settings import WorkerSettings
 from cyllm.worker.training.runner import run_process
-from cyllm.training.spec import TrainingSpec
 
 log = logging.getLogger(__name__)
+
+# What a training job's process imports beyond the worker's model runtime.
+TRAINING_PACKAGES = ("accelerate", "datasets", "peft")
 
 
 class WorkerTraining:
@@ -35,6 +39,17 @@ class WorkerTraining:
         self.accelerator = accelerator
         self._on_change = on_change
         self.current = ""  # the running job's id
+
+    @property
+    def unavailable(self) -> str:
+        """Why this worker takes no training job ('' when it takes them)."""
+        if not self.settings.training_enabled:
+            return "worker.training_enabled is false"
+        missing = [p for p in TRAINING_PACKAGES if importlib.util.find_spec(p) is None]
+        if missing:
+            return (f"the training packages are not installed ({', '.join(missing)}); "
+                    "pip install 'cyllm[train]'")
+        return ""
 
     @property
     def root(self) -> Path:
@@ -48,8 +63,8 @@ class WorkerTraining:
         return {"cuda": "cuda:0", "npu": "npu:0"}.get(self.accelerator, "cpu")
 
     async def train(self, request: pb.TrainRequest) -> AsyncIterator[pb.TrainingEvent]:
-        if not self.settings.training_enabled:
-            raise errors.Unavailable("this worker does not train (worker.training_enabled: false)")
+        if why := self.unavailable:
+            raise errors.Unavailable(f"this worker does not train: {why}")
         if self.current:
             raise errors.Overloaded(f"this worker is running training job {self.current}")
         spec = TrainingSpec.parse(request.spec_json)
