@@ -54,6 +54,7 @@ async def direct(requests: int, concurrency: int, tokens: int):
     from cyllm.worker.settings import ModelSpec
 
     engine = FakeEngine(ModelSpec(id="fake", engine="fake"))
+    await engine.load()
 
     async def call(i: int) -> None:
         req = GenerationRequest(f"d{i}", prompt="hello world",

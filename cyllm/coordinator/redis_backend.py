@@ -173,7 +173,7 @@ class RedisScheduler(Scheduler):
         self._enqueue_script = client.register_script(_ENQUEUE)
         self._claim = client.register_script(_CLAIM)
         self._release = client.register_script(_RELEASE)
-        self._withdraw = client.register_script(_WITHDRAW)
+        self._withdraw_script = client.register_script(_WITHDRAW)
         self._reap = client.register_script(_REAP)
         self._drop_orphan = client.register_script(_DROP_ORPHAN)
         self._heartbeat = client.register_script(_HEARTBEAT)
@@ -290,13 +290,13 @@ class RedisScheduler(Scheduler):
         self._waiting[task.task_id] = waiter  # 1: queued; 2: adopted (a retry of ours)
         self._wake.set()
 
-    async def _forget(self, waiter: Waiter) -> None:
-        task = waiter.task
-        if self._waiting.get(task.task_id) is waiter:
-            del self._waiting[task.task_id]
-        if not waiter.future.done():
-            await self._withdraw(keys=[P + f"q:{task.model}", P + f"task:{task.task_id}",
-                                       P + "qlen"], args=[task.task_id])
+    def _forget(self, waiter: Waiter) -> None:
+        if self._waiting.get(waiter.task.task_id) is waiter:
+            del self._waiting[waiter.task.task_id]
+
+    async def _withdraw(self, task: Task) -> None:
+        await self._withdraw_script(keys=[P + f"q:{task.model}", P + f"task:{task.task_id}",
+                                          P + "qlen"], args=[task.task_id])
 
     async def release(self, task: Task, worker_id: str) -> None:
         await self._release(keys=[P + f"w:{worker_id}", P + f"task:{task.task_id}", P + "leases"],

@@ -92,19 +92,24 @@ class Scheduler(abc.ABC):
                 f"no worker slot for model {task.model!r} became free within {self.queue_timeout_s:g}s"
             ) from None
         finally:
-            await asyncio.shield(self._forget(waiter))
-            if waiter.future.done() and caller_cancelled():
+            self._forget(waiter)
+            if not waiter.future.done():  # still queued: nothing was reserved
+                await asyncio.shield(self._withdraw(task))
+            elif caller_cancelled():  # reserved, but the caller is gone: give it back
                 await asyncio.shield(self.release(task, waiter.future.result().worker_id))
 
     @abc.abstractmethod
     async def _enqueue(self, waiter: Waiter) -> None:
         """Put the waiter's task in the queue (``queue_full()`` when there is no room)
-        and let the dispatch see it."""
+        and let the dispatch see the waiter."""
 
     @abc.abstractmethod
-    async def _forget(self, waiter: Waiter) -> None:
-        """The waiter stopped waiting: drop it, and its task from the queue unless a
-        slot was given."""
+    def _forget(self, waiter: Waiter) -> None:
+        """The waiter stopped waiting: the dispatch must no longer see it."""
+
+    @abc.abstractmethod
+    async def _withdraw(self, task: Task) -> None:
+        """Take ``task`` out of the queue (it got no slot)."""
 
     def queue_full(self) -> errors.Overloaded:
         return errors.Overloaded(f"the task queue is full ({self.max_size} waiting); retry later",
@@ -220,9 +225,11 @@ class MemoryScheduler(Scheduler):
         self._waiting[waiter.task] = waiter
         self.pump()
 
-    async def _forget(self, waiter: Waiter) -> None:
+    def _forget(self, waiter: Waiter) -> None:
         self._waiting.pop(waiter.task, None)
-        self.queue.remove(waiter.task)
+
+    async def _withdraw(self, task: Task) -> None:
+        self.queue.remove(task)
 
     async def release(self, task: Task, worker_id: str) -> None:
         record = self._workers.get(worker_id)

@@ -25,22 +25,32 @@ def create_server() -> grpc.aio.Server:
 
 
 class EdgeInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self) -> None:
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # by method: built once
+
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED
-            return handler
-        codec = {"request_deserializer": handler.request_deserializer,
-                 "response_serializer": handler.response_serializer}
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(_unary(handler.unary_unary), **codec)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(_streaming(handler.unary_stream), **codec)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(_unary(handler.stream_unary), **codec)
-        return grpc.stream_stream_rpc_method_handler(_streaming(handler.stream_stream), **codec)
+        wrapped = self._wrapped.get(details.method)
+        if wrapped is None:
+            handler = await continuation(details)
+            if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED
+                return handler
+            wrapped = self._wrapped[details.method] = _translated(handler)
+        return wrapped
+
+
+def _translated(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    codec = {"request_deserializer": handler.request_deserializer,
+             "response_serializer": handler.response_serializer}
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(_unary(handler.unary_unary), **codec)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(_streaming(handler.unary_stream), **codec)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(_unary(handler.stream_unary), **codec)
+    return grpc.stream_stream_rpc_method_handler(_streaming(handler.stream_stream), **codec)
 
 
 def _unary(behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:

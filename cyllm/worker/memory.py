@@ -26,7 +26,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from cyllm.worker.model_files import context_length
+from cyllm.worker.model_files import folder_context_length
 from cyllm.worker.settings import ModelSpec
 
 GIB = 1024**3
@@ -92,7 +92,7 @@ def estimate_folder(spec: ModelSpec, folder: Path, device_type: str, device_tota
     nbytes = load_dtype_bytes(spec, device_type, ckpt_dtype)
     config = json.loads((folder / "config.json").read_text())
     weights = elements * nbytes
-    context = context_length(folder, spec.max_context)
+    context = folder_context_length(folder, spec.max_context)
     per_token = kv_bytes_per_token(config, nbytes)
     args = spec.engine_args
     if spec.engine.startswith("vllm"):

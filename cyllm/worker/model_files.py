@@ -11,6 +11,7 @@ import fcntl
 import importlib.util
 import shutil
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -97,11 +98,16 @@ def _convert_gguf(source: Path, target: Path, model_id: str) -> None:
     _console.print(f"[3/3] {model_id} cached in {target}", soft_wrap=True)
 
 
-def context_length(folder: Path, cap: int | None = None) -> int:
-    """The model's context window (its config's ``max_position_embeddings``, read through
-    transformers so that architectures naming it otherwise are right), at most ``cap``."""
+def context_length(config: Any, cap: int | None = None) -> int:
+    """A model's context window, at most ``cap``: ``max_position_embeddings`` of its
+    (text) config, a transformers ``PretrainedConfig`` — through transformers, so that an
+    architecture naming it otherwise (GPT-2's ``n_positions``) is read right."""
+    own = getattr(config.get_text_config(), "max_position_embeddings", None) or 2048
+    return min(own, cap or own)
+
+
+def folder_context_length(folder: Path, cap: int | None = None) -> int:
+    """:func:`context_length` of the model in ``folder``, read without its weights."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(folder).get_text_config()
-    own = getattr(config, "max_position_embeddings", None) or 2048
-    return min(own, cap or own)
+    return context_length(AutoConfig.from_pretrained(folder), cap)

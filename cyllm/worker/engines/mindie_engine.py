@@ -32,7 +32,7 @@ from cyllm.worker.engines.base import Engine
 from cyllm.worker.engines.planning import Plan, SamplingDefaults
 from cyllm.worker.engines.prompt import messages_of
 from cyllm.worker.engines.types import EngineHealth, ModelCard, Step
-from cyllm.worker.model_files import context_length
+from cyllm.worker.model_files import folder_context_length
 from cyllm.worker.settings import ModelSpec
 
 _KNOWN_ARGS = {"endpoint", "model_name", "timeout_s", "verify"}
@@ -61,7 +61,7 @@ class MindieEngine(Engine):
         from transformers import AutoTokenizer
 
         self.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.model_dir)
-        self.context_length = context_length(self.model_dir, self.spec.max_context)
+        self.context_length = folder_context_length(self.model_dir, self.spec.max_context)
         self.client = httpx.AsyncClient(base_url=self.endpoint, verify=self.verify,
                                         timeout=httpx.Timeout(self.timeout, connect=10))
         try:

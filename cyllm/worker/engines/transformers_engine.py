@@ -122,7 +122,7 @@ class TransformersEngine(Engine):
         if self.spec.peft_adapter is not None:
             model = _apply_peft(model, self.spec.peft_adapter)
         self.model = model.to(self.device).eval()
-        self.context_length = context_length(self.model_dir, self.spec.max_context)
+        self.context_length = context_length(self.model.config, self.spec.max_context)
         gen_cfg = self.model.generation_config
         # The model's own sampling defaults count only where it samples by default.
         sampled = bool(getattr(gen_cfg, "do_sample", False))

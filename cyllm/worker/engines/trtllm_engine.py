@@ -25,7 +25,7 @@ from cyllm import errors
 from cyllm.worker.engines.base import Engine
 from cyllm.worker.engines.planning import Plan, SamplingDefaults
 from cyllm.worker.engines.types import ModelCard, Step
-from cyllm.worker.model_files import context_length
+from cyllm.worker.model_files import folder_context_length
 from cyllm.worker.settings import ModelSpec
 
 
@@ -45,7 +45,7 @@ class TrtLlmEngine(Engine):
         from transformers import AutoTokenizer
 
         self.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.model_dir)
-        self.context_length = context_length(self.model_dir, self.spec.max_context)
+        self.context_length = folder_context_length(self.model_dir, self.spec.max_context)
         kwargs = {"max_batch_size": self.spec.max_batch_size, "max_seq_len": self.context_length,
                   **self.spec.engine_args}
         try:
