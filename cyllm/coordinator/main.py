@@ -15,7 +15,8 @@ from cyllm.coordinator.files import FileStore
 from cyllm.coordinator.jobs import MemoryJobStore
 from cyllm.coordinator.metrics import CoordinatorMetrics
 from cyllm.coordinator.redis_jobs import RedisJobStore
-from cyllm.coordinator.pool import HealthRules, Router
+from cyllm.coordinator.pool import HealthRules
+from cyllm.coordinator.routing import Router
 from cyllm.coordinator.scheduler import MemoryScheduler, Scheduler
 from cyllm.coordinator.service import CoordinatorService
 from cyllm.coordinator.settings import CoordinatorSettings

@@ -34,7 +34,8 @@ import redis.asyncio as aioredis
 
 from cyllm import errors
 from cyllm.coordinator.cache import CachedResponse, PromptCache, decode, encode
-from cyllm.coordinator.pool import HealthRules, Router, WorkerRecord, keeps_outstanding
+from cyllm.coordinator.pool import HealthRules, WorkerRecord, keeps_outstanding
+from cyllm.coordinator.routing import Router
 from cyllm.coordinator.queue import Task
 from cyllm.coordinator.scheduler import Scheduler, Waiter, WorkerView
 from cyllm.protocol import pb

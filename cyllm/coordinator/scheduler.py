@@ -18,7 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from cyllm import errors
-from cyllm.coordinator.pool import HealthRules, Router, WorkerRecord, keeps_outstanding
+from cyllm.coordinator.pool import HealthRules, WorkerRecord, keeps_outstanding
+from cyllm.coordinator.routing import Router
 from cyllm.coordinator.queue import InMemoryTaskQueue, Task
 from cyllm.protocol import pb
 

@@ -16,7 +16,7 @@ from cyllm import errors
 from cyllm.coordinator.cache import CachedResponse, PromptCache, cache_key, is_deterministic
 from cyllm.coordinator.metrics import CoordinatorMetrics
 from cyllm.coordinator.models import ModelAdmin
-from cyllm.coordinator.pool import affinity_key
+from cyllm.coordinator.routing import affinity_key
 from cyllm.coordinator.queue import Task
 from cyllm.coordinator.scheduler import Scheduler
 from cyllm.coordinator.training_rpc import TrainingRPCs
