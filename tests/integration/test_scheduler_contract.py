@@ -229,15 +229,19 @@ async def test_a_task_whose_coordinator_died_returns_to_the_queue(shared):
 
 @pytest.mark.parametrize("old_tokens, tokens, running", [
     (5, 5, 2), (5, 6, 2), (5, 5, 0), (5, 6, 0), (0, 0, 1), (7, 3, 1)])
-async def test_the_progress_rule_is_the_same_in_python_and_in_lua(shared, old_tokens, tokens,
+async def test_the_progress_rule_is_the_same_in_python_and_in_lua(redis_url, old_tokens, tokens,
                                                                    running):
     # The Redis heartbeat applies pool.progressed inside its Lua script; both must agree.
     from cyllm.coordinator.pool import progressed
     from cyllm.coordinator.redis_backend import P
 
-    s, _ = await shared()
-    await s.register(info("w1"))
-    await s.r.hset(P + "w:w1", mapping={"tokens": old_tokens, "running": 1, "progress": 0})
-    await s.heartbeat("w1", running, tokens)
-    moved = int(await s.r.hget(P + "w:w1", "progress")) > 0
+    s, _ = build_backends(CoordinatorSettings(redis_url=redis_url), "c1")
+    await s.start()
+    try:
+        await s.register(info("w1"))
+        await s.r.hset(P + "w:w1", mapping={"tokens": old_tokens, "running": 1, "progress": 0})
+        await s.heartbeat("w1", running, tokens)
+        moved = int(await s.r.hget(P + "w:w1", "progress")) > 0
+    finally:
+        await s.close()
     assert moved is progressed(old_tokens, tokens, running)
