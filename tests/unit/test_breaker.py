@@ -1,16 +1,9 @@
 from cyllm.protocol.breaker import CircuitBreakers
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clock import ManualClock
 
 
 def test_a_circuit_opens_after_threshold_failures_in_a_row():
-    clock = Clock()
+    clock = ManualClock(100.0)
     b = CircuitBreakers(threshold=3, cooldown_s=10, clock=clock)
     b.failed("w1")
     b.failed("w1")
@@ -24,7 +17,7 @@ def test_a_circuit_opens_after_threshold_failures_in_a_row():
 
 
 def test_after_the_cooldown_one_failure_reopens_and_one_success_closes():
-    clock = Clock()
+    clock = ManualClock(100.0)
     b = CircuitBreakers(threshold=2, cooldown_s=10, clock=clock)
     b.failed("w1")
     b.failed("w1")

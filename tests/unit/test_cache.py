@@ -1,15 +1,8 @@
 from cyllm.coordinator.cache import CachedResponse, InMemoryPromptCache, cache_key, is_deterministic
 from cyllm.gateway.generation import build_request
+from tests.clock import ManualClock
 
 ENTRY = CachedResponse(("Paris",), "stop", 5, 1)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_key_is_sha256_and_depends_on_model_sampling_and_input():
@@ -31,7 +24,7 @@ def test_only_greedy_or_seeded_requests_are_deterministic():
 
 
 async def test_entries_expire_after_ttl_and_count_hits_and_misses():
-    clock = Clock()
+    clock = ManualClock()
     cache = InMemoryPromptCache(ttl_s=10, max_entries=8, clock=clock)
     await cache.put("k", ENTRY)
     assert await cache.get("k") == ENTRY
