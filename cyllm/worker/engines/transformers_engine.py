@@ -76,7 +76,6 @@ class TransformersEngine(Engine):
         self._running: list[_Sequence] = []
         self._waiting: list[_Sequence] = []
         self._admitting: list[_Sequence] = []
-        self._tokens_generated = 0
         self._adapters: dict[str, Path] = {}
         self._adapter_ops: queue.SimpleQueue[tuple[str, str, Path | None, asyncio.Future[None]]] = \
             queue.SimpleQueue()
@@ -243,12 +242,13 @@ class TransformersEngine(Engine):
                 self._wake.set()
 
     def health(self) -> EngineHealth:
+        """The batch as the scheduler thread sees it: in the batch, and still to prefill."""
         down = self.down()
         return EngineHealth(
             healthy=not down,
             running=len(self._running),
             waiting=len(self._waiting) + self._inbox.qsize(),
-            tokens_generated=self._tokens_generated,
+            tokens_generated=self.tracker.tokens_generated,
             detail=down,
         )
 
@@ -336,7 +336,6 @@ class TransformersEngine(Engine):
         queued on each sequence; ``_deliver`` hands them over)."""
         for seq, token in zip(seqs, tokens):
             seq.last_token = token
-            self._tokens_generated += 1
             step = seq.stopper.push(token)
             if step is not None:
                 seq.events.append(step)
