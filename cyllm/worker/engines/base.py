@@ -48,6 +48,7 @@ from cyllm.worker.engines.types import (
     Step,
     TextDelta,
 )
+from cyllm.worker.settings import ModelSpec
 
 
 class AbstractEngine(abc.ABC):
@@ -115,7 +116,7 @@ class Engine(AbstractEngine):
     defaults: SamplingDefaults
     tokenizer: Any = None  # a Hugging Face tokenizer, for the default prompt_ids
 
-    def __init__(self, spec: Any) -> None:
+    def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         self.tracker = RequestTracker()
 

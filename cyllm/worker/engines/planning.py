@@ -9,6 +9,7 @@ from typing import Any
 
 from cyllm import errors
 from cyllm.worker.engines.types import GenerationRequest, SamplingParams
+from cyllm.worker.settings import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,7 @@ class SamplingDefaults:
     top_p: float = 1.0
 
     @classmethod
-    def of(cls, spec: Any, model: Mapping[str, Any] | None = None) -> SamplingDefaults:
+    def of(cls, spec: ModelSpec, model: Mapping[str, Any] | None = None) -> SamplingDefaults:
         own = model or {}
 
         def pick(name: str) -> float:
