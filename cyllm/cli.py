@@ -32,6 +32,17 @@ def _load(cls, config: Path | None, **overrides):
         raise typer.Exit(2) from None
 
 
+def _plane(config: Path | None):
+    """This process's credentials on the internal gRPC plane (``internal`` section)."""
+    from cyllm.protocol.plane import InternalSettings
+
+    try:
+        return _load(InternalSettings, config).plane()
+    except (OSError, ValueError) as exc:
+        typer.echo(f"error: internal plane credentials: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="address the HTTP gateway binds")] = "127.0.0.1",
@@ -54,7 +65,8 @@ def gateway(host: Host = None, port: Annotated[Optional[int], typer.Option()] = 
     from cyllm.gateway.settings import GatewaySettings
 
     setup_logging()
-    run(_load(GatewaySettings, config, host=host, port=port, coordinators=coordinator or None))
+    run(_load(GatewaySettings, config, host=host, port=port, coordinators=coordinator or None),
+        _plane(config))
 
 
 @app.command()
@@ -70,7 +82,8 @@ def coordinator(
     from cyllm.coordinator.settings import CoordinatorSettings
 
     setup_logging()
-    asyncio.run(run(_load(CoordinatorSettings, config, host=host, port=port, redis_url=redis_url)))
+    asyncio.run(run(_load(CoordinatorSettings, config, host=host, port=port, redis_url=redis_url),
+                    _plane(config)))
 
 
 @app.command()
@@ -82,17 +95,18 @@ def worker(host: Host = None, port: Annotated[Optional[int], typer.Option()] = N
 
     setup_logging()
     asyncio.run(run(_load(WorkerSettings, config, host=host, port=port,
-                          coordinators=coordinator or None)))
+                          coordinators=coordinator or None), _plane(config)))
 
 
 @app.command()
-def probe(address: Annotated[str, typer.Argument(help="HOST:PORT of a coordinator or worker")]) -> None:
+def probe(address: Annotated[str, typer.Argument(help="HOST:PORT of a coordinator or worker")],
+          config: ConfigFile = None) -> None:
     """Exit 0 when the gRPC server at ADDRESS reports SERVING (container health checks)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     try:
-        with grpc.insecure_channel(address) as channel:
+        with _plane(config).sync_channel(address) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)
     except grpc.RpcError as exc:
         typer.echo(f"{address}: {exc.code().name}", err=True)
@@ -100,6 +114,30 @@ def probe(address: Annotated[str, typer.Argument(help="HOST:PORT of a coordinato
     serving = reply.status == health_pb2.HealthCheckResponse.SERVING
     typer.echo(f"{address}: {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}")
     raise typer.Exit(0 if serving else 1)
+
+
+@app.command()
+def certs(
+    out: Annotated[Path, typer.Option(help="folder for ca.pem and <role>.pem/.key")] = Path("certs"),
+    role: Annotated[Optional[list[str]], typer.Option(
+        help="gateway, coordinator or worker (repeatable); default: all three")] = None,
+    host: Annotated[Optional[list[str]], typer.Option(
+        help="a name or address the component is dialled by (repeatable); default: this machine")] = None,
+    days: Annotated[int, typer.Option(min=1, help="certificate lifetime")] = 365,
+) -> None:
+    """Make the internal plane's CA (if absent) and a certificate per component role."""
+    from cyllm.certs import default_hosts, issue
+    from cyllm.protocol.plane import ROLES
+
+    hosts = default_hosts() + list(host or [])
+    for name in role or ROLES:
+        try:
+            cert, key = issue(out, name, hosts, days)
+        except ValueError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        typer.echo(f"{name}: {cert} {key}")
+    typer.echo(f"CA: {out / 'ca.pem'} (keep {out / 'ca.key'} off the serving machines)")
 
 
 keys_app = typer.Typer(no_args_is_help=True, help="Manage API keys (the gateway's key store).")

@@ -8,6 +8,7 @@ how to fill one from a section of the YAML config file.  The file looks like::
     coordinator: {port: 50050, queue_max_size: 256}
     worker:      {port: 50051, coordinators: ["127.0.0.1:50050"]}
     models:      [{id: my-model, path: /models/my-model}]   # read by the worker
+    internal:    {token_file: /run/secrets/cyllm-internal}  # every component: plane.py
 
 Environment variables override the file: ``CYLLM_<SECTION>_<FIELD>`` (lists and dicts
 as JSON), e.g. ``CYLLM_COORDINATOR_QUEUE_MAX_SIZE=64``.  A bad value stops start-up
@@ -42,11 +43,11 @@ def read_config_file(path: Path | None) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections")
-    unknown = set(data) - {"gateway", "coordinator", "worker", "models"}
+    unknown = set(data) - {"gateway", "coordinator", "worker", "models", "internal"}
     if unknown:
         raise ConfigError(
             f"config file {path}: unknown section(s) {sorted(unknown)}; "
-            "allowed: gateway, coordinator, worker, models"
+            "allowed: gateway, coordinator, worker, models, internal"
         )
     return data
 

@@ -2,36 +2,76 @@
 
 Each component runs as its own process (``cyllm coordinator``, ``cyllm worker``,
 ``cyllm gateway``) talking gRPC over loopback, so the path that runs here is the path
-that runs in a distributed deployment.  The supervisor starts them in order, stops
-them all (by pid) when one exits or on SIGINT/SIGTERM, and exits with the first
-failure's code.
+that runs in a distributed deployment.
+
+The internal plane is authenticated here too: unless the config names credentials,
+the supervisor makes a random token for this run and hands it to its three children
+in their environment (readable only by this user), so another local user who can
+reach the loopback ports still cannot call the coordinator or the worker.
+
+A component that dies is restarted (with a growing pause, logged) while the others
+keep running: a worker killed by the kernel for memory must not take the gateway
+down with it.  One that keeps dying (``MAX_RESTARTS`` within ``RESTART_WINDOW_S``)
+stops the whole run with its exit code.  SIGINT/SIGTERM stop them all, by pid.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from cyllm.protocol.plane import InternalSettings
+from cyllm.settings import ConfigError, load_settings
+
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 120.0
+CONFIG_ERROR = 2  # what the cyllm command exits with on a bad setting
 
 
 def _cmd(component: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "cyllm", component, *args]
 
 
+@dataclass
+class Child:
+    name: str
+    cmd: list[str]
+    proc: subprocess.Popen | None = None
+    restarts: list[float] = field(default_factory=list)  # when, within the window
+    due: float = 0.0  # a restart waits until then
+
+    def start(self, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(self.cmd, env=env)
+
+
+def internal_env(config: Path | None) -> dict[str, str]:
+    """The children's environment: a fresh internal token unless credentials are configured."""
+    env = dict(os.environ)
+    try:
+        load_settings(InternalSettings, config)
+    except ConfigError:  # none configured: this run's own secret
+        env["CYLLM_INTERNAL_TOKEN"] = secrets.token_urlsafe(32)
+    return env
+
+
 def run(host: str, port: int, coordinator_port: int, worker_port: int,
         config: Path | None) -> int:
     cfg = ["--config", str(config)] if config else []
     coordinator = f"127.0.0.1:{coordinator_port}"
-    specs = [
-        ("coordinator", _cmd("coordinator", "--host", "127.0.0.1", "--port", str(coordinator_port), *cfg)),
-        ("worker", _cmd("worker", "--host", "127.0.0.1", "--port", str(worker_port),
-                        "--coordinator", coordinator, *cfg)),
-        ("gateway", _cmd("gateway", "--host", host, "--port", str(port),
-                         "--coordinator", coordinator, *cfg)),
+    children = [
+        Child("coordinator", _cmd("coordinator", "--host", "127.0.0.1", "--port", str(coordinator_port), *cfg)),
+        Child("worker", _cmd("worker", "--host", "127.0.0.1", "--port", str(worker_port),
+                             "--coordinator", coordinator, *cfg)),
+        Child("gateway", _cmd("gateway", "--host", host, "--port", str(port),
+                              "--coordinator", coordinator, *cfg)),
     ]
-    procs: list[tuple[str, subprocess.Popen]] = []
+    env = internal_env(config)
     stopping = False
 
     def _stop(signum, frame) -> None:
@@ -42,20 +82,46 @@ def run(host: str, port: int, coordinator_port: int, worker_port: int,
     signal.signal(signal.SIGINT, _stop)
     code = 0
     try:
-        for name, cmd in specs:
-            procs.append((name, subprocess.Popen(cmd)))
+        for child in children:
+            child.start(env)
         while not stopping:
-            for name, proc in procs:
-                rc = proc.poll()
-                if rc is not None:
-                    print(f"cyllm serve: {name} exited with code {rc}; stopping", file=sys.stderr)
-                    code = rc or 1
+            for child in children:
+                code = _watch(child, env)
+                if code:
                     stopping = True
                     break
             time.sleep(0.2)
     finally:
-        _terminate([p for _, p in reversed(procs)])
+        _terminate([c.proc for c in reversed(children) if c.proc is not None])
     return code
+
+
+def _watch(child: Child, env: dict[str, str]) -> int:
+    """Restart ``child`` if it has died; non-zero when it has died too often."""
+    now = time.monotonic()
+    if child.proc is None:
+        if now >= child.due:
+            print(f"cyllm serve: restarting {child.name}", file=sys.stderr, flush=True)
+            child.start(env)
+        return 0
+    rc = child.proc.poll()
+    if rc is None:
+        return 0
+    child.proc = None
+    if rc == CONFIG_ERROR:  # restarting cannot help
+        print(f"cyllm serve: {child.name} refused its configuration; stopping", file=sys.stderr,
+              flush=True)
+        return rc
+    child.restarts = [t for t in child.restarts if now - t < RESTART_WINDOW_S] + [now]
+    if len(child.restarts) > MAX_RESTARTS:
+        print(f"cyllm serve: {child.name} exited with code {rc}, {MAX_RESTARTS} restarts in "
+              f"{RESTART_WINDOW_S:.0f}s; stopping", file=sys.stderr, flush=True)
+        return rc or 1
+    pause = min(30.0, 2.0 ** (len(child.restarts) - 1))
+    child.due = now + pause
+    print(f"cyllm serve: {child.name} exited with code {rc}; restarting it in {pause:.0f}s",
+          file=sys.stderr, flush=True)
+    return 0
 
 
 def _terminate(procs: list[subprocess.Popen], timeout: float = 20.0) -> None:

@@ -1,8 +1,14 @@
-"""Fixtures shared by the tiers: a real redis-server on an ephemeral port."""
+"""Fixtures shared by the tiers: a real redis-server on an ephemeral port.
+
+Every component needs internal-plane credentials; the test session has one token, in
+the environment, so in-process servers and spawned processes share it (tests of the
+plane's authentication make their own)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -10,6 +16,8 @@ import time
 
 import pytest
 import redis
+
+os.environ.setdefault("CYLLM_INTERNAL_TOKEN", secrets.token_urlsafe(24))
 
 
 def free_ports(n: int) -> list[int]:

@@ -22,6 +22,7 @@ from cyllm.coordinator.service import CoordinatorService
 from cyllm.coordinator.settings import CoordinatorSettings
 from cyllm.coordinator.training import TrainingManager
 from cyllm.protocol import rpc
+from cyllm.protocol.plane import Plane, load_plane
 from cyllm.protocol.server import create_server
 from cyllm.runtime import stop_event
 from cyllm.telemetry import serve_metrics
@@ -48,11 +49,12 @@ def build_backends(s: CoordinatorSettings, coordinator_id: str) -> tuple[Schedul
 
 
 class CoordinatorServer:
-    def __init__(self, settings: CoordinatorSettings) -> None:
+    def __init__(self, settings: CoordinatorSettings, plane: Plane | None = None) -> None:
         self.settings = settings
-        self._server = create_server()
+        self.plane = plane or load_plane()
+        self._server = create_server(self.plane)
         self._health = health.aio.HealthServicer()
-        self.port = self._server.add_insecure_port(f"{settings.host}:{settings.port}")
+        self.port = self.plane.bind(self._server, f"{settings.host}:{settings.port}")
         self.coordinator_id = settings.coordinator_id or f"{socket.gethostname()}-{self.port}-{os.getpid()}"
         self.scheduler, self.cache = build_backends(settings, self.coordinator_id)
         self.metrics = CoordinatorMetrics()
@@ -66,6 +68,7 @@ class CoordinatorServer:
             breaker_failures=settings.breaker_failures,
             breaker_cooldown_s=settings.breaker_cooldown_s,
             lease_s=settings.lease_s,
+            plane=self.plane,
         )
         store = RedisJobStore(settings.redis_url) if settings.redis_url else MemoryJobStore()
         self.service.training = TrainingManager(
@@ -100,8 +103,8 @@ class CoordinatorServer:
         await self.scheduler.close()
 
 
-async def serve(settings: CoordinatorSettings) -> None:
-    server = CoordinatorServer(settings)
+async def serve(settings: CoordinatorSettings, plane: Plane) -> None:
+    server = CoordinatorServer(settings, plane)
     await server.start()
     await stop_event().wait()
     log.info("stopping coordinator %s", server.coordinator_id)

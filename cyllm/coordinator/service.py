@@ -21,6 +21,7 @@ from cyllm.coordinator.queue import Task
 from cyllm.coordinator.scheduler import Scheduler
 from cyllm.coordinator.training_rpc import TrainingRPCs
 from cyllm.coordinator.workers import WorkerClients
+from cyllm.protocol.plane import Plane
 from cyllm.protocol import pb, rpc
 from cyllm.protocol.breaker import CircuitBreakers
 from cyllm.protocol.client import Stream
@@ -38,7 +39,8 @@ _NOT_THE_WORKERS_FAULT = (errors.InvalidRequest, errors.NotFound, errors.Request
 class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
     def __init__(self, coordinator_id: str, scheduler: Scheduler, cache: PromptCache,
                  metrics: CoordinatorMetrics, *, heartbeat_interval_s: float, progress_timeout_s: float,
-                 breaker_failures: int, breaker_cooldown_s: float, lease_s: float) -> None:
+                 breaker_failures: int, breaker_cooldown_s: float, lease_s: float,
+                 plane: Plane) -> None:
         self.coordinator_id = coordinator_id
         self.scheduler = scheduler
         self.cache = cache
@@ -46,7 +48,7 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
         self.heartbeat_interval_s = heartbeat_interval_s
         self.progress_timeout_s = progress_timeout_s
         self.lease_s = lease_s
-        self.workers = WorkerClients()
+        self.workers = WorkerClients(plane)
         self.breakers = CircuitBreakers(breaker_failures, breaker_cooldown_s)
         self.admin = ModelAdmin(scheduler, self.workers)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from cyllm.protocol import pb, rpc
 from cyllm.protocol.client import Stream, open_channel, unary
+from cyllm.protocol.plane import Plane
 from cyllm.runtime import REQUEST_ID
 
 # Loading can take minutes (vLLM's start, a GGUF conversion); unloading drains first.
@@ -12,13 +13,14 @@ LOAD_TIMEOUT_S = 900.0
 
 
 class WorkerClients:
-    def __init__(self) -> None:
+    def __init__(self, plane: Plane) -> None:
+        self.plane = plane
         self._stubs: dict[str, rpc.WorkerStub] = {}
         self._channels = []
 
     def _stub(self, address: str) -> rpc.WorkerStub:
         if address not in self._stubs:
-            channel = open_channel(address)
+            channel = open_channel(address, self.plane)
             self._channels.append(channel)
             self._stubs[address] = rpc.WorkerStub(channel)
         return self._stubs[address]

@@ -23,6 +23,7 @@ from cyllm.gateway.native.websocket import router as websocket_router
 from cyllm.gateway.openai.router import router as openai_router
 from cyllm.gateway.ratelimit import RateLimiter
 from cyllm.gateway.settings import GatewaySettings
+from cyllm.protocol.plane import Plane, load_plane
 
 def key_store(settings: GatewaySettings) -> KeyStore:
     """Redis when configured (shared by every gateway), else the JSON file."""
@@ -33,10 +34,12 @@ def key_store(settings: GatewaySettings) -> KeyStore:
     return FileKeyStore(settings.api_keys_file)
 
 
-def create_app(settings: GatewaySettings, client: CoordinatorClient | None = None) -> FastAPI:
+def create_app(settings: GatewaySettings, client: CoordinatorClient | None = None,
+               plane: Plane | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.client = client or CoordinatorClient(settings.coordinators, settings.request_timeout_s)
+        app.state.client = client or CoordinatorClient(
+            settings.coordinators, plane or load_plane(), settings.request_timeout_s)
         app.state.keys = key_store(settings)
         app.state.auth = Authenticator(settings, app.state.keys)
         app.state.limiter = RateLimiter(settings)

@@ -18,6 +18,7 @@ from cyllm import errors
 from cyllm.protocol import pb, rpc
 from cyllm.protocol.breaker import CircuitBreakers
 from cyllm.protocol.client import Stream, open_channel, unary
+from cyllm.protocol.plane import Plane
 from cyllm.runtime import REQUEST_ID
 
 T = TypeVar("T")
@@ -25,11 +26,11 @@ Method = Callable[[rpc.CoordinatorStub], Callable[..., Awaitable[T]]]
 
 
 class CoordinatorClient:
-    def __init__(self, addresses: list[str], timeout_s: float = 600.0,
+    def __init__(self, addresses: list[str], plane: Plane, timeout_s: float = 600.0,
                  breaker_failures: int = 3, breaker_cooldown_s: float = 10.0) -> None:
         self.addresses = list(addresses)
         self.timeout_s = timeout_s
-        self._channels = [open_channel(a) for a in self.addresses]
+        self._channels = [open_channel(a, plane) for a in self.addresses]
         self._stubs = [rpc.CoordinatorStub(c) for c in self._channels]
         self._turn = itertools.count()
         self.breakers = CircuitBreakers(breaker_failures, breaker_cooldown_s)

@@ -9,22 +9,27 @@ import uvicorn
 
 from cyllm.gateway.app import create_app
 from cyllm.gateway.settings import GatewaySettings
+from cyllm.protocol.plane import Plane
 
 log = logging.getLogger("cyllm.gateway")
 
 
-def serve(settings: GatewaySettings) -> None:
+def serve(settings: GatewaySettings, plane: Plane) -> None:
     if not settings.auth_enabled and not _loopback(settings.host):
         log.warning(
-            "gateway bound to %s without authentication: anyone who can reach it can use it "
-            "(set gateway.auth_enabled: true)", settings.host,
+            "gateway bound to %s without authentication: anyone who can reach it can use it, "
+            "without the admin routes (set gateway.auth_enabled: true)", settings.host,
         )
+    tls = {}
+    if settings.tls_cert_file is not None:
+        tls = {"ssl_certfile": str(settings.tls_cert_file), "ssl_keyfile": str(settings.tls_key_file)}
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, plane=plane),
         host=settings.host,
         port=settings.port,
         log_level="info",
         timeout_graceful_shutdown=10,
+        **tls,
     )
     uvicorn.Server(config).run()
 

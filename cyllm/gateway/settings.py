@@ -21,6 +21,8 @@ class GatewaySettings(ComponentSettings):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger bodies get 413")
     max_upload_bytes: int = Field(512 << 20, ge=1024, description="largest POST /v1/files upload")
     request_timeout_s: float = Field(600.0, gt=0, description="whole-request limit")
+    tls_cert_file: Path | None = Field(None, description="serve HTTPS with this certificate (PEM)")
+    tls_key_file: Path | None = Field(None, description="the certificate's private key (PEM)")
     # -- who may call
     auth_enabled: bool = Field(False, description="require an API key or a JWT on every route")
     api_keys_file: Path = Field(default_factory=lambda: Path.home() / ".cache" / "cyllm" / "api-keys.json",

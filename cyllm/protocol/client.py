@@ -1,8 +1,8 @@
 """The calling side of the internal gRPC plane: channels are opened here, and a failed
 call becomes the project's error here (``status.from_grpc``), once, so the typed
 clients built on it (the gateway's ``CoordinatorClient``, the coordinator's
-``WorkerClients``, the worker's registration) never see a gRPC exception.  Whatever
-every outgoing call must carry (credentials of the internal plane) belongs here too.
+``WorkerClients``, the worker's registration) never see a gRPC exception.  Channels
+carry the process's credentials of the internal plane (``plane.py``).
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from cyllm.protocol import status
+from cyllm.protocol.plane import Plane
 
 T = TypeVar("T")
 
 
-def open_channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address)
+def open_channel(address: str, plane: Plane) -> grpc.aio.Channel:
+    return plane.channel(address)
 
 
 async def unary(method: Callable[..., Awaitable[T]], request: Any, **kwargs: Any) -> T:

@@ -3,8 +3,9 @@ made by :func:`create_server`, which puts one interceptor in front of every hand
 
 The interceptor is the server's edge: a handler raises the project's errors and the
 interceptor ends the call with the status ``status.py`` maps them to — once for the
-whole server, instead of a ``try`` in each handler.  Whatever must hold for every call
-(authenticating the caller) belongs here too.
+whole server, instead of a ``try`` in each handler.  It also authenticates every call
+against the process's :class:`~cyllm.protocol.plane.Plane` before the handler runs:
+a refused caller gets a bare UNAUTHENTICATED and nothing of the handler runs.
 """
 
 from __future__ import annotations
@@ -17,15 +18,20 @@ import grpc
 
 from cyllm import errors
 from cyllm.protocol import status
+from cyllm.protocol.plane import SERVER_OPTIONS, Plane
+
+Guard = Callable[[grpc.aio.ServicerContext], Awaitable[None]]
 
 
-def create_server() -> grpc.aio.Server:
+def create_server(plane: Plane) -> grpc.aio.Server:
     # so_reuseport off: a second process must not silently share a port already bound.
-    return grpc.aio.server(interceptors=[EdgeInterceptor()], options=[("grpc.so_reuseport", 0)])
+    return grpc.aio.server(interceptors=[EdgeInterceptor(plane)],
+                           options=[("grpc.so_reuseport", 0), *SERVER_OPTIONS])
 
 
 class EdgeInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self) -> None:
+    def __init__(self, plane: Plane) -> None:
+        self.plane = plane
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # by method: built once
 
     async def intercept_service(
@@ -37,24 +43,33 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             handler = await continuation(details)
             if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED
                 return handler
-            wrapped = self._wrapped[details.method] = _translated(handler)
+            wrapped = self._wrapped[details.method] = _translated(handler, self._guard(details.method))
         return wrapped
 
+    def _guard(self, method: str) -> Guard:
+        async def guard(context: grpc.aio.ServicerContext) -> None:
+            refused = self.plane.check(method, context)
+            if refused is not None:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"internal plane: {refused}")
 
-def _translated(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        return guard
+
+
+def _translated(handler: grpc.RpcMethodHandler, guard: Guard) -> grpc.RpcMethodHandler:
     codec = {"request_deserializer": handler.request_deserializer,
              "response_serializer": handler.response_serializer}
     if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(_unary(handler.unary_unary), **codec)
+        return grpc.unary_unary_rpc_method_handler(_unary(handler.unary_unary, guard), **codec)
     if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(_streaming(handler.unary_stream), **codec)
+        return grpc.unary_stream_rpc_method_handler(_streaming(handler.unary_stream, guard), **codec)
     if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(_unary(handler.stream_unary), **codec)
-    return grpc.stream_stream_rpc_method_handler(_streaming(handler.stream_stream), **codec)
+        return grpc.stream_unary_rpc_method_handler(_unary(handler.stream_unary, guard), **codec)
+    return grpc.stream_stream_rpc_method_handler(_streaming(handler.stream_stream, guard), **codec)
 
 
-def _unary(behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+def _unary(behaviour: Callable[..., Awaitable[Any]], guard: Guard) -> Callable[..., Awaitable[Any]]:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await guard(context)
         try:
             return await behaviour(request, context)
         except errors.CyllmError as exc:
@@ -63,11 +78,12 @@ def _unary(behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[
     return call
 
 
-def _streaming(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+def _streaming(behaviour: Callable[..., Any], guard: Guard) -> Callable[..., Any]:
     if not inspect.isasyncgenfunction(behaviour):
-        return _unary(behaviour)  # a handler that writes with context.write (gRPC health)
+        return _unary(behaviour, guard)  # a handler that writes with context.write (gRPC health)
 
     async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await guard(context)
         try:
             async for reply in behaviour(request, context):
                 yield reply

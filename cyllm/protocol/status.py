@@ -40,11 +40,16 @@ _BY_CODE: dict[str, type[errors.CyllmError]] = {
     )
 }
 
-# A status that carries no cyllm-error key came from gRPC itself (a dead peer, a deadline).
+# A status that carries no cyllm-error key came from gRPC itself (a dead peer, a deadline,
+# a message over the size limit) or from the plane's authentication (``server.py``): a
+# refused credential is this deployment's fault, never the end user's, so it reads as
+# unavailable rather than as the caller's 401.
 _FROM_BARE_STATUS: dict[grpc.StatusCode, type[errors.CyllmError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidRequest,
     grpc.StatusCode.NOT_FOUND: errors.NotFound,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.Overloaded,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.InvalidRequest,
+    grpc.StatusCode.UNAUTHENTICATED: errors.Unavailable,
+    grpc.StatusCode.PERMISSION_DENIED: errors.Unavailable,
     grpc.StatusCode.UNAVAILABLE: errors.Unreachable,
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.Unavailable,
     grpc.StatusCode.CANCELLED: errors.RequestCancelled,
@@ -79,6 +84,8 @@ def from_grpc(exc: grpc.aio.AioRpcError) -> errors.CyllmError:
     cls = _BY_CODE.get(str(metadata.get(ERROR_KEY, "")))
     if cls is None:
         cls = _FROM_BARE_STATUS.get(exc.code(), errors.EngineError)
+        if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            message = f"the request is too large to pass between components ({message})"
     if cls is errors.Overloaded:
         return errors.Overloaded(message, retry_after=float(metadata.get(RETRY_AFTER_KEY, 1)))
     return cls(message, param=metadata.get("cyllm-param"))

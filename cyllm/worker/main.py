@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cyllm.protocol import pb, rpc
+from cyllm.protocol.plane import Plane, load_plane
 from cyllm.protocol.server import create_server
 from cyllm.runtime import advertised, stop_event
 from cyllm.telemetry import serve_metrics
@@ -29,8 +30,9 @@ log = logging.getLogger("cyllm.worker")
 class WorkerServer:
     """Engines + gRPC server + registration; ``start`` then ``stop`` (a graceful drain)."""
 
-    def __init__(self, settings: WorkerSettings) -> None:
+    def __init__(self, settings: WorkerSettings, plane: Plane | None = None) -> None:
         self.settings = settings
+        self.plane = plane or load_plane()
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
@@ -56,8 +58,8 @@ class WorkerServer:
         self.training = WorkerTraining(s, lambda: self.models.catalog, accelerator, self._models_changed)
         await self.models.start()
 
-        self._server = create_server()
-        self.port = self._server.add_insecure_port(f"{s.host}:{s.port}")
+        self._server = create_server(self.plane)
+        self.port = self.plane.bind(self._server, f"{s.host}:{s.port}")
         self.worker_id = s.worker_id or advertised(s.host, self.port).replace(":", "-")
         self.metrics = WorkerMetrics(self.models, self.worker_id)
         self._metrics_server, self.metrics_port = serve_metrics(self.metrics.registry, s.host, s.metrics_port)
@@ -68,7 +70,7 @@ class WorkerServer:
         await self._server.start()
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         log.info("worker %s listening on %s:%d", self.worker_id, s.host, self.port)
-        self._registrars = [Registrar(a, self) for a in s.coordinators]
+        self._registrars = [Registrar(a, self, self.plane) for a in s.coordinators]
         self._registering = [asyncio.create_task(r.run()) for r in self._registrars]
         return self.port
 
@@ -121,8 +123,8 @@ class WorkerServer:
         self.models_changed = asyncio.Event()
 
 
-async def serve(settings: WorkerSettings) -> None:
-    worker = WorkerServer(settings)
+async def serve(settings: WorkerSettings, plane: Plane) -> None:
+    worker = WorkerServer(settings, plane)
     await worker.start()
     await stop_event().wait()
     await worker.stop()

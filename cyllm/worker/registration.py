@@ -12,6 +12,7 @@ from typing import Protocol
 from cyllm import errors
 from cyllm.protocol import pb, rpc
 from cyllm.protocol.client import open_channel, unary
+from cyllm.protocol.plane import Plane
 from cyllm.worker.engines.types import EngineHealth
 
 log = logging.getLogger("cyllm.worker")
@@ -33,13 +34,14 @@ class Registered(Protocol):
 class Registrar:
     """One per coordinator address; ``run`` until cancelled."""
 
-    def __init__(self, address: str, worker: Registered) -> None:
+    def __init__(self, address: str, worker: Registered, plane: Plane) -> None:
         self.address = address
+        self.plane = plane
         self.worker = worker
 
     async def run(self) -> None:
         w = self.worker
-        async with open_channel(self.address) as channel:
+        async with open_channel(self.address, self.plane) as channel:
             stub = rpc.CoordinatorStub(channel)
             interval, registered, version = 1.0, False, w.models_version
             while True:
@@ -69,7 +71,7 @@ class Registrar:
 
     async def deregister(self) -> None:
         try:
-            async with open_channel(self.address) as channel:
+            async with open_channel(self.address, self.plane) as channel:
                 await unary(rpc.CoordinatorStub(channel).DeregisterWorker,
                             pb.DeregisterWorkerRequest(worker_id=self.worker.worker_id), timeout=3)
         except errors.CyllmError as exc:

@@ -12,6 +12,7 @@ from cyllm.coordinator.main import CoordinatorServer
 from cyllm.coordinator.settings import CoordinatorSettings
 from cyllm.protocol import pb, rpc, status
 from cyllm.protocol.client import Stream, open_channel, unary
+from cyllm.protocol.plane import load_plane
 
 
 @pytest.fixture
@@ -19,7 +20,7 @@ async def coordinator(tmp_path):
     server = CoordinatorServer(CoordinatorSettings(port=0, metrics_port=None,
                                                    files_dir=tmp_path / "files"))
     port = await server.start()
-    channel = open_channel(f"127.0.0.1:{port}")
+    channel = open_channel(f"127.0.0.1:{port}", load_plane())
     yield channel
     await channel.close()
     await server.stop()
@@ -61,6 +62,6 @@ async def test_a_handler_that_writes_to_its_context_still_works(coordinator):
 
 
 async def test_an_unreachable_peer_is_told_apart_from_an_answer(unused_tcp_port):
-    async with open_channel(f"127.0.0.1:{unused_tcp_port}") as channel:
+    async with open_channel(f"127.0.0.1:{unused_tcp_port}", load_plane()) as channel:
         with pytest.raises(errors.Unreachable):
             await unary(rpc.CoordinatorStub(channel).ListModels, pb.ListModelsRequest(), timeout=3)

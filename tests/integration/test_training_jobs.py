@@ -15,6 +15,7 @@ import pytest
 from cyllm.coordinator.main import CoordinatorServer
 from cyllm.coordinator.settings import CoordinatorSettings
 from cyllm.protocol import pb, rpc
+from cyllm.protocol.plane import load_plane
 from tests.integration.conftest import fake_model
 
 SCRIPTS = Path(__file__).parents[1] / "data" / "scripts"
@@ -42,8 +43,9 @@ async def cluster(make_stack, redis_url, tmp_path):
         worker={"training_scripts_dir": SCRIPTS, "training_dir": tmp_path / "jobs"}, **fast)
     other = CoordinatorServer(CoordinatorSettings(port=0, metrics_port=None, **fast))
     port = await other.start()
-    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{stack.coordinator.port}"),
-                grpc.aio.insecure_channel(f"127.0.0.1:{port}")]
+    plane = load_plane()
+    channels = [plane.channel(f"127.0.0.1:{stack.coordinator.port}"),
+                plane.channel(f"127.0.0.1:{port}")]
     stubs = [rpc.CoordinatorStub(c) for c in channels]
     yield stack, other, stubs
     for c in channels:

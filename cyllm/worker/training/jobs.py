@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from cyllm import errors
+from cyllm.paths import checked_id, inside
 from cyllm.protocol import pb
 from cyllm.worker import model_files
 from cyllm.training.spec import TrainingSpec
@@ -72,17 +73,18 @@ class WorkerTraining:
         if base is None:
             raise errors.ModelNotFound(f"base model {spec.base_model!r} is not in this worker's "
                                        "catalog", param="base_model")
-        out = self.root / request.job_id
+        out = self.root / checked_id(request.job_id, "job_id", "job_id")
+        resume = str(inside(out, request.resume_from, "resume_from")) if request.resume_from else ""
         out.mkdir(parents=True, exist_ok=True)
         job = {"spec": spec.model_dump(mode="json"), "output_dir": str(out), "device": self.device,
-               "resume_from": request.resume_from, "threads": self.settings.training_threads,
+               "resume_from": resume, "threads": self.settings.training_threads,
                "base_model_path": await self._base_path(base)}
         (out / "job.json").write_text(json.dumps(job, indent=1))
         argv = self._command(spec, out)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "CYLLM_JOB_ID": request.job_id,
                "CYLLM_DATASET": spec.dataset, "CYLLM_DATASET_FORMAT": spec.dataset_format or "",
                "CYLLM_BASE_MODEL": job["base_model_path"], "CYLLM_BASE_MODEL_ID": spec.base_model,
-               "CYLLM_OUTPUT_DIR": str(out), "CYLLM_RESUME_FROM": request.resume_from,
+               "CYLLM_OUTPUT_DIR": str(out), "CYLLM_RESUME_FROM": resume,
                "CYLLM_DEVICE": self.device, "CYLLM_SPEC": json.dumps(job["spec"])}
         self.current = request.job_id
         self._on_change()

@@ -1,0 +1,32 @@
+"""Ids that become paths, and paths that must stay under a root.
+
+Every id a caller can choose (a job id, a file id, an adapter name) may end up as a
+path component; ``checked_id`` admits only a plain name (no separator, no leading
+dot), and ``inside`` resolves a path (symlinks included) and refuses it unless it is
+under its root.  Both raise ``InvalidRequest`` naming the field, never the path.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from cyllm import errors
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def checked_id(value: str, what: str, param: str | None = None) -> str:
+    if not _ID.fullmatch(value or ""):
+        raise errors.InvalidRequest(f"{what} must be 1-128 letters, digits, '.', '_' or '-', "
+                                    "starting with a letter or digit", param=param)
+    return value
+
+
+def inside(root: Path, path: str | Path, what: str, param: str | None = None) -> Path:
+    """``path`` resolved, if it lies under ``root`` (also resolved)."""
+    base = Path(root).resolve()
+    resolved = (base / path).resolve()
+    if resolved != base and base not in resolved.parents:
+        raise errors.InvalidRequest(f"{what} is outside the folder it must be in", param=param)
+    return resolved

@@ -1,0 +1,193 @@
+"""Who may call the internal gRPC plane: one set of credentials for every server and
+every client of it (coordinator, worker, gateway).
+
+Two mechanisms, usable together:
+
+* **a shared token** (``internal.token``/``token_file``): every call carries
+  ``authorization: Bearer <token>``; servers compare it in constant time.  Anyone
+  holding the token may call anything, so it suits one machine (``cyllm serve`` makes
+  one per run) or a network where TLS is terminated by something else.
+* **mutual TLS** (``internal.tls_ca_file``, ``tls_cert_file``, ``tls_key_file``; made by
+  ``cyllm certs``): servers require a client certificate signed by the CA, and the
+  certificate's common name is the caller's *role*.  Roles narrow what may be called:
+  only a ``worker`` may register or heartbeat with a coordinator, only a
+  ``coordinator`` may call a worker, only a ``gateway`` may call the coordinator's
+  user-facing methods.
+
+Without either the components refuse to start, unless ``internal.insecure: true``
+says the plane is meant to be open.  The gRPC health service stays open (load
+balancers and container probes call it; it tells only SERVING or not).
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import grpc
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from cyllm.settings import ComponentSettings, load_settings
+
+AUTH_KEY = "authorization"
+ROLES = ("gateway", "coordinator", "worker")
+_OPEN = "/grpc.health.v1.Health/"
+_WORKER_CALLS = {"RegisterWorker", "Heartbeat", "DeregisterWorker"}
+
+# gRPC's defaults (4 MiB in) refuse a long prompt with a bare RESOURCE_EXHAUSTED; the
+# gateway bounds what users send, so the plane takes what the gateway lets through.
+MAX_MESSAGE_BYTES = 64 << 20
+_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+
+
+class InternalSettings(ComponentSettings):
+    section: ClassVar[str] = "internal"
+    model_config = SettingsConfigDict(env_prefix="CYLLM_INTERNAL_", extra="forbid")
+
+    token: SecretStr | None = Field(None, description="shared secret every internal call carries")
+    token_file: Path | None = Field(None, description="the token, read from a file (a mounted Secret)")
+    tls_ca_file: Path | None = Field(None, description="CA that signs every component's certificate")
+    tls_cert_file: Path | None = Field(None, description="this component's certificate (PEM)")
+    tls_key_file: Path | None = Field(None, description="this component's private key (PEM)")
+    tls_server_name: str | None = Field(None, description="name to verify in servers' certificates "
+                                        "when dialling an address that is not in them")
+    insecure: bool = Field(False, description="run the internal plane without authentication")
+
+    @model_validator(mode="after")
+    def _complete(self) -> InternalSettings:
+        tls = [self.tls_ca_file, self.tls_cert_file, self.tls_key_file]
+        if any(tls) and not all(tls):
+            raise ValueError("mutual TLS needs all three of tls_ca_file, tls_cert_file, tls_key_file")
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("give token or token_file, not both")
+        if not (self.insecure or self.token or self.token_file or all(tls)):
+            raise ValueError(
+                "the internal gRPC plane needs credentials: set internal.token (or token_file, or "
+                "CYLLM_INTERNAL_TOKEN), or internal.tls_* files (cyllm certs makes them); "
+                "internal.insecure: true runs it open")
+        return self
+
+    def plane(self) -> Plane:
+        token = self.token.get_secret_value() if self.token else None
+        if self.token_file is not None:
+            token = self.token_file.read_text().strip()
+        if token is not None and len(token) < 16:
+            raise ValueError("the internal token must be at least 16 characters")
+        tls = None
+        if self.tls_ca_file is not None:
+            tls = Tls(self.tls_ca_file.read_bytes(), self.tls_cert_file.read_bytes(),
+                      self.tls_key_file.read_bytes(), self.tls_server_name)
+        return Plane(token, tls)
+
+
+@dataclass(frozen=True)
+class Tls:
+    ca: bytes
+    cert: bytes
+    key: bytes
+    server_name: str | None = None
+
+
+@dataclass(frozen=True)
+class Plane:
+    """The credentials of this process on the internal plane."""
+
+    token: str | None = None
+    tls: Tls | None = None
+
+    @property
+    def open(self) -> bool:
+        return self.token is None and self.tls is None
+
+    # -- serving ---------------------------------------------------------------------------
+
+    def bind(self, server: grpc.aio.Server, address: str) -> int:
+        if self.tls is None:
+            return server.add_insecure_port(address)
+        creds = grpc.ssl_server_credentials([(self.tls.key, self.tls.cert)],
+                                            root_certificates=self.tls.ca, require_client_auth=True)
+        return server.add_secure_port(address, creds)
+
+    def check(self, method: str, context: grpc.aio.ServicerContext) -> str | None:
+        """Why the caller may not make this call, or None when it may."""
+        if method.startswith(_OPEN):
+            return None
+        if self.token is not None:
+            sent = dict(context.invocation_metadata() or ()).get(AUTH_KEY, "")
+            if not hmac.compare_digest(sent.encode(), f"Bearer {self.token}".encode()):
+                return "missing or wrong internal token"
+        if self.tls is not None:
+            names = (context.auth_context() or {}).get("x509_common_name") or []
+            role = names[0].decode() if names else ""
+            if role not in _allowed(method):
+                return f"a {role or 'certificate without a role'} may not call {method}"
+        return None
+
+    # -- calling ---------------------------------------------------------------------------
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        interceptors = _token_interceptors(self.token) if self.token else None
+        if self.tls is None:
+            return grpc.aio.insecure_channel(address, options=_OPTIONS, interceptors=interceptors)
+        creds = grpc.ssl_channel_credentials(self.tls.ca, self.tls.key, self.tls.cert)
+        options = list(_OPTIONS)
+        if self.tls.server_name:
+            options.append(("grpc.ssl_target_name_override", self.tls.server_name))
+        return grpc.aio.secure_channel(address, creds, options=options, interceptors=interceptors)
+
+    def sync_channel(self, address: str) -> grpc.Channel:
+        """A blocking channel (``cyllm probe``); the health service needs no token."""
+        if self.tls is None:
+            return grpc.insecure_channel(address)
+        creds = grpc.ssl_channel_credentials(self.tls.ca, self.tls.key, self.tls.cert)
+        options = [("grpc.ssl_target_name_override", self.tls.server_name)] if self.tls.server_name else []
+        return grpc.secure_channel(address, creds, options=options)
+
+
+SERVER_OPTIONS = _OPTIONS
+
+
+def _allowed(method: str) -> tuple[str, ...]:
+    service, _, name = method.rpartition("/")
+    if service.endswith(".Worker"):
+        return ("coordinator",)
+    if name in _WORKER_CALLS:
+        return ("worker",)
+    return ("gateway",)
+
+
+def load_plane(config_file: Path | None = None) -> Plane:
+    """This process's credentials from the ``internal`` section and ``CYLLM_INTERNAL_*``."""
+    return load_settings(InternalSettings, config_file).plane()
+
+
+# -- the token on every outgoing call ------------------------------------------------------
+
+def _with_token(details: grpc.aio.ClientCallDetails, token: str) -> grpc.aio.ClientCallDetails:
+    metadata = grpc.aio.Metadata(*(details.metadata or ()))
+    metadata.add(AUTH_KEY, f"Bearer {token}")
+    return details._replace(metadata=metadata)
+
+
+def _token_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
+    class Unary(grpc.aio.UnaryUnaryClientInterceptor):
+        async def intercept_unary_unary(self, continuation: Callable[..., Awaitable[Any]],
+                                        details: grpc.aio.ClientCallDetails, request: Any) -> Any:
+            return await continuation(_with_token(details, token), request)
+
+    class UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+        async def intercept_unary_stream(self, continuation: Callable[..., Awaitable[Any]],
+                                         details: grpc.aio.ClientCallDetails, request: Any) -> Any:
+            return await continuation(_with_token(details, token), request)
+
+    class StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+        async def intercept_stream_unary(self, continuation: Callable[..., Awaitable[Any]],
+                                         details: grpc.aio.ClientCallDetails, requests: Any) -> Any:
+            return await continuation(_with_token(details, token), requests)
+
+    return [Unary(), UnaryStream(), StreamUnary()]
