@@ -34,15 +34,17 @@ def is_deterministic(request: pb.GenerateRequest) -> bool:
     return greedy or s.HasField("seed")
 
 
-def cache_key(request: pb.GenerateRequest) -> str:
-    """SHA-256 of model + sampling + input, in a canonical JSON form."""
+def cache_key(request: pb.GenerateRequest, tenant: str = "") -> str:
+    """SHA-256 of tenant + model + sampling + input, in a canonical JSON form.  The
+    tenant is part of it: a shared entry would answer faster for a prompt someone else
+    sent, which tells one tenant what another asked."""
     canonical = pb.GenerateRequest(model=request.model, sampling=request.sampling)
     if request.WhichOneof("input") == "messages":
         canonical.messages.CopyFrom(request.messages)
     else:
         canonical.prompt = request.prompt
     body = json_format.MessageToJson(canonical, sort_keys=True, indent=None)
-    return hashlib.sha256(body.encode()).hexdigest()
+    return hashlib.sha256(json.dumps([tenant, body]).encode()).hexdigest()
 
 
 def encode(entry: CachedResponse) -> bytes:

@@ -1,6 +1,7 @@
 """Uploaded files (``POST /v1/files``): written under ``coordinator.files_dir``, their
-records in the job store.  Workers read a job's dataset from that path, so with several
-machines ``files_dir`` must be storage they all mount (as ``worker.training_dir``)."""
+records in the job store, each owned by the tenant that uploaded it (another tenant's
+file reads as a missing one).  Workers read a job's dataset from that path, so with
+several machines ``files_dir`` must be storage they all mount (as ``worker.training_dir``)."""
 
 from __future__ import annotations
 
@@ -13,28 +14,33 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from cyllm import errors
+from cyllm.coordinator.datasets import DatasetPolicy
 from cyllm.coordinator.jobs import JobStore
+from cyllm.paths import checked_id
 from cyllm.protocol import pb
-from cyllm.training.data import load_examples
+from cyllm.protocol.tenant import Tenant
 
 PURPOSES = ("fine-tune",)
 
 
 class FileStore:
-    def __init__(self, store: JobStore, root: Path, max_bytes: int) -> None:
+    def __init__(self, store: JobStore, root: Path, max_bytes: int,
+                 datasets: DatasetPolicy = DatasetPolicy()) -> None:
         self.store = store
         self.root = root
         self.max_bytes = max_bytes
+        self.datasets = datasets
 
-    async def upload(self, chunks: AsyncIterator[pb.FileChunk]) -> pb.FileInfo:
-        """Write the stream to disk; a fine-tune file must parse as a dataset."""
+    async def upload(self, chunks: AsyncIterator[pb.FileChunk], tenant: Tenant) -> pb.FileInfo:
+        """Write the stream to disk; a fine-tune file must read as a dataset."""
         file_id = f"file-{uuid.uuid4().hex[:24]}"
         folder = self.root / file_id
         info: pb.FileInfo | None = None
+        out = None
         try:
             async for chunk in chunks:
                 if info is None:
-                    info = self._start(file_id, chunk, folder)
+                    info = self._start(file_id, chunk, folder, tenant)
                     out = open(Path(info.path), "wb")  # noqa: SIM115  (closed below)
                 info.bytes += len(chunk.data)
                 if info.bytes > self.max_bytes:
@@ -46,31 +52,36 @@ class FileStore:
             out.close()
             if info.bytes == 0:
                 raise errors.InvalidRequest(f"{info.filename} is empty", param="file")
-            await asyncio.to_thread(load_examples, info.path)  # a clear 400 now, not a failed job later
+            await self.datasets.check(info.path)  # a clear 400 now, not a failed job later
         except BaseException:
-            if info is not None:
+            if out is not None:
                 out.close()
             shutil.rmtree(folder, ignore_errors=True)
             raise
         await self.store.put_file(info)
         return info
 
-    def _start(self, file_id: str, chunk: pb.FileChunk, folder: Path) -> pb.FileInfo:
+    def _start(self, file_id: str, chunk: pb.FileChunk, folder: Path, tenant: Tenant) -> pb.FileInfo:
         if chunk.purpose not in PURPOSES:
-            raise errors.InvalidRequest(f"purpose {chunk.purpose!r} is not supported; this server "
-                                        f"takes files for: {', '.join(PURPOSES)}", param="purpose")
+            raise errors.InvalidRequest(f"purpose {chunk.purpose[:64]!r} is not supported; this "
+                                        f"server takes files for: {', '.join(PURPOSES)}", param="purpose")
         name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(chunk.filename or "data.jsonl").name)[-128:]
+        name = name.lstrip(".") or "data.jsonl"
         folder.mkdir(parents=True, exist_ok=True)
-        return pb.FileInfo(id=file_id, filename=chunk.filename or name, purpose=chunk.purpose,
-                           created_at=int(time.time()), path=str(folder / name))
+        return pb.FileInfo(id=file_id, filename=(chunk.filename or name)[:256], purpose=chunk.purpose,
+                           created_at=int(time.time()), path=str(folder / name), owner=tenant.subject)
 
-    async def get(self, file_id: str) -> pb.FileInfo:
-        info = await self.store.get_file(file_id)
-        if info is None:
-            raise errors.NotFound(f"file {file_id!r} does not exist", param="file_id")
+    async def get(self, file_id: str, tenant: Tenant, param: str = "file_id") -> pb.FileInfo:
+        info = await self.store.get_file(checked_id(file_id, "file id", param))
+        if info is None or not tenant.owns(info.owner):
+            raise errors.NotFound(f"file {file_id!r} does not exist", param=param)
         return info
 
-    async def delete(self, file_id: str) -> None:
-        info = await self.get(file_id)
+    async def list(self, tenant: Tenant, purpose: str = "") -> list[pb.FileInfo]:
+        return [f for f in await self.store.files()
+                if tenant.owns(f.owner) and (not purpose or f.purpose == purpose)]
+
+    async def delete(self, file_id: str, tenant: Tenant) -> None:
+        info = await self.get(file_id, tenant)
         await self.store.delete_file(file_id)
         shutil.rmtree(Path(info.path).parent, ignore_errors=True)

@@ -11,6 +11,7 @@ import socket
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cyllm.coordinator.cache import InMemoryPromptCache, PromptCache
+from cyllm.coordinator.datasets import DatasetPolicy
 from cyllm.coordinator.files import FileStore
 from cyllm.coordinator.jobs import MemoryJobStore
 from cyllm.coordinator.metrics import CoordinatorMetrics
@@ -71,10 +72,15 @@ class CoordinatorServer:
             plane=self.plane,
         )
         store = RedisJobStore(settings.redis_url) if settings.redis_url else MemoryJobStore()
+        datasets = DatasetPolicy(tuple(settings.datasets_dirs), settings.datasets_any_path_for_admins,
+                                 settings.dataset_limits(), settings.dataset_read_memory_bytes,
+                                 settings.dataset_read_timeout_s)
+        self.service.files = FileStore(store, settings.files_dir, settings.files_max_bytes, datasets)
         self.service.training = TrainingManager(
-            store, self.scheduler, self.service.workers, self.coordinator_id,
-            lease_s=settings.lease_s, max_attempts=settings.training_max_attempts)
-        self.service.files = FileStore(store, settings.files_dir, settings.files_max_bytes)
+            store, self.service.files, self.scheduler, self.service.workers, self.coordinator_id,
+            lease_s=settings.lease_s, max_attempts=settings.training_max_attempts, datasets=datasets,
+            max_jobs_per_tenant=settings.training_max_jobs_per_tenant,
+            max_steps=settings.training_max_steps, max_time_s=settings.training_max_time_s)
         rpc.add_CoordinatorServicer_to_server(self.service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
 

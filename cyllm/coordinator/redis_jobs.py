@@ -134,6 +134,13 @@ class RedisJobStore(JobStore):
     async def delete_file(self, file_id: str) -> bool:
         return bool(await self.r.hdel(P + "files", file_id))
 
+    async def set_model_owner(self, model: str, owner: str) -> None:
+        await self.r.hset(P + "model_owners", model, owner)
+
+    async def model_owners(self) -> dict[str, str]:
+        rows = await self.r.hgetall(P + "model_owners")
+        return {k.decode(): v.decode() for k, v in rows.items()}
+
 
 def _copy(message, cls):
     out = cls()

@@ -145,7 +145,7 @@ class Scheduler(abc.ABC):
         return sorted(seen.values(), key=lambda m: m.id)
 
     async def check_model(self, model: str) -> None:
-        """ModelNotFound (listing what exists) or Unavailable (it exists, all unhealthy)."""
+        """ModelNotFound or Unavailable (it exists, all unhealthy)."""
         if not model:
             raise errors.InvalidRequest("model is required", param="model")
         views = await self.workers()
@@ -162,12 +162,9 @@ class Scheduler(abc.ABC):
             raise errors.ModelNotFound(
                 f"model {model!r} is not loaded; an admin can load it with "
                 f"POST /api/v1/models/{model}/load", param="model")
-        if not serving:
-            known = sorted({m.id for v in views if v.healthy for m in v.record.info.models})
-            raise errors.ModelNotFound(
-                f"model {model!r} does not exist; available models: {', '.join(known) or 'none'}",
-                param="model",
-            )
+        if not serving:  # what exists is not listed: a caller may not see every model
+            raise errors.ModelNotFound(f"model {model!r} does not exist; GET /v1/models lists "
+                                       "the models you can use", param="model")
 
     def _free(self, records: Iterable[WorkerRecord], model: str, exclude: Iterable[str],
               now: float) -> list[WorkerRecord]:

@@ -25,6 +25,7 @@ from cyllm.protocol.plane import Plane
 from cyllm.protocol import pb, rpc
 from cyllm.protocol.breaker import CircuitBreakers
 from cyllm.protocol.client import Stream
+from cyllm.protocol.tenant import PUBLIC, Tenant
 from cyllm.runtime import request_id_of
 
 log = logging.getLogger(__name__)
@@ -57,12 +58,18 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
-        rid = request_id_of(context) or request.request_id or uuid.uuid4().hex
-        request.request_id = request.request_id or rid
-        started, outcome = time.perf_counter(), "ok"
+        # The id engines know the request by is made here, always: a caller-chosen id
+        # could collide with another caller's and abort it.  The gateway's id (from the
+        # metadata) is for the logs.
+        request.request_id = uuid.uuid4().hex
+        rid = request_id_of(context) or request.request_id
+        tenant = Tenant.of(context)
+        started, outcome, label = time.perf_counter(), "ok", "(unknown)"
         try:
+            await self.check_visible(tenant, request.model)
             await self.scheduler.check_model(request.model)
-            key = cache_key(request) if is_deterministic(request) else None
+            label = request.model  # a metric label only once it names a real model
+            key = cache_key(request, tenant.subject) if is_deterministic(request) else None
             cached = await self.cache.get(key) if key else None
             if cached is not None:
                 outcome = "cached"
@@ -78,7 +85,7 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
             outcome = "cancelled"
             raise
         finally:
-            self.metrics.requests.labels(request.model, outcome).inc()
+            self.metrics.requests.labels(label, outcome).inc()
             log.info("generation %s", outcome, extra={
                 "request_id": rid, "model": request.model, "outcome": outcome,
                 "latency_ms": round((time.perf_counter() - started) * 1000, 1)})
@@ -134,7 +141,15 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
     # -- discovery --------------------------------------------------------------------
 
     async def ListModels(self, request, context) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=await self.scheduler.models())
+        tenant, owners = Tenant.of(context), await self.training.store.model_owners()
+        return pb.ListModelsResponse(models=[m for m in await self.scheduler.models()
+                                             if tenant.sees(owners.get(m.id, PUBLIC))])
+
+    async def check_visible(self, tenant: Tenant, model: str) -> None:
+        """Another tenant's fine-tuned model reads exactly as a missing one."""
+        if not tenant.sees((await self.training.store.model_owners()).get(model, PUBLIC)):
+            raise errors.ModelNotFound(f"model {model!r} does not exist; GET /v1/models lists "
+                                       "the models you can use", param="model")
 
     async def LoadModel(self, request, context) -> pb.LoadModelResponse:
         reply = await self.admin.load(request)

@@ -9,6 +9,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from cyllm.settings import ComponentSettings
+from cyllm.training.data import Limits
 
 
 class CoordinatorSettings(ComponentSettings):
@@ -39,5 +40,22 @@ class CoordinatorSettings(ComponentSettings):
                             description="uploaded files; shared storage when workers are elsewhere")
     files_max_bytes: int = Field(512 * 1024 * 1024, ge=1, description="largest upload")
     training_max_attempts: int = Field(3, ge=1, description="runs of a job whose worker is lost")
+    training_max_jobs_per_tenant: int = Field(4, ge=1, description="queued or running jobs per tenant")
+    training_max_steps: int = Field(100_000, ge=1, description="largest max_steps a job may ask")
+    training_max_time_s: float = Field(86_400.0, gt=0, description="every job's time limit, at most")
+    # -- which datasets a job may read, and how much of them (coordinator/datasets.py)
+    datasets_dirs: list[Path] = Field(default_factory=list,
+                                      description="folders whose files a job may name by path")
+    datasets_any_path_for_admins: bool = Field(False, description="admins may name any path")
+    dataset_max_rows: int = Field(1_000_000, ge=1)
+    dataset_max_line_bytes: int = Field(4 << 20, ge=1024, description="a JSONL line or CSV field")
+    dataset_max_depth: int = Field(32, ge=2, description="JSON nesting")
+    dataset_read_memory_bytes: int = Field(1 << 30, ge=64 << 20,
+                                           description="memory limit of the process that reads one")
+    dataset_read_timeout_s: float = Field(120.0, gt=0)
+    def dataset_limits(self) -> Limits:
+        return Limits(max_bytes=self.files_max_bytes, max_rows=self.dataset_max_rows,
+                      max_line_bytes=self.dataset_max_line_bytes, max_depth=self.dataset_max_depth)
+
     metrics_port: int | None = Field(9150, ge=0, le=65535,
                                      description="HTTP port for /metrics; 0 picks one, null: off")

@@ -23,15 +23,17 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from cyllm import errors
+from cyllm.coordinator.datasets import DatasetPolicy
+from cyllm.coordinator.files import FileStore
 from cyllm.coordinator.jobs import TERMINAL, JobStore
 from cyllm.coordinator.scheduler import Scheduler, WorkerView
 from cyllm.coordinator.workers import WorkerClients
 from cyllm.protocol import pb
+from cyllm.paths import checked_id
 from cyllm.protocol.client import Stream
-from cyllm.training.data import load_examples
+from cyllm.protocol.tenant import Tenant
 from cyllm.training.spec import TrainingSpec
 
 log = logging.getLogger(__name__)
@@ -42,9 +44,16 @@ _LOST = (errors.Unavailable, errors.RequestCancelled, errors.EngineError)
 
 
 class TrainingManager:
-    def __init__(self, store: JobStore, scheduler: Scheduler, workers: WorkerClients,
-                 coordinator_id: str, *, lease_s: float, max_attempts: int) -> None:
+    def __init__(self, store: JobStore, files: FileStore, scheduler: Scheduler,
+                 workers: WorkerClients, coordinator_id: str, *, lease_s: float, max_attempts: int,
+                 datasets: DatasetPolicy = DatasetPolicy(), max_jobs_per_tenant: int = 4,
+                 max_steps: int = 100_000, max_time_s: float = 86_400.0) -> None:
         self.store = store
+        self.files = files
+        self.datasets = datasets
+        self.max_jobs_per_tenant = max_jobs_per_tenant
+        self.max_steps = max_steps
+        self.max_time_s = max_time_s
         self.scheduler = scheduler
         self.workers = workers
         self.owner = coordinator_id
@@ -76,35 +85,43 @@ class TrainingManager:
 
     # -- the API --------------------------------------------------------------------------
 
-    async def create(self, request: pb.CreateTrainingJobRequest) -> pb.TrainingJob:
+    async def create(self, request: pb.CreateTrainingJobRequest, tenant: Tenant,
+                     visible: set[str]) -> pb.TrainingJob:
+        """``visible``: the model ids this tenant may use (a base model must be one)."""
         try:
             raw = json.loads(request.spec_json or "{}")
         except json.JSONDecodeError as exc:
-            raise errors.InvalidRequest(f"the training spec is not JSON: {exc}") from None
+            raise errors.InvalidRequest(f"the training spec is not JSON: {exc.msg}") from None
         if not isinstance(raw, dict):
             raise errors.InvalidRequest("the training spec must be a JSON object")
+        uploaded = None
         if request.training_file:
-            info = await self.store.get_file(request.training_file)
-            if info is None:
-                raise errors.InvalidRequest(f"training_file {request.training_file!r} does not exist",
-                                            param="training_file")
-            raw["dataset"] = info.path
+            uploaded = await self.files.get(request.training_file, tenant, "training_file")
+            raw["dataset"] = uploaded.path
         spec = TrainingSpec.parse(raw)
-        known = {m.id for m in await self.scheduler.models()}
-        if spec.base_model not in known:
-            raise errors.ModelNotFound(f"base model {spec.base_model!r} is not served by any worker; "
-                                       f"models: {', '.join(sorted(known)) or 'none'}", param="model")
-        # An uploaded file was parsed on upload; read it again only if the job reads it
+        if spec.base_model not in visible:
+            raise errors.ModelNotFound(f"base model {spec.base_model!r} is not served by any "
+                                       "worker; GET /v1/models lists the models you can use",
+                                       param="model")
+        if spec.max_steps is not None and spec.max_steps > self.max_steps:
+            raise errors.InvalidRequest(f"max_steps: at most {self.max_steps} on this server",
+                                        param="max_steps")
+        if spec.method != "custom" and uploaded is None:
+            spec.dataset = str(self.datasets.resolve(spec.dataset, tenant))
+        # An uploaded file was read on upload; read it again only if the job reads it
         # differently (a named format or columns).
-        parsed = request.training_file and spec.dataset_format is None \
+        parsed = uploaded is not None and spec.dataset_format is None \
             and spec.prompt_column is None and spec.response_column is None
-        if spec.method != "custom" and not parsed and Path(spec.dataset).exists():
-            await asyncio.to_thread(load_examples, spec.dataset, spec.dataset_format,
-                                    prompt_column=spec.prompt_column,
-                                    response_column=spec.response_column)
+        if spec.method != "custom" and not parsed:
+            await self.datasets.check(spec.dataset, spec)
+        spec.time_limit_s = min(spec.time_limit_s or self.max_time_s, self.max_time_s)
+        active = [j for j in await self._owned(tenant.subject) if j.state not in TERMINAL]
+        if len(active) >= self.max_jobs_per_tenant:
+            raise errors.Overloaded(f"{len(active)} of your training jobs are queued or running; "
+                                    f"at most {self.max_jobs_per_tenant} at once", retry_after=60)
         job = pb.TrainingJob(id=f"ftjob-{uuid.uuid4().hex[:24]}", spec_json=spec.model_dump_json(),
                              state="queued", created_at=int(time.time()),
-                             training_file=request.training_file)
+                             training_file=request.training_file, owner=tenant.subject)
         await self.store.put(job)
         await self._event(job.id, "state", f"job created: {spec.method} on {spec.base_model}",
                           state="queued")
@@ -112,14 +129,34 @@ class TrainingManager:
         self._kick.set()
         return job
 
-    async def get(self, job_id: str) -> pb.TrainingJob:
-        job = await self.store.get(job_id)
-        if job is None:
+    async def get(self, job_id: str, tenant: Tenant | None = None) -> pb.TrainingJob:
+        """The job; for a ``tenant``, only its own (another's reads as missing)."""
+        job = await self.store.get(checked_id(job_id, "training job id", "id"))
+        if job is None or (tenant is not None and not tenant.owns(job.owner)):
             raise errors.NotFound(f"training job {job_id!r} does not exist", param="id")
         return job
 
-    async def cancel(self, job_id: str) -> pb.TrainingJob:
-        job = await self.get(job_id)
+    async def list(self, tenant: Tenant, limit: int, after: str) -> tuple[list[pb.TrainingJob], bool]:
+        if tenant.admin:
+            return await self.store.list(limit, after)
+        if after:
+            await self.get(after, tenant)
+        mine = [j for j in await self._owned(tenant.subject, after)]
+        return mine[:limit], len(mine) > limit
+
+    async def _owned(self, owner: str, after: str = "") -> list[pb.TrainingJob]:
+        """Newest first, read page by page."""
+        out: list[pb.TrainingJob] = []
+        more = True
+        while more:
+            page, more = await self.store.list(200, after)
+            out += [j for j in page if j.owner == owner]
+            after = page[-1].id if page else ""
+            more = more and bool(page)
+        return out
+
+    async def cancel(self, job_id: str, tenant: Tenant) -> pb.TrainingJob:
+        job = await self.get(job_id, tenant)
         if job.state in TERMINAL:
             raise errors.InvalidRequest(f"training job {job_id} has already {job.state}")
         await self.store.request_cancel(job_id)
@@ -134,9 +171,10 @@ class TrainingManager:
             await asyncio.sleep(0.2)
         return await self.get(job_id)
 
-    async def watch(self, job_id: str, after_seq: int) -> AsyncIterator[pb.TrainingEvent]:
+    async def watch(self, job_id: str, after_seq: int,
+                    tenant: Tenant) -> AsyncIterator[pb.TrainingEvent]:
         """Events after ``after_seq`` as they come, until the job has ended."""
-        await self.get(job_id)
+        await self.get(job_id, tenant)
         while True:
             events = await self.store.events(job_id, after_seq)
             for event in events:
@@ -294,6 +332,7 @@ class TrainingManager:
                 load.model_path = result.result_path
             else:
                 load.peft_adapter_path = result.result_path
+        await self.store.set_model_owner(model, job.owner)  # before anyone can see it
         try:
             reply = await self.workers.load_model(worker.address, load)
         except errors.CyllmError as err:

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from cyllm.gateway import errors
 from cyllm.gateway.admin import router as admin_router
-from cyllm.gateway.auth import Authenticator
+from cyllm.gateway.auth import Authenticator, AuthMiddleware
 from cyllm.gateway.client import CoordinatorClient
 from cyllm.gateway.context import EdgeMiddleware
 from cyllm.gateway.keys import FileKeyStore, KeyStore, RedisKeyStore
@@ -66,6 +66,7 @@ def create_app(settings: GatewaySettings, client: CoordinatorClient | None = Non
     app.include_router(websocket_router)
     app.include_router(admin_router)
     app.include_router(metrics_router)
+    app.add_middleware(AuthMiddleware)  # inside the edge: the context exists, no body read yet
     app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes,
                        max_upload_bytes=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)

@@ -5,20 +5,33 @@ an API key, anything else is verified as a JWT (HS256 with ``jwt_secret``, RS256
 ``jwt_public_key_file`` or a JWKS file; ``exp`` required, ``nbf``, ``iss`` and ``aud``
 checked).  The JWT's ``sub`` and ``scope``/``scopes`` become the identity; the
 ``admin_scope`` scope (an admin API key has it) opens the admin routes.
+
+Claims are type-checked (a list where a string belongs is a 401, never a 500), and
+the two kinds of subject live apart (``key:<id>`` and ``jwt:<sub>``): a JWT whose
+``sub`` reads like an API key's gets its own limits and its own files, not the key's.
+
+:class:`AuthMiddleware` authenticates every HTTP request from its headers before the
+route reads a byte of the body, so an unauthenticated 100 MB upload is refused at once.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from dataclasses import dataclass
+from typing import Any
 
 import jwt
 from fastapi import Request
+from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cyllm import errors
-from cyllm.gateway.context import context
+from cyllm.gateway.context import context, peek
+from cyllm.gateway.errors import error_response
 from cyllm.gateway.keys import PREFIX, KeyStore
 from cyllm.gateway.settings import GatewaySettings
+from cyllm.protocol.tenant import Tenant
 
 
 @dataclass(frozen=True)
@@ -37,8 +50,38 @@ class Identity:
         if self.models is not None and model not in self.models:
             raise errors.Forbidden(f"this key may not use model {model!r}", param="model")
 
+    def may_use(self, model: str) -> bool:
+        return self.models is None or model in self.models
 
-ANONYMOUS = Identity("anonymous", "anonymous", frozenset({"admin"}))
+    @property
+    def tenant(self) -> Tenant:
+        return Tenant(self.subject, self.admin)
+
+
+def anonymous(settings: GatewaySettings) -> Identity:
+    """The caller when auth is off: the machine's own user (admin) on loopback; on any
+    other address a plain caller, so an open gateway never hands out the admin routes."""
+    scopes = frozenset({settings.admin_scope}) if loopback(settings.host) else frozenset()
+    return Identity("anonymous", "anonymous", scopes, None, settings.admin_scope)
+
+
+def loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _strings(claims: dict[str, Any], name: str) -> list[str] | None:
+    """A claim that must be a list of strings (or absent)."""
+    value = claims.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise errors.Unauthenticated(f"JWT claim {name!r} must be a list of strings")
+    return value
 
 
 class JwtVerifier:
@@ -60,9 +103,11 @@ class JwtVerifier:
     def verify(self, token: str, admin_scope: str) -> Identity:
         try:
             header = jwt.get_unverified_header(token)
-            alg = header.get("alg")
-            if alg == "RS256" and self.jwks is not None and header.get("kid"):
-                key = self.jwks[header["kid"]].key
+            alg, kid = header.get("alg"), header.get("kid")
+            if not isinstance(alg, str) or not isinstance(kid, (str, type(None))):
+                raise errors.Unauthenticated("JWT header: 'alg' and 'kid' must be strings")
+            if alg == "RS256" and self.jwks is not None and kid:
+                key = self.jwks[kid].key
             elif alg in self.keys:
                 key = self.keys[alg]
             else:
@@ -83,9 +128,14 @@ class JwtVerifier:
             raise errors.Unauthenticated("JWT issuer is not accepted") from None
         except jwt.PyJWTError as exc:
             raise errors.Unauthenticated(f"invalid JWT: {exc}") from None
-        scopes = claims.get("scopes") or str(claims.get("scope", "")).split()
-        models = claims.get("models")
-        return Identity(str(claims["sub"]), "jwt", frozenset(scopes),
+        if not isinstance(claims["sub"], str) or not claims["sub"]:
+            raise errors.Unauthenticated("JWT claim 'sub' must be a non-empty string")
+        scope = claims.get("scope", "")
+        if not isinstance(scope, str):
+            raise errors.Unauthenticated("JWT claim 'scope' must be a space-separated string")
+        scopes = _strings(claims, "scopes") or scope.split()
+        models = _strings(claims, "models")
+        return Identity(f"jwt:{claims['sub']}", "jwt", frozenset(scopes),
                         frozenset(models) if models is not None else None, admin_scope)
 
 
@@ -97,7 +147,7 @@ class Authenticator:
 
     async def identify(self, authorization: str | None) -> Identity:
         if not self.settings.auth_enabled:
-            return ANONYMOUS
+            return anonymous(self.settings)
         if not authorization or not authorization.lower().startswith("bearer "):
             raise errors.Unauthenticated(
                 "missing credentials: send 'Authorization: Bearer <API key or JWT>'")
@@ -116,10 +166,50 @@ class Authenticator:
 
 
 async def authenticate(request: Request) -> Identity:
-    """FastAPI dependency: the caller's identity (also in the request's context), or 401."""
-    identity = await request.app.state.auth.identify(request.headers.get("authorization"))
-    context(request).identity = identity
-    return identity
+    """FastAPI dependency: the caller's identity (also in the request's context), or 401.
+    :class:`AuthMiddleware` has normally found it already, before the body was read."""
+    ctx = context(request)
+    if ctx.identity is None:
+        ctx.identity = await request.app.state.auth.identify(request.headers.get("authorization"))
+    return ctx.identity
+
+
+def coordinator(conn: HTTPConnection):
+    """The coordinator client, acting for this request's caller."""
+    return conn.app.state.client.acting_for(context(conn).caller.tenant)
+
+
+class AuthMiddleware:
+    """Credentials first: every HTTP request but the public ones (health, API docs and,
+    when ``metrics_public``, metrics) is authenticated from its headers before the
+    route runs, so nothing of a body is read for a caller who may not send it.
+    WebSockets authenticate in their route (their errors are frames, not responses)."""
+
+    PUBLIC = ("/api/v1/health", "/docs", "/redoc", "/openapi.json")
+    METRICS = ("/metrics", "/actuator/prometheus")
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self._public(scope):
+            return await self.app(scope, receive, send)
+        state = scope["app"].state
+        header = dict(scope["headers"]).get(b"authorization")
+        try:
+            identity = await state.auth.identify(header.decode("latin-1") if header else None)
+        except errors.CyllmError as exc:
+            return await error_response(exc)(scope, receive, send)
+        ctx = peek(scope)
+        if ctx is not None:
+            ctx.identity = identity
+        await self.app(scope, receive, send)
+
+    def _public(self, scope: Scope) -> bool:
+        path = scope["path"]
+        if path in self.METRICS:
+            return scope["app"].state.settings.metrics_public
+        return any(path == p or path.startswith(p + "/") for p in self.PUBLIC)
 
 
 async def require_admin(request: Request) -> Identity:

@@ -10,6 +10,7 @@ a 10 s timeout (training calls 60 s), generations ``request_timeout_s``.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -19,6 +20,7 @@ from cyllm.protocol import pb, rpc
 from cyllm.protocol.breaker import CircuitBreakers
 from cyllm.protocol.client import Stream, open_channel, unary
 from cyllm.protocol.plane import Plane
+from cyllm.protocol.tenant import Tenant
 from cyllm.runtime import REQUEST_ID
 
 T = TypeVar("T")
@@ -34,6 +36,14 @@ class CoordinatorClient:
         self._stubs = [rpc.CoordinatorStub(c) for c in self._channels]
         self._turn = itertools.count()
         self.breakers = CircuitBreakers(breaker_failures, breaker_cooldown_s)
+        self._meta: tuple[tuple[str, str], ...] = ()  # whose calls these are
+
+    def acting_for(self, tenant: Tenant) -> CoordinatorClient:
+        """This client (same channels and breakers) making its calls for ``tenant``: the
+        coordinator keeps each tenant's files, jobs and models apart by it."""
+        view = copy.copy(self)
+        view._meta = tenant.metadata()
+        return view
 
     def _in_turn(self) -> list[tuple[str, rpc.CoordinatorStub]]:
         start = next(self._turn) % len(self._stubs)
@@ -49,7 +59,7 @@ class CoordinatorClient:
         """Stream the coordinator's events; the call is cancelled when this is closed.
         ``request_id`` travels in the gRPC metadata, into the coordinator's and worker's logs."""
         last: errors.CyllmError = errors.Unavailable("no coordinator configured")
-        metadata = ((REQUEST_ID, request_id),) if request_id else None
+        metadata = (((REQUEST_ID, request_id),) if request_id else ()) + self._meta
         for address, stub in self._in_turn():
             stream = Stream(stub.Generate(request, timeout=self.timeout_s, metadata=metadata))
             received = False
@@ -116,7 +126,8 @@ class CoordinatorClient:
 
     async def watch_training(self, job_id: str, after_seq: int = 0) -> AsyncIterator[pb.TrainingEvent]:
         _, stub = self._in_turn()[0]
-        stream = Stream(stub.WatchTrainingJob(pb.TrainingEventsRequest(id=job_id, after_seq=after_seq)))
+        stream = Stream(stub.WatchTrainingJob(pb.TrainingEventsRequest(id=job_id, after_seq=after_seq),
+                                              metadata=self._meta))
         try:
             async for event in stream:
                 yield event
@@ -127,7 +138,7 @@ class CoordinatorClient:
 
     async def upload_file(self, chunks: AsyncIterator[pb.FileChunk]) -> pb.FileInfo:
         _, stub = self._in_turn()[0]
-        return await unary(stub.UploadFile, chunks, timeout=3600)
+        return await unary(stub.UploadFile, chunks, timeout=3600, metadata=self._meta)
 
     async def get_file(self, file_id: str) -> pb.FileInfo:
         return await self._training(lambda s: s.GetFile, pb.FileRequest(id=file_id))
@@ -149,7 +160,7 @@ class CoordinatorClient:
         last: errors.CyllmError = errors.Unavailable("no coordinator configured")
         for address, stub in self._in_turn():
             try:
-                reply = await unary(method(stub), request, timeout=timeout)
+                reply = await unary(method(stub), request, timeout=timeout, metadata=self._meta)
             except errors.Unreachable as exc:
                 self.breakers.failed(address)
                 last = exc

@@ -34,7 +34,8 @@ class Usage:
 
 @dataclass
 class RequestContext:
-    request_id: str
+    request_id: str  # made here, always: engines know the request by it
+    client_request_id: str | None = None  # the caller's X-Request-ID, for the logs only
     identity: Identity | None = None  # set by the credentials check
     usage: Usage | None = None  # set when a generation ends
     content: dict[str, Any] | None = None  # prompt and completion, only with log_content
@@ -50,8 +51,8 @@ def context(conn: HTTPConnection) -> RequestContext:
     return conn.scope["state"][_KEY]
 
 
-def new_context(scope: Scope, request_id: str | None = None) -> RequestContext:
-    ctx = RequestContext(request_id or uuid.uuid4().hex)
+def new_context(scope: Scope, client_request_id: str | None = None) -> RequestContext:
+    ctx = RequestContext(uuid.uuid4().hex, client_request_id)
     scope.setdefault("state", {})[_KEY] = ctx
     return ctx
 
@@ -62,8 +63,9 @@ def peek(scope: Scope) -> RequestContext | None:
 
 
 class EdgeMiddleware:
-    """Makes each request's context: a request id (taken from X-Request-ID when it is
-    well formed, else made up; echoed back with the rate-limit headers), the body size
+    """Makes each request's context: a request id made here (echoed back in X-Request-ID
+    with the rate-limit headers; a caller's own well-formed X-Request-ID is kept beside
+    it for the logs, never used to name the generation), the body size
     limit (enforced while the body is read), and JSON as the body type when none or
     curl's form default is declared (no route takes url-encoded forms, and ``curl -d
     '{...}'`` should just work).  File uploads (``/v1/files``, multipart) have their

@@ -9,6 +9,8 @@ the one stream every surface formats: text pieces, then ``Done`` or ``Failed``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
@@ -16,11 +18,20 @@ from dataclasses import dataclass
 from typing import Self
 
 from pydantic import BaseModel
-from starlette.requests import HTTPConnection
+from starlette.requests import HTTPConnection, Request
 
 from cyllm import errors
 from cyllm.gateway.context import Usage, context
 from cyllm.protocol import pb
+
+
+PRIORITY_SCOPE = "priority"
+
+
+async def _hung_up(request: Request) -> None:
+    """Returns once the client has disconnected."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.25)
 
 
 def build_request(
@@ -45,6 +56,9 @@ def build_request(
         sampling.top_p = top_p
     if seed is not None:
         sampling.seed = seed
+    for param, texts in (("prompt", [prompt or ""]), ("messages", [t for m in messages or () for t in m]),
+                         ("stop", list(sampling.stop))):
+        _check_text(texts, param)
     req = pb.GenerateRequest(request_id=request_id, model=model, sampling=sampling, priority=priority)
     if messages is not None:
         req.messages.CopyFrom(
@@ -53,6 +67,16 @@ def build_request(
     else:
         req.prompt = prompt or ""
     return req
+
+
+def _check_text(texts: list[str], param: str) -> None:
+    """JSON may carry a lone surrogate (``"\\ud800"``); it is no UTF-8 and no token."""
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise errors.InvalidRequest(f"{param} holds an unpaired surrogate (\\u{ord(text[exc.start]):x}), "
+                                        "which is not valid text", param=param) from None
 
 
 @dataclass
@@ -106,9 +130,10 @@ class Generation:
 
     def __init__(self, conn: HTTPConnection, request: pb.GenerateRequest) -> None:
         state = conn.app.state
-        self._client, self._request = state.client, request
-        self._events: AsyncIterator[pb.GenerateResponse] | None = None
         self.ctx = context(conn)
+        self._conn = conn
+        self._client, self._request = state.client.acting_for(self.ctx.caller.tenant), request
+        self._events: AsyncIterator[pb.GenerateResponse] | None = None
         self.limiter = state.limiter
         self.metrics = state.metrics
         self._admission = None
@@ -118,8 +143,19 @@ class Generation:
         self._keep_text: list[str] | None = [] if state.settings.log_content else None
 
     async def start(self) -> Generation:
-        self.ctx.caller.check_model(self.model)
-        self._admission = await self.limiter.admit(self.ctx.caller)
+        caller = self.ctx.caller
+        caller.check_model(self.model)
+        if self._request.priority > 0 and not (caller.admin or PRIORITY_SCOPE in caller.scopes):
+            raise errors.Forbidden(f"priority above 0 needs the {PRIORITY_SCOPE!r} scope",
+                                   param="priority")
+        r = self._request
+        chars = len(r.prompt) if r.WhichOneof("input") == "prompt" \
+            else sum(len(m.content) for m in r.messages.messages)
+        bound = self.limiter.bound(r.sampling.max_tokens if r.sampling.HasField("max_tokens") else None)
+        if bound is not None:
+            r.sampling.max_tokens = bound
+        reserve = self.limiter.reservation(chars, bound)
+        self._admission = await self.limiter.admit(caller, reserve)
         self.ctx.ratelimit_headers = self._admission.headers
         self._events = self._client.generate(self._request, self.ctx.request_id)
         try:
@@ -146,7 +182,24 @@ class Generation:
         yield Done(self.outcome)
 
     async def text(self) -> str:
-        """The whole answer (an error raises: nothing was sent yet)."""
+        """The whole answer (an error raises: nothing was sent yet).  A caller that hangs
+        up meanwhile cancels it down to the engine: nobody is left to read the answer."""
+        if not isinstance(self._conn, Request):
+            return "".join([piece async for piece in self._pieces()])
+        collect = asyncio.ensure_future(self._collect())
+        watch = asyncio.ensure_future(_hung_up(self._conn))
+        try:
+            await asyncio.wait((collect, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+        if not collect.done():
+            collect.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await collect
+            raise errors.RequestCancelled("the client disconnected")
+        return collect.result()
+
+    async def _collect(self) -> str:
         return "".join([piece async for piece in self._pieces()])
 
     async def _pieces(self) -> AsyncIterator[str]:

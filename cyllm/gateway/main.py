@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 
 import uvicorn
 
 from cyllm.gateway.app import create_app
+from cyllm.gateway.auth import loopback
 from cyllm.gateway.settings import GatewaySettings
 from cyllm.protocol.plane import Plane
 
@@ -15,7 +15,7 @@ log = logging.getLogger("cyllm.gateway")
 
 
 def serve(settings: GatewaySettings, plane: Plane) -> None:
-    if not settings.auth_enabled and not _loopback(settings.host):
+    if not settings.auth_enabled and not loopback(settings.host):
         log.warning(
             "gateway bound to %s without authentication: anyone who can reach it can use it, "
             "without the admin routes (set gateway.auth_enabled: true)", settings.host,
@@ -33,11 +33,3 @@ def serve(settings: GatewaySettings, plane: Plane) -> None:
     )
     uvicorn.Server(config).run()
 
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -67,9 +68,13 @@ class MetricsMiddleware:
                 self.metrics.rejected.labels(str(status["code"])).inc()
             ctx = peek(scope)
             identity, usage = (ctx.identity, ctx.usage) if ctx else (None, None)
+            # The path is the caller's: escaped, so a newline in it cannot forge a line.
+            path = json.dumps(scope["path"])[1:-1]
             access_log.info(
-                "%s %s %d %.1fms", method, scope["path"], status["code"], elapsed * 1000,
-                extra={"request_id": ctx.request_id if ctx else None, "method": method,
+                "%s %s %d %.1fms", method, path, status["code"], elapsed * 1000,
+                extra={"request_id": ctx.request_id if ctx else None,
+                       "client_request_id": ctx.client_request_id if ctx else None,
+                       "method": method,
                        "route": label, "status": status["code"],
                        "latency_ms": round(elapsed * 1000, 1),
                        "caller": identity.subject if identity else None,

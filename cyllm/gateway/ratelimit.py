@@ -1,11 +1,20 @@
-"""Per-caller limits: requests per minute, tokens per minute and generations at once.
+"""Per-caller limits: requests per minute, tokens per minute and generations at once
+(for generations), and requests per minute for everything else (files, training,
+admin).
 
 The counters live in the ``limits`` library's storage: Redis when ``redis_url`` is set
 (its moving-window Lua scripts are atomic, so several gateways enforce one limit
 together rather than one each), memory otherwise.  Over a limit: 429 with
-``Retry-After`` and OpenAI's ``x-ratelimit-*`` headers.  Tokens are counted when a
-generation ends (prompt + completion); a caller over its token budget is refused new
-requests until the window frees up.
+``Retry-After`` and OpenAI's ``x-ratelimit-*`` headers.
+
+Tokens are *reserved* at admission — an estimate of the prompt (``len(text) / 3``)
+plus ``max_tokens`` — and settled when the generation ends: the reservation is
+released and the tokens really used are counted in the window.  A request is admitted
+only if what the window has counted plus what is reserved in flight plus its own
+reservation fits the limit, so concurrent requests cannot together overrun it.  Under
+a token limit a request without ``max_tokens`` is given ``tpm_default_reserve`` (at
+most the limit), so what it reserves bounds what it can use; one whose reservation
+alone is over the limit is a 400 naming ``max_tokens``.
 """
 
 from __future__ import annotations
@@ -20,7 +29,9 @@ from limits.aio.storage import MemoryStorage, RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 
 from cyllm import errors
-from cyllm.gateway.auth import Identity
+from fastapi import Request
+
+from cyllm.gateway.auth import Identity, authenticate
 from cyllm.gateway.settings import GatewaySettings
 
 
@@ -29,12 +40,16 @@ class Admission:
     subject: str
     headers: dict[str, str] = field(default_factory=dict)
     holds_slot: bool = False
+    reserved: int = 0
 
 
 class RateLimiter:
     def __init__(self, settings: GatewaySettings) -> None:
         self.rpm = RateLimitItemPerMinute(settings.rate_limit_rpm) if settings.rate_limit_rpm else None
         self.tpm = RateLimitItemPerMinute(settings.rate_limit_tpm) if settings.rate_limit_tpm else None
+        self.control_rpm = (RateLimitItemPerMinute(settings.rate_limit_control_rpm)
+                            if settings.rate_limit_control_rpm else None)
+        self.default_reserve = settings.tpm_default_reserve
         self.concurrency = settings.rate_limit_concurrency
         if settings.redis_url:
             storage = RedisStorage("async+" + settings.redis_url, implementation="redispy",
@@ -44,64 +59,104 @@ class RateLimiter:
             storage = MemoryStorage()
             self._redis = None
         self.window = MovingWindowRateLimiter(storage)
-        self._running: dict[str, int] = {}
+        self._counters: dict[str, int] = {}
 
     @property
     def active(self) -> bool:
         return bool(self.rpm or self.tpm or self.concurrency)
 
-    async def admit(self, identity: Identity) -> Admission:
+    def bound(self, max_tokens: int | None) -> int | None:
+        """The ``max_tokens`` a request runs with: its own, or the default under a token limit."""
+        if max_tokens is not None or self.tpm is None:
+            return max_tokens
+        return min(self.default_reserve, self.tpm.amount)
+
+    def reservation(self, prompt_chars: int, max_tokens: int | None) -> int:
+        if self.tpm is None:
+            return 0
+        reserve = prompt_chars // 3 + 1 + (max_tokens or 0)
+        if reserve > self.tpm.amount:
+            raise errors.InvalidRequest(
+                f"the prompt (about {prompt_chars // 3 + 1} tokens) plus max_tokens ({max_tokens}) "
+                f"is over this caller's limit of {self.tpm.amount} tokens per minute",
+                param="max_tokens")
+        return reserve
+
+    async def admit(self, identity: Identity, reserve: int = 0) -> Admission:
         adm = Admission(identity.subject)
         if not self.active:
             return adm
-        if self.tpm is not None:
-            stats = await self.window.get_window_stats(self.tpm, "tpm", adm.subject)
-            adm.headers |= _headers("tokens", self.tpm.amount, stats.remaining, stats.reset_time)
-            if stats.remaining <= 0:
-                raise self._refuse("tokens per minute", stats.reset_time, adm.headers)
-        if self.rpm is not None:
-            allowed = await self.window.hit(self.rpm, "rpm", adm.subject)
-            stats = await self.window.get_window_stats(self.rpm, "rpm", adm.subject)
-            adm.headers |= _headers("requests", self.rpm.amount, stats.remaining, stats.reset_time)
-            if not allowed:
-                raise self._refuse("requests per minute", stats.reset_time, adm.headers)
-        if self.concurrency is not None:
-            if await self._incr(adm.subject) > self.concurrency:
-                await self._decr(adm.subject)
-                raise errors.RateLimited(
-                    f"more than {self.concurrency} generations at once for this caller",
-                    retry_after=1, headers=adm.headers)
-            adm.holds_slot = True
+        try:
+            if self.rpm is not None:
+                allowed = await self.window.hit(self.rpm, "rpm", adm.subject)
+                stats = await self.window.get_window_stats(self.rpm, "rpm", adm.subject)
+                adm.headers |= _headers("requests", self.rpm.amount, stats.remaining, stats.reset_time)
+                if not allowed:
+                    raise self._refuse("requests per minute", stats.reset_time, adm.headers)
+            if self.tpm is not None:
+                await self._reserve(adm, reserve)
+            if self.concurrency is not None:
+                if await self._add("running", adm.subject, 1) > self.concurrency:
+                    await self._add("running", adm.subject, -1)
+                    raise errors.RateLimited(
+                        f"more than {self.concurrency} generations at once for this caller",
+                        retry_after=1, headers=adm.headers)
+                adm.holds_slot = True
+        except BaseException:
+            await self.finish(adm, 0)
+            raise
         return adm
 
+    async def _reserve(self, adm: Admission, reserve: int) -> None:
+        assert self.tpm is not None
+        stats = await self.window.get_window_stats(self.tpm, "tpm", adm.subject)
+        spent = self.tpm.amount - stats.remaining
+        in_flight = await self._add("reserved", adm.subject, reserve)
+        adm.reserved = reserve
+        left = self.tpm.amount - spent - in_flight
+        adm.headers |= _headers("tokens", self.tpm.amount, left, stats.reset_time)
+        if left < 0:
+            raise self._refuse("tokens per minute (counting the tokens reserved by requests "
+                               "still running)", stats.reset_time, adm.headers)
+
     async def finish(self, adm: Admission, tokens: int) -> None:
+        """Free the slot and the reservation; count the tokens really used."""
         if adm.holds_slot:
             adm.holds_slot = False
-            await self._decr(adm.subject)
+            await self._add("running", adm.subject, -1)
+        if adm.reserved:
+            reserved, adm.reserved = adm.reserved, 0
+            await self._add("reserved", adm.subject, -reserved)
         if self.tpm is not None and tokens > 0:
             stats = await self.window.get_window_stats(self.tpm, "tpm", adm.subject)
             if stats.remaining > 0:
                 await self.window.hit(self.tpm, "tpm", adm.subject, cost=min(tokens, stats.remaining))
+
+    async def control(self, identity: Identity) -> None:
+        """A request to a route that is not a generation (files, training, admin)."""
+        if self.control_rpm is None:
+            return
+        if not await self.window.hit(self.control_rpm, "control", identity.subject):
+            stats = await self.window.get_window_stats(self.control_rpm, "control", identity.subject)
+            headers = _headers("requests", self.control_rpm.amount, stats.remaining, stats.reset_time)
+            raise self._refuse("requests per minute to files, training and admin routes",
+                               stats.reset_time, headers)
 
     def _refuse(self, what: str, reset: float, headers: dict[str, str]) -> errors.RateLimited:
         wait = max(1.0, reset - time.time())
         return errors.RateLimited(f"rate limit exceeded: {what}; retry in {math.ceil(wait)}s",
                                   retry_after=wait, headers=headers)
 
-    async def _incr(self, subject: str) -> int:
+    async def _add(self, counter: str, subject: str, amount: int) -> int:
+        """Add to a per-caller counter of things in flight; its new value."""
         if self._redis is not None:
-            key = f"cyllm:limits:running:{subject}"
-            n = await self._redis.incr(key)
-            await self._redis.expire(key, 3600)  # a crashed gateway's slots do not last forever
+            key = f"cyllm:limits:{counter}:{subject}"
+            n = await self._redis.incrby(key, amount)
+            await self._redis.expire(key, 3600)  # a crashed gateway's holds do not last forever
             return int(n)
-        self._running[subject] = self._running.get(subject, 0) + 1
-        return self._running[subject]
-
-    async def _decr(self, subject: str) -> None:
-        if self._redis is not None:
-            await self._redis.decr(f"cyllm:limits:running:{subject}")
-        else:
-            self._running[subject] = max(0, self._running.get(subject, 1) - 1)
+        key = f"{counter}:{subject}"
+        self._counters[key] = max(0, self._counters.get(key, 0) + amount)
+        return self._counters[key]
 
     async def close(self) -> None:
         if self._redis is not None:
@@ -114,3 +169,8 @@ def _headers(kind: str, limit: int, remaining: int, reset: float) -> dict[str, s
         f"x-ratelimit-remaining-{kind}": str(max(0, remaining)),
         f"x-ratelimit-reset-{kind}": f"{max(0.0, reset - time.time()):.0f}s",
     }
+
+
+async def limit_control(request: Request) -> None:
+    """FastAPI dependency of the file, training and admin routes."""
+    await request.app.state.limiter.control(await authenticate(request))

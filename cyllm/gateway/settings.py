@@ -39,4 +39,8 @@ class GatewaySettings(ComponentSettings):
     # -- how much (per API key or JWT subject; null: unlimited)
     rate_limit_rpm: int | None = Field(None, ge=1, description="requests per minute")
     rate_limit_tpm: int | None = Field(None, ge=1, description="tokens (prompt + completion) per minute")
-    rate_limit_concurrency: int | None = Field(None, ge=1, description="generations at once")
+    rate_limit_concurrency: int | None = Field(64, ge=1, description="generations at once")
+    tpm_default_reserve: int = Field(256, ge=1, description="tokens reserved for a request "
+                                     "without max_tokens, while it runs (rate_limit_tpm)")
+    rate_limit_control_rpm: int | None = Field(
+        120, ge=1, description="requests per minute to files, training and admin routes")

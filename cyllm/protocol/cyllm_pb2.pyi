@@ -321,7 +321,7 @@ class TrainingEvent(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., created_at: _Optional[int] = ..., type: _Optional[str] = ..., level: _Optional[str] = ..., message: _Optional[str] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., checkpoint: _Optional[_Union[TrainingCheckpoint, _Mapping]] = ..., state: _Optional[str] = ..., result_kind: _Optional[str] = ..., result_path: _Optional[str] = ..., trained_tokens: _Optional[int] = ...) -> None: ...
 
 class TrainingJob(_message.Message):
-    __slots__ = ("id", "spec_json", "state", "error", "error_code", "worker_id", "created_at", "started_at", "finished_at", "attempts", "fine_tuned_model", "progress", "checkpoints", "trained_tokens", "output_dir", "cancel_requested", "training_file")
+    __slots__ = ("id", "spec_json", "state", "error", "error_code", "worker_id", "created_at", "started_at", "finished_at", "attempts", "fine_tuned_model", "progress", "checkpoints", "trained_tokens", "output_dir", "cancel_requested", "owner", "training_file")
     ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -338,6 +338,7 @@ class TrainingJob(_message.Message):
     TRAINED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DIR_FIELD_NUMBER: _ClassVar[int]
     CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     TRAINING_FILE_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec_json: str
@@ -355,8 +356,9 @@ class TrainingJob(_message.Message):
     trained_tokens: int
     output_dir: str
     cancel_requested: bool
+    owner: str
     training_file: str
-    def __init__(self, id: _Optional[str] = ..., spec_json: _Optional[str] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., error_code: _Optional[str] = ..., worker_id: _Optional[str] = ..., created_at: _Optional[int] = ..., started_at: _Optional[int] = ..., finished_at: _Optional[int] = ..., attempts: _Optional[int] = ..., fine_tuned_model: _Optional[str] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., checkpoints: _Optional[_Iterable[_Union[TrainingCheckpoint, _Mapping]]] = ..., trained_tokens: _Optional[int] = ..., output_dir: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., training_file: _Optional[str] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., spec_json: _Optional[str] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., error_code: _Optional[str] = ..., worker_id: _Optional[str] = ..., created_at: _Optional[int] = ..., started_at: _Optional[int] = ..., finished_at: _Optional[int] = ..., attempts: _Optional[int] = ..., fine_tuned_model: _Optional[str] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., checkpoints: _Optional[_Iterable[_Union[TrainingCheckpoint, _Mapping]]] = ..., trained_tokens: _Optional[int] = ..., output_dir: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., owner: _Optional[str] = ..., training_file: _Optional[str] = ...) -> None: ...
 
 class CreateTrainingJobRequest(_message.Message):
     __slots__ = ("spec_json", "training_file")
@@ -407,20 +409,22 @@ class TrainingEventsResponse(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[TrainingEvent, _Mapping]]] = ..., has_more: _Optional[bool] = ...) -> None: ...
 
 class FileInfo(_message.Message):
-    __slots__ = ("id", "filename", "bytes", "created_at", "purpose", "path")
+    __slots__ = ("id", "filename", "bytes", "created_at", "purpose", "path", "owner")
     ID_FIELD_NUMBER: _ClassVar[int]
     FILENAME_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     PURPOSE_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     id: str
     filename: str
     bytes: int
     created_at: int
     purpose: str
     path: str
-    def __init__(self, id: _Optional[str] = ..., filename: _Optional[str] = ..., bytes: _Optional[int] = ..., created_at: _Optional[int] = ..., purpose: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+    owner: str
+    def __init__(self, id: _Optional[str] = ..., filename: _Optional[str] = ..., bytes: _Optional[int] = ..., created_at: _Optional[int] = ..., purpose: _Optional[str] = ..., path: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class FileChunk(_message.Message):
     __slots__ = ("filename", "purpose", "data")

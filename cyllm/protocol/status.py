@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote, unquote
+
 import grpc
 
 from cyllm import errors
@@ -64,8 +66,8 @@ def to_grpc(err: errors.CyllmError) -> tuple[grpc.StatusCode, str, tuple[tuple[s
             code = status
             break
     metadata: list[tuple[str, str]] = [(ERROR_KEY, err.code)]
-    if err.param:
-        metadata.append(("cyllm-param", err.param))
+    if err.param:  # a caller-chosen field name may be any text; metadata is printable ASCII
+        metadata.append(("cyllm-param", quote(err.param[:200], safe="")))
     if isinstance(err, errors.Overloaded):
         metadata.append((RETRY_AFTER_KEY, f"{err.retry_after:g}"))
     return code, err.message, tuple(metadata)
@@ -88,4 +90,5 @@ def from_grpc(exc: grpc.aio.AioRpcError) -> errors.CyllmError:
             message = f"the request is too large to pass between components ({message})"
     if cls is errors.Overloaded:
         return errors.Overloaded(message, retry_after=float(metadata.get(RETRY_AFTER_KEY, 1)))
-    return cls(message, param=metadata.get("cyllm-param"))
+    param = metadata.get("cyllm-param")
+    return cls(message, param=unquote(param) if param else None)

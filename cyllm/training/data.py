@@ -20,6 +20,12 @@ Records may also be ``{"prompt", "completion"}`` (OpenAI's legacy fine-tune form
 Every record of one file has the same shape.  A file that cannot be used is refused
 before training with ``DatasetError`` naming the file, the line (text files) or record
 (0-based rows of tabular files, 1-based lines otherwise) and what is wrong.
+
+Every file is read within ``Limits`` (bytes on disk, bytes once decompressed, line
+length, rows, nesting depth), checked while reading: a dataset is user data, and a
+small file can expand into gigabytes.  Only regular files (and, for ``hf``, folders of
+them) are read.  The coordinator also reads uploads in a child process under a memory
+limit (``check.py``), where anything the caps miss still cannot hurt the service.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterable, Iterator
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +46,17 @@ _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "
                    "assistant": "assistant", "chatgpt": "assistant", "model": "assistant",
                    "bing": "assistant", "bard": "assistant"}
 _TABULAR = ("csv", "parquet", "hf")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int = 512 << 20  # on disk, and once decompressed (Parquet)
+    max_rows: int = 1_000_000
+    max_line_bytes: int = 4 << 20  # one JSONL line or CSV field
+    max_depth: int = 32  # JSON nesting
+
+
+DEFAULT_LIMITS = Limits()
 
 
 class DatasetError(errors.InvalidRequest):
@@ -75,29 +93,60 @@ def detect_format(path: Path) -> str:
 
 
 def load_examples(path: str | Path, fmt: str | None = None, *, prompt_column: str | None = None,
-                  response_column: str | None = None) -> list[Example]:
+                  response_column: str | None = None, limits: Limits = DEFAULT_LIMITS) -> list[Example]:
     """Every example of the dataset at ``path``, or DatasetError."""
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"dataset {path} does not exist on this worker")
+    _check_size(path, limits)
     fmt = fmt or detect_format(path)
     name = path.name
     if fmt in _TABULAR:
-        rows = {"csv": _csv_rows, "parquet": _parquet_rows, "hf": _hf_rows}[fmt](path)
+        rows = {"csv": _csv_rows, "parquet": _parquet_rows, "hf": _hf_rows}[fmt](path, limits)
         located = ((f"{name} record {i}", row) for i, row in enumerate(rows))
-        return _collect(located, name, None, prompt_column, response_column)
+        return _collect(located, name, None, prompt_column, response_column, limits)
     shape = {"alpaca": "alpaca", "sharegpt": "sharegpt", "openai": "openai"}.get(fmt)
     if fmt == "json" or (shape and detect_format(path) == "json"):
-        located = _json_array(path)
+        located = _json_array(path, limits)
     else:
-        located = _jsonl(path)
-    return _collect(located, name, shape, prompt_column, response_column)
+        located = _jsonl(path, limits)
+    return _collect(located, name, shape, prompt_column, response_column, limits)
+
+
+def _check_size(path: Path, limits: Limits) -> None:
+    """Regular files only (a device or a FIFO never ends), within ``max_bytes`` in all."""
+    files = [p for p in path.rglob("*") if not p.is_dir()] if path.is_dir() else [path]
+    total = 0
+    for f in files:
+        st = f.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise DatasetError(f"{f.name}: not a regular file")
+        total += st.st_size
+    if total > limits.max_bytes:
+        raise DatasetError(f"{path.name}: {total} bytes, over the {limits.max_bytes} byte limit")
+
+
+def _depth(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests deeper than ``limit`` (iteratively: no recursion to blow)."""
+    stack = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            if d > limit:
+                return True
+            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return False
 
 
 def _collect(located: Iterable[tuple[str, Any]], name: str, shape: str | None,
-             prompt_column: str | None, response_column: str | None) -> list[Example]:
+             prompt_column: str | None, response_column: str | None,
+             limits: Limits = DEFAULT_LIMITS) -> list[Example]:
     out: list[Example] = []
     for where, record in located:
+        if len(out) >= limits.max_rows:
+            raise DatasetError(f"{name}: more than {limits.max_rows} records")
+        if _depth(record, limits.max_depth):
+            raise DatasetError(f"{where}: nested deeper than {limits.max_depth} levels")
         if not isinstance(record, dict):
             raise DatasetError(f"{where}: expected a JSON object, got {type(record).__name__}")
         found = record_shape(record, prompt_column, response_column)
@@ -189,27 +238,38 @@ def _text(where: str, record: dict[str, Any], key: str, prefix: str = "") -> str
 
 # -- readers: (where, record) pairs ------------------------------------------------------
 
-def _jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8", errors="strict") as f:
-        try:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path.name} line {n}", json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DatasetError(f"{path.name} line {n}: not valid JSON ({exc.msg} at "
-                                       f"column {exc.colno})") from None
-        except UnicodeDecodeError as exc:
-            raise DatasetError(f"{path.name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+def _jsonl(path: Path, limits: Limits) -> Iterator[tuple[str, Any]]:
+    with path.open("rb") as f:
+        for n, raw in enumerate(iter(lambda: f.readline(limits.max_line_bytes + 1), b""), 1):
+            if len(raw) > limits.max_line_bytes:
+                raise DatasetError(f"{path.name} line {n}: longer than {limits.max_line_bytes} bytes")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DatasetError(f"{path.name} line {n}: not UTF-8 text ({exc.reason} at "
+                                   f"byte {exc.start})") from None
+            if not line.strip():
+                continue
+            yield f"{path.name} line {n}", _loads(line, f"{path.name} line {n}", limits)
 
 
-def _json_array(path: Path) -> Iterator[tuple[str, Any]]:
+def _loads(text: str, where: str, limits: Limits) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise DatasetError(f"{where}: nested deeper than {limits.max_depth} levels") from None
+
+
+def _json_array(path: Path, limits: Limits) -> Iterator[tuple[str, Any]]:
     try:
         text = path.read_text(encoding="utf-8")
         data = json.loads(text)
     except UnicodeDecodeError as exc:
         raise DatasetError(f"{path.name}: not UTF-8 text ({exc.reason})") from None
+    except RecursionError:
+        raise DatasetError(f"{path.name}: nested deeper than {limits.max_depth} levels") from None
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{path.name} line {exc.lineno}: not valid JSON ({exc.msg} at "
                            f"column {exc.colno})") from None
@@ -221,7 +281,8 @@ def _json_array(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path.name} record {i}", record
 
 
-def _csv_rows(path: Path) -> Iterator[dict[str, Any]]:
+def _csv_rows(path: Path, limits: Limits) -> Iterator[dict[str, Any]]:
+    csv.field_size_limit(limits.max_line_bytes)
     try:
         with path.open(encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f, dialect="excel-tab" if path.suffix == ".tsv" else "excel")
@@ -238,17 +299,32 @@ def _csv_rows(path: Path) -> Iterator[dict[str, Any]]:
         raise DatasetError(f"{path.name}: not valid CSV ({exc})") from None
 
 
-def _parquet_rows(path: Path) -> Iterator[dict[str, Any]]:
+def _parquet_rows(path: Path, limits: Limits) -> Iterator[dict[str, Any]]:
+    """Row group by row group, after the footer's sizes are checked: a small file of
+    repeated values can decompress to hundreds of megabytes."""
     import pyarrow.parquet as pq  # installed with datasets
 
     try:
-        table = pq.read_table(path)
+        file = pq.ParquetFile(path)
+        meta = file.metadata
     except Exception as exc:  # noqa: BLE001  (pyarrow raises several kinds)
         raise DatasetError(f"{path.name}: not a readable Parquet file ({exc})") from None
-    yield from table.to_pylist()
+    expanded = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    if expanded > limits.max_bytes:
+        raise DatasetError(f"{path.name}: {expanded} bytes once decompressed, over the "
+                           f"{limits.max_bytes} byte limit")
+    if meta.num_rows > limits.max_rows:
+        raise DatasetError(f"{path.name}: more than {limits.max_rows} records")
+    try:
+        for i in range(meta.num_row_groups):
+            yield from file.read_row_group(i).to_pylist()
+    except DatasetError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise DatasetError(f"{path.name}: not a readable Parquet file ({exc})") from None
 
 
-def _hf_rows(path: Path) -> Iterator[dict[str, Any]]:
+def _hf_rows(path: Path, limits: Limits) -> Iterator[dict[str, Any]]:
     import datasets
 
     try:

@@ -176,7 +176,7 @@ async def test_requests_per_minute_limit_gives_429_with_headers(make_stack, tmp_
 async def test_tokens_per_minute_and_concurrency_limits(make_stack, tmp_path):
     slow = fake_model(engine_args={"token_delay_s": 0.05})
     stack = await make_stack([slow], gateway={"auth_enabled": True, "api_keys_file": tmp_path / "k.json",
-                                              "rate_limit_tpm": 20, "rate_limit_concurrency": 1})
+                                              "rate_limit_tpm": 30, "rate_limit_concurrency": 1})
     _, key = await stack.app.state.keys.create("a")
     body = {"model": "fake", "prompt": "one two", "max_tokens": 10}
     first = asyncio.create_task(stack.http.post("/v1/completions", json=body, headers=bearer(key)))
@@ -184,10 +184,34 @@ async def test_tokens_per_minute_and_concurrency_limits(make_stack, tmp_path):
     busy = await stack.http.post("/v1/completions", json=body, headers=bearer(key))
     assert busy.status_code == 429 and "at once" in busy.json()["error"]["message"]
     assert (await first).status_code == 200  # 2 + 10 tokens counted
+    # 12 counted + 13 reserved (7 characters / 3 + 1, + 10) fits in 30; then 24 + 13 does not
     assert (await stack.http.post("/v1/completions", json=body, headers=bearer(key))).status_code == 200
     over = await stack.http.post("/v1/completions", json=body, headers=bearer(key))
     assert over.status_code == 429 and "tokens per minute" in over.json()["error"]["message"]
     assert over.headers["x-ratelimit-remaining-tokens"] == "0"
+
+
+async def test_concurrent_requests_cannot_overrun_the_token_limit(make_stack, tmp_path):
+    """The attack: rate_limit_tpm 50, 8 concurrent requests of 400 tokens each."""
+    slow = fake_model(engine_args={"token_delay_s": 0.01})
+    stack = await make_stack([slow], gateway={"auth_enabled": True, "api_keys_file": tmp_path / "k.json",
+                                              "rate_limit_tpm": 50})
+    _, key = await stack.app.state.keys.create("a")
+    big = {"model": "fake", "prompt": "hi", "max_tokens": 400}
+    refused = await stack.http.post("/v1/completions", json=big, headers=bearer(key))
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
+    # each reserves 1 (prompt) + 16 (completions' default max_tokens): two fit in 50
+    body = {"model": "fake", "prompt": "hi"}
+    replies = await asyncio.gather(*(stack.http.post("/v1/completions", json=body, headers=bearer(key))
+                                     for _ in range(8)))
+    ok = [r for r in replies if r.status_code == 200]
+    assert len(ok) == 2 and all(r.status_code == 429 for r in replies if r not in ok)
+    assert sum(r.json()["usage"]["total_tokens"] for r in ok) <= 50
+    # chat has no default max_tokens: under a token limit it gets tpm_default_reserve,
+    # at most the limit, so one request alone cannot use more than the limit either
+    chat = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
+    r = await stack.http.post("/v1/chat/completions", json=chat, headers=bearer(key))
+    assert r.status_code in (400, 429), r.text
 
 
 async def test_two_gateways_on_one_redis_enforce_one_limit(make_stack, redis_url):

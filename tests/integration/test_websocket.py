@@ -59,7 +59,26 @@ async def test_websocket_streams_tokens_then_done_and_reports_errors(gateway):
         assert bad["type"] == "error" and bad["error"]["code"] == "invalid_request"
         await ws.send(json.dumps({"modelId": "nope", "prompt": "x"}))
         assert (await recv(ws))["error"]["code"] == "model_not_found"
-    async with websockets.connect(f"{url}?api_key={key}") as ws:  # browsers: key in the query
+    # browsers: the key as a subprotocol, answered with cyllm.v1 (never in the URL)
+    async with websockets.connect(url, subprotocols=["cyllm.v1", f"bearer.{key}"]) as ws:
+        assert ws.subprotocol == "cyllm.v1"
         await ws.send(json.dumps({"modelId": "fake", "prompt": "x", "maxTokens": 1}))  # 3rd: over rpm=2
         limited = await recv(ws)
         assert limited["error"]["code"] == "rate_limit_exceeded"
+
+
+async def test_a_revoked_key_closes_an_open_socket_and_bad_frames_get_errors(gateway):
+    app, url = gateway
+    meta, key = await app.state.keys.create("ws")
+    async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {key}"}) as ws:
+        await ws.send(b"\x00\x01binary")
+        assert "text frame" in (await recv(ws))["error"]["message"]
+        await ws.send("[" * 100_000 + "]" * 100_000)
+        nested = await recv(ws)
+        assert nested["type"] == "error" and nested["error"]["code"] == "invalid_request"
+        await app.state.keys.revoke(meta.key_id)
+        await ws.send(json.dumps({"modelId": "fake", "prompt": "x", "maxTokens": 1}))
+        assert (await recv(ws))["error"]["type"] == "authentication_error"
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await ws.recv()
+        assert closed.value.rcvd.code == 1008

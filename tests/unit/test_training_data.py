@@ -127,7 +127,7 @@ MALFORMED = [
     ("bad.csv", "text,label\nq,a\nq2,\n", "bad.csv record 1: 'label' is empty"),
     ("bad.csv", "question,answer\nq,a\n", "bad.csv record 0: not a training record"),
     ("empty.jsonl", "\n\n", "empty.jsonl: the dataset has no records"),
-    ("latin1.jsonl", b'{"prompt": "caf\xe9"}', "latin1.jsonl: not UTF-8"),
+    ("latin1.jsonl", b'{"prompt": "caf\xe9"}', "latin1.jsonl line 1: not UTF-8"),
     ("bad.parquet", b"PAR1 not really", "bad.parquet: not a readable Parquet file"),
     ("data.txt", "hello", "data.txt: cannot tell the format"),
 ]

@@ -119,16 +119,19 @@ class ModelsResponse(_Camel):
 
 
 class WorkerHealth(_Camel):
+    """Without admin credentials only id, health and load are shown: the route is
+    public, and which models run where is not."""
+
     id: str
-    address: str
     healthy: bool
     unhealthy_reason: str = ""
     outstanding: int
     capacity: int
-    models: list[str]
-    device: str
-    running: int = Field(0, description="generations in flight, as it last reported")
-    tokens_generated: int = Field(0, description="tokens it has generated since it started")
+    address: str | None = None
+    models: list[str] | None = None
+    device: str | None = None
+    running: int | None = Field(None, description="generations in flight, as it last reported")
+    tokens_generated: int | None = Field(None, description="tokens it has generated since it started")
 
 
 class CoordinatorHealth(_Camel):

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from cyllm.gateway.auth import authenticate, require_admin
+from cyllm.gateway.auth import authenticate, coordinator, require_admin
 from cyllm.gateway.context import context
 from cyllm.gateway.errors import GENERATION_ERRORS, responses, stream_error
 from cyllm.gateway.generation import Done, Failed, Generation
@@ -25,6 +25,7 @@ from cyllm.gateway.native.protocol import (
     Usage,
     WorkerHealth,
 )
+from cyllm import errors
 from cyllm.gateway.sse import frame, sse_response
 from cyllm.protocol import pb
 
@@ -68,7 +69,7 @@ async def _stream(gen: Generation, rid: str) -> AsyncIterator[str]:
 @router.get("/models", response_model=ModelsResponse, response_model_by_alias=True,
             responses=responses(401, 500, 503))
 async def models(request: Request) -> ModelsResponse:
-    found = await request.app.state.client.list_models()
+    found = await coordinator(request).list_models()
     allowed = context(request).caller.models
     return ModelsResponse(models=[_entry(m) for m in found if allowed is None or m.id in allowed])
 
@@ -88,7 +89,7 @@ async def load_model(model_id: str, request: Request,
     ``<base>:<adapter>``), unloading idle models least recently used first if memory is
     short; 409 when it cannot fit or its engine cannot run there.  Admin scope."""
     body = body or LoadModelRequest()
-    reply = await request.app.state.client.load_model(pb.LoadModelRequest(
+    reply = await coordinator(request).load_model(pb.LoadModelRequest(
         model=model_id, adapter_path=body.adapter_path or "", worker_id=body.worker_id or ""))
     return LoadModelResponse(model=model_id, worker_id=reply.worker_id, evicted=list(reply.evicted),
                              models=[_entry(m) for m in reply.worker.models])
@@ -100,7 +101,7 @@ async def load_model(model_id: str, request: Request,
 async def unload_model(model_id: str, request: Request) -> UnloadModelResponse:
     """Unload a model (or adapter) from every worker serving it; running requests finish
     first (bounded by the worker's drain timeout).  Admin scope."""
-    reply = await request.app.state.client.unload_model(pb.UnloadModelRequest(model=model_id))
+    reply = await coordinator(request).unload_model(pb.UnloadModelRequest(model=model_id))
     return UnloadModelResponse(model=model_id, worker_ids=list(reply.worker_ids))
 
 
@@ -113,6 +114,13 @@ async def live() -> dict[str, str]:
 @health_router.get("/health", response_model=HealthResponse, response_model_by_alias=True,
             responses={503: {"model": HealthResponse, "description": "no healthy worker"}})
 async def health(request: Request) -> JSONResponse:
+    """Readiness: 200 while some worker is healthy.  Public; the details of each worker
+    (address, models, counters) only for an admin's credentials."""
+    try:
+        caller = await request.app.state.auth.identify(request.headers.get("authorization"))
+        detail = caller.admin
+    except errors.CyllmError:
+        detail = False
     coordinators, workers = [], {}
     for address, state in await request.app.state.client.cluster_status():
         if state is None:
@@ -125,15 +133,15 @@ async def health(request: Request) -> JSONResponse:
             cache_misses=state.cache_misses,
         ))
         for w in state.workers:
+            details = dict(address=w.worker.address, models=[m.id for m in w.worker.models],
+                           device=w.worker.device, running=w.running,
+                           tokens_generated=w.tokens_generated) if detail else {}
             workers.setdefault(w.worker.worker_id, WorkerHealth(
-                id=w.worker.worker_id, address=w.worker.address, healthy=w.healthy,
-                unhealthy_reason=w.unhealthy_reason,
-                outstanding=w.outstanding, capacity=w.worker.capacity,
-                models=[m.id for m in w.worker.models], device=w.worker.device,
-                running=w.running, tokens_generated=w.tokens_generated,
-            ))
+                id=w.worker.worker_id, healthy=w.healthy, unhealthy_reason=w.unhealthy_reason,
+                outstanding=w.outstanding, capacity=w.worker.capacity, **details))
     healthy = any(w.healthy for w in workers.values())
     all_up = healthy and all(c.reachable for c in coordinators) and all(w.healthy for w in workers.values())
     status = "ok" if all_up else ("degraded" if healthy else "down")
     body = HealthResponse(status=status, coordinators=coordinators, workers=list(workers.values()))
-    return JSONResponse(body.model_dump(by_alias=True), status_code=200 if healthy else 503)
+    return JSONResponse(body.model_dump(by_alias=True, exclude_none=True),
+                        status_code=200 if healthy else 503)

@@ -10,9 +10,10 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
 from cyllm import errors
-from cyllm.gateway.auth import authenticate
+from cyllm.gateway.auth import authenticate, coordinator
 from cyllm.gateway.context import context
 from cyllm.gateway.errors import responses, stream_error
+from cyllm.gateway.ratelimit import limit_control
 from cyllm.gateway.native.training_protocol import (
     TrainingJobsResponse,
     TrainingJobView,
@@ -21,12 +22,12 @@ from cyllm.gateway.native.training_protocol import (
 )
 from cyllm.gateway.sse import frame, sse_response
 
-router = APIRouter(prefix="/api/v1/training", tags=["training"], dependencies=[Depends(authenticate)])
+router = APIRouter(prefix="/api/v1/training", tags=["training"],
+                   dependencies=[Depends(authenticate), Depends(limit_control)])
 
 
 def check_custom_allowed(request: Request, method: str) -> None:
-    if method == "custom" and request.app.state.settings.auth_enabled \
-            and not context(request).caller.admin:
+    if method == "custom" and not context(request).caller.admin:
         raise errors.Forbidden("a custom training script runs code on a worker: admin scope needed")
 
 
@@ -35,14 +36,15 @@ def check_custom_allowed(request: Request, method: str) -> None:
 async def start(body: TrainingStartRequest, request: Request) -> TrainingJobView:
     """Queue a fine-tuning job; it runs on the first idle worker that has the base model."""
     check_custom_allowed(request, body.method)
-    job = await request.app.state.client.create_training_job(body.spec_json(), body.file_id or "")
+    context(request).caller.check_model(body.base_model)
+    job = await coordinator(request).create_training_job(body.spec_json(), body.file_id or "")
     return TrainingJobView.of(job)
 
 
 @router.get("/status/{job_id}", response_model=TrainingJobView, response_model_by_alias=True,
             responses=responses(401, 404, 500, 503))
 async def status(job_id: str, request: Request) -> TrainingJobView:
-    return TrainingJobView.of(await request.app.state.client.get_training_job(job_id))
+    return TrainingJobView.of(await coordinator(request).get_training_job(job_id))
 
 
 @router.get("/jobs", response_model=TrainingJobsResponse, response_model_by_alias=True,
@@ -50,7 +52,7 @@ async def status(job_id: str, request: Request) -> TrainingJobView:
 async def jobs(request: Request, limit: int = Query(20, ge=1, le=100),
                after: str = "") -> TrainingJobsResponse:
     """Newest first; ``after`` a job id to page on."""
-    reply = await request.app.state.client.list_training_jobs(limit, after)
+    reply = await coordinator(request).list_training_jobs(limit, after)
     return TrainingJobsResponse(jobs=[TrainingJobView.of(j) for j in reply.jobs], has_more=reply.has_more)
 
 
@@ -58,7 +60,7 @@ async def jobs(request: Request, limit: int = Query(20, ge=1, le=100),
              responses=responses(400, 401, 404, 500, 503))
 async def cancel(job_id: str, request: Request) -> TrainingJobView:
     """Stop a queued or running job (its process group on the worker is killed)."""
-    return TrainingJobView.of(await request.app.state.client.cancel_training_job(job_id))
+    return TrainingJobView.of(await coordinator(request).cancel_training_job(job_id))
 
 
 @router.get("/stream/{job_id}", responses={**responses(400, 401, 404, 500, 503), 200: {
@@ -69,7 +71,7 @@ async def cancel(job_id: str, request: Request) -> TrainingJobView:
 }})
 async def stream(job_id: str, request: Request, after: int = Query(0, ge=0)) -> StreamingResponse:
     """The job's events from ``after`` (a sequence number) on, live, until it ends."""
-    client = request.app.state.client
+    client = coordinator(request)
     await client.get_training_job(job_id)  # 404 before 200
     return sse_response(_events(client, job_id, after))
 

@@ -5,8 +5,12 @@ Each text message from the client is one native inference request (the JSON body
 ``POST /api/v1/inference``); the server answers with ``{"type": "token", "text"}``
 messages and then ``{"type": "done", ...}`` or ``{"type": "error", "error": {...}}``,
 and waits for the next request.  Credentials: ``Authorization: Bearer ...`` on the
-handshake, or ``?api_key=...`` for browsers, which cannot set headers on a WebSocket.
-A client that goes away mid-stream aborts its generation.
+handshake, or — for browsers, which cannot set headers on a WebSocket — the
+subprotocols ``["cyllm.v1", "bearer.<API key or JWT>"]`` (the server answers
+``cyllm.v1``).  Never a query parameter: URLs end up in access logs.  The credentials
+are checked again before each request, so a revoked key stops working on an open
+socket too (error frame, then close 1008).  A client that goes away mid-stream aborts
+its generation; a binary or malformed frame gets an error frame and the socket stays.
 """
 
 from __future__ import annotations
@@ -32,28 +36,61 @@ def _error(err: errors.CyllmError) -> dict:
     return {"type": "error", "error": error_body(err.message, kind, err.code, err.param)["error"]}
 
 
+SUBPROTOCOL = "cyllm.v1"
+_BEARER = "bearer."
+
+
+def _credentials(ws: WebSocket) -> tuple[str | None, str | None]:
+    """(the Authorization value, the subprotocol to answer with)."""
+    offered = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
+    answer = SUBPROTOCOL if SUBPROTOCOL in offered else None
+    header = ws.headers.get("authorization")
+    if header is None:
+        token = next((p[len(_BEARER):] for p in offered if p.startswith(_BEARER)), None)
+        header = f"Bearer {token}" if token else None
+    return header, answer
+
+
 @router.websocket("/inference/ws")
 async def inference_ws(ws: WebSocket) -> None:
-    await ws.accept()
-    header = ws.headers.get("authorization")
-    if header is None and ws.query_params.get("api_key"):
-        header = f"Bearer {ws.query_params['api_key']}"
+    header, subprotocol = _credentials(ws)
+    await ws.accept(subprotocol=subprotocol)
+    auth = ws.app.state.auth
     try:
-        identity = await ws.app.state.auth.identify(header)
+        if await _identify(ws, auth, header) is None:
+            return
+        while True:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            # again for every request: a key revoked meanwhile ends the socket
+            if (identity := await _identify(ws, auth, header)) is None:
+                return
+            if message.get("text") is None:
+                await ws.send_json(_error(errors.InvalidRequest(
+                    "send each request as a text frame holding JSON, not a binary frame")))
+                continue
+            await _serve_one(ws, identity, message["text"])
+    except WebSocketDisconnect:
+        return
+
+
+async def _identify(ws: WebSocket, auth, header: str | None) -> Identity | None:
+    """The caller, or None after an error frame and a close (1008)."""
+    try:
+        return await auth.identify(header)
     except errors.CyllmError as exc:
         await ws.send_json(_error(exc))
         await ws.close(code=1008, reason="unauthenticated")
-        return
-    try:
-        while True:
-            await _serve_one(ws, identity, await ws.receive_text())
-    except WebSocketDisconnect:
-        return
+        return None
 
 
 async def _serve_one(ws: WebSocket, identity: Identity, raw: str) -> None:
     try:
         body = InferenceRequest.model_validate(json.loads(raw))
+    except RecursionError:
+        await ws.send_json(_error(errors.InvalidRequest("invalid request: JSON nested too deeply")))
+        return
     except (ValueError, ValidationError) as exc:
         message = str(exc) if not isinstance(exc, ValidationError) else "; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())

@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Form, Query, Request, UploadFile
 
 from cyllm import errors
-from cyllm.gateway.auth import authenticate
+from cyllm.gateway.auth import authenticate, coordinator
+from cyllm.gateway.context import context
 from cyllm.gateway.errors import responses
 from cyllm.gateway.native.training_router import check_custom_allowed
 from cyllm.gateway.openai.fine_tuning_protocol import (
@@ -28,9 +29,11 @@ from cyllm.gateway.openai.fine_tuning_protocol import (
     JobEvent,
     JobEventList,
 )
+from cyllm.gateway.ratelimit import limit_control
 from cyllm.protocol import pb
 
-router = APIRouter(prefix="/v1", tags=["openai fine-tuning"], dependencies=[Depends(authenticate)])
+router = APIRouter(prefix="/v1", tags=["openai fine-tuning"],
+                   dependencies=[Depends(authenticate), Depends(limit_control)])
 _CHUNK = 1 << 20
 
 
@@ -48,23 +51,23 @@ async def upload(request: Request, file: UploadFile, purpose: str = Form(...)) -
         if first:
             yield pb.FileChunk(filename=file.filename or "", purpose=purpose)
 
-    return FileObject.of(await request.app.state.client.upload_file(chunks()))
+    return FileObject.of(await coordinator(request).upload_file(chunks()))
 
 
 @router.get("/files", response_model=FileList, responses=responses(401, 500, 503))
 async def list_files(request: Request, purpose: str = "") -> FileList:
-    files = await request.app.state.client.list_files(purpose)
+    files = await coordinator(request).list_files(purpose)
     return FileList(data=[FileObject.of(f) for f in reversed(files)])
 
 
 @router.get("/files/{file_id}", response_model=FileObject, responses=responses(401, 404, 500, 503))
 async def get_file(file_id: str, request: Request) -> FileObject:
-    return FileObject.of(await request.app.state.client.get_file(file_id))
+    return FileObject.of(await coordinator(request).get_file(file_id))
 
 
 @router.delete("/files/{file_id}", response_model=FileDeleted, responses=responses(401, 404, 500, 503))
 async def delete_file(file_id: str, request: Request) -> FileDeleted:
-    await request.app.state.client.delete_file(file_id)
+    await coordinator(request).delete_file(file_id)
     return FileDeleted(id=file_id, deleted=True)
 
 
@@ -78,7 +81,8 @@ async def create_job(body: FineTuningJobRequest, request: Request) -> FineTuning
         raise errors.InvalidRequest("integrations are not supported", param="integrations")
     spec = body.spec()
     check_custom_allowed(request, spec.get("method", "lora"))
-    job = await request.app.state.client.create_training_job(json.dumps(spec), body.training_file)
+    context(request).caller.check_model(body.model)
+    job = await coordinator(request).create_training_job(json.dumps(spec), body.training_file)
     return FineTuningJob.of(job)
 
 
@@ -86,7 +90,7 @@ async def create_job(body: FineTuningJobRequest, request: Request) -> FineTuning
             responses=responses(400, 401, 500, 503))
 async def list_jobs(request: Request, after: str = "",
                     limit: int = Query(20, ge=1, le=100)) -> FineTuningJobList:
-    reply = await request.app.state.client.list_training_jobs(limit, after)
+    reply = await coordinator(request).list_training_jobs(limit, after)
     return FineTuningJobList(data=[FineTuningJob.of(j) for j in reply.jobs], has_more=reply.has_more)
 
 
@@ -99,7 +103,7 @@ async def get_job(job_id: str, request: Request) -> FineTuningJob:
 @router.post("/fine_tuning/jobs/{job_id}/cancel", response_model=FineTuningJob,
              responses=responses(400, 401, 404, 500, 503))
 async def cancel_job(job_id: str, request: Request) -> FineTuningJob:
-    return FineTuningJob.of(await request.app.state.client.cancel_training_job(job_id))
+    return FineTuningJob.of(await coordinator(request).cancel_training_job(job_id))
 
 
 @router.get("/fine_tuning/jobs/{job_id}/events", response_model=JobEventList,
@@ -107,7 +111,7 @@ async def cancel_job(job_id: str, request: Request) -> FineTuningJob:
 async def job_events(job_id: str, request: Request, after: str = "",
                      limit: int = Query(20, ge=1, le=1000)) -> JobEventList:
     """Newest first; ``after`` an event id: the events before it."""
-    found = await request.app.state.client.list_training_events(job_id)
+    found = await coordinator(request).list_training_events(job_id)
     events = [JobEvent.of(job_id, e) for e in reversed(found)]
     events = _after(events, after)
     return JobEventList(data=events[:limit], has_more=len(events) > limit)
@@ -129,7 +133,7 @@ async def job_checkpoints(job_id: str, request: Request, after: str = "",
 
 
 async def _job(request: Request, job_id: str) -> pb.TrainingJob:
-    return await request.app.state.client.get_training_job(job_id)
+    return await coordinator(request).get_training_job(job_id)
 
 
 def _after(items: list, after: str) -> list:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from cyllm import errors
-from cyllm.gateway.auth import authenticate
+from cyllm.gateway.auth import authenticate, coordinator
 from cyllm.gateway.context import context
 from cyllm.gateway.errors import GENERATION_ERRORS, responses, stream_error
 from cyllm.gateway.generation import Done, Failed, Generation, build_request
@@ -96,7 +96,7 @@ async def _stream(gen: Generation, kind: str, rid: str, created: int, model: str
 
 @router.get("/models", response_model=ModelList, responses=responses(401, 500, 503))
 async def list_models(request: Request) -> ModelList:
-    models = await request.app.state.client.list_models()
+    models = await coordinator(request).list_models()
     allowed = context(request).caller.models
     # Only what can answer now; /api/v1/models also lists models that can be loaded.
     return ModelList(data=[Model(id=m.id, created=m.created) for m in models
@@ -105,7 +105,7 @@ async def list_models(request: Request) -> ModelList:
 
 @router.get("/models/{model_id:path}", response_model=Model, responses=responses(401, 404, 500, 503))
 async def get_model(model_id: str, request: Request) -> Model:
-    for m in await request.app.state.client.list_models():
-        if m.id == model_id and m.state != "available":
+    for m in await coordinator(request).list_models():
+        if m.id == model_id and m.state != "available" and context(request).caller.may_use(m.id):
             return Model(id=m.id, created=m.created)
     raise errors.ModelNotFound(f"model {model_id!r} does not exist", param="model")

@@ -1,0 +1,76 @@
+"""A dataset read in a child process under a memory and time limit:
+
+    python -m cyllm.training.check   (a JSON request on stdin, a JSON answer on stdout)
+
+The coordinator checks every upload and every job's dataset before accepting it.  The
+caps of ``data.Limits`` stop the known ways a small file becomes a large one; this
+process boundary stops the unknown ones: a reader that still blows up hits its
+address-space limit (or the time limit) and dies alone, and the caller answers 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import resource
+import sys
+
+from cyllm.training.data import DatasetError, Limits, load_examples
+
+
+async def check_dataset(path: str, fmt: str | None, prompt_column: str | None,
+                        response_column: str | None, limits: Limits, *,
+                        memory_bytes: int, timeout_s: float) -> int:
+    """How many examples the dataset has, or DatasetError (also when the reader ran out
+    of memory or time)."""
+    request = json.dumps({"path": path, "format": fmt, "prompt_column": prompt_column,
+                          "response_column": response_column, "limits": dataclasses.asdict(limits),
+                          "memory_bytes": memory_bytes})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cyllm.training.check", stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(request.encode()), timeout_s)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise DatasetError(f"the dataset took longer than {timeout_s:.0f}s to read") from None
+    except asyncio.CancelledError:
+        proc.kill()
+        await proc.wait()
+        raise
+    try:
+        answer = json.loads(out)
+    except json.JSONDecodeError:
+        answer = None
+    if not isinstance(answer, dict):  # killed: out of memory, most likely
+        raise DatasetError(f"the dataset needs more than {memory_bytes >> 20} MiB to read "
+                           "(its reader ran out of memory)")
+    if "error" in answer:
+        raise DatasetError(str(answer["error"]))
+    return int(answer["examples"])
+
+
+def main() -> None:
+    request = json.loads(sys.stdin.read())
+    # The limit is set before the dataset is opened (and not with preexec_fn, which is
+    # unsafe in the coordinator's threaded process).
+    memory = int(request["memory_bytes"])
+    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    try:
+        examples = load_examples(request["path"], request["format"],
+                                 prompt_column=request["prompt_column"],
+                                 response_column=request["response_column"],
+                                 limits=Limits(**request["limits"]))
+        answer = {"examples": len(examples)}
+    except DatasetError as exc:
+        answer = {"error": exc.message}
+    except MemoryError:
+        answer = {"error": "the dataset is too large to read within this server's memory limit"}
+    json.dump(answer, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
