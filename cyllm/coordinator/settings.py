@@ -50,7 +50,7 @@ class CoordinatorSettings(ComponentSettings):
     dataset_max_rows: int = Field(1_000_000, ge=1)
     dataset_max_line_bytes: int = Field(4 << 20, ge=1024, description="a JSONL line or CSV field")
     dataset_max_depth: int = Field(32, ge=2, description="JSON nesting")
-    dataset_read_memory_bytes: int = Field(1 << 30, ge=64 << 20,
+    dataset_read_memory_bytes: int = Field(1 << 30, ge=512 << 20,
                                            description="memory limit of the process that reads one")
     dataset_read_timeout_s: float = Field(120.0, gt=0)
     def dataset_limits(self) -> Limits:

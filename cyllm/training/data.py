@@ -309,16 +309,25 @@ def _parquet_rows(path: Path, limits: Limits) -> Iterator[dict[str, Any]]:
         meta = file.metadata
     except Exception as exc:  # noqa: BLE001  (pyarrow raises several kinds)
         raise DatasetError(f"{path.name}: not a readable Parquet file ({exc})") from None
+    if meta.num_rows > limits.max_rows:
+        raise DatasetError(f"{path.name}: more than {limits.max_rows} records")
     expanded = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
     if expanded > limits.max_bytes:
         raise DatasetError(f"{path.name}: {expanded} bytes once decompressed, over the "
                            f"{limits.max_bytes} byte limit")
-    if meta.num_rows > limits.max_rows:
-        raise DatasetError(f"{path.name}: more than {limits.max_rows} records")
+    # The footer's sizes are of encoded pages, and dictionary pages expand further: the
+    # decoded row groups are counted too (one group at a time, under the reader's
+    # memory limit, see check.py).
+    read = 0
     try:
         for i in range(meta.num_row_groups):
-            yield from file.read_row_group(i).to_pylist()
-    except DatasetError:
+            group = file.read_row_group(i)
+            read += group.nbytes
+            if read > limits.max_bytes:
+                raise DatasetError(f"{path.name}: more than {limits.max_bytes} bytes once "
+                                   "decompressed, over the limit")
+            yield from group.to_pylist()
+    except (DatasetError, MemoryError):
         raise
     except Exception as exc:  # noqa: BLE001
         raise DatasetError(f"{path.name}: not a readable Parquet file ({exc})") from None

@@ -58,7 +58,9 @@ def serving(log: Path, config: Path | None = None, timeout: float = 300) -> Iter
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "CYLLM_COORDINATOR_METRICS_PORT": "0",
+            # without the test session's internal token: serve makes its own for the run
+            env={**{k: v for k, v in os.environ.items() if k != "CYLLM_INTERNAL_TOKEN"},
+                 "PYTHONUNBUFFERED": "1", "CYLLM_COORDINATOR_METRICS_PORT": "0",
                  "CYLLM_WORKER_METRICS_PORT": "0"},
         )
     base = f"http://127.0.0.1:{http}"

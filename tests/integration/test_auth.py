@@ -227,3 +227,61 @@ async def test_two_gateways_on_one_redis_enforce_one_limit(make_stack, redis_url
                 r = await client.post("/v1/chat/completions", json=CHAT, headers=bearer(key))
                 codes.append(r.status_code)
     assert codes.count(200) == 5 and codes.count(429) == 5
+
+
+def _raw_jwt(header: dict, body: dict) -> str:
+    """A token PyJWT would refuse to make (a list as 'alg'), signed like a real one."""
+    import base64
+    import hashlib
+    import hmac
+
+    def part(d: dict) -> bytes:
+        return base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=")
+
+    signing = part(header) + b"." + part(body)
+    sig = base64.urlsafe_b64encode(hmac.new(SECRET.encode(), signing, hashlib.sha256).digest()).rstrip(b"=")
+    return (signing + b"." + sig).decode()
+
+
+@pytest.mark.parametrize("claims", [
+    {"scopes": {"admin": 1}}, {"scopes": "admin"}, {"models": "fake"}, {"models": [1, 2]},
+    {"scope": ["admin"]}, {"sub": 123}, {"sub": ["alice"]}, {"alg": ["HS256"]}, {"kid": ["x"]},
+], ids=lambda c: json.dumps(c))
+async def test_jwt_claims_of_the_wrong_type_are_a_401_never_a_500_or_a_grant(secured, claims):
+    header = {"typ": "JWT", "alg": claims.pop("alg", "HS256")}
+    if "kid" in claims:
+        header["kid"] = claims.pop("kid")
+    body = {"sub": "alice", "exp": time.time() + 60, "iss": "https://issuer.test", "aud": "cyllm",
+            **claims}
+    r = await secured.http.get("/admin/keys", headers=bearer(_raw_jwt(header, body)))
+    assert r.status_code == 401, r.text
+    assert r.json()["error"]["type"] == "authentication_error"
+
+
+async def test_a_jwt_subject_never_spends_an_api_keys_budget(make_stack, tmp_path):
+    stack = await make_stack(gateway={"auth_enabled": True, "api_keys_file": tmp_path / "k.json",
+                                      "jwt_secret": SECRET, "rate_limit_rpm": 1})
+    meta, key = await stack.app.state.keys.create("a")
+    forged = jwt.encode({"sub": f"key:{meta.key_id}", "exp": time.time() + 60}, SECRET, algorithm="HS256")
+    assert (await stack.http.post("/v1/chat/completions", json=CHAT, headers=bearer(forged))).status_code == 200
+    assert (await stack.http.post("/v1/chat/completions", json=CHAT, headers=bearer(key))).status_code == 200
+
+
+async def test_credentials_are_checked_before_a_byte_of_the_body_is_read(secured):
+    """An ASGI call whose body would be 100 MB: 401 without receive() ever being called."""
+    app, reads, sent = secured.app, [], []
+
+    async def receive():
+        reads.append(1)
+        return {"type": "http.request", "body": b"x" * (1 << 20), "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": "/v1/files", "raw_path": b"/v1/files", "query_string": b"",
+             "root_path": "", "server": ("gw", 80), "client": ("127.0.0.1", 1),
+             "headers": [(b"content-type", b"multipart/form-data; boundary=x"),
+                         (b"content-length", str(100 << 20).encode())]}
+    await app(scope, receive, send)
+    assert sent[0]["status"] == 401 and reads == []
