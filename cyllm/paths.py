@@ -16,6 +16,10 @@ from cyllm import errors
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
+def is_id(value: str) -> bool:
+    return bool(_ID.fullmatch(value or ""))
+
+
 def checked_id(value: str, what: str, param: str | None = None) -> str:
     if not _ID.fullmatch(value or ""):
         raise errors.InvalidRequest(f"{what} must be 1-128 letters, digits, '.', '_' or '-', "

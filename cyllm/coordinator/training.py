@@ -31,7 +31,7 @@ from cyllm.coordinator.jobs import TERMINAL, JobStore
 from cyllm.coordinator.scheduler import Scheduler, WorkerView
 from cyllm.coordinator.workers import WorkerClients
 from cyllm.protocol import pb
-from cyllm.paths import checked_id
+from cyllm.paths import is_id
 from cyllm.protocol.client import Stream
 from cyllm.protocol.tenant import Tenant
 from cyllm.training.spec import TrainingSpec
@@ -131,7 +131,8 @@ class TrainingManager:
 
     async def get(self, job_id: str, tenant: Tenant | None = None) -> pb.TrainingJob:
         """The job; for a ``tenant``, only its own (another's reads as missing)."""
-        job = await self.store.get(checked_id(job_id, "training job id", "id"))
+        # A malformed id names nothing: the same 404 as an unknown one.
+        job = await self.store.get(job_id) if is_id(job_id) else None
         if job is None or (tenant is not None and not tenant.owns(job.owner)):
             raise errors.NotFound(f"training job {job_id!r} does not exist", param="id")
         return job
@@ -140,7 +141,10 @@ class TrainingManager:
         if tenant.admin:
             return await self.store.list(limit, after)
         if after:
-            await self.get(after, tenant)
+            try:
+                await self.get(after, tenant)
+            except errors.NotFound:  # as the store does for an unknown cursor
+                return [], False
         mine = [j for j in await self._owned(tenant.subject, after)]
         return mine[:limit], len(mine) > limit
 

@@ -14,13 +14,14 @@ from typer.main import get_command
 from cyllm.cli import app
 from cyllm.coordinator.settings import CoordinatorSettings
 from cyllm.gateway.settings import GatewaySettings
+from cyllm.protocol.plane import InternalSettings
 from cyllm.settings import load_settings
 from cyllm.worker.settings import WorkerSettings
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 CONFIG_MOUNT = "/etc/cyllm/cyllm.yaml"
 SETTINGS = {"CYLLM_GATEWAY_": GatewaySettings, "CYLLM_COORDINATOR_": CoordinatorSettings,
-            "CYLLM_WORKER_": WorkerSettings}
+            "CYLLM_WORKER_": WorkerSettings, "CYLLM_INTERNAL_": InternalSettings}
 
 
 def compose() -> dict:
@@ -184,3 +185,27 @@ def test_grafana_dashboard_queries_only_metrics_the_services_export():
     assert queried, "the dashboard queries nothing"
     missing = queried - exported
     assert not missing, missing
+
+
+def test_the_shipped_deployments_are_closed_by_default():
+    """Issue 12: auth on at the gateway, a token on every component, from a Secret or a
+    required variable, never a value in the repository; a policy per internal port."""
+    services = compose()["services"]
+    for name in ("coordinator", "worker-1", "worker-2", "gateway"):
+        env = services[name]["environment"]
+        assert env["CYLLM_INTERNAL_TOKEN"].startswith("${CYLLM_INTERNAL_TOKEN:?"), name
+    assert services["gateway"]["environment"]["CYLLM_GATEWAY_AUTH_ENABLED"] == "true"
+    for deployment, c in k8s_containers():
+        if c.get("command", [""])[0] != "cyllm":
+            continue
+        env = {e["name"]: e for e in c.get("env", [])}
+        assert env["CYLLM_INTERNAL_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "cyllm-internal"
+        if c["name"] == "gateway":
+            assert env["CYLLM_GATEWAY_AUTH_ENABLED"]["value"] == "true"
+    policies = {d["spec"]["podSelector"]["matchLabels"]["app"]: d for d in k8s_docs()
+                if d["kind"] == "NetworkPolicy"}
+    allowed = {app: {src["podSelector"]["matchLabels"]["app"] for rule in p["spec"]["ingress"]
+                     for src in rule["from"]} for app, p in policies.items()}
+    assert allowed == {"cyllm-coordinator": {"cyllm-gateway", "cyllm-worker"},
+                       "cyllm-worker": {"cyllm-coordinator"},
+                       "redis": {"cyllm-coordinator", "cyllm-gateway"}}

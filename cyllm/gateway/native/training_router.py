@@ -32,7 +32,7 @@ def check_custom_allowed(request: Request, method: str) -> None:
 
 
 @router.post("/start", response_model=TrainingJobView, response_model_by_alias=True,
-             responses=responses(400, 401, 403, 404, 500, 503))
+             responses=responses(400, 401, 403, 404, 429, 500, 503))
 async def start(body: TrainingStartRequest, request: Request) -> TrainingJobView:
     """Queue a fine-tuning job; it runs on the first idle worker that has the base model."""
     check_custom_allowed(request, body.method)
@@ -42,13 +42,13 @@ async def start(body: TrainingStartRequest, request: Request) -> TrainingJobView
 
 
 @router.get("/status/{job_id}", response_model=TrainingJobView, response_model_by_alias=True,
-            responses=responses(401, 404, 500, 503))
+            responses=responses(401, 404, 429, 500, 503))
 async def status(job_id: str, request: Request) -> TrainingJobView:
     return TrainingJobView.of(await coordinator(request).get_training_job(job_id))
 
 
 @router.get("/jobs", response_model=TrainingJobsResponse, response_model_by_alias=True,
-            responses=responses(400, 401, 500, 503))
+            responses=responses(400, 401, 429, 500, 503))
 async def jobs(request: Request, limit: int = Query(20, ge=1, le=100),
                after: str = "") -> TrainingJobsResponse:
     """Newest first; ``after`` a job id to page on."""
@@ -57,13 +57,13 @@ async def jobs(request: Request, limit: int = Query(20, ge=1, le=100),
 
 
 @router.post("/cancel/{job_id}", response_model=TrainingJobView, response_model_by_alias=True,
-             responses=responses(400, 401, 404, 500, 503))
+             responses=responses(400, 401, 404, 429, 500, 503))
 async def cancel(job_id: str, request: Request) -> TrainingJobView:
     """Stop a queued or running job (its process group on the worker is killed)."""
     return TrainingJobView.of(await coordinator(request).cancel_training_job(job_id))
 
 
-@router.get("/stream/{job_id}", responses={**responses(400, 401, 404, 500, 503), 200: {
+@router.get("/stream/{job_id}", responses={**responses(400, 401, 404, 429, 500, 503), 200: {
     "content": {"text/event-stream": {}},
     "description": "events named by type: `state`, `metrics` (step, loss, learningRate, "
                    "tokensPerSecond, etaS), `checkpoint`, `message`, `result`; the stream ends "

@@ -37,7 +37,7 @@ router = APIRouter(prefix="/v1", tags=["openai fine-tuning"],
 _CHUNK = 1 << 20
 
 
-@router.post("/files", response_model=FileObject, responses=responses(400, 401, 413, 500, 503))
+@router.post("/files", response_model=FileObject, responses=responses(400, 401, 413, 429, 500, 503))
 async def upload(request: Request, file: UploadFile, purpose: str = Form(...)) -> FileObject:
     """Upload a dataset (``purpose=fine-tune``); it is parsed now and refused with the
     line or record that is wrong.  Limit: ``gateway.max_upload_bytes``."""
@@ -54,25 +54,25 @@ async def upload(request: Request, file: UploadFile, purpose: str = Form(...)) -
     return FileObject.of(await coordinator(request).upload_file(chunks()))
 
 
-@router.get("/files", response_model=FileList, responses=responses(401, 500, 503))
+@router.get("/files", response_model=FileList, responses=responses(401, 429, 500, 503))
 async def list_files(request: Request, purpose: str = "") -> FileList:
     files = await coordinator(request).list_files(purpose)
     return FileList(data=[FileObject.of(f) for f in reversed(files)])
 
 
-@router.get("/files/{file_id}", response_model=FileObject, responses=responses(401, 404, 500, 503))
+@router.get("/files/{file_id}", response_model=FileObject, responses=responses(401, 404, 429, 500, 503))
 async def get_file(file_id: str, request: Request) -> FileObject:
     return FileObject.of(await coordinator(request).get_file(file_id))
 
 
-@router.delete("/files/{file_id}", response_model=FileDeleted, responses=responses(401, 404, 500, 503))
+@router.delete("/files/{file_id}", response_model=FileDeleted, responses=responses(401, 404, 429, 500, 503))
 async def delete_file(file_id: str, request: Request) -> FileDeleted:
     await coordinator(request).delete_file(file_id)
     return FileDeleted(id=file_id, deleted=True)
 
 
 @router.post("/fine_tuning/jobs", response_model=FineTuningJob,
-             responses=responses(400, 401, 403, 404, 500, 503))
+             responses=responses(400, 401, 403, 404, 429, 500, 503))
 async def create_job(body: FineTuningJobRequest, request: Request) -> FineTuningJob:
     if body.validation_file:
         raise errors.InvalidRequest("validation_file is not supported: the loss is reported on "
@@ -87,7 +87,7 @@ async def create_job(body: FineTuningJobRequest, request: Request) -> FineTuning
 
 
 @router.get("/fine_tuning/jobs", response_model=FineTuningJobList,
-            responses=responses(400, 401, 500, 503))
+            responses=responses(400, 401, 429, 500, 503))
 async def list_jobs(request: Request, after: str = "",
                     limit: int = Query(20, ge=1, le=100)) -> FineTuningJobList:
     reply = await coordinator(request).list_training_jobs(limit, after)
@@ -95,19 +95,19 @@ async def list_jobs(request: Request, after: str = "",
 
 
 @router.get("/fine_tuning/jobs/{job_id}", response_model=FineTuningJob,
-            responses=responses(401, 404, 500, 503))
+            responses=responses(401, 404, 429, 500, 503))
 async def get_job(job_id: str, request: Request) -> FineTuningJob:
     return FineTuningJob.of(await _job(request, job_id))
 
 
 @router.post("/fine_tuning/jobs/{job_id}/cancel", response_model=FineTuningJob,
-             responses=responses(400, 401, 404, 500, 503))
+             responses=responses(400, 401, 404, 429, 500, 503))
 async def cancel_job(job_id: str, request: Request) -> FineTuningJob:
     return FineTuningJob.of(await coordinator(request).cancel_training_job(job_id))
 
 
 @router.get("/fine_tuning/jobs/{job_id}/events", response_model=JobEventList,
-            responses=responses(400, 401, 404, 500, 503))
+            responses=responses(400, 401, 404, 429, 500, 503))
 async def job_events(job_id: str, request: Request, after: str = "",
                      limit: int = Query(20, ge=1, le=1000)) -> JobEventList:
     """Newest first; ``after`` an event id: the events before it."""
@@ -118,7 +118,7 @@ async def job_events(job_id: str, request: Request, after: str = "",
 
 
 @router.get("/fine_tuning/jobs/{job_id}/checkpoints", response_model=JobCheckpointList,
-            responses=responses(400, 401, 404, 500, 503))
+            responses=responses(400, 401, 404, 429, 500, 503))
 async def job_checkpoints(job_id: str, request: Request, after: str = "",
                           limit: int = Query(10, ge=1, le=100)) -> JobCheckpointList:
     job = await _job(request, job_id)
