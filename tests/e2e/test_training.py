@@ -32,7 +32,7 @@ def trainer(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("training")
     config = tmp / "cyllm.yaml"
     config.write_text(yaml.safe_dump({
-        "coordinator": {"files_dir": str(tmp / "files")},
+        "coordinator": {"files_dir": str(tmp / "files"), "datasets_dirs": [str(DATA)]},
         "worker": {"training_dir": str(tmp / "jobs"), "training_scripts_dir": str(DATA / "scripts")},
     }))
     with serving(tmp / "serve.log", config) as server:
@@ -149,7 +149,7 @@ def test_bad_uploads_and_jobs_are_refused_clearly(client, trainer, tmp_path):
     assert "bad.jsonl line 2: 'messages[0].content' is missing" in caught.value.message
     with pytest.raises(openai.BadRequestError, match="purpose 'assistants' is not supported"):
         client.files.create(file=FACTS.open("rb"), purpose="assistants")
-    with pytest.raises(openai.BadRequestError, match="training_file 'file-nope' does not exist"):
+    with pytest.raises(openai.NotFoundError, match="file 'file-nope' does not exist"):
         client.fine_tuning.jobs.create(model=MODEL, training_file="file-nope")
     upload = client.files.create(file=FACTS.open("rb"), purpose="fine-tune")
     with pytest.raises(openai.NotFoundError, match="base model 'gpt-4o' is not served"):
@@ -235,7 +235,8 @@ def test_killed_workers_job_resumes_from_its_checkpoint_elsewhere(tmp_path):
     http, coord, port_a, port_b = free_ports(4)
     config = tmp_path / "cyllm.yaml"
     config.write_text(yaml.safe_dump({
-        "coordinator": {"heartbeat_interval_s": 0.3, "heartbeat_timeout_s": 2.0, "metrics_port": 0},
+        "coordinator": {"heartbeat_interval_s": 0.3, "heartbeat_timeout_s": 2.0, "metrics_port": 0,
+                        "datasets_dirs": [str(DATA)]},
         "worker": {"training_dir": str(tmp_path / "jobs"), "metrics_port": 0},
     }))
     procs: dict[str, subprocess.Popen] = {}
