@@ -1,7 +1,7 @@
 """Ids that become paths, and paths that must stay under a root.
 
-Every id a caller can choose (a job id, a file id, an adapter name) may end up as a
-path component; ``checked_id`` admits only a plain name (no separator, no leading
+Every id a caller can choose (a job id, a file id) may end up as a path component, and
+a checkpoint to resume from is a path; ``checked_id`` admits only a plain name (no separator, no leading
 dot), and ``inside`` resolves a path (symlinks included) and refuses it unless it is
 under its root.  Both raise ``InvalidRequest`` naming the field, never the path.
 """
@@ -21,7 +21,7 @@ def is_id(value: str) -> bool:
 
 
 def checked_id(value: str, what: str, param: str | None = None) -> str:
-    if not _ID.fullmatch(value or ""):
+    if not is_id(value):
         raise errors.InvalidRequest(f"{what} must be 1-128 letters, digits, '.', '_' or '-', "
                                     "starting with a letter or digit", param=param)
     return value

@@ -44,6 +44,13 @@ class Waiter:
     exclude: frozenset[str]
 
 
+def unknown_model(model: str) -> errors.ModelNotFound:
+    """What a caller is told of a model it cannot use: no list of what exists, since a
+    caller may not see every model (another tenant's, or outside its key's allow-list)."""
+    return errors.ModelNotFound(f"model {model!r} does not exist; GET /v1/models lists the "
+                                "models you can use", param="model")
+
+
 class Scheduler(abc.ABC):
     backend = "abstract"
 
@@ -162,9 +169,8 @@ class Scheduler(abc.ABC):
             raise errors.ModelNotFound(
                 f"model {model!r} is not loaded; an admin can load it with "
                 f"POST /api/v1/models/{model}/load", param="model")
-        if not serving:  # what exists is not listed: a caller may not see every model
-            raise errors.ModelNotFound(f"model {model!r} does not exist; GET /v1/models lists "
-                                       "the models you can use", param="model")
+        if not serving:
+            raise unknown_model(model)
 
     def _free(self, records: Iterable[WorkerRecord], model: str, exclude: Iterable[str],
               now: float) -> list[WorkerRecord]:

@@ -18,7 +18,7 @@ from cyllm.coordinator.metrics import CoordinatorMetrics
 from cyllm.coordinator.models import ModelAdmin
 from cyllm.coordinator.routing import affinity_key
 from cyllm.coordinator.queue import Task
-from cyllm.coordinator.scheduler import Scheduler
+from cyllm.coordinator.scheduler import Scheduler, unknown_model
 from cyllm.coordinator.training_rpc import TrainingRPCs
 from cyllm.coordinator.workers import WorkerClients
 from cyllm.protocol.plane import Plane
@@ -141,15 +141,16 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
     # -- discovery --------------------------------------------------------------------
 
     async def ListModels(self, request, context) -> pb.ListModelsResponse:
-        tenant, owners = Tenant.of(context), await self.training.store.model_owners()
-        return pb.ListModelsResponse(models=[m for m in await self.scheduler.models()
-                                             if tenant.sees(owners.get(m.id, PUBLIC))])
+        return pb.ListModelsResponse(models=await self.visible_models(Tenant.of(context)))
+
+    async def visible_models(self, tenant: Tenant) -> list[pb.ModelInfo]:
+        owners = await self.training.store.model_owners()
+        return [m for m in await self.scheduler.models() if tenant.sees(owners.get(m.id, PUBLIC))]
 
     async def check_visible(self, tenant: Tenant, model: str) -> None:
         """Another tenant's fine-tuned model reads exactly as a missing one."""
         if not tenant.sees((await self.training.store.model_owners()).get(model, PUBLIC)):
-            raise errors.ModelNotFound(f"model {model!r} does not exist; GET /v1/models lists "
-                                       "the models you can use", param="model")
+            raise unknown_model(model)
 
     async def LoadModel(self, request, context) -> pb.LoadModelResponse:
         reply = await self.admin.load(request)

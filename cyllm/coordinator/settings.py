@@ -53,6 +53,7 @@ class CoordinatorSettings(ComponentSettings):
     dataset_read_memory_bytes: int = Field(1 << 30, ge=512 << 20,
                                            description="memory limit of the process that reads one")
     dataset_read_timeout_s: float = Field(120.0, gt=0)
+
     def dataset_limits(self) -> Limits:
         return Limits(max_bytes=self.files_max_bytes, max_rows=self.dataset_max_rows,
                       max_line_bytes=self.dataset_max_line_bytes, max_depth=self.dataset_max_depth)

@@ -145,7 +145,7 @@ class TrainingManager:
                 await self.get(after, tenant)
             except errors.NotFound:  # as the store does for an unknown cursor
                 return [], False
-        mine = [j for j in await self._owned(tenant.subject, after)]
+        mine = await self._owned(tenant.subject, after)
         return mine[:limit], len(mine) > limit
 
     async def _owned(self, owner: str, after: str = "") -> list[pb.TrainingJob]:

@@ -4,23 +4,22 @@ statuses at the server's edge (``protocol.server``)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from cyllm.coordinator.files import FileStore
 from cyllm.coordinator.training import TrainingManager
 from cyllm.protocol import pb
-from cyllm.protocol.tenant import PUBLIC, Tenant
+from cyllm.protocol.tenant import Tenant
 
 
 class TrainingRPCs:
     training: TrainingManager
     files: FileStore
+    visible_models: Callable[[Tenant], Awaitable[list[pb.ModelInfo]]]  # CoordinatorService's
 
     async def CreateTrainingJob(self, request, context) -> pb.TrainingJob:
         tenant = Tenant.of(context)
-        owners = await self.training.store.model_owners()
-        visible = {m.id for m in await self.training.scheduler.models()
-                   if tenant.sees(owners.get(m.id, PUBLIC))}
+        visible = {m.id for m in await self.visible_models(tenant)}
         return await self.training.create(request, tenant, visible)
 
     async def GetTrainingJob(self, request, context) -> pb.TrainingJob:

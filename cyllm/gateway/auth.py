@@ -47,7 +47,7 @@ class Identity:
         return self.admin_scope in self.scopes
 
     def check_model(self, model: str) -> None:
-        if self.models is not None and model not in self.models:
+        if not self.may_use(model):
             raise errors.Forbidden(f"this key may not use model {model!r}", param="model")
 
     def may_use(self, model: str) -> bool:

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from starlette.requests import HTTPConnection, Request
 
 from cyllm import errors
+from cyllm.gateway.auth import coordinator
 from cyllm.gateway.context import Usage, context
 from cyllm.protocol import pb
 
@@ -132,7 +133,7 @@ class Generation:
         state = conn.app.state
         self.ctx = context(conn)
         self._conn = conn
-        self._client, self._request = state.client.acting_for(self.ctx.caller.tenant), request
+        self._client, self._request = coordinator(conn), request
         self._events: AsyncIterator[pb.GenerateResponse] | None = None
         self.limiter = state.limiter
         self.metrics = state.metrics
@@ -185,7 +186,7 @@ class Generation:
         """The whole answer (an error raises: nothing was sent yet).  A caller that hangs
         up meanwhile cancels it down to the engine: nobody is left to read the answer."""
         if not isinstance(self._conn, Request):
-            return "".join([piece async for piece in self._pieces()])
+            return await self._collect()
         collect = asyncio.ensure_future(self._collect())
         watch = asyncio.ensure_future(_hung_up(self._conn))
         try:

@@ -28,9 +28,9 @@ from limits import RateLimitItemPerMinute
 from limits.aio.storage import MemoryStorage, RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 
-from cyllm import errors
 from fastapi import Request
 
+from cyllm import errors
 from cyllm.gateway.auth import Identity, authenticate
 from cyllm.gateway.settings import GatewaySettings
 
@@ -74,10 +74,11 @@ class RateLimiter:
     def reservation(self, prompt_chars: int, max_tokens: int | None) -> int:
         if self.tpm is None:
             return 0
-        reserve = prompt_chars // 3 + 1 + (max_tokens or 0)
+        prompt = prompt_chars // 3 + 1
+        reserve = prompt + (max_tokens or 0)
         if reserve > self.tpm.amount:
             raise errors.InvalidRequest(
-                f"the prompt (about {prompt_chars // 3 + 1} tokens) plus max_tokens ({max_tokens}) "
+                f"the prompt (about {prompt} tokens) plus max_tokens ({max_tokens}) "
                 f"is over this caller's limit of {self.tpm.amount} tokens per minute",
                 param="max_tokens")
         return reserve
@@ -88,11 +89,7 @@ class RateLimiter:
             return adm
         try:
             if self.rpm is not None:
-                allowed = await self.window.hit(self.rpm, "rpm", adm.subject)
-                stats = await self.window.get_window_stats(self.rpm, "rpm", adm.subject)
-                adm.headers |= _headers("requests", self.rpm.amount, stats.remaining, stats.reset_time)
-                if not allowed:
-                    raise self._refuse("requests per minute", stats.reset_time, adm.headers)
+                await self._hit(self.rpm, "rpm", adm, "requests per minute")
             if self.tpm is not None:
                 await self._reserve(adm, reserve)
             if self.concurrency is not None:
@@ -134,13 +131,17 @@ class RateLimiter:
 
     async def control(self, identity: Identity) -> None:
         """A request to a route that is not a generation (files, training, admin)."""
-        if self.control_rpm is None:
-            return
-        if not await self.window.hit(self.control_rpm, "control", identity.subject):
-            stats = await self.window.get_window_stats(self.control_rpm, "control", identity.subject)
-            headers = _headers("requests", self.control_rpm.amount, stats.remaining, stats.reset_time)
-            raise self._refuse("requests per minute to files, training and admin routes",
-                               stats.reset_time, headers)
+        if self.control_rpm is not None:
+            await self._hit(self.control_rpm, "control", Admission(identity.subject),
+                            "requests per minute to files, training and admin routes")
+
+    async def _hit(self, item: RateLimitItemPerMinute, name: str, adm: Admission, what: str) -> None:
+        """Count one request against ``item``; 429 when it is over."""
+        allowed = await self.window.hit(item, name, adm.subject)
+        stats = await self.window.get_window_stats(item, name, adm.subject)
+        adm.headers |= _headers("requests", item.amount, stats.remaining, stats.reset_time)
+        if not allowed:
+            raise self._refuse(what, stats.reset_time, adm.headers)
 
     def _refuse(self, what: str, reset: float, headers: dict[str, str]) -> errors.RateLimited:
         wait = max(1.0, reset - time.time())

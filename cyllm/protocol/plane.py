@@ -134,19 +134,23 @@ class Plane:
         interceptors = _token_interceptors(self.token) if self.token else None
         if self.tls is None:
             return grpc.aio.insecure_channel(address, options=_OPTIONS, interceptors=interceptors)
-        creds = grpc.ssl_channel_credentials(self.tls.ca, self.tls.key, self.tls.cert)
-        options = list(_OPTIONS)
-        if self.tls.server_name:
-            options.append(("grpc.ssl_target_name_override", self.tls.server_name))
-        return grpc.aio.secure_channel(address, creds, options=options, interceptors=interceptors)
+        return grpc.aio.secure_channel(address, self._credentials(), options=_OPTIONS + self._names(),
+                                       interceptors=interceptors)
 
     def sync_channel(self, address: str) -> grpc.Channel:
         """A blocking channel (``cyllm probe``); the health service needs no token."""
         if self.tls is None:
             return grpc.insecure_channel(address)
-        creds = grpc.ssl_channel_credentials(self.tls.ca, self.tls.key, self.tls.cert)
-        options = [("grpc.ssl_target_name_override", self.tls.server_name)] if self.tls.server_name else []
-        return grpc.secure_channel(address, creds, options=options)
+        return grpc.secure_channel(address, self._credentials(), options=self._names())
+
+    def _credentials(self) -> grpc.ChannelCredentials:
+        assert self.tls is not None
+        return grpc.ssl_channel_credentials(self.tls.ca, self.tls.key, self.tls.cert)
+
+    def _names(self) -> list[tuple[str, str]]:
+        """The name to verify in servers' certificates, when it is not the address's."""
+        name = self.tls.server_name if self.tls else None
+        return [("grpc.ssl_target_name_override", name)] if name else []
 
 
 SERVER_OPTIONS = _OPTIONS

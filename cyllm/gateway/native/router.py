@@ -70,8 +70,8 @@ async def _stream(gen: Generation, rid: str) -> AsyncIterator[str]:
             responses=responses(401, 500, 503))
 async def models(request: Request) -> ModelsResponse:
     found = await coordinator(request).list_models()
-    allowed = context(request).caller.models
-    return ModelsResponse(models=[_entry(m) for m in found if allowed is None or m.id in allowed])
+    caller = context(request).caller
+    return ModelsResponse(models=[_entry(m) for m in found if caller.may_use(m.id)])
 
 
 def _entry(m: pb.ModelInfo) -> ModelEntry:

@@ -97,10 +97,10 @@ async def _stream(gen: Generation, kind: str, rid: str, created: int, model: str
 @router.get("/models", response_model=ModelList, responses=responses(401, 500, 503))
 async def list_models(request: Request) -> ModelList:
     models = await coordinator(request).list_models()
-    allowed = context(request).caller.models
+    caller = context(request).caller
     # Only what can answer now; /api/v1/models also lists models that can be loaded.
     return ModelList(data=[Model(id=m.id, created=m.created) for m in models
-                           if m.state != "available" and (allowed is None or m.id in allowed)])
+                           if m.state != "available" and caller.may_use(m.id)])
 
 
 @router.get("/models/{model_id:path}", response_model=Model, responses=responses(401, 404, 500, 503))
