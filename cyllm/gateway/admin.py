@@ -8,8 +8,10 @@ from pydantic import BaseModel, Field
 from cyllm import errors
 from cyllm.gateway.auth import require_admin
 from cyllm.gateway.errors import responses
+from cyllm.gateway.ratelimit import limit_control
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+router = APIRouter(prefix="/admin", tags=["admin"],
+                   dependencies=[Depends(require_admin), Depends(limit_control)])
 
 
 class KeyCreate(BaseModel):
@@ -37,19 +39,19 @@ class KeyList(BaseModel):
     keys: list[KeyInfo]
 
 
-@router.post("/keys", response_model=KeyCreated, status_code=201, responses=responses(400, 401, 403, 413))
+@router.post("/keys", response_model=KeyCreated, status_code=201, responses=responses(400, 401, 403, 413, 429))
 async def create_key(body: KeyCreate, request: Request) -> KeyCreated:
     key, secret = await request.app.state.keys.create(
         body.name, admin=body.admin, models=body.models, expires_in_s=body.expires_in_s)
     return KeyCreated(key=secret, **key.public())
 
 
-@router.get("/keys", response_model=KeyList, responses=responses(401, 403))
+@router.get("/keys", response_model=KeyList, responses=responses(401, 403, 429))
 async def list_keys(request: Request) -> KeyList:
     return KeyList(keys=[KeyInfo(**k.public()) for k in await request.app.state.keys.all()])
 
 
-@router.delete("/keys/{key_id}", response_model=KeyInfo, responses=responses(400, 401, 403))
+@router.delete("/keys/{key_id}", response_model=KeyInfo, responses=responses(400, 401, 403, 429))
 async def revoke_key(key_id: str, request: Request) -> KeyInfo:
     store = request.app.state.keys
     if not await store.revoke(key_id):

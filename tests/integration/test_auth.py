@@ -285,3 +285,13 @@ async def test_credentials_are_checked_before_a_byte_of_the_body_is_read(secured
                          (b"content-length", str(100 << 20).encode())]}
     await app(scope, receive, send)
     assert sent[0]["status"] == 401 and reads == []
+
+
+async def test_admin_routes_have_their_own_rate_limit(make_stack, tmp_path):
+    stack = await make_stack(gateway={"auth_enabled": True, "api_keys_file": tmp_path / "k.json",
+                                      "rate_limit_control_rpm": 3})
+    _, key = await stack.app.state.keys.create("ops", admin=True)
+    codes = [(await stack.http.get("/admin/keys", headers=bearer(key))).status_code for _ in range(4)]
+    assert codes == [200, 200, 200, 429]
+    # generations are counted apart
+    assert (await stack.http.post("/v1/chat/completions", json=CHAT, headers=bearer(key))).status_code == 200

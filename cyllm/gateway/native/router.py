@@ -11,6 +11,7 @@ from cyllm.gateway.auth import authenticate, coordinator, require_admin
 from cyllm.gateway.context import context
 from cyllm.gateway.errors import GENERATION_ERRORS, responses, stream_error
 from cyllm.gateway.generation import Done, Failed, Generation
+from cyllm.gateway.ratelimit import limit_control
 from cyllm.gateway.native.protocol import (
     CoordinatorHealth,
     HealthResponse,
@@ -81,8 +82,9 @@ def _entry(m: pb.ModelInfo) -> ModelEntry:
 
 
 @router.post("/models/{model_id:path}/load", response_model=LoadModelResponse,
-             response_model_by_alias=True, dependencies=[Depends(require_admin)],
-             responses=responses(400, 401, 403, 404, 409, 500, 503))
+             response_model_by_alias=True,
+             dependencies=[Depends(require_admin), Depends(limit_control)],
+             responses=responses(400, 401, 403, 404, 409, 429, 500, 503))
 async def load_model(model_id: str, request: Request,
                      body: LoadModelRequest | None = None) -> LoadModelResponse:
     """Load a model from a worker's catalog (or register a LoRA adapter as
@@ -96,8 +98,9 @@ async def load_model(model_id: str, request: Request,
 
 
 @router.post("/models/{model_id:path}/unload", response_model=UnloadModelResponse,
-             response_model_by_alias=True, dependencies=[Depends(require_admin)],
-             responses=responses(401, 403, 404, 500, 503))
+             response_model_by_alias=True,
+             dependencies=[Depends(require_admin), Depends(limit_control)],
+             responses=responses(401, 403, 404, 429, 500, 503))
 async def unload_model(model_id: str, request: Request) -> UnloadModelResponse:
     """Unload a model (or adapter) from every worker serving it; running requests finish
     first (bounded by the worker's drain timeout).  Admin scope."""
