@@ -8,6 +8,7 @@ from cyllm.worker.engines.types import (
     Finished,
     GenerationRequest,
     ModelCard,
+    Resume,
     SamplingParams,
     Started,
     TextDelta,
@@ -23,15 +24,17 @@ def request_from_proto(msg: pb.GenerateRequest) -> GenerationRequest:
         stop=tuple(s.stop),
         seed=s.seed if s.HasField("seed") else None,
     )
+    resume = Resume(tuple(msg.resume.token_ids), msg.resume.text) \
+        if msg.HasField("resume") and msg.resume.token_ids else None
     if msg.WhichOneof("input") == "messages":
         messages = tuple((m.role, m.content) for m in msg.messages.messages)
-        return GenerationRequest(msg.request_id, messages=messages, sampling=sampling)
-    return GenerationRequest(msg.request_id, prompt=msg.prompt, sampling=sampling)
+        return GenerationRequest(msg.request_id, messages=messages, sampling=sampling, resume=resume)
+    return GenerationRequest(msg.request_id, prompt=msg.prompt, sampling=sampling, resume=resume)
 
 
 def event_to_proto(event: Event) -> pb.GenerateResponse:
     if isinstance(event, TextDelta):
-        return pb.GenerateResponse(delta=pb.Delta(text=event.text))
+        return pb.GenerateResponse(delta=pb.Delta(text=event.text, token_ids=event.token_ids))
     if isinstance(event, Started):
         return pb.GenerateResponse(started=pb.Started(prompt_tokens=event.prompt_tokens))
     assert isinstance(event, Finished)

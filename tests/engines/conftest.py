@@ -123,7 +123,7 @@ async def _make(kind: str, stack: contextlib.AsyncExitStack) -> Subject:
         from cyllm.worker.engines.mindie_engine import MindieEngine
         from tests.fakes.mindie_server import Server
 
-        server = stack.enter_context(Server("smollm2", free_port()))
+        server = stack.enter_context(Server("smollm2", free_port(), default_folder()))
 
         @contextlib.contextmanager
         def fail():

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from contextlib import aclosing
 
 import pytest
 
 from cyllm import errors
-from cyllm.worker.engines.types import Finished, GenerationRequest, SamplingParams, Started, TextDelta
+from cyllm.worker.engines.types import (
+    Finished,
+    GenerationRequest,
+    Resume,
+    SamplingParams,
+    Started,
+    TextDelta,
+)
 from tests.engines.conftest import CONTEXT
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -39,7 +47,7 @@ async def test_load_describes_the_model(subject):
 async def test_stream_is_started_deltas_finished(subject):
     events, text, done = await collect(subject.engine, raw("s1", PROMPTS[0], max_tokens=8))
     assert isinstance(events[0], Started) and events[0].prompt_tokens > 0
-    assert all(isinstance(e, TextDelta) and e.text for e in events[1:-1])
+    assert all(isinstance(e, TextDelta) and (e.text or e.token_ids) for e in events[1:-1])
     assert text.strip()
     assert 1 <= done.completion_tokens <= 8
     assert done.prompt_tokens == events[0].prompt_tokens
@@ -140,3 +148,75 @@ async def test_unknown_adapter_is_model_not_found(subject):
     request = GenerationRequest("ad1", prompt="hi", adapter="nope")
     with pytest.raises(errors.ModelNotFound):
         await anext(aiter(subject.engine.generate(request)))
+
+
+# -- resuming: a generation cut off after any delta continues exactly -------------------
+
+
+def resumed(request: GenerationRequest, deltas: list[TextDelta], rid: str) -> GenerationRequest:
+    """``request`` continued after the client got ``deltas``."""
+    ids = tuple(t for d in deltas for t in d.token_ids)
+    return dataclasses.replace(request, request_id=rid,
+                               resume=Resume(ids, "".join(d.text for d in deltas)))
+
+
+async def check_every_seam(engine, request: GenerationRequest, cuts=None) -> tuple[str, Finished]:
+    events, full, done = await collect(engine, request)
+    deltas = [e for e in events if isinstance(e, TextDelta)]
+    assert all(d.token_ids for d in deltas[:-1]) or not deltas
+    for k in cuts or range(1, len(deltas) + 1):  # after the last delta: Finished was lost
+        before = deltas[:k]
+        events2, rest, done2 = await collect(engine, resumed(request, before, f"{request.request_id}-{k}"))
+        seam = f"cut after delta {k}: {''.join(d.text for d in before)!r} + {rest!r}"
+        assert "".join(d.text for d in before) + rest == full, seam
+        assert (done2.finish_reason, done2.completion_tokens, done2.prompt_tokens) == \
+            (done.finish_reason, done.completion_tokens, done.prompt_tokens), seam
+        assert events2[0].prompt_tokens == done.prompt_tokens
+    return full, done
+
+
+async def test_a_resumed_generation_continues_exactly_as_an_undisturbed_one(subject):
+    full, done = await check_every_seam(subject.engine, raw("rs", PROMPTS[1], max_tokens=12))
+    assert done.finish_reason == "length" and full
+
+
+async def test_a_stop_string_across_the_seam_is_found(subject):
+    _, full, _ = await collect(subject.engine, raw("sa", PROMPTS[3], max_tokens=16))
+    words = full.split(" ")
+    assert len(words) > 5, full
+    stop = f"{words[3][-2:]} {words[4][:2]}"  # spans the boundary of two words, so of tokens
+    text, done = await check_every_seam(subject.engine, raw("sb", PROMPTS[3], max_tokens=16, stop=(stop,)))
+    assert done.finish_reason == "stop" and text == full[: full.index(stop)]
+
+
+async def test_a_resumed_sequence_that_had_ended_just_finishes(subject):
+    ends = list(subject.engine.end_ids()) if hasattr(subject.engine, "end_ids") else []
+    if not ends:
+        pytest.skip("this engine has no end-of-sequence token")
+    events, _, _ = await collect(subject.engine, raw("eo", PROMPTS[0], max_tokens=4))
+    deltas = [e for e in events if isinstance(e, TextDelta)]
+    ids = tuple(t for d in deltas for t in d.token_ids) + (ends[0],)
+    request = dataclasses.replace(raw("eo2", PROMPTS[0], max_tokens=12),
+                                  resume=Resume(ids, "".join(d.text for d in deltas)))
+    events2, rest, done = await collect(subject.engine, request)
+    assert (rest, done.finish_reason, done.completion_tokens) == ("", "stop", len(ids))
+
+
+async def test_a_seeded_resumed_generation_is_reproducible(subject):
+    if subject.kind not in ("transformers", "vllm", "llama_cpp"):
+        pytest.skip("this engine's test double does not sample")
+    request = raw("sd", PROMPTS[1], max_tokens=10, temperature=1.0, seed=7)
+    events, _, _ = await collect(subject.engine, request)
+    deltas = [e for e in events if isinstance(e, TextDelta)][:3]
+    texts = {(await collect(subject.engine, resumed(request, deltas, f"sd{i}")))[1] for i in range(2)}
+    assert len(texts) == 1, texts
+
+
+@pytest.mark.parametrize("ids", [(-1,), (10**9,)], ids=["negative", "beyond-vocabulary"])
+async def test_resume_tokens_outside_the_vocabulary_are_refused(subject, ids):
+    if subject.kind in ("fake", "hybrid") and ids[0] > 0:
+        pytest.skip("the fake has no vocabulary")
+    request = dataclasses.replace(raw("rv", PROMPTS[0], max_tokens=4), resume=Resume(ids, ""))
+    with pytest.raises(errors.InvalidRequest) as info:
+        await anext(aiter(subject.engine.generate(request)))
+    assert info.value.param == "resume"

@@ -1,8 +1,10 @@
 """Test doubles of libraries and servers this machine cannot run (TensorRT-LLM, MindIE
 Server, torch_npu, vllm-ascend).  Each reproduces the API surface our adapter uses —
-names, argument names, result shapes, streaming, cancellation — over a toy "model" that
-emits the words ``w0 w1 w2 ...``.  They are for tests only and prove the adapters speak
-those APIs, not that the hardware path works."""
+names, argument names, result shapes, streaming, cancellation — over a toy "model"
+(:class:`ToyModel`): real token ids of the model's own tokenizer, each chosen by a fixed
+rule from the tokens before it, so a generation continued from a prefix goes on exactly
+as it would have.  They are for tests only and prove the adapters speak those APIs,
+not that the hardware path works."""
 
 from __future__ import annotations
 
@@ -14,8 +16,26 @@ from pathlib import Path
 HERE = Path(__file__).parent
 
 
-def word(i: int, prefix: str = "w") -> str:
-    return ("" if i == 0 else " ") + f"{prefix}{i}"
+_WORDS = [" river", " stone", " light", " green", " quiet", " table", " window", " music",
+          " paper", " garden", " silver", " morning", " bridge", " yellow", " forest", " ocean"]
+
+
+class ToyModel:
+    """Greedy "generation" over a real vocabulary: the next token is one of a few
+    single-token words, picked from the last token and the position.  A deterministic
+    function of the context, as a greedy model is."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        ids = [tokenizer.encode(w, add_special_tokens=False) for w in _WORDS]
+        self.words = [i[0] for i in ids if len(i) == 1]
+        assert len(self.words) >= 8, "the toy model needs single-token words"
+
+    def next(self, context: list[int], salt: int = 0) -> int:
+        return self.words[(context[-1] * 7 + len(context) + salt) % len(self.words)]
+
+    def text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 @contextmanager

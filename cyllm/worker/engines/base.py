@@ -16,28 +16,47 @@ library (transformers, vLLM, TensorRT-LLM, MindIE, llama.cpp, and the fake)::
       3. plan: sampling with the model's         plan() -> prompt_ids()
          defaults, prompt ids, tokens to make
       4. Started, then the library's stream      stream(plan) -> Step*
-         read as Steps: text out as TextDelta,
-         tokens counted (the progress signal),
-         the library's finish reason mapped
+         read as Steps: text and token ids out
+         as TextDelta, tokens counted (the
+         progress signal), the library's finish
+         reason mapped
       5. Finished; a library exception becomes EngineError naming the library
 
-An adapter implements ``load``, ``close`` and ``stream`` (plus ``prompt_ids`` when it
-does not tokenise with a Hugging Face tokenizer).  What every engine must do to a
-request — structured outputs, resuming from tokens — belongs here, once.
+Resuming (``request.resume``: the tokens a dead worker generated and the text its
+client got) is done here for every adapter: the plan's prompt is the prompt plus those
+tokens, its length what is left, its seed ``planning.continuation_seed``; the text an
+undisturbed run would still have held back (a partial stop string, a partial character)
+is recomputed by replaying the tokens through the engine's ``decoder`` and sent first;
+stop strings are then checked here, across the seam, and not by the library (which
+sees only its own output); a resumed sequence that had already ended (its last token an end id, or no
+length left) just finishes.  Usage counts the resumed tokens, as the client got them.
+
+An adapter implements ``load``, ``close`` and ``stream`` (plus ``prompt_ids`` and
+``decoder`` when it does not tokenise with a Hugging Face tokenizer).  Adapters that
+sample token by token themselves start their ``Stopper`` from ``primed_decoder``.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Collection, Mapping
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
 from cyllm import errors
-from cyllm.worker.engines.planning import Plan, SamplingDefaults, plan_max_tokens
+from cyllm.worker.engines.planning import (
+    Plan,
+    SamplingDefaults,
+    check_resumed,
+    continuation_seed,
+    plan_max_tokens,
+)
 from cyllm.worker.engines.prompt import prepare_prompt
+from cyllm.worker.engines.text import Decoder, IncrementalDecoder, StopMatcher
 from cyllm.worker.engines.types import (
     EngineHealth,
     Event,
@@ -50,6 +69,7 @@ from cyllm.worker.engines.types import (
 )
 from cyllm.worker.settings import ModelSpec
 
+log = logging.getLogger(__name__)
 
 class AbstractEngine(abc.ABC):
     """Load, generate (async iterator of events), health, close.
@@ -110,6 +130,8 @@ class Engine(AbstractEngine):
     library = "the engine"  # how messages name the library
     # The library's finish reasons -> ours; anything else ends as "stop".
     finish_reasons: Mapping[str, str] = {"stop": "stop", "length": "length", "abort": "abort"}
+    # False: the library is not given stop strings; the skeleton cuts the text itself.
+    checks_stop_strings = True
 
     # Set by load():
     context_length: int
@@ -134,6 +156,25 @@ class Engine(AbstractEngine):
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         return prepare_prompt(self.tokenizer, request)
 
+    def decoder(self, plan: Plan) -> Decoder:
+        """Text for the tokens generated after ``plan``'s prompt, as this engine sends it."""
+        return IncrementalDecoder(self.tokenizer, plan.prompt)
+
+    def primed_decoder(self, plan: Plan) -> Decoder:
+        """A decoder for ``plan``'s new tokens that has already seen its resumed ones."""
+        decoder = self.decoder(plan)
+        for token in plan.resumed:
+            decoder.push(token)
+        return decoder
+
+    def end_ids(self) -> Collection[int]:
+        """Token ids that end a sequence."""
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        return () if eos is None else (eos,)
+
+    def vocab_size(self) -> int | None:
+        return len(self.tokenizer) if self.tokenizer is not None else None
+
     # -- the skeleton --------------------------------------------------------------------
 
     def plan(self, request: GenerationRequest) -> Plan:
@@ -142,26 +183,70 @@ class Engine(AbstractEngine):
         prompt_ids = self.prompt_ids(request)
         max_new = plan_max_tokens(len(prompt_ids), sampling.max_tokens, self.context_length,
                                   self.spec.default_max_tokens)
-        return Plan(request, sampling, prompt_ids, max_new)
+        resumed = request.resume.token_ids if request.resume is not None else ()
+        if not resumed:
+            return Plan(request, sampling, prompt_ids, max_new)
+        check_resumed(resumed, max_new, self.vocab_size())
+        sampling = dataclasses.replace(sampling, seed=continuation_seed(sampling.seed, len(resumed)))
+        return Plan(request, sampling, prompt_ids + list(resumed), max_new - len(resumed),
+                    len(prompt_ids), tuple(resumed))
+
+    def held_text(self, plan: Plan) -> str:
+        """What an undisturbed run would have produced for the resumed tokens beyond the
+        text the client got: text it was still holding back."""
+        decoder = self.decoder(plan)
+        produced = "".join(decoder.push(t) for t in plan.resumed)
+        sent = plan.request.resume.text if plan.request.resume else ""
+        if produced.startswith(sent):
+            return produced[len(sent):]
+        log.warning("request %s: the resumed tokens decode to text that does not begin with "
+                    "the text already sent; continuing without the held-back part",
+                    plan.request_id)
+        return ""
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         if why := self.down():
             raise errors.EngineError(f"{self.library} engine for {self.spec.id} is down: {why}")
         self.check_adapter(request)
         plan = self.plan(request)
-        rid, prompt_tokens, completion = request.request_id, len(plan.prompt_ids), 0
+        rid, prompt_tokens, completion = request.request_id, plan.prompt_tokens, len(plan.resumed)
+        matcher = None
+        if plan.resumed or not self.checks_stop_strings:
+            # Cut here, and only here: a library holding back its own partial matches
+            # would hide text from this matcher and run past the stop.
+            matcher = StopMatcher(plan.sampling.stop)
+            plan = dataclasses.replace(plan, sampling=dataclasses.replace(plan.sampling, stop=()))
         self.tracker.running += 1
         try:
             yield Started(prompt_tokens)
+            if plan.resumed:
+                assert matcher is not None
+                text, hit = matcher.push(self.held_text(plan))
+                ended = "stop" if hit or plan.resumed[-1] in self.end_ids() else \
+                    "length" if plan.max_new == 0 else None
+                if ended is not None:
+                    text += "" if hit else matcher.flush()
+                if text:
+                    yield TextDelta(text)
+                if ended is not None:
+                    yield Finished(ended, prompt_tokens, completion)
+                    return
             async with aclosing(self.stream(plan)) as steps:
                 async for step in steps:
-                    completion += step.tokens
-                    self.tracker.tokens_generated += step.tokens
-                    if step.text:
-                        yield TextDelta(step.text)
-                    if step.finish_reason is not None:
-                        reason = self.finish_reasons.get(step.finish_reason, "stop")
-                        yield Finished(reason, prompt_tokens, completion)
+                    completion += len(step.token_ids)
+                    self.tracker.tokens_generated += len(step.token_ids)
+                    text, reason = step.text, step.finish_reason
+                    if matcher is not None:
+                        text, hit = matcher.push(text)
+                        if hit:
+                            reason = "stop"
+                        elif reason is not None:
+                            text += matcher.flush()
+                    if text or step.token_ids:
+                        yield TextDelta(text, tuple(step.token_ids))
+                    if reason is not None:
+                        yield Finished(self.finish_reasons.get(reason, "stop"), prompt_tokens,
+                                       completion)
                         return
             raise errors.EngineError(f"{self.library} ended request {rid} without finishing it")
         except (errors.CyllmError, asyncio.CancelledError, GeneratorExit):

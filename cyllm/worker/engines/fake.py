@@ -2,8 +2,9 @@
 benchmarks.  It is never a production default and never counts as a supported engine.
 
 It "generates" the words ``w0 w1 w2 ...`` (token ``i`` is the word ``w<i>``) through the
-same skeleton and end rule as the real engines, so max_tokens and stop strings behave
-as they do there; with a LoRA adapter named ``a`` it says ``a0 a1 a2 ...``.  A prompt
+same skeleton and end rule as the real engines, so max_tokens, stop strings and resumed
+generations behave as they do there (a generation resumed after ``n`` tokens goes on
+with ``w<n>``); with a LoRA adapter named ``a`` it says ``a0 a1 a2 ...``.  A prompt
 counts one token per word.  ``engine_args``:
 
 - ``token_delay_s`` (float, default 0): sleep between tokens, to make streams last;
@@ -86,12 +87,22 @@ class FakeEngine(Engine):
             text = request.prompt
         return list(range(len(text.split()) or 1))
 
+    def decoder(self, plan: Plan) -> WordDecoder:
+        return WordDecoder(plan.adapter or "w")
+
+    def end_ids(self) -> tuple[int, ...]:
+        return ()
+
+    def vocab_size(self) -> None:
+        return None
+
     async def stream(self, plan: Plan) -> AsyncIterator[Step]:
-        stopper = Stopper(WordDecoder(plan.adapter or "w"), (), plan.sampling.stop, plan.max_new)
+        stopper = Stopper(self.primed_decoder(plan), (), plan.sampling.stop, plan.max_new)
         wedged = False
         try:
-            for i in itertools.count():
-                if self._wedged or (self.hang_after is not None and i >= int(self.hang_after)):
+            for i in itertools.count(len(plan.resumed)):
+                made = i - len(plan.resumed)  # by this engine, for this request
+                if self._wedged or (self.hang_after is not None and made >= int(self.hang_after)):
                     self._wedged = wedged = True
                     await asyncio.Event().wait()  # hung: alive, but no progress
                 if self.delay:

@@ -139,6 +139,15 @@ class LlamaCppEngine(Engine):
     def down(self) -> str:
         return "" if self._objects else "closed"
 
+    def decoder(self, plan: Plan) -> LlamaDecoder:
+        return LlamaDecoder(self._objects[0], plan.prompt)  # detokenising is read-only
+
+    def end_ids(self) -> set[int]:
+        return self.eos
+
+    def vocab_size(self) -> int:
+        return self._objects[0].n_vocab()
+
     async def stream(self, plan: Plan) -> AsyncIterator[Step]:
         abort = threading.Event()
         out: asyncio.Queue[Any] = asyncio.Queue()
@@ -173,7 +182,7 @@ class LlamaCppEngine(Engine):
         try:
             s = plan.sampling
             llm.set_seed(s.seed if s.seed is not None else random.getrandbits(31))
-            stopper = Stopper(LlamaDecoder(llm, plan.prompt_ids), self.eos, s.stop, plan.max_new)
+            stopper = Stopper(self.primed_decoder(plan), self.eos, s.stop, plan.max_new)
             tokens = llm.generate(plan.prompt_ids, temp=s.temperature, top_p=s.top_p,
                                   top_k=0, min_p=0.0, repeat_penalty=1.0, reset=True)
             try:

@@ -1,14 +1,18 @@
 """Huawei MindIE, through the MindIE Server that Ascend users run (``mindieservice_daemon``).
 
 MindIE LLM is driven by its own server process (it owns the NPUs, the weights and the
-batching); its service plane speaks an OpenAI/vLLM-compatible HTTP API.  This engine is
-a client of that API: ``POST /v1/chat/completions`` with ``"stream": true`` for chat,
-``/v1/completions`` for raw prompts, SSE chunks turned into our events; closing the
-stream cancels the request server-side.  The daemon runs beside the worker (same node or
-pod) with the model named in its ``config.json``.
+batching).  This engine is a client of its token interface, ``POST /infer_token`` with
+``"stream": true``: we send the prompt as token ids (the model's chat template applied
+here, through its Hugging Face tokenizer, as on every other engine) and read one token
+id per SSE chunk (``{"token": {"id": ...}}``, then ``details.finish_reason``, the
+TGI-compatible shape of MindIE's ``/infer``).  Token ids both ways are what lets a
+generation resume on another worker exactly; the text is made here from the ids (our
+incremental decoder) and stop strings are cut here (``text.Stopper``).  Closing the
+stream cancels the request server-side.  The daemon runs beside the worker (same node
+or pod) with the model named in its ``config.json``.
 
 Spec: ``path`` is the model's weight folder (the one MindIE's ``modelWeightPath`` names);
-we read its tokenizer to count and check prompts before sending.  ``engine_args``:
+we read its tokenizer to tokenise, count and check prompts and to detokenise.  ``engine_args``:
 ``endpoint`` (default ``http://127.0.0.1:1025``), ``model_name`` (MindIE's ``modelName``,
 default the model id), ``timeout_s`` (default 600), ``verify`` (TLS; default true).
 
@@ -30,12 +34,14 @@ import httpx
 from cyllm import errors
 from cyllm.worker.engines.base import Engine
 from cyllm.worker.engines.planning import Plan, SamplingDefaults
-from cyllm.worker.engines.prompt import messages_of
+from cyllm.worker.engines.text import Stopper
 from cyllm.worker.engines.types import EngineHealth, ModelCard, Step
 from cyllm.worker.model_files import folder_context_length
 from cyllm.worker.settings import ModelSpec
 
 _KNOWN_ARGS = {"endpoint", "model_name", "timeout_s", "verify"}
+# MindIE's (TGI's) finish reasons -> ours
+_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
 
 
 class MindieEngine(Engine):
@@ -88,43 +94,42 @@ class MindieEngine(Engine):
         return "closed" if self.client is None else ""
 
     async def stream(self, plan: Plan) -> AsyncIterator[Step]:
-        s, request = plan.sampling, plan.request
-        body: dict[str, Any] = {
-            "model": self.model_name, "stream": True, "max_tokens": plan.max_new,
-            "temperature": s.temperature, "top_p": s.top_p,
-            "stream_options": {"include_usage": True},
-        }
-        if s.stop:
-            body["stop"] = list(s.stop)
+        s = plan.sampling
+        params: dict[str, Any] = {"max_new_tokens": plan.max_new, "details": True,
+                                  "do_sample": s.temperature > 0}
+        if s.temperature > 0:
+            params["temperature"] = s.temperature
+        if s.top_p < 1:  # MindIE takes top_p in (0, 1) only; 1.0 is "unset"
+            params["top_p"] = s.top_p
         if s.seed is not None:
-            body["seed"] = s.seed
-        if request.messages is not None:
-            route, body["messages"] = "/v1/chat/completions", messages_of(request)
-        else:
-            route, body["prompt"] = "/v1/completions", request.prompt
-        counted, reason, usage = 0, None, None
+            params["seed"] = s.seed + 1  # MindIE's seeds start at 1
+        body = {"input_id": plan.prompt_ids, "stream": True, "parameters": params}
+        stopper = Stopper(self.primed_decoder(plan), self.end_ids(), s.stop, plan.max_new)
         try:
             # Leaving this block (our caller gone) closes the stream: MindIE Server
             # cancels a request whose client left.
-            async with self.client.stream("POST", route, json=body) as reply:
+            async with self.client.stream("POST", "/infer_token", json=body) as reply:
                 if reply.status_code >= 400:
                     detail = (await reply.aread()).decode(errors="replace")[:500]
                     raise _http_error(reply.status_code, detail)
+                self._last_error = ""  # it answers
                 async for chunk in _sse(reply):
-                    usage = chunk.get("usage") or usage
-                    for choice in chunk.get("choices", []):
-                        text = choice.get("delta", {}).get("content") or choice.get("text") or ""
-                        # One chunk per generated token is MindIE's (and vLLM's) stream shape.
-                        counted += 1
-                        yield Step(text, 1)
-                        reason = choice.get("finish_reason") or reason
+                    token = chunk.get("token") or {}
+                    if "id" in token:
+                        step = stopper.push(int(token["id"]))
+                        if step is not None:
+                            yield step
+                            if step.finish_reason is not None:
+                                return
+                    reason = (chunk.get("details") or {}).get("finish_reason")
+                    if reason:
+                        yield stopper.finish(_REASONS.get(reason, "stop"))
+                        return
         except (httpx.HTTPError, httpx.StreamError) as exc:
             self._last_error = f"{type(exc).__name__}: {exc}"
             raise errors.EngineError(f"MindIE Server at {self.endpoint} failed: {exc}") from exc
-        self._last_error = ""
-        # The server's usage is the count that bills; add what the chunks did not show.
-        extra = max(0, int(usage["completion_tokens"]) - counted) if usage else 0
-        yield Step("", extra, reason or "stop")
+        raise errors.EngineError(f"MindIE Server at {self.endpoint} ended the stream without "
+                                 "a finish reason")
 
     def health(self) -> EngineHealth:
         h = super().health()

@@ -46,12 +46,26 @@ class SamplingDefaults:
 
 @dataclass(frozen=True)
 class Plan:
-    """A request as an engine runs it: sampling resolved, prompt tokenised, length fixed."""
+    """A request as an engine runs it: sampling resolved, prompt tokenised, length fixed.
+
+    For a resumed request ``prompt_ids`` is the prompt followed by the tokens already
+    generated (``resumed``), and ``max_new`` what is left of the request's length."""
 
     request: GenerationRequest
     sampling: SamplingParams
     prompt_ids: list[int]
     max_new: int
+    prompt_tokens: int = -1  # the request's own prompt (-1: all of prompt_ids)
+    resumed: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.prompt_tokens < 0:
+            object.__setattr__(self, "prompt_tokens", len(self.prompt_ids))
+
+    @property
+    def prompt(self) -> list[int]:
+        """The request's prompt, without the resumed tokens."""
+        return self.prompt_ids[: self.prompt_tokens]
 
     @property
     def request_id(self) -> str:
@@ -91,3 +105,25 @@ def plan_max_tokens(
             param="max_tokens",
         )
     return requested
+
+
+SEED_RANGE = 2**63
+
+
+def continuation_seed(seed: int | None, resumed: int) -> int | None:
+    """The seed a generation resumed after ``resumed`` tokens samples with: the
+    request's seed plus that count (mod 2**63).  The random state of one engine cannot
+    be carried to another, so a seeded request resumed at the same token gives the same
+    text every time, though not the text of an undisturbed run; unseeded stays unseeded."""
+    return None if seed is None else (seed + resumed) % SEED_RANGE
+
+
+def check_resumed(ids: tuple[int, ...], max_new: int, vocab: int | None) -> None:
+    if len(ids) > max_new:
+        raise errors.InvalidRequest(
+            f"resume carries {len(ids)} tokens, more than the {max_new} this request may "
+            "generate", param="resume")
+    bad = next((t for t in ids if t < 0 or (vocab is not None and t >= vocab)), None)
+    if bad is not None:
+        raise errors.InvalidRequest(f"resume token id {bad} is outside the vocabulary",
+                                    param="resume")

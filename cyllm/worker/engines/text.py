@@ -88,8 +88,9 @@ class Stopper:
     does a stop string (the text is cut before it), so does the ``max_new``-th token
     (``length``).  At an end that is not a stop string, text held back because it
     might have begun one is released.  A Step comes out only when there is text or an
-    end, carrying every token since the last one, so a token whose text is held back
-    costs no event.
+    end, carrying every token id since the last one, so a token whose text is held
+    back costs no event.  A library that decides the end itself (MindIE) says so with
+    ``finish``.
     """
 
     def __init__(self, decoder: Decoder, eos: Collection[int], stops: Sequence[str],
@@ -99,11 +100,11 @@ class Stopper:
         self.matcher = StopMatcher(stops)
         self.max_new = max_new
         self.generated = 0
-        self._pending = 0  # tokens not yet carried by a Step
+        self._pending: list[int] = []  # token ids not yet carried by a Step
 
     def push(self, token_id: int) -> Step | None:
         self.generated += 1
-        self._pending += 1
+        self._pending.append(token_id)
         if token_id in self.eos:
             return self._end("", "stop")
         text, hit = self.matcher.push(self.decoder.push(token_id))
@@ -113,10 +114,14 @@ class Stopper:
             return self._end(text, "length")
         return self._step(text, None) if text else None
 
+    def finish(self, reason: str) -> Step:
+        """The library ended the sequence (``reason`` in its own words)."""
+        return self._end("", reason)
+
     def _end(self, text: str, reason: str) -> Step:
         tail, hit = self.matcher.push(self.decoder.flush())
         return self._step(text + tail + ("" if hit else self.matcher.flush()), reason)
 
     def _step(self, text: str, reason: str | None) -> Step:
-        step, self._pending = Step(text, self._pending, reason), 0
+        step, self._pending = Step(text, tuple(self._pending), reason), []
         return step

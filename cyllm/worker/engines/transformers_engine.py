@@ -35,7 +35,7 @@ from cyllm.worker.engines.base import Engine
 from cyllm.worker.engines.hf_batch import KVBatch
 from cyllm.worker.engines.planning import Plan, SamplingDefaults
 from cyllm.worker.engines.sampling import make_generator, sample
-from cyllm.worker.engines.text import IncrementalDecoder, Stopper
+from cyllm.worker.engines.text import Stopper
 from cyllm.worker.engines.types import EngineHealth, ModelCard, SamplingParams, Step
 from cyllm.worker.model_files import context_length
 from cyllm.worker.settings import ModelSpec
@@ -211,6 +211,9 @@ class TransformersEngine(Engine):
 
     # -- requests ---------------------------------------------------------------------
 
+    def end_ids(self) -> set[int]:
+        return self.eos_ids
+
     def down(self) -> str:
         alive = self._thread is not None and self._thread.is_alive()
         return "" if alive else "the engine thread is not running"
@@ -220,8 +223,8 @@ class TransformersEngine(Engine):
             prompt_ids=plan.prompt_ids,
             sampling=plan.sampling,
             out=asyncio.Queue(),
-            stopper=Stopper(IncrementalDecoder(self.tokenizer, plan.prompt_ids), self.eos_ids,
-                            plan.sampling.stop, plan.max_new),
+            stopper=Stopper(self.primed_decoder(plan), self.eos_ids, plan.sampling.stop,
+                            plan.max_new),
             generator=make_generator(plan.sampling, self.device),
             adapter=plan.adapter,
         )

@@ -33,6 +33,9 @@ class TrtLlmEngine(Engine):
     name = "trtllm"
     library = "TensorRT-LLM"
     finish_reasons = {"stop": "stop", "length": "length", "cancelled": "abort", "timeout": "abort"}
+    # Stop strings are cut by the skeleton, which holds back a possible partial match;
+    # TensorRT-LLM's streamed ``text_diff`` is not documented to.
+    checks_stop_strings = False
 
     def __init__(self, spec: ModelSpec, model_dir: Path) -> None:
         super().__init__(spec)
@@ -87,14 +90,14 @@ class TrtLlmEngine(Engine):
 
         s = plan.sampling
         params = SamplingParams(max_tokens=plan.max_new, temperature=s.temperature,
-                                top_p=s.top_p, seed=s.seed, stop=list(s.stop) or None)
+                                top_p=s.top_p, seed=s.seed)
         lora = self._loras.get(plan.adapter) if plan.adapter else None
         result = self.llm.generate_async(plan.prompt_ids, sampling_params=params,
                                          lora_request=lora, streaming=True)
         try:
             async for out in result:
                 completion = out.outputs[0]
-                yield Step(completion.text_diff, len(completion.token_ids_diff),
+                yield Step(completion.text_diff, tuple(completion.token_ids_diff),
                            (completion.finish_reason or "") if out.finished else None)
                 if out.finished:
                     return

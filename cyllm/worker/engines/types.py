@@ -2,7 +2,11 @@
 
 An engine turns a :class:`GenerationRequest` into an async stream of events::
 
-    Started(prompt_tokens)  TextDelta(text)*  Finished(reason, prompt_tokens, completion_tokens)
+    Started(prompt_tokens)  TextDelta(text, token_ids)*  Finished(reason, prompt_tokens, completion_tokens)
+
+A request may continue a generation that began elsewhere (:class:`Resume`): the engine
+then generates from the prompt plus the tokens already produced, and its stream is the
+rest of the text, as an undisturbed run would have sent it.
 
 Inside an engine, its library's stream is read as :class:`Step`\\ s (see ``base.Engine``).
 """
@@ -22,12 +26,22 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class Resume:
+    """What the client already has of a generation that was cut off: the tokens
+    generated (exact ids, never re-tokenised text) and the text sent for them."""
+
+    token_ids: tuple[int, ...]
+    text: str
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     request_id: str
     prompt: str | None = None  # raw text, used as is
     messages: tuple[tuple[str, str], ...] | None = None  # (role, content); chat template applied
     sampling: SamplingParams = field(default_factory=SamplingParams)
     adapter: str | None = None  # a LoRA adapter registered on this engine; None: the base model
+    resume: Resume | None = None
 
 
 @dataclass(frozen=True)
@@ -38,6 +52,7 @@ class Started:
 @dataclass(frozen=True)
 class TextDelta:
     text: str
+    token_ids: tuple[int, ...] = ()  # generated since the last delta (text may lag them)
 
 
 @dataclass(frozen=True)
@@ -53,11 +68,11 @@ Event = Started | TextDelta | Finished
 @dataclass(frozen=True, slots=True)
 class Step:
     """One read of a library's stream: new text (may be empty while the library holds
-    text back), the tokens it accounts for, and on the last step the library's own
-    finish reason (``None`` until then)."""
+    text back), the ids of the tokens it accounts for, and on the last step the
+    library's own finish reason (``None`` until then)."""
 
     text: str = ""
-    tokens: int = 0
+    token_ids: tuple[int, ...] = ()
     finish_reason: str | None = None
 
 

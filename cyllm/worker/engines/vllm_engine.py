@@ -186,7 +186,7 @@ class VllmAsyncEngine(Engine):
                                                params, plan.request_id, lora_request=lora):
                 completion = out.outputs[0]
                 finished = out.finished
-                yield Step(completion.text, len(completion.token_ids),
+                yield Step(completion.text, tuple(completion.token_ids),
                            (completion.finish_reason or "") if finished else None)
                 if finished:
                     return

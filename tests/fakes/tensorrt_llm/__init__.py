@@ -2,14 +2,17 @@
 **kwargs)``, ``LLM.generate_async(inputs, sampling_params, lora_request, streaming)``
 returning an async-iterable result with ``abort()``, ``RequestOutput.outputs[0]`` with
 ``text_diff`` / ``token_ids_diff`` / ``finish_reason``, ``SamplingParams`` (keyword-only,
-TensorRT-LLM's field names), ``LLM.shutdown()``."""
+TensorRT-LLM's field names), ``LLM.shutdown()``.  The "model" is ``ToyModel`` over the
+tokenizer of the folder given; a LoRA adapter shifts its choice of words."""
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
 
-from tests.fakes import word
+from transformers import AutoTokenizer
+
+from tests.fakes import ToyModel
 
 # LlmArgs fields the fake accepts (a subset of the real ones); others raise like pydantic.
 _ARGS = {"tokenizer", "tensor_parallel_size", "pipeline_parallel_size", "max_batch_size",
@@ -56,9 +59,9 @@ class RequestOutput:
 
 
 class _Result:
-    def __init__(self, rid: int, prompt: list[int], params: SamplingParams, lora) -> None:
+    def __init__(self, rid: int, prompt: list[int], params: SamplingParams, lora, model: ToyModel) -> None:
         self.out = RequestOutput(rid, prompt, [CompletionOutput(0)])
-        self.params, self.lora = params, lora
+        self.params, self.lora, self.model = params, lora, model
         self._aborted = False
 
     @property
@@ -75,7 +78,8 @@ class _Result:
         global fail_next
         c, p = self.out.outputs[0], self.params
         stops = [p.stop] if isinstance(p.stop, str) else list(p.stop or [])
-        prefix = self.lora.lora_name if self.lora is not None else "w"
+        salt = self.lora.lora_int_id if self.lora is not None else 0
+        context = list(self.out.prompt_token_ids)
         for i in range(p.max_tokens):
             await asyncio.sleep(TOKEN_DELAY_S)
             if fail_next:
@@ -86,8 +90,10 @@ class _Result:
                 c.finish_reason, self.out.finished = "cancelled", True
                 yield self.out
                 return
-            c.text += word(i, prefix)
-            c.token_ids.append(1000 + i)
+            token = self.model.next(context, salt)
+            context.append(token)
+            c.token_ids.append(token)
+            c.text = self.model.text(c.token_ids)
             hit = [c.text.find(s) for s in stops if s in c.text]
             if hit:
                 c.text = c.text[: min(hit)]
@@ -105,6 +111,7 @@ class LLM:
         if unknown:
             raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}")
         self.model, self.args = model, kwargs
+        self.toy = ToyModel(AutoTokenizer.from_pretrained(model))
         self._next = 0
         self.closed = False
 
@@ -112,7 +119,7 @@ class LLM:
         assert streaming, "the adapter streams"
         assert isinstance(inputs, list) and all(isinstance(t, int) for t in inputs)
         self._next += 1
-        return _Result(self._next, inputs, sampling_params or SamplingParams(), lora_request)
+        return _Result(self._next, inputs, sampling_params or SamplingParams(), lora_request, self.toy)
 
     def shutdown(self) -> None:
         self.closed = True
