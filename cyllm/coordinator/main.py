@@ -69,6 +69,7 @@ class CoordinatorServer:
             breaker_failures=settings.breaker_failures,
             breaker_cooldown_s=settings.breaker_cooldown_s,
             lease_s=settings.lease_s,
+            attempts=settings.generation_attempts,
             plane=self.plane,
         )
         store = RedisJobStore(settings.redis_url) if settings.redis_url else MemoryJobStore()

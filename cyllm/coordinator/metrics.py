@@ -24,8 +24,9 @@ class CoordinatorMetrics:
                                     "Seconds a request waited for a worker slot", ["model"],
                                     registry=r, buckets=LATENCY_BUCKETS)
         self.retries = Counter("coordinator_worker_retries",
-                               "Requests moved to another worker after a failure before the first token",
-                               registry=r)
+                               "Generations moved to another worker after theirs failed, by "
+                               "whether tokens had been sent (resumed) or not (retried)",
+                               ["kind"], registry=r)
         self.cache_hit_rate = Gauge("coordinator_cache_hit_rate",
                                     "Prompt cache hits / lookups (whole cluster on Redis)", registry=r)
         self.queue_depth = Gauge("coordinator_queue_depth", "Requests waiting for a worker slot", registry=r)

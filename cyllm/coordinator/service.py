@@ -1,6 +1,10 @@
 """The coordinator's gRPC service: the prompt cache, the scheduler (queue + worker pool)
-and the calls to the workers, with retries and per-worker circuit breakers.  Errors
-become gRPC statuses at the server's edge (``protocol.server``)."""
+and the calls to the workers, with per-worker circuit breakers.  A generation whose
+worker dies, hangs (nothing for ``progress_timeout_s``) or refuses it as unavailable
+moves to another worker, up to ``generation_attempts`` in all: re-run if nothing was
+sent yet, resumed from the tokens sent if something was (``protocol.relay``), so the
+caller sees one stream either way.  Errors become gRPC statuses at the server's edge
+(``protocol.server``)."""
 
 from __future__ import annotations
 
@@ -25,13 +29,14 @@ from cyllm.protocol.plane import Plane
 from cyllm.protocol import pb, rpc
 from cyllm.protocol.breaker import CircuitBreakers
 from cyllm.protocol.client import Stream
+from cyllm.protocol.relay import Relay
 from cyllm.protocol.tenant import PUBLIC, Tenant
 from cyllm.runtime import request_id_of
 
 log = logging.getLogger(__name__)
 
-# A worker that fails before sending anything is skipped and the request tried again.
-_ATTEMPTS = 3
+# Pauses between attempts: a dead worker looks healthy until its heartbeats are missed.
+_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0)
 # Errors that say nothing against the worker: it answered, or our caller left.
 _NOT_THE_WORKERS_FAULT = (errors.InvalidRequest, errors.NotFound, errors.RequestCancelled,
                           asyncio.CancelledError, GeneratorExit)
@@ -41,7 +46,7 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
     def __init__(self, coordinator_id: str, scheduler: Scheduler, cache: PromptCache,
                  metrics: CoordinatorMetrics, *, heartbeat_interval_s: float, progress_timeout_s: float,
                  breaker_failures: int, breaker_cooldown_s: float, lease_s: float,
-                 plane: Plane) -> None:
+                 plane: Plane, attempts: int = 6) -> None:
         self.coordinator_id = coordinator_id
         self.scheduler = scheduler
         self.cache = cache
@@ -49,6 +54,7 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
         self.heartbeat_interval_s = heartbeat_interval_s
         self.progress_timeout_s = progress_timeout_s
         self.lease_s = lease_s
+        self.attempts = attempts
         self.workers = WorkerClients(plane)
         self.breakers = CircuitBreakers(breaker_failures, breaker_cooldown_s)
         self.admin = ModelAdmin(scheduler, self.workers)
@@ -69,7 +75,9 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
             await self.check_visible(tenant, request.model)
             await self.scheduler.check_model(request.model)
             label = request.model  # a metric label only once it names a real model
-            key = cache_key(request, tenant.subject) if is_deterministic(request) else None
+            # A resumed generation is the rest of one: never a whole answer to cache.
+            cacheable = is_deterministic(request) and not request.HasField("resume")
+            key = cache_key(request, tenant.subject) if cacheable else None
             cached = await self.cache.get(key) if key else None
             if cached is not None:
                 outcome = "cached"
@@ -93,19 +101,26 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
     async def _run(self, request: pb.GenerateRequest, key: str | None,
                    rid: str) -> AsyncIterator[pb.GenerateResponse]:
         task = Task(request.request_id, request.model, request.priority, affinity_key(request))
+        relay = Relay(request)
         failed: set[str] = set()
-        for attempt in range(1, _ATTEMPTS + 1):
+        chunks: list[str] = []
+        for attempt in range(1, self.attempts + 1):
+            if attempt > 1:  # every worker for it unhealthy: say so now, not after the queue wait
+                await self.scheduler.check_model(request.model)
             waited = time.perf_counter()
-            worker = await self.scheduler.acquire(task, exclude=failed | self.breakers.open_peers())
+            exclude = await self._avoid(request.model, failed | self.breakers.open_peers())
+            worker = await self.scheduler.acquire(task, exclude=exclude)
             self.metrics.queue_wait.labels(request.model).observe(time.perf_counter() - waited)
-            sent = False
-            chunks: list[str] = []
-            stream = self.workers.generate(worker.address, request, rid)
+            # Each run has its own engine request id: a hung worker may still hold the last.
+            upstream = relay.continuation()
+            upstream.request_id = uuid.uuid4().hex
+            stream = self.workers.generate(worker.address, upstream, rid)
             log.debug("request %s -> worker %s", rid, worker.worker_id, extra={"request_id": rid})
             renewer = asyncio.create_task(self._renew(task))
             try:
                 async for msg in _paced(stream, self.progress_timeout_s, worker.worker_id):
-                    sent = True
+                    if not relay.pass_on(msg):
+                        continue
                     kind = msg.WhichOneof("event")
                     if kind == "delta":
                         chunks.append(msg.delta.text)
@@ -119,12 +134,15 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
                 raise
             except errors.CyllmError as err:
                 self.breakers.failed(worker.worker_id)
-                if sent or not isinstance(err, errors.Unavailable) or attempt == _ATTEMPTS:
+                if not isinstance(err, errors.Unavailable) or attempt == self.attempts \
+                        or not relay.resumable:
                     raise
-                log.warning("worker %s failed before answering (%s); trying another",
-                            worker.worker_id, err.message)
+                kind = "resumed" if relay.resuming else "retried"
+                log.warning("worker %s failed (%s); %s on another after %d tokens",
+                            worker.worker_id, err.message, kind, len(relay.ids),
+                            extra={"request_id": rid})
                 failed.add(worker.worker_id)
-                self.metrics.retries.inc()
+                self.metrics.retries.labels(kind).inc()
             except BaseException:
                 self.breakers.failed(worker.worker_id)
                 raise
@@ -132,6 +150,17 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
                 renewer.cancel()
                 stream.cancel()
                 await self.scheduler.release(task, worker.worker_id)
+            await asyncio.sleep(_BACKOFF_S[min(attempt, len(_BACKOFF_S)) - 1])
+
+    async def _avoid(self, model: str, bad: set[str]) -> set[str]:
+        """Workers to skip: those that failed this request (or whose circuit is open),
+        unless no other healthy worker serves the model; then waiting for one of them
+        to come back (a restarted worker keeps its id) beats waiting for nothing."""
+        if not bad:
+            return bad
+        others = [v for v in await self.scheduler.workers()
+                  if v.healthy and v.record.serves(model) and v.record.worker_id not in bad]
+        return bad if others else set()
 
     async def _renew(self, task: Task) -> None:
         while True:

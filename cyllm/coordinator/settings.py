@@ -29,6 +29,8 @@ class CoordinatorSettings(ComponentSettings):
         60.0, gt=0, description="work in flight but no new token for this long: unhealthy (hung)"
     )
     routing: Literal["least_outstanding", "weighted_round_robin", "prefix_affinity"] = "least_outstanding"
+    generation_attempts: int = Field(
+        6, ge=1, description="workers a generation may run on when the one running it dies or hangs")
     breaker_failures: int = Field(3, ge=1, description="failures before a worker's circuit opens")
     breaker_cooldown_s: float = Field(10.0, gt=0, description="open circuit: skip the worker this long")
     redis_url: str | None = Field(

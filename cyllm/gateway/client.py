@@ -2,7 +2,9 @@
 as the project's errors (``protocol.client``).
 
 Several coordinators may be configured; a call goes to the next one in turn, and one
-that cannot be reached (before any answer) is skipped for the next.  Each coordinator
+that cannot be reached is skipped for the next.  A generation whose coordinator dies
+mid-stream continues through another from the tokens already relayed
+(``protocol.relay``): the caller sees one stream.  Each coordinator
 has a circuit breaker (``protocol.breaker``): after ``breaker_failures`` unreachable
 answers it is tried only after the others for ``breaker_cooldown_s``.  Unary calls have
 a 10 s timeout (training calls 60 s), generations ``request_timeout_s``.
@@ -20,6 +22,7 @@ from cyllm.protocol import pb, rpc
 from cyllm.protocol.breaker import CircuitBreakers
 from cyllm.protocol.client import Stream, open_channel, unary
 from cyllm.protocol.plane import Plane
+from cyllm.protocol.relay import Relay
 from cyllm.protocol.tenant import Tenant
 from cyllm.runtime import REQUEST_ID
 
@@ -60,20 +63,24 @@ class CoordinatorClient:
         ``request_id`` travels in the gRPC metadata, into the coordinator's and worker's logs."""
         last: errors.CyllmError = errors.Unavailable("no coordinator configured")
         metadata = (((REQUEST_ID, request_id),) if request_id else ()) + self._meta
-        for address, stub in self._in_turn():
-            stream = Stream(stub.Generate(request, timeout=self.timeout_s, metadata=metadata))
+        relay = Relay(request)
+        # Each coordinator once, then once more each: a restarted one may be back.
+        for address, stub in self._in_turn() * 2:
+            upstream = relay.continuation()
+            stream = Stream(stub.Generate(upstream, timeout=self.timeout_s, metadata=metadata))
             received = False
             try:
                 async for msg in stream:
                     if not received:
                         received = True
                         self.breakers.succeeded(address)
-                    yield msg
+                    if relay.pass_on(msg):
+                        yield msg
                 return
             except errors.Unreachable as exc:
-                if received:
-                    raise
                 self.breakers.failed(address)
+                if not relay.resumable:
+                    raise
                 last = exc
             finally:
                 stream.cancel()
