@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -25,6 +26,8 @@ from cyllm.protocol.plane import Plane
 from cyllm.protocol.relay import Relay
 from cyllm.protocol.tenant import Tenant
 from cyllm.runtime import REQUEST_ID
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Method = Callable[[rpc.CoordinatorStub], Callable[..., Awaitable[T]]]
@@ -81,6 +84,10 @@ class CoordinatorClient:
                 self.breakers.failed(address)
                 if not relay.resumable:
                     raise
+                if relay.resuming:
+                    log.warning("coordinator %s unreachable mid-generation (%s); continuing "
+                                "through the next after %d tokens", address, exc.message,
+                                len(relay.ids), extra={"request_id": request_id})
                 last = exc
             finally:
                 stream.cancel()
