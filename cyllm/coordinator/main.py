@@ -26,6 +26,7 @@ from cyllm.protocol import rpc
 from cyllm.protocol.plane import Plane, load_plane
 from cyllm.protocol.server import create_server
 from cyllm.runtime import stop_event
+from cyllm.shared_state import unreachable
 from cyllm.telemetry import serve_metrics
 
 log = logging.getLogger("cyllm.coordinator")
@@ -38,7 +39,8 @@ def build_backends(s: CoordinatorSettings, coordinator_id: str) -> tuple[Schedul
     limits = {"queue_timeout_s": s.queue_timeout_s, "max_size": s.queue_max_size,
               "retry_after_s": s.retry_after_s}
     if s.redis_url:
-        from cyllm.coordinator.redis_backend import RedisPromptCache, RedisScheduler, connect
+        from cyllm.coordinator.redis_backend import RedisPromptCache, RedisScheduler
+        from cyllm.shared_state import connect
 
         client = connect(s.redis_url)
         return (
@@ -53,7 +55,7 @@ class CoordinatorServer:
     def __init__(self, settings: CoordinatorSettings, plane: Plane | None = None) -> None:
         self.settings = settings
         self.plane = plane or load_plane()
-        self._server = create_server(self.plane)
+        self._server = create_server(self.plane, translate=unreachable)
         self._health = health.aio.HealthServicer()
         self.port = self.plane.bind(self._server, f"{settings.host}:{settings.port}")
         self.coordinator_id = settings.coordinator_id or f"{socket.gethostname()}-{self.port}-{os.getpid()}"

@@ -18,7 +18,8 @@ takes a slot only for a task that is at the head of its model's queue, and takin
 (pop + slot reservation) is one Lua script, so two coordinators never take the same
 task or overfill a worker.  A taken task holds a lease that its coordinator renews; a
 coordinator that dies lets the lease expire, and any coordinator then puts the task back
-in its place in the queue and frees the worker slot.  A retried request (the gateway
+in its place in the queue and frees the worker slot (a task whose release was lost while
+Redis was unreachable comes back the same way, and its owner drops it).  A retried request (the gateway
 retries elsewhere when its coordinator is unreachable) adopts its waiting task instead
 of queueing a second copy; a waiting task whose owner is gone for good is dropped when
 it reaches the head.  Times come from Redis's clock, so coordinators need not agree.
@@ -29,16 +30,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 
 import redis.asyncio as aioredis
 
-from cyllm import errors
 from cyllm.coordinator.cache import CachedResponse, PromptCache, decode, encode
 from cyllm.coordinator.pool import HealthRules, WorkerRecord, keeps_outstanding
 from cyllm.coordinator.routing import Router
 from cyllm.coordinator.queue import Task
 from cyllm.coordinator.scheduler import Scheduler, Waiter, WorkerView
 from cyllm.protocol import pb
+from cyllm.shared_state import GONE
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +123,14 @@ return #expired
 """
 
 _DROP_ORPHAN = """
--- KEYS: q:<model>, qlen   ARGV: prefix     Drop the head task if its owner is gone.
+-- KEYS: q:<model>, qlen   ARGV: prefix, caller   Drop the head task if its owner is gone,
+-- or is the caller (who has no waiter for it: a finished task whose release was lost).
 local head = redis.call('ZRANGE', KEYS[1], 0, 0)[1]
 if not head then return 0 end
 local owner = redis.call('HGET', ARGV[1] .. 'task:' .. head, 'owner')
-if owner and redis.call('EXISTS', ARGV[1] .. 'coord:' .. owner) == 1 then return 0 end
+if owner and owner ~= ARGV[2] and redis.call('EXISTS', ARGV[1] .. 'coord:' .. owner) == 1 then
+  return 0
+end
 redis.call('ZREM', KEYS[1], head)
 redis.call('DECR', KEYS[2])
 redis.call('DEL', ARGV[1] .. 'task:' .. head)
@@ -145,10 +150,6 @@ end
 redis.call('HSET', KEYS[1], 'hb', now, 'running', ARGV[1], 'tokens', ARGV[2])
 return 1
 """
-
-
-def connect(url: str) -> aioredis.Redis:
-    return aioredis.from_url(url, decode_responses=False)
 
 
 async def redis_now(client: aioredis.Redis) -> float:
@@ -200,24 +201,56 @@ class RedisScheduler(Scheduler):
         await self.r.set(P + f"coord:{self.coordinator_id}", b"1", px=max(self.lease_ms, 3000))
 
     async def _housekeeping(self) -> None:
+        down = False
         while True:
             try:
                 await self._alive()
                 if await self._reap(keys=[P + "leases", P + "qlen"], args=[P]):
                     await self._notify()
-            except Exception:  # Redis unreachable for a moment: keep trying
-                log.exception("redis housekeeping failed")
+                await self._requeue_lost()
+                if down:
+                    log.warning("redis is reachable again")
+                down = False
+            except Exception as exc:  # Redis unreachable for a moment: keep trying
+                if not down:  # once per outage, not once a second
+                    log.warning("redis unreachable (%s); requests get 503 until it is back", exc)
+                down = True
             await asyncio.sleep(min(1.0, self.lease_ms / 3000))
 
+    async def _requeue_lost(self) -> None:
+        """Queue again the waiting tasks of this coordinator that Redis no longer has (it
+        restarted without them, or a replica without the last writes took over): their
+        callers are still here, waiting."""
+        waiting = [w for w in self._waiting.values() if not w.future.done()]
+        if not waiting:
+            return
+        async with self.r.pipeline(transaction=False) as pipe:
+            for w in waiting:
+                pipe.exists(P + f"task:{w.task.task_id}")
+            present = await pipe.execute()
+        for w, there in zip(waiting, present):
+            if not there and not w.future.done():
+                log.warning("task %s was lost from redis; queued again", w.task.task_id)
+                await self._enqueue_script(
+                    keys=[P + "qlen", P + f"q:{w.task.model}", P + f"task:{w.task.task_id}", P + "seq"],
+                    args=[w.task.task_id, w.task.model, self.coordinator_id, w.task.priority,
+                          self.max_size + len(waiting)])  # they were admitted already
+                self._wake.set()
+
     async def _listen(self) -> None:
-        pubsub = self.r.pubsub()
-        await pubsub.subscribe(PUMP_CHANNEL)
-        try:
-            async for message in pubsub.listen():
-                if message.get("type") == "message":
-                    self._wake.set()
-        finally:
-            await pubsub.aclose()
+        while True:  # Redis restarted: subscribe again (the pump polls meanwhile)
+            pubsub = self.r.pubsub()
+            try:
+                await pubsub.subscribe(PUMP_CHANNEL)
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        self._wake.set()
+            except GONE as exc:
+                log.warning("redis subscription lost (%s); subscribing again", exc)
+                await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
 
     async def _notify(self) -> None:
         await self.r.publish(PUMP_CHANNEL, b"1")
@@ -287,7 +320,10 @@ class RedisScheduler(Scheduler):
         if added == 0:
             raise self.queue_full()
         if added == 3:
-            raise errors.Unavailable(f"request {task.task_id} is already running elsewhere")
+            # It ran (or runs) through a coordinator its caller lost: this is a new run,
+            # under a new id, so the two never share a task record.
+            task.task_id = uuid.uuid4().hex
+            return await self._enqueue(waiter)
         self._waiting[task.task_id] = waiter  # 1: queued; 2: adopted (a retry of ours)
         self._wake.set()
 
@@ -321,8 +357,8 @@ class RedisScheduler(Scheduler):
                 continue
             try:
                 await self._pump()
-            except Exception:
-                log.exception("dispatch from redis failed; retrying")
+            except Exception as exc:  # housekeeping reports an outage, once
+                log.debug("dispatch from redis failed (%s); retrying", exc)
 
     async def _pump(self) -> None:
         models = {w.task.model for w in self._waiting.values()}
@@ -336,7 +372,8 @@ class RedisScheduler(Scheduler):
                 waiter = self._waiting.get(head[0].decode())
                 if waiter is None or waiter.future.done():
                     # Another coordinator's turn, unless its owner is gone for good.
-                    if await self._drop_orphan(keys=[qkey, P + "qlen"], args=[P]):
+                    if await self._drop_orphan(keys=[qkey, P + "qlen"],
+                                               args=[P, self.coordinator_id]):
                         continue
                     break
                 worker = self.router.choose(self._free(records, model, waiter.exclude, now),

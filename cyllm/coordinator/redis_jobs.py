@@ -13,8 +13,9 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 
 from cyllm.coordinator.jobs import JobStore
-from cyllm.coordinator.redis_backend import P, connect
+from cyllm.coordinator.redis_backend import P
 from cyllm.protocol import pb
+from cyllm.shared_state import connect
 
 # Take a queued job: only the coordinator whose LREM removed it gets the lease.
 _CLAIM = """

@@ -9,6 +9,7 @@ caller sees one stream either way.  Errors become gRPC statuses at the server's 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 import uuid
@@ -32,6 +33,7 @@ from cyllm.protocol.client import Stream
 from cyllm.protocol.relay import Relay
 from cyllm.protocol.tenant import PUBLIC, Tenant
 from cyllm.runtime import request_id_of
+from cyllm.shared_state import unreachable
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +66,16 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
-        # The id engines know the request by is made here, always: a caller-chosen id
-        # could collide with another caller's and abort it.  The gateway's id (from the
-        # metadata) is for the logs.
-        request.request_id = uuid.uuid4().hex
-        rid = request_id_of(context) or request.request_id
+        # The request's id here is made here, never taken from the request: a caller-chosen
+        # id could collide with another caller's.  It is derived from the tenant and the
+        # gateway's (server-made) id in the metadata, so a request the gateway sends again
+        # through another coordinator finds its place in the shared queue (Redis adopts
+        # it); a continuation, or a call without that id, gets a fresh one.
         tenant = Tenant.of(context)
+        rid = request_id_of(context)
+        request.request_id = _task_id(tenant, rid) if rid and not request.HasField("resume") \
+            else uuid.uuid4().hex
+        rid = rid or request.request_id
         started, outcome, label = time.perf_counter(), "ok", "(unknown)"
         try:
             await self.check_visible(tenant, request.model)
@@ -91,6 +97,9 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
             raise
         except asyncio.CancelledError:
             outcome = "cancelled"
+            raise
+        except Exception as exc:  # the edge turns it into a status (Redis gone: 503)
+            outcome = err.code if (err := unreachable(exc)) else "internal"
             raise
         finally:
             self.metrics.requests.labels(label, outcome).inc()
@@ -149,7 +158,7 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
             finally:
                 renewer.cancel()
                 stream.cancel()
-                await self.scheduler.release(task, worker.worker_id)
+                await self._release(task, worker.worker_id)
             await asyncio.sleep(_BACKOFF_S[min(attempt, len(_BACKOFF_S)) - 1])
 
     async def _avoid(self, model: str, bad: set[str]) -> set[str]:
@@ -162,10 +171,21 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
                   if v.healthy and v.record.serves(model) and v.record.worker_id not in bad]
         return bad if others else set()
 
+    async def _release(self, task: Task, worker_id: str) -> None:
+        """Free the slot; if the shared state is unreachable just now, the task's lease
+        lapses and any coordinator frees it later: the generation itself is done."""
+        try:
+            await self.scheduler.release(task, worker_id)
+        except Exception as exc:  # noqa: BLE001  (Redis gone; the lease covers it)
+            log.warning("could not release the slot of %s on %s: %s", task.task_id, worker_id, exc)
+
     async def _renew(self, task: Task) -> None:
         while True:
             await asyncio.sleep(self.lease_s / 3)
-            await self.scheduler.renew(task)
+            try:
+                await self.scheduler.renew(task)
+            except Exception as exc:  # noqa: BLE001  (Redis gone a moment: try again)
+                log.warning("could not renew the lease of %s: %s", task.task_id, exc)
 
     # -- discovery --------------------------------------------------------------------
 
@@ -259,6 +279,10 @@ async def _paced(stream: Stream[pb.GenerateResponse], timeout_s: float,
                 raise
             raise errors.Unavailable(f"worker {worker_id} became unreachable: {err.message}") from None
         yield msg
+
+
+def _task_id(tenant: Tenant, gateway_request_id: str) -> str:
+    return hashlib.sha256(f"{tenant.subject}\0{gateway_request_id}".encode()).hexdigest()[:32]
 
 
 def _to_cached(chunks: list[str], finished: pb.Finished) -> CachedResponse:

@@ -28,9 +28,9 @@ from cyllm.protocol.plane import Plane, load_plane
 def key_store(settings: GatewaySettings) -> KeyStore:
     """Redis when configured (shared by every gateway), else the JSON file."""
     if settings.redis_url:
-        import redis.asyncio as aioredis
+        from cyllm.shared_state import connect
 
-        return RedisKeyStore(aioredis.from_url(settings.redis_url))
+        return RedisKeyStore(connect(settings.redis_url))
     return FileKeyStore(settings.api_keys_file)
 
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cyllm import errors
+from cyllm.shared_state import unreachable
 
 log = logging.getLogger(__name__)
 
@@ -128,5 +129,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if (err := unreachable(exc)) is not None:  # the shared Redis, for a moment
+            log.warning("%s %s: %s", request.method, request.url.path, err.message)
+            return error_response(err)
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse(error_body("internal server error", "server_error", "internal_error"), 500)

@@ -23,7 +23,6 @@ import math
 import time
 from dataclasses import dataclass, field
 
-import redis.asyncio as aioredis
 from limits import RateLimitItemPerMinute
 from limits.aio.storage import MemoryStorage, RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
@@ -33,6 +32,7 @@ from fastapi import Request
 from cyllm import errors
 from cyllm.gateway.auth import Identity, authenticate
 from cyllm.gateway.settings import GatewaySettings
+from cyllm.shared_state import connect
 
 
 @dataclass
@@ -54,7 +54,7 @@ class RateLimiter:
         if settings.redis_url:
             storage = RedisStorage("async+" + settings.redis_url, implementation="redispy",
                                    key_prefix="cyllm:limits")
-            self._redis = aioredis.from_url(settings.redis_url)
+            self._redis = connect(settings.redis_url)
         else:
             storage = MemoryStorage()
             self._redis = None

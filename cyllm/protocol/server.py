@@ -3,7 +3,9 @@ made by :func:`create_server`, which puts one interceptor in front of every hand
 
 The interceptor is the server's edge: a handler raises the project's errors and the
 interceptor ends the call with the status ``status.py`` maps them to — once for the
-whole server, instead of a ``try`` in each handler.  It also authenticates every call
+whole server, instead of a ``try`` in each handler.  A process may name foreign
+exceptions that are ours to explain (``translate``: the coordinator's Redis gone is
+"unavailable", not an internal error).  It also authenticates every call
 against the process's :class:`~cyllm.protocol.plane.Plane` before the handler runs:
 a refused caller gets a bare UNAUTHENTICATED and nothing of the handler runs.
 """
@@ -21,17 +23,23 @@ from cyllm.protocol import status
 from cyllm.protocol.plane import SERVER_OPTIONS, Plane
 
 Guard = Callable[[grpc.aio.ServicerContext], Awaitable[None]]
+Translate = Callable[[Exception], "errors.CyllmError | None"]
 
 
-def create_server(plane: Plane) -> grpc.aio.Server:
+def _nothing(exc: Exception) -> None:
+    return None
+
+
+def create_server(plane: Plane, translate: Translate = _nothing) -> grpc.aio.Server:
     # so_reuseport off: a second process must not silently share a port already bound.
-    return grpc.aio.server(interceptors=[EdgeInterceptor(plane)],
+    return grpc.aio.server(interceptors=[EdgeInterceptor(plane, translate)],
                            options=[("grpc.so_reuseport", 0), *SERVER_OPTIONS])
 
 
 class EdgeInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, plane: Plane) -> None:
+    def __init__(self, plane: Plane, translate: Translate = _nothing) -> None:
         self.plane = plane
+        self.translate = translate
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # by method: built once
 
     async def intercept_service(
@@ -43,7 +51,8 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             handler = await continuation(details)
             if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED
                 return handler
-            wrapped = self._wrapped[details.method] = _translated(handler, self._guard(details.method))
+            wrapped = self._wrapped[details.method] = _translated(
+                handler, self._guard(details.method), self.translate)
         return wrapped
 
     def _guard(self, method: str) -> Guard:
@@ -55,39 +64,51 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         return guard
 
 
-def _translated(handler: grpc.RpcMethodHandler, guard: Guard) -> grpc.RpcMethodHandler:
+def _translated(handler: grpc.RpcMethodHandler, guard: Guard,
+                translate: Translate) -> grpc.RpcMethodHandler:
     codec = {"request_deserializer": handler.request_deserializer,
              "response_serializer": handler.response_serializer}
     if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(_unary(handler.unary_unary, guard), **codec)
+        return grpc.unary_unary_rpc_method_handler(_unary(handler.unary_unary, guard, translate), **codec)
     if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(_streaming(handler.unary_stream, guard), **codec)
+        return grpc.unary_stream_rpc_method_handler(
+            _streaming(handler.unary_stream, guard, translate), **codec)
     if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(_unary(handler.stream_unary, guard), **codec)
-    return grpc.stream_stream_rpc_method_handler(_streaming(handler.stream_stream, guard), **codec)
+        return grpc.stream_unary_rpc_method_handler(_unary(handler.stream_unary, guard, translate), **codec)
+    return grpc.stream_stream_rpc_method_handler(
+        _streaming(handler.stream_stream, guard, translate), **codec)
 
 
-def _unary(behaviour: Callable[..., Awaitable[Any]], guard: Guard) -> Callable[..., Awaitable[Any]]:
+def _ours(exc: Exception, translate: Translate) -> errors.CyllmError | None:
+    return exc if isinstance(exc, errors.CyllmError) else translate(exc)
+
+
+def _unary(behaviour: Callable[..., Awaitable[Any]], guard: Guard,
+           translate: Translate) -> Callable[..., Awaitable[Any]]:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
         await guard(context)
         try:
             return await behaviour(request, context)
-        except errors.CyllmError as exc:
-            await status.abort(context, exc)
+        except Exception as exc:
+            if (err := _ours(exc, translate)) is None:
+                raise
+            await status.abort(context, err)
 
     return call
 
 
-def _streaming(behaviour: Callable[..., Any], guard: Guard) -> Callable[..., Any]:
+def _streaming(behaviour: Callable[..., Any], guard: Guard, translate: Translate) -> Callable[..., Any]:
     if not inspect.isasyncgenfunction(behaviour):
-        return _unary(behaviour, guard)  # a handler that writes with context.write (gRPC health)
+        return _unary(behaviour, guard, translate)  # writes with context.write (gRPC health)
 
     async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         await guard(context)
         try:
             async for reply in behaviour(request, context):
                 yield reply
-        except errors.CyllmError as exc:
-            await status.abort(context, exc)
+        except Exception as exc:
+            if (err := _ours(exc, translate)) is None:
+                raise
+            await status.abort(context, err)
 
     return call

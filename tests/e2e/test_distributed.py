@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+import redis
 import pytest
 import yaml
 
@@ -314,3 +315,64 @@ def test_two_gateway_processes_on_one_redis_allow_the_rate_once(cluster, tmp_pat
             if r.status_code == 429:
                 assert int(r.headers["retry-after"]) >= 1
     assert codes.count(200) == 6 and codes.count(429) == 6, codes
+
+
+@pytest.fixture
+def aof_cluster(tmp_path, own_redis):
+    c = Cluster(tmp_path, own_redis.url)
+    c.redis = own_redis
+    yield c
+    c.stop_all()
+
+
+def test_a_redis_restart_loses_no_queued_request_and_its_outage_is_a_clear_503(aof_cluster):
+    cluster = aof_cluster
+    coord = cluster.coordinator("c1")
+    cluster.worker("w", [coord], capacity=1)
+    base = cluster.gateway([coord])
+    wait_for(lambda: healthy_workers(base) == {"w"}, 60, "worker registered", cluster)
+
+    async def scenario() -> tuple[list[tuple[int, str, int]], list[int]]:
+        # One slot: one request runs (~1 s), five wait in Redis's queue.
+        pending = asyncio.create_task(ask_mixed(base, 6, 20))
+        await asyncio.sleep(0.5)
+        cluster.redis.stop()  # SIGTERM: Redis writes its AOF and exits
+        during = []
+        async with httpx.AsyncClient(timeout=30) as http:
+            for _ in range(3):
+                r = await http.post(f"{base}/v1/completions",
+                                    json={"model": "fake", "prompt": "x", "max_tokens": 2})
+                during.append(r.status_code)
+                if r.status_code == 503:
+                    assert "Redis" in r.json()["error"]["message"], r.text
+                await asyncio.sleep(0.3)
+        cluster.redis.start()  # same port, same data
+        return await pending, during
+
+    results, during = asyncio.run(scenario())
+    assert during == [503, 503, 503], during
+    assert_all_exact(results, 20, cluster)
+    # Recovered without a restart: new requests are served.
+    assert_all_exact(asyncio.run(ask_mixed(base, 4, 5)), 5, cluster)
+    assert cluster.procs["c1"].poll() is None
+
+
+def test_redis_losing_its_data_loses_no_queued_request(cluster):
+    """What a failover to a replica that missed the last writes does, at its worst: the
+    queue, the worker records and the leases are gone.  The coordinators queue their
+    waiting requests again and the workers register again."""
+    coord = cluster.coordinator("c1")
+    cluster.worker("w", [coord], capacity=1)
+    base = cluster.gateway([coord])
+    wait_for(lambda: healthy_workers(base) == {"w"}, 60, "worker registered", cluster)
+
+    async def scenario() -> list[tuple[int, str, int]]:
+        pending = asyncio.create_task(ask_mixed(base, 5, 20))
+        await asyncio.sleep(0.5)
+        r = redis.Redis.from_url(cluster.redis_url)
+        r.flushall()
+        r.close()
+        return await pending
+
+    assert_all_exact(asyncio.run(scenario()), 20, cluster)
+    assert "lost from redis; queued again" in (cluster.tmp / "c1.log").read_text()

@@ -1,0 +1,29 @@
+"""The Redis connection every process that shares state opens (coordinators: queue,
+workers, cache, jobs; gateways: keys, rate limits), with one policy for Redis going
+away: bounded waits, a command retried on a fresh connection when it meets one Redis
+closed (a restart), and the outage told to callers as 503, never as a 500."""
+
+from __future__ import annotations
+
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from cyllm import errors
+
+GONE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+def connect(url: str) -> aioredis.Redis:
+    return aioredis.from_url(url, decode_responses=False, socket_connect_timeout=2,
+                             socket_timeout=5, health_check_interval=10,
+                             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
+                             retry_on_error=list(GONE))
+
+
+def unreachable(exc: BaseException) -> errors.CyllmError | None:
+    """Redis gone (down, restarting, still loading its data): Unavailable; else None."""
+    if isinstance(exc, GONE):
+        return errors.Unavailable(f"the shared state (Redis) is unreachable: {exc}")
+    return None
