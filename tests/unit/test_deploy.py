@@ -36,7 +36,7 @@ def k8s_docs() -> list[dict]:
 
 
 def k8s_containers() -> list[tuple[dict, dict]]:
-    return [(d, c) for d in k8s_docs() if d["kind"] == "Deployment"
+    return [(d, c) for d in k8s_docs() if d["kind"] in ("Deployment", "StatefulSet")
             for c in d["spec"]["template"]["spec"]["containers"]]
 
 
@@ -209,3 +209,19 @@ def test_the_shipped_deployments_are_closed_by_default():
     assert allowed == {"cyllm-coordinator": {"cyllm-gateway", "cyllm-worker"},
                        "cyllm-worker": {"cyllm-coordinator"},
                        "redis": {"cyllm-coordinator", "cyllm-gateway"}}
+
+
+def test_redis_keeps_its_data_across_a_restart_in_both_deployments():
+    """AOF on a volume: what the coordinators keep in Redis (queued tasks, jobs, workers,
+    keys) outlives the Redis process (tests/e2e/test_distributed.py restarts one)."""
+    svc = compose()["services"]["redis"]
+    assert svc["command"][svc["command"].index("--appendonly") + 1] == "yes"
+    assert any(v.split(":")[1] == "/data" for v in svc["volumes"])
+    assert svc["volumes"][0].split(":")[0] in compose()["volumes"]  # a named volume
+    (redis_set,) = [d for d in k8s_docs() if d["metadata"]["name"] == "redis"
+                    and d["kind"] == "StatefulSet"]
+    (c,) = redis_set["spec"]["template"]["spec"]["containers"]
+    assert c["args"][c["args"].index("--appendonly") + 1] == "yes"
+    mount = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    claims = {t["metadata"]["name"] for t in redis_set["spec"]["volumeClaimTemplates"]}
+    assert mount and all(path == "/data" and name in claims for name, path in mount.items())
