@@ -13,6 +13,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from cyllm.coordinator.cache import InMemoryPromptCache, PromptCache
 from cyllm.coordinator.datasets import DatasetPolicy
 from cyllm.coordinator.files import FileStore
+from cyllm.coordinator.idempotency import (
+    Idempotency,
+    IdempotencyStore,
+    MemoryIdempotencyStore,
+    RedisIdempotencyStore,
+)
 from cyllm.coordinator.jobs import MemoryJobStore
 from cyllm.coordinator.metrics import CoordinatorMetrics
 from cyllm.coordinator.redis_jobs import RedisJobStore
@@ -33,7 +39,8 @@ log = logging.getLogger("cyllm.coordinator")
 STOP_LIMIT_S = 20.0
 
 
-def build_backends(s: CoordinatorSettings, coordinator_id: str) -> tuple[Scheduler, PromptCache]:
+def build_backends(s: CoordinatorSettings,
+                   coordinator_id: str) -> tuple[Scheduler, PromptCache, IdempotencyStore]:
     rules = HealthRules(s.heartbeat_timeout_s, s.progress_timeout_s)
     router = Router(s.routing)
     limits = {"queue_timeout_s": s.queue_timeout_s, "max_size": s.queue_max_size,
@@ -46,9 +53,10 @@ def build_backends(s: CoordinatorSettings, coordinator_id: str) -> tuple[Schedul
         return (
             RedisScheduler(client, coordinator_id, rules, router, lease_s=s.lease_s, **limits),
             RedisPromptCache(client, s.cache_ttl_s, s.cache_max_entries),
+            RedisIdempotencyStore(client),
         )
     return (MemoryScheduler(rules, router, **limits),
-            InMemoryPromptCache(s.cache_ttl_s, s.cache_max_entries))
+            InMemoryPromptCache(s.cache_ttl_s, s.cache_max_entries), MemoryIdempotencyStore())
 
 
 class CoordinatorServer:
@@ -59,7 +67,7 @@ class CoordinatorServer:
         self._health = health.aio.HealthServicer()
         self.port = self.plane.bind(self._server, f"{settings.host}:{settings.port}")
         self.coordinator_id = settings.coordinator_id or f"{socket.gethostname()}-{self.port}-{os.getpid()}"
-        self.scheduler, self.cache = build_backends(settings, self.coordinator_id)
+        self.scheduler, self.cache, idempotency = build_backends(settings, self.coordinator_id)
         self.metrics = CoordinatorMetrics()
         self._metrics_server = None
         self._refresher: asyncio.Task[None] | None = None
@@ -72,6 +80,8 @@ class CoordinatorServer:
             breaker_cooldown_s=settings.breaker_cooldown_s,
             lease_s=settings.lease_s,
             attempts=settings.generation_attempts,
+            idempotency=Idempotency(idempotency, self.coordinator_id, settings.idempotency_ttl_s,
+                                    settings.lease_s),
             plane=self.plane,
         )
         store = RedisJobStore(settings.redis_url) if settings.redis_url else MemoryJobStore()

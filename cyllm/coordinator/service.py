@@ -14,11 +14,15 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import grpc
 
 from cyllm import errors
 from cyllm.coordinator.cache import CachedResponse, PromptCache, cache_key, is_deterministic
+from cyllm.coordinator.idempotency import MAX_KEY as MAX_IDEMPOTENCY_KEY
+from cyllm.coordinator.idempotency import PARAM as IDEMPOTENCY
+from cyllm.coordinator.idempotency import Idempotency, scoped
 from cyllm.coordinator.metrics import CoordinatorMetrics
 from cyllm.coordinator.models import ModelAdmin
 from cyllm.coordinator.routing import affinity_key
@@ -48,7 +52,7 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
     def __init__(self, coordinator_id: str, scheduler: Scheduler, cache: PromptCache,
                  metrics: CoordinatorMetrics, *, heartbeat_interval_s: float, progress_timeout_s: float,
                  breaker_failures: int, breaker_cooldown_s: float, lease_s: float,
-                 plane: Plane, attempts: int = 6) -> None:
+                 plane: Plane, idempotency: Idempotency, attempts: int = 6) -> None:
         self.coordinator_id = coordinator_id
         self.scheduler = scheduler
         self.cache = cache
@@ -57,6 +61,7 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
         self.progress_timeout_s = progress_timeout_s
         self.lease_s = lease_s
         self.attempts = attempts
+        self.idempotency = idempotency
         self.workers = WorkerClients(plane)
         self.breakers = CircuitBreakers(breaker_failures, breaker_cooldown_s)
         self.admin = ModelAdmin(scheduler, self.workers)
@@ -90,6 +95,11 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
                 for msg in _replay(cached):
                     yield msg
                 return
+            if request.idempotency_key:
+                result = await self._idempotent(request, tenant, key, rid)
+                for msg in _replay(result, cached=False):
+                    yield msg
+                return
             async for msg in self._run(request, key, rid):
                 yield msg
         except errors.CyllmError as exc:
@@ -106,6 +116,17 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
             log.info("generation %s", outcome, extra={
                 "request_id": rid, "model": request.model, "outcome": outcome,
                 "latency_ms": round((time.perf_counter() - started) * 1000, 1)})
+
+    async def _idempotent(self, request: pb.GenerateRequest, tenant: Tenant, key: str | None,
+                          rid: str) -> CachedResponse:
+        """The one generation for the request's Idempotency-Key, run detached from this
+        caller (see ``idempotency.py``), its whole result."""
+        if len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY:
+            raise errors.InvalidRequest(f"{IDEMPOTENCY} is longer than {MAX_IDEMPOTENCY_KEY} "
+                                        "characters", param=IDEMPOTENCY)
+        return await self.idempotency.run(
+            scoped(tenant.subject, request.idempotency_key), cache_key(request, tenant.subject),
+            lambda: _collect(self._run(request, key, rid)))
 
     async def _run(self, request: pb.GenerateRequest, key: str | None,
                    rid: str) -> AsyncIterator[pb.GenerateResponse]:
@@ -290,8 +311,20 @@ def _to_cached(chunks: list[str], finished: pb.Finished) -> CachedResponse:
                           finished.completion_tokens)
 
 
-def _replay(entry: CachedResponse) -> list[pb.GenerateResponse]:
-    msgs = [pb.GenerateResponse(started=pb.Started(prompt_tokens=entry.prompt_tokens, cached=True))]
+async def _collect(events: AsyncIterator[pb.GenerateResponse]) -> CachedResponse:
+    chunks: list[str] = []
+    async with aclosing(events) as stream:
+        async for msg in stream:
+            kind = msg.WhichOneof("event")
+            if kind == "delta":
+                chunks.append(msg.delta.text)
+            elif kind == "finished":
+                return _to_cached(chunks, msg.finished)
+    raise errors.EngineError("the generation ended without finishing")
+
+
+def _replay(entry: CachedResponse, cached: bool = True) -> list[pb.GenerateResponse]:
+    msgs = [pb.GenerateResponse(started=pb.Started(prompt_tokens=entry.prompt_tokens, cached=cached))]
     msgs += [pb.GenerateResponse(delta=pb.Delta(text=c)) for c in entry.chunks]
     msgs.append(pb.GenerateResponse(finished=pb.Finished(
         finish_reason=entry.finish_reason, prompt_tokens=entry.prompt_tokens,

@@ -31,6 +31,8 @@ class CoordinatorSettings(ComponentSettings):
     routing: Literal["least_outstanding", "weighted_round_robin", "prefix_affinity"] = "least_outstanding"
     generation_attempts: int = Field(
         6, ge=1, description="workers a generation may run on when the one running it dies or hangs")
+    idempotency_ttl_s: float = Field(
+        600.0, gt=0, description="how long the result of a request with an Idempotency-Key is kept")
     breaker_failures: int = Field(3, ge=1, description="failures before a worker's circuit opens")
     breaker_cooldown_s: float = Field(10.0, gt=0, description="open circuit: skip the worker this long")
     redis_url: str | None = Field(

@@ -70,6 +70,20 @@ def build_request(
     return req
 
 
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+def idempotency_key(conn: HTTPConnection) -> str:
+    """The request's Idempotency-Key ('' when none): 1 to 255 visible ASCII characters."""
+    key = conn.headers.get(IDEMPOTENCY_HEADER)
+    if key is None:
+        return ""
+    if not 0 < len(key) <= 255 or not all("!" <= c <= "~" for c in key):
+        raise errors.InvalidRequest(f"{IDEMPOTENCY_HEADER} must be 1 to 255 visible ASCII "
+                                    "characters", param=IDEMPOTENCY_HEADER)
+    return key
+
+
 def _check_text(texts: list[str], param: str) -> None:
     """JSON may carry a lone surrogate (``"\\ud800"``); it is no UTF-8 and no token."""
     for text in texts:
@@ -129,7 +143,13 @@ class Generation:
     upstream; the limits are settled (slot freed, tokens counted) when the stream ends.
     """
 
-    def __init__(self, conn: HTTPConnection, request: pb.GenerateRequest) -> None:
+    def __init__(self, conn: HTTPConnection, request: pb.GenerateRequest, *,
+                 whole: bool = False) -> None:
+        """``whole``: the answer is sent in one piece (not streamed); such a request may
+        carry an ``Idempotency-Key`` (a stream cannot be replayed to a retry, so the
+        header is ignored there)."""
+        if whole:
+            request.idempotency_key = idempotency_key(conn)
         state = conn.app.state
         self.ctx = context(conn)
         self._conn = conn

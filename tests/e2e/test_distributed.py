@@ -376,3 +376,34 @@ def test_redis_losing_its_data_loses_no_queued_request(cluster):
 
     assert_all_exact(asyncio.run(scenario()), 20, cluster)
     assert "lost from redis; queued again" in (cluster.tmp / "c1.log").read_text()
+
+
+def test_a_retry_after_its_gateway_died_gets_the_first_attempts_result(cluster):
+    c1 = cluster.coordinator("c1")
+    c2 = cluster.coordinator("c2")
+    cluster.worker("w", [c1, c2], capacity=2)
+    bases = []
+    for name, coord in (("gw1", c1), ("gw2", c2)):  # each its own coordinator: the two
+        port = cluster._spare.pop()                   # attempts meet only in Redis
+        cluster._start(name, ["gateway", "--port", str(port), "--coordinator", coord], {})
+        bases.append(f"http://127.0.0.1:{port}")
+    for base in bases:
+        wait_for(lambda b=base: healthy_workers(b) == {"w"}, 60, "gateways up", cluster)
+    before = tokens_of(bases[1], "w")
+    body = {"model": "fake", "prompt": "pay once", "max_tokens": 30}
+    headers = {"Idempotency-Key": "invoice-7"}
+
+    async def scenario() -> httpx.Response:
+        async with httpx.AsyncClient(timeout=60) as http:
+            first = asyncio.create_task(http.post(f"{bases[0]}/v1/completions", json=body,
+                                                  headers=headers))
+            await asyncio.sleep(0.5)
+            cluster.signal("gw1", signal.SIGKILL)
+            with pytest.raises(httpx.HTTPError):
+                await first
+            return await http.post(f"{bases[1]}/v1/completions", json=body, headers=headers)
+
+    r = asyncio.run(scenario())
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == words(30)
+    assert tokens_of(bases[1], "w") - before == 30  # one generation, not two

@@ -29,7 +29,7 @@ async def make(request):
     async def factory(name: str = "c1", **kw):
         url = request.getfixturevalue("redis_url") if request.param == "redis" else None
         settings = CoordinatorSettings(redis_url=url, **{"queue_timeout_s": 5, **kw})
-        scheduler, cache = build_backends(settings, name)
+        scheduler, cache, _ = build_backends(settings, name)
         await scheduler.start()
         made.append(scheduler)
         return scheduler, cache
@@ -235,7 +235,7 @@ async def test_the_progress_rule_is_the_same_in_python_and_in_lua(redis_url, old
     from cyllm.coordinator.pool import progressed
     from cyllm.coordinator.redis_backend import P
 
-    s, _ = build_backends(CoordinatorSettings(redis_url=redis_url), "c1")
+    s, _, _ = build_backends(CoordinatorSettings(redis_url=redis_url), "c1")
     await s.start()
     try:
         await s.register(info("w1"))

@@ -41,7 +41,7 @@ health_router = APIRouter(prefix="/api/v1", tags=["health"])
              responses=ERRORS)
 async def inference(body: InferenceRequest, request: Request) -> InferenceResponse:
     rid = context(request).request_id
-    gen = await Generation(request, body.generate_request(rid)).start()
+    gen = await Generation(request, body.generate_request(rid), whole=True).start()
     text = await gen.text()
     return InferenceResponse(id=rid, model_id=body.model_id, text=text, cached=gen.outcome.cached,
                              finish_reason=gen.outcome.finish_reason, usage=Usage.of(gen.outcome))

@@ -43,7 +43,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
         rid, body.model, messages=body.conversation(), max_tokens=body.token_limit,
         temperature=body.temperature, top_p=body.top_p, stop=body.stop, seed=body.seed,
     )
-    gen = await Generation(request, req).start()
+    gen = await Generation(request, req, whole=not body.stream).start()
     created = int(time.time())
     if body.stream:
         return sse_response(_stream(gen, CHAT, rid, created, body.model, body.include_usage))
@@ -62,7 +62,7 @@ async def completions(body: CompletionRequest, request: Request) -> Completion |
         rid, body.model, prompt=body.text(), max_tokens=body.max_tokens,
         temperature=body.temperature, top_p=body.top_p, stop=body.stop, seed=body.seed,
     )
-    gen = await Generation(request, req).start()
+    gen = await Generation(request, req, whole=not body.stream).start()
     created = int(time.time())
     if body.stream:
         return sse_response(_stream(gen, TEXT, rid, created, body.model, body.include_usage))
