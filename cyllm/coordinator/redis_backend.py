@@ -9,7 +9,8 @@ Keys (prefix ``cyllm:``)::
     leases      ZSET   taken tasks -> lease expiry (ms, Redis clock)
     workers     SET    worker ids;  w:<id> HASH info (WorkerInfo bytes), hb, progress,
                        running, tokens, outstanding (over all coordinators)
-    coord:<id>  STR    a coordinator's liveness (expires unless refreshed)
+    wait:<id>   STR    a waiting task's mark: its coordinator waits for it (expires
+                       unless that coordinator refreshes it, each second)
     c:<sha256>  STR    cached response (TTL);  c:lru ZSET last use;  c:hits, c:misses
 
 A request is run by the coordinator that received it (it holds the client's stream),
@@ -17,12 +18,14 @@ but it waits in the shared queue, in global priority order per model: a coordina
 takes a slot only for a task that is at the head of its model's queue, and taking it
 (pop + slot reservation) is one Lua script, so two coordinators never take the same
 task or overfill a worker.  A taken task holds a lease that its coordinator renews; a
-coordinator that dies lets the lease expire, and any coordinator then puts the task back
-in its place in the queue and frees the worker slot (a task whose release was lost while
-Redis was unreachable comes back the same way, and its owner drops it).  A retried request (the gateway
-retries elsewhere when its coordinator is unreachable) adopts its waiting task instead
-of queueing a second copy; a waiting task whose owner is gone for good is dropped when
-it reaches the head.  Times come from Redis's clock, so coordinators need not agree.
+coordinator that dies (or whose release was lost while Redis was unreachable) lets the
+lease expire, and any coordinator then puts the task back in its place in the queue and
+frees the worker slot.  A retried request (the gateway retries elsewhere when its
+coordinator is unreachable) adopts its waiting task instead of queueing a second copy.
+A task nobody waits for any more (its mark lapsed: its coordinator died, or it came
+back from a lease no retry adopted) is dropped when it reaches the head, by whichever
+coordinator looks; a coordinator queues again its waiting tasks that Redis lost.  Times
+come from Redis's clock, so coordinators need not agree.
 """
 
 from __future__ import annotations
@@ -48,10 +51,11 @@ P = "cyllm:"
 PUMP_CHANNEL = P + "pump"
 
 _ENQUEUE = """
--- KEYS: qlen, q:<model>, task:<id>, seq   ARGV: id, model, owner, priority, max
+-- KEYS: qlen, q:<model>, task:<id>, seq, wait:<id>   ARGV: id, model, owner, priority, max, wait_ms
 if redis.call('EXISTS', KEYS[3]) == 1 then
   if redis.call('ZSCORE', KEYS[2], ARGV[1]) then
     redis.call('HSET', KEYS[3], 'owner', ARGV[3])
+    redis.call('SET', KEYS[5], ARGV[3], 'PX', ARGV[6])
     return 2
   end
   return 3
@@ -60,6 +64,7 @@ if tonumber(redis.call('GET', KEYS[1]) or '0') >= tonumber(ARGV[5]) then return 
 local score = (100 - tonumber(ARGV[4])) * 1099511627776 + redis.call('INCR', KEYS[4])
 redis.call('ZADD', KEYS[2], score, ARGV[1])
 redis.call('HSET', KEYS[3], 'model', ARGV[2], 'owner', ARGV[3], 'score', score)
+redis.call('SET', KEYS[5], ARGV[3], 'PX', ARGV[6])
 redis.call('INCR', KEYS[1])
 return 1
 """
@@ -123,14 +128,12 @@ return #expired
 """
 
 _DROP_ORPHAN = """
--- KEYS: q:<model>, qlen   ARGV: prefix, caller   Drop the head task if its owner is gone,
--- or is the caller (who has no waiter for it: a finished task whose release was lost).
+-- KEYS: q:<model>, qlen   ARGV: prefix, head   Drop the head task (still the one the
+-- caller looked at) if nobody waits for it: its waiter's mark lapsed (its coordinator
+-- died, or it came back from an expired lease and no retry adopted it).
 local head = redis.call('ZRANGE', KEYS[1], 0, 0)[1]
-if not head then return 0 end
-local owner = redis.call('HGET', ARGV[1] .. 'task:' .. head, 'owner')
-if owner and owner ~= ARGV[2] and redis.call('EXISTS', ARGV[1] .. 'coord:' .. owner) == 1 then
-  return 0
-end
+if head ~= ARGV[2] then return 0 end
+if redis.call('EXISTS', ARGV[1] .. 'wait:' .. head) == 1 then return 0 end
 redis.call('ZREM', KEYS[1], head)
 redis.call('DECR', KEYS[2])
 redis.call('DEL', ARGV[1] .. 'task:' .. head)
@@ -169,6 +172,8 @@ class RedisScheduler(Scheduler):
         self.r = client
         self.coordinator_id = coordinator_id
         self.lease_ms = int(lease_s * 1000)
+        # A waiting task's mark lives this long unless its coordinator refreshes it.
+        self.wait_ms = 5000
         self._waiting: dict[str, Waiter] = {}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -184,7 +189,6 @@ class RedisScheduler(Scheduler):
 
     async def start(self) -> None:
         await self.r.ping()
-        await self._alive()
         self._tasks = [asyncio.create_task(self._housekeeping()),
                        asyncio.create_task(self._listen()),
                        asyncio.create_task(self._pump_loop())]
@@ -193,18 +197,13 @@ class RedisScheduler(Scheduler):
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await self.r.delete(P + f"coord:{self.coordinator_id}")
         await self.r.aclose()
-
-    async def _alive(self) -> None:
-        await self.r.set(P + f"coord:{self.coordinator_id}", b"1", px=max(self.lease_ms, 3000))
 
     async def _housekeeping(self) -> None:
         down = False
         while True:
             try:
-                await self._alive()
+                await self._mark_waiting()
                 if await self._reap(keys=[P + "leases", P + "qlen"], args=[P]):
                     await self._notify()
                 await self._requeue_lost()
@@ -216,6 +215,15 @@ class RedisScheduler(Scheduler):
                     log.warning("redis unreachable (%s); requests get 503 until it is back", exc)
                 down = True
             await asyncio.sleep(min(1.0, self.lease_ms / 3000))
+
+    async def _mark_waiting(self) -> None:
+        """Refresh the marks saying this coordinator waits for its queued tasks."""
+        waiting = [w.task.task_id for w in self._waiting.values() if not w.future.done()]
+        if waiting:
+            async with self.r.pipeline(transaction=False) as pipe:
+                for task_id in waiting:
+                    pipe.set(P + f"wait:{task_id}", self.coordinator_id, px=self.wait_ms)
+                await pipe.execute()
 
     async def _requeue_lost(self) -> None:
         """Queue again the waiting tasks of this coordinator that Redis no longer has (it
@@ -232,9 +240,10 @@ class RedisScheduler(Scheduler):
             if not there and not w.future.done():
                 log.warning("task %s was lost from redis; queued again", w.task.task_id)
                 await self._enqueue_script(
-                    keys=[P + "qlen", P + f"q:{w.task.model}", P + f"task:{w.task.task_id}", P + "seq"],
+                    keys=[P + "qlen", P + f"q:{w.task.model}", P + f"task:{w.task.task_id}", P + "seq",
+                          P + f"wait:{w.task.task_id}"],
                     args=[w.task.task_id, w.task.model, self.coordinator_id, w.task.priority,
-                          self.max_size + len(waiting)])  # they were admitted already
+                          self.max_size + len(waiting), self.wait_ms])  # they were admitted already
                 self._wake.set()
 
     async def _listen(self) -> None:
@@ -313,10 +322,21 @@ class RedisScheduler(Scheduler):
 
     async def _enqueue(self, waiter: Waiter) -> None:
         task = waiter.task
-        added = await self._enqueue_script(
-            keys=[P + "qlen", P + f"q:{task.model}", P + f"task:{task.task_id}", P + "seq"],
-            args=[task.task_id, task.model, self.coordinator_id, task.priority, self.max_size],
-        )
+        # Known here before it is in Redis: a dispatch running meanwhile must see its
+        # waiter, or it would take the task at the head for one nobody waits for.
+        self._waiting[task.task_id] = waiter
+        try:
+            added = await self._enqueue_script(
+                keys=[P + "qlen", P + f"q:{task.model}", P + f"task:{task.task_id}", P + "seq",
+                      P + f"wait:{task.task_id}"],
+                args=[task.task_id, task.model, self.coordinator_id, task.priority, self.max_size,
+                      self.wait_ms],
+            )
+        except BaseException:
+            self._forget(waiter)
+            raise
+        if added in (0, 3):
+            self._forget(waiter)
         if added == 0:
             raise self.queue_full()
         if added == 3:
@@ -324,8 +344,7 @@ class RedisScheduler(Scheduler):
             # under a new id, so the two never share a task record.
             task.task_id = uuid.uuid4().hex
             return await self._enqueue(waiter)
-        self._waiting[task.task_id] = waiter  # 1: queued; 2: adopted (a retry of ours)
-        self._wake.set()
+        self._wake.set()  # 1: queued; 2: adopted (a retry of ours)
 
     def _forget(self, waiter: Waiter) -> None:
         if self._waiting.get(waiter.task.task_id) is waiter:
@@ -371,10 +390,13 @@ class RedisScheduler(Scheduler):
                     break
                 waiter = self._waiting.get(head[0].decode())
                 if waiter is None or waiter.future.done():
-                    # Another coordinator's turn, unless its owner is gone for good.
-                    if await self._drop_orphan(keys=[qkey, P + "qlen"],
-                                               args=[P, self.coordinator_id]):
+                    # Another coordinator's turn, unless nobody waits for it any more.
+                    if await self._drop_orphan(keys=[qkey, P + "qlen"], args=[P, head[0]]):
+                        log.info("dropped task %s at the head of the queue: nobody waits for it",
+                                 head[0].decode())
                         continue
+                    if await self.r.zrange(qkey, 0, 0) != head:
+                        continue  # taken meanwhile: look at the new head
                     break
                 worker = self.router.choose(self._free(records, model, waiter.exclude, now),
                                             waiter.task.affinity)

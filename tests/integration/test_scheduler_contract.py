@@ -245,3 +245,27 @@ async def test_the_progress_rule_is_the_same_in_python_and_in_lua(redis_url, old
     finally:
         await s.close()
     assert moved is progressed(old_tokens, tokens, running)
+
+
+async def test_a_waiting_task_nobody_waits_for_is_dropped_by_another_coordinator(shared):
+    """The task at the head belongs to a coordinator that died (a restarted one under
+    the same id would not know it either): once its mark lapses, any coordinator drops
+    it, and the tasks behind it are served."""
+    a, _ = await shared("a")
+    b, _ = await shared("b")
+    for s in (a, b):
+        s.wait_ms = 600
+    await a.register(info("w1", capacity=1))
+    held = await a.acquire(Task("running", "m"))  # the one slot is taken
+    dead = asyncio.create_task(a.acquire(Task("dead-waiter", "m")))
+    await asyncio.sleep(0.3)
+    for t in a._tasks:  # a dies: its marks are no longer refreshed, its dispatch stops
+        t.cancel()
+    behind = asyncio.create_task(b.acquire(Task("behind", "m")))
+    await asyncio.sleep(0.2)
+    await b.release(Task("running", "m"), held.worker_id)
+    try:
+        assert (await asyncio.wait_for(behind, 5)).worker_id == "w1"
+        assert not dead.done()  # its (dead) caller never got the slot
+    finally:
+        dead.cancel()
