@@ -9,7 +9,8 @@ undisturbed, then while a chaos loop SIGKILLs a random worker or coordinator eve
 Reported per phase: requests served and failed, answers whose text differs from the
 undisturbed greedy reference, words duplicated or missing in those (a diff against the
 reference), and p50/p99 latency.  ``--engine fake`` (default) runs the plumbing with
-the zero-cost test engine; ``--engine transformers`` the default model.
+the zero-cost test engine; ``--engine transformers`` the default model (the workers'
+default configuration).
 
     python bench/chaos.py                       # fake engine, 60 s per phase
     python bench/chaos.py --engine transformers --duration 60 --concurrency 8
@@ -37,8 +38,9 @@ import yaml
 
 from bench.common import MODEL, free_ports, print_table
 
-PROMPTS = ["Tell me about the sea.", "Name three fruits.", "What is a robot?",
-           "Describe a mountain village.", "Why is the sky blue?", "Write about winter."]
+# Raw completions (the plain API every engine serves): openings a model goes on with.
+PROMPTS = [f"Once upon a time, there was {t}. Every morning," for t in
+           ("a dragon", "a lighthouse keeper", "a talking cat", "a clockmaker", "a robot", "a fox")]
 
 
 @dataclass
@@ -85,10 +87,10 @@ class Stack:
                 proc.wait()
 
 
-def build(tmp: Path, engine: str, *, progress_timeout_s: float) -> tuple[Stack, str]:
+def build(tmp: Path, engine: str, *, progress_timeout_s: float, workers: int = 3) -> tuple[Stack, str]:
     """Configure every process of the stack (nothing started); returns it and the API URL."""
     stack = Stack(tmp, engine)
-    redis_port, http, *ports = free_ports(7)
+    redis_port, http, *ports = free_ports(4 + workers)
     (tmp / "redis").mkdir(exist_ok=True)
     stack.args["redis"] = ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
                            "--save", "", "--appendonly", "yes", "--dir", str(tmp / "redis")]
@@ -102,18 +104,16 @@ def build(tmp: Path, engine: str, *, progress_timeout_s: float) -> tuple[Stack, 
         coordinators.append(f"127.0.0.1:{port}")
         stack.args[name] = _cyllm(tmp, name, {"coordinator": {**fast, "coordinator_id": name}},
                                   "coordinator", "--port", str(port), "--redis-url", redis_url)
-    if engine == "fake":
-        model = {"id": "fake", "engine": "fake", "max_batch_size": 32,
-                 "engine_args": {"token_delay_s": 0.02}}
-    else:
-        model = {"id": MODEL, "engine": engine, "max_batch_size": 16}
-    for i, port in enumerate(ports[2:5], 1):
+    # The fake engine, or the worker's default model (the transformers engine).
+    models = {"models": [{"id": "fake", "engine": "fake", "max_batch_size": 32,
+                          "engine_args": {"token_delay_s": 0.02}}]} if engine == "fake" else {}
+    for i, port in enumerate(ports[2:], 1):
         name = f"w{i}"
         args = ["worker", "--port", str(port)]
         for c in coordinators:
             args += ["--coordinator", c]
         stack.args[name] = _cyllm(tmp, name, {"worker": {"worker_id": name, "metrics_port": 0},
-                                              "models": [model]}, *args)
+                                              **models}, *args)
     args = ["gateway", "--port", str(http)]
     for c in coordinators:
         args += ["--coordinator", c]
@@ -134,6 +134,9 @@ def start_all(stack: Stack, base: str, timeout: float = 300) -> None:
     workers = {n for n in stack.args if n.startswith("w")}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        dead = [n for n, p in stack.procs.items() if p.poll() is not None]
+        if dead:
+            raise RuntimeError(f"{dead} exited; logs in {stack.tmp}")
         try:
             h = httpx.get(f"{base}/api/v1/health", timeout=2).json()
             if {w["id"] for w in h.get("workers", []) if w["healthy"]} == workers:
@@ -206,9 +209,10 @@ async def load(base: str, model: str, *, duration: float, concurrency: int, max_
     return results
 
 
-async def references(base: str, model: str, max_tokens: int) -> dict[str, str]:
+async def references(base: str, model: str, max_tokens: int,
+                     prompts: list[str] = PROMPTS) -> dict[str, str]:
     async with httpx.AsyncClient(timeout=300) as http:
-        answers = [await ask(http, base, model, p, max_tokens, stream=False) for p in PROMPTS]
+        answers = [await ask(http, base, model, p, max_tokens, stream=False) for p in prompts]
     bad = [a for a in answers if not a.ok]
     if bad:
         raise RuntimeError(f"reference run failed: {bad[0].error}")
