@@ -33,10 +33,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-import yaml
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
 
-from bench.common import MODEL, free_ports, print_table
+import httpx  # noqa: E402
+import yaml  # noqa: E402
+
+from bench.common import MODEL, free_ports, print_table  # noqa: E402
 
 # Raw completions (the plain API every engine serves): openings a model goes on with.
 PROMPTS = [f"Once upon a time, there was {t}. Every morning," for t in
