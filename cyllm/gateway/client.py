@@ -139,14 +139,23 @@ class CoordinatorClient:
         return list(reply.events)
 
     async def watch_training(self, job_id: str, after_seq: int = 0) -> AsyncIterator[pb.TrainingEvent]:
-        _, stub = self._in_turn()[0]
-        stream = Stream(stub.WatchTrainingJob(pb.TrainingEventsRequest(id=job_id, after_seq=after_seq),
-                                              metadata=self._meta))
-        try:
-            async for event in stream:
-                yield event
-        finally:
-            stream.cancel()
+        """A job's events; a coordinator lost mid-watch is replaced by the next, from the
+        last event seen (the events are shared in Redis)."""
+        last: errors.CyllmError = errors.Unavailable("no coordinator configured")
+        for address, stub in self._in_turn() * 2:
+            stream = Stream(stub.WatchTrainingJob(
+                pb.TrainingEventsRequest(id=job_id, after_seq=after_seq), metadata=self._meta))
+            try:
+                async for event in stream:
+                    after_seq = max(after_seq, event.seq)
+                    yield event
+                return
+            except errors.Unreachable as exc:
+                self.breakers.failed(address)
+                last = exc
+            finally:
+                stream.cancel()
+        raise last
 
     # -- files ------------------------------------------------------------------------
 
