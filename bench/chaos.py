@@ -9,8 +9,8 @@ undisturbed, then while a chaos loop SIGKILLs a random worker or coordinator eve
 Reported per phase: requests served and failed, answers whose text differs from the
 undisturbed greedy reference, words duplicated or missing in those (a diff against the
 reference), and p50/p99 latency.  ``--engine fake`` (default) runs the plumbing with
-the zero-cost test engine; ``--engine transformers`` the default model (the workers'
-default configuration).
+the zero-cost test engine; ``--engine transformers`` the default model (in float32,
+whose greedy text does not depend on the batch around it).
 
     python bench/chaos.py                       # fake engine, 60 s per phase
     python bench/chaos.py --engine transformers --duration 60 --concurrency 8
@@ -39,6 +39,7 @@ import httpx  # noqa: E402
 import yaml  # noqa: E402
 
 from bench.common import MODEL, free_ports, print_table  # noqa: E402
+from cyllm.worker.settings import DEFAULT_GGUF  # noqa: E402
 
 # Raw completions (the plain API every engine serves): openings a model goes on with.
 PROMPTS = [f"Once upon a time, there was {t}. Every morning," for t in
@@ -106,9 +107,17 @@ def build(tmp: Path, engine: str, *, progress_timeout_s: float, workers: int = 3
         coordinators.append(f"127.0.0.1:{port}")
         stack.args[name] = _cyllm(tmp, name, {"coordinator": {**fast, "coordinator_id": name}},
                                   "coordinator", "--port", str(port), "--redis-url", redis_url)
-    # The fake engine, or the worker's default model (the transformers engine).
-    models = {"models": [{"id": "fake", "engine": "fake", "max_batch_size": 32,
-                          "engine_args": {"token_delay_s": 0.02}}]} if engine == "fake" else {}
+    # The fake engine, or the default model on ``engine``, in float32: greedy text is
+    # compared with an undisturbed run, and only float32 on CPU gives the same argmax
+    # whatever the batch around a sequence (bfloat16 flips near-ties between batches,
+    # with or without a failover).
+    if engine == "fake":
+        model = {"id": "fake", "engine": "fake", "max_batch_size": 32,
+                 "engine_args": {"token_delay_s": 0.02}}
+    else:
+        model = {"id": MODEL, "engine": engine, "gguf": DEFAULT_GGUF, "temperature": 0.0,
+                 "dtype": "float32"}
+    models = {"models": [model]}
     for i, port in enumerate(ports[2:], 1):
         name = f"w{i}"
         args = ["worker", "--port", str(port)]

