@@ -53,6 +53,7 @@ bench: setup engines redis
 	$(BIN)/python bench/engines.py
 	$(BIN)/python bench/training.py
 	$(BIN)/python bench/chaos.py
+	$(BIN)/python bench/peers.py
 
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. cyllm/protocol/cyllm.proto

