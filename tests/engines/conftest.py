@@ -69,7 +69,10 @@ async def _make(kind: str, stack: contextlib.AsyncExitStack) -> Subject:
     if kind == "transformers":
         from cyllm.worker.engines.transformers_engine import TransformersEngine
 
-        eng = TransformersEngine(spec(path=default_folder()), default_folder())
+        # float32: the contract compares greedy text across batches and across resume
+        # seams token for token; bfloat16 (the default on CPUs with it) is not
+        # batch-invariant.  The e2e server runs the default.
+        eng = TransformersEngine(spec(path=default_folder(), dtype="float32"), default_folder())
         return Subject(kind, eng, lambda: _patched(eng.model, "forward", _boom))
     if kind == "vllm":
         if importlib.util.find_spec("vllm") is None:

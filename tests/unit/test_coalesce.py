@@ -1,0 +1,80 @@
+"""Merging deltas while the reader lags: same text, same ids, same order, same end."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from cyllm import errors
+from cyllm.protocol import pb
+from cyllm.protocol.coalesce import coalesced
+
+
+def delta(i: int) -> pb.GenerateResponse:
+    return pb.GenerateResponse(delta=pb.Delta(text=f" w{i}", token_ids=[i]))
+
+
+def stream(n: int, log: list[str] | None = None, fail_at: int | None = None):
+    async def gen():
+        try:
+            yield pb.GenerateResponse(started=pb.Started(prompt_tokens=3))
+            for i in range(n):
+                if i == fail_at:
+                    raise errors.Unavailable("worker w became unreachable")
+                yield delta(i)
+                await asyncio.sleep(0)
+            yield pb.GenerateResponse(finished=pb.Finished(finish_reason="length", prompt_tokens=3,
+                                                           completion_tokens=n))
+        finally:
+            if log is not None:
+                log.append("source closed")
+    return gen()
+
+
+def flat(msgs):
+    kinds = [m.WhichOneof("event") for m in msgs]
+    text = "".join(m.delta.text for m in msgs if m.HasField("delta"))
+    ids = [t for m in msgs if m.HasField("delta") for t in m.delta.token_ids]
+    return kinds, text, ids
+
+
+async def test_a_lagging_reader_gets_fewer_messages_with_the_same_content():
+    msgs = []
+    async for m in coalesced(stream(200)):
+        msgs.append(m)
+        await asyncio.sleep(0.01 if len(msgs) < 3 else 0)  # slow at first: a backlog forms
+    kinds, text, ids = flat(msgs)
+    assert kinds[0] == "started" and kinds[-1] == "finished"
+    assert text == "".join(f" w{i}" for i in range(200)) and ids == list(range(200))
+    assert len(msgs) < 200  # merged
+    assert msgs[-1].finished.completion_tokens == 200
+
+
+async def test_a_reader_that_keeps_up_sees_the_stream_unchanged():
+    async def paced():
+        async for m in stream(5):
+            await asyncio.sleep(0.02)
+            yield m
+    msgs = [m async for m in coalesced(paced())]
+    assert [m.SerializeToString() for m in msgs] == \
+        [m.SerializeToString() async for m in stream(5)]
+
+
+async def test_closing_early_closes_the_source():
+    log: list[str] = []
+    merged = coalesced(stream(10_000, log))
+    async for m in merged:
+        if m.HasField("delta"):
+            break
+    await merged.aclose()
+    assert log == ["source closed"]
+
+
+async def test_an_error_arrives_after_what_came_before_it():
+    got = []
+    with pytest.raises(errors.Unavailable):
+        async for m in coalesced(stream(50, fail_at=20)):
+            got.append(m)
+            await asyncio.sleep(0.001)
+    assert flat(got)[2] == list(range(20))
