@@ -84,8 +84,8 @@ async def completions(base: str, model: str, requests: int, concurrency: int, ma
             if stream:
                 async with http.stream("POST", f"{base}/v1/completions", json=body) as r:
                     async for line in r.aiter_lines():
-                        if line.startswith("data: {"):
-                            tokens += 1
+                        if line.startswith("data: {"):  # a chunk may carry several tokens
+                            tokens += len(json.loads(line[6:])["choices"][0]["text"].split())
             else:
                 r = await http.post(f"{base}/v1/completions", json=body)
                 r.raise_for_status()

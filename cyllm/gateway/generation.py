@@ -24,6 +24,7 @@ from cyllm import errors
 from cyllm.gateway.auth import coordinator
 from cyllm.gateway.context import Usage, context
 from cyllm.protocol import pb
+from cyllm.protocol.coalesce import coalesced
 
 
 PRIORITY_SCOPE = "priority"
@@ -227,15 +228,21 @@ class Generation:
         assert self._events is not None, "start() first"
         last = None
         try:
-            async with aclosing(self._events) as events:
+            # Deltas that arrive while the client's connection lags merge into one piece.
+            async with aclosing(coalesced(self._events)) as events:
                 async for msg in events:
                     kind = msg.WhichOneof("event")
                     if kind == "delta" and msg.delta.text:
-                        now = time.perf_counter()
+                        # A merged delta carries k tokens: the gap since the last one
+                        # is shared among them, so the histogram counts tokens.
+                        now, k = time.perf_counter(), max(1, len(msg.delta.token_ids))
                         if last is None:
                             self.metrics.ttft.labels(self.model).observe(now - self._started)
+                            gaps, gap = k - 1, 0.0
                         else:
-                            self.metrics.itl.labels(self.model).observe(now - last)
+                            gaps, gap = k, (now - last) / k
+                        for _ in range(gaps):
+                            self.metrics.itl.labels(self.model).observe(gap)
                         last = now
                         if self._keep_text is not None:
                             self._keep_text.append(msg.delta.text)

@@ -13,9 +13,10 @@ import grpc
 
 from cyllm import errors
 from cyllm.protocol import pb, rpc
+from cyllm.protocol.coalesce import coalesced
 from cyllm.runtime import request_id_of
 from cyllm.worker.convert import event_to_proto, request_from_proto
-from cyllm.worker.engines.types import Finished, TextDelta
+from cyllm.worker.engines.types import Event, Finished, TextDelta
 from cyllm.worker.metrics import WorkerMetrics
 from cyllm.worker.models import ModelManager
 from cyllm.worker.training.jobs import WorkerTraining
@@ -39,31 +40,36 @@ class WorkerService(rpc.WorkerServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         timer = self.metrics.timer(request.model)
         rid = request_id_of(context) or request.request_id
-        outcome = "cancelled"
         try:
             if self.draining:
                 raise errors.Unavailable(f"worker {self.worker_id} is draining")
             engine, adapter = self.models.resolve(request.model)
             gen_request = dataclasses.replace(request_from_proto(request), adapter=adapter)
-            # aclosing: a cancelled call (client gone) closes the stream, which aborts
-            # the request inside the engine and frees its slot.
-            async with aclosing(engine.generate(gen_request)) as events:
-                async for event in events:
-                    if isinstance(event, TextDelta):
-                        timer.text()
-                    elif isinstance(event, Finished):
-                        timer.done(event.finish_reason, event.completion_tokens)
-                        outcome = event.finish_reason
-                        log.info("generation %s", outcome, extra={
-                            "request_id": rid, "model": request.model, "outcome": outcome,
-                            "prompt_tokens": event.prompt_tokens,
-                            "completion_tokens": event.completion_tokens})
-                    yield event_to_proto(event)
+            # Deltas merge while the caller lags (protocol.coalesce); closing the stream
+            # (a cancelled call: client gone) aborts the request inside the engine.
+            events = self._messages(engine.generate(gen_request), timer, rid, request.model)
+            async with aclosing(coalesced(events)) as messages:
+                async for msg in messages:
+                    yield msg
         except errors.CyllmError as exc:
             timer.failed(exc.code)
             log.info("generation refused: %s", exc.code,
                      extra={"request_id": rid, "model": request.model, "outcome": exc.code})
             raise
+
+    async def _messages(self, events: AsyncIterator[Event], timer, rid: str,
+                        model: str) -> AsyncIterator[pb.GenerateResponse]:
+        async with aclosing(events) as stream:
+            async for event in stream:
+                if isinstance(event, TextDelta):
+                    timer.text()
+                elif isinstance(event, Finished):
+                    timer.done(event.finish_reason, event.completion_tokens)
+                    log.info("generation %s", event.finish_reason, extra={
+                        "request_id": rid, "model": model, "outcome": event.finish_reason,
+                        "prompt_tokens": event.prompt_tokens,
+                        "completion_tokens": event.completion_tokens})
+                yield event_to_proto(event)
 
     async def LoadModel(self, request: pb.LoadModelRequest, context) -> pb.LoadModelResponse:
         try:

@@ -50,9 +50,12 @@ async def test_websocket_streams_tokens_then_done_and_reports_errors(gateway):
     _, key = await app.state.keys.create("ws")
     async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {key}"}) as ws:
         await ws.send(json.dumps({"modelId": "fake", "prompt": "hello", "maxTokens": 3}))
-        got = [await recv(ws) for _ in range(4)]
-        assert [m["type"] for m in got] == ["token", "token", "token", "done"]
-        assert "".join(m["text"] for m in got[:3]) == "w0 w1 w2"
+        got = [await recv(ws)]
+        while got[-1]["type"] == "token":
+            got.append(await recv(ws))
+        # Tokens may come merged (a lagging reader gets fewer, larger frames): same text.
+        assert [m["type"] for m in got[:-1]] == ["token"] * (len(got) - 1) and got[-1]["type"] == "done"
+        assert "".join(m["text"] for m in got[:-1]) == "w0 w1 w2"
         assert got[-1]["usage"]["completionTokens"] == 3
         await ws.send("{not json")
         bad = await recv(ws)
