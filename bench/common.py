@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -43,6 +46,40 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+def tagged(n: int) -> list[str]:
+    # A tag per stream count, so a prompt cache never answers from an earlier row; every
+    # server and method of one row gets exactly the same prompts.
+    return [f"{p} ({n} streams)" for p in prompts(n)]
+
+
+@contextmanager
+def process(cmd: list[str], health: str, env: dict[str, str] | None = None, timeout: float = 600):
+    """``cmd`` started, waited for until ``health`` answers 200, stopped by its pid."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, **(env or {})})
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd[:4]} exited with {proc.returncode}")
+            try:
+                if httpx.get(health, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{health} not up after {timeout:g}s")
+            time.sleep(0.5)
+        yield
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @contextmanager
 def served(config: Path | None = None, env: dict[str, str] | None = None):
     """``cyllm serve`` on free ports; yields the base URL; stopped by pid."""
@@ -52,24 +89,39 @@ def served(config: Path | None = None, env: dict[str, str] | None = None):
     if config:
         cmd += ["--config", str(config)]
     metrics = {"CYLLM_COORDINATOR_METRICS_PORT": "0", "CYLLM_WORKER_METRICS_PORT": "0"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, **metrics, **(env or {})})
     base = f"http://127.0.0.1:{http}"
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError("cyllm serve exited")
-            try:
-                if httpx.get(f"{base}/api/v1/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+    with process(cmd, f"{base}/api/v1/health", {**metrics, **(env or {})}, timeout=300):
         yield base
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+
+
+async def stream_chat(base: str, model: str, texts: list[str],
+                      max_tokens: int) -> tuple[float, float]:
+    """One streamed greedy chat per text, all at once, through an OpenAI-compatible
+    server: (total completion tokens/s, TTFT p50 in s)."""
+    ttfts: list[float] = []
+
+    async def one(http: httpx.AsyncClient, text: str) -> int:
+        body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True},
+                "messages": [{"role": "user", "content": text}]}
+        t0, usage, first = time.perf_counter(), 0, True
+        async with http.stream("POST", f"{base}/v1/chat/completions", json=body) as resp:
+            resp.raise_for_status()
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    usage = chunk["usage"]["completion_tokens"]
+                elif first and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    ttfts.append(time.perf_counter() - t0)
+                    first = False
+        return usage
+
+    async with httpx.AsyncClient(timeout=900) as http:
+        start = time.perf_counter()
+        counts = await asyncio.gather(*(one(http, t) for t in texts))
+        return sum(counts) / (time.perf_counter() - start), statistics.median(ttfts)
 
 
 def print_table(title: str, columns: list[str], rows: list[list[object]]) -> None:

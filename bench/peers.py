@@ -20,10 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,38 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
 
 import httpx  # noqa: E402
 
-from bench.common import MODEL, free_port, print_table, prompts, served  # noqa: E402
+from bench.common import MODEL, free_port, print_table, process, served, stream_chat, tagged  # noqa: E402
 
 
 # -- load -----------------------------------------------------------------------------------
-
-
-async def stream_chat(base: str, model: str, n: int, max_tokens: int, tag: str) -> tuple[float, float]:
-    """``n`` concurrent streamed chats: (total completion tokens/s, TTFT p50 s)."""
-    ttfts: list[float] = []
-
-    async def one(http: httpx.AsyncClient, prompt: str) -> int:
-        body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                "stream_options": {"include_usage": True},
-                "messages": [{"role": "user", "content": f"{prompt} ({tag})"}]}
-        t0, usage, first = time.perf_counter(), 0, True
-        async with http.stream("POST", f"{base}/v1/chat/completions", json=body) as r:
-            r.raise_for_status()
-            async for line in r.aiter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    usage = chunk["usage"]["completion_tokens"]
-                elif first and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    ttfts.append(time.perf_counter() - t0)
-                    first = False
-        return usage
-
-    async with httpx.AsyncClient(timeout=900) as http:
-        start = time.perf_counter()
-        counts = await asyncio.gather(*(one(http, p) for p in prompts(n)))
-        return sum(counts) / (time.perf_counter() - start), statistics.median(ttfts)
 
 
 async def completions(base: str, model: str, requests: int, concurrency: int, max_tokens: int,
@@ -100,36 +69,6 @@ async def completions(base: str, model: str, requests: int, concurrency: int, ma
 
 
 # -- servers --------------------------------------------------------------------------------
-
-
-def _wait(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} not up after {timeout:g}s")
-
-
-@contextmanager
-def process(cmd: list[str], health: str, env: dict[str, str] | None = None):
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, **(env or {})})
-    try:
-        _wait(health, proc)
-        yield
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @contextmanager
@@ -208,10 +147,10 @@ def cyllm_fake():
 def engines_part(tokens: int, streams: list[int], vllm_dtype: str) -> None:
     results: dict[str, dict[int, tuple[float, float]]] = {}
     with vllm_serve(vllm_dtype) as base:
-        results["vllm serve"] = {n: asyncio.run(stream_chat(base, MODEL, n, tokens, f"v{n}"))
+        results["vllm serve"] = {n: asyncio.run(stream_chat(base, MODEL, tagged(n), tokens))
                                  for n in streams}
     with served(env={"CYLLM_COORDINATOR_CACHE_TTL_S": "0"}) as base:
-        results["cyllm serve"] = {n: asyncio.run(stream_chat(base, MODEL, n, tokens, f"c{n}"))
+        results["cyllm serve"] = {n: asyncio.run(stream_chat(base, MODEL, tagged(n), tokens))
                                   for n in streams}
     peer, ours = results["vllm serve"], results["cyllm serve"]
     rows = [[n, peer[n][0], ours[n][0], f"{ours[n][0] / peer[n][0]:.2f}x",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -22,15 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import httpx  # noqa: E402
 
-from bench.common import MODEL, print_table, prompts, served  # noqa: E402
-
-
-def tagged(n: int) -> list[str]:
-    # A tag per stream count, so the full stack's prompt cache never answers from an
-    # earlier row; every method of one row gets exactly the same prompts.
-    return [f"{p} ({n} streams)" for p in prompts(n)]
+from bench.common import MODEL, print_table, served, stream_chat, tagged  # noqa: E402
 
 
 def run_generate(engine, n: int, max_tokens: int) -> float:
@@ -75,30 +67,7 @@ async def run_engine(engine, n: int, max_tokens: int) -> tuple[float, float]:
 
 
 async def run_stack(base: str, n: int, max_tokens: int) -> tuple[float, float]:
-    ttfts: list[float] = []
-
-    async def one(http: httpx.AsyncClient, prompt: str) -> int:
-        body = {"model": MODEL, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                "stream_options": {"include_usage": True},
-                "messages": [{"role": "user", "content": prompt}]}
-        t0 = time.perf_counter()
-        usage = 0
-        async with http.stream("POST", f"{base}/v1/chat/completions", json=body) as resp:
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    usage = chunk["usage"]["completion_tokens"]
-                elif t0 and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    ttfts.append(time.perf_counter() - t0)
-                    t0 = 0
-        return usage
-
-    async with httpx.AsyncClient(timeout=600) as http:
-        start = time.perf_counter()
-        counts = await asyncio.gather(*(one(http, p) for p in tagged(n)))
-        return sum(counts) / (time.perf_counter() - start), statistics.median(ttfts)
+    return await stream_chat(base, MODEL, tagged(n), max_tokens)
 
 
 def main() -> None:

@@ -203,10 +203,9 @@ class RedisScheduler(Scheduler):
         down = False
         while True:
             try:
-                await self._mark_waiting()
+                await self._keep_waiting()
                 if await self._reap(keys=[P + "leases", P + "qlen"], args=[P]):
                     await self._notify()
-                await self._requeue_lost()
                 if down:
                     log.warning("redis is reachable again")
                 down = False
@@ -216,34 +215,23 @@ class RedisScheduler(Scheduler):
                 down = True
             await asyncio.sleep(min(1.0, self.lease_ms / 3000))
 
-    async def _mark_waiting(self) -> None:
-        """Refresh the marks saying this coordinator waits for its queued tasks."""
-        waiting = [w.task.task_id for w in self._waiting.values() if not w.future.done()]
-        if waiting:
-            async with self.r.pipeline(transaction=False) as pipe:
-                for task_id in waiting:
-                    pipe.set(P + f"wait:{task_id}", self.coordinator_id, px=self.wait_ms)
-                await pipe.execute()
-
-    async def _requeue_lost(self) -> None:
-        """Queue again the waiting tasks of this coordinator that Redis no longer has (it
-        restarted without them, or a replica without the last writes took over): their
-        callers are still here, waiting."""
+    async def _keep_waiting(self) -> None:
+        """Refresh the marks saying this coordinator waits for its queued tasks, and queue
+        again those Redis no longer has (it restarted without them, or a replica without
+        the last writes took over): their callers are still here, waiting."""
         waiting = [w for w in self._waiting.values() if not w.future.done()]
         if not waiting:
             return
         async with self.r.pipeline(transaction=False) as pipe:
             for w in waiting:
+                pipe.set(P + f"wait:{w.task.task_id}", self.coordinator_id, px=self.wait_ms)
                 pipe.exists(P + f"task:{w.task.task_id}")
-            present = await pipe.execute()
-        for w, there in zip(waiting, present):
+            replies = await pipe.execute()
+        for w, there in zip(waiting, replies[1::2]):
             if not there and not w.future.done():
                 log.warning("task %s was lost from redis; queued again", w.task.task_id)
-                await self._enqueue_script(
-                    keys=[P + "qlen", P + f"q:{w.task.model}", P + f"task:{w.task.task_id}", P + "seq",
-                          P + f"wait:{w.task.task_id}"],
-                    args=[w.task.task_id, w.task.model, self.coordinator_id, w.task.priority,
-                          self.max_size + len(waiting), self.wait_ms])  # they were admitted already
+                # They were admitted already: the bound does not refuse them now.
+                await self._enqueue_task(w.task, self.max_size + len(waiting))
                 self._wake.set()
 
     async def _listen(self) -> None:
@@ -326,12 +314,7 @@ class RedisScheduler(Scheduler):
         # waiter, or it would take the task at the head for one nobody waits for.
         self._waiting[task.task_id] = waiter
         try:
-            added = await self._enqueue_script(
-                keys=[P + "qlen", P + f"q:{task.model}", P + f"task:{task.task_id}", P + "seq",
-                      P + f"wait:{task.task_id}"],
-                args=[task.task_id, task.model, self.coordinator_id, task.priority, self.max_size,
-                      self.wait_ms],
-            )
+            added = await self._enqueue_task(task, self.max_size)
         except BaseException:
             self._forget(waiter)
             raise
@@ -345,6 +328,13 @@ class RedisScheduler(Scheduler):
             task.task_id = uuid.uuid4().hex
             return await self._enqueue(waiter)
         self._wake.set()  # 1: queued; 2: adopted (a retry of ours)
+
+    async def _enqueue_task(self, task: Task, limit: int) -> int:
+        """The enqueue script: 0 full, 1 queued, 2 adopted, 3 exists and is not waiting."""
+        return await self._enqueue_script(
+            keys=[P + "qlen", P + f"q:{task.model}", P + f"task:{task.task_id}", P + "seq",
+                  P + f"wait:{task.task_id}"],
+            args=[task.task_id, task.model, self.coordinator_id, task.priority, limit, self.wait_ms])
 
     def _forget(self, waiter: Waiter) -> None:
         if self._waiting.get(waiter.task.task_id) is waiter:
@@ -395,8 +385,6 @@ class RedisScheduler(Scheduler):
                         log.info("dropped task %s at the head of the queue: nobody waits for it",
                                  head[0].decode())
                         continue
-                    if await self.r.zrange(qkey, 0, 0) != head:
-                        continue  # taken meanwhile: look at the new head
                     break
                 worker = self.router.choose(self._free(records, model, waiter.exclude, now),
                                             waiter.task.affinity)

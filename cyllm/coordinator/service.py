@@ -133,12 +133,12 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
         task = Task(request.request_id, request.model, request.priority, affinity_key(request))
         relay = Relay(request)
         failed: set[str] = set()
-        chunks: list[str] = []
         for attempt in range(1, self.attempts + 1):
-            if attempt > 1:  # every worker for it unhealthy: say so now, not after the queue wait
+            exclude = failed | self.breakers.open_peers()
+            if failed:  # every worker for it unhealthy: say so now, not after the queue wait
                 await self.scheduler.check_model(request.model)
+                exclude = await self._avoid(request.model, exclude)
             waited = time.perf_counter()
-            exclude = await self._avoid(request.model, failed | self.breakers.open_peers())
             worker = await self.scheduler.acquire(task, exclude=exclude)
             self.metrics.queue_wait.labels(request.model).observe(time.perf_counter() - waited)
             # Each run has its own engine request id: a hung worker may still hold the last.
@@ -151,11 +151,8 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
                 async for msg in _paced(stream, self.progress_timeout_s, worker.worker_id):
                     if not relay.pass_on(msg):
                         continue
-                    kind = msg.WhichOneof("event")
-                    if kind == "delta":
-                        chunks.append(msg.delta.text)
-                    elif kind == "finished" and key and msg.finished.finish_reason != "abort":
-                        await self.cache.put(key, _to_cached(chunks, msg.finished))
+                    if msg.HasField("finished") and key and msg.finished.finish_reason != "abort":
+                        await self.cache.put(key, _to_cached(relay.text, msg.finished))
                     yield msg
                 self.breakers.succeeded(worker.worker_id)
                 return
@@ -186,8 +183,6 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
         """Workers to skip: those that failed this request (or whose circuit is open),
         unless no other healthy worker serves the model; then waiting for one of them
         to come back (a restarted worker keeps its id) beats waiting for nothing."""
-        if not bad:
-            return bad
         others = [v for v in await self.scheduler.workers()
                   if v.healthy and v.record.serves(model) and v.record.worker_id not in bad]
         return bad if others else set()

@@ -228,7 +228,41 @@ def test_custom_script_reports_progress_fails_and_is_cancelled(client, trainer):
     assert "not a file in the worker's training scripts folder" in events[-1][1]["message"]
 
 
-def test_killed_workers_job_resumes_from_its_checkpoint_elsewhere(tmp_path):
+class Processes:
+    """The ``cyllm`` processes of one test, each logging to ``<name>.log``; all stopped
+    by pid at the end (SIGTERM, then SIGKILL after a minute)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def launch(self, name: str, config: Path, *args: str) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "ab")
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "cyllm", *args, "--config", str(config)],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        return self.procs[name]
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def processes(tmp_path):
+    procs = Processes(tmp_path)
+    yield procs
+    procs.stop_all()
+
+
+def test_killed_workers_job_resumes_from_its_checkpoint_elsewhere(tmp_path, processes):
     """Coordinator, gateway and worker A as separate processes; A is SIGKILLed after a
     checkpoint; its training process dies with it; worker B takes the job and resumes
     from that checkpoint, not from step 0."""
@@ -239,130 +273,98 @@ def test_killed_workers_job_resumes_from_its_checkpoint_elsewhere(tmp_path):
                         "datasets_dirs": [str(DATA)]},
         "worker": {"training_dir": str(tmp_path / "jobs"), "metrics_port": 0},
     }))
-    procs: dict[str, subprocess.Popen] = {}
 
     def launch(name: str, *args: str) -> subprocess.Popen:
-        log = open(tmp_path / f"{name}.log", "ab")
-        procs[name] = subprocess.Popen([sys.executable, "-m", "cyllm", *args, "--config", str(config)],
-                                       stdout=log, stderr=subprocess.STDOUT,
-                                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        return procs[name]
+        return processes.launch(name, config, *args)
 
     address = f"127.0.0.1:{coord}"
     base = f"http://127.0.0.1:{http}"
-    try:
-        launch("coordinator", "coordinator", "--port", str(coord))
-        launch("gateway", "gateway", "--port", str(http), "--coordinator", address)
-        worker_a = launch("worker-a", "worker", "--port", str(port_a), "--coordinator", address)
-        wait_healthy(f"{base}/api/v1/health", worker_a, tmp_path / "worker-a.log")
-        job = start(base, dataset=str(FACTS), maxSteps=8, saveSteps=2, batchSize=2, maxLength=64)
+    launch("coordinator", "coordinator", "--port", str(coord))
+    launch("gateway", "gateway", "--port", str(http), "--coordinator", address)
+    worker_a = launch("worker-a", "worker", "--port", str(port_a), "--coordinator", address)
+    wait_healthy(f"{base}/api/v1/health", worker_a, tmp_path / "worker-a.log")
+    job = start(base, dataset=str(FACTS), maxSteps=8, saveSteps=2, batchSize=2, maxLength=64)
 
-        def checkpointed():
-            status = httpx.get(f"{base}/api/v1/training/status/{job['id']}").json()
-            return status["checkpoints"] and status["checkpoints"][-1]["step"] < 8 and status
+    def checkpointed():
+        status = httpx.get(f"{base}/api/v1/training/status/{job['id']}").json()
+        return status["checkpoints"] and status["checkpoints"][-1]["step"] < 8 and status
 
-        status = wait_for(checkpointed, timeout=300)
-        worker_a.send_signal(signal.SIGKILL)
-        worker_a.wait(10)
-        wait_for(lambda: not processes_mentioning(f"{job['id']}/job.json"), timeout=10)
-        requeued = wait_for(lambda: (s := httpx.get(f"{base}/api/v1/training/status/{job['id']}")
-                                     .json())["state"] == "queued" and s)
-        saved = requeued["checkpoints"][-1]["step"]
-        assert saved >= status["checkpoints"][-1]["step"] and requeued["attempts"] == 1
+    status = wait_for(checkpointed, timeout=300)
+    worker_a.send_signal(signal.SIGKILL)
+    worker_a.wait(10)
+    wait_for(lambda: not processes_mentioning(f"{job['id']}/job.json"), timeout=10)
+    requeued = wait_for(lambda: (s := httpx.get(f"{base}/api/v1/training/status/{job['id']}")
+                                 .json())["state"] == "queued" and s)
+    saved = requeued["checkpoints"][-1]["step"]
+    assert saved >= status["checkpoints"][-1]["step"] and requeued["attempts"] == 1
 
-        launch("worker-b", "worker", "--port", str(port_b), "--coordinator", address)
-        events = watch(base, job["id"])
-        final = httpx.get(f"{base}/api/v1/training/status/{job['id']}").json()
-        assert final["state"] == "succeeded", final
-        assert final["attempts"] == 2 and final["workerId"].endswith(str(port_b))
-        notes = [d["message"] for n, d in events if n == "state"]
-        assert any(f"will resume from step {saved}" in m for m in notes), notes
-        assert any(f"resuming from step {saved}" in m for m in notes), notes
-        steps = [d["progress"]["step"] for n, d in events if n == "metrics"]
-        second_run = steps[steps.index(saved) + 1:] if saved in steps else steps
-        resumed = [s for s in second_run if s <= saved]
-        assert second_run and second_run[0] == saved + 1 and not resumed, steps
-        chat = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
-            "model": final["fineTunedModel"], "messages": ZORBLAX, "max_tokens": 8})
-        assert chat.status_code == 200
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs.values():
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    launch("worker-b", "worker", "--port", str(port_b), "--coordinator", address)
+    events = watch(base, job["id"])
+    final = httpx.get(f"{base}/api/v1/training/status/{job['id']}").json()
+    assert final["state"] == "succeeded", final
+    assert final["attempts"] == 2 and final["workerId"].endswith(str(port_b))
+    notes = [d["message"] for n, d in events if n == "state"]
+    assert any(f"will resume from step {saved}" in m for m in notes), notes
+    assert any(f"resuming from step {saved}" in m for m in notes), notes
+    steps = [d["progress"]["step"] for n, d in events if n == "metrics"]
+    second_run = steps[steps.index(saved) + 1:] if saved in steps else steps
+    resumed = [s for s in second_run if s <= saved]
+    assert second_run and second_run[0] == saved + 1 and not resumed, steps
+    chat = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
+        "model": final["fineTunedModel"], "messages": ZORBLAX, "max_tokens": 8})
+    assert chat.status_code == 200
 
 
-def test_a_job_whose_coordinator_is_killed_resumes_through_the_other(tmp_path, redis_url):
+def test_a_job_whose_coordinator_is_killed_resumes_through_the_other(tmp_path, redis_url, processes):
     """Two coordinators on Redis, one worker registered with both, a gateway given both.
     The coordinator following the job is SIGKILLed after a checkpoint; the other finds
     its lease lapsed, queues the job again and runs it from that checkpoint."""
     import redis
 
     http, c1, c2, port = free_ports(4)
-    procs: dict[str, subprocess.Popen] = {}
 
     def launch(name: str, config: dict, *args: str) -> subprocess.Popen:
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
-        log = open(tmp_path / f"{name}.log", "ab")
-        procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "cyllm", *args, "--config", str(tmp_path / f"{name}.yaml")],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        return procs[name]
+        return processes.launch(name, tmp_path / f"{name}.yaml", *args)
 
     coordinators = [f"127.0.0.1:{c1}", f"127.0.0.1:{c2}"]
     base = f"http://127.0.0.1:{http}"
-    try:
-        for name, p in (("c1", c1), ("c2", c2)):
-            launch(name, {"coordinator": {
-                "coordinator_id": name, "heartbeat_interval_s": 0.3, "heartbeat_timeout_s": 2.0,
-                "lease_s": 3.0, "metrics_port": 0, "datasets_dirs": [str(DATA)]}},
-                "coordinator", "--port", str(p), "--redis-url", redis_url)
-        worker_args = ["worker", "--port", str(port)]
-        for c in coordinators:
-            worker_args += ["--coordinator", c]
-        launch("worker", {"worker": {"training_dir": str(tmp_path / "jobs"), "metrics_port": 0}},
-               *worker_args)
-        gateway_args = ["gateway", "--port", str(http)]
-        for c in coordinators:
-            gateway_args += ["--coordinator", c]
-        gateway = launch("gateway", {}, *gateway_args)
-        wait_healthy(f"{base}/api/v1/health", gateway, tmp_path / "gateway.log")
-        job = start(base, dataset=str(FACTS), maxSteps=8, saveSteps=2, batchSize=2, maxLength=64)
+    for name, p in (("c1", c1), ("c2", c2)):
+        launch(name, {"coordinator": {
+            "coordinator_id": name, "heartbeat_interval_s": 0.3, "heartbeat_timeout_s": 2.0,
+            "lease_s": 3.0, "metrics_port": 0, "datasets_dirs": [str(DATA)]}},
+            "coordinator", "--port", str(p), "--redis-url", redis_url)
+    worker_args = ["worker", "--port", str(port)]
+    for c in coordinators:
+        worker_args += ["--coordinator", c]
+    launch("worker", {"worker": {"training_dir": str(tmp_path / "jobs"), "metrics_port": 0}},
+           *worker_args)
+    gateway_args = ["gateway", "--port", str(http)]
+    for c in coordinators:
+        gateway_args += ["--coordinator", c]
+    gateway = launch("gateway", {}, *gateway_args)
+    wait_healthy(f"{base}/api/v1/health", gateway, tmp_path / "gateway.log")
+    job = start(base, dataset=str(FACTS), maxSteps=8, saveSteps=2, batchSize=2, maxLength=64)
 
-        def checkpointed():
-            status = httpx.get(f"{base}/api/v1/training/status/{job['id']}").json()
-            return status["checkpoints"] and status["checkpoints"][-1]["step"] < 8 and status
+    def checkpointed():
+        status = httpx.get(f"{base}/api/v1/training/status/{job['id']}").json()
+        return status["checkpoints"] and status["checkpoints"][-1]["step"] < 8 and status
 
-        status = wait_for(checkpointed, timeout=300)
-        r = redis.Redis.from_url(redis_url)
-        following = r.get(f"cyllm:job:{job['id']}:lease").decode()
-        r.close()
-        procs[following].send_signal(signal.SIGKILL)
-        procs[following].wait(10)
+    status = wait_for(checkpointed, timeout=300)
+    r = redis.Redis.from_url(redis_url)
+    following = r.get(f"cyllm:job:{job['id']}:lease").decode()
+    r.close()
+    processes.procs[following].send_signal(signal.SIGKILL)
+    processes.procs[following].wait(10)
 
-        events = watch(base, job["id"])
-        final = httpx.get(f"{base}/api/v1/training/status/{job['id']}").json()
-        assert final["state"] == "succeeded", (final, events[-3:])
-        assert final["attempts"] == 2
-        notes = [d["message"] for n, d in events if n == "state"]
-        assert any("coordinator following it was lost" in m for m in notes), notes
-        saved = status["checkpoints"][-1]["step"]
-        assert any(f"resuming from step {s}" in m for m in notes for s in range(saved, 8)), notes
-        chat = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
-            "model": final["fineTunedModel"], "messages": ZORBLAX, "max_tokens": 8})
-        assert chat.status_code == 200
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs.values():
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    events = watch(base, job["id"])
+    final = httpx.get(f"{base}/api/v1/training/status/{job['id']}").json()
+    assert final["state"] == "succeeded", (final, events[-3:])
+    assert final["attempts"] == 2
+    notes = [d["message"] for n, d in events if n == "state"]
+    assert any("coordinator following it was lost" in m for m in notes), notes
+    saved = status["checkpoints"][-1]["step"]
+    assert any(f"resuming from step {s}" in m for m in notes for s in range(saved, 8)), notes
+    chat = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
+        "model": final["fineTunedModel"], "messages": ZORBLAX, "max_tokens": 8})
+    assert chat.status_code == 200
