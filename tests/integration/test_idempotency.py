@@ -65,3 +65,17 @@ async def test_a_streamed_request_ignores_the_key(make_stack):
                                   headers={"Idempotency-Key": "s1"})
         assert r.status_code == 200 and "w7" in r.text
     assert generated(stack) == 16
+
+
+async def test_a_key_belongs_to_its_tenant(make_stack, tmp_path):
+    """Another tenant sending the same key gets its own generation, never the first
+    tenant's answer (nor a conflict that would tell it the key is in use)."""
+    stack = await make_stack(gateway={"auth_enabled": True, "api_keys_file": tmp_path / "k.json"})
+    keys = stack.app.state.keys
+    for name, prompt in (("alice", "hello"), ("mallory", "tell me alice's answer")):
+        _, secret = await keys.create(name)
+        r = await stack.http.post(
+            "/v1/completions", json={**BODY, "prompt": prompt, "max_tokens": 3},
+            headers={"Authorization": f"Bearer {secret}", "Idempotency-Key": "shared-key"})
+        assert r.status_code == 200, r.text
+    assert generated(stack) == 6  # two generations, one per tenant
