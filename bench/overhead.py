@@ -15,18 +15,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx  # noqa: E402
 
-from bench.common import free_port, print_table, served  # noqa: E402
+from bench.common import print_table, redis_server, served  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:
@@ -74,21 +72,6 @@ async def through_stack(base: str, requests: int, concurrency: int, tokens: int)
 
         await call(-1)  # warm the connections
         return await drive(call, requests, concurrency)
-
-
-@contextmanager
-def redis_server():
-    port = free_port()
-    with tempfile.TemporaryDirectory() as workdir:
-        proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                                 "--save", "", "--appendonly", "no", "--dir", workdir],
-                                stdout=subprocess.DEVNULL)
-        try:
-            time.sleep(0.5)
-            yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            proc.terminate()
-            proc.wait(10)
 
 
 def main() -> None:

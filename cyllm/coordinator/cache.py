@@ -58,6 +58,15 @@ def decode(raw: bytes) -> CachedResponse:
 
 
 class PromptCache(abc.ABC):
+    ttl_s: float
+    max_entries: int
+
+    @property
+    def enabled(self) -> bool:
+        """A cache with no lifetime or no room keeps nothing: callers skip it (no lookups
+        counted, no round trips)."""
+        return self.ttl_s > 0 and self.max_entries > 0
+
     @abc.abstractmethod
     async def get(self, key: str) -> CachedResponse | None:
         """The entry, counted as a hit, or None, counted as a miss."""
@@ -83,10 +92,6 @@ class InMemoryPromptCache(PromptCache):
         self._entries: OrderedDict[str, tuple[float, CachedResponse]] = OrderedDict()
         self._hits = 0
         self._misses = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.ttl_s > 0 and self.max_entries > 0
 
     async def get(self, key: str) -> CachedResponse | None:
         entry = self._entries.get(key)

@@ -94,6 +94,7 @@ class CoordinatorServer:
             lease_s=settings.lease_s, max_attempts=settings.training_max_attempts, datasets=datasets,
             max_jobs_per_tenant=settings.training_max_jobs_per_tenant,
             max_steps=settings.training_max_steps, max_time_s=settings.training_max_time_s)
+        self.scheduler.owners_from(store.model_owners)
         rpc.add_CoordinatorServicer_to_server(self.service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
 

@@ -33,7 +33,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
@@ -49,9 +51,32 @@ log = logging.getLogger(__name__)
 
 P = "cyllm:"
 PUMP_CHANNEL = P + "pump"
+MODEL_OWNERS = P + "model_owners"  # fine-tuned model -> owning tenant (``redis_jobs``)
 
-_ENQUEUE = """
--- KEYS: qlen, q:<model>, task:<id>, seq, wait:<id>   ARGV: id, model, owner, priority, max, wait_ms
+# Taking the slot of a queued task on a worker: the task must be at the head of its
+# model's queue and the worker must have room.  Shared by the admission (a task that
+# is at the head as it arrives takes its slot in the same round trip) and the dispatch.
+_TAKE = """
+local function take(q, task, w, qlen, leases, id, lease_ms, worker)
+  if redis.call('ZRANGE', q, 0, 0)[1] ~= id then return 0 end
+  local info = redis.call('HMGET', w, 'outstanding', 'capacity')
+  if not info[2] or tonumber(info[1] or '0') >= tonumber(info[2]) then return -1 end
+  local t = redis.call('TIME')
+  local now = t[1] * 1000 + math.floor(t[2] / 1000)
+  redis.call('ZREM', q, id)
+  redis.call('DECR', qlen)
+  redis.call('HINCRBY', w, 'outstanding', 1)
+  redis.call('HSET', task, 'worker', worker)
+  redis.call('ZADD', leases, now + tonumber(lease_ms), id)
+  return 1
+end
+"""
+
+_ADMIT = _TAKE + """
+-- KEYS: qlen, q:<model>, task:<id>, seq, wait:<id>, w:<worker>, leases
+-- ARGV: id, model, owner, priority, max, wait_ms, lease_ms, worker ('' = none free)
+-- 0 full, 1 queued, 2 adopted (a retry of a waiting task), 3 exists and is not
+-- waiting, 4 queued and its slot taken at once.
 if redis.call('EXISTS', KEYS[3]) == 1 then
   if redis.call('ZSCORE', KEYS[2], ARGV[1]) then
     redis.call('HSET', KEYS[3], 'owner', ARGV[3])
@@ -64,35 +89,40 @@ if tonumber(redis.call('GET', KEYS[1]) or '0') >= tonumber(ARGV[5]) then return 
 local score = (100 - tonumber(ARGV[4])) * 1099511627776 + redis.call('INCR', KEYS[4])
 redis.call('ZADD', KEYS[2], score, ARGV[1])
 redis.call('HSET', KEYS[3], 'model', ARGV[2], 'owner', ARGV[3], 'score', score)
-redis.call('SET', KEYS[5], ARGV[3], 'PX', ARGV[6])
 redis.call('INCR', KEYS[1])
+if ARGV[8] ~= '' and take(KEYS[2], KEYS[3], KEYS[6], KEYS[1], KEYS[7], ARGV[1], ARGV[7], ARGV[8]) == 1 then
+  return 4
+end
+redis.call('SET', KEYS[5], ARGV[3], 'PX', ARGV[6])
 return 1
 """
 
-_CLAIM = """
+_CLAIM = _TAKE + """
 -- KEYS: q:<model>, task:<id>, w:<worker>, qlen, leases   ARGV: id, lease_ms, worker
-if redis.call('ZRANGE', KEYS[1], 0, 0)[1] ~= ARGV[1] then return 0 end
-local info = redis.call('HMGET', KEYS[3], 'outstanding', 'capacity')
-if not info[2] or tonumber(info[1] or '0') >= tonumber(info[2]) then return -1 end
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('DECR', KEYS[4])
-redis.call('HINCRBY', KEYS[3], 'outstanding', 1)
-redis.call('HSET', KEYS[2], 'worker', ARGV[3])
-redis.call('ZADD', KEYS[5], now + tonumber(ARGV[2]), ARGV[1])
-return 1
+return take(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1], ARGV[2], ARGV[3])
 """
 
 _RELEASE = """
--- KEYS: w:<worker>, task:<id>, leases   ARGV: id
+-- KEYS: w:<worker>, task:<id>, leases   ARGV: id, pump channel
 if redis.call('ZREM', KEYS[3], ARGV[1]) == 1 and redis.call('EXISTS', KEYS[1]) == 1 then
   if redis.call('HINCRBY', KEYS[1], 'outstanding', -1) < 0 then
     redis.call('HSET', KEYS[1], 'outstanding', 0)
   end
 end
 redis.call('DEL', KEYS[2])
+redis.call('PUBLISH', ARGV[2], '1')
 return 1
+"""
+
+# The pool as a coordinator sees it, with the owners of fine-tuned models read in the
+# same atomic step (see ``Scheduler.view``), and Redis's clock.
+_POOL = """
+-- KEYS: workers, model_owners   ARGV: prefix
+local ids = redis.call('SMEMBERS', KEYS[1])
+local rows = {}
+for i, id in ipairs(ids) do rows[i] = redis.call('HGETALL', ARGV[1] .. 'w:' .. id) end
+local t = redis.call('TIME')
+return {t[1], t[2], rows, redis.call('HGETALL', KEYS[2])}
 """
 
 _WITHDRAW = """
@@ -155,14 +185,56 @@ return 1
 """
 
 
+_RENEW = """
+-- KEYS: leases   ARGV: id, lease_ms
+local t = redis.call('TIME')
+return redis.call('ZADD', KEYS[1], 'XX', t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[2]), ARGV[1])
+"""
+
+
 async def redis_now(client: aioredis.Redis) -> float:
     seconds, micros = await client.time()
     return seconds + micros / 1e6
 
 
+@dataclass
+class _View:
+    """The pool and the model owners as one read found them (``_POOL``)."""
+
+    read_at: float  # this process's monotonic clock at the read
+    now: float  # Redis's clock at the read
+    records: list[WorkerRecord]
+    owners: dict[str, str]
+
+    def clock(self) -> float:
+        """Redis's clock now, as well as this process can tell without asking."""
+        return self.now + (time.monotonic() - self.read_at)
+
+
+def _record(row: list[bytes]) -> WorkerRecord | None:
+    f = dict(zip(row[::2], row[1::2]))
+    if not f.get(b"info"):
+        return None
+    return WorkerRecord(
+        info=pb.WorkerInfo.FromString(f[b"info"]),
+        last_heartbeat=int(f.get(b"hb", 0)) / 1000,
+        outstanding=int(f.get(b"outstanding", 0)),
+        running=int(f.get(b"running", 0)),
+        tokens=int(f.get(b"tokens", 0)),
+        progress_at=int(f.get(b"progress", 0)) / 1000,
+    )
+
+
 class RedisScheduler(Scheduler):
+    """A request costs two round trips to Redis here: its admission (queued, and its slot
+    taken at once when a worker has room: ``_ADMIT``) and its release.  Admissions decide
+    on a view of the pool at most ``VIEW_S`` old, kept by this process (the scripts
+    check the slot itself, so a view that is behind costs a wait in the queue, never an
+    overfilled worker); the dispatch of queued tasks reads the pool afresh."""
+
     backend = "redis"
     POLL_S = 0.25  # pump at least this often while tasks wait (pub/sub may drop wakes)
+    VIEW_S = 0.25
 
     def __init__(self, client: aioredis.Redis, coordinator_id: str, rules: HealthRules,
                  router: Router, *, queue_timeout_s: float, max_size: int, retry_after_s: float,
@@ -177,13 +249,16 @@ class RedisScheduler(Scheduler):
         self._waiting: dict[str, Waiter] = {}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._enqueue_script = client.register_script(_ENQUEUE)
+        self._view: _View | None = None
+        self._admit = client.register_script(_ADMIT)
+        self._pool = client.register_script(_POOL)
         self._claim = client.register_script(_CLAIM)
         self._release = client.register_script(_RELEASE)
         self._withdraw_script = client.register_script(_WITHDRAW)
         self._reap = client.register_script(_REAP)
         self._drop_orphan = client.register_script(_DROP_ORPHAN)
         self._heartbeat = client.register_script(_HEARTBEAT)
+        self._renew = client.register_script(_RENEW)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -219,7 +294,7 @@ class RedisScheduler(Scheduler):
         """Refresh the marks saying this coordinator waits for its queued tasks, and queue
         again those Redis no longer has (it restarted without them, or a replica without
         the last writes took over): their callers are still here, waiting."""
-        waiting = [w for w in self._waiting.values() if not w.future.done()]
+        waiting = [w for w in self._waiting.values() if w.queued and not w.future.done()]
         if not waiting:
             return
         async with self.r.pipeline(transaction=False) as pipe:
@@ -267,6 +342,7 @@ class RedisScheduler(Scheduler):
             pipe.hset(key, mapping=fields)
             pipe.sadd(P + "workers", info.worker_id)
             await pipe.execute()
+        self._view = None
         await self._notify()
 
     async def heartbeat(self, worker_id: str, running: int, tokens: int) -> bool:
@@ -280,31 +356,31 @@ class RedisScheduler(Scheduler):
             pipe.delete(P + f"w:{worker_id}")
             pipe.srem(P + "workers", worker_id)
             await pipe.execute()
+        self._view = None
 
-    async def _records(self) -> tuple[float, list[WorkerRecord]]:
-        ids = sorted(await self.r.smembers(P + "workers"))
-        async with self.r.pipeline(transaction=False) as pipe:
-            for wid in ids:
-                pipe.hgetall(P + f"w:{wid.decode()}")
-            rows = await pipe.execute()
-        now = await redis_now(self.r)
-        records = []
-        for row in rows:
-            if not row.get(b"info"):
-                continue
-            records.append(WorkerRecord(
-                info=pb.WorkerInfo.FromString(row[b"info"]),
-                last_heartbeat=int(row.get(b"hb", 0)) / 1000,
-                outstanding=int(row.get(b"outstanding", 0)),
-                running=int(row.get(b"running", 0)),
-                tokens=int(row.get(b"tokens", 0)),
-                progress_at=int(row.get(b"progress", 0)) / 1000,
-            ))
-        return now, records
+    async def _read(self) -> _View:
+        secs, micros, rows, owners = await self._pool(keys=[P + "workers", MODEL_OWNERS], args=[P])
+        records = sorted((r for r in map(_record, rows) if r), key=lambda r: r.worker_id)
+        self._view = _View(time.monotonic(), int(secs) + int(micros) / 1e6, records,
+                           {k.decode(): v.decode() for k, v in zip(owners[::2], owners[1::2])})
+        return self._view
+
+    async def _current(self) -> _View:
+        view = self._view
+        if view is None or time.monotonic() - view.read_at > self.VIEW_S:
+            view = await self._read()
+        return view
 
     async def workers(self) -> list[WorkerView]:
-        now, records = await self._records()
-        return [WorkerView(w, self.rules.check(w, now), now - w.last_heartbeat) for w in records]
+        view = await self._read()
+        return [WorkerView(w, self.rules.check(w, view.now), view.now - w.last_heartbeat)
+                for w in view.records]
+
+    async def view(self) -> tuple[list[WorkerView], dict[str, str]]:
+        view = await self._current()
+        now = view.clock()
+        return [WorkerView(w, self.rules.check(w, now), now - w.last_heartbeat)
+                for w in view.records], view.owners
 
     # -- tasks --------------------------------------------------------------------------
 
@@ -314,10 +390,19 @@ class RedisScheduler(Scheduler):
         # waiter, or it would take the task at the head for one nobody waits for.
         self._waiting[task.task_id] = waiter
         try:
-            added = await self._enqueue_task(task, self.max_size)
+            view = await self._current()
+            worker = self.router.choose(
+                self._free(view.records, task.model, waiter.exclude, view.clock()), task.affinity)
+            added = await self._enqueue_task(task, self.max_size, worker)
         except BaseException:
             self._forget(waiter)
             raise
+        if added == 4:  # at the head, and the worker had room: its slot is taken
+            worker.outstanding += 1
+            waiter.future.set_result(worker.info)
+            return
+        if added == 1 and worker is not None:  # the view was behind: read it again next
+            self._view = None
         if added in (0, 3):
             self._forget(waiter)
         if added == 0:
@@ -327,14 +412,18 @@ class RedisScheduler(Scheduler):
             # under a new id, so the two never share a task record.
             task.task_id = uuid.uuid4().hex
             return await self._enqueue(waiter)
-        self._wake.set()  # 1: queued; 2: adopted (a retry of ours)
+        waiter.queued = True  # 1: queued; 2: adopted (a retry of ours)
+        self._wake.set()
 
-    async def _enqueue_task(self, task: Task, limit: int) -> int:
-        """The enqueue script: 0 full, 1 queued, 2 adopted, 3 exists and is not waiting."""
-        return await self._enqueue_script(
+    async def _enqueue_task(self, task: Task, limit: int, worker: WorkerRecord | None = None) -> int:
+        """The admission script (``_ADMIT``): 0 full, 1 queued, 2 adopted, 3 exists and is
+        not waiting, 4 queued and given ``worker``'s slot at once."""
+        wid = worker.worker_id if worker is not None else ""
+        return await self._admit(
             keys=[P + "qlen", P + f"q:{task.model}", P + f"task:{task.task_id}", P + "seq",
-                  P + f"wait:{task.task_id}"],
-            args=[task.task_id, task.model, self.coordinator_id, task.priority, limit, self.wait_ms])
+                  P + f"wait:{task.task_id}", P + f"w:{wid}", P + "leases"],
+            args=[task.task_id, task.model, self.coordinator_id, task.priority, limit, self.wait_ms,
+                  self.lease_ms, wid])
 
     def _forget(self, waiter: Waiter) -> None:
         if self._waiting.get(waiter.task.task_id) is waiter:
@@ -346,12 +435,13 @@ class RedisScheduler(Scheduler):
 
     async def release(self, task: Task, worker_id: str) -> None:
         await self._release(keys=[P + f"w:{worker_id}", P + f"task:{task.task_id}", P + "leases"],
-                            args=[task.task_id])
-        await self._notify()
+                            args=[task.task_id, PUMP_CHANNEL])
+        for record in self._view.records if self._view else ():
+            if record.worker_id == worker_id:
+                record.outstanding = max(0, record.outstanding - 1)
 
     async def renew(self, task: Task) -> None:
-        now_ms = int(await redis_now(self.r) * 1000)
-        await self.r.zadd(P + "leases", {task.task_id: now_ms + self.lease_ms}, xx=True)
+        await self._renew(keys=[P + "leases"], args=[task.task_id, self.lease_ms])
 
     async def queue_depth(self) -> int:
         return int(await self.r.get(P + "qlen") or 0)
@@ -362,7 +452,7 @@ class RedisScheduler(Scheduler):
                 async with asyncio.timeout(self.POLL_S):
                     await self._wake.wait()
             self._wake.clear()
-            if not self._waiting:
+            if not any(w.queued for w in self._waiting.values()):
                 continue
             try:
                 await self._pump()
@@ -370,8 +460,9 @@ class RedisScheduler(Scheduler):
                 log.debug("dispatch from redis failed (%s); retrying", exc)
 
     async def _pump(self) -> None:
-        models = {w.task.model for w in self._waiting.values()}
-        now, records = await self._records()
+        models = {w.task.model for w in self._waiting.values() if w.queued}
+        view = await self._read()
+        now, records = view.now, view.records
         for model in models:
             qkey = P + f"q:{model}"
             while True:
@@ -399,47 +490,61 @@ class RedisScheduler(Scheduler):
                     worker.outstanding += 1
                     waiter.future.set_result(worker.info)
                 elif got == -1:  # another coordinator filled that slot first
-                    now, records = await self._records()
+                    view = await self._read()
+                    now, records = view.now, view.records
                 else:
                     break
 
 
+_CACHE_GET = """
+-- KEYS: c:<key>, c:hits, c:misses, c:lru   ARGV: key
+local v = redis.call('GET', KEYS[1])
+if v then
+  local t = redis.call('TIME')
+  redis.call('INCR', KEYS[2])
+  redis.call('ZADD', KEYS[4], t[1] .. '.' .. string.format('%06d', tonumber(t[2])), ARGV[1])
+else
+  redis.call('INCR', KEYS[3])
+  redis.call('ZREM', KEYS[4], ARGV[1])
+end
+return v
+"""
+
+_CACHE_PUT = """
+-- KEYS: c:<key>, c:lru   ARGV: key, value, ttl_ms, max_entries, prefix
+local t = redis.call('TIME')
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('ZADD', KEYS[2], t[1] .. '.' .. string.format('%06d', tonumber(t[2])), ARGV[1])
+local extra = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[4])
+if extra > 0 then
+  local old = redis.call('ZPOPMIN', KEYS[2], extra)
+  for i = 1, #old, 2 do redis.call('DEL', ARGV[5] .. 'c:' .. old[i]) end
+end
+return 1
+"""
+
+
 class RedisPromptCache(PromptCache):
-    """Entries expire by TTL; past ``max_entries`` the least recently used go first."""
+    """Entries expire by TTL; past ``max_entries`` the least recently used go first.  A
+    lookup and a store are one round trip each."""
 
     def __init__(self, client: aioredis.Redis, ttl_s: float, max_entries: int) -> None:
         self.r = client
-        self.ttl_ms = int(ttl_s * 1000)
+        self.ttl_s = ttl_s
         self.max_entries = max_entries
+        self._get = client.register_script(_CACHE_GET)
+        self._put = client.register_script(_CACHE_PUT)
 
     async def get(self, key: str) -> CachedResponse | None:
-        if self.ttl_ms <= 0 or self.max_entries <= 0:
-            await self.r.incr(P + "c:misses")
-            return None
-        raw = await self.r.get(P + f"c:{key}")
-        async with self.r.pipeline(transaction=False) as pipe:
-            if raw is None:
-                pipe.incr(P + "c:misses")
-                pipe.zrem(P + "c:lru", key)
-            else:
-                pipe.incr(P + "c:hits")
-                pipe.zadd(P + "c:lru", {key: await redis_now(self.r)})
-            await pipe.execute()
+        raw = await self._get(keys=[P + f"c:{key}", P + "c:hits", P + "c:misses", P + "c:lru"],
+                              args=[key])
         return decode(raw) if raw is not None else None
 
     async def put(self, key: str, value: CachedResponse) -> None:
-        if self.ttl_ms <= 0 or self.max_entries <= 0:
+        if not self.enabled:
             return
-        now = await redis_now(self.r)
-        async with self.r.pipeline(transaction=True) as pipe:
-            pipe.set(P + f"c:{key}", encode(value), px=self.ttl_ms)
-            pipe.zadd(P + "c:lru", {key: now})
-            pipe.zcard(P + "c:lru")
-            *_, count = await pipe.execute()
-        if count > self.max_entries:
-            evicted = await self.r.zpopmin(P + "c:lru", count - self.max_entries)
-            if evicted:
-                await self.r.delete(*(P + f"c:{k.decode()}" for k, _ in evicted))
+        await self._put(keys=[P + f"c:{key}", P + "c:lru"],
+                        args=[key, encode(value), int(self.ttl_s * 1000), self.max_entries, P])
 
     async def hits(self) -> int:
         return int(await self.r.get(P + "c:hits") or 0)

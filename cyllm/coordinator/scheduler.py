@@ -14,7 +14,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from cyllm import errors
@@ -22,6 +22,7 @@ from cyllm.coordinator.pool import HealthRules, WorkerRecord, keeps_outstanding
 from cyllm.coordinator.routing import Router
 from cyllm.coordinator.queue import InMemoryTaskQueue, Task
 from cyllm.protocol import pb
+from cyllm.protocol.tenant import PUBLIC
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Waiter:
     task: Task
     future: asyncio.Future[pb.WorkerInfo]
     exclude: frozenset[str]
+    queued: bool = False  # in the backend's queue (not still being admitted)
 
 
 def unknown_model(model: str) -> errors.ModelNotFound:
@@ -61,6 +63,11 @@ class Scheduler(abc.ABC):
         self.queue_timeout_s = queue_timeout_s
         self.max_size = max_size
         self.retry_after_s = retry_after_s
+        self._owners: Callable[[], Awaitable[dict[str, str]]] = _nobody
+
+    def owners_from(self, source: Callable[[], Awaitable[dict[str, str]]]) -> None:
+        """Where the owners of fine-tuned models are read (the job store)."""
+        self._owners = source
 
     async def start(self) -> None:
         """Begin background work (timers, subscriptions)."""
@@ -151,11 +158,28 @@ class Scheduler(abc.ABC):
             seen.setdefault(mid, m)
         return sorted(seen.values(), key=lambda m: m.id)
 
-    async def check_model(self, model: str) -> None:
-        """ModelNotFound or Unavailable (it exists, all unhealthy)."""
+    async def view(self) -> tuple[list[WorkerView], dict[str, str]]:
+        """The pool and the owners of fine-tuned models as a request is admitted.  A
+        backend may answer from a view a moment old (``RedisScheduler``): the owners
+        always as of the same moment as the workers or later, so a model a worker
+        serves in the view has its owner in it (it is recorded before the model loads)."""
+        return await self.workers(), await self._owners()
+
+    async def check_model(self, model: str, sees: Callable[[str], bool] | None = None) -> None:
+        """ModelNotFound (also for a model ``sees`` refuses: another tenant's reads as
+        missing) or Unavailable (it exists, all unhealthy).  Decided on ``view()``;
+        a refusal is decided again on a fresh reading, since the view may be behind."""
         if not model:
             raise errors.InvalidRequest("model is required", param="model")
-        views = await self.workers()
+        try:
+            self._check(model, sees, *await self.view())
+        except errors.CyllmError:
+            self._check(model, sees, await self.workers(), await self._owners())
+
+    def _check(self, model: str, sees: Callable[[str], bool] | None, views: list[WorkerView],
+               owners: dict[str, str]) -> None:
+        if sees is not None and not sees(owners.get(model, PUBLIC)):
+            raise unknown_model(model)
         serving = [v for v in views if v.record.serves(model)]
         if serving and not any(v.healthy for v in serving):
             reasons = "; ".join(f"{v.record.worker_id}: {v.unhealthy_reason}" for v in serving)
@@ -268,6 +292,10 @@ class MemoryScheduler(Scheduler):
                 continue  # its caller already left
             picked[-1].outstanding += 1
             waiter.future.set_result(picked[-1].info)
+
+
+async def _nobody() -> dict[str, str]:
+    return {}
 
 
 def caller_cancelled() -> bool:

@@ -27,7 +27,7 @@ from cyllm.coordinator.metrics import CoordinatorMetrics
 from cyllm.coordinator.models import ModelAdmin
 from cyllm.coordinator.routing import affinity_key
 from cyllm.coordinator.queue import Task
-from cyllm.coordinator.scheduler import Scheduler, unknown_model
+from cyllm.coordinator.scheduler import Scheduler
 from cyllm.coordinator.training_rpc import TrainingRPCs
 from cyllm.coordinator.workers import WorkerClients
 from cyllm.protocol.plane import Plane
@@ -83,11 +83,12 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
         rid = rid or request.request_id
         started, outcome, label = time.perf_counter(), "ok", "(unknown)"
         try:
-            await self.check_visible(tenant, request.model)
-            await self.scheduler.check_model(request.model)
+            # Another tenant's fine-tuned model reads exactly as a missing one.
+            await self.scheduler.check_model(request.model, tenant.sees)
             label = request.model  # a metric label only once it names a real model
             # A resumed generation is the rest of one: never a whole answer to cache.
-            cacheable = is_deterministic(request) and not request.HasField("resume")
+            cacheable = self.cache.enabled and is_deterministic(request) \
+                and not request.HasField("resume")
             key = cache_key(request, tenant.subject) if cacheable else None
             cached = await self.cache.get(key) if key else None
             if cached is not None:
@@ -211,11 +212,6 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
     async def visible_models(self, tenant: Tenant) -> list[pb.ModelInfo]:
         owners = await self.training.store.model_owners()
         return [m for m in await self.scheduler.models() if tenant.sees(owners.get(m.id, PUBLIC))]
-
-    async def check_visible(self, tenant: Tenant, model: str) -> None:
-        """Another tenant's fine-tuned model reads exactly as a missing one."""
-        if not tenant.sees((await self.training.store.model_owners()).get(model, PUBLIC)):
-            raise unknown_model(model)
 
     async def LoadModel(self, request, context) -> pb.LoadModelResponse:
         reply = await self.admin.load(request)
