@@ -326,22 +326,26 @@ class TrainingManager:
             return
         spec = TrainingSpec.model_validate_json(job.spec_json)
         name = "ft-" + (f"{spec.suffix}-" if spec.suffix else "") + job.id[-8:]
+        kinds = [result.result_kind]
         if result.result_kind == "adapter":
-            model = f"{spec.base_model}:{name}"
-            load = pb.LoadModelRequest(model=model, adapter_path=result.result_path)
-        else:
-            model = f"{spec.base_model}-{name}"
-            load = pb.LoadModelRequest(model=model, from_model=spec.base_model)
-            if result.result_kind == "model":
-                load.model_path = result.result_path
-            else:
-                load.peft_adapter_path = result.result_path
-        await self.store.set_model_owner(model, job.owner)  # before anyone can see it
-        try:
-            reply = await self.workers.load_model(worker.address, load)
-        except errors.CyllmError as err:
+            # An engine that takes no adapters at run time (vLLM started without LoRA)
+            # serves the base with the adapter applied, as a model of its own.
+            kinds.append("peft")
+        for kind in kinds:
+            model, load = _serving(spec.base_model, name, kind, result.result_path)
+            await self.store.set_model_owner(model, job.owner)  # before anyone can see it
+            try:
+                reply = await self.workers.load_model(worker.address, load)
+                break
+            except errors.NotLoadable as err:
+                if kind != kinds[-1]:
+                    log.info("job %s: %s; serving the adapter applied instead", job.id, err.message)
+                    continue
+                failure = err
+            except errors.CyllmError as err:
+                failure = err
             await self._finish(job, "failed", f"trained ({result.result_path}), but serving it "
-                               f"failed: {err.message}", code=err.code)
+                               f"failed: {failure.message}", code=failure.code)
             return
         await self.scheduler.register(reply.worker)
         job.fine_tuned_model = model
@@ -375,3 +379,18 @@ class TrainingManager:
         await self.store.append_event(job_id, pb.TrainingEvent(
             created_at=int(time.time() * 1000), type=type_, level=level, message=message,
             state=state))
+
+
+def _serving(base: str, name: str, kind: str, path: str) -> tuple[str, pb.LoadModelRequest]:
+    """The model a training result is served as, and the request that loads it: an
+    adapter beside its base (``base:name``), else a model of its own (``base-name``)."""
+    if kind == "adapter":
+        model = f"{base}:{name}"
+        return model, pb.LoadModelRequest(model=model, adapter_path=path)
+    model = f"{base}-{name}"
+    load = pb.LoadModelRequest(model=model, from_model=base)
+    if kind == "model":
+        load.model_path = path
+    else:
+        load.peft_adapter_path = path
+    return model, load
