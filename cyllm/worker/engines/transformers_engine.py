@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cyllm import errors
 from cyllm.worker.engines.base import Engine
+from cyllm.worker.engines.factory import cpu_has_bfloat16
 from cyllm.worker.engines.hf_batch import KVBatch
 from cyllm.worker.engines.planning import Plan, SamplingDefaults
 from cyllm.worker.engines.sampling import make_generator, sample
@@ -363,17 +364,6 @@ class TransformersEngine(Engine):
             s.events = []
         if items and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(_put_all, items)
-
-
-def cpu_has_bfloat16(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU computes in bfloat16 natively (Linux's feature flags)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    flags = set(cpuinfo.split())
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from cyllm import errors
+from cyllm.worker.engines.factory import cpu_has_bfloat16
 from cyllm.worker.engines.base import Engine
 from cyllm.worker.engines.planning import Plan, SamplingDefaults
 from cyllm.worker.engines.types import ModelCard, Step
@@ -73,9 +74,13 @@ class VllmAsyncEngine(Engine):
             raise errors.NotLoadable(
                 f"model {self.spec.id!r}: unknown vLLM engine argument(s) {', '.join(unknown)} "
                 "(see vllm.AsyncEngineArgs)")
+        dtype = self.spec.dtype
+        if dtype == "auto" and self._platform_type() == "cpu":
+            # As the transformers engine: bfloat16 where the CPU computes in it natively.
+            dtype = "bfloat16" if cpu_has_bfloat16() else "float32"
         args: dict[str, Any] = {
             "model": str(self.model_dir),
-            "dtype": self.spec.dtype,
+            "dtype": dtype,
             "max_num_seqs": self.spec.max_batch_size,
             "disable_log_stats": True,
         }
