@@ -10,7 +10,10 @@ the cost of the generations stays the same.  A load process calls the coordinato
 and greedy ones with distinct prompts, which it stores), one at a time and 64 at a
 time, and the same calls straight to the worker: the difference is what placement
 adds.  Redis round trips are counted per request (those made while serving it) and
-in all (housekeeping, heartbeats and the dispatch included), divided by the requests.
+in all (housekeeping, heartbeats and the dispatch included), divided by the requests;
+so is the redis-server's CPU time (its ``INFO cpu``), which sets the cluster's ceiling:
+one Redis core serves about 1e6 / (µs per request) requests a second, whatever the
+number of coordinators in front of it.
 
     python bench/coordination.py [--requests 400] [--workers 1,10,100]
 """
@@ -169,6 +172,17 @@ async def pool_of(server, n: int) -> asyncio.Task[None]:
     return asyncio.create_task(beat())
 
 
+async def redis_cpu(url: str | None) -> float:
+    """CPU seconds the redis-server has used (user + system), 0 without Redis."""
+    if not url:
+        return 0.0
+    import redis.asyncio as aioredis
+
+    async with aioredis.from_url(url) as r:
+        info = await r.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 async def measure(backend: str, redis_url: str | None, sizes: list[int], requests: int) -> list[list]:
     rows = []
     for n in sizes:
@@ -190,9 +204,10 @@ async def measure(backend: str, redis_url: str | None, sizes: list[int], request
                             direct = await asyncio.to_thread(
                                 run_load, f"127.0.0.1:{worker_port}", requests, conc, greedy,
                                 tag.replace("coordinator", "worker"))
-                            before = dict(COUNTS)
+                            before, cpu = dict(COUNTS), await redis_cpu(redis_url)
                             placed = await asyncio.to_thread(
                                 run_load, f"127.0.0.1:{server.port}", requests, conc, greedy, tag)
+                            cpu = await redis_cpu(redis_url) - cpu
                             total = requests + 8  # the warm-up calls
                             per_request = (COUNTS["requests"] - before["requests"]) / total
                             overall = (COUNTS["all"] - before["all"]) / total
@@ -200,7 +215,8 @@ async def measure(backend: str, redis_url: str | None, sizes: list[int], request
                                          f"{placed['rps'] / direct['rps']:.2f}x",
                                          placed["p50"] * 1000, direct["p50"] * 1000,
                                          f"{per_request:.2f}" if redis_url else "-",
-                                         f"{overall:.2f}" if redis_url else "-"])
+                                         f"{overall:.2f}" if redis_url else "-",
+                                         f"{cpu / total * 1e6:.0f}" if redis_url else "-"])
                 finally:
                     beating.cancel()
                     proc.terminate()
@@ -232,7 +248,7 @@ def main() -> None:
     print_table(f"one coordinator placing 16-token requests (fake engine), {args.requests} per row",
                 ["backend", "workers", "concurrency", "requests", "placed req/s", "direct req/s",
                  "ratio", "p50 ms placed", "p50 ms direct", "Redis trips/request",
-                 "Redis trips/request (all)"], rows)
+                 "Redis trips/request (all)", "Redis CPU µs/request"], rows)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@
 2. **The relay**: ``cyllm serve`` with the zero-cost fake engine against a one-process
    FastAPI server written here that streams the same OpenAI chunks: added p50 per
    16-token request at concurrency 1, req/s at concurrency 64 (16-token answers), and
-   streamed tokens/s at concurrency 64 (256-token streams).
+   streamed tokens/s at concurrency 64 (256-token streams).  For scale, the p50 of one
+   bare ``grpc.aio`` hop (a server streaming three messages to a client in one process,
+   nothing else): the floor of each of the stack's two hops.
 
     python bench/peers.py                 # both parts
     python bench/peers.py --part relay    # only the relay
@@ -161,6 +163,35 @@ def engines_part(tokens: int, streams: list[int], vllm_dtype: str) -> None:
                  "TTFT p50 cyllm"], rows)
 
 
+async def bare_grpc_hop(calls: int = 2000) -> float:
+    """p50 (s) of a unary-stream call of three small messages, server and client in
+    this process, over loopback."""
+    import grpc
+
+    from cyllm.protocol import pb, rpc
+
+    class Streamer(rpc.WorkerServicer):
+        async def Generate(self, request, context):
+            yield pb.GenerateResponse(started=pb.Started(prompt_tokens=1))
+            yield pb.GenerateResponse(delta=pb.Delta(text=" w" * 16))
+            yield pb.GenerateResponse(finished=pb.Finished(finish_reason="length"))
+
+    server = grpc.aio.server()
+    rpc.add_WorkerServicer_to_server(Streamer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    latencies = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = rpc.WorkerStub(channel)
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            async for _ in stub.Generate(pb.GenerateRequest(model="x")):
+                pass
+            latencies.append(time.perf_counter() - t0)
+    await server.stop(None)
+    return statistics.median(latencies[calls // 10:])
+
+
 def relay_part(requests: int) -> None:
     rows = []
     for name, server in (("one process", one_process), ("cyllm serve (fake engine)", cyllm_fake)):
@@ -175,6 +206,8 @@ def relay_part(requests: int) -> None:
                 ["server", "p50 ms at 1", "req/s at 64", "streamed tok/s at 64"], rows)
     print(f"added p50 at concurrency 1: {ours[1] - ref[1]:+.1f} ms; req/s ratio "
           f"{ours[2] / ref[2]:.2f}x; streamed tokens/s ratio {ours[3] / ref[3]:.2f}x")
+    print(f"one bare grpc.aio hop (three messages, one process): p50 "
+          f"{asyncio.run(bare_grpc_hop()) * 1000:.2f} ms")
 
 
 def main() -> None:
