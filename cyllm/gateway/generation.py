@@ -48,6 +48,7 @@ def build_request(
     stop: str | list[str] | None = None,
     seed: int | None = None,
     priority: int = 0,
+    constraint: pb.Constraint | None = None,
 ) -> pb.GenerateRequest:
     sampling = pb.SamplingParams(stop=[stop] if isinstance(stop, str) else list(stop or []))
     if max_tokens is not None:
@@ -58,6 +59,8 @@ def build_request(
         sampling.top_p = top_p
     if seed is not None:
         sampling.seed = seed
+    if constraint is not None:
+        sampling.constraint.CopyFrom(constraint)
     for param, texts in (("prompt", [prompt or ""]), ("messages", [t for m in messages or () for t in m]),
                          ("stop", list(sampling.stop))):
         _check_text(texts, param)

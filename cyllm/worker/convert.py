@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from cyllm.protocol import pb
+from cyllm import errors
 from cyllm.worker.engines.types import (
+    Constraint,
     Event,
     Finished,
     GenerationRequest,
@@ -23,6 +25,7 @@ def request_from_proto(msg: pb.GenerateRequest) -> GenerationRequest:
         top_p=s.top_p if s.HasField("top_p") else None,
         stop=tuple(s.stop),
         seed=s.seed if s.HasField("seed") else None,
+        constraint=_constraint(s.constraint) if s.HasField("constraint") else None,
     )
     resume = Resume(tuple(msg.resume.token_ids), msg.resume.text) \
         if msg.HasField("resume") and msg.resume.token_ids else None
@@ -30,6 +33,12 @@ def request_from_proto(msg: pb.GenerateRequest) -> GenerationRequest:
         messages = tuple((m.role, m.content) for m in msg.messages.messages)
         return GenerationRequest(msg.request_id, messages=messages, sampling=sampling, resume=resume)
     return GenerationRequest(msg.request_id, prompt=msg.prompt, sampling=sampling, resume=resume)
+
+
+def _constraint(c: pb.Constraint) -> Constraint:
+    if c.kind not in ("json_object", "json_schema") or (c.kind == "json_schema") != bool(c.json_schema):
+        raise errors.InvalidRequest(f"unknown response format {c.kind!r}", param="response_format")
+    return Constraint(c.kind, c.json_schema)
 
 
 def event_to_proto(event: Event) -> pb.GenerateResponse:

@@ -13,6 +13,7 @@ import time
 
 import httpx
 import openai
+import pydantic
 import pytest
 
 from tests.e2e.conftest import MODEL as DEFAULT_MODEL
@@ -121,3 +122,17 @@ def test_client_disconnect_aborts_inside_the_engine(stack, client):
     # and the engine still answers
     reply = client.chat.completions.create(model=stack.model, messages=msgs, max_tokens=4)
     assert reply.choices[0].finish_reason == "length"
+
+
+def test_structured_output_through_the_engine(stack, client):
+    class City(pydantic.BaseModel):
+        name: str = pydantic.Field(max_length=30)
+        country: str = pydantic.Field(max_length=30)
+        population: int = pydantic.Field(ge=0, le=50_000_000)
+
+    reply = client.chat.completions.parse(
+        model=stack.model, messages=[{"role": "user", "content": "Give the name, country and "
+                                      "population of Tokyo as JSON."}],
+        response_format=City, max_tokens=80, temperature=0)
+    assert reply.choices[0].finish_reason == "stop"
+    assert isinstance(reply.choices[0].message.parsed, City)

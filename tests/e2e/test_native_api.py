@@ -107,3 +107,19 @@ def test_disconnected_stream_frees_its_engine_slot(server):
     assert _until(lambda: _engine_running(server.base_url) == 0)
     health = httpx.get(f"{server.base_url}/api/v1/health").json()
     assert health["workers"][0]["outstanding"] == 0
+
+
+def test_response_format_in_camel_case(server):
+    schema = {"type": "object", "properties": {"answer": {"type": "integer", "minimum": 0,
+                                                          "maximum": 100}},
+              "required": ["answer"]}
+    r = httpx.post(f"{server.base_url}/api/v1/inference", timeout=60, json={
+        "modelId": MODEL, "prompt": "What is 2 + 2? Answer as JSON.", "maxTokens": 30,
+        "temperature": 0, "responseFormat": {"type": "jsonSchema", "jsonSchema": {"schema": schema}}})
+    assert r.status_code == 200, r.text
+    assert r.json()["finishReason"] == "stop"
+    assert 0 <= json.loads(r.json()["text"])["answer"] <= 100
+    bad = httpx.post(f"{server.base_url}/api/v1/inference", timeout=60, json={
+        "modelId": MODEL, "prompt": "x", "responseFormat": {"type": "jsonSchema", "jsonSchema": {
+            "schema": {"type": "object", "properties": {"a": {"if": {"type": "string"}}}}}}})
+    assert bad.status_code == 400 and "uses 'if'" in bad.json()["error"]["message"]

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 from contextlib import aclosing
 
+import jsonschema
 import pytest
 
 from cyllm import errors
 from cyllm.worker.engines.types import (
+    Constraint,
     Finished,
     GenerationRequest,
     Resume,
@@ -220,3 +223,70 @@ async def test_resume_tokens_outside_the_vocabulary_are_refused(subject, ids):
     with pytest.raises(errors.InvalidRequest) as info:
         await anext(aiter(subject.engine.generate(request)))
     assert info.value.param == "resume"
+
+
+# -- response formats: JSON under a grammar --------------------------------------------
+
+# Engines that decode under a grammar: xgrammar's matcher in the skeleton (transformers,
+# llama.cpp) or the library's own structured outputs (vLLM); the others refuse.
+CONSTRAINED = ("transformers", "vllm", "llama_cpp")
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 24},
+    "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    "languages": {"type": "array", "items": {"enum": ["English", "French", "Spanish"]},
+                  "minItems": 1, "maxItems": 2},
+    "email": {"anyOf": [{"type": "string", "maxLength": 40}, {"type": "null"}]}},
+    "required": ["name", "age", "languages", "email"]}
+
+
+def shaped(rid: str, schema: dict | None, ask: str = "Describe a French teacher as JSON.",
+           **sampling) -> GenerationRequest:
+    """A chat asking for JSON, under ``schema`` (None: any JSON object)."""
+    c = Constraint("json_object") if schema is None else Constraint("json_schema", json.dumps(schema))
+    return GenerationRequest(rid, messages=(("user", ask),),
+                             sampling=SamplingParams(**{"temperature": 0.0, "max_tokens": 96,
+                                                        "constraint": c, **sampling}))
+
+
+async def test_a_response_format_holds_the_output_to_its_schema(subject):
+    if subject.kind not in CONSTRAINED:
+        with pytest.raises(errors.InvalidRequest) as info:
+            await anext(aiter(subject.engine.generate(shaped("rf", PERSON))))
+        assert info.value.param == "response_format"
+        return
+    _, text, done = await collect(subject.engine, shaped("rf", PERSON))
+    assert done.finish_reason == "stop", text
+    jsonschema.validate(json.loads(text), PERSON)
+    _, text, done = await collect(subject.engine, shaped(
+        "ro", None, 'Answer with a JSON object whose only key is "answer": what is 2 + 2?'))
+    assert done.finish_reason == "stop" and isinstance(json.loads(text), dict), text
+    # Sampled, several seeds: whatever the model picks, a finished output validates.
+    for seed in range(3):
+        _, text, done = await collect(subject.engine, shaped(f"rs{seed}", PERSON, temperature=1.0,
+                                                             seed=seed))
+        if done.finish_reason == "stop":
+            jsonschema.validate(json.loads(text), PERSON)
+
+
+async def test_a_response_format_cut_by_max_tokens_says_length(subject):
+    if subject.kind not in CONSTRAINED:
+        pytest.skip("this engine refuses response formats")
+    _, text, done = await collect(subject.engine, shaped("rl", PERSON, max_tokens=5))
+    assert done.finish_reason == "length" and done.completion_tokens == 5, text
+
+
+async def test_a_constrained_generation_resumes_under_its_grammar(subject):
+    if subject.kind not in CONSTRAINED:
+        pytest.skip("this engine refuses response formats")
+    text, done = await check_every_seam(subject.engine, shaped("rr", PERSON), cuts=[1, 4, 9])
+    assert done.finish_reason == "stop"
+    jsonschema.validate(json.loads(text), PERSON)
+
+
+async def test_a_schema_the_grammar_compiler_refuses_is_a_bad_request(subject):
+    if subject.kind not in CONSTRAINED:
+        pytest.skip("this engine refuses response formats")
+    bad = {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}
+    with pytest.raises(errors.InvalidRequest, match="missing") as info:
+        await anext(aiter(subject.engine.generate(shaped("rb", bad))))
+    assert info.value.param == "response_format"

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 from cyllm.gateway.generation import Outcome, TokenUsage, build_request
+from cyllm.gateway.schemas import constraint_of
 from cyllm.protocol import pb
 
 
@@ -18,6 +19,31 @@ class _Camel(BaseModel):
 class Message(_Camel):
     role: Literal["system", "user", "assistant"]
     content: str
+
+
+class JsonSchema(_Camel):
+    name: str = Field("output", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Camel):
+    """As OpenAI's ``response_format``: ``{"type": "jsonSchema", "jsonSchema": {"schema": ...}}``,
+    ``{"type": "jsonObject"}`` or ``{"type": "text"}`` (the snake_case type names work too)."""
+
+    type: Literal["text", "jsonObject", "jsonSchema", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> ResponseFormat:
+        if (self.type in ("jsonSchema", "json_schema")) != (self.json_schema is not None):
+            raise ValueError("responseFormat.jsonSchema goes with type 'jsonSchema', and only there")
+        return self
+
+    def constraint(self) -> pb.Constraint | None:
+        kind = {"jsonObject": "json_object", "jsonSchema": "json_schema"}.get(self.type, self.type)
+        return constraint_of(kind, self.json_schema.schema_ if self.json_schema else None)
 
 
 class InferenceRequest(_Camel):
@@ -35,6 +61,8 @@ class InferenceRequest(_Camel):
     stop: list[str] | None = Field(None, max_length=4)
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     priority: int = Field(0, ge=-100, le=100, description="higher is served first")
+    response_format: ResponseFormat | None = Field(
+        None, description="JSON output under a grammar, as OpenAI's response_format")
 
     @model_validator(mode="after")
     def _one_input(self) -> InferenceRequest:
@@ -54,6 +82,7 @@ class InferenceRequest(_Camel):
             request_id, self.model_id, prompt=self.prompt, messages=self.conversation(),
             max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
             stop=self.stop, seed=self.seed, priority=self.priority,
+            constraint=self.response_format.constraint() if self.response_format else None,
         )
 
 

@@ -8,6 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cyllm import errors
 from cyllm.gateway.generation import TokenUsage
+from cyllm.gateway.schemas import constraint_of
+from cyllm.protocol import pb
 
 INT32_MAX = 2**31 - 1  # the gRPC contract's int32: larger counts are refused here, not there
 
@@ -34,6 +36,30 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: free text, any JSON object, or JSON matching a
+    schema; the two JSON kinds are decoded under a grammar (``Constraint``)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("response_format.json_schema goes with type 'json_schema', and only there")
+        return self
+
+    def constraint(self) -> pb.Constraint | None:
+        return constraint_of(self.type, self.json_schema.schema_ if self.json_schema else None)
+
+
 class _Sampling(BaseModel):
     # Unknown fields are accepted and ignored, as OpenAI's own SDKs add new ones often;
     # known features this server does not implement are refused in ``unsupported``.
@@ -49,6 +75,7 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1)
     user: str | None = None
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
     def _supported(self) -> _Sampling:
@@ -63,10 +90,10 @@ class _Sampling(BaseModel):
         for name in ("presence_penalty", "frequency_penalty"):
             if (self.model_extra or {}).get(name) not in (None, 0, 0.0):
                 raise ValueError(f"{name} is not supported by this server (only 0)")
-        fmt = (self.model_extra or {}).get("response_format")
-        if fmt not in (None, {"type": "text"}):
-            raise ValueError("response_format other than text is not supported")
         return self
+
+    def constraint(self) -> pb.Constraint | None:
+        return self.response_format.constraint() if self.response_format else None
 
     @property
     def include_usage(self) -> bool:

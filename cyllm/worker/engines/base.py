@@ -14,7 +14,8 @@ library (transformers, vLLM, TensorRT-LLM, MindIE, llama.cpp, and the fake)::
       1. refuse if the engine is down            down()
       2. refuse an adapter it does not hold      check_adapter()
       3. plan: sampling with the model's         plan() -> prompt_ids()
-         defaults, prompt ids, tokens to make
+         defaults, prompt ids, tokens to make,   compile_constraint()
+         the response format's grammar
       4. Started, then the library's stream      stream(plan) -> Step*
          read as Steps: text and token ids out
          as TextDelta, tokens counted (the
@@ -30,6 +31,14 @@ is recomputed by replaying the tokens through the engine's ``decoder`` and sent 
 stop strings are then checked here, across the seam, and not by the library (which
 sees only its own output); a resumed sequence that had already ended (its last token an end id, or no
 length left) just finishes.  Usage counts the resumed tokens, as the client got them.
+
+Response formats (``SamplingParams.constraint``: JSON, or JSON under a schema) are
+compiled in the plan, so a schema the grammar compiler refuses is a 400 before anything
+runs.  Engines that sample token by token mask with ``matcher(plan)`` (``grammar.py``,
+xgrammar), which has already followed a resumed generation's tokens; an engine whose
+library holds the grammar itself (vLLM) has it start again from the prompt on a resume
+(``_replayed``: the tokens already sent must come out again, which a greedy or seeded
+generation does, and are dropped).  Engines with neither refuse response formats.
 
 An adapter implements ``load``, ``close`` and ``stream`` (plus ``prompt_ids`` and
 ``decoder`` when it does not tokenise with a Hugging Face tokenizer).  Adapters that
@@ -48,6 +57,8 @@ from pathlib import Path
 from typing import Any
 
 from cyllm import errors
+from cyllm.worker.engines.grammar import PARAM as GRAMMAR_PARAM
+from cyllm.worker.engines.grammar import Grammars, Matcher
 from cyllm.worker.engines.planning import (
     Plan,
     SamplingDefaults,
@@ -58,6 +69,7 @@ from cyllm.worker.engines.planning import (
 from cyllm.worker.engines.prompt import prepare_prompt
 from cyllm.worker.engines.text import Decoder, IncrementalDecoder, StopMatcher
 from cyllm.worker.engines.types import (
+    Constraint,
     EngineHealth,
     Event,
     Finished,
@@ -132,6 +144,10 @@ class Engine(AbstractEngine):
     finish_reasons: Mapping[str, str] = {"stop": "stop", "length": "length", "abort": "abort"}
     # False: the library is not given stop strings; the skeleton cuts the text itself.
     checks_stop_strings = True
+    # False: the library holds a response format's grammar itself and can only start it
+    # at the first generated token, so a resumed constrained generation is run again
+    # from its prompt and the tokens the client has are checked and dropped (``_replayed``).
+    continues_grammars = True
 
     # Set by load():
     context_length: int
@@ -177,19 +193,43 @@ class Engine(AbstractEngine):
 
     # -- the skeleton --------------------------------------------------------------------
 
+    def compile_constraint(self, constraint: Constraint) -> Any:
+        """``constraint`` compiled for this engine (InvalidRequest when it cannot be).
+        Engines that sample token by token compile with xgrammar (``grammars()``) and
+        mask with ``matcher(plan)``; an engine whose library constrains decoding
+        itself overrides this."""
+        grammars = self.grammars()
+        if grammars is None:
+            raise errors.InvalidRequest(
+                f"response_format {constraint.kind!r} is not supported by the {self.name} engine "
+                f"serving {self.spec.id}", param=GRAMMAR_PARAM)
+        return grammars.compile(constraint)
+
+    def grammars(self) -> Grammars | None:
+        """This engine's vocabulary for xgrammar; None: no constrained decoding."""
+        return None
+
+    def matcher(self, plan: Plan) -> Matcher | None:
+        """A grammar matcher for ``plan``'s sequence (past its resumed tokens), or None."""
+        grammars = self.grammars()
+        if plan.grammar is None or grammars is None:
+            return None
+        return grammars.matcher(plan.grammar, plan.resumed)
+
     def plan(self, request: GenerationRequest) -> Plan:
         """Check ``request`` before anything runs (InvalidRequest naming the field)."""
         sampling = self.defaults.apply(request.sampling)
         prompt_ids = self.prompt_ids(request)
         max_new = plan_max_tokens(len(prompt_ids), sampling.max_tokens, self.context_length,
                                   self.spec.default_max_tokens)
+        grammar = self.compile_constraint(sampling.constraint) if sampling.constraint else None
         resumed = request.resume.token_ids if request.resume is not None else ()
         if not resumed:
-            return Plan(request, sampling, prompt_ids, max_new)
+            return Plan(request, sampling, prompt_ids, max_new, grammar=grammar)
         check_resumed(resumed, max_new, self.vocab_size())
         sampling = dataclasses.replace(sampling, seed=continuation_seed(sampling.seed, len(resumed)))
         return Plan(request, sampling, prompt_ids + list(resumed), max_new - len(resumed),
-                    len(prompt_ids), tuple(resumed))
+                    len(prompt_ids), tuple(resumed), grammar)
 
     def held_text(self, plan: Plan) -> str:
         """What an undisturbed run would have produced for the resumed tokens beyond the
@@ -231,7 +271,9 @@ class Engine(AbstractEngine):
                 if ended is not None:
                     yield Finished(ended, prompt_tokens, completion)
                     return
-            async with aclosing(self.stream(plan)) as steps:
+            steps_of = self._replayed if plan.resumed and plan.grammar is not None \
+                and not self.continues_grammars else self.stream
+            async with aclosing(steps_of(plan)) as steps:
                 async for step in steps:
                     completion += len(step.token_ids)
                     self.tracker.tokens_generated += len(step.token_ids)
@@ -255,6 +297,29 @@ class Engine(AbstractEngine):
             raise errors.EngineError(f"{self.library} failed on request {rid}: {exc}") from exc
         finally:
             self.tracker.running -= 1
+
+    async def _replayed(self, plan: Plan) -> AsyncIterator[Step]:
+        """``plan``'s generation run again from its prompt with its original seed; the
+        tokens it resumes must come out first (a greedy or seeded run repeats them) and
+        are dropped; the text of the rest is decoded here, after them."""
+        again = dataclasses.replace(
+            plan, prompt_ids=plan.prompt, max_new=plan.max_new + len(plan.resumed), resumed=(),
+            sampling=dataclasses.replace(plan.sampling, seed=plan.request.sampling.seed))
+        expected, decoder = list(plan.resumed), self.primed_decoder(plan)
+        async with aclosing(self.stream(again)) as steps:
+            async for step in steps:
+                ids = list(step.token_ids)
+                while expected and ids:
+                    if ids.pop(0) != expected.pop(0):
+                        raise errors.EngineError(
+                            f"{self.library} cannot continue request {plan.request_id} under its "
+                            "response format: run again, it did not repeat the tokens already "
+                            "sent (an unseeded sampled generation)")
+                text = "".join(decoder.push(t) for t in ids)
+                if step.finish_reason is not None:
+                    text += decoder.flush()
+                if text or ids or step.finish_reason is not None:
+                    yield Step(text, tuple(ids), step.finish_reason)
 
     def health(self) -> EngineHealth:
         return self.tracker.health(self.down())

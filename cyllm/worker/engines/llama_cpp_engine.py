@@ -27,6 +27,7 @@ from typing import Any
 
 from cyllm import errors
 from cyllm.worker.engines.base import Engine
+from cyllm.worker.engines.grammar import Grammars, Matcher
 from cyllm.worker.engines.planning import Plan, SamplingDefaults
 from cyllm.worker.engines.prompt import messages_of
 from cyllm.worker.engines.text import Stopper
@@ -75,6 +76,7 @@ class LlamaCppEngine(Engine):
         self.llama_args = args
         self._free: asyncio.Queue[Any] = asyncio.Queue()
         self._objects: list[Any] = []
+        self._grammars: Grammars | None = None
 
     async def load(self) -> ModelCard:
         import llama_cpp
@@ -148,6 +150,13 @@ class LlamaCppEngine(Engine):
     def vocab_size(self) -> int:
         return self._objects[0].n_vocab()
 
+    def grammars(self) -> Grammars:
+        if self._grammars is None:  # the GGUF's vocabulary as bytes, read once
+            llm = self._objects[0]
+            self._grammars = Grammars.for_pieces(
+                [llm.detokenize([i]) for i in range(llm.n_vocab())], self.eos)
+        return self._grammars
+
     async def stream(self, plan: Plan) -> AsyncIterator[Step]:
         abort = threading.Event()
         out: asyncio.Queue[Any] = asyncio.Queue()
@@ -183,12 +192,16 @@ class LlamaCppEngine(Engine):
             s = plan.sampling
             llm.set_seed(s.seed if s.seed is not None else random.getrandbits(31))
             stopper = Stopper(self.primed_decoder(plan), self.eos, s.stop, plan.max_new)
+            matcher = self.matcher(plan)
             tokens = llm.generate(plan.prompt_ids, temp=s.temperature, top_p=s.top_p,
-                                  top_k=0, min_p=0.0, repeat_penalty=1.0, reset=True)
+                                  top_k=0, min_p=0.0, repeat_penalty=1.0, reset=True,
+                                  logits_processor=_masked_by(matcher))
             try:
                 for token in tokens:
                     if abort.is_set():
                         return
+                    if matcher is not None:
+                        matcher.accept(token)
                     step = stopper.push(token)
                     if step is not None:
                         emit(step)
@@ -200,3 +213,18 @@ class LlamaCppEngine(Engine):
             emit(exc)
         finally:
             emit(_DONE)
+
+
+def _masked_by(matcher: Matcher | None) -> Any:
+    """llama.cpp's logits processor for a grammar: the scores (one per token id, in
+    order) masked in place."""
+    if matcher is None:
+        return None
+    import llama_cpp
+    import torch
+
+    def mask(input_ids: Any, scores: Any) -> Any:
+        matcher.mask(torch.from_numpy(scores))
+        return scores
+
+    return llama_cpp.LogitsProcessorList([mask])

@@ -57,6 +57,7 @@ class Plan:
     max_new: int
     prompt_tokens: int = -1  # the request's own prompt (-1: all of prompt_ids)
     resumed: tuple[int, ...] = ()
+    grammar: Any = None  # the constraint compiled for this engine (``Engine.compile_constraint``)
 
     def __post_init__(self) -> None:
         if self.prompt_tokens < 0:

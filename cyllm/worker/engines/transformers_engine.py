@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from cyllm import errors
 from cyllm.worker.engines.base import Engine
 from cyllm.worker.engines.factory import cpu_has_bfloat16
+from cyllm.worker.engines.grammar import Grammars, Matcher, mask_rows
 from cyllm.worker.engines.hf_batch import KVBatch
 from cyllm.worker.engines.planning import Plan, SamplingDefaults
 from cyllm.worker.engines.sampling import make_generator, sample
@@ -55,6 +56,7 @@ class _Sequence:
     stopper: Stopper
     generator: Any = None
     adapter: str | None = None
+    matcher: Matcher | None = None  # the response format's grammar, where one is asked
     last_token: int = 0
     done: bool = False
     events: list[Step | BaseException] = field(default_factory=list)
@@ -78,6 +80,7 @@ class TransformersEngine(Engine):
         self._waiting: list[_Sequence] = []
         self._admitting: list[_Sequence] = []
         self._adapters: dict[str, Path] = {}
+        self._grammars: Grammars | None = None
         self._adapter_ops: queue.SimpleQueue[tuple[str, str, Path | None, asyncio.Future[None]]] = \
             queue.SimpleQueue()
 
@@ -218,6 +221,12 @@ class TransformersEngine(Engine):
     def end_ids(self) -> set[int]:
         return self.eos_ids
 
+    def grammars(self) -> Grammars:
+        if self._grammars is None:  # built on first use: most models never need one
+            self._grammars = Grammars.for_tokenizer(self.tokenizer, self.model.config.vocab_size,
+                                                    self.eos_ids)
+        return self._grammars
+
     def down(self) -> str:
         alive = self._thread is not None and self._thread.is_alive()
         return "" if alive else "the engine thread is not running"
@@ -231,6 +240,7 @@ class TransformersEngine(Engine):
                             plan.max_new),
             generator=make_generator(plan.sampling, self.device),
             adapter=plan.adapter,
+            matcher=self.matcher(plan),
         )
         self._inbox.put(seq)
         self._wake.set()
@@ -304,7 +314,8 @@ class TransformersEngine(Engine):
         if admitted:
             new, logits = KVBatch.prefill(self.model, [s.prompt_ids for s in admitted], self.pad_id,
                                           **self._forward_args([s.adapter for s in admitted]))
-            self._advance(admitted, sample(logits, [s.sampling for s in admitted],
+            self._advance(admitted, sample(mask_rows(logits, [s.matcher for s in admitted]),
+                                           [s.sampling for s in admitted],
                                            [s.generator for s in admitted]))
             batch = new if batch is None else batch.merge(new)
             self._running.extend(admitted)
@@ -319,7 +330,8 @@ class TransformersEngine(Engine):
         logits = batch.decode(self.model, tokens,
                               **self._forward_args([s.adapter for s in self._running]))
         stepped = self._running
-        self._advance(stepped, sample(logits, [s.sampling for s in stepped],
+        self._advance(stepped, sample(mask_rows(logits, [s.matcher for s in stepped]),
+                                      [s.sampling for s in stepped],
                                       [s.generator for s in stepped]))
         batch = self._compact(batch)
         self._deliver(stepped)  # after compacting: a finished stream is no longer counted
@@ -343,6 +355,8 @@ class TransformersEngine(Engine):
         queued on each sequence; ``_deliver`` hands them over)."""
         for seq, token in zip(seqs, tokens):
             seq.last_token = token
+            if seq.matcher is not None:
+                seq.matcher.accept(token)
             step = seq.stopper.push(token)
             if step is not None:
                 seq.events.append(step)

@@ -17,12 +17,25 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """What the output must be (OpenAI's ``response_format``): ``json_object`` (any JSON
+    object) or ``json_schema`` (``schema``: a JSON Schema as JSON text).  Objects get no
+    properties beyond those their schema names unless it allows them
+    (``additionalProperties``), whatever the request's ``strict`` says: a small model
+    left free to add properties rarely stops."""
+
+    kind: str  # "json_object" | "json_schema"
+    schema: str = ""
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int | None = None  # None: the engine's default, bounded by the context
     temperature: float | None = None  # 0: greedy; None: the model's default
     top_p: float | None = None  # None: the model's default
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    constraint: Constraint | None = None  # None: free text
 
 
 @dataclass(frozen=True)

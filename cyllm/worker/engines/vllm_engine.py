@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -40,8 +41,9 @@ from typing import Any
 from cyllm import errors
 from cyllm.worker.engines.factory import cpu_has_bfloat16
 from cyllm.worker.engines.base import Engine
+from cyllm.worker.engines.grammar import Grammars
 from cyllm.worker.engines.planning import Plan, SamplingDefaults
-from cyllm.worker.engines.types import ModelCard, Step
+from cyllm.worker.engines.types import Constraint, ModelCard, Step
 from cyllm.worker.settings import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ class VllmAsyncEngine(Engine):
         self.model_dir = model_dir
         self.llm: Any = None
         self._loras: dict[str, Any] = {}  # adapter name -> LoRARequest
+        self._grammars: Grammars | None = None
         self._next_lora_id = 1
 
     # -- lifecycle --------------------------------------------------------------------
@@ -174,6 +177,26 @@ class VllmAsyncEngine(Engine):
     def down(self) -> str:
         return "engine stopped" if self.llm is None or self.llm.errored else ""
 
+    # vLLM starts a request's grammar at its first generated token (see base.Engine).
+    continues_grammars = False
+
+    def grammars(self) -> Grammars:
+        if self._grammars is None:
+            self._grammars = Grammars.for_tokenizer(self.tokenizer, len(self.tokenizer),
+                                                    self.end_ids())
+        return self._grammars
+
+    def compile_constraint(self, constraint: Constraint) -> Any:
+        """vLLM's own structured outputs, after xgrammar (its default backend) has
+        compiled the schema here, so a bad one is refused before anything runs."""
+        from vllm.sampling_params import StructuredOutputsParams
+
+        super().compile_constraint(constraint)
+        schema = json.loads(constraint.schema) if constraint.kind == "json_schema" \
+            else {"type": "object"}
+        return StructuredOutputsParams(json=schema, disable_any_whitespace=True,
+                                       disable_additional_properties=True)
+
     async def stream(self, plan: Plan) -> AsyncIterator[Step]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -183,6 +206,8 @@ class VllmAsyncEngine(Engine):
         params = SamplingParams(
             max_tokens=plan.max_new, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
             stop=list(s.stop) or None, output_kind=RequestOutputKind.DELTA,
+            # a copy: vLLM records its backend choice on the object
+            structured_outputs=dataclasses.replace(plan.grammar) if plan.grammar else None,
         )
         lora = self._loras.get(plan.adapter) if plan.adapter else None
         finished = False
