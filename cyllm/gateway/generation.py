@@ -36,6 +36,20 @@ async def _hung_up(request: Request) -> None:
         await asyncio.sleep(0.25)
 
 
+def token_biases(bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's ``logit_bias`` (token ids as strings -> -100..100) as ids -> biases."""
+    out: dict[int, float] = {}
+    for key, value in (bias or {}).items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 10) or int(key) > 2**31 - 1:
+            raise errors.InvalidRequest(f"logit_bias key {key[:40]!r} is not a token id",
+                                        param="logit_bias")
+        if not -100 <= value <= 100:
+            raise errors.InvalidRequest(f"logit_bias for token {key} is {value}; it must be "
+                                        "between -100 and 100", param="logit_bias")
+        out[int(key)] = value
+    return out
+
+
 def build_request(
     request_id: str,
     model: str,
@@ -49,6 +63,12 @@ def build_request(
     seed: int | None = None,
     priority: int = 0,
     constraint: pb.Constraint | None = None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    repetition_penalty: float | None = None,
+    logit_bias: dict[int, float] | None = None,
+    min_tokens: int = 0,
+    ignore_eos: bool = False,
 ) -> pb.GenerateRequest:
     sampling = pb.SamplingParams(stop=[stop] if isinstance(stop, str) else list(stop or []))
     if max_tokens is not None:
@@ -61,6 +81,11 @@ def build_request(
         sampling.seed = seed
     if constraint is not None:
         sampling.constraint.CopyFrom(constraint)
+    sampling.presence_penalty, sampling.frequency_penalty = presence_penalty, frequency_penalty
+    if repetition_penalty is not None:
+        sampling.repetition_penalty = repetition_penalty
+    sampling.logit_bias.update(logit_bias or {})
+    sampling.min_tokens, sampling.ignore_eos = min_tokens, ignore_eos
     for param, texts in (("prompt", [prompt or ""]), ("messages", [t for m in messages or () for t in m]),
                          ("stop", list(sampling.stop))):
         _check_text(texts, param)

@@ -26,6 +26,12 @@ def request_from_proto(msg: pb.GenerateRequest) -> GenerationRequest:
         stop=tuple(s.stop),
         seed=s.seed if s.HasField("seed") else None,
         constraint=_constraint(s.constraint) if s.HasField("constraint") else None,
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else 1.0,
+        logit_bias=tuple(sorted(s.logit_bias.items())),
+        min_tokens=s.min_tokens,
+        ignore_eos=s.ignore_eos,
     )
     resume = Resume(tuple(msg.resume.token_ids), msg.resume.text) \
         if msg.HasField("resume") and msg.resume.token_ids else None

@@ -81,3 +81,26 @@ def test_errors_reach_the_client_typed(client):
         client.completions.create(model=MODEL, prompt="word " * 9000, max_tokens=1)
     # and the server still answers
     assert client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=3).choices
+
+
+def test_penalties_logit_bias_and_vllm_extras(client):
+    reply = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=3,
+                                      temperature=0, logit_bias={"42": 100})
+    text = reply.choices[0].text  # one token, three times
+    assert reply.usage.completion_tokens == 3 and text == text[: len(text) // 3] * 3, text
+    plain = client.completions.create(model=MODEL, prompt="1, 1, 1, 1, 1, 1,", max_tokens=12,
+                                      temperature=0).choices[0].text
+    ruled = client.completions.create(model=MODEL, prompt="1, 1, 1, 1, 1, 1,", max_tokens=12,
+                                      temperature=0, frequency_penalty=1.5, presence_penalty=0.5,
+                                      extra_body={"repetition_penalty": 3.0}).choices[0].text
+    assert ruled.count("1") < plain.count("1"), (plain, ruled)
+    long = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=40, temperature=0,
+                                          extra_body={"ignore_eos": True})
+    assert (long.choices[0].finish_reason, long.usage.completion_tokens) == ("length", 40)
+    for bad, param in (({"logit_bias": {"x1": 5}}, "logit_bias"),
+                       ({"logit_bias": {"1": 500}}, "logit_bias"),
+                       ({"logit_bias": {"99999999": 5}}, "logit_bias"),
+                       ({"presence_penalty": 3}, "presence_penalty")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=3, **bad)
+        assert param in refused.value.message or refused.value.body.get("param") == param

@@ -290,3 +290,54 @@ async def test_a_schema_the_grammar_compiler_refuses_is_a_bad_request(subject):
     with pytest.raises(errors.InvalidRequest, match="missing") as info:
         await anext(aiter(subject.engine.generate(shaped("rb", bad))))
     assert info.value.param == "response_format"
+
+
+# -- output rules: penalties, logit bias, min_tokens, ignore_eos ------------------------
+
+RULED = ("transformers", "vllm", "llama_cpp")
+
+
+def chat(rid: str, ask: str, **sampling) -> GenerationRequest:
+    return GenerationRequest(rid, messages=(("user", ask),),
+                             sampling=SamplingParams(**{"temperature": 0.0, **sampling}))
+
+
+async def test_output_rules_are_applied_or_refused_by_name(subject):
+    if subject.kind not in RULED:
+        with pytest.raises(errors.InvalidRequest) as info:
+            await anext(aiter(subject.engine.generate(chat("or", "hi", presence_penalty=1.0))))
+        assert info.value.param == "presence_penalty"
+        return
+    engine = subject.engine
+    # logit_bias: a token pushed to +100 is what greedy decoding picks, every time
+    events, _, _ = await collect(engine, raw("lb", PROMPTS[0], max_tokens=3, logit_bias=((42, 100.0),)))
+    assert [t for e in events if isinstance(e, TextDelta) for t in e.token_ids] == [42, 42, 42]
+    # ignore_eos and min_tokens: an answer that ends early runs to its floor / its length
+    _, _, short = await collect(engine, chat("se", "Say hi.", max_tokens=64))
+    assert short.finish_reason == "stop" and short.completion_tokens < 50, short
+    least = short.completion_tokens + 6
+    _, _, floor = await collect(engine, chat("mt", "Say hi.", max_tokens=64, min_tokens=least))
+    assert floor.completion_tokens >= least
+    _, _, long = await collect(engine, chat("ie", "Say hi.", max_tokens=64, ignore_eos=True))
+    assert (long.finish_reason, long.completion_tokens) == ("length", 64)
+    # penalties: a repeating continuation repeats less
+    _, plain, _ = await collect(engine, raw("rp0", "1, 1, 1, 1, 1, 1,", max_tokens=12))
+    _, ruled, _ = await collect(engine, raw("rp1", "1, 1, 1, 1, 1, 1,", max_tokens=12,
+                                            repetition_penalty=3.0, frequency_penalty=1.5))
+    assert ruled != plain and ruled.count("1") < plain.count("1"), (plain, ruled)
+
+
+async def test_a_generation_with_penalties_resumes_exactly(subject):
+    if subject.kind not in RULED:
+        pytest.skip("this engine refuses output rules")
+    await check_every_seam(subject.engine, raw("rq", PROMPTS[1], max_tokens=12,
+                                               frequency_penalty=1.0, presence_penalty=0.5),
+                           cuts=[1, 3, 6])
+
+
+async def test_a_logit_bias_outside_the_vocabulary_is_refused(subject):
+    if subject.kind not in RULED:
+        pytest.skip("this engine refuses output rules")
+    with pytest.raises(errors.InvalidRequest) as info:
+        await anext(aiter(subject.engine.generate(raw("lv", PROMPTS[0], logit_bias=((10**8, 5.0),)))))
+    assert info.value.param == "logit_bias"

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
-from cyllm.gateway.generation import Outcome, TokenUsage, build_request
+from cyllm.gateway.generation import Outcome, TokenUsage, build_request, token_biases
 from cyllm.gateway.schemas import constraint_of
 from cyllm.protocol import pb
 
@@ -63,6 +63,13 @@ class InferenceRequest(_Camel):
     priority: int = Field(0, ge=-100, le=100, description="higher is served first")
     response_format: ResponseFormat | None = Field(
         None, description="JSON output under a grammar, as OpenAI's response_format")
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    logit_bias: dict[str, float] | None = Field(None, max_length=1024,
+                                                description="token id -> -100..100")
+    min_tokens: int = Field(0, ge=0, le=2**31 - 1)
+    ignore_eos: bool = False
 
     @model_validator(mode="after")
     def _one_input(self) -> InferenceRequest:
@@ -83,6 +90,9 @@ class InferenceRequest(_Camel):
             max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
             stop=self.stop, seed=self.seed, priority=self.priority,
             constraint=self.response_format.constraint() if self.response_format else None,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty, logit_bias=token_biases(self.logit_bias),
+            min_tokens=self.min_tokens, ignore_eos=self.ignore_eos,
         )
 
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cyllm import errors
-from cyllm.gateway.generation import TokenUsage
+from cyllm.gateway.generation import TokenUsage, token_biases
 from cyllm.gateway.schemas import constraint_of
 from cyllm.protocol import pb
 
@@ -76,6 +76,13 @@ class _Sampling(BaseModel):
     n: int = Field(1, ge=1)
     user: str | None = None
     response_format: ResponseFormat | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(None, max_length=1024)
+    # vLLM's extra parameters (the openai client sends them with extra_body)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    min_tokens: int = Field(0, ge=0, le=INT32_MAX)
+    ignore_eos: bool = False
 
     @model_validator(mode="after")
     def _supported(self) -> _Sampling:
@@ -83,14 +90,19 @@ class _Sampling(BaseModel):
             raise ValueError("n > 1 is not supported; send separate requests")
         if isinstance(self.stop, list) and len(self.stop) > 4:
             raise ValueError("stop takes at most 4 sequences")
-        for name in ("tools", "functions", "logprobs", "top_logprobs", "logit_bias"):
+        for name in ("tools", "functions", "logprobs", "top_logprobs"):
             value = (self.model_extra or {}).get(name)
             if value not in (None, False, [], {}):
                 raise ValueError(f"{name} is not supported by this server")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if (self.model_extra or {}).get(name) not in (None, 0, 0.0):
-                raise ValueError(f"{name} is not supported by this server (only 0)")
         return self
+
+    def rules(self) -> dict[str, Any]:
+        """The output rules, as ``build_request`` takes them."""
+        return {"presence_penalty": self.presence_penalty,
+                "frequency_penalty": self.frequency_penalty,
+                "repetition_penalty": self.repetition_penalty,
+                "logit_bias": token_biases(self.logit_bias),
+                "min_tokens": self.min_tokens, "ignore_eos": self.ignore_eos}
 
     def constraint(self) -> pb.Constraint | None:
         return self.response_format.constraint() if self.response_format else None

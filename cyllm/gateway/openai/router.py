@@ -42,7 +42,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
     req = build_request(
         rid, body.model, messages=body.conversation(), max_tokens=body.token_limit,
         temperature=body.temperature, top_p=body.top_p, stop=body.stop, seed=body.seed,
-        constraint=body.constraint(),
+        constraint=body.constraint(), **body.rules(),
     )
     gen = await Generation(request, req, whole=not body.stream).start()
     created = int(time.time())
@@ -62,7 +62,7 @@ async def completions(body: CompletionRequest, request: Request) -> Completion |
     req = build_request(
         rid, body.model, prompt=body.text(), max_tokens=body.max_tokens,
         temperature=body.temperature, top_p=body.top_p, stop=body.stop, seed=body.seed,
-        constraint=body.constraint(),
+        constraint=body.constraint(), **body.rules(),
     )
     gen = await Generation(request, req, whole=not body.stream).start()
     created = int(time.time())

@@ -67,6 +67,7 @@ from cyllm.worker.engines.planning import (
     plan_max_tokens,
 )
 from cyllm.worker.engines.prompt import prepare_prompt
+from cyllm.worker.engines.sampling import OutputRules
 from cyllm.worker.engines.text import Decoder, IncrementalDecoder, StopMatcher
 from cyllm.worker.engines.types import (
     Constraint,
@@ -75,6 +76,7 @@ from cyllm.worker.engines.types import (
     Finished,
     GenerationRequest,
     ModelCard,
+    SamplingParams,
     Started,
     Step,
     TextDelta,
@@ -144,10 +146,14 @@ class Engine(AbstractEngine):
     finish_reasons: Mapping[str, str] = {"stop": "stop", "length": "length", "abort": "abort"}
     # False: the library is not given stop strings; the skeleton cuts the text itself.
     checks_stop_strings = True
-    # False: the library holds a response format's grammar itself and can only start it
-    # at the first generated token, so a resumed constrained generation is run again
-    # from its prompt and the tokens the client has are checked and dropped (``_replayed``).
-    continues_grammars = True
+    # False: the library holds a response format's grammar and its output penalties
+    # itself and starts them at its first generated token, so a resumed generation that
+    # has either is run again from its prompt and the tokens the client has are checked
+    # and dropped (``_replayed``).
+    continues_output_state = True
+    # Whether the engine applies a request's output rules (penalties, logit bias,
+    # min_tokens, ignore_eos); engines that do not refuse requests that set them.
+    output_rules = False
 
     # Set by load():
     context_length: int
@@ -216,12 +222,33 @@ class Engine(AbstractEngine):
             return None
         return grammars.matcher(plan.grammar, plan.resumed)
 
+    def check_rules(self, sampling: SamplingParams) -> None:
+        rules = sampling.rules()
+        if rules and not self.output_rules:
+            raise errors.InvalidRequest(f"{rules[0]} is not supported by the {self.name} engine "
+                                        f"serving {self.spec.id}", param=rules[0])
+        vocab = self.vocab_size()
+        bad = next((t for t, _ in sampling.logit_bias if t < 0 or (vocab and t >= vocab)), None)
+        if bad is not None:
+            raise errors.InvalidRequest(f"logit_bias names token id {bad}, outside the vocabulary "
+                                        f"(0..{vocab - 1 if vocab else '?'})", param="logit_bias")
+        if sampling.constraint is not None and (sampling.ignore_eos or sampling.min_tokens):
+            raise errors.InvalidRequest("ignore_eos and min_tokens cannot be combined with a "
+                                        "response_format (the JSON ends where its grammar ends)",
+                                        param="ignore_eos" if sampling.ignore_eos else "min_tokens")
+
+    def rules(self, plan: Plan) -> OutputRules | None:
+        """The output rules of ``plan``'s sequence (having followed its resumed tokens),
+        for engines that sample token by token; None when it sets none."""
+        return OutputRules.of(plan.sampling, plan.prompt, self.end_ids(), plan.resumed)
+
     def plan(self, request: GenerationRequest) -> Plan:
         """Check ``request`` before anything runs (InvalidRequest naming the field)."""
         sampling = self.defaults.apply(request.sampling)
         prompt_ids = self.prompt_ids(request)
         max_new = plan_max_tokens(len(prompt_ids), sampling.max_tokens, self.context_length,
                                   self.spec.default_max_tokens)
+        self.check_rules(sampling)
         grammar = self.compile_constraint(sampling.constraint) if sampling.constraint else None
         resumed = request.resume.token_ids if request.resume is not None else ()
         if not resumed:
@@ -271,8 +298,9 @@ class Engine(AbstractEngine):
                 if ended is not None:
                     yield Finished(ended, prompt_tokens, completion)
                     return
-            steps_of = self._replayed if plan.resumed and plan.grammar is not None \
-                and not self.continues_grammars else self.stream
+            steps_of = self._replayed if plan.resumed and not self.continues_output_state \
+                and (plan.grammar is not None or plan.sampling.presence_penalty
+                     or plan.sampling.frequency_penalty) else self.stream
             async with aclosing(steps_of(plan)) as steps:
                 async for step in steps:
                     completion += len(step.token_ids)

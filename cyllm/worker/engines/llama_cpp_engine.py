@@ -28,6 +28,7 @@ from typing import Any
 from cyllm import errors
 from cyllm.worker.engines.base import Engine
 from cyllm.worker.engines.grammar import Grammars, Matcher
+from cyllm.worker.engines.sampling import OutputRules
 from cyllm.worker.engines.planning import Plan, SamplingDefaults
 from cyllm.worker.engines.prompt import messages_of
 from cyllm.worker.engines.text import Stopper
@@ -58,6 +59,7 @@ class LlamaDecoder:
 class LlamaCppEngine(Engine):
     name = "llama_cpp"
     library = "llama.cpp"
+    output_rules = True
 
     def __init__(self, spec: ModelSpec, gguf: Path) -> None:
         if spec.adapters:
@@ -192,16 +194,18 @@ class LlamaCppEngine(Engine):
             s = plan.sampling
             llm.set_seed(s.seed if s.seed is not None else random.getrandbits(31))
             stopper = Stopper(self.primed_decoder(plan), self.eos, s.stop, plan.max_new)
-            matcher = self.matcher(plan)
+            matcher, rules = self.matcher(plan), self.rules(plan)
             tokens = llm.generate(plan.prompt_ids, temp=s.temperature, top_p=s.top_p,
                                   top_k=0, min_p=0.0, repeat_penalty=1.0, reset=True,
-                                  logits_processor=_masked_by(matcher))
+                                  logits_processor=_processed(rules, matcher))
             try:
                 for token in tokens:
                     if abort.is_set():
                         return
                     if matcher is not None:
                         matcher.accept(token)
+                    if rules is not None:
+                        rules.accept(token)
                     step = stopper.push(token)
                     if step is not None:
                         emit(step)
@@ -215,16 +219,20 @@ class LlamaCppEngine(Engine):
             emit(_DONE)
 
 
-def _masked_by(matcher: Matcher | None) -> Any:
-    """llama.cpp's logits processor for a grammar: the scores (one per token id, in
-    order) masked in place."""
-    if matcher is None:
+def _processed(rules: OutputRules | None, matcher: Matcher | None) -> Any:
+    """llama.cpp's logits processor for a request's output rules and its grammar (which
+    has the last word): the scores, one per token id in order, changed in place."""
+    if rules is None and matcher is None:
         return None
     import llama_cpp
     import torch
 
-    def mask(input_ids: Any, scores: Any) -> Any:
-        matcher.mask(torch.from_numpy(scores))
+    def process(input_ids: Any, scores: Any) -> Any:
+        logits = torch.from_numpy(scores)
+        if rules is not None:
+            rules.apply(logits)
+        if matcher is not None:
+            matcher.mask(logits)
         return scores
 
-    return llama_cpp.LogitsProcessorList([mask])
+    return llama_cpp.LogitsProcessorList([process])

@@ -1,8 +1,18 @@
-"""Per-row token sampling: each request keeps its own temperature, top-p and seed."""
+"""Per-row token sampling: each request keeps its own temperature, top-p and seed, and
+its output rules (penalties, logit bias, a length floor), applied to its row's logits
+before sampling by the engines that sample token by token (transformers, llama.cpp).
+
+The rules mean what they mean in OpenAI's API and in vLLM, so a request gets the same
+treatment on every engine: ``presence_penalty`` subtracts from the logit of every token
+already generated, ``frequency_penalty`` that times the token's count; ``repetition_penalty``
+divides positive logits (multiplies negative ones) of tokens in the prompt or the output;
+``logit_bias`` adds; ``min_tokens`` and ``ignore_eos`` forbid the end tokens (before that
+many tokens, or always)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Collection, Sequence
 
 import torch
 
@@ -39,3 +49,55 @@ def sample(
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         chosen[row] = torch.multinomial(probs, 1, generator=gen)[0]
     return chosen.tolist()
+
+
+class OutputRules:
+    """One sequence's output rules, following the tokens it generates."""
+
+    def __init__(self, params: SamplingParams, prompt: Sequence[int], end_ids: Collection[int],
+                 generated: Sequence[int] = ()) -> None:
+        self.p = params
+        self.end_ids = list(end_ids)
+        self.counts: Counter[int] = Counter(generated)
+        self.made = len(generated)
+        self.seen = set(prompt) | set(generated)  # for the repetition penalty
+        self.bias = dict(params.logit_bias)
+
+    @classmethod
+    def of(cls, params: SamplingParams, prompt: Sequence[int], end_ids: Collection[int],
+           generated: Sequence[int] = ()) -> OutputRules | None:
+        return cls(params, prompt, end_ids, generated) if params.rules() else None
+
+    def apply(self, logits: torch.Tensor) -> None:
+        """Change one row of float32 logits in place."""
+        p = self.p
+        if p.repetition_penalty != 1.0 and self.seen:
+            ids = torch.tensor(sorted(self.seen), device=logits.device)
+            picked = logits[ids]
+            logits[ids] = torch.where(picked > 0, picked / p.repetition_penalty,
+                                      picked * p.repetition_penalty)
+        if (p.frequency_penalty or p.presence_penalty) and self.counts:
+            ids = torch.tensor(list(self.counts), device=logits.device)
+            counts = torch.tensor(list(self.counts.values()), dtype=logits.dtype,
+                                  device=logits.device)
+            logits[ids] -= p.frequency_penalty * counts + p.presence_penalty
+        for token, bias in self.bias.items():
+            logits[token] += bias
+        if p.ignore_eos or self.made < p.min_tokens:
+            logits[self.end_ids] = float("-inf")
+
+    def accept(self, token: int) -> None:
+        self.counts[token] += 1
+        self.made += 1
+        self.seen.add(token)
+
+
+def apply_rules(logits: torch.Tensor, rules: Sequence[OutputRules | None]) -> torch.Tensor:
+    """``logits`` [B, V] with each row's rules applied (float32 where any applies)."""
+    if not any(rules):
+        return logits
+    logits = logits.float()
+    for row, r in enumerate(rules):
+        if r is not None:
+            r.apply(logits[row])
+    return logits

@@ -36,7 +36,7 @@ from cyllm.worker.engines.factory import cpu_has_bfloat16
 from cyllm.worker.engines.grammar import Grammars, Matcher, mask_rows
 from cyllm.worker.engines.hf_batch import KVBatch
 from cyllm.worker.engines.planning import Plan, SamplingDefaults
-from cyllm.worker.engines.sampling import make_generator, sample
+from cyllm.worker.engines.sampling import OutputRules, apply_rules, make_generator, sample
 from cyllm.worker.engines.text import Stopper
 from cyllm.worker.engines.types import EngineHealth, ModelCard, SamplingParams, Step
 from cyllm.worker.model_files import context_length
@@ -57,6 +57,7 @@ class _Sequence:
     generator: Any = None
     adapter: str | None = None
     matcher: Matcher | None = None  # the response format's grammar, where one is asked
+    rules: OutputRules | None = None  # penalties, logit bias, min_tokens, where asked
     last_token: int = 0
     done: bool = False
     events: list[Step | BaseException] = field(default_factory=list)
@@ -65,6 +66,7 @@ class _Sequence:
 class TransformersEngine(Engine):
     name = "transformers"
     library = "transformers"
+    output_rules = True
 
     def __init__(self, spec: ModelSpec, model_dir: Path) -> None:
         super().__init__(spec)
@@ -241,6 +243,7 @@ class TransformersEngine(Engine):
             generator=make_generator(plan.sampling, self.device),
             adapter=plan.adapter,
             matcher=self.matcher(plan),
+            rules=self.rules(plan),
         )
         self._inbox.put(seq)
         self._wake.set()
@@ -314,9 +317,7 @@ class TransformersEngine(Engine):
         if admitted:
             new, logits = KVBatch.prefill(self.model, [s.prompt_ids for s in admitted], self.pad_id,
                                           **self._forward_args([s.adapter for s in admitted]))
-            self._advance(admitted, sample(mask_rows(logits, [s.matcher for s in admitted]),
-                                           [s.sampling for s in admitted],
-                                           [s.generator for s in admitted]))
+            self._advance(admitted, self._sample(logits, admitted))
             batch = new if batch is None else batch.merge(new)
             self._running.extend(admitted)
             self._admitting = []
@@ -330,12 +331,17 @@ class TransformersEngine(Engine):
         logits = batch.decode(self.model, tokens,
                               **self._forward_args([s.adapter for s in self._running]))
         stepped = self._running
-        self._advance(stepped, sample(mask_rows(logits, [s.matcher for s in stepped]),
-                                      [s.sampling for s in stepped],
-                                      [s.generator for s in stepped]))
+        self._advance(stepped, self._sample(logits, stepped))
         batch = self._compact(batch)
         self._deliver(stepped)  # after compacting: a finished stream is no longer counted
         return batch
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
+        """Each row's rules, then its grammar (which has the last word), then sampling."""
+        logits = apply_rules(logits, [s.rules for s in seqs])
+        logits = mask_rows(logits, [s.matcher for s in seqs])
+        return sample(logits, [s.sampling for s in seqs], [s.generator for s in seqs])
 
     def _admit(self) -> list[_Sequence]:
         room = self.spec.max_batch_size - len(self._running)
@@ -357,6 +363,8 @@ class TransformersEngine(Engine):
             seq.last_token = token
             if seq.matcher is not None:
                 seq.matcher.accept(token)
+            if seq.rules is not None:
+                seq.rules.accept(token)
             step = seq.stopper.push(token)
             if step is not None:
                 seq.events.append(step)

@@ -36,6 +36,21 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     constraint: Constraint | None = None  # None: free text
+    # Output rules; their defaults leave the logits alone (``sampling.OutputRules``).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False
+
+    def rules(self) -> tuple[str, ...]:
+        """The output rules this request sets (names as in the API)."""
+        return tuple(name for name, off in _RULES_OFF.items() if getattr(self, name) != off)
+
+
+_RULES_OFF = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
+              "logit_bias": (), "min_tokens": 0, "ignore_eos": False}
 
 
 @dataclass(frozen=True)

@@ -177,8 +177,10 @@ class VllmAsyncEngine(Engine):
     def down(self) -> str:
         return "engine stopped" if self.llm is None or self.llm.errored else ""
 
-    # vLLM starts a request's grammar at its first generated token (see base.Engine).
-    continues_grammars = False
+    # vLLM starts a request's grammar and its output penalties at its first generated
+    # token (see base.Engine); it applies every output rule itself.
+    continues_output_state = False
+    output_rules = True
 
     def grammars(self) -> Grammars:
         if self._grammars is None:
@@ -208,6 +210,9 @@ class VllmAsyncEngine(Engine):
             stop=list(s.stop) or None, output_kind=RequestOutputKind.DELTA,
             # a copy: vLLM records its backend choice on the object
             structured_outputs=dataclasses.replace(plan.grammar) if plan.grammar else None,
+            presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+            repetition_penalty=s.repetition_penalty, logit_bias=dict(s.logit_bias) or None,
+            min_tokens=max(0, s.min_tokens - len(plan.resumed)), ignore_eos=s.ignore_eos,
         )
         lora = self._loras.get(plan.adapter) if plan.adapter else None
         finished = False
