@@ -55,7 +55,7 @@ def build_request(
     model: str,
     *,
     prompt: str | None = None,
-    messages: Sequence[tuple[str, str]] | None = None,
+    messages: Sequence[tuple[str, str]] | Sequence[pb.ChatMessage] | None = None,
     max_tokens: int | None = None,
     temperature: float | None = None,
     top_p: float | None = None,
@@ -69,6 +69,7 @@ def build_request(
     logit_bias: dict[int, float] | None = None,
     min_tokens: int = 0,
     ignore_eos: bool = False,
+    tools: str = "",
 ) -> pb.GenerateRequest:
     sampling = pb.SamplingParams(stop=[stop] if isinstance(stop, str) else list(stop or []))
     if max_tokens is not None:
@@ -86,14 +87,16 @@ def build_request(
         sampling.repetition_penalty = repetition_penalty
     sampling.logit_bias.update(logit_bias or {})
     sampling.min_tokens, sampling.ignore_eos = min_tokens, ignore_eos
-    for param, texts in (("prompt", [prompt or ""]), ("messages", [t for m in messages or () for t in m]),
-                         ("stop", list(sampling.stop))):
+    chat = [m if isinstance(m, pb.ChatMessage) else pb.ChatMessage(role=m[0], content=m[1])
+            for m in messages or ()]
+    for param, texts in (("prompt", [prompt or ""]),
+                         ("messages", [t for m in chat for t in _texts(m)]),
+                         ("stop", list(sampling.stop)), ("tools", [tools])):
         _check_text(texts, param)
-    req = pb.GenerateRequest(request_id=request_id, model=model, sampling=sampling, priority=priority)
+    req = pb.GenerateRequest(request_id=request_id, model=model, sampling=sampling, priority=priority,
+                             tools=tools)
     if messages is not None:
-        req.messages.CopyFrom(
-            pb.ChatMessages(messages=[pb.ChatMessage(role=r, content=c) for r, c in messages])
-        )
+        req.messages.CopyFrom(pb.ChatMessages(messages=chat))
     else:
         req.prompt = prompt or ""
     return req
@@ -111,6 +114,11 @@ def idempotency_key(conn: HTTPConnection) -> str:
         raise errors.InvalidRequest(f"{IDEMPOTENCY_HEADER} must be 1 to 255 visible ASCII "
                                     "characters", param=IDEMPOTENCY_HEADER)
     return key
+
+
+def _texts(m: pb.ChatMessage) -> list[str]:
+    return [m.role, m.content, m.tool_call_id] + [t for c in m.tool_calls
+                                                  for t in (c.id, c.name, c.arguments)]
 
 
 def _check_text(texts: list[str], param: str) -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from cyllm.protocol import pb
+import json
+
 from cyllm import errors
+from cyllm.worker.engines.prompt import TOOL_CALL
 from cyllm.worker.engines.types import (
     Constraint,
     Event,
@@ -36,9 +39,25 @@ def request_from_proto(msg: pb.GenerateRequest) -> GenerationRequest:
     resume = Resume(tuple(msg.resume.token_ids), msg.resume.text) \
         if msg.HasField("resume") and msg.resume.token_ids else None
     if msg.WhichOneof("input") == "messages":
-        messages = tuple((m.role, m.content) for m in msg.messages.messages)
-        return GenerationRequest(msg.request_id, messages=messages, sampling=sampling, resume=resume)
+        messages = tuple((m.role, _content(m)) for m in msg.messages.messages)
+        return GenerationRequest(msg.request_id, messages=messages, sampling=sampling, resume=resume,
+                                 tools=msg.tools)
     return GenerationRequest(msg.request_id, prompt=msg.prompt, sampling=sampling, resume=resume)
+
+
+def _content(m: pb.ChatMessage) -> str:
+    """A message's text, an assistant's tool calls written after it as a tool-trained
+    model writes them (``prompt.TOOL_CALL``)."""
+    calls = [TOOL_CALL.format(json.dumps({"name": c.name, "arguments": _arguments(c.arguments)}))
+             for c in m.tool_calls]
+    return "\n".join([m.content] * bool(m.content) + calls)
+
+
+def _arguments(text: str) -> object:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _constraint(c: pb.Constraint) -> Constraint:

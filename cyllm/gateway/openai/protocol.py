@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from cyllm import errors
 from cyllm.gateway.generation import TokenUsage, token_biases
 from cyllm.gateway.schemas import constraint_of
+from cyllm.gateway.tools import Toolbox, toolbox
 from cyllm.protocol import pb
 
 INT32_MAX = 2**31 - 1  # the gRPC contract's int32: larger counts are refused here, not there
@@ -19,10 +20,38 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str = Field(max_length=65536)
+
+
+class ToolCall(BaseModel):
+    id: str = Field(min_length=1, max_length=128)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, max_length=128)
+    tool_call_id: str | None = Field(None, max_length=128)
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls belong to assistant messages")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a tool message needs tool_call_id, and only a tool message has one")
+        return self
+
+    def as_proto(self) -> pb.ChatMessage:
+        role = "system" if self.role == "developer" else self.role
+        calls = [pb.ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments)
+                 for c in self.tool_calls or ()]
+        return pb.ChatMessage(role=role, content=self.text(), tool_calls=calls,
+                              tool_call_id=self.tool_call_id or "")
 
     def text(self) -> str:
         if self.content is None:
@@ -30,6 +59,10 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(p.text for p in self.content)
+
+
+class FunctionCallName(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
 
 
 class StreamOptions(BaseModel):
@@ -90,7 +123,9 @@ class _Sampling(BaseModel):
             raise ValueError("n > 1 is not supported; send separate requests")
         if isinstance(self.stop, list) and len(self.stop) > 4:
             raise ValueError("stop takes at most 4 sequences")
-        for name in ("tools", "functions", "logprobs", "top_logprobs"):
+        if "tools" in (self.model_extra or {}):
+            raise ValueError("tools are supported on /v1/chat/completions only")
+        for name in ("functions", "logprobs", "top_logprobs"):
             value = (self.model_extra or {}).get(name)
             if value not in (None, False, [], {}):
                 raise ValueError(f"{name} is not supported by this server")
@@ -112,15 +147,41 @@ class _Sampling(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+class FunctionSpec(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = Field(None, max_length=4096)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: FunctionCallName
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
-    def conversation(self) -> list[tuple[str, str]]:
-        out = [("system" if m.role == "developer" else m.role, m.text()) for m in self.messages]
-        if not any(content.strip() for _, content in out):
+    def conversation(self) -> list[pb.ChatMessage]:
+        out = [m.as_proto() for m in self.messages]
+        if not any(m.content.strip() or m.tool_calls for m in out):
             raise errors.InvalidRequest("messages contain no text", param="messages")
         return out
+
+    def toolbox(self) -> Toolbox | None:
+        tools = [t.model_dump() for t in self.tools or ()]
+        choice = self.tool_choice.model_dump() if isinstance(self.tool_choice, BaseModel) \
+            else self.tool_choice
+        return toolbox(tools, choice, self.parallel_tool_calls)
 
     @property
     def token_limit(self) -> int | None:
@@ -154,7 +215,8 @@ class Usage(TokenUsage):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 
@@ -21,11 +22,14 @@ from cyllm.gateway.openai.protocol import (
     Completion,
     CompletionChoice,
     CompletionRequest,
+    FunctionCall,
     Model,
     ModelList,
+    ToolCall,
     Usage,
     chunk,
 )
+from cyllm.gateway.tools import Toolbox
 from cyllm.gateway.sse import frame, sse_response
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(authenticate)])
@@ -39,21 +43,66 @@ CHAT, TEXT = "chat.completion.chunk", "text_completion"
 @router.post("/chat/completions", response_model=ChatCompletion, responses={**ERRORS, **STREAM_OR_JSON})
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletion | StreamingResponse:
     rid = f"chatcmpl-{context(request).request_id}"
+    tools, constraint = body.toolbox(), body.constraint()
+    if tools is not None and tools.forced:
+        if constraint is not None:
+            raise errors.InvalidRequest("response_format cannot be combined with a tool_choice "
+                                        "that forces a call", param="tool_choice")
+        constraint = tools.constraint()
     req = build_request(
         rid, body.model, messages=body.conversation(), max_tokens=body.token_limit,
         temperature=body.temperature, top_p=body.top_p, stop=body.stop, seed=body.seed,
-        constraint=body.constraint(), **body.rules(),
+        constraint=constraint, **body.rules(),
+        tools=json.dumps([t.model_dump(exclude_none=True) for t in body.tools or ()]) if tools else "",
     )
     gen = await Generation(request, req, whole=not body.stream).start()
     created = int(time.time())
+    if body.stream and tools is not None and tools.choice != "none":
+        return sse_response(_stream_calls(gen, tools, rid, created, body.model, body.include_usage))
     if body.stream:
         return sse_response(_stream(gen, CHAT, rid, created, body.model, body.include_usage))
     text = await gen.text()
+    message, finish = _answer(text, gen.outcome.finish_reason, tools)
     return ChatCompletion(
         id=rid, created=created, model=body.model, usage=Usage.of(gen.outcome),
-        choices=[ChatChoice(message=AssistantMessage(content=text),
-                            finish_reason=gen.outcome.finish_reason)],
+        choices=[ChatChoice(message=message, finish_reason=finish)],
     )
+
+
+def _answer(text: str, finish: str, tools: Toolbox | None) -> tuple[AssistantMessage, str]:
+    """The assistant's message: its tool calls (finish ``tool_calls``) when its finished
+    output is one, else its text."""
+    calls = tools.parse(text) if tools is not None and finish == "stop" else []
+    if not calls:
+        return AssistantMessage(content=text), finish
+    return AssistantMessage(content=None, tool_calls=[
+        ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls
+    ]), "tool_calls"
+
+
+async def _stream_calls(gen: Generation, tools: Toolbox, rid: str, created: int, model: str,
+                        include_usage: bool) -> AsyncIterator[str]:
+    """With tools, whether the answer is a call is known at its end: the stream carries
+    it whole, as one content delta or one tool-call delta per call (OpenAI's shape)."""
+    yield frame(chunk(CHAT, rid, created, model, delta={"role": "assistant", "content": ""}))
+    pieces: list[str] = []
+    async for event in gen.events():
+        if isinstance(event, Failed):
+            yield frame(stream_error(event.error))
+        elif isinstance(event, Done):
+            message, finish = _answer("".join(pieces), event.outcome.finish_reason, tools)
+            if message.tool_calls:
+                calls = [{"index": i, **c.model_dump()} for i, c in enumerate(message.tool_calls)]
+                yield frame(chunk(CHAT, rid, created, model, delta={"tool_calls": calls}))
+            elif message.content:
+                yield frame(chunk(CHAT, rid, created, model, delta={"content": message.content}))
+            yield frame(chunk(CHAT, rid, created, model, finish_reason=finish))
+            if include_usage:
+                yield frame(chunk(CHAT, rid, created, model, usage=Usage.of(event.outcome),
+                                  choices=False))
+            yield frame("[DONE]")
+        else:
+            pieces.append(event.text)
 
 
 @router.post("/completions", response_model=Completion, responses={**ERRORS, **STREAM_OR_JSON})

@@ -79,6 +79,7 @@ class LlamaCppEngine(Engine):
         self._free: asyncio.Queue[Any] = asyncio.Queue()
         self._objects: list[Any] = []
         self._grammars: Grammars | None = None
+        self.template: str | None = None  # the GGUF's chat template
 
     async def load(self) -> ModelCard:
         import llama_cpp
@@ -106,7 +107,7 @@ class LlamaCppEngine(Engine):
         self.context_length = llm.n_ctx()
         self.eos = {llm.token_eos()}
         meta = llm.metadata
-        template = meta.get("tokenizer.chat_template")
+        template = self.template = meta.get("tokenizer.chat_template")
         self.formatter = None
         if template:
             eos_text = llm.detokenize([llm.token_eos()], special=True).decode(errors="replace")
@@ -126,13 +127,13 @@ class LlamaCppEngine(Engine):
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         llm = self._objects[0]  # tokenising is read-only on the vocabulary
         if request.messages is not None:
-            msgs = messages_of(request)
+            msgs, tools = messages_of(request, self.template)
             if self.formatter is None:
                 raise errors.InvalidRequest(
                     "this model has no chat template; send a raw prompt (/v1/completions)",
                     param="messages")
             try:
-                text = self.formatter(messages=msgs).prompt
+                text = self.formatter(messages=msgs, tools=tools).prompt
             except Exception as exc:
                 raise errors.InvalidRequest(f"chat template rejected the messages: {exc}") from exc
             return llm.tokenize(text.encode(), add_bos=True, special=True)

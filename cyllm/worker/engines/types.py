@@ -70,6 +70,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     adapter: str | None = None  # a LoRA adapter registered on this engine; None: the base model
     resume: Resume | None = None
+    tools: str = ""  # the function tools (OpenAI's list, JSON text), for the chat template
 
 
 @dataclass(frozen=True)

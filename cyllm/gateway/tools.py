@@ -1,0 +1,129 @@
+"""Function tools (OpenAI's ``tools`` / ``tool_choice``): what the model is held to, and
+how its output becomes ``tool_calls``.
+
+- ``tool_choice: "required"`` or a named function: the output is decoded under a JSON
+  Schema of the call(s) (``constraint``), so the arguments always validate against the
+  function's ``parameters``; ``parallel_tool_calls`` allows a list of calls.
+- ``"auto"`` (the default when tools are given): the model decides; calls are read from
+  its text (``parse``) in the Hermes format that tool-trained chat templates use
+  (``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, Qwen2.5, Hermes,
+  SmolLM3 and others), or a reply that is only such a JSON object.  A call naming no
+  given tool, or whose arguments do not validate, stays text.
+- ``"none"``: tools are shown to the model but nothing is read as a call.
+
+The worker renders the tools through the model's chat template where it has a tool
+format, else in a documented system preamble (``worker/engines/prompt.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from cyllm import errors
+from cyllm.gateway.schemas import check_schema
+from cyllm.protocol import pb
+
+PARAM = "tools"
+_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Call:
+    id: str
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+@dataclass(frozen=True)
+class Toolbox:
+    """The request's functions (name -> parameters schema) and its choice."""
+
+    functions: dict[str, dict[str, Any]]
+    choice: str  # "none" | "auto" | "required" | a function's name
+    parallel: bool = True
+
+    @property
+    def forced(self) -> bool:
+        return self.choice not in ("none", "auto")
+
+    def constraint(self) -> pb.Constraint | None:
+        """The schema a forced choice decodes under (None for none/auto)."""
+        if not self.forced:
+            return None
+        names = list(self.functions) if self.choice == "required" else [self.choice]
+        calls = [_call_schema(n, self.functions[n]) for n in names]
+        one = calls[0] if len(calls) == 1 else {"anyOf": calls}
+        schema = {"type": "array", "items": one, "minItems": 1} if self.parallel \
+            and self.choice == "required" else one
+        return pb.Constraint(kind="json_schema",
+                             json_schema=check_schema(schema, PARAM, "the tools' call schema"))
+
+    def parse(self, text: str) -> list[Call]:
+        """The calls in a finished output ([] when it is an answer, not a call)."""
+        if self.choice == "none":
+            return []
+        if self.forced:
+            try:
+                found = json.loads(text)
+            except ValueError:
+                return []
+            found = found if isinstance(found, list) else [found]
+        else:
+            found = [_json(m) for m in _CALL.findall(text)] or [_json(text.strip())]
+        calls = [_as_call(c, self.functions) for c in found]
+        return calls if calls and all(calls) else []  # type: ignore[return-value]
+
+
+def toolbox(tools: list[dict[str, Any]] | None, choice: Any, parallel: bool) -> Toolbox | None:
+    """The request's tools checked (names, parameter schemas) with its choice resolved;
+    None when it gives none."""
+    if not tools:
+        if choice not in (None, "none"):
+            raise errors.InvalidRequest("tool_choice needs tools", param="tool_choice")
+        return None
+    functions: dict[str, dict[str, Any]] = {}
+    for i, tool in enumerate(tools):
+        name = tool["function"]["name"]
+        if name in functions:
+            raise errors.InvalidRequest(f"two tools are named {name!r}", param=PARAM)
+        params = tool["function"].get("parameters") or {"type": "object", "properties": {}}
+        check_schema(params, PARAM, f"tools[{i}].function.parameters")
+        functions[name] = params
+    if choice is None or choice in ("auto", "none", "required"):
+        return Toolbox(functions, choice or "auto", parallel)
+    name = choice["function"]["name"]
+    if name not in functions:
+        raise errors.InvalidRequest(f"tool_choice names {name!r}, which is not among the tools",
+                                    param="tool_choice")
+    return Toolbox(functions, name, parallel)
+
+
+def _call_schema(name: str, parameters: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "properties": {"name": {"const": name}, "arguments": parameters},
+            "required": ["name", "arguments"]}
+
+
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _as_call(found: Any, functions: dict[str, dict[str, Any]]) -> Call | None:
+    import jsonschema
+
+    if not isinstance(found, dict) or found.get("name") not in functions:
+        return None
+    arguments = found.get("arguments", found.get("parameters", {}))
+    if isinstance(arguments, str):  # some models write the arguments as a JSON string
+        arguments = _json(arguments)
+    try:
+        jsonschema.validate(arguments, functions[found["name"]])
+    except jsonschema.ValidationError:
+        return None
+    return Call(f"call_{secrets.token_hex(12)}", found["name"], json.dumps(arguments))
