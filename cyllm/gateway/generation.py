@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Self
+from typing import Any, Self, TypeVar
 
 from pydantic import BaseModel
 from starlette.requests import HTTPConnection, Request
@@ -25,6 +25,8 @@ from cyllm.gateway.auth import coordinator
 from cyllm.gateway.context import Usage, context
 from cyllm.protocol import pb
 from cyllm.protocol.coalesce import coalesced
+
+T = TypeVar("T")
 
 
 PRIORITY_SCOPE = "priority"
@@ -151,6 +153,13 @@ class TokenUsage(BaseModel):
         return cls(prompt_tokens=o.prompt_tokens, completion_tokens=o.completion_tokens,
                    total_tokens=o.prompt_tokens + o.completion_tokens)
 
+    @classmethod
+    def of_all(cls, outcomes: list[Outcome]) -> Self:
+        """Several choices of one prompt: the prompt counted once, as OpenAI counts it."""
+        prompt, completion = outcomes[0].prompt_tokens, sum(o.completion_tokens for o in outcomes)
+        return cls(prompt_tokens=prompt, completion_tokens=completion,
+                   total_tokens=prompt + completion)
+
 
 @dataclass(frozen=True)
 class Text:
@@ -172,6 +181,67 @@ class Failed:
 Event = Text | Done | Failed
 
 
+_END = object()
+
+
+@contextlib.asynccontextmanager
+async def merged(streams: list[AsyncIterator[T]]) -> AsyncIterator[AsyncIterator[T]]:
+    """The items of ``streams`` as they come (one stream: itself, untouched); leaving
+    early cancels the rest, which closes them (a generation's stream cancels upstream)."""
+    if len(streams) == 1:
+        async with aclosing(streams[0]) as only:  # type: ignore[type-var]
+            yield only
+        return
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def pump(stream: AsyncIterator[T]) -> None:
+        try:
+            async for item in stream:
+                await queue.put(item)
+        finally:
+            queue.put_nowait(_END)
+
+    tasks = [asyncio.create_task(pump(s)) for s in streams]
+
+    async def items() -> AsyncIterator[T]:
+        left = len(tasks)
+        while left:
+            item = await queue.get()
+            if item is _END:
+                left -= 1
+            else:
+                yield item
+
+    try:
+        yield items()
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def started(conn: HTTPConnection, request: pb.GenerateRequest, n: int, *,
+                  whole: bool) -> list[Generation]:
+    """``n`` generations of ``request`` (OpenAI's ``n``), started together: with a seed,
+    choice ``i`` samples with ``seed + i`` (reproducible, and the choices differ); if
+    one cannot start, those that did are cancelled and its error is raised."""
+    gens = []
+    for i in range(n):
+        r = pb.GenerateRequest()
+        r.CopyFrom(request)
+        if i and r.sampling.HasField("seed"):
+            r.sampling.seed = (r.sampling.seed + i + 2**63) % 2**64 - 2**63  # int64
+        gens.append(Generation(conn, r, whole=whole, choice=i))
+    results = await asyncio.gather(*(g.start() for g in gens), return_exceptions=True)
+    failed = next((r for r in results if isinstance(r, BaseException)), None)
+    if failed is not None:
+        for g, r in zip(gens, results):
+            if not isinstance(r, BaseException):
+                await g.close()
+        raise failed
+    return gens
+
+
 class Generation:
     """One running generation: ``await start()``, then ``events()`` (streams) or
     ``text()`` (whole answers).
@@ -181,14 +251,17 @@ class Generation:
     """
 
     def __init__(self, conn: HTTPConnection, request: pb.GenerateRequest, *,
-                 whole: bool = False) -> None:
+                 whole: bool = False, choice: int = 0) -> None:
         """``whole``: the answer is sent in one piece (not streamed); such a request may
         carry an ``Idempotency-Key`` (a stream cannot be replayed to a retry, so the
-        header is ignored there)."""
-        if whole:
-            request.idempotency_key = idempotency_key(conn)
+        header is ignored there).  ``choice``: which of a request's ``n`` answers this
+        is (each has its own id upstream, and its own share of the key)."""
+        key = idempotency_key(conn) if whole else ""
+        request.idempotency_key = f"{key}#{choice}" if key and choice else key
         state = conn.app.state
         self.ctx = context(conn)
+        self.choice = choice
+        self._rid = self.ctx.request_id if not choice else f"{self.ctx.request_id}-{choice}"
         self._conn = conn
         self._client, self._request = coordinator(conn), request
         self._events: AsyncIterator[pb.GenerateResponse] | None = None
@@ -215,7 +288,7 @@ class Generation:
         reserve = self.limiter.reservation(chars, bound)
         self._admission = await self.limiter.admit(caller, reserve)
         self.ctx.ratelimit_headers = self._admission.headers
-        self._events = self._client.generate(self._request, self.ctx.request_id)
+        self._events = self._client.generate(self._request, self._rid)
         try:
             first = await anext(self._events)
         except StopAsyncIteration:
@@ -228,6 +301,12 @@ class Generation:
         self.outcome.prompt_tokens = first.started.prompt_tokens
         self.outcome.cached = first.started.cached
         return self
+
+    async def close(self) -> None:
+        """Give up a started generation that will not be read (cancelled upstream)."""
+        if self._events is not None:
+            await self._events.aclose()
+        await self._settle()
 
     async def events(self) -> AsyncIterator[Event]:
         """Text pieces, then Done or Failed; closing this early cancels upstream."""

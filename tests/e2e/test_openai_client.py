@@ -104,3 +104,30 @@ def test_penalties_logit_bias_and_vllm_extras(client):
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=3, **bad)
         assert param in refused.value.message or refused.value.body.get("param") == param
+
+
+def test_n_choices(client):
+    reply = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, n=3,
+                                           temperature=1.0, seed=5)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert all(c.message.content for c in reply.choices)
+    completion = sum(len(c.message.content) > 0 for c in reply.choices)
+    assert completion == 3 and reply.usage.completion_tokens <= 36
+    again = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, n=3,
+                                           temperature=1.0, seed=5)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in reply.choices]
+    # the prompt counts once, as OpenAI counts it
+    one = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=1)
+    assert reply.usage.prompt_tokens == one.usage.prompt_tokens
+    chunks = list(client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8,
+                                            n=2, temperature=1.0, seed=1, stream=True,
+                                            stream_options={"include_usage": True}))
+    texts = {0: "", 1: ""}
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] += choice.text
+    finishes = [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason]
+    assert sorted(finishes) == ["length", "length"] and all(texts.values())
+    assert chunks[-1].usage.completion_tokens == 16
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=QUESTION, n=17)

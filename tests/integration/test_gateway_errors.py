@@ -41,9 +41,16 @@ async def still_serving(stack):
          ["max_tokens"], "max_tokens"),
         ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "temperature": 5},
          ["temperature"], "temperature"),
-        ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "n": 2}, ["n > 1"], None),
+        ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "n": 17}, ["n"], "n"),
         ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
-         ["tools"], None),
+         ["tools"], "tools"),
+        ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "logprobs": True},
+         ["logprobs"], None),
+        ({"model": "fake", "messages": [{"role": "user", "content": "x"}],
+          "response_format": {"type": "json_object"}}, ["response_format", "fake engine"],
+         "response_format"),
+        ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "presence_penalty": 1},
+         ["presence_penalty", "fake engine"], "presence_penalty"),
     ],
 )
 async def test_invalid_chat_requests_get_400_naming_the_field(make_stack, body, words, param):

@@ -12,7 +12,8 @@ from cyllm.gateway.schemas import constraint_of
 from cyllm.gateway.tools import Toolbox, toolbox
 from cyllm.protocol import pb
 
-INT32_MAX = 2**31 - 1  # the gRPC contract's int32: larger counts are refused here, not there
+INT32_MAX = 2**31 - 1
+MAX_CHOICES = 16  # n: each choice is a generation of its own  # the gRPC contract's int32: larger counts are refused here, not there
 
 
 class TextPart(BaseModel):
@@ -106,7 +107,7 @@ class _Sampling(BaseModel):
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     user: str | None = None
     response_format: ResponseFormat | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
@@ -119,8 +120,6 @@ class _Sampling(BaseModel):
 
     @model_validator(mode="after")
     def _supported(self) -> _Sampling:
-        if self.n != 1:
-            raise ValueError("n > 1 is not supported; send separate requests")
         if isinstance(self.stop, list) and len(self.stop) > 4:
             raise ValueError("stop takes at most 4 sequences")
         if "tools" in (self.model_extra or {}):
@@ -216,7 +215,7 @@ class Usage(TokenUsage):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
-    tool_calls: list[ToolCall] | None = None
+    tool_calls: list[ToolCall] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ChatChoice(BaseModel):
@@ -266,12 +265,12 @@ class ModelList(BaseModel):
 def chunk(
     kind: str, rid: str, created: int, model: str, *, delta: dict[str, Any] | None = None,
     text: str | None = None, finish_reason: str | None = None, usage: Usage | None = None,
-    choices: bool = True,
+    choices: bool = True, index: int = 0,
 ) -> dict[str, Any]:
     """One streamed ``chat.completion.chunk`` or ``text_completion`` object."""
     body: dict[str, Any] = {"id": rid, "object": kind, "created": created, "model": model}
     if choices:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
+        choice: dict[str, Any] = {"index": index, "finish_reason": finish_reason, "logprobs": None}
         if kind == "chat.completion.chunk":
             choice["delta"] = delta or {}
         else:

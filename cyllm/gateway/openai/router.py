@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
@@ -13,7 +15,7 @@ from cyllm import errors
 from cyllm.gateway.auth import authenticate, coordinator
 from cyllm.gateway.context import context
 from cyllm.gateway.errors import GENERATION_ERRORS, responses, stream_error
-from cyllm.gateway.generation import Done, Failed, Generation, build_request
+from cyllm.gateway.generation import Done, Failed, Generation, build_request, merged, started
 from cyllm.gateway.openai.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -55,17 +57,40 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
         constraint=constraint, **body.rules(),
         tools=json.dumps([t.model_dump(exclude_none=True) for t in body.tools or ()]) if tools else "",
     )
-    gen = await Generation(request, req, whole=not body.stream).start()
+    gens = await started(request, req, body.n, whole=not body.stream)
     created = int(time.time())
-    if body.stream and tools is not None and tools.choice != "none":
-        return sse_response(_stream_calls(gen, tools, rid, created, body.model, body.include_usage))
     if body.stream:
-        return sse_response(_stream(gen, CHAT, rid, created, body.model, body.include_usage))
-    text = await gen.text()
-    message, finish = _answer(text, gen.outcome.finish_reason, tools)
-    return ChatCompletion(
-        id=rid, created=created, model=body.model, usage=Usage.of(gen.outcome),
-        choices=[ChatChoice(message=message, finish_reason=finish)],
+        whole = tools is not None and tools.choice != "none"
+        frames = [_choice_frames(g, CHAT, rid, created, body.model, tools if whole else None)
+                  for g in gens]
+        return sse_response(_stream(frames, gens, CHAT, rid, created, body.model, body.include_usage))
+    texts = await asyncio.gather(*(g.text() for g in gens))
+    choices = []
+    for i, (g, text) in enumerate(zip(gens, texts)):
+        message, finish = _answer(text, g.outcome.finish_reason, tools)
+        choices.append(ChatChoice(index=i, message=message, finish_reason=finish))
+    return ChatCompletion(id=rid, created=created, model=body.model, choices=choices,
+                          usage=Usage.of_all([g.outcome for g in gens]))
+
+
+@router.post("/completions", response_model=Completion, responses={**ERRORS, **STREAM_OR_JSON})
+async def completions(body: CompletionRequest, request: Request) -> Completion | StreamingResponse:
+    rid = f"cmpl-{context(request).request_id}"
+    req = build_request(
+        rid, body.model, prompt=body.text(), max_tokens=body.max_tokens,
+        temperature=body.temperature, top_p=body.top_p, stop=body.stop, seed=body.seed,
+        constraint=body.constraint(), **body.rules(),
+    )
+    gens = await started(request, req, body.n, whole=not body.stream)
+    created = int(time.time())
+    if body.stream:
+        frames = [_choice_frames(g, TEXT, rid, created, body.model) for g in gens]
+        return sse_response(_stream(frames, gens, TEXT, rid, created, body.model, body.include_usage))
+    texts = await asyncio.gather(*(g.text() for g in gens))
+    return Completion(
+        id=rid, created=created, model=body.model, usage=Usage.of_all([g.outcome for g in gens]),
+        choices=[CompletionChoice(index=i, text=text, finish_reason=g.outcome.finish_reason)
+                 for i, (g, text) in enumerate(zip(gens, texts))],
     )
 
 
@@ -80,69 +105,51 @@ def _answer(text: str, finish: str, tools: Toolbox | None) -> tuple[AssistantMes
     ]), "tool_calls"
 
 
-async def _stream_calls(gen: Generation, tools: Toolbox, rid: str, created: int, model: str,
-                        include_usage: bool) -> AsyncIterator[str]:
-    """With tools, whether the answer is a call is known at its end: the stream carries
-    it whole, as one content delta or one tool-call delta per call (OpenAI's shape)."""
-    yield frame(chunk(CHAT, rid, created, model, delta={"role": "assistant", "content": ""}))
+async def _choice_frames(gen: Generation, kind: str, rid: str, created: int, model: str,
+                         tools: Toolbox | None = None) -> AsyncIterator[dict[str, Any] | Failed]:
+    """One choice's chunks (a role delta first for chat), its finish chunk last; or a
+    Failed.  With ``tools`` whether the answer is a call is known at its end, so it comes
+    whole: one content delta, or one tool-call delta per call (OpenAI's shape)."""
+    i = gen.choice
+    if kind == CHAT:
+        yield chunk(kind, rid, created, model, delta={"role": "assistant", "content": ""}, index=i)
     pieces: list[str] = []
     async for event in gen.events():
         if isinstance(event, Failed):
-            yield frame(stream_error(event.error))
+            yield event
         elif isinstance(event, Done):
-            message, finish = _answer("".join(pieces), event.outcome.finish_reason, tools)
-            if message.tool_calls:
-                calls = [{"index": i, **c.model_dump()} for i, c in enumerate(message.tool_calls)]
-                yield frame(chunk(CHAT, rid, created, model, delta={"tool_calls": calls}))
-            elif message.content:
-                yield frame(chunk(CHAT, rid, created, model, delta={"content": message.content}))
-            yield frame(chunk(CHAT, rid, created, model, finish_reason=finish))
-            if include_usage:
-                yield frame(chunk(CHAT, rid, created, model, usage=Usage.of(event.outcome),
-                                  choices=False))
-            yield frame("[DONE]")
-        else:
+            finish = event.outcome.finish_reason
+            if tools is not None:
+                message, finish = _answer("".join(pieces), finish, tools)
+                if message.tool_calls:
+                    calls = [{"index": n, **c.model_dump()} for n, c in enumerate(message.tool_calls)]
+                    yield chunk(kind, rid, created, model, delta={"tool_calls": calls}, index=i)
+                elif message.content:
+                    yield chunk(kind, rid, created, model, delta={"content": message.content}, index=i)
+            yield chunk(kind, rid, created, model, finish_reason=finish, index=i)
+        elif tools is not None:
             pieces.append(event.text)
-
-
-@router.post("/completions", response_model=Completion, responses={**ERRORS, **STREAM_OR_JSON})
-async def completions(body: CompletionRequest, request: Request) -> Completion | StreamingResponse:
-    rid = f"cmpl-{context(request).request_id}"
-    req = build_request(
-        rid, body.model, prompt=body.text(), max_tokens=body.max_tokens,
-        temperature=body.temperature, top_p=body.top_p, stop=body.stop, seed=body.seed,
-        constraint=body.constraint(), **body.rules(),
-    )
-    gen = await Generation(request, req, whole=not body.stream).start()
-    created = int(time.time())
-    if body.stream:
-        return sse_response(_stream(gen, TEXT, rid, created, body.model, body.include_usage))
-    text = await gen.text()
-    return Completion(
-        id=rid, created=created, model=body.model, usage=Usage.of(gen.outcome),
-        choices=[CompletionChoice(text=text, finish_reason=gen.outcome.finish_reason)],
-    )
-
-
-async def _stream(gen: Generation, kind: str, rid: str, created: int, model: str,
-                  include_usage: bool) -> AsyncIterator[str]:
-    """OpenAI's chunks: (chat: a role delta first) a chunk per piece, then the finish
-    reason, the usage chunk if asked, ``[DONE]``; or an error object, and no ``[DONE]``."""
-    if kind == CHAT:
-        yield frame(chunk(kind, rid, created, model, delta={"role": "assistant", "content": ""}))
-    async for event in gen.events():
-        if isinstance(event, Failed):
-            yield frame(stream_error(event.error))
-        elif isinstance(event, Done):
-            yield frame(chunk(kind, rid, created, model, finish_reason=event.outcome.finish_reason))
-            if include_usage:
-                yield frame(chunk(kind, rid, created, model, usage=Usage.of(event.outcome),
-                                  choices=False))
-            yield frame("[DONE]")
         elif kind == CHAT:
-            yield frame(chunk(kind, rid, created, model, delta={"content": event.text}))
+            yield chunk(kind, rid, created, model, delta={"content": event.text}, index=i)
         else:
-            yield frame(chunk(kind, rid, created, model, text=event.text))
+            yield chunk(kind, rid, created, model, text=event.text, index=i)
+
+
+async def _stream(choices: list[AsyncIterator[dict[str, Any] | Failed]], gens: list[Generation],
+                  kind: str, rid: str, created: int, model: str,
+                  include_usage: bool) -> AsyncIterator[str]:
+    """The choices' chunks as they come, then the usage chunk if asked and ``[DONE]``; or
+    an error object (and no ``[DONE]``), the other choices cancelled."""
+    async with merged(choices) as items:
+        async for item in items:
+            if isinstance(item, Failed):
+                yield frame(stream_error(item.error))
+                return
+            yield frame(item)
+    if include_usage:
+        yield frame(chunk(kind, rid, created, model, usage=Usage.of_all([g.outcome for g in gens]),
+                          choices=False))
+    yield frame("[DONE]")
 
 
 @router.get("/models", response_model=ModelList, responses=responses(401, 500, 503))
