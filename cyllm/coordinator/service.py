@@ -86,9 +86,10 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
             # Another tenant's fine-tuned model reads exactly as a missing one.
             await self.scheduler.check_model(request.model, tenant.sees)
             label = request.model  # a metric label only once it names a real model
-            # A resumed generation is the rest of one: never a whole answer to cache.
+            # A resumed generation is the rest of one: never a whole answer to cache; and
+            # the cache keeps text, not the logprobs a request may ask for.
             cacheable = self.cache.enabled and is_deterministic(request) \
-                and not request.HasField("resume")
+                and not request.HasField("resume") and not request.sampling.HasField("top_logprobs")
             key = cache_key(request, tenant.subject) if cacheable else None
             cached = await self.cache.get(key) if key else None
             if cached is not None:

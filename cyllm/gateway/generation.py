@@ -72,6 +72,7 @@ def build_request(
     min_tokens: int = 0,
     ignore_eos: bool = False,
     tools: str = "",
+    top_logprobs: int | None = None,
 ) -> pb.GenerateRequest:
     sampling = pb.SamplingParams(stop=[stop] if isinstance(stop, str) else list(stop or []))
     if max_tokens is not None:
@@ -89,6 +90,8 @@ def build_request(
         sampling.repetition_penalty = repetition_penalty
     sampling.logit_bias.update(logit_bias or {})
     sampling.min_tokens, sampling.ignore_eos = min_tokens, ignore_eos
+    if top_logprobs is not None:
+        sampling.top_logprobs = top_logprobs
     chat = [m if isinstance(m, pb.ChatMessage) else pb.ChatMessage(role=m[0], content=m[1])
             for m in messages or ()]
     for param, texts in (("prompt", [prompt or ""]),
@@ -164,6 +167,7 @@ class TokenUsage(BaseModel):
 @dataclass(frozen=True)
 class Text:
     text: str
+    logprobs: tuple[pb.TokenLogprob, ...] = ()  # where asked: its tokens'
 
 
 @dataclass(frozen=True)
@@ -269,6 +273,7 @@ class Generation:
         self.metrics = state.metrics
         self._admission = None
         self.outcome = Outcome()
+        self.logprobs: list[pb.TokenLogprob] = []  # a whole answer's, where asked
         self.model = request.model
         self._started = time.perf_counter()
         self._keep_text: list[str] | None = [] if state.settings.log_content else None
@@ -311,8 +316,8 @@ class Generation:
     async def events(self) -> AsyncIterator[Event]:
         """Text pieces, then Done or Failed; closing this early cancels upstream."""
         try:
-            async for piece in self._pieces():
-                yield Text(piece)
+            async for piece, logprobs in self._pieces():
+                yield Text(piece, logprobs)
         except errors.CyllmError as exc:
             yield Failed(exc)
             return
@@ -337,9 +342,13 @@ class Generation:
         return collect.result()
 
     async def _collect(self) -> str:
-        return "".join([piece async for piece in self._pieces()])
+        pieces = []
+        async for piece, logprobs in self._pieces():
+            pieces.append(piece)
+            self.logprobs.extend(logprobs)
+        return "".join(pieces)
 
-    async def _pieces(self) -> AsyncIterator[str]:
+    async def _pieces(self) -> AsyncIterator[tuple[str, tuple[pb.TokenLogprob, ...]]]:
         assert self._events is not None, "start() first"
         last = None
         try:
@@ -347,7 +356,9 @@ class Generation:
             async with aclosing(coalesced(self._events)) as events:
                 async for msg in events:
                     kind = msg.WhichOneof("event")
-                    if kind == "delta" and msg.delta.text:
+                    if kind == "delta" and not msg.delta.text and msg.delta.logprobs:
+                        yield "", tuple(msg.delta.logprobs)  # tokens whose text is held back
+                    elif kind == "delta" and msg.delta.text:
                         # A merged delta carries k tokens: the gap since the last one
                         # is shared among them, so the histogram counts tokens.
                         now, k = time.perf_counter(), max(1, len(msg.delta.token_ids))
@@ -361,7 +372,7 @@ class Generation:
                         last = now
                         if self._keep_text is not None:
                             self._keep_text.append(msg.delta.text)
-                        yield msg.delta.text
+                        yield msg.delta.text, tuple(msg.delta.logprobs)
                     elif kind == "finished":
                         self._finished(msg.finished)
         finally:

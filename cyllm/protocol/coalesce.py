@@ -69,6 +69,8 @@ def _merged(items: list[object]) -> list[object]:
             merged.delta.text = last.delta.text + item.delta.text
             merged.delta.token_ids.extend(last.delta.token_ids)
             merged.delta.token_ids.extend(item.delta.token_ids)
+            merged.delta.logprobs.extend(last.delta.logprobs)
+            merged.delta.logprobs.extend(item.delta.logprobs)
             out[-1] = merged
         else:
             out.append(item)

@@ -35,6 +35,7 @@ def request_from_proto(msg: pb.GenerateRequest) -> GenerationRequest:
         logit_bias=tuple(sorted(s.logit_bias.items())),
         min_tokens=s.min_tokens,
         ignore_eos=s.ignore_eos,
+        logprobs=s.top_logprobs if s.HasField("top_logprobs") else None,
     )
     resume = Resume(tuple(msg.resume.token_ids), msg.resume.text) \
         if msg.HasField("resume") and msg.resume.token_ids else None
@@ -68,7 +69,12 @@ def _constraint(c: pb.Constraint) -> Constraint:
 
 def event_to_proto(event: Event) -> pb.GenerateResponse:
     if isinstance(event, TextDelta):
-        return pb.GenerateResponse(delta=pb.Delta(text=event.text, token_ids=event.token_ids))
+        return pb.GenerateResponse(delta=pb.Delta(
+            text=event.text, token_ids=event.token_ids,
+            logprobs=[pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, token=lp.token,
+                                      top=[pb.TopLogprob(token_id=i, logprob=v, token=t)
+                                           for i, v, t in lp.top])
+                      for lp in event.logprobs]))
     if isinstance(event, Started):
         return pb.GenerateResponse(started=pb.Started(prompt_tokens=event.prompt_tokens))
     assert isinstance(event, Finished)

@@ -131,3 +131,26 @@ def test_n_choices(client):
     assert chunks[-1].usage.completion_tokens == 16
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=QUESTION, n=17)
+
+
+def test_logprobs_on_chat_and_completions(client):
+    reply = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=6, temperature=0,
+                                           logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert "".join(e.token for e in content) == reply.choices[0].message.content
+    for e in content:
+        assert e.logprob <= 0 and len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token
+        assert bytes(e.bytes).decode() == e.token
+    legacy = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4,
+                                       temperature=0, logprobs=2).choices[0]
+    lp = legacy.logprobs
+    assert "".join(lp.tokens) == legacy.text and len(lp.token_logprobs) == 4
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(4)]
+    assert all(len(top) == 2 and max(top.values()) <= 0 for top in lp.top_logprobs)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=6,
+                                                 temperature=0, logprobs=True, stream=True))
+    streamed = [e.token for c in chunks if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content]
+    assert "".join(streamed) == reply.choices[0].message.content
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=QUESTION, top_logprobs=2)

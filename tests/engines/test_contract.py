@@ -341,3 +341,27 @@ async def test_a_logit_bias_outside_the_vocabulary_is_refused(subject):
     with pytest.raises(errors.InvalidRequest) as info:
         await anext(aiter(subject.engine.generate(raw("lv", PROMPTS[0], logit_bias=((10**8, 5.0),)))))
     assert info.value.param == "logit_bias"
+
+
+# -- logprobs ----------------------------------------------------------------------------
+
+
+async def test_logprobs_come_with_their_tokens_or_are_refused_by_name(subject):
+    if subject.kind not in RULED:
+        with pytest.raises(errors.InvalidRequest) as info:
+            await anext(aiter(subject.engine.generate(raw("lp", PROMPTS[0], logprobs=2))))
+        assert info.value.param == "logprobs"
+        return
+    events, text, done = await collect(subject.engine, raw("lp", PROMPTS[0], max_tokens=8, logprobs=2))
+    deltas = [e for e in events if isinstance(e, TextDelta)]
+    logprobs = [lp for d in deltas for lp in d.logprobs]
+    ends = set(subject.engine.end_ids())
+    assert [lp.token_id for lp in logprobs] == [t for d in deltas for t in d.token_ids if t not in ends]
+    assert len(logprobs) == done.completion_tokens - (done.finish_reason == "stop")
+    for lp in logprobs:
+        assert lp.logprob <= 0 and len(lp.top) == 2 and all(v <= 0 for _, v, _ in lp.top)
+        assert lp.top[0][0] == lp.token_id  # greedy: the chosen one is the likeliest
+        assert lp.top[0][1] >= lp.top[1][1]
+    assert "".join(lp.token for lp in logprobs).strip() == text.strip()
+    unasked, _, _ = await collect(subject.engine, raw("lp1", PROMPTS[0], max_tokens=4))
+    assert not any(e.logprobs for e in unasked if isinstance(e, TextDelta))

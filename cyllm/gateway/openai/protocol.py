@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -124,10 +125,9 @@ class _Sampling(BaseModel):
             raise ValueError("stop takes at most 4 sequences")
         if "tools" in (self.model_extra or {}):
             raise ValueError("tools are supported on /v1/chat/completions only")
-        for name in ("functions", "logprobs", "top_logprobs"):
-            value = (self.model_extra or {}).get(name)
-            if value not in (None, False, [], {}):
-                raise ValueError(f"{name} is not supported by this server")
+        value = (self.model_extra or {}).get("functions")
+        if value not in (None, False, [], {}):
+            raise ValueError("functions is not supported by this server (use tools)")
         return self
 
     def rules(self) -> dict[str, Any]:
@@ -166,6 +166,15 @@ class NamedToolChoice(BaseModel):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @property
+    def top(self) -> int | None:
+        """How many alternatives per token (None: no logprobs)."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise errors.InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
@@ -190,6 +199,11 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
     max_tokens: int | None = Field(16, ge=1, le=INT32_MAX)  # OpenAI's default for completions
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+    @property
+    def top(self) -> int | None:
+        return self.logprobs
     echo: bool = False
     suffix: str | None = None
 
@@ -222,7 +236,7 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -238,7 +252,7 @@ class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
 
 
 class Completion(BaseModel):
@@ -265,12 +279,13 @@ class ModelList(BaseModel):
 def chunk(
     kind: str, rid: str, created: int, model: str, *, delta: dict[str, Any] | None = None,
     text: str | None = None, finish_reason: str | None = None, usage: Usage | None = None,
-    choices: bool = True, index: int = 0,
+    choices: bool = True, index: int = 0, logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One streamed ``chat.completion.chunk`` or ``text_completion`` object."""
     body: dict[str, Any] = {"id": rid, "object": kind, "created": created, "model": model}
     if choices:
-        choice: dict[str, Any] = {"index": index, "finish_reason": finish_reason, "logprobs": None}
+        choice: dict[str, Any] = {"index": index, "finish_reason": finish_reason,
+                                  "logprobs": logprobs}
         if kind == "chat.completion.chunk":
             choice["delta"] = delta or {}
         else:
@@ -281,3 +296,26 @@ def chunk(
     if usage is not None:
         body["usage"] = usage.model_dump()
     return body
+
+
+def chat_logprobs(logprobs: Sequence[pb.TokenLogprob]) -> dict[str, Any]:
+    """Chat's ``logprobs`` object: a content entry per token, with its alternatives."""
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {"content": [{**entry(lp.token, lp.logprob),
+                         "top_logprobs": [entry(t.token, t.logprob) for t in lp.top]}
+                        for lp in logprobs], "refusal": None}
+
+
+def completion_logprobs(logprobs: Sequence[pb.TokenLogprob], offset: int = 0) -> dict[str, Any]:
+    """The legacy completions ``logprobs`` object: parallel lists, ``text_offset``
+    counting characters from ``offset``."""
+    offsets = []
+    for lp in logprobs:
+        offsets.append(offset)
+        offset += len(lp.token)
+    return {"tokens": [lp.token for lp in logprobs],
+            "token_logprobs": [lp.logprob for lp in logprobs],
+            "top_logprobs": [{t.token: t.logprob for t in lp.top} for lp in logprobs],
+            "text_offset": offsets}

@@ -29,7 +29,9 @@ from cyllm.gateway.openai.protocol import (
     ModelList,
     ToolCall,
     Usage,
+    chat_logprobs,
     chunk,
+    completion_logprobs,
 )
 from cyllm.gateway.tools import Toolbox
 from cyllm.gateway.sse import frame, sse_response
@@ -54,21 +56,22 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
     req = build_request(
         rid, body.model, messages=body.conversation(), max_tokens=body.token_limit,
         temperature=body.temperature, top_p=body.top_p, stop=body.stop, seed=body.seed,
-        constraint=constraint, **body.rules(),
+        constraint=constraint, **body.rules(), top_logprobs=body.top,
         tools=json.dumps([t.model_dump(exclude_none=True) for t in body.tools or ()]) if tools else "",
     )
     gens = await started(request, req, body.n, whole=not body.stream)
     created = int(time.time())
     if body.stream:
         whole = tools is not None and tools.choice != "none"
-        frames = [_choice_frames(g, CHAT, rid, created, body.model, tools if whole else None)
-                  for g in gens]
+        frames = [_choice_frames(g, CHAT, rid, created, body.model, tools if whole else None,
+                                 logprobs=body.top is not None) for g in gens]
         return sse_response(_stream(frames, gens, CHAT, rid, created, body.model, body.include_usage))
     texts = await asyncio.gather(*(g.text() for g in gens))
     choices = []
     for i, (g, text) in enumerate(zip(gens, texts)):
         message, finish = _answer(text, g.outcome.finish_reason, tools)
-        choices.append(ChatChoice(index=i, message=message, finish_reason=finish))
+        choices.append(ChatChoice(index=i, message=message, finish_reason=finish,
+                                  logprobs=chat_logprobs(g.logprobs) if body.top is not None else None))
     return ChatCompletion(id=rid, created=created, model=body.model, choices=choices,
                           usage=Usage.of_all([g.outcome for g in gens]))
 
@@ -79,17 +82,20 @@ async def completions(body: CompletionRequest, request: Request) -> Completion |
     req = build_request(
         rid, body.model, prompt=body.text(), max_tokens=body.max_tokens,
         temperature=body.temperature, top_p=body.top_p, stop=body.stop, seed=body.seed,
-        constraint=body.constraint(), **body.rules(),
+        constraint=body.constraint(), **body.rules(), top_logprobs=body.top,
     )
     gens = await started(request, req, body.n, whole=not body.stream)
     created = int(time.time())
     if body.stream:
-        frames = [_choice_frames(g, TEXT, rid, created, body.model) for g in gens]
+        frames = [_choice_frames(g, TEXT, rid, created, body.model, logprobs=body.top is not None)
+                  for g in gens]
         return sse_response(_stream(frames, gens, TEXT, rid, created, body.model, body.include_usage))
     texts = await asyncio.gather(*(g.text() for g in gens))
     return Completion(
         id=rid, created=created, model=body.model, usage=Usage.of_all([g.outcome for g in gens]),
-        choices=[CompletionChoice(index=i, text=text, finish_reason=g.outcome.finish_reason)
+        choices=[CompletionChoice(index=i, text=text, finish_reason=g.outcome.finish_reason,
+                                  logprobs=completion_logprobs(g.logprobs) if body.top is not None
+                                  else None)
                  for i, (g, text) in enumerate(zip(gens, texts))],
     )
 
@@ -106,7 +112,8 @@ def _answer(text: str, finish: str, tools: Toolbox | None) -> tuple[AssistantMes
 
 
 async def _choice_frames(gen: Generation, kind: str, rid: str, created: int, model: str,
-                         tools: Toolbox | None = None) -> AsyncIterator[dict[str, Any] | Failed]:
+                         tools: Toolbox | None = None, *, logprobs: bool = False
+                         ) -> AsyncIterator[dict[str, Any] | Failed]:
     """One choice's chunks (a role delta first for chat), its finish chunk last; or a
     Failed.  With ``tools`` whether the answer is a call is known at its end, so it comes
     whole: one content delta, or one tool-call delta per call (OpenAI's shape)."""
@@ -114,6 +121,7 @@ async def _choice_frames(gen: Generation, kind: str, rid: str, created: int, mod
     if kind == CHAT:
         yield chunk(kind, rid, created, model, delta={"role": "assistant", "content": ""}, index=i)
     pieces: list[str] = []
+    offset = 0  # completions' text_offset
     async for event in gen.events():
         if isinstance(event, Failed):
             yield event
@@ -130,9 +138,12 @@ async def _choice_frames(gen: Generation, kind: str, rid: str, created: int, mod
         elif tools is not None:
             pieces.append(event.text)
         elif kind == CHAT:
-            yield chunk(kind, rid, created, model, delta={"content": event.text}, index=i)
+            yield chunk(kind, rid, created, model, delta={"content": event.text}, index=i,
+                        logprobs=chat_logprobs(event.logprobs) if logprobs else None)
         else:
-            yield chunk(kind, rid, created, model, text=event.text, index=i)
+            yield chunk(kind, rid, created, model, text=event.text, index=i,
+                        logprobs=completion_logprobs(event.logprobs, offset) if logprobs else None)
+            offset += len(event.text)
 
 
 async def _stream(choices: list[AsyncIterator[dict[str, Any] | Failed]], gens: list[Generation],

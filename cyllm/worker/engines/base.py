@@ -154,6 +154,8 @@ class Engine(AbstractEngine):
     # Whether the engine applies a request's output rules (penalties, logit bias,
     # min_tokens, ignore_eos); engines that do not refuse requests that set them.
     output_rules = False
+    # Whether it reports tokens' log probabilities (``SamplingParams.logprobs``).
+    gives_logprobs = False
 
     # Set by load():
     context_length: int
@@ -223,6 +225,9 @@ class Engine(AbstractEngine):
         return grammars.matcher(plan.grammar, plan.resumed)
 
     def check_rules(self, sampling: SamplingParams) -> None:
+        if sampling.logprobs is not None and not self.gives_logprobs:
+            raise errors.InvalidRequest(f"logprobs are not supported by the {self.name} engine "
+                                        f"serving {self.spec.id}", param="logprobs")
         rules = sampling.rules()
         if rules and not self.output_rules:
             raise errors.InvalidRequest(f"{rules[0]} is not supported by the {self.name} engine "
@@ -313,7 +318,7 @@ class Engine(AbstractEngine):
                         elif reason is not None:
                             text += matcher.flush()
                     if text or step.token_ids:
-                        yield TextDelta(text, tuple(step.token_ids))
+                        yield TextDelta(text, tuple(step.token_ids), step.logprobs)
                     if reason is not None:
                         yield Finished(self.finish_reasons.get(reason, "stop"), prompt_tokens,
                                        completion)
@@ -334,9 +339,11 @@ class Engine(AbstractEngine):
             plan, prompt_ids=plan.prompt, max_new=plan.max_new + len(plan.resumed), resumed=(),
             sampling=dataclasses.replace(plan.sampling, seed=plan.request.sampling.seed))
         expected, decoder = list(plan.resumed), self.primed_decoder(plan)
+        skip_logprobs = len(plan.resumed)  # the resumed tokens' come out again first
         async with aclosing(self.stream(again)) as steps:
             async for step in steps:
-                ids = list(step.token_ids)
+                ids, logprobs = list(step.token_ids), step.logprobs[skip_logprobs:]
+                skip_logprobs = max(0, skip_logprobs - len(step.logprobs))
                 while expected and ids:
                     if ids.pop(0) != expected.pop(0):
                         raise errors.EngineError(
@@ -347,7 +354,7 @@ class Engine(AbstractEngine):
                 if step.finish_reason is not None:
                     text += decoder.flush()
                 if text or ids or step.finish_reason is not None:
-                    yield Step(text, tuple(ids), step.finish_reason)
+                    yield Step(text, tuple(ids), step.finish_reason, logprobs)
 
     def health(self) -> EngineHealth:
         return self.tracker.health(self.down())

@@ -28,7 +28,7 @@ from typing import Any
 from cyllm import errors
 from cyllm.worker.engines.base import Engine
 from cyllm.worker.engines.grammar import Grammars, Matcher
-from cyllm.worker.engines.sampling import OutputRules
+from cyllm.worker.engines.sampling import OutputRules, token_logprob
 from cyllm.worker.engines.planning import Plan, SamplingDefaults
 from cyllm.worker.engines.prompt import messages_of
 from cyllm.worker.engines.text import Stopper
@@ -60,6 +60,7 @@ class LlamaCppEngine(Engine):
     name = "llama_cpp"
     library = "llama.cpp"
     output_rules = True
+    gives_logprobs = True
 
     def __init__(self, spec: ModelSpec, gguf: Path) -> None:
         if spec.adapters:
@@ -196,9 +197,12 @@ class LlamaCppEngine(Engine):
             llm.set_seed(s.seed if s.seed is not None else random.getrandbits(31))
             stopper = Stopper(self.primed_decoder(plan), self.eos, s.stop, plan.max_new)
             matcher, rules = self.matcher(plan), self.rules(plan)
+            seen: list[Any] = []  # the processed scores of the last step (for logprobs)
             tokens = llm.generate(plan.prompt_ids, temp=s.temperature, top_p=s.top_p,
                                   top_k=0, min_p=0.0, repeat_penalty=1.0, reset=True,
-                                  logits_processor=_processed(rules, matcher))
+                                  logits_processor=_processed(rules, matcher, seen,
+                                                              s.logprobs is not None))
+            decode = lambda i: llm.detokenize([i]).decode(errors="replace")  # noqa: E731
             try:
                 for token in tokens:
                     if abort.is_set():
@@ -207,7 +211,9 @@ class LlamaCppEngine(Engine):
                         matcher.accept(token)
                     if rules is not None:
                         rules.accept(token)
-                    step = stopper.push(token)
+                    logprob = None if s.logprobs is None else \
+                        token_logprob(seen[-1], token, s.logprobs, decode)
+                    step = stopper.push(token, logprob)
                     if step is not None:
                         emit(step)
                         if step.finish_reason is not None:
@@ -220,10 +226,12 @@ class LlamaCppEngine(Engine):
             emit(_DONE)
 
 
-def _processed(rules: OutputRules | None, matcher: Matcher | None) -> Any:
+def _processed(rules: OutputRules | None, matcher: Matcher | None, seen: list[Any],
+               keep: bool) -> Any:
     """llama.cpp's logits processor for a request's output rules and its grammar (which
-    has the last word): the scores, one per token id in order, changed in place."""
-    if rules is None and matcher is None:
+    has the last word): the scores, one per token id in order, changed in place; with
+    ``keep``, a copy of them is left in ``seen`` for the token's logprob."""
+    if rules is None and matcher is None and not keep:
         return None
     import llama_cpp
     import torch
@@ -234,6 +242,8 @@ def _processed(rules: OutputRules | None, matcher: Matcher | None) -> Any:
             rules.apply(logits)
         if matcher is not None:
             matcher.mask(logits)
+        if keep:
+            seen[:] = [logits.clone()]
         return scores
 
     return llama_cpp.LogitsProcessorList([process])

@@ -11,12 +11,13 @@ many tokens, or always)."""
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 
-from cyllm.worker.engines.types import SamplingParams
+from cyllm.worker.engines.types import SamplingParams, TokenLogprob
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
@@ -101,3 +102,18 @@ def apply_rules(logits: torch.Tensor, rules: Sequence[OutputRules | None]) -> to
         if r is not None:
             r.apply(logits[row])
     return logits
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int,
+                  decode: Callable[[int], str]) -> TokenLogprob:
+    """``token``'s log probability under one row of (processed, float) logits, with the
+    ``top`` most likely tokens; tokens a grammar or bias ruled out are never listed."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    alternatives: tuple[tuple[int, float, str], ...] = ()
+    if top:
+        values, ids = logprobs.topk(top)
+        alternatives = tuple((i, v, decode(i)) for v, i in zip(values.tolist(), ids.tolist())
+                             if math.isfinite(v))
+    chosen = float(logprobs[token])
+    return TokenLogprob(token, chosen if math.isfinite(chosen) else -9999.0, decode(token),
+                        alternatives)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Any, Protocol
 
-from cyllm.worker.engines.types import Step
+from cyllm.worker.engines.types import Step, TokenLogprob
 
 
 class Decoder(Protocol):
@@ -101,10 +101,13 @@ class Stopper:
         self.max_new = max_new
         self.generated = 0
         self._pending: list[int] = []  # token ids not yet carried by a Step
+        self._logprobs: list[TokenLogprob] = []  # and their logprobs, where asked
 
-    def push(self, token_id: int) -> Step | None:
+    def push(self, token_id: int, logprob: TokenLogprob | None = None) -> Step | None:
         self.generated += 1
         self._pending.append(token_id)
+        if logprob is not None and token_id not in self.eos:  # an end is no content
+            self._logprobs.append(logprob)
         if token_id in self.eos:
             return self._end("", "stop")
         text, hit = self.matcher.push(self.decoder.push(token_id))
@@ -123,5 +126,6 @@ class Stopper:
         return self._step(text + tail + ("" if hit else self.matcher.flush()), reason)
 
     def _step(self, text: str, reason: str | None) -> Step:
-        step, self._pending = Step(text, tuple(self._pending), reason), []
+        step = Step(text, tuple(self._pending), reason, tuple(self._logprobs))
+        self._pending, self._logprobs = [], []
         return step

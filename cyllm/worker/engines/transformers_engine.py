@@ -36,9 +36,15 @@ from cyllm.worker.engines.factory import cpu_has_bfloat16
 from cyllm.worker.engines.grammar import Grammars, Matcher, mask_rows
 from cyllm.worker.engines.hf_batch import KVBatch
 from cyllm.worker.engines.planning import Plan, SamplingDefaults
-from cyllm.worker.engines.sampling import OutputRules, apply_rules, make_generator, sample
+from cyllm.worker.engines.sampling import (
+    OutputRules,
+    apply_rules,
+    make_generator,
+    sample,
+    token_logprob,
+)
 from cyllm.worker.engines.text import Stopper
-from cyllm.worker.engines.types import EngineHealth, ModelCard, SamplingParams, Step
+from cyllm.worker.engines.types import EngineHealth, ModelCard, SamplingParams, Step, TokenLogprob
 from cyllm.worker.model_files import context_length
 from cyllm.worker.settings import ModelSpec
 
@@ -67,6 +73,7 @@ class TransformersEngine(Engine):
     name = "transformers"
     library = "transformers"
     output_rules = True
+    gives_logprobs = True
 
     def __init__(self, spec: ModelSpec, model_dir: Path) -> None:
         super().__init__(spec)
@@ -317,7 +324,7 @@ class TransformersEngine(Engine):
         if admitted:
             new, logits = KVBatch.prefill(self.model, [s.prompt_ids for s in admitted], self.pad_id,
                                           **self._forward_args([s.adapter for s in admitted]))
-            self._advance(admitted, self._sample(logits, admitted))
+            self._advance(admitted, *self._sample(logits, admitted))
             batch = new if batch is None else batch.merge(new)
             self._running.extend(admitted)
             self._admitting = []
@@ -331,17 +338,22 @@ class TransformersEngine(Engine):
         logits = batch.decode(self.model, tokens,
                               **self._forward_args([s.adapter for s in self._running]))
         stepped = self._running
-        self._advance(stepped, self._sample(logits, stepped))
+        self._advance(stepped, *self._sample(logits, stepped))
         batch = self._compact(batch)
         self._deliver(stepped)  # after compacting: a finished stream is no longer counted
         return batch
 
-    @staticmethod
-    def _sample(logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
-        """Each row's rules, then its grammar (which has the last word), then sampling."""
+    def _sample(self, logits: torch.Tensor, seqs: list[_Sequence]
+                ) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Each row's rules, then its grammar (which has the last word), then sampling;
+        the chosen tokens' logprobs where asked."""
         logits = apply_rules(logits, [s.rules for s in seqs])
         logits = mask_rows(logits, [s.matcher for s in seqs])
-        return sample(logits, [s.sampling for s in seqs], [s.generator for s in seqs])
+        tokens = sample(logits, [s.sampling for s in seqs], [s.generator for s in seqs])
+        decode = lambda i: self.tokenizer.decode([i])  # noqa: E731
+        return tokens, [None if s.sampling.logprobs is None
+                        else token_logprob(logits[row], tokens[row], s.sampling.logprobs, decode)
+                        for row, s in enumerate(seqs)]
 
     def _admit(self) -> list[_Sequence]:
         room = self.spec.max_batch_size - len(self._running)
@@ -356,16 +368,17 @@ class TransformersEngine(Engine):
             width = new_width
         return admitted
 
-    def _advance(self, seqs: list[_Sequence], tokens: list[int]) -> None:
+    def _advance(self, seqs: list[_Sequence], tokens: list[int],
+                 logprobs: list[TokenLogprob | None]) -> None:
         """4. account each sampled token, detokenise, apply the end rule (steps are
         queued on each sequence; ``_deliver`` hands them over)."""
-        for seq, token in zip(seqs, tokens):
+        for seq, token, logprob in zip(seqs, tokens, logprobs):
             seq.last_token = token
             if seq.matcher is not None:
                 seq.matcher.accept(token)
             if seq.rules is not None:
                 seq.rules.accept(token)
-            step = seq.stopper.push(token)
+            step = seq.stopper.push(token, logprob)
             if step is not None:
                 seq.events.append(step)
                 seq.done = step.finish_reason is not None

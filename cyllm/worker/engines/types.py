@@ -43,6 +43,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_tokens: int = 0
     ignore_eos: bool = False
+    logprobs: int | None = None  # set: each token's logprob and this many alternatives
 
     def rules(self) -> tuple[str, ...]:
         """The output rules this request sets (names as in the API)."""
@@ -78,10 +79,22 @@ class Started:
     prompt_tokens: int
 
 
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A generated token's log probability (under the distribution it was sampled from,
+    before temperature), and the ``top`` alternatives as (id, logprob, text)."""
+
+    token_id: int
+    logprob: float
+    token: str
+    top: tuple[tuple[int, float, str], ...] = ()
+
+
 @dataclass(frozen=True)
 class TextDelta:
     text: str
     token_ids: tuple[int, ...] = ()  # generated since the last delta (text may lag them)
+    logprobs: tuple[TokenLogprob, ...] = ()  # where asked: its content tokens'
 
 
 @dataclass(frozen=True)
@@ -103,6 +116,7 @@ class Step:
     text: str = ""
     token_ids: tuple[int, ...] = ()
     finish_reason: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass

@@ -43,7 +43,7 @@ from cyllm.worker.engines.factory import cpu_has_bfloat16
 from cyllm.worker.engines.base import Engine
 from cyllm.worker.engines.grammar import Grammars
 from cyllm.worker.engines.planning import Plan, SamplingDefaults
-from cyllm.worker.engines.types import Constraint, ModelCard, Step
+from cyllm.worker.engines.types import Constraint, ModelCard, Step, TokenLogprob
 from cyllm.worker.settings import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -181,6 +181,7 @@ class VllmAsyncEngine(Engine):
     # token (see base.Engine); it applies every output rule itself.
     continues_output_state = False
     output_rules = True
+    gives_logprobs = True
 
     def grammars(self) -> Grammars:
         if self._grammars is None:
@@ -199,6 +200,22 @@ class VllmAsyncEngine(Engine):
         return StructuredOutputsParams(json=schema, disable_any_whitespace=True,
                                        disable_additional_properties=True)
 
+    def _logprobs(self, completion: Any, top: int | None) -> tuple[TokenLogprob, ...]:
+        """vLLM's logprobs of the new tokens (a map per token: id -> Logprob with rank and
+        text) as ours; end tokens are no content and carry none."""
+        if top is None or not completion.logprobs:
+            return ()
+        ends, out = self.end_ids(), []
+        for token, ranked in zip(completion.token_ids, completion.logprobs):
+            if token in ends:
+                continue
+            chosen = ranked[token]
+            alternatives = sorted((lp.rank, i, lp.logprob, lp.decoded_token or "")
+                                  for i, lp in ranked.items() if lp.rank is not None and lp.rank <= top)
+            out.append(TokenLogprob(token, chosen.logprob, chosen.decoded_token or "",
+                                    tuple((i, v, t) for _, i, v, t in alternatives[:top])))
+        return tuple(out)
+
     async def stream(self, plan: Plan) -> AsyncIterator[Step]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -213,6 +230,7 @@ class VllmAsyncEngine(Engine):
             presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
             repetition_penalty=s.repetition_penalty, logit_bias=dict(s.logit_bias) or None,
             min_tokens=max(0, s.min_tokens - len(plan.resumed)), ignore_eos=s.ignore_eos,
+            logprobs=s.logprobs,
         )
         lora = self._loras.get(plan.adapter) if plan.adapter else None
         finished = False
@@ -222,7 +240,8 @@ class VllmAsyncEngine(Engine):
                 completion = out.outputs[0]
                 finished = out.finished
                 yield Step(completion.text, tuple(completion.token_ids),
-                           (completion.finish_reason or "") if finished else None)
+                           (completion.finish_reason or "") if finished else None,
+                           self._logprobs(completion, s.logprobs))
                 if finished:
                     return
         finally:
