@@ -181,6 +181,32 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
                 await self._release(task, worker.worker_id)
             await asyncio.sleep(_BACKOFF_S[min(attempt, len(_BACKOFF_S)) - 1])
 
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        """Embeddings on a worker serving the model, under a slot as a generation holds one;
+        a worker that fails or is unreachable hands the call to another."""
+        tenant, rid = Tenant.of(context), request_id_of(context)
+        await self.scheduler.check_model(request.model, tenant.sees)
+        task = Task(uuid.uuid4().hex, request.model)
+        failed: set[str] = set()
+        for attempt in range(1, self.attempts + 1):
+            exclude = await self._avoid(request.model, failed | self.breakers.open_peers())
+            worker = await self.scheduler.acquire(task, exclude=exclude)
+            try:
+                reply = await self.workers.embed(worker.address, request, rid or task.task_id)
+                self.breakers.succeeded(worker.worker_id)
+                return reply
+            except errors.Unavailable as err:
+                self.breakers.failed(worker.worker_id)
+                failed.add(worker.worker_id)
+                if attempt == self.attempts:
+                    raise
+                log.warning("worker %s failed embeddings (%s); trying another", worker.worker_id,
+                            err.message, extra={"request_id": rid})
+            finally:
+                await self._release(task, worker.worker_id)
+            await asyncio.sleep(_BACKOFF_S[min(attempt, len(_BACKOFF_S)) - 1])
+        raise errors.Unavailable("no worker made the embeddings")
+
     async def _avoid(self, model: str, bad: set[str]) -> set[str]:
         """Workers to skip: those that failed this request (or whose circuit is open),
         unless no other healthy worker serves the model; then waiting for one of them

@@ -10,6 +10,7 @@ from cyllm.runtime import REQUEST_ID
 
 # Loading can take minutes (vLLM's start, a GGUF conversion); unloading drains first.
 LOAD_TIMEOUT_S = 900.0
+EMBED_TIMEOUT_S = 300.0  # a batch of long inputs on a CPU
 
 
 class WorkerClients:
@@ -28,6 +29,10 @@ class WorkerClients:
     def generate(self, address: str, request: pb.GenerateRequest,
                  request_id: str) -> Stream[pb.GenerateResponse]:
         return Stream(self._stub(address).Generate(request, metadata=((REQUEST_ID, request_id),)))
+
+    async def embed(self, address: str, request: pb.EmbedRequest, request_id: str) -> pb.EmbedResponse:
+        return await unary(self._stub(address).Embed, request, timeout=EMBED_TIMEOUT_S,
+                           metadata=((REQUEST_ID, request_id),))
 
     async def load_model(self, address: str, request: pb.LoadModelRequest) -> pb.LoadModelResponse:
         return await unary(self._stub(address).LoadModel, request, timeout=LOAD_TIMEOUT_S)

@@ -20,6 +20,7 @@ from cyllm.gateway.native.training_router import router as training_router
 from cyllm.gateway.openai.fine_tuning_router import router as fine_tuning_router
 from cyllm.gateway.native.router import router as native_router
 from cyllm.gateway.native.websocket import router as websocket_router
+from cyllm.gateway.openai.embeddings import router as embeddings_router
 from cyllm.gateway.openai.responses import router as responses_router
 from cyllm.gateway.openai.router import router as openai_router
 from cyllm.gateway.ratelimit import RateLimiter
@@ -61,6 +62,7 @@ def create_app(settings: GatewaySettings, client: CoordinatorClient | None = Non
     errors.install(app)
     app.include_router(openai_router)
     app.include_router(responses_router)
+    app.include_router(embeddings_router)
     app.include_router(fine_tuning_router)
     app.include_router(native_router)
     app.include_router(training_router)

@@ -95,6 +95,10 @@ class CoordinatorClient:
 
     # -- models -----------------------------------------------------------------------
 
+    async def embed(self, request: pb.EmbedRequest, request_id: str) -> pb.EmbedResponse:
+        return await self._unary(lambda s: s.Embed, request, timeout=self.timeout_s,
+                                 request_id=request_id)
+
     async def list_models(self) -> list[pb.ModelInfo]:
         reply = await self._unary(lambda s: s.ListModels, pb.ListModelsRequest())
         return list(reply.models)
@@ -178,12 +182,14 @@ class CoordinatorClient:
     async def _training(self, method: Method[T], request: Any) -> T:
         return await self._unary(method, request, timeout=60)
 
-    async def _unary(self, method: Method[T], request: Any, timeout: float = 10) -> T:
+    async def _unary(self, method: Method[T], request: Any, timeout: float = 10,
+                     request_id: str = "") -> T:
         """``method`` of the first coordinator in turn that can be reached."""
         last: errors.CyllmError = errors.Unavailable("no coordinator configured")
+        metadata = (((REQUEST_ID, request_id),) if request_id else ()) + self._meta
         for address, stub in self._in_turn():
             try:
-                reply = await unary(method(stub), request, timeout=timeout, metadata=self._meta)
+                reply = await unary(method(stub), request, timeout=timeout, metadata=metadata)
             except errors.Unreachable as exc:
                 self.breakers.failed(address)
                 last = exc

@@ -92,12 +92,15 @@ def build_request(
     sampling.min_tokens, sampling.ignore_eos = min_tokens, ignore_eos
     if top_logprobs is not None:
         sampling.top_logprobs = top_logprobs
+    for m in messages or ():  # before protobuf, which refuses them with a bare exception
+        if not isinstance(m, pb.ChatMessage):
+            check_text(list(m), "messages")
     chat = [m if isinstance(m, pb.ChatMessage) else pb.ChatMessage(role=m[0], content=m[1])
             for m in messages or ()]
     for param, texts in (("prompt", [prompt or ""]),
                          ("messages", [t for m in chat for t in _texts(m)]),
                          ("stop", list(sampling.stop)), ("tools", [tools])):
-        _check_text(texts, param)
+        check_text(texts, param)
     req = pb.GenerateRequest(request_id=request_id, model=model, sampling=sampling, priority=priority,
                              tools=tools)
     if messages is not None:
@@ -126,7 +129,7 @@ def _texts(m: pb.ChatMessage) -> list[str]:
                                                   for t in (c.id, c.name, c.arguments)]
 
 
-def _check_text(texts: list[str], param: str) -> None:
+def check_text(texts: list[str], param: str) -> None:
     """JSON may carry a lone surrogate (``"\\ud800"``); it is no UTF-8 and no token."""
     for text in texts:
         try:

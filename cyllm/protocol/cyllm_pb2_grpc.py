@@ -39,6 +39,11 @@ class CoordinatorStub:
                 request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/cyllm.v1.Coordinator/Embed',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.EmbedResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/cyllm.v1.Coordinator/ListModels',
                 request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.ListModelsRequest.SerializeToString,
@@ -130,6 +135,12 @@ class CoordinatorServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Embed(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -245,6 +256,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.GenerateRequest.FromString,
                     response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.GenerateResponse.SerializeToString,
             ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.EmbedRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.EmbedResponse.SerializeToString,
+            ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
                     request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.ListModelsRequest.FromString,
@@ -358,6 +374,33 @@ class Coordinator:
             '/cyllm.v1.Coordinator/Generate',
             cyllm_dot_protocol_dot_cyllm__pb2.GenerateRequest.SerializeToString,
             cyllm_dot_protocol_dot_cyllm__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Coordinator/Embed',
+            cyllm_dot_protocol_dot_cyllm__pb2.EmbedRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -842,6 +885,11 @@ class WorkerStub:
                 request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/cyllm.v1.Worker/Embed',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.EmbedResponse.FromString,
+                _registered_method=True)
         self.LoadModel = channel.unary_unary(
                 '/cyllm.v1.Worker/LoadModel',
                 request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.LoadModelRequest.SerializeToString,
@@ -863,6 +911,12 @@ class WorkerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Embed(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -894,6 +948,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.GenerateRequest.FromString,
                     response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.EmbedRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.EmbedResponse.SerializeToString,
             ),
             'LoadModel': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadModel,
@@ -938,6 +997,33 @@ class Worker:
             '/cyllm.v1.Worker/Generate',
             cyllm_dot_protocol_dot_cyllm__pb2.GenerateRequest.SerializeToString,
             cyllm_dot_protocol_dot_cyllm__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Worker/Embed',
+            cyllm_dot_protocol_dot_cyllm__pb2.EmbedRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

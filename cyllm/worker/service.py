@@ -71,6 +71,16 @@ class WorkerService(rpc.WorkerServicer):
                         "completion_tokens": event.completion_tokens})
                 yield event_to_proto(event)
 
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        if self.draining:
+            raise errors.Unavailable(f"worker {self.worker_id} is draining")
+        engine, adapter = self.models.resolve(request.model)
+        if adapter is not None:
+            raise errors.InvalidRequest("embeddings come from a base model, not a LoRA adapter",
+                                        param="model")
+        vectors, tokens = await engine.embed(list(request.inputs), request.dimensions)
+        return pb.EmbedResponse(data=[pb.Embedding(values=v) for v in vectors], prompt_tokens=tokens)
+
     async def LoadModel(self, request: pb.LoadModelRequest, context) -> pb.LoadModelResponse:
         try:
             if self.draining:

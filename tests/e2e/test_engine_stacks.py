@@ -8,6 +8,7 @@ test_openai_client.py.)"""
 from __future__ import annotations
 
 import asyncio
+import json
 import importlib.util
 import time
 
@@ -136,3 +137,25 @@ def test_structured_output_through_the_engine(stack, client):
         response_format=City, max_tokens=80, temperature=0)
     assert reply.choices[0].finish_reason == "stop"
     assert isinstance(reply.choices[0].message.parsed, City)
+
+
+def test_tools_logprobs_and_n_through_the_engine(stack, client):
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+        "required": ["city"]}}}
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    reply = client.chat.completions.create(model=stack.model, messages=ask, tools=[weather],
+                                           tool_choice="required", max_tokens=60, temperature=0)
+    (call,) = reply.choices[0].message.tool_calls
+    assert reply.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
+    scored = client.chat.completions.create(model=stack.model, messages=ask, max_tokens=5,
+                                            temperature=0, logprobs=True, top_logprobs=2)
+    content = scored.choices[0].logprobs.content
+    assert content and all(e.logprob <= 0 and len(e.top_logprobs) == 2 for e in content)
+    many = client.chat.completions.create(model=stack.model, messages=ask, max_tokens=5, n=2,
+                                          temperature=1.0, seed=3)
+    assert [c.index for c in many.choices] == [0, 1] and all(c.message.content for c in many.choices)
+    answer = client.responses.create(model=stack.model, input="What is the capital of France?",
+                                     max_output_tokens=30, temperature=0)
+    assert answer.output_text and answer.status in ("completed", "incomplete")

@@ -365,3 +365,22 @@ async def test_logprobs_come_with_their_tokens_or_are_refused_by_name(subject):
     assert "".join(lp.token for lp in logprobs).strip() == text.strip()
     unasked, _, _ = await collect(subject.engine, raw("lp1", PROMPTS[0], max_tokens=4))
     assert not any(e.logprobs for e in unasked if isinstance(e, TextDelta))
+
+
+# -- embeddings --------------------------------------------------------------------------
+
+
+async def test_embeddings_are_pooled_and_normalised_or_refused_by_name(subject):
+    texts = ["The cat sat on the mat.", "Quarterly revenue grew."]
+    if subject.kind != "transformers":
+        with pytest.raises(errors.InvalidRequest) as info:
+            await subject.engine.embed(texts)
+        assert info.value.param == "model"
+        return
+    vectors, tokens = await subject.engine.embed(texts)
+    assert len(vectors) == 2 and tokens > 8
+    assert all(abs(sum(x * x for x in v) - 1) < 1e-4 for v in vectors)
+    (alone,), _ = await subject.engine.embed(texts[1:])
+    assert max(abs(a - b) for a, b in zip(alone, vectors[1])) < 1e-4  # batched = alone
+    (short,), _ = await subject.engine.embed(texts[:1], dimensions=32)
+    assert len(short) == 32

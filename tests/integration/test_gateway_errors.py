@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.integration.conftest import fake_model
@@ -113,3 +115,37 @@ async def test_native_api_refuses_empty_prompt_and_missing_input(make_stack):
 async def test_unknown_route_gets_404_in_the_same_shape(make_stack):
     stack = await make_stack()
     assert_error(await stack.http.get("/v1/nothing-here"), 404, "/v1/nothing-here")
+
+
+@pytest.mark.parametrize("route, body, words", [
+    ("/v1/chat/completions", {"model": "fake", "messages": [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                                              "function": {"name": "f", "arguments": "\ud800"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"}]}, ["arguments"]),
+    ("/v1/chat/completions", {"model": "fake", "messages": [
+        {"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "\ud800", "content": "ok"}]},
+     ["tool_call_id"]),
+    ("/v1/chat/completions", {"model": "fake", "messages": [{"role": "tool", "content": "x"}]},
+     ["tool_call_id"]),
+    ("/v1/chat/completions", {"model": "fake", "messages": [{"role": "user", "content": "x"}],
+                              "logit_bias": {"１２": 5}}, ["logit_bias"]),
+    ("/v1/chat/completions", {"model": "fake", "messages": [{"role": "user", "content": "x"}],
+                              "logit_bias": {"9" * 20: 5}}, ["logit_bias"]),
+    ("/v1/chat/completions", {"model": "fake", "messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_schema", "json_schema": {
+                                  "name": "x", "schema": json.loads('{"type": "array", "items": ' * 40
+                                                                    + "{}" + "}" * 40)}}},
+     ["nests deeper"]),
+    ("/v1/responses", {"model": "fake", "input": "\ud800"}, ["surrogate"]),
+    ("/v1/responses", {"model": "fake", "input": "x", "previous_response_id": "r"},
+     ["previous_response_id"]),
+    ("/v1/embeddings", {"model": "fake", "input": ["\ud800"]}, ["surrogate"]),
+    ("/v1/embeddings", {"model": "fake", "input": "x"}, ["fake engine does not make embeddings"]),
+])
+async def test_hostile_input_on_the_newer_surfaces_gets_400(make_stack, route, body, words):
+    stack = await make_stack()
+    raw = json.dumps(body)  # ASCII, escaping lone surrogates as JSON allows
+    assert_error(await stack.http.post(route, content=raw, headers={"content-type": "application/json"}),
+                 400, *words)
+    await still_serving(stack)

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cyllm import errors
-from cyllm.gateway.generation import TokenUsage, token_biases
+from cyllm.gateway.generation import TokenUsage, check_text, token_biases
 from cyllm.gateway.schemas import constraint_of
 from cyllm.gateway.tools import Toolbox, toolbox
 from cyllm.protocol import pb
@@ -49,6 +49,9 @@ class ChatMessage(BaseModel):
         return self
 
     def as_proto(self) -> pb.ChatMessage:
+        check_text([self.text(), self.tool_call_id or ""] + [
+            t for c in self.tool_calls or () for t in (c.id, c.function.name, c.function.arguments)],
+            "messages")  # before protobuf, which refuses them with a bare exception
         role = "system" if self.role == "developer" else self.role
         calls = [pb.ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments)
                  for c in self.tool_calls or ()]

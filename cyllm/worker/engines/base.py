@@ -51,7 +51,7 @@ import abc
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Collection, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -103,6 +103,15 @@ class AbstractEngine(abc.ABC):
 
     def adapters(self) -> list[str]:
         return []
+
+    async def embed(self, texts: Sequence[str], dimensions: int = 0) -> tuple[list[list[float]], int]:
+        """One vector per text (the mean of the last hidden states over its tokens,
+        L2-normalised; ``dimensions``: the first that many, normalised again) and the
+        tokens read.  Engines that cannot say so by name."""
+        raise errors.InvalidRequest(
+            f"the {self.name} engine does not make embeddings; serve the model with the "
+            "transformers engine (a second model spec of the same weights) for /v1/embeddings",
+            param="model")
 
     def check_adapter(self, request: GenerationRequest) -> None:
         """Refuse a request for an adapter this engine does not hold."""

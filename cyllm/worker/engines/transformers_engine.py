@@ -18,14 +18,15 @@ batch.  Adapters are added and removed by the scheduler thread between steps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -49,6 +50,7 @@ from cyllm.worker.model_files import context_length
 from cyllm.worker.settings import ModelSpec
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Prompt tokens (rows x padded width) prefilled in one forward pass at most.
 _PREFILL_TOKEN_BUDGET = 8192
@@ -90,6 +92,8 @@ class TransformersEngine(Engine):
         self._admitting: list[_Sequence] = []
         self._adapters: dict[str, Path] = {}
         self._grammars: Grammars | None = None
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], asyncio.Future[Any]]] = \
+            queue.SimpleQueue()
         self._adapter_ops: queue.SimpleQueue[tuple[str, str, Path | None, asyncio.Future[None]]] = \
             queue.SimpleQueue()
 
@@ -199,6 +203,76 @@ class TransformersEngine(Engine):
             self.model.delete_adapter(name)
             del self._adapters[name]
 
+    # -- embeddings ---------------------------------------------------------------------
+
+    async def embed(self, texts: Sequence[str], dimensions: int = 0) -> tuple[list[list[float]], int]:
+        ids = [self.tokenizer(t)["input_ids"] for t in texts]
+        for i, row in enumerate(ids):
+            if not row:
+                raise errors.InvalidRequest(f"input {i} is empty", param="input")
+            if len(row) > self.context_length:
+                raise errors.ContextLengthExceeded(
+                    f"input {i} has {len(row)} tokens; this model reads at most "
+                    f"{self.context_length}", param="input")
+        hidden = self.model.config.hidden_size
+        if dimensions > hidden:
+            raise errors.InvalidRequest(f"dimensions is {dimensions}; this model's embeddings have "
+                                        f"{hidden}", param="dimensions")
+        vectors = await self._on_engine_thread(lambda: self._embed(ids, dimensions))
+        return vectors, sum(len(row) for row in ids)
+
+    def _embed(self, ids: list[list[int]], dimensions: int) -> list[list[float]]:
+        """On the engine thread (the model is its own): batches within the prefill budget,
+        the backbone's last hidden states (no vocabulary projection) mean-pooled; the base
+        weights, with any LoRA adapter switched off."""
+        peft = hasattr(self.model, "get_base_model")
+        with self.model.disable_adapter() if peft else contextlib.nullcontext():
+            return self._pooled((self.model.get_base_model() if peft else self.model).base_model,
+                                ids, dimensions)
+
+    def _pooled(self, backbone: torch.nn.Module, ids: list[list[int]],
+                dimensions: int) -> list[list[float]]:
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together
+        vectors: dict[int, list[float]] = {}
+        while order:
+            batch, width = [], 0
+            while order and (not batch or max(width, len(ids[order[0]])) * (len(batch) + 1)
+                             <= _PREFILL_TOKEN_BUDGET):
+                width = max(width, len(ids[order[0]]))
+                batch.append(order.pop(0))
+            tokens = torch.full((len(batch), width), self.pad_id, device=self.device)
+            mask = torch.zeros((len(batch), width), dtype=torch.long, device=self.device)
+            for row, i in enumerate(batch):
+                tokens[row, :len(ids[i])] = torch.tensor(ids[i], device=self.device)
+                mask[row, :len(ids[i])] = 1
+            states = backbone(input_ids=tokens, attention_mask=mask).last_hidden_state.float()
+            pooled = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+            if dimensions:
+                pooled = pooled[:, :dimensions]
+            for row, v in zip(batch, torch.nn.functional.normalize(pooled, dim=-1).tolist()):
+                vectors[row] = v
+        return [vectors[i] for i in range(len(ids))]
+
+    async def _on_engine_thread(self, fn: Callable[[], T]) -> T:
+        assert self._loop is not None
+        done: asyncio.Future[T] = self._loop.create_future()
+        self._calls.put((fn, done))
+        self._wake.set()
+        return await done
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                fn, done = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                result, error = fn(), None
+            except Exception as exc:  # noqa: BLE001  (handed to the caller)
+                result, error = None, exc
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(_resolve, done, result, error)
+
     def _run_adapter_ops(self) -> None:
         while True:
             try:
@@ -303,6 +377,7 @@ class TransformersEngine(Engine):
     def _iteration(self, batch: KVBatch | None) -> KVBatch | None:
         # 1. take new work and drop aborted requests
         self._run_adapter_ops()
+        self._run_calls()
         while True:
             try:
                 self._waiting.append(self._inbox.get_nowait())
@@ -402,10 +477,14 @@ class TransformersEngine(Engine):
 
 
 def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
+    _resolve(done, None, error)
+
+
+def _resolve(done: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
     if done.done():
         return
     if error is None:
-        done.set_result(None)
+        done.set_result(result)
     else:
         done.set_exception(error)
 
