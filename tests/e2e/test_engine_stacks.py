@@ -145,7 +145,8 @@ def test_tools_logprobs_and_n_through_the_engine(stack, client):
         "required": ["city"]}}}
     ask = [{"role": "user", "content": "What is the weather in Paris?"}]
     reply = client.chat.completions.create(model=stack.model, messages=ask, tools=[weather],
-                                           tool_choice="required", max_tokens=60, temperature=0)
+                                           tool_choice="required", parallel_tool_calls=False,
+                                           max_tokens=60, temperature=0)
     (call,) = reply.choices[0].message.tool_calls
     assert reply.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
     assert isinstance(json.loads(call.function.arguments)["city"], str)
