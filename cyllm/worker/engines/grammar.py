@@ -102,7 +102,7 @@ class Matcher:
                 raise errors.InvalidRequest(
                     "resume carries tokens the response format does not allow", param="resume")
 
-    def mask(self, logits: Any) -> None:
+    def apply(self, logits: Any) -> None:
         """Disallow, in the 1-D float32 torch tensor ``logits`` (in place), every token
         the grammar does not allow next."""
         self.matcher.fill_next_token_bitmask(self.bitmask)
@@ -116,14 +116,3 @@ class Matcher:
         if not self.matcher.accept_token(token):
             raise errors.EngineError(f"token {token} broke the response format's grammar")
 
-
-def mask_rows(logits: Any, matchers: Sequence[Matcher | None]) -> Any:
-    """``logits`` [B, V] with each constrained row masked; float32 where any is (the
-    mask is applied in float32)."""
-    if not any(matchers):
-        return logits
-    logits = logits.float()
-    for row, matcher in enumerate(matchers):
-        if matcher is not None:
-            matcher.mask(logits[row])
-    return logits

@@ -241,7 +241,7 @@ def _processed(rules: OutputRules | None, matcher: Matcher | None, seen: list[An
         if rules is not None:
             rules.apply(logits)
         if matcher is not None:
-            matcher.mask(logits)
+            matcher.apply(logits)
         if keep:
             seen[:] = [logits.clone()]
         return scores

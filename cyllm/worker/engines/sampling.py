@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
+from typing import Protocol
 
 import torch
 
@@ -93,14 +94,20 @@ class OutputRules:
         self.seen.add(token)
 
 
-def apply_rules(logits: torch.Tensor, rules: Sequence[OutputRules | None]) -> torch.Tensor:
-    """``logits`` [B, V] with each row's rules applied (float32 where any applies)."""
-    if not any(rules):
+class RowProcessor(Protocol):
+    def apply(self, logits: torch.Tensor) -> None:
+        """Change one row of float32 logits in place."""
+
+
+def process_rows(logits: torch.Tensor, processors: Sequence[RowProcessor | None]) -> torch.Tensor:
+    """``logits`` [B, V] with each row's processor (output rules, a grammar matcher)
+    applied; float32 where any applies."""
+    if not any(processors):
         return logits
     logits = logits.float()
-    for row, r in enumerate(rules):
-        if r is not None:
-            r.apply(logits[row])
+    for row, processor in enumerate(processors):
+        if processor is not None:
+            processor.apply(logits[row])
     return logits
 
 

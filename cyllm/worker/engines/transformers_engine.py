@@ -34,13 +34,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from cyllm import errors
 from cyllm.worker.engines.base import Engine
 from cyllm.worker.engines.factory import cpu_has_bfloat16
-from cyllm.worker.engines.grammar import Grammars, Matcher, mask_rows
+from cyllm.worker.engines.grammar import Grammars, Matcher
 from cyllm.worker.engines.hf_batch import KVBatch
 from cyllm.worker.engines.planning import Plan, SamplingDefaults
 from cyllm.worker.engines.sampling import (
     OutputRules,
-    apply_rules,
     make_generator,
+    process_rows,
     sample,
     token_logprob,
 )
@@ -422,8 +422,8 @@ class TransformersEngine(Engine):
                 ) -> tuple[list[int], list[TokenLogprob | None]]:
         """Each row's rules, then its grammar (which has the last word), then sampling;
         the chosen tokens' logprobs where asked."""
-        logits = apply_rules(logits, [s.rules for s in seqs])
-        logits = mask_rows(logits, [s.matcher for s in seqs])
+        logits = process_rows(logits, [s.rules for s in seqs])
+        logits = process_rows(logits, [s.matcher for s in seqs])
         tokens = sample(logits, [s.sampling for s in seqs], [s.generator for s in seqs])
         decode = lambda i: self.tokenizer.decode([i])  # noqa: E731
         return tokens, [None if s.sampling.logprobs is None
