@@ -8,8 +8,6 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Coroutine
-from typing import Any, TypeVar
 
 
 # Attributes every LogRecord has; anything else was passed in ``extra=`` and is logged.
@@ -40,8 +38,6 @@ def setup_logging(level: str = "INFO") -> None:
 
 REQUEST_ID = "x-request-id"
 
-T = TypeVar("T")
-
 
 def request_id_of(context) -> str:
     """The request id a gRPC peer sent in the metadata (empty when none)."""
@@ -49,17 +45,6 @@ def request_id_of(context) -> str:
         if key == REQUEST_ID:
             return value
     return ""
-
-
-def run(main: Coroutine[Any, Any, T]) -> T:
-    """Run a process's main coroutine on uvloop where it is installed (it comes with
-    ``uvicorn[standard]``; the gateway's uvicorn picks it the same way): its event loop
-    is in C, which is most of a gRPC relay's time per message."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)
 
 
 def stop_event() -> asyncio.Event:
