@@ -271,7 +271,8 @@ class RedisScheduler(Scheduler):
     async def close(self) -> None:
         for t in self._tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:  # bounded: a stop must not wait on a subscription mid-handshake
+            await asyncio.wait(self._tasks, timeout=5)
         await self.r.aclose()
 
     async def _housekeeping(self) -> None:
@@ -322,7 +323,8 @@ class RedisScheduler(Scheduler):
                 await asyncio.sleep(1.0)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    async with asyncio.timeout(2):  # a cancelled subscribe may never answer
+                        await pubsub.aclose()
 
     async def _notify(self) -> None:
         await self.r.publish(PUMP_CHANNEL, b"1")
