@@ -18,7 +18,6 @@ batch.  Adapters are added and removed by the scheduler thread between steps.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import queue
 import threading
@@ -36,6 +35,7 @@ from cyllm.worker.engines.base import Engine
 from cyllm.worker.engines.factory import cpu_has_bfloat16
 from cyllm.worker.engines.grammar import Grammars, Matcher
 from cyllm.worker.engines.hf_batch import KVBatch
+from cyllm.worker.engines.hf_embed import base_backbone, pooled
 from cyllm.worker.engines.planning import Plan, SamplingDefaults
 from cyllm.worker.engines.sampling import (
     OutputRules,
@@ -93,8 +93,6 @@ class TransformersEngine(Engine):
         self._adapters: dict[str, Path] = {}
         self._grammars: Grammars | None = None
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], asyncio.Future[Any]]] = \
-            queue.SimpleQueue()
-        self._adapter_ops: queue.SimpleQueue[tuple[str, str, Path | None, asyncio.Future[None]]] = \
             queue.SimpleQueue()
 
     # -- lifecycle --------------------------------------------------------------------
@@ -165,22 +163,15 @@ class TransformersEngine(Engine):
     async def add_adapter(self, name: str, path: Path) -> None:
         if not (Path(path) / "adapter_config.json").is_file():
             raise errors.InvalidRequest(f"no adapter_config.json in {path}", param="adapter_path")
-        await self._adapter_op("add", name, Path(path))
+        await self._on_engine_thread(lambda: self._apply_adapter("add", name, Path(path)))
 
     async def remove_adapter(self, name: str) -> None:
         if name not in self._adapters:
             raise errors.ModelNotFound(f"adapter {name!r} is not loaded", param="model")
-        await self._adapter_op("remove", name, None)
+        await self._on_engine_thread(lambda: self._apply_adapter("remove", name, None))
 
     def adapters(self) -> list[str]:
         return list(self._adapters)
-
-    async def _adapter_op(self, op: str, name: str, path: Path | None) -> None:
-        assert self._loop is not None
-        done: asyncio.Future[None] = self._loop.create_future()
-        self._adapter_ops.put((op, name, path, done))
-        self._wake.set()
-        await done
 
     def _apply_adapter(self, op: str, name: str, path: Path | None) -> None:
         """Runs on the scheduler thread (or during load, before it starts)."""
@@ -222,38 +213,13 @@ class TransformersEngine(Engine):
         return vectors, sum(len(row) for row in ids)
 
     def _embed(self, ids: list[list[int]], dimensions: int) -> list[list[float]]:
-        """On the engine thread (the model is its own): batches within the prefill budget,
-        the backbone's last hidden states (no vocabulary projection) mean-pooled; the base
-        weights, with any LoRA adapter switched off."""
-        peft = hasattr(self.model, "get_base_model")
-        with self.model.disable_adapter() if peft else contextlib.nullcontext():
-            return self._pooled((self.model.get_base_model() if peft else self.model).base_model,
-                                ids, dimensions)
-
-    def _pooled(self, backbone: torch.nn.Module, ids: list[list[int]],
-                dimensions: int) -> list[list[float]]:
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together
-        vectors: dict[int, list[float]] = {}
-        while order:
-            batch, width = [], 0
-            while order and (not batch or max(width, len(ids[order[0]])) * (len(batch) + 1)
-                             <= _PREFILL_TOKEN_BUDGET):
-                width = max(width, len(ids[order[0]]))
-                batch.append(order.pop(0))
-            tokens = torch.full((len(batch), width), self.pad_id, device=self.device)
-            mask = torch.zeros((len(batch), width), dtype=torch.long, device=self.device)
-            for row, i in enumerate(batch):
-                tokens[row, :len(ids[i])] = torch.tensor(ids[i], device=self.device)
-                mask[row, :len(ids[i])] = 1
-            states = backbone(input_ids=tokens, attention_mask=mask).last_hidden_state.float()
-            pooled = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-            if dimensions:
-                pooled = pooled[:, :dimensions]
-            for row, v in zip(batch, torch.nn.functional.normalize(pooled, dim=-1).tolist()):
-                vectors[row] = v
-        return [vectors[i] for i in range(len(ids))]
+        """On the engine thread (the model is its own), from the base weights."""
+        with base_backbone(self.model) as backbone:
+            return pooled(backbone, ids, self.pad_id, self.device, dimensions, _PREFILL_TOKEN_BUDGET)
 
     async def _on_engine_thread(self, fn: Callable[[], T]) -> T:
+        """``fn()`` run on the scheduler thread between steps (adapters, embeddings: the
+        model is that thread's), its result or exception handed back here."""
         assert self._loop is not None
         done: asyncio.Future[T] = self._loop.create_future()
         self._calls.put((fn, done))
@@ -272,20 +238,6 @@ class TransformersEngine(Engine):
                 result, error = None, exc
             assert self._loop is not None
             self._loop.call_soon_threadsafe(_resolve, done, result, error)
-
-    def _run_adapter_ops(self) -> None:
-        while True:
-            try:
-                op, name, path, done = self._adapter_ops.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                self._apply_adapter(op, name, path)
-                result: BaseException | None = None
-            except Exception as exc:
-                result = exc
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(_settle, done, result)
 
     def _forward_args(self, adapters: list[str | None]) -> dict[str, Any]:
         """PEFT's per-row adapter selection, once the model carries adapters."""
@@ -376,7 +328,6 @@ class TransformersEngine(Engine):
 
     def _iteration(self, batch: KVBatch | None) -> KVBatch | None:
         # 1. take new work and drop aborted requests
-        self._run_adapter_ops()
         self._run_calls()
         while True:
             try:
@@ -474,10 +425,6 @@ class TransformersEngine(Engine):
             s.events = []
         if items and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(_put_all, items)
-
-
-def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
-    _resolve(done, None, error)
 
 
 def _resolve(done: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
