@@ -46,7 +46,8 @@ def build_backends(s: CoordinatorSettings,
     limits = {"queue_timeout_s": s.queue_timeout_s, "max_size": s.queue_max_size,
               "retry_after_s": s.retry_after_s}
     if s.redis_url:
-        from cyllm.coordinator.redis_backend import RedisPromptCache, RedisScheduler
+        from cyllm.coordinator.redis_backend import RedisScheduler
+        from cyllm.coordinator.redis_cache import RedisPromptCache
         from cyllm.shared_state import connect
 
         client = connect(s.redis_url)

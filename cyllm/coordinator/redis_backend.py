@@ -1,5 +1,5 @@
-"""Redis backends: the task queue, the worker pool and the prompt cache shared by
-every coordinator on one Redis (redis-py's asyncio client).
+"""Redis backend of the scheduler: the task queue and the worker pool shared by every
+coordinator on one Redis (redis-py's asyncio client; the prompt cache is ``redis_cache.py``).
 
 Keys (prefix ``cyllm:``)::
 
@@ -11,7 +11,7 @@ Keys (prefix ``cyllm:``)::
                        running, tokens, outstanding (over all coordinators)
     wait:<id>   STR    a waiting task's mark: its coordinator waits for it (expires
                        unless that coordinator refreshes it, each second)
-    c:<sha256>  STR    cached response (TTL);  c:lru ZSET last use;  c:hits, c:misses
+    c:...              the prompt cache (``redis_cache.py``)
 
 A request is run by the coordinator that received it (it holds the client's stream),
 but it waits in the shared queue, in global priority order per model: a coordinator
@@ -39,7 +39,6 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from cyllm.coordinator.cache import CachedResponse, PromptCache, decode, encode
 from cyllm.coordinator.pool import HealthRules, WorkerRecord, keeps_outstanding
 from cyllm.coordinator.routing import Router
 from cyllm.coordinator.queue import Task
@@ -496,63 +495,3 @@ class RedisScheduler(Scheduler):
                     now, records = view.now, view.records
                 else:
                     break
-
-
-_CACHE_GET = """
--- KEYS: c:<key>, c:hits, c:misses, c:lru   ARGV: key
-local v = redis.call('GET', KEYS[1])
-if v then
-  local t = redis.call('TIME')
-  redis.call('INCR', KEYS[2])
-  redis.call('ZADD', KEYS[4], t[1] .. '.' .. string.format('%06d', tonumber(t[2])), ARGV[1])
-else
-  redis.call('INCR', KEYS[3])
-  redis.call('ZREM', KEYS[4], ARGV[1])
-end
-return v
-"""
-
-_CACHE_PUT = """
--- KEYS: c:<key>, c:lru   ARGV: key, value, ttl_ms, max_entries, prefix
-local t = redis.call('TIME')
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-redis.call('ZADD', KEYS[2], t[1] .. '.' .. string.format('%06d', tonumber(t[2])), ARGV[1])
-local extra = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[4])
-if extra > 0 then
-  local old = redis.call('ZPOPMIN', KEYS[2], extra)
-  for i = 1, #old, 2 do redis.call('DEL', ARGV[5] .. 'c:' .. old[i]) end
-end
-return 1
-"""
-
-
-class RedisPromptCache(PromptCache):
-    """Entries expire by TTL; past ``max_entries`` the least recently used go first.  A
-    lookup and a store are one round trip each."""
-
-    def __init__(self, client: aioredis.Redis, ttl_s: float, max_entries: int) -> None:
-        self.r = client
-        self.ttl_s = ttl_s
-        self.max_entries = max_entries
-        self._get = client.register_script(_CACHE_GET)
-        self._put = client.register_script(_CACHE_PUT)
-
-    async def get(self, key: str) -> CachedResponse | None:
-        raw = await self._get(keys=[P + f"c:{key}", P + "c:hits", P + "c:misses", P + "c:lru"],
-                              args=[key])
-        return decode(raw) if raw is not None else None
-
-    async def put(self, key: str, value: CachedResponse) -> None:
-        if not self.enabled:
-            return
-        await self._put(keys=[P + f"c:{key}", P + "c:lru"],
-                        args=[key, encode(value), int(self.ttl_s * 1000), self.max_entries, P])
-
-    async def hits(self) -> int:
-        return int(await self.r.get(P + "c:hits") or 0)
-
-    async def misses(self) -> int:
-        return int(await self.r.get(P + "c:misses") or 0)
-
-    async def size(self) -> int:
-        return int(await self.r.zcard(P + "c:lru"))
