@@ -189,7 +189,9 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
         task = Task(uuid.uuid4().hex, request.model)
         failed: set[str] = set()
         for attempt in range(1, self.attempts + 1):
-            exclude = await self._avoid(request.model, failed | self.breakers.open_peers())
+            exclude = failed | self.breakers.open_peers()
+            if failed:  # as in _run: only a retry reads the pool to choose whom to avoid
+                exclude = await self._avoid(request.model, exclude)
             worker = await self.scheduler.acquire(task, exclude=exclude)
             try:
                 reply = await self.workers.embed(worker.address, request, rid or task.task_id)

@@ -241,7 +241,7 @@ class Engine(AbstractEngine):
         if rules and not self.output_rules:
             raise errors.InvalidRequest(f"{rules[0]} is not supported by the {self.name} engine "
                                         f"serving {self.spec.id}", param=rules[0])
-        vocab = self.vocab_size()
+        vocab = self.vocab_size() if sampling.logit_bias else None
         bad = next((t for t, _ in sampling.logit_bias if t < 0 or (vocab and t >= vocab)), None)
         if bad is not None:
             raise errors.InvalidRequest(f"logit_bias names token id {bad}, outside the vocabulary "
