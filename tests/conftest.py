@@ -39,6 +39,20 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+def stop_processes(procs, wait_s: float) -> None:
+    """SIGTERM every process still running (all at once, so they stop in parallel), then
+    wait for each; one that outlives ``wait_s`` is killed.  By pid, never by name."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 
 class RedisProcess:
     """A ``redis-server`` on a free loopback port, its data in ``workdir``; stopped and

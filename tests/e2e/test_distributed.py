@@ -18,7 +18,7 @@ import redis
 import pytest
 import yaml
 
-from tests.conftest import free_ports
+from tests.conftest import free_ports, stop_processes
 
 pytestmark = pytest.mark.e2e
 
@@ -73,14 +73,7 @@ class Cluster:
         proc.wait(30)
 
     def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(self.procs.values(), 15)
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in self.tmp.glob("*.log"))

@@ -17,7 +17,7 @@ import openai
 import pytest
 import yaml
 
-from tests.conftest import free_ports
+from tests.conftest import free_ports, stop_processes
 from tests.e2e.conftest import MODEL, serving, wait_healthy
 
 pytestmark = pytest.mark.e2e
@@ -244,15 +244,16 @@ class Processes:
         return self.procs[name]
 
     def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs.values(), 60)
+
+
+def checkpointed_before_the_end(base: str, job_id: str, steps: int) -> dict:
+    """The job's status once it has a checkpoint short of its last step."""
+    def checkpointed():
+        status = httpx.get(f"{base}/api/v1/training/status/{job_id}").json()
+        return status["checkpoints"] and status["checkpoints"][-1]["step"] < steps and status
+
+    return wait_for(checkpointed, timeout=300)
 
 
 @pytest.fixture
@@ -285,11 +286,7 @@ def test_killed_workers_job_resumes_from_its_checkpoint_elsewhere(tmp_path, proc
     wait_healthy(f"{base}/api/v1/health", worker_a, tmp_path / "worker-a.log")
     job = start(base, dataset=str(FACTS), maxSteps=8, saveSteps=2, batchSize=2, maxLength=64)
 
-    def checkpointed():
-        status = httpx.get(f"{base}/api/v1/training/status/{job['id']}").json()
-        return status["checkpoints"] and status["checkpoints"][-1]["step"] < 8 and status
-
-    status = wait_for(checkpointed, timeout=300)
+    status = checkpointed_before_the_end(base, job["id"], 8)
     worker_a.send_signal(signal.SIGKILL)
     worker_a.wait(10)
     wait_for(lambda: not processes_mentioning(f"{job['id']}/job.json"), timeout=10)
@@ -346,11 +343,7 @@ def test_a_job_whose_coordinator_is_killed_resumes_through_the_other(tmp_path, r
     wait_healthy(f"{base}/api/v1/health", gateway, tmp_path / "gateway.log")
     job = start(base, dataset=str(FACTS), maxSteps=8, saveSteps=2, batchSize=2, maxLength=64)
 
-    def checkpointed():
-        status = httpx.get(f"{base}/api/v1/training/status/{job['id']}").json()
-        return status["checkpoints"] and status["checkpoints"][-1]["step"] < 8 and status
-
-    status = wait_for(checkpointed, timeout=300)
+    status = checkpointed_before_the_end(base, job["id"], 8)
     r = redis.Redis.from_url(redis_url)
     following = r.get(f"cyllm:job:{job['id']}:lease").decode()
     r.close()
