@@ -78,6 +78,10 @@ class WorkerService(rpc.WorkerServicer):
         if adapter is not None:
             raise errors.InvalidRequest("embeddings come from a base model, not a LoRA adapter",
                                         param="model")
+        spec = engine.spec
+        if spec.task != "embed" and not spec.embeddings:
+            raise errors.InvalidRequest(f"model {spec.id!r} does not answer embeddings here "
+                                        "(embeddings: false in its spec)", param="model")
         vectors, tokens = await engine.embed(list(request.inputs), request.dimensions)
         return pb.EmbedResponse(data=[pb.Embedding(values=v) for v in vectors], prompt_tokens=tokens)
 

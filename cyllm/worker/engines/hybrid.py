@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +109,13 @@ class HybridEngine(AbstractEngine):
                 last = exc
         assert last is not None
         raise last
+
+    async def embed(self, texts: Sequence[str], dimensions: int = 0) -> tuple[list[list[float]], int]:
+        """The least busy healthy member's (every member embeds, or refuses by name)."""
+        ranked = self._ranked(GenerationRequest(request_id=""))
+        if not ranked:
+            raise errors.Unavailable(f"no healthy engine for {self.spec.id} on this worker")
+        return await ranked[0].engine.embed(texts, dimensions)
 
     def health(self) -> EngineHealth:
         hs = [m.engine.health() for m in self.members]

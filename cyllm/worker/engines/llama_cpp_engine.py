@@ -17,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import codecs
 import inspect
+import math
 import os
 import random
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from cyllm import errors
 from cyllm.worker.engines.base import Engine
 from cyllm.worker.engines.grammar import Grammars, Matcher
 from cyllm.worker.engines.sampling import OutputRules, token_logprob
-from cyllm.worker.engines.planning import Plan, SamplingDefaults
+from cyllm.worker.engines.planning import Plan, SamplingDefaults, checked_ids
 from cyllm.worker.engines.prompt import messages_of
 from cyllm.worker.engines.text import Stopper
 from cyllm.worker.engines.types import GenerationRequest, ModelCard, Step
@@ -81,6 +82,8 @@ class LlamaCppEngine(Engine):
         self._objects: list[Any] = []
         self._grammars: Grammars | None = None
         self.template: str | None = None  # the GGUF's chat template
+        self._embedder: Any = None  # a second context on the same (mapped) weights
+        self._embed_lock = threading.Lock()
 
     async def load(self) -> ModelCard:
         import llama_cpp
@@ -121,9 +124,33 @@ class LlamaCppEngine(Engine):
                          "cpu", int(time.time()))
 
     async def close(self) -> None:
+        if self._embedder is not None:
+            self._embedder.close()
         for obj in self._objects:
             obj.close()
         self._objects.clear()
+
+    async def embed(self, texts: Sequence[str], dimensions: int = 0) -> tuple[list[list[float]], int]:
+        """llama.cpp's own pooling (mean), from a second context opened on first use with
+        ``embedding=True``: the weights are memory-mapped, so it costs a context, not a
+        copy."""
+        llm = self._objects[0]
+        ids = checked_ids(lambda t: llm.tokenize(t.encode(), add_bos=True, special=False), texts,
+                          self.context_length, llm.n_embd(), dimensions)
+        return await asyncio.to_thread(self._embed, list(texts), dimensions), sum(map(len, ids))
+
+    def _embed(self, texts: list[str], dimensions: int) -> list[list[float]]:
+        import llama_cpp
+
+        with self._embed_lock:
+            if self._embedder is None:
+                n = self.context_length
+                self._embedder = llama_cpp.Llama(
+                    model_path=str(self.gguf), n_ctx=n, n_batch=n, n_ubatch=n, embedding=True,
+                    pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN, verbose=False,
+                    n_threads=self.llama_args["n_threads"])
+            vectors = self._embedder.embed(texts, normalize=False, truncate=False)
+        return [_unit(v[:dimensions] if dimensions else v) for v in vectors]
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         llm = self._objects[0]  # tokenising is read-only on the vocabulary
@@ -247,3 +274,8 @@ def _processed(rules: OutputRules | None, matcher: Matcher | None, seen: list[An
         return scores
 
     return llama_cpp.LogitsProcessorList([process])
+
+
+def _unit(v: list[float]) -> list[float]:
+    norm = math.sqrt(sum(x * x for x in v)) or 1.0
+    return [x / norm for x in v]

@@ -3,7 +3,7 @@ engine, with messages that name the fix."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -128,3 +128,20 @@ def check_resumed(ids: tuple[int, ...], max_new: int, vocab: int | None) -> None
     if bad is not None:
         raise errors.InvalidRequest(f"resume token id {bad} is outside the vocabulary",
                                     param="resume")
+
+
+def checked_ids(tokenize: Callable[[str], list[int]], texts: Sequence[str], context_length: int,
+                width: int, dimensions: int) -> list[list[int]]:
+    """Each text's token ids, once every input and ``dimensions`` have been checked."""
+    if dimensions > width:
+        raise errors.InvalidRequest(f"dimensions is {dimensions}; this model's embeddings have "
+                                    f"{width}", param="dimensions")
+    ids = [tokenize(t) for t in texts]
+    for i, row in enumerate(ids):
+        if not row:
+            raise errors.InvalidRequest(f"input {i} is empty", param="input")
+        if len(row) > context_length:
+            raise errors.ContextLengthExceeded(
+                f"input {i} has {len(row)} tokens; this model reads at most {context_length}",
+                param="input")
+    return ids

@@ -36,7 +36,7 @@ from cyllm.worker.engines.factory import cpu_has_bfloat16
 from cyllm.worker.engines.grammar import Grammars, Matcher
 from cyllm.worker.engines.hf_batch import KVBatch
 from cyllm.worker.engines.hf_embed import base_backbone, pooled
-from cyllm.worker.engines.planning import Plan, SamplingDefaults
+from cyllm.worker.engines.planning import Plan, SamplingDefaults, checked_ids
 from cyllm.worker.engines.sampling import (
     OutputRules,
     make_generator,
@@ -197,18 +197,8 @@ class TransformersEngine(Engine):
     # -- embeddings ---------------------------------------------------------------------
 
     async def embed(self, texts: Sequence[str], dimensions: int = 0) -> tuple[list[list[float]], int]:
-        ids = [self.tokenizer(t)["input_ids"] for t in texts]
-        for i, row in enumerate(ids):
-            if not row:
-                raise errors.InvalidRequest(f"input {i} is empty", param="input")
-            if len(row) > self.context_length:
-                raise errors.ContextLengthExceeded(
-                    f"input {i} has {len(row)} tokens; this model reads at most "
-                    f"{self.context_length}", param="input")
-        hidden = self.model.config.hidden_size
-        if dimensions > hidden:
-            raise errors.InvalidRequest(f"dimensions is {dimensions}; this model's embeddings have "
-                                        f"{hidden}", param="dimensions")
+        ids = checked_ids(lambda t: self.tokenizer(t)["input_ids"], texts, self.context_length,
+                          self.model.config.hidden_size, dimensions)
         vectors = await self._on_engine_thread(lambda: self._embed(ids, dimensions))
         return vectors, sum(len(row) for row in ids)
 

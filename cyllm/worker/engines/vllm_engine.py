@@ -34,7 +34,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from cyllm import errors
 from cyllm.worker.engines.factory import cpu_has_bfloat16
 from cyllm.worker.engines.base import Engine
 from cyllm.worker.engines.grammar import Grammars
+from cyllm.worker.engines.hf_embed import FolderEmbedder, embedder_for
 from cyllm.worker.engines.planning import Plan, SamplingDefaults
 from cyllm.worker.engines.types import Constraint, ModelCard, Step, TokenLogprob
 from cyllm.worker.settings import ModelSpec
@@ -63,6 +64,7 @@ class VllmAsyncEngine(Engine):
         self._loras: dict[str, Any] = {}  # adapter name -> LoRARequest
         self._grammars: Grammars | None = None
         self._next_lora_id = 1
+        self._embedder: FolderEmbedder | None = None
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -140,9 +142,21 @@ class VllmAsyncEngine(Engine):
                          self._platform_type(), int(time.time()))
 
     async def close(self) -> None:
+        if self._embedder is not None:
+            self._embedder.close()
         if self.llm is not None:
             await asyncio.to_thread(self.llm.shutdown)
             self.llm = None
+
+    # -- embeddings -------------------------------------------------------------------
+
+    async def embed(self, texts: Sequence[str], dimensions: int = 0) -> tuple[list[list[float]], int]:
+        """From a second copy of the weights loaded by transformers on the first call:
+        vLLM pools only in an engine started for pooling (``--runner pooling``), which
+        then does not generate."""
+        if self._embedder is None:
+            self._embedder = embedder_for(self.spec, self.model_dir, self._platform_type())
+        return await self._embedder.embed(texts, dimensions)
 
     # -- adapters ---------------------------------------------------------------------
 
