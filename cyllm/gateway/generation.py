@@ -30,6 +30,7 @@ T = TypeVar("T")
 
 
 PRIORITY_SCOPE = "priority"
+MAX_CHOICES = 16  # n: each choice is a generation of its own
 
 
 async def _hung_up(request: Request) -> None:

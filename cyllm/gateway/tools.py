@@ -62,6 +62,12 @@ class Toolbox:
         # Its parts were checked in toolbox(); the body limit bounds their sum.
         return pb.Constraint(kind="json_schema", json_schema=json.dumps(schema, separators=(",", ":")))
 
+    def answer(self, text: str, finish: str) -> tuple[str | None, list[Call], str]:
+        """A finished output as (its text, its calls, the finish reason): its calls with
+        ``tool_calls`` when it is one, else its text (with the finish reason it had)."""
+        calls = self.parse(text) if finish == "stop" else []
+        return (None, calls, "tool_calls") if calls else (text, [], finish)
+
     def parse(self, text: str) -> list[Call]:
         """The calls in a finished output ([] when it is an answer, not a call)."""
         if self.choice == "none":
@@ -76,6 +82,65 @@ class Toolbox:
             found = [_json(m) for m in _CALL.findall(text)] or [_json(text.strip())]
         calls = [_as_call(c, self.functions) for c in found]
         return calls if calls and all(calls) else []  # type: ignore[return-value]
+
+
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([A-Za-z0-9_-]{1,64})"\s*,\s*"arguments"\s*:\s*')
+
+
+class CallStream:
+    """A forced choice's output read as it is generated, as OpenAI streams calls: a
+    call's id and name once its head (``{"name":"…","arguments":``) is complete, then
+    the arguments' JSON text piece by piece as it comes.  The grammar puts ``name``
+    before ``arguments`` (the schema's order) and ends each call at its arguments'
+    closing brace, so the text between is the arguments exactly."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.pos = 0  # how far the text is read
+        self.index = -1  # the call being read
+        self.depth = 0  # inside the arguments: nesting, and string state
+        self.in_string = self.escaped = False
+        self.in_args = False
+
+    def feed(self, piece: str) -> list[dict[str, Any]]:
+        """The tool-call deltas ``piece`` completes (OpenAI's ``delta.tool_calls`` entries)."""
+        self.text += piece
+        out: list[dict[str, Any]] = []
+        while self.pos < len(self.text):
+            if not self.in_args:
+                while self.pos < len(self.text) and self.text[self.pos] in " \n\t\r[,]}":
+                    self.pos += 1
+                head = _HEAD.match(self.text, self.pos)
+                if head is None or head.end() == len(self.text):  # incomplete (or spaces may follow)
+                    break
+                self.index += 1
+                self.pos, self.in_args, self.depth = head.end(), True, 0
+                out.append({"index": self.index, "id": f"call_{secrets.token_hex(12)}",
+                            "type": "function", "function": {"name": head.group(1), "arguments": ""}})
+                continue
+            start = self.pos
+            while self.pos < len(self.text) and self.in_args:
+                self._scan(self.text[self.pos])
+                self.pos += 1
+            out.append({"index": self.index, "function": {"arguments": self.text[start:self.pos]}})
+        return out
+
+    def _scan(self, c: str) -> None:
+        if self.in_string:
+            if self.escaped:
+                self.escaped = False
+            elif c == "\\":
+                self.escaped = True
+            elif c == '"':
+                self.in_string = False
+        elif c == '"':
+            self.in_string = True
+        elif c in "{[":
+            self.depth += 1
+        elif c in "}]":
+            self.depth -= 1
+        if self.depth == 0 and not self.in_string and c not in " \n\t\r":
+            self.in_args = False  # a closed object (or a scalar's last character)
 
 
 def toolbox(tools: list[dict[str, Any]] | None, choice: Any, parallel: bool) -> Toolbox | None:

@@ -123,3 +123,62 @@ def test_response_format_in_camel_case(server):
         "modelId": MODEL, "prompt": "x", "responseFormat": {"type": "jsonSchema", "jsonSchema": {
             "schema": {"type": "object", "properties": {"a": {"if": {"type": "string"}}}}}}})
     assert bad.status_code == 400 and "uses 'if'" in bad.json()["error"]["message"]
+
+
+WEATHER = {"name": "get_weather", "description": "The weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
+                          "required": ["city"]}}
+
+
+def test_tools_in_camel_case_whole_streamed_and_answered(server):
+    ask = {"role": "user", "content": "What is the weather in Paris?"}
+    body = {"modelId": MODEL, "messages": [ask], "tools": [WEATHER], "maxTokens": 60,
+            "toolChoice": {"name": "get_weather"}, "temperature": 0}
+    r = httpx.post(f"{server.base_url}/api/v1/inference", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    whole = r.json()
+    (call,) = whole["toolCalls"]
+    assert whole["finishReason"] == "tool_calls" and whole["text"] is None
+    assert call["name"] == "get_weather" and isinstance(json.loads(call["arguments"])["city"], str)
+    with httpx.stream("POST", f"{server.base_url}/api/v1/inference/stream", json=body,
+                      timeout=60) as resp:
+        events = parse_sse(resp.iter_lines())
+    assert [e for e, _ in events] == ["done"]  # a call's text is not streamed as text
+    done = events[0][1]
+    assert done["finishReason"] == "tool_calls"
+    assert json.loads(done["toolCalls"][0]["arguments"]) == json.loads(call["arguments"])
+    # The round trip: the call and its result go back; the model answers in text.
+    answer = httpx.post(f"{server.base_url}/api/v1/inference", timeout=60, json={
+        "modelId": MODEL, "tools": [WEATHER], "toolChoice": "none", "maxTokens": 30, "temperature": 0,
+        "messages": [ask, {"role": "assistant", "toolCalls": [call]},
+                     {"role": "tool", "toolCallId": call["id"], "content": '{"celsius": 21}'}]})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["text"] and answer.json()["toolCalls"] is None
+    bad = httpx.post(f"{server.base_url}/api/v1/inference", timeout=60, json={
+        **body, "toolChoice": {"name": "nope"}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tool_choice"
+
+
+def test_logprobs_and_n_in_camel_case(server):
+    body = {"modelId": MODEL, "prompt": "Name a colour.", "maxTokens": 6, "temperature": 1.0,
+            "seed": 5, "n": 3, "logprobs": True, "topLogprobs": 2}
+    r = httpx.post(f"{server.base_url}/api/v1/inference", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2]
+    assert out["text"] == out["choices"][0]["text"]
+    assert out["usage"]["completionTokens"] == sum(len(c["logprobs"]) for c in out["choices"])
+    for entry in (e for c in out["choices"] for e in c["logprobs"]):
+        assert entry["logprob"] <= 0 and len(entry["topLogprobs"]) == 2
+    with httpx.stream("POST", f"{server.base_url}/api/v1/inference/stream", json=body,
+                      timeout=60) as resp:
+        events = parse_sse(resp.iter_lines())
+    tokens = [d for e, d in events if e == "token"]
+    streamed = {i: "".join(d["text"] for d in tokens if d["index"] == i) for i in range(3)}
+    assert streamed == {c["index"]: c["text"] for c in out["choices"]}  # seeded: the same
+    assert all(lp["logprob"] <= 0 for d in tokens for lp in d["logprobs"])
+    done = events[-1][1]
+    assert [c["index"] for c in done["choices"]] == [0, 1, 2]
+    refused = httpx.post(f"{server.base_url}/api/v1/inference", timeout=60,
+                         json={"modelId": MODEL, "prompt": "x", "topLogprobs": 2})
+    assert refused.status_code == 400 and "topLogprobs needs logprobs" in refused.text

@@ -61,8 +61,34 @@ def test_a_streamed_call_arrives_as_tool_call_deltas(client):
         temperature=0, stream=True, parallel_tool_calls=False))
     deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or ()]
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
-    assert [d.index for d in deltas] == [0]
-    check_calls(deltas)
+    # As OpenAI streams a call: id and name first, then the arguments piece by piece.
+    first, rest = deltas[0], deltas[1:]
+    assert first.id.startswith("call_") and first.function.arguments == "" and len(rest) > 3
+    assert {d.index for d in deltas} == {0} and all(d.id is None for d in rest)
+    arguments = "".join(d.function.arguments for d in rest)
+    jsonschema.validate(json.loads(arguments), PARAMS[first.function.name])
+    assert not any(c.choices[0].delta.content for c in chunks if c.choices)
+
+
+def test_parallel_calls_stream_one_index_each(client):
+    both = [{"role": "user", "content": "What is the weather and the time in Paris?"}]
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=both, tools=[WEATHER, TIME], tool_choice="required", max_tokens=120,
+        temperature=0, stream=True))
+    deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or ()]
+    calls: dict[int, dict] = {}
+    for d in deltas:
+        call = calls.setdefault(d.index, {"name": None, "arguments": ""})
+        call["name"] = call["name"] or (d.function.name if d.function else None)
+        call["arguments"] += d.function.arguments or ""
+    assert sorted(calls) == list(range(len(calls))) and calls
+    for call in calls.values():
+        jsonschema.validate(json.loads(call["arguments"]), PARAMS[call["name"]])
+    whole = client.chat.completions.create(
+        model=MODEL, messages=both, tools=[WEATHER, TIME], tool_choice="required", max_tokens=120,
+        temperature=0)
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in whole.choices[0].message.tool_calls] \
+        == [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())]
 
 
 def test_a_tool_result_goes_back_to_the_model(client):

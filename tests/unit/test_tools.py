@@ -75,3 +75,31 @@ def test_a_template_without_tools_gets_them_in_its_system_message():
     assert msgs[-1] == {"role": "user", "content": '<tool_response>\n{"temp": 3}\n</tool_response>'}
     msgs, tools = messages_of(request, "{% if tools %}{{ tools }}{% endif %}")
     assert tools == [WEATHER] and [m["role"] for m in msgs] == ["user", "assistant", "tool"]
+
+
+@pytest.mark.parametrize("step", [1, 2, 5, 1000])
+def test_a_call_stream_gives_each_calls_arguments_exactly_however_the_text_is_cut(step):
+    from cyllm.gateway.tools import CallStream
+
+    args = ['{"city":"Pa\\"r}is","n":[1,{"a":[2]}],"s":"]}{"}', '{"city":"Rome"}']
+    text = f'[{{"name":"get_weather","arguments":{args[0]}}},{{"name":"get_time","arguments":{args[1]}}}]'
+    stream, deltas = CallStream(), []
+    for i in range(0, len(text), step):
+        deltas += stream.feed(text[i:i + step])
+    heads = [d for d in deltas if "id" in d]
+    assert [(d["index"], d["function"]["name"]) for d in heads] == [(0, "get_weather"), (1, "get_time")]
+    assert len({d["id"] for d in heads}) == 2
+    got = ["".join(d["function"]["arguments"] for d in deltas if d["index"] == i) for i in (0, 1)]
+    assert got == args
+
+
+def test_a_call_stream_waits_for_a_whole_head():
+    from cyllm.gateway.tools import CallStream
+
+    stream = CallStream()
+    assert stream.feed('{"name":"get_wea') == []
+    assert stream.feed('ther","arguments"') == []
+    assert stream.feed(":") == []  # spaces may follow before the arguments
+    head, args = stream.feed('{"c')
+    assert head["function"] == {"name": "get_weather", "arguments": ""}
+    assert args == {"index": 0, "function": {"arguments": '{"c'}}

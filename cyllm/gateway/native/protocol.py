@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
-from cyllm.gateway.generation import Outcome, TokenUsage, build_request, token_biases
+from cyllm import errors
+from cyllm.gateway.generation import (
+    MAX_CHOICES,
+    TokenUsage,
+    build_request,
+    check_text,
+    token_biases,
+)
 from cyllm.gateway.schemas import constraint_of
+from cyllm.gateway.tools import Call, Toolbox, toolbox
 from cyllm.protocol import pb
 
 
@@ -16,9 +26,50 @@ class _Camel(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
 
 
+class ToolCall(_Camel):
+    id: str = Field(min_length=1, max_length=128)
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str = Field(max_length=65536, description="JSON text")
+
+    @classmethod
+    def of(cls, call: Call) -> ToolCall:
+        return cls(id=call.id, name=call.name, arguments=call.arguments)
+
+
 class Message(_Camel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+    tool_calls: list[ToolCall] | None = Field(None, max_length=128,
+                                              description="an assistant's calls")
+    tool_call_id: str | None = Field(None, max_length=128, description="a tool's answer: to which call")
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> Message:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("toolCalls belong to assistant messages")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a tool message needs toolCallId, and only a tool message has one")
+        return self
+
+    def as_proto(self) -> pb.ChatMessage:
+        calls = self.tool_calls or ()
+        check_text([self.content, self.tool_call_id or ""]
+                   + [t for c in calls for t in (c.id, c.name, c.arguments)], "messages")
+        return pb.ChatMessage(role=self.role, content=self.content, tool_call_id=self.tool_call_id or "",
+                              tool_calls=[pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments)
+                                          for c in calls])
+
+
+class Tool(_Camel):
+    """A function the model may call (OpenAI's ``tools[].function``, without the wrapper)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = Field(None, max_length=4096)
+    parameters: dict[str, Any] | None = Field(None, description="a JSON Schema of the arguments")
+
+
+class ToolChoice(_Camel):
+    name: str = Field(min_length=1, max_length=64, description="the function that must be called")
 
 
 class JsonSchema(_Camel):
@@ -70,6 +121,14 @@ class InferenceRequest(_Camel):
                                                 description="token id -> -100..100")
     min_tokens: int = Field(0, ge=0, le=2**31 - 1)
     ignore_eos: bool = False
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="answers to the same prompt (choices)")
+    logprobs: bool = Field(False, description="each generated token's log probability")
+    top_logprobs: int | None = Field(None, ge=0, le=20,
+                                     description="and this many alternatives (needs logprobs)")
+    tools: list[Tool] | None = Field(None, max_length=128, description="functions the model may call")
+    tool_choice: Literal["none", "auto", "required"] | ToolChoice | None = Field(
+        None, description="'auto' (the default with tools), 'none', 'required', or {name}")
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _one_input(self) -> InferenceRequest:
@@ -77,49 +136,107 @@ class InferenceRequest(_Camel):
             raise ValueError("give exactly one of prompt or messages")
         if self.raw and self.messages is not None:
             raise ValueError("raw applies to prompt only")
+        if self.raw and self.tools:
+            raise ValueError("tools need a chat (messages or a prompt without raw)")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("topLogprobs needs logprobs: true")
         return self
 
-    def conversation(self) -> list[tuple[str, str]] | None:
-        if self.messages is not None:
-            return [(m.role, m.content) for m in self.messages]
-        return None if self.raw else [("user", self.prompt or "")]
+    @property
+    def top(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
-    def generate_request(self, request_id: str) -> pb.GenerateRequest:
+    def conversation(self) -> list[pb.ChatMessage] | None:
+        if self.messages is not None:
+            out = [m.as_proto() for m in self.messages]
+            if not any(m.content.strip() or m.tool_calls for m in out):
+                raise errors.InvalidRequest("messages contain no text", param="messages")
+            return out
+        return None if self.raw else [pb.ChatMessage(role="user", content=self.prompt or "")]
+
+    def toolbox(self) -> Toolbox | None:
+        tools = [{"type": "function", "function": t.model_dump(exclude_none=True)}
+                 for t in self.tools or ()]
+        choice = {"function": {"name": self.tool_choice.name}} \
+            if isinstance(self.tool_choice, ToolChoice) else self.tool_choice
+        return toolbox(tools, choice, self.parallel_tool_calls)
+
+    def generate_request(self, request_id: str, tools: Toolbox | None) -> pb.GenerateRequest:
+        constraint = self.response_format.constraint() if self.response_format else None
+        if tools is not None and tools.forced:
+            if constraint is not None:
+                raise errors.InvalidRequest("responseFormat cannot be combined with a toolChoice "
+                                            "that forces a call", param="toolChoice")
+            constraint = tools.constraint()
         return build_request(
             request_id, self.model_id, prompt=self.prompt, messages=self.conversation(),
             max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-            stop=self.stop, seed=self.seed, priority=self.priority,
-            constraint=self.response_format.constraint() if self.response_format else None,
+            stop=self.stop, seed=self.seed, priority=self.priority, constraint=constraint,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, logit_bias=token_biases(self.logit_bias),
-            min_tokens=self.min_tokens, ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens, ignore_eos=self.ignore_eos, top_logprobs=self.top,
+            tools=json.dumps([{"type": "function", "function": t.model_dump(exclude_none=True)}
+                              for t in self.tools or ()]) if tools else "",
         )
+
+
+class TopLogprob(_Camel):
+    token: str
+    logprob: float
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+    @classmethod
+    def all_of(cls, logprobs: Sequence[pb.TokenLogprob]) -> list[TokenLogprob]:
+        return [cls(token=lp.token, logprob=lp.logprob,
+                    top_logprobs=[TopLogprob(token=t.token, logprob=t.logprob) for t in lp.top])
+                for lp in logprobs]
 
 
 class Usage(_Camel, TokenUsage):
     pass
 
 
+class Choice(_Camel):
+    """One of ``n`` answers (the response's own fields are the first's)."""
+
+    index: int
+    text: str | None = Field(description="null when the answer is tool calls")
+    finish_reason: str = Field(description="stop | length | tool_calls | abort")
+    tool_calls: list[ToolCall] | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
+class ChoiceEnd(_Camel):
+    index: int
+    finish_reason: str
+    tool_calls: list[ToolCall] | None = None
+
+
 class InferenceDone(_Camel):
-    """The last event of a native stream (SSE ``done``, WebSocket ``{"type": "done"}``)."""
+    """The last event of a native stream (SSE ``done``, WebSocket ``{"type": "done"}``):
+    the first choice's end, with every choice's in ``choices`` when ``n`` > 1."""
 
     id: str
     finish_reason: str
     cached: bool
     usage: Usage
-
-    @classmethod
-    def of(cls, rid: str, o: Outcome) -> InferenceDone:
-        return cls(id=rid, finish_reason=o.finish_reason, cached=o.cached, usage=Usage.of(o))
+    tool_calls: list[ToolCall] | None = None
+    choices: list[ChoiceEnd] | None = None
 
 
 class InferenceResponse(_Camel):
     id: str
     model_id: str
-    text: str
+    text: str | None = Field(description="null when the answer is tool calls")
     finish_reason: str
     cached: bool
     usage: Usage
+    tool_calls: list[ToolCall] | None = None
+    logprobs: list[TokenLogprob] | None = None
+    choices: list[Choice] | None = Field(None, description="every answer, when n > 1")
 
 
 class ModelEntry(_Camel):

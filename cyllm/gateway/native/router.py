@@ -10,12 +10,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from cyllm.gateway.auth import authenticate, coordinator, require_admin
 from cyllm.gateway.context import context
 from cyllm.gateway.errors import GENERATION_ERRORS, responses, stream_error
-from cyllm.gateway.generation import Done, Failed, Generation
+from cyllm.gateway.generation import Failed
+from cyllm.gateway.native.inference import Inference
 from cyllm.gateway.ratelimit import limit_control
 from cyllm.gateway.native.protocol import (
     CoordinatorHealth,
     HealthResponse,
-    InferenceDone,
     InferenceRequest,
     InferenceResponse,
     LoadModelRequest,
@@ -23,7 +23,6 @@ from cyllm.gateway.native.protocol import (
     ModelEntry,
     ModelsResponse,
     UnloadModelResponse,
-    Usage,
     WorkerHealth,
 )
 from cyllm import errors
@@ -40,31 +39,26 @@ health_router = APIRouter(prefix="/api/v1", tags=["health"])
 @router.post("/inference", response_model=InferenceResponse, response_model_by_alias=True,
              responses=ERRORS)
 async def inference(body: InferenceRequest, request: Request) -> InferenceResponse:
-    rid = context(request).request_id
-    gen = await Generation(request, body.generate_request(rid), whole=True).start()
-    text = await gen.text()
-    return InferenceResponse(id=rid, model_id=body.model_id, text=text, cached=gen.outcome.cached,
-                             finish_reason=gen.outcome.finish_reason, usage=Usage.of(gen.outcome))
+    run = await Inference(body, context(request).request_id).start(request, whole=True)
+    return await run.answer()
 
 
 @router.post("/inference/stream", responses={**ERRORS, 200: {
     "content": {"text/event-stream": {}},
-    "description": "events: `token` {text}, then `done` {finishReason, usage, cached} or `error`",
+    "description": "events: `token` {text, index (n > 1), logprobs (if asked)}, then `done` "
+                   "{finishReason, usage, cached, toolCalls, choices (n > 1)} or `error`",
 }})
 async def inference_stream(body: InferenceRequest, request: Request) -> StreamingResponse:
-    rid = context(request).request_id
-    gen = await Generation(request, body.generate_request(rid)).start()
-    return sse_response(_stream(gen, rid))
+    run = await Inference(body, context(request).request_id).start(request, whole=False)
+    return sse_response(_stream(run))
 
 
-async def _stream(gen: Generation, rid: str) -> AsyncIterator[str]:
-    async for event in gen.events():
+async def _stream(run: Inference) -> AsyncIterator[str]:
+    async for event in run.events():
         if isinstance(event, Failed):
             yield frame(stream_error(event.error), event="error")
-        elif isinstance(event, Done):
-            yield frame(InferenceDone.of(rid, event.outcome).model_dump(by_alias=True), event="done")
         else:
-            yield frame({"text": event.text}, event="token")
+            yield frame(event[1], event=event[0])
 
 
 @router.get("/models", response_model=ModelsResponse, response_model_by_alias=True,

@@ -25,8 +25,9 @@ from cyllm import errors
 from cyllm.gateway.auth import Identity
 from cyllm.gateway.context import new_context
 from cyllm.gateway.errors import error_body, http_status
-from cyllm.gateway.generation import Done, Failed, Generation
-from cyllm.gateway.native.protocol import InferenceDone, InferenceRequest
+from cyllm.gateway.generation import Failed
+from cyllm.gateway.native.inference import Inference
+from cyllm.gateway.native.protocol import InferenceRequest
 
 router = APIRouter(prefix="/api/v1", tags=["native"])
 
@@ -99,16 +100,13 @@ async def _serve_one(ws: WebSocket, identity: Identity, raw: str) -> None:
     ctx = new_context(ws.scope)  # each message is a request of its own
     ctx.identity = identity
     try:
-        gen = await Generation(ws, body.generate_request(ctx.request_id)).start()
+        run = await Inference(body, ctx.request_id).start(ws, whole=False)
     except errors.CyllmError as exc:
         await ws.send_json(_error(exc))
         return
-    async with aclosing(gen.events()) as events:  # a client gone mid-stream: closed here
+    async with aclosing(run.events()) as events:  # a client gone mid-stream: closed here
         async for event in events:
             if isinstance(event, Failed):
                 await ws.send_json(_error(event.error))
-            elif isinstance(event, Done):
-                done = InferenceDone.of(ctx.request_id, event.outcome).model_dump(by_alias=True)
-                await ws.send_json({"type": "done", **done})
             else:
-                await ws.send_json({"type": "token", "text": event.text})
+                await ws.send_json({"type": event[0], **event[1]})

@@ -8,13 +8,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cyllm import errors
-from cyllm.gateway.generation import TokenUsage, check_text, token_biases
+from cyllm.gateway.generation import MAX_CHOICES, TokenUsage, check_text, token_biases
 from cyllm.gateway.schemas import constraint_of
 from cyllm.gateway.tools import Toolbox, toolbox
 from cyllm.protocol import pb
 
-INT32_MAX = 2**31 - 1
-MAX_CHOICES = 16  # n: each choice is a generation of its own  # the gRPC contract's int32: larger counts are refused here, not there
+INT32_MAX = 2**31 - 1  # the gRPC contract's int32: larger counts are refused here, not there
 
 
 class TextPart(BaseModel):

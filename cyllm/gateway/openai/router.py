@@ -33,7 +33,7 @@ from cyllm.gateway.openai.protocol import (
     chunk,
     completion_logprobs,
 )
-from cyllm.gateway.tools import Toolbox
+from cyllm.gateway.tools import CallStream, Toolbox
 from cyllm.gateway.sse import frame, sse_response
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(authenticate)])
@@ -103,23 +103,23 @@ async def completions(body: CompletionRequest, request: Request) -> Completion |
 def _answer(text: str, finish: str, tools: Toolbox | None) -> tuple[AssistantMessage, str]:
     """The assistant's message: its tool calls (finish ``tool_calls``) when its finished
     output is one, else its text."""
-    calls = tools.parse(text) if tools is not None and finish == "stop" else []
-    if not calls:
-        return AssistantMessage(content=text), finish
-    return AssistantMessage(content=None, tool_calls=[
+    content, calls, finish = tools.answer(text, finish) if tools is not None else (text, [], finish)
+    return AssistantMessage(content=content, tool_calls=[
         ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls
-    ]), "tool_calls"
+    ] or None), finish
 
 
 async def _choice_frames(gen: Generation, kind: str, rid: str, created: int, model: str,
                          tools: Toolbox | None = None, *, logprobs: bool = False
                          ) -> AsyncIterator[dict[str, Any] | Failed]:
     """One choice's chunks (a role delta first for chat), its finish chunk last; or a
-    Failed.  With ``tools`` whether the answer is a call is known at its end, so it comes
-    whole: one content delta, or one tool-call delta per call (OpenAI's shape)."""
+    Failed.  A forced tool choice streams its calls as they are generated
+    (``CallStream``); with ``auto`` whether the answer is a call is known at its end, so
+    it comes whole: one content delta, or one tool-call delta per call."""
     i = gen.choice
     if kind == CHAT:
         yield chunk(kind, rid, created, model, delta={"role": "assistant", "content": ""}, index=i)
+    calls = CallStream() if tools is not None and tools.forced else None
     pieces: list[str] = []
     offset = 0  # completions' text_offset
     async for event in gen.events():
@@ -129,14 +129,18 @@ async def _choice_frames(gen: Generation, kind: str, rid: str, created: int, mod
             finish = event.outcome.finish_reason
             if tools is not None:
                 message, finish = _answer("".join(pieces), finish, tools)
+                if calls is not None:  # streamed as they came
+                    message = AssistantMessage(content=None)
                 if message.tool_calls:
-                    calls = [{"index": n, **c.model_dump()} for n, c in enumerate(message.tool_calls)]
-                    yield chunk(kind, rid, created, model, delta={"tool_calls": calls}, index=i)
+                    deltas = [{"index": n, **c.model_dump()} for n, c in enumerate(message.tool_calls)]
+                    yield chunk(kind, rid, created, model, delta={"tool_calls": deltas}, index=i)
                 elif message.content:
                     yield chunk(kind, rid, created, model, delta={"content": message.content}, index=i)
             yield chunk(kind, rid, created, model, finish_reason=finish, index=i)
         elif tools is not None:
             pieces.append(event.text)
+            if calls is not None and (deltas := calls.feed(event.text)):
+                yield chunk(kind, rid, created, model, delta={"tool_calls": deltas}, index=i)
         elif kind == CHAT:
             yield chunk(kind, rid, created, model, delta={"content": event.text}, index=i,
                         logprobs=chat_logprobs(event.logprobs) if logprobs else None)
