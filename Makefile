@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 ENGINES := $(VENV)/.engines
 VLLM    := $(VENV)/.vllm
 
-.PHONY: setup serve test test-fast bench proto redis engines clean
+.PHONY: setup serve test test-fast bench proto redis browser engines clean
 
 PIN     := -c constraints.txt
 
@@ -48,7 +48,12 @@ serve: setup $(VLLM)
 redis:
 	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
 
-test: setup engines redis
+# The console's tests drive Debian's Chromium through its chromedriver (never a
+# downloaded browser).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+
+test: setup engines redis browser
 	$(BIN)/python -m pytest -q tests
 
 test-fast: $(STAMP) redis

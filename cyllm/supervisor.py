@@ -17,6 +17,7 @@ stops the whole run with its exit code.  SIGINT/SIGTERM stop them all, by pid.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from cyllm.protocol.plane import InternalSettings
 from cyllm.settings import ConfigError, load_settings
+from cyllm.worker.settings import ModelSpec
 
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 120.0
@@ -61,7 +63,8 @@ def internal_env(config: Path | None) -> dict[str, str]:
 
 
 def run(host: str, port: int, coordinator_port: int, worker_port: int,
-        config: Path | None) -> int:
+        config: Path | None, models: list[ModelSpec] | None = None) -> int:
+    """``models``: what the worker serves instead of the config's (``cyllm serve MODEL``)."""
     cfg = ["--config", str(config)] if config else []
     coordinator = f"127.0.0.1:{coordinator_port}"
     children = [
@@ -72,6 +75,9 @@ def run(host: str, port: int, coordinator_port: int, worker_port: int,
                               "--coordinator", coordinator, *cfg)),
     ]
     env = internal_env(config)
+    if models is not None:  # the environment wins over the config file's models
+        env["CYLLM_WORKER_MODELS"] = json.dumps([m.model_dump(mode="json", exclude_defaults=True)
+                                                 for m in models])
     stopping = False
 
     def _stop(signum, frame) -> None:

@@ -33,7 +33,7 @@ class DatasetPolicy:
     memory_bytes: int = 1 << 30
     timeout_s: float = 120.0
 
-    def resolve(self, given: str, tenant: Tenant) -> Path:
+    def resolve(self, given: str, tenant: Tenant, param: str = "dataset") -> Path:
         """The dataset's real path, or InvalidRequest(REFUSED)."""
         roots = [r.resolve() for r in self.roots]
         candidates = [Path(given)] if Path(given).is_absolute() else [r / given for r in roots]
@@ -45,7 +45,7 @@ class DatasetPolicy:
             inside = any(path == r or r in path.parents for r in roots)
             if (inside or (tenant.admin and self.admin_any_path)) and path.exists():
                 return path
-        raise errors.InvalidRequest(REFUSED, param="dataset")
+        raise errors.InvalidRequest(REFUSED.replace("dataset", param, 1), param=param)
 
     async def check(self, path: Path | str, spec: TrainingSpec | None = None) -> int:
         """How many examples it has, or DatasetError saying what is wrong."""

@@ -94,11 +94,17 @@ class TrainingManager:
             raise errors.InvalidRequest(f"the training spec is not JSON: {exc.msg}") from None
         if not isinstance(raw, dict):
             raise errors.InvalidRequest("the training spec must be a JSON object")
-        uploaded = None
+        uploaded = held_out = None
         if request.training_file:
             uploaded = await self.files.get(request.training_file, tenant, "training_file")
             raw["dataset"] = uploaded.path
+        if request.validation_file:
+            held_out = await self.files.get(request.validation_file, tenant, "validation_file")
+            raw["validation_dataset"] = held_out.path
         spec = TrainingSpec.parse(raw)
+        if spec.eval_steps is not None and spec.validation_dataset is None:
+            raise errors.InvalidRequest("eval_steps needs validation data (a validation file or "
+                                        "validation_dataset)", param="eval_steps")
         if spec.base_model not in visible:
             raise errors.ModelNotFound(f"base model {spec.base_model!r} is not served by any "
                                        "worker; GET /v1/models lists the models you can use",
@@ -114,6 +120,11 @@ class TrainingManager:
             and spec.prompt_column is None and spec.response_column is None
         if spec.method != "custom" and not parsed:
             await self.datasets.check(spec.dataset, spec)
+        if spec.validation_dataset is not None and held_out is None:
+            spec.validation_dataset = str(self.datasets.resolve(spec.validation_dataset, tenant,
+                                                                "validation_dataset"))
+        if spec.validation_dataset is not None and (held_out is None or not parsed):
+            await self.datasets.check(spec.validation_dataset, spec)
         spec.time_limit_s = min(spec.time_limit_s or self.max_time_s, self.max_time_s)
         active = [j for j in await self._owned(tenant.subject) if j.state not in TERMINAL]
         if len(active) >= self.max_jobs_per_tenant:
@@ -121,7 +132,8 @@ class TrainingManager:
                                     f"at most {self.max_jobs_per_tenant} at once", retry_after=60)
         job = pb.TrainingJob(id=f"ftjob-{uuid.uuid4().hex[:24]}", spec_json=spec.model_dump_json(),
                              state="queued", created_at=int(time.time()),
-                             training_file=request.training_file, owner=tenant.subject)
+                             training_file=request.training_file, owner=tenant.subject,
+                             validation_file=request.validation_file)
         await self.store.put(job)
         await self._event(job.id, "state", f"job created: {spec.method} on {spec.base_model}",
                           state="queued")
@@ -306,11 +318,16 @@ class TrainingManager:
             await self.store.renew(job_id, self.owner, self.lease_s)
 
     async def _record(self, job_id: str, event: pb.TrainingEvent) -> None:
-        if event.type in ("metrics", "checkpoint", "result"):
+        if event.type in ("metrics", "eval", "checkpoint", "result"):
             job = await self.get(job_id)
             if event.type == "metrics":
+                eval_loss = job.progress.eval_loss if job.progress.HasField("eval_loss") else None
                 job.progress.CopyFrom(event.progress)
+                if eval_loss is not None:
+                    job.progress.eval_loss = eval_loss
                 job.trained_tokens = max(job.trained_tokens, event.progress.tokens)
+            elif event.type == "eval":
+                job.progress.eval_loss = event.progress.eval_loss
             elif event.type == "checkpoint":
                 job.checkpoints.append(event.checkpoint)
                 job.checkpoints[-1].loss = job.progress.loss

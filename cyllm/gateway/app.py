@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from cyllm.gateway import errors
+from cyllm.gateway import console, errors
 from cyllm.gateway.admin import router as admin_router
 from cyllm.gateway.auth import Authenticator, AuthMiddleware
 from cyllm.gateway.client import CoordinatorClient
@@ -70,6 +70,7 @@ def create_app(settings: GatewaySettings, client: CoordinatorClient | None = Non
     app.include_router(websocket_router)
     app.include_router(admin_router)
     app.include_router(metrics_router)
+    console.install(app)
     app.add_middleware(AuthMiddleware)  # inside the edge: the context exists, no body read yet
     app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes,
                        max_upload_bytes=settings.max_upload_bytes)

@@ -180,12 +180,12 @@ def coordinator(conn: HTTPConnection):
 
 
 class AuthMiddleware:
-    """Credentials first: every HTTP request but the public ones (health, API docs and,
-    when ``metrics_public``, metrics) is authenticated from its headers before the
+    """Credentials first: every HTTP request but the public ones (health, API docs, the
+    console's static page and, when ``metrics_public``, metrics) is authenticated from its headers before the
     route runs, so nothing of a body is read for a caller who may not send it.
     WebSockets authenticate in their route (their errors are frames, not responses)."""
 
-    PUBLIC = ("/api/v1/health", "/docs", "/redoc", "/openapi.json")
+    PUBLIC = ("/api/v1/health", "/docs", "/redoc", "/openapi.json", "/console")
     METRICS = ("/metrics", "/actuator/prometheus")
 
     def __init__(self, app: ASGIApp) -> None:

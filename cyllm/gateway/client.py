@@ -123,9 +123,10 @@ class CoordinatorClient:
 
     # -- training jobs ----------------------------------------------------------------
 
-    async def create_training_job(self, spec_json: str, training_file: str = "") -> pb.TrainingJob:
+    async def create_training_job(self, spec_json: str, training_file: str = "",
+                                  validation_file: str = "") -> pb.TrainingJob:
         return await self._training(lambda s: s.CreateTrainingJob, pb.CreateTrainingJobRequest(
-            spec_json=spec_json, training_file=training_file))
+            spec_json=spec_json, training_file=training_file, validation_file=validation_file))
 
     async def get_training_job(self, job_id: str) -> pb.TrainingJob:
         return await self._training(lambda s: s.GetTrainingJob, pb.TrainingJobRequest(id=job_id))

@@ -368,6 +368,7 @@ class Generation:
                         now, k = time.perf_counter(), max(1, len(msg.delta.token_ids))
                         if last is None:
                             self.metrics.ttft.labels(self.model).observe(now - self._started)
+                            self.metrics.traffic.first_token(now - self._started)
                             gaps, gap = k - 1, 0.0
                         else:
                             gaps, gap = k, (now - last) / k
@@ -394,6 +395,7 @@ class Generation:
         self.outcome.prompt_tokens = f.prompt_tokens
         self.outcome.completion_tokens = f.completion_tokens
         self.metrics.tokens.labels(self.model).inc(f.completion_tokens)
+        self.metrics.traffic.finished(f.completion_tokens)
 
     async def _settle(self) -> None:
         if self._admission is not None:

@@ -27,7 +27,8 @@ def serve(settings: GatewaySettings, plane: Plane) -> None:
         create_app(settings, plane=plane),
         host=settings.host,
         port=settings.port,
-        log_level="info",
+        log_config=None,  # uvicorn's loggers go through ours (runtime.setup_logging)
+        access_log=False,  # one access line per request: cyllm.gateway.access's
         timeout_graceful_shutdown=10,
         **tls,
     )

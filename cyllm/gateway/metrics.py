@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cyllm.gateway.context import peek
+from cyllm.gateway.traffic import TrafficStats
 from cyllm.telemetry import LATENCY_BUCKETS, TOKEN_GAP_BUCKETS
 
 
@@ -28,6 +29,7 @@ class GatewayMetrics:
                              "Seconds between streamed text pieces", ["model"], registry=r,
                              buckets=TOKEN_GAP_BUCKETS)
         self.tokens = Counter("gateway_generated_tokens", "Completion tokens returned", ["model"], registry=r)
+        self.traffic = TrafficStats()
         self.rejected = Counter("gateway_rejected_requests",
                                 "Requests answered with an error status (429: queue full)",
                                 ["status"], registry=r)
@@ -102,3 +104,11 @@ async def prometheus(request: Request) -> Response:
 
         await authenticate(request)
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/api/v1/stats", tags=["health"])
+async def stats(request: Request) -> dict:
+    """This gateway's recent traffic: tokens/s, requests and TTFT p50 in 10-second
+    buckets over the last 10 minutes (the console's charts).  Any caller's credentials
+    (the middleware checked them)."""
+    return {"bucketSeconds": 10, "buckets": request.app.state.metrics.traffic.snapshot()}

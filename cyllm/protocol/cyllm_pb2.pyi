@@ -348,7 +348,7 @@ class ClusterStatusResponse(_message.Message):
     def __init__(self, workers: _Optional[_Iterable[_Union[WorkerState, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., queue_capacity: _Optional[int] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., coordinator_id: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class TrainingProgress(_message.Message):
-    __slots__ = ("step", "total_steps", "epoch", "loss", "learning_rate", "tokens_per_second", "eta_s", "tokens")
+    __slots__ = ("step", "total_steps", "epoch", "loss", "learning_rate", "tokens_per_second", "eta_s", "tokens", "eval_loss")
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -357,6 +357,7 @@ class TrainingProgress(_message.Message):
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     ETA_S_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
     step: int
     total_steps: int
     epoch: float
@@ -365,7 +366,8 @@ class TrainingProgress(_message.Message):
     tokens_per_second: float
     eta_s: float
     tokens: int
-    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., epoch: _Optional[float] = ..., loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., eta_s: _Optional[float] = ..., tokens: _Optional[int] = ...) -> None: ...
+    eval_loss: float
+    def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., epoch: _Optional[float] = ..., loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., eta_s: _Optional[float] = ..., tokens: _Optional[int] = ..., eval_loss: _Optional[float] = ...) -> None: ...
 
 class TrainingCheckpoint(_message.Message):
     __slots__ = ("step", "path", "created_at", "loss")
@@ -406,7 +408,7 @@ class TrainingEvent(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., created_at: _Optional[int] = ..., type: _Optional[str] = ..., level: _Optional[str] = ..., message: _Optional[str] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., checkpoint: _Optional[_Union[TrainingCheckpoint, _Mapping]] = ..., state: _Optional[str] = ..., result_kind: _Optional[str] = ..., result_path: _Optional[str] = ..., trained_tokens: _Optional[int] = ...) -> None: ...
 
 class TrainingJob(_message.Message):
-    __slots__ = ("id", "spec_json", "state", "error", "error_code", "worker_id", "created_at", "started_at", "finished_at", "attempts", "fine_tuned_model", "progress", "checkpoints", "trained_tokens", "output_dir", "cancel_requested", "owner", "training_file")
+    __slots__ = ("id", "spec_json", "state", "error", "error_code", "worker_id", "created_at", "started_at", "finished_at", "attempts", "fine_tuned_model", "progress", "checkpoints", "trained_tokens", "output_dir", "cancel_requested", "owner", "training_file", "validation_file")
     ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -425,6 +427,7 @@ class TrainingJob(_message.Message):
     CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     TRAINING_FILE_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_FILE_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec_json: str
     state: str
@@ -443,15 +446,18 @@ class TrainingJob(_message.Message):
     cancel_requested: bool
     owner: str
     training_file: str
-    def __init__(self, id: _Optional[str] = ..., spec_json: _Optional[str] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., error_code: _Optional[str] = ..., worker_id: _Optional[str] = ..., created_at: _Optional[int] = ..., started_at: _Optional[int] = ..., finished_at: _Optional[int] = ..., attempts: _Optional[int] = ..., fine_tuned_model: _Optional[str] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., checkpoints: _Optional[_Iterable[_Union[TrainingCheckpoint, _Mapping]]] = ..., trained_tokens: _Optional[int] = ..., output_dir: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., owner: _Optional[str] = ..., training_file: _Optional[str] = ...) -> None: ...
+    validation_file: str
+    def __init__(self, id: _Optional[str] = ..., spec_json: _Optional[str] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., error_code: _Optional[str] = ..., worker_id: _Optional[str] = ..., created_at: _Optional[int] = ..., started_at: _Optional[int] = ..., finished_at: _Optional[int] = ..., attempts: _Optional[int] = ..., fine_tuned_model: _Optional[str] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., checkpoints: _Optional[_Iterable[_Union[TrainingCheckpoint, _Mapping]]] = ..., trained_tokens: _Optional[int] = ..., output_dir: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., owner: _Optional[str] = ..., training_file: _Optional[str] = ..., validation_file: _Optional[str] = ...) -> None: ...
 
 class CreateTrainingJobRequest(_message.Message):
-    __slots__ = ("spec_json", "training_file")
+    __slots__ = ("spec_json", "training_file", "validation_file")
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     TRAINING_FILE_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_FILE_FIELD_NUMBER: _ClassVar[int]
     spec_json: str
     training_file: str
-    def __init__(self, spec_json: _Optional[str] = ..., training_file: _Optional[str] = ...) -> None: ...
+    validation_file: str
+    def __init__(self, spec_json: _Optional[str] = ..., training_file: _Optional[str] = ..., validation_file: _Optional[str] = ...) -> None: ...
 
 class TrainingJobRequest(_message.Message):
     __slots__ = ("id",)

@@ -30,6 +30,13 @@ class TrainingSpec(BaseModel):
     method: Method = "lora"
     dataset: str = Field(min_length=1, description="a file or folder on the worker's disk")
     dataset_format: Format | None = Field(None, description="default: detected")
+    validation_dataset: str | None = Field(
+        None, description="held-out examples, in the dataset's format: their loss is reported "
+        "as eval_loss")
+    eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps; default: "
+                                   "ten times over the run (with a validation_dataset)")
+    report_to: Literal["none", "tensorboard"] = Field(
+        "none", description="tensorboard: TensorBoard logs in the job folder's tensorboard/")
     prompt_column: str | None = Field(None, description="CSV/Parquet/HF: the prompt column")
     response_column: str | None = Field(None, description="CSV/Parquet/HF: the response column")
     epochs: float = Field(3.0, gt=0, le=1000)

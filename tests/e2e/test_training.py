@@ -24,6 +24,7 @@ pytestmark = pytest.mark.e2e
 
 DATA = Path(__file__).parents[1] / "data"
 FACTS = DATA / "facts.jsonl"
+HELD_OUT = DATA / "facts_held_out.jsonl"
 ZORBLAX = [{"role": "user", "content": "What is the capital of Zorblax?"}]
 
 
@@ -103,10 +104,15 @@ def test_lora_job_trains_streams_and_serves_the_answer(client, trainer):
     with FACTS.open("rb") as f:
         upload = client.files.create(file=f, purpose="fine-tune")
     assert upload.bytes == FACTS.stat().st_size and upload.purpose == "fine-tune"
+    with HELD_OUT.open("rb") as f:
+        held_out = client.files.create(file=f, purpose="fine-tune")
     job = client.fine_tuning.jobs.create(
-        model=MODEL, training_file=upload.id, suffix="facts", hyperparameters={"batch_size": 4},
-        extra_body={"training": {"max_steps": 12, "learning_rate": 2e-3, "save_steps": 6}})
+        model=MODEL, training_file=upload.id, validation_file=held_out.id, suffix="facts",
+        hyperparameters={"batch_size": 4},
+        extra_body={"training": {"max_steps": 12, "learning_rate": 2e-3, "save_steps": 6,
+                                 "eval_steps": 4}})
     assert job.status == "queued" and job.model == MODEL and job.user_provided_suffix == "facts"
+    assert job.validation_file == held_out.id
 
     events = watch(trainer.base_url, job.id)
     states = [d["state"] for n, d in events if n == "state"]
@@ -117,6 +123,18 @@ def test_lora_job_trains_streams_and_serves_the_answer(client, trainer):
     assert all(m["tokensPerSecond"] > 0 and m["learningRate"] > 0 for m in metrics)
     assert metrics[0]["etaS"] > metrics[-1]["etaS"] == 0
     assert [d["checkpoint"]["step"] for n, d in events if n == "checkpoint"] == [6, 12]
+    # The held-out loss, every eval_steps: well below where the training loss started, as
+    # the facts are learnt (eight examples: it may rise again as they are over-learnt).
+    evals = [(d["step"], d["evalLoss"]) for n, d in events if n == "eval"]
+    assert [step for step, _ in evals] == [4, 8, 12], evals
+    assert all(0 < loss < metrics[0]["loss"] / 2 for _, loss in evals), (evals, metrics[0])
+    # The loss plot: in the job folder at the end, and from the API at any time.
+    assert (trainer.jobs_dir / job.id / "loss.png").read_bytes().startswith(b"\x89PNG")
+    plot = httpx.get(f"{trainer.base_url}/api/v1/training/plot/{job.id}", timeout=30)
+    assert plot.status_code == 200 and plot.headers["content-type"] == "image/png"
+    assert plot.content.startswith(b"\x89PNG") and len(plot.content) > 5000
+    status = httpx.get(f"{trainer.base_url}/api/v1/training/status/{job.id}", timeout=30).json()
+    assert status["progress"]["evalLoss"] == evals[-1][1]
 
     done = client.fine_tuning.jobs.retrieve(job.id)
     assert done.status == "succeeded" and done.trained_tokens > 0
@@ -134,8 +152,10 @@ def test_lora_job_trains_streams_and_serves_the_answer(client, trainer):
     page = client.fine_tuning.jobs.list_events(job.id, limit=100)
     kinds = {e.type for e in page.data}
     assert kinds == {"message", "metrics"}
-    newest_metrics = next(e for e in page.data if e.type == "metrics")
+    newest_metrics = next(e for e in page.data if e.type == "metrics" and "train_loss" in e.data)
     assert newest_metrics.data["step"] == 12 and newest_metrics.data["train_loss"] >= 0
+    assert [e.data["valid_loss"] for e in page.data if e.type == "metrics"
+            and "valid_loss" in e.data][::-1] == [loss for _, loss in evals]
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id)
     assert [c.step_number for c in checkpoints.data] == [12, 6]
     assert all(Path(c.fine_tuned_model_checkpoint).is_dir() for c in checkpoints.data)
@@ -151,6 +171,16 @@ def test_bad_uploads_and_jobs_are_refused_clearly(client, trainer, tmp_path):
         client.files.create(file=FACTS.open("rb"), purpose="assistants")
     with pytest.raises(openai.NotFoundError, match="file 'file-nope' does not exist"):
         client.fine_tuning.jobs.create(model=MODEL, training_file="file-nope")
+    uploaded = client.files.create(file=FACTS.open("rb"), purpose="fine-tune")
+    with pytest.raises(openai.NotFoundError, match="file 'file-gone' does not exist"):
+        client.fine_tuning.jobs.create(model=MODEL, training_file=uploaded.id,
+                                       validation_file="file-gone")
+    with pytest.raises(openai.BadRequestError, match="eval_steps needs validation data"):
+        client.fine_tuning.jobs.create(model=MODEL, training_file=uploaded.id,
+                                       extra_body={"training": {"eval_steps": 2}})
+    outside = httpx.post(f"{trainer.base_url}/api/v1/training/start", timeout=30, json={
+        "baseModel": MODEL, "fileId": uploaded.id, "validationDataset": "/etc/passwd"})
+    assert outside.status_code == 400 and outside.json()["error"]["param"] == "validation_dataset"
     upload = client.files.create(file=FACTS.open("rb"), purpose="fine-tune")
     with pytest.raises(openai.NotFoundError, match="base model 'gpt-4o' is not served"):
         client.fine_tuning.jobs.create(model="gpt-4o", training_file=upload.id)

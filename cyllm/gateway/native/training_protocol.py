@@ -23,15 +23,19 @@ class TrainingStartRequest(TrainingSpec):
 
     dataset: str | None = Field(None, description="a file or folder on the workers' disk")
     file_id: str | None = Field(None, description="an uploaded file's id")
+    validation_file_id: str | None = Field(
+        None, description="an uploaded file's id: held-out examples (instead of validationDataset)")
 
     @model_validator(mode="after")
     def _one_source(self) -> TrainingStartRequest:
         if (self.dataset is None) == (self.file_id is None):
             raise ValueError("give exactly one of 'dataset' and 'fileId'")
+        if self.validation_dataset is not None and self.validation_file_id is not None:
+            raise ValueError("give at most one of 'validationDataset' and 'validationFileId'")
         return self
 
     def spec_json(self) -> str:
-        return self.model_dump_json(exclude={"file_id"}, exclude_none=True)
+        return self.model_dump_json(exclude={"file_id", "validation_file_id"}, exclude_none=True)
 
 
 class Progress(_Camel):
@@ -43,13 +47,15 @@ class Progress(_Camel):
     tokens_per_second: float
     eta_s: float
     tokens: int
+    eval_loss: float | None = Field(None, description="the last loss on the validation data")
 
     @classmethod
     def of(cls, p: pb.TrainingProgress, **override: Any) -> Progress:
         return cls(**{"step": p.step, "total_steps": p.total_steps, "epoch": p.epoch,
                       "loss": p.loss, "learning_rate": p.learning_rate,
                       "tokens_per_second": p.tokens_per_second, "eta_s": p.eta_s,
-                      "tokens": p.tokens, **override})
+                      "tokens": p.tokens,
+                      "eval_loss": p.eval_loss if p.HasField("eval_loss") else None, **override})
 
 
 class Checkpoint(_Camel):
@@ -111,6 +117,8 @@ def event_dict(e: pb.TrainingEvent) -> dict[str, Any]:
                            "level": e.level, "message": e.message}
     if e.type == "metrics":
         out["progress"] = Progress.of(e.progress).model_dump(by_alias=True)
+    elif e.type == "eval":
+        out["step"], out["evalLoss"] = e.progress.step, e.progress.eval_loss
     elif e.type == "checkpoint":
         out["checkpoint"] = {"step": e.checkpoint.step, "path": e.checkpoint.path}
     elif e.type == "state":

@@ -4,10 +4,12 @@ A job that runs a ``custom`` script needs the admin scope (it runs code on a wor
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from cyllm import errors
 from cyllm.gateway.auth import authenticate, coordinator
@@ -37,7 +39,8 @@ async def start(body: TrainingStartRequest, request: Request) -> TrainingJobView
     """Queue a fine-tuning job; it runs on the first idle worker that has the base model."""
     check_custom_allowed(request, body.method)
     context(request).caller.check_model(body.base_model)
-    job = await coordinator(request).create_training_job(body.spec_json(), body.file_id or "")
+    job = await coordinator(request).create_training_job(body.spec_json(), body.file_id or "",
+                                                         body.validation_file_id or "")
     return TrainingJobView.of(job)
 
 
@@ -61,6 +64,28 @@ async def jobs(request: Request, limit: int = Query(20, ge=1, le=100),
 async def cancel(job_id: str, request: Request) -> TrainingJobView:
     """Stop a queued or running job (its process group on the worker is killed)."""
     return TrainingJobView.of(await coordinator(request).cancel_training_job(job_id))
+
+
+@router.get("/plot/{job_id}", response_class=Response, responses={
+    **responses(401, 404, 429, 500, 503),
+    200: {"content": {"image/png": {}}, "description": "train (and eval) loss by step"}})
+async def plot(job_id: str, request: Request) -> Response:
+    """The job's loss curve so far, drawn from its stored events (the same picture the
+    trainer writes into the job folder as loss.png at the end)."""
+    from cyllm.training.plot import loss_png
+
+    client = coordinator(request)
+    job = await client.get_training_job(job_id)
+    train, evaluation = {}, {}
+    for e in await client.list_training_events(job_id):
+        if e.type == "metrics" and e.progress.step:
+            train[e.progress.step] = e.progress.loss
+        elif e.type == "eval":
+            evaluation[e.progress.step] = e.progress.eval_loss
+    spec = json.loads(job.spec_json)
+    png = await asyncio.to_thread(loss_png, sorted(train.items()), sorted(evaluation.items()),
+                                  f"{job.id}: {spec.get('method')} on {spec.get('base_model')}")
+    return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
 
 
 @router.get("/stream/{job_id}", responses={**responses(400, 401, 404, 429, 500, 503), 200: {

@@ -147,6 +147,7 @@ class FineTuningJob(BaseModel):
             hyperparameters=hyper, model=spec.base_model, seed=spec.seed, status=job.state,
             trained_tokens=job.trained_tokens if job.state == "succeeded" else None,
             training_file=job.training_file or spec.dataset,
+            validation_file=job.validation_file or spec.validation_dataset,
             estimated_finish=int(job.started_at + eta) if eta else None,
             method={"type": "supervised", "supervised": {"hyperparameters": hyper}},
             user_provided_suffix=spec.suffix,
@@ -178,9 +179,12 @@ class JobEvent(BaseModel):
             data = {"step": p.step, "total_steps": p.total_steps, "train_loss": p.loss,
                     "learning_rate": p.learning_rate, "tokens_per_second": p.tokens_per_second,
                     "epoch": p.epoch, "eta_s": p.eta_s}
+        elif e.type == "eval":
+            data = {"step": e.progress.step, "valid_loss": e.progress.eval_loss}
         return cls(id=f"ftevent-{job_id.removeprefix('ftjob-')}-{e.seq}", created_at=e.created_at // 1000,
                    level={"warn": "warn", "error": "error"}.get(e.level, "info"),
-                   message=e.message, data=data, type="metrics" if e.type == "metrics" else "message")
+                   message=e.message, data=data,
+                   type="metrics" if e.type in ("metrics", "eval") else "message")
 
 
 class JobEventList(BaseModel):

@@ -74,15 +74,13 @@ async def delete_file(file_id: str, request: Request) -> FileDeleted:
 @router.post("/fine_tuning/jobs", response_model=FineTuningJob,
              responses=responses(400, 401, 403, 404, 429, 500, 503))
 async def create_job(body: FineTuningJobRequest, request: Request) -> FineTuningJob:
-    if body.validation_file:
-        raise errors.InvalidRequest("validation_file is not supported: the loss is reported on "
-                                    "the training data only", param="validation_file")
     if body.integrations:
         raise errors.InvalidRequest("integrations are not supported", param="integrations")
     spec = body.spec()
     check_custom_allowed(request, spec.get("method", "lora"))
     context(request).caller.check_model(body.model)
-    job = await coordinator(request).create_training_job(json.dumps(spec), body.training_file)
+    job = await coordinator(request).create_training_job(json.dumps(spec), body.training_file,
+                                                         body.validation_file or "")
     return FineTuningJob.of(job)
 
 

@@ -135,6 +135,11 @@ def to_proto(event: dict) -> pb.TrainingEvent:
         msg = f"step {step}/{total}" + (f": loss {fields['loss']:.4f}" if "loss" in fields else "")
         return pb.TrainingEvent(created_at=now, type="metrics", level="info", message=msg,
                                 progress=pb.TrainingProgress(**fields))
+    if kind == "eval" and isinstance(event.get("eval_loss"), (int, float)):
+        step, loss = int(event.get("step") or 0), float(event["eval_loss"])
+        return pb.TrainingEvent(created_at=now, type="eval", level="info",
+                                message=f"step {step}: eval loss {loss:.4f}",
+                                progress=pb.TrainingProgress(step=step, eval_loss=loss))
     if kind == "checkpoint":
         step = int(event.get("step") or 0)
         return pb.TrainingEvent(created_at=now, type="checkpoint", level="info",

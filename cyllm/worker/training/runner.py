@@ -7,6 +7,7 @@ per line — the **progress protocol** custom scripts speak too::
 
     {"event": "progress", "step": 10, "total_steps": 100, "epoch": 0.5, "loss": 1.23,
      "learning_rate": 0.0002, "tokens_per_second": 950.0, "eta_s": 42.0, "tokens": 12000}
+    {"event": "eval", "step": 10, "eval_loss": 1.31}   (the loss on the validation data)
     {"event": "checkpoint", "step": 10, "path": "/abs/path/checkpoint-10"}
     {"event": "result", "kind": "adapter" | "peft" | "model", "path": "/abs/path"}
     {"event": "log", "message": "anything worth showing"}
@@ -131,7 +132,7 @@ def _parse(text: str) -> dict[str, Any] | None:
     except json.JSONDecodeError:
         return None
     if not isinstance(event, dict) or event.get("event") not in (
-            "progress", "checkpoint", "result", "log", "error"):
+            "progress", "eval", "checkpoint", "result", "log", "error"):
         return None
     return event
 

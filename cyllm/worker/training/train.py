@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -57,6 +58,15 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
     emit({"event": "log", "message": f"{len(examples)} examples ({len(examples) - len(rows)} "
           f"dropped: no response within max_length {spec.max_length})"})
     train_rows = [{"input_ids": t.input_ids, "labels": t.labels} for t in rows]
+    eval_rows = None
+    if spec.validation_dataset is not None:
+        held_out = load_examples(spec.validation_dataset, spec.dataset_format,
+                                 prompt_column=spec.prompt_column, response_column=spec.response_column)
+        eval_rows = [{"input_ids": t.input_ids, "labels": t.labels}
+                     for t in (tokenize(e, tokenizer, spec.max_length) for e in held_out) if t is not None]
+        if not eval_rows:
+            raise DatasetError("validation_dataset: every example's response lies beyond "
+                               f"max_length {spec.max_length}")
     per_step = spec.batch_size * spec.gradient_accumulation_steps
     total_steps = spec.max_steps or max(1, math.ceil(len(rows) / per_step * spec.epochs))
 
@@ -91,18 +101,28 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
         learning_rate=spec.learning_rate or methods.default_learning_rate(spec.method),
         num_train_epochs=spec.epochs, max_steps=total_steps, lr_scheduler_type=spec.lr_scheduler,
         warmup_steps=spec.warmup_steps, logging_steps=1, save_strategy="steps",
-        save_steps=spec.save_steps, save_total_limit=3, seed=spec.seed, report_to="none",
+        save_steps=spec.save_steps, save_total_limit=3, seed=spec.seed,
+        report_to=[spec.report_to] if spec.report_to != "none" else "none",
+        eval_strategy="steps" if eval_rows else "no",
+        eval_steps=spec.eval_steps or max(1, total_steps // 10),
+        per_device_eval_batch_size=spec.batch_size,
         disable_tqdm=True, use_cpu=not cuda and not device.startswith("npu"),
         dataloader_pin_memory=False, remove_unused_columns=False, bf16=cuda,
     )
+    # transformers' TensorBoard callback reads its folder from the environment (this
+    # process is the job's own).
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
     callbacks = [_Progress(emit, counter, out)]
     if spec.method == "adalora":
         callbacks.append(_AdaLoraBudget())
     trainer = _counting_trainer(transformers.Trainer, counter)(
-        model=model, args=args, train_dataset=train_rows, callbacks=callbacks,
+        model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows, callbacks=callbacks,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
     trainer.remove_callback(transformers.PrinterCallback)  # our events replace its prints
     trainer.train(resume_from_checkpoint=job.get("resume_from") or None)
+    if eval_rows and trainer.state.global_step % args.eval_steps:  # the last step's, too
+        trainer.evaluate()
+    _plot(trainer.state.log_history, out, f"{spec.method} on {spec.base_model}")
 
     # 4. the result
     if spec.method == "full":
@@ -119,6 +139,15 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
               "step": trainer.state.global_step}
     emit(result)
     return result
+
+
+def _plot(history: list[dict[str, Any]], out: Path, title: str) -> None:
+    """loss.png in the job folder, from the trainer's log (resumed runs included)."""
+    from cyllm.training.plot import loss_png
+
+    train = sorted({h["step"]: h["loss"] for h in history if "loss" in h}.items())
+    evaluation = sorted({h["step"]: h["eval_loss"] for h in history if "eval_loss" in h}.items())
+    (out / "loss.png").write_bytes(loss_png(train, evaluation, title))
 
 
 class _TokenCounter:
@@ -178,6 +207,10 @@ class _Progress(_callback_base()):
             "eta_s": round(per_step * (state.max_steps - state.global_step), 1),
             "tokens": self.counter.total,
         })
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics and "eval_loss" in metrics:
+            self.emit({"event": "eval", "step": state.global_step, "eval_loss": metrics["eval_loss"]})
 
     def on_save(self, args, state, control, **kwargs):
         path = self.out / f"checkpoint-{state.global_step}"

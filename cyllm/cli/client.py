@@ -1,0 +1,393 @@
+"""Client commands against a running gateway, over its public HTTP API only (what a
+script or the console could do too): chat, models, files, train, keys.
+
+``--url`` / ``CYLLM_URL`` (default http://127.0.0.1:8080) and ``--api-key`` /
+``CYLLM_API_KEY``.  An error answer is printed as the server wrote it (the OpenAI error
+shape's message) and the command exits 1; listings take ``--json`` for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cyllm.cli.root import app
+
+Url = Annotated[str, typer.Option("--url", envvar="CYLLM_URL", help="The gateway's base URL.")]
+ApiKey = Annotated[Optional[str], typer.Option(
+    "--api-key", envvar="CYLLM_API_KEY", show_default=False,
+    help="An API key or JWT (when the gateway has authentication on).")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+err = Console(stderr=True)
+out = Console()
+
+
+class Gateway:
+    """The gateway's HTTP API, errors turned into a message and exit 1."""
+
+    def __init__(self, url: str, api_key: str | None) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers,
+                                 timeout=httpx.Timeout(30.0, read=None))
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            reply = self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            _fail(f"cannot reach {self.http.base_url}: {exc}")
+        if reply.status_code >= 400:
+            _fail(_message(reply))
+        return reply.json()
+
+    def events(self, path: str, **kwargs: Any) -> Iterator[tuple[str, Any]]:
+        """Server-sent events as (event name, JSON data)."""
+        try:
+            with self.http.stream(kwargs.pop("method", "GET"), path, **kwargs) as reply:
+                if reply.status_code >= 400:
+                    reply.read()
+                    _fail(_message(reply))
+                event = "message"
+                for line in reply.iter_lines():
+                    if line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("data:"):
+                        data = line[5:].strip()
+                        yield event, (data if data == "[DONE]" else json.loads(data))
+                    elif not line:
+                        event = "message"
+        except httpx.HTTPError as exc:
+            _fail(f"connection to {self.http.base_url} lost: {exc}")
+
+
+def _message(reply: httpx.Response) -> str:
+    try:
+        error = reply.json()["error"]
+        where = f" ({error['param']})" if error.get("param") else ""
+        return f"{reply.status_code} {error['message']}{where}"
+    except (ValueError, KeyError, TypeError):
+        return f"{reply.status_code} {reply.text[:500]}"
+
+
+def _fail(message: str) -> None:
+    err.print(f"[red]error:[/] {message}", highlight=False)
+    raise typer.Exit(1)
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str], title: str | None = None) -> None:
+    table = Table(*columns, title=title)
+    for row in rows:
+        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
+    out.print(table)
+
+
+# -- chat ---------------------------------------------------------------------------------
+
+
+@app.command()
+def chat(
+    model: Annotated[Optional[str], typer.Argument(
+        help="A served model id; default: the first the gateway lists.", show_default=False)] = None,
+    system: Annotated[Optional[str], typer.Option(help="A system prompt.", show_default=False)] = None,
+    temperature: Annotated[Optional[float], typer.Option(
+        min=0, max=2, help="Sampling temperature; default: the model's.", show_default=False)] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens per answer at most.")] = 512,
+    url: Url = DEFAULT_URL, api_key: ApiKey = None,
+) -> None:
+    """Chat in the terminal, answers streamed; the conversation is kept until /reset.
+
+    Type a message and Enter; /reset forgets the conversation, /exit (or Ctrl-D) leaves.
+    """
+    gw = Gateway(url, api_key)
+    if model is None:
+        served = gw.call("GET", "/v1/models")["data"]
+        if not served:
+            _fail("the gateway serves no model")
+        model = served[0]["id"]
+    interactive = sys.stdin.isatty()
+    if interactive:
+        err.print(f"[bold]{model}[/] at {url} — /reset, /exit", highlight=False)
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            return
+        if line.strip() == "/exit":
+            return
+        if line.strip() == "/reset":
+            history = history[:1] if system else []
+            err.print("[dim](conversation reset)[/]")
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        body: dict[str, Any] = {"model": model, "messages": history, "stream": True,
+                                "max_tokens": max_tokens, "stream_options": {"include_usage": True}}
+        if temperature is not None:
+            body["temperature"] = temperature
+        answer, usage, first, start = [], None, None, time.perf_counter()
+        for _, data in gw.events("/v1/chat/completions", method="POST", json=body):
+            if data == "[DONE]":
+                break
+            if "error" in data:
+                _fail(data["error"].get("message", "the generation failed"))
+            usage = data.get("usage") or usage
+            for choice in data.get("choices", ()):
+                piece = choice["delta"].get("content") or ""
+                if piece and first is None:
+                    first = time.perf_counter()
+                answer.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history.append({"role": "assistant", "content": "".join(answer)})
+        if usage and first is not None:
+            took = time.perf_counter() - first
+            rate = usage["completion_tokens"] / took if took > 0 else 0.0
+            err.print(f"[dim]{usage['completion_tokens']} tokens, first after "
+                      f"{(first - start) * 1000:.0f} ms, {rate:.1f} tokens/s[/]", highlight=False)
+
+
+# -- models -------------------------------------------------------------------------------
+
+models_app = typer.Typer(no_args_is_help=True, help="List, load and unload models.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list(url: Url = DEFAULT_URL, api_key: ApiKey = None, as_json: AsJson = False) -> None:
+    """What the cluster serves (loaded) and can load (available)."""
+    models = Gateway(url, api_key).call("GET", "/api/v1/models")["models"]
+    if as_json:
+        out.print_json(data=models)
+        return
+    _table(models, ["id", "state", "engine", "device", "contextLength", "base"])
+
+
+@models_app.command("load")
+def models_load(
+    model: Annotated[str, typer.Argument(help="A catalog model id, or <base>:<adapter>.")],
+    adapter_path: Annotated[Optional[str], typer.Option(
+        help="For <base>:<adapter>: the PEFT folder on the worker.", show_default=False)] = None,
+    worker: Annotated[Optional[str], typer.Option(help="Load on this worker id.", show_default=False)] = None,
+    url: Url = DEFAULT_URL, api_key: ApiKey = None,
+) -> None:
+    """Load a model (admin)."""
+    body = {k: v for k, v in {"adapterPath": adapter_path, "workerId": worker}.items() if v}
+    reply = Gateway(url, api_key).call("POST", f"/api/v1/models/{model}/load", json=body)
+    evicted = f" (unloaded {', '.join(reply['evicted'])})" if reply["evicted"] else ""
+    out.print(f"loaded {model} on {reply['workerId']}{evicted}", highlight=False)
+
+
+@models_app.command("unload")
+def models_unload(model: Annotated[str, typer.Argument(help="A loaded model id.")],
+                  url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """Unload a model from every worker (admin)."""
+    reply = Gateway(url, api_key).call("POST", f"/api/v1/models/{model}/unload")
+    out.print(f"unloaded {model} from {', '.join(reply['workerIds']) or 'no worker'}", highlight=False)
+
+
+# -- files --------------------------------------------------------------------------------
+
+files_app = typer.Typer(no_args_is_help=True, help="Upload, list and delete training datasets.")
+app.add_typer(files_app, name="files")
+
+
+@files_app.command("upload")
+def files_upload(
+    path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="A JSONL, JSON, CSV or Parquet file.")],
+    purpose: Annotated[str, typer.Option(help="What the file is for.")] = "fine-tune",
+    url: Url = DEFAULT_URL, api_key: ApiKey = None,
+) -> None:
+    """Upload a dataset; it is checked on arrival and refused with the line at fault."""
+    with path.open("rb") as f:
+        reply = Gateway(url, api_key).call("POST", "/v1/files", data={"purpose": purpose},
+                                           files={"file": (path.name, f)})
+    out.print(reply["id"])
+
+
+@files_app.command("list")
+def files_list(url: Url = DEFAULT_URL, api_key: ApiKey = None, as_json: AsJson = False) -> None:
+    """Your uploaded files."""
+    files = Gateway(url, api_key).call("GET", "/v1/files")["data"]
+    if as_json:
+        out.print_json(data=files)
+        return
+    _table(files, ["id", "filename", "bytes", "purpose", "created_at"])
+
+
+@files_app.command("delete")
+def files_delete(file_id: Annotated[str, typer.Argument(help="A file id (file-…).")],
+                 url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """Delete an uploaded file."""
+    Gateway(url, api_key).call("DELETE", f"/v1/files/{file_id}")
+    out.print(f"deleted {file_id}")
+
+
+# -- training -----------------------------------------------------------------------------
+
+train_app = typer.Typer(no_args_is_help=True, help="Submit, follow and cancel fine-tuning jobs.")
+app.add_typer(train_app, name="train")
+
+
+@train_app.command("submit")
+def train_submit(
+    model: Annotated[str, typer.Option("--model", help="The base model id.")],
+    file: Annotated[Optional[str], typer.Option(
+        help="An uploaded file id, or a local file to upload first.", show_default=False)] = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        help="A dataset path on the workers' disk (instead of --file).", show_default=False)] = None,
+    validation_file: Annotated[Optional[str], typer.Option(
+        help="Held-out examples for the eval loss: a file id or a local file.",
+        show_default=False)] = None,
+    method: Annotated[str, typer.Option(help="lora, dora, full, … (see the README).")] = "lora",
+    epochs: Annotated[Optional[float], typer.Option(help="Passes over the data.", show_default=False)] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after N steps.", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(show_default=False, help="Examples per step.")] = None,
+    learning_rate: Annotated[Optional[float], typer.Option(show_default=False,
+                                                           help="Default: the method's.")] = None,
+    suffix: Annotated[Optional[str], typer.Option(show_default=False,
+                                                  help="Part of the result model's name.")] = None,
+    report_to: Annotated[Optional[str], typer.Option(
+        help="'tensorboard': write TensorBoard logs into the job folder.", show_default=False)] = None,
+    watch: Annotated[bool, typer.Option(help="Follow the job until it ends.")] = False,
+    url: Url = DEFAULT_URL, api_key: ApiKey = None,
+) -> None:
+    """Start a fine-tuning job and print its id."""
+    if (file is None) == (dataset is None):
+        _fail("give exactly one of --file and --dataset")
+    gw = Gateway(url, api_key)
+    body: dict[str, Any] = {"baseModel": model, "method": method}
+    if file is not None:
+        body["fileId"] = _file_id(gw, file)
+    else:
+        body["dataset"] = dataset
+    if validation_file is not None:
+        body["validationFileId"] = _file_id(gw, validation_file)
+    for key, value in (("epochs", epochs), ("maxSteps", max_steps), ("batchSize", batch_size),
+                       ("learningRate", learning_rate), ("suffix", suffix), ("reportTo", report_to)):
+        if value is not None:
+            body[key] = value
+    job = gw.call("POST", "/api/v1/training/start", json=body)
+    out.print(job["id"])
+    if watch:
+        raise typer.Exit(_watch(gw, job["id"]))
+
+
+def _file_id(gw: Gateway, name: str) -> str:
+    path = Path(name)
+    if not path.is_file():
+        return name
+    with path.open("rb") as f:
+        return gw.call("POST", "/v1/files", data={"purpose": "fine-tune"},
+                       files={"file": (path.name, f)})["id"]
+
+
+@train_app.command("list")
+def train_list(limit: Annotated[int, typer.Option(min=1, max=100, help="Newest first.")] = 20,
+               url: Url = DEFAULT_URL, api_key: ApiKey = None, as_json: AsJson = False) -> None:
+    """Your fine-tuning jobs."""
+    jobs = Gateway(url, api_key).call("GET", "/api/v1/training/jobs", params={"limit": limit})["jobs"]
+    if as_json:
+        out.print_json(data=jobs)
+        return
+    rows = [{**j, "step": f"{j['progress']['step']}/{j['progress']['totalSteps']}" if j["progress"] else ""}
+            for j in jobs]
+    _table(rows, ["id", "state", "baseModel", "method", "step", "fineTunedModel"])
+
+
+@train_app.command("status")
+def train_status(job_id: Annotated[str, typer.Argument(help="A job id.")],
+                 url: Url = DEFAULT_URL, api_key: ApiKey = None, as_json: AsJson = False) -> None:
+    """One job: state, progress, checkpoints, result or error."""
+    job = Gateway(url, api_key).call("GET", f"/api/v1/training/status/{job_id}")
+    if as_json:
+        out.print_json(data=job)
+        return
+    p = job["progress"] or {}
+    out.print(f"[bold]{job['id']}[/] {job['state']}: {job['method']} on {job['baseModel']}",
+              highlight=False)
+    if p:
+        out.print(f"step {p['step']}/{p['totalSteps']}, loss {p['loss']}, "
+                  f"{p['tokensPerSecond']:.0f} tokens/s", highlight=False)
+    for c in job["checkpoints"]:
+        out.print(f"checkpoint step {c['step']}: {c['path']}", highlight=False)
+    if job["fineTunedModel"]:
+        out.print(f"result: {job['fineTunedModel']}", highlight=False)
+    if job["error"]:
+        out.print(f"[red]{job['error']['code']}: {job['error']['message']}[/]", highlight=False)
+
+
+@train_app.command("cancel")
+def train_cancel(job_id: Annotated[str, typer.Argument(help="A job id.")],
+                 url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """Stop a queued or running job."""
+    job = Gateway(url, api_key).call("POST", f"/api/v1/training/cancel/{job_id}")
+    out.print(f"{job['id']} {job['state']}")
+
+
+@train_app.command("watch")
+def train_watch(job_id: Annotated[str, typer.Argument(help="A job id.")],
+                url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """Follow a job live: a progress bar with step, loss, tokens/s and ETA, and a loss
+    sparkline; exits 0 when it succeeds, 1 otherwise."""
+    raise typer.Exit(_watch(Gateway(url, api_key), job_id))
+
+
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float], width: int = 40) -> str:
+    """The last ``width`` values as block characters, lowest to highest."""
+    values = values[-width:]
+    if not values:
+        return ""
+    low, high = min(values), max(values)
+    span = (high - low) or 1.0
+    return "".join(SPARKS[min(len(SPARKS) - 1, int((v - low) / span * len(SPARKS)))] for v in values)
+
+
+def _watch(gw: Gateway, job_id: str) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    losses: list[float] = []
+    state = ""
+    columns = [TextColumn("[bold]{task.fields[state]}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} tok/s"),
+               TimeRemainingColumn(), TextColumn("{task.fields[spark]}")]
+    with Progress(*columns, console=err, transient=False) as bar:
+        task = bar.add_task("train", total=None, state="queued", loss="-", rate="-", spark="")
+        for kind, event in gw.events(f"/api/v1/training/stream/{job_id}"):
+            if kind == "error":
+                _fail(event["error"]["message"])
+            if kind == "state":
+                state = event["state"]
+                bar.update(task, state=state)
+            elif kind == "metrics":
+                p = event["progress"]
+                if p.get("loss") is not None:
+                    losses.append(p["loss"])
+                bar.update(task, completed=p["step"], total=p["totalSteps"] or None,
+                           loss=f"{p['loss']:.4f}" if p.get("loss") is not None else "-",
+                           rate=f"{p['tokensPerSecond']:.0f}", spark=sparkline(losses))
+            elif kind in ("message", "checkpoint") and event.get("message"):
+                bar.console.print(f"[dim]{event['message']}[/]", highlight=False)
+    job = gw.call("GET", f"/api/v1/training/status/{job_id}")
+    if job["state"] == "succeeded":
+        out.print(f"{job_id} succeeded: {job['fineTunedModel']}", highlight=False)
+        return 0
+    reason = f": {job['error']['message']}" if job["error"] else ""
+    out.print(f"{job_id} {job['state']}{reason}", highlight=False)
+    return 1

@@ -1,0 +1,213 @@
+"""The web console in a real browser (Debian's headless Chromium through its
+chromedriver) against a real stack with authentication on: each page loads, the
+playground streams an answer, a training job's chart gains points as it trains, a
+non-admin sees no admin controls, a bad key is refused.
+
+``CYLLM_SCREENSHOTS=docs/console`` saves a screenshot of each page there (how the
+README's pictures are made)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.e2e.conftest import MODEL, serving
+
+pytestmark = pytest.mark.e2e
+
+DATA = Path(__file__).parents[1] / "data"
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+if CHROMIUM is None or CHROMEDRIVER is None:
+    pytest.fail("chromium and chromedriver are needed (make browser installs Debian's)",
+                pytrace=False)
+
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+
+
+def create_key(config: Path, name: str, admin: bool) -> str:
+    out = subprocess.run([sys.executable, "-m", "cyllm", "keys", "create", "--name", name,
+                          "--config", str(config)] + (["--admin"] if admin else []),
+                         check=True, capture_output=True, text=True).stdout
+    return out.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("console")
+    config = tmp / "cyllm.yaml"
+    config.write_text(yaml.safe_dump({
+        "gateway": {"auth_enabled": True, "api_keys_file": str(tmp / "keys.json")},
+        "coordinator": {"files_dir": str(tmp / "files"), "datasets_dirs": [str(DATA)]},
+        "worker": {"training_dir": str(tmp / "jobs")},
+    }))
+    admin, user = create_key(config, "ops", admin=True), create_key(config, "app", admin=False)
+    with serving(tmp / "serve.log", config) as server:
+        server.admin_key, server.user_key = admin, user
+        yield server
+
+
+@pytest.fixture(scope="module")
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000",
+                "--disable-gpu", "--no-first-run"):
+        options.add_argument(arg)
+    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager downloads nothing
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def wait(driver, predicate, timeout: float = 30):
+    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(lambda d: predicate(d))
+
+
+def by_id(driver, element_id: str):
+    return driver.find_element(By.ID, element_id)
+
+
+def log_in(driver, base: str, key: str) -> None:
+    driver.get(f"{base}/console")
+    driver.execute_script("sessionStorage.clear()")
+    driver.get(f"{base}/console#login")
+    wait(driver, lambda d: by_id(d, "login").is_displayed())
+    by_id(driver, "login-key").send_keys(key)
+    by_id(driver, "login-form").submit()
+    wait(driver, lambda d: by_id(d, "playground").is_displayed())
+
+
+def visit(driver, base: str, page: str) -> None:
+    driver.get(f"{base}/console#{page}")
+    wait(driver, lambda d: by_id(d, page).is_displayed())
+
+
+def shoot(driver, name: str) -> None:
+    folder = os.environ.get("CYLLM_SCREENSHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(Path(folder) / f"{name}.png"))
+
+
+def rows(driver, table: str) -> list[list[str]]:
+    return [[td.text for td in tr.find_elements(By.TAG_NAME, "td")]
+            for tr in driver.find_elements(By.CSS_SELECTOR, f"#{table} tbody tr")]
+
+
+def test_a_bad_key_is_refused_on_the_login_page(stack, browser):
+    browser.get(f"{stack.base_url}/console")
+    browser.execute_script("sessionStorage.clear()")
+    browser.get(f"{stack.base_url}/console#login")
+    wait(browser, lambda d: by_id(d, "login").is_displayed())
+    by_id(browser, "login-key").send_keys("cy_not-a-key")
+    by_id(browser, "login-form").submit()
+    wait(browser, lambda d: by_id(d, "login-error").text)
+    assert "key" in by_id(browser, "login-error").text.lower()
+    assert by_id(browser, "login").is_displayed()
+
+
+def test_every_page_loads_for_an_admin(stack, browser):
+    log_in(browser, stack.base_url, stack.admin_key)
+    assert by_id(browser, "who").text == "admin"
+    visit(browser, stack.base_url, "models")
+    wait(browser, lambda d: rows(d, "models-table"))
+    model = next(r for r in rows(browser, "models-table") if r[0] == MODEL)
+    assert model[1] == "loaded" and model[-1] == "Unload"  # the admin's control
+    shoot(browser, "models")
+    visit(browser, stack.base_url, "cluster")
+    wait(browser, lambda d: rows(d, "workers-table") and by_id(d, "cluster-status").text)
+    assert by_id(browser, "cluster-status").text == "ok"
+    assert rows(browser, "workers-table")[0][1] == "healthy"
+    assert rows(browser, "coordinators-table")[0][1] == "yes"
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#chart-tokens canvas"))
+    shoot(browser, "cluster")
+    visit(browser, stack.base_url, "keys")
+    wait(browser, lambda d: len(rows(d, "keys-table")) >= 2)
+    assert {r[1] for r in rows(browser, "keys-table")} >= {"ops", "app"}
+    by_id(browser, "key-name").send_keys("console-made")
+    by_id(browser, "key-form").submit()
+    wait(browser, lambda d: by_id(d, "key-created").is_displayed())
+    secret = by_id(browser, "key-created").text.rsplit(" ", 1)[-1]
+    assert httpx.get(f"{stack.base_url}/v1/models", timeout=30,
+                     headers={"Authorization": f"Bearer {secret}"}).status_code == 200
+    shoot(browser, "keys")
+
+
+def test_the_playground_streams_an_answer(stack, browser):
+    log_in(browser, stack.base_url, stack.admin_key)
+    wait(browser, lambda d: Select(by_id(d, "pg-model")).options)
+    assert Select(by_id(browser, "pg-model")).first_selected_option.text == MODEL
+    temperature = by_id(browser, "pg-temperature")
+    temperature.clear()
+    temperature.send_keys("0")
+    by_id(browser, "chat-input").send_keys("What is the capital of France?")
+    by_id(browser, "chat-send").click()
+    wait(browser, lambda d: "TTFT" in by_id(d, "chat-stats").text, timeout=60)
+    answers = browser.find_elements(By.CSS_SELECTOR, "#chat-log .msg.assistant .text")
+    assert "Paris" in answers[-1].text
+    assert "tokens/s" in by_id(browser, "chat-stats").text
+    shoot(browser, "playground")
+    # The traffic it made shows on the cluster page's figures.
+    stats = httpx.get(f"{stack.base_url}/api/v1/stats", timeout=30,
+                      headers={"Authorization": f"Bearer {stack.admin_key}"}).json()
+    assert sum(b["tokensPerSecond"] for b in stats["buckets"]) > 0
+    assert any(b["ttftP50Ms"] for b in stats["buckets"])
+
+
+def test_a_training_jobs_chart_gains_points(stack, browser):
+    log_in(browser, stack.base_url, stack.admin_key)
+    visit(browser, stack.base_url, "training")
+    by_id(browser, "ds-file").send_keys(str(DATA / "facts.jsonl"))
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#ds-preview div"))
+    assert "Zorblax" in by_id(browser, "ds-preview").text  # the first examples, before upload
+    by_id(browser, "ds-upload").click()
+    wait(browser, lambda d: "uploaded facts.jsonl" in by_id(d, "ds-result").text)
+    wait(browser, lambda d: Select(by_id(d, "job-model")).options)
+    steps = by_id(browser, "job-steps")
+    steps.clear()
+    steps.send_keys("8")
+    by_id(browser, "job-form").submit()
+    wait(browser, lambda d: by_id(d, "job-detail").is_displayed())
+    wait(browser, lambda d: int(by_id(d, "chart-loss").get_attribute("data-points") or 0) >= 3,
+         timeout=300)
+    wait(browser, lambda d: by_id(d, "job-state").text.startswith("succeeded"), timeout=300)
+    assert int(by_id(browser, "chart-loss").get_attribute("data-points")) == 8
+    shoot(browser, "fine-tuning")
+    by_id(browser, "job-open").click()
+    wait(browser, lambda d: by_id(d, "playground").is_displayed())
+    wait(browser, lambda d: ":ft-" in Select(by_id(d, "pg-model")).first_selected_option.text)
+
+
+def test_a_non_admin_sees_no_admin_controls(stack, browser):
+    log_in(browser, stack.base_url, stack.user_key)
+    assert by_id(browser, "who").text == "signed in"
+    assert not browser.find_element(By.CSS_SELECTOR, "#nav a[data-page=keys]").is_displayed()
+    visit(browser, stack.base_url, "models")
+    wait(browser, lambda d: rows(d, "models-table"))
+    assert all("Load" not in r and "Unload" not in r for r in rows(browser, "models-table"))
+    browser.get(f"{stack.base_url}/console#keys")
+    wait(browser, lambda d: by_id(d, "playground").is_displayed())  # sent back
+    assert not by_id(browser, "keys").is_displayed()
+    refused = httpx.get(f"{stack.base_url}/admin/keys", timeout=30,
+                        headers={"Authorization": f"Bearer {stack.user_key}"})
+    assert refused.status_code == 403  # and the server refuses it anyway
+
+
+def test_the_page_ships_its_assets_and_a_strict_policy(stack):
+    page = httpx.get(f"{stack.base_url}/console", timeout=30)
+    assert page.status_code == 200 and "script-src 'self'" in page.headers["content-security-policy"]
+    assert "http://" not in page.text.replace(stack.base_url, "") and "https://" not in page.text
+    for asset in ("console.js", "console.css", "vendor/uPlot.iife.min.js"):
+        assert httpx.get(f"{stack.base_url}/console/static/{asset}", timeout=30).status_code == 200
+    assert httpx.get(f"{stack.base_url}/console/static/../__init__.py", timeout=30).status_code == 404
