@@ -78,11 +78,18 @@ def by_id(driver, element_id: str):
     return driver.find_element(By.ID, element_id)
 
 
-def log_in(driver, base: str, key: str) -> None:
+def fresh_login_page(driver, base: str) -> None:
+    """The login page, whoever was signed in in this tab logged out (the page's button)."""
+    driver.get("about:blank")  # a hash change alone would not load the page again
     driver.get(f"{base}/console")
-    driver.execute_script("sessionStorage.clear()")
-    driver.get(f"{base}/console#login")
-    wait(driver, lambda d: by_id(d, "login").is_displayed())
+    wait(driver, lambda d: by_id(d, "login").is_displayed() or by_id(d, "logout").is_displayed())
+    if by_id(driver, "logout").is_displayed():
+        by_id(driver, "logout").click()
+    wait(driver, lambda d: by_id(d, "login").is_displayed() and not by_id(d, "logout").is_displayed())
+
+
+def log_in(driver, base: str, key: str) -> None:
+    fresh_login_page(driver, base)
     by_id(driver, "login-key").send_keys(key)
     by_id(driver, "login-form").submit()
     wait(driver, lambda d: by_id(d, "playground").is_displayed())
@@ -106,10 +113,7 @@ def rows(driver, table: str) -> list[list[str]]:
 
 
 def test_a_bad_key_is_refused_on_the_login_page(stack, browser):
-    browser.get(f"{stack.base_url}/console")
-    browser.execute_script("sessionStorage.clear()")
-    browser.get(f"{stack.base_url}/console#login")
-    wait(browser, lambda d: by_id(d, "login").is_displayed())
+    fresh_login_page(browser, stack.base_url)
     by_id(browser, "login-key").send_keys("cy_not-a-key")
     by_id(browser, "login-form").submit()
     wait(browser, lambda d: by_id(d, "login-error").text)
@@ -173,7 +177,14 @@ def test_a_training_jobs_chart_gains_points(stack, browser):
     assert "Zorblax" in by_id(browser, "ds-preview").text  # the first examples, before upload
     by_id(browser, "ds-upload").click()
     wait(browser, lambda d: "uploaded facts.jsonl" in by_id(d, "ds-result").text)
-    wait(browser, lambda d: Select(by_id(d, "job-model")).options)
+    training_file = Select(by_id(browser, "job-file")).first_selected_option.get_attribute("value")
+    by_id(browser, "ds-file").send_keys(str(DATA / "facts_held_out.jsonl"))
+    by_id(browser, "ds-upload").click()
+    wait(browser, lambda d: "uploaded facts_held_out.jsonl" in by_id(d, "ds-result").text)
+    Select(by_id(browser, "job-file")).select_by_value(training_file)
+    Select(by_id(browser, "job-validation")).select_by_visible_text(
+        by_id(browser, "ds-result").text.split(" as ")[1].join(["facts_held_out.jsonl (", ")"]))
+    wait(browser, lambda d: Select(d.find_element(By.ID, "job-model")).options)
     steps = by_id(browser, "job-steps")
     steps.clear()
     steps.send_keys("8")
@@ -183,6 +194,8 @@ def test_a_training_jobs_chart_gains_points(stack, browser):
          timeout=300)
     wait(browser, lambda d: by_id(d, "job-state").text.startswith("succeeded"), timeout=300)
     assert int(by_id(browser, "chart-loss").get_attribute("data-points")) == 8
+    assert "eval loss" in by_id(browser, "job-state").text  # the validation file's
+    wait(browser, lambda d: rows(d, "jobs-table")[0][1] == "succeeded")
     shoot(browser, "fine-tuning")
     by_id(browser, "job-open").click()
     wait(browser, lambda d: by_id(d, "playground").is_displayed())

@@ -280,6 +280,12 @@ async function refreshCluster() {
 // Fine-tuning -------------------------------------------------------------------------------
 
 async function showTraining() {
+  await refreshFiles();
+  await refreshJobs();
+  state.timers.push(setInterval(() => refreshJobs().catch(console.error), 5000));
+}
+
+async function refreshFiles() {
   const [models, files] = await Promise.all([servedModels(), api("GET", "/v1/files")]);
   fillSelect($("job-model"), models.filter((m) => !m.includes(":")));
   const ids = files.data.map((f) => f.id);
@@ -291,8 +297,6 @@ async function showTraining() {
     select.replaceChildren(...options);
     if ([...select.options].some((o) => o.value === current)) select.value = current;
   }
-  await refreshJobs();
-  state.timers.push(setInterval(() => refreshJobs().catch(console.error), 5000));
 }
 
 async function refreshJobs() {
@@ -339,7 +343,7 @@ $("ds-upload").addEventListener("click", async () => {
     const uploaded = await api("POST", "/v1/files", form, { form: true });
     $("ds-result").textContent = `uploaded ${uploaded.filename} as ${uploaded.id}`;
     $("ds-result").className = "good";
-    await showTraining();
+    await refreshFiles();
     $("job-file").value = uploaded.id;
   } catch (e) {
     $("ds-result").textContent = e.message; $("ds-result").className = "error";
@@ -409,6 +413,7 @@ async function openJob(id) {
         $("job-checkpoints").append(el("li", `step ${data.checkpoint.step}: ${data.checkpoint.path}`));
       } else if (name === "state") {
         describe(await api("GET", `/api/v1/training/status/${encodeURIComponent(id)}`));
+        refreshJobs().catch(console.error);
       }
     }
   } catch (e) {
