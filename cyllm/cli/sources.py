@@ -72,7 +72,8 @@ def download(model: str) -> Path:
         folder = Path(snapshot_download(repo, revision=revision or None,
                                         allow_patterns=SERVING_FILES))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
-        raise SourceError(f"could not download {model} from the Hub: {exc}") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SourceError(f"could not download {model} from the Hub: {first}") from None
     if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
         raise SourceError(f"{model} on the Hub has no config.json and safetensors weights "
                           "(GGUF-only repositories: download the .gguf and serve the file)")

@@ -49,11 +49,11 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 3
 
 @contextmanager
 def serving(log: Path, config: Path | None = None, timeout: float = 300,
-            env: dict[str, str | None] | None = None) -> Iterator[Server]:
-    """``cyllm serve`` (optionally with a config file, and ``env`` changed: None removes a
-    variable) on free ports, stopped by its pid."""
+            env: dict[str, str | None] | None = None, args: list[str] = ()) -> Iterator[Server]:
+    """``cyllm serve`` (optionally with a config file, ``args`` such as a MODEL and its
+    flags, and ``env`` changed: None removes a variable) on free ports, stopped by its pid."""
     http, coord, work = free_ports(3)
-    cmd = [sys.executable, "-m", "cyllm", "serve", "--port", str(http),
+    cmd = [sys.executable, "-m", "cyllm", "serve", *args, "--port", str(http),
            "--coordinator-port", str(coord), "--worker-port", str(work)]
     if config is not None:
         cmd += ["--config", str(config)]

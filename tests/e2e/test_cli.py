@@ -1,0 +1,214 @@
+"""The ``cyllm`` command as a user runs it: ``serve`` with a Hub id (through a local
+stand-in for the Hub's file API on ``HF_ENDPOINT``) and with a local folder and flags,
+and the client commands against the live stack (chat, models, files, train with a
+validation file and TensorBoard, keys over HTTP).  Every command is a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import httpx
+import pytest
+import typer.main
+import yaml
+
+from cyllm.cli import app
+from tests.conftest import free_port
+from tests.e2e.conftest import serving
+from tests.engines.conftest import default_folder
+from tests.fakes.hub import Hub
+
+pytestmark = pytest.mark.e2e
+
+DATA = Path(__file__).parents[1] / "data"
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+CAPITAL = "What is the capital of France?"
+
+
+def cyllm(*args: str, env: dict[str, str] | None = None, stdin: str | None = None,
+          check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "cyllm", *args], input=stdin, text=True,
+                            capture_output=True, timeout=timeout, env={**os.environ, **(env or {})})
+    if check:
+        assert result.returncode == 0, (args, result.stdout, result.stderr)
+    return result
+
+
+# -- the command itself ----------------------------------------------------------------------
+
+
+def test_version_and_help_on_every_option():
+    assert cyllm("--version").stdout.strip().startswith("cyllm ")
+    root = typer.main.get_command(app)
+    missing = []
+
+    def walk(command: click.Command, path: str) -> None:
+        for param in command.params:
+            if param.name not in ("help",) and not getattr(param, "help", None):
+                missing.append(f"{path} {param.name}")
+        for name, sub in getattr(command, "commands", {}).items():
+            walk(sub, f"{path} {name}")
+
+    walk(root, "cyllm")
+    assert not missing, missing
+    shown = cyllm("train", "submit", "--help", env={"COLUMNS": "200"}).stdout
+    assert "--validation-file" in shown and "list[" not in shown
+
+
+def test_serve_refuses_what_it_cannot_serve(tmp_path):
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    for model, says in ((str(not_a_model), "without config.json"),
+                        (str(tmp_path / "nothing-here"), "neither a local folder"),
+                        ("weights.bin", "neither a local folder")):
+        result = cyllm("serve", model, check=False, timeout=60)
+        assert result.returncode == 2 and says in result.stderr, result.stderr
+    flags_alone = cyllm("serve", "--engine", "transformers", check=False, timeout=60)
+    assert flags_alone.returncode == 2 and "need(s) MODEL" in flags_alone.stderr
+
+
+def test_log_level_and_json_logs_reach_every_line(tmp_path):
+    """One access line per request, JSON in JSON mode (uvicorn's own lines too),
+    timestamps with milliseconds and zone."""
+    log = tmp_path / "serve.log"
+    with serving(log, env={"CYLLM_LOG_FORMAT": "json"}) as server:
+        httpx.get(f"{server.base_url}/v1/models", timeout=30)
+        httpx.get(f"{server.base_url}/api/v1/health/live", timeout=30)
+    lines = [line for line in log.read_text().splitlines() if line.startswith("{")]
+    records = [json.loads(line) for line in lines]
+    assert records and all(r["ts"][23] in "+-Z" and r["ts"][19] == "." for r in records)
+    assert any(r["logger"].startswith("uvicorn") for r in records)  # uvicorn's, as JSON
+    gateway_lines = [line for line in log.read_text().splitlines() if "/v1/models" in line]
+    assert len([r for r in records if r["logger"] == "cyllm.gateway.access"
+                and "/v1/models" in json.dumps(r)]) == 1, gateway_lines
+    assert not any("uvicorn.access" == r["logger"] for r in records)
+
+
+# -- serve <Hub id> --------------------------------------------------------------------------
+
+
+def test_serve_a_hub_id_downloads_once_and_chats(tmp_path):
+    with Hub({HUB_ID: default_folder()}, free_port()) as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf")}
+        with serving(tmp_path / "serve.log", args=[HUB_ID, "--engine", "transformers",
+                                                   "--max-context", "1024"], env=env) as server:
+            assert "model.safetensors" in hub.downloads and "config.json" in hub.downloads
+            assert not any(f.endswith((".bin", ".pt", ".py")) for f in hub.downloads)
+            listed = json.loads(cyllm("models", "list", "--json", "--url", server.base_url).stdout)
+            assert [(m["id"], m["engine"], m["contextLength"]) for m in listed] == \
+                [(HUB_ID, "transformers", 1024)]
+            chat = cyllm("chat", "--url", server.base_url, "--temperature", "0", "--max-tokens", "20",
+                         stdin=f"{CAPITAL}\n/reset\nAnd of Italy?\n/exit\nnever sent\n")
+            answers = chat.stdout.strip().splitlines()
+            assert len(answers) == 2 and "Paris" in answers[0], chat.stdout
+            assert "never sent" not in chat.stdout
+            assert "tokens/s" in chat.stderr and "conversation reset" in chat.stderr
+        fetched = len(hub.downloads)
+        with serving(tmp_path / "again.log", args=[HUB_ID, "--engine", "transformers"], env=env):
+            assert len(hub.downloads) == fetched  # the Hub cache: nothing downloaded again
+    missing = cyllm("serve", "nobody/nothing", env={**env, "HF_HUB_OFFLINE": "0"}, check=False,
+                    timeout=120)
+    assert missing.returncode == 2 and "could not download nobody/nothing" in missing.stderr
+
+
+# -- serve <folder> and the client commands ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    config = tmp / "cyllm.yaml"
+    config.write_text(yaml.safe_dump({
+        "gateway": {"auth_enabled": True, "api_keys_file": str(tmp / "keys.json")},
+        "coordinator": {"files_dir": str(tmp / "files"), "datasets_dirs": [str(DATA)]},
+        "worker": {"training_dir": str(tmp / "jobs")},
+    }))
+    created = cyllm("keys", "create", "--name", "ops", "--admin", "--config", str(config)).stdout
+    admin_key = created.strip().splitlines()[-1]
+    with serving(tmp / "serve.log", config, args=[str(default_folder()), "--served-model-name", "smol",
+                                                  "--engine", "transformers", "--max-batch-size", "8"]) as s:
+        s.env = {"CYLLM_URL": s.base_url, "CYLLM_API_KEY": admin_key}
+        s.jobs = tmp / "jobs"
+        yield s
+
+
+def test_a_local_folder_is_served_under_its_name_with_the_flags(stack):
+    models = json.loads(cyllm("models", "list", "--json", env=stack.env).stdout)
+    assert [(m["id"], m["engine"], m["state"]) for m in models] == [("smol", "transformers", "loaded")]
+    table = cyllm("models", "list", env={**stack.env, "COLUMNS": "200"}).stdout
+    assert "smol" in table and "transformers" in table
+    no_key = cyllm("models", "list", env={"CYLLM_URL": stack.base_url, "CYLLM_API_KEY": ""},
+                   check=False)
+    assert no_key.returncode == 1 and "401" in no_key.stderr
+
+
+def test_models_unload_and_load(stack):
+    assert "unloaded smol" in cyllm("models", "unload", "smol", env=stack.env).stdout
+    states = {m["id"]: m["state"] for m in json.loads(cyllm("models", "list", "--json", env=stack.env).stdout)}
+    assert states == {"smol": "available"}
+    assert "loaded smol on" in cyllm("models", "load", "smol", env=stack.env).stdout
+    bad = cyllm("models", "load", "nope", env=stack.env, check=False)
+    assert bad.returncode == 1 and "nope" in bad.stderr
+
+
+def test_files_upload_list_delete(stack, tmp_path):
+    file_id = cyllm("files", "upload", str(DATA / "facts.jsonl"), env=stack.env).stdout.strip()
+    assert file_id.startswith("file-")
+    listed = json.loads(cyllm("files", "list", "--json", env=stack.env).stdout)
+    assert file_id in [f["id"] for f in listed]
+    assert f"deleted {file_id}" in cyllm("files", "delete", file_id, env=stack.env).stdout
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user"}]}\n')
+    refused = cyllm("files", "upload", str(bad), env=stack.env, check=False)
+    assert refused.returncode == 1 and "line 1" in refused.stderr  # the server's message
+
+
+def test_train_submit_watch_status_with_validation_and_tensorboard(stack):
+    submitted = cyllm("train", "submit", "--model", "smol", "--file", str(DATA / "facts.jsonl"),
+                      "--validation-file", str(DATA / "facts_held_out.jsonl"), "--max-steps", "6",
+                      "--batch-size", "4", "--learning-rate", "0.002", "--report-to", "tensorboard",
+                      "--watch", env={**stack.env, "COLUMNS": "160"})
+    job_id = submitted.stdout.strip().splitlines()[0]
+    assert job_id.startswith("ftjob-")
+    assert f"{job_id} succeeded: smol:ft-" in submitted.stdout
+    assert "6/6" in submitted.stderr and "loss" in submitted.stderr  # the progress bar's end
+    status = json.loads(cyllm("train", "status", job_id, "--json", env=stack.env).stdout)
+    assert status["state"] == "succeeded" and status["progress"]["evalLoss"] > 0
+    assert job_id in cyllm("train", "list", env={**stack.env, "COLUMNS": "200"}).stdout
+    # TensorBoard's event files, with the training loss in them
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = list((stack.jobs / job_id / "tensorboard").rglob("events.out.tfevents.*"))
+    assert runs, list((stack.jobs / job_id).iterdir())
+    scalars = EventAccumulator(str(runs[0].parent)).Reload().Tags()["scalars"]
+    assert "train/loss" in scalars and "eval/loss" in scalars, scalars
+    assert (stack.jobs / job_id / "loss.png").is_file()
+
+
+def test_train_cancel(stack):
+    job_id = cyllm("train", "submit", "--model", "smol", "--dataset", str(DATA / "facts.jsonl"),
+                   "--max-steps", "5000", "--batch-size", "1", env=stack.env).stdout.strip()
+    cancelled = cyllm("train", "cancel", job_id, env=stack.env).stdout
+    assert job_id in cancelled
+    watched = cyllm("train", "watch", job_id, env=stack.env, check=False)
+    assert watched.returncode == 1 and f"{job_id} cancelled" in watched.stdout
+
+
+def test_keys_over_http(stack):
+    created = cyllm("keys", "create", "--name", "app", "--model", "smol", env=stack.env).stdout
+    key_id, secret = created.split()[1], created.strip().splitlines()[-1]
+    listed = [json.loads(line) for line in cyllm("keys", "list", env=stack.env).stdout.splitlines()]
+    assert {"key_id": key_id, "name": "app", "models": ["smol"]}.items() <= \
+        next(k for k in listed if k["key_id"] == key_id).items()
+    user = {"CYLLM_URL": stack.base_url, "CYLLM_API_KEY": secret}
+    assert json.loads(cyllm("models", "list", "--json", env=user).stdout)[0]["id"] == "smol"
+    refused = cyllm("keys", "list", env=user, check=False)
+    assert refused.returncode == 1 and "403" in refused.stderr
+    assert f"revoked {key_id}" in cyllm("keys", "revoke", key_id, env=stack.env).stdout
+    gone = cyllm("models", "list", env=user, check=False)
+    assert gone.returncode == 1 and "401" in gone.stderr

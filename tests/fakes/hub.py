@@ -1,0 +1,87 @@
+"""A local stand-in for the Hugging Face Hub's file API, enough for ``huggingface_hub``'s
+``snapshot_download`` (``HF_ENDPOINT`` pointed at it): a repository's revision and file
+tree, and its files by ``resolve`` URL with the headers the client reads (commit,
+ETag, size).  It serves folders given as ``{"org/name": folder}``; anything else is a
+404, as the Hub answers for a repository that does not exist.  Requests are counted, to
+show that a second start downloads nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, JSONResponse
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+def app(repos: dict[str, Path]) -> FastAPI:
+    api = FastAPI()
+    api.state.downloads = []
+
+    def folder(org: str, name: str) -> Path:
+        if f"{org}/{name}" not in repos:
+            raise HTTPException(404, headers={"X-Error-Code": "RepoNotFound"})
+        return repos[f"{org}/{name}"]
+
+    def files(root: Path) -> list[Path]:
+        return sorted(p for p in root.rglob("*") if p.is_file())
+
+    @api.get("/api/models/{org}/{name}/revision/{revision}")
+    async def revision(org: str, name: str, revision: str):
+        root = folder(org, name)
+        return {"id": f"{org}/{name}", "sha": SHA, "private": False,
+                "siblings": [{"rfilename": str(p.relative_to(root))} for p in files(root)]}
+
+    @api.get("/api/models/{org}/{name}/tree/{revision}")
+    async def tree(org: str, name: str, revision: str):
+        root = folder(org, name)
+        return [{"type": "file", "path": str(p.relative_to(root)), "size": p.stat().st_size,
+                 "oid": hashlib.sha1(p.read_bytes()).hexdigest()} for p in files(root)]
+
+    @api.api_route("/{org}/{name}/resolve/{revision}/{path:path}", methods=["GET", "HEAD"])
+    async def resolve(org: str, name: str, revision: str, path: str, request: Request):
+        root = folder(org, name)
+        file = (root / path).resolve()
+        if not file.is_relative_to(root.resolve()) or not file.is_file():
+            raise HTTPException(404, headers={"X-Error-Code": "EntryNotFound"})
+        etag = f'"{hashlib.sha256(file.read_bytes()).hexdigest()}"'
+        headers = {"X-Repo-Commit": SHA, "ETag": etag}
+        if request.method == "HEAD":
+            return JSONResponse(None, headers={**headers, "Content-Length": str(file.stat().st_size)})
+        api.state.downloads.append(path)
+        return FileResponse(file, headers=headers)
+
+    return api
+
+
+class Hub:
+    """``with Hub({"org/name": folder}, port) as hub: hub.url``"""
+
+    def __init__(self, repos: dict[str, Path], port: int) -> None:
+        self.app = app(repos)
+        self.url = f"http://127.0.0.1:{port}"
+        self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port,
+                                                     log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    @property
+    def downloads(self) -> list[str]:
+        return self.app.state.downloads
+
+    def __enter__(self) -> Hub:
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("fake Hub did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.should_exit = True
+        self._thread.join(10)
