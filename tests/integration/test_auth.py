@@ -47,7 +47,8 @@ ROUTES = [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET",
           ("GET", "/v1/fine_tuning/jobs/x/events"), ("GET", "/v1/fine_tuning/jobs/x/checkpoints"),
           ("POST", "/api/v1/training/start"), ("GET", "/api/v1/training/status/x"),
           ("GET", "/api/v1/training/jobs"), ("POST", "/api/v1/training/cancel/x"),
-          ("GET", "/api/v1/training/stream/x"), ("POST", "/v1/responses"), ("POST", "/v1/embeddings")]
+          ("GET", "/api/v1/training/stream/x"), ("POST", "/v1/responses"), ("POST", "/v1/embeddings"),
+          ("GET", "/api/v1/training/plot/x"), ("GET", "/api/v1/stats")]
 
 
 async def test_no_route_but_health_and_metrics_answers_without_credentials(secured):

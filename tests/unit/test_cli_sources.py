@@ -1,0 +1,39 @@
+"""``cyllm serve MODEL``: what MODEL names, and the id it is served under."""
+
+from __future__ import annotations
+
+import pytest
+
+from cyllm.cli.sources import SourceError, model_spec, name_of
+
+
+def test_a_folder_a_gguf_and_a_hub_id_are_told_apart(tmp_path):
+    folder = tmp_path / "My Model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    gguf = tmp_path / "tiny.Q4_0.gguf"
+    gguf.write_bytes(b"GGUF")
+    spec = model_spec(str(folder), None, engine="transformers", max_context=None)
+    assert spec.path == folder.resolve() and spec.engine == "transformers"
+    assert spec.id == "My-Model"  # spaces are not allowed in an id
+    spec = model_spec(str(gguf), "tiny", max_batch_size=4)
+    assert spec.gguf == str(gguf.resolve()) and spec.id == "tiny" and spec.max_batch_size == 4
+    assert name_of("HuggingFaceTB/SmolLM2-135M-Instruct@main") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert name_of(str(gguf)) == "tiny.Q4_0"
+
+
+@pytest.mark.parametrize("model, says", [
+    ("/etc/passwd", "is a file but not a .gguf"),
+    ("/etc", "without config.json"),
+    ("a/b/c", "neither a local folder"),
+    ("org/name;rm -rf", "neither a local folder"),
+])
+def test_what_is_not_a_model_is_refused_by_name(model, says):
+    with pytest.raises(SourceError, match=says):
+        model_spec(model, None)
+
+
+def test_a_bad_flag_value_is_refused_with_the_spec_message(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(SourceError, match="dtype"):
+        model_spec(str(tmp_path), None, dtype="float8")
