@@ -60,6 +60,7 @@ def decode(raw: bytes) -> CachedResponse:
 class PromptCache(abc.ABC):
     ttl_s: float
     max_entries: int
+    redis: object | None = None  # the Redis client it stores through, if any
 
     @property
     def enabled(self) -> bool:

@@ -38,11 +38,12 @@ import uuid
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from cyllm.coordinator.pool import HealthRules, WorkerRecord, keeps_outstanding
 from cyllm.coordinator.routing import Router
 from cyllm.coordinator.queue import Task
-from cyllm.coordinator.scheduler import Scheduler, Waiter, WorkerView
+from cyllm.coordinator.scheduler import Keep, Scheduler, Waiter, WorkerView
 from cyllm.protocol import pb
 from cyllm.shared_state import GONE
 
@@ -434,9 +435,24 @@ class RedisScheduler(Scheduler):
         await self._withdraw_script(keys=[P + f"q:{task.model}", P + f"task:{task.task_id}",
                                           P + "qlen"], args=[task.task_id])
 
-    async def release(self, task: Task, worker_id: str) -> None:
-        await self._release(keys=[P + f"w:{worker_id}", P + f"task:{task.task_id}", P + "leases"],
-                            args=[task.task_id, PUMP_CHANNEL])
+    async def release(self, task: Task, worker_id: str, keep: Keep | None = None) -> None:
+        keys = [P + f"w:{worker_id}", P + f"task:{task.task_id}", P + "leases"]
+        args = [task.task_id, PUMP_CHANNEL]
+        if keep is not None and keep.cache.enabled and keep.cache.redis is self.r:
+            # Release and cache store in one pipeline by the scripts' hashes: one round
+            # trip (redis-py's own script pipelining checks the scripts first: two).
+            pipe = self.r.pipeline(transaction=False)
+            pipe.evalsha(self._release.sha, len(keys), *keys, *args)
+            keep.cache.queue_put(pipe, keep.key, keep.value)  # type: ignore[attr-defined]
+            try:
+                await pipe.execute()
+            except NoScriptError:  # a Redis that lost its scripts: again, loading them
+                await self._release(keys=keys, args=args)  # (releasing twice is a no-op)
+                await keep.cache.put(keep.key, keep.value)
+        else:
+            await self._release(keys=keys, args=args)
+            if keep is not None:
+                await keep.cache.put(keep.key, keep.value)
         for record in self._view.records if self._view else ():
             if record.worker_id == worker_id:
                 record.outstanding = max(0, record.outstanding - 1)

@@ -45,7 +45,7 @@ class RedisPromptCache(PromptCache):
     lookup and a store are one round trip each."""
 
     def __init__(self, client: aioredis.Redis, ttl_s: float, max_entries: int) -> None:
-        self.r = client
+        self.r = self.redis = client
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self._get = client.register_script(_CACHE_GET)
@@ -59,8 +59,20 @@ class RedisPromptCache(PromptCache):
     async def put(self, key: str, value: CachedResponse) -> None:
         if not self.enabled:
             return
-        await self._put(keys=[P + f"c:{key}", P + "c:lru"],
-                        args=[key, encode(value), int(self.ttl_s * 1000), self.max_entries, P])
+        await self._put(keys=self._put_keys(key), args=self._put_args(key, value))
+
+    def queue_put(self, pipe: aioredis.client.Pipeline, key: str, value: CachedResponse) -> None:
+        """The store, queued on ``pipe`` by its script's hash (sent by its owner: the
+        scheduler's release, so that a finished request costs one round trip for both;
+        a Redis that has lost the script answers NOSCRIPT and the owner stores again)."""
+        keys = self._put_keys(key)
+        pipe.evalsha(self._put.sha, len(keys), *keys, *self._put_args(key, value))
+
+    def _put_keys(self, key: str) -> list[str]:
+        return [P + f"c:{key}", P + "c:lru"]
+
+    def _put_args(self, key: str, value: CachedResponse) -> list:
+        return [key, encode(value), int(self.ttl_s * 1000), self.max_entries, P]
 
     async def hits(self) -> int:
         return int(await self.r.get(P + "c:hits") or 0)

@@ -18,11 +18,21 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from cyllm import errors
+from cyllm.coordinator.cache import CachedResponse, PromptCache
 from cyllm.coordinator.pool import HealthRules, WorkerRecord, keeps_outstanding
 from cyllm.coordinator.routing import Router
 from cyllm.coordinator.queue import InMemoryTaskQueue, Task
 from cyllm.protocol import pb
 from cyllm.protocol.tenant import PUBLIC
+
+
+@dataclass(frozen=True)
+class Keep:
+    """A finished answer to store in the prompt cache as its slot is released."""
+
+    cache: PromptCache
+    key: str
+    value: CachedResponse
 
 
 @dataclass(frozen=True)
@@ -131,7 +141,9 @@ class Scheduler(abc.ABC):
                                  retry_after=self.retry_after_s)
 
     @abc.abstractmethod
-    async def release(self, task: Task, worker_id: str) -> None: ...
+    async def release(self, task: Task, worker_id: str, keep: Keep | None = None) -> None:
+        """Free ``task``'s slot on the worker; ``keep``: a finished answer for the prompt
+        cache, stored with the release (on Redis in the same round trip)."""
 
     @abc.abstractmethod
     async def renew(self, task: Task) -> None:
@@ -259,11 +271,13 @@ class MemoryScheduler(Scheduler):
     async def _withdraw(self, task: Task) -> None:
         self.queue.remove(task)
 
-    async def release(self, task: Task, worker_id: str) -> None:
+    async def release(self, task: Task, worker_id: str, keep: Keep | None = None) -> None:
         record = self._workers.get(worker_id)
         if record is not None:
             record.outstanding = max(0, record.outstanding - 1)
         self.pump()
+        if keep is not None:
+            await keep.cache.put(keep.key, keep.value)
 
     async def renew(self, task: Task) -> None:
         return None

@@ -27,7 +27,7 @@ from cyllm.coordinator.metrics import CoordinatorMetrics
 from cyllm.coordinator.models import ModelAdmin
 from cyllm.coordinator.routing import affinity_key
 from cyllm.coordinator.queue import Task
-from cyllm.coordinator.scheduler import Scheduler
+from cyllm.coordinator.scheduler import Keep, Scheduler
 from cyllm.coordinator.training_rpc import TrainingRPCs
 from cyllm.coordinator.workers import WorkerClients
 from cyllm.protocol.plane import Plane
@@ -149,12 +149,18 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
             stream = self.workers.generate(worker.address, upstream, rid)
             log.debug("request %s -> worker %s", rid, worker.worker_id, extra={"request_id": rid})
             renewer = asyncio.create_task(self._renew(task))
+            released = False
             try:
                 async for msg in _paced(stream, self.progress_timeout_s, worker.worker_id):
                     if not relay.pass_on(msg):
                         continue
                     if msg.HasField("finished") and key and msg.finished.finish_reason != "abort":
-                        await self.cache.put(key, _to_cached(relay.text, msg.finished))
+                        # The worker is done: free its slot now, with the answer stored in
+                        # the cache in the same round trip, before the client sees the end
+                        # (so the same request sent at once finds it).
+                        released = True
+                        await self._release(task, worker.worker_id, Keep(
+                            self.cache, key, _to_cached(relay.text, msg.finished)))
                     yield msg
                 self.breakers.succeeded(worker.worker_id)
                 return
@@ -178,7 +184,8 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
             finally:
                 renewer.cancel()
                 stream.cancel()
-                await self._release(task, worker.worker_id)
+                if not released:
+                    await self._release(task, worker.worker_id)
             await asyncio.sleep(_BACKOFF_S[min(attempt, len(_BACKOFF_S)) - 1])
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
@@ -217,11 +224,12 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
                   if v.healthy and v.record.serves(model) and v.record.worker_id not in bad]
         return bad if others else set()
 
-    async def _release(self, task: Task, worker_id: str) -> None:
-        """Free the slot; if the shared state is unreachable just now, the task's lease
-        lapses and any coordinator frees it later: the generation itself is done."""
+    async def _release(self, task: Task, worker_id: str, keep: Keep | None = None) -> None:
+        """Free the slot (and store ``keep`` in the cache); if the shared state is
+        unreachable just now, the task's lease lapses and any coordinator frees it later:
+        the generation itself is done (an answer not cached is only a later miss)."""
         try:
-            await self.scheduler.release(task, worker_id)
+            await self.scheduler.release(task, worker_id, keep)
         except Exception as exc:  # noqa: BLE001  (Redis gone; the lease covers it)
             log.warning("could not release the slot of %s on %s: %s", task.task_id, worker_id, exc)
 

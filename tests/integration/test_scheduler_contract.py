@@ -75,6 +75,26 @@ async def test_a_slot_is_held_until_released(make):
     assert await s.queue_depth() == 0
 
 
+async def test_a_release_can_keep_the_answer_in_the_cache(make):
+    """A finished answer is stored as its slot is freed (on Redis in the release's own
+    round trip), also after Redis lost its scripts."""
+    from cyllm.coordinator.scheduler import Keep
+
+    s, cache = await make()
+    await s.register(info("w1", capacity=1))
+    for n in range(2):
+        task = Task(f"t{n}", "m")
+        await s.acquire(task)
+        if n and make.backend == "redis":
+            await cache.redis.script_flush()  # as after a Redis restart
+        await s.release(task, "w1", Keep(cache, f"k{n}", ENTRY))
+        assert await cache.get(f"k{n}") == ENTRY
+        (view,) = await s.workers()
+        assert view.record.outstanding == 0  # released once, not twice
+    second = asyncio.create_task(s.acquire(Task("t9", "m")))
+    assert (await asyncio.wait_for(second, 3)).worker_id == "w1"
+
+
 async def test_higher_priority_gets_the_next_slot(make):
     s, _ = await make()
     await s.register(info("w1", capacity=1))
