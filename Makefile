@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 ENGINES := $(VENV)/.engines
 VLLM    := $(VENV)/.vllm
 
-.PHONY: setup serve test test-fast bench proto redis browser engines clean
+.PHONY: setup serve test test-fast bench proto docs redis browser engines clean
 
 PIN     := -c constraints.txt
 
@@ -66,6 +66,10 @@ bench: setup engines redis
 	$(BIN)/python bench/training.py
 	$(BIN)/python bench/chaos.py
 	$(BIN)/python bench/peers.py
+
+# The configuration reference is generated from the settings models (a test checks it).
+docs: $(STAMP)
+	$(BIN)/python -m cyllm.config_reference > docs/configuration-reference.md
 
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. cyllm/protocol/cyllm.proto

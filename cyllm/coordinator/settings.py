@@ -16,19 +16,20 @@ class CoordinatorSettings(ComponentSettings):
     section: ClassVar[str] = "coordinator"
     model_config = SettingsConfigDict(env_prefix="CYLLM_COORDINATOR_", extra="forbid")
 
-    host: str = "127.0.0.1"
-    port: int = Field(50050, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="address the gRPC server binds")
+    port: int = Field(50050, ge=0, le=65535, description="gRPC port (0 picks a free one)")
     queue_max_size: int = Field(256, ge=1, description="waiting tasks; beyond this: 429")
     queue_timeout_s: float = Field(120.0, gt=0, description="longest wait for a worker slot")
     retry_after_s: float = Field(1.0, gt=0, description="Retry-After sent with a full queue")
     cache_ttl_s: float = Field(600.0, ge=0, description="0 disables the prompt cache")
-    cache_max_entries: int = Field(1024, ge=0)
-    heartbeat_interval_s: float = Field(1.0, gt=0)
+    cache_max_entries: int = Field(1024, ge=0, description="prompt cache entries kept, least recently used out first (0: off)")
+    heartbeat_interval_s: float = Field(1.0, gt=0, description="how often workers are told to heartbeat")
     heartbeat_timeout_s: float = Field(5.0, gt=0, description="silence before a worker is unhealthy")
     progress_timeout_s: float = Field(
         60.0, gt=0, description="work in flight but no new token for this long: unhealthy (hung)"
     )
-    routing: Literal["least_outstanding", "weighted_round_robin", "prefix_affinity"] = "least_outstanding"
+    routing: Literal["least_outstanding", "weighted_round_robin", "prefix_affinity"] = Field(
+        "least_outstanding", description="which healthy worker with a free slot takes a request")
     generation_attempts: int = Field(
         6, ge=1, description="workers a generation may run on when the one running it dies or hangs")
     idempotency_ttl_s: float = Field(
@@ -51,12 +52,12 @@ class CoordinatorSettings(ComponentSettings):
     datasets_dirs: list[Path] = Field(default_factory=list,
                                       description="folders whose files a job may name by path")
     datasets_any_path_for_admins: bool = Field(False, description="admins may name any path")
-    dataset_max_rows: int = Field(1_000_000, ge=1)
+    dataset_max_rows: int = Field(1_000_000, ge=1, description="examples a dataset may hold")
     dataset_max_line_bytes: int = Field(4 << 20, ge=1024, description="a JSONL line or CSV field")
     dataset_max_depth: int = Field(32, ge=2, description="JSON nesting")
     dataset_read_memory_bytes: int = Field(1 << 30, ge=512 << 20,
                                            description="memory limit of the process that reads one")
-    dataset_read_timeout_s: float = Field(120.0, gt=0)
+    dataset_read_timeout_s: float = Field(120.0, gt=0, description="time to read and check a dataset before it is refused")
 
     def dataset_limits(self) -> Limits:
         return Limits(max_bytes=self.files_max_bytes, max_rows=self.dataset_max_rows,

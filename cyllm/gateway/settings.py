@@ -15,9 +15,10 @@ class GatewaySettings(ComponentSettings):
     section: ClassVar[str] = "gateway"
     model_config = SettingsConfigDict(env_prefix="CYLLM_GATEWAY_", extra="forbid")
 
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
-    coordinators: list[str] = Field(default_factory=lambda: ["127.0.0.1:50050"], min_length=1)
+    host: str = Field("127.0.0.1", description="address the HTTP server binds; 0.0.0.0 for every interface")
+    port: int = Field(8080, ge=0, le=65535, description="HTTP port (0 picks a free one)")
+    coordinators: list[str] = Field(default_factory=lambda: ["127.0.0.1:50050"], min_length=1,
+                                    description="coordinators as host:port, used in turn; an unreachable one is skipped")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger bodies get 413")
     max_upload_bytes: int = Field(512 << 20, ge=1024, description="largest POST /v1/files upload")
     request_timeout_s: float = Field(600.0, gt=0, description="whole-request limit")
@@ -31,9 +32,9 @@ class GatewaySettings(ComponentSettings):
     jwt_secret: SecretStr | None = Field(None, description="HS256 shared secret")
     jwt_public_key_file: Path | None = Field(None, description="RS256 public key (PEM)")
     jwt_jwks_file: Path | None = Field(None, description="RS256 keys as a JWKS file (by kid)")
-    jwt_issuer: str | None = None
-    jwt_audience: str | None = None
-    admin_scope: str = "admin"
+    jwt_issuer: str | None = Field(None, description="a JWT's iss must equal this (unset: not checked)")
+    jwt_audience: str | None = Field(None, description="a JWT's aud must hold this (unset: not checked)")
+    admin_scope: str = Field("admin", description="the JWT scope (or API key flag) that opens the admin routes")
     metrics_public: bool = Field(True, description="serve metrics without credentials")
     log_content: bool = Field(False, description="put prompts and completions in the access log")
     # -- how much (per API key or JWT subject; null: unlimited)

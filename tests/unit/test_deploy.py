@@ -1,6 +1,8 @@
-"""deploy/ cannot be run here (no Docker engine, no cluster), so this keeps it honest:
-every command parses with the real CLI, ports and env names match the code, the
-configuration validates, probes point at the ports the processes listen on."""
+"""deploy/ is not run by the tests (no Docker engine, no cluster), so this keeps it
+honest: every command parses with the real CLI, ports and env names match the code,
+the configuration validates, probes point at the ports the processes listen on; the
+Kubernetes base and each overlay, rendered, validate against the Kubernetes schemas
+(``kubernetes-validate``, offline); the images run as a user, with a health check."""
 
 from __future__ import annotations
 
@@ -28,10 +30,54 @@ def compose() -> dict:
     return yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
 
 
+BASE = DEPLOY / "k8s" / "base"
+OVERLAYS = ["cpu", "nvidia", "ascend"]
+
+
+def _load(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
 def k8s_docs() -> list[dict]:
-    docs = []
-    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
-        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    """The base's resources, in its kustomization's order."""
+    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    return [d for name in kustomization["resources"] for d in _load(BASE / name)]
+
+
+def _merge(base, patch):
+    """A strategic merge as kustomize does it for these patches: maps merge, lists of
+    named items merge by name, other lists are replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        return {**base, **{k: _merge(base[k], v) if k in base else v for k, v in patch.items()}}
+    if isinstance(base, list) and isinstance(patch, list) and all(
+            isinstance(i, dict) and "name" in i for i in base + patch):
+        named = {i["name"]: i for i in patch}
+        merged = [_merge(i, named.pop(i["name"])) if i["name"] in named else i for i in base]
+        return merged + list(named.values())
+    return patch
+
+
+def rendered(overlay: str) -> list[dict]:
+    """The overlay applied to the base (images, patches, the base's labels): what
+    ``kubectl kustomize`` renders, for these files (compared with it where installed)."""
+    import copy
+
+    folder = DEPLOY / "k8s" / "overlays" / overlay
+    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["../../base"]
+    base_k = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    docs = copy.deepcopy(k8s_docs())
+    for patch in [_load(folder / p["path"])[0] for p in kustomization.get("patches", [])]:
+        (i,) = [n for n, d in enumerate(docs) if (d["kind"], d["metadata"]["name"]) ==
+                (patch["kind"], patch["metadata"]["name"])]
+        docs[i] = _merge(docs[i], patch)
+    images = {i["name"]: f"{i['newName']}:{i['newTag']}"
+              for i in base_k.get("images", []) + kustomization.get("images", [])}
+    labels = {k: v for entry in base_k.get("labels", []) for k, v in entry["pairs"].items()}
+    for d in docs:
+        d["metadata"].setdefault("labels", {}).update(labels)
+        for c in d.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+            c["image"] = images.get(c["image"], c["image"])
     return docs
 
 
@@ -205,7 +251,11 @@ def test_the_shipped_deployments_are_closed_by_default():
     policies = {d["spec"]["podSelector"]["matchLabels"]["app"]: d for d in k8s_docs()
                 if d["kind"] == "NetworkPolicy"}
     allowed = {app: {src["podSelector"]["matchLabels"]["app"] for rule in p["spec"]["ingress"]
-                     for src in rule["from"]} for app, p in policies.items()}
+                     for src in rule["from"] if "podSelector" in src} for app, p in policies.items()}
+    for app, p in policies.items():  # other sources (Prometheus) reach only metrics ports
+        for rule in p["spec"]["ingress"]:
+            if any("podSelector" not in src for src in rule["from"]):
+                assert {port["port"] for port in rule["ports"]} <= {9150, 9151}, app
     assert allowed == {"cyllm-coordinator": {"cyllm-gateway", "cyllm-worker"},
                        "cyllm-worker": {"cyllm-coordinator"},
                        "redis": {"cyllm-coordinator", "cyllm-gateway"}}
@@ -225,3 +275,141 @@ def test_redis_keeps_its_data_across_a_restart_in_both_deployments():
     mount = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     claims = {t["metadata"]["name"] for t in redis_set["spec"]["volumeClaimTemplates"]}
     assert mount and all(path == "/data" and name in claims for name, path in mount.items())
+
+
+# -- the Kubernetes kustomization and the images -------------------------------------------
+
+K8S_VERSION = "1.33.0"
+
+
+@pytest.mark.parametrize("overlay", [None, *OVERLAYS])
+def test_manifests_validate_against_the_kubernetes_schemas(overlay):
+    import kubernetes_validate
+
+    docs = k8s_docs() if overlay is None else rendered(overlay)
+    assert {d["kind"] for d in docs} >= {"Deployment", "StatefulSet", "Service", "ConfigMap",
+                                         "PersistentVolumeClaim", "PodDisruptionBudget",
+                                         "NetworkPolicy"}
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)  # raises on any error
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlays_render_with_kubectl_where_it_is_installed(overlay):
+    import shutil
+    import subprocess
+
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed: the overlays are rendered by the test's own merge")
+    out = subprocess.run([kubectl, "kustomize", str(DEPLOY / "k8s" / "overlays" / overlay)],
+                         check=True, capture_output=True, text=True).stdout
+    ours = {(d["kind"], d["metadata"]["name"]): d for d in rendered(overlay)}
+    theirs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out) if d}
+    assert ours.keys() == theirs.keys()
+    for key, d in theirs.items():
+        assert d["spec"] == ours[key]["spec"] if "spec" in d else True, key
+
+
+def test_overlays_ask_for_their_accelerator_and_their_image():
+    def worker(overlay):
+        (d,) = [d for d in rendered(overlay)
+                if (d["kind"], d["metadata"]["name"]) == ("Deployment", "cyllm-worker")]
+        return d["spec"]["template"]["spec"]["containers"][0]
+
+    assert worker("cpu")["image"].endswith("cyllm-worker-cpu:0.1.0")
+    assert "nvidia.com/gpu" not in str(worker("cpu")["resources"])
+    assert worker("nvidia")["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert worker("nvidia")["image"].endswith("cyllm-worker-nvidia:0.1.0")
+    assert worker("ascend")["resources"]["limits"]["huawei.com/Ascend910"] == 1
+    for overlay in OVERLAYS:  # the patch kept the rest of the container
+        assert worker(overlay)["command"][:2] == ["cyllm", "worker"]
+        assert worker(overlay)["resources"]["limits"]["memory"]
+    (gateway,) = [d for d in rendered("nvidia")
+                  if (d["kind"], d["metadata"]["name"]) == ("Deployment", "cyllm-gateway")]
+    assert gateway["spec"]["template"]["spec"]["containers"][0]["image"].endswith(
+        "cyllm-control-plane:0.1.0")
+
+
+def test_pods_run_as_a_user_with_resources_probes_and_disruption_budgets():
+    workloads = [d for d in k8s_docs() if d["kind"] in ("Deployment", "StatefulSet")]
+    for d in workloads:
+        pod = d["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, d["metadata"]["name"]
+        assert pod["securityContext"]["runAsUser"] != 0
+        for c in pod["containers"]:
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False
+            assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+            assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
+            assert c.get("readinessProbe") and c.get("livenessProbe"), c["name"]
+    budgets = {d["spec"]["selector"]["matchLabels"]["app"] for d in k8s_docs()
+               if d["kind"] == "PodDisruptionBudget"}
+    assert budgets == {d["spec"]["selector"]["matchLabels"]["app"] for d in workloads
+                       if d["kind"] == "Deployment"}
+
+
+def test_uploads_and_training_folders_are_on_storage_every_pod_shares():
+    (claim,) = [d for d in k8s_docs() if d["kind"] == "PersistentVolumeClaim"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    config = yaml.safe_load((DEPLOY / "cyllm.yaml").read_text())
+    mounted = {}
+    for deployment, c in k8s_containers():
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"].get("volumes", [])}
+        for m in c.get("volumeMounts", []):
+            claim_ref = volumes.get(m["name"], {}).get("persistentVolumeClaim")
+            if claim_ref:
+                assert claim_ref["claimName"] == claim["metadata"]["name"]
+                mounted[c["name"]] = m["mountPath"]
+    assert set(mounted) == {"coordinator", "worker"}
+    assert config["coordinator"]["files_dir"].startswith(mounted["coordinator"] + "/")
+    assert config["worker"]["training_dir"].startswith(mounted["worker"] + "/")
+    services = compose()["services"]
+    for name in ("coordinator", "worker-1", "worker-2"):
+        assert any(v.startswith("shared:" + mounted["worker"]) for v in services[name]["volumes"])
+
+
+def test_metrics_ports_are_declared_where_the_processes_serve_them():
+    for deployment, c in k8s_containers():
+        if c["name"] not in ("coordinator", "worker"):
+            continue
+        env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        port = int(env[f"CYLLM_{c['name'].upper()}_METRICS_PORT"])
+        assert {"containerPort": port, "name": "metrics"} in c["ports"]
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/port"] == str(port)
+
+
+def dockerfile(name: str) -> dict[str, list[str]]:
+    """Each instruction's arguments (continuation lines joined), by instruction."""
+    text = (DEPLOY / "docker" / f"{name}.Dockerfile").read_text()
+    text = re.sub(r"\\\n", " ", re.sub(r"(?m)^\s*#.*\n", "", text))
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line.strip():
+            word, _, rest = line.strip().partition(" ")
+            out.setdefault(word.upper(), []).append(rest.strip())
+    return out
+
+
+@pytest.mark.parametrize("name", ["control-plane", "cpu", "nvidia", "ascend"])
+def test_images_run_as_a_user_with_a_health_check_and_a_real_command(name):
+    import json
+
+    d = dockerfile(name)
+    assert d["USER"] == ["10001"]
+    (health,) = d["HEALTHCHECK"]
+    probe = json.loads(health.split(" CMD ", 1)[1])
+    (cmd,) = d["CMD"]
+    argv = json.loads(cmd)
+    sub, params = parse_cli(argv)
+    exposed = {int(p) for line in d["EXPOSE"] for p in line.split()}
+    assert int(params["port"]) in exposed
+    if probe[:2] == ["cyllm", "probe"]:
+        assert probe[2] == f"127.0.0.1:{params['port']}"
+    else:
+        assert f":{params['port']}/api/v1/health/live" in probe[-1]
+    installs = " ".join(d["RUN"])
+    if name == "control-plane":  # no model runtime in the gateway's image
+        assert sub == "gateway" and "pip install --no-cache-dir -c constraints.txt . " in installs + " "
+    else:
+        assert "'.[worker,train" in installs
