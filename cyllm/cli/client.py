@@ -84,8 +84,12 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
-def _table(rows: list[dict[str, Any]], columns: list[str], title: str | None = None) -> None:
-    table = Table(*columns, title=title)
+def _listing(rows: list[dict[str, Any]], columns: list[str], as_json: bool) -> None:
+    """The rows as JSON (for scripts), or a table of ``columns``."""
+    if as_json:
+        out.print_json(data=rows)
+        return
+    table = Table(*columns)
     for row in rows:
         table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
     out.print(table)
@@ -170,10 +174,7 @@ app.add_typer(models_app, name="models")
 def models_list(url: Url = DEFAULT_URL, api_key: ApiKey = None, as_json: AsJson = False) -> None:
     """What the cluster serves (loaded) and can load (available)."""
     models = Gateway(url, api_key).call("GET", "/api/v1/models")["models"]
-    if as_json:
-        out.print_json(data=models)
-        return
-    _table(models, ["id", "state", "engine", "device", "contextLength", "base"])
+    _listing(models, ["id", "state", "engine", "device", "contextLength", "base"], as_json)
 
 
 @models_app.command("load")
@@ -222,10 +223,7 @@ def files_upload(
 def files_list(url: Url = DEFAULT_URL, api_key: ApiKey = None, as_json: AsJson = False) -> None:
     """Your uploaded files."""
     files = Gateway(url, api_key).call("GET", "/v1/files")["data"]
-    if as_json:
-        out.print_json(data=files)
-        return
-    _table(files, ["id", "filename", "bytes", "purpose", "created_at"])
+    _listing(files, ["id", "filename", "bytes", "purpose", "created_at"], as_json)
 
 
 @files_app.command("delete")
@@ -300,12 +298,10 @@ def train_list(limit: Annotated[int, typer.Option(min=1, max=100, help="Newest f
                url: Url = DEFAULT_URL, api_key: ApiKey = None, as_json: AsJson = False) -> None:
     """Your fine-tuning jobs."""
     jobs = Gateway(url, api_key).call("GET", "/api/v1/training/jobs", params={"limit": limit})["jobs"]
-    if as_json:
-        out.print_json(data=jobs)
-        return
-    rows = [{**j, "step": f"{j['progress']['step']}/{j['progress']['totalSteps']}" if j["progress"] else ""}
-            for j in jobs]
-    _table(rows, ["id", "state", "baseModel", "method", "step", "fineTunedModel"])
+    rows = jobs if as_json else [
+        {**j, "step": f"{j['progress']['step']}/{j['progress']['totalSteps']}" if j["progress"] else ""}
+        for j in jobs]
+    _listing(rows, ["id", "state", "baseModel", "method", "step", "fineTunedModel"], as_json)
 
 
 @train_app.command("status")

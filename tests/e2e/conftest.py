@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import yaml
 import pytest
 
 from tests.conftest import free_ports
@@ -92,3 +93,25 @@ def _environment(changes: dict[str, str | None]) -> dict[str, str]:
 def server(tmp_path_factory) -> Iterator[Server]:
     with serving(tmp_path_factory.mktemp("serve") / "serve.log") as s:
         yield s
+
+
+DATA = Path(__file__).parents[1] / "data"
+
+
+def secured_config(folder: Path) -> Path:
+    """A config with authentication on, uploads, datasets and training in ``folder``."""
+    config = folder / "cyllm.yaml"
+    config.write_text(yaml.safe_dump({
+        "gateway": {"auth_enabled": True, "api_keys_file": str(folder / "keys.json")},
+        "coordinator": {"files_dir": str(folder / "files"), "datasets_dirs": [str(DATA)]},
+        "worker": {"training_dir": str(folder / "jobs")},
+    }))
+    return config
+
+
+def create_key(config: Path, name: str, admin: bool = False) -> str:
+    """A key made with ``cyllm keys create`` on the config's store (printed once)."""
+    out = subprocess.run([sys.executable, "-m", "cyllm", "keys", "create", "--name", name,
+                          "--config", str(config)] + (["--admin"] if admin else []),
+                         check=True, capture_output=True, text=True).stdout
+    return out.strip().splitlines()[-1]

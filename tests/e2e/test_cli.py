@@ -9,23 +9,20 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import click
 import httpx
 import pytest
 import typer.main
-import yaml
 
 from cyllm.cli import app
 from tests.conftest import free_port
-from tests.e2e.conftest import serving
+from tests.e2e.conftest import DATA, create_key, secured_config, serving
 from tests.engines.conftest import default_folder
 from tests.fakes.hub import Hub
 
 pytestmark = pytest.mark.e2e
 
-DATA = Path(__file__).parents[1] / "data"
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CAPITAL = "What is the capital of France?"
 
@@ -122,14 +119,8 @@ def test_serve_a_hub_id_downloads_once_and_chats(tmp_path):
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
-    config = tmp / "cyllm.yaml"
-    config.write_text(yaml.safe_dump({
-        "gateway": {"auth_enabled": True, "api_keys_file": str(tmp / "keys.json")},
-        "coordinator": {"files_dir": str(tmp / "files"), "datasets_dirs": [str(DATA)]},
-        "worker": {"training_dir": str(tmp / "jobs")},
-    }))
-    created = cyllm("keys", "create", "--name", "ops", "--admin", "--config", str(config)).stdout
-    admin_key = created.strip().splitlines()[-1]
+    config = secured_config(tmp)
+    admin_key = create_key(config, "ops", admin=True)
     with serving(tmp / "serve.log", config, args=[str(default_folder()), "--served-model-name", "smol",
                                                   "--engine", "transformers", "--max-batch-size", "8"]) as s:
         s.env = {"CYLLM_URL": s.base_url, "CYLLM_API_KEY": admin_key}

@@ -10,19 +10,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
-from tests.e2e.conftest import MODEL, serving
+from tests.e2e.conftest import DATA, MODEL, create_key, secured_config, serving
 
 pytestmark = pytest.mark.e2e
 
-DATA = Path(__file__).parents[1] / "data"
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 if CHROMIUM is None or CHROMEDRIVER is None:
     pytest.fail("chromium and chromedriver are needed (make browser installs Debian's)",
@@ -34,22 +30,10 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 
-def create_key(config: Path, name: str, admin: bool) -> str:
-    out = subprocess.run([sys.executable, "-m", "cyllm", "keys", "create", "--name", name,
-                          "--config", str(config)] + (["--admin"] if admin else []),
-                         check=True, capture_output=True, text=True).stdout
-    return out.strip().splitlines()[-1]
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("console")
-    config = tmp / "cyllm.yaml"
-    config.write_text(yaml.safe_dump({
-        "gateway": {"auth_enabled": True, "api_keys_file": str(tmp / "keys.json")},
-        "coordinator": {"files_dir": str(tmp / "files"), "datasets_dirs": [str(DATA)]},
-        "worker": {"training_dir": str(tmp / "jobs")},
-    }))
+    config = secured_config(tmp)
     admin, user = create_key(config, "ops", admin=True), create_key(config, "app", admin=False)
     with serving(tmp / "serve.log", config) as server:
         server.admin_key, server.user_key = admin, user

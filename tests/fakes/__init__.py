@@ -16,6 +16,37 @@ from pathlib import Path
 HERE = Path(__file__).parent
 
 
+class ThreadedServer:
+    """An ASGI app served by uvicorn on a loopback port in a thread: ``with
+    ThreadedServer(app, port) as s: s.url`` (the fake servers' common part)."""
+
+    def __init__(self, app, port: int) -> None:
+        import threading
+
+        import uvicorn
+
+        self.app = app
+        self.url = f"http://127.0.0.1:{port}"
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                                     log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def __enter__(self):
+        import time
+
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{type(self).__name__} did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.should_exit = True
+        self._thread.join(10)
+
+
 _WORDS = [" river", " stone", " light", " green", " quiet", " table", " window", " music",
           " paper", " garden", " silver", " morning", " bridge", " yellow", " forest", " ocean"]
 

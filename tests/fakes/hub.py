@@ -8,13 +8,12 @@ show that a second start downloads nothing."""
 from __future__ import annotations
 
 import hashlib
-import threading
-import time
 from pathlib import Path
 
-import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
+
+from tests.fakes import ThreadedServer
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
@@ -59,29 +58,12 @@ def app(repos: dict[str, Path]) -> FastAPI:
     return api
 
 
-class Hub:
+class Hub(ThreadedServer):
     """``with Hub({"org/name": folder}, port) as hub: hub.url``"""
 
     def __init__(self, repos: dict[str, Path], port: int) -> None:
-        self.app = app(repos)
-        self.url = f"http://127.0.0.1:{port}"
-        self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port,
-                                                     log_level="warning"))
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        super().__init__(app(repos), port)
 
     @property
     def downloads(self) -> list[str]:
         return self.app.state.downloads
-
-    def __enter__(self) -> Hub:
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("fake Hub did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._server.should_exit = True
-        self._thread.join(10)

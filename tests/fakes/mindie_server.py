@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-import time
 from pathlib import Path
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from transformers import AutoTokenizer
 
-from tests.fakes import ToyModel
+from tests.fakes import ThreadedServer, ToyModel
 
 
 def app(model_name: str, folder: Path, token_delay_s: float = 0.005) -> FastAPI:
@@ -65,25 +62,8 @@ def app(model_name: str, folder: Path, token_delay_s: float = 0.005) -> FastAPI:
     return api
 
 
-class Server:
-    """``with Server(model, folder) as s: s.url``"""
+class Server(ThreadedServer):
+    """``with Server(model, port, folder) as s: s.url``"""
 
     def __init__(self, model_name: str, port: int, folder: Path) -> None:
-        self.app = app(model_name, folder)
-        self.url = f"http://127.0.0.1:{port}"
-        self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port,
-                                                     log_level="warning"))
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-
-    def __enter__(self) -> Server:
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("fake MindIE server did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._server.should_exit = True
-        self._thread.join(10)
+        super().__init__(app(model_name, folder), port)

@@ -252,10 +252,10 @@ def test_the_shipped_deployments_are_closed_by_default():
                 if d["kind"] == "NetworkPolicy"}
     allowed = {app: {src["podSelector"]["matchLabels"]["app"] for rule in p["spec"]["ingress"]
                      for src in rule["from"] if "podSelector" in src} for app, p in policies.items()}
-    for app, p in policies.items():  # other sources (Prometheus) reach only metrics ports
+    for name, p in policies.items():  # other sources (Prometheus) reach only metrics ports
         for rule in p["spec"]["ingress"]:
             if any("podSelector" not in src for src in rule["from"]):
-                assert {port["port"] for port in rule["ports"]} <= {9150, 9151}, app
+                assert {port["port"] for port in rule["ports"]} <= {9150, 9151}, name
     assert allowed == {"cyllm-coordinator": {"cyllm-gateway", "cyllm-worker"},
                        "cyllm-worker": {"cyllm-coordinator"},
                        "redis": {"cyllm-coordinator", "cyllm-gateway"}}
