@@ -307,8 +307,12 @@ def test_overlays_render_with_kubectl_where_it_is_installed(overlay):
     ours = {(d["kind"], d["metadata"]["name"]): d for d in rendered(overlay)}
     theirs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out) if d}
     assert ours.keys() == theirs.keys()
+    import kubernetes_validate
+
     for key, d in theirs.items():
-        assert d["spec"] == ours[key]["spec"] if "spec" in d else True, key
+        if "spec" in d:
+            assert d["spec"] == ours[key]["spec"], key
+        kubernetes_validate.validate(d, K8S_VERSION, strict=True)
 
 
 def test_overlays_ask_for_their_accelerator_and_their_image():
