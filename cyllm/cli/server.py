@@ -156,9 +156,9 @@ def probe(address: Annotated[str, typer.Argument(help="HOST:PORT of a coordinato
 @app.command()
 def certs(
     out: Annotated[Path, typer.Option(help="folder for ca.pem and <role>.pem/.key")] = Path("certs"),
-    role: Annotated[Optional[list[str]], typer.Option(
+    role: Annotated[Optional[list[str]], typer.Option(metavar="ROLE",
         help="gateway, coordinator or worker (repeatable); default: all three")] = None,
-    host: Annotated[Optional[list[str]], typer.Option(
+    host: Annotated[Optional[list[str]], typer.Option(metavar="HOST",
         help="a name or address the component is dialled by (repeatable); default: this machine")] = None,
     days: Annotated[int, typer.Option(min=1, help="certificate lifetime")] = 365,
 ) -> None:
@@ -209,7 +209,7 @@ def _over_http(url: str | None, api_key: str | None, config: Path | None):
 def keys_create(
     name: Annotated[str, typer.Option(help="Who or what the key is for.")],
     admin: Annotated[bool, typer.Option(help="May manage keys and the other admin routes.")] = False,
-    model: Annotated[Optional[list[str]], typer.Option(
+    model: Annotated[Optional[list[str]], typer.Option(metavar="MODEL",
         help="A model the key may use (repeatable); default: all.", show_default=False)] = None,
     expires_in_days: Annotated[Optional[float], typer.Option(
         min=0.001, help="Lifetime; default: no expiry.", show_default=False)] = None,

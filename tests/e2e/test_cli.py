@@ -54,7 +54,10 @@ def test_version_and_help_on_every_option():
     walk(root, "cyllm")
     assert not missing, missing
     shown = cyllm("train", "submit", "--help", env={"COLUMNS": "200"}).stdout
-    assert "--validation-file" in shown and "list[" not in shown
+    assert "--validation-file" in shown
+    for command in (["serve"], ["keys", "create"], ["certs"], ["gateway"], ["chat"]):
+        shown = cyllm(*command, "--help", env={"COLUMNS": "200"}).stdout
+        assert "list[" not in shown and "Optional" not in shown, (command, shown)
 
 
 def test_serve_refuses_what_it_cannot_serve(tmp_path):
