@@ -18,6 +18,7 @@ from typing import Annotated, Any, Optional
 import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cyllm.cli.root import app
@@ -31,6 +32,19 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 
 err = Console(stderr=True)
 out = Console()
+
+# What a server streams is printed as text: control characters (escape sequences that
+# could move the cursor, retitle or clear the terminal) are dropped, newlines and tabs kept.
+_CONTROL = {c: None for c in [*range(0x00, 0x09), *range(0x0b, 0x20), *range(0x7f, 0xa0)]}
+
+
+def printable(text: str) -> str:
+    return text.translate(_CONTROL)
+
+
+def _e(value: object) -> str:
+    """A server's value inside rich markup: printable, and never read as markup."""
+    return escape(printable(str(value)))
 
 
 class Gateway:
@@ -80,7 +94,7 @@ def _message(reply: httpx.Response) -> str:
 
 
 def _fail(message: str) -> None:
-    err.print(f"[red]error:[/] {message}", highlight=False)
+    err.print(f"[red]error:[/] {_e(message)}", highlight=False)
     raise typer.Exit(1)
 
 
@@ -120,7 +134,7 @@ def chat(
         model = served[0]["id"]
     interactive = sys.stdin.isatty()
     if interactive:
-        err.print(f"[bold]{model}[/] at {url} — /reset, /exit", highlight=False)
+        err.print(f"[bold]{_e(model)}[/] at {_e(url)} — /reset, /exit", highlight=False)
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     while True:
         try:
@@ -152,7 +166,7 @@ def chat(
                 if piece and first is None:
                     first = time.perf_counter()
                 answer.append(piece)
-                sys.stdout.write(piece)
+                sys.stdout.write(printable(piece))
                 sys.stdout.flush()
         sys.stdout.write("\n")
         sys.stdout.flush()
@@ -160,7 +174,7 @@ def chat(
         if usage and first is not None:
             took = time.perf_counter() - first
             rate = usage["completion_tokens"] / took if took > 0 else 0.0
-            err.print(f"[dim]{usage['completion_tokens']} tokens, first after "
+            err.print(f"[dim]{_e(usage['completion_tokens'])} tokens, first after "
                       f"{(first - start) * 1000:.0f} ms, {rate:.1f} tokens/s[/]", highlight=False)
 
 
@@ -189,7 +203,7 @@ def models_load(
     body = {k: v for k, v in {"adapterPath": adapter_path, "workerId": worker}.items() if v}
     reply = Gateway(url, api_key).call("POST", f"/api/v1/models/{model}/load", json=body)
     evicted = f" (unloaded {', '.join(reply['evicted'])})" if reply["evicted"] else ""
-    out.print(f"loaded {model} on {reply['workerId']}{evicted}", highlight=False)
+    out.print(f"loaded {_e(model)} on {_e(reply['workerId'])}{_e(evicted)}", highlight=False)
 
 
 @models_app.command("unload")
@@ -197,7 +211,7 @@ def models_unload(model: Annotated[str, typer.Argument(help="A loaded model id."
                   url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
     """Unload a model from every worker (admin)."""
     reply = Gateway(url, api_key).call("POST", f"/api/v1/models/{model}/unload")
-    out.print(f"unloaded {model} from {', '.join(reply['workerIds']) or 'no worker'}", highlight=False)
+    out.print(f"unloaded {_e(model)} from {_e(', '.join(reply['workerIds']) or 'no worker')}", highlight=False)
 
 
 # -- files --------------------------------------------------------------------------------
@@ -231,7 +245,7 @@ def files_delete(file_id: Annotated[str, typer.Argument(help="A file id (file-�
                  url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
     """Delete an uploaded file."""
     Gateway(url, api_key).call("DELETE", f"/v1/files/{file_id}")
-    out.print(f"deleted {file_id}")
+    out.print(f"deleted {_e(file_id)}")
 
 
 # -- training -----------------------------------------------------------------------------
@@ -313,17 +327,17 @@ def train_status(job_id: Annotated[str, typer.Argument(help="A job id.")],
         out.print_json(data=job)
         return
     p = job["progress"] or {}
-    out.print(f"[bold]{job['id']}[/] {job['state']}: {job['method']} on {job['baseModel']}",
+    out.print(f"[bold]{_e(job['id'])}[/] {_e(job['state'])}: {_e(job['method'])} on {_e(job['baseModel'])}",
               highlight=False)
     if p:
-        out.print(f"step {p['step']}/{p['totalSteps']}, loss {p['loss']}, "
+        out.print(f"step {_e(p['step'])}/{_e(p['totalSteps'])}, loss {_e(p['loss'])}, "
                   f"{p['tokensPerSecond']:.0f} tokens/s", highlight=False)
     for c in job["checkpoints"]:
-        out.print(f"checkpoint step {c['step']}: {c['path']}", highlight=False)
+        out.print(f"checkpoint step {_e(c['step'])}: {_e(c['path'])}", highlight=False)
     if job["fineTunedModel"]:
-        out.print(f"result: {job['fineTunedModel']}", highlight=False)
+        out.print(f"result: {_e(job['fineTunedModel'])}", highlight=False)
     if job["error"]:
-        out.print(f"[red]{job['error']['code']}: {job['error']['message']}[/]", highlight=False)
+        out.print(f"[red]{_e(job['error']['code'])}: {_e(job['error']['message'])}[/]", highlight=False)
 
 
 @train_app.command("cancel")
@@ -331,7 +345,7 @@ def train_cancel(job_id: Annotated[str, typer.Argument(help="A job id.")],
                  url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
     """Stop a queued or running job."""
     job = Gateway(url, api_key).call("POST", f"/api/v1/training/cancel/{job_id}")
-    out.print(f"{job['id']} {job['state']}")
+    out.print(f"{_e(job['id'])} {_e(job['state'])}")
 
 
 @train_app.command("watch")
@@ -370,7 +384,7 @@ def _watch(gw: Gateway, job_id: str) -> int:
                 _fail(event["error"]["message"])
             if kind == "state":
                 state = event["state"]
-                bar.update(task, state=state)
+                bar.update(task, state=_e(state))
             elif kind == "metrics":
                 p = event["progress"]
                 if p.get("loss") is not None:
@@ -379,11 +393,11 @@ def _watch(gw: Gateway, job_id: str) -> int:
                            loss=f"{p['loss']:.4f}" if p.get("loss") is not None else "-",
                            rate=f"{p['tokensPerSecond']:.0f}", spark=sparkline(losses))
             elif kind in ("message", "checkpoint") and event.get("message"):
-                bar.console.print(f"[dim]{event['message']}[/]", highlight=False)
+                bar.console.print(f"[dim]{_e(event['message'])}[/]", highlight=False)
     job = gw.call("GET", f"/api/v1/training/status/{job_id}")
     if job["state"] == "succeeded":
-        out.print(f"{job_id} succeeded: {job['fineTunedModel']}", highlight=False)
+        out.print(f"{_e(job_id)} succeeded: {_e(job['fineTunedModel'])}", highlight=False)
         return 0
     reason = f": {job['error']['message']}" if job["error"] else ""
-    out.print(f"{job_id} {job['state']}{reason}", highlight=False)
+    out.print(f"{_e(job_id)} {_e(job['state'])}{_e(reason)}", highlight=False)
     return 1

@@ -1,4 +1,5 @@
-"""``cyllm serve MODEL``: what MODEL names, and the id it is served under."""
+"""``cyllm serve MODEL``: what MODEL names, and the id it is served under; and the
+client commands printing a server's text as text."""
 
 from __future__ import annotations
 
@@ -37,3 +38,20 @@ def test_a_bad_flag_value_is_refused_with_the_spec_message(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(SourceError, match="dtype"):
         model_spec(str(tmp_path), None, dtype="float8")
+
+
+def test_chat_prints_a_servers_text_without_terminal_control_sequences():
+    from cyllm.cli.client import printable
+
+    assert printable("Paris\x1b]0;pwned\x07\x1b[2J.\n\tok\r\x9b") == "Paris]0;pwned[2J.\n\tok"
+
+
+def test_server_text_in_the_clis_markup_is_text(capsys):
+    from rich.console import Console
+
+    from cyllm.cli.client import _e
+
+    console = Console(force_terminal=False, width=200)
+    hostile = "bad [/] value [bold]x[/bold] \x1b[2J"
+    console.print(f"[red]error:[/] {_e(hostile)}")
+    assert "bad [/] value [bold]x[/bold] [2J" in capsys.readouterr().out
