@@ -1,6 +1,7 @@
-"""docs/configuration-reference.md is generated from the settings models: it must be
-what they render now (run `make docs` after changing a setting), and every setting
-must say what it is for."""
+"""The docs against the code: docs/configuration-reference.md is generated from the
+settings models and must be what they render now (run `make docs` after changing a
+setting); every setting says what it is for; every route is in docs/api.md; every
+local link resolves."""
 
 from __future__ import annotations
 
@@ -42,3 +43,17 @@ def test_every_route_is_in_the_api_reference():
              for p in create_app(GatewaySettings()).openapi()["paths"]}
     named = set(re.findall(r"(/[\w/{}.-]+)", table))
     assert sorted(paths - named) == []
+
+
+def test_every_local_link_in_the_docs_resolves():
+    import re
+
+    root = REFERENCE.parents[1]
+    pages = [root / "README.md", root / "SECURITY.md", *sorted((root / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if not target.startswith(("http://", "https://", "mailto:")) \
+                    and not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(root)} -> {target}")
+    assert broken == []
