@@ -105,7 +105,7 @@ def _listing(rows: list[dict[str, Any]], columns: list[str], as_json: bool) -> N
         return
     table = Table(*columns)
     for row in rows:
-        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
+        table.add_row(*("" if row.get(c) is None else _e(row.get(c)) for c in columns))
     out.print(table)
 
 
