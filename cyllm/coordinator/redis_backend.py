@@ -438,24 +438,29 @@ class RedisScheduler(Scheduler):
     async def release(self, task: Task, worker_id: str, keep: Keep | None = None) -> None:
         keys = [P + f"w:{worker_id}", P + f"task:{task.task_id}", P + "leases"]
         args = [task.task_id, PUMP_CHANNEL]
-        if keep is not None and keep.cache.enabled and keep.cache.redis is self.r:
-            # Release and cache store in one pipeline by the scripts' hashes: one round
-            # trip (redis-py's own script pipelining checks the scripts first: two).
-            pipe = self.r.pipeline(transaction=False)
-            pipe.evalsha(self._release.sha, len(keys), *keys, *args)
-            keep.cache.queue_put(pipe, keep.key, keep.value)  # type: ignore[attr-defined]
-            try:
-                await pipe.execute()
-            except NoScriptError:  # a Redis that lost its scripts: again, loading them
-                await self._release(keys=keys, args=args)  # (releasing twice is a no-op)
-                await keep.cache.put(keep.key, keep.value)
-        else:
+        if keep is None or not await self._release_keeping(keys, args, keep):
             await self._release(keys=keys, args=args)
             if keep is not None:
                 await keep.cache.put(keep.key, keep.value)
         for record in self._view.records if self._view else ():
             if record.worker_id == worker_id:
                 record.outstanding = max(0, record.outstanding - 1)
+
+    async def _release_keeping(self, keys: list[str], args: list, keep: Keep) -> bool:
+        """Release and cache store in one pipeline by the scripts' hashes: one round trip
+        (redis-py's own script pipelining checks the scripts first: two).  False where it
+        cannot (a cache elsewhere, a Redis that lost its scripts): the caller does both by
+        name (releasing twice is a no-op)."""
+        if not (keep.cache.enabled and keep.cache.redis is self.r):
+            return False
+        pipe = self.r.pipeline(transaction=False)
+        pipe.evalsha(self._release.sha, len(keys), *keys, *args)
+        keep.cache.queue_put(pipe, keep.key, keep.value)  # type: ignore[attr-defined]
+        try:
+            await pipe.execute()
+        except NoScriptError:
+            return False
+        return True
 
     async def renew(self, task: Task) -> None:
         await self._renew(keys=[P + "leases"], args=[task.task_id, self.lease_ms])

@@ -129,12 +129,10 @@ async def _choice_frames(gen: Generation, kind: str, rid: str, created: int, mod
             finish = event.outcome.finish_reason
             if tools is not None:
                 message, finish = _answer("".join(pieces), finish, tools)
-                if calls is not None:  # streamed as they came
-                    message = AssistantMessage(content=None)
-                if message.tool_calls:
+                if calls is None and message.tool_calls:  # auto: known only now, sent whole
                     deltas = [{"index": n, **c.model_dump()} for n, c in enumerate(message.tool_calls)]
                     yield chunk(kind, rid, created, model, delta={"tool_calls": deltas}, index=i)
-                elif message.content:
+                elif calls is None and message.content:
                     yield chunk(kind, rid, created, model, delta={"content": message.content}, index=i)
             yield chunk(kind, rid, created, model, finish_reason=finish, index=i)
         elif tools is not None:

@@ -21,12 +21,7 @@ class EmbeddingEngine(AbstractEngine):
     def __init__(self, spec: ModelSpec, model_dir: Path) -> None:
         self.spec = spec
         self.tracker = RequestTracker()
-        device = spec.device
-        if device == "auto":
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.embedder = embedder_for(spec, model_dir, device)
+        self.embedder = embedder_for(spec, model_dir, spec.device)
 
     async def load(self) -> ModelCard:
         try:

@@ -157,8 +157,11 @@ class FolderEmbedder:
 
 
 def embedder_for(spec: ModelSpec, folder: Path, device: str) -> FolderEmbedder:
-    """``spec``'s weights as an embedder on ``device`` ('cpu' or an accelerator), in its
-    dtype (``auto``: bfloat16 on accelerators and on CPUs with native bfloat16)."""
+    """``spec``'s weights as an embedder on ``device`` ('cpu', an accelerator, or 'auto':
+    CUDA where there is one), in its dtype (``auto``: bfloat16 on accelerators and on
+    CPUs with native bfloat16)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = spec.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device != "cpu" or cpu_has_bfloat16() else "float32"
