@@ -101,7 +101,7 @@ async def test_each_tenant_sees_only_its_own_files_and_jobs(tenants):
     job = r.json()["id"]
     for method, url in (("GET", f"/v1/fine_tuning/jobs/{job}"), ("POST", f"/v1/fine_tuning/jobs/{job}/cancel"),
                         ("GET", f"/v1/fine_tuning/jobs/{job}/events"), ("GET", f"/api/v1/training/status/{job}"),
-                        ("POST", f"/api/v1/training/cancel/{job}")):
+                        ("GET", f"/api/v1/training/plot/{job}"), ("POST", f"/api/v1/training/cancel/{job}")):
         theirs = await tenants.http.request(method, url, headers=h(tenants, "bob"))
         assert theirs.status_code == 404, (url, theirs.text)
     assert job not in (await tenants.http.get("/v1/fine_tuning/jobs", headers=h(tenants, "bob"))).text
