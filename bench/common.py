@@ -55,12 +55,13 @@ def tagged(n: int) -> list[str]:
 
 @contextmanager
 def process(cmd: list[str], health: str, env: dict[str, str] | None = None, timeout: float = 600):
-    """``cmd`` started, waited for until ``health`` answers 200, stopped by its pid."""
+    """``cmd`` started, waited for until ``health`` answers 200 (not at all when empty),
+    stopped by its pid."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, **(env or {})})
     try:
         deadline = time.monotonic() + timeout
-        while True:
+        while health:
             if proc.poll() is not None:
                 raise RuntimeError(f"{cmd[:4]} exited with {proc.returncode}")
             try:

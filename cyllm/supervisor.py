@@ -1,8 +1,12 @@
 """``cyllm serve``: the embedded default, all three components on one machine.
 
-Each component runs as its own process (``cyllm coordinator``, ``cyllm worker``,
-``cyllm gateway``) talking gRPC over loopback, so the path that runs here is the path
-that runs in a distributed deployment.
+Two processes talking gRPC over loopback: the gateway, hosting the coordinator
+(``cyllm gateway --embed-coordinator``: generations reach it without a network hop, and
+its gRPC server takes the worker's registration and the tools' calls), and the worker
+(``cyllm worker``), whose engine a crash or the kernel's OOM killer may take away
+without taking the HTTP front with it.  A distributed deployment runs the same two
+kinds of process (docs/deployment.md); a coordinator may also run alone
+(``cyllm coordinator``) for gateways that call it over gRPC.
 
 The internal plane is authenticated here too: unless the config names credentials,
 the supervisor makes a random token for this run and hands it to its three children
@@ -68,11 +72,10 @@ def run(host: str, port: int, coordinator_port: int, worker_port: int,
     cfg = ["--config", str(config)] if config else []
     coordinator = f"127.0.0.1:{coordinator_port}"
     children = [
-        Child("coordinator", _cmd("coordinator", "--host", "127.0.0.1", "--port", str(coordinator_port), *cfg)),
+        Child("gateway", _cmd("gateway", "--host", host, "--port", str(port),
+                              "--embed-coordinator", coordinator, *cfg)),
         Child("worker", _cmd("worker", "--host", "127.0.0.1", "--port", str(worker_port),
                              "--coordinator", coordinator, *cfg)),
-        Child("gateway", _cmd("gateway", "--host", host, "--port", str(port),
-                              "--coordinator", coordinator, *cfg)),
     ]
     env = internal_env(config)
     if models is not None:  # the environment wins over the config file's models

@@ -94,15 +94,33 @@ def serve(
 
 
 @app.command()
-def gateway(host: Host = None, port: Port = None, config: ConfigFile = None,
-            coordinator: Coordinators = None) -> None:
+def gateway(
+    host: Host = None,
+    port: Port = None,
+    config: ConfigFile = None,
+    coordinator: Coordinators = None,
+    embed_coordinator: Annotated[Optional[str], typer.Option(
+        metavar="HOST:PORT", show_default=False,
+        help="Run a coordinator inside this process, its gRPC server on HOST:PORT (for "
+        "workers and tools); the gateway calls it without a network hop.")] = None,
+) -> None:
     """Run the HTTP gateway (default port 8080)."""
+    from cyllm.coordinator.settings import CoordinatorSettings
     from cyllm.gateway.main import serve as run
     from cyllm.gateway.settings import GatewaySettings
 
     setup_logging()
-    run(_load(GatewaySettings, config, host=host, port=port, coordinators=coordinator or None),
-        _plane(config))
+    settings = _load(GatewaySettings, config, host=host, port=port,
+                     coordinators=coordinator or None, embedded_coordinator=embed_coordinator)
+    hosted = None
+    if settings.embedded_coordinator:
+        chost, _, cport = settings.embedded_coordinator.rpartition(":")
+        if not chost or not cport.isdigit():
+            typer.echo(f"error: embedded_coordinator: {settings.embedded_coordinator!r} is not "
+                       "HOST:PORT", err=True)
+            raise typer.Exit(2)
+        hosted = _load(CoordinatorSettings, config, host=chost, port=int(cport))
+    run(settings, _plane(config), hosted)
 
 
 @app.command()

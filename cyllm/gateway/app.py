@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
@@ -25,7 +26,13 @@ from cyllm.gateway.openai.responses import router as responses_router
 from cyllm.gateway.openai.router import router as openai_router
 from cyllm.gateway.ratelimit import RateLimiter
 from cyllm.gateway.settings import GatewaySettings
+from cyllm.protocol.local import LocalStub
 from cyllm.protocol.plane import Plane, load_plane
+from cyllm.shared_state import unreachable
+
+if TYPE_CHECKING:
+    from cyllm.coordinator.settings import CoordinatorSettings
+
 
 def key_store(settings: GatewaySettings) -> KeyStore:
     """Redis when configured (shared by every gateway), else the JSON file."""
@@ -37,19 +44,35 @@ def key_store(settings: GatewaySettings) -> KeyStore:
 
 
 def create_app(settings: GatewaySettings, client: CoordinatorClient | None = None,
-               plane: Plane | None = None) -> FastAPI:
+               plane: Plane | None = None,
+               coordinator_settings: CoordinatorSettings | None = None) -> FastAPI:
+    """``coordinator_settings``: a coordinator to host in this process
+    (``embedded_coordinator``), started and stopped with the app (in its event loop, which
+    its gRPC server needs); the gateway then calls it in-process."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.client = client or CoordinatorClient(
-            settings.coordinators, plane or load_plane(), settings.request_timeout_s)
-        app.state.keys = key_store(settings)
-        app.state.auth = Authenticator(settings, app.state.keys)
-        app.state.limiter = RateLimiter(settings)
-        try:
+        async with AsyncExitStack() as stack:
+            app.state.coordinator = None
+            if coordinator_settings is not None:
+                from cyllm.coordinator.main import CoordinatorServer
+
+                coordinator = CoordinatorServer(coordinator_settings, plane or load_plane())
+                port = await coordinator.start()
+                stack.push_async_callback(coordinator.stop)
+                app.state.coordinator = coordinator
+                app.state.client = client or CoordinatorClient(
+                    [f"{coordinator_settings.host}:{port}"], coordinator.plane,
+                    settings.request_timeout_s, local=LocalStub(coordinator.service, unreachable))
+            else:
+                app.state.client = client or CoordinatorClient(
+                    settings.coordinators, plane or load_plane(), settings.request_timeout_s)
+            stack.push_async_callback(app.state.client.close)
+            app.state.keys = key_store(settings)
+            app.state.auth = Authenticator(settings, app.state.keys)
+            app.state.limiter = RateLimiter(settings)
+            stack.push_async_callback(app.state.limiter.close)
             yield
-        finally:
-            await app.state.client.close()
-            await app.state.limiter.close()
 
     app = FastAPI(
         title="CY-LLM Gateway",

@@ -22,6 +22,7 @@ from cyllm import errors
 from cyllm.protocol import pb, rpc
 from cyllm.protocol.breaker import CircuitBreakers
 from cyllm.protocol.client import Stream, open_channel, unary
+from cyllm.protocol.local import LocalStub
 from cyllm.protocol.plane import Plane
 from cyllm.protocol.relay import Relay
 from cyllm.protocol.tenant import Tenant
@@ -35,11 +36,14 @@ Method = Callable[[rpc.CoordinatorStub], Callable[..., Awaitable[T]]]
 
 class CoordinatorClient:
     def __init__(self, addresses: list[str], plane: Plane, timeout_s: float = 600.0,
-                 breaker_failures: int = 3, breaker_cooldown_s: float = 10.0) -> None:
+                 breaker_failures: int = 3, breaker_cooldown_s: float = 10.0,
+                 local: LocalStub | None = None) -> None:
+        """``local``: the coordinator hosted in this process (``embedded_coordinator``),
+        then the only one called; ``addresses`` names it (its gRPC address)."""
         self.addresses = list(addresses)
         self.timeout_s = timeout_s
-        self._channels = [open_channel(a, plane) for a in self.addresses]
-        self._stubs = [rpc.CoordinatorStub(c) for c in self._channels]
+        self._channels = [] if local else [open_channel(a, plane) for a in self.addresses]
+        self._stubs: list[Any] = [local] if local else [rpc.CoordinatorStub(c) for c in self._channels]
         self._turn = itertools.count()
         self.breakers = CircuitBreakers(breaker_failures, breaker_cooldown_s)
         self._meta: tuple[tuple[str, str], ...] = ()  # whose calls these are

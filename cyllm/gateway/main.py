@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import uvicorn
 
@@ -11,10 +12,15 @@ from cyllm.gateway.auth import loopback
 from cyllm.gateway.settings import GatewaySettings
 from cyllm.protocol.plane import Plane
 
+if TYPE_CHECKING:
+    from cyllm.coordinator.settings import CoordinatorSettings
+
 log = logging.getLogger("cyllm.gateway")
 
 
-def serve(settings: GatewaySettings, plane: Plane) -> None:
+def serve(settings: GatewaySettings, plane: Plane,
+          coordinator: CoordinatorSettings | None = None) -> None:
+    """``coordinator``: the settings of a coordinator to host in this process."""
     if not settings.auth_enabled and not loopback(settings.host):
         log.warning(
             "gateway bound to %s without authentication: anyone who can reach it can use it, "
@@ -24,7 +30,7 @@ def serve(settings: GatewaySettings, plane: Plane) -> None:
     if settings.tls_cert_file is not None:
         tls = {"ssl_certfile": str(settings.tls_cert_file), "ssl_keyfile": str(settings.tls_key_file)}
     config = uvicorn.Config(
-        create_app(settings, plane=plane),
+        create_app(settings, plane=plane, coordinator_settings=coordinator),
         host=settings.host,
         port=settings.port,
         log_config=None,  # uvicorn's loggers go through ours (runtime.setup_logging)

@@ -19,6 +19,10 @@ class GatewaySettings(ComponentSettings):
     port: int = Field(8080, ge=0, le=65535, description="HTTP port (0 picks a free one)")
     coordinators: list[str] = Field(default_factory=lambda: ["127.0.0.1:50050"], min_length=1,
                                     description="coordinators as host:port, used in turn; an unreachable one is skipped")
+    embedded_coordinator: str | None = Field(
+        None, description="host:port: run a coordinator (its own section's settings) inside "
+        "the gateway's process, serving gRPC there for workers and tools; the gateway then "
+        "calls only it, with no gRPC hop (coordinators is not used)")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger bodies get 413")
     max_upload_bytes: int = Field(512 << 20, ge=1024, description="largest POST /v1/files upload")
     request_timeout_s: float = Field(600.0, gt=0, description="whole-request limit")

@@ -7,6 +7,7 @@ carry the process's credentials of the internal plane (``plane.py``).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
@@ -41,10 +42,16 @@ class Stream(Generic[T]):
         self._call.cancel()
 
     async def __aiter__(self) -> AsyncIterator[T]:
+        replies = aiter(self._call)
         try:
-            async for reply in self._call:
+            async for reply in replies:
                 yield reply
         except grpc.aio.AioRpcError as exc:
             raise status.from_grpc(exc) from None
         finally:
+            # closed before this returns: an in-process call's servicer (protocol.local)
+            # then ends in this task, as the reader leaves
+            if (aclose := getattr(replies, "aclose", None)) is not None:
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await aclose()
             self._call.cancel()

@@ -79,7 +79,8 @@ def _translated(handler: grpc.RpcMethodHandler, guard: Guard,
         _streaming(handler.stream_stream, guard, translate), **codec)
 
 
-def _ours(exc: Exception, translate: Translate) -> errors.CyllmError | None:
+def ours(exc: Exception, translate: Translate) -> errors.CyllmError | None:
+    """``exc`` as the project's error, or None when it is not ours to explain."""
     return exc if isinstance(exc, errors.CyllmError) else translate(exc)
 
 
@@ -90,7 +91,7 @@ def _unary(behaviour: Callable[..., Awaitable[Any]], guard: Guard,
         try:
             return await behaviour(request, context)
         except Exception as exc:
-            if (err := _ours(exc, translate)) is None:
+            if (err := ours(exc, translate)) is None:
                 raise
             await status.abort(context, err)
 
@@ -107,7 +108,7 @@ def _streaming(behaviour: Callable[..., Any], guard: Guard, translate: Translate
             async for reply in behaviour(request, context):
                 yield reply
         except Exception as exc:
-            if (err := _ours(exc, translate)) is None:
+            if (err := ours(exc, translate)) is None:
                 raise
             await status.abort(context, err)
 

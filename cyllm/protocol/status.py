@@ -81,12 +81,23 @@ async def abort(context: grpc.aio.ServicerContext, err: errors.CyllmError) -> No
 
 def from_grpc(exc: grpc.aio.AioRpcError) -> errors.CyllmError:
     """Translate a failed call back into the error the peer raised."""
-    metadata = {k: v for k, v in (exc.trailing_metadata() or ())}
-    message = exc.details() or exc.code().name.lower()
+    return _received(exc.code(), exc.details() or exc.code().name.lower(),
+                     exc.trailing_metadata() or ())
+
+
+def as_received(err: errors.CyllmError) -> errors.CyllmError:
+    """``err`` as a caller across the plane gets it, ``from_grpc`` of ``to_grpc`` — for a
+    call made in-process (``local.py``), which must fail exactly as a remote one."""
+    code, details, metadata = to_grpc(err)
+    return _received(code, details or code.name.lower(), metadata)
+
+
+def _received(code: grpc.StatusCode, message: str, trailing) -> errors.CyllmError:
+    metadata = {k: v for k, v in trailing}
     cls = _BY_CODE.get(str(metadata.get(ERROR_KEY, "")))
     if cls is None:
-        cls = _FROM_BARE_STATUS.get(exc.code(), errors.EngineError)
-        if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        cls = _FROM_BARE_STATUS.get(code, errors.EngineError)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             message = f"the request is too large to pass between components ({message})"
     if cls is errors.Overloaded:
         return errors.Overloaded(message, retry_after=float(metadata.get(RETRY_AFTER_KEY, 1)))

@@ -32,16 +32,38 @@ def fake_model(model_id: str = "fake", **kw: Any) -> ModelSpec:
 
 
 @pytest.fixture
-async def make_stack() -> AsyncIterator[Any]:
+def hosted() -> bool:
+    """Whether the gateway hosts the coordinator in its process (``embedded_coordinator``)
+    rather than calling it over gRPC; a module runs its tests both ways with
+    ``pytestmark = BOTH_WAYS``."""
+    return False
+
+
+BOTH_WAYS = pytest.mark.parametrize("hosted", [False, True], ids=["over-grpc", "hosted"])
+
+
+@pytest.fixture
+async def make_stack(hosted: bool) -> AsyncIterator[Any]:
     started: list[Any] = []
 
     async def make(models: list[ModelSpec] | None = None, metrics_port: int | None = None,
                    gateway: dict[str, Any] | None = None, worker: dict[str, Any] | None = None,
                    **coordinator_kw: Any) -> Stack:
-        coordinator = CoordinatorServer(CoordinatorSettings(port=0, metrics_port=metrics_port,
-                                                            **coordinator_kw))
-        cport = await coordinator.start()
-        started.append(coordinator)
+        coordinator_settings = CoordinatorSettings(port=0, metrics_port=metrics_port, **coordinator_kw)
+        app = None
+        if hosted:  # the app's lifespan starts the coordinator: the worker needs its port
+            app = create_app(GatewaySettings(embedded_coordinator="127.0.0.1:0", max_body_bytes=4096,
+                                             **(gateway or {})),
+                             coordinator_settings=coordinator_settings)
+            lifespan = app.router.lifespan_context(app)
+            await lifespan.__aenter__()
+            started.append(lifespan)
+            coordinator = app.state.coordinator
+            cport = coordinator.port
+        else:
+            coordinator = CoordinatorServer(coordinator_settings)
+            cport = await coordinator.start()
+            started.append(coordinator)
         address = f"127.0.0.1:{cport}"
         worker = WorkerServer(WorkerSettings(port=0, coordinators=[address], drain_timeout_s=2,
                                              metrics_port=metrics_port,
@@ -52,10 +74,12 @@ async def make_stack() -> AsyncIterator[Any]:
             if await coordinator.scheduler.workers():
                 break
             await asyncio.sleep(0.05)
-        app = create_app(GatewaySettings(coordinators=[address], max_body_bytes=4096, **(gateway or {})))
-        lifespan = app.router.lifespan_context(app)
-        await lifespan.__aenter__()
-        started.append(lifespan)
+        if app is None:
+            app = create_app(GatewaySettings(coordinators=[address], max_body_bytes=4096,
+                                             **(gateway or {})))
+            lifespan = app.router.lifespan_context(app)
+            await lifespan.__aenter__()
+            started.append(lifespan)
         http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
         started.append(http)
         return Stack(coordinator, worker, http, app)

@@ -9,17 +9,18 @@ import json
 
 import uvicorn
 
-from cyllm.gateway.app import create_app
-from cyllm.gateway.settings import GatewaySettings
 from tests.conftest import free_port
-from tests.integration.conftest import fake_model
+from tests.integration.conftest import BOTH_WAYS, fake_model
+
+pytestmark = BOTH_WAYS
 
 
 async def test_a_client_that_hangs_up_stops_its_generation(make_stack):
     stack = await make_stack([fake_model(engine_args={"token_delay_s": 0.05})])
-    app = create_app(GatewaySettings(coordinators=[f"127.0.0.1:{stack.coordinator.port}"]))
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    # the stack's app, its lifespan already entered by the fixture
+    server = uvicorn.Server(uvicorn.Config(stack.app, host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="off"))
     task = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.02)
@@ -41,6 +42,11 @@ async def test_a_client_that_hangs_up_stops_its_generation(make_stack):
                 break
             await asyncio.sleep(0.1)
         assert engine.health().running == 0, "the generation kept running for nobody"
+        for _ in range(50):  # and the coordinator gave its slot back
+            if not any(w.record.outstanding for w in await stack.coordinator.scheduler.workers()):
+                break
+            await asyncio.sleep(0.05)
+        assert not any(w.record.outstanding for w in await stack.coordinator.scheduler.workers())
     finally:
         server.should_exit = True
         await task

@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from tests.integration.conftest import fake_model
+from tests.integration.conftest import BOTH_WAYS, fake_model
+
+pytestmark = BOTH_WAYS
 
 CHAT = "/v1/chat/completions"
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.integration.conftest import fake_model
+from tests.integration.conftest import BOTH_WAYS, fake_model
+
+pytestmark = BOTH_WAYS
 
 BODY = {"model": "fake", "prompt": "hello", "max_tokens": 8}
 

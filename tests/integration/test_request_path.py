@@ -9,7 +9,9 @@ import httpx
 
 from cyllm.gateway.app import create_app
 from cyllm.gateway.settings import GatewaySettings
-from tests.integration.conftest import fake_model
+from tests.integration.conftest import BOTH_WAYS, fake_model
+
+pytestmark = BOTH_WAYS
 
 USER = [{"role": "user", "content": "hello there"}]
 

@@ -9,7 +9,9 @@ from cyllm.protocol import pb
 from tests.conftest import free_port
 from cyllm.worker.main import WorkerServer
 from cyllm.worker.settings import WorkerSettings
-from tests.integration.conftest import fake_model
+from tests.integration.conftest import BOTH_WAYS, fake_model
+
+pytestmark = BOTH_WAYS
 
 
 async def test_a_dead_worker_is_skipped_and_its_circuit_opens(make_stack):

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from cyllm.coordinator.datasets import REFUSED
-from tests.integration.conftest import fake_model
+from tests.integration.conftest import BOTH_WAYS, fake_model
+
+pytestmark = BOTH_WAYS
 
 FACTS = Path(__file__).parents[1] / "data" / "facts.jsonl"
 
