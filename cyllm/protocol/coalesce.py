@@ -8,22 +8,46 @@ unchanged, one that lags gets fewer, larger messages instead of a growing backlo
 way vLLM's output collector merges pending outputs.  The text, the ids and the usage are
 exactly those of the stream.  Closing the merged stream closes the source (an engine
 then aborts the request), as closing the source itself would.
+
+It merges gRPC messages by default; the worker merges its engine's events before they
+become messages (``is_delta``/``join``), so a lagging stream costs one message built
+per batch of tokens, not one per token.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from cyllm.protocol import pb
 
+T = TypeVar("T")
 _END = object()
 
 
-async def coalesced(events: AsyncIterator[pb.GenerateResponse],
-                    ahead: int = 256) -> AsyncIterator[pb.GenerateResponse]:
-    """``events`` with deltas merged while unread; at most ``ahead`` messages buffered."""
+def is_delta(msg: object) -> bool:
+    return isinstance(msg, pb.GenerateResponse) and msg.WhichOneof("event") == "delta"
+
+
+def joined(run: list[pb.GenerateResponse]) -> pb.GenerateResponse:
+    """One delta message for consecutive ones."""
+    merged = pb.GenerateResponse()
+    delta = merged.delta
+    delta.text = "".join(m.delta.text for m in run)
+    for m in run:
+        delta.token_ids.extend(m.delta.token_ids)
+        if m.delta.logprobs:
+            delta.logprobs.extend(m.delta.logprobs)
+    return merged
+
+
+async def coalesced(events: AsyncIterator[T], ahead: int = 256, *,
+                    is_delta: Callable[[Any], bool] = is_delta,
+                    join: Callable[[list[Any]], Any] = joined) -> AsyncIterator[T]:
+    """``events`` with deltas (``is_delta``) merged (``join``) while unread; at most
+    ``ahead`` items buffered."""
     buffer: asyncio.Queue[object] = asyncio.Queue(ahead)
 
     async def read() -> None:
@@ -43,7 +67,7 @@ async def coalesced(events: AsyncIterator[pb.GenerateResponse],
             items = [await buffer.get()]
             while not buffer.empty() and len(items) < ahead:
                 items.append(buffer.get_nowait())
-            for msg in _merged(items):
+            for msg in _merged(items, is_delta, join):
                 if msg is _END:
                     return
                 if isinstance(msg, BaseException):
@@ -59,19 +83,20 @@ async def coalesced(events: AsyncIterator[pb.GenerateResponse],
                 await aclose()
 
 
-def _merged(items: list[object]) -> list[object]:
+def _merged(items: list[object], is_delta: Callable[[Any], bool],
+            join: Callable[[list[Any]], Any]) -> list[object]:
+    """``items`` with each run of consecutive deltas made one (in one pass: a lagging
+    reader's run may be hundreds long)."""
     out: list[object] = []
+    run: list[object] = []
     for item in items:
-        last = out[-1] if out else None
-        if (isinstance(item, pb.GenerateResponse) and item.WhichOneof("event") == "delta"
-                and isinstance(last, pb.GenerateResponse) and last.WhichOneof("event") == "delta"):
-            merged = pb.GenerateResponse()
-            merged.delta.text = last.delta.text + item.delta.text
-            merged.delta.token_ids.extend(last.delta.token_ids)
-            merged.delta.token_ids.extend(item.delta.token_ids)
-            merged.delta.logprobs.extend(last.delta.logprobs)
-            merged.delta.logprobs.extend(item.delta.logprobs)
-            out[-1] = merged
-        else:
-            out.append(item)
+        if is_delta(item):
+            run.append(item)
+            continue
+        if run:
+            out.append(run[0] if len(run) == 1 else join(run))
+            run = []
+        out.append(item)
+    if run:
+        out.append(run[0] if len(run) == 1 else join(run))
     return out

@@ -22,7 +22,7 @@ balancers and container probes call it; it tells only SERVING or not).
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -131,11 +131,12 @@ class Plane:
     # -- calling ---------------------------------------------------------------------------
 
     def channel(self, address: str) -> grpc.aio.Channel:
-        interceptors = _token_interceptors(self.token) if self.token else None
         if self.tls is None:
-            return grpc.aio.insecure_channel(address, options=_OPTIONS, interceptors=interceptors)
-        return grpc.aio.secure_channel(address, self._credentials(), options=_OPTIONS + self._names(),
-                                       interceptors=interceptors)
+            channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
+        else:
+            channel = grpc.aio.secure_channel(address, self._credentials(),
+                                              options=_OPTIONS + self._names())
+        return _TokenChannel(channel, self.token) if self.token else channel  # type: ignore[return-value]
 
     def sync_channel(self, address: str) -> grpc.Channel:
         """A blocking channel (``cyllm probe``); the health service needs no token."""
@@ -172,26 +173,41 @@ def load_plane(config_file: Path | None = None) -> Plane:
 
 # -- the token on every outgoing call ------------------------------------------------------
 
-def _with_token(details: grpc.aio.ClientCallDetails, token: str) -> grpc.aio.ClientCallDetails:
-    metadata = grpc.aio.Metadata(*(details.metadata or ()))
-    metadata.add(AUTH_KEY, f"Bearer {token}")
-    return details._replace(metadata=metadata)
+class _TokenChannel:
+    """A channel whose every call carries the token.  Each method's callable adds it, not
+    a client interceptor: grpc.aio runs every intercepted call through an extra task and
+    iterator, about a twentieth of a request's CPU in the gateway."""
+
+    def __init__(self, channel: grpc.aio.Channel, token: str) -> None:
+        self._channel = channel
+        self._auth = ((AUTH_KEY, f"Bearer {token}"),)
+
+    def unary_unary(self, *args: Any, **kwargs: Any) -> _Authed:
+        return _Authed(self._channel.unary_unary(*args, **kwargs), self._auth)
+
+    def unary_stream(self, *args: Any, **kwargs: Any) -> _Authed:
+        return _Authed(self._channel.unary_stream(*args, **kwargs), self._auth)
+
+    def stream_unary(self, *args: Any, **kwargs: Any) -> _Authed:
+        return _Authed(self._channel.stream_unary(*args, **kwargs), self._auth)
+
+    def stream_stream(self, *args: Any, **kwargs: Any) -> _Authed:
+        return _Authed(self._channel.stream_stream(*args, **kwargs), self._auth)
+
+    def __getattr__(self, name: str) -> Any:  # close, channel_ready, get_state, ...
+        return getattr(self._channel, name)
+
+    async def __aenter__(self) -> _TokenChannel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._channel.close()
 
 
-def _token_interceptors(token: str) -> list[grpc.aio.ClientInterceptor]:
-    class Unary(grpc.aio.UnaryUnaryClientInterceptor):
-        async def intercept_unary_unary(self, continuation: Callable[..., Awaitable[Any]],
-                                        details: grpc.aio.ClientCallDetails, request: Any) -> Any:
-            return await continuation(_with_token(details, token), request)
+class _Authed:
+    def __init__(self, method: Callable[..., Any], auth: tuple[tuple[str, str], ...]) -> None:
+        self._method = method
+        self._auth = auth
 
-    class UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
-        async def intercept_unary_stream(self, continuation: Callable[..., Awaitable[Any]],
-                                         details: grpc.aio.ClientCallDetails, request: Any) -> Any:
-            return await continuation(_with_token(details, token), request)
-
-    class StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
-        async def intercept_stream_unary(self, continuation: Callable[..., Awaitable[Any]],
-                                         details: grpc.aio.ClientCallDetails, requests: Any) -> Any:
-            return await continuation(_with_token(details, token), requests)
-
-    return [Unary(), UnaryStream(), StreamUnary()]
+    def __call__(self, request: Any, *, metadata: Any = None, **kwargs: Any) -> Any:
+        return self._method(request, metadata=tuple(metadata or ()) + self._auth, **kwargs)

@@ -45,10 +45,12 @@ class WorkerService(rpc.WorkerServicer):
                 raise errors.Unavailable(f"worker {self.worker_id} is draining")
             engine, adapter = self.models.resolve(request.model)
             gen_request = dataclasses.replace(request_from_proto(request), adapter=adapter)
-            # Deltas merge while the caller lags (protocol.coalesce); closing the stream
-            # (a cancelled call: client gone) aborts the request inside the engine.
-            events = self._messages(engine.generate(gen_request), timer, rid, request.model)
-            async with aclosing(coalesced(events)) as messages:
+            # Deltas merge while the caller lags (protocol.coalesce), before they become
+            # messages; closing the stream (a cancelled call: client gone) aborts the
+            # request inside the engine.
+            events = coalesced(engine.generate(gen_request),
+                               is_delta=lambda e: isinstance(e, TextDelta), join=TextDelta.joined)
+            async with aclosing(self._messages(events, timer, rid, request.model)) as messages:
                 async for msg in messages:
                     yield msg
         except errors.CyllmError as exc:

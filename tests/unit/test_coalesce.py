@@ -78,3 +78,28 @@ async def test_an_error_arrives_after_what_came_before_it():
             got.append(m)
             await asyncio.sleep(0.001)
     assert flat(got)[2] == list(range(20))
+
+
+async def test_a_workers_engine_events_merge_before_they_become_messages():
+    """The worker merges TextDelta events (TextDelta.joined): text, ids and logprobs
+    joined in order; Started and Finished pass through untouched."""
+    from cyllm.worker.engines.types import Finished, Started, TextDelta, TokenLogprob
+
+    async def events():
+        yield Started(prompt_tokens=3)
+        for i in range(100):
+            yield TextDelta(f" w{i}", (i,), (TokenLogprob(i, -0.5, f" w{i}"),))
+            await asyncio.sleep(0)
+        yield Finished("length", 3, 100)
+
+    out = []
+    async for e in coalesced(events(), is_delta=lambda e: isinstance(e, TextDelta),
+                             join=TextDelta.joined):
+        out.append(e)
+        await asyncio.sleep(0.01 if len(out) < 3 else 0)
+    deltas = [e for e in out if isinstance(e, TextDelta)]
+    assert isinstance(out[0], Started) and out[-1] == Finished("length", 3, 100)
+    assert len(deltas) < 100
+    assert "".join(d.text for d in deltas) == "".join(f" w{i}" for i in range(100))
+    assert [i for d in deltas for i in d.token_ids] == list(range(100))
+    assert [lp.token_id for d in deltas for lp in d.logprobs] == list(range(100))

@@ -96,6 +96,13 @@ class TextDelta:
     token_ids: tuple[int, ...] = ()  # generated since the last delta (text may lag them)
     logprobs: tuple[TokenLogprob, ...] = ()  # where asked: its content tokens'
 
+    @staticmethod
+    def joined(run: list[TextDelta]) -> TextDelta:
+        """One delta for consecutive ones (a reader that lags gets them together)."""
+        return TextDelta("".join(d.text for d in run),
+                         tuple(i for d in run for i in d.token_ids),
+                         tuple(lp for d in run for lp in d.logprobs))
+
 
 @dataclass(frozen=True)
 class Finished:
