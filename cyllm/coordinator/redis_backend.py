@@ -96,6 +96,7 @@ class RedisScheduler(Scheduler):
     overfilled worker); the dispatch of queued tasks reads the pool afresh."""
 
     backend = "redis"
+    leased = True
     POLL_S = 0.25  # pump at least this often while tasks wait (pub/sub may drop wakes)
     VIEW_S = 0.25
 

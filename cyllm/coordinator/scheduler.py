@@ -65,6 +65,7 @@ def unknown_model(model: str) -> errors.ModelNotFound:
 
 class Scheduler(abc.ABC):
     backend = "abstract"
+    leased = False  # a running task holds a lease its coordinator must renew
 
     def __init__(self, rules: HealthRules, router: Router, *, queue_timeout_s: float,
                  max_size: int, retry_after_s: float) -> None:

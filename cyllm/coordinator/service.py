@@ -148,7 +148,7 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
             upstream.request_id = uuid.uuid4().hex
             stream = self.workers.generate(worker.address, upstream, rid)
             log.debug("request %s -> worker %s", rid, worker.worker_id, extra={"request_id": rid})
-            renewer = asyncio.create_task(self._renew(task))
+            renewer = asyncio.create_task(self._renew(task)) if self.scheduler.leased else None
             released = False
             try:
                 async for msg in _paced(stream, self.progress_timeout_s, worker.worker_id):
@@ -182,7 +182,8 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
                 self.breakers.failed(worker.worker_id)
                 raise
             finally:
-                renewer.cancel()
+                if renewer is not None:
+                    renewer.cancel()
                 stream.cancel()
                 if not released:
                     await self._release(task, worker.worker_id)

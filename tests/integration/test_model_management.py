@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from cyllm.worker.settings import ModelSpec
 from tests.engines.conftest import default_folder
 from tests.integration.conftest import fake_model

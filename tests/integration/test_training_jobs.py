@@ -16,7 +16,6 @@ from cyllm.coordinator.main import CoordinatorServer
 from cyllm.coordinator.settings import CoordinatorSettings
 from cyllm.protocol import pb, rpc
 from cyllm.protocol.plane import load_plane
-from tests.integration.conftest import fake_model
 
 SCRIPTS = Path(__file__).parents[1] / "data" / "scripts"
 FACTS = Path(__file__).parents[1] / "data" / "facts.jsonl"

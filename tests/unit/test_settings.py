@@ -52,3 +52,13 @@ def test_a_model_needs_exactly_one_source(tmp_path):
     cfg = write(tmp_path, "models:\n  - id: x\n    path: /a\n    gguf: /b.gguf\n")
     with pytest.raises(ConfigError, match="exactly one of 'path' or 'gguf'"):
         load_settings(WorkerSettings, cfg)
+
+
+def test_an_embedded_coordinator_address_must_be_host_and_port():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "cyllm", "gateway", "--embed-coordinator", "nowhere"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "'nowhere' is not HOST:PORT" in out.stderr
