@@ -33,7 +33,7 @@ from cyllm.coordinator.workers import WorkerClients
 from cyllm.protocol.plane import Plane
 from cyllm.protocol import pb, rpc
 from cyllm.protocol.breaker import CircuitBreakers
-from cyllm.protocol.client import Stream
+from cyllm.protocol.session import SessionCall
 from cyllm.protocol.relay import Relay
 from cyllm.protocol.tenant import PUBLIC, Tenant
 from cyllm.runtime import request_id_of
@@ -310,7 +310,7 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
         await self.workers.close()
 
 
-async def _paced(stream: Stream[pb.GenerateResponse], timeout_s: float,
+async def _paced(stream: SessionCall, timeout_s: float,
                  worker_id: str) -> AsyncIterator[pb.GenerateResponse]:
     """The worker's stream; a worker silent for ``timeout_s`` is given up on."""
     iterator = aiter(stream)

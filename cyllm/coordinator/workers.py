@@ -6,6 +6,7 @@ from __future__ import annotations
 from cyllm.protocol import pb, rpc
 from cyllm.protocol.client import Stream, open_channel, unary
 from cyllm.protocol.plane import Plane
+from cyllm.protocol.session import Session, SessionCall
 from cyllm.runtime import REQUEST_ID
 
 # Loading can take minutes (vLLM's start, a GGUF conversion); unloading drains first.
@@ -17,6 +18,7 @@ class WorkerClients:
     def __init__(self, plane: Plane) -> None:
         self.plane = plane
         self._stubs: dict[str, rpc.WorkerStub] = {}
+        self._sessions: dict[str, Session] = {}
         self._channels = []
 
     def _stub(self, address: str) -> rpc.WorkerStub:
@@ -26,9 +28,14 @@ class WorkerClients:
             self._stubs[address] = rpc.WorkerStub(channel)
         return self._stubs[address]
 
-    def generate(self, address: str, request: pb.GenerateRequest,
-                 request_id: str) -> Stream[pb.GenerateResponse]:
-        return Stream(self._stub(address).Generate(request, metadata=((REQUEST_ID, request_id),)))
+    def generate(self, address: str, request: pb.GenerateRequest, request_id: str) -> SessionCall:
+        """A generation on the worker's session (``protocol/session.py``): one long-lived
+        call per worker, not a call per generation."""
+        session = self._sessions.get(address)
+        if session is None:
+            stub = self._stub(address)
+            session = self._sessions[address] = Session(lambda: stub.Session())
+        return session.generate(request, request_id)
 
     async def embed(self, address: str, request: pb.EmbedRequest, request_id: str) -> pb.EmbedResponse:
         return await unary(self._stub(address).Embed, request, timeout=EMBED_TIMEOUT_S,
@@ -45,6 +52,9 @@ class WorkerClients:
         return Stream(self._stub(address).Train(request))
 
     async def close(self) -> None:
+        for session in self._sessions.values():
+            await session.close()
+        self._sessions.clear()
         for channel in self._channels:
             await channel.close()
         self._channels.clear()

@@ -67,7 +67,7 @@ async def coalesced(events: AsyncIterator[T], ahead: int = 256, *,
             items = [await buffer.get()]
             while not buffer.empty() and len(items) < ahead:
                 items.append(buffer.get_nowait())
-            for msg in _merged(items, is_delta, join):
+            for msg in merge_runs(items, is_delta, join):
                 if msg is _END:
                     return
                 if isinstance(msg, BaseException):
@@ -83,7 +83,7 @@ async def coalesced(events: AsyncIterator[T], ahead: int = 256, *,
                 await aclose()
 
 
-def _merged(items: list[object], is_delta: Callable[[Any], bool],
+def merge_runs(items: list[object], is_delta: Callable[[Any], bool],
             join: Callable[[list[Any]], Any]) -> list[object]:
     """``items`` with each run of consecutive deltas made one (in one pass: a lagging
     reader's run may be hundreds long)."""

@@ -885,6 +885,11 @@ class WorkerStub:
                 request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/cyllm.v1.Worker/Session',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.SessionRequests.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.SessionEvents.FromString,
+                _registered_method=True)
         self.Embed = channel.unary_unary(
                 '/cyllm.v1.Worker/Embed',
                 request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.EmbedRequest.SerializeToString,
@@ -911,6 +916,12 @@ class WorkerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Session(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -948,6 +959,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.GenerateRequest.FromString,
                     response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.SessionRequests.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.SessionEvents.SerializeToString,
             ),
             'Embed': grpc.unary_unary_rpc_method_handler(
                     servicer.Embed,
@@ -997,6 +1013,33 @@ class Worker:
             '/cyllm.v1.Worker/Generate',
             cyllm_dot_protocol_dot_cyllm__pb2.GenerateRequest.SerializeToString,
             cyllm_dot_protocol_dot_cyllm__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/cyllm.v1.Worker/Session',
+            cyllm_dot_protocol_dot_cyllm__pb2.SessionRequests.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.SessionEvents.FromString,
             options,
             channel_credentials,
             insecure,

@@ -209,5 +209,6 @@ class _Authed:
         self._method = method
         self._auth = auth
 
-    def __call__(self, request: Any, *, metadata: Any = None, **kwargs: Any) -> Any:
-        return self._method(request, metadata=tuple(metadata or ()) + self._auth, **kwargs)
+    def __call__(self, *request: Any, metadata: Any = None, **kwargs: Any) -> Any:
+        # no request: a client-streaming call written to with ``write``
+        return self._method(*request, metadata=tuple(metadata or ()) + self._auth, **kwargs)

@@ -92,6 +92,22 @@ def as_received(err: errors.CyllmError) -> errors.CyllmError:
     return _received(code, details or code.name.lower(), metadata)
 
 
+_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def end_of(err: errors.CyllmError) -> tuple[int, str, dict[str, str]]:
+    """(status number, details, trailing metadata) for a call of a session
+    (``session.py``) that fails with ``err``: its ``CallEnd``."""
+    code, details, metadata = to_grpc(err)
+    return code.value[0], details, dict(metadata)
+
+
+def from_end(code: int, details: str, trailing: dict[str, str]) -> errors.CyllmError:
+    """A session call's failure (its ``CallEnd``), as ``from_grpc`` reads a status."""
+    status = _BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN)
+    return _received(status, details or status.name.lower(), trailing.items())
+
+
 def _received(code: grpc.StatusCode, message: str, trailing) -> errors.CyllmError:
     metadata = {k: v for k, v in trailing}
     cls = _BY_CODE.get(str(metadata.get(ERROR_KEY, "")))

@@ -87,6 +87,7 @@ class WorkerServer:
         # re-queues it and it resumes from its last checkpoint elsewhere.
         while time.monotonic() < deadline and any(e.health().running for e in self.engines.values()):
             await asyncio.sleep(0.1)
+        self.service.sessions.end()  # the coordinators' long-lived calls end here
         if self._server is not None:
             await self._server.stop(grace=1.0)
         if self._metrics_server is not None:

@@ -14,6 +14,7 @@ import grpc
 from cyllm import errors
 from cyllm.protocol import pb, rpc
 from cyllm.protocol.coalesce import coalesced
+from cyllm.protocol.session import Sessions
 from cyllm.runtime import request_id_of
 from cyllm.worker.convert import event_to_proto, request_from_proto
 from cyllm.worker.engines.types import Event, Finished, TextDelta
@@ -22,6 +23,11 @@ from cyllm.worker.models import ModelManager
 from cyllm.worker.training.jobs import WorkerTraining
 
 log = logging.getLogger(__name__)
+
+
+def _nothing(exc: Exception) -> None:
+    """The worker explains no foreign exception: an engine's are wrapped where raised."""
+    return None
 
 
 class WorkerService(rpc.WorkerServicer):
@@ -34,12 +40,27 @@ class WorkerService(rpc.WorkerServicer):
         self.info = info or (lambda: pb.WorkerInfo(worker_id=worker_id))
         self.training = training
         self.draining = False
+        self.sessions = Sessions()
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
+        async with aclosing(self._generate(request, request_id_of(context))) as messages:
+            async for msg in messages:
+                yield msg
+
+    async def Session(self, requests: AsyncIterator[pb.SessionRequests],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SessionEvents]:
+        """Generations as calls of one long-lived stream (``protocol/session.py``): what
+        coordinators use."""
+        async with aclosing(self.sessions.serve(requests, self._generate, _nothing)) as frames:
+            async for frame in frames:
+                yield frame
+
+    async def _generate(self, request: pb.GenerateRequest,
+                        request_id: str) -> AsyncIterator[pb.GenerateResponse]:
         timer = self.metrics.timer(request.model)
-        rid = request_id_of(context) or request.request_id
+        rid = request_id or request.request_id
         try:
             if self.draining:
                 raise errors.Unavailable(f"worker {self.worker_id} is draining")
