@@ -128,13 +128,31 @@ async def serve_session(requests: AsyncIterator[pb.SessionRequests], generate: G
             frames = [i for i in items if i is not _END]
             ending = len(frames) < len(items)
             if frames:
-                yield pb.SessionEvents(frames=frames)
+                yield pb.SessionEvents(frames=_merged_by_call(frames) if len(frames) > 1 else frames)
     finally:
         if registry is not None:
             registry.discard(out)
         reader.cancel()
         for task in list(running.values()):
             task.cancel()
+
+
+def _merged_by_call(frames: list[pb.SessionEvent]) -> list[pb.SessionEvent]:
+    """``frames`` with each call's consecutive deltas made one: a batch waiting to go
+    out is a backlog, and merges as a lagging reader's does (``coalesce.py``)."""
+    by_call: dict[int, list[pb.SessionEvent]] = {}
+    for frame in frames:
+        by_call.setdefault(frame.call, []).append(frame)
+    out: list[pb.SessionEvent] = []
+    for call, mine in by_call.items():
+        if len(mine) == 1:
+            out.append(mine[0])
+            continue
+        events = [f.event if f.WhichOneof("kind") == "event" else f for f in mine]
+        for item in merge_runs(events, is_delta, joined):
+            out.append(item if isinstance(item, pb.SessionEvent)
+                       else pb.SessionEvent(call=call, event=item))
+    return out
 
 
 # -- the coordinator's side ---------------------------------------------------------------

@@ -151,3 +151,21 @@ async def test_a_draining_worker_ends_its_sessions_and_what_still_runs_moves_on(
         await asyncio.wait_for(running, 5)
     assert (await collect(session, "next", 2))[2] == "length"
     assert worker.sessions == 2
+
+
+def test_a_batch_waiting_to_go_out_merges_each_calls_deltas_in_order():
+    from cyllm.protocol.session import _merged_by_call
+
+    def delta(call, text, i):
+        return pb.SessionEvent(call=call, event=pb.GenerateResponse(
+            delta=pb.Delta(text=text, token_ids=[i])))
+
+    frames = [pb.SessionEvent(call=1, event=pb.GenerateResponse(started=pb.Started(prompt_tokens=2))),
+              delta(1, " a", 1), delta(2, " x", 9), delta(1, " b", 2), delta(1, " c", 3),
+              pb.SessionEvent(call=1, end=pb.CallEnd()), delta(2, " y", 10)]
+    out = _merged_by_call(frames)
+    mine = [f for f in out if f.call == 1]
+    assert [f.WhichOneof("kind") for f in mine] == ["event", "event", "end"]
+    assert mine[1].event.delta.text == " a b c" and list(mine[1].event.delta.token_ids) == [1, 2, 3]
+    theirs = [f for f in out if f.call == 2]
+    assert len(theirs) == 1 and theirs[0].event.delta.text == " x y"
