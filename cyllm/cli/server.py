@@ -105,7 +105,6 @@ def gateway(
         "workers and tools); the gateway calls it without a network hop.")] = None,
 ) -> None:
     """Run the HTTP gateway (default port 8080)."""
-    from cyllm.coordinator.settings import CoordinatorSettings
     from cyllm.gateway.main import serve as run
     from cyllm.gateway.settings import GatewaySettings
 
@@ -119,6 +118,8 @@ def gateway(
             typer.echo(f"error: embedded_coordinator: {settings.embedded_coordinator!r} is not "
                        "HOST:PORT", err=True)
             raise typer.Exit(2)
+        from cyllm.coordinator.settings import CoordinatorSettings
+
         hosted = _load(CoordinatorSettings, config, host=chost, port=int(cport))
     run(settings, _plane(config), hosted)
 

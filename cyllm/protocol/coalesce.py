@@ -84,7 +84,7 @@ async def coalesced(events: AsyncIterator[T], ahead: int = 256, *,
 
 
 def merge_runs(items: list[object], is_delta: Callable[[Any], bool],
-            join: Callable[[list[Any]], Any]) -> list[object]:
+               join: Callable[[list[Any]], Any]) -> list[object]:
     """``items`` with each run of consecutive deltas made one (in one pass: a lagging
     reader's run may be hundreds long)."""
     out: list[object] = []

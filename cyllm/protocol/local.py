@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from cyllm import errors
 from cyllm.protocol import status
-from cyllm.protocol.server import Translate, ours
+from cyllm.protocol.server import Translate, explained
 
-log = logging.getLogger(__name__)
 Metadata = tuple[tuple[str, str], ...]
 
 
@@ -77,7 +75,7 @@ class LocalStub:
         except TimeoutError:
             raise errors.Unavailable("deadline exceeded") from None
         except Exception as exc:
-            raise _received(exc, self._translate) from None
+            raise status.as_received(explained(exc, self._translate)) from None
 
 
 class LocalCall:
@@ -113,7 +111,7 @@ class LocalCall:
                 except TimeoutError:
                     raise errors.Unavailable("deadline exceeded") from None
                 except Exception as exc:
-                    raise _received(exc, self._translate) from None
+                    raise status.as_received(explained(exc, self._translate)) from None
                 if self._cancelled:
                     break
                 yield reply
@@ -126,11 +124,3 @@ class LocalCall:
                 self._closed = True
                 await self._replies.aclose()  # type: ignore[attr-defined]
 
-
-def _received(exc: Exception, translate: Translate) -> errors.CyllmError:
-    """``exc`` as a remote caller would have received it."""
-    err = ours(exc, translate)
-    if err is None:  # gRPC would log it and answer UNKNOWN: the caller sees an engine error
-        log.error("unexpected error in an in-process call", exc_info=exc)
-        err = errors.EngineError(f"Unexpected {type(exc).__name__}: {exc}")
-    return status.as_received(err)

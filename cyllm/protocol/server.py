@@ -13,6 +13,7 @@ a refused caller gets a bare UNAUTHENTICATED and nothing of the handler runs.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -24,20 +25,22 @@ from cyllm.protocol.plane import SERVER_OPTIONS, Plane
 
 Guard = Callable[[grpc.aio.ServicerContext], Awaitable[None]]
 Translate = Callable[[Exception], "errors.CyllmError | None"]
+log = logging.getLogger(__name__)
 
 
-def _nothing(exc: Exception) -> None:
+def untranslated(exc: Exception) -> None:
+    """The translation of a process that explains no foreign exception."""
     return None
 
 
-def create_server(plane: Plane, translate: Translate = _nothing) -> grpc.aio.Server:
+def create_server(plane: Plane, translate: Translate = untranslated) -> grpc.aio.Server:
     # so_reuseport off: a second process must not silently share a port already bound.
     return grpc.aio.server(interceptors=[EdgeInterceptor(plane, translate)],
                            options=[("grpc.so_reuseport", 0), *SERVER_OPTIONS])
 
 
 class EdgeInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, plane: Plane, translate: Translate = _nothing) -> None:
+    def __init__(self, plane: Plane, translate: Translate = untranslated) -> None:
         self.plane = plane
         self.translate = translate
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # by method: built once
@@ -82,6 +85,17 @@ def _translated(handler: grpc.RpcMethodHandler, guard: Guard,
 def ours(exc: Exception, translate: Translate) -> errors.CyllmError | None:
     """``exc`` as the project's error, or None when it is not ours to explain."""
     return exc if isinstance(exc, errors.CyllmError) else translate(exc)
+
+
+def explained(exc: Exception, translate: Translate) -> errors.CyllmError:
+    """``exc`` as the project's error, a bug included: what a handler's unexpected
+    exception becomes where no gRPC server answers for it (an in-process call, a call
+    of a session) — logged, and the engine error a caller gets from gRPC's UNKNOWN."""
+    err = ours(exc, translate)
+    if err is None:
+        log.error("unexpected error in a handler", exc_info=exc)
+        err = errors.EngineError(f"Unexpected {type(exc).__name__}: {exc}")
+    return err
 
 
 def _unary(behaviour: Callable[..., Awaitable[Any]], guard: Guard,

@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
@@ -44,9 +43,7 @@ import grpc
 from cyllm import errors
 from cyllm.protocol import pb, status
 from cyllm.protocol.coalesce import is_delta, joined, merge_runs
-from cyllm.protocol.server import Translate, ours
-
-log = logging.getLogger(__name__)
+from cyllm.protocol.server import Translate, explained, untranslated
 
 Generate = Callable[[pb.GenerateRequest, str], AsyncIterator[pb.GenerateResponse]]
 OUTGOING = 256  # frames waiting to be sent, all calls together
@@ -66,7 +63,7 @@ class Sessions:
         self._outgoing: set[asyncio.Queue[Any]] = set()
 
     def serve(self, requests: AsyncIterator[pb.SessionRequests], generate: Generate,
-              translate: Translate) -> AsyncIterator[pb.SessionEvents]:
+              translate: Translate = untranslated) -> AsyncIterator[pb.SessionEvents]:
         return serve_session(requests, generate, translate, self._outgoing)
 
     def end(self) -> None:
@@ -76,7 +73,7 @@ class Sessions:
 
 
 async def serve_session(requests: AsyncIterator[pb.SessionRequests], generate: Generate,
-                        translate: Translate,
+                        translate: Translate = untranslated,
                         registry: set[asyncio.Queue[Any]] | None = None
                         ) -> AsyncIterator[pb.SessionEvents]:
     """The messages of a ``Session`` call: each ``start`` run by ``generate`` in a task;
@@ -93,11 +90,7 @@ async def serve_session(requests: AsyncIterator[pb.SessionRequests], generate: G
         except asyncio.CancelledError:
             return  # cancelled by the caller, who expects nothing more
         except Exception as exc:
-            err = ours(exc, translate)
-            if err is None:  # as gRPC answers a handler's bug: UNKNOWN, logged
-                log.error("unexpected error in a generation", exc_info=exc)
-                err = errors.EngineError(f"Unexpected {type(exc).__name__}: {exc}")
-            code, details, trailing = status.end_of(err)
+            code, details, trailing = status.end_of(explained(exc, translate))
             end = pb.CallEnd(code=code, details=details, trailing=trailing)
         finally:
             running.pop(call, None)

@@ -25,11 +25,6 @@ from cyllm.worker.training.jobs import WorkerTraining
 log = logging.getLogger(__name__)
 
 
-def _nothing(exc: Exception) -> None:
-    """The worker explains no foreign exception: an engine's are wrapped where raised."""
-    return None
-
-
 class WorkerService(rpc.WorkerServicer):
     def __init__(self, worker_id: str, models: ModelManager, metrics: WorkerMetrics,
                  info: Callable[[], pb.WorkerInfo] | None = None,
@@ -53,7 +48,7 @@ class WorkerService(rpc.WorkerServicer):
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SessionEvents]:
         """Generations as calls of one long-lived stream (``protocol/session.py``): what
         coordinators use."""
-        async with aclosing(self.sessions.serve(requests, self._generate, _nothing)) as frames:
+        async with aclosing(self.sessions.serve(requests, self._generate)) as frames:
             async for frame in frames:
                 yield frame
 
