@@ -17,6 +17,9 @@ A component that dies is restarted (with a growing pause, logged) while the othe
 keep running: a worker killed by the kernel for memory must not take the gateway
 down with it.  One that keeps dying (``MAX_RESTARTS`` within ``RESTART_WINDOW_S``)
 stops the whole run with its exit code.  SIGINT/SIGTERM stop them all, by pid.
+
+The gateway follows the worker onto the cores the worker keeps to once its engine has
+bound its own (``cyllm.cores``): on one machine both wake for every token.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cyllm import cores
 from cyllm.protocol.plane import InternalSettings
 from cyllm.settings import ConfigError, load_settings
 from cyllm.worker.settings import ModelSpec
@@ -51,9 +55,11 @@ class Child:
     proc: subprocess.Popen | None = None
     restarts: list[float] = field(default_factory=list)  # when, within the window
     due: float = 0.0  # a restart waits until then
+    cores: frozenset[int] = frozenset()  # what it was pinned to, if anything
 
     def start(self, env: dict[str, str]) -> None:
         self.proc = subprocess.Popen(self.cmd, env=env)
+        self.cores = frozenset()
 
 
 def internal_env(config: Path | None) -> dict[str, str]:
@@ -99,6 +105,7 @@ def run(host: str, port: int, coordinator_port: int, worker_port: int,
                 if code:
                     stopping = True
                     break
+            _follow(*children)
             time.sleep(0.2)
     finally:
         _terminate([c.proc for c in reversed(children) if c.proc is not None])
@@ -131,6 +138,17 @@ def _watch(child: Child, env: dict[str, str]) -> int:
     print(f"cyllm serve: {child.name} exited with code {rc}; restarting it in {pause:.0f}s",
           file=sys.stderr, flush=True)
     return 0
+
+
+def _follow(gateway: Child, worker: Child) -> None:
+    """The gateway on the cores the worker keeps to: the worker leaves its engine's
+    cores (``cyllm.cores``), and on one machine the gateway's threads wake for every
+    token too."""
+    if gateway.proc is None or worker.proc is None:
+        return
+    want = cores.of(worker.proc.pid)
+    if want and want != gateway.cores and cores.pin(gateway.proc.pid, want):
+        gateway.cores = want
 
 
 def _terminate(procs: list[subprocess.Popen], timeout: float = 20.0) -> None:

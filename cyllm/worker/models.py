@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cyllm import errors
+from cyllm import cores, errors
 from cyllm.protocol import pb
 from cyllm.worker import memory
 from cyllm.worker.convert import card_to_proto
@@ -153,11 +153,14 @@ class ModelManager:
                                              self.settings.cpu_engine)
         except FileNotFoundError as exc:
             raise errors.NotLoadable(f"model {model!r}: {exc}") from exc
+        cores.spread()  # an engine chooses its cores from what this process may use
         try:
             card = await engine.load()
         except BaseException:
             await _quiet_close(engine)
             raise
+        finally:
+            cores.keep_off_engines()
         self.loaded[model] = Loaded(spec, engine, card, need, adapters=dict(spec.adapters))
         self.budget.used[model] = need
         log.info("model %s ready on %s (%s)", model, card.device, card.engine)
@@ -220,6 +223,7 @@ class ModelManager:
             await asyncio.sleep(0.1)
         self.budget.used.pop(model, None)
         await entry.engine.close()
+        cores.keep_off_engines()  # the cores it computed on are free again
         log.info("model %s unloaded", model)
 
     async def close(self) -> None:

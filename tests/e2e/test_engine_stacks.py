@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import importlib.util
+import os
 import time
 
 import httpx
@@ -174,3 +175,50 @@ def test_embeddings_through_the_engine(stack, client):
     assert reply.usage.prompt_tokens > 15
     short = client.embeddings.create(model=stack.model, input=texts[0], dimensions=64).data[0]
     assert len(short.embedding) == 64
+
+
+def _tree(pid: int) -> dict[int, str]:
+    """``pid``'s descendants: pid -> command line."""
+    out: dict[int, str] = {}
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for tid in os.listdir(f"/proc/{parent}/task"):
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children") as f:
+                    kids = [int(c) for c in f.read().split()]
+                for kid in kids:
+                    with open(f"/proc/{kid}/cmdline") as f:
+                        out[kid] = f.read().replace("\0", " ")
+            except OSError:  # a thread or process that ended meanwhile
+                continue
+            todo += kids
+    return out
+
+
+def _thread_cores(pid: int) -> set[int]:
+    return set().union(*(os.sched_getaffinity(int(t)) for t in os.listdir(f"/proc/{pid}/task")))
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux and two cores")
+def test_the_serving_threads_keep_off_the_engines_cores(stack, client):
+    """vLLM binds its compute process to the cores it chose (its default leaves one
+    free); every thread of the worker and of the gateway runs on the others, so a
+    token's wake-ups never stall the engine's threads (cyllm/cores.py)."""
+    if stack.engine != "vllm":
+        pytest.skip("llama.cpp computes in the worker's own process")
+    tree = _tree(stack.proc.pid)
+    (worker,) = [p for p, cmd in tree.items() if "cyllm worker" in cmd]
+    (gateway,) = [p for p, cmd in tree.items() if "cyllm gateway" in cmd]
+    given = os.sched_getaffinity(stack.proc.pid)
+    engine = set().union(*(c for p in _tree(worker) if (c := os.sched_getaffinity(p)) < given))
+    assert engine and engine < given, (engine, given)
+    assert _thread_cores(worker) == given - engine
+    deadline = time.monotonic() + 5  # the supervisor follows within its 0.2 s loop
+    while _thread_cores(gateway) != given - engine and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _thread_cores(gateway) == given - engine
+    reply = client.chat.completions.create(model=stack.model, max_tokens=4,
+                                           messages=[{"role": "user", "content": "Hi"}])
+    assert reply.choices[0].message.content  # and it serves from there

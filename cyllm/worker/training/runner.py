@@ -35,6 +35,8 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from cyllm import cores
+
 _LINE_LIMIT = 1 << 20
 _KILL_GRACE_S = 5.0
 _DRAIN_S = 2.0
@@ -47,10 +49,11 @@ async def run_process(argv: Sequence[str], *, env: dict[str, str], cwd: Path, lo
 
     Closing the iterator early (a cancelled job) stops the process group."""
     cwd.mkdir(parents=True, exist_ok=True)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cyllm.worker.training.launch", *argv, cwd=str(cwd),
-        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        start_new_session=True, limit=_LINE_LIMIT)
+    with cores.whole_machine():  # not the serving threads' cores (cyllm.cores)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cyllm.worker.training.launch", *argv, cwd=str(cwd),
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            start_new_session=True, limit=_LINE_LIMIT)
     lines: asyncio.Queue[tuple[str, bytes | None]] = asyncio.Queue()
     readers = [asyncio.create_task(_pump(name, stream, lines))
                for name, stream in (("stdout", proc.stdout), ("stderr", proc.stderr))]
