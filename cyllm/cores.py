@@ -121,11 +121,17 @@ def whole_machine() -> Iterator[None]:
         yield
         return
     before = frozenset(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, GIVEN)
+    try:
+        os.sched_setaffinity(0, GIVEN)
+        widened = True
+    except OSError:  # the cpuset shrank since start: the job starts as this thread is
+        widened = False
     try:
         yield
     finally:
-        os.sched_setaffinity(0, before)
+        if widened:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, before)
 
 
 def _describe(cores: frozenset[int]) -> str:
