@@ -9,7 +9,8 @@
 2. **The relay**: ``cyllm serve`` with the zero-cost fake engine against a one-process
    FastAPI server written here that streams the same OpenAI chunks: added p50 per
    16-token request at concurrency 1, req/s at concurrency 64 (16-token answers), and
-   streamed tokens/s at concurrency 64 (256-token streams).  For scale, the p50 of one
+   streamed tokens/s at concurrency 64 (256-token streams), the servers up at once and
+   taking turns over ``--rounds``.  For scale, the p50 of one
    bare ``grpc.aio`` hop (a server streaming three messages to a client in one process,
    nothing else): the floor of each of the stack's two hops.
 
@@ -27,7 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
@@ -228,22 +229,38 @@ def cyllm_fake_three_processes():
             yield base
 
 
-def relay_part(requests: int) -> None:
-    rows = []
-    for name, server in (("one process", one_process), ("cyllm serve (fake engine)", cyllm_fake),
-                         ("coordinator in its own process", cyllm_fake_three_processes)):
-        with server() as base:
-            _, _, p50_c1 = asyncio.run(completions(base, "fake", requests // 4, 1, 16, False))
-            rps, _, _ = asyncio.run(completions(base, "fake", requests, 64, 16, False))
-            _, tps, _ = asyncio.run(completions(base, "fake", requests // 4, 64, 256, True))
-            rows.append([name, round(p50_c1 * 1000, 2), rps, tps])
-    ref = rows[0]
-    print_table("the relay: 16-token completions (req/s at 64, p50 at 1), 256-token streams "
-                "(tokens/s at 64)",
-                ["server", "p50 ms at 1", "req/s at 64", "streamed tok/s at 64"], rows)
-    for ours in rows[1:]:
-        print(f"{ours[0]}: added p50 at concurrency 1 {ours[1] - ref[1]:+.2f} ms; req/s ratio "
-              f"{ours[2] / ref[2]:.2f}x; streamed tokens/s ratio {ours[3] / ref[3]:.2f}x")
+def relay_part(requests: int, rounds: int) -> None:
+    """The three servers up at once, each round measuring them in turn (the order
+    reversed every other round); medians over the rounds, and the range of the
+    per-round ratios to one process."""
+    servers = {"one process": one_process, "cyllm serve (fake engine)": cyllm_fake,
+               "coordinator in its own process": cyllm_fake_three_processes}
+    runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in servers}
+    with ExitStack() as up:
+        bases = {name: up.enter_context(server()) for name, server in servers.items()}
+        for r in range(rounds):
+            for name in list(bases) if r % 2 == 0 else list(bases)[::-1]:
+                base = bases[name]
+                _, _, p50_c1 = asyncio.run(completions(base, "fake", requests // 4, 1, 16, False))
+                rps, _, _ = asyncio.run(completions(base, "fake", requests, 64, 16, False))
+                _, tps, _ = asyncio.run(completions(base, "fake", requests // 4, 64, 256, True))
+                runs[name].append((p50_c1 * 1000, rps, tps))
+    med = {name: [statistics.median(v[i] for v in runs[name]) for i in range(3)] for name in runs}
+    print_table(f"the relay: 16-token completions (req/s at 64, p50 at 1), 256-token streams "
+                f"(tokens/s at 64); median of {rounds} rounds",
+                ["server", "p50 ms at 1", "req/s at 64", "streamed tok/s at 64"],
+                [[name, round(m[0], 2), m[1], m[2]] for name, m in med.items()])
+    ref_name = "one process"
+    ref = runs[ref_name]
+    for name in list(runs)[1:]:
+        added = [o[0] - p[0] for p, o in zip(ref, runs[name])]
+        rps = [o[1] / p[1] for p, o in zip(ref, runs[name])]
+        tps = [o[2] / p[2] for p, o in zip(ref, runs[name])]
+        print(f"{name}: added p50 at concurrency 1 {med[name][0] - med[ref_name][0]:+.2f} ms "
+              f"(rounds {min(added):+.2f} to {max(added):+.2f}); req/s ratio "
+              f"{med[name][1] / med[ref_name][1]:.2f}x ({min(rps):.2f}-{max(rps):.2f}); "
+              f"streamed tokens/s ratio {med[name][2] / med[ref_name][2]:.2f}x "
+              f"({min(tps):.2f}-{max(tps):.2f})")
     print(f"one bare grpc.aio hop (three messages, one process): p50 "
           f"{asyncio.run(bare_grpc_hop()) * 1000:.2f} ms")
 
@@ -254,14 +271,15 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--streams", default="1,8,32")
     ap.add_argument("--vllm-dtype", default="bfloat16")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating runs per row (engines)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of each measurement, the "
+                    "servers taking turns")
     ap.add_argument("--requests", type=int, default=4000)
     args = ap.parse_args()
     if args.part in ("all", "engines"):
         engines_part(args.tokens, [int(s) for s in args.streams.split(",")], args.vllm_dtype,
                      args.rounds)
     if args.part in ("all", "relay"):
-        relay_part(args.requests)
+        relay_part(args.requests, args.rounds)
 
 
 if __name__ == "__main__":
