@@ -18,7 +18,7 @@ from cyllm.protocol.session import Session, Sessions
 
 class Worker(rpc.WorkerServicer):
     """Each generation yields ``max_tokens`` deltas naming its prompt; prompts starting
-    with ``fail`` raise, ``slow`` ones wait between tokens."""
+    with ``fail`` raise, ``slow`` ones wait between tokens, ``hang`` ones never go on."""
 
     def __init__(self) -> None:
         self.sessions = 0
@@ -30,6 +30,8 @@ class Worker(rpc.WorkerServicer):
             yield pb.GenerateResponse(started=pb.Started(prompt_tokens=1))
             if request.prompt.startswith("fail"):
                 raise errors.ContextLengthExceeded("too long", param="messages")
+            if request.prompt.startswith("hang"):
+                await asyncio.Event().wait()
             for i in range(request.sampling.max_tokens):
                 await asyncio.sleep(0.05 if request.prompt.startswith("slow") else 0)
                 yield pb.GenerateResponse(delta=pb.Delta(text=f" {request.prompt}.{i}", token_ids=[i]))
@@ -110,6 +112,29 @@ async def test_cancelling_one_call_stops_only_it_on_the_worker(served):
         await asyncio.sleep(0.02)
     assert "slow-cancelled" in worker.ended
     assert (await other)[2] == "length"
+
+
+async def test_a_silent_worker_is_given_up_on_and_told_to_stop_but_a_slow_reader_is_not(served):
+    """The coordinator's watchdog (``_paced``): silence counts from the last frame that
+    arrived, so a reader that lags behind a worker that keeps sending is not a stall."""
+    from cyllm.coordinator.service import _paced
+
+    worker, session, _ = served
+    with pytest.raises(errors.Unavailable, match="worker w1 produced nothing for 0.3s"):
+        async for _ in _paced(session.generate(request("hang"), "rid"), 0.3, "w1"):
+            pass
+    for _ in range(100):
+        if "hang" in worker.ended:
+            break
+        await asyncio.sleep(0.02)
+    assert "hang" in worker.ended  # the call was cancelled on the worker
+
+    text, finish = [], ""
+    async for msg in _paced(session.generate(request("slow-read", 12), "rid"), 0.3, "w1"):
+        await asyncio.sleep(0.4)  # longer than the timeout at every message
+        text.append(msg.delta.text)
+        finish = msg.finished.finish_reason or finish
+    assert finish == "length" and "".join(text).count("slow-read.") == 12
 
 
 async def test_a_broken_stream_fails_its_calls_as_unreachable_and_the_next_opens_anew(served):
