@@ -115,8 +115,8 @@ async def test_cancelling_one_call_stops_only_it_on_the_worker(served):
 
 
 async def test_a_silent_worker_is_given_up_on_and_told_to_stop_but_a_slow_reader_is_not(served):
-    """The coordinator's watchdog (``_paced``): silence counts from the last frame that
-    arrived, so a reader that lags behind a worker that keeps sending is not a stall."""
+    """The coordinator's stall rule (``_paced``): only waiting for a worker counts, so a
+    reader that lags behind a worker that keeps sending is not a stall."""
     from cyllm.coordinator.service import _paced
 
     worker, session, _ = served
