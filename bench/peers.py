@@ -151,6 +151,12 @@ def cyllm_fake():
 # -- the two parts --------------------------------------------------------------------------
 
 
+def in_turn(items: list, round_: int) -> list:
+    """``items`` in order, reversed every other round: a slow minute of a shared machine
+    falls on each in turn."""
+    return items if round_ % 2 == 0 else items[::-1]
+
+
 def engines_part(tokens: int, streams: list[int], vllm_dtype: str, rounds: int) -> None:
     """Both servers up at once, their runs alternating (A B, B A, ...) in each row, so a
     shared machine's slow minute falls on both; medians over the rounds, and the range of
@@ -161,8 +167,7 @@ def engines_part(tokens: int, streams: list[int], vllm_dtype: str, rounds: int) 
         for n in streams:
             runs: dict[str, list[tuple[float, float]]] = {"peer": [], "ours": []}
             for r in range(rounds):
-                order = [("peer", peer), ("ours", ours)]
-                for name, base in order if r % 2 == 0 else order[::-1]:
+                for name, base in in_turn([("peer", peer), ("ours", ours)], r):
                     texts = [f"{t} (round {r})" for t in tagged(n)]
                     runs[name].append(asyncio.run(stream_chat(base, MODEL, texts, tokens)))
             tps = {k: statistics.median(t for t, _ in v) for k, v in runs.items()}
@@ -239,7 +244,7 @@ def relay_part(requests: int, rounds: int) -> None:
     with ExitStack() as up:
         bases = {name: up.enter_context(server()) for name, server in servers.items()}
         for r in range(rounds):
-            for name in list(bases) if r % 2 == 0 else list(bases)[::-1]:
+            for name in in_turn(list(bases), r):
                 base = bases[name]
                 _, _, p50_c1 = asyncio.run(completions(base, "fake", requests // 4, 1, 16, False))
                 rps, _, _ = asyncio.run(completions(base, "fake", requests, 64, 16, False))

@@ -43,14 +43,13 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def engine_cores(pid: int | None = None) -> frozenset[int]:
-    """Cores that a descendant of ``pid`` (this process) is bound to, where that binding
-    is narrower than what ``pid`` was given: the cores an engine's threads compute on."""
+def engine_cores() -> frozenset[int]:
+    """Cores that a descendant of this process is bound to, where that binding is
+    narrower than what this process was given: the cores an engine's threads compute on."""
     if not _SUPPORTED:
         return frozenset()
-    root = os.getpid() if pid is None else pid
     bound: set[int] = set()
-    todo = _children(root)
+    todo = _children(os.getpid())
     while todo:
         child = todo.pop()
         try:

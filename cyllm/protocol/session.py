@@ -64,7 +64,7 @@ class Sessions:
 
     def serve(self, requests: AsyncIterator[pb.SessionRequests], generate: Generate,
               translate: Translate = untranslated) -> AsyncIterator[pb.SessionEvents]:
-        return serve_session(requests, generate, translate, self._outgoing)
+        return _serve(requests, generate, translate, self._outgoing)
 
     def end(self) -> None:
         for out in self._outgoing:
@@ -72,10 +72,9 @@ class Sessions:
                 out.put_nowait(_END)
 
 
-async def serve_session(requests: AsyncIterator[pb.SessionRequests], generate: Generate,
-                        translate: Translate = untranslated,
-                        registry: set[asyncio.Queue[Any]] | None = None
-                        ) -> AsyncIterator[pb.SessionEvents]:
+async def _serve(requests: AsyncIterator[pb.SessionRequests], generate: Generate,
+                 translate: Translate, registry: set[asyncio.Queue[Any]]
+                 ) -> AsyncIterator[pb.SessionEvents]:
     """The messages of a ``Session`` call: each ``start`` run by ``generate`` in a task;
     every frame ready when a message goes out travels in it."""
     out: asyncio.Queue[Any] = asyncio.Queue(OUTGOING)
@@ -110,8 +109,7 @@ async def serve_session(requests: AsyncIterator[pb.SessionRequests], generate: G
             return  # the caller went away: the call's own end cancels what runs
 
     reader = asyncio.create_task(read())
-    if registry is not None:
-        registry.add(out)
+    registry.add(out)
     try:
         ending = False
         while not ending:
@@ -123,8 +121,7 @@ async def serve_session(requests: AsyncIterator[pb.SessionRequests], generate: G
             if frames:
                 yield pb.SessionEvents(frames=_merged_by_call(frames) if len(frames) > 1 else frames)
     finally:
-        if registry is not None:
-            registry.discard(out)
+        registry.discard(out)
         reader.cancel()
         for task in list(running.values()):
             task.cancel()

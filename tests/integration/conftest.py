@@ -49,15 +49,18 @@ async def make_stack(hosted: bool) -> AsyncIterator[Any]:
     async def make(models: list[ModelSpec] | None = None, metrics_port: int | None = None,
                    gateway: dict[str, Any] | None = None, worker: dict[str, Any] | None = None,
                    **coordinator_kw: Any) -> Stack:
-        coordinator_settings = CoordinatorSettings(port=0, metrics_port=metrics_port, **coordinator_kw)
-        app = None
-        if hosted:  # the app's lifespan starts the coordinator: the worker needs its port
-            app = create_app(GatewaySettings(embedded_coordinator="127.0.0.1:0", max_body_bytes=4096,
-                                             **(gateway or {})),
-                             coordinator_settings=coordinator_settings)
+        async def started_app(**kw: Any) -> Any:
+            app = create_app(GatewaySettings(max_body_bytes=4096, **kw, **(gateway or {})),
+                             coordinator_settings=coordinator_settings if hosted else None)
             lifespan = app.router.lifespan_context(app)
             await lifespan.__aenter__()
             started.append(lifespan)
+            return app
+
+        coordinator_settings = CoordinatorSettings(port=0, metrics_port=metrics_port, **coordinator_kw)
+        app = None
+        if hosted:  # the app's lifespan starts the coordinator: the worker needs its port
+            app = await started_app(embedded_coordinator="127.0.0.1:0")
             coordinator = app.state.coordinator
             cport = coordinator.port
         else:
@@ -75,11 +78,7 @@ async def make_stack(hosted: bool) -> AsyncIterator[Any]:
                 break
             await asyncio.sleep(0.05)
         if app is None:
-            app = create_app(GatewaySettings(coordinators=[address], max_body_bytes=4096,
-                                             **(gateway or {})))
-            lifespan = app.router.lifespan_context(app)
-            await lifespan.__aenter__()
-            started.append(lifespan)
+            app = await started_app(coordinators=[address])
         http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
         started.append(http)
         return Stack(coordinator, worker, http, app)
