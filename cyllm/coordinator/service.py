@@ -115,7 +115,10 @@ class CoordinatorService(TrainingRPCs, rpc.CoordinatorServicer):
             raise
         finally:
             self.metrics.requests.labels(label, outcome).inc()
-            log.info("generation %s", outcome, extra={
+            # One record per request at INFO is the gateway's access log; a generation
+            # that went as asked is a DEBUG record here (and on the worker).
+            level = logging.DEBUG if outcome in ("ok", "cached") else logging.INFO
+            log.log(level, "generation %s", outcome, extra={
                 "request_id": rid, "model": request.model, "outcome": outcome,
                 "latency_ms": round((time.perf_counter() - started) * 1000, 1)})
 

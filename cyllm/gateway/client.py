@@ -47,6 +47,11 @@ class CoordinatorClient:
         self._turn = itertools.count()
         self.breakers = CircuitBreakers(breaker_failures, breaker_cooldown_s)
         self._meta: tuple[tuple[str, str], ...] = ()  # whose calls these are
+        # Whether a reader that lags must merge the deltas itself (``coalesce.py``): over
+        # gRPC a window's worth of small messages would wait unmerged; a hosted
+        # coordinator's stream is the worker session's, which merges what its reader
+        # has not taken yet (``session.SessionCall``).
+        self.unmerged = local is None
 
     def acting_for(self, tenant: Tenant) -> CoordinatorClient:
         """This client (same channels and breakers) making its calls for ``tenant``: the

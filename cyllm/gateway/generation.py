@@ -34,9 +34,11 @@ MAX_CHOICES = 16  # n: each choice is a generation of its own
 
 
 async def _hung_up(request: Request) -> None:
-    """Returns once the client has disconnected."""
-    while not await request.is_disconnected():
-        await asyncio.sleep(0.25)
+    """Returns once the client has disconnected.  The body has been read, so the next
+    ASGI message is the disconnect, as Starlette's streaming responses wait for it (no
+    polling: ``is_disconnected`` costs a cancel scope per look)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def token_biases(bias: dict[str, float] | None) -> dict[int, float]:
@@ -240,6 +242,8 @@ async def started(conn: HTTPConnection, request: pb.GenerateRequest, n: int, *,
         if i and r.sampling.HasField("seed"):
             r.sampling.seed = (r.sampling.seed + i + 2**63) % 2**64 - 2**63  # int64
         gens.append(Generation(conn, r, whole=whole, choice=i))
+    if n == 1:  # no task of its own: most requests
+        return [await gens[0].start()]
     results = await asyncio.gather(*(g.start() for g in gens), return_exceptions=True)
     failed = next((r for r in results if isinstance(r, BaseException)), None)
     if failed is not None:
@@ -281,6 +285,8 @@ class Generation:
         self.model = request.model
         self._started = time.perf_counter()
         self._keep_text: list[str] | None = [] if state.settings.log_content else None
+        # A whole answer is collected as it comes, never lagging: nothing to merge.
+        self._merge = not whole and self._client.unmerged
 
     async def start(self) -> Generation:
         caller = self.ctx.caller
@@ -357,7 +363,8 @@ class Generation:
         last = None
         try:
             # Deltas that arrive while the client's connection lags merge into one piece.
-            async with aclosing(coalesced(self._events)) as events:
+            stream = coalesced(self._events) if self._merge else self._events
+            async with aclosing(stream) as events:
                 async for msg in events:
                     kind = msg.WhichOneof("event")
                     if kind == "delta" and not msg.delta.text and msg.delta.logprobs:

@@ -83,7 +83,7 @@ class WorkerService(rpc.WorkerServicer):
                     timer.text()
                 elif isinstance(event, Finished):
                     timer.done(event.finish_reason, event.completion_tokens)
-                    log.info("generation %s", event.finish_reason, extra={
+                    log.debug("generation %s", event.finish_reason, extra={
                         "request_id": rid, "model": model, "outcome": event.finish_reason,
                         "prompt_tokens": event.prompt_tokens,
                         "completion_tokens": event.completion_tokens})
