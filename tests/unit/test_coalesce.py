@@ -103,3 +103,24 @@ async def test_a_workers_engine_events_merge_before_they_become_messages():
     assert "".join(d.text for d in deltas) == "".join(f" w{i}" for i in range(100))
     assert [i for d in deltas for i in d.token_ids] == list(range(100))
     assert [lp.token_id for d in deltas for lp in d.logprobs] == list(range(100))
+
+
+async def test_the_source_is_read_at_most_a_buffer_ahead_of_the_reader():
+    """Back-pressure: a reader that stops makes the source wait once ``ahead`` items are
+    buffered, and a reader that resumes gets them all, then the rest."""
+    produced = 0
+
+    async def source():
+        nonlocal produced
+        for i in range(100):
+            produced += 1
+            yield delta(i)
+
+    merged = coalesced(source(), ahead=8)
+    first = await anext(merged)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    taken = len(first.delta.token_ids)  # merged: what was buffered when the reader came
+    assert produced <= taken + 8 + 1  # and a full buffer, and the one waiting for room
+    rest = [m async for m in merged]
+    assert flat([first, *rest])[2] == list(range(100))
