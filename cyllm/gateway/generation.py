@@ -376,12 +376,11 @@ class Generation:
                         if last is None:
                             self.metrics.ttft.labels(self.model).observe(now - self._started)
                             self.metrics.traffic.first_token(now - self._started)
-                            itl = self.metrics.itl.labels(self.model)  # looked up once
                             gaps, gap = k - 1, 0.0
                         else:
                             gaps, gap = k, (now - last) / k
-                        for _ in range(gaps):
-                            itl.observe(gap)
+                        if gaps:
+                            self.metrics.itl.observe(self.model, gap, gaps)
                         last = now
                         if self._keep_text is not None:
                             self._keep_text.append(msg.delta.text)

@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cyllm.gateway.context import peek
 from cyllm.gateway.traffic import TrafficStats
-from cyllm.telemetry import LATENCY_BUCKETS, TOKEN_GAP_BUCKETS
+from cyllm.telemetry import LATENCY_BUCKETS, TOKEN_GAP_BUCKETS, CountedHistogram
 
 
 class GatewayMetrics:
@@ -25,9 +25,8 @@ class GatewayMetrics:
         self.ttft = Histogram("gateway_time_to_first_token_seconds",
                               "Seconds from accepting a generation to its first text", ["model"],
                               registry=r, buckets=LATENCY_BUCKETS)
-        self.itl = Histogram("gateway_inter_token_latency_seconds",
-                             "Seconds between streamed text pieces", ["model"], registry=r,
-                             buckets=TOKEN_GAP_BUCKETS)
+        self.itl = CountedHistogram("gateway_inter_token_latency_seconds",
+                                    "Seconds between streamed tokens", "model", TOKEN_GAP_BUCKETS, r)
         self.tokens = Counter("gateway_generated_tokens", "Completion tokens returned", ["model"], registry=r)
         self.traffic = TrafficStats()
         self.rejected = Counter("gateway_rejected_requests",
