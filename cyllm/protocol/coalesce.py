@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from cyllm.protocol import pb
 
@@ -43,48 +43,74 @@ def joined(run: list[pb.GenerateResponse]) -> pb.GenerateResponse:
     return merged
 
 
+class Backlog(Generic[T]):
+    """Items waiting for a reader that takes all of them at once: a list and the
+    futures of whoever waits, not an ``asyncio.Queue`` — it is filled once per token or
+    message, and a queue's put and get cost a worker a fifth of its CPU per streamed
+    token.  Producers wait for room once ``limit`` items wait (``put_nowait`` goes past
+    it, for ends and errors); one reader."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._items: list[T] = []
+        self._reader: asyncio.Future[None] | None = None  # waiting for items
+        self._producers: list[asyncio.Future[None]] = []  # waiting for room
+
+    def full(self) -> bool:
+        return len(self._items) >= self.limit
+
+    async def room(self) -> None:
+        while self.full():
+            self._producers.append(waiter := asyncio.get_running_loop().create_future())
+            await waiter
+
+    def put_nowait(self, item: T) -> None:
+        self._items.append(item)
+        if self._reader is not None and not self._reader.done():
+            self._reader.set_result(None)
+
+    async def put(self, item: T) -> None:
+        if self.full():
+            await self.room()
+        self.put_nowait(item)
+
+    async def take(self) -> list[T]:
+        """Everything waiting, once there is something."""
+        while not self._items:
+            self._reader = asyncio.get_running_loop().create_future()
+            await self._reader
+        items, self._items = self._items, []
+        producers, self._producers = self._producers, []
+        for waiter in producers:  # room again
+            if not waiter.done():
+                waiter.set_result(None)
+        return items
+
+
 async def coalesced(events: AsyncIterator[T], ahead: int = 256, *,
                     is_delta: Callable[[Any], bool] = is_delta,
                     join: Callable[[list[Any]], Any] = joined) -> AsyncIterator[T]:
     """``events`` with deltas (``is_delta``) merged (``join``) while unread; at most
-    ``ahead`` items buffered.  The buffer is a list and two futures, not an
-    ``asyncio.Queue``: it is filled once per token, and a queue's put costs a worker a
-    fifth of its CPU per streamed token."""
-    loop = asyncio.get_running_loop()
-    buffer: list[object] = []
-    waiting: list[asyncio.Future[None]] = []  # the reader's, or the source's for room
-
-    def wake() -> None:
-        while waiting:
-            if not (f := waiting.pop()).done():
-                f.set_result(None)
+    ``ahead`` items buffered."""
+    buffer: Backlog[object] = Backlog(ahead)
 
     async def read() -> None:
         try:
             async for msg in events:
-                while len(buffer) >= ahead:  # the reader lags by a whole buffer: wait
-                    waiting.append(room := loop.create_future())
-                    await room
-                buffer.append(msg)
-                wake()
+                if buffer.full():  # the reader lags by a whole buffer: wait
+                    await buffer.room()
+                buffer.put_nowait(msg)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001  (handed to the reader, in order)
-            buffer.append(exc)
+            buffer.put_nowait(exc)
         else:
-            buffer.append(_END)
-        wake()
+            buffer.put_nowait(_END)
 
     reader = asyncio.create_task(read())
     try:
         while True:
-            while not buffer:
-                waiting.append(ready := loop.create_future())
-                await ready
-            items = buffer[:]
-            buffer.clear()
-            wake()  # room again
-            for msg in merge_runs(items, is_delta, join):
+            for msg in merge_runs(await buffer.take(), is_delta, join):
                 if msg is _END:
                     return
                 if isinstance(msg, BaseException):

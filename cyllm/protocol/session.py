@@ -42,7 +42,7 @@ import grpc
 
 from cyllm import errors
 from cyllm.protocol import pb, status
-from cyllm.protocol.coalesce import is_delta, joined, merge_runs
+from cyllm.protocol.coalesce import Backlog, is_delta, joined, merge_runs
 from cyllm.protocol.server import Translate, explained, untranslated
 
 Generate = Callable[[pb.GenerateRequest, str], AsyncIterator[pb.GenerateResponse]]
@@ -60,7 +60,7 @@ class Sessions:
     call still running then fails over at the coordinator like one on a dead worker."""
 
     def __init__(self) -> None:
-        self._outgoing: set[asyncio.Queue[Any]] = set()
+        self._outgoing: set[Backlog[Any]] = set()
 
     def serve(self, requests: AsyncIterator[pb.SessionRequests], generate: Generate,
               translate: Translate = untranslated) -> AsyncIterator[pb.SessionEvents]:
@@ -68,16 +68,15 @@ class Sessions:
 
     def end(self) -> None:
         for out in self._outgoing:
-            with contextlib.suppress(asyncio.QueueFull):
-                out.put_nowait(_END)
+            out.put_nowait(_END)
 
 
 async def _serve(requests: AsyncIterator[pb.SessionRequests], generate: Generate,
-                 translate: Translate, registry: set[asyncio.Queue[Any]]
+                 translate: Translate, registry: set[Backlog[Any]]
                  ) -> AsyncIterator[pb.SessionEvents]:
     """The messages of a ``Session`` call: each ``start`` run by ``generate`` in a task;
     every frame ready when a message goes out travels in it."""
-    out: asyncio.Queue[Any] = asyncio.Queue(OUTGOING)
+    out: Backlog[Any] = Backlog(OUTGOING)
     running: dict[int, asyncio.Task[None]] = {}
 
     async def run(call: int, request: pb.GenerateRequest, request_id: str) -> None:
@@ -113,9 +112,7 @@ async def _serve(requests: AsyncIterator[pb.SessionRequests], generate: Generate
     try:
         ending = False
         while not ending:
-            items = [await out.get()]
-            while not out.empty():
-                items.append(out.get_nowait())
+            items = await out.take()
             frames = [i for i in items if i is not _END]
             ending = len(frames) < len(items)
             if frames:

@@ -124,3 +124,29 @@ async def test_the_source_is_read_at_most_a_buffer_ahead_of_the_reader():
     assert produced <= taken + 8 + 1  # and a full buffer, and the one waiting for room
     rest = [m async for m in merged]
     assert flat([first, *rest])[2] == list(range(100))
+
+
+async def test_a_backlog_hands_everything_over_and_its_producers_wait_for_room():
+    from cyllm.protocol.coalesce import Backlog
+
+    backlog: Backlog[int] = Backlog(4)
+    produced: list[int] = []
+
+    async def producer(start: int) -> None:
+        for i in range(start, start + 10):
+            await backlog.put(i)
+            produced.append(i)
+
+    tasks = [asyncio.create_task(producer(s)) for s in (0, 100, 200)]
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert len(produced) == 4  # full: every producer waits
+    got: list[int] = []
+    while len(got) < 30:
+        batch = await backlog.take()
+        assert 0 < len(batch) <= 4  # never more than the limit waits
+        got += batch
+    await asyncio.gather(*tasks)
+    assert sorted(got) == sorted(produced) and len(got) == 30
+    for start in (0, 100, 200):  # each producer's items in its order
+        assert [i for i in got if start <= i < start + 10] == list(range(start, start + 10))
