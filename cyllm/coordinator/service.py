@@ -33,6 +33,7 @@ from cyllm.coordinator.workers import WorkerClients
 from cyllm.protocol.plane import Plane
 from cyllm.protocol import pb, rpc
 from cyllm.protocol.breaker import CircuitBreakers
+from cyllm.protocol.deadline import Deadline, Expired
 from cyllm.protocol.session import SessionCall
 from cyllm.protocol.relay import Relay
 from cyllm.protocol.tenant import PUBLIC, Tenant
@@ -317,21 +318,24 @@ async def _paced(stream: SessionCall, timeout_s: float,
                  worker_id: str) -> AsyncIterator[pb.GenerateResponse]:
     """The worker's stream; a worker silent for ``timeout_s`` is given up on."""
     iterator = aiter(stream)
-    while True:
-        try:
-            async with asyncio.timeout(timeout_s):
-                msg = await anext(iterator)
-        except StopAsyncIteration:
-            return
-        except TimeoutError:
-            raise errors.Unavailable(
-                f"worker {worker_id} produced nothing for {timeout_s:g}s"
-            ) from None
-        except errors.Unavailable as err:
-            if worker_id in err.message:
-                raise
-            raise errors.Unavailable(f"worker {worker_id} became unreachable: {err.message}") from None
-        yield msg
+    silence = Deadline()
+    try:
+        while True:
+            try:
+                msg = await silence.wait(anext(iterator), within=timeout_s)
+            except StopAsyncIteration:
+                return
+            except Expired:
+                raise errors.Unavailable(
+                    f"worker {worker_id} produced nothing for {timeout_s:g}s"
+                ) from None
+            except errors.Unavailable as err:
+                if worker_id in err.message:
+                    raise
+                raise errors.Unavailable(f"worker {worker_id} became unreachable: {err.message}") from None
+            yield msg
+    finally:
+        silence.close()
 
 
 def _task_id(tenant: Tenant, gateway_request_id: str) -> str:

@@ -29,6 +29,7 @@ from typing import Any
 
 from cyllm import errors
 from cyllm.protocol import status
+from cyllm.protocol.deadline import Deadline, Expired
 from cyllm.protocol.server import Translate, explained
 
 Metadata = tuple[tuple[str, str], ...]
@@ -99,16 +100,16 @@ class LocalCall:
             self._closing = asyncio.ensure_future(self._replies.aclose())  # type: ignore[attr-defined]
 
     async def __aiter__(self) -> AsyncIterator[Any]:
+        # Each wait is bounded by what is left of the call's deadline: the servicer
+        # runs in this task, so the deadline cancels it where it waits.
+        deadline = Deadline(self._deadline)
         try:
             while not self._cancelled:
                 try:
-                    # Each wait is bounded by what is left of the call's deadline: the
-                    # servicer runs in this task, so the timeout cancels it where it waits.
-                    async with asyncio.timeout_at(self._deadline):
-                        reply = await anext(self._replies)
+                    reply = await deadline.wait(anext(self._replies))
                 except StopAsyncIteration:
                     return
-                except TimeoutError:
+                except Expired:
                     raise errors.Unavailable("deadline exceeded") from None
                 except Exception as exc:
                     raise status.as_received(explained(exc, self._translate)) from None
@@ -117,6 +118,7 @@ class LocalCall:
                 yield reply
             raise errors.RequestCancelled("the call was cancelled")
         finally:
+            deadline.close()
             self._cancelled = True
             if self._closing is not None:
                 await self._closing
