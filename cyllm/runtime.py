@@ -8,15 +8,11 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Coroutine
 from datetime import datetime
-from typing import Any, TypeVar
 
 
 # Attributes every LogRecord has; anything else was passed in ``extra=`` and is logged.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
-
-T = TypeVar("T")
 
 
 def timestamp(record: logging.LogRecord) -> str:
@@ -70,18 +66,6 @@ def request_id_of(context) -> str:
         if key == REQUEST_ID:
             return value
     return ""
-
-
-def run(main: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run`` on uvloop where it is installed (not on Windows), as uvicorn runs
-    the gateway: a coordinator's or worker's event loop wakes for every gRPC message,
-    and the standard loop costs about a fifth of a worker's CPU per short request."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main)
 
 
 def stop_event() -> asyncio.Event:

@@ -10,7 +10,6 @@ from typing import Annotated, Optional
 import typer
 
 from cyllm.cli.root import ConfigFile, app
-from cyllm import runtime
 from cyllm.runtime import setup_logging
 from cyllm.settings import ConfigError, load_settings
 
@@ -139,7 +138,7 @@ def coordinator(
     from cyllm.coordinator.settings import CoordinatorSettings
 
     setup_logging()
-    runtime.run(run(_load(CoordinatorSettings, config, host=host, port=port, redis_url=redis_url),
+    asyncio.run(run(_load(CoordinatorSettings, config, host=host, port=port, redis_url=redis_url),
                     _plane(config)))
 
 
@@ -151,7 +150,7 @@ def worker(host: Host = None, port: Port = None, config: ConfigFile = None,
     from cyllm.worker.settings import WorkerSettings
 
     setup_logging()
-    runtime.run(run(_load(WorkerSettings, config, host=host, port=port,
+    asyncio.run(run(_load(WorkerSettings, config, host=host, port=port,
                           coordinators=coordinator or None), _plane(config)))
 
 
