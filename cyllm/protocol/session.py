@@ -170,9 +170,14 @@ class Session:
         await self._send(frame, call.stream)
 
     async def _send(self, frame: pb.SessionRequest, stream: Any) -> None:
-        """Write ``frame`` on ``stream``, with whatever else waits: a write in progress
-        makes the frames queued meanwhile one message."""
+        """Write ``frame`` on ``stream``, with whatever else waits: while other calls
+        run, the frames of one turn of the event loop go out as one message (a write
+        costs the gateway about 0.1 ms of gRPC's CPU, the largest part of a short
+        request's at 64 connections; a lone call is not kept waiting a turn, which costs
+        it 0.05 ms), and a write in progress makes those queued meanwhile the next."""
         self._unsent.append((stream, frame))
+        if len(self._calls) > 1:  # others running: those of this turn queue theirs
+            await asyncio.sleep(0)
         async with self._writing:
             if not self._unsent:
                 return  # went out with an earlier write

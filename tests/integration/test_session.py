@@ -22,6 +22,7 @@ class Worker(rpc.WorkerServicer):
 
     def __init__(self) -> None:
         self.sessions = 0
+        self.messages: list[int] = []  # frames per message received
         self.ended: list[str] = []
         self.open = Sessions()
 
@@ -42,7 +43,13 @@ class Worker(rpc.WorkerServicer):
 
     async def Session(self, requests, context):
         self.sessions += 1
-        async for batch in self.open.serve(requests, self._generate, lambda exc: None):
+
+        async def counted():
+            async for batch in requests:
+                self.messages.append(len(batch.frames))
+                yield batch
+
+        async for batch in self.open.serve(counted(), self._generate, lambda exc: None):
             yield batch
 
 
@@ -86,6 +93,20 @@ async def test_concurrent_calls_share_one_stream_and_each_gets_its_own(served):
         assert text == "".join(f" p{i}.{k}" for k in range(30))
         assert ids == list(range(30)) and finish == "length"
     assert worker.sessions == 1
+
+
+async def test_calls_started_together_go_out_in_one_message(served):
+    """A write costs more than the frames in it: while a call runs, the calls started in
+    one turn of the event loop share one; a lone call goes out at once."""
+    worker, session, _ = served
+    running = asyncio.create_task(collect(session, "slow", 10))
+    while not worker.messages:
+        await asyncio.sleep(0.01)
+    assert worker.messages == [1]
+    results = await asyncio.gather(*(collect(session, f"p{i}", 2) for i in range(20)))
+    assert all(finish == "length" for _, _, finish in results)
+    assert worker.messages == [1, 20]
+    assert (await running)[2] == "length"
 
 
 async def test_one_calls_error_is_its_own_as_a_status_would_carry_it(served):
