@@ -12,6 +12,7 @@ a 10 s timeout (training calls 60 s), generations ``request_timeout_s``.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import itertools
 import logging
@@ -47,6 +48,7 @@ class CoordinatorClient:
         self._turn = itertools.count()
         self.breakers = CircuitBreakers(breaker_failures, breaker_cooldown_s)
         self._meta: tuple[tuple[str, str], ...] = ()  # whose calls these are
+        self._status: dict[str, asyncio.Future[Any]] = {}  # the cluster view on its way
         # Whether a reader that lags must merge the deltas itself (``coalesce.py``): over
         # gRPC a window's worth of small messages would wait unmerged; a hosted
         # coordinator's stream is the worker session's, which merges what its reader
@@ -120,15 +122,24 @@ class CoordinatorClient:
         return await self._unary(lambda s: s.UnloadModel, request, timeout=300)
 
     async def cluster_status(self) -> list[tuple[str, pb.ClusterStatusResponse | None]]:
-        """Every coordinator's view (None where it cannot be reached)."""
-        out: list[tuple[str, pb.ClusterStatusResponse | None]] = []
-        for address, stub in zip(self.addresses, self._stubs):
+        """Every coordinator's view (None where it cannot be reached), asked of all at
+        once.  The health route that asks is public: callers that come while an answer
+        is on its way share it, so a flood of them costs each coordinator one call at a
+        time, and an answer is never older than the wait for it."""
+        flight = self._status.get("flight")
+        if flight is None:
+            flight = self._status["flight"] = asyncio.ensure_future(self._ask_status())
+            flight.add_done_callback(lambda _: self._status.pop("flight", None))
+        return await asyncio.shield(flight)  # one caller leaving does not end it for all
+
+    async def _ask_status(self) -> list[tuple[str, pb.ClusterStatusResponse | None]]:
+        async def one(stub: Any) -> pb.ClusterStatusResponse | None:
             try:
-                out.append((address, await unary(stub.ClusterStatus, pb.ClusterStatusRequest(),
-                                                 timeout=3)))
+                return await unary(stub.ClusterStatus, pb.ClusterStatusRequest(), timeout=3)
             except errors.CyllmError:
-                out.append((address, None))
-        return out
+                return None
+
+        return list(zip(self.addresses, await asyncio.gather(*map(one, self._stubs))))
 
     # -- training jobs ----------------------------------------------------------------
 

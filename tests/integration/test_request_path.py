@@ -160,3 +160,27 @@ async def test_health_is_503_when_no_worker_is_alive(make_stack):
     assert resp.status_code == 503 and resp.json()["status"] == "down"
     r = await stack.http.post("/v1/completions", json={"model": "fake", "prompt": "x"})
     assert r.status_code == 404  # the draining worker deregistered: no one serves it
+
+
+async def test_a_flood_of_health_checks_shares_the_coordinators_answer(make_stack, monkeypatch):
+    """The health route is public: many callers at once cost a coordinator one call at a
+    time, and each still gets the cluster's state."""
+    from cyllm.coordinator.service import CoordinatorService
+
+    calls = 0
+    status = CoordinatorService.ClusterStatus
+
+    async def counted(self, request, context):
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.05)  # an answer on its way while the others come
+        return await status(self, request, context)
+
+    monkeypatch.setattr(CoordinatorService, "ClusterStatus", counted)
+    stack = await make_stack()
+    replies = await asyncio.gather(*(stack.http.get("/api/v1/health") for _ in range(50)))
+    assert all(r.status_code == 200 and r.json()["status"] == "ok" for r in replies)
+    assert all(len(r.json()["workers"]) == 1 for r in replies)
+    assert calls <= 3, calls
+    before = calls  # and a later check asks anew: nothing is kept past its answer
+    assert (await stack.http.get("/api/v1/health")).status_code == 200 and calls == before + 1
