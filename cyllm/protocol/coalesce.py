@@ -46,8 +46,8 @@ def joined(run: list[pb.GenerateResponse]) -> pb.GenerateResponse:
 class Backlog(Generic[T]):
     """Items waiting for a reader that takes all of them at once: a list and the
     futures of whoever waits, not an ``asyncio.Queue`` — it is filled once per token or
-    message, and a queue's put and get cost a worker a fifth of its CPU per streamed
-    token.  Producers wait for room once ``limit`` items wait (``put_nowait`` goes past
+    message, and a queue's put and get cost a worker about a tenth of its CPU per
+    streamed token.  Producers wait for room once ``limit`` items wait (``put_nowait`` goes past
     it, for ends and errors); one reader."""
 
     def __init__(self, limit: int) -> None:

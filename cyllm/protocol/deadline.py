@@ -3,8 +3,8 @@
 An in-process call's deadline (``local.py``) and the coordinator's rule that a silent
 worker is given up on (``_paced``) bound every wait for a message.  ``asyncio.timeout``
 around each wait builds a context, looks up the task and schedules and cancels a timer
-handle per message: about a twentieth of the gateway's CPU for a short request, whose
-three messages pass both.  :class:`Deadline` keeps one timer per stream and moves the
+handle per message: about 3% of the gateway's CPU for a short request, whose three
+messages pass both.  :class:`Deadline` keeps one timer per stream and moves the
 limit with a float; the timer, when it fires early, sets itself again for the limit as
 it is then.  What a waiter sees is what ``asyncio.timeout`` gives: the wait is
 cancelled where it is (a generator being read ends there), and :class:`Expired` comes
