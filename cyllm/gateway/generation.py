@@ -254,6 +254,15 @@ async def started(conn: HTTPConnection, request: pb.GenerateRequest, n: int, *,
     return gens
 
 
+async def answers(gens: list[Generation]) -> list[str]:
+    """Every choice's whole answer (``Generation.text``), together; one choice in the
+    caller's own task (most requests: a task and a gather cost a short one about 0.03
+    ms)."""
+    if len(gens) == 1:
+        return [await gens[0].text()]
+    return list(await asyncio.gather(*(g.text() for g in gens)))
+
+
 class Generation:
     """One running generation: ``await start()``, then ``events()`` (streams) or
     ``text()`` (whole answers).

@@ -8,13 +8,12 @@ known only at its end, so a stream holds its text back and sends it at the end a
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import HTTPConnection
 
-from cyllm.gateway.generation import Done, Failed, Generation, Outcome, merged, started
+from cyllm.gateway.generation import Done, Failed, Generation, Outcome, answers, merged, started
 from cyllm.gateway.native.protocol import (
     Choice,
     ChoiceEnd,
@@ -46,7 +45,7 @@ class Inference:
         return content, [ToolCall.of(c) for c in calls] or None, finish
 
     async def answer(self) -> InferenceResponse:
-        texts = await asyncio.gather(*(g.text() for g in self.gens))
+        texts = await answers(self.gens)
         choices = []
         for g, text in zip(self.gens, texts):
             content, calls, finish = self._end(text, g.outcome)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -15,7 +14,8 @@ from cyllm import errors
 from cyllm.gateway.auth import authenticate, coordinator
 from cyllm.gateway.context import context
 from cyllm.gateway.errors import GENERATION_ERRORS, responses, stream_error
-from cyllm.gateway.generation import Done, Failed, Generation, build_request, merged, started
+from cyllm.gateway.generation import (Done, Failed, Generation, answers, build_request, merged,
+                                      started)
 from cyllm.gateway.openai.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -66,7 +66,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
         frames = [_choice_frames(g, CHAT, rid, created, body.model, tools if whole else None,
                                  logprobs=body.top is not None) for g in gens]
         return sse_response(_stream(frames, gens, CHAT, rid, created, body.model, body.include_usage))
-    texts = await asyncio.gather(*(g.text() for g in gens))
+    texts = await answers(gens)
     choices = []
     for i, (g, text) in enumerate(zip(gens, texts)):
         message, finish = _answer(text, g.outcome.finish_reason, tools)
@@ -90,7 +90,7 @@ async def completions(body: CompletionRequest, request: Request) -> Completion |
         frames = [_choice_frames(g, TEXT, rid, created, body.model, logprobs=body.top is not None)
                   for g in gens]
         return sse_response(_stream(frames, gens, TEXT, rid, created, body.model, body.include_usage))
-    texts = await asyncio.gather(*(g.text() for g in gens))
+    texts = await answers(gens)
     return Completion(
         id=rid, created=created, model=body.model, usage=Usage.of_all([g.outcome for g in gens]),
         choices=[CompletionChoice(index=i, text=text, finish_reason=g.outcome.finish_reason,
