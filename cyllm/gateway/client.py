@@ -48,7 +48,9 @@ class CoordinatorClient:
         self._turn = itertools.count()
         self.breakers = CircuitBreakers(breaker_failures, breaker_cooldown_s)
         self._meta: tuple[tuple[str, str], ...] = ()  # whose calls these are
-        self._status: dict[str, asyncio.Future[Any]] = {}  # the cluster view on its way
+        # The cluster view on its way, in a dict so that ``acting_for``'s views share it
+        # (a copied attribute would keep a finished answer for ever).
+        self._status: dict[str, asyncio.Future[Any]] = {}
         # Whether a reader that lags must merge the deltas itself (``coalesce.py``): over
         # gRPC a window's worth of small messages would wait unmerged; a hosted
         # coordinator's stream is the worker session's, which merges what its reader

@@ -47,8 +47,8 @@ class Backlog(Generic[T]):
     """Items waiting for a reader that takes all of them at once: a list and the
     futures of whoever waits, not an ``asyncio.Queue`` — it is filled once per token or
     message, and a queue's put and get cost a worker about a tenth of its CPU per
-    streamed token.  Producers wait for room once ``limit`` items wait (``put_nowait`` goes past
-    it, for ends and errors); one reader."""
+    streamed token.  Producers wait for room once ``limit`` items wait (``put_nowait``
+    goes past it, for ends and errors); one reader."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -97,7 +97,9 @@ async def coalesced(events: AsyncIterator[T], ahead: int = 256, *,
     async def read() -> None:
         try:
             async for msg in events:
-                if buffer.full():  # the reader lags by a whole buffer: wait
+                # ``put`` spelled out: no coroutine made per token unless the reader
+                # lags by a whole buffer
+                if buffer.full():
                     await buffer.room()
                 buffer.put_nowait(msg)
         except asyncio.CancelledError:
