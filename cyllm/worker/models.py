@@ -24,6 +24,7 @@ from cyllm import cores, errors
 from cyllm.protocol import pb
 from cyllm.worker import memory
 from cyllm.worker.convert import card_to_proto
+from cyllm.worker.engines import compute_thread
 from cyllm.worker.engines.base import AbstractEngine
 from cyllm.worker.engines.types import ModelCard
 from cyllm.worker.engines.factory import (
@@ -142,15 +143,15 @@ class ModelManager:
                 f"model {model!r} is not in this worker's catalog; it has: "
                 f"{', '.join(sorted(self.catalog)) or 'nothing'}", param="model")
         try:
-            need = await asyncio.to_thread(self.estimate, spec)
+            need = await compute_thread.once(self.estimate, spec)  # may convert the model
         except FileNotFoundError as exc:
             raise errors.NotLoadable(f"model {model!r}: {exc}") from exc
         evicted = await self._make_room(model, need)
         log.info("loading model %s: needs %s, %s free", model, need.describe(),
                  memory.gib(self.budget.free_bytes()))
         try:
-            engine = await asyncio.to_thread(create_engine, spec, self.settings.cache_dir,
-                                             self.settings.cpu_engine)
+            engine = await compute_thread.once(create_engine, spec, self.settings.cache_dir,
+                                               self.settings.cpu_engine)
         except FileNotFoundError as exc:
             raise errors.NotLoadable(f"model {model!r}: {exc}") from exc
         cores.spread()  # an engine chooses its cores from what this process may use

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 
 from cyllm import errors
+from cyllm.worker.engines.compute_thread import ComputeThread
 from cyllm.worker.engines.factory import cpu_has_bfloat16
 from cyllm.worker.engines.planning import checked_ids
 from cyllm.worker.settings import ModelSpec
@@ -112,19 +112,20 @@ def _pool(states: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
 
 class FolderEmbedder:
     """A Hugging Face folder's backbone (``AutoModel``: an encoder, or a causal LM without
-    its head) loaded by transformers on first use, run one batch at a time in a thread."""
+    its head) loaded by transformers on first use, run one batch at a time on a thread
+    of its own (``compute_thread``: why not the event loop's pool)."""
 
     def __init__(self, folder: Path, device: str, dtype: str, max_context: int | None = None) -> None:
         self.folder, self.device, self.dtype = folder, torch.device(device), dtype
         self.max_context = max_context
         self._load_lock = asyncio.Lock()
-        self._run_lock = threading.Lock()
+        self._thread = ComputeThread(f"embed-{folder.name}")
         self.model: Any = None
 
     async def load(self) -> None:
         async with self._load_lock:
             if self.model is None:
-                await asyncio.to_thread(self._load_blocking)
+                await self._thread.run(self._load_blocking)
 
     def _load_blocking(self) -> None:
         from transformers import AutoModel, AutoTokenizer
@@ -146,14 +147,14 @@ class FolderEmbedder:
                           self.width, dimensions)
 
         def run() -> list[list[float]]:
-            with self._run_lock:
-                return pooled(self.model, ids, self.pad_id, self.device, dimensions,
-                              pooling=self.pooling)
+            return pooled(self.model, ids, self.pad_id, self.device, dimensions,
+                          pooling=self.pooling)
 
-        return await asyncio.to_thread(run), sum(map(len, ids))
+        return await self._thread.run(run), sum(map(len, ids))
 
     def close(self) -> None:
         self.model = None
+        self._thread.close()
 
 
 def embedder_for(spec: ModelSpec, folder: Path, device: str) -> FolderEmbedder:

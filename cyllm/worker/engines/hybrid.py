@@ -13,7 +13,6 @@ two GPUs when both load, and from whatever does when not.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cyllm import errors
+from cyllm.worker.engines import compute_thread
 from cyllm.worker.engines.base import AbstractEngine
 from cyllm.worker.engines.types import EngineHealth, Event, GenerationRequest, ModelCard
 from cyllm.worker.settings import ModelSpec
@@ -58,7 +58,7 @@ class HybridEngine(AbstractEngine):
                 "engine": cand.engine, "device": cand.device, "engine_args": cand.engine_args,
                 "candidates": [], "replicas": 1})
             try:
-                engine = await asyncio.to_thread(create_engine, sub, self.cache_dir, self.cpu_engine)
+                engine = await compute_thread.once(create_engine, sub, self.cache_dir, self.cpu_engine)
                 card = await engine.load()
             except Exception as exc:  # missing library, no device, load failure: next one
                 log.warning("hybrid %s: candidate %s skipped: %s", self.spec.id, label, exc)

@@ -8,7 +8,6 @@ on unless ``worker.training_shares_device`` is set.
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import json
 import logging
@@ -22,6 +21,7 @@ from cyllm import errors
 from cyllm.paths import checked_id, inside
 from cyllm.protocol import pb
 from cyllm.worker import model_files
+from cyllm.worker.engines import compute_thread
 from cyllm.training.spec import TrainingSpec
 from cyllm.worker.settings import WorkerSettings
 from cyllm.worker.training.runner import run_process
@@ -102,7 +102,7 @@ class WorkerTraining:
         if base.path is None and base.gguf is None:
             return ""
         try:
-            return str(await asyncio.to_thread(model_files.resolve, base, self.settings.cache_dir))
+            return str(await compute_thread.once(model_files.resolve, base, self.settings.cache_dir))
         except FileNotFoundError as exc:
             raise errors.NotLoadable(f"base model {base.id!r}: {exc}") from exc
 
