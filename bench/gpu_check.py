@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import sys
 import time
 from pathlib import Path
@@ -105,7 +106,8 @@ async def check(shape: str, streams: list[int], max_tokens: int, device: str) ->
     rows = []
     try:
         for n in streams:
-            gen = run_generate(engine, n, max_tokens)
+            # on the engine's own thread, as the engine computes (compute_thread: why)
+            gen = await engine.on_engine_thread(functools.partial(run_generate, engine, n, max_tokens))
             eng, ttft = await run_engine(engine, n, max_tokens)
             rows.append([shape, n, gen, eng, f"{eng / gen:.2f}x", f"{ttft * 1000:.0f}"])
             print(f"  {n:>4} streams: generate {gen:9.1f}  engine {eng:9.1f} tok/s  "

@@ -1,7 +1,8 @@
 """Served tokens/s on the default model at 1, 8 and 32 concurrent streams.
 
 Three ways, measured in the same run: plain padded ``model.generate`` (the baseline),
-the transformers engine called in-process, and the full stack (``cyllm serve``:
+the transformers engine called in-process, and the full stack (``cyllm serve`` on the
+transformers engine:
 gateway -> coordinator -> worker, streaming chat over HTTP).  Greedy decoding of
 story prompts, ``--max-tokens`` new tokens each; tokens/s counts generated tokens
 (stopping at EOS), time to first token (TTFT) is the median over streams.
@@ -87,13 +88,14 @@ def main() -> None:
     spec = default_models()[0]
     engine = TransformersEngine(spec, resolve(spec, WorkerSettings().cache_dir))
 
-    env = {"CYLLM_WORKER_TORCH_THREADS": str(args.threads)}
+    env = {"CYLLM_WORKER_TORCH_THREADS": str(args.threads), "CYLLM_WORKER_CPU_ENGINE": "transformers"}
 
     async def measure(base: str) -> dict[int, tuple[float, float, float, float, float]]:
         await engine.load()
         out = {}
         for n in args.streams:  # the three methods of one row run back to back
-            gen = run_generate(engine, n, args.max_tokens)
+            # on the engine's own thread, as the engine computes (compute_thread: why)
+            gen = await engine.on_engine_thread(lambda: run_generate(engine, n, args.max_tokens))
             eng, ttft = await run_engine(engine, n, args.max_tokens)
             st, st_ttft = await run_stack(base, n, args.max_tokens)
             out[n] = (gen, eng, ttft, st, st_ttft)

@@ -104,7 +104,7 @@ class TransformersEngine(Engine):
         self._thread = threading.Thread(target=self._run, name=f"engine-{self.spec.id}", daemon=True)
         self._thread.start()
         try:
-            await self._on_engine_thread(self._load_blocking)
+            await self.on_engine_thread(self._load_blocking)
         except BaseException:
             await self.close()
             raise
@@ -172,12 +172,12 @@ class TransformersEngine(Engine):
     async def add_adapter(self, name: str, path: Path) -> None:
         if not (Path(path) / "adapter_config.json").is_file():
             raise errors.InvalidRequest(f"no adapter_config.json in {path}", param="adapter_path")
-        await self._on_engine_thread(lambda: self._apply_adapter("add", name, Path(path)))
+        await self.on_engine_thread(lambda: self._apply_adapter("add", name, Path(path)))
 
     async def remove_adapter(self, name: str) -> None:
         if name not in self._adapters:
             raise errors.ModelNotFound(f"adapter {name!r} is not loaded", param="model")
-        await self._on_engine_thread(lambda: self._apply_adapter("remove", name, None))
+        await self.on_engine_thread(lambda: self._apply_adapter("remove", name, None))
 
     def adapters(self) -> list[str]:
         return list(self._adapters)
@@ -208,7 +208,7 @@ class TransformersEngine(Engine):
     async def embed(self, texts: Sequence[str], dimensions: int = 0) -> tuple[list[list[float]], int]:
         ids = checked_ids(lambda t: self.tokenizer(t)["input_ids"], texts, self.context_length,
                           self.model.config.hidden_size, dimensions)
-        vectors = await self._on_engine_thread(lambda: self._embed(ids, dimensions))
+        vectors = await self.on_engine_thread(lambda: self._embed(ids, dimensions))
         return vectors, sum(len(row) for row in ids)
 
     def _embed(self, ids: list[list[int]], dimensions: int) -> list[list[float]]:
@@ -216,9 +216,10 @@ class TransformersEngine(Engine):
         with base_backbone(self.model) as backbone:
             return pooled(backbone, ids, self.pad_id, self.device, dimensions, _PREFILL_TOKEN_BUDGET)
 
-    async def _on_engine_thread(self, fn: Callable[[], T]) -> T:
-        """``fn()`` run on the scheduler thread between steps (adapters, embeddings: the
-        model is that thread's), its result or exception handed back here."""
+    async def on_engine_thread(self, fn: Callable[[], T]) -> T:
+        """``fn()`` run on the scheduler thread between steps (the load, adapters,
+        embeddings, a benchmark's ``generate`` baseline: the model is that thread's), its
+        result or exception handed back here."""
         assert self._loop is not None
         done: asyncio.Future[T] = self._loop.create_future()
         self._calls.put((fn, done))
