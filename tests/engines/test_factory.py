@@ -82,6 +82,24 @@ def test_unknown_engine_arguments_are_refused_by_name():
     assert ok["distributed_executor_backend"] == "ray" and ok["max_num_seqs"] == 32
 
 
+def test_a_cpu_engine_step_is_bounded_by_the_cores_unless_the_spec_says_otherwise(monkeypatch):
+    pytest.importorskip("vllm")
+    from cyllm import cores
+    from cyllm.worker.engines import vllm_engine
+    from cyllm.worker.engines.vllm_engine import VllmAsyncEngine
+
+    def args(**kw):
+        return VllmAsyncEngine(spec(engine="vllm", **kw), default_folder()).engine_args()
+
+    for given, seqs, budget in [({0, 1}, 32, 256), (set(range(64)), 32, 2048), ({0}, 512, 512)]:
+        monkeypatch.setattr(cores, "GIVEN", frozenset(given))
+        assert vllm_engine.cpu_step_tokens(seqs) == budget
+    monkeypatch.setattr(cores, "GIVEN", frozenset({0, 1}))
+    assert args()["max_num_batched_tokens"] == 256
+    assert args(max_batch_size=300)["max_num_batched_tokens"] == 300
+    assert args(engine_args={"max_num_batched_tokens": 4096})["max_num_batched_tokens"] == 4096
+
+
 def _ascend_checks() -> None:
     """The Ascend engine's device checks against a fake torch_npu.  Run in a fresh
     interpreter by the test below: renaming PyTorch's out-of-tree backend to "npu" (what
