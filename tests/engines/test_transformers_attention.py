@@ -1,7 +1,7 @@
-"""On a CPU the transformers engine steps a lone row with PyTorch's fused attention and
-a padded batch with transformers' eager attention (faster there: see
-``TransformersEngine._pick_attention``), unless the model was given its own
-``attn_implementation``.  That batched output equals the output alone is the engine
+"""On a CPU the transformers engine decodes a padded batch with transformers' eager
+attention (faster there: see ``TransformersEngine._pick_attention``) and runs every
+prefill and a lone row with PyTorch's fused kernel (eager attention's memory grows with
+a prompt's length squared), unless the model was given its own ``attn_implementation``.  That batched output equals the output alone is the engine
 contract's check (tests/engines/test_contract.py, float32)."""
 
 from __future__ import annotations
@@ -18,16 +18,17 @@ pytestmark = pytest.mark.asyncio
 
 
 class Recording(TransformersEngine):
-    """Records (rows, attention implementation) of every forward pass."""
+    """Records (rows, new tokens per row, attention implementation) of every forward."""
 
-    steps: list[tuple[int, str]]
+    steps: list[tuple[int, int, str]]
 
     def load_weights(self, dtype):
         model = super().load_weights(dtype)
         forward, self.steps = model.forward, []
 
         def recorded(*args, **kwargs):
-            self.steps.append((kwargs["input_ids"].shape[0], model.config._attn_implementation))
+            rows, width = kwargs["input_ids"].shape
+            self.steps.append((rows, width, model.config._attn_implementation))
             return forward(*args, **kwargs)
 
         model.forward = recorded
@@ -40,7 +41,7 @@ async def generate(engine, rid: str, prompt: str) -> None:
     assert isinstance(events[-1], Finished)
 
 
-async def served(engine_args: dict) -> list[tuple[int, str]]:
+async def served(engine_args: dict) -> list[tuple[int, int, str]]:
     engine = Recording(spec(path=default_folder(), dtype="float32", engine_args=engine_args),
                        default_folder())
     await engine.load()
@@ -54,13 +55,14 @@ async def served(engine_args: dict) -> list[tuple[int, str]]:
     return engine.steps
 
 
-async def test_a_lone_row_is_fused_and_a_padded_batch_is_eager():
+async def test_a_batch_decodes_eager_and_prefills_and_lone_rows_are_fused():
     steps = await served({})
-    assert {impl for rows, impl in steps if rows == 1} == {"sdpa"}
-    assert {impl for rows, impl in steps if rows > 1} == {"eager"}
+    assert {impl for rows, width, impl in steps if rows > 1 and width == 1} == {"eager"}
+    assert {impl for rows, width, impl in steps if width > 1} == {"sdpa"}  # prefills
+    assert {impl for rows, width, impl in steps if rows == 1} == {"sdpa"}
 
 
 async def test_a_model_given_its_attention_keeps_it():
     steps = await served({"attn_implementation": "sdpa"})
-    assert any(rows > 1 for rows, _ in steps)
-    assert {impl for _, impl in steps} == {"sdpa"}
+    assert any(rows > 1 and width == 1 for rows, width, _ in steps)
+    assert {impl for _, _, impl in steps} == {"sdpa"}
