@@ -5,8 +5,9 @@ at once crashes the process.  So the engine holds ``instances`` objects (default
 each used by one request at a time; further requests wait for a free one (reported as
 ``waiting``).  Each object is built and runs on a thread of its own (``compute_thread``:
 from the event loop's pool, one stream ran at 49-151 tok/s, on its own thread at 150); a
-generation runs there token by token and checks its abort flag between tokens.  The chat template is the GGUF's own
-(``tokenizer.chat_template``), rendered with llama-cpp-python's Jinja2 formatter.
+generation runs there token by token and checks its abort flag between tokens.  The chat
+template is the GGUF's own (``tokenizer.chat_template``), rendered with llama-cpp-python's
+Jinja2 formatter.
 
 ``engine_args``: ``instances`` (default 1), ``n_threads`` (default: the process's
 cores divided among the instances), ``n_batch`` (default 512), and any other
@@ -22,9 +23,9 @@ import math
 import os
 import random
 import threading
-from dataclasses import dataclass
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
