@@ -1,8 +1,8 @@
-"""On a CPU the transformers engine decodes a padded batch with transformers' eager
-attention (faster there: see ``TransformersEngine._pick_attention``) and runs every
-prefill and a lone row with PyTorch's fused kernel (eager attention's memory grows with
-a prompt's length squared), unless the model was given its own ``attn_implementation``.  That batched output equals the output alone is the engine
-contract's check (tests/engines/test_contract.py, float32)."""
+"""On a CPU the transformers engine steps a padded batch with transformers' eager
+attention (faster there: see ``TransformersEngine._pick_attention``) and one row, or
+prompts whose eager scores would be large, with PyTorch's fused kernel, unless the model
+was given its own ``attn_implementation``.  That a batched answer equals the answer
+alone is the engine contract's check (tests/engines/test_contract.py, float32)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from cyllm.worker.engines.transformers_engine import TransformersEngine
+from cyllm.worker.engines.transformers_engine import TransformersEngine, eager_fits
 from cyllm.worker.engines.types import Finished, GenerationRequest, SamplingParams
 from tests.engines.conftest import default_folder, spec
 
@@ -55,11 +55,18 @@ async def served(engine_args: dict) -> list[tuple[int, int, str]]:
     return engine.steps
 
 
-async def test_a_batch_decodes_eager_and_prefills_and_lone_rows_are_fused():
+async def test_a_padded_batch_is_eager_and_a_lone_row_is_fused():
     steps = await served({})
     assert {impl for rows, width, impl in steps if rows > 1 and width == 1} == {"eager"}
-    assert {impl for rows, width, impl in steps if width > 1} == {"sdpa"}  # prefills
     assert {impl for rows, width, impl in steps if rows == 1} == {"sdpa"}
+    assert all(impl == "eager" for rows, width, impl in steps if rows > 1)  # short prompts
+
+
+async def test_eager_attention_is_kept_to_what_its_scores_can_hold():
+    heads = 9  # the default model's
+    assert eager_fits(32, 1, heads) and eager_fits(32, 128, heads)  # decode; a burst of chats
+    assert not eager_fits(2, 4096, heads)  # two long prompts: the fused kernel
+    assert eager_fits(2, 512, heads) and not eager_fits(2, 2048, heads)
 
 
 async def test_a_model_given_its_attention_keeps_it():

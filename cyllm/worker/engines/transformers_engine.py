@@ -56,6 +56,18 @@ T = TypeVar("T")
 _PREFILL_TOKEN_BUDGET = 8192
 
 
+# Eager attention's scores of one forward pass, float32, at most (see eager_fits).
+_EAGER_SCORES_BYTES = 64 << 20
+
+
+def eager_fits(rows: int, width: int, heads: int) -> bool:
+    """Whether eager attention's scores for ``rows`` x ``width`` new tokens stay small.
+    It holds every query's scores against every key at once (a decode step: one row of
+    scores per sequence; a prompt: its length squared), where the fused kernel works in
+    tiles; two 4k-token prompts would hold over a gigabyte per layer."""
+    return rows * heads * width * width * 4 <= _EAGER_SCORES_BYTES
+
+
 @dataclass(eq=False)  # compared by identity: two requests may carry the same id
 class _Sequence:
     prompt_ids: list[int]
@@ -348,7 +360,7 @@ class TransformersEngine(Engine):
         # 2. admit waiting requests: prefill them together, merge into the batch
         admitted = self._admitting = self._admit()
         if admitted:
-            self._pick_attention(decoding=False)
+            self._pick_attention(len(admitted), max(len(s.prompt_ids) for s in admitted))
             new, logits = KVBatch.prefill(self.model, [s.prompt_ids for s in admitted], self.pad_id,
                                           **self._forward_args([s.adapter for s in admitted]))
             self._advance(admitted, *self._sample(logits, admitted))
@@ -362,7 +374,7 @@ class TransformersEngine(Engine):
             # Sequences that just got their first token decode with everyone else below.
         # 3. one decode step for the whole batch
         tokens = torch.tensor([s.last_token for s in self._running], device=self.device)
-        self._pick_attention(decoding=len(self._running) > 1)
+        self._pick_attention(len(self._running), 1)
         logits = batch.decode(self.model, tokens,
                               **self._forward_args([s.adapter for s in self._running]))
         stepped = self._running
@@ -371,19 +383,19 @@ class TransformersEngine(Engine):
         self._deliver(stepped)  # after compacting: a finished stream is no longer counted
         return batch
 
-    def _pick_attention(self, decoding: bool) -> None:
-        """On a CPU, transformers' eager attention (matmuls and a softmax) for a decode
-        step of a padded batch (``decoding``), PyTorch's fused kernel for everything
-        else.  The fused kernel with a padding mask was the slow part of a batched decode
-        step: measured on 2 cores with the default model in bfloat16, 32 rows took 89-97
-        ms with it and 51-55 ms eager, 8 rows 33-35 and 26-30 ms; one row (no mask) 20-21
-        ms fused and 25 ms eager.  Prefills stay fused: eager attention holds every
-        query's scores at once, which for a prompt grows with its length squared.
-        Accelerators keep their fused kernels; a model given its own
-        ``attn_implementation`` keeps it."""
+    def _pick_attention(self, rows: int, width: int) -> None:
+        """On a CPU, transformers' eager attention (matmuls and a softmax) for a padded
+        batch of ``rows`` sequences feeding ``width`` tokens each, PyTorch's fused kernel
+        for one row and for prompts too long for eager (``eager_fits``).  The fused
+        kernel with a padding mask was the slow part of a batched step: measured on 2
+        cores with the default model in bfloat16, a decode step of 32 rows took 89-97 ms
+        with it and 51-55 ms eager, of 8 rows 33-35 and 26-30 ms; of one row (no mask)
+        20-21 ms fused and 25 ms eager.  Accelerators keep their fused kernels; a model
+        given its own ``attn_implementation`` keeps it."""
         if not self._switch_attention:
             return
-        want = "eager" if decoding else "sdpa"
+        eager = rows > 1 and eager_fits(rows, width, self.model.config.num_attention_heads)
+        want = "eager" if eager else "sdpa"
         if want != self._attention:
             base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
             base.set_attn_implementation(want)
