@@ -44,8 +44,8 @@ class ComputeThread:
 
 async def once(fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)`` on a thread that ends when it returns."""
-    pool = ThreadPoolExecutor(1, thread_name_prefix="once")
+    thread = ComputeThread("once")
     try:
-        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
+        return await thread.run(fn, *args)
     finally:
-        pool.shutdown(wait=False)
+        thread.close()
