@@ -225,6 +225,7 @@ class TransformersEngine(Engine):
 
     def _embed(self, ids: list[list[int]], dimensions: int) -> list[list[float]]:
         """On the engine thread (the model is its own), from the base weights."""
+        self._pick_attention(len(ids), max(map(len, ids), default=0))  # long texts: fused
         with base_backbone(self.model) as backbone:
             return pooled(backbone, ids, self.pad_id, self.device, dimensions, _PREFILL_TOKEN_BUDGET)
 
