@@ -68,6 +68,9 @@ class ModelSpec(BaseModel):
     max_batch_size: int = Field(32, ge=1, le=4096, description="sequences decoded together (the worker's slots for it)")
     max_context: int | None = Field(None, ge=16, description="cap below the model's own")
     default_max_tokens: int = Field(512, ge=1, description="max_tokens when a request sets none")
+    grammar_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="how long a response format's JSON Schema may take to "
+        "compile for constrained decoding before it is refused with a 400 (its compile killed)")
     temperature: float | None = Field(
         None, ge=0, le=2, description="default when a request sets none; else the model's "
         "generation_config.json, else 1.0",

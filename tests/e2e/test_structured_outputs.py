@@ -6,6 +6,8 @@ and schemas refused with a 400 that names what is wrong."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from typing import Literal
 
 import jsonschema
@@ -122,3 +124,39 @@ def test_a_schema_that_cannot_be_enforced_is_refused_by_name(client, response_fo
     # and the server still answers
     assert client.chat.completions.create(model=MODEL, max_tokens=3,
                                           messages=[{"role": "user", "content": "hi"}]).choices
+
+
+def test_a_schema_too_slow_to_compile_is_refused_while_other_streams_flow(client):
+    """xgrammar has no deadline of its own: this schema (100 properties of nested counted
+    repetitions, 8 KB) takes about two minutes of its CPU.  The worker refuses it after
+    its deadline (10 s by default, its compile killed), and meanwhile every other stream
+    keeps coming."""
+    slow = {"type": "object", "properties": {
+        f"p{i}": {"type": "string", "pattern": "^([a-z0-9]{1,32}\\.){1,32}[a-z]{2,%d}$" % (8 + i)}
+        for i in range(100)}}
+    refused: list[openai.BadRequestError] = []
+
+    def hostile() -> None:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=5,
+                response_format={"type": "json_schema",
+                                 "json_schema": {"name": "slow", "schema": slow}})
+        refused.append(caught.value)
+
+    attacker = threading.Thread(target=hostile)
+    attacker.start()
+    longest, streams = 0.0, 0
+    while attacker.is_alive() and streams < 100:
+        streams += 1
+        last = time.perf_counter()
+        for _ in client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "Count to twenty."}],
+                max_tokens=48, stream=True):
+            now = time.perf_counter()
+            longest, last = max(longest, now - last), now
+    attacker.join(timeout=120)
+    assert refused, "the schema was not refused"
+    assert "did not compile for constrained decoding within 10 s" in refused[0].message
+    assert refused[0].body["param"] == "response_format"
+    assert streams >= 2 and longest < 3.0, (streams, longest)

@@ -14,8 +14,8 @@ library (transformers, vLLM, TensorRT-LLM, MindIE, llama.cpp, and the fake)::
       1. refuse if the engine is down            down()
       2. refuse an adapter it does not hold      check_adapter()
       3. plan: sampling with the model's         plan() -> prompt_ids()
-         defaults, prompt ids, tokens to make,   compile_constraint()
-         the response format's grammar
+         defaults, prompt ids, tokens to make;   compile_constraint()
+         then the response format's grammar
       4. Started, then the library's stream      stream(plan) -> Step*
          read as Steps: text and token ids out
          as TextDelta, tokens counted (the
@@ -33,7 +33,8 @@ sees only its own output); a resumed sequence that had already ended (its last t
 length left) just finishes.  Usage counts the resumed tokens, as the client got them.
 
 Response formats (``SamplingParams.constraint``: JSON, or JSON under a schema) are
-compiled in the plan, so a schema the grammar compiler refuses is a 400 before anything
+compiled after the plan, off the event loop and under a deadline (``grammar.py``), so a
+schema the grammar compiler refuses, or takes too long over, is a 400 before anything
 runs.  Engines that sample token by token mask with ``matcher(plan)`` (``grammar.py``,
 xgrammar), which has already followed a resumed generation's tokens; an engine whose
 library holds the grammar itself (vLLM) has it start again from the prompt on a resume
@@ -175,6 +176,8 @@ class Engine(AbstractEngine):
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         self.tracker = RequestTracker()
+        self._grammars: Grammars | None = None  # built for the first response format
+        self._building_grammars = asyncio.Lock()
 
     # -- what an adapter implements ------------------------------------------------------
 
@@ -211,28 +214,42 @@ class Engine(AbstractEngine):
 
     # -- the skeleton --------------------------------------------------------------------
 
-    def compile_constraint(self, constraint: Constraint) -> Any:
+    async def compile_constraint(self, constraint: Constraint) -> Any:
         """``constraint`` compiled for this engine (InvalidRequest when it cannot be).
-        Engines that sample token by token compile with xgrammar (``grammars()``) and
-        mask with ``matcher(plan)``; an engine whose library constrains decoding
+        Engines that sample token by token compile with xgrammar (``make_grammars()``)
+        and mask with ``matcher(plan)``; an engine whose library constrains decoding
         itself overrides this."""
-        grammars = self.grammars()
+        grammars = await self.grammars()
         if grammars is None:
             raise errors.InvalidRequest(
                 f"response_format {constraint.kind!r} is not supported by the {self.name} engine "
                 f"serving {self.spec.id}", param=GRAMMAR_PARAM)
-        return grammars.compile(constraint)
+        return await grammars.compile(constraint)
 
-    def grammars(self) -> Grammars | None:
-        """This engine's vocabulary for xgrammar; None: no constrained decoding."""
+    def make_grammars(self) -> Grammars | None:
+        """This engine's vocabulary for xgrammar; None: no constrained decoding.  Runs
+        on a thread, once, for the first response format (reading a vocabulary takes
+        a fifth of a second: no request without one pays it)."""
         return None
+
+    async def grammars(self) -> Grammars | None:
+        async with self._building_grammars:
+            if self._grammars is None:
+                self._grammars = await asyncio.to_thread(self.make_grammars)
+                if self._grammars is not None:
+                    self._grammars.timeout_s = self.spec.grammar_timeout_s
+        return self._grammars
+
+    def close_grammars(self) -> None:
+        """Stop the grammar guard's process, if one was started (engines' ``close``)."""
+        if self._grammars is not None:
+            self._grammars.close()
 
     def matcher(self, plan: Plan) -> Matcher | None:
         """A grammar matcher for ``plan``'s sequence (past its resumed tokens), or None."""
-        grammars = self.grammars()
-        if plan.grammar is None or grammars is None:
+        if plan.grammar is None or self._grammars is None:
             return None
-        return grammars.matcher(plan.grammar, plan.resumed)
+        return self._grammars.matcher(plan.grammar, plan.resumed)
 
     def check_rules(self, sampling: SamplingParams) -> None:
         if sampling.logprobs is not None and not self.gives_logprobs:
@@ -264,14 +281,13 @@ class Engine(AbstractEngine):
         max_new = plan_max_tokens(len(prompt_ids), sampling.max_tokens, self.context_length,
                                   self.spec.default_max_tokens)
         self.check_rules(sampling)
-        grammar = self.compile_constraint(sampling.constraint) if sampling.constraint else None
         resumed = request.resume.token_ids if request.resume is not None else ()
         if not resumed:
-            return Plan(request, sampling, prompt_ids, max_new, grammar=grammar)
+            return Plan(request, sampling, prompt_ids, max_new)
         check_resumed(resumed, max_new, self.vocab_size())
         sampling = dataclasses.replace(sampling, seed=continuation_seed(sampling.seed, len(resumed)))
         return Plan(request, sampling, prompt_ids + list(resumed), max_new - len(resumed),
-                    len(prompt_ids), tuple(resumed), grammar)
+                    len(prompt_ids), tuple(resumed))
 
     def held_text(self, plan: Plan) -> str:
         """What an undisturbed run would have produced for the resumed tokens beyond the
@@ -291,6 +307,9 @@ class Engine(AbstractEngine):
             raise errors.EngineError(f"{self.library} engine for {self.spec.id} is down: {why}")
         self.check_adapter(request)
         plan = self.plan(request)
+        if plan.sampling.constraint is not None:  # checked first: compiling costs the most
+            plan = dataclasses.replace(
+                plan, grammar=await self.compile_constraint(plan.sampling.constraint))
         rid, prompt_tokens, completion = request.request_id, plan.prompt_tokens, len(plan.resumed)
         matcher = None
         if plan.resumed or not self.checks_stop_strings:

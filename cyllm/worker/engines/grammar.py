@@ -12,35 +12,45 @@ free whitespace may spend its whole budget on blank lines.
 
 Engines whose library constrains decoding itself (vLLM) still compile here first: the
 same library (xgrammar is vLLM's default backend) refuses a bad schema with a message
-before anything runs.
+before anything runs, and one that takes too long to compile never reaches it.
+
+Compiling is never done on the event loop, and a caller's schema is compiled first in
+a child process under a deadline (``grammar_guard.py``): xgrammar's compile time has no
+bound of its own.
 """
 
 from __future__ import annotations
 
-import re
-import threading
+import asyncio
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from cyllm import errors
+from cyllm.worker.engines.grammar_guard import PARAM, compile_schema, guard, refusal
 from cyllm.worker.engines.types import Constraint
 
-PARAM = "response_format"
-_SOURCE = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
-_CACHED = 64  # compiled grammars kept per vocabulary
+_CACHED = 64  # compiled grammars kept per vocabulary, and schemas refused
+TIMEOUT_S = 10.0  # a schema's compile, in the guard's child process (grammar_guard.py)
+_JSON_OBJECT = '{"type": "object"}'
 
 
 class Grammars:
-    """Compiles constraints for one vocabulary; the last ``_CACHED`` are kept."""
+    """Compiles constraints for one vocabulary, each new schema first under the guard's
+    deadline (``grammar_guard.py``) and then here on a thread, never on the event loop;
+    the last ``_CACHED`` compiled grammars are kept, and the last schemas refused, so a
+    schema sent again costs nothing."""
 
-    def __init__(self, info: Any) -> None:
+    def __init__(self, info: Any, timeout_s: float = TIMEOUT_S) -> None:
         import xgrammar as xgr
 
         self.info = info
         self.compiler = xgr.GrammarCompiler(info, max_threads=2)
+        self.timeout_s = timeout_s
+        self.vocabulary = guard.vocabulary()  # its number in the guard's child
         self._compiled: OrderedDict[Constraint, Any] = OrderedDict()
-        self._lock = threading.Lock()
+        self._refused: OrderedDict[Constraint, str] = OrderedDict()  # why
+        self._pending: dict[Constraint, asyncio.Task[Any]] = {}
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Any, vocab_size: int, stop_ids: Iterable[int]) -> Grammars:
@@ -62,29 +72,52 @@ class Grammars:
     def vocab_size(self) -> int:
         return self.info.vocab_size
 
-    def compile(self, constraint: Constraint) -> Any:
-        """The compiled grammar, or InvalidRequest naming what the compiler refused."""
-        with self._lock:
-            if constraint in self._compiled:
-                self._compiled.move_to_end(constraint)
-                return self._compiled[constraint]
-        schema = constraint.schema if constraint.kind == "json_schema" else '{"type": "object"}'
+    async def compile(self, constraint: Constraint) -> Any:
+        """The compiled grammar, or InvalidRequest naming what the compiler refused (or
+        that it took too long).  Callers of one new schema share its compile, which
+        goes on if they are cancelled (its result is kept)."""
+        if constraint in self._compiled:
+            self._compiled.move_to_end(constraint)
+            return self._compiled[constraint]
+        if constraint in self._refused:
+            raise errors.InvalidRequest(self._refused[constraint], param=PARAM)
+        task = self._pending.get(constraint)
+        if task is None:
+            task = self._pending[constraint] = asyncio.create_task(self._compile_new(constraint))
+            task.add_done_callback(lambda _: self._pending.pop(constraint, None))
+        return await asyncio.shield(task)
+
+    async def _compile_new(self, constraint: Constraint) -> Any:
+        schema = constraint.schema if constraint.kind == "json_schema" else _JSON_OBJECT
         try:
-            compiled = self.compiler.compile_json_schema(schema, any_whitespace=False,
-                                                         strict_mode=True)
-        except Exception as exc:  # noqa: BLE001  (xgrammar raises several kinds)
-            why = _SOURCE.sub("", str(exc)).strip()  # without its log prefix (time, file:line)
-            raise errors.InvalidRequest(
-                f"the JSON schema cannot be used for constrained decoding: {why}",
-                param=PARAM) from None
-        with self._lock:
-            self._compiled[constraint] = compiled
-            while len(self._compiled) > _CACHED:
-                self._compiled.popitem(last=False)
+            if constraint.kind == "json_schema":  # ours for json_object: no need to try it
+                await guard.check(self.vocabulary, self.info, schema, self.timeout_s)
+            compiled = await asyncio.to_thread(self._compile_here, schema)
+        except errors.InvalidRequest as exc:
+            _keep(self._refused, constraint, exc.message)
+            raise
+        _keep(self._compiled, constraint, compiled)
         return compiled
+
+    def _compile_here(self, schema: str) -> Any:
+        try:
+            return compile_schema(self.compiler, schema)
+        except Exception as exc:  # noqa: BLE001  (xgrammar raises several kinds)
+            raise errors.InvalidRequest(
+                f"the JSON schema cannot be used for constrained decoding: {refusal(exc)}",
+                param=PARAM) from None
 
     def matcher(self, compiled: Any, resumed: Sequence[int] = ()) -> Matcher:
         return Matcher(self, compiled, resumed)
+
+    def close(self) -> None:
+        guard.forget(self.vocabulary)
+
+
+def _keep(cache: OrderedDict[Constraint, Any], key: Constraint, value: Any) -> None:
+    cache[key] = value
+    while len(cache) > _CACHED:
+        cache.popitem(last=False)
 
 
 class Matcher:

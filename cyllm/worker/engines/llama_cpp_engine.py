@@ -85,7 +85,6 @@ class LlamaCppEngine(Engine):
         self._free: asyncio.Queue[_Instance] = asyncio.Queue()
         self._objects: list[Any] = []
         self._threads: list[ComputeThread] = []
-        self._grammars: Grammars | None = None
         self.template: str | None = None  # the GGUF's chat template
         self._embedder: Any = None  # a second context on the same (mapped) weights
         self._embed_thread = ComputeThread(f"embed-{spec.cache_name}")
@@ -131,6 +130,7 @@ class LlamaCppEngine(Engine):
                          "cpu", int(time.time()))
 
     async def close(self) -> None:
+        self.close_grammars()
         if self._embedder is not None:
             self._embedder.close()
         for obj in self._objects:
@@ -189,12 +189,9 @@ class LlamaCppEngine(Engine):
     def vocab_size(self) -> int:
         return self._objects[0].n_vocab()
 
-    def grammars(self) -> Grammars:
-        if self._grammars is None:  # the GGUF's vocabulary as bytes, read once
-            llm = self._objects[0]
-            self._grammars = Grammars.for_pieces(
-                [llm.detokenize([i]) for i in range(llm.n_vocab())], self.eos)
-        return self._grammars
+    def make_grammars(self) -> Grammars:  # the GGUF's vocabulary as bytes
+        llm = self._objects[0]
+        return Grammars.for_pieces([llm.detokenize([i]) for i in range(llm.n_vocab())], self.eos)
 
     async def stream(self, plan: Plan) -> AsyncIterator[Step]:
         abort = threading.Event()

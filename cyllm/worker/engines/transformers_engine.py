@@ -103,7 +103,6 @@ class TransformersEngine(Engine):
         self._waiting: list[_Sequence] = []
         self._admitting: list[_Sequence] = []
         self._adapters: dict[str, Path] = {}
-        self._grammars: Grammars | None = None
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], asyncio.Future[Any]]] = \
             queue.SimpleQueue()
 
@@ -259,6 +258,7 @@ class TransformersEngine(Engine):
         return {"adapter_names": [a or "__base__" for a in adapters]}
 
     async def close(self) -> None:
+        self.close_grammars()
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -269,11 +269,8 @@ class TransformersEngine(Engine):
     def end_ids(self) -> set[int]:
         return self.eos_ids
 
-    def grammars(self) -> Grammars:
-        if self._grammars is None:  # built on first use: most models never need one
-            self._grammars = Grammars.for_tokenizer(self.tokenizer, self.model.config.vocab_size,
-                                                    self.eos_ids)
-        return self._grammars
+    def make_grammars(self) -> Grammars:
+        return Grammars.for_tokenizer(self.tokenizer, self.model.config.vocab_size, self.eos_ids)
 
     def down(self) -> str:
         alive = self._thread is not None and self._thread.is_alive()

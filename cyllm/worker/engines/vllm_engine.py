@@ -68,7 +68,6 @@ class VllmAsyncEngine(Engine):
         self.model_dir = model_dir
         self.llm: Any = None
         self._loras: dict[str, Any] = {}  # adapter name -> LoRARequest
-        self._grammars: Grammars | None = None
         self._next_lora_id = 1
         self._embedder: FolderEmbedder | None = None
 
@@ -159,6 +158,7 @@ class VllmAsyncEngine(Engine):
                          self._platform_type(), int(time.time()))
 
     async def close(self) -> None:
+        self.close_grammars()
         if self._embedder is not None:
             self._embedder.close()
         if self.llm is not None:
@@ -214,18 +214,15 @@ class VllmAsyncEngine(Engine):
     output_rules = True
     gives_logprobs = True
 
-    def grammars(self) -> Grammars:
-        if self._grammars is None:
-            self._grammars = Grammars.for_tokenizer(self.tokenizer, len(self.tokenizer),
-                                                    self.end_ids())
-        return self._grammars
+    def make_grammars(self) -> Grammars:
+        return Grammars.for_tokenizer(self.tokenizer, len(self.tokenizer), self.end_ids())
 
-    def compile_constraint(self, constraint: Constraint) -> Any:
+    async def compile_constraint(self, constraint: Constraint) -> Any:
         """vLLM's own structured outputs, after xgrammar (its default backend) has
         compiled the schema here, so a bad one is refused before anything runs."""
         from vllm.sampling_params import StructuredOutputsParams
 
-        super().compile_constraint(constraint)
+        await super().compile_constraint(constraint)
         schema = json.loads(constraint.schema) if constraint.kind == "json_schema" \
             else {"type": "object"}
         return StructuredOutputsParams(json=schema, disable_any_whitespace=True,

@@ -1,0 +1,135 @@
+"""A caller's JSON schema never compiles on the event loop, and one that takes too long
+is refused with a 400 while its compile is killed (``grammar_guard.py``); a request with
+no response format builds nothing of xgrammar's.  The real default model's vocabulary."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+
+import pytest
+from transformers import AutoTokenizer
+
+from cyllm import errors
+from cyllm.worker.engines.grammar import Grammars
+from cyllm.worker.engines.grammar_guard import guard
+from cyllm.worker.engines.transformers_engine import TransformersEngine
+from cyllm.worker.engines.types import Constraint, GenerationRequest, SamplingParams
+from tests.engines.conftest import default_folder, spec
+
+# 100 properties of nested counted repetitions: 8 KB (within the gateway's 32 KiB for a
+# schema), and about two minutes of xgrammar's CPU here (20 of them took 23 s).
+SLOW = json.dumps({"type": "object", "properties": {
+    f"p{i}": {"type": "string", "pattern": "^([a-z0-9]{1,32}\\.){1,32}[a-z]{2,%d}$" % (8 + i)}
+    for i in range(100)}})
+FINE = json.dumps({"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]})
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class LoopWatch:
+    """The longest the event loop went without running this task's 10 ms ticks."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _tick(self) -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.perf_counter()
+            self.longest = max(self.longest, now - last)
+            last = now
+
+    def __enter__(self) -> LoopWatch:
+        self._task = asyncio.get_running_loop().create_task(self._tick())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(default_folder())
+
+
+async def test_a_schema_that_compiles_too_long_is_refused_and_its_compile_killed(tokenizer):
+    grammars = await asyncio.to_thread(Grammars.for_tokenizer, tokenizer, 49152, [0, 2])
+    grammars.timeout_s = 1.0
+    # The guard's child starts with the first schema (not counted in any deadline).
+    assert await grammars.compile(Constraint("json_schema", FINE)) is not None
+    child = guard.pid
+    assert child is not None and alive(child)
+
+    with LoopWatch() as loop:
+        started = time.perf_counter()
+        with pytest.raises(errors.InvalidRequest) as refused:
+            await grammars.compile(Constraint("json_schema", SLOW))
+        took = time.perf_counter() - started
+    assert refused.value.param == "response_format"
+    assert "did not compile for constrained decoding within 1 s" in refused.value.message
+    assert 1.0 <= took < 10, took
+    assert not alive(child), "the compile in progress was killed with its process"
+    assert loop.longest < 0.5, f"the event loop stalled {loop.longest:.2f} s"
+
+    # The same schema again is refused at once, from memory; no compile starts.
+    started = time.perf_counter()
+    with pytest.raises(errors.InvalidRequest):
+        await grammars.compile(Constraint("json_schema", SLOW))
+    assert time.perf_counter() - started < 0.5
+    assert guard.pid is None
+
+    # Others' schemas compile again (in a new child), and their grammars work.
+    other = json.dumps({"type": "object", "properties": {"n": {"type": "integer"}}})
+    compiled = await grammars.compile(Constraint("json_schema", other))
+    assert guard.pid not in (None, child)
+    matcher = grammars.matcher(compiled)
+    assert matcher.matcher.accept_token(tokenizer.convert_tokens_to_ids("{"))
+    grammars.close()
+
+
+async def test_the_compiler_s_refusal_comes_from_the_child_by_name(tokenizer):
+    grammars = await asyncio.to_thread(Grammars.for_tokenizer, tokenizer, 49152, [0, 2])
+    with pytest.raises(errors.InvalidRequest) as refused:
+        await grammars.compile(Constraint("json_schema", '{"type": "nonsense"}'))
+    assert refused.value.param == "response_format"
+    assert refused.value.message.startswith("the JSON schema cannot be used for constrained")
+    grammars.close()
+
+
+async def test_callers_of_one_new_schema_share_its_compile_and_survive_a_cancelled_one(tokenizer):
+    grammars = await asyncio.to_thread(Grammars.for_tokenizer, tokenizer, 49152, [0, 2])
+    schema = Constraint("json_schema", json.dumps(
+        {"type": "object", "properties": {"k": {"type": "string", "maxLength": 7}}}))
+    first = asyncio.create_task(grammars.compile(schema))
+    await asyncio.sleep(0)
+    first.cancel()  # a caller that hung up: the compile goes on for the next
+    results = await asyncio.gather(grammars.compile(schema), grammars.compile(schema))
+    assert results[0] is results[1]
+    assert await grammars.compile(schema) is results[0]
+    grammars.close()
+
+
+async def test_a_request_without_a_response_format_builds_no_grammar():
+    engine = TransformersEngine(spec(path=default_folder()), default_folder())
+    await engine.load()
+    try:
+        request = GenerationRequest("plain", prompt="Hello",
+                                    sampling=SamplingParams(max_tokens=2, temperature=0))
+        async for _ in engine.generate(request):
+            pass
+        assert engine._grammars is None, "a vocabulary for xgrammar was read for a plain request"
+    finally:
+        await engine.close()
