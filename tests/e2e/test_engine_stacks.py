@@ -208,13 +208,22 @@ def test_the_serving_threads_keep_off_the_engines_cores(stack, client):
     token's wake-ups never stall the engine's threads (cyllm/cores.py)."""
     if stack.engine != "vllm":
         pytest.skip("llama.cpp computes in the worker's own process")
+    schema = {"type": "object", "properties": {"cores": {"type": "integer"}}}
+    client.chat.completions.create(  # a new schema: the grammar compiler's process is up
+        model=stack.model, max_tokens=4, messages=[{"role": "user", "content": "Hi"}],
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}})
     tree = _tree(stack.proc.pid)
     (worker,) = [p for p, cmd in tree.items() if "cyllm worker" in cmd]
     (gateway,) = [p for p, cmd in tree.items() if "cyllm gateway" in cmd]
     given = os.sched_getaffinity(stack.proc.pid)
-    engine = set().union(*(c for p in _tree(worker) if (c := os.sched_getaffinity(p)) < given))
+    serving = _thread_cores(worker)
+    helpers = {p: os.sched_getaffinity(p) for p in _tree(worker)}
+    # vLLM's compute process on the engine's cores; the worker's own helper (the grammar
+    # compiler's process) on the serving cores, as its threads
+    engine = set().union(*(c for c in helpers.values() if c < given and not c <= serving))
     assert engine and engine < given, (engine, given)
-    assert _thread_cores(worker) == given - engine
+    assert serving == given - engine
+    assert any(c <= serving for c in helpers.values()), helpers  # the compiler's
     deadline = time.monotonic() + 5  # the supervisor follows within its 0.2 s loop
     while _thread_cores(gateway) != given - engine and time.monotonic() < deadline:
         time.sleep(0.1)

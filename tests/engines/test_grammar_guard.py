@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from cyllm import errors
 from cyllm.worker.engines.grammar import Grammars
-from cyllm.worker.engines.grammar_guard import guard
+from cyllm.worker.engines.grammar_guard import CompileGuard, guard
 from cyllm.worker.engines.transformers_engine import TransformersEngine
 from cyllm.worker.engines.types import Constraint, GenerationRequest, SamplingParams
 from tests.engines.conftest import default_folder, spec
@@ -98,6 +98,23 @@ async def test_a_schema_that_compiles_too_long_is_refused_and_its_compile_killed
     matcher = grammars.matcher(compiled)
     assert matcher.matcher.accept_token(tokenizer.convert_tokens_to_ids("{"))
     grammars.close()
+
+
+async def test_a_compile_that_outgrows_its_memory_is_refused_and_the_guard_goes_on(tokenizer):
+    """The slow schema's compile grows by megabytes a second: with 100 MiB of address
+    space allowed (the default is 2 GiB) it is stopped there, before its deadline."""
+    grammars = await asyncio.to_thread(Grammars.for_tokenizer, tokenizer, 49152, [0, 2])
+    small = CompileGuard(memory_bytes=100 << 20)
+    vocabulary = small.vocabulary()
+    try:
+        with pytest.raises(errors.InvalidRequest) as refused:
+            await small.check(vocabulary, grammars.info, SLOW, timeout_s=120)
+        assert refused.value.param == "response_format"
+        assert ("more than the 100 MiB a compile may use" in refused.value.message
+                or "ran out of resources" in refused.value.message), refused.value.message
+        await small.check(vocabulary, grammars.info, FINE, timeout_s=30)
+    finally:
+        small.close()
 
 
 async def test_the_compiler_s_refusal_comes_from_the_child_by_name(tokenizer):

@@ -84,8 +84,13 @@ class Grammars:
         task = self._pending.get(constraint)
         if task is None:
             task = self._pending[constraint] = asyncio.create_task(self._compile_new(constraint))
-            task.add_done_callback(lambda _: self._pending.pop(constraint, None))
+            task.add_done_callback(lambda t: self._settled(constraint, t))
         return await asyncio.shield(task)
+
+    def _settled(self, constraint: Constraint, task: asyncio.Task[Any]) -> None:
+        self._pending.pop(constraint, None)
+        if not task.cancelled():
+            task.exception()  # retrieved: every caller may have gone (it is kept anyway)
 
     async def _compile_new(self, constraint: Constraint) -> Any:
         schema = constraint.schema if constraint.kind == "json_schema" else _JSON_OBJECT

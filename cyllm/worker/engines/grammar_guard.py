@@ -32,6 +32,7 @@ from cyllm import errors
 
 PARAM = "response_format"
 START_TIMEOUT_S = 120.0  # importing xgrammar (and torch) in a new interpreter
+MEMORY_BYTES = 2 << 30  # address space a compile may add to the child's
 _SOURCE = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
 
 
@@ -52,7 +53,8 @@ class CompileGuard:
     torch, about 280 MB), shared by the vocabularies of its models, so a schema that
     runs to the deadline delays the others' new schemas, never more than that."""
 
-    def __init__(self) -> None:
+    def __init__(self, memory_bytes: int = MEMORY_BYTES) -> None:
+        self.memory_bytes = memory_bytes
         self._process: Any = None
         self._conn: Any = None
         self._known: set[int] = set()  # vocabularies the child holds
@@ -89,6 +91,9 @@ class CompileGuard:
                     f"the JSON schema did not compile for constrained decoding within "
                     f"{timeout_s:g} s; simplify it (fewer patterns, less nesting of "
                     f"anyOf/oneOf)", param=PARAM) from None
+            except asyncio.CancelledError:  # (the worker stopping) its answer would be stale
+                self.close()
+                raise
             except (EOFError, OSError):  # the child died: out of memory, or killed
                 self.close()
                 raise errors.InvalidRequest(
@@ -116,7 +121,7 @@ class CompileGuard:
     async def _start(self) -> None:
         ctx = multiprocessing.get_context("spawn")
         ours, theirs = ctx.Pipe()
-        process = ctx.Process(target=_serve, args=(theirs,), daemon=True,
+        process = ctx.Process(target=_serve, args=(theirs, self.memory_bytes), daemon=True,
                               name="cyllm-grammar-check")
         await asyncio.to_thread(process.start)
         theirs.close()
@@ -163,10 +168,20 @@ class CompileGuard:
 guard = CompileGuard()
 
 
-def _serve(conn: Any) -> None:
+def _serve(conn: Any, memory_bytes: int) -> None:
     """The child: hold vocabularies, compile each schema asked, answer None or the
-    compiler's refusal."""
+    compiler's refusal.  Each compile may grow the child's address space by
+    ``memory_bytes`` at most; past it the compile fails or the child dies, and the
+    caller is told the compiler ran out of resources."""
+    import resource
+
     import xgrammar as xgr
+
+    def bound_memory() -> None:
+        with contextlib.suppress(OSError, ValueError):
+            with open("/proc/self/statm") as statm:
+                size = int(statm.read().split()[0]) * resource.getpagesize()
+            resource.setrlimit(resource.RLIMIT_AS, (size + memory_bytes, resource.RLIM_INFINITY))
 
     compilers: dict[int, Any] = {}
     conn.send(None)  # ready
@@ -182,8 +197,13 @@ def _serve(conn: Any) -> None:
         elif op == "forget":
             compilers.pop(vocabulary, None)
         else:
+            bound_memory()
             try:
                 compile_schema(compilers[vocabulary], arg)
                 conn.send(None)
             except Exception as exc:  # noqa: BLE001  (xgrammar raises several kinds)
-                conn.send(refusal(exc))
+                if isinstance(exc, MemoryError) or "bad_alloc" in str(exc):
+                    conn.send(f"its grammar needs more than the {memory_bytes >> 20} MiB a "
+                              f"compile may use")
+                else:
+                    conn.send(refusal(exc))
