@@ -86,6 +86,13 @@ from cyllm.worker.settings import ModelSpec
 
 log = logging.getLogger(__name__)
 
+LONG_PROMPT_CHARS = 32_768  # planned on a thread beyond this (a hop costs ~0.1 ms)
+
+
+def _prompt_chars(request: GenerationRequest) -> int:
+    return len(request.prompt or "") + len(request.tools) + sum(
+        len(content) for _, content in request.messages or ())
+
 class AbstractEngine(abc.ABC):
     """Load, generate (async iterator of events), health, close.
 
@@ -306,7 +313,11 @@ class Engine(AbstractEngine):
         if why := self.down():
             raise errors.EngineError(f"{self.library} engine for {self.spec.id} is down: {why}")
         self.check_adapter(request)
-        plan = self.plan(request)
+        # Tokenising takes the thread for the prompt's length (1 MB: a third of a second,
+        # with the GIL released), so a long one is planned on a thread: on the event loop
+        # it would hold up every stream of the worker.
+        plan = await asyncio.to_thread(self.plan, request) \
+            if _prompt_chars(request) > LONG_PROMPT_CHARS else self.plan(request)
         if plan.sampling.constraint is not None:  # checked first: compiling costs the most
             plan = dataclasses.replace(
                 plan, grammar=await self.compile_constraint(plan.sampling.constraint))

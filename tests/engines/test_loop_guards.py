@@ -1,6 +1,8 @@
-"""A caller's JSON schema never compiles on the event loop, and one that takes too long
-is refused with a 400 while its compile is killed (``grammar_guard.py``); a request with
-no response format builds nothing of xgrammar's.  The real default model's vocabulary."""
+"""What a caller sends cannot hold up the worker's event loop, which relays every other
+stream: a JSON schema never compiles on it, and one that takes too long is refused with
+a 400 while its compile is killed (``grammar_guard.py``); a long prompt is tokenised on a
+thread; a request with no response format builds nothing of xgrammar's.  The real
+default model and its vocabulary."""
 
 from __future__ import annotations
 
@@ -51,12 +53,14 @@ class LoopWatch:
             self.longest = max(self.longest, now - last)
             last = now
 
-    def __enter__(self) -> LoopWatch:
+    async def __aenter__(self) -> LoopWatch:
         self._task = asyncio.get_running_loop().create_task(self._tick())
+        await asyncio.sleep(0.05)  # ticking before what is watched starts
         return self
 
-    def __exit__(self, *exc) -> None:
+    async def __aexit__(self, *exc) -> None:
         assert self._task is not None
+        await asyncio.sleep(0.02)  # a tick after it ended
         self._task.cancel()
 
 
@@ -73,7 +77,7 @@ async def test_a_schema_that_compiles_too_long_is_refused_and_its_compile_killed
     child = guard.pid
     assert child is not None and alive(child)
 
-    with LoopWatch() as loop:
+    async with LoopWatch() as loop:
         started = time.perf_counter()
         with pytest.raises(errors.InvalidRequest) as refused:
             await grammars.compile(Constraint("json_schema", SLOW))
@@ -148,5 +152,23 @@ async def test_a_request_without_a_response_format_builds_no_grammar():
         async for _ in engine.generate(request):
             pass
         assert engine._grammars is None, "a vocabulary for xgrammar was read for a plain request"
+    finally:
+        await engine.close()
+
+
+async def test_a_long_prompt_is_tokenised_off_the_event_loop():
+    """A megabyte of prompt (then refused: longer than the context) took the loop a third
+    of a second to tokenise; now the loop keeps ticking."""
+    engine = TransformersEngine(spec(path=default_folder()), default_folder())
+    await engine.load()
+    long_prompt = ("The quick brown fox jumps over the lazy dog. " * 23000)[:1_000_000]
+    try:
+        for request in (GenerationRequest("long", prompt=long_prompt),
+                        GenerationRequest("long chat", messages=(("user", long_prompt),))):
+            async with LoopWatch() as loop:
+                with pytest.raises(errors.ContextLengthExceeded):
+                    async for _ in engine.generate(request):
+                        pass
+            assert loop.longest < 0.1, f"the event loop stalled {loop.longest:.2f} s"
     finally:
         await engine.close()
