@@ -93,6 +93,7 @@ def _prompt_chars(request: GenerationRequest) -> int:
     return len(request.prompt or "") + len(request.tools) + sum(
         len(content) for _, content in request.messages or ())
 
+
 class AbstractEngine(abc.ABC):
     """Load, generate (async iterator of events), health, close.
 
@@ -231,7 +232,9 @@ class Engine(AbstractEngine):
             raise errors.InvalidRequest(
                 f"response_format {constraint.kind!r} is not supported by the {self.name} engine "
                 f"serving {self.spec.id}", param=GRAMMAR_PARAM)
-        return await grammars.compile(constraint)
+        # a library that holds the grammar itself (continues_output_state False) compiles
+        # it again: here the schema is only checked
+        return await grammars.compile(constraint, keep=self.continues_output_state)
 
     def make_grammars(self) -> Grammars | None:
         """This engine's vocabulary for xgrammar; None: no constrained decoding.  Runs

@@ -72,10 +72,11 @@ class Grammars:
     def vocab_size(self) -> int:
         return self.info.vocab_size
 
-    async def compile(self, constraint: Constraint) -> Any:
+    async def compile(self, constraint: Constraint, keep: bool = True) -> Any:
         """The compiled grammar, or InvalidRequest naming what the compiler refused (or
         that it took too long).  Callers of one new schema share its compile, which
-        goes on if they are cancelled (its result is kept)."""
+        goes on if they are cancelled (its result is kept).  ``keep`` False (a library
+        that compiles the grammar itself): the schema is only checked, None returned."""
         if constraint in self._compiled:
             self._compiled.move_to_end(constraint)
             return self._compiled[constraint]
@@ -83,7 +84,8 @@ class Grammars:
             raise errors.InvalidRequest(self._refused[constraint], param=PARAM)
         task = self._pending.get(constraint)
         if task is None:
-            task = self._pending[constraint] = asyncio.create_task(self._compile_new(constraint))
+            task = self._pending[constraint] = asyncio.create_task(
+                self._compile_new(constraint, keep))
             task.add_done_callback(lambda t: self._settled(constraint, t))
         return await asyncio.shield(task)
 
@@ -92,12 +94,12 @@ class Grammars:
         if not task.cancelled():
             task.exception()  # retrieved: every caller may have gone (it is kept anyway)
 
-    async def _compile_new(self, constraint: Constraint) -> Any:
+    async def _compile_new(self, constraint: Constraint, keep: bool) -> Any:
         schema = constraint.schema if constraint.kind == "json_schema" else _JSON_OBJECT
         try:
             if constraint.kind == "json_schema":  # ours for json_object: no need to try it
                 await guard.check(self.vocabulary, self.info, schema, self.timeout_s)
-            compiled = await asyncio.to_thread(self._compile_here, schema)
+            compiled = await asyncio.to_thread(self._compile_here, schema) if keep else None
         except errors.InvalidRequest as exc:
             _keep(self._refused, constraint, exc.message)
             raise

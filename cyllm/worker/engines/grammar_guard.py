@@ -58,6 +58,7 @@ class CompileGuard:
         self._process: Any = None
         self._conn: Any = None
         self._known: set[int] = set()  # vocabularies the child holds
+        self._forgotten: set[int] = set()  # of those, the ones it may drop (told next time)
         self._vocabularies = itertools.count(1)
         self._lock: asyncio.Lock | None = None
         self._lock_loop: asyncio.AbstractEventLoop | None = None
@@ -72,6 +73,13 @@ class CompileGuard:
         message, or the deadline).  Not to be cancelled (the child's answer would go
         to the next schema): run it shielded."""
         async with self._mutex():
+            try:
+                for gone in self._forgotten:  # no answer to wait for
+                    await asyncio.to_thread(self._conn.send, ("forget", gone, None))
+            except OSError:  # the child died meanwhile: a new one holds nothing
+                self.close()
+            self._known -= self._forgotten
+            self._forgotten.clear()
             if self._process is None:
                 await self._start()
             if vocabulary not in self._known:
@@ -105,11 +113,10 @@ class CompileGuard:
                 param=PARAM)
 
     def forget(self, vocabulary: int) -> None:
-        """The child may drop ``vocabulary`` (its model was unloaded)."""
-        if vocabulary in self._known and self._conn is not None:
-            self._known.discard(vocabulary)
-            with contextlib.suppress(OSError):
-                self._conn.send(("forget", vocabulary, None))
+        """The child may drop ``vocabulary`` (its model was unloaded): told with the next
+        question, under the lock (a message sent now could cut into one being sent)."""
+        if vocabulary in self._known:
+            self._forgotten.add(vocabulary)
 
     def _mutex(self) -> asyncio.Lock:
         """One question at a time, on whichever event loop asks (tests run several)."""
@@ -157,6 +164,7 @@ class CompileGuard:
         another."""
         process, conn, self._process, self._conn = self._process, self._conn, None, None
         self._known.clear()
+        self._forgotten.clear()
         if process is not None:
             process.kill()
             process.join(5)

@@ -219,7 +219,8 @@ class VllmAsyncEngine(Engine):
 
     async def compile_constraint(self, constraint: Constraint) -> Any:
         """vLLM's own structured outputs, after xgrammar (its default backend) has
-        compiled the schema here, so a bad one is refused before anything runs."""
+        checked the schema here (compiled within the deadline, in the guard's process),
+        so a bad or too costly one is refused before anything runs."""
         from vllm.sampling_params import StructuredOutputsParams
 
         await super().compile_constraint(constraint)
