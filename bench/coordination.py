@@ -8,7 +8,8 @@ heartbeated here at the same address, so the coordinator places among N workers 
 the cost of the generations stays the same.  A load process calls the coordinator's
 ``Generate`` over gRPC (sampled 16-token requests, which the prompt cache never keeps,
 and greedy ones with distinct prompts, which it stores), one at a time and 64 at a
-time, and the same calls straight to the worker: the difference is what placement
+time, and the same calls straight to the worker (on its session, as a coordinator
+sends them): the difference is what placement
 adds.  Redis round trips are counted per request (those made while serving it) and
 in all (housekeeping, heartbeats and the dispatch included), divided by the requests;
 so is the redis-server's CPU time (its ``INFO cpu``), which sets the cluster's ceiling:
@@ -45,11 +46,18 @@ CONCURRENCY = (1, 64)
 
 
 async def load(address: str, requests: int, concurrency: int, greedy: bool, tag: str) -> dict:
+    from cyllm.coordinator.workers import WorkerClients
     from cyllm.protocol import pb, rpc
     from cyllm.protocol.plane import Plane
 
     channel = Plane(TOKEN).channel(address)
-    stub = rpc.CoordinatorStub(channel) if "coordinator" in tag else rpc.WorkerStub(channel)
+    workers = WorkerClients(Plane(TOKEN))
+    if "coordinator" in tag:
+        stub = rpc.InferenceStub(channel)
+        call = stub.Generate
+    else:  # as a coordinator calls a worker: a call on its session
+        def call(req):
+            return workers.generate(address, req, req.request_id)
     latencies: list[float] = []
     todo = list(range(requests))
 
@@ -58,7 +66,7 @@ async def load(address: str, requests: int, concurrency: int, greedy: bool, tag:
             request_id=f"{tag}-{i}", model="fake", prompt=f"{tag} prompt {i}",
             sampling=pb.SamplingParams(max_tokens=16, temperature=0.0 if greedy else 1.0))
         t0 = time.perf_counter()
-        async for _ in stub.Generate(req):
+        async for _ in call(req):
             pass
         latencies.append(time.perf_counter() - t0)
 
@@ -73,6 +81,7 @@ async def load(address: str, requests: int, concurrency: int, greedy: bool, tag:
     await asyncio.gather(*(runner() for _ in range(concurrency)))
     elapsed = time.perf_counter() - start
     await channel.close()
+    await workers.close()
     return {"rps": requests / elapsed, "p50": statistics.median(latencies)}
 
 
@@ -94,10 +103,10 @@ def count_round_trips() -> None:
     sent on a request's own path (its ``Generate`` or its lease renewals on the stack)."""
     from redis.asyncio.connection import AbstractConnection
 
-    from cyllm.coordinator.service import CoordinatorService
+    from cyllm.coordinator.services.inference import InferenceService, WorkerSlots
 
     send = AbstractConnection.send_packed_command
-    ours = {CoordinatorService.Generate.__code__, CoordinatorService._renew.__code__}
+    ours = {InferenceService.Generate.__code__, WorkerSlots._renew.__code__}
 
     def on_request_path() -> bool:
         frame = sys._getframe(2)

@@ -193,19 +193,19 @@ async def bare_grpc_hop(calls: int = 2000) -> float:
 
     from cyllm.protocol import pb, rpc
 
-    class Streamer(rpc.WorkerServicer):
+    class Streamer(rpc.InferenceServicer):
         async def Generate(self, request, context):
             yield pb.GenerateResponse(started=pb.Started(prompt_tokens=1))
             yield pb.GenerateResponse(delta=pb.Delta(text=" w" * 16))
             yield pb.GenerateResponse(finished=pb.Finished(finish_reason="length"))
 
     server = grpc.aio.server()
-    rpc.add_WorkerServicer_to_server(Streamer(), server)
+    rpc.add_InferenceServicer_to_server(Streamer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     latencies = []
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = rpc.WorkerStub(channel)
+        stub = rpc.InferenceStub(channel)
         for _ in range(calls):
             t0 = time.perf_counter()
             async for _ in stub.Generate(pb.GenerateRequest(model="x")):

@@ -94,13 +94,6 @@ class JobStore(abc.ABC):
     @abc.abstractmethod
     async def delete_file(self, file_id: str) -> bool: ...
 
-    # -- who may use a fine-tuned model (absent: everyone)
-    @abc.abstractmethod
-    async def set_model_owner(self, model: str, owner: str) -> None: ...
-
-    @abc.abstractmethod
-    async def model_owners(self) -> dict[str, str]: ...
-
 
 class MemoryJobStore(JobStore):
     def __init__(self, clock=time.monotonic) -> None:
@@ -111,13 +104,6 @@ class MemoryJobStore(JobStore):
         self._queue: deque[str] = deque()
         self._leases: dict[str, tuple[str, float]] = {}
         self._files: dict[str, pb.FileInfo] = {}
-        self._owners: dict[str, str] = {}
-
-    async def set_model_owner(self, model: str, owner: str) -> None:
-        self._owners[model] = owner
-
-    async def model_owners(self) -> dict[str, str]:
-        return dict(self._owners)
 
     async def put(self, job: pb.TrainingJob) -> None:
         copy = pb.TrainingJob()

@@ -7,7 +7,9 @@ import faulthandler
 import logging
 import os
 import socket
+from dataclasses import dataclass
 
+import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cyllm.coordinator.cache import InMemoryPromptCache, PromptCache
@@ -19,16 +21,21 @@ from cyllm.coordinator.idempotency import (
     MemoryIdempotencyStore,
     RedisIdempotencyStore,
 )
-from cyllm.coordinator.jobs import MemoryJobStore
+from cyllm.coordinator.jobs import JobStore, MemoryJobStore
 from cyllm.coordinator.metrics import CoordinatorMetrics
-from cyllm.coordinator.redis_jobs import RedisJobStore
+from cyllm.coordinator.owners import MemoryModelOwners, ModelOwners, RedisModelOwners
 from cyllm.coordinator.pool import HealthRules
 from cyllm.coordinator.routing import Router
 from cyllm.coordinator.scheduler import MemoryScheduler, Scheduler
-from cyllm.coordinator.service import CoordinatorService
+from cyllm.coordinator.services.inference import InferenceService
+from cyllm.coordinator.services.models import ModelsService
+from cyllm.coordinator.services.pool import WorkerPoolService
+from cyllm.coordinator.services.training import FilesService, TrainingService
 from cyllm.coordinator.settings import CoordinatorSettings
 from cyllm.coordinator.training import TrainingManager
+from cyllm.coordinator.workers import WorkerClients
 from cyllm.protocol import rpc
+from cyllm.protocol.breaker import CircuitBreakers
 from cyllm.protocol.plane import Plane, load_plane
 from cyllm.protocol.server import create_server
 from cyllm.runtime import stop_event
@@ -39,8 +46,19 @@ log = logging.getLogger("cyllm.coordinator")
 STOP_LIMIT_S = 20.0
 
 
-def build_backends(s: CoordinatorSettings,
-                   coordinator_id: str) -> tuple[Scheduler, PromptCache, IdempotencyStore]:
+@dataclass
+class Backends:
+    """Where a coordinator keeps what it knows: in this process, or in Redis shared with
+    every other coordinator."""
+
+    scheduler: Scheduler
+    cache: PromptCache
+    idempotency: IdempotencyStore
+    owners: ModelOwners
+    jobs: JobStore
+
+
+def build_backends(s: CoordinatorSettings, coordinator_id: str) -> Backends:
     rules = HealthRules(s.heartbeat_timeout_s, s.progress_timeout_s)
     router = Router(s.routing)
     limits = {"queue_timeout_s": s.queue_timeout_s, "max_size": s.queue_max_size,
@@ -48,60 +66,85 @@ def build_backends(s: CoordinatorSettings,
     if s.redis_url:
         from cyllm.coordinator.redis_backend import RedisScheduler
         from cyllm.coordinator.redis_cache import RedisPromptCache
+        from cyllm.coordinator.redis_jobs import RedisJobStore
         from cyllm.shared_state import connect
 
         client = connect(s.redis_url)
-        return (
-            RedisScheduler(client, coordinator_id, rules, router, lease_s=s.lease_s, **limits),
+        owners: ModelOwners = RedisModelOwners(client)
+        return Backends(
+            RedisScheduler(client, coordinator_id, rules, router, owners, lease_s=s.lease_s,
+                           **limits),
             RedisPromptCache(client, s.cache_ttl_s, s.cache_max_entries),
-            RedisIdempotencyStore(client),
-        )
-    return (MemoryScheduler(rules, router, **limits),
-            InMemoryPromptCache(s.cache_ttl_s, s.cache_max_entries), MemoryIdempotencyStore())
+            RedisIdempotencyStore(client), owners, RedisJobStore(s.redis_url))
+    owners = MemoryModelOwners()
+    return Backends(MemoryScheduler(rules, router, owners, **limits),
+                    InMemoryPromptCache(s.cache_ttl_s, s.cache_max_entries),
+                    MemoryIdempotencyStore(), owners, MemoryJobStore())
+
+
+@dataclass
+class Services:
+    """The coordinator's servicers (``services/``), one per service of the contract."""
+
+    inference: InferenceService
+    models: ModelsService
+    training: TrainingService
+    files: FilesService
+    pool: WorkerPoolService
+
+    def add_to(self, server: grpc.aio.Server) -> None:
+        rpc.add_InferenceServicer_to_server(self.inference, server)
+        rpc.add_ModelsServicer_to_server(self.models, server)
+        rpc.add_TrainingServicer_to_server(self.training, server)
+        rpc.add_FilesServicer_to_server(self.files, server)
+        rpc.add_WorkerPoolServicer_to_server(self.pool, server)
 
 
 class CoordinatorServer:
     def __init__(self, settings: CoordinatorSettings, plane: Plane | None = None) -> None:
-        self.settings = settings
+        s = self.settings = settings
         self.plane = plane or load_plane()
         self._server = create_server(self.plane, translate=unreachable)
         self._health = health.aio.HealthServicer()
-        self.port = self.plane.bind(self._server, f"{settings.host}:{settings.port}")
-        self.coordinator_id = settings.coordinator_id or f"{socket.gethostname()}-{self.port}-{os.getpid()}"
-        self.scheduler, self.cache, idempotency = build_backends(settings, self.coordinator_id)
+        self.port = self.plane.bind(self._server, f"{s.host}:{s.port}")
+        self.coordinator_id = s.coordinator_id or f"{socket.gethostname()}-{self.port}-{os.getpid()}"
+        backends = self.backends = build_backends(s, self.coordinator_id)
+        self.scheduler, self.cache = backends.scheduler, backends.cache
         self.metrics = CoordinatorMetrics()
         self._metrics_server = None
         self._refresher: asyncio.Task[None] | None = None
         self.metrics_port = 0
-        self.service = CoordinatorService(
-            self.coordinator_id, self.scheduler, self.cache, self.metrics,
-            heartbeat_interval_s=settings.heartbeat_interval_s,
-            progress_timeout_s=settings.progress_timeout_s,
-            breaker_failures=settings.breaker_failures,
-            breaker_cooldown_s=settings.breaker_cooldown_s,
-            lease_s=settings.lease_s,
-            attempts=settings.generation_attempts,
-            idempotency=Idempotency(idempotency, self.coordinator_id, settings.idempotency_ttl_s,
-                                    settings.lease_s),
-            plane=self.plane,
+        self.workers = WorkerClients(self.plane)
+        breakers = CircuitBreakers(s.breaker_failures, s.breaker_cooldown_s)
+        datasets = DatasetPolicy(tuple(s.datasets_dirs), s.datasets_any_path_for_admins,
+                                 s.dataset_limits(), s.dataset_read_memory_bytes,
+                                 s.dataset_read_timeout_s)
+        files = FileStore(backends.jobs, s.files_dir, s.files_max_bytes, datasets)
+        self.training = TrainingManager(
+            backends.jobs, files, self.scheduler, self.workers, backends.owners,
+            self.coordinator_id, lease_s=s.lease_s, max_attempts=s.training_max_attempts,
+            datasets=datasets, max_jobs_per_tenant=s.training_max_jobs_per_tenant,
+            max_steps=s.training_max_steps, max_time_s=s.training_max_time_s)
+        models = ModelsService(self.coordinator_id, self.scheduler, self.cache, backends.owners,
+                               self.workers, breakers)
+        self.services = Services(
+            inference=InferenceService(
+                self.scheduler, self.cache, self.workers, breakers, self.metrics,
+                Idempotency(backends.idempotency, self.coordinator_id, s.idempotency_ttl_s,
+                            s.lease_s),
+                progress_timeout_s=s.progress_timeout_s, lease_s=s.lease_s,
+                attempts=s.generation_attempts),
+            models=models,
+            training=TrainingService(self.training, models.visible),
+            files=FilesService(files),
+            pool=WorkerPoolService(self.scheduler, s.heartbeat_interval_s),
         )
-        store = RedisJobStore(settings.redis_url) if settings.redis_url else MemoryJobStore()
-        datasets = DatasetPolicy(tuple(settings.datasets_dirs), settings.datasets_any_path_for_admins,
-                                 settings.dataset_limits(), settings.dataset_read_memory_bytes,
-                                 settings.dataset_read_timeout_s)
-        self.service.files = FileStore(store, settings.files_dir, settings.files_max_bytes, datasets)
-        self.service.training = TrainingManager(
-            store, self.service.files, self.scheduler, self.service.workers, self.coordinator_id,
-            lease_s=settings.lease_s, max_attempts=settings.training_max_attempts, datasets=datasets,
-            max_jobs_per_tenant=settings.training_max_jobs_per_tenant,
-            max_steps=settings.training_max_steps, max_time_s=settings.training_max_time_s)
-        self.scheduler.owners_from(store.model_owners)
-        rpc.add_CoordinatorServicer_to_server(self.service, self._server)
+        self.services.add_to(self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
 
     async def start(self) -> int:
         await self.scheduler.start()
-        await self.service.training.start()
+        await self.training.start()
         self._metrics_server, self.metrics_port = serve_metrics(
             self.metrics.registry, self.settings.host, self.settings.metrics_port)
         self._refresher = asyncio.create_task(self.metrics.refresh_forever(self.scheduler, self.cache))
@@ -119,8 +162,8 @@ class CoordinatorServer:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
-        await self.service.training.close()
-        await self.service.close()
+        await self.training.close()
+        await self.workers.close()
         await self.scheduler.close()
 
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
+from cyllm.coordinator.owners import RedisModelOwners
 from cyllm.coordinator.pool import HealthRules, WorkerRecord, keeps_outstanding
 from cyllm.coordinator.routing import Router
 from cyllm.coordinator import redis_scripts as lua
@@ -52,7 +53,6 @@ log = logging.getLogger(__name__)
 
 P = "cyllm:"
 PUMP_CHANNEL = P + "pump"
-MODEL_OWNERS = P + "model_owners"  # fine-tuned model -> owning tenant (``redis_jobs``)
 
 
 async def redis_now(client: aioredis.Redis) -> float:
@@ -101,10 +101,11 @@ class RedisScheduler(Scheduler):
     VIEW_S = 0.25
 
     def __init__(self, client: aioredis.Redis, coordinator_id: str, rules: HealthRules,
-                 router: Router, *, queue_timeout_s: float, max_size: int, retry_after_s: float,
-                 lease_s: float) -> None:
-        super().__init__(rules, router, queue_timeout_s=queue_timeout_s, max_size=max_size,
-                         retry_after_s=retry_after_s)
+                 router: Router, owners: RedisModelOwners, *, queue_timeout_s: float,
+                 max_size: int, retry_after_s: float, lease_s: float) -> None:
+        """``owners``: read here in one script with the pool (its hash in Redis)."""
+        super().__init__(rules, router, owners, queue_timeout_s=queue_timeout_s,
+                         max_size=max_size, retry_after_s=retry_after_s)
         self.r = client
         self.coordinator_id = coordinator_id
         self.lease_ms = int(lease_s * 1000)
@@ -225,7 +226,8 @@ class RedisScheduler(Scheduler):
         self._view = None
 
     async def _read(self) -> _View:
-        secs, micros, rows, owners = await self._pool(keys=[P + "workers", MODEL_OWNERS], args=[P])
+        secs, micros, rows, owners = await self._pool(keys=[P + "workers", RedisModelOwners.key],
+                                                    args=[P])
         records = sorted((r for r in map(_record, rows) if r), key=lambda r: r.worker_id)
         self._view = _View(time.monotonic(), int(secs) + int(micros) / 1e6, records,
                            {k.decode(): v.decode() for k, v in zip(owners[::2], owners[1::2])})

@@ -13,7 +13,7 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 
 from cyllm.coordinator.jobs import JobStore
-from cyllm.coordinator.redis_backend import MODEL_OWNERS, P
+from cyllm.coordinator.redis_backend import P
 from cyllm.protocol import pb
 from cyllm.shared_state import connect
 
@@ -134,13 +134,6 @@ class RedisJobStore(JobStore):
 
     async def delete_file(self, file_id: str) -> bool:
         return bool(await self.r.hdel(P + "files", file_id))
-
-    async def set_model_owner(self, model: str, owner: str) -> None:
-        await self.r.hset(MODEL_OWNERS, model, owner)
-
-    async def model_owners(self) -> dict[str, str]:
-        rows = await self.r.hgetall(MODEL_OWNERS)
-        return {k.decode(): v.decode() for k, v in rows.items()}
 
 
 def _copy(message, cls):

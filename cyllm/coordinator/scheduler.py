@@ -14,11 +14,12 @@ from __future__ import annotations
 import abc
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from cyllm import errors
 from cyllm.coordinator.cache import CachedResponse, PromptCache
+from cyllm.coordinator.owners import ModelOwners
 from cyllm.coordinator.pool import HealthRules, WorkerRecord, keeps_outstanding
 from cyllm.coordinator.routing import Router
 from cyllm.coordinator.queue import InMemoryTaskQueue, Task
@@ -67,18 +68,16 @@ class Scheduler(abc.ABC):
     backend = "abstract"
     leased = False  # a running task holds a lease its coordinator must renew
 
-    def __init__(self, rules: HealthRules, router: Router, *, queue_timeout_s: float,
-                 max_size: int, retry_after_s: float) -> None:
+    def __init__(self, rules: HealthRules, router: Router, owners: ModelOwners, *,
+                 queue_timeout_s: float, max_size: int, retry_after_s: float) -> None:
+        """``owners``: who owns which model (a tenant's request may use only public
+        models and its own)."""
         self.rules = rules
         self.router = router
+        self.owners = owners
         self.queue_timeout_s = queue_timeout_s
         self.max_size = max_size
         self.retry_after_s = retry_after_s
-        self._owners: Callable[[], Awaitable[dict[str, str]]] = _nobody
-
-    def owners_from(self, source: Callable[[], Awaitable[dict[str, str]]]) -> None:
-        """Where the owners of fine-tuned models are read (the job store)."""
-        self._owners = source
 
     async def start(self) -> None:
         """Begin background work (timers, subscriptions)."""
@@ -176,7 +175,7 @@ class Scheduler(abc.ABC):
         backend may answer from a view a moment old (``RedisScheduler``): the owners
         always as of the same moment as the workers or later, so a model a worker
         serves in the view has its owner in it (it is recorded before the model loads)."""
-        return await self.workers(), await self._owners()
+        return await self.workers(), await self.owners.all()
 
     async def check_model(self, model: str, sees: Callable[[str], bool] | None = None) -> None:
         """ModelNotFound (also for a model ``sees`` refuses: another tenant's reads as
@@ -187,7 +186,7 @@ class Scheduler(abc.ABC):
         try:
             self._check(model, sees, *await self.view())
         except errors.CyllmError:
-            self._check(model, sees, await self.workers(), await self._owners())
+            self._check(model, sees, await self.workers(), await self.owners.all())
 
     def _check(self, model: str, sees: Callable[[str], bool] | None, views: list[WorkerView],
                owners: dict[str, str]) -> None:
@@ -226,10 +225,11 @@ class MemoryScheduler(Scheduler):
 
     backend = "memory"
 
-    def __init__(self, rules: HealthRules, router: Router, *, queue_timeout_s: float,
-                 max_size: int, retry_after_s: float, clock=time.monotonic) -> None:
-        super().__init__(rules, router, queue_timeout_s=queue_timeout_s, max_size=max_size,
-                         retry_after_s=retry_after_s)
+    def __init__(self, rules: HealthRules, router: Router, owners: ModelOwners, *,
+                 queue_timeout_s: float, max_size: int, retry_after_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(rules, router, owners, queue_timeout_s=queue_timeout_s,
+                         max_size=max_size, retry_after_s=retry_after_s)
         self.clock = clock
         self.queue = InMemoryTaskQueue(max_size)
         self._workers: dict[str, WorkerRecord] = {}
@@ -307,10 +307,6 @@ class MemoryScheduler(Scheduler):
                 continue  # its caller already left
             picked[-1].outstanding += 1
             waiter.future.set_result(picked[-1].info)
-
-
-async def _nobody() -> dict[str, str]:
-    return {}
 
 
 def caller_cancelled() -> bool:

@@ -28,6 +28,7 @@ from cyllm import errors
 from cyllm.coordinator.datasets import DatasetPolicy
 from cyllm.coordinator.files import FileStore
 from cyllm.coordinator.jobs import TERMINAL, JobStore
+from cyllm.coordinator.owners import ModelOwners
 from cyllm.coordinator.scheduler import Scheduler, WorkerView
 from cyllm.coordinator.workers import WorkerClients
 from cyllm.protocol import pb
@@ -45,7 +46,7 @@ _LOST = (errors.Unavailable, errors.RequestCancelled, errors.EngineError)
 
 class TrainingManager:
     def __init__(self, store: JobStore, files: FileStore, scheduler: Scheduler,
-                 workers: WorkerClients, coordinator_id: str, *, lease_s: float, max_attempts: int,
+                 workers: WorkerClients, owners: ModelOwners, coordinator_id: str, *, lease_s: float, max_attempts: int,
                  datasets: DatasetPolicy = DatasetPolicy(), max_jobs_per_tenant: int = 4,
                  max_steps: int = 100_000, max_time_s: float = 86_400.0) -> None:
         self.store = store
@@ -56,6 +57,7 @@ class TrainingManager:
         self.max_time_s = max_time_s
         self.scheduler = scheduler
         self.workers = workers
+        self.owners = owners
         self.owner = coordinator_id
         self.lease_s = lease_s
         self.max_attempts = max_attempts
@@ -350,7 +352,7 @@ class TrainingManager:
             kinds.append("peft")
         for kind in kinds:
             model, load = _serving(spec.base_model, name, kind, result.result_path)
-            await self.store.set_model_owner(model, job.owner)  # before anyone can see it
+            await self.owners.set(model, job.owner)  # before anyone can see it
             try:
                 reply = await self.workers.load_model(worker.address, load)
                 break

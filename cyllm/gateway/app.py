@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from cyllm.gateway import console, errors
 from cyllm.gateway.admin import router as admin_router
 from cyllm.gateway.auth import Authenticator, AuthMiddleware
-from cyllm.gateway.client import CoordinatorClient
+from cyllm.gateway.client import Coordinator, CoordinatorClient
 from cyllm.gateway.context import EdgeMiddleware
 from cyllm.gateway.keys import FileKeyStore, KeyStore, RedisKeyStore
 from cyllm.gateway.metrics import GatewayMetrics, MetricsMiddleware
@@ -26,7 +26,6 @@ from cyllm.gateway.openai.responses import router as responses_router
 from cyllm.gateway.openai.router import router as openai_router
 from cyllm.gateway.ratelimit import RateLimiter
 from cyllm.gateway.settings import GatewaySettings
-from cyllm.protocol.local import LocalStub
 from cyllm.protocol.plane import Plane, load_plane
 from cyllm.shared_state import unreachable
 
@@ -63,7 +62,8 @@ def create_app(settings: GatewaySettings, client: CoordinatorClient | None = Non
                 app.state.coordinator = coordinator
                 app.state.client = client or CoordinatorClient(
                     [f"{coordinator_settings.host}:{port}"], coordinator.plane,
-                    settings.request_timeout_s, local=LocalStub(coordinator.service, unreachable))
+                    settings.request_timeout_s,
+                    local=Coordinator.hosted(coordinator.services, unreachable))
             else:
                 app.state.client = client or CoordinatorClient(
                     settings.coordinators, plane or load_plane(), settings.request_timeout_s)

@@ -174,11 +174,6 @@ async def authenticate(request: Request) -> Identity:
     return ctx.identity
 
 
-def coordinator(conn: HTTPConnection):
-    """The coordinator client, acting for this request's caller."""
-    return conn.app.state.client.acting_for(context(conn).caller.tenant)
-
-
 class AuthMiddleware:
     """Credentials first: every HTTP request but the public ones (health, API docs, the
     console's static page and, when ``metrics_public``, metrics) is authenticated from its headers before the

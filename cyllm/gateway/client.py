@@ -1,13 +1,12 @@
 """The gateway's client for the coordinators: typed calls over gRPC, failures arriving
 as the project's errors (``protocol.client``).
 
-Several coordinators may be configured; a call goes to the next one in turn, and one
-that cannot be reached is skipped for the next.  A generation whose coordinator dies
-mid-stream continues through another from the tokens already relayed
-(``protocol.relay``): the caller sees one stream.  Each coordinator
-has a circuit breaker (``protocol.breaker``): after ``breaker_failures`` unreachable
-answers it is tried only after the others for ``breaker_cooldown_s``.  Unary calls have
-a 10 s timeout (training calls 60 s), generations ``request_timeout_s``.
+Several coordinators may be configured; each call goes to them in turn, through
+``protocol.failover``: a coordinator that cannot be reached is skipped for the next
+(one with an open circuit is tried only after the others), and a generation whose
+coordinator dies mid-stream continues through another from the tokens already relayed
+(``protocol.relay``): the caller sees one stream.  Unary calls have a 10 s timeout
+(training calls 60 s), generations ``request_timeout_s``.
 """
 
 from __future__ import annotations
@@ -15,36 +14,68 @@ from __future__ import annotations
 import asyncio
 import copy
 import itertools
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import grpc
+from starlette.requests import HTTPConnection
+
 from cyllm import errors
-from cyllm.protocol import pb, rpc
+from cyllm.gateway.context import context
+from cyllm.protocol import failover, pb, rpc
 from cyllm.protocol.breaker import CircuitBreakers
 from cyllm.protocol.client import Stream, open_channel, unary
 from cyllm.protocol.local import LocalStub
 from cyllm.protocol.plane import Plane
 from cyllm.protocol.relay import Relay
+from cyllm.protocol.server import Translate
 from cyllm.protocol.tenant import Tenant
 from cyllm.runtime import REQUEST_ID
 
-log = logging.getLogger(__name__)
-
 T = TypeVar("T")
-Method = Callable[[rpc.CoordinatorStub], Callable[..., Awaitable[T]]]
+
+# A coordinator that cannot be reached (never one that answered, even with an error)
+# sends the call to the next, and counts against its circuit.
+RULE = failover.Rule(moves_on=(errors.Unreachable,),
+                     blames=lambda exc: isinstance(exc, errors.Unreachable), what="coordinator")
+
+
+@dataclass(frozen=True)
+class Coordinator:
+    """One coordinator's services, over gRPC or in this process."""
+
+    inference: Any
+    models: Any
+    training: Any
+    files: Any
+
+    @classmethod
+    def over(cls, channel: grpc.aio.Channel) -> Coordinator:
+        return cls(rpc.InferenceStub(channel), rpc.ModelsStub(channel),
+                   rpc.TrainingStub(channel), rpc.FilesStub(channel))
+
+    @classmethod
+    def hosted(cls, services: Any, translate: Translate) -> Coordinator:
+        """The coordinator hosted in this process (its ``Services``)."""
+        return cls(*(LocalStub(getattr(services, name), translate)
+                     for name in ("inference", "models", "training", "files")))
+
+
+Method = Callable[[Coordinator], Callable[..., Awaitable[T]]]
 
 
 class CoordinatorClient:
     def __init__(self, addresses: list[str], plane: Plane, timeout_s: float = 600.0,
                  breaker_failures: int = 3, breaker_cooldown_s: float = 10.0,
-                 local: LocalStub | None = None) -> None:
+                 local: Coordinator | None = None) -> None:
         """``local``: the coordinator hosted in this process (``embedded_coordinator``),
         then the only one called; ``addresses`` names it (its gRPC address)."""
         self.addresses = list(addresses)
         self.timeout_s = timeout_s
         self._channels = [] if local else [open_channel(a, plane) for a in self.addresses]
-        self._stubs: list[Any] = [local] if local else [rpc.CoordinatorStub(c) for c in self._channels]
+        coordinators = [local] if local else [Coordinator.over(c) for c in self._channels]
+        self._peers = [failover.Named(a, c) for a, c in zip(self.addresses, coordinators)]
         self._turn = itertools.count()
         self.breakers = CircuitBreakers(breaker_failures, breaker_cooldown_s)
         self._meta: tuple[tuple[str, str], ...] = ()  # whose calls these are
@@ -64,64 +95,50 @@ class CoordinatorClient:
         view._meta = tenant.metadata()
         return view
 
-    def _in_turn(self) -> list[tuple[str, rpc.CoordinatorStub]]:
-        start = next(self._turn) % len(self._stubs)
-        order = list(zip(self.addresses, self._stubs))
-        order = order[start:] + order[:start]
-        closed = [o for o in order if not self.breakers.is_open(o[0])]
-        return closed + [o for o in order if o not in closed]  # open circuits only as a last resort
+    def _in_turn(self, rounds: int = 1) -> failover.InTurn[Coordinator]:
+        """Each coordinator ``rounds`` times, starting with the next in turn."""
+        return failover.InTurn(self._peers, self.breakers, next(self._turn), rounds)
+
+    def _metadata(self, request_id: str) -> tuple[tuple[str, str], ...]:
+        """``request_id`` travels in the gRPC metadata, into the coordinator's and
+        worker's logs."""
+        return (((REQUEST_ID, request_id),) if request_id else ()) + self._meta
 
     # -- generation -------------------------------------------------------------------
 
-    async def generate(self, request: pb.GenerateRequest,
-                       request_id: str = "") -> AsyncIterator[pb.GenerateResponse]:
-        """Stream the coordinator's events; the call is cancelled when this is closed.
-        ``request_id`` travels in the gRPC metadata, into the coordinator's and worker's logs."""
-        last: errors.CyllmError = errors.Unavailable("no coordinator configured")
-        metadata = (((REQUEST_ID, request_id),) if request_id else ()) + self._meta
+    def generate(self, request: pb.GenerateRequest,
+                 request_id: str = "") -> AsyncIterator[pb.GenerateResponse]:
+        """The coordinator's events; closing this cancels the call.  Each coordinator
+        once, then once more each: a restarted one may be back."""
+        metadata = self._metadata(request_id)
         relay = Relay(request)
-        # Each coordinator once, then once more each: a restarted one may be back.
-        for address, stub in self._in_turn() * 2:
-            upstream = relay.continuation()
-            stream = Stream(stub.Generate(upstream, timeout=self.timeout_s, metadata=metadata))
-            received = False
-            try:
-                async for msg in stream:
-                    if not received:
-                        received = True
-                        self.breakers.succeeded(address)
-                    if relay.pass_on(msg):
-                        yield msg
-                return
-            except errors.Unreachable as exc:
-                self.breakers.failed(address)
-                if not relay.resumable:
-                    raise
-                if relay.resuming:
-                    log.warning("coordinator %s unreachable mid-generation (%s); continuing "
-                                "through the next after %d tokens", address, exc.message,
-                                len(relay.ids), extra={"request_id": request_id})
-                last = exc
-            finally:
-                stream.cancel()
-        raise last
+
+        def call(peer: failover.Named[Coordinator]) -> Stream[pb.GenerateResponse]:
+            return Stream(peer.target.inference.Generate(
+                relay.continuation(), timeout=self.timeout_s, metadata=metadata))
+
+        return failover.stream(self._in_turn(rounds=2), call, RULE, breakers=self.breakers,
+                               progress=relay, request_id=request_id)
+
+    async def embed(self, request: pb.EmbedRequest, request_id: str) -> pb.EmbedResponse:
+        return await self._unary(lambda c: c.inference.Embed, request, timeout=self.timeout_s,
+                                 request_id=request_id)
 
     # -- models -----------------------------------------------------------------------
 
-    async def embed(self, request: pb.EmbedRequest, request_id: str) -> pb.EmbedResponse:
-        return await self._unary(lambda s: s.Embed, request, timeout=self.timeout_s,
-                                 request_id=request_id)
-
     async def list_models(self) -> list[pb.ModelInfo]:
-        reply = await self._unary(lambda s: s.ListModels, pb.ListModelsRequest())
+        reply = await self._unary(lambda c: c.models.ListModels, pb.ListModelsRequest())
         return list(reply.models)
 
-    async def load_model(self, request: pb.LoadModelRequest) -> pb.LoadModelResponse:
+    async def load_model(self, model: str, adapter_path: str = "",
+                         worker_id: str = "") -> pb.LoadModelResponse:
         # Loading may start an engine (vLLM: about a minute on CPU) or convert a GGUF.
-        return await self._unary(lambda s: s.LoadModel, request, timeout=900)
+        return await self._unary(lambda c: c.models.LoadModel, pb.LoadModelRequest(
+            model=model, adapter_path=adapter_path, worker_id=worker_id), timeout=900)
 
-    async def unload_model(self, request: pb.UnloadModelRequest) -> pb.UnloadModelResponse:
-        return await self._unary(lambda s: s.UnloadModel, request, timeout=300)
+    async def unload_model(self, model: str) -> pb.UnloadModelResponse:
+        return await self._unary(lambda c: c.models.UnloadModel,
+                                 pb.UnloadModelRequest(model=model), timeout=300)
 
     async def cluster_status(self) -> list[tuple[str, pb.ClusterStatusResponse | None]]:
         """Every coordinator's view (None where it cannot be reached), asked of all at
@@ -135,70 +152,68 @@ class CoordinatorClient:
         return await asyncio.shield(flight)  # one caller leaving does not end it for all
 
     async def _ask_status(self) -> list[tuple[str, pb.ClusterStatusResponse | None]]:
-        async def one(stub: Any) -> pb.ClusterStatusResponse | None:
+        async def one(peer: failover.Named[Coordinator]) -> pb.ClusterStatusResponse | None:
             try:
-                return await unary(stub.ClusterStatus, pb.ClusterStatusRequest(), timeout=3)
+                return await unary(peer.target.models.ClusterStatus, pb.ClusterStatusRequest(),
+                                   timeout=3)
             except errors.CyllmError:
                 return None
 
-        return list(zip(self.addresses, await asyncio.gather(*map(one, self._stubs))))
+        return list(zip(self.addresses, await asyncio.gather(*map(one, self._peers))))
 
     # -- training jobs ----------------------------------------------------------------
 
     async def create_training_job(self, spec_json: str, training_file: str = "",
                                   validation_file: str = "") -> pb.TrainingJob:
-        return await self._training(lambda s: s.CreateTrainingJob, pb.CreateTrainingJobRequest(
+        return await self._training(lambda c: c.training.CreateTrainingJob, pb.CreateTrainingJobRequest(
             spec_json=spec_json, training_file=training_file, validation_file=validation_file))
 
     async def get_training_job(self, job_id: str) -> pb.TrainingJob:
-        return await self._training(lambda s: s.GetTrainingJob, pb.TrainingJobRequest(id=job_id))
+        return await self._training(lambda c: c.training.GetTrainingJob, pb.TrainingJobRequest(id=job_id))
 
     async def list_training_jobs(self, limit: int, after: str = "") -> pb.ListTrainingJobsResponse:
-        return await self._training(lambda s: s.ListTrainingJobs,
+        return await self._training(lambda c: c.training.ListTrainingJobs,
                                     pb.ListTrainingJobsRequest(limit=limit, after=after))
 
     async def cancel_training_job(self, job_id: str) -> pb.TrainingJob:
-        return await self._training(lambda s: s.CancelTrainingJob, pb.TrainingJobRequest(id=job_id))
+        return await self._training(lambda c: c.training.CancelTrainingJob,
+                                    pb.TrainingJobRequest(id=job_id))
 
     async def list_training_events(self, job_id: str) -> list[pb.TrainingEvent]:
-        reply = await self._training(lambda s: s.ListTrainingEvents,
+        reply = await self._training(lambda c: c.training.ListTrainingEvents,
                                      pb.TrainingEventsRequest(id=job_id))
         return list(reply.events)
 
-    async def watch_training(self, job_id: str, after_seq: int = 0) -> AsyncIterator[pb.TrainingEvent]:
+    def watch_training(self, job_id: str, after_seq: int = 0) -> AsyncIterator[pb.TrainingEvent]:
         """A job's events; a coordinator lost mid-watch is replaced by the next, from the
         last event seen (the events are shared in Redis)."""
-        last: errors.CyllmError = errors.Unavailable("no coordinator configured")
-        for address, stub in self._in_turn() * 2:
-            stream = Stream(stub.WatchTrainingJob(
-                pb.TrainingEventsRequest(id=job_id, after_seq=after_seq), metadata=self._meta))
-            try:
-                async for event in stream:
-                    after_seq = max(after_seq, event.seq)
-                    yield event
-                return
-            except errors.Unreachable as exc:
-                self.breakers.failed(address)
-                last = exc
-            finally:
-                stream.cancel()
-        raise last
+        cursor = _Cursor(after_seq)
+
+        def call(peer: failover.Named[Coordinator]) -> Stream[pb.TrainingEvent]:
+            return Stream(peer.target.training.WatchTrainingJob(
+                pb.TrainingEventsRequest(id=job_id, after_seq=cursor.seq), metadata=self._meta))
+
+        return failover.stream(self._in_turn(rounds=2), call, RULE, breakers=self.breakers,
+                               progress=cursor)
 
     # -- files ------------------------------------------------------------------------
 
     async def upload_file(self, chunks: AsyncIterator[pb.FileChunk]) -> pb.FileInfo:
-        _, stub = self._in_turn()[0]
-        return await unary(stub.UploadFile, chunks, timeout=3600, metadata=self._meta)
+        """To the first coordinator in turn only: the chunks cannot be sent twice."""
+        peer = await self._in_turn().take(frozenset())
+        if peer is None:
+            raise errors.Unavailable("no coordinator configured")
+        return await unary(peer.target.files.UploadFile, chunks, timeout=3600, metadata=self._meta)
 
     async def get_file(self, file_id: str) -> pb.FileInfo:
-        return await self._training(lambda s: s.GetFile, pb.FileRequest(id=file_id))
+        return await self._training(lambda c: c.files.GetFile, pb.FileRequest(id=file_id))
 
     async def list_files(self, purpose: str = "") -> list[pb.FileInfo]:
-        reply = await self._training(lambda s: s.ListFiles, pb.ListFilesRequest(purpose=purpose))
+        reply = await self._training(lambda c: c.files.ListFiles, pb.ListFilesRequest(purpose=purpose))
         return list(reply.files)
 
     async def delete_file(self, file_id: str) -> None:
-        await self._training(lambda s: s.DeleteFile, pb.FileRequest(id=file_id))
+        await self._training(lambda c: c.files.DeleteFile, pb.FileRequest(id=file_id))
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -208,19 +223,34 @@ class CoordinatorClient:
     async def _unary(self, method: Method[T], request: Any, timeout: float = 10,
                      request_id: str = "") -> T:
         """``method`` of the first coordinator in turn that can be reached."""
-        last: errors.CyllmError = errors.Unavailable("no coordinator configured")
-        metadata = (((REQUEST_ID, request_id),) if request_id else ()) + self._meta
-        for address, stub in self._in_turn():
-            try:
-                reply = await unary(method(stub), request, timeout=timeout, metadata=metadata)
-            except errors.Unreachable as exc:
-                self.breakers.failed(address)
-                last = exc
-                continue
-            self.breakers.succeeded(address)
-            return reply
-        raise last
+        metadata = self._metadata(request_id)
+        return await failover.unary(
+            self._in_turn(), lambda peer: unary(method(peer.target), request, timeout=timeout,
+                                                metadata=metadata),
+            RULE, breakers=self.breakers, request_id=request_id)
 
     async def close(self) -> None:
         for channel in self._channels:
             await channel.close()
+
+
+class _Cursor:
+    """A training watch's progress: the last event seen, from which the next
+    coordinator continues (any coordinator has every event)."""
+
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+
+    def pass_on(self, event: pb.TrainingEvent) -> bool:
+        if event.seq and event.seq <= self.seq:
+            return False
+        self.seq = max(self.seq, event.seq)
+        return True
+
+    resumable = True
+    resuming = False
+
+
+def coordinator(conn: HTTPConnection) -> CoordinatorClient:
+    """The coordinator client, acting for this request's caller."""
+    return conn.app.state.client.acting_for(context(conn).caller.tenant)

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from starlette.requests import HTTPConnection, Request
 
 from cyllm import errors
-from cyllm.gateway.auth import coordinator
+from cyllm.gateway.client import coordinator
 from cyllm.gateway.context import Usage, context
 from cyllm.protocol import pb
 from cyllm.protocol.coalesce import coalesced

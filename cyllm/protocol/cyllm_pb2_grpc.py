@@ -25,8 +25,13 @@ if _version_not_supported:
     )
 
 
-class CoordinatorStub:
-    """Missing associated documentation comment in .proto file."""
+class InferenceStub:
+    """The coordinator's services, one per subject, each its own servicer
+    (cyllm/coordinator/services/).  The internal plane's roles follow them: only a worker
+    may call WorkerPool, only a gateway the others (protocol/plane.py).
+
+    Generations and embeddings, placed on workers (gateway -> coordinator).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -35,104 +40,24 @@ class CoordinatorStub:
             channel: A grpc.Channel.
         """
         self.Generate = channel.unary_stream(
-                '/cyllm.v1.Coordinator/Generate',
+                '/cyllm.v1.Inference/Generate',
                 request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.Embed = channel.unary_unary(
-                '/cyllm.v1.Coordinator/Embed',
+                '/cyllm.v1.Inference/Embed',
                 request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.EmbedResponse.FromString,
                 _registered_method=True)
-        self.ListModels = channel.unary_unary(
-                '/cyllm.v1.Coordinator/ListModels',
-                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.ListModelsRequest.SerializeToString,
-                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.ListModelsResponse.FromString,
-                _registered_method=True)
-        self.ClusterStatus = channel.unary_unary(
-                '/cyllm.v1.Coordinator/ClusterStatus',
-                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.ClusterStatusRequest.SerializeToString,
-                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.ClusterStatusResponse.FromString,
-                _registered_method=True)
-        self.RegisterWorker = channel.unary_unary(
-                '/cyllm.v1.Coordinator/RegisterWorker',
-                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.RegisterWorkerRequest.SerializeToString,
-                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.RegisterWorkerResponse.FromString,
-                _registered_method=True)
-        self.Heartbeat = channel.unary_unary(
-                '/cyllm.v1.Coordinator/Heartbeat',
-                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.HeartbeatRequest.SerializeToString,
-                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.HeartbeatResponse.FromString,
-                _registered_method=True)
-        self.DeregisterWorker = channel.unary_unary(
-                '/cyllm.v1.Coordinator/DeregisterWorker',
-                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.DeregisterWorkerRequest.SerializeToString,
-                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.DeregisterWorkerResponse.FromString,
-                _registered_method=True)
-        self.LoadModel = channel.unary_unary(
-                '/cyllm.v1.Coordinator/LoadModel',
-                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.LoadModelRequest.SerializeToString,
-                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.LoadModelResponse.FromString,
-                _registered_method=True)
-        self.UnloadModel = channel.unary_unary(
-                '/cyllm.v1.Coordinator/UnloadModel',
-                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelRequest.SerializeToString,
-                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelResponse.FromString,
-                _registered_method=True)
-        self.CreateTrainingJob = channel.unary_unary(
-                '/cyllm.v1.Coordinator/CreateTrainingJob',
-                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.CreateTrainingJobRequest.SerializeToString,
-                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingJob.FromString,
-                _registered_method=True)
-        self.GetTrainingJob = channel.unary_unary(
-                '/cyllm.v1.Coordinator/GetTrainingJob',
-                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingJobRequest.SerializeToString,
-                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingJob.FromString,
-                _registered_method=True)
-        self.ListTrainingJobs = channel.unary_unary(
-                '/cyllm.v1.Coordinator/ListTrainingJobs',
-                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.ListTrainingJobsRequest.SerializeToString,
-                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.ListTrainingJobsResponse.FromString,
-                _registered_method=True)
-        self.CancelTrainingJob = channel.unary_unary(
-                '/cyllm.v1.Coordinator/CancelTrainingJob',
-                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingJobRequest.SerializeToString,
-                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingJob.FromString,
-                _registered_method=True)
-        self.ListTrainingEvents = channel.unary_unary(
-                '/cyllm.v1.Coordinator/ListTrainingEvents',
-                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingEventsRequest.SerializeToString,
-                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingEventsResponse.FromString,
-                _registered_method=True)
-        self.WatchTrainingJob = channel.unary_stream(
-                '/cyllm.v1.Coordinator/WatchTrainingJob',
-                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingEventsRequest.SerializeToString,
-                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingEvent.FromString,
-                _registered_method=True)
-        self.UploadFile = channel.stream_unary(
-                '/cyllm.v1.Coordinator/UploadFile',
-                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.FileChunk.SerializeToString,
-                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.FileInfo.FromString,
-                _registered_method=True)
-        self.GetFile = channel.unary_unary(
-                '/cyllm.v1.Coordinator/GetFile',
-                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.FileRequest.SerializeToString,
-                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.FileInfo.FromString,
-                _registered_method=True)
-        self.ListFiles = channel.unary_unary(
-                '/cyllm.v1.Coordinator/ListFiles',
-                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.ListFilesRequest.SerializeToString,
-                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.ListFilesResponse.FromString,
-                _registered_method=True)
-        self.DeleteFile = channel.unary_unary(
-                '/cyllm.v1.Coordinator/DeleteFile',
-                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.FileRequest.SerializeToString,
-                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.DeleteFileResponse.FromString,
-                _registered_method=True)
 
 
-class CoordinatorServicer:
-    """Missing associated documentation comment in .proto file."""
+class InferenceServicer:
+    """The coordinator's services, one per subject, each its own servicer
+    (cyllm/coordinator/services/).  The internal plane's roles follow them: only a worker
+    may call WorkerPool, only a gateway the others (protocol/plane.py).
+
+    Generations and embeddings, placed on workers (gateway -> coordinator).
+    """
 
     def Generate(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -146,31 +71,127 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+
+def add_InferenceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.GenerateRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.EmbedRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.EmbedResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'cyllm.v1.Inference', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('cyllm.v1.Inference', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Inference:
+    """The coordinator's services, one per subject, each its own servicer
+    (cyllm/coordinator/services/).  The internal plane's roles follow them: only a worker
+    may call WorkerPool, only a gateway the others (protocol/plane.py).
+
+    Generations and embeddings, placed on workers (gateway -> coordinator).
+    """
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cyllm.v1.Inference/Generate',
+            cyllm_dot_protocol_dot_cyllm__pb2.GenerateRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Inference/Embed',
+            cyllm_dot_protocol_dot_cyllm__pb2.EmbedRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class ModelsStub:
+    """What is served where, and loading it (gateway -> coordinator).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListModels = channel.unary_unary(
+                '/cyllm.v1.Models/ListModels',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/cyllm.v1.Models/LoadModel',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.LoadModelResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/cyllm.v1.Models/UnloadModel',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
+        self.ClusterStatus = channel.unary_unary(
+                '/cyllm.v1.Models/ClusterStatus',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.ClusterStatusRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.ClusterStatusResponse.FromString,
+                _registered_method=True)
+
+
+class ModelsServicer:
+    """What is served where, and loading it (gateway -> coordinator).
+    """
+
     def ListModels(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def ClusterStatus(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def RegisterWorker(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Heartbeat(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def DeregisterWorker(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -187,6 +208,202 @@ class CoordinatorServicer:
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
+
+    def ClusterStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ModelsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.ListModelsRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.LoadModelRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.LoadModelResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelResponse.SerializeToString,
+            ),
+            'ClusterStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClusterStatus,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.ClusterStatusRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.ClusterStatusResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'cyllm.v1.Models', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('cyllm.v1.Models', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Models:
+    """What is served where, and loading it (gateway -> coordinator).
+    """
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Models/ListModels',
+            cyllm_dot_protocol_dot_cyllm__pb2.ListModelsRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Models/LoadModel',
+            cyllm_dot_protocol_dot_cyllm__pb2.LoadModelRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.LoadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Models/UnloadModel',
+            cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClusterStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Models/ClusterStatus',
+            cyllm_dot_protocol_dot_cyllm__pb2.ClusterStatusRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.ClusterStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class TrainingStub:
+    """Fine-tuning jobs (gateway -> coordinator).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateTrainingJob = channel.unary_unary(
+                '/cyllm.v1.Training/CreateTrainingJob',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.CreateTrainingJobRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingJob.FromString,
+                _registered_method=True)
+        self.GetTrainingJob = channel.unary_unary(
+                '/cyllm.v1.Training/GetTrainingJob',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingJobRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingJob.FromString,
+                _registered_method=True)
+        self.ListTrainingJobs = channel.unary_unary(
+                '/cyllm.v1.Training/ListTrainingJobs',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.ListTrainingJobsRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.ListTrainingJobsResponse.FromString,
+                _registered_method=True)
+        self.CancelTrainingJob = channel.unary_unary(
+                '/cyllm.v1.Training/CancelTrainingJob',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingJobRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingJob.FromString,
+                _registered_method=True)
+        self.ListTrainingEvents = channel.unary_unary(
+                '/cyllm.v1.Training/ListTrainingEvents',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingEventsRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingEventsResponse.FromString,
+                _registered_method=True)
+        self.WatchTrainingJob = channel.unary_stream(
+                '/cyllm.v1.Training/WatchTrainingJob',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingEventsRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingEvent.FromString,
+                _registered_method=True)
+
+
+class TrainingServicer:
+    """Fine-tuning jobs (gateway -> coordinator).
+    """
 
     def CreateTrainingJob(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -224,78 +441,9 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def UploadFile(self, request_iterator, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
 
-    def GetFile(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def ListFiles(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def DeleteFile(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-
-def add_CoordinatorServicer_to_server(servicer, server):
+def add_TrainingServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Generate': grpc.unary_stream_rpc_method_handler(
-                    servicer.Generate,
-                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.GenerateRequest.FromString,
-                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.GenerateResponse.SerializeToString,
-            ),
-            'Embed': grpc.unary_unary_rpc_method_handler(
-                    servicer.Embed,
-                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.EmbedRequest.FromString,
-                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.EmbedResponse.SerializeToString,
-            ),
-            'ListModels': grpc.unary_unary_rpc_method_handler(
-                    servicer.ListModels,
-                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.ListModelsRequest.FromString,
-                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.ListModelsResponse.SerializeToString,
-            ),
-            'ClusterStatus': grpc.unary_unary_rpc_method_handler(
-                    servicer.ClusterStatus,
-                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.ClusterStatusRequest.FromString,
-                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.ClusterStatusResponse.SerializeToString,
-            ),
-            'RegisterWorker': grpc.unary_unary_rpc_method_handler(
-                    servicer.RegisterWorker,
-                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.RegisterWorkerRequest.FromString,
-                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.RegisterWorkerResponse.SerializeToString,
-            ),
-            'Heartbeat': grpc.unary_unary_rpc_method_handler(
-                    servicer.Heartbeat,
-                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.HeartbeatRequest.FromString,
-                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.HeartbeatResponse.SerializeToString,
-            ),
-            'DeregisterWorker': grpc.unary_unary_rpc_method_handler(
-                    servicer.DeregisterWorker,
-                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.DeregisterWorkerRequest.FromString,
-                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.DeregisterWorkerResponse.SerializeToString,
-            ),
-            'LoadModel': grpc.unary_unary_rpc_method_handler(
-                    servicer.LoadModel,
-                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.LoadModelRequest.FromString,
-                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.LoadModelResponse.SerializeToString,
-            ),
-            'UnloadModel': grpc.unary_unary_rpc_method_handler(
-                    servicer.UnloadModel,
-                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelRequest.FromString,
-                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelResponse.SerializeToString,
-            ),
             'CreateTrainingJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateTrainingJob,
                     request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.CreateTrainingJobRequest.FromString,
@@ -326,279 +474,17 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingEventsRequest.FromString,
                     response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainingEvent.SerializeToString,
             ),
-            'UploadFile': grpc.stream_unary_rpc_method_handler(
-                    servicer.UploadFile,
-                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.FileChunk.FromString,
-                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.FileInfo.SerializeToString,
-            ),
-            'GetFile': grpc.unary_unary_rpc_method_handler(
-                    servicer.GetFile,
-                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.FileRequest.FromString,
-                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.FileInfo.SerializeToString,
-            ),
-            'ListFiles': grpc.unary_unary_rpc_method_handler(
-                    servicer.ListFiles,
-                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.ListFilesRequest.FromString,
-                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.ListFilesResponse.SerializeToString,
-            ),
-            'DeleteFile': grpc.unary_unary_rpc_method_handler(
-                    servicer.DeleteFile,
-                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.FileRequest.FromString,
-                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.DeleteFileResponse.SerializeToString,
-            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'cyllm.v1.Coordinator', rpc_method_handlers)
+            'cyllm.v1.Training', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('cyllm.v1.Coordinator', rpc_method_handlers)
+    server.add_registered_method_handlers('cyllm.v1.Training', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Coordinator:
-    """Missing associated documentation comment in .proto file."""
-
-    @staticmethod
-    def Generate(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/cyllm.v1.Coordinator/Generate',
-            cyllm_dot_protocol_dot_cyllm__pb2.GenerateRequest.SerializeToString,
-            cyllm_dot_protocol_dot_cyllm__pb2.GenerateResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Embed(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/cyllm.v1.Coordinator/Embed',
-            cyllm_dot_protocol_dot_cyllm__pb2.EmbedRequest.SerializeToString,
-            cyllm_dot_protocol_dot_cyllm__pb2.EmbedResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ListModels(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/cyllm.v1.Coordinator/ListModels',
-            cyllm_dot_protocol_dot_cyllm__pb2.ListModelsRequest.SerializeToString,
-            cyllm_dot_protocol_dot_cyllm__pb2.ListModelsResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ClusterStatus(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/cyllm.v1.Coordinator/ClusterStatus',
-            cyllm_dot_protocol_dot_cyllm__pb2.ClusterStatusRequest.SerializeToString,
-            cyllm_dot_protocol_dot_cyllm__pb2.ClusterStatusResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def RegisterWorker(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/cyllm.v1.Coordinator/RegisterWorker',
-            cyllm_dot_protocol_dot_cyllm__pb2.RegisterWorkerRequest.SerializeToString,
-            cyllm_dot_protocol_dot_cyllm__pb2.RegisterWorkerResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Heartbeat(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/cyllm.v1.Coordinator/Heartbeat',
-            cyllm_dot_protocol_dot_cyllm__pb2.HeartbeatRequest.SerializeToString,
-            cyllm_dot_protocol_dot_cyllm__pb2.HeartbeatResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def DeregisterWorker(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/cyllm.v1.Coordinator/DeregisterWorker',
-            cyllm_dot_protocol_dot_cyllm__pb2.DeregisterWorkerRequest.SerializeToString,
-            cyllm_dot_protocol_dot_cyllm__pb2.DeregisterWorkerResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def LoadModel(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/cyllm.v1.Coordinator/LoadModel',
-            cyllm_dot_protocol_dot_cyllm__pb2.LoadModelRequest.SerializeToString,
-            cyllm_dot_protocol_dot_cyllm__pb2.LoadModelResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def UnloadModel(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/cyllm.v1.Coordinator/UnloadModel',
-            cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelRequest.SerializeToString,
-            cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
+class Training:
+    """Fine-tuning jobs (gateway -> coordinator).
+    """
 
     @staticmethod
     def CreateTrainingJob(request,
@@ -614,7 +500,7 @@ class Coordinator:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/cyllm.v1.Coordinator/CreateTrainingJob',
+            '/cyllm.v1.Training/CreateTrainingJob',
             cyllm_dot_protocol_dot_cyllm__pb2.CreateTrainingJobRequest.SerializeToString,
             cyllm_dot_protocol_dot_cyllm__pb2.TrainingJob.FromString,
             options,
@@ -641,7 +527,7 @@ class Coordinator:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/cyllm.v1.Coordinator/GetTrainingJob',
+            '/cyllm.v1.Training/GetTrainingJob',
             cyllm_dot_protocol_dot_cyllm__pb2.TrainingJobRequest.SerializeToString,
             cyllm_dot_protocol_dot_cyllm__pb2.TrainingJob.FromString,
             options,
@@ -668,7 +554,7 @@ class Coordinator:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/cyllm.v1.Coordinator/ListTrainingJobs',
+            '/cyllm.v1.Training/ListTrainingJobs',
             cyllm_dot_protocol_dot_cyllm__pb2.ListTrainingJobsRequest.SerializeToString,
             cyllm_dot_protocol_dot_cyllm__pb2.ListTrainingJobsResponse.FromString,
             options,
@@ -695,7 +581,7 @@ class Coordinator:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/cyllm.v1.Coordinator/CancelTrainingJob',
+            '/cyllm.v1.Training/CancelTrainingJob',
             cyllm_dot_protocol_dot_cyllm__pb2.TrainingJobRequest.SerializeToString,
             cyllm_dot_protocol_dot_cyllm__pb2.TrainingJob.FromString,
             options,
@@ -722,7 +608,7 @@ class Coordinator:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/cyllm.v1.Coordinator/ListTrainingEvents',
+            '/cyllm.v1.Training/ListTrainingEvents',
             cyllm_dot_protocol_dot_cyllm__pb2.TrainingEventsRequest.SerializeToString,
             cyllm_dot_protocol_dot_cyllm__pb2.TrainingEventsResponse.FromString,
             options,
@@ -749,7 +635,7 @@ class Coordinator:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/cyllm.v1.Coordinator/WatchTrainingJob',
+            '/cyllm.v1.Training/WatchTrainingJob',
             cyllm_dot_protocol_dot_cyllm__pb2.TrainingEventsRequest.SerializeToString,
             cyllm_dot_protocol_dot_cyllm__pb2.TrainingEvent.FromString,
             options,
@@ -761,6 +647,102 @@ class Coordinator:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class FilesStub:
+    """Uploaded datasets (gateway -> coordinator).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.UploadFile = channel.stream_unary(
+                '/cyllm.v1.Files/UploadFile',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.FileChunk.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.FileInfo.FromString,
+                _registered_method=True)
+        self.GetFile = channel.unary_unary(
+                '/cyllm.v1.Files/GetFile',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.FileRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.FileInfo.FromString,
+                _registered_method=True)
+        self.ListFiles = channel.unary_unary(
+                '/cyllm.v1.Files/ListFiles',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.ListFilesRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.ListFilesResponse.FromString,
+                _registered_method=True)
+        self.DeleteFile = channel.unary_unary(
+                '/cyllm.v1.Files/DeleteFile',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.FileRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.DeleteFileResponse.FromString,
+                _registered_method=True)
+
+
+class FilesServicer:
+    """Uploaded datasets (gateway -> coordinator).
+    """
+
+    def UploadFile(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFiles(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteFile(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_FilesServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'UploadFile': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadFile,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.FileChunk.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.FileInfo.SerializeToString,
+            ),
+            'GetFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFile,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.FileRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.FileInfo.SerializeToString,
+            ),
+            'ListFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFiles,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.ListFilesRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.ListFilesResponse.SerializeToString,
+            ),
+            'DeleteFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteFile,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.FileRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.DeleteFileResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'cyllm.v1.Files', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('cyllm.v1.Files', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Files:
+    """Uploaded datasets (gateway -> coordinator).
+    """
 
     @staticmethod
     def UploadFile(request_iterator,
@@ -776,7 +758,7 @@ class Coordinator:
         return grpc.experimental.stream_unary(
             request_iterator,
             target,
-            '/cyllm.v1.Coordinator/UploadFile',
+            '/cyllm.v1.Files/UploadFile',
             cyllm_dot_protocol_dot_cyllm__pb2.FileChunk.SerializeToString,
             cyllm_dot_protocol_dot_cyllm__pb2.FileInfo.FromString,
             options,
@@ -803,7 +785,7 @@ class Coordinator:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/cyllm.v1.Coordinator/GetFile',
+            '/cyllm.v1.Files/GetFile',
             cyllm_dot_protocol_dot_cyllm__pb2.FileRequest.SerializeToString,
             cyllm_dot_protocol_dot_cyllm__pb2.FileInfo.FromString,
             options,
@@ -830,7 +812,7 @@ class Coordinator:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/cyllm.v1.Coordinator/ListFiles',
+            '/cyllm.v1.Files/ListFiles',
             cyllm_dot_protocol_dot_cyllm__pb2.ListFilesRequest.SerializeToString,
             cyllm_dot_protocol_dot_cyllm__pb2.ListFilesResponse.FromString,
             options,
@@ -857,7 +839,7 @@ class Coordinator:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/cyllm.v1.Coordinator/DeleteFile',
+            '/cyllm.v1.Files/DeleteFile',
             cyllm_dot_protocol_dot_cyllm__pb2.FileRequest.SerializeToString,
             cyllm_dot_protocol_dot_cyllm__pb2.DeleteFileResponse.FromString,
             options,
@@ -871,8 +853,9 @@ class Coordinator:
             _registered_method=True)
 
 
-class WorkerStub:
-    """Missing associated documentation comment in .proto file."""
+class WorkerPoolStub:
+    """Workers joining and leaving (worker -> coordinator).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -880,11 +863,168 @@ class WorkerStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Generate = channel.unary_stream(
-                '/cyllm.v1.Worker/Generate',
-                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.GenerateResponse.FromString,
+        self.RegisterWorker = channel.unary_unary(
+                '/cyllm.v1.WorkerPool/RegisterWorker',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.RegisterWorkerRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.RegisterWorkerResponse.FromString,
                 _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/cyllm.v1.WorkerPool/Heartbeat',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.HeartbeatResponse.FromString,
+                _registered_method=True)
+        self.DeregisterWorker = channel.unary_unary(
+                '/cyllm.v1.WorkerPool/DeregisterWorker',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.DeregisterWorkerRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.DeregisterWorkerResponse.FromString,
+                _registered_method=True)
+
+
+class WorkerPoolServicer:
+    """Workers joining and leaving (worker -> coordinator).
+    """
+
+    def RegisterWorker(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Heartbeat(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeregisterWorker(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_WorkerPoolServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'RegisterWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterWorker,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.RegisterWorkerRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.RegisterWorkerResponse.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.HeartbeatRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'DeregisterWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeregisterWorker,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.DeregisterWorkerRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.DeregisterWorkerResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'cyllm.v1.WorkerPool', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('cyllm.v1.WorkerPool', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class WorkerPool:
+    """Workers joining and leaving (worker -> coordinator).
+    """
+
+    @staticmethod
+    def RegisterWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.WorkerPool/RegisterWorker',
+            cyllm_dot_protocol_dot_cyllm__pb2.RegisterWorkerRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.RegisterWorkerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.WorkerPool/Heartbeat',
+            cyllm_dot_protocol_dot_cyllm__pb2.HeartbeatRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeregisterWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.WorkerPool/DeregisterWorker',
+            cyllm_dot_protocol_dot_cyllm__pb2.DeregisterWorkerRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.DeregisterWorkerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class WorkerStub:
+    """Coordinator -> worker.  Generations go only over Session: one long-lived call per
+    worker, each generation a numbered call on it.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
         self.Session = channel.stream_stream(
                 '/cyllm.v1.Worker/Session',
                 request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.SessionRequests.SerializeToString,
@@ -913,13 +1053,9 @@ class WorkerStub:
 
 
 class WorkerServicer:
-    """Missing associated documentation comment in .proto file."""
-
-    def Generate(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
+    """Coordinator -> worker.  Generations go only over Session: one long-lived call per
+    worker, each generation a numbered call on it.
+    """
 
     def Session(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
@@ -955,11 +1091,6 @@ class WorkerServicer:
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Generate': grpc.unary_stream_rpc_method_handler(
-                    servicer.Generate,
-                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.GenerateRequest.FromString,
-                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.GenerateResponse.SerializeToString,
-            ),
             'Session': grpc.stream_stream_rpc_method_handler(
                     servicer.Session,
                     request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.SessionRequests.FromString,
@@ -994,34 +1125,9 @@ def add_WorkerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Worker:
-    """Missing associated documentation comment in .proto file."""
-
-    @staticmethod
-    def Generate(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/cyllm.v1.Worker/Generate',
-            cyllm_dot_protocol_dot_cyllm__pb2.GenerateRequest.SerializeToString,
-            cyllm_dot_protocol_dot_cyllm__pb2.GenerateResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
+    """Coordinator -> worker.  Generations go only over Session: one long-lived call per
+    worker, each generation a numbered call on it.
+    """
 
     @staticmethod
     def Session(request_iterator,

@@ -10,9 +10,9 @@ Two mechanisms, usable together:
 * **mutual TLS** (``internal.tls_ca_file``, ``tls_cert_file``, ``tls_key_file``; made by
   ``cyllm certs``): servers require a client certificate signed by the CA, and the
   certificate's common name is the caller's *role*.  Roles narrow what may be called:
-  only a ``worker`` may register or heartbeat with a coordinator, only a
-  ``coordinator`` may call a worker, only a ``gateway`` may call the coordinator's
-  user-facing methods.
+  only a ``worker`` may call the coordinator's ``WorkerPool`` (register, heartbeat),
+  only a ``coordinator`` may call a worker, only a ``gateway`` may call the
+  coordinator's other services.
 
 Without either the components refuse to start, unless ``internal.insecure: true``
 says the plane is meant to be open.  The gRPC health service stays open (load
@@ -36,7 +36,6 @@ from cyllm.settings import ComponentSettings, load_settings
 AUTH_KEY = "authorization"
 ROLES = ("gateway", "coordinator", "worker")
 _OPEN = "/grpc.health.v1.Health/"
-_WORKER_CALLS = {"RegisterWorker", "Heartbeat", "DeregisterWorker"}
 
 # gRPC's defaults (4 MiB in) refuse a long prompt with a bare RESOURCE_EXHAUSTED; the
 # gateway bounds what users send, so the plane takes what the gateway lets through.
@@ -158,10 +157,11 @@ SERVER_OPTIONS = _OPTIONS
 
 
 def _allowed(method: str) -> tuple[str, ...]:
-    service, _, name = method.rpartition("/")
-    if service.endswith(".Worker"):
+    """The roles that may call ``method`` (``/cyllm.v1.<Service>/<Method>``)."""
+    service = method.rpartition("/")[0].rpartition(".")[2]
+    if service == "Worker":
         return ("coordinator",)
-    if name in _WORKER_CALLS:
+    if service == "WorkerPool":
         return ("worker",)
     return ("gateway",)
 

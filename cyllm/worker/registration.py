@@ -42,7 +42,7 @@ class Registrar:
     async def run(self) -> None:
         w = self.worker
         async with open_channel(self.address, self.plane) as channel:
-            stub = rpc.CoordinatorStub(channel)
+            stub = rpc.WorkerPoolStub(channel)
             interval, registered, version = 1.0, False, w.models_version
             while True:
                 try:
@@ -72,7 +72,7 @@ class Registrar:
     async def deregister(self) -> None:
         try:
             async with open_channel(self.address, self.plane) as channel:
-                await unary(rpc.CoordinatorStub(channel).DeregisterWorker,
+                await unary(rpc.WorkerPoolStub(channel).DeregisterWorker,
                             pb.DeregisterWorkerRequest(worker_id=self.worker.worker_id), timeout=3)
         except errors.CyllmError as exc:
             log.warning("could not deregister from %s: %s", self.address, exc.message)

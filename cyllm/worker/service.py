@@ -37,13 +37,6 @@ class WorkerService(rpc.WorkerServicer):
         self.draining = False
         self.sessions = Sessions()
 
-    async def Generate(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.GenerateResponse]:
-        async with aclosing(self._generate(request, request_id_of(context))) as messages:
-            async for msg in messages:
-                yield msg
-
     async def Session(self, requests: AsyncIterator[pb.SessionRequests],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SessionEvents]:
         """Generations as calls of one long-lived stream (``protocol/session.py``): what

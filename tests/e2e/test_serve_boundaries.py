@@ -35,7 +35,7 @@ def _children(pid: int) -> dict[str, int]:
 def test_the_internal_ports_refuse_callers_without_this_runs_token(server):
     async def call(plane: Plane, address: str) -> None:
         async with plane.channel(address) as channel:
-            await unary(rpc.CoordinatorStub(channel).ListModels, pb.ListModelsRequest(), timeout=5)
+            await unary(rpc.ModelsStub(channel).ListModels, pb.ListModelsRequest(), timeout=5)
 
     # the test session's token, no token: both refused; serve made its own secret
     for plane in (load_plane(), Plane()):

@@ -27,7 +27,7 @@ async def coordinator(tmp_path):
 
 
 async def test_a_unary_handlers_error_is_its_status_and_code(coordinator):
-    stub = rpc.CoordinatorStub(coordinator)
+    stub = rpc.TrainingStub(coordinator)
     with pytest.raises(grpc.aio.AioRpcError) as raw:
         await stub.GetTrainingJob(pb.TrainingJobRequest(id="ftjob-nope"))
     assert raw.value.code() == grpc.StatusCode.NOT_FOUND
@@ -38,16 +38,15 @@ async def test_a_unary_handlers_error_is_its_status_and_code(coordinator):
 
 
 async def test_streaming_handlers_errors_arrive_the_same_way(coordinator):
-    stub = rpc.CoordinatorStub(coordinator)
     with pytest.raises(errors.ModelNotFound):  # server stream
-        async for _ in Stream(stub.Generate(pb.GenerateRequest(model="nope", prompt="x"))):
+        async for _ in Stream(rpc.InferenceStub(coordinator).Generate(pb.GenerateRequest(model="nope", prompt="x"))):
             pass
 
     async def chunks():
         yield pb.FileChunk(filename="x.jsonl", purpose="batch", data=b"{}")
 
     with pytest.raises(errors.InvalidRequest, match="purpose"):  # client stream
-        await unary(stub.UploadFile, chunks())
+        await unary(rpc.FilesStub(coordinator).UploadFile, chunks())
 
 
 async def test_a_handler_that_writes_to_its_context_still_works(coordinator):
@@ -64,4 +63,4 @@ async def test_a_handler_that_writes_to_its_context_still_works(coordinator):
 async def test_an_unreachable_peer_is_told_apart_from_an_answer(unused_tcp_port):
     async with open_channel(f"127.0.0.1:{unused_tcp_port}", load_plane()) as channel:
         with pytest.raises(errors.Unreachable):
-            await unary(rpc.CoordinatorStub(channel).ListModels, pb.ListModelsRequest(), timeout=3)
+            await unary(rpc.ModelsStub(channel).ListModels, pb.ListModelsRequest(), timeout=3)

@@ -37,7 +37,7 @@ def translate(exc: Exception) -> errors.CyllmError | None:
     return errors.Unavailable(f"shared state unreachable: {exc}") if exc is FOREIGN else None
 
 
-class Servicer(rpc.WorkerServicer):
+class Servicer(rpc.InferenceServicer):
     def __init__(self) -> None:
         self.closed = asyncio.Event()
         self.seen: list[tuple[pb.GenerateRequest, dict]] = []
@@ -67,11 +67,11 @@ async def both():
     """(servicer, stub over gRPC, stub in-process) on one servicer."""
     servicer = Servicer()
     server = create_server(Plane(), translate)
-    rpc.add_WorkerServicer_to_server(servicer, server)
+    rpc.add_InferenceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    yield servicer, rpc.WorkerStub(channel), LocalStub(servicer, translate)
+    yield servicer, rpc.InferenceStub(channel), LocalStub(servicer, translate)
     await channel.close()
     await server.stop(None)
 

@@ -37,14 +37,15 @@ async def test_a_rogue_client_can_neither_generate_nor_register_a_worker(make_st
     address = f"127.0.0.1:{stack.coordinator.port}"
     for plane in (ROGUE, Plane()):  # a wrong token, and none
         async with plane.channel(address) as channel:
-            stub = rpc.CoordinatorStub(channel)
             with pytest.raises(errors.Unavailable, match="internal plane"):
-                async for _ in Stream(stub.Generate(pb.GenerateRequest(model="fake", prompt="hi"))):
+                async for _ in Stream(rpc.InferenceStub(channel).Generate(
+                        pb.GenerateRequest(model="fake", prompt="hi"))):
                     pass
             rogue = pb.WorkerInfo(worker_id="rogue", address="127.0.0.1:1",
                                   models=[pb.ModelInfo(id="fake")], capacity=64)
-            await _call_refused(unary(stub.RegisterWorker, pb.RegisterWorkerRequest(worker=rogue)))
-            await _call_refused(unary(stub.ListModels, pb.ListModelsRequest()))
+            await _call_refused(unary(rpc.WorkerPoolStub(channel).RegisterWorker,
+                                      pb.RegisterWorkerRequest(worker=rogue)))
+            await _call_refused(unary(rpc.ModelsStub(channel).ListModels, pb.ListModelsRequest()))
             # the health service stays open: it says SERVING and nothing else
             check = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
             assert check.status == health_pb2.HealthCheckResponse.SERVING
@@ -137,24 +138,24 @@ async def test_a_stack_under_mutual_tls_serves_and_each_role_calls_only_its_meth
         # a worker's certificate may register, not generate; a gateway's the reverse
         async with pki("worker").channel(address) as channel:
             with pytest.raises(errors.Unavailable, match="a worker may not call"):
-                async for _ in Stream(rpc.CoordinatorStub(channel).Generate(
+                async for _ in Stream(rpc.InferenceStub(channel).Generate(
                         pb.GenerateRequest(model="fake", prompt="hi"))):
                     pass
         async with pki("gateway").channel(address) as channel:
             rogue = pb.WorkerInfo(worker_id="rogue", address="127.0.0.1:1",
                                   models=[pb.ModelInfo(id="fake")])
-            await _call_refused(unary(rpc.CoordinatorStub(channel).RegisterWorker,
+            await _call_refused(unary(rpc.WorkerPoolStub(channel).RegisterWorker,
                                       pb.RegisterWorkerRequest(worker=rogue)))
         # only a coordinator calls a worker
         async with pki("gateway").channel(f"127.0.0.1:{worker.port}") as channel:
             with pytest.raises(errors.Unavailable, match="a gateway may not call"):
-                async for _ in Stream(rpc.WorkerStub(channel).Generate(
-                        pb.GenerateRequest(model="fake", prompt="hi"))):
+                async for _ in Stream(rpc.WorkerStub(channel).Train(
+                        pb.TrainRequest(job_id="j", spec_json="{}"))):
                     pass
         # no certificate at all: the TLS handshake fails, nothing is answered
         async with grpc.aio.insecure_channel(address) as channel:
             with pytest.raises(errors.Unreachable):
-                await unary(rpc.CoordinatorStub(channel).ListModels, pb.ListModelsRequest(), timeout=3)
+                await unary(rpc.ModelsStub(channel).ListModels, pb.ListModelsRequest(), timeout=3)
     finally:
         await worker.stop()
         await coordinator.stop()

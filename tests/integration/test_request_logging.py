@@ -23,7 +23,7 @@ async def test_request_id_reaches_every_service_and_content_is_not_logged(make_s
     assert resp.status_code == 200 and rid != "req-abc-123" and len(rid) == 32
     mine = [r for r in caplog.records if getattr(r, "request_id", None) == rid]
     loggers = {r.name for r in mine}
-    assert {"cyllm.gateway.access", "cyllm.coordinator.service", "cyllm.worker.service"} <= loggers
+    assert {"cyllm.gateway.access", "cyllm.coordinator.services.inference", "cyllm.worker.service"} <= loggers
     access = next(r for r in mine if r.name == "cyllm.gateway.access")
     assert (access.status, access.route, access.model) == (200, "/v1/chat/completions", "fake")
     assert (access.prompt_tokens, access.completion_tokens) == (1, 3)
@@ -50,8 +50,8 @@ async def test_at_info_a_request_that_went_well_is_one_record_and_a_refusal_more
     bad = await stack.http.post("/v1/completions", json={"model": "nope", "max_tokens": 2, "prompt": "x"})
     assert bad.status_code == 404
     mine = [r for r in caplog.records if getattr(r, "request_id", None) == bad.headers["x-request-id"]]
-    assert {r.name for r in mine} == {"cyllm.gateway.access", "cyllm.coordinator.service"}
-    assert next(r for r in mine if r.name == "cyllm.coordinator.service").outcome == "model_not_found"
+    assert {r.name for r in mine} == {"cyllm.gateway.access", "cyllm.coordinator.services.inference"}
+    assert next(r for r in mine if r.name == "cyllm.coordinator.services.inference").outcome == "model_not_found"
 
 
 async def test_content_is_logged_only_when_enabled(make_stack, caplog):

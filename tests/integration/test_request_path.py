@@ -147,7 +147,7 @@ async def test_gateway_skips_an_unreachable_coordinator(make_stack, unused_tcp_p
             # After 3 unreachable answers the dead one's circuit opens: it is tried last.
             client = app.state.client
             assert client.breakers.open_peers() == {dead}
-            assert [a for a, _ in client._in_turn()] == [good, dead]
+            assert [p.name for p in client._in_turn().order] == [good, dead]
             health = (await http.get("/api/v1/health")).json()
     assert health["status"] == "degraded"
     assert [c["reachable"] for c in health["coordinators"]] == [False, True]
@@ -165,10 +165,10 @@ async def test_health_is_503_when_no_worker_is_alive(make_stack):
 async def test_a_flood_of_health_checks_shares_the_coordinators_answer(make_stack, monkeypatch):
     """The health route is public: many callers at once cost a coordinator one call at a
     time, and each still gets the cluster's state."""
-    from cyllm.coordinator.service import CoordinatorService
+    from cyllm.coordinator.services.models import ModelsService
 
     calls = 0
-    status = CoordinatorService.ClusterStatus
+    status = ModelsService.ClusterStatus
 
     async def counted(self, request, context):
         nonlocal calls
@@ -176,7 +176,7 @@ async def test_a_flood_of_health_checks_shares_the_coordinators_answer(make_stac
         await asyncio.sleep(0.05)  # an answer on its way while the others come
         return await status(self, request, context)
 
-    monkeypatch.setattr(CoordinatorService, "ClusterStatus", counted)
+    monkeypatch.setattr(ModelsService, "ClusterStatus", counted)
     stack = await make_stack()
     replies = await asyncio.gather(*(stack.http.get("/api/v1/health") for _ in range(50)))
     assert all(r.status_code == 200 and r.json()["status"] == "ok" for r in replies)

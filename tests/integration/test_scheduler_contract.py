@@ -29,7 +29,8 @@ async def make(request):
     async def factory(name: str = "c1", **kw):
         url = request.getfixturevalue("redis_url") if request.param == "redis" else None
         settings = CoordinatorSettings(redis_url=url, **{"queue_timeout_s": 5, **kw})
-        scheduler, cache, _ = build_backends(settings, name)
+        backends = build_backends(settings, name)
+        scheduler, cache = backends.scheduler, backends.cache
         await scheduler.start()
         made.append(scheduler)
         return scheduler, cache
@@ -255,7 +256,7 @@ async def test_the_progress_rule_is_the_same_in_python_and_in_lua(redis_url, old
     from cyllm.coordinator.pool import progressed
     from cyllm.coordinator.redis_backend import P
 
-    s, _, _ = build_backends(CoordinatorSettings(redis_url=redis_url), "c1")
+    s = build_backends(CoordinatorSettings(redis_url=redis_url), "c1").scheduler
     await s.start()
     try:
         await s.register(info("w1"))

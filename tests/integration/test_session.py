@@ -138,7 +138,7 @@ async def test_cancelling_one_call_stops_only_it_on_the_worker(served):
 async def test_a_silent_worker_is_given_up_on_and_told_to_stop_but_a_slow_reader_is_not(served):
     """The coordinator's stall rule (``_paced``): only waiting for a worker counts, so a
     reader that lags behind a worker that keeps sending is not a stall."""
-    from cyllm.coordinator.service import _paced
+    from cyllm.coordinator.services.inference import _paced
 
     worker, session, _ = served
     with pytest.raises(errors.Unavailable, match="worker w1 produced nothing for 0.3s"):

@@ -122,7 +122,7 @@ async def test_each_tenant_sees_only_its_own_files_and_jobs(tenants):
 
 async def test_a_fine_tuned_model_is_served_to_its_owner_only(tenants):
     alice = f"key:{tenants.keys['alice'][0]}"
-    await tenants.coordinator.service.training.store.set_model_owner("other", alice)
+    await tenants.coordinator.backends.owners.set("other", alice)
     chat = {"model": "other", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]}
     mine = await tenants.http.post("/v1/chat/completions", headers=h(tenants, "alice"), json=chat)
     assert mine.status_code == 200

@@ -14,7 +14,8 @@ import pytest
 
 from cyllm.coordinator.main import CoordinatorServer
 from cyllm.coordinator.settings import CoordinatorSettings
-from cyllm.protocol import pb, rpc
+from cyllm.gateway.client import Coordinator
+from cyllm.protocol import pb
 from cyllm.protocol.plane import load_plane
 
 SCRIPTS = Path(__file__).parents[1] / "data" / "scripts"
@@ -45,7 +46,7 @@ async def cluster(make_stack, redis_url, tmp_path):
     plane = load_plane()
     channels = [plane.channel(f"127.0.0.1:{stack.coordinator.port}"),
                 plane.channel(f"127.0.0.1:{port}")]
-    stubs = [rpc.CoordinatorStub(c) for c in channels]
+    stubs = [Coordinator.over(c) for c in channels]
     yield stack, other, stubs
     for c in channels:
         await c.close()
@@ -54,42 +55,42 @@ async def cluster(make_stack, redis_url, tmp_path):
 
 async def test_a_job_runs_and_a_cancel_reaches_it_through_the_other_coordinator(cluster):
     stack, _, (one, two) = cluster
-    done = await two.CreateTrainingJob(pb.CreateTrainingJobRequest(spec_json=_spec(script_args=["--steps", "2"])))
-    job = await _until(lambda: one.GetTrainingJob(pb.TrainingJobRequest(id=done.id)),
+    done = await two.training.CreateTrainingJob(pb.CreateTrainingJobRequest(spec_json=_spec(script_args=["--steps", "2"])))
+    job = await _until(lambda: one.training.GetTrainingJob(pb.TrainingJobRequest(id=done.id)),
                        lambda j: j.state == "succeeded")
     assert job.progress.step == 2 and job.attempts == 1
-    events = await one.ListTrainingEvents(pb.TrainingEventsRequest(id=done.id))
+    events = await one.training.ListTrainingEvents(pb.TrainingEventsRequest(id=done.id))
     assert [e.seq for e in events.events] == list(range(1, len(events.events) + 1))
 
-    long = await one.CreateTrainingJob(pb.CreateTrainingJobRequest(
+    long = await one.training.CreateTrainingJob(pb.CreateTrainingJobRequest(
         spec_json=_spec(script_args=["--steps", "1000", "--sleep", "0.2"])))
-    await _until(lambda: two.GetTrainingJob(pb.TrainingJobRequest(id=long.id)),
+    await _until(lambda: two.training.GetTrainingJob(pb.TrainingJobRequest(id=long.id)),
                  lambda j: j.progress.step > 0)
     # busy training: the worker gets no inference for its device
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        async for _ in one.Generate(pb.GenerateRequest(model="fake", prompt="hi")):
+        async for _ in one.inference.Generate(pb.GenerateRequest(model="fake", prompt="hi")):
             pass
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "busy training" in caught.value.details()
-    cancelled = await two.CancelTrainingJob(pb.TrainingJobRequest(id=long.id))
+    cancelled = await two.training.CancelTrainingJob(pb.TrainingJobRequest(id=long.id))
     assert cancelled.state == "cancelled"
     await _until(lambda: asyncio.sleep(0, stack.worker.training.current), lambda c: c == "")
-    replies = [m async for m in one.Generate(pb.GenerateRequest(model="fake", prompt="hi"))]
+    replies = [m async for m in one.inference.Generate(pb.GenerateRequest(model="fake", prompt="hi"))]
     assert replies[-1].WhichOneof("event") == "finished"
 
 
 async def test_a_stopping_coordinator_hands_its_job_to_the_other(cluster):
     stack, other, (one, two) = cluster
-    job = await two.CreateTrainingJob(pb.CreateTrainingJobRequest(
+    job = await two.training.CreateTrainingJob(pb.CreateTrainingJobRequest(
         spec_json=_spec(script_args=["--steps", "15", "--sleep", "0.2"])))
-    running = await _until(lambda: one.GetTrainingJob(pb.TrainingJobRequest(id=job.id)),
+    running = await _until(lambda: one.training.GetTrainingJob(pb.TrainingJobRequest(id=job.id)),
                            lambda j: j.state == "running" and j.progress.step > 0)
-    owner, survivor = (stack.coordinator, two) if job.id in stack.coordinator.service.training._running \
+    owner, survivor = (stack.coordinator, two) if job.id in stack.coordinator.training._running \
         else (other, one)
     await owner.stop()
-    final = await _until(lambda: survivor.GetTrainingJob(pb.TrainingJobRequest(id=job.id)),
+    final = await _until(lambda: survivor.training.GetTrainingJob(pb.TrainingJobRequest(id=job.id)),
                          lambda j: j.state in ("succeeded", "failed"), timeout=60)
     assert final.state == "succeeded" and final.attempts == 2, final
-    events = await survivor.ListTrainingEvents(pb.TrainingEventsRequest(id=job.id))
+    events = await survivor.training.ListTrainingEvents(pb.TrainingEventsRequest(id=job.id))
     assert any("shutting down; re-queued" in e.message for e in events.events)
     assert running.worker_id == final.worker_id
 
@@ -97,15 +98,15 @@ async def test_a_stopping_coordinator_hands_its_job_to_the_other(cluster):
 async def test_unknown_jobs_and_bad_specs_get_clear_statuses(cluster):
     _, _, (one, _) = cluster
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await one.GetTrainingJob(pb.TrainingJobRequest(id="ftjob-nope"))
+        await one.training.GetTrainingJob(pb.TrainingJobRequest(id="ftjob-nope"))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await one.CreateTrainingJob(pb.CreateTrainingJobRequest(spec_json=_spec(epochs=-1)))
+        await one.training.CreateTrainingJob(pb.CreateTrainingJobRequest(spec_json=_spec(epochs=-1)))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "epochs" in caught.value.details()
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await one.CreateTrainingJob(pb.CreateTrainingJobRequest(spec_json=_spec(base_model="gpt-9")))
+        await one.training.CreateTrainingJob(pb.CreateTrainingJobRequest(spec_json=_spec(base_model="gpt-9")))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     for bad in ("{not json", "[1]"):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await one.CreateTrainingJob(pb.CreateTrainingJobRequest(spec_json=bad))
+            await one.training.CreateTrainingJob(pb.CreateTrainingJobRequest(spec_json=bad))
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -9,6 +9,7 @@ import json
 
 from cyllm import errors
 from cyllm.coordinator.jobs import MemoryJobStore
+from cyllm.coordinator.owners import MemoryModelOwners
 from cyllm.coordinator.pool import HealthRules
 from cyllm.coordinator.routing import Router
 from cyllm.coordinator.scheduler import MemoryScheduler
@@ -34,9 +35,11 @@ class Workers:
 
 async def finish(adapters_at_run_time: bool) -> tuple[pb.TrainingJob, Workers]:
     store, workers = MemoryJobStore(), Workers(adapters_at_run_time)
-    scheduler = MemoryScheduler(HealthRules(5, 5), Router("least_outstanding"), queue_timeout_s=1,
-                                max_size=1, retry_after_s=1)
-    manager = TrainingManager(store, None, scheduler, workers, "c1", lease_s=5, max_attempts=1)
+    owners = MemoryModelOwners()
+    scheduler = MemoryScheduler(HealthRules(5, 5), Router("least_outstanding"), owners,
+                                queue_timeout_s=1, max_size=1, retry_after_s=1)
+    manager = TrainingManager(store, None, scheduler, workers, owners, "c1", lease_s=5,
+                              max_attempts=1)
     job = pb.TrainingJob(id="ftjob-0123456789abcdef", owner="alice",
                          spec_json=json.dumps({"base_model": "base", "dataset": "d.jsonl"}))
     await store.put(job)

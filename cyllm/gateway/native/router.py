@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from cyllm.gateway.auth import authenticate, coordinator, require_admin
+from cyllm.gateway.auth import authenticate, require_admin
+from cyllm.gateway.client import coordinator
 from cyllm.gateway.context import context
 from cyllm.gateway.errors import GENERATION_ERRORS, responses, stream_error
 from cyllm.gateway.generation import Failed
@@ -85,8 +86,8 @@ async def load_model(model_id: str, request: Request,
     ``<base>:<adapter>``), unloading idle models least recently used first if memory is
     short; 409 when it cannot fit or its engine cannot run there.  Admin scope."""
     body = body or LoadModelRequest()
-    reply = await coordinator(request).load_model(pb.LoadModelRequest(
-        model=model_id, adapter_path=body.adapter_path or "", worker_id=body.worker_id or ""))
+    reply = await coordinator(request).load_model(model_id, body.adapter_path or "",
+                                                  body.worker_id or "")
     return LoadModelResponse(model=model_id, worker_id=reply.worker_id, evicted=list(reply.evicted),
                              models=[_entry(m) for m in reply.worker.models])
 
@@ -98,7 +99,7 @@ async def load_model(model_id: str, request: Request,
 async def unload_model(model_id: str, request: Request) -> UnloadModelResponse:
     """Unload a model (or adapter) from every worker serving it; running requests finish
     first (bounded by the worker's drain timeout).  Admin scope."""
-    reply = await coordinator(request).unload_model(pb.UnloadModelRequest(model=model_id))
+    reply = await coordinator(request).unload_model(model_id)
     return UnloadModelResponse(model=model_id, worker_ids=list(reply.worker_ids))
 
 

@@ -12,7 +12,8 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response, StreamingResponse
 
 from cyllm import errors
-from cyllm.gateway.auth import authenticate, coordinator
+from cyllm.gateway.auth import authenticate
+from cyllm.gateway.client import coordinator
 from cyllm.gateway.context import context
 from cyllm.gateway.errors import responses, stream_error
 from cyllm.gateway.ratelimit import limit_control

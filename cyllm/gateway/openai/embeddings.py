@@ -15,7 +15,8 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
 from cyllm import errors
-from cyllm.gateway.auth import authenticate, coordinator
+from cyllm.gateway.auth import authenticate
+from cyllm.gateway.client import coordinator
 from cyllm.gateway.context import Usage as LoggedUsage
 from cyllm.gateway.context import context
 from cyllm.gateway.errors import responses

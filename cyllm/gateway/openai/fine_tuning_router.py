@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Form, Query, Request, UploadFile
 
 from cyllm import errors
-from cyllm.gateway.auth import authenticate, coordinator
+from cyllm.gateway.auth import authenticate
+from cyllm.gateway.client import coordinator
 from cyllm.gateway.context import context
 from cyllm.gateway.errors import responses
 from cyllm.gateway.native.training_router import check_custom_allowed

@@ -11,7 +11,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from cyllm import errors
-from cyllm.gateway.auth import authenticate, coordinator
+from cyllm.gateway.auth import authenticate
+from cyllm.gateway.client import coordinator
 from cyllm.gateway.context import context
 from cyllm.gateway.errors import GENERATION_ERRORS, responses, stream_error
 from cyllm.gateway.generation import (Done, Failed, Generation, answers, build_request, merged,

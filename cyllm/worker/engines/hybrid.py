@@ -4,7 +4,8 @@ The spec's ``candidates`` are tried in order at load time (an engine whose libra
 hardware is missing, or that fails to load the model, is skipped with its reason
 logged and shown in health); the first ``replicas`` that load are kept.  Each request
 goes to the healthy member with the lowest load (running + waiting per batch slot);
-if a member fails before producing anything, the request moves to the next one.
+if a member fails before producing anything, the request moves to the next one
+(``protocol.failover``).
 
 Example: ``candidates: [{engine: vllm_cuda, device: cuda:0}, {engine: transformers,
 device: cuda:1}, {engine: transformers, device: cpu}]`` with ``replicas: 2`` serves from
@@ -21,12 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cyllm import errors
+from cyllm.protocol import failover
 from cyllm.worker.engines import compute_thread
 from cyllm.worker.engines.base import AbstractEngine
 from cyllm.worker.engines.types import EngineHealth, Event, GenerationRequest, ModelCard
 from cyllm.worker.settings import ModelSpec
 
 log = logging.getLogger(__name__)
+
+# A member that fails before its first event hands the request to the next; once it has
+# sent something the request fails with it (a member's stream cannot be continued).
+MEMBERS = failover.Rule(moves_on=(errors.EngineError, errors.Unavailable),
+                        blames=lambda exc: False, what="hybrid member")
 
 
 @dataclass
@@ -92,23 +99,12 @@ class HybridEngine(AbstractEngine):
         ranked = self._ranked(request)
         if not ranked:
             raise errors.Unavailable(f"no healthy engine for {self.spec.id} on this worker")
-        last: errors.CyllmError | None = None
-        for member in ranked:
-            produced = False
-            try:
-                async with aclosing(member.engine.generate(request)) as events:
-                    async for event in events:
-                        produced = True
-                        yield event
-                return
-            except (errors.EngineError, errors.Unavailable) as exc:
-                if produced:
-                    raise
-                log.warning("hybrid %s: %s failed before output, trying the next: %s",
-                            self.spec.id, member.label, exc)
-                last = exc
-        assert last is not None
-        raise last
+        members = failover.InTurn([failover.Named(f"{self.spec.id}@{m.label}", m.engine)
+                                   for m in ranked])
+        events = failover.stream(members, lambda m: m.target.generate(request), MEMBERS)
+        async with aclosing(events) as stream:
+            async for event in stream:
+                yield event
 
     async def embed(self, texts: Sequence[str], dimensions: int = 0) -> tuple[list[list[float]], int]:
         """The least busy healthy member's (every member embeds, or refuses by name)."""

@@ -1,6 +1,6 @@
-"""The Coordinator service's training and file calls (a mixin of ``CoordinatorService``).
-Each acts for the tenant the call carries (``protocol.tenant``).  Errors become gRPC
-statuses at the server's edge (``protocol.server``)."""
+"""``Training`` (fine-tuning jobs) and ``Files`` (uploaded datasets).  Each call acts
+for the tenant it carries (``protocol.tenant``): another tenant's job or file reads as
+a missing one."""
 
 from __future__ import annotations
 
@@ -8,18 +8,21 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from cyllm.coordinator.files import FileStore
 from cyllm.coordinator.training import TrainingManager
-from cyllm.protocol import pb
+from cyllm.protocol import pb, rpc
 from cyllm.protocol.tenant import Tenant
 
+Visible = Callable[[Tenant], Awaitable[list[pb.ModelInfo]]]
 
-class TrainingRPCs:
-    training: TrainingManager
-    files: FileStore
-    visible_models: Callable[[Tenant], Awaitable[list[pb.ModelInfo]]]  # CoordinatorService's
+
+class TrainingService(rpc.TrainingServicer):
+    def __init__(self, training: TrainingManager, visible: Visible) -> None:
+        """``visible``: the models a tenant may use (a job's base model must be one)."""
+        self.training = training
+        self.visible = visible
 
     async def CreateTrainingJob(self, request, context) -> pb.TrainingJob:
         tenant = Tenant.of(context)
-        visible = {m.id for m in await self.visible_models(tenant)}
+        visible = {m.id for m in await self.visible(tenant)}
         return await self.training.create(request, tenant, visible)
 
     async def GetTrainingJob(self, request, context) -> pb.TrainingJob:
@@ -43,6 +46,11 @@ class TrainingRPCs:
     async def WatchTrainingJob(self, request, context) -> AsyncIterator[pb.TrainingEvent]:
         async for event in self.training.watch(request.id, request.after_seq, Tenant.of(context)):
             yield event
+
+
+class FilesService(rpc.FilesServicer):
+    def __init__(self, files: FileStore) -> None:
+        self.files = files
 
     async def UploadFile(self, request_iterator, context) -> pb.FileInfo:
         return await self.files.upload(request_iterator, Tenant.of(context))
