@@ -17,19 +17,13 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cyllm.gateway import errors
+from cyllm.gateway.usage import Usage
 
 if TYPE_CHECKING:
     from cyllm.gateway.auth import Identity
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _KEY = "cyllm"
-
-
-@dataclass
-class Usage:
-    model: str
-    prompt_tokens: int
-    completion_tokens: int
 
 
 @dataclass

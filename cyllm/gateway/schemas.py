@@ -1,100 +1,38 @@
-"""JSON Schemas that callers send (``response_format``, tool parameters): checked at
-the edge, so a bad one is a 400 naming where it is wrong, and bounded, since the
-worker compiles each into a grammar.
-
-Only keywords the grammar enforces are accepted (and annotations, which constrain
-nothing): a keyword it would silently ignore (``not``, ``if``, ``multipleOf``,
-``uniqueItems``, ``oneOf``'s "exactly one", ...) could let through an output that does
-not validate, so it is refused, by name and place, instead."""
+"""Pieces of the HTTP schemas that both surfaces share (the native API's are the same in
+camelCase): a response format.  Each surface's own schemas are beside its router
+(``openai/schemas.py``, ``native/schemas.py``)."""
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from typing import Any, Literal
 
-from cyllm import errors
-from cyllm.protocol import pb
+from pydantic import BaseModel, Field, model_validator
 
-ENFORCED = frozenset({
-    "type", "properties", "required", "additionalProperties", "items", "prefixItems",
-    "minItems", "maxItems", "enum", "const", "anyOf", "$ref", "$defs", "definitions",
-    "minLength", "maxLength", "pattern", "minimum", "maximum", "exclusiveMinimum",
-    "exclusiveMaximum"})
-ANNOTATIONS = frozenset({
-    "title", "description", "default", "examples", "$schema", "$id", "$comment", "format",
-    "deprecated", "readOnly", "writeOnly"})
-# Keywords whose value holds subschemas: by name, or a map of names to subschemas.
-_SUBSCHEMA = frozenset({"items", "additionalProperties"})
-_SUBSCHEMA_LISTS = frozenset({"prefixItems", "anyOf"})
-_SUBSCHEMA_MAPS = frozenset({"properties", "$defs", "definitions"})
-
-MAX_SCHEMA_BYTES = 32 * 1024
-MAX_DEPTH = 32
-PARAM = "response_format"
+from cyllm.gateway.json_schema import Constraint, constraint_of
 
 
-def constraint_of(kind: str, schema: Any) -> pb.Constraint | None:
-    """A response format (``text``, ``json_object``, ``json_schema`` with ``schema``) as
-    the worker's constraint: None for free text."""
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return pb.Constraint(kind="json_object")
-    return pb.Constraint(kind="json_schema", json_schema=check_schema(schema))
+class JsonSchemaFormat(BaseModel):
+    name: str = Field("output", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
 
 
-def check_schema(schema: Any, param: str = PARAM, what: str = "response_format.json_schema.schema") -> str:
-    """``schema`` as canonical JSON text, or InvalidRequest naming what is wrong: not an
-    object, too large or too deep, or invalid against its draft's meta-schema."""
-    import jsonschema
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: free text, any JSON object, or JSON matching a
+    schema; the two JSON kinds are decoded under a grammar (``Constraint``)."""
 
-    if not isinstance(schema, dict):
-        raise errors.InvalidRequest(f"{what} must be a JSON object", param=param)
-    text = json.dumps(schema, separators=(",", ":"))  # in the caller's order: properties are generated in it
-    if len(text.encode()) > MAX_SCHEMA_BYTES:
-        raise errors.InvalidRequest(f"{what} is larger than {MAX_SCHEMA_BYTES} bytes", param=param)
-    if _depth(schema) > MAX_DEPTH:
-        raise errors.InvalidRequest(f"{what} nests deeper than {MAX_DEPTH} levels", param=param)
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
-        raise errors.InvalidRequest(f"{what} is not a valid JSON Schema at {where}: {exc.message}",
-                                    param=param) from None
-    for where, keyword in _keywords(schema):
-        if keyword not in ENFORCED and keyword not in ANNOTATIONS:
-            raise errors.InvalidRequest(
-                f"{what} uses {keyword!r} at {where}, which constrained decoding cannot enforce; "
-                f"the supported keywords are {', '.join(sorted(ENFORCED))}", param=param)
-    return text
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
+    @model_validator(mode="after")
+    def _complete(self) -> ResponseFormat:
+        if (self.kind() == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema goes with type json_schema, and only there")
+        return self
 
-def _keywords(schema: dict) -> list[tuple[str, str]]:
-    """(place, keyword) for every keyword of every subschema."""
-    found, todo = [], [("#", schema)]
-    while todo:
-        where, node = todo.pop()
-        if not isinstance(node, dict):
-            continue  # true/false schemas
-        for key, value in node.items():
-            found.append((where, key))
-            if key in _SUBSCHEMA:
-                todo.append((f"{where}/{key}", value))
-            elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
-                todo.extend((f"{where}/{key}/{i}", v) for i, v in enumerate(value))
-            elif key in _SUBSCHEMA_MAPS and isinstance(value, dict):
-                todo.extend((f"{where}/{key}/{name}", v) for name, v in value.items())
-    return found
+    def kind(self) -> str:
+        return self.type
 
-
-def _depth(value: Any) -> int:
-    """Nesting depth of a JSON value, without recursion (a hostile one may be deep)."""
-    deepest, todo = 0, [(value, 1)]
-    while todo:
-        item, depth = todo.pop()
-        deepest = max(deepest, depth)
-        if depth > MAX_DEPTH:
-            break
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
-        todo.extend((child, depth + 1) for child in children)
-    return deepest
+    def constraint(self) -> Constraint | None:
+        return constraint_of(self.kind(), self.json_schema.schema_ if self.json_schema else None)

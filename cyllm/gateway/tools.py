@@ -24,8 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cyllm import errors
-from cyllm.gateway.schemas import check_schema
-from cyllm.protocol import pb
+from cyllm.gateway.json_schema import Constraint, check_schema
 
 PARAM = "tools"
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
@@ -40,17 +39,20 @@ class Call:
 
 @dataclass(frozen=True)
 class Toolbox:
-    """The request's functions (name -> parameters schema) and its choice."""
+    """The request's functions (name -> parameters schema) and its choice;
+    ``declared_json``: the tools as given (OpenAI's list, JSON text), for the worker's
+    chat template."""
 
     functions: dict[str, dict[str, Any]]
     choice: str  # "none" | "auto" | "required" | a function's name
     parallel: bool = True
+    declared_json: str = "[]"
 
     @property
     def forced(self) -> bool:
         return self.choice not in ("none", "auto")
 
-    def constraint(self) -> pb.Constraint | None:
+    def constraint(self) -> Constraint | None:
         """The schema a forced choice decodes under (None for none/auto)."""
         if not self.forced:
             return None
@@ -60,7 +62,7 @@ class Toolbox:
         schema = {"type": "array", "items": one, "minItems": 1} if self.parallel \
             and self.choice == "required" else one
         # Its parts were checked in toolbox(); the body limit bounds their sum.
-        return pb.Constraint(kind="json_schema", json_schema=json.dumps(schema, separators=(",", ":")))
+        return Constraint("json_schema", json.dumps(schema, separators=(",", ":")))
 
     def answer(self, text: str, finish: str) -> tuple[str | None, list[Call], str]:
         """A finished output as (its text, its calls, the finish reason): its calls with
@@ -144,8 +146,9 @@ class CallStream:
 
 
 def toolbox(tools: list[dict[str, Any]] | None, choice: Any, parallel: bool) -> Toolbox | None:
-    """The request's tools checked (names, parameter schemas) with its choice resolved;
-    None when it gives none."""
+    """The request's tools (OpenAI's list: ``{"type": "function", "function": {...}}``)
+    checked (names, parameter schemas) with its choice resolved; None when it gives
+    none."""
     if not tools:
         if choice not in (None, "none"):
             raise errors.InvalidRequest("tool_choice needs tools", param="tool_choice")
@@ -158,13 +161,14 @@ def toolbox(tools: list[dict[str, Any]] | None, choice: Any, parallel: bool) -> 
         params = tool["function"].get("parameters") or {"type": "object", "properties": {}}
         check_schema(params, PARAM, f"tools[{i}].function.parameters")
         functions[name] = params
+    declared = json.dumps(tools)
     if choice is None or choice in ("auto", "none", "required"):
-        return Toolbox(functions, choice or "auto", parallel)
+        return Toolbox(functions, choice or "auto", parallel, declared)
     name = choice["function"]["name"]
     if name not in functions:
         raise errors.InvalidRequest(f"tool_choice names {name!r}, which is not among the tools",
                                     param="tool_choice")
-    return Toolbox(functions, name, parallel)
+    return Toolbox(functions, name, parallel, declared)
 
 
 def _call_schema(name: str, parameters: dict[str, Any]) -> dict[str, Any]:

@@ -13,8 +13,9 @@ from typing import Any
 
 from starlette.requests import HTTPConnection
 
-from cyllm.gateway.generation import Done, Failed, Generation, Outcome, answers, merged, started
-from cyllm.gateway.native.protocol import (
+from cyllm.gateway.choices import answers, merged, started, usage
+from cyllm.gateway.generation import Done, Failed, Generation, Outcome
+from cyllm.gateway.native.schemas import (
     Choice,
     ChoiceEnd,
     InferenceDone,
@@ -29,13 +30,13 @@ from cyllm.gateway.native.protocol import (
 class Inference:
     def __init__(self, body: InferenceRequest, rid: str) -> None:
         self.body, self.rid = body, rid
-        self.tools = body.toolbox()
+        self.request = body.to_request()
+        self.tools = self.request.tools
         self.holds = self.tools is not None and self.tools.choice != "none"
         self.gens: list[Generation] = []
 
     async def start(self, conn: HTTPConnection, *, whole: bool) -> Inference:
-        request = self.body.generate_request(self.rid, self.tools)
-        self.gens = await started(conn, request, self.body.n, whole=whole)
+        self.gens = await started(conn, self.request, whole=whole)
         return self
 
     def _end(self, text: str, outcome: Outcome) -> tuple[str | None, list[ToolCall] | None, str]:
@@ -55,7 +56,7 @@ class Inference:
         first = choices[0]
         return InferenceResponse(
             id=self.rid, model_id=self.body.model_id, text=first.text, cached=self.gens[0].outcome.cached,
-            finish_reason=first.finish_reason, usage=Usage.of_all([g.outcome for g in self.gens]),
+            finish_reason=first.finish_reason, usage=Usage.of(usage(self.gens)),
             tool_calls=first.tool_calls, logprobs=first.logprobs,
             choices=choices if len(choices) > 1 else None)
 
@@ -70,7 +71,7 @@ class Inference:
                     return
         first = self.gens[0].outcome
         done = InferenceDone(id=self.rid, finish_reason=ends[0].finish_reason, cached=first.cached,
-                             usage=Usage.of_all([g.outcome for g in self.gens]),
+                             usage=Usage.of(usage(self.gens)),
                              tool_calls=ends[0].tool_calls,
                              choices=[ends[i] for i in sorted(ends)] if len(ends) > 1 else None)
         yield "done", done.model_dump(by_alias=True, exclude_none=True)

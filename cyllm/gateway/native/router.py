@@ -14,7 +14,7 @@ from cyllm.gateway.errors import GENERATION_ERRORS, responses, stream_error
 from cyllm.gateway.generation import Failed
 from cyllm.gateway.native.inference import Inference
 from cyllm.gateway.ratelimit import limit_control
-from cyllm.gateway.native.protocol import (
+from cyllm.gateway.native.schemas import (
     CoordinatorHealth,
     HealthResponse,
     InferenceRequest,

@@ -17,7 +17,7 @@ from cyllm.gateway.client import coordinator
 from cyllm.gateway.context import context
 from cyllm.gateway.errors import responses, stream_error
 from cyllm.gateway.ratelimit import limit_control
-from cyllm.gateway.native.training_protocol import (
+from cyllm.gateway.native.training_schemas import (
     TrainingJobsResponse,
     TrainingJobView,
     TrainingStartRequest,

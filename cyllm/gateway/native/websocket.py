@@ -27,7 +27,7 @@ from cyllm.gateway.context import new_context
 from cyllm.gateway.errors import error_body, http_status
 from cyllm.gateway.generation import Failed
 from cyllm.gateway.native.inference import Inference
-from cyllm.gateway.native.protocol import InferenceRequest
+from cyllm.gateway.native.schemas import InferenceRequest
 
 router = APIRouter(prefix="/api/v1", tags=["native"])
 

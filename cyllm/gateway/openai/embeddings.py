@@ -17,11 +17,10 @@ from pydantic import BaseModel, Field
 from cyllm import errors
 from cyllm.gateway.auth import authenticate
 from cyllm.gateway.client import coordinator
-from cyllm.gateway.context import Usage as LoggedUsage
 from cyllm.gateway.context import context
 from cyllm.gateway.errors import responses
-from cyllm.gateway.generation import check_text
-from cyllm.protocol import pb
+from cyllm.gateway.request import check_text
+from cyllm.gateway.usage import Usage
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(authenticate)])
 
@@ -80,13 +79,12 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingList:
     admission = await limiter.admit(ctx.caller, limiter.reservation(sum(map(len, texts)), None))
     tokens = 0
     try:
-        reply = await coordinator(request).embed(
-            pb.EmbedRequest(request_id=ctx.request_id, model=body.model, inputs=texts,
-                            dimensions=body.dimensions or 0), ctx.request_id)
+        reply = await coordinator(request).embed(body.model, texts, body.dimensions or 0,
+                                                 ctx.request_id)
         tokens = reply.prompt_tokens
     finally:
         await limiter.finish(admission, tokens)
-    ctx.usage = LoggedUsage(body.model, tokens, 0)
+    ctx.usage = Usage(body.model, tokens)
     return EmbeddingList(
         model=body.model, usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
         data=[EmbeddingData(index=i, embedding=_encoded(list(e.values), body.encoding_format))

@@ -18,7 +18,7 @@ from cyllm.gateway.client import coordinator
 from cyllm.gateway.context import context
 from cyllm.gateway.errors import responses
 from cyllm.gateway.native.training_router import check_custom_allowed
-from cyllm.gateway.openai.fine_tuning_protocol import (
+from cyllm.gateway.openai.fine_tuning_schemas import (
     FileDeleted,
     FileList,
     FileObject,

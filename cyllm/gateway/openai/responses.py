@@ -20,11 +20,11 @@ from cyllm import errors
 from cyllm.gateway.auth import authenticate
 from cyllm.gateway.context import context
 from cyllm.gateway.errors import GENERATION_ERRORS, stream_error
-from cyllm.gateway.generation import Done, Failed, Generation, Outcome, build_request
-from cyllm.gateway.openai.protocol import INT32_MAX
-from cyllm.gateway.schemas import constraint_of
+from cyllm.gateway.generation import Done, Failed, Generation, Outcome
+from cyllm.gateway.json_schema import Constraint, constraint_of
+from cyllm.gateway.openai.schemas import INT32_MAX
+from cyllm.gateway.request import GenerationRequest, Message, Sampling
 from cyllm.gateway.sse import frame, sse_response
-from cyllm.protocol import pb
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(authenticate)])
 
@@ -81,16 +81,17 @@ class ResponseRequest(BaseModel):
                 raise errors.InvalidRequest(f"{name} is not supported on /v1/responses by this "
                                             "server", param=name)
 
-    def conversation(self) -> list[tuple[str, str]]:
-        turns = [("user", self.input)] if isinstance(self.input, str) else \
-            [("system" if m.role == "developer" else m.role, m.text()) for m in self.input]
+    def to_request(self) -> GenerationRequest:
+        turns = [Message("user", self.input)] if isinstance(self.input, str) else \
+            [Message("system" if m.role == "developer" else m.role, m.text()) for m in self.input]
         if self.instructions:
-            turns.insert(0, ("system", self.instructions))
-        if not any(text.strip() for _, text in turns):
-            raise errors.InvalidRequest("input contains no text", param="input")
-        return turns
+            turns.insert(0, Message("system", self.instructions))
+        return GenerationRequest(
+            self.model, messages=turns, messages_param="input", constraint=self.constraint(),
+            sampling=Sampling(max_tokens=self.max_output_tokens, temperature=self.temperature,
+                              top_p=self.top_p))
 
-    def constraint(self) -> pb.Constraint | None:
+    def constraint(self) -> Constraint | None:
         fmt = self.text.format if self.text else TextFormat()
         if fmt.type == "json_schema" and fmt.schema_ is None:
             raise errors.InvalidRequest("text.format.schema is required for json_schema",
@@ -102,10 +103,7 @@ class ResponseRequest(BaseModel):
 async def create_response(body: ResponseRequest, request: Request) -> Any:
     body.refuse_unsupported()
     rid = context(request).request_id
-    req = build_request(f"resp_{rid}", body.model, messages=body.conversation(),
-                        max_tokens=body.max_output_tokens, temperature=body.temperature,
-                        top_p=body.top_p, constraint=body.constraint())
-    gen = await Generation(request, req, whole=not body.stream).start()
+    gen = await Generation(request, body.to_request(), whole=not body.stream).start()
     shape = _Shape(body, f"resp_{rid}", f"msg_{rid}", int(time.time()))
     if body.stream:
         return sse_response(_events(gen, shape))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,9 +14,9 @@ from cyllm.gateway.auth import authenticate
 from cyllm.gateway.client import coordinator
 from cyllm.gateway.context import context
 from cyllm.gateway.errors import GENERATION_ERRORS, responses, stream_error
-from cyllm.gateway.generation import (Done, Failed, Generation, answers, build_request, merged,
-                                      started)
-from cyllm.gateway.openai.protocol import (
+from cyllm.gateway.choices import answers, merged, started, usage
+from cyllm.gateway.generation import Done, Failed, Generation
+from cyllm.gateway.openai.schemas import (
     AssistantMessage,
     ChatChoice,
     ChatCompletion,
@@ -29,13 +28,13 @@ from cyllm.gateway.openai.protocol import (
     Model,
     ModelList,
     ToolCall,
-    Usage,
     chat_logprobs,
     chunk,
     completion_logprobs,
 )
-from cyllm.gateway.tools import CallStream, Toolbox
 from cyllm.gateway.sse import frame, sse_response
+from cyllm.gateway.tools import CallStream, Toolbox
+from cyllm.gateway.usage import TokenUsage
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(authenticate)])
 
@@ -48,54 +47,41 @@ CHAT, TEXT = "chat.completion.chunk", "text_completion"
 @router.post("/chat/completions", response_model=ChatCompletion, responses={**ERRORS, **STREAM_OR_JSON})
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletion | StreamingResponse:
     rid = f"chatcmpl-{context(request).request_id}"
-    tools, constraint = body.toolbox(), body.constraint()
-    if tools is not None and tools.forced:
-        if constraint is not None:
-            raise errors.InvalidRequest("response_format cannot be combined with a tool_choice "
-                                        "that forces a call", param="tool_choice")
-        constraint = tools.constraint()
-    req = build_request(
-        rid, body.model, messages=body.conversation(), max_tokens=body.token_limit,
-        temperature=body.temperature, top_p=body.top_p, stop=body.stop, seed=body.seed,
-        constraint=constraint, **body.rules(), top_logprobs=body.top,
-        tools=json.dumps([t.model_dump(exclude_none=True) for t in body.tools or ()]) if tools else "",
-    )
-    gens = await started(request, req, body.n, whole=not body.stream)
+    req = body.to_request()
+    tools = req.tools
+    gens = await started(request, req, whole=not body.stream)
     created = int(time.time())
     if body.stream:
         whole = tools is not None and tools.choice != "none"
         frames = [_choice_frames(g, CHAT, rid, created, body.model, tools if whole else None,
-                                 logprobs=body.top is not None) for g in gens]
+                                 logprobs=req.logprobs is not None) for g in gens]
         return sse_response(_stream(frames, gens, CHAT, rid, created, body.model, body.include_usage))
     texts = await answers(gens)
     choices = []
     for i, (g, text) in enumerate(zip(gens, texts)):
         message, finish = _answer(text, g.outcome.finish_reason, tools)
         choices.append(ChatChoice(index=i, message=message, finish_reason=finish,
-                                  logprobs=chat_logprobs(g.logprobs) if body.top is not None else None))
+                                  logprobs=chat_logprobs(g.logprobs) if req.logprobs is not None
+                                  else None))
     return ChatCompletion(id=rid, created=created, model=body.model, choices=choices,
-                          usage=Usage.of_all([g.outcome for g in gens]))
+                          usage=TokenUsage.of(usage(gens)))
 
 
 @router.post("/completions", response_model=Completion, responses={**ERRORS, **STREAM_OR_JSON})
 async def completions(body: CompletionRequest, request: Request) -> Completion | StreamingResponse:
     rid = f"cmpl-{context(request).request_id}"
-    req = build_request(
-        rid, body.model, prompt=body.text(), max_tokens=body.max_tokens,
-        temperature=body.temperature, top_p=body.top_p, stop=body.stop, seed=body.seed,
-        constraint=body.constraint(), **body.rules(), top_logprobs=body.top,
-    )
-    gens = await started(request, req, body.n, whole=not body.stream)
+    req = body.to_request()
+    gens = await started(request, req, whole=not body.stream)
     created = int(time.time())
     if body.stream:
-        frames = [_choice_frames(g, TEXT, rid, created, body.model, logprobs=body.top is not None)
+        frames = [_choice_frames(g, TEXT, rid, created, body.model, logprobs=req.logprobs is not None)
                   for g in gens]
         return sse_response(_stream(frames, gens, TEXT, rid, created, body.model, body.include_usage))
     texts = await answers(gens)
     return Completion(
-        id=rid, created=created, model=body.model, usage=Usage.of_all([g.outcome for g in gens]),
+        id=rid, created=created, model=body.model, usage=TokenUsage.of(usage(gens)),
         choices=[CompletionChoice(index=i, text=text, finish_reason=g.outcome.finish_reason,
-                                  logprobs=completion_logprobs(g.logprobs) if body.top is not None
+                                  logprobs=completion_logprobs(g.logprobs) if req.logprobs is not None
                                   else None)
                  for i, (g, text) in enumerate(zip(gens, texts))],
     )
@@ -161,7 +147,7 @@ async def _stream(choices: list[AsyncIterator[dict[str, Any] | Failed]], gens: l
                 return
             yield frame(item)
     if include_usage:
-        yield frame(chunk(kind, rid, created, model, usage=Usage.of_all([g.outcome for g in gens]),
+        yield frame(chunk(kind, rid, created, model, usage=TokenUsage.of(usage(gens)),
                           choices=False))
     yield frame("[DONE]")
 

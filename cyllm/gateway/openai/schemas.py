@@ -8,9 +8,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cyllm import errors
-from cyllm.gateway.generation import MAX_CHOICES, TokenUsage, check_text, token_biases
-from cyllm.gateway.schemas import constraint_of
+from cyllm.gateway import request as gen
+from cyllm.gateway.request import MAX_CHOICES, GenerationRequest, token_biases
+from cyllm.gateway.schemas import ResponseFormat
 from cyllm.gateway.tools import Toolbox, toolbox
+from cyllm.gateway.usage import TokenUsage
 from cyllm.protocol import pb
 
 INT32_MAX = 2**31 - 1  # the gRPC contract's int32: larger counts are refused here, not there
@@ -39,23 +41,10 @@ class ChatMessage(BaseModel):
     tool_calls: list[ToolCall] | None = Field(None, max_length=128)
     tool_call_id: str | None = Field(None, max_length=128)
 
-    @model_validator(mode="after")
-    def _tool_fields(self) -> ChatMessage:
-        if self.tool_calls and self.role != "assistant":
-            raise ValueError("tool_calls belong to assistant messages")
-        if (self.role == "tool") != (self.tool_call_id is not None):
-            raise ValueError("a tool message needs tool_call_id, and only a tool message has one")
-        return self
-
-    def as_proto(self) -> pb.ChatMessage:
-        check_text([self.text(), self.tool_call_id or ""] + [
-            t for c in self.tool_calls or () for t in (c.id, c.function.name, c.function.arguments)],
-            "messages")  # before protobuf, which refuses them with a bare exception
-        role = "system" if self.role == "developer" else self.role
-        calls = [pb.ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments)
-                 for c in self.tool_calls or ()]
-        return pb.ChatMessage(role=role, content=self.text(), tool_calls=calls,
-                              tool_call_id=self.tool_call_id or "")
+    def to_message(self) -> gen.Message:
+        return gen.Message("system" if self.role == "developer" else self.role, self.text(),
+                           tuple(gen.ToolCall(c.id, c.function.name, c.function.arguments)
+                                 for c in self.tool_calls or ()), self.tool_call_id or "")
 
     def text(self) -> str:
         if self.content is None:
@@ -71,30 +60,6 @@ class FunctionCallName(BaseModel):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
-
-
-class JsonSchemaFormat(BaseModel):
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
-    description: str | None = None
-    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
-    strict: bool | None = None
-
-
-class ResponseFormat(BaseModel):
-    """OpenAI's ``response_format``: free text, any JSON object, or JSON matching a
-    schema; the two JSON kinds are decoded under a grammar (``Constraint``)."""
-
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-    @model_validator(mode="after")
-    def _complete(self) -> ResponseFormat:
-        if (self.type == "json_schema") != (self.json_schema is not None):
-            raise ValueError("response_format.json_schema goes with type 'json_schema', and only there")
-        return self
-
-    def constraint(self) -> pb.Constraint | None:
-        return constraint_of(self.type, self.json_schema.schema_ if self.json_schema else None)
 
 
 class _Sampling(BaseModel):
@@ -132,16 +97,14 @@ class _Sampling(BaseModel):
             raise ValueError("functions is not supported by this server (use tools)")
         return self
 
-    def rules(self) -> dict[str, Any]:
-        """The output rules, as ``build_request`` takes them."""
-        return {"presence_penalty": self.presence_penalty,
-                "frequency_penalty": self.frequency_penalty,
-                "repetition_penalty": self.repetition_penalty,
-                "logit_bias": token_biases(self.logit_bias),
-                "min_tokens": self.min_tokens, "ignore_eos": self.ignore_eos}
-
-    def constraint(self) -> pb.Constraint | None:
-        return self.response_format.constraint() if self.response_format else None
+    def sampling(self, max_tokens: int | None) -> gen.Sampling:
+        return gen.Sampling(
+            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+            stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
+            seed=self.seed, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
+            logit_bias=token_biases(self.logit_bias), min_tokens=self.min_tokens,
+            ignore_eos=self.ignore_eos)
 
     @property
     def include_usage(self) -> bool:
@@ -170,6 +133,9 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @property
     def top(self) -> int | None:
@@ -177,35 +143,25 @@ class ChatCompletionRequest(_Sampling):
         if self.top_logprobs is not None and not self.logprobs:
             raise errors.InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
         return (self.top_logprobs or 0) if self.logprobs else None
-    tools: list[Tool] | None = Field(None, max_length=128)
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool = True
-
-    def conversation(self) -> list[pb.ChatMessage]:
-        out = [m.as_proto() for m in self.messages]
-        if not any(m.content.strip() or m.tool_calls for m in out):
-            raise errors.InvalidRequest("messages contain no text", param="messages")
-        return out
 
     def toolbox(self) -> Toolbox | None:
-        tools = [t.model_dump() for t in self.tools or ()]
+        tools = [t.model_dump(exclude_none=True) for t in self.tools or ()]
         choice = self.tool_choice.model_dump() if isinstance(self.tool_choice, BaseModel) \
             else self.tool_choice
         return toolbox(tools, choice, self.parallel_tool_calls)
 
-    @property
-    def token_limit(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
+    def to_request(self) -> GenerationRequest:
+        return GenerationRequest(
+            self.model, messages=[m.to_message() for m in self.messages],
+            sampling=self.sampling(self.max_completion_tokens or self.max_tokens),
+            constraint=self.response_format.constraint() if self.response_format else None,
+            tools=self.toolbox(), logprobs=self.top, n=self.n)
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
     max_tokens: int | None = Field(16, ge=1, le=INT32_MAX)  # OpenAI's default for completions
     logprobs: int | None = Field(None, ge=0, le=5)
-
-    @property
-    def top(self) -> int | None:
-        return self.logprobs
     echo: bool = False
     suffix: str | None = None
 
@@ -223,9 +179,11 @@ class CompletionRequest(_Sampling):
             raise errors.InvalidRequest("echo and suffix are not supported", param="echo")
         return prompt
 
-
-class Usage(TokenUsage):
-    pass
+    def to_request(self) -> GenerationRequest:
+        return GenerationRequest(
+            self.model, prompt=self.text(), sampling=self.sampling(self.max_tokens),
+            constraint=self.response_format.constraint() if self.response_format else None,
+            logprobs=self.logprobs, n=self.n)
 
 
 class AssistantMessage(BaseModel):
@@ -247,7 +205,7 @@ class ChatCompletion(BaseModel):
     created: int
     model: str
     choices: list[ChatChoice]
-    usage: Usage
+    usage: TokenUsage
 
 
 class CompletionChoice(BaseModel):
@@ -263,7 +221,7 @@ class Completion(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
-    usage: Usage
+    usage: TokenUsage
 
 
 class Model(BaseModel):
@@ -280,7 +238,7 @@ class ModelList(BaseModel):
 
 def chunk(
     kind: str, rid: str, created: int, model: str, *, delta: dict[str, Any] | None = None,
-    text: str | None = None, finish_reason: str | None = None, usage: Usage | None = None,
+    text: str | None = None, finish_reason: str | None = None, usage: TokenUsage | None = None,
     choices: bool = True, index: int = 0, logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One streamed ``chat.completion.chunk`` or ``text_completion`` object."""

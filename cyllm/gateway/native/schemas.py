@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
-from cyllm import errors
-from cyllm.gateway.generation import (
-    MAX_CHOICES,
-    TokenUsage,
-    build_request,
-    check_text,
-    token_biases,
-)
-from cyllm.gateway.schemas import constraint_of
+from cyllm.gateway import request as gen
+from cyllm.gateway import schemas
+from cyllm.gateway.request import MAX_CHOICES, GenerationRequest, token_biases
 from cyllm.gateway.tools import Call, Toolbox, toolbox
+from cyllm.gateway.usage import TokenUsage
 from cyllm.protocol import pb
 
 
@@ -43,21 +37,10 @@ class Message(_Camel):
                                               description="an assistant's calls")
     tool_call_id: str | None = Field(None, max_length=128, description="a tool's answer: to which call")
 
-    @model_validator(mode="after")
-    def _tool_fields(self) -> Message:
-        if self.tool_calls and self.role != "assistant":
-            raise ValueError("toolCalls belong to assistant messages")
-        if (self.role == "tool") != (self.tool_call_id is not None):
-            raise ValueError("a tool message needs toolCallId, and only a tool message has one")
-        return self
-
-    def as_proto(self) -> pb.ChatMessage:
-        calls = self.tool_calls or ()
-        check_text([self.content, self.tool_call_id or ""]
-                   + [t for c in calls for t in (c.id, c.name, c.arguments)], "messages")
-        return pb.ChatMessage(role=self.role, content=self.content, tool_call_id=self.tool_call_id or "",
-                              tool_calls=[pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments)
-                                          for c in calls])
+    def to_message(self) -> gen.Message:
+        return gen.Message(self.role, self.content,
+                           tuple(gen.ToolCall(c.id, c.name, c.arguments) for c in self.tool_calls or ()),
+                           self.tool_call_id or "")
 
 
 class Tool(_Camel):
@@ -72,29 +55,19 @@ class ToolChoice(_Camel):
     name: str = Field(min_length=1, max_length=64, description="the function that must be called")
 
 
-class JsonSchema(_Camel):
-    name: str = Field("output", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
-    description: str | None = None
-    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
-    strict: bool | None = None
+class JsonSchema(_Camel, schemas.JsonSchemaFormat):
+    pass
 
 
-class ResponseFormat(_Camel):
+class ResponseFormat(_Camel, schemas.ResponseFormat):
     """As OpenAI's ``response_format``: ``{"type": "jsonSchema", "jsonSchema": {"schema": ...}}``,
     ``{"type": "jsonObject"}`` or ``{"type": "text"}`` (the snake_case type names work too)."""
 
-    type: Literal["text", "jsonObject", "jsonSchema", "json_object", "json_schema"]
+    type: Literal["text", "jsonObject", "jsonSchema", "json_object", "json_schema"]  # type: ignore[assignment]
     json_schema: JsonSchema | None = None
 
-    @model_validator(mode="after")
-    def _complete(self) -> ResponseFormat:
-        if (self.type in ("jsonSchema", "json_schema")) != (self.json_schema is not None):
-            raise ValueError("responseFormat.jsonSchema goes with type 'jsonSchema', and only there")
-        return self
-
-    def constraint(self) -> pb.Constraint | None:
-        kind = {"jsonObject": "json_object", "jsonSchema": "json_schema"}.get(self.type, self.type)
-        return constraint_of(kind, self.json_schema.schema_ if self.json_schema else None)
+    def kind(self) -> str:
+        return {"jsonObject": "json_object", "jsonSchema": "json_schema"}.get(self.type, self.type)
 
 
 class InferenceRequest(_Camel):
@@ -146,14 +119,6 @@ class InferenceRequest(_Camel):
     def top(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    def conversation(self) -> list[pb.ChatMessage] | None:
-        if self.messages is not None:
-            out = [m.as_proto() for m in self.messages]
-            if not any(m.content.strip() or m.tool_calls for m in out):
-                raise errors.InvalidRequest("messages contain no text", param="messages")
-            return out
-        return None if self.raw else [pb.ChatMessage(role="user", content=self.prompt or "")]
-
     def toolbox(self) -> Toolbox | None:
         tools = [{"type": "function", "function": t.model_dump(exclude_none=True)}
                  for t in self.tools or ()]
@@ -161,23 +126,21 @@ class InferenceRequest(_Camel):
             if isinstance(self.tool_choice, ToolChoice) else self.tool_choice
         return toolbox(tools, choice, self.parallel_tool_calls)
 
-    def generate_request(self, request_id: str, tools: Toolbox | None) -> pb.GenerateRequest:
-        constraint = self.response_format.constraint() if self.response_format else None
-        if tools is not None and tools.forced:
-            if constraint is not None:
-                raise errors.InvalidRequest("responseFormat cannot be combined with a toolChoice "
-                                            "that forces a call", param="toolChoice")
-            constraint = tools.constraint()
-        return build_request(
-            request_id, self.model_id, prompt=self.prompt, messages=self.conversation(),
-            max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-            stop=self.stop, seed=self.seed, priority=self.priority, constraint=constraint,
-            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty, logit_bias=token_biases(self.logit_bias),
-            min_tokens=self.min_tokens, ignore_eos=self.ignore_eos, top_logprobs=self.top,
-            tools=json.dumps([{"type": "function", "function": t.model_dump(exclude_none=True)}
-                              for t in self.tools or ()]) if tools else "",
-        )
+    def to_request(self) -> GenerationRequest:
+        """``prompt`` is one user message, or with ``raw`` the prompt itself."""
+        messages = [m.to_message() for m in self.messages] if self.messages is not None \
+            else None if self.raw else [gen.Message("user", self.prompt or "")]
+        return GenerationRequest(
+            self.model_id, messages=messages, prompt=self.prompt if self.raw else None,
+            sampling=gen.Sampling(
+                max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                stop=tuple(self.stop or ()), seed=self.seed, presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty,
+                repetition_penalty=self.repetition_penalty,
+                logit_bias=token_biases(self.logit_bias), min_tokens=self.min_tokens,
+                ignore_eos=self.ignore_eos),
+            constraint=self.response_format.constraint() if self.response_format else None,
+            tools=self.toolbox(), logprobs=self.top, n=self.n, priority=self.priority)
 
 
 class TopLogprob(_Camel):
@@ -196,7 +159,7 @@ class TokenLogprob(TopLogprob):
 
 
 class Usage(_Camel, TokenUsage):
-    pass
+    """OpenAI's usage object in camelCase."""
 
 
 class Choice(_Camel):
