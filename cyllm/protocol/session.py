@@ -36,7 +36,8 @@ import contextlib
 import itertools
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import grpc
 
@@ -45,8 +46,24 @@ from cyllm.protocol import pb, status
 from cyllm.protocol.coalesce import Backlog, is_delta, joined, merge_runs
 from cyllm.protocol.server import Translate, explained, untranslated
 
-Generate = Callable[[pb.GenerateRequest, str], AsyncIterator[pb.GenerateResponse]]
+E = TypeVar("E")
 OUTGOING = 256  # frames waiting to be sent, all calls together
+
+
+@dataclass(frozen=True)
+class Encoder(Generic[E]):
+    """How a worker's events become a call's messages: ``is_delta`` and ``join`` merge
+    a call's consecutive deltas, ``message`` makes one message of an event.  The
+    worker's events are its engines' (``TextDelta`` ...), merged before they become
+    messages, so a lagging stream costs one message built per batch of tokens."""
+
+    message: Callable[[E], pb.GenerateResponse]
+    is_delta: Callable[[E], bool] = is_delta
+    join: Callable[[list[E]], E] = joined
+
+
+MESSAGES: Encoder[pb.GenerateResponse] = Encoder(lambda msg: msg)  # events that are messages
+Generate = Callable[[pb.GenerateRequest, str], AsyncIterator[E]]
 
 
 # -- the worker's side -------------------------------------------------------------------
@@ -62,28 +79,41 @@ class Sessions:
     def __init__(self) -> None:
         self._outgoing: set[Backlog[Any]] = set()
 
-    def serve(self, requests: AsyncIterator[pb.SessionRequests], generate: Generate,
-              translate: Translate = untranslated) -> AsyncIterator[pb.SessionEvents]:
-        return _serve(requests, generate, translate, self._outgoing)
+    def serve(self, requests: AsyncIterator[pb.SessionRequests], generate: Generate[E],
+              encoder: Encoder[E], translate: Translate = untranslated
+              ) -> AsyncIterator[pb.SessionEvents]:
+        return _serve(requests, generate, encoder, translate, self._outgoing)
 
     def end(self) -> None:
         for out in self._outgoing:
             out.put_nowait(_END)
 
 
-async def _serve(requests: AsyncIterator[pb.SessionRequests], generate: Generate,
-                 translate: Translate, registry: set[Backlog[Any]]
+@dataclass(frozen=True, slots=True)
+class _Frame(Generic[E]):
+    """One of a call's events waiting to go out, or its end."""
+
+    call: int
+    event: E | None = None
+    end: pb.CallEnd | None = None
+
+
+async def _serve(requests: AsyncIterator[pb.SessionRequests], generate: Generate[E],
+                 encoder: Encoder[E], translate: Translate, registry: set[Backlog[Any]]
                  ) -> AsyncIterator[pb.SessionEvents]:
     """The messages of a ``Session`` call: each ``start`` run by ``generate`` in a task;
-    every frame ready when a message goes out travels in it."""
+    every frame ready when a message goes out travels in it, each call's deltas merged
+    (the worker's one merge: what waits for the writer)."""
     out: Backlog[Any] = Backlog(OUTGOING)
     running: dict[int, asyncio.Task[None]] = {}
 
     async def run(call: int, request: pb.GenerateRequest, request_id: str) -> None:
         try:
-            async with aclosing(generate(request, request_id)) as messages:
-                async for msg in messages:
-                    await out.put(pb.SessionEvent(call=call, event=msg))
+            async with aclosing(generate(request, request_id)) as events:
+                async for event in events:
+                    if out.full():  # spelled out: no coroutine per token unless it must wait
+                        await out.room()
+                    out.put_nowait(_Frame(call, event))
             end = pb.CallEnd()
         except asyncio.CancelledError:
             return  # cancelled by the caller, who expects nothing more
@@ -92,7 +122,7 @@ async def _serve(requests: AsyncIterator[pb.SessionRequests], generate: Generate
             end = pb.CallEnd(code=code, details=details, trailing=trailing)
         finally:
             running.pop(call, None)
-        await out.put(pb.SessionEvent(call=call, end=end))
+        await out.put(_Frame(call, end=end))
 
     async def read() -> None:
         try:
@@ -116,7 +146,7 @@ async def _serve(requests: AsyncIterator[pb.SessionRequests], generate: Generate
             frames = [i for i in items if i is not _END]
             ending = len(frames) < len(items)
             if frames:
-                yield pb.SessionEvents(frames=_merged_by_call(frames) if len(frames) > 1 else frames)
+                yield pb.SessionEvents(frames=_encoded(frames, encoder))
     finally:
         registry.discard(out)
         reader.cancel()
@@ -124,21 +154,19 @@ async def _serve(requests: AsyncIterator[pb.SessionRequests], generate: Generate
             task.cancel()
 
 
-def _merged_by_call(frames: list[pb.SessionEvent]) -> list[pb.SessionEvent]:
-    """``frames`` with each call's consecutive deltas made one: a batch waiting to go
-    out is a backlog, and merges as a lagging reader's does (``coalesce.py``)."""
-    by_call: dict[int, list[pb.SessionEvent]] = {}
+def _encoded(frames: list[_Frame[E]], encoder: Encoder[E]) -> list[pb.SessionEvent]:
+    """``frames`` as messages, each call's consecutive deltas made one first."""
+    by_call: dict[int, list[_Frame[E]]] = {}
     for frame in frames:
         by_call.setdefault(frame.call, []).append(frame)
     out: list[pb.SessionEvent] = []
     for call, mine in by_call.items():
-        if len(mine) == 1:
-            out.append(mine[0])
-            continue
-        events = [f.event if f.WhichOneof("kind") == "event" else f for f in mine]
-        for item in merge_runs(events, is_delta, joined):
-            out.append(item if isinstance(item, pb.SessionEvent)
-                       else pb.SessionEvent(call=call, event=item))
+        items: list[Any] = [f.event if f.end is None else f.end for f in mine]
+        if len(items) > 1:
+            items = merge_runs(items, lambda i: not isinstance(i, pb.CallEnd) and encoder.is_delta(i),
+                               encoder.join)
+        out += [pb.SessionEvent(call=call, end=i) if isinstance(i, pb.CallEnd)
+                else pb.SessionEvent(call=call, event=encoder.message(i)) for i in items]
     return out
 
 

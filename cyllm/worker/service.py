@@ -13,9 +13,7 @@ import grpc
 
 from cyllm import errors
 from cyllm.protocol import pb, rpc
-from cyllm.protocol.coalesce import coalesced
-from cyllm.protocol.session import Sessions
-from cyllm.runtime import request_id_of
+from cyllm.protocol.session import Encoder, Sessions
 from cyllm.worker.convert import event_to_proto, request_from_proto
 from cyllm.worker.engines.types import Event, Finished, TextDelta
 from cyllm.worker.metrics import WorkerMetrics
@@ -23,6 +21,8 @@ from cyllm.worker.models import ModelManager
 from cyllm.worker.training.jobs import WorkerTraining
 
 log = logging.getLogger(__name__)
+
+ENCODER = Encoder(event_to_proto, is_delta=lambda e: isinstance(e, TextDelta), join=TextDelta.joined)
 
 
 class WorkerService(rpc.WorkerServicer):
@@ -39,14 +39,16 @@ class WorkerService(rpc.WorkerServicer):
 
     async def Session(self, requests: AsyncIterator[pb.SessionRequests],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SessionEvents]:
-        """Generations as calls of one long-lived stream (``protocol/session.py``): what
-        coordinators use."""
-        async with aclosing(self.sessions.serve(requests, self._generate)) as frames:
+        """Generations as calls of one long-lived stream (``protocol/session.py``): how
+        coordinators reach a worker.  The engines' events become messages there, a
+        call's deltas merged while they wait for the stream."""
+        async with aclosing(self.sessions.serve(requests, self._generate, ENCODER)) as frames:
             async for frame in frames:
                 yield frame
 
-    async def _generate(self, request: pb.GenerateRequest,
-                        request_id: str) -> AsyncIterator[pb.GenerateResponse]:
+    async def _generate(self, request: pb.GenerateRequest, request_id: str) -> AsyncIterator[Event]:
+        """The engine's events for ``request``; closing this (a cancelled call: the client
+        gone) aborts the request inside the engine."""
         timer = self.metrics.timer(request.model)
         rid = request_id or request.request_id
         try:
@@ -54,33 +56,22 @@ class WorkerService(rpc.WorkerServicer):
                 raise errors.Unavailable(f"worker {self.worker_id} is draining")
             engine, adapter = self.models.resolve(request.model)
             gen_request = dataclasses.replace(request_from_proto(request), adapter=adapter)
-            # Deltas merge while the caller lags (protocol.coalesce), before they become
-            # messages; closing the stream (a cancelled call: client gone) aborts the
-            # request inside the engine.
-            events = coalesced(engine.generate(gen_request),
-                               is_delta=lambda e: isinstance(e, TextDelta), join=TextDelta.joined)
-            async with aclosing(self._messages(events, timer, rid, request.model)) as messages:
-                async for msg in messages:
-                    yield msg
+            async with aclosing(engine.generate(gen_request)) as events:
+                async for event in events:
+                    if isinstance(event, TextDelta):
+                        timer.text()
+                    elif isinstance(event, Finished):
+                        timer.done(event.finish_reason, event.completion_tokens)
+                        log.debug("generation %s", event.finish_reason, extra={
+                            "request_id": rid, "model": request.model,
+                            "outcome": event.finish_reason, "prompt_tokens": event.prompt_tokens,
+                            "completion_tokens": event.completion_tokens})
+                    yield event
         except errors.CyllmError as exc:
             timer.failed(exc.code)
             log.info("generation refused: %s", exc.code,
                      extra={"request_id": rid, "model": request.model, "outcome": exc.code})
             raise
-
-    async def _messages(self, events: AsyncIterator[Event], timer, rid: str,
-                        model: str) -> AsyncIterator[pb.GenerateResponse]:
-        async with aclosing(events) as stream:
-            async for event in stream:
-                if isinstance(event, TextDelta):
-                    timer.text()
-                elif isinstance(event, Finished):
-                    timer.done(event.finish_reason, event.completion_tokens)
-                    log.debug("generation %s", event.finish_reason, extra={
-                        "request_id": rid, "model": model, "outcome": event.finish_reason,
-                        "prompt_tokens": event.prompt_tokens,
-                        "completion_tokens": event.completion_tokens})
-                yield event_to_proto(event)
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         if self.draining:

@@ -13,7 +13,7 @@ from cyllm import errors
 from cyllm.protocol import pb, rpc
 from cyllm.protocol.plane import Plane
 from cyllm.protocol.server import create_server
-from cyllm.protocol.session import Session, Sessions
+from cyllm.protocol.session import MESSAGES, Session, Sessions
 
 
 class Worker(rpc.WorkerServicer):
@@ -49,7 +49,7 @@ class Worker(rpc.WorkerServicer):
                 self.messages.append(len(batch.frames))
                 yield batch
 
-        async for batch in self.open.serve(counted(), self._generate, lambda exc: None):
+        async for batch in self.open.serve(counted(), self._generate, MESSAGES, lambda exc: None):
             yield batch
 
 
@@ -200,16 +200,15 @@ async def test_a_draining_worker_ends_its_sessions_and_what_still_runs_moves_on(
 
 
 def test_a_batch_waiting_to_go_out_merges_each_calls_deltas_in_order():
-    from cyllm.protocol.session import _merged_by_call
+    from cyllm.protocol.session import _encoded, _Frame
 
     def delta(call, text, i):
-        return pb.SessionEvent(call=call, event=pb.GenerateResponse(
-            delta=pb.Delta(text=text, token_ids=[i])))
+        return _Frame(call, pb.GenerateResponse(delta=pb.Delta(text=text, token_ids=[i])))
 
-    frames = [pb.SessionEvent(call=1, event=pb.GenerateResponse(started=pb.Started(prompt_tokens=2))),
+    frames = [_Frame(1, pb.GenerateResponse(started=pb.Started(prompt_tokens=2))),
               delta(1, " a", 1), delta(2, " x", 9), delta(1, " b", 2), delta(1, " c", 3),
-              pb.SessionEvent(call=1, end=pb.CallEnd()), delta(2, " y", 10)]
-    out = _merged_by_call(frames)
+              _Frame(1, end=pb.CallEnd()), delta(2, " y", 10)]
+    out = _encoded(frames, MESSAGES)
     mine = [f for f in out if f.call == 1]
     assert [f.WhichOneof("kind") for f in mine] == ["event", "event", "end"]
     assert mine[1].event.delta.text == " a b c" and list(mine[1].event.delta.token_ids) == [1, 2, 3]
