@@ -7,6 +7,8 @@ import faulthandler
 import logging
 import os
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -58,7 +60,9 @@ class Backends:
     jobs: JobStore
 
 
-def build_backends(s: CoordinatorSettings, coordinator_id: str) -> Backends:
+def build_backends(s: CoordinatorSettings, coordinator_id: str,
+                   clock: Callable[[], float] = time.monotonic) -> Backends:
+    """``clock``: the in-memory backends' (Redis's state runs on Redis's clock)."""
     rules = HealthRules(s.heartbeat_timeout_s, s.progress_timeout_s)
     router = Router(s.routing)
     limits = {"queue_timeout_s": s.queue_timeout_s, "max_size": s.queue_max_size,
@@ -77,8 +81,8 @@ def build_backends(s: CoordinatorSettings, coordinator_id: str) -> Backends:
             RedisPromptCache(client, s.cache_ttl_s, s.cache_max_entries),
             RedisIdempotencyStore(client), owners, RedisJobStore(s.redis_url))
     owners = MemoryModelOwners()
-    return Backends(MemoryScheduler(rules, router, owners, **limits),
-                    InMemoryPromptCache(s.cache_ttl_s, s.cache_max_entries),
+    return Backends(MemoryScheduler(rules, router, owners, clock=clock, **limits),
+                    InMemoryPromptCache(s.cache_ttl_s, s.cache_max_entries, clock=clock),
                     MemoryIdempotencyStore(), owners, MemoryJobStore())
 
 

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from tests.conftest import free_ports, stop_processes
+from tests import polling
 
 pytestmark = pytest.mark.e2e
 
@@ -93,13 +94,9 @@ def health(base: str) -> dict:
         return {}
 
 
-def wait_for(predicate, timeout: float, what: str, cluster: Cluster) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if predicate():
-            return time.monotonic() - start
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}\n{cluster.logs()}")
+def wait_for(predicate, timeout: float, what: str, cluster: Cluster) -> None:
+    """The suite's poller, with the processes' logs on a failure."""
+    polling.wait_for(predicate, timeout=timeout, what=what, describe=cluster.logs)
 
 
 def healthy_workers(base: str) -> set[str]:

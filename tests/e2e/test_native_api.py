@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import MODEL
+from tests.polling import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -85,13 +86,6 @@ def _engine_running(base_url: str) -> int:
     return sum(w["running"] for w in httpx.get(f"{base_url}/api/v1/health").json()["workers"])
 
 
-def _until(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return predicate()
-
-
 def test_disconnected_stream_frees_its_engine_slot(server):
     body = {"modelId": MODEL, "prompt": "Write a very long story about a dragon.", "maxTokens": 2000,
             "temperature": 0}
@@ -102,9 +96,11 @@ def test_disconnected_stream_frees_its_engine_slot(server):
             seen += line.startswith("event: token")
             if seen >= 3:
                 break
-        assert _until(lambda: _engine_running(server.base_url) == 1)
+        wait_for(lambda: _engine_running(server.base_url), lambda n: n == 1, timeout=10,
+                 what="the generation to run")
     # The client is gone: the generation must be aborted all the way down.
-    assert _until(lambda: _engine_running(server.base_url) == 0)
+    wait_for(lambda: _engine_running(server.base_url), lambda n: n == 0, timeout=10,
+             what="the disconnected generation to leave the engine")
     health = httpx.get(f"{server.base_url}/api/v1/health").json()
     assert health["workers"][0]["outstanding"] == 0
 

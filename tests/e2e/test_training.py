@@ -19,6 +19,7 @@ import yaml
 
 from tests.conftest import free_ports, stop_processes
 from tests.e2e.conftest import MODEL, serving, wait_healthy
+from tests.polling import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -64,16 +65,6 @@ def start(base_url: str, **body) -> dict:
     r = httpx.post(f"{base_url}/api/v1/training/start", json={"baseModel": MODEL, **body}, timeout=60)
     assert r.status_code == 200, r.text
     return r.json()
-
-
-def wait_for(predicate, timeout: float = 120, every: float = 0.3):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("condition not met in time")
 
 
 def processes_mentioning(text: str) -> list[int]:
@@ -202,7 +193,7 @@ def test_bad_uploads_and_jobs_are_refused_clearly(client, trainer, tmp_path):
 def test_cancel_mid_run_stops_the_job_and_frees_the_worker(client, trainer):
     job = start(trainer.base_url, dataset=str(FACTS), maxSteps=10000, batchSize=1, maxLength=64)
     wait_for(lambda: httpx.get(f"{trainer.base_url}/api/v1/training/status/{job['id']}")
-             .json()["progress"])
+             .json()["progress"], timeout=120)
     # busy training: inference for the same device is refused with the reason
     r = httpx.post(f"{trainer.base_url}/v1/chat/completions", timeout=30,
                    json={"model": MODEL, "messages": ZORBLAX, "max_tokens": 4})
@@ -213,7 +204,7 @@ def test_cancel_mid_run_stops_the_job_and_frees_the_worker(client, trainer):
     assert cancelled.status == "cancelled"
     assert not processes_mentioning(f"{job['id']}/job.json")
     assert watch(trainer.base_url, job["id"])[-1][1]["state"] == "cancelled"
-    wait_for(lambda: client.chat.completions.create(model=MODEL, messages=ZORBLAX, max_tokens=4).choices)
+    wait_for(lambda: client.chat.completions.create(model=MODEL, messages=ZORBLAX, max_tokens=4).choices, timeout=120)
     with pytest.raises(openai.BadRequestError, match="has already cancelled"):
         client.fine_tuning.jobs.cancel(job["id"])
 
@@ -244,7 +235,7 @@ def test_custom_script_reports_progress_fails_and_is_cancelled(client, trainer):
     long = start(trainer.base_url, dataset=str(FACTS), method="custom", script="count_steps.py",
                  scriptArgs=["--steps", "1000", "--sleep", "0.5"])
     wait_for(lambda: httpx.get(f"{trainer.base_url}/api/v1/training/status/{long['id']}")
-             .json()["progress"])
+             .json()["progress"], timeout=120)
     grandchild = int((trainer.jobs_dir / long["id"] / "child.pid").read_text())
     assert Path(f"/proc/{grandchild}").exists()
     r = httpx.post(f"{trainer.base_url}/api/v1/training/cancel/{long['id']}", timeout=60)
@@ -321,7 +312,7 @@ def test_killed_workers_job_resumes_from_its_checkpoint_elsewhere(tmp_path, proc
     worker_a.wait(10)
     wait_for(lambda: not processes_mentioning(f"{job['id']}/job.json"), timeout=10)
     requeued = wait_for(lambda: (s := httpx.get(f"{base}/api/v1/training/status/{job['id']}")
-                                 .json())["state"] == "queued" and s)
+                                 .json())["state"] == "queued" and s, timeout=120)
     saved = requeued["checkpoints"][-1]["step"]
     assert saved >= status["checkpoints"][-1]["step"] and requeued["attempts"] == 1
 

@@ -17,6 +17,7 @@ from cyllm.gateway.app import create_app
 from cyllm.gateway.settings import GatewaySettings
 from cyllm.worker.main import WorkerServer
 from cyllm.worker.settings import ModelSpec, WorkerSettings
+from tests.polling import until
 
 
 @dataclass
@@ -73,10 +74,7 @@ async def make_stack(hosted: bool) -> AsyncIterator[Any]:
                                              models=models or [fake_model()], **(worker or {})))
         await worker.start()
         started.append(worker)
-        for _ in range(100):
-            if await coordinator.scheduler.workers():
-                break
-            await asyncio.sleep(0.05)
+        await until(coordinator.scheduler.workers, timeout=5, what="the worker to register")
         if app is None:
             app = await started_app(coordinators=[address])
         http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")

@@ -12,6 +12,7 @@ import uvicorn
 
 from tests.conftest import free_port
 from tests.integration.conftest import BOTH_WAYS, fake_model
+from tests.polling import returns, until
 
 pytestmark = BOTH_WAYS
 
@@ -34,22 +35,15 @@ async def test_a_client_that_hangs_up_stops_its_generation(make_stack, n):
         writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         await writer.drain()
-        for _ in range(100):
-            if engine.health().running == n:
-                break
-            await asyncio.sleep(0.05)
-        assert engine.health().running == n
+        await until(lambda: returns(engine.health().running), lambda r: r == n, timeout=5,
+                    what=f"{n} generations running")
         writer.close()  # 1000 tokens at 50 ms: 50 s left to run
-        for _ in range(60):
-            if engine.health().running == 0:
-                break
-            await asyncio.sleep(0.1)
-        assert engine.health().running == 0, "the generation kept running for nobody"
-        for _ in range(50):  # and the coordinator gave its slot back
-            if not any(w.record.outstanding for w in await stack.coordinator.scheduler.workers()):
-                break
-            await asyncio.sleep(0.05)
-        assert not any(w.record.outstanding for w in await stack.coordinator.scheduler.workers())
+        await until(lambda: returns(engine.health().running), lambda r: r == 0, timeout=6,
+                    what="the generation to stop, nobody reading it")
+        # and the coordinator gave its slot back
+        await until(stack.coordinator.scheduler.workers,
+                    lambda ws: not any(w.record.outstanding for w in ws), timeout=3,
+                    what="the worker slot to be given back")
     finally:
         server.should_exit = True
         await task

@@ -23,6 +23,7 @@ from cyllm.protocol.plane import InternalSettings, Plane, load_plane
 from cyllm.worker.main import WorkerServer
 from cyllm.worker.settings import WorkerSettings
 from tests.integration.conftest import fake_model
+from tests.polling import until
 
 ROGUE = Plane(token="not-the-token-of-this-cluster")
 
@@ -119,11 +120,8 @@ async def test_a_stack_under_mutual_tls_serves_and_each_role_calls_only_its_meth
                                          drain_timeout_s=1, models=[fake_model()]), pki("worker"))
     await worker.start()
     try:
-        for _ in range(100):
-            if await coordinator.scheduler.workers():
-                break
-            await asyncio.sleep(0.05)
-        assert await coordinator.scheduler.workers(), "the worker registered over mTLS"
+        await until(coordinator.scheduler.workers, timeout=5,
+                    what="the worker to register over mTLS")
         app = create_app(GatewaySettings(coordinators=[address]), plane=pki("gateway"))
         async with app.router.lifespan_context(app):
             import httpx

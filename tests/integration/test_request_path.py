@@ -10,6 +10,7 @@ import httpx
 from cyllm.gateway.app import create_app
 from cyllm.gateway.settings import GatewaySettings
 from tests.integration.conftest import BOTH_WAYS, fake_model
+from tests.polling import returns, until
 
 pytestmark = BOTH_WAYS
 
@@ -92,9 +93,9 @@ async def test_full_queue_refuses_with_429_and_retry_after(make_stack):
     stack = await make_stack([slow], queue_max_size=1, retry_after_s=2)
     body = {"model": "fake", "messages": USER, "max_tokens": 20}
     running = asyncio.create_task(stack.http.post("/v1/chat/completions", json=body))
-    await asyncio.sleep(0.2)  # takes the only worker slot
+    await _running(stack, 1)  # takes the only worker slot
     queued = asyncio.create_task(stack.http.post("/v1/chat/completions", json=body))
-    await asyncio.sleep(0.2)  # waits in the queue (size 1)
+    await _queued(stack, 1)  # waits in the queue (size 1)
     refused = await stack.http.post("/v1/chat/completions", json=body)
     assert refused.status_code == 429
     assert refused.headers["retry-after"] == "2"
@@ -109,19 +110,30 @@ async def test_higher_priority_is_served_first(make_stack):
     stack = await make_stack([slow])
     finished: list[str] = []
 
-    async def ask(name: str, priority: int) -> None:
+    async def ask(name: str, priority: int, tokens: int = 5) -> None:
         r = await stack.http.post("/api/v1/inference", json={
-            "modelId": "fake", "prompt": name, "maxTokens": 5, "priority": priority})
+            "modelId": "fake", "prompt": name, "maxTokens": tokens, "priority": priority})
         assert r.status_code == 200
         finished.append(name)
 
-    blocker = asyncio.create_task(ask("blocker", 0))
-    await asyncio.sleep(0.05)
+    blocker = asyncio.create_task(ask("blocker", 0, tokens=100))  # 2 s: the others queue
+    await _running(stack, 1)
     low = asyncio.create_task(ask("low", 0))
-    await asyncio.sleep(0.05)
-    high = asyncio.create_task(ask("high", 10))
+    await _queued(stack, 1)
+    high = asyncio.create_task(ask("high", 10))  # queued after low, served before it
+    await _queued(stack, 2)
     await asyncio.gather(blocker, low, high)
     assert finished == ["blocker", "high", "low"]
+
+
+async def _running(stack, n: int) -> None:
+    await until(lambda: returns(stack.worker.engines["fake"].health().running), lambda r: r == n,
+                timeout=5, what=f"{n} generation(s) running")
+
+
+async def _queued(stack, n: int) -> None:
+    await until(stack.coordinator.scheduler.queue_depth, lambda d: d == n, timeout=5,
+                what=f"{n} request(s) queued")
 
 
 async def test_health_reports_workers_and_queue(make_stack):

@@ -10,6 +10,7 @@ from tests.conftest import free_port
 from cyllm.worker.main import WorkerServer
 from cyllm.worker.settings import WorkerSettings
 from tests.integration.conftest import BOTH_WAYS, fake_model
+from tests.polling import until
 
 pytestmark = BOTH_WAYS
 
@@ -54,10 +55,8 @@ async def test_streams_on_a_hung_worker_resume_on_another_exactly(make_stack):
         metrics_port=None, models=[fake_model(engine_args={"token_delay_s": 0.01})]))
     await good.start()
     try:
-        for _ in range(100):
-            if len(await stack.coordinator.scheduler.workers()) == 2:
-                break
-            await asyncio.sleep(0.05)
+        await until(stack.coordinator.scheduler.workers, lambda ws: len(ws) == 2, timeout=5,
+                    what="both workers to register")
 
         async def stream(i: int) -> tuple[str, dict]:
             r = await stack.http.post("/v1/completions", json={

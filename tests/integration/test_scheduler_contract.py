@@ -13,6 +13,8 @@ from cyllm.coordinator.main import build_backends
 from cyllm.coordinator.queue import Task
 from cyllm.coordinator.settings import CoordinatorSettings
 from cyllm.protocol import pb
+from tests.clock import ManualClock
+from tests.polling import until
 
 ENTRY = CachedResponse(("Paris",), "stop", 5, 1)
 
@@ -24,18 +26,28 @@ def info(worker_id: str, capacity: int = 1, model: str = "m", weight: int = 1) -
 
 @pytest.fixture(params=["memory", "redis"])
 async def make(request):
+    """``make(name, **settings)``: a scheduler and cache; ``make.advance(s)``: ``s``
+    seconds pass for them (a manual clock in memory; Redis keeps its own)."""
     made = []
+    clock = ManualClock(1000.0)
 
     async def factory(name: str = "c1", **kw):
         url = request.getfixturevalue("redis_url") if request.param == "redis" else None
         settings = CoordinatorSettings(redis_url=url, **{"queue_timeout_s": 5, **kw})
-        backends = build_backends(settings, name)
+        backends = build_backends(settings, name, clock)
         scheduler, cache = backends.scheduler, backends.cache
         await scheduler.start()
         made.append(scheduler)
         return scheduler, cache
 
+    async def advance(seconds: float) -> None:
+        if request.param == "memory":
+            clock.now += seconds
+        else:
+            await asyncio.sleep(seconds)
+
     factory.backend = request.param
+    factory.advance = advance
     yield factory
     for s in made:
         await s.close()
@@ -58,7 +70,7 @@ async def test_unknown_model_and_all_unhealthy_are_told_apart(make):
     await s.register(info("w1"))
     with pytest.raises(errors.ModelNotFound, match="does not exist"):
         await s.check_model("other")
-    await asyncio.sleep(0.4)
+    await make.advance(0.4)
     with pytest.raises(errors.Unavailable, match="no heartbeat"):
         await s.check_model("m")
 
@@ -69,8 +81,8 @@ async def test_a_slot_is_held_until_released(make):
     first = Task("t1", "m")
     assert (await s.acquire(first)).worker_id == "w1"
     second = asyncio.create_task(s.acquire(Task("t2", "m")))
-    await asyncio.sleep(0.3)
-    assert not second.done() and await s.queue_depth() == 1
+    await until(s.queue_depth, lambda d: d == 1, what="the second task queued")
+    assert not second.done()
     await s.release(first, "w1")
     assert (await asyncio.wait_for(second, 3)).worker_id == "w1"
     assert await s.queue_depth() == 0
@@ -109,9 +121,9 @@ async def test_higher_priority_gets_the_next_slot(make):
         await s.release(task, "w1")
 
     low = asyncio.create_task(wait(Task("low", "m", priority=0)))
-    await asyncio.sleep(0.1)
+    await until(s.queue_depth, lambda d: d == 1, what="low queued")
     high = asyncio.create_task(wait(Task("high", "m", priority=5)))
-    await asyncio.sleep(0.1)
+    await until(s.queue_depth, lambda d: d == 2, what="high queued after low")
     await s.release(busy, "w1")
     await asyncio.wait_for(asyncio.gather(low, high), 5)
     assert order == ["high", "low"]
@@ -122,7 +134,7 @@ async def test_full_queue_refuses_and_keeps_what_it_has(make):
     await s.register(info("w1", capacity=1))
     await s.acquire(Task("running", "m"))
     waiting = asyncio.create_task(s.acquire(Task("waiting", "m")))
-    await asyncio.sleep(0.2)
+    await until(s.queue_depth, lambda d: d == 1, what="a task queued")
     with pytest.raises(errors.Overloaded) as refused:
         await s.acquire(Task("refused", "m"))
     assert refused.value.retry_after == 4
@@ -138,7 +150,7 @@ async def test_silent_worker_and_hung_worker_become_unhealthy(make):
     await s.register(info("hung"))
     for _ in range(4):  # "hung" keeps beating with work in flight and no new token
         await s.heartbeat("hung", 1, 7)
-        await asyncio.sleep(0.2)
+        await make.advance(0.2)
     views = {v.record.worker_id: v for v in await s.workers()}
     assert "no heartbeat" in views["silent"].unhealthy_reason
     assert "no token" in views["hung"].unhealthy_reason
@@ -182,7 +194,7 @@ async def test_cache_contract(make):
     await cache.put("k3", ENTRY)  # k2 is the least recently used
     assert await cache.get("k2") is None
     assert await cache.size() == 2
-    await asyncio.sleep(0.6)
+    await make.advance(0.6)
     assert await cache.get("k") is None
     assert (await cache.hits(), await cache.misses()) == (2, 3)
 
@@ -205,8 +217,8 @@ async def test_two_coordinators_share_workers_slots_and_queue(shared):
     await a.acquire(Task("t1", "m"))
     await b.acquire(Task("t2", "m"))
     third = asyncio.create_task(b.acquire(Task("t3", "m")))
-    await asyncio.sleep(0.3)
-    assert not third.done() and await a.queue_depth() == 1  # one queue, one capacity
+    await until(a.queue_depth, lambda d: d == 1, what="one queue, one capacity")
+    assert not third.done()
     await a.release(Task("t1", "m"), "w1")
     assert (await asyncio.wait_for(third, 3)).worker_id == "w1"
 
@@ -242,8 +254,9 @@ async def test_a_task_whose_coordinator_died_returns_to_the_queue(shared):
     await a.acquire(Task("orphan", "m"))
     for t in a._tasks:  # a dies: no renewal, no release
         t.cancel()
-    await asyncio.sleep(1.5)  # lease expires; b's housekeeping puts it back, slot freed
-    assert (await b.workers())[0].record.outstanding == 0
+    # the lease expires; b's housekeeping puts it back, the slot freed
+    await until(b.workers, lambda ws: ws[0].record.outstanding == 0, timeout=5,
+                what="the orphan's slot freed")
     # The gateway retries the request on b: b adopts it and it gets the slot.
     assert (await asyncio.wait_for(b.acquire(Task("orphan", "m")), 3)).worker_id == "w1"
 
@@ -279,11 +292,11 @@ async def test_a_waiting_task_nobody_waits_for_is_dropped_by_another_coordinator
     await a.register(info("w1", capacity=1))
     held = await a.acquire(Task("running", "m"))  # the one slot is taken
     dead = asyncio.create_task(a.acquire(Task("dead-waiter", "m")))
-    await asyncio.sleep(0.3)
+    await until(a.queue_depth, lambda d: d == 1, what="the dead waiter queued")
     for t in a._tasks:  # a dies: its marks are no longer refreshed, its dispatch stops
         t.cancel()
     behind = asyncio.create_task(b.acquire(Task("behind", "m")))
-    await asyncio.sleep(0.2)
+    await until(b.queue_depth, lambda d: d == 2, what="a task queued behind it")
     await b.release(Task("running", "m"), held.worker_id)
     try:
         assert (await asyncio.wait_for(behind, 5)).worker_id == "w1"

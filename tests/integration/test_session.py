@@ -14,6 +14,7 @@ from cyllm.protocol import pb, rpc
 from cyllm.protocol.plane import Plane
 from cyllm.protocol.server import create_server
 from cyllm.protocol.session import MESSAGES, Session, Sessions
+from tests.polling import returns, until
 
 
 class Worker(rpc.WorkerServicer):
@@ -127,11 +128,8 @@ async def test_cancelling_one_call_stops_only_it_on_the_worker(served):
         got += msg.HasField("delta")
         if got == 2:
             break  # leaving the iteration cancels the call
-    for _ in range(100):
-        if "slow-cancelled" in worker.ended:
-            break
-        await asyncio.sleep(0.02)
-    assert "slow-cancelled" in worker.ended
+    await until(lambda: returns(worker.ended), lambda ended: "slow-cancelled" in ended,
+                timeout=2, what="the cancelled call to end on the worker")
     assert (await other)[2] == "length"
 
 
@@ -144,11 +142,8 @@ async def test_a_silent_worker_is_given_up_on_and_told_to_stop_but_a_slow_reader
     with pytest.raises(errors.Unavailable, match="worker w1 produced nothing for 0.3s"):
         async for _ in _paced(session.generate(request("hang"), "rid"), 0.3, "w1"):
             pass
-    for _ in range(100):
-        if "hang" in worker.ended:
-            break
-        await asyncio.sleep(0.02)
-    assert "hang" in worker.ended  # the call was cancelled on the worker
+    await until(lambda: returns(worker.ended), lambda ended: "hang" in ended, timeout=2,
+                what="the call to be cancelled on the worker")
 
     text, finish = [], ""
     async for msg in _paced(session.generate(request("slow-read", 12), "rid"), 0.3, "w1"):

@@ -17,6 +17,7 @@ from cyllm.coordinator.settings import CoordinatorSettings
 from cyllm.gateway.client import Coordinator
 from cyllm.protocol import pb
 from cyllm.protocol.plane import load_plane
+from tests.polling import returns, until
 
 SCRIPTS = Path(__file__).parents[1] / "data" / "scripts"
 FACTS = Path(__file__).parents[1] / "data" / "facts.jsonl"
@@ -25,15 +26,6 @@ FACTS = Path(__file__).parents[1] / "data" / "facts.jsonl"
 def _spec(**kw) -> str:
     return json.dumps({"base_model": "fake", "dataset": str(FACTS), "method": "custom",
                        "script": "count_steps.py", **kw})
-
-
-async def _until(get, predicate, timeout: float = 30.0):
-    for _ in range(int(timeout / 0.1)):
-        value = await get()
-        if predicate(value):
-            return value
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"not reached: {value}")
 
 
 @pytest.fixture
@@ -56,7 +48,7 @@ async def cluster(make_stack, redis_url, tmp_path):
 async def test_a_job_runs_and_a_cancel_reaches_it_through_the_other_coordinator(cluster):
     stack, _, (one, two) = cluster
     done = await two.training.CreateTrainingJob(pb.CreateTrainingJobRequest(spec_json=_spec(script_args=["--steps", "2"])))
-    job = await _until(lambda: one.training.GetTrainingJob(pb.TrainingJobRequest(id=done.id)),
+    job = await until(lambda: one.training.GetTrainingJob(pb.TrainingJobRequest(id=done.id)),
                        lambda j: j.state == "succeeded")
     assert job.progress.step == 2 and job.attempts == 1
     events = await one.training.ListTrainingEvents(pb.TrainingEventsRequest(id=done.id))
@@ -64,7 +56,7 @@ async def test_a_job_runs_and_a_cancel_reaches_it_through_the_other_coordinator(
 
     long = await one.training.CreateTrainingJob(pb.CreateTrainingJobRequest(
         spec_json=_spec(script_args=["--steps", "1000", "--sleep", "0.2"])))
-    await _until(lambda: two.training.GetTrainingJob(pb.TrainingJobRequest(id=long.id)),
+    await until(lambda: two.training.GetTrainingJob(pb.TrainingJobRequest(id=long.id)),
                  lambda j: j.progress.step > 0)
     # busy training: the worker gets no inference for its device
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -73,7 +65,7 @@ async def test_a_job_runs_and_a_cancel_reaches_it_through_the_other_coordinator(
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "busy training" in caught.value.details()
     cancelled = await two.training.CancelTrainingJob(pb.TrainingJobRequest(id=long.id))
     assert cancelled.state == "cancelled"
-    await _until(lambda: asyncio.sleep(0, stack.worker.training.current), lambda c: c == "")
+    await until(lambda: returns(stack.worker.training.current), lambda c: c == "")
     replies = [m async for m in one.inference.Generate(pb.GenerateRequest(model="fake", prompt="hi"))]
     assert replies[-1].WhichOneof("event") == "finished"
 
@@ -82,12 +74,12 @@ async def test_a_stopping_coordinator_hands_its_job_to_the_other(cluster):
     stack, other, (one, two) = cluster
     job = await two.training.CreateTrainingJob(pb.CreateTrainingJobRequest(
         spec_json=_spec(script_args=["--steps", "15", "--sleep", "0.2"])))
-    running = await _until(lambda: one.training.GetTrainingJob(pb.TrainingJobRequest(id=job.id)),
+    running = await until(lambda: one.training.GetTrainingJob(pb.TrainingJobRequest(id=job.id)),
                            lambda j: j.state == "running" and j.progress.step > 0)
     owner, survivor = (stack.coordinator, two) if job.id in stack.coordinator.training._running \
         else (other, one)
     await owner.stop()
-    final = await _until(lambda: survivor.training.GetTrainingJob(pb.TrainingJobRequest(id=job.id)),
+    final = await until(lambda: survivor.training.GetTrainingJob(pb.TrainingJobRequest(id=job.id)),
                          lambda j: j.state in ("succeeded", "failed"), timeout=60)
     assert final.state == "succeeded" and final.attempts == 2, final
     events = await survivor.training.ListTrainingEvents(pb.TrainingEventsRequest(id=job.id))

@@ -12,6 +12,7 @@ from cyllm import errors
 from cyllm.worker.engines.types import Finished, GenerationRequest, SamplingParams, Started, TextDelta
 from cyllm.worker.engines.factory import create_engine
 from cyllm.worker.settings import WorkerSettings, default_models
+from tests.polling import returns, until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -87,11 +88,8 @@ async def test_closing_the_stream_aborts_and_frees_the_slot(engine):
             if isinstance(ev, TextDelta):
                 break
         assert engine.health().running == 1
-    for _ in range(50):
-        if engine.health().running == 0:
-            break
-        await asyncio.sleep(0.1)
-    assert engine.health().running == 0
+    await until(lambda: returns(engine.health().running), lambda r: r == 0, timeout=5,
+                what="the aborted sequence to leave the engine")
     _, done = await run(engine, chat("after", QUESTIONS[0], max_tokens=12))
     assert done.finish_reason == "stop"
 

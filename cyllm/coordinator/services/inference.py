@@ -17,7 +17,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -212,22 +212,21 @@ class InferenceService(rpc.InferenceServicer):
         relay = Relay(request)
         slots = WorkerSlots(self.scheduler, self.breakers, task, self.metrics, self.lease_s)
 
-        async def on(slot: Slot) -> AsyncIterator[pb.GenerateResponse]:
+        def on(slot: Slot) -> AsyncIterator[pb.GenerateResponse]:
             # Each run has its own engine request id: a hung worker may still hold the last.
             upstream = relay.continuation()
             upstream.request_id = uuid.uuid4().hex
             log.debug("request %s -> worker %s", rid, slot.name, extra={"request_id": rid})
-            stream = _paced(self.workers.generate(slot.address, upstream, rid),
-                            self.progress_timeout_s, slot.name)
-            async with aclosing(stream) as messages:  # leaving early cancels the call
-                async for msg in messages:
-                    if msg.HasField("finished") and key and msg.finished.finish_reason != "abort":
-                        # The worker is done: free its slot now, with the answer stored in
-                        # the cache in the same round trip, before the client sees the end
-                        # (so the same request sent at once finds it).
-                        await slots.give_back(slot, Keep(self.cache, key,
-                                                         _to_cached(relay.text, msg.finished)))
-                    yield msg
+
+            async def finished(end: pb.Finished) -> None:
+                if key and end.finish_reason != "abort":
+                    # The worker is done: free its slot now, with the answer stored in the
+                    # cache in the same round trip, before the client sees the end (so
+                    # the same request sent at once finds it).
+                    await slots.give_back(slot, Keep(self.cache, key, _to_cached(relay.text, end)))
+
+            return _paced(self.workers.generate(slot.address, upstream, rid),
+                          self.progress_timeout_s, slot.name, finished)
 
         def moved(slot: failover.Peer, err: errors.CyllmError, resuming: bool) -> None:
             self.metrics.retries.labels("resumed" if resuming else "retried").inc()
@@ -247,9 +246,11 @@ class InferenceService(rpc.InferenceServicer):
             self.rule, breakers=self.breakers, request_id=rid)
 
 
-async def _paced(stream: SessionCall, timeout_s: float,
-                 worker_id: str) -> AsyncIterator[pb.GenerateResponse]:
-    """The worker's stream; a worker silent for ``timeout_s`` is given up on."""
+async def _paced(stream: SessionCall, timeout_s: float, worker_id: str,
+                 finished: Callable[[pb.Finished], Awaitable[None]] | None = None
+                 ) -> AsyncIterator[pb.GenerateResponse]:
+    """The worker's stream; a worker silent for ``timeout_s`` is given up on.
+    ``finished`` is told of the end before it is passed on."""
     iterator = aiter(stream)
     silence = Deadline()
     try:
@@ -266,6 +267,8 @@ async def _paced(stream: SessionCall, timeout_s: float,
                 if worker_id in err.message:
                     raise
                 raise errors.Unavailable(f"worker {worker_id} became unreachable: {err.message}") from None
+            if finished is not None and msg.HasField("finished"):
+                await finished(msg.finished)
             yield msg
     finally:
         silence.close()
