@@ -35,15 +35,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
 
-import httpx  # noqa: E402
-import yaml  # noqa: E402
+import httpx
+import yaml
 
-from bench.common import MODEL, free_ports, print_table  # noqa: E402
-from cyllm.worker.settings import DEFAULT_GGUF  # noqa: E402
+from bench.common import MODEL, free_ports, print_table
+from cyllm.worker.settings import DEFAULT_GGUF
 
 # Raw completions (the plain API every engine serves): openings a model goes on with.
-PROMPTS = [f"Once upon a time, there was {t}. Every morning," for t in
-           ("a dragon", "a lighthouse keeper", "a talking cat", "a clockmaker", "a robot", "a fox")]
+PROMPTS = [
+    f"Once upon a time, there was {t}. Every morning,"
+    for t in ("a dragon", "a lighthouse keeper", "a talking cat", "a clockmaker", "a robot", "a fox")
+]
 
 
 @dataclass
@@ -69,8 +71,11 @@ class Stack:
     def start(self, name: str) -> None:
         log = open(self.tmp / f"{name}.log", "ab")
         self.procs[name] = subprocess.Popen(
-            self.args[name], stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "CYLLM_INTERNAL_TOKEN": self.token})
+            self.args[name],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "CYLLM_INTERNAL_TOKEN": self.token},
+        )
 
     def kill(self, name: str) -> None:
         proc = self.procs[name]
@@ -95,36 +100,60 @@ def build(tmp: Path, engine: str, *, progress_timeout_s: float, workers: int = 3
     stack = Stack(tmp, engine)
     redis_port, http, *ports = free_ports(4 + workers)
     (tmp / "redis").mkdir(exist_ok=True)
-    stack.args["redis"] = ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
-                           "--save", "", "--appendonly", "yes", "--dir", str(tmp / "redis")]
+    stack.args["redis"] = [
+        "redis-server",
+        "--port",
+        str(redis_port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--dir",
+        str(tmp / "redis"),
+    ]
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     coordinators = []
-    fast = {"heartbeat_interval_s": 0.3, "heartbeat_timeout_s": 1.5, "lease_s": 2.0,
-            "progress_timeout_s": progress_timeout_s, "breaker_cooldown_s": 2.0, "metrics_port": 0,
-            "cache_ttl_s": 0}  # every request generates: greedy repeats would be cache hits
+    fast = {
+        "heartbeat_interval_s": 0.3,
+        "heartbeat_timeout_s": 1.5,
+        "lease_s": 2.0,
+        "progress_timeout_s": progress_timeout_s,
+        "breaker_cooldown_s": 2.0,
+        "metrics_port": 0,
+        "cache_ttl_s": 0,
+    }  # every request generates: greedy repeats would be cache hits
     for i, port in enumerate(ports[:2], 1):
         name = f"c{i}"
         coordinators.append(f"127.0.0.1:{port}")
-        stack.args[name] = _cyllm(tmp, name, {"coordinator": {**fast, "coordinator_id": name}},
-                                  "coordinator", "--port", str(port), "--redis-url", redis_url)
+        stack.args[name] = _cyllm(
+            tmp,
+            name,
+            {"coordinator": {**fast, "coordinator_id": name}},
+            "coordinator",
+            "--port",
+            str(port),
+            "--redis-url",
+            redis_url,
+        )
     # The fake engine, or the default model on ``engine``, in float32: greedy text is
     # compared with an undisturbed run, and only float32 on CPU gives the same argmax
     # whatever the batch around a sequence (bfloat16 flips near-ties between batches,
     # with or without a failover).
     if engine == "fake":
-        model = {"id": "fake", "engine": "fake", "max_batch_size": 32,
-                 "engine_args": {"token_delay_s": 0.02}}
+        model = {"id": "fake", "engine": "fake", "max_batch_size": 32, "engine_args": {"token_delay_s": 0.02}}
     else:
-        model = {"id": MODEL, "engine": engine, "gguf": DEFAULT_GGUF, "temperature": 0.0,
-                 "dtype": "float32"}
+        model = {"id": MODEL, "engine": engine, "gguf": DEFAULT_GGUF, "temperature": 0.0, "dtype": "float32"}
     models = {"models": [model]}
     for i, port in enumerate(ports[2:], 1):
         name = f"w{i}"
         args = ["worker", "--port", str(port)]
         for c in coordinators:
             args += ["--coordinator", c]
-        stack.args[name] = _cyllm(tmp, name, {"worker": {"worker_id": name, "metrics_port": 0},
-                                              **models}, *args)
+        stack.args[name] = _cyllm(
+            tmp, name, {"worker": {"worker_id": name, "metrics_port": 0}, **models}, *args
+        )
     args = ["gateway", "--port", str(http)]
     for c in coordinators:
         args += ["--coordinator", c]
@@ -158,37 +187,59 @@ def start_all(stack: Stack, base: str, timeout: float = 300) -> None:
     raise RuntimeError("the stack did not become healthy; logs in " + str(stack.tmp))
 
 
-async def ask(http: httpx.AsyncClient, base: str, model: str, prompt: str, max_tokens: int,
-              stream: bool) -> Result:
+async def ask(
+    http: httpx.AsyncClient, base: str, model: str, prompt: str, max_tokens: int, stream: bool
+) -> Result:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
     started = time.perf_counter()
     try:
         if not stream:
             r = await http.post(f"{base}/v1/completions", json=body)
             if r.status_code != 200:
-                return Result(False, "", time.perf_counter() - started, prompt, f"{r.status_code} {r.text[:200]}")
+                return Result(
+                    False, "", time.perf_counter() - started, prompt, f"{r.status_code} {r.text[:200]}"
+                )
             return Result(True, r.json()["choices"][0]["text"], time.perf_counter() - started, prompt)
         text = []
         async with http.stream("POST", f"{base}/v1/completions", json={**body, "stream": True}) as r:
             if r.status_code != 200:
-                return Result(False, "", time.perf_counter() - started, prompt,
-                              f"{r.status_code} {(await r.aread())[:200]!r}")
+                return Result(
+                    False,
+                    "",
+                    time.perf_counter() - started,
+                    prompt,
+                    f"{r.status_code} {(await r.aread())[:200]!r}",
+                )
             async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
-                    return Result(False, "".join(text), time.perf_counter() - started, prompt,
-                                  f"stream error {chunk['error'].get('message', '')[:200]}")
+                    return Result(
+                        False,
+                        "".join(text),
+                        time.perf_counter() - started,
+                        prompt,
+                        f"stream error {chunk['error'].get('message', '')[:200]}",
+                    )
                 text += [c["text"] for c in chunk["choices"]]
         return Result(True, "".join(text), time.perf_counter() - started, prompt)
     except httpx.HTTPError as exc:
         return Result(False, "", time.perf_counter() - started, prompt, f"{type(exc).__name__}: {exc}")
 
 
-async def load(base: str, model: str, *, duration: float, concurrency: int, max_tokens: int,
-               chaos: Stack | None = None, kill_every: float = 4.0, restart_after: float = 1.0,
-               seed: int = 0) -> list[Result]:
+async def load(
+    base: str,
+    model: str,
+    *,
+    duration: float,
+    concurrency: int,
+    max_tokens: int,
+    chaos: Stack | None = None,
+    kill_every: float = 4.0,
+    restart_after: float = 1.0,
+    seed: int = 0,
+) -> list[Result]:
     """``concurrency`` clients in a loop for ``duration`` s; with ``chaos``, a random
     worker or coordinator killed every ``kill_every`` s and restarted after ``restart_after``."""
     results: list[Result] = []
@@ -220,8 +271,7 @@ async def load(base: str, model: str, *, duration: float, concurrency: int, max_
     return results
 
 
-async def references(base: str, model: str, max_tokens: int,
-                     prompts: list[str] = PROMPTS) -> dict[str, str]:
+async def references(base: str, model: str, max_tokens: int, prompts: list[str] = PROMPTS) -> dict[str, str]:
     async with httpx.AsyncClient(timeout=300) as http:
         answers = [await ask(http, base, model, p, max_tokens, stream=False) for p in prompts]
     bad = [a for a in answers if not a.ok]
@@ -255,30 +305,56 @@ def summarize(results: list[Result], reference: dict[str, str]) -> Summary:
             if op in ("delete", "replace"):
                 missing += a2 - a1
     lat = sorted(r.latency for r in served) or [0.0]
-    return Summary(len(results), len(served), len(results) - len(served), len(corrupted),
-                   duplicated, missing, _pct(lat, 50), _pct(lat, 99),
-                   [r.error for r in results if not r.ok][:5])
+    return Summary(
+        len(results),
+        len(served),
+        len(results) - len(served),
+        len(corrupted),
+        duplicated,
+        missing,
+        _pct(lat, 50),
+        _pct(lat, 99),
+        [r.error for r in results if not r.ok][:5],
+    )
 
 
 def _pct(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * q / 100))]
 
 
-def run(engine: str, duration: float, concurrency: int, max_tokens: int, kill_every: float,
-        seed: int = 0, tmp: Path | None = None) -> tuple[Summary, Summary, int]:
+def run(
+    engine: str,
+    duration: float,
+    concurrency: int,
+    max_tokens: int,
+    kill_every: float,
+    seed: int = 0,
+    tmp: Path | None = None,
+) -> tuple[Summary, Summary, int]:
     """Both phases on one stack: (undisturbed, chaos, kills)."""
     with tempfile.TemporaryDirectory() as scratch:
-        stack, base = build(tmp or Path(scratch), engine,
-                            progress_timeout_s=3.0 if engine == "fake" else 20.0)
+        stack, base = build(
+            tmp or Path(scratch), engine, progress_timeout_s=3.0 if engine == "fake" else 20.0
+        )
         model = "fake" if engine == "fake" else MODEL
         try:
             start_all(stack, base)
             reference = asyncio.run(references(base, model, max_tokens))
-            calm = asyncio.run(load(base, model, duration=duration, concurrency=concurrency,
-                                    max_tokens=max_tokens))
-            storm = asyncio.run(load(base, model, duration=duration, concurrency=concurrency,
-                                     max_tokens=max_tokens, chaos=stack, kill_every=kill_every,
-                                     seed=seed))
+            calm = asyncio.run(
+                load(base, model, duration=duration, concurrency=concurrency, max_tokens=max_tokens)
+            )
+            storm = asyncio.run(
+                load(
+                    base,
+                    model,
+                    duration=duration,
+                    concurrency=concurrency,
+                    max_tokens=max_tokens,
+                    chaos=stack,
+                    kill_every=kill_every,
+                    seed=seed,
+                )
+            )
             return summarize(calm, reference), summarize(storm, reference), stack.kills
         finally:
             stack.stop()
@@ -293,16 +369,29 @@ def main() -> None:
     ap.add_argument("--kill-every", type=float, default=4.0)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    calm, storm, kills = run(args.engine, args.duration, args.concurrency, args.max_tokens,
-                             args.kill_every, args.seed)
-    rows = [[name, s.requests, s.served, s.failed, s.corrupted, s.duplicated, s.missing,
-             s.p50, s.p99] for name, s in (("undisturbed", calm), (f"chaos ({kills} kills)", storm))]
+    calm, storm, kills = run(
+        args.engine, args.duration, args.concurrency, args.max_tokens, args.kill_every, args.seed
+    )
+    rows = [
+        [name, s.requests, s.served, s.failed, s.corrupted, s.duplicated, s.missing, s.p50, s.p99]
+        for name, s in (("undisturbed", calm), (f"chaos ({kills} kills)", storm))
+    ]
     print_table(
         f"chaos: engine {args.engine}, {args.concurrency} clients, {args.max_tokens} greedy tokens, "
         f"{args.duration:g} s per phase, a SIGKILL every {args.kill_every:g} s",
-        ["phase", "requests", "served", "failed", "corrupted", "words dup.", "words missing",
-         "p50 s", "p99 s"],
-        [[f"{v:.2f}" if isinstance(v, float) else v for v in row] for row in rows])
+        [
+            "phase",
+            "requests",
+            "served",
+            "failed",
+            "corrupted",
+            "words dup.",
+            "words missing",
+            "p50 s",
+            "p99 s",
+        ],
+        [[f"{v:.2f}" if isinstance(v, float) else v for v in row] for row in rows],
+    )
     for s in (calm, storm):
         for e in s.errors:
             print("error:", e)

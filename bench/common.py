@@ -20,11 +20,40 @@ from rich.console import Console
 from rich.table import Table
 
 MODEL = "smollm2-135m-instruct"
-TOPICS = ["dragons", "the sea", "a lost key", "robots", "a mountain village", "the moon", "a clockmaker",
-          "a desert caravan", "an old library", "winter", "a lighthouse", "a chess match",
-          "a river journey", "a talking cat", "a storm", "a garden", "a train station", "a volcano",
-          "a detective", "a bakery", "an island", "a comet", "a forest", "a violin", "a market",
-          "a bridge", "a snowstorm", "a ship", "a castle", "a painter", "a city at night", "a fox"]
+TOPICS = [
+    "dragons",
+    "the sea",
+    "a lost key",
+    "robots",
+    "a mountain village",
+    "the moon",
+    "a clockmaker",
+    "a desert caravan",
+    "an old library",
+    "winter",
+    "a lighthouse",
+    "a chess match",
+    "a river journey",
+    "a talking cat",
+    "a storm",
+    "a garden",
+    "a train station",
+    "a volcano",
+    "a detective",
+    "a bakery",
+    "an island",
+    "a comet",
+    "a forest",
+    "a violin",
+    "a market",
+    "a bridge",
+    "a snowstorm",
+    "a ship",
+    "a castle",
+    "a painter",
+    "a city at night",
+    "a fox",
+]
 
 
 def prompts(n: int) -> list[str]:
@@ -57,8 +86,9 @@ def tagged(n: int) -> list[str]:
 def process(cmd: list[str], health: str, env: dict[str, str] | None = None, timeout: float = 600):
     """``cmd`` started, waited for until ``health`` answers 200 (not at all when empty),
     stopped by its pid."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})}
+    )
     try:
         deadline = time.monotonic() + timeout
         while health:
@@ -87,9 +117,22 @@ def redis_server():
     """A throwaway redis-server on a free port (no persistence); yields its URL."""
     port = free_port()
     with tempfile.TemporaryDirectory() as workdir:
-        proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                                 "--save", "", "--appendonly", "no", "--dir", workdir],
-                                stdout=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                workdir,
+            ],
+            stdout=subprocess.DEVNULL,
+        )
         try:
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
@@ -107,8 +150,18 @@ def redis_server():
 def served(config: Path | None = None, env: dict[str, str] | None = None):
     """``cyllm serve`` on free ports; yields the base URL; stopped by pid."""
     http, coord, work = free_ports(3)
-    cmd = [sys.executable, "-m", "cyllm", "serve", "--port", str(http),
-           "--coordinator-port", str(coord), "--worker-port", str(work)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cyllm",
+        "serve",
+        "--port",
+        str(http),
+        "--coordinator-port",
+        str(coord),
+        "--worker-port",
+        str(work),
+    ]
     if config:
         cmd += ["--config", str(config)]
     metrics = {"CYLLM_COORDINATOR_METRICS_PORT": "0", "CYLLM_WORKER_METRICS_PORT": "0"}
@@ -117,16 +170,20 @@ def served(config: Path | None = None, env: dict[str, str] | None = None):
         yield base
 
 
-async def stream_chat(base: str, model: str, texts: list[str],
-                      max_tokens: int) -> tuple[float, float]:
+async def stream_chat(base: str, model: str, texts: list[str], max_tokens: int) -> tuple[float, float]:
     """One streamed greedy chat per text, all at once, through an OpenAI-compatible
     server: (total completion tokens/s, TTFT p50 in s)."""
     ttfts: list[float] = []
 
     async def one(http: httpx.AsyncClient, text: str) -> int:
-        body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                "stream_options": {"include_usage": True},
-                "messages": [{"role": "user", "content": text}]}
+        body = {
+            "model": model,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": text}],
+        }
         t0, usage, first = time.perf_counter(), 0, True
         async with http.stream("POST", f"{base}/v1/chat/completions", json=body) as resp:
             resp.raise_for_status()

@@ -56,15 +56,20 @@ async def load(address: str, requests: int, concurrency: int, greedy: bool, tag:
         stub = rpc.InferenceStub(channel)
         call = stub.Generate
     else:  # as a coordinator calls a worker: a call on its session
+
         def call(req):
             return workers.generate(address, req, req.request_id)
+
     latencies: list[float] = []
     todo = list(range(requests))
 
     async def one(i: int) -> None:
         req = pb.GenerateRequest(
-            request_id=f"{tag}-{i}", model="fake", prompt=f"{tag} prompt {i}",
-            sampling=pb.SamplingParams(max_tokens=16, temperature=0.0 if greedy else 1.0))
+            request_id=f"{tag}-{i}",
+            model="fake",
+            prompt=f"{tag} prompt {i}",
+            sampling=pb.SamplingParams(max_tokens=16, temperature=0.0 if greedy else 1.0),
+        )
         t0 = time.perf_counter()
         async for _ in call(req):
             pass
@@ -86,10 +91,24 @@ async def load(address: str, requests: int, concurrency: int, greedy: bool, tag:
 
 
 def run_load(address: str, requests: int, concurrency: int, greedy: bool, tag: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--load", address, "--requests", str(requests),
-                          "--concurrency", str(concurrency), "--tag", tag]
-                         + (["--greedy"] if greedy else []),
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--load",
+            address,
+            "--requests",
+            str(requests),
+            "--concurrency",
+            str(concurrency),
+            "--tag",
+            tag,
+        ]
+        + (["--greedy"] if greedy else []),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -133,8 +152,14 @@ async def coordinator(redis_url: str | None, tmp: Path):
     from cyllm.coordinator.settings import CoordinatorSettings
     from cyllm.protocol.plane import Plane
 
-    settings = CoordinatorSettings(host="127.0.0.1", port=0, redis_url=redis_url, metrics_port=0,
-                                   files_dir=tmp / "files", queue_max_size=100_000)
+    settings = CoordinatorSettings(
+        host="127.0.0.1",
+        port=0,
+        redis_url=redis_url,
+        metrics_port=0,
+        files_dir=tmp / "files",
+        queue_max_size=100_000,
+    )
     server = CoordinatorServer(settings, Plane(TOKEN))
     await server.start()
     try:
@@ -148,10 +173,24 @@ def worker_process(coordinator_port: int, tmp: Path) -> tuple[subprocess.Popen, 
     cfg = tmp / "worker.yaml"
     cfg.write_text("models:\n  - id: fake\n    engine: fake\n    max_batch_size: 256\n")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cyllm", "worker", "--host", "127.0.0.1", "--port", str(port),
-         "--coordinator", f"127.0.0.1:{coordinator_port}", "--config", str(cfg)],
+        [
+            sys.executable,
+            "-m",
+            "cyllm",
+            "worker",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--coordinator",
+            f"127.0.0.1:{coordinator_port}",
+            "--config",
+            str(cfg),
+        ],
         env={**os.environ, "CYLLM_WORKER_METRICS_PORT": "0", "CYLLM_WORKER_CACHE_DIR": str(tmp)},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return proc, port
 
 
@@ -211,21 +250,37 @@ async def measure(backend: str, redis_url: str | None, sizes: list[int], request
                             kind = "greedy (cached)" if greedy else "sampled"
                             tag = f"coordinator-{backend}-{n}-{conc}-{greedy}"
                             direct = await asyncio.to_thread(
-                                run_load, f"127.0.0.1:{worker_port}", requests, conc, greedy,
-                                tag.replace("coordinator", "worker"))
+                                run_load,
+                                f"127.0.0.1:{worker_port}",
+                                requests,
+                                conc,
+                                greedy,
+                                tag.replace("coordinator", "worker"),
+                            )
                             before, cpu = dict(COUNTS), await redis_cpu(redis_url)
                             placed = await asyncio.to_thread(
-                                run_load, f"127.0.0.1:{server.port}", requests, conc, greedy, tag)
+                                run_load, f"127.0.0.1:{server.port}", requests, conc, greedy, tag
+                            )
                             cpu = await redis_cpu(redis_url) - cpu
                             total = requests + 8  # the warm-up calls
                             per_request = (COUNTS["requests"] - before["requests"]) / total
                             overall = (COUNTS["all"] - before["all"]) / total
-                            rows.append([backend, n, conc, kind, placed["rps"], direct["rps"],
-                                         f"{placed['rps'] / direct['rps']:.2f}x",
-                                         placed["p50"] * 1000, direct["p50"] * 1000,
-                                         f"{per_request:.2f}" if redis_url else "-",
-                                         f"{overall:.2f}" if redis_url else "-",
-                                         f"{cpu / total * 1e6:.0f}" if redis_url else "-"])
+                            rows.append(
+                                [
+                                    backend,
+                                    n,
+                                    conc,
+                                    kind,
+                                    placed["rps"],
+                                    direct["rps"],
+                                    f"{placed['rps'] / direct['rps']:.2f}x",
+                                    placed["p50"] * 1000,
+                                    direct["p50"] * 1000,
+                                    f"{per_request:.2f}" if redis_url else "-",
+                                    f"{overall:.2f}" if redis_url else "-",
+                                    f"{cpu / total * 1e6:.0f}" if redis_url else "-",
+                                ]
+                            )
                 finally:
                     beating.cancel()
                     proc.terminate()
@@ -243,8 +298,9 @@ def main() -> None:
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     if args.load:
-        print(json.dumps(asyncio.run(load(args.load, args.requests, args.concurrency, args.greedy,
-                                          args.tag))))
+        print(
+            json.dumps(asyncio.run(load(args.load, args.requests, args.concurrency, args.greedy, args.tag)))
+        )
         return
     import logging
 
@@ -254,10 +310,24 @@ def main() -> None:
     rows = asyncio.run(measure("memory", None, sizes, args.requests))
     with redis_server() as url:
         rows += asyncio.run(measure("redis", url, sizes, args.requests))
-    print_table(f"one coordinator placing 16-token requests (fake engine), {args.requests} per row",
-                ["backend", "workers", "concurrency", "requests", "placed req/s", "direct req/s",
-                 "ratio", "p50 ms placed", "p50 ms direct", "Redis trips/request",
-                 "Redis trips/request (all)", "Redis CPU µs/request"], rows)
+    print_table(
+        f"one coordinator placing 16-token requests (fake engine), {args.requests} per row",
+        [
+            "backend",
+            "workers",
+            "concurrency",
+            "requests",
+            "placed req/s",
+            "direct req/s",
+            "ratio",
+            "p50 ms placed",
+            "p50 ms direct",
+            "Redis trips/request",
+            "Redis trips/request (all)",
+            "Redis CPU µs/request",
+        ],
+        rows,
+    )
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import MODEL, print_table  # noqa: E402
-from bench.throughput import run_engine  # noqa: E402
+from bench.common import MODEL, print_table
+from bench.throughput import run_engine
 
 
 def build(name: str):
@@ -41,9 +41,9 @@ def build(name: str):
     if name == "vllm":
         from cyllm.worker.engines.vllm_engine import VllmAsyncEngine
 
-        return VllmAsyncEngine(spec.model_copy(update={"engine": "vllm",
-                                                       "engine_args": {"cpu_kvcache_space_gib": 1}}),
-                               folder)
+        return VllmAsyncEngine(
+            spec.model_copy(update={"engine": "vllm", "engine_args": {"cpu_kvcache_space_gib": 1}}), folder
+        )
     from cyllm.worker.engines.llama_cpp_engine import LlamaCppEngine
 
     s = spec.model_copy(update={"engine": "llama_cpp", "path": None, "gguf": DEFAULT_GGUF})
@@ -76,8 +76,11 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    names = ["transformers"] + [n for n, pkg in (("vllm", "vllm"), ("llama_cpp", "llama_cpp"))
-                                if importlib.util.find_spec(pkg) is not None]
+    names = ["transformers"] + [
+        n
+        for n, pkg in (("vllm", "vllm"), ("llama_cpp", "llama_cpp"))
+        if importlib.util.find_spec(pkg) is not None
+    ]
     results = asyncio.run(measure(names, args.streams, args.max_tokens))
     rows = []
     for n in args.streams:
@@ -85,8 +88,11 @@ def main() -> None:
         for name in names:
             tps, ttft = results[(n, name)]
             rows.append([n, name, tps, f"{tps / base:.2f}x", f"{ttft * 1000:.0f}"])
-    print_table(f"CPU engines, {MODEL}, {args.max_tokens} new tokens/stream, {os.cpu_count()} cores",
-                ["streams", "engine", "tokens/s", "vs transformers", "TTFT ms (median)"], rows)
+    print_table(
+        f"CPU engines, {MODEL}, {args.max_tokens} new tokens/stream, {os.cpu_count()} cores",
+        ["streams", "engine", "tokens/s", "vs transformers", "TTFT ms (median)"],
+        rows,
+    )
 
 
 if __name__ == "__main__":

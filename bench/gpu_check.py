@@ -23,20 +23,36 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from bench.common import print_table  # noqa: E402
-from bench.throughput import run_engine, tagged  # noqa: E402
-from cyllm.worker.engines.transformers_engine import TransformersEngine  # noqa: E402
-from cyllm.worker.settings import ModelSpec  # noqa: E402
+from bench.common import print_table
+from bench.throughput import run_engine, tagged
+from cyllm.worker.engines.transformers_engine import TransformersEngine
+from cyllm.worker.settings import ModelSpec
 
 SHAPES = {
-    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                         max_position_embeddings=8192, tie_word_embeddings=True, rope_theta=100000.0),
-    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                      max_position_embeddings=8192, tie_word_embeddings=False, rope_theta=500000.0),
+    "smollm2-135m": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+    ),
+    "llama3-8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+        rope_theta=500000.0,
+    ),
 }
 
 
@@ -52,10 +68,11 @@ def byte_tokenizer(vocab_size: int):
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>")
-    fast.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
     return fast
 
 
@@ -79,14 +96,21 @@ class RandomWeightsEngine(TransformersEngine):
 def run_generate(engine, n: int, max_tokens: int) -> float:
     tok = engine.tokenizer
     tok.padding_side = "left"
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                     tokenize=False) for p in tagged(n)]
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        for p in tagged(n)
+    ]
     enc = tok(texts, return_tensors="pt", padding=True).to(engine.device)
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
-    engine.model.generate(**enc, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                          do_sample=False, pad_token_id=tok.pad_token_id)
+    engine.model.generate(
+        **enc,
+        max_new_tokens=max_tokens,
+        min_new_tokens=max_tokens,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+    )
     sync()
     return n * max_tokens / (time.perf_counter() - start)
 
@@ -95,13 +119,23 @@ async def check(shape: str, streams: list[int], max_tokens: int, device: str) ->
     from transformers import LlamaConfig
 
     config = LlamaConfig(**SHAPES[shape], bos_token_id=256, eos_token_id=257, pad_token_id=258)
-    spec = ModelSpec(id=shape, path=Path("/nonexistent"), device=device, dtype="bfloat16",
-                     max_batch_size=max(streams), max_context=4096, temperature=0.0)
+    spec = ModelSpec(
+        id=shape,
+        path=Path("/nonexistent"),
+        device=device,
+        dtype="bfloat16",
+        max_batch_size=max(streams),
+        max_context=4096,
+        temperature=0.0,
+    )
     engine = RandomWeightsEngine(spec, config)
     t0 = time.perf_counter()
     await engine.load()
-    print(f"{shape}: {sum(p.numel() for p in engine.model.parameters()) / 1e9:.2f}B parameters "
-          f"on {engine.device}, loaded in {time.perf_counter() - t0:.0f}s", flush=True)
+    print(
+        f"{shape}: {sum(p.numel() for p in engine.model.parameters()) / 1e9:.2f}B parameters "
+        f"on {engine.device}, loaded in {time.perf_counter() - t0:.0f}s",
+        flush=True,
+    )
     engine.eos_ids = set()  # random weights: never stop early
     rows = []
     try:
@@ -110,8 +144,10 @@ async def check(shape: str, streams: list[int], max_tokens: int, device: str) ->
             gen = await engine.on_engine_thread(functools.partial(run_generate, engine, n, max_tokens))
             eng, ttft = await run_engine(engine, n, max_tokens)
             rows.append([shape, n, gen, eng, f"{eng / gen:.2f}x", f"{ttft * 1000:.0f}"])
-            print(f"  {n:>4} streams: generate {gen:9.1f}  engine {eng:9.1f} tok/s  "
-                  f"TTFT {ttft * 1000:.0f} ms", flush=True)
+            print(
+                f"  {n:>4} streams: generate {gen:9.1f}  engine {eng:9.1f} tok/s  TTFT {ttft * 1000:.0f} ms",
+                flush=True,
+            )
     finally:
         await engine.close()
         del engine
@@ -132,9 +168,11 @@ def main() -> None:
     rows = []
     for shape in args.shapes:
         rows += asyncio.run(check(shape, args.streams, args.max_tokens, args.device))
-    print_table(f"GPU check: transformers engine vs padded generate, {args.max_tokens} new tokens/stream",
-                ["shape", "streams", "generate tok/s", "engine tok/s", "engine/generate", "TTFT ms"],
-                rows)
+    print_table(
+        f"GPU check: transformers engine vs padded generate, {args.max_tokens} new tokens/stream",
+        ["shape", "streams", "generate tok/s", "engine tok/s", "engine/generate", "TTFT ms"],
+        rows,
+    )
 
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import httpx  # noqa: E402
+import httpx
 
-from bench.common import print_table, redis_server, served  # noqa: E402
+from bench.common import print_table, redis_server, served
 
 
 def pct(values: list[float], q: float) -> float:
@@ -47,16 +47,17 @@ async def drive(call, requests: int, concurrency: int) -> tuple[float, list[floa
 
 
 async def direct(requests: int, concurrency: int, tokens: int):
-    from cyllm.worker.engines.types import GenerationRequest, SamplingParams
     from cyllm.worker.engines.fake import FakeEngine
+    from cyllm.worker.engines.types import GenerationRequest, SamplingParams
     from cyllm.worker.settings import ModelSpec
 
     engine = FakeEngine(ModelSpec(id="fake", engine="fake"))
     await engine.load()
 
     async def call(i: int) -> None:
-        req = GenerationRequest(f"d{i}", prompt="hello world",
-                                sampling=SamplingParams(max_tokens=tokens, temperature=1.0))
+        req = GenerationRequest(
+            f"d{i}", prompt="hello world", sampling=SamplingParams(max_tokens=tokens, temperature=1.0)
+        )
         async for _ in engine.generate(req):
             pass
 
@@ -65,9 +66,12 @@ async def direct(requests: int, concurrency: int, tokens: int):
 
 async def through_stack(base: str, requests: int, concurrency: int, tokens: int):
     async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=concurrency)) as http:
+
         async def call(i: int) -> None:
-            r = await http.post(f"{base}/v1/completions", json={
-                "model": "fake", "prompt": "hello world", "max_tokens": tokens, "temperature": 1.0})
+            r = await http.post(
+                f"{base}/v1/completions",
+                json={"model": "fake", "prompt": "hello world", "max_tokens": tokens, "temperature": 1.0},
+            )
             r.raise_for_status()
 
         await call(-1)  # warm the connections
@@ -90,9 +94,16 @@ def main() -> None:
                 for conc in (1, args.concurrency):
                     d_rps, d_lat = asyncio.run(direct(args.requests, conc, args.tokens))
                     s_rps, s_lat = asyncio.run(through_stack(base, args.requests, conc, args.tokens))
-                    rows.append([backend, conc, d_rps, s_rps,
-                                 (pct(s_lat, 50) - pct(d_lat, 50)) * 1000,
-                                 (pct(s_lat, 99) - pct(d_lat, 99)) * 1000])
+                    rows.append(
+                        [
+                            backend,
+                            conc,
+                            d_rps,
+                            s_rps,
+                            (pct(s_lat, 50) - pct(d_lat, 50)) * 1000,
+                            (pct(s_lat, 99) - pct(d_lat, 99)) * 1000,
+                        ]
+                    )
     print_table(
         f"stack overhead, fake engine, {args.tokens} tokens/request, {args.requests} requests",
         ["backend", "concurrency", "direct req/s", "stack req/s", "added p50 ms", "added p99 ms"],

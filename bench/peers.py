@@ -36,17 +36,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
 
-import aiohttp  # noqa: E402
+import aiohttp
 
-from bench.common import (MODEL, free_port, free_ports, print_table, process, served,  # noqa: E402
-                          stream_chat, tagged)
-
+from bench.common import MODEL, free_port, free_ports, print_table, process, served, stream_chat, tagged
 
 # -- load -----------------------------------------------------------------------------------
 
 
-async def completions(base: str, model: str, requests: int, concurrency: int, max_tokens: int,
-                      stream: bool) -> tuple[float, float, float]:
+async def completions(
+    base: str, model: str, requests: int, concurrency: int, max_tokens: int, stream: bool
+) -> tuple[float, float, float]:
     """(req/s, streamed tokens/s, p50 latency s) of non-cached completions.  The client is
     aiohttp: httpx's pool tops out near 200 requests/s here, whatever the server."""
     latencies: list[float] = []
@@ -70,8 +69,7 @@ async def completions(base: str, model: str, requests: int, concurrency: int, ma
             latencies.append(time.perf_counter() - t0)
 
     connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector,
-                                     timeout=aiohttp.ClientTimeout(total=300)) as http:
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as http:
         start = time.perf_counter()
         await asyncio.gather(*(worker(http) for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
@@ -88,16 +86,31 @@ def vllm_serve(dtype: str):
 
     folder = model_files.resolve(default_models()[0], WorkerSettings().cache_dir)
     port = free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
-           "--served-model-name", MODEL, "--port", str(port), "--dtype", dtype,
-           "--enforce-eager", "--max-model-len", "2048", "--max-num-seqs", "32"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(folder),
+        "--served-model-name",
+        MODEL,
+        "--port",
+        str(port),
+        "--dtype",
+        dtype,
+        "--enforce-eager",
+        "--max-model-len",
+        "2048",
+        "--max-num-seqs",
+        "32",
+    ]
     with process(cmd, f"http://127.0.0.1:{port}/health", {"VLLM_CPU_KVCACHE_SPACE": "1"}):
         yield f"http://127.0.0.1:{port}"
 
 
 # The one-process reference: FastAPI streaming the same OpenAI completion chunks as a
 # server with no queue, no gRPC and no engine would.
-REFERENCE_SERVER = '''
+REFERENCE_SERVER = """
 import json, sys, time
 import uvicorn
 from fastapi import FastAPI, Request
@@ -128,7 +141,7 @@ async def completions(request: Request):
     return StreamingResponse(events(), media_type="text/event-stream")
 
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
-'''
+"""
 
 
 @contextmanager
@@ -145,8 +158,10 @@ def one_process():
 def cyllm_fake(env: dict[str, str] | None = None):
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "fake.yaml"
-        cfg.write_text("models:\n  - id: fake\n    engine: fake\n    max_batch_size: 256\n"
-                       "coordinator:\n  cache_ttl_s: 0\n")
+        cfg.write_text(
+            "models:\n  - id: fake\n    engine: fake\n    max_batch_size: 256\n"
+            "coordinator:\n  cache_ttl_s: 0\n"
+        )
         with served(cfg, env) as base:
             yield base
 
@@ -160,8 +175,9 @@ def in_turn(items: list, round_: int) -> list:
     return items if round_ % 2 == 0 else items[::-1]
 
 
-def engines_part(tokens: int, streams: list[int], vllm_dtype: str, rounds: int,
-                 engine: str, baseline: Path | None = None) -> None:
+def engines_part(
+    tokens: int, streams: list[int], vllm_dtype: str, rounds: int, engine: str, baseline: Path | None = None
+) -> None:
     """Both servers up at once, their runs alternating (A B, B A, ...) in each row, so a
     shared machine's slow minute falls on both; medians over the rounds, and the range of
     the per-round ratios.  ``engine``: what ``cyllm serve`` runs on this CPU (``auto``,
@@ -170,8 +186,7 @@ def engines_part(tokens: int, streams: list[int], vllm_dtype: str, rounds: int,
     rows = []
     env = {"CYLLM_COORDINATOR_CACHE_TTL_S": "0", "CYLLM_WORKER_CPU_ENGINE": engine}
     with ExitStack() as up:
-        bases = {"peer": up.enter_context(vllm_serve(vllm_dtype)),
-                 "ours": up.enter_context(served(env=env))}
+        bases = {"peer": up.enter_context(vllm_serve(vllm_dtype)), "ours": up.enter_context(served(env=env))}
         if baseline is not None:
             bases["baseline"] = up.enter_context(served(env={**env, "PYTHONPATH": str(baseline)}))
         for n in streams:
@@ -183,18 +198,34 @@ def engines_part(tokens: int, streams: list[int], vllm_dtype: str, rounds: int,
             tps = {k: statistics.median(t for t, _ in v) for k, v in runs.items()}
             ttft = {k: statistics.median(f for _, f in v) for k, v in runs.items()}
             ratios = [o[0] / p[0] for p, o in zip(runs["peer"], runs["ours"])]
-            row = [n, tps["peer"], tps["ours"], f"{tps['ours'] / tps['peer']:.2f}x",
-                   f"{min(ratios):.2f}-{max(ratios):.2f}x",
-                   f"{ttft['peer'] * 1000:.0f} ms", f"{ttft['ours'] * 1000:.0f} ms"]
+            row = [
+                n,
+                tps["peer"],
+                tps["ours"],
+                f"{tps['ours'] / tps['peer']:.2f}x",
+                f"{min(ratios):.2f}-{max(ratios):.2f}x",
+                f"{ttft['peer'] * 1000:.0f} ms",
+                f"{ttft['ours'] * 1000:.0f} ms",
+            ]
             if baseline is not None:
                 row += [f"{tps['baseline'] / tps['peer']:.2f}x", f"{ttft['baseline'] * 1000:.0f} ms"]
             rows.append(row)
-    print_table(f"engines through their servers: {MODEL}, streamed chat, {tokens} greedy tokens "
-                f"(vLLM {vllm_dtype}, eager; cyllm serve's CPU engine: {engine}), median of "
-                f"{rounds} alternating rounds",
-                ["streams", "vllm serve tok/s", "cyllm serve tok/s", "ratio", "per round",
-                 "TTFT p50 vllm", "TTFT p50 cyllm"]
-                + (["baseline ratio", "TTFT p50 baseline"] if baseline is not None else []), rows)
+    print_table(
+        f"engines through their servers: {MODEL}, streamed chat, {tokens} greedy tokens "
+        f"(vLLM {vllm_dtype}, eager; cyllm serve's CPU engine: {engine}), median of "
+        f"{rounds} alternating rounds",
+        [
+            "streams",
+            "vllm serve tok/s",
+            "cyllm serve tok/s",
+            "ratio",
+            "per round",
+            "TTFT p50 vllm",
+            "TTFT p50 cyllm",
+        ]
+        + (["baseline ratio", "TTFT p50 baseline"] if baseline is not None else []),
+        rows,
+    )
 
 
 async def bare_grpc_hop(calls: int = 2000) -> float:
@@ -223,7 +254,7 @@ async def bare_grpc_hop(calls: int = 2000) -> float:
                 pass
             latencies.append(time.perf_counter() - t0)
     await server.stop(None)
-    return statistics.median(latencies[calls // 10:])
+    return statistics.median(latencies[calls // 10 :])
 
 
 @contextmanager
@@ -234,19 +265,32 @@ def cyllm_fake_three_processes(env: dict[str, str] | None = None):
     coord, work, http = free_ports(3)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "fake.yaml"
-        cfg.write_text("models:\n  - id: fake\n    engine: fake\n    max_batch_size: 256\n"
-                       "coordinator:\n  cache_ttl_s: 0\n")
-        env = {"CYLLM_INTERNAL_TOKEN": secrets.token_urlsafe(32),
-               "CYLLM_COORDINATOR_METRICS_PORT": "0", "CYLLM_WORKER_METRICS_PORT": "0",
-               **(env or {})}
+        cfg.write_text(
+            "models:\n  - id: fake\n    engine: fake\n    max_batch_size: 256\n"
+            "coordinator:\n  cache_ttl_s: 0\n"
+        )
+        env = {
+            "CYLLM_INTERNAL_TOKEN": secrets.token_urlsafe(32),
+            "CYLLM_COORDINATOR_METRICS_PORT": "0",
+            "CYLLM_WORKER_METRICS_PORT": "0",
+            **(env or {}),
+        }
         address = f"127.0.0.1:{coord}"
         base = f"http://127.0.0.1:{http}"
         cyllm = [sys.executable, "-m", "cyllm"]
-        with process(cyllm + ["coordinator", "--port", str(coord), "--config", str(cfg)], "", env), \
-                process(cyllm + ["worker", "--port", str(work), "--coordinator", address,
-                                 "--config", str(cfg)], "", env), \
-                process(cyllm + ["gateway", "--port", str(http), "--coordinator", address,
-                                 "--config", str(cfg)], f"{base}/api/v1/health", env):
+        with (
+            process(cyllm + ["coordinator", "--port", str(coord), "--config", str(cfg)], "", env),
+            process(
+                cyllm + ["worker", "--port", str(work), "--coordinator", address, "--config", str(cfg)],
+                "",
+                env,
+            ),
+            process(
+                cyllm + ["gateway", "--port", str(http), "--coordinator", address, "--config", str(cfg)],
+                f"{base}/api/v1/health",
+                env,
+            ),
+        ):
             yield base
 
 
@@ -256,13 +300,14 @@ def relay_part(requests: int, rounds: int, baseline: Path | None = None) -> None
     per-round ratios to one process.  ``baseline``: another checkout whose two CY-LLM
     layouts take their turns too (a same-minute A/B of a change)."""
     servers: dict[str, Callable[[], AbstractContextManager[str]]] = {
-        "one process": one_process, "cyllm serve (fake engine)": cyllm_fake,
-        "coordinator in its own process": cyllm_fake_three_processes}
+        "one process": one_process,
+        "cyllm serve (fake engine)": cyllm_fake,
+        "coordinator in its own process": cyllm_fake_three_processes,
+    }
     if baseline is not None:
         old = {"PYTHONPATH": str(baseline)}
         servers["baseline: cyllm serve (fake engine)"] = lambda: cyllm_fake(old)
-        servers["baseline: coordinator in its own process"] = \
-            lambda: cyllm_fake_three_processes(old)
+        servers["baseline: coordinator in its own process"] = lambda: cyllm_fake_three_processes(old)
     runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in servers}
     with ExitStack() as up:
         bases = {name: up.enter_context(server()) for name, server in servers.items()}
@@ -274,23 +319,29 @@ def relay_part(requests: int, rounds: int, baseline: Path | None = None) -> None
                 _, tps, _ = asyncio.run(completions(base, "fake", requests // 4, 64, 256, True))
                 runs[name].append((p50_c1 * 1000, rps, tps))
     med = {name: [statistics.median(v[i] for v in runs[name]) for i in range(3)] for name in runs}
-    print_table(f"the relay: 16-token completions (req/s at 64, p50 at 1), 256-token streams "
-                f"(tokens/s at 64); median of {rounds} rounds",
-                ["server", "p50 ms at 1", "req/s at 64", "streamed tok/s at 64"],
-                [[name, round(m[0], 2), m[1], m[2]] for name, m in med.items()])
+    print_table(
+        f"the relay: 16-token completions (req/s at 64, p50 at 1), 256-token streams "
+        f"(tokens/s at 64); median of {rounds} rounds",
+        ["server", "p50 ms at 1", "req/s at 64", "streamed tok/s at 64"],
+        [[name, round(m[0], 2), m[1], m[2]] for name, m in med.items()],
+    )
     ref_name = "one process"
     ref = runs[ref_name]
     for name in list(runs)[1:]:
         added = [o[0] - p[0] for p, o in zip(ref, runs[name])]
         rps = [o[1] / p[1] for p, o in zip(ref, runs[name])]
         tps = [o[2] / p[2] for p, o in zip(ref, runs[name])]
-        print(f"{name}: added p50 at concurrency 1 {med[name][0] - med[ref_name][0]:+.2f} ms "
-              f"(rounds {min(added):+.2f} to {max(added):+.2f}); req/s ratio "
-              f"{med[name][1] / med[ref_name][1]:.2f}x ({min(rps):.2f}-{max(rps):.2f}); "
-              f"streamed tokens/s ratio {med[name][2] / med[ref_name][2]:.2f}x "
-              f"({min(tps):.2f}-{max(tps):.2f})")
-    print(f"one bare grpc.aio hop (three messages, one process): p50 "
-          f"{asyncio.run(bare_grpc_hop()) * 1000:.2f} ms")
+        print(
+            f"{name}: added p50 at concurrency 1 {med[name][0] - med[ref_name][0]:+.2f} ms "
+            f"(rounds {min(added):+.2f} to {max(added):+.2f}); req/s ratio "
+            f"{med[name][1] / med[ref_name][1]:.2f}x ({min(rps):.2f}-{max(rps):.2f}); "
+            f"streamed tokens/s ratio {med[name][2] / med[ref_name][2]:.2f}x "
+            f"({min(tps):.2f}-{max(tps):.2f})"
+        )
+    print(
+        f"one bare grpc.aio hop (three messages, one process): p50 "
+        f"{asyncio.run(bare_grpc_hop()) * 1000:.2f} ms"
+    )
 
 
 def main() -> None:
@@ -299,17 +350,32 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--streams", default="1,8,32")
     ap.add_argument("--vllm-dtype", default="bfloat16")
-    ap.add_argument("--engine", choices=["auto", "transformers", "llama_cpp"], default="auto",
-                    help="cyllm serve's CPU engine (worker.cpu_engine); auto: its default")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds of each measurement, the "
-                    "servers taking turns")
+    ap.add_argument(
+        "--engine",
+        choices=["auto", "transformers", "llama_cpp"],
+        default="auto",
+        help="cyllm serve's CPU engine (worker.cpu_engine); auto: its default",
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="rounds of each measurement, the servers taking turns"
+    )
     ap.add_argument("--requests", type=int, default=4000)
-    ap.add_argument("--baseline", type=Path, help="a checkout of another revision (git worktree "
-                    "add DIR REV) whose servers take their turns too: a same-minute A/B")
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        help="a checkout of another revision (git worktree "
+        "add DIR REV) whose servers take their turns too: a same-minute A/B",
+    )
     args = ap.parse_args()
     if args.part in ("all", "engines"):
-        engines_part(args.tokens, [int(s) for s in args.streams.split(",")], args.vllm_dtype,
-                     args.rounds, args.engine, args.baseline)
+        engines_part(
+            args.tokens,
+            [int(s) for s in args.streams.split(",")],
+            args.vllm_dtype,
+            args.rounds,
+            args.engine,
+            args.baseline,
+        )
     if args.part in ("all", "relay"):
         relay_part(args.requests, args.rounds, args.baseline)
 

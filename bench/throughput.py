@@ -23,20 +23,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from bench.common import MODEL, print_table, served, stream_chat, tagged  # noqa: E402
+from bench.common import MODEL, print_table, served, stream_chat, tagged
 
 
 def run_generate(engine, n: int, max_tokens: int) -> float:
     tok, model = engine.tokenizer, engine.model
     tok.padding_side = "left"
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                     tokenize=False) for p in tagged(n)]
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        for p in tagged(n)
+    ]
     enc = tok(texts, return_tensors="pt", padding=True)
     start = time.perf_counter()
     out = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False, pad_token_id=engine.pad_id)
     elapsed = time.perf_counter() - start
     produced = 0
-    for row in out[:, enc["input_ids"].shape[1]:].tolist():
+    for row in out[:, enc["input_ids"].shape[1] :].tolist():
         for token in row:
             produced += 1
             if token in engine.eos_ids:
@@ -52,9 +54,13 @@ async def run_engine(engine, n: int, max_tokens: int) -> tuple[float, float]:
     async def one(i: int, prompt: str) -> int:
         t0 = time.perf_counter()
         first = True
-        async for ev in engine.generate(GenerationRequest(
-                f"b{n}-{i}", messages=(("user", prompt),),
-                sampling=SamplingParams(max_tokens=max_tokens, temperature=0))):
+        async for ev in engine.generate(
+            GenerationRequest(
+                f"b{n}-{i}",
+                messages=(("user", prompt),),
+                sampling=SamplingParams(max_tokens=max_tokens, temperature=0),
+            )
+        ):
             if isinstance(ev, TextDelta) and first:
                 ttfts.append(time.perf_counter() - t0)
                 first = False
@@ -95,7 +101,7 @@ def main() -> None:
         out = {}
         for n in args.streams:  # the three methods of one row run back to back
             # on the engine's own thread, as the engine computes (compute_thread: why)
-            gen = await engine.on_engine_thread(lambda: run_generate(engine, n, args.max_tokens))
+            gen = await engine.on_engine_thread(lambda n=n: run_generate(engine, n, args.max_tokens))
             eng, ttft = await run_engine(engine, n, args.max_tokens)
             st, st_ttft = await run_stack(base, n, args.max_tokens)
             out[n] = (gen, eng, ttft, st, st_ttft)
@@ -108,12 +114,30 @@ def main() -> None:
     rows = []
     for n in args.streams:
         gen, eng, ttft, st, st_ttft = results[n]
-        rows.append([n, gen, eng, st, f"{eng / gen:.2f}x", f"{st / eng:.2f}x",
-                     f"{ttft * 1000:.0f}", f"{st_ttft * 1000:.0f}"])
+        rows.append(
+            [
+                n,
+                gen,
+                eng,
+                st,
+                f"{eng / gen:.2f}x",
+                f"{st / eng:.2f}x",
+                f"{ttft * 1000:.0f}",
+                f"{st_ttft * 1000:.0f}",
+            ]
+        )
     print_table(
         f"tokens/s, {MODEL}, {args.max_tokens} new tokens/stream, {args.threads} torch threads",
-        ["streams", "generate (padded)", "engine in-process", "full stack", "engine/generate",
-         "stack/engine", "TTFT engine ms", "TTFT stack ms"],
+        [
+            "streams",
+            "generate (padded)",
+            "engine in-process",
+            "full stack",
+            "engine/generate",
+            "stack/engine",
+            "TTFT engine ms",
+            "TTFT stack ms",
+        ],
         rows,
     )
 

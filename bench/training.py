@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import MODEL, print_table  # noqa: E402
+from bench.common import MODEL, print_table
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "facts.jsonl"
 
@@ -43,9 +43,21 @@ def ours(method: str, steps: int, batch: int) -> float:
             seen.append((time.perf_counter(), event["tokens"]))
 
     with tempfile.TemporaryDirectory() as out:
-        run({"spec": {"base_model": MODEL, "dataset": str(DATA), "method": method,
-                      "max_steps": steps + 1, "batch_size": batch, "save_steps": 10_000},
-             "base_model_path": str(folder()), "output_dir": out}, emit)
+        run(
+            {
+                "spec": {
+                    "base_model": MODEL,
+                    "dataset": str(DATA),
+                    "method": method,
+                    "max_steps": steps + 1,
+                    "batch_size": batch,
+                    "save_steps": 10_000,
+                },
+                "base_model_path": str(folder()),
+                "output_dir": out,
+            },
+            emit,
+        )
     (t0, n0), (t1, n1) = seen[0], seen[-1]
     return (n1 - n0) / (t1 - t0)
 
@@ -92,8 +104,11 @@ def main() -> None:
     for method in ("lora", "full"):
         rate = ours(method, args.steps, args.batch_size)
         rows.append([f"cyllm trainer, {method}", f"{rate:.0f}", f"{rate / baseline:.2f}"])
-    print_table(f"training tokens/s, {MODEL}, CPU float32, batch {args.batch_size}, "
-                f"{args.steps} steps", ["run", "tokens/s", "vs bare loop"], rows)
+    print_table(
+        f"training tokens/s, {MODEL}, CPU float32, batch {args.batch_size}, {args.steps} steps",
+        ["run", "tokens/s", "vs bare loop"],
+        rows,
+    )
 
 
 if __name__ == "__main__":

@@ -82,8 +82,12 @@ def render() -> str:
 
 
 def undocumented() -> list[str]:
-    return [f"{name}.{key}" for name, model, _ in SECTIONS
-            for key, field in model.model_fields.items() if not field.description]
+    return [
+        f"{name}.{key}"
+        for name, model, _ in SECTIONS
+        for key, field in model.model_fields.items()
+        if not field.description
+    ]
 
 
 if __name__ == "__main__":

@@ -100,8 +100,9 @@ def keep_off_engines() -> frozenset[int]:
     cores = frozenset(free) if free else GIVEN
     if cores != frozenset(os.sched_getaffinity(0)):
         pin(os.getpid(), cores)
-        log.info("worker threads on cores %s (engines on %s)", _describe(cores),
-                 _describe(GIVEN - cores) or "none")
+        log.info(
+            "worker threads on cores %s (engines on %s)", _describe(cores), _describe(GIVEN - cores) or "none"
+        )
     return cores
 
 

@@ -22,8 +22,10 @@ def is_id(value: str) -> bool:
 
 def checked_id(value: str, what: str, param: str | None = None) -> str:
     if not is_id(value):
-        raise errors.InvalidRequest(f"{what} must be 1-128 letters, digits, '.', '_' or '-', "
-                                    "starting with a letter or digit", param=param)
+        raise errors.InvalidRequest(
+            f"{what} must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
+            param=param,
+        )
     return value
 
 

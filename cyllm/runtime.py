@@ -10,7 +10,6 @@ import signal
 import socket
 from datetime import datetime
 
-
 # Attributes every LogRecord has; anything else was passed in ``extra=`` and is logged.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -30,8 +29,12 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message and the ``extra`` fields."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": timestamp(record), "level": record.levelname,
-               "logger": record.name, "msg": record.getMessage()}
+        out = {
+            "ts": timestamp(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
         out.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)

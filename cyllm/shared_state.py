@@ -16,10 +16,15 @@ GONE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
 def connect(url: str) -> aioredis.Redis:
-    return aioredis.from_url(url, decode_responses=False, socket_connect_timeout=2,
-                             socket_timeout=5, health_check_interval=10,
-                             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
-                             retry_on_error=list(GONE))
+    return aioredis.from_url(
+        url,
+        decode_responses=False,
+        socket_connect_timeout=2,
+        socket_timeout=5,
+        health_check_interval=10,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
+        retry_on_error=list(GONE),
+    )
 
 
 def unreachable(exc: BaseException) -> errors.CyllmError | None:

@@ -72,21 +72,41 @@ def internal_env(config: Path | None) -> dict[str, str]:
     return env
 
 
-def run(host: str, port: int, coordinator_port: int, worker_port: int,
-        config: Path | None, models: list[ModelSpec] | None = None) -> int:
+def run(
+    host: str,
+    port: int,
+    coordinator_port: int,
+    worker_port: int,
+    config: Path | None,
+    models: list[ModelSpec] | None = None,
+) -> int:
     """``models``: what the worker serves instead of the config's (``cyllm serve MODEL``)."""
     cfg = ["--config", str(config)] if config else []
     coordinator = f"127.0.0.1:{coordinator_port}"
     children = [
-        Child("gateway", _cmd("gateway", "--host", host, "--port", str(port),
-                              "--embed-coordinator", coordinator, *cfg)),
-        Child("worker", _cmd("worker", "--host", "127.0.0.1", "--port", str(worker_port),
-                             "--coordinator", coordinator, *cfg)),
+        Child(
+            "gateway",
+            _cmd("gateway", "--host", host, "--port", str(port), "--embed-coordinator", coordinator, *cfg),
+        ),
+        Child(
+            "worker",
+            _cmd(
+                "worker",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(worker_port),
+                "--coordinator",
+                coordinator,
+                *cfg,
+            ),
+        ),
     ]
     env = internal_env(config)
     if models is not None:  # the environment wins over the config file's models
-        env["CYLLM_WORKER_MODELS"] = json.dumps([m.model_dump(mode="json", exclude_defaults=True)
-                                                 for m in models])
+        env["CYLLM_WORKER_MODELS"] = json.dumps(
+            [m.model_dump(mode="json", exclude_defaults=True) for m in models]
+        )
     stopping = False
 
     def _stop(signum, frame) -> None:
@@ -125,18 +145,24 @@ def _watch(child: Child, env: dict[str, str]) -> int:
         return 0
     child.proc = None
     if rc == CONFIG_ERROR:  # restarting cannot help
-        print(f"cyllm serve: {child.name} refused its configuration; stopping", file=sys.stderr,
-              flush=True)
+        print(f"cyllm serve: {child.name} refused its configuration; stopping", file=sys.stderr, flush=True)
         return rc
     child.restarts = [t for t in child.restarts if now - t < RESTART_WINDOW_S] + [now]
     if len(child.restarts) > MAX_RESTARTS:
-        print(f"cyllm serve: {child.name} exited with code {rc}, {MAX_RESTARTS} restarts in "
-              f"{RESTART_WINDOW_S:.0f}s; stopping", file=sys.stderr, flush=True)
+        print(
+            f"cyllm serve: {child.name} exited with code {rc}, {MAX_RESTARTS} restarts in "
+            f"{RESTART_WINDOW_S:.0f}s; stopping",
+            file=sys.stderr,
+            flush=True,
+        )
         return rc or 1
     pause = min(30.0, 2.0 ** (len(child.restarts) - 1))
     child.due = now + pause
-    print(f"cyllm serve: {child.name} exited with code {rc}; restarting it in {pause:.0f}s",
-          file=sys.stderr, flush=True)
+    print(
+        f"cyllm serve: {child.name} exited with code {rc}; restarting it in {pause:.0f}s",
+        file=sys.stderr,
+        flush=True,
+    )
     return 0
 
 

@@ -33,8 +33,9 @@ class CountedHistogram(Collector):
     search each) was 7% of the gateway's samples in a streamed relay.  Observed
     from one event loop; a scrape from another thread reads a copy."""
 
-    def __init__(self, name: str, documentation: str, label: str, buckets: Sequence[float],
-                 registry: CollectorRegistry) -> None:
+    def __init__(
+        self, name: str, documentation: str, label: str, buckets: Sequence[float], registry: CollectorRegistry
+    ) -> None:
         self.name, self.documentation, self.label = name, documentation, label
         self.bounds = list(buckets)
         self._series: dict[str, list[float]] = {}  # label value -> bucket counts, then the sum

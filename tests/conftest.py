@@ -53,7 +53,6 @@ def stop_processes(procs, wait_s: float) -> None:
             proc.wait()
 
 
-
 class RedisProcess:
     """A ``redis-server`` on a free loopback port, its data in ``workdir``; stopped and
     started again on the same port and data (restart tests), always by its pid."""
@@ -61,18 +60,30 @@ class RedisProcess:
     def __init__(self, workdir: Path, *, aof: bool = False) -> None:
         self.binary = shutil.which("redis-server")
         if self.binary is None:
-            pytest.fail("redis-server is not installed (apt-get install -y redis-server; "
-                        ".ci/run does this)")
+            pytest.fail("redis-server is not installed (apt-get install -y redis-server; .ci/run does this)")
         self.workdir, self.aof, self.port = workdir, aof, free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> RedisProcess:
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes" if self.aof else "no", "--appendfsync", "always",
-             "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes" if self.aof else "no",
+                "--appendfsync",
+                "always",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
         )
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + 10

@@ -19,8 +19,14 @@ def _failure(what: str, last: Any, describe: Callable[[], str] | None) -> Assert
     return AssertionError(f"timed out waiting for {what} (last seen: {last!r}){extra}")
 
 
-async def until(get: Callable[[], Awaitable[T]], predicate: Callable[[T], Any] = bool, *,
-                timeout: float = 30.0, every: float = 0.05, what: str = "the condition") -> T:
+async def until(
+    get: Callable[[], Awaitable[T]],
+    predicate: Callable[[T], Any] = bool,
+    *,
+    timeout: float = 30.0,
+    every: float = 0.05,
+    what: str = "the condition",
+) -> T:
     """``await get()`` until ``predicate`` holds for what it returns; that value."""
     deadline = time.monotonic() + timeout
     while True:
@@ -32,9 +38,15 @@ async def until(get: Callable[[], Awaitable[T]], predicate: Callable[[T], Any] =
         await asyncio.sleep(every)
 
 
-def wait_for(get: Callable[[], T], predicate: Callable[[T], Any] = bool, *,
-             timeout: float = 30.0, every: float = 0.1, what: str = "the condition",
-             describe: Callable[[], str] | None = None) -> T:
+def wait_for(
+    get: Callable[[], T],
+    predicate: Callable[[T], Any] = bool,
+    *,
+    timeout: float = 30.0,
+    every: float = 0.1,
+    what: str = "the condition",
+    describe: Callable[[], str] | None = None,
+) -> T:
     """``get()`` until ``predicate`` holds for what it returns; that value.
     ``describe``: more to say on a failure (the processes' logs)."""
     deadline = time.monotonic() + timeout

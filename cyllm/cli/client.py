@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import httpx
 import typer
@@ -24,9 +24,15 @@ from rich.table import Table
 from cyllm.cli.root import app
 
 Url = Annotated[str, typer.Option("--url", envvar="CYLLM_URL", help="The gateway's base URL.")]
-ApiKey = Annotated[Optional[str], typer.Option(
-    "--api-key", envvar="CYLLM_API_KEY", show_default=False,
-    help="An API key or JWT (when the gateway has authentication on).")]
+ApiKey = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        envvar="CYLLM_API_KEY",
+        show_default=False,
+        help="An API key or JWT (when the gateway has authentication on).",
+    ),
+]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 DEFAULT_URL = "http://127.0.0.1:8080"
 
@@ -35,7 +41,7 @@ out = Console()
 
 # What a server streams is printed as text: control characters (escape sequences that
 # could move the cursor, retitle or clear the terminal) are dropped, newlines and tabs kept.
-_CONTROL = {c: None for c in [*range(0x00, 0x09), *range(0x0b, 0x20), *range(0x7f, 0xa0)]}
+_CONTROL = {c: None for c in [*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0)]}
 
 
 def printable(text: str) -> str:
@@ -52,8 +58,9 @@ class Gateway:
 
     def __init__(self, url: str, api_key: str | None) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers,
-                                 timeout=httpx.Timeout(30.0, read=None))
+        self.http = httpx.Client(
+            base_url=url.rstrip("/"), headers=headers, timeout=httpx.Timeout(30.0, read=None)
+        )
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
@@ -114,13 +121,18 @@ def _listing(rows: list[dict[str, Any]], columns: list[str], as_json: bool) -> N
 
 @app.command()
 def chat(
-    model: Annotated[Optional[str], typer.Argument(
-        help="A served model id; default: the first the gateway lists.", show_default=False)] = None,
-    system: Annotated[Optional[str], typer.Option(help="A system prompt.", show_default=False)] = None,
-    temperature: Annotated[Optional[float], typer.Option(
-        min=0, max=2, help="Sampling temperature; default: the model's.", show_default=False)] = None,
+    model: Annotated[
+        str | None,
+        typer.Argument(help="A served model id; default: the first the gateway lists.", show_default=False),
+    ] = None,
+    system: Annotated[str | None, typer.Option(help="A system prompt.", show_default=False)] = None,
+    temperature: Annotated[
+        float | None,
+        typer.Option(min=0, max=2, help="Sampling temperature; default: the model's.", show_default=False),
+    ] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Tokens per answer at most.")] = 512,
-    url: Url = DEFAULT_URL, api_key: ApiKey = None,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
 ) -> None:
     """Chat in the terminal, answers streamed; the conversation is kept until /reset.
 
@@ -150,8 +162,13 @@ def chat(
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
-        body: dict[str, Any] = {"model": model, "messages": history, "stream": True,
-                                "max_tokens": max_tokens, "stream_options": {"include_usage": True}}
+        body: dict[str, Any] = {
+            "model": model,
+            "messages": history,
+            "stream": True,
+            "max_tokens": max_tokens,
+            "stream_options": {"include_usage": True},
+        }
         if temperature is not None:
             body["temperature"] = temperature
         answer, usage, first, start = [], None, None, time.perf_counter()
@@ -174,8 +191,11 @@ def chat(
         if usage and first is not None:
             took = time.perf_counter() - first
             rate = usage["completion_tokens"] / took if took > 0 else 0.0
-            err.print(f"[dim]{_e(usage['completion_tokens'])} tokens, first after "
-                      f"{(first - start) * 1000:.0f} ms, {rate:.1f} tokens/s[/]", highlight=False)
+            err.print(
+                f"[dim]{_e(usage['completion_tokens'])} tokens, first after "
+                f"{(first - start) * 1000:.0f} ms, {rate:.1f} tokens/s[/]",
+                highlight=False,
+            )
 
 
 # -- models -------------------------------------------------------------------------------
@@ -194,10 +214,13 @@ def models_list(url: Url = DEFAULT_URL, api_key: ApiKey = None, as_json: AsJson 
 @models_app.command("load")
 def models_load(
     model: Annotated[str, typer.Argument(help="A catalog model id, or <base>:<adapter>.")],
-    adapter_path: Annotated[Optional[str], typer.Option(
-        help="For <base>:<adapter>: the PEFT folder on the worker.", show_default=False)] = None,
-    worker: Annotated[Optional[str], typer.Option(help="Load on this worker id.", show_default=False)] = None,
-    url: Url = DEFAULT_URL, api_key: ApiKey = None,
+    adapter_path: Annotated[
+        str | None,
+        typer.Option(help="For <base>:<adapter>: the PEFT folder on the worker.", show_default=False),
+    ] = None,
+    worker: Annotated[str | None, typer.Option(help="Load on this worker id.", show_default=False)] = None,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
 ) -> None:
     """Load a model (admin)."""
     body = {k: v for k, v in {"adapterPath": adapter_path, "workerId": worker}.items() if v}
@@ -207,11 +230,16 @@ def models_load(
 
 
 @models_app.command("unload")
-def models_unload(model: Annotated[str, typer.Argument(help="A loaded model id.")],
-                  url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+def models_unload(
+    model: Annotated[str, typer.Argument(help="A loaded model id.")],
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
     """Unload a model from every worker (admin)."""
     reply = Gateway(url, api_key).call("POST", f"/api/v1/models/{model}/unload")
-    out.print(f"unloaded {_e(model)} from {_e(', '.join(reply['workerIds']) or 'no worker')}", highlight=False)
+    out.print(
+        f"unloaded {_e(model)} from {_e(', '.join(reply['workerIds']) or 'no worker')}", highlight=False
+    )
 
 
 # -- files --------------------------------------------------------------------------------
@@ -222,14 +250,18 @@ app.add_typer(files_app, name="files")
 
 @files_app.command("upload")
 def files_upload(
-    path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="A JSONL, JSON, CSV or Parquet file.")],
+    path: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, help="A JSONL, JSON, CSV or Parquet file.")
+    ],
     purpose: Annotated[str, typer.Option(help="What the file is for.")] = "fine-tune",
-    url: Url = DEFAULT_URL, api_key: ApiKey = None,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
 ) -> None:
     """Upload a dataset; it is checked on arrival and refused with the line at fault."""
     with path.open("rb") as f:
-        reply = Gateway(url, api_key).call("POST", "/v1/files", data={"purpose": purpose},
-                                           files={"file": (path.name, f)})
+        reply = Gateway(url, api_key).call(
+            "POST", "/v1/files", data={"purpose": purpose}, files={"file": (path.name, f)}
+        )
     out.print(reply["id"])
 
 
@@ -241,8 +273,11 @@ def files_list(url: Url = DEFAULT_URL, api_key: ApiKey = None, as_json: AsJson =
 
 
 @files_app.command("delete")
-def files_delete(file_id: Annotated[str, typer.Argument(help="A file id (file-…).")],
-                 url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+def files_delete(
+    file_id: Annotated[str, typer.Argument(help="A file id (file-…).")],
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
     """Delete an uploaded file."""
     Gateway(url, api_key).call("DELETE", f"/v1/files/{file_id}")
     out.print(f"deleted {_e(file_id)}")
@@ -257,25 +292,37 @@ app.add_typer(train_app, name="train")
 @train_app.command("submit")
 def train_submit(
     model: Annotated[str, typer.Option("--model", help="The base model id.")],
-    file: Annotated[Optional[str], typer.Option(
-        help="An uploaded file id, or a local file to upload first.", show_default=False)] = None,
-    dataset: Annotated[Optional[str], typer.Option(
-        help="A dataset path on the workers' disk (instead of --file).", show_default=False)] = None,
-    validation_file: Annotated[Optional[str], typer.Option(
-        help="Held-out examples for the eval loss: a file id or a local file.",
-        show_default=False)] = None,
+    file: Annotated[
+        str | None,
+        typer.Option(help="An uploaded file id, or a local file to upload first.", show_default=False),
+    ] = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(help="A dataset path on the workers' disk (instead of --file).", show_default=False),
+    ] = None,
+    validation_file: Annotated[
+        str | None,
+        typer.Option(
+            help="Held-out examples for the eval loss: a file id or a local file.", show_default=False
+        ),
+    ] = None,
     method: Annotated[str, typer.Option(help="lora, dora, full, … (see the README).")] = "lora",
-    epochs: Annotated[Optional[float], typer.Option(help="Passes over the data.", show_default=False)] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop after N steps.", show_default=False)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(show_default=False, help="Examples per step.")] = None,
-    learning_rate: Annotated[Optional[float], typer.Option(show_default=False,
-                                                           help="Default: the method's.")] = None,
-    suffix: Annotated[Optional[str], typer.Option(show_default=False,
-                                                  help="Part of the result model's name.")] = None,
-    report_to: Annotated[Optional[str], typer.Option(
-        help="'tensorboard': write TensorBoard logs into the job folder.", show_default=False)] = None,
+    epochs: Annotated[float | None, typer.Option(help="Passes over the data.", show_default=False)] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after N steps.", show_default=False)] = None,
+    batch_size: Annotated[int | None, typer.Option(show_default=False, help="Examples per step.")] = None,
+    learning_rate: Annotated[
+        float | None, typer.Option(show_default=False, help="Default: the method's.")
+    ] = None,
+    suffix: Annotated[
+        str | None, typer.Option(show_default=False, help="Part of the result model's name.")
+    ] = None,
+    report_to: Annotated[
+        str | None,
+        typer.Option(help="'tensorboard': write TensorBoard logs into the job folder.", show_default=False),
+    ] = None,
     watch: Annotated[bool, typer.Option(help="Follow the job until it ends.")] = False,
-    url: Url = DEFAULT_URL, api_key: ApiKey = None,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
 ) -> None:
     """Start a fine-tuning job and print its id."""
     if (file is None) == (dataset is None):
@@ -288,8 +335,14 @@ def train_submit(
         body["dataset"] = dataset
     if validation_file is not None:
         body["validationFileId"] = _file_id(gw, validation_file)
-    for key, value in (("epochs", epochs), ("maxSteps", max_steps), ("batchSize", batch_size),
-                       ("learningRate", learning_rate), ("suffix", suffix), ("reportTo", report_to)):
+    for key, value in (
+        ("epochs", epochs),
+        ("maxSteps", max_steps),
+        ("batchSize", batch_size),
+        ("learningRate", learning_rate),
+        ("suffix", suffix),
+        ("reportTo", report_to),
+    ):
         if value is not None:
             body[key] = value
     job = gw.call("POST", "/api/v1/training/start", json=body)
@@ -303,35 +356,54 @@ def _file_id(gw: Gateway, name: str) -> str:
     if not path.is_file():
         return name
     with path.open("rb") as f:
-        return gw.call("POST", "/v1/files", data={"purpose": "fine-tune"},
-                       files={"file": (path.name, f)})["id"]
+        return gw.call("POST", "/v1/files", data={"purpose": "fine-tune"}, files={"file": (path.name, f)})[
+            "id"
+        ]
 
 
 @train_app.command("list")
-def train_list(limit: Annotated[int, typer.Option(min=1, max=100, help="Newest first.")] = 20,
-               url: Url = DEFAULT_URL, api_key: ApiKey = None, as_json: AsJson = False) -> None:
+def train_list(
+    limit: Annotated[int, typer.Option(min=1, max=100, help="Newest first.")] = 20,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+    as_json: AsJson = False,
+) -> None:
     """Your fine-tuning jobs."""
     jobs = Gateway(url, api_key).call("GET", "/api/v1/training/jobs", params={"limit": limit})["jobs"]
-    rows = jobs if as_json else [
-        {**j, "step": f"{j['progress']['step']}/{j['progress']['totalSteps']}" if j["progress"] else ""}
-        for j in jobs]
+    rows = (
+        jobs
+        if as_json
+        else [
+            {**j, "step": f"{j['progress']['step']}/{j['progress']['totalSteps']}" if j["progress"] else ""}
+            for j in jobs
+        ]
+    )
     _listing(rows, ["id", "state", "baseModel", "method", "step", "fineTunedModel"], as_json)
 
 
 @train_app.command("status")
-def train_status(job_id: Annotated[str, typer.Argument(help="A job id.")],
-                 url: Url = DEFAULT_URL, api_key: ApiKey = None, as_json: AsJson = False) -> None:
+def train_status(
+    job_id: Annotated[str, typer.Argument(help="A job id.")],
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+    as_json: AsJson = False,
+) -> None:
     """One job: state, progress, checkpoints, result or error."""
     job = Gateway(url, api_key).call("GET", f"/api/v1/training/status/{job_id}")
     if as_json:
         out.print_json(data=job)
         return
     p = job["progress"] or {}
-    out.print(f"[bold]{_e(job['id'])}[/] {_e(job['state'])}: {_e(job['method'])} on {_e(job['baseModel'])}",
-              highlight=False)
+    out.print(
+        f"[bold]{_e(job['id'])}[/] {_e(job['state'])}: {_e(job['method'])} on {_e(job['baseModel'])}",
+        highlight=False,
+    )
     if p:
-        out.print(f"step {_e(p['step'])}/{_e(p['totalSteps'])}, loss {_e(p['loss'])}, "
-                  f"{p['tokensPerSecond']:.0f} tokens/s", highlight=False)
+        out.print(
+            f"step {_e(p['step'])}/{_e(p['totalSteps'])}, loss {_e(p['loss'])}, "
+            f"{p['tokensPerSecond']:.0f} tokens/s",
+            highlight=False,
+        )
     for c in job["checkpoints"]:
         out.print(f"checkpoint step {_e(c['step'])}: {_e(c['path'])}", highlight=False)
     if job["fineTunedModel"]:
@@ -341,16 +413,18 @@ def train_status(job_id: Annotated[str, typer.Argument(help="A job id.")],
 
 
 @train_app.command("cancel")
-def train_cancel(job_id: Annotated[str, typer.Argument(help="A job id.")],
-                 url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+def train_cancel(
+    job_id: Annotated[str, typer.Argument(help="A job id.")], url: Url = DEFAULT_URL, api_key: ApiKey = None
+) -> None:
     """Stop a queued or running job."""
     job = Gateway(url, api_key).call("POST", f"/api/v1/training/cancel/{job_id}")
     out.print(f"{_e(job['id'])} {_e(job['state'])}")
 
 
 @train_app.command("watch")
-def train_watch(job_id: Annotated[str, typer.Argument(help="A job id.")],
-                url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+def train_watch(
+    job_id: Annotated[str, typer.Argument(help="A job id.")], url: Url = DEFAULT_URL, api_key: ApiKey = None
+) -> None:
     """Follow a job live: a progress bar with step, loss, tokens/s and ETA, and a loss
     sparkline; exits 0 when it succeeds, 1 otherwise."""
     raise typer.Exit(_watch(Gateway(url, api_key), job_id))
@@ -374,9 +448,15 @@ def _watch(gw: Gateway, job_id: str) -> int:
 
     losses: list[float] = []
     state = ""
-    columns = [TextColumn("[bold]{task.fields[state]}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} tok/s"),
-               TimeRemainingColumn(), TextColumn("{task.fields[spark]}")]
+    columns = [
+        TextColumn("[bold]{task.fields[state]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[rate]} tok/s"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[spark]}"),
+    ]
     with Progress(*columns, console=err, transient=False) as bar:
         task = bar.add_task("train", total=None, state="queued", loss="-", rate="-", spark="")
         for kind, event in gw.events(f"/api/v1/training/stream/{job_id}"):
@@ -389,9 +469,14 @@ def _watch(gw: Gateway, job_id: str) -> int:
                 p = event["progress"]
                 if p.get("loss") is not None:
                     losses.append(p["loss"])
-                bar.update(task, completed=p["step"], total=p["totalSteps"] or None,
-                           loss=f"{p['loss']:.4f}" if p.get("loss") is not None else "-",
-                           rate=f"{p['tokensPerSecond']:.0f}", spark=sparkline(losses))
+                bar.update(
+                    task,
+                    completed=p["step"],
+                    total=p["totalSteps"] or None,
+                    loss=f"{p['loss']:.4f}" if p.get("loss") is not None else "-",
+                    rate=f"{p['tokensPerSecond']:.0f}",
+                    spark=sparkline(losses),
+                )
             elif kind in ("message", "checkpoint") and event.get("message"):
                 bar.console.print(f"[dim]{_e(event['message'])}[/]", highlight=False)
     job = gw.call("GET", f"/api/v1/training/status/{job_id}")

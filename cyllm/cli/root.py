@@ -6,20 +6,30 @@ from __future__ import annotations
 import os
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from cyllm.runtime import LOG_LEVEL_ENV
 
-app = typer.Typer(no_args_is_help=True, rich_markup_mode="markdown",
-                  help="CY-LLM: serve and fine-tune LLMs.  Servers: **serve**, gateway, "
-                  "coordinator, worker.  Clients of a running gateway: chat, models, files, "
-                  "train, keys.")
+app = typer.Typer(
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+    help="CY-LLM: serve and fine-tune LLMs.  Servers: **serve**, gateway, "
+    "coordinator, worker.  Clients of a running gateway: chat, models, files, "
+    "train, keys.",
+)
 
-ConfigFile = Annotated[Optional[Path], typer.Option(
-    "--config", exists=True, dir_okay=False, help="YAML config file (sections: gateway, "
-    "coordinator, worker, models, internal)", show_default=False)]
+ConfigFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        exists=True,
+        dir_okay=False,
+        help="YAML config file (sections: gateway, coordinator, worker, models, internal)",
+        show_default=False,
+    ),
+]
 
 
 def package_version() -> str:
@@ -37,12 +47,19 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version_: Annotated[bool, typer.Option(
-        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
-    log_level: Annotated[Optional[str], typer.Option(
-        "--log-level", case_sensitive=False, show_default=False,
-        help="DEBUG, INFO, WARNING or ERROR (the server processes inherit it; default INFO, "
-        f"or ${LOG_LEVEL_ENV})")] = None,
+    version_: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    log_level: Annotated[
+        str | None,
+        typer.Option(
+            "--log-level",
+            case_sensitive=False,
+            show_default=False,
+            help="DEBUG, INFO, WARNING or ERROR (the server processes inherit it; default INFO, "
+            f"or ${LOG_LEVEL_ENV})",
+        ),
+    ] = None,
 ) -> None:
     if log_level is not None:
         level = log_level.upper()

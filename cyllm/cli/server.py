@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -13,12 +13,16 @@ from cyllm.cli.root import ConfigFile, app
 from cyllm.runtime import setup_logging
 from cyllm.settings import ConfigError, load_settings
 
-Host = Annotated[Optional[str], typer.Option(help="Address to bind.", show_default=False)]
-Port = Annotated[Optional[int], typer.Option(help="Port to bind.", show_default=False)]
+Host = Annotated[str | None, typer.Option(help="Address to bind.", show_default=False)]
+Port = Annotated[int | None, typer.Option(help="Port to bind.", show_default=False)]
 Coordinators = Annotated[
-    Optional[list[str]],
-    typer.Option("--coordinator", metavar="HOST:PORT", show_default=False,
-                 help="A coordinator to register with (repeatable)."),
+    list[str] | None,
+    typer.Option(
+        "--coordinator",
+        metavar="HOST:PORT",
+        show_default=False,
+        help="A coordinator to register with (repeatable).",
+    ),
 ]
 
 
@@ -43,28 +47,47 @@ def _plane(config: Path | None):
 
 @app.command()
 def serve(
-    model: Annotated[Optional[str], typer.Argument(
-        metavar="MODEL", help="A local Hugging Face folder, a .gguf file, or a Hugging Face Hub id (org/name"
-        "[@revision], downloaded once). Default: the models of --config, else the built-in "
-        "SmolLM2-135M-Instruct.", show_default=False)] = None,
+    model: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="MODEL",
+            help="A local Hugging Face folder, a .gguf file, or a Hugging Face Hub id (org/name"
+            "[@revision], downloaded once). Default: the models of --config, else the built-in "
+            "SmolLM2-135M-Instruct.",
+            show_default=False,
+        ),
+    ] = None,
     host: Annotated[str, typer.Option(help="Address the HTTP gateway binds.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port of the gateway.")] = 8080,
     coordinator_port: Annotated[int, typer.Option(help="gRPC port of the coordinator.")] = 50050,
     worker_port: Annotated[int, typer.Option(help="gRPC port of the worker.")] = 50051,
-    served_model_name: Annotated[Optional[str], typer.Option(
-        help="The id clients name the model by. Default: the Hub id, or the folder's or "
-        "file's name.", show_default=False)] = None,
-    engine: Annotated[Optional[str], typer.Option(
-        help="auto, transformers, vllm, llama_cpp, … (default auto: the fastest installed "
-        "for the hardware).", show_default=False)] = None,
-    device: Annotated[Optional[str], typer.Option(
-        help="auto, cpu, cuda, cuda:N, npu, npu:N.", show_default=False)] = None,
-    dtype: Annotated[Optional[str], typer.Option(
-        help="auto, float32, bfloat16, float16.", show_default=False)] = None,
-    max_batch_size: Annotated[Optional[int], typer.Option(
-        min=1, help="Sequences decoded together (default 32).", show_default=False)] = None,
-    max_context: Annotated[Optional[int], typer.Option(
-        min=16, help="Tokens of context, below the model's own.", show_default=False)] = None,
+    served_model_name: Annotated[
+        str | None,
+        typer.Option(
+            help="The id clients name the model by. Default: the Hub id, or the folder's or file's name.",
+            show_default=False,
+        ),
+    ] = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            help="auto, transformers, vllm, llama_cpp, … (default auto: the fastest installed "
+            "for the hardware).",
+            show_default=False,
+        ),
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="auto, cpu, cuda, cuda:N, npu, npu:N.", show_default=False)
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="auto, float32, bfloat16, float16.", show_default=False)
+    ] = None,
+    max_batch_size: Annotated[
+        int | None, typer.Option(min=1, help="Sequences decoded together (default 32).", show_default=False)
+    ] = None,
+    max_context: Annotated[
+        int | None, typer.Option(min=16, help="Tokens of context, below the model's own.", show_default=False)
+    ] = None,
     config: ConfigFile = None,
 ) -> None:
     """Run gateway, coordinator and worker together on this machine (the embedded default).
@@ -75,8 +98,13 @@ def serve(
     from cyllm import supervisor
     from cyllm.cli.sources import SourceError, model_spec
 
-    flags = {"engine": engine, "device": device, "dtype": dtype, "max_batch_size": max_batch_size,
-             "max_context": max_context}
+    flags = {
+        "engine": engine,
+        "device": device,
+        "dtype": dtype,
+        "max_batch_size": max_batch_size,
+        "max_context": max_context,
+    }
     if model is None:
         given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None]
         if given or served_model_name:
@@ -99,24 +127,36 @@ def gateway(
     port: Port = None,
     config: ConfigFile = None,
     coordinator: Coordinators = None,
-    embed_coordinator: Annotated[Optional[str], typer.Option(
-        metavar="HOST:PORT", show_default=False,
-        help="Run a coordinator inside this process, its gRPC server on HOST:PORT (for "
-        "workers and tools); the gateway calls it without a network hop.")] = None,
+    embed_coordinator: Annotated[
+        str | None,
+        typer.Option(
+            metavar="HOST:PORT",
+            show_default=False,
+            help="Run a coordinator inside this process, its gRPC server on HOST:PORT (for "
+            "workers and tools); the gateway calls it without a network hop.",
+        ),
+    ] = None,
 ) -> None:
     """Run the HTTP gateway (default port 8080)."""
     from cyllm.gateway.main import serve as run
     from cyllm.gateway.settings import GatewaySettings
 
     setup_logging()
-    settings = _load(GatewaySettings, config, host=host, port=port,
-                     coordinators=coordinator or None, embedded_coordinator=embed_coordinator)
+    settings = _load(
+        GatewaySettings,
+        config,
+        host=host,
+        port=port,
+        coordinators=coordinator or None,
+        embedded_coordinator=embed_coordinator,
+    )
     hosted = None
     if settings.embedded_coordinator:
         chost, _, cport = settings.embedded_coordinator.rpartition(":")
         if not chost or not cport.isdigit():
-            typer.echo(f"error: embedded_coordinator: {settings.embedded_coordinator!r} is not "
-                       "HOST:PORT", err=True)
+            typer.echo(
+                f"error: embedded_coordinator: {settings.embedded_coordinator!r} is not HOST:PORT", err=True
+            )
             raise typer.Exit(2)
         from cyllm.coordinator.settings import CoordinatorSettings
 
@@ -129,34 +169,47 @@ def coordinator(
     host: Host = None,
     port: Port = None,
     config: ConfigFile = None,
-    redis_url: Annotated[Optional[str], typer.Option(
-        metavar="URL", show_default=False,
-        help="redis://HOST:PORT/DB: share queue, cache and workers with other coordinators.")] = None,
+    redis_url: Annotated[
+        str | None,
+        typer.Option(
+            metavar="URL",
+            show_default=False,
+            help="redis://HOST:PORT/DB: share queue, cache and workers with other coordinators.",
+        ),
+    ] = None,
 ) -> None:
     """Run the coordinator (gRPC, default port 50050)."""
     from cyllm.coordinator.main import serve as run
     from cyllm.coordinator.settings import CoordinatorSettings
 
     setup_logging()
-    asyncio.run(run(_load(CoordinatorSettings, config, host=host, port=port, redis_url=redis_url),
-                    _plane(config)))
+    asyncio.run(
+        run(_load(CoordinatorSettings, config, host=host, port=port, redis_url=redis_url), _plane(config))
+    )
 
 
 @app.command()
-def worker(host: Host = None, port: Port = None, config: ConfigFile = None,
-           coordinator: Coordinators = None) -> None:
+def worker(
+    host: Host = None, port: Port = None, config: ConfigFile = None, coordinator: Coordinators = None
+) -> None:
     """Run a worker (gRPC, default port 50051) with the models of the config."""
     from cyllm.worker.main import serve as run
     from cyllm.worker.settings import WorkerSettings
 
     setup_logging()
-    asyncio.run(run(_load(WorkerSettings, config, host=host, port=port,
-                          coordinators=coordinator or None), _plane(config)))
+    asyncio.run(
+        run(
+            _load(WorkerSettings, config, host=host, port=port, coordinators=coordinator or None),
+            _plane(config),
+        )
+    )
 
 
 @app.command()
-def probe(address: Annotated[str, typer.Argument(help="HOST:PORT of a coordinator or worker")],
-          config: ConfigFile = None) -> None:
+def probe(
+    address: Annotated[str, typer.Argument(help="HOST:PORT of a coordinator or worker")],
+    config: ConfigFile = None,
+) -> None:
     """Exit 0 when the gRPC server at ADDRESS reports SERVING (container health checks)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -175,10 +228,17 @@ def probe(address: Annotated[str, typer.Argument(help="HOST:PORT of a coordinato
 @app.command()
 def certs(
     out: Annotated[Path, typer.Option(help="folder for ca.pem and <role>.pem/.key")] = Path("certs"),
-    role: Annotated[Optional[list[str]], typer.Option(metavar="ROLE",
-        help="gateway, coordinator or worker (repeatable); default: all three")] = None,
-    host: Annotated[Optional[list[str]], typer.Option(metavar="HOST",
-        help="a name or address the component is dialled by (repeatable); default: this machine")] = None,
+    role: Annotated[
+        list[str] | None,
+        typer.Option(metavar="ROLE", help="gateway, coordinator or worker (repeatable); default: all three"),
+    ] = None,
+    host: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="HOST",
+            help="a name or address the component is dialled by (repeatable); default: this machine",
+        ),
+    ] = None,
     days: Annotated[int, typer.Option(min=1, help="certificate lifetime")] = 365,
 ) -> None:
     """Make the internal plane's CA (if absent) and a certificate per component role."""
@@ -196,16 +256,28 @@ def certs(
     typer.echo(f"CA: {out / 'ca.pem'} (keep {out / 'ca.key'} off the serving machines)")
 
 
-keys_app = typer.Typer(no_args_is_help=True, help=(
-    "Manage API keys: over HTTP with an admin key (--url or CYLLM_URL), or directly on "
-    "the key store (--config, or neither)."))
+keys_app = typer.Typer(
+    no_args_is_help=True,
+    help=(
+        "Manage API keys: over HTTP with an admin key (--url or CYLLM_URL), or directly on "
+        "the key store (--config, or neither)."
+    ),
+)
 app.add_typer(keys_app, name="keys")
 
-KeysUrl = Annotated[Optional[str], typer.Option(
-    "--url", envvar="CYLLM_URL", show_default=False,
-    help="A gateway: manage keys through its admin API (with --api-key).")]
-AdminKey = Annotated[Optional[str], typer.Option(
-    "--api-key", envvar="CYLLM_API_KEY", show_default=False, help="An admin API key or JWT.")]
+KeysUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--url",
+        envvar="CYLLM_URL",
+        show_default=False,
+        help="A gateway: manage keys through its admin API (with --api-key).",
+    ),
+]
+AdminKey = Annotated[
+    str | None,
+    typer.Option("--api-key", envvar="CYLLM_API_KEY", show_default=False, help="An admin API key or JWT."),
+]
 
 
 def _store(config: Path | None):
@@ -228,22 +300,33 @@ def _over_http(url: str | None, api_key: str | None, config: Path | None):
 def keys_create(
     name: Annotated[str, typer.Option(help="Who or what the key is for.")],
     admin: Annotated[bool, typer.Option(help="May manage keys and the other admin routes.")] = False,
-    model: Annotated[Optional[list[str]], typer.Option(metavar="MODEL",
-        help="A model the key may use (repeatable); default: all.", show_default=False)] = None,
-    expires_in_days: Annotated[Optional[float], typer.Option(
-        min=0.001, help="Lifetime; default: no expiry.", show_default=False)] = None,
-    config: ConfigFile = None, url: KeysUrl = None, api_key: AdminKey = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="MODEL", help="A model the key may use (repeatable); default: all.", show_default=False
+        ),
+    ] = None,
+    expires_in_days: Annotated[
+        float | None, typer.Option(min=0.001, help="Lifetime; default: no expiry.", show_default=False)
+    ] = None,
+    config: ConfigFile = None,
+    url: KeysUrl = None,
+    api_key: AdminKey = None,
 ) -> None:
     """Create a key and print it (the only time it is shown in clear)."""
     expires = expires_in_days * 86400 if expires_in_days else None
     gw = _over_http(url, api_key, config)
     if gw is not None:
-        reply = gw.call("POST", "/admin/keys", json={"name": name, "admin": admin, "models": model,
-                                                      "expires_in_s": expires})
+        reply = gw.call(
+            "POST",
+            "/admin/keys",
+            json={"name": name, "admin": admin, "models": model, "expires_in_s": expires},
+        )
         key_id, secret = reply["key_id"], reply["key"]
     else:
-        key, secret = asyncio.run(_store(config).create(name, admin=admin, models=model,
-                                                        expires_in_s=expires))
+        key, secret = asyncio.run(
+            _store(config).create(name, admin=admin, models=model, expires_in_s=expires)
+        )
         key_id = key.key_id
     typer.echo(f"created {key_id} ({name}); the key, shown once:")
     typer.echo(secret)
@@ -255,15 +338,22 @@ def keys_list(config: ConfigFile = None, url: KeysUrl = None, api_key: AdminKey 
     import json
 
     gw = _over_http(url, api_key, config)
-    keys = gw.call("GET", "/admin/keys")["keys"] if gw is not None \
+    keys = (
+        gw.call("GET", "/admin/keys")["keys"]
+        if gw is not None
         else [k.public() for k in asyncio.run(_store(config).all())]
+    )
     for key in keys:
         typer.echo(json.dumps(key))
 
 
 @keys_app.command("revoke")
-def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id (not its secret).")],
-                config: ConfigFile = None, url: KeysUrl = None, api_key: AdminKey = None) -> None:
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="The key's id (not its secret).")],
+    config: ConfigFile = None,
+    url: KeysUrl = None,
+    api_key: AdminKey = None,
+) -> None:
     """Revoke a key; it stops working at once."""
     gw = _over_http(url, api_key, config)
     if gw is not None:
@@ -293,4 +383,3 @@ def prepare_models(config: ConfigFile = None) -> None:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
         typer.echo(f"{spec.id}: {path}")
-

@@ -15,11 +15,12 @@ from typing import Any
 
 from cyllm.worker.settings import ModelSpec
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}(@[A-Za-z0-9._/-]{1,100})?$")
+HUB_ID = re.compile(
+    r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}(@[A-Za-z0-9._/-]{1,100})?$"
+)
 # What a served folder needs; never *.bin/*.pt (pickles), *.py (remote code), *.onnx, *.h5 or
 # the other formats a Hub repository often carries beside the safetensors.
-SERVING_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt",
-                 "*.jinja"]
+SERVING_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
 
 
 class SourceError(Exception):
@@ -41,8 +42,11 @@ def model_spec(model: str, name: str | None, **fields: Any) -> ModelSpec:
     source = _source(model)
     served = name or name_of(model)
     try:
-        return ModelSpec(id=re.sub(r"[^A-Za-z0-9._/-]", "-", served), **source,
-                         **{k: v for k, v in fields.items() if v is not None})
+        return ModelSpec(
+            id=re.sub(r"[^A-Za-z0-9._/-]", "-", served),
+            **source,
+            **{k: v for k, v in fields.items() if v is not None},
+        )
     except ValueError as exc:
         raise SourceError(str(exc)) from None
 
@@ -69,12 +73,13 @@ def download(model: str) -> Path:
 
     repo, _, revision = model.partition("@")
     try:
-        folder = Path(snapshot_download(repo, revision=revision or None,
-                                        allow_patterns=SERVING_FILES))
+        folder = Path(snapshot_download(repo, revision=revision or None, allow_patterns=SERVING_FILES))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SourceError(f"could not download {model} from the Hub: {first}") from None
     if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
-        raise SourceError(f"{model} on the Hub has no config.json and safetensors weights "
-                          "(GGUF-only repositories: download the .gguf and serve the file)")
+        raise SourceError(
+            f"{model} on the Hub has no config.json and safetensors weights "
+            "(GGUF-only repositories: download the .gguf and serve the file)"
+        )
     return folder

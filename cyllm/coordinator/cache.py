@@ -48,8 +48,9 @@ def cache_key(request: pb.GenerateRequest, tenant: str = "") -> str:
 
 
 def encode(entry: CachedResponse) -> bytes:
-    return json.dumps([list(entry.chunks), entry.finish_reason, entry.prompt_tokens,
-                       entry.completion_tokens]).encode()
+    return json.dumps(
+        [list(entry.chunks), entry.finish_reason, entry.prompt_tokens, entry.completion_tokens]
+    ).encode()
 
 
 def decode(raw: bytes) -> CachedResponse:

@@ -21,8 +21,9 @@ from cyllm.training.check import check_dataset
 from cyllm.training.data import Limits
 from cyllm.training.spec import TrainingSpec
 
-REFUSED = ("dataset must be an uploaded file (training_file, or fileId) or a path under the "
-           "server's datasets_dirs")
+REFUSED = (
+    "dataset must be an uploaded file (training_file, or fileId) or a path under the server's datasets_dirs"
+)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,11 @@ class DatasetPolicy:
     async def check(self, path: Path | str, spec: TrainingSpec | None = None) -> int:
         """How many examples it has, or DatasetError saying what is wrong."""
         return await check_dataset(
-            str(path), spec.dataset_format if spec else None, spec.prompt_column if spec else None,
-            spec.response_column if spec else None, self.limits,
-            memory_bytes=self.memory_bytes, timeout_s=self.timeout_s)
+            str(path),
+            spec.dataset_format if spec else None,
+            spec.prompt_column if spec else None,
+            spec.response_column if spec else None,
+            self.limits,
+            memory_bytes=self.memory_bytes,
+            timeout_s=self.timeout_s,
+        )

@@ -24,12 +24,13 @@ PURPOSES = ("fine-tune",)
 
 
 class FileStore:
-    def __init__(self, store: JobStore, root: Path, max_bytes: int,
-                 datasets: DatasetPolicy = DatasetPolicy()) -> None:
+    def __init__(
+        self, store: JobStore, root: Path, max_bytes: int, datasets: DatasetPolicy | None = None
+    ) -> None:
         self.store = store
         self.root = root
         self.max_bytes = max_bytes
-        self.datasets = datasets
+        self.datasets = datasets or DatasetPolicy()
 
     async def upload(self, chunks: AsyncIterator[pb.FileChunk], tenant: Tenant) -> pb.FileInfo:
         """Write the stream to disk; a fine-tune file must read as a dataset."""
@@ -41,11 +42,13 @@ class FileStore:
             async for chunk in chunks:
                 if info is None:
                     info = self._start(file_id, chunk, folder, tenant)
-                    out = open(Path(info.path), "wb")  # noqa: SIM115  (closed below)
+                    out = await asyncio.to_thread(open, Path(info.path), "wb")
                 info.bytes += len(chunk.data)
                 if info.bytes > self.max_bytes:
-                    raise errors.InvalidRequest(f"file is over the {self.max_bytes} byte limit "
-                                                "(coordinator.files_max_bytes)", param="file")
+                    raise errors.InvalidRequest(
+                        f"file is over the {self.max_bytes} byte limit (coordinator.files_max_bytes)",
+                        param="file",
+                    )
                 await asyncio.to_thread(out.write, chunk.data)
             if info is None:
                 raise errors.InvalidRequest("no file was sent", param="file")
@@ -63,13 +66,22 @@ class FileStore:
 
     def _start(self, file_id: str, chunk: pb.FileChunk, folder: Path, tenant: Tenant) -> pb.FileInfo:
         if chunk.purpose not in PURPOSES:
-            raise errors.InvalidRequest(f"purpose {chunk.purpose[:64]!r} is not supported; this "
-                                        f"server takes files for: {', '.join(PURPOSES)}", param="purpose")
+            raise errors.InvalidRequest(
+                f"purpose {chunk.purpose[:64]!r} is not supported; this "
+                f"server takes files for: {', '.join(PURPOSES)}",
+                param="purpose",
+            )
         name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(chunk.filename or "data.jsonl").name)[-128:]
         name = name.lstrip(".") or "data.jsonl"
         folder.mkdir(parents=True, exist_ok=True)
-        return pb.FileInfo(id=file_id, filename=(chunk.filename or name)[:256], purpose=chunk.purpose,
-                           created_at=int(time.time()), path=str(folder / name), owner=tenant.subject)
+        return pb.FileInfo(
+            id=file_id,
+            filename=(chunk.filename or name)[:256],
+            purpose=chunk.purpose,
+            created_at=int(time.time()),
+            path=str(folder / name),
+            owner=tenant.subject,
+        )
 
     async def get(self, file_id: str, tenant: Tenant, param: str = "file_id") -> pb.FileInfo:
         info = await self.store.get_file(file_id) if is_id(file_id) else None  # malformed: unknown
@@ -78,8 +90,11 @@ class FileStore:
         return info
 
     async def list(self, tenant: Tenant, purpose: str = "") -> list[pb.FileInfo]:
-        return [f for f in await self.store.files()
-                if tenant.owns(f.owner) and (not purpose or f.purpose == purpose)]
+        return [
+            f
+            for f in await self.store.files()
+            if tenant.owns(f.owner) and (not purpose or f.purpose == purpose)
+        ]
 
     async def delete(self, file_id: str, tenant: Tenant) -> None:
         info = await self.get(file_id, tenant)

@@ -66,22 +66,25 @@ class IdempotencyStore(abc.ABC):
 
 
 class Idempotency:
-    def __init__(self, store: IdempotencyStore, owner: str, ttl_s: float, lease_s: float,
-                 poll_s: float = 0.2) -> None:
+    def __init__(
+        self, store: IdempotencyStore, owner: str, ttl_s: float, lease_s: float, poll_s: float = 0.2
+    ) -> None:
         self.store, self.owner = store, owner
         self.ttl_s, self.lease_s, self.poll_s = ttl_s, lease_s, poll_s
         self._running: dict[str, asyncio.Task[CachedResponse]] = {}
 
-    async def run(self, key: str, fingerprint: str,
-                  produce: Callable[[], Awaitable[CachedResponse]]) -> CachedResponse:
+    async def run(
+        self, key: str, fingerprint: str, produce: Callable[[], Awaitable[CachedResponse]]
+    ) -> CachedResponse:
         while True:
             if (task := self._running.get(key)) is not None:
                 return await asyncio.shield(task)
             claim = await self.store.claim(key, fingerprint, self.owner, self.lease_s)
             if claim.conflict:
                 raise errors.InvalidRequest(
-                    f"this {PARAM} was used for a different request; use a new key for a new "
-                    "request", param=PARAM)
+                    f"this {PARAM} was used for a different request; use a new key for a new request",
+                    param=PARAM,
+                )
             if claim.result is not None:
                 return claim.result
             if claim.claimed:
@@ -113,7 +116,7 @@ async def _quietly(aw: Awaitable[None]) -> None:
     """The store unreachable a moment: the lease (or the TTL) settles it later."""
     try:
         await aw
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         log.warning("idempotency store: %s", exc)
 
 
@@ -187,8 +190,7 @@ class RedisIdempotencyStore(IdempotencyStore):
         self._owned = client.register_script(_OWNED)
 
     async def claim(self, key: str, fingerprint: str, owner: str, lease_s: float) -> Claim:
-        reply = await self._claim(keys=[self.prefix + key],
-                                  args=[fingerprint, owner, int(lease_s * 1000)])
+        reply = await self._claim(keys=[self.prefix + key], args=[fingerprint, owner, int(lease_s * 1000)])
         state = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]
         if state == "claimed":
             return Claim(claimed=True)
@@ -200,8 +202,9 @@ class RedisIdempotencyStore(IdempotencyStore):
         await self._owned(keys=[self.prefix + key], args=[owner, "renew", int(lease_s * 1000), ""])
 
     async def finish(self, key: str, owner: str, result: CachedResponse, ttl_s: float) -> None:
-        await self._owned(keys=[self.prefix + key],
-                          args=[owner, "finish", max(1, int(ttl_s * 1000)), encode(result)])
+        await self._owned(
+            keys=[self.prefix + key], args=[owner, "finish", max(1, int(ttl_s * 1000)), encode(result)]
+        )
 
     async def release(self, key: str, owner: str) -> None:
         await self._owned(keys=[self.prefix + key], args=[owner, "release", 0, ""])

@@ -122,7 +122,7 @@ class MemoryJobStore(JobStore):
     async def list(self, limit: int, after: str = "") -> tuple[list[pb.TrainingJob], bool]:
         ids = sorted(self._jobs, key=lambda i: (self._jobs[i].created_at, i), reverse=True)
         if after:
-            ids = ids[ids.index(after) + 1:] if after in ids else []
+            ids = ids[ids.index(after) + 1 :] if after in ids else []
         return [await self.get(i) for i in ids[:limit]], len(ids) > limit
 
     async def append_event(self, job_id: str, event: pb.TrainingEvent) -> int:

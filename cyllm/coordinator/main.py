@@ -60,13 +60,17 @@ class Backends:
     jobs: JobStore
 
 
-def build_backends(s: CoordinatorSettings, coordinator_id: str,
-                   clock: Callable[[], float] = time.monotonic) -> Backends:
+def build_backends(
+    s: CoordinatorSettings, coordinator_id: str, clock: Callable[[], float] = time.monotonic
+) -> Backends:
     """``clock``: the in-memory backends' (Redis's state runs on Redis's clock)."""
     rules = HealthRules(s.heartbeat_timeout_s, s.progress_timeout_s)
     router = Router(s.routing)
-    limits = {"queue_timeout_s": s.queue_timeout_s, "max_size": s.queue_max_size,
-              "retry_after_s": s.retry_after_s}
+    limits = {
+        "queue_timeout_s": s.queue_timeout_s,
+        "max_size": s.queue_max_size,
+        "retry_after_s": s.retry_after_s,
+    }
     if s.redis_url:
         from cyllm.coordinator.redis_backend import RedisScheduler
         from cyllm.coordinator.redis_cache import RedisPromptCache
@@ -76,14 +80,20 @@ def build_backends(s: CoordinatorSettings, coordinator_id: str,
         client = connect(s.redis_url)
         owners: ModelOwners = RedisModelOwners(client)
         return Backends(
-            RedisScheduler(client, coordinator_id, rules, router, owners, lease_s=s.lease_s,
-                           **limits),
+            RedisScheduler(client, coordinator_id, rules, router, owners, lease_s=s.lease_s, **limits),
             RedisPromptCache(client, s.cache_ttl_s, s.cache_max_entries),
-            RedisIdempotencyStore(client), owners, RedisJobStore(s.redis_url))
+            RedisIdempotencyStore(client),
+            owners,
+            RedisJobStore(s.redis_url),
+        )
     owners = MemoryModelOwners()
-    return Backends(MemoryScheduler(rules, router, owners, clock=clock, **limits),
-                    InMemoryPromptCache(s.cache_ttl_s, s.cache_max_entries, clock=clock),
-                    MemoryIdempotencyStore(), owners, MemoryJobStore())
+    return Backends(
+        MemoryScheduler(rules, router, owners, clock=clock, **limits),
+        InMemoryPromptCache(s.cache_ttl_s, s.cache_max_entries, clock=clock),
+        MemoryIdempotencyStore(),
+        owners,
+        MemoryJobStore(),
+    )
 
 
 @dataclass
@@ -120,24 +130,43 @@ class CoordinatorServer:
         self.metrics_port = 0
         self.workers = WorkerClients(self.plane)
         breakers = CircuitBreakers(s.breaker_failures, s.breaker_cooldown_s)
-        datasets = DatasetPolicy(tuple(s.datasets_dirs), s.datasets_any_path_for_admins,
-                                 s.dataset_limits(), s.dataset_read_memory_bytes,
-                                 s.dataset_read_timeout_s)
+        datasets = DatasetPolicy(
+            tuple(s.datasets_dirs),
+            s.datasets_any_path_for_admins,
+            s.dataset_limits(),
+            s.dataset_read_memory_bytes,
+            s.dataset_read_timeout_s,
+        )
         files = FileStore(backends.jobs, s.files_dir, s.files_max_bytes, datasets)
         self.training = TrainingManager(
-            backends.jobs, files, self.scheduler, self.workers, backends.owners,
-            self.coordinator_id, lease_s=s.lease_s, max_attempts=s.training_max_attempts,
-            datasets=datasets, max_jobs_per_tenant=s.training_max_jobs_per_tenant,
-            max_steps=s.training_max_steps, max_time_s=s.training_max_time_s)
-        models = ModelsService(self.coordinator_id, self.scheduler, self.cache, backends.owners,
-                               self.workers, breakers)
+            backends.jobs,
+            files,
+            self.scheduler,
+            self.workers,
+            backends.owners,
+            self.coordinator_id,
+            lease_s=s.lease_s,
+            max_attempts=s.training_max_attempts,
+            datasets=datasets,
+            max_jobs_per_tenant=s.training_max_jobs_per_tenant,
+            max_steps=s.training_max_steps,
+            max_time_s=s.training_max_time_s,
+        )
+        models = ModelsService(
+            self.coordinator_id, self.scheduler, self.cache, backends.owners, self.workers, breakers
+        )
         self.services = Services(
             inference=InferenceService(
-                self.scheduler, self.cache, self.workers, breakers, self.metrics,
-                Idempotency(backends.idempotency, self.coordinator_id, s.idempotency_ttl_s,
-                            s.lease_s),
-                progress_timeout_s=s.progress_timeout_s, lease_s=s.lease_s,
-                attempts=s.generation_attempts),
+                self.scheduler,
+                self.cache,
+                self.workers,
+                breakers,
+                self.metrics,
+                Idempotency(backends.idempotency, self.coordinator_id, s.idempotency_ttl_s, s.lease_s),
+                progress_timeout_s=s.progress_timeout_s,
+                lease_s=s.lease_s,
+                attempts=s.generation_attempts,
+            ),
             models=models,
             training=TrainingService(self.training, models.visible),
             files=FilesService(files),
@@ -150,12 +179,18 @@ class CoordinatorServer:
         await self.scheduler.start()
         await self.training.start()
         self._metrics_server, self.metrics_port = serve_metrics(
-            self.metrics.registry, self.settings.host, self.settings.metrics_port)
+            self.metrics.registry, self.settings.host, self.settings.metrics_port
+        )
         self._refresher = asyncio.create_task(self.metrics.refresh_forever(self.scheduler, self.cache))
         await self._server.start()
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
-        log.info("coordinator %s (%s backend) listening on %s:%d", self.coordinator_id,
-                 self.scheduler.backend, self.settings.host, self.port)
+        log.info(
+            "coordinator %s (%s backend) listening on %s:%d",
+            self.coordinator_id,
+            self.scheduler.backend,
+            self.settings.host,
+            self.port,
+        )
         return self.port
 
     async def stop(self) -> None:

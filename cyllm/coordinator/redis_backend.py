@@ -40,11 +40,11 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
+from cyllm.coordinator import redis_scripts as lua
 from cyllm.coordinator.owners import RedisModelOwners
 from cyllm.coordinator.pool import HealthRules, WorkerRecord, keeps_outstanding
-from cyllm.coordinator.routing import Router
-from cyllm.coordinator import redis_scripts as lua
 from cyllm.coordinator.queue import Task
+from cyllm.coordinator.routing import Router
 from cyllm.coordinator.scheduler import Keep, Scheduler, Waiter, WorkerView
 from cyllm.protocol import pb
 from cyllm.shared_state import GONE
@@ -100,12 +100,28 @@ class RedisScheduler(Scheduler):
     POLL_S = 0.25  # pump at least this often while tasks wait (pub/sub may drop wakes)
     VIEW_S = 0.25
 
-    def __init__(self, client: aioredis.Redis, coordinator_id: str, rules: HealthRules,
-                 router: Router, owners: RedisModelOwners, *, queue_timeout_s: float,
-                 max_size: int, retry_after_s: float, lease_s: float) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        coordinator_id: str,
+        rules: HealthRules,
+        router: Router,
+        owners: RedisModelOwners,
+        *,
+        queue_timeout_s: float,
+        max_size: int,
+        retry_after_s: float,
+        lease_s: float,
+    ) -> None:
         """``owners``: read here in one script with the pool (its hash in Redis)."""
-        super().__init__(rules, router, owners, queue_timeout_s=queue_timeout_s,
-                         max_size=max_size, retry_after_s=retry_after_s)
+        super().__init__(
+            rules,
+            router,
+            owners,
+            queue_timeout_s=queue_timeout_s,
+            max_size=max_size,
+            retry_after_s=retry_after_s,
+        )
         self.r = client
         self.coordinator_id = coordinator_id
         self.lease_ms = int(lease_s * 1000)
@@ -129,9 +145,11 @@ class RedisScheduler(Scheduler):
 
     async def start(self) -> None:
         await self.r.ping()
-        self._tasks = [asyncio.create_task(self._housekeeping()),
-                       asyncio.create_task(self._listen()),
-                       asyncio.create_task(self._pump_loop())]
+        self._tasks = [
+            asyncio.create_task(self._housekeeping()),
+            asyncio.create_task(self._listen()),
+            asyncio.create_task(self._pump_loop()),
+        ]
 
     async def close(self) -> None:
         for t in self._tasks:
@@ -201,8 +219,14 @@ class RedisScheduler(Scheduler):
         old = await self.r.hget(key, "info")
         keep = keeps_outstanding(pb.WorkerInfo.FromString(old) if old else None, info)
         now_ms = int(await redis_now(self.r) * 1000)
-        fields = {"info": info.SerializeToString(), "capacity": info.capacity, "hb": now_ms,
-                  "progress": now_ms, "running": 0, "tokens": 0}
+        fields = {
+            "info": info.SerializeToString(),
+            "capacity": info.capacity,
+            "hb": now_ms,
+            "progress": now_ms,
+            "running": 0,
+            "tokens": 0,
+        }
         if not keep:
             fields["outstanding"] = 0
         async with self.r.pipeline(transaction=True) as pipe:
@@ -226,11 +250,14 @@ class RedisScheduler(Scheduler):
         self._view = None
 
     async def _read(self) -> _View:
-        secs, micros, rows, owners = await self._pool(keys=[P + "workers", RedisModelOwners.key],
-                                                    args=[P])
+        secs, micros, rows, owners = await self._pool(keys=[P + "workers", RedisModelOwners.key], args=[P])
         records = sorted((r for r in map(_record, rows) if r), key=lambda r: r.worker_id)
-        self._view = _View(time.monotonic(), int(secs) + int(micros) / 1e6, records,
-                           {k.decode(): v.decode() for k, v in zip(owners[::2], owners[1::2])})
+        self._view = _View(
+            time.monotonic(),
+            int(secs) + int(micros) / 1e6,
+            records,
+            {k.decode(): v.decode() for k, v in zip(owners[::2], owners[1::2])},
+        )
         return self._view
 
     async def _current(self) -> _View:
@@ -241,14 +268,16 @@ class RedisScheduler(Scheduler):
 
     async def workers(self) -> list[WorkerView]:
         view = await self._read()
-        return [WorkerView(w, self.rules.check(w, view.now), view.now - w.last_heartbeat)
-                for w in view.records]
+        return [
+            WorkerView(w, self.rules.check(w, view.now), view.now - w.last_heartbeat) for w in view.records
+        ]
 
     async def view(self) -> tuple[list[WorkerView], dict[str, str]]:
         view = await self._current()
         now = view.clock()
-        return [WorkerView(w, self.rules.check(w, now), now - w.last_heartbeat)
-                for w in view.records], view.owners
+        return [
+            WorkerView(w, self.rules.check(w, now), now - w.last_heartbeat) for w in view.records
+        ], view.owners
 
     # -- tasks --------------------------------------------------------------------------
 
@@ -260,7 +289,8 @@ class RedisScheduler(Scheduler):
         try:
             view = await self._current()
             worker = self.router.choose(
-                self._free(view.records, task.model, waiter.exclude, view.clock()), task.affinity)
+                self._free(view.records, task.model, waiter.exclude, view.clock()), task.affinity
+            )
             added = await self._enqueue_task(task, self.max_size, worker)
         except BaseException:
             self._forget(waiter)
@@ -288,18 +318,35 @@ class RedisScheduler(Scheduler):
         not waiting, 4 queued and given ``worker``'s slot at once."""
         wid = worker.worker_id if worker is not None else ""
         return await self._admit(
-            keys=[P + "qlen", P + f"q:{task.model}", P + f"task:{task.task_id}", P + "seq",
-                  P + f"wait:{task.task_id}", P + f"w:{wid}", P + "leases"],
-            args=[task.task_id, task.model, self.coordinator_id, task.priority, limit, self.wait_ms,
-                  self.lease_ms, wid])
+            keys=[
+                P + "qlen",
+                P + f"q:{task.model}",
+                P + f"task:{task.task_id}",
+                P + "seq",
+                P + f"wait:{task.task_id}",
+                P + f"w:{wid}",
+                P + "leases",
+            ],
+            args=[
+                task.task_id,
+                task.model,
+                self.coordinator_id,
+                task.priority,
+                limit,
+                self.wait_ms,
+                self.lease_ms,
+                wid,
+            ],
+        )
 
     def _forget(self, waiter: Waiter) -> None:
         if self._waiting.get(waiter.task.task_id) is waiter:
             del self._waiting[waiter.task.task_id]
 
     async def _withdraw(self, task: Task) -> None:
-        await self._withdraw_script(keys=[P + f"q:{task.model}", P + f"task:{task.task_id}",
-                                          P + "qlen"], args=[task.task_id])
+        await self._withdraw_script(
+            keys=[P + f"q:{task.model}", P + f"task:{task.task_id}", P + "qlen"], args=[task.task_id]
+        )
 
     async def release(self, task: Task, worker_id: str, keep: Keep | None = None) -> None:
         keys = [P + f"w:{worker_id}", P + f"task:{task.task_id}", P + "leases"]
@@ -361,17 +408,24 @@ class RedisScheduler(Scheduler):
                 if waiter is None or waiter.future.done():
                     # Another coordinator's turn, unless nobody waits for it any more.
                     if await self._drop_orphan(keys=[qkey, P + "qlen"], args=[P, head[0]]):
-                        log.info("dropped task %s at the head of the queue: nobody waits for it",
-                                 head[0].decode())
+                        log.info(
+                            "dropped task %s at the head of the queue: nobody waits for it", head[0].decode()
+                        )
                         continue
                     break
-                worker = self.router.choose(self._free(records, model, waiter.exclude, now),
-                                            waiter.task.affinity)
+                worker = self.router.choose(
+                    self._free(records, model, waiter.exclude, now), waiter.task.affinity
+                )
                 if worker is None:
                     break
                 got = await self._claim(
-                    keys=[qkey, P + f"task:{waiter.task.task_id}", P + f"w:{worker.worker_id}",
-                          P + "qlen", P + "leases"],
+                    keys=[
+                        qkey,
+                        P + f"task:{waiter.task.task_id}",
+                        P + f"w:{worker.worker_id}",
+                        P + "qlen",
+                        P + "leases",
+                    ],
                     args=[waiter.task.task_id, self.lease_ms, worker.worker_id],
                 )
                 if got == 1:

@@ -52,8 +52,7 @@ class RedisPromptCache(PromptCache):
         self._put = client.register_script(_CACHE_PUT)
 
     async def get(self, key: str) -> CachedResponse | None:
-        raw = await self._get(keys=[P + f"c:{key}", P + "c:hits", P + "c:misses", P + "c:lru"],
-                              args=[key])
+        raw = await self._get(keys=[P + f"c:{key}", P + "c:hits", P + "c:misses", P + "c:lru"], args=[key])
         return decode(raw) if raw is not None else None
 
     async def put(self, key: str, value: CachedResponse) -> None:

@@ -81,8 +81,9 @@ class RedisJobStore(JobStore):
         return event.seq
 
     async def events(self, job_id: str, after_seq: int = 0, limit: int = 0) -> list[pb.TrainingEvent]:
-        raw = await self.r.zrangebyscore(P + f"job:{job_id}:events", f"({after_seq}", "+inf",
-                                         start=0 if limit else None, num=limit or None)
+        raw = await self.r.zrangebyscore(
+            P + f"job:{job_id}:events", f"({after_seq}", "+inf", start=0 if limit else None, num=limit or None
+        )
         return [pb.TrainingEvent.FromString(x) for x in raw]
 
     async def request_cancel(self, job_id: str) -> None:
@@ -105,8 +106,7 @@ class RedisJobStore(JobStore):
         return bool(await self._claim(keys=keys, args=[job_id, owner, int(lease_s * 1000)]))
 
     async def renew(self, job_id: str, owner: str, lease_s: float) -> bool:
-        return bool(await self._renew(keys=[P + f"job:{job_id}:lease"],
-                                      args=[owner, int(lease_s * 1000)]))
+        return bool(await self._renew(keys=[P + f"job:{job_id}:lease"], args=[owner, int(lease_s * 1000)]))
 
     async def release(self, job_id: str) -> None:
         async with self.r.pipeline(transaction=True) as p:

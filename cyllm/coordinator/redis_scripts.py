@@ -21,7 +21,9 @@ local function take(q, task, w, qlen, leases, id, lease_ms, worker)
 end
 """
 
-ADMIT = _TAKE + """
+ADMIT = (
+    _TAKE
+    + """
 -- KEYS: qlen, q:<model>, task:<id>, seq, wait:<id>, w:<worker>, leases
 -- ARGV: id, model, owner, priority, max, wait_ms, lease_ms, worker ('' = none free)
 -- 0 full, 1 queued, 2 adopted (a retry of a waiting task), 3 exists and is not
@@ -45,11 +47,15 @@ end
 redis.call('SET', KEYS[5], ARGV[3], 'PX', ARGV[6])
 return 1
 """
+)
 
-CLAIM = _TAKE + """
+CLAIM = (
+    _TAKE
+    + """
 -- KEYS: q:<model>, task:<id>, w:<worker>, qlen, leases   ARGV: id, lease_ms, worker
 return take(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1], ARGV[2], ARGV[3])
 """
+)
 
 RELEASE = """
 -- KEYS: w:<worker>, task:<id>, leases   ARGV: id, pump channel

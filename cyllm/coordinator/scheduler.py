@@ -21,8 +21,8 @@ from cyllm import errors
 from cyllm.coordinator.cache import CachedResponse, PromptCache
 from cyllm.coordinator.owners import ModelOwners
 from cyllm.coordinator.pool import HealthRules, WorkerRecord, keeps_outstanding
-from cyllm.coordinator.routing import Router
 from cyllm.coordinator.queue import InMemoryTaskQueue, Task
+from cyllm.coordinator.routing import Router
 from cyllm.protocol import pb
 from cyllm.protocol.tenant import PUBLIC
 
@@ -60,16 +60,25 @@ class Waiter:
 def unknown_model(model: str) -> errors.ModelNotFound:
     """What a caller is told of a model it cannot use: no list of what exists, since a
     caller may not see every model (another tenant's, or outside its key's allow-list)."""
-    return errors.ModelNotFound(f"model {model!r} does not exist; GET /v1/models lists the "
-                                "models you can use", param="model")
+    return errors.ModelNotFound(
+        f"model {model!r} does not exist; GET /v1/models lists the models you can use", param="model"
+    )
 
 
 class Scheduler(abc.ABC):
     backend = "abstract"
     leased = False  # a running task holds a lease its coordinator must renew
 
-    def __init__(self, rules: HealthRules, router: Router, owners: ModelOwners, *,
-                 queue_timeout_s: float, max_size: int, retry_after_s: float) -> None:
+    def __init__(
+        self,
+        rules: HealthRules,
+        router: Router,
+        owners: ModelOwners,
+        *,
+        queue_timeout_s: float,
+        max_size: int,
+        retry_after_s: float,
+    ) -> None:
         """``owners``: who owns which model (a tenant's request may use only public
         models and its own)."""
         self.rules = rules
@@ -137,8 +146,9 @@ class Scheduler(abc.ABC):
         """Take ``task`` out of the queue (it got no slot)."""
 
     def queue_full(self) -> errors.Overloaded:
-        return errors.Overloaded(f"the task queue is full ({self.max_size} waiting); retry later",
-                                 retry_after=self.retry_after_s)
+        return errors.Overloaded(
+            f"the task queue is full ({self.max_size} waiting); retry later", retry_after=self.retry_after_s
+        )
 
     @abc.abstractmethod
     async def release(self, task: Task, worker_id: str, keep: Keep | None = None) -> None:
@@ -188,8 +198,9 @@ class Scheduler(abc.ABC):
         except errors.CyllmError:
             self._check(model, sees, await self.workers(), await self.owners.all())
 
-    def _check(self, model: str, sees: Callable[[str], bool] | None, views: list[WorkerView],
-               owners: dict[str, str]) -> None:
+    def _check(
+        self, model: str, sees: Callable[[str], bool] | None, views: list[WorkerView], owners: dict[str, str]
+    ) -> None:
         if sees is not None and not sees(owners.get(model, PUBLIC)):
             raise unknown_model(model)
         serving = [v for v in views if v.record.serves(model)]
@@ -200,22 +211,29 @@ class Scheduler(abc.ABC):
             jobs = ", ".join(f"{v.record.worker_id}: {v.record.info.training_job}" for v in serving)
             raise errors.Unavailable(
                 f"every worker serving model {model!r} is busy training ({jobs}); wait for the "
-                "job to end, or set worker.training_shares_device to serve while training")
+                "job to end, or set worker.training_shares_device to serve while training"
+            )
         if not serving and any(m.id == model for v in views for m in v.record.info.available):
             raise errors.ModelNotFound(
-                f"model {model!r} is not loaded; an admin can load it with "
-                f"POST /api/v1/models/{model}/load", param="model")
+                f"model {model!r} is not loaded; an admin can load it with POST /api/v1/models/{model}/load",
+                param="model",
+            )
         if not serving:
             raise unknown_model(model)
 
-    def _free(self, records: Iterable[WorkerRecord], model: str, exclude: Iterable[str],
-              now: float) -> list[WorkerRecord]:
+    def _free(
+        self, records: Iterable[WorkerRecord], model: str, exclude: Iterable[str], now: float
+    ) -> list[WorkerRecord]:
         """Healthy workers serving ``model`` with a free slot (``now`` on the records' clock)."""
         skip = set(exclude)
         return [
-            w for w in records
-            if w.serves(model) and w.worker_id not in skip and w.outstanding < w.info.capacity
-            and not self.rules.check(w, now) and not w.training_busy
+            w
+            for w in records
+            if w.serves(model)
+            and w.worker_id not in skip
+            and w.outstanding < w.info.capacity
+            and not self.rules.check(w, now)
+            and not w.training_busy
         ]
 
 
@@ -225,11 +243,25 @@ class MemoryScheduler(Scheduler):
 
     backend = "memory"
 
-    def __init__(self, rules: HealthRules, router: Router, owners: ModelOwners, *,
-                 queue_timeout_s: float, max_size: int, retry_after_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        super().__init__(rules, router, owners, queue_timeout_s=queue_timeout_s,
-                         max_size=max_size, retry_after_s=retry_after_s)
+    def __init__(
+        self,
+        rules: HealthRules,
+        router: Router,
+        owners: ModelOwners,
+        *,
+        queue_timeout_s: float,
+        max_size: int,
+        retry_after_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(
+            rules,
+            router,
+            owners,
+            queue_timeout_s=queue_timeout_s,
+            max_size=max_size,
+            retry_after_s=retry_after_s,
+        )
         self.clock = clock
         self.queue = InMemoryTaskQueue(max_size)
         self._workers: dict[str, WorkerRecord] = {}
@@ -257,8 +289,9 @@ class MemoryScheduler(Scheduler):
 
     async def workers(self) -> list[WorkerView]:
         now = self.clock()
-        return [WorkerView(w, self.rules.check(w, now), now - w.last_heartbeat)
-                for w in self._workers.values()]
+        return [
+            WorkerView(w, self.rules.check(w, now), now - w.last_heartbeat) for w in self._workers.values()
+        ]
 
     async def _enqueue(self, waiter: Waiter) -> None:
         if not self.queue.push(waiter.task):
@@ -290,7 +323,7 @@ class MemoryScheduler(Scheduler):
         while True:
             picked: list[WorkerRecord] = []
 
-            def ready(task: Task) -> bool:
+            def ready(task: Task, picked: list[WorkerRecord] = picked) -> bool:
                 waiter = self._waiting.get(task)
                 exclude = waiter.exclude if waiter else frozenset()
                 free = self._free(self._workers.values(), task.model, exclude, self.clock())

@@ -22,18 +22,23 @@ class CoordinatorSettings(ComponentSettings):
     queue_timeout_s: float = Field(120.0, gt=0, description="longest wait for a worker slot")
     retry_after_s: float = Field(1.0, gt=0, description="Retry-After sent with a full queue")
     cache_ttl_s: float = Field(600.0, ge=0, description="0 disables the prompt cache")
-    cache_max_entries: int = Field(1024, ge=0, description="prompt cache entries kept, least recently used out first (0: off)")
+    cache_max_entries: int = Field(
+        1024, ge=0, description="prompt cache entries kept, least recently used out first (0: off)"
+    )
     heartbeat_interval_s: float = Field(1.0, gt=0, description="how often workers are told to heartbeat")
     heartbeat_timeout_s: float = Field(5.0, gt=0, description="silence before a worker is unhealthy")
     progress_timeout_s: float = Field(
         60.0, gt=0, description="work in flight but no new token for this long: unhealthy (hung)"
     )
     routing: Literal["least_outstanding", "weighted_round_robin", "prefix_affinity"] = Field(
-        "least_outstanding", description="which healthy worker with a free slot takes a request")
+        "least_outstanding", description="which healthy worker with a free slot takes a request"
+    )
     generation_attempts: int = Field(
-        6, ge=1, description="workers a generation may run on when the one running it dies or hangs")
+        6, ge=1, description="workers a generation may run on when the one running it dies or hangs"
+    )
     idempotency_ttl_s: float = Field(
-        600.0, gt=0, description="how long the result of a request with an Idempotency-Key is kept")
+        600.0, gt=0, description="how long the result of a request with an Idempotency-Key is kept"
+    )
     breaker_failures: int = Field(3, ge=1, description="failures before a worker's circuit opens")
     breaker_cooldown_s: float = Field(10.0, gt=0, description="open circuit: skip the worker this long")
     redis_url: str | None = Field(
@@ -41,27 +46,38 @@ class CoordinatorSettings(ComponentSettings):
     )
     coordinator_id: str | None = Field(None, description="default: host-port-pid")
     lease_s: float = Field(15.0, gt=0, description="a taken task returns to the queue if not renewed")
-    files_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "cyllm" / "files",
-                            description="uploaded files; shared storage when workers are elsewhere")
+    files_dir: Path = Field(
+        default_factory=lambda: Path.home() / ".cache" / "cyllm" / "files",
+        description="uploaded files; shared storage when workers are elsewhere",
+    )
     files_max_bytes: int = Field(512 * 1024 * 1024, ge=1, description="largest upload")
     training_max_attempts: int = Field(3, ge=1, description="runs of a job whose worker is lost")
     training_max_jobs_per_tenant: int = Field(4, ge=1, description="queued or running jobs per tenant")
     training_max_steps: int = Field(100_000, ge=1, description="largest max_steps a job may ask")
     training_max_time_s: float = Field(86_400.0, gt=0, description="every job's time limit, at most")
     # -- which datasets a job may read, and how much of them (coordinator/datasets.py)
-    datasets_dirs: list[Path] = Field(default_factory=list,
-                                      description="folders whose files a job may name by path")
+    datasets_dirs: list[Path] = Field(
+        default_factory=list, description="folders whose files a job may name by path"
+    )
     datasets_any_path_for_admins: bool = Field(False, description="admins may name any path")
     dataset_max_rows: int = Field(1_000_000, ge=1, description="examples a dataset may hold")
     dataset_max_line_bytes: int = Field(4 << 20, ge=1024, description="a JSONL line or CSV field")
     dataset_max_depth: int = Field(32, ge=2, description="JSON nesting")
-    dataset_read_memory_bytes: int = Field(1 << 30, ge=512 << 20,
-                                           description="memory limit of the process that reads one")
-    dataset_read_timeout_s: float = Field(120.0, gt=0, description="time to read and check a dataset before it is refused")
+    dataset_read_memory_bytes: int = Field(
+        1 << 30, ge=512 << 20, description="memory limit of the process that reads one"
+    )
+    dataset_read_timeout_s: float = Field(
+        120.0, gt=0, description="time to read and check a dataset before it is refused"
+    )
 
     def dataset_limits(self) -> Limits:
-        return Limits(max_bytes=self.files_max_bytes, max_rows=self.dataset_max_rows,
-                      max_line_bytes=self.dataset_max_line_bytes, max_depth=self.dataset_max_depth)
+        return Limits(
+            max_bytes=self.files_max_bytes,
+            max_rows=self.dataset_max_rows,
+            max_line_bytes=self.dataset_max_line_bytes,
+            max_depth=self.dataset_max_depth,
+        )
 
-    metrics_port: int | None = Field(9150, ge=0, le=65535,
-                                     description="HTTP port for /metrics; 0 picks one, null: off")
+    metrics_port: int | None = Field(
+        9150, ge=0, le=65535, description="HTTP port for /metrics; 0 picks one, null: off"
+    )

@@ -31,8 +31,8 @@ from cyllm.coordinator.jobs import TERMINAL, JobStore
 from cyllm.coordinator.owners import ModelOwners
 from cyllm.coordinator.scheduler import Scheduler, WorkerView
 from cyllm.coordinator.workers import WorkerClients
-from cyllm.protocol import pb
 from cyllm.paths import is_id
+from cyllm.protocol import pb
 from cyllm.protocol.client import Stream
 from cyllm.protocol.tenant import Tenant
 from cyllm.training.spec import TrainingSpec
@@ -45,13 +45,25 @@ _LOST = (errors.Unavailable, errors.RequestCancelled, errors.EngineError)
 
 
 class TrainingManager:
-    def __init__(self, store: JobStore, files: FileStore, scheduler: Scheduler,
-                 workers: WorkerClients, owners: ModelOwners, coordinator_id: str, *, lease_s: float, max_attempts: int,
-                 datasets: DatasetPolicy = DatasetPolicy(), max_jobs_per_tenant: int = 4,
-                 max_steps: int = 100_000, max_time_s: float = 86_400.0) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        files: FileStore,
+        scheduler: Scheduler,
+        workers: WorkerClients,
+        owners: ModelOwners,
+        coordinator_id: str,
+        *,
+        lease_s: float,
+        max_attempts: int,
+        datasets: DatasetPolicy | None = None,
+        max_jobs_per_tenant: int = 4,
+        max_steps: int = 100_000,
+        max_time_s: float = 86_400.0,
+    ) -> None:
         self.store = store
         self.files = files
-        self.datasets = datasets
+        self.datasets = datasets or DatasetPolicy()
         self.max_jobs_per_tenant = max_jobs_per_tenant
         self.max_steps = max_steps
         self.max_time_s = max_time_s
@@ -82,13 +94,14 @@ class TrainingManager:
             await asyncio.wait(tasks, timeout=10)
         try:
             await asyncio.wait_for(self.store.close(), 5)
-        except Exception:  # noqa: BLE001  (closing anyway)
+        except Exception:
             log.warning("training job store did not close cleanly", exc_info=True)
 
     # -- the API --------------------------------------------------------------------------
 
-    async def create(self, request: pb.CreateTrainingJobRequest, tenant: Tenant,
-                     visible: set[str]) -> pb.TrainingJob:
+    async def create(
+        self, request: pb.CreateTrainingJobRequest, tenant: Tenant, visible: set[str]
+    ) -> pb.TrainingJob:
         """``visible``: the model ids this tenant may use (a base model must be one)."""
         try:
             raw = json.loads(request.spec_json or "{}")
@@ -105,40 +118,57 @@ class TrainingManager:
             raw["validation_dataset"] = held_out.path
         spec = TrainingSpec.parse(raw)
         if spec.eval_steps is not None and spec.validation_dataset is None:
-            raise errors.InvalidRequest("eval_steps needs validation data (a validation file or "
-                                        "validation_dataset)", param="eval_steps")
+            raise errors.InvalidRequest(
+                "eval_steps needs validation data (a validation file or validation_dataset)",
+                param="eval_steps",
+            )
         if spec.base_model not in visible:
-            raise errors.ModelNotFound(f"base model {spec.base_model!r} is not served by any "
-                                       "worker; GET /v1/models lists the models you can use",
-                                       param="model")
+            raise errors.ModelNotFound(
+                f"base model {spec.base_model!r} is not served by any "
+                "worker; GET /v1/models lists the models you can use",
+                param="model",
+            )
         if spec.max_steps is not None and spec.max_steps > self.max_steps:
-            raise errors.InvalidRequest(f"max_steps: at most {self.max_steps} on this server",
-                                        param="max_steps")
+            raise errors.InvalidRequest(
+                f"max_steps: at most {self.max_steps} on this server", param="max_steps"
+            )
         if spec.method != "custom" and uploaded is None:
             spec.dataset = str(self.datasets.resolve(spec.dataset, tenant))
         # An uploaded file was read on upload; read it again only if the job reads it
         # differently (a named format or columns).
-        parsed = uploaded is not None and spec.dataset_format is None \
-            and spec.prompt_column is None and spec.response_column is None
+        parsed = (
+            uploaded is not None
+            and spec.dataset_format is None
+            and spec.prompt_column is None
+            and spec.response_column is None
+        )
         if spec.method != "custom" and not parsed:
             await self.datasets.check(spec.dataset, spec)
         if spec.validation_dataset is not None and held_out is None:
-            spec.validation_dataset = str(self.datasets.resolve(spec.validation_dataset, tenant,
-                                                                "validation_dataset"))
+            spec.validation_dataset = str(
+                self.datasets.resolve(spec.validation_dataset, tenant, "validation_dataset")
+            )
         if spec.validation_dataset is not None and (held_out is None or not parsed):
             await self.datasets.check(spec.validation_dataset, spec)
         spec.time_limit_s = min(spec.time_limit_s or self.max_time_s, self.max_time_s)
         active = [j for j in await self._owned(tenant.subject) if j.state not in TERMINAL]
         if len(active) >= self.max_jobs_per_tenant:
-            raise errors.Overloaded(f"{len(active)} of your training jobs are queued or running; "
-                                    f"at most {self.max_jobs_per_tenant} at once", retry_after=60)
-        job = pb.TrainingJob(id=f"ftjob-{uuid.uuid4().hex[:24]}", spec_json=spec.model_dump_json(),
-                             state="queued", created_at=int(time.time()),
-                             training_file=request.training_file, owner=tenant.subject,
-                             validation_file=request.validation_file)
+            raise errors.Overloaded(
+                f"{len(active)} of your training jobs are queued or running; "
+                f"at most {self.max_jobs_per_tenant} at once",
+                retry_after=60,
+            )
+        job = pb.TrainingJob(
+            id=f"ftjob-{uuid.uuid4().hex[:24]}",
+            spec_json=spec.model_dump_json(),
+            state="queued",
+            created_at=int(time.time()),
+            training_file=request.training_file,
+            owner=tenant.subject,
+            validation_file=request.validation_file,
+        )
         await self.store.put(job)
-        await self._event(job.id, "state", f"job created: {spec.method} on {spec.base_model}",
-                          state="queued")
+        await self._event(job.id, "state", f"job created: {spec.method} on {spec.base_model}", state="queued")
         await self.store.enqueue(job.id)
         self._kick.set()
         return job
@@ -189,8 +219,7 @@ class TrainingManager:
             await asyncio.sleep(0.2)
         return await self.get(job_id)
 
-    async def watch(self, job_id: str, after_seq: int,
-                    tenant: Tenant) -> AsyncIterator[pb.TrainingEvent]:
+    async def watch(self, job_id: str, after_seq: int, tenant: Tenant) -> AsyncIterator[pb.TrainingEvent]:
         """Events after ``after_seq`` as they come, until the job has ended."""
         await self.get(job_id, tenant)
         while True:
@@ -231,8 +260,11 @@ class TrainingManager:
                 await self.store.dequeue(job_id)
                 continue
             base = TrainingSpec.model_validate_json(job.spec_json).base_model
-            fits = [v for v in idle if any(m.id == base for m in list(v.record.info.models)
-                                           + list(v.record.info.available))]
+            fits = [
+                v
+                for v in idle
+                if any(m.id == base for m in list(v.record.info.models) + list(v.record.info.available))
+            ]
             if not fits or not await self.store.claim(job_id, self.owner, self.lease_s):
                 continue
             view = fits[0]
@@ -259,11 +291,16 @@ class TrainingManager:
         job.started_at = job.started_at or int(time.time())
         resume = job.checkpoints[-1].path if job.checkpoints else ""
         await self.store.put(job)
-        await self._event(job_id, "state", f"running on worker {worker.worker_id}"
-                          + (f", resuming from step {job.checkpoints[-1].step}" if resume else ""),
-                          state="running")
+        await self._event(
+            job_id,
+            "state",
+            f"running on worker {worker.worker_id}"
+            + (f", resuming from step {job.checkpoints[-1].step}" if resume else ""),
+            state="running",
+        )
         call = self.workers.train(
-            worker.address, pb.TrainRequest(job_id=job_id, spec_json=job.spec_json, resume_from=resume))
+            worker.address, pb.TrainRequest(job_id=job_id, spec_json=job.spec_json, resume_from=resume)
+        )
         cancelled = asyncio.Event()
         keeper = asyncio.create_task(self._keep(job_id, call, cancelled))
         final: pb.TrainingEvent | None = None
@@ -290,8 +327,7 @@ class TrainingManager:
                 job.attempts -= 1
                 await self._requeue(job, err.message or "worker busy")
             elif isinstance(err, _LOST):
-                await self._requeue(job, f"worker {worker.worker_id} was lost ({err.code}: "
-                                    f"{err.message})")
+                await self._requeue(job, f"worker {worker.worker_id} was lost ({err.code}: {err.message})")
             else:
                 await self._finish(job, "failed", err.message, code=err.code)
             return
@@ -303,13 +339,16 @@ class TrainingManager:
         if cancelled.is_set():
             await self._finish(job, "cancelled", "cancelled while running")
         elif final is None or final.state != "succeeded":
-            await self._finish(job, "failed", final.message if final else "the worker ended the job "
-                               "without a result", code="training_failed")
+            await self._finish(
+                job,
+                "failed",
+                final.message if final else "the worker ended the job without a result",
+                code="training_failed",
+            )
         else:
             await self._succeed(job, worker, result)
 
-    async def _keep(self, job_id: str, call: Stream[pb.TrainingEvent],
-                    cancelled: asyncio.Event) -> None:
+    async def _keep(self, job_id: str, call: Stream[pb.TrainingEvent], cancelled: asyncio.Event) -> None:
         """Renew the lease; stop the worker's run when a cancel is requested anywhere."""
         while True:
             await asyncio.sleep(min(1.0, self.lease_s / 3))
@@ -338,8 +377,9 @@ class TrainingManager:
             await self.store.put(job)
         await self.store.append_event(job_id, event)
 
-    async def _succeed(self, job: pb.TrainingJob, worker: pb.WorkerInfo,
-                       result: pb.TrainingEvent | None) -> None:
+    async def _succeed(
+        self, job: pb.TrainingJob, worker: pb.WorkerInfo, result: pb.TrainingEvent | None
+    ) -> None:
         if result is None:  # a custom script that produced nothing to serve
             await self._finish(job, "succeeded", "training finished (no model to serve)")
             return
@@ -363,8 +403,12 @@ class TrainingManager:
                 failure = err
             except errors.CyllmError as err:
                 failure = err
-            await self._finish(job, "failed", f"trained ({result.result_path}), but serving it "
-                               f"failed: {failure.message}", code=failure.code)
+            await self._finish(
+                job,
+                "failed",
+                f"trained ({result.result_path}), but serving it failed: {failure.message}",
+                code=failure.code,
+            )
             return
         await self.scheduler.register(reply.worker)
         job.fine_tuned_model = model
@@ -372,32 +416,38 @@ class TrainingManager:
 
     async def _requeue(self, job: pb.TrainingJob, why: str) -> None:
         if job.attempts >= self.max_attempts:
-            await self._finish(job, "failed", f"{why}; gave up after {job.attempts} runs",
-                               code="training_failed")
+            await self._finish(
+                job, "failed", f"{why}; gave up after {job.attempts} runs", code="training_failed"
+            )
             return
         job.state, job.worker_id = "queued", ""
         await self.store.put(job)
         where = f"step {job.checkpoints[-1].step}" if job.checkpoints else "the start"
-        await self._event(job.id, "state", f"{why}; re-queued, will resume from {where}",
-                          state="queued", level="warn")
+        await self._event(
+            job.id, "state", f"{why}; re-queued, will resume from {where}", state="queued", level="warn"
+        )
         await self.store.enqueue(job.id)
         self._kick.set()
 
-    async def _finish(self, job: pb.TrainingJob, state: str, message: str,
-                      code: str = "") -> pb.TrainingJob:
+    async def _finish(self, job: pb.TrainingJob, state: str, message: str, code: str = "") -> pb.TrainingJob:
         job.state, job.finished_at = state, int(time.time())
         if state == "failed":
             job.error, job.error_code = message, code or "training_failed"
         await self.store.put(job)
-        await self._event(job.id, "state", message, state=state,
-                          level="error" if state == "failed" else "info")
+        await self._event(
+            job.id, "state", message, state=state, level="error" if state == "failed" else "info"
+        )
         return job
 
-    async def _event(self, job_id: str, type_: str, message: str, *, state: str = "",
-                     level: str = "info") -> None:
-        await self.store.append_event(job_id, pb.TrainingEvent(
-            created_at=int(time.time() * 1000), type=type_, level=level, message=message,
-            state=state))
+    async def _event(
+        self, job_id: str, type_: str, message: str, *, state: str = "", level: str = "info"
+    ) -> None:
+        await self.store.append_event(
+            job_id,
+            pb.TrainingEvent(
+                created_at=int(time.time() * 1000), type=type_, level=level, message=message, state=state
+            ),
+        )
 
 
 def _serving(base: str, name: str, kind: str, path: str) -> tuple[str, pb.LoadModelRequest]:

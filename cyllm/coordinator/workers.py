@@ -38,14 +38,14 @@ class WorkerClients:
         return session.generate(request, request_id)
 
     async def embed(self, address: str, request: pb.EmbedRequest, request_id: str) -> pb.EmbedResponse:
-        return await unary(self._stub(address).Embed, request, timeout=EMBED_TIMEOUT_S,
-                           metadata=((REQUEST_ID, request_id),))
+        return await unary(
+            self._stub(address).Embed, request, timeout=EMBED_TIMEOUT_S, metadata=((REQUEST_ID, request_id),)
+        )
 
     async def load_model(self, address: str, request: pb.LoadModelRequest) -> pb.LoadModelResponse:
         return await unary(self._stub(address).LoadModel, request, timeout=LOAD_TIMEOUT_S)
 
-    async def unload_model(self, address: str,
-                           request: pb.UnloadModelRequest) -> pb.UnloadModelResponse:
+    async def unload_model(self, address: str, request: pb.UnloadModelRequest) -> pb.UnloadModelResponse:
         return await unary(self._stub(address).UnloadModel, request, timeout=LOAD_TIMEOUT_S)
 
     def train(self, address: str, request: pb.TrainRequest) -> Stream[pb.TrainingEvent]:

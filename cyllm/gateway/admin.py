@@ -10,8 +10,9 @@ from cyllm.gateway.auth import require_admin
 from cyllm.gateway.errors import responses
 from cyllm.gateway.ratelimit import limit_control
 
-router = APIRouter(prefix="/admin", tags=["admin"],
-                   dependencies=[Depends(require_admin), Depends(limit_control)])
+router = APIRouter(
+    prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin), Depends(limit_control)]
+)
 
 
 class KeyCreate(BaseModel):
@@ -39,10 +40,13 @@ class KeyList(BaseModel):
     keys: list[KeyInfo]
 
 
-@router.post("/keys", response_model=KeyCreated, status_code=201, responses=responses(400, 401, 403, 413, 429))
+@router.post(
+    "/keys", response_model=KeyCreated, status_code=201, responses=responses(400, 401, 403, 413, 429)
+)
 async def create_key(body: KeyCreate, request: Request) -> KeyCreated:
     key, secret = await request.app.state.keys.create(
-        body.name, admin=body.admin, models=body.models, expires_in_s=body.expires_in_s)
+        body.name, admin=body.admin, models=body.models, expires_in_s=body.expires_in_s
+    )
     return KeyCreated(key=secret, **key.public())
 
 

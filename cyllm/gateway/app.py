@@ -17,11 +17,11 @@ from cyllm.gateway.keys import FileKeyStore, KeyStore, RedisKeyStore
 from cyllm.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from cyllm.gateway.metrics import router as metrics_router
 from cyllm.gateway.native.router import health_router
-from cyllm.gateway.native.training_router import router as training_router
-from cyllm.gateway.openai.fine_tuning_router import router as fine_tuning_router
 from cyllm.gateway.native.router import router as native_router
+from cyllm.gateway.native.training_router import router as training_router
 from cyllm.gateway.native.websocket import router as websocket_router
 from cyllm.gateway.openai.embeddings import router as embeddings_router
+from cyllm.gateway.openai.fine_tuning_router import router as fine_tuning_router
 from cyllm.gateway.openai.responses import router as responses_router
 from cyllm.gateway.openai.router import router as openai_router
 from cyllm.gateway.ratelimit import RateLimiter
@@ -42,9 +42,12 @@ def key_store(settings: GatewaySettings) -> KeyStore:
     return FileKeyStore(settings.api_keys_file)
 
 
-def create_app(settings: GatewaySettings, client: CoordinatorClient | None = None,
-               plane: Plane | None = None,
-               coordinator_settings: CoordinatorSettings | None = None) -> FastAPI:
+def create_app(
+    settings: GatewaySettings,
+    client: CoordinatorClient | None = None,
+    plane: Plane | None = None,
+    coordinator_settings: CoordinatorSettings | None = None,
+) -> FastAPI:
     """``coordinator_settings``: a coordinator to host in this process
     (``embedded_coordinator``), started and stopped with the app (in its event loop, which
     its gRPC server needs); the gateway then calls it in-process."""
@@ -61,12 +64,15 @@ def create_app(settings: GatewaySettings, client: CoordinatorClient | None = Non
                 stack.push_async_callback(coordinator.stop)
                 app.state.coordinator = coordinator
                 app.state.client = client or CoordinatorClient(
-                    [f"{coordinator_settings.host}:{port}"], coordinator.plane,
+                    [f"{coordinator_settings.host}:{port}"],
+                    coordinator.plane,
                     settings.request_timeout_s,
-                    local=Coordinator.hosted(coordinator.services, unreachable))
+                    local=Coordinator.hosted(coordinator.services, unreachable),
+                )
             else:
                 app.state.client = client or CoordinatorClient(
-                    settings.coordinators, plane or load_plane(), settings.request_timeout_s)
+                    settings.coordinators, plane or load_plane(), settings.request_timeout_s
+                )
             stack.push_async_callback(app.state.client.close)
             app.state.keys = key_store(settings)
             app.state.auth = Authenticator(settings, app.state.keys)
@@ -95,8 +101,9 @@ def create_app(settings: GatewaySettings, client: CoordinatorClient | None = Non
     app.include_router(metrics_router)
     console.install(app)
     app.add_middleware(AuthMiddleware)  # inside the edge: the context exists, no body read yet
-    app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes,
-                       max_upload_bytes=settings.max_upload_bytes)
+    app.add_middleware(
+        EdgeMiddleware, max_body_bytes=settings.max_body_bytes, max_upload_bytes=settings.max_upload_bytes
+    )
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.openapi = lambda: _openapi(app)
     return app
@@ -108,16 +115,21 @@ def _openapi(app: FastAPI) -> dict:
     if app.openapi_schema is None:
         from fastapi.openapi.utils import get_openapi
 
-        schema = get_openapi(title=app.title, version=app.version, description=app.description,
-                             routes=app.routes)
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
         for ops in schema.get("paths", {}).values():
             for op in ops.values():
                 op.get("responses", {}).pop("422", None)
         for name in ("HTTPValidationError", "ValidationError"):
             schema.get("components", {}).get("schemas", {}).pop(name, None)
         schema.setdefault("components", {})["securitySchemes"] = {
-            "bearer": {"type": "http", "scheme": "bearer",
-                       "description": "an API key (cy_...) or a JWT, when auth is enabled"}}
+            "bearer": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "an API key (cy_...) or a JWT, when auth is enabled",
+            }
+        }
         schema["security"] = [{"bearer": []}, {}]
         app.openapi_schema = schema
     return app.openapi_schema

@@ -23,7 +23,6 @@ from typing import Any
 
 import jwt
 from fastapi import Request
-from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cyllm import errors
@@ -113,7 +112,11 @@ class JwtVerifier:
             else:
                 raise errors.Unauthenticated(f"JWT algorithm {alg!r} is not accepted here")
             claims = jwt.decode(
-                token, key, algorithms=[alg], audience=self.audience, issuer=self.issuer,
+                token,
+                key,
+                algorithms=[alg],
+                audience=self.audience,
+                issuer=self.issuer,
                 options={"require": ["exp", "sub"], "verify_aud": self.audience is not None},
             )
         except KeyError:
@@ -135,8 +138,13 @@ class JwtVerifier:
             raise errors.Unauthenticated("JWT claim 'scope' must be a space-separated string")
         scopes = _strings(claims, "scopes") or scope.split()
         models = _strings(claims, "models")
-        return Identity(f"jwt:{claims['sub']}", "jwt", frozenset(scopes),
-                        frozenset(models) if models is not None else None, admin_scope)
+        return Identity(
+            f"jwt:{claims['sub']}",
+            "jwt",
+            frozenset(scopes),
+            frozenset(models) if models is not None else None,
+            admin_scope,
+        )
 
 
 class Authenticator:
@@ -149,17 +157,20 @@ class Authenticator:
         if not self.settings.auth_enabled:
             return anonymous(self.settings)
         if not authorization or not authorization.lower().startswith("bearer "):
-            raise errors.Unauthenticated(
-                "missing credentials: send 'Authorization: Bearer <API key or JWT>'")
+            raise errors.Unauthenticated("missing credentials: send 'Authorization: Bearer <API key or JWT>'")
         token = authorization[7:].strip()
         if token.startswith(PREFIX):
             key = await self.keys.verify(token)
             if key is None:
                 raise errors.Unauthenticated("invalid, revoked or expired API key")
             scopes = frozenset({self.settings.admin_scope} if key.admin else ())
-            return Identity(f"key:{key.key_id}", "api_key", scopes,
-                            frozenset(key.models) if key.models is not None else None,
-                            self.settings.admin_scope)
+            return Identity(
+                f"key:{key.key_id}",
+                "api_key",
+                scopes,
+                frozenset(key.models) if key.models is not None else None,
+                self.settings.admin_scope,
+            )
         if not self.jwt.enabled:
             raise errors.Unauthenticated("not an API key, and JWTs are not configured")
         return self.jwt.verify(token, self.settings.admin_scope)

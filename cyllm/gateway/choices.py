@@ -19,8 +19,7 @@ T = TypeVar("T")
 _END = object()
 
 
-async def started(conn: HTTPConnection, request: GenerationRequest, *,
-                  whole: bool) -> list[Generation]:
+async def started(conn: HTTPConnection, request: GenerationRequest, *, whole: bool) -> list[Generation]:
     """The request's ``n`` generations, started together (choice ``i`` samples with
     ``seed + i``: ``GenerationRequest.to_proto``); if one cannot start, those that did
     are cancelled and its error is raised."""

@@ -37,8 +37,9 @@ T = TypeVar("T")
 
 # A coordinator that cannot be reached (never one that answered, even with an error)
 # sends the call to the next, and counts against its circuit.
-RULE = failover.Rule(moves_on=(errors.Unreachable,),
-                     blames=lambda exc: isinstance(exc, errors.Unreachable), what="coordinator")
+RULE = failover.Rule(
+    moves_on=(errors.Unreachable,), blames=lambda exc: isinstance(exc, errors.Unreachable), what="coordinator"
+)
 
 
 @dataclass(frozen=True)
@@ -52,23 +53,37 @@ class Coordinator:
 
     @classmethod
     def over(cls, channel: grpc.aio.Channel) -> Coordinator:
-        return cls(rpc.InferenceStub(channel), rpc.ModelsStub(channel),
-                   rpc.TrainingStub(channel), rpc.FilesStub(channel))
+        return cls(
+            rpc.InferenceStub(channel),
+            rpc.ModelsStub(channel),
+            rpc.TrainingStub(channel),
+            rpc.FilesStub(channel),
+        )
 
     @classmethod
     def hosted(cls, services: Any, translate: Translate) -> Coordinator:
         """The coordinator hosted in this process (its ``Services``)."""
-        return cls(*(LocalStub(getattr(services, name), translate)
-                     for name in ("inference", "models", "training", "files")))
+        return cls(
+            *(
+                LocalStub(getattr(services, name), translate)
+                for name in ("inference", "models", "training", "files")
+            )
+        )
 
 
 Method = Callable[[Coordinator], Callable[..., Awaitable[T]]]
 
 
 class CoordinatorClient:
-    def __init__(self, addresses: list[str], plane: Plane, timeout_s: float = 600.0,
-                 breaker_failures: int = 3, breaker_cooldown_s: float = 10.0,
-                 local: Coordinator | None = None) -> None:
+    def __init__(
+        self,
+        addresses: list[str],
+        plane: Plane,
+        timeout_s: float = 600.0,
+        breaker_failures: int = 3,
+        breaker_cooldown_s: float = 10.0,
+        local: Coordinator | None = None,
+    ) -> None:
         """``local``: the coordinator hosted in this process (``embedded_coordinator``),
         then the only one called; ``addresses`` names it (its gRPC address)."""
         self.addresses = list(addresses)
@@ -106,26 +121,30 @@ class CoordinatorClient:
 
     # -- generation -------------------------------------------------------------------
 
-    def generate(self, request: pb.GenerateRequest,
-                 request_id: str = "") -> AsyncIterator[pb.GenerateResponse]:
+    def generate(
+        self, request: pb.GenerateRequest, request_id: str = ""
+    ) -> AsyncIterator[pb.GenerateResponse]:
         """The coordinator's events; closing this cancels the call.  Each coordinator
         once, then once more each: a restarted one may be back."""
         metadata = self._metadata(request_id)
         relay = Relay(request)
 
         def call(peer: failover.Named[Coordinator]) -> Stream[pb.GenerateResponse]:
-            return Stream(peer.target.inference.Generate(
-                relay.continuation(), timeout=self.timeout_s, metadata=metadata))
+            return Stream(
+                peer.target.inference.Generate(
+                    relay.continuation(), timeout=self.timeout_s, metadata=metadata
+                )
+            )
 
-        return failover.stream(self._in_turn(rounds=2), call, RULE, breakers=self.breakers,
-                               progress=relay, request_id=request_id)
+        return failover.stream(
+            self._in_turn(rounds=2), call, RULE, breakers=self.breakers, progress=relay, request_id=request_id
+        )
 
-    async def embed(self, model: str, texts: list[str], dimensions: int,
-                    request_id: str) -> pb.EmbedResponse:
-        request = pb.EmbedRequest(request_id=request_id, model=model, inputs=texts,
-                                  dimensions=dimensions)
-        return await self._unary(lambda c: c.inference.Embed, request, timeout=self.timeout_s,
-                                 request_id=request_id)
+    async def embed(self, model: str, texts: list[str], dimensions: int, request_id: str) -> pb.EmbedResponse:
+        request = pb.EmbedRequest(request_id=request_id, model=model, inputs=texts, dimensions=dimensions)
+        return await self._unary(
+            lambda c: c.inference.Embed, request, timeout=self.timeout_s, request_id=request_id
+        )
 
     # -- models -----------------------------------------------------------------------
 
@@ -133,15 +152,20 @@ class CoordinatorClient:
         reply = await self._unary(lambda c: c.models.ListModels, pb.ListModelsRequest())
         return list(reply.models)
 
-    async def load_model(self, model: str, adapter_path: str = "",
-                         worker_id: str = "") -> pb.LoadModelResponse:
+    async def load_model(
+        self, model: str, adapter_path: str = "", worker_id: str = ""
+    ) -> pb.LoadModelResponse:
         # Loading may start an engine (vLLM: about a minute on CPU) or convert a GGUF.
-        return await self._unary(lambda c: c.models.LoadModel, pb.LoadModelRequest(
-            model=model, adapter_path=adapter_path, worker_id=worker_id), timeout=900)
+        return await self._unary(
+            lambda c: c.models.LoadModel,
+            pb.LoadModelRequest(model=model, adapter_path=adapter_path, worker_id=worker_id),
+            timeout=900,
+        )
 
     async def unload_model(self, model: str) -> pb.UnloadModelResponse:
-        return await self._unary(lambda c: c.models.UnloadModel,
-                                 pb.UnloadModelRequest(model=model), timeout=300)
+        return await self._unary(
+            lambda c: c.models.UnloadModel, pb.UnloadModelRequest(model=model), timeout=300
+        )
 
     async def cluster_status(self) -> list[tuple[str, pb.ClusterStatusResponse | None]]:
         """Every coordinator's view (None where it cannot be reached), asked of all at
@@ -157,8 +181,7 @@ class CoordinatorClient:
     async def _ask_status(self) -> list[tuple[str, pb.ClusterStatusResponse | None]]:
         async def one(peer: failover.Named[Coordinator]) -> pb.ClusterStatusResponse | None:
             try:
-                return await unary(peer.target.models.ClusterStatus, pb.ClusterStatusRequest(),
-                                   timeout=3)
+                return await unary(peer.target.models.ClusterStatus, pb.ClusterStatusRequest(), timeout=3)
             except errors.CyllmError:
                 return None
 
@@ -166,25 +189,31 @@ class CoordinatorClient:
 
     # -- training jobs ----------------------------------------------------------------
 
-    async def create_training_job(self, spec_json: str, training_file: str = "",
-                                  validation_file: str = "") -> pb.TrainingJob:
-        return await self._training(lambda c: c.training.CreateTrainingJob, pb.CreateTrainingJobRequest(
-            spec_json=spec_json, training_file=training_file, validation_file=validation_file))
+    async def create_training_job(
+        self, spec_json: str, training_file: str = "", validation_file: str = ""
+    ) -> pb.TrainingJob:
+        return await self._training(
+            lambda c: c.training.CreateTrainingJob,
+            pb.CreateTrainingJobRequest(
+                spec_json=spec_json, training_file=training_file, validation_file=validation_file
+            ),
+        )
 
     async def get_training_job(self, job_id: str) -> pb.TrainingJob:
         return await self._training(lambda c: c.training.GetTrainingJob, pb.TrainingJobRequest(id=job_id))
 
     async def list_training_jobs(self, limit: int, after: str = "") -> pb.ListTrainingJobsResponse:
-        return await self._training(lambda c: c.training.ListTrainingJobs,
-                                    pb.ListTrainingJobsRequest(limit=limit, after=after))
+        return await self._training(
+            lambda c: c.training.ListTrainingJobs, pb.ListTrainingJobsRequest(limit=limit, after=after)
+        )
 
     async def cancel_training_job(self, job_id: str) -> pb.TrainingJob:
-        return await self._training(lambda c: c.training.CancelTrainingJob,
-                                    pb.TrainingJobRequest(id=job_id))
+        return await self._training(lambda c: c.training.CancelTrainingJob, pb.TrainingJobRequest(id=job_id))
 
     async def list_training_events(self, job_id: str) -> list[pb.TrainingEvent]:
-        reply = await self._training(lambda c: c.training.ListTrainingEvents,
-                                     pb.TrainingEventsRequest(id=job_id))
+        reply = await self._training(
+            lambda c: c.training.ListTrainingEvents, pb.TrainingEventsRequest(id=job_id)
+        )
         return list(reply.events)
 
     def watch_training(self, job_id: str, after_seq: int = 0) -> AsyncIterator[pb.TrainingEvent]:
@@ -193,11 +222,13 @@ class CoordinatorClient:
         cursor = _Cursor(after_seq)
 
         def call(peer: failover.Named[Coordinator]) -> Stream[pb.TrainingEvent]:
-            return Stream(peer.target.training.WatchTrainingJob(
-                pb.TrainingEventsRequest(id=job_id, after_seq=cursor.seq), metadata=self._meta))
+            return Stream(
+                peer.target.training.WatchTrainingJob(
+                    pb.TrainingEventsRequest(id=job_id, after_seq=cursor.seq), metadata=self._meta
+                )
+            )
 
-        return failover.stream(self._in_turn(rounds=2), call, RULE, breakers=self.breakers,
-                               progress=cursor)
+        return failover.stream(self._in_turn(rounds=2), call, RULE, breakers=self.breakers, progress=cursor)
 
     # -- files ------------------------------------------------------------------------
 
@@ -223,14 +254,16 @@ class CoordinatorClient:
     async def _training(self, method: Method[T], request: Any) -> T:
         return await self._unary(method, request, timeout=60)
 
-    async def _unary(self, method: Method[T], request: Any, timeout: float = 10,
-                     request_id: str = "") -> T:
+    async def _unary(self, method: Method[T], request: Any, timeout: float = 10, request_id: str = "") -> T:
         """``method`` of the first coordinator in turn that can be reached."""
         metadata = self._metadata(request_id)
         return await failover.unary(
-            self._in_turn(), lambda peer: unary(method(peer.target), request, timeout=timeout,
-                                                metadata=metadata),
-            RULE, breakers=self.breakers, request_id=request_id)
+            self._in_turn(),
+            lambda peer: unary(method(peer.target), request, timeout=timeout, metadata=metadata),
+            RULE,
+            breakers=self.breakers,
+            request_id=request_id,
+        )
 
     async def close(self) -> None:
         for channel in self._channels:

@@ -74,7 +74,10 @@ class EdgeMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if headers.get(b"content-type", b"application/x-www-form-urlencoded") == b"application/x-www-form-urlencoded":
+        if (
+            headers.get(b"content-type", b"application/x-www-form-urlencoded")
+            == b"application/x-www-form-urlencoded"
+        ):
             headers[b"content-type"] = b"application/json"
             scope["headers"] = list(headers.items())
         given = headers.get(b"x-request-id", b"").decode("latin-1")

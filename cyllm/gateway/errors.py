@@ -1,6 +1,6 @@
 """The one place where errors become HTTP responses, in OpenAI's error shape:
 
-    {"error": {"message": "...", "type": "...", "param": "...", "code": "..."}}
+{"error": {"message": "...", "type": "...", "param": "...", "code": "..."}}
 """
 
 from __future__ import annotations
@@ -47,11 +47,17 @@ class ErrorResponse(BaseModel):
 
 def responses(*codes: int) -> dict[int, dict]:
     """OpenAPI ``responses`` entries for these error statuses, all in ``ErrorResponse``."""
-    text = {400: "Invalid request", 401: "Missing or invalid credentials",
-            403: "Not allowed (model, scope)", 404: "Unknown model or route",
-            409: "The model cannot be loaded here (engine library, hardware or memory)", 413: "Body too large",
-            429: "Queue full or rate limit; see Retry-After and x-ratelimit-*",
-            500: "Internal error", 503: "No healthy worker or coordinator"}
+    text = {
+        400: "Invalid request",
+        401: "Missing or invalid credentials",
+        403: "Not allowed (model, scope)",
+        404: "Unknown model or route",
+        409: "The model cannot be loaded here (engine library, hardware or memory)",
+        413: "Body too large",
+        429: "Queue full or rate limit; see Retry-After and x-ratelimit-*",
+        500: "Internal error",
+        503: "No healthy worker or coordinator",
+    }
     return {c: {"model": ErrorResponse, "description": text[c]} for c in codes}
 
 
@@ -120,12 +126,17 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status_code, "http_error")
+        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
+            exc.status_code, "http_error"
+        )
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         if exc.status_code == 404 and message == "Not Found":
             message = f"no route {request.method} {request.url.path}"
-        return JSONResponse(error_body(message, "invalid_request_error", code), exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return JSONResponse(
+            error_body(message, "invalid_request_error", code),
+            exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -46,8 +46,9 @@ def idempotency_key(conn: HTTPConnection) -> str:
     if key is None:
         return ""
     if not 0 < len(key) <= 255 or not all("!" <= c <= "~" for c in key):
-        raise errors.InvalidRequest(f"{IDEMPOTENCY_HEADER} must be 1 to 255 visible ASCII "
-                                    "characters", param=IDEMPOTENCY_HEADER)
+        raise errors.InvalidRequest(
+            f"{IDEMPOTENCY_HEADER} must be 1 to 255 visible ASCII characters", param=IDEMPOTENCY_HEADER
+        )
     return key
 
 
@@ -88,8 +89,9 @@ class Generation:
     upstream; the limits are settled (slot freed, tokens counted) when the stream ends.
     """
 
-    def __init__(self, conn: HTTPConnection, request: GenerationRequest, *,
-                 whole: bool = False, choice: int = 0) -> None:
+    def __init__(
+        self, conn: HTTPConnection, request: GenerationRequest, *, whole: bool = False, choice: int = 0
+    ) -> None:
         """``whole``: the answer is sent in one piece (not streamed); such a request may
         carry an ``Idempotency-Key`` (a stream cannot be replayed to a retry, so the
         header is ignored there).  ``choice``: which of a request's ``n`` answers this
@@ -119,8 +121,7 @@ class Generation:
         caller = self.ctx.caller
         caller.check_model(self.model)
         if self.request.priority > 0 and not (caller.admin or PRIORITY_SCOPE in caller.scopes):
-            raise errors.Forbidden(f"priority above 0 needs the {PRIORITY_SCOPE!r} scope",
-                                   param="priority")
+            raise errors.Forbidden(f"priority above 0 needs the {PRIORITY_SCOPE!r} scope", param="priority")
         sampling = self._wire.sampling
         bound = self.limiter.bound(sampling.max_tokens if sampling.HasField("max_tokens") else None)
         if bound is not None:
@@ -236,9 +237,9 @@ class Generation:
         if self._keep_text is not None:  # log_content: explicitly enabled
             r = self.request
             self.ctx.content = {
-                "prompt": r.prompt if r.messages is None
-                else [[m.role, m.content] for m in r.messages],
-                "completion": "".join(self._keep_text)}
+                "prompt": r.prompt if r.messages is None else [[m.role, m.content] for m in r.messages],
+                "completion": "".join(self._keep_text),
+            }
         self.outcome.finish_reason = f.finish_reason
         self.outcome.prompt_tokens = f.prompt_tokens
         self.outcome.completion_tokens = f.completion_tokens

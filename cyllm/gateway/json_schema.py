@@ -15,14 +15,46 @@ from typing import Any
 
 from cyllm import errors
 
-ENFORCED = frozenset({
-    "type", "properties", "required", "additionalProperties", "items", "prefixItems",
-    "minItems", "maxItems", "enum", "const", "anyOf", "$ref", "$defs", "definitions",
-    "minLength", "maxLength", "pattern", "minimum", "maximum", "exclusiveMinimum",
-    "exclusiveMaximum"})
-ANNOTATIONS = frozenset({
-    "title", "description", "default", "examples", "$schema", "$id", "$comment", "format",
-    "deprecated", "readOnly", "writeOnly"})
+ENFORCED = frozenset(
+    {
+        "type",
+        "properties",
+        "required",
+        "additionalProperties",
+        "items",
+        "prefixItems",
+        "minItems",
+        "maxItems",
+        "enum",
+        "const",
+        "anyOf",
+        "$ref",
+        "$defs",
+        "definitions",
+        "minLength",
+        "maxLength",
+        "pattern",
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "exclusiveMaximum",
+    }
+)
+ANNOTATIONS = frozenset(
+    {
+        "title",
+        "description",
+        "default",
+        "examples",
+        "$schema",
+        "$id",
+        "$comment",
+        "format",
+        "deprecated",
+        "readOnly",
+        "writeOnly",
+    }
+)
 # Keywords whose value holds subschemas: by name, or a map of names to subschemas.
 _SUBSCHEMA = frozenset({"items", "additionalProperties"})
 _SUBSCHEMA_LISTS = frozenset({"prefixItems", "anyOf"})
@@ -68,13 +100,16 @@ def check_schema(schema: Any, param: str = PARAM, what: str = "response_format.j
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
         where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
-        raise errors.InvalidRequest(f"{what} is not a valid JSON Schema at {where}: {exc.message}",
-                                    param=param) from None
+        raise errors.InvalidRequest(
+            f"{what} is not a valid JSON Schema at {where}: {exc.message}", param=param
+        ) from None
     for where, keyword in _keywords(schema):
         if keyword not in ENFORCED and keyword not in ANNOTATIONS:
             raise errors.InvalidRequest(
                 f"{what} uses {keyword!r} at {where}, which constrained decoding cannot enforce; "
-                f"the supported keywords are {', '.join(sorted(ENFORCED))}", param=param)
+                f"the supported keywords are {', '.join(sorted(ENFORCED))}",
+                param=param,
+            )
     return text
 
 

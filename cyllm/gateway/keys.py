@@ -49,7 +49,7 @@ def _digest(secret: str) -> str:
 def split(presented: str) -> tuple[str, str] | None:
     if not presented.startswith(PREFIX):
         return None
-    key_id, _, secret = presented[len(PREFIX):].partition("_")
+    key_id, _, secret = presented[len(PREFIX) :].partition("_")
     return (key_id, secret) if key_id and secret else None
 
 
@@ -63,12 +63,25 @@ class KeyStore(abc.ABC):
     @abc.abstractmethod
     async def all(self) -> list[ApiKey]: ...
 
-    async def create(self, name: str, *, admin: bool = False, models: list[str] | None = None,
-                     expires_in_s: float | None = None) -> tuple[ApiKey, str]:
+    async def create(
+        self,
+        name: str,
+        *,
+        admin: bool = False,
+        models: list[str] | None = None,
+        expires_in_s: float | None = None,
+    ) -> tuple[ApiKey, str]:
         """A new key and its only appearance in clear."""
         key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
-        key = ApiKey(key_id, name, _digest(secret), time.time(),
-                     time.time() + expires_in_s if expires_in_s else None, models, admin)
+        key = ApiKey(
+            key_id,
+            name,
+            _digest(secret),
+            time.time(),
+            time.time() + expires_in_s if expires_in_s else None,
+            models,
+            admin,
+        )
         await self._save(key)
         return key, f"{PREFIX}{key_id}_{secret}"
 

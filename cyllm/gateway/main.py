@@ -18,13 +18,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("cyllm.gateway")
 
 
-def serve(settings: GatewaySettings, plane: Plane,
-          coordinator: CoordinatorSettings | None = None) -> None:
+def serve(settings: GatewaySettings, plane: Plane, coordinator: CoordinatorSettings | None = None) -> None:
     """``coordinator``: the settings of a coordinator to host in this process."""
     if not settings.auth_enabled and not loopback(settings.host):
         log.warning(
             "gateway bound to %s without authentication: anyone who can reach it can use it, "
-            "without the admin routes (set gateway.auth_enabled: true)", settings.host,
+            "without the admin routes (set gateway.auth_enabled: true)",
+            settings.host,
         )
     tls = {}
     if settings.tls_cert_file is not None:
@@ -39,4 +39,3 @@ def serve(settings: GatewaySettings, plane: Plane,
         **tls,
     )
     uvicorn.Server(config).run()
-

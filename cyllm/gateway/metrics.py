@@ -19,19 +19,38 @@ from cyllm.telemetry import LATENCY_BUCKETS, TOKEN_GAP_BUCKETS, CountedHistogram
 class GatewayMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("gateway_requests", "HTTP requests", ["method", "route", "status"], registry=r)
-        self.latency = Histogram("gateway_latency_seconds", "HTTP request latency, to the last byte",
-                                 ["method", "route"], registry=r, buckets=LATENCY_BUCKETS)
-        self.ttft = Histogram("gateway_time_to_first_token_seconds",
-                              "Seconds from accepting a generation to its first text", ["model"],
-                              registry=r, buckets=LATENCY_BUCKETS)
-        self.itl = CountedHistogram("gateway_inter_token_latency_seconds",
-                                    "Seconds between streamed tokens", "model", TOKEN_GAP_BUCKETS, r)
+        self.requests = Counter(
+            "gateway_requests", "HTTP requests", ["method", "route", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "gateway_latency_seconds",
+            "HTTP request latency, to the last byte",
+            ["method", "route"],
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.ttft = Histogram(
+            "gateway_time_to_first_token_seconds",
+            "Seconds from accepting a generation to its first text",
+            ["model"],
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.itl = CountedHistogram(
+            "gateway_inter_token_latency_seconds",
+            "Seconds between streamed tokens",
+            "model",
+            TOKEN_GAP_BUCKETS,
+            r,
+        )
         self.tokens = Counter("gateway_generated_tokens", "Completion tokens returned", ["model"], registry=r)
         self.traffic = TrafficStats()
-        self.rejected = Counter("gateway_rejected_requests",
-                                "Requests answered with an error status (429: queue full)",
-                                ["status"], registry=r)
+        self.rejected = Counter(
+            "gateway_rejected_requests",
+            "Requests answered with an error status (429: queue full)",
+            ["status"],
+            registry=r,
+        )
 
 
 access_log = logging.getLogger("cyllm.gateway.access")
@@ -72,25 +91,37 @@ class MetricsMiddleware:
             # The path is the caller's: escaped, so a newline in it cannot forge a line.
             path = json.dumps(scope["path"])[1:-1]
             access_log.info(
-                "%s %s %d %.1fms", method, path, status["code"], elapsed * 1000,
-                extra={"request_id": ctx.request_id if ctx else None,
-                       "client_request_id": ctx.client_request_id if ctx else None,
-                       "method": method,
-                       "route": label, "status": status["code"],
-                       "latency_ms": round(elapsed * 1000, 1),
-                       "caller": identity.subject if identity else None,
-                       "model": usage.model if usage else None,
-                       "prompt_tokens": usage.prompt_tokens if usage else None,
-                       "completion_tokens": usage.completion_tokens if usage else None,
-                       **((ctx.content if ctx else None) or {})})
+                "%s %s %d %.1fms",
+                method,
+                path,
+                status["code"],
+                elapsed * 1000,
+                extra={
+                    "request_id": ctx.request_id if ctx else None,
+                    "client_request_id": ctx.client_request_id if ctx else None,
+                    "method": method,
+                    "route": label,
+                    "status": status["code"],
+                    "latency_ms": round(elapsed * 1000, 1),
+                    "caller": identity.subject if identity else None,
+                    "model": usage.model if usage else None,
+                    "prompt_tokens": usage.prompt_tokens if usage else None,
+                    "completion_tokens": usage.completion_tokens if usage else None,
+                    **((ctx.content if ctx else None) or {}),
+                },
+            )
             self.metrics.latency.labels(method, label).observe(elapsed)
 
 
 router = APIRouter(tags=["metrics"])
 
 
-_TEXT = {200: {"content": {"text/plain": {"schema": {"type": "string"}}},
-               "description": "Prometheus text exposition"}}
+_TEXT = {
+    200: {
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+        "description": "Prometheus text exposition",
+    }
+}
 
 
 @router.get("/actuator/prometheus", response_class=Response, responses=_TEXT)

@@ -23,11 +23,10 @@ import math
 import time
 from dataclasses import dataclass, field
 
+from fastapi import Request
 from limits import RateLimitItemPerMinute
 from limits.aio.storage import MemoryStorage, RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
-
-from fastapi import Request
 
 from cyllm import errors
 from cyllm.gateway.auth import Identity, authenticate
@@ -47,13 +46,17 @@ class RateLimiter:
     def __init__(self, settings: GatewaySettings) -> None:
         self.rpm = RateLimitItemPerMinute(settings.rate_limit_rpm) if settings.rate_limit_rpm else None
         self.tpm = RateLimitItemPerMinute(settings.rate_limit_tpm) if settings.rate_limit_tpm else None
-        self.control_rpm = (RateLimitItemPerMinute(settings.rate_limit_control_rpm)
-                            if settings.rate_limit_control_rpm else None)
+        self.control_rpm = (
+            RateLimitItemPerMinute(settings.rate_limit_control_rpm)
+            if settings.rate_limit_control_rpm
+            else None
+        )
         self.default_reserve = settings.tpm_default_reserve
         self.concurrency = settings.rate_limit_concurrency
         if settings.redis_url:
-            storage = RedisStorage("async+" + settings.redis_url, implementation="redispy",
-                                   key_prefix="cyllm:limits")
+            storage = RedisStorage(
+                "async+" + settings.redis_url, implementation="redispy", key_prefix="cyllm:limits"
+            )
             self._redis = connect(settings.redis_url)
         else:
             storage = MemoryStorage()
@@ -80,7 +83,8 @@ class RateLimiter:
             raise errors.InvalidRequest(
                 f"the prompt (about {prompt} tokens) plus max_tokens ({max_tokens}) "
                 f"is over this caller's limit of {self.tpm.amount} tokens per minute",
-                param="max_tokens")
+                param="max_tokens",
+            )
         return reserve
 
     async def admit(self, identity: Identity, reserve: int = 0) -> Admission:
@@ -97,7 +101,9 @@ class RateLimiter:
                     await self._add("running", adm.subject, -1)
                     raise errors.RateLimited(
                         f"more than {self.concurrency} generations at once for this caller",
-                        retry_after=1, headers=adm.headers)
+                        retry_after=1,
+                        headers=adm.headers,
+                    )
                 adm.holds_slot = True
         except BaseException:
             await self.finish(adm, 0)
@@ -113,8 +119,11 @@ class RateLimiter:
         left = self.tpm.amount - spent - in_flight
         adm.headers |= _headers("tokens", self.tpm.amount, left, stats.reset_time)
         if left < 0:
-            raise self._refuse("tokens per minute (counting the tokens reserved by requests "
-                               "still running)", stats.reset_time, adm.headers)
+            raise self._refuse(
+                "tokens per minute (counting the tokens reserved by requests still running)",
+                stats.reset_time,
+                adm.headers,
+            )
 
     async def finish(self, adm: Admission, tokens: int) -> None:
         """Free the slot and the reservation; count the tokens really used."""
@@ -132,8 +141,12 @@ class RateLimiter:
     async def control(self, identity: Identity) -> None:
         """A request to a route that is not a generation (files, training, admin)."""
         if self.control_rpm is not None:
-            await self._hit(self.control_rpm, "control", Admission(identity.subject),
-                            "requests per minute to files, training and admin routes")
+            await self._hit(
+                self.control_rpm,
+                "control",
+                Admission(identity.subject),
+                "requests per minute to files, training and admin routes",
+            )
 
     async def _hit(self, item: RateLimitItemPerMinute, name: str, adm: Admission, what: str) -> None:
         """Count one request against ``item``; 429 when it is over."""
@@ -145,8 +158,9 @@ class RateLimiter:
 
     def _refuse(self, what: str, reset: float, headers: dict[str, str]) -> errors.RateLimited:
         wait = max(1.0, reset - time.time())
-        return errors.RateLimited(f"rate limit exceeded: {what}; retry in {math.ceil(wait)}s",
-                                  retry_after=wait, headers=headers)
+        return errors.RateLimited(
+            f"rate limit exceeded: {what}; retry in {math.ceil(wait)}s", retry_after=wait, headers=headers
+        )
 
     async def _add(self, counter: str, subject: str, amount: int) -> int:
         """Add to a per-caller counter of things in flight; its new value."""

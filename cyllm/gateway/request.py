@@ -11,7 +11,6 @@ surface writes only its schema and a ``to_request()``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -31,9 +30,10 @@ def check_text(texts: Iterable[str], param: str) -> None:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as exc:
-            raise errors.InvalidRequest(f"{param} holds an unpaired surrogate "
-                                        f"(\\u{ord(text[exc.start]):x}), which is not valid text",
-                                        param=param) from None
+            raise errors.InvalidRequest(
+                f"{param} holds an unpaired surrogate (\\u{ord(text[exc.start]):x}), which is not valid text",
+                param=param,
+            ) from None
 
 
 def token_biases(bias: dict[str, float] | None) -> dict[int, float]:
@@ -41,11 +41,11 @@ def token_biases(bias: dict[str, float] | None) -> dict[int, float]:
     out: dict[int, float] = {}
     for key, value in (bias or {}).items():
         if not (key.isascii() and key.isdigit() and len(key) <= 10) or int(key) > 2**31 - 1:
-            raise errors.InvalidRequest(f"logit_bias key {key[:40]!r} is not a token id",
-                                        param="logit_bias")
+            raise errors.InvalidRequest(f"logit_bias key {key[:40]!r} is not a token id", param="logit_bias")
         if not -100 <= value <= 100:
-            raise errors.InvalidRequest(f"logit_bias for token {key} is {value}; it must be "
-                                        "between -100 and 100", param="logit_bias")
+            raise errors.InvalidRequest(
+                f"logit_bias for token {key} is {value}; it must be between -100 and 100", param="logit_bias"
+            )
         out[int(key)] = value
     return out
 
@@ -67,17 +67,24 @@ class Message:
     tool_call_id: str = ""
 
     def __post_init__(self) -> None:
-        check_text([self.role, self.content, self.tool_call_id]
-                   + [t for c in self.tool_calls for t in (c.id, c.name, c.arguments)], "messages")
+        check_text(
+            [self.role, self.content, self.tool_call_id]
+            + [t for c in self.tool_calls for t in (c.id, c.name, c.arguments)],
+            "messages",
+        )
         if self.tool_calls and self.role != "assistant":
             raise errors.InvalidRequest("tool_calls belong to assistant messages", param="messages")
         if (self.role == "tool") != bool(self.tool_call_id):
-            raise errors.InvalidRequest("a tool message needs tool_call_id, and only a tool "
-                                        "message has one", param="messages")
+            raise errors.InvalidRequest(
+                "a tool message needs tool_call_id, and only a tool message has one", param="messages"
+            )
 
     def text_chars(self) -> int:
-        return len(self.content) + len(self.tool_call_id) + sum(
-            len(c.id) + len(c.name) + len(c.arguments) for c in self.tool_calls)
+        return (
+            len(self.content)
+            + len(self.tool_call_id)
+            + sum(len(c.id) + len(c.name) + len(c.arguments) for c in self.tool_calls)
+        )
 
 
 @dataclass(frozen=True)
@@ -121,14 +128,14 @@ class GenerationRequest:
         if (self.messages is None) == (self.prompt is None):
             raise errors.InvalidRequest("give exactly one of a prompt or messages")
         check_text([self.prompt or ""], "prompt")
-        if self.messages is not None and not any(m.content.strip() or m.tool_calls
-                                                 for m in self.messages):
-            raise errors.InvalidRequest(f"{self.messages_param} holds no text",
-                                        param=self.messages_param)
+        if self.messages is not None and not any(m.content.strip() or m.tool_calls for m in self.messages):
+            raise errors.InvalidRequest(f"{self.messages_param} holds no text", param=self.messages_param)
         if self.tools is not None and self.tools.forced:
             if self.constraint is not None:
-                raise errors.InvalidRequest("a response format cannot be combined with a "
-                                            "tool choice that forces a call", param="tool_choice")
+                raise errors.InvalidRequest(
+                    "a response format cannot be combined with a tool choice that forces a call",
+                    param="tool_choice",
+                )
             self.constraint = self.tools.constraint()
 
     def prompt_chars(self) -> int:
@@ -147,8 +154,13 @@ class GenerationRequest:
         ``seed + i`` (reproducible, and the choices differ)."""
         s = self.sampling
         sampling = pb.SamplingParams(
-            stop=s.stop, presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
-            logit_bias=s.logit_bias, min_tokens=s.min_tokens, ignore_eos=s.ignore_eos)
+            stop=s.stop,
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
+            logit_bias=s.logit_bias,
+            min_tokens=s.min_tokens,
+            ignore_eos=s.ignore_eos,
+        )
         if s.max_tokens is not None:
             sampling.max_tokens = s.max_tokens
         if s.temperature is not None:
@@ -162,17 +174,32 @@ class GenerationRequest:
         if self.logprobs is not None:
             sampling.top_logprobs = self.logprobs
         if self.constraint is not None:
-            sampling.constraint.CopyFrom(pb.Constraint(kind=self.constraint.kind,
-                                                       json_schema=self.constraint.json_schema))
-        out = pb.GenerateRequest(request_id=request_id, model=self.model, sampling=sampling,
-                                 priority=self.priority,
-                                 tools=self.tools.declared_json if self.tools else "")
+            sampling.constraint.CopyFrom(
+                pb.Constraint(kind=self.constraint.kind, json_schema=self.constraint.json_schema)
+            )
+        out = pb.GenerateRequest(
+            request_id=request_id,
+            model=self.model,
+            sampling=sampling,
+            priority=self.priority,
+            tools=self.tools.declared_json if self.tools else "",
+        )
         if self.messages is None:
             out.prompt = self.prompt or ""
         else:
-            out.messages.CopyFrom(pb.ChatMessages(messages=[
-                pb.ChatMessage(role=m.role, content=m.content, tool_call_id=m.tool_call_id,
-                               tool_calls=[pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments)
-                                           for c in m.tool_calls])
-                for m in self.messages]))
+            out.messages.CopyFrom(
+                pb.ChatMessages(
+                    messages=[
+                        pb.ChatMessage(
+                            role=m.role,
+                            content=m.content,
+                            tool_call_id=m.tool_call_id,
+                            tool_calls=[
+                                pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in m.tool_calls
+                            ],
+                        )
+                        for m in self.messages
+                    ]
+                )
+            )
         return out

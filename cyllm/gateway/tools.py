@@ -59,8 +59,11 @@ class Toolbox:
         names = list(self.functions) if self.choice == "required" else [self.choice]
         calls = [_call_schema(n, self.functions[n]) for n in names]
         one = calls[0] if len(calls) == 1 else {"anyOf": calls}
-        schema = {"type": "array", "items": one, "minItems": 1} if self.parallel \
-            and self.choice == "required" else one
+        schema = (
+            {"type": "array", "items": one, "minItems": 1}
+            if self.parallel and self.choice == "required"
+            else one
+        )
         # Its parts were checked in toolbox(); the body limit bounds their sum.
         return Constraint("json_schema", json.dumps(schema, separators=(",", ":")))
 
@@ -117,14 +120,20 @@ class CallStream:
                     break
                 self.index += 1
                 self.pos, self.in_args, self.depth = head.end(), True, 0
-                out.append({"index": self.index, "id": f"call_{secrets.token_hex(12)}",
-                            "type": "function", "function": {"name": head.group(1), "arguments": ""}})
+                out.append(
+                    {
+                        "index": self.index,
+                        "id": f"call_{secrets.token_hex(12)}",
+                        "type": "function",
+                        "function": {"name": head.group(1), "arguments": ""},
+                    }
+                )
                 continue
             start = self.pos
             while self.pos < len(self.text) and self.in_args:
                 self._scan(self.text[self.pos])
                 self.pos += 1
-            out.append({"index": self.index, "function": {"arguments": self.text[start:self.pos]}})
+            out.append({"index": self.index, "function": {"arguments": self.text[start : self.pos]}})
         return out
 
     def _scan(self, c: str) -> None:
@@ -166,14 +175,18 @@ def toolbox(tools: list[dict[str, Any]] | None, choice: Any, parallel: bool) -> 
         return Toolbox(functions, choice or "auto", parallel, declared)
     name = choice["function"]["name"]
     if name not in functions:
-        raise errors.InvalidRequest(f"tool_choice names {name!r}, which is not among the tools",
-                                    param="tool_choice")
+        raise errors.InvalidRequest(
+            f"tool_choice names {name!r}, which is not among the tools", param="tool_choice"
+        )
     return Toolbox(functions, name, parallel, declared)
 
 
 def _call_schema(name: str, parameters: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "object", "properties": {"name": {"const": name}, "arguments": parameters},
-            "required": ["name", "arguments"]}
+    return {
+        "type": "object",
+        "properties": {"name": {"const": name}, "arguments": parameters},
+        "required": ["name", "arguments"],
+    }
 
 
 def _json(text: str) -> Any:

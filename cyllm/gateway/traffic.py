@@ -52,7 +52,12 @@ class TrafficStats:
         out = []
         for start in range(now - (KEEP - 1) * BUCKET_S, now + 1, BUCKET_S):
             b = seen.get(start, _Bucket(start))
-            out.append({"start": start, "tokensPerSecond": round(b.tokens / BUCKET_S, 2),
-                        "requests": b.requests,
-                        "ttftP50Ms": round(statistics.median(b.ttfts) * 1000, 1) if b.ttfts else None})
+            out.append(
+                {
+                    "start": start,
+                    "tokensPerSecond": round(b.tokens / BUCKET_S, 2),
+                    "requests": b.requests,
+                    "ttftP50Ms": round(statistics.median(b.ttfts) * 1000, 1) if b.ttfts else None,
+                }
+            )
         return out

@@ -35,5 +35,8 @@ class TokenUsage(BaseModel):
 
     @classmethod
     def of(cls, usage: Usage) -> Self:
-        return cls(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                   total_tokens=usage.total_tokens)
+        return cls(
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            total_tokens=usage.total_tokens,
+        )

@@ -27,8 +27,9 @@ class _Circuit:
 
 
 class CircuitBreakers:
-    def __init__(self, threshold: int, cooldown_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, threshold: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.threshold = threshold
         self.cooldown_s = cooldown_s
         self.clock = clock
@@ -36,8 +37,11 @@ class CircuitBreakers:
 
     def is_open(self, peer: str) -> bool:
         circuit = self._circuits.get(peer)
-        return (circuit is not None and circuit.opened_at is not None
-                and self.clock() < circuit.opened_at + self.cooldown_s)
+        return (
+            circuit is not None
+            and circuit.opened_at is not None
+            and self.clock() < circuit.opened_at + self.cooldown_s
+        )
 
     def open_peers(self) -> set[str]:
         return {peer for peer in self._circuits if self.is_open(peer)}

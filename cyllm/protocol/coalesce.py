@@ -87,9 +87,13 @@ class Backlog(Generic[T]):
         return items
 
 
-async def coalesced(events: AsyncIterator[T], ahead: int = 256, *,
-                    is_delta: Callable[[Any], bool] = is_delta,
-                    join: Callable[[list[Any]], Any] = joined) -> AsyncIterator[T]:
+async def coalesced(
+    events: AsyncIterator[T],
+    ahead: int = 256,
+    *,
+    is_delta: Callable[[Any], bool] = is_delta,
+    join: Callable[[list[Any]], Any] = joined,
+) -> AsyncIterator[T]:
     """``events`` with deltas (``is_delta``) merged (``join``) while unread; at most
     ``ahead`` items buffered."""
     buffer: Backlog[object] = Backlog(ahead)
@@ -104,7 +108,7 @@ async def coalesced(events: AsyncIterator[T], ahead: int = 256, *,
                 buffer.put_nowait(msg)
         except asyncio.CancelledError:
             raise
-        except BaseException as exc:  # noqa: BLE001  (handed to the reader, in order)
+        except BaseException as exc:
             buffer.put_nowait(exc)
         else:
             buffer.put_nowait(_END)
@@ -128,8 +132,9 @@ async def coalesced(events: AsyncIterator[T], ahead: int = 256, *,
                 await aclose()
 
 
-def merge_runs(items: list[object], is_delta: Callable[[Any], bool],
-               join: Callable[[list[Any]], Any]) -> list[object]:
+def merge_runs(
+    items: list[object], is_delta: Callable[[Any], bool], join: Callable[[list[Any]], Any]
+) -> list[object]:
     """``items`` with each run of consecutive deltas made one (in one pass: a lagging
     reader's run may be hundreds long)."""
     out: list[object] = []

@@ -104,18 +104,32 @@ class Fresh:
 Moved = Callable[[Peer, errors.CyllmError, bool], None]  # (peer, why, resuming)
 
 
-def stream(peers: Peers[P], call: Callable[[P], AsyncIterable[T]], rule: Rule, *,
-           breakers: CircuitBreakers | None = None, progress: Progress[T] | None = None,
-           moved: Moved | None = None, request_id: str = "") -> AsyncIterator[T]:
+def stream(
+    peers: Peers[P],
+    call: Callable[[P], AsyncIterable[T]],
+    rule: Rule,
+    *,
+    breakers: CircuitBreakers | None = None,
+    progress: Progress[T] | None = None,
+    moved: Moved | None = None,
+    request_id: str = "",
+) -> AsyncIterator[T]:
     """``call(peer)``'s items, moving to the next peer as ``rule`` says; closing this
     closes the peer's stream (cancelling its call).  ``moved`` hears of each move."""
     return _Attempts(peers, rule, breakers, moved, request_id).stream(call, progress or Fresh())
 
 
-async def unary(peers: Peers[P], call: Callable[[P], Awaitable[T]], rule: Rule, *,
-                breakers: CircuitBreakers | None = None, moved: Moved | None = None,
-                request_id: str = "") -> T:
+async def unary(
+    peers: Peers[P],
+    call: Callable[[P], Awaitable[T]],
+    rule: Rule,
+    *,
+    breakers: CircuitBreakers | None = None,
+    moved: Moved | None = None,
+    request_id: str = "",
+) -> T:
     """``call(peer)``'s answer from the first peer that gives one, as ``rule`` says."""
+
     async def one(peer: P) -> AsyncIterator[T]:
         yield await call(peer)
 
@@ -134,8 +148,7 @@ class _Attempts(Generic[P]):
     moved: Moved | None
     request_id: str
 
-    async def stream(self, call: Callable[[P], AsyncIterable[T]],
-                     progress: Progress[T]) -> AsyncIterator[T]:
+    async def stream(self, call: Callable[[P], AsyncIterable[T]], progress: Progress[T]) -> AsyncIterator[T]:
         failed: set[str] = set()
         last: errors.CyllmError | None = None
         for attempt in itertools.count(1):
@@ -151,8 +164,11 @@ class _Attempts(Generic[P]):
                 return
             except BaseException as exc:
                 self._outcome(peer, exc)
-                if not isinstance(exc, self.rule.moves_on) or not progress.resumable \
-                        or attempt == self.rule.attempts:
+                if (
+                    not isinstance(exc, self.rule.moves_on)
+                    or not progress.resumable
+                    or attempt == self.rule.attempts
+                ):
                     raise
                 assert isinstance(exc, errors.CyllmError), "only the project's errors move on"
                 failed.add(peer.name)
@@ -175,9 +191,14 @@ class _Attempts(Generic[P]):
     def _moving(self, peer: P, err: errors.CyllmError, resuming: bool) -> None:
         if self.moved is not None:
             self.moved(peer, err, resuming)
-        log.warning("%s %s failed (%s); %s", self.rule.what, peer.name, err.message,
-                    "continuing on the next" if resuming else "trying the next",
-                    extra={"request_id": self.request_id})
+        log.warning(
+            "%s %s failed (%s); %s",
+            self.rule.what,
+            peer.name,
+            err.message,
+            "continuing on the next" if resuming else "trying the next",
+            extra={"request_id": self.request_id},
+        )
 
 
 @dataclass(frozen=True)

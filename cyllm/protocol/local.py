@@ -82,8 +82,7 @@ class LocalStub:
 class LocalCall:
     """A streaming call in-process: iterate it once; ``cancel()`` ends it."""
 
-    def __init__(self, replies: AsyncIterator[Any], timeout: float | None,
-                 translate: Translate) -> None:
+    def __init__(self, replies: AsyncIterator[Any], timeout: float | None, translate: Translate) -> None:
         self._replies = replies
         self._deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         self._translate = translate
@@ -125,4 +124,3 @@ class LocalCall:
             elif not self._closed:
                 self._closed = True
                 await self._replies.aclose()  # type: ignore[attr-defined]
-

@@ -40,8 +40,10 @@ _OPEN = "/grpc.health.v1.Health/"
 # gRPC's defaults (4 MiB in) refuse a long prompt with a bare RESOURCE_EXHAUSTED; the
 # gateway bounds what users send, so the plane takes what the gateway lets through.
 MAX_MESSAGE_BYTES = 64 << 20
-_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
 
 
 class InternalSettings(ComponentSettings):
@@ -53,8 +55,10 @@ class InternalSettings(ComponentSettings):
     tls_ca_file: Path | None = Field(None, description="CA that signs every component's certificate")
     tls_cert_file: Path | None = Field(None, description="this component's certificate (PEM)")
     tls_key_file: Path | None = Field(None, description="this component's private key (PEM)")
-    tls_server_name: str | None = Field(None, description="name to verify in servers' certificates "
-                                        "when dialling an address that is not in them")
+    tls_server_name: str | None = Field(
+        None,
+        description="name to verify in servers' certificates when dialling an address that is not in them",
+    )
     insecure: bool = Field(False, description="run the internal plane without authentication")
 
     @model_validator(mode="after")
@@ -68,7 +72,8 @@ class InternalSettings(ComponentSettings):
             raise ValueError(
                 "the internal gRPC plane needs credentials: set internal.token (or token_file, or "
                 "CYLLM_INTERNAL_TOKEN), or internal.tls_* files (cyllm certs makes them); "
-                "internal.insecure: true runs it open")
+                "internal.insecure: true runs it open"
+            )
         return self
 
     def plane(self) -> Plane:
@@ -79,8 +84,12 @@ class InternalSettings(ComponentSettings):
             raise ValueError("the internal token must be at least 16 characters")
         tls = None
         if self.tls_ca_file is not None:
-            tls = Tls(self.tls_ca_file.read_bytes(), self.tls_cert_file.read_bytes(),
-                      self.tls_key_file.read_bytes(), self.tls_server_name)
+            tls = Tls(
+                self.tls_ca_file.read_bytes(),
+                self.tls_cert_file.read_bytes(),
+                self.tls_key_file.read_bytes(),
+                self.tls_server_name,
+            )
         return Plane(token, tls)
 
 
@@ -108,8 +117,9 @@ class Plane:
     def bind(self, server: grpc.aio.Server, address: str) -> int:
         if self.tls is None:
             return server.add_insecure_port(address)
-        creds = grpc.ssl_server_credentials([(self.tls.key, self.tls.cert)],
-                                            root_certificates=self.tls.ca, require_client_auth=True)
+        creds = grpc.ssl_server_credentials(
+            [(self.tls.key, self.tls.cert)], root_certificates=self.tls.ca, require_client_auth=True
+        )
         return server.add_secure_port(address, creds)
 
     def check(self, method: str, context: grpc.aio.ServicerContext) -> str | None:
@@ -133,8 +143,7 @@ class Plane:
         if self.tls is None:
             channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
         else:
-            channel = grpc.aio.secure_channel(address, self._credentials(),
-                                              options=_OPTIONS + self._names())
+            channel = grpc.aio.secure_channel(address, self._credentials(), options=_OPTIONS + self._names())
         return _TokenChannel(channel, self.token) if self.token else channel  # type: ignore[return-value]
 
     def sync_channel(self, address: str) -> grpc.Channel:
@@ -172,6 +181,7 @@ def load_plane(config_file: Path | None = None) -> Plane:
 
 
 # -- the token on every outgoing call ------------------------------------------------------
+
 
 class _TokenChannel:
     """A channel whose every call carries the token.  Each method's callable adds it, not

@@ -35,8 +35,9 @@ def untranslated(exc: Exception) -> None:
 
 def create_server(plane: Plane, translate: Translate = untranslated) -> grpc.aio.Server:
     # so_reuseport off: a second process must not silently share a port already bound.
-    return grpc.aio.server(interceptors=[EdgeInterceptor(plane, translate)],
-                           options=[("grpc.so_reuseport", 0), *SERVER_OPTIONS])
+    return grpc.aio.server(
+        interceptors=[EdgeInterceptor(plane, translate)], options=[("grpc.so_reuseport", 0), *SERVER_OPTIONS]
+    )
 
 
 class EdgeInterceptor(grpc.aio.ServerInterceptor):
@@ -46,7 +47,8 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # by method: built once
 
     async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         wrapped = self._wrapped.get(details.method)
@@ -55,7 +57,8 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED
                 return handler
             wrapped = self._wrapped[details.method] = _translated(
-                handler, self._guard(details.method), self.translate)
+                handler, self._guard(details.method), self.translate
+            )
         return wrapped
 
     def _guard(self, method: str) -> Guard:
@@ -67,19 +70,20 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         return guard
 
 
-def _translated(handler: grpc.RpcMethodHandler, guard: Guard,
-                translate: Translate) -> grpc.RpcMethodHandler:
-    codec = {"request_deserializer": handler.request_deserializer,
-             "response_serializer": handler.response_serializer}
+def _translated(handler: grpc.RpcMethodHandler, guard: Guard, translate: Translate) -> grpc.RpcMethodHandler:
+    codec = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(_unary(handler.unary_unary, guard, translate), **codec)
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(
-            _streaming(handler.unary_stream, guard, translate), **codec)
+            _streaming(handler.unary_stream, guard, translate), **codec
+        )
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(_unary(handler.stream_unary, guard, translate), **codec)
-    return grpc.stream_stream_rpc_method_handler(
-        _streaming(handler.stream_stream, guard, translate), **codec)
+    return grpc.stream_stream_rpc_method_handler(_streaming(handler.stream_stream, guard, translate), **codec)
 
 
 def ours(exc: Exception, translate: Translate) -> errors.CyllmError | None:
@@ -98,8 +102,9 @@ def explained(exc: Exception, translate: Translate) -> errors.CyllmError:
     return err
 
 
-def _unary(behaviour: Callable[..., Awaitable[Any]], guard: Guard,
-           translate: Translate) -> Callable[..., Awaitable[Any]]:
+def _unary(
+    behaviour: Callable[..., Awaitable[Any]], guard: Guard, translate: Translate
+) -> Callable[..., Awaitable[Any]]:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
         await guard(context)
         try:

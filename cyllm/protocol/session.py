@@ -79,9 +79,13 @@ class Sessions:
     def __init__(self) -> None:
         self._outgoing: set[Backlog[Any]] = set()
 
-    def serve(self, requests: AsyncIterator[pb.SessionRequests], generate: Generate[E],
-              encoder: Encoder[E], translate: Translate = untranslated
-              ) -> AsyncIterator[pb.SessionEvents]:
+    def serve(
+        self,
+        requests: AsyncIterator[pb.SessionRequests],
+        generate: Generate[E],
+        encoder: Encoder[E],
+        translate: Translate = untranslated,
+    ) -> AsyncIterator[pb.SessionEvents]:
         return _serve(requests, generate, encoder, translate, self._outgoing)
 
     def end(self) -> None:
@@ -98,9 +102,13 @@ class _Frame(Generic[E]):
     end: pb.CallEnd | None = None
 
 
-async def _serve(requests: AsyncIterator[pb.SessionRequests], generate: Generate[E],
-                 encoder: Encoder[E], translate: Translate, registry: set[Backlog[Any]]
-                 ) -> AsyncIterator[pb.SessionEvents]:
+async def _serve(
+    requests: AsyncIterator[pb.SessionRequests],
+    generate: Generate[E],
+    encoder: Encoder[E],
+    translate: Translate,
+    registry: set[Backlog[Any]],
+) -> AsyncIterator[pb.SessionEvents]:
     """The messages of a ``Session`` call: each ``start`` run by ``generate`` in a task;
     every frame ready when a message goes out travels in it, each call's deltas merged
     (the worker's one merge: what waits for the writer)."""
@@ -130,8 +138,9 @@ async def _serve(requests: AsyncIterator[pb.SessionRequests], generate: Generate
                 for frame in batch.frames:
                     op = frame.WhichOneof("op")
                     if op == "start" and frame.call not in running:
-                        running[frame.call] = asyncio.create_task(run(frame.call, frame.start,
-                                                                      frame.request_id))
+                        running[frame.call] = asyncio.create_task(
+                            run(frame.call, frame.start, frame.request_id)
+                        )
                     elif op == "cancel" and (task := running.get(frame.call)) is not None:
                         task.cancel()
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
@@ -163,14 +172,20 @@ def _encoded(frames: list[_Frame[E]], encoder: Encoder[E]) -> list[pb.SessionEve
     for call, mine in by_call.items():
         items: list[Any] = [f.event if f.end is None else f.end for f in mine]
         if len(items) > 1:
-            items = merge_runs(items, lambda i: not isinstance(i, pb.CallEnd) and encoder.is_delta(i),
-                               encoder.join)
-        out += [pb.SessionEvent(call=call, end=i) if isinstance(i, pb.CallEnd)
-                else pb.SessionEvent(call=call, event=encoder.message(i)) for i in items]
+            items = merge_runs(
+                items, lambda i: not isinstance(i, pb.CallEnd) and encoder.is_delta(i), encoder.join
+            )
+        out += [
+            pb.SessionEvent(call=call, end=i)
+            if isinstance(i, pb.CallEnd)
+            else pb.SessionEvent(call=call, event=encoder.message(i))
+            for i in items
+        ]
     return out
 
 
 # -- the coordinator's side ---------------------------------------------------------------
+
 
 class Session:
     """One open ``Session`` call to a worker, opened on the first generation and again
@@ -231,8 +246,7 @@ class Session:
 
     async def _cancel(self, call: SessionCall) -> None:
         with contextlib.suppress(Exception):  # a broken stream has cancelled it already
-            await self._send(pb.SessionRequest(call=call.number, cancel=pb.CallCancel()),
-                             call.stream)
+            await self._send(pb.SessionRequest(call=call.number, cancel=pb.CallCancel()), call.stream)
 
     async def _read(self, stream: Any) -> None:
         err: errors.CyllmError = errors.Unreachable("the worker ended the session")
@@ -269,8 +283,7 @@ class SessionCall:
     """One generation on a session: iterate it once (messages, then the end or the
     error raised); ``cancel()`` ends it early, from any task."""
 
-    def __init__(self, session: Session, number: int, request: pb.GenerateRequest,
-                 request_id: str) -> None:
+    def __init__(self, session: Session, number: int, request: pb.GenerateRequest, request_id: str) -> None:
         self.session = session
         self.number = number
         self.stream: Any = None
@@ -300,8 +313,9 @@ class SessionCall:
 
     async def __aiter__(self) -> AsyncIterator[pb.GenerateResponse]:
         try:
-            await self.session._start(self, pb.SessionRequest(
-                call=self.number, start=self._request, request_id=self._request_id))
+            await self.session._start(
+                self, pb.SessionRequest(call=self.number, start=self._request, request_id=self._request_id)
+            )
             while not self._done:
                 await self._ready.wait()
                 self._ready.clear()

@@ -81,8 +81,7 @@ async def abort(context: grpc.aio.ServicerContext, err: errors.CyllmError) -> No
 
 def from_grpc(exc: grpc.aio.AioRpcError) -> errors.CyllmError:
     """Translate a failed call back into the error the peer raised."""
-    return _received(exc.code(), exc.details() or exc.code().name.lower(),
-                     exc.trailing_metadata() or ())
+    return _received(exc.code(), exc.details() or exc.code().name.lower(), exc.trailing_metadata() or ())
 
 
 def as_received(err: errors.CyllmError) -> errors.CyllmError:

@@ -19,17 +19,36 @@ import sys
 from cyllm.training.data import DatasetError, Limits, load_examples
 
 
-async def check_dataset(path: str, fmt: str | None, prompt_column: str | None,
-                        response_column: str | None, limits: Limits, *,
-                        memory_bytes: int, timeout_s: float) -> int:
+async def check_dataset(
+    path: str,
+    fmt: str | None,
+    prompt_column: str | None,
+    response_column: str | None,
+    limits: Limits,
+    *,
+    memory_bytes: int,
+    timeout_s: float,
+) -> int:
     """How many examples the dataset has, or DatasetError (also when the reader ran out
     of memory or time)."""
-    request = json.dumps({"path": path, "format": fmt, "prompt_column": prompt_column,
-                          "response_column": response_column, "limits": dataclasses.asdict(limits),
-                          "memory_bytes": memory_bytes})
+    request = json.dumps(
+        {
+            "path": path,
+            "format": fmt,
+            "prompt_column": prompt_column,
+            "response_column": response_column,
+            "limits": dataclasses.asdict(limits),
+            "memory_bytes": memory_bytes,
+        }
+    )
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cyllm.training.check", stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        sys.executable,
+        "-m",
+        "cyllm.training.check",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
     try:
         out, _ = await asyncio.wait_for(proc.communicate(request.encode()), timeout_s)
     except TimeoutError:
@@ -45,8 +64,9 @@ async def check_dataset(path: str, fmt: str | None, prompt_column: str | None,
     except json.JSONDecodeError:
         answer = None
     if not isinstance(answer, dict):  # killed: out of memory, most likely
-        raise DatasetError(f"the dataset needs more than {memory_bytes >> 20} MiB to read "
-                           "(its reader ran out of memory)")
+        raise DatasetError(
+            f"the dataset needs more than {memory_bytes >> 20} MiB to read (its reader ran out of memory)"
+        )
     if "error" in answer:
         raise DatasetError(str(answer["error"]))
     return int(answer["examples"])
@@ -60,10 +80,13 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     try:
-        examples = load_examples(request["path"], request["format"],
-                                 prompt_column=request["prompt_column"],
-                                 response_column=request["response_column"],
-                                 limits=Limits(**request["limits"]))
+        examples = load_examples(
+            request["path"],
+            request["format"],
+            prompt_column=request["prompt_column"],
+            response_column=request["response_column"],
+            limits=Limits(**request["limits"]),
+        )
         answer = {"examples": len(examples)}
     except DatasetError as exc:
         answer = {"error": exc.message}

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterable, Iterator
 import stat
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,9 +42,17 @@ from cyllm import errors
 
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
-_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-                   "assistant": "assistant", "chatgpt": "assistant", "model": "assistant",
-                   "bing": "assistant", "bard": "assistant"}
+_SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "model": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+}
 _TABULAR = ("csv", "parquet", "hf")
 
 
@@ -88,12 +96,20 @@ def detect_format(path: Path) -> str:
         with path.open("rb") as f:
             head = f.read(4096).lstrip()
         return "json" if head.startswith(b"[") else "jsonl"
-    raise DatasetError(f"{path.name}: cannot tell the format from the name; give "
-                       "dataset_format (json, jsonl, alpaca, sharegpt, openai, hf, csv, parquet)")
+    raise DatasetError(
+        f"{path.name}: cannot tell the format from the name; give "
+        "dataset_format (json, jsonl, alpaca, sharegpt, openai, hf, csv, parquet)"
+    )
 
 
-def load_examples(path: str | Path, fmt: str | None = None, *, prompt_column: str | None = None,
-                  response_column: str | None = None, limits: Limits = DEFAULT_LIMITS) -> list[Example]:
+def load_examples(
+    path: str | Path,
+    fmt: str | None = None,
+    *,
+    prompt_column: str | None = None,
+    response_column: str | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> list[Example]:
     """Every example of the dataset at ``path``, or DatasetError."""
     path = Path(path)
     if not path.exists():
@@ -138,9 +154,14 @@ def _depth(value: Any, limit: int) -> bool:
     return False
 
 
-def _collect(located: Iterable[tuple[str, Any]], name: str, shape: str | None,
-             prompt_column: str | None, response_column: str | None,
-             limits: Limits = DEFAULT_LIMITS) -> list[Example]:
+def _collect(
+    located: Iterable[tuple[str, Any]],
+    name: str,
+    shape: str | None,
+    prompt_column: str | None,
+    response_column: str | None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> list[Example]:
     out: list[Example] = []
     for where, record in located:
         if len(out) >= limits.max_rows:
@@ -151,10 +172,12 @@ def _collect(located: Iterable[tuple[str, Any]], name: str, shape: str | None,
             raise DatasetError(f"{where}: expected a JSON object, got {type(record).__name__}")
         found = record_shape(record, prompt_column, response_column)
         if found is None:
-            raise DatasetError(f"{where}: not a training record; expected 'messages' (OpenAI), "
-                               "'conversations' (ShareGPT), 'instruction'+'output' (Alpaca), "
-                               "'prompt'+'completion', or prompt/response columns; "
-                               f"found keys {sorted(record)[:8]}")
+            raise DatasetError(
+                f"{where}: not a training record; expected 'messages' (OpenAI), "
+                "'conversations' (ShareGPT), 'instruction'+'output' (Alpaca), "
+                "'prompt'+'completion', or prompt/response columns; "
+                f"found keys {sorted(record)[:8]}"
+            )
         shape = shape or found
         if found != shape:
             raise DatasetError(f"{where}: a {found} record in a dataset of {shape} records")
@@ -164,8 +187,9 @@ def _collect(located: Iterable[tuple[str, Any]], name: str, shape: str | None,
     return out
 
 
-def record_shape(record: dict[str, Any], prompt_column: str | None = None,
-                 response_column: str | None = None) -> str | None:
+def record_shape(
+    record: dict[str, Any], prompt_column: str | None = None, response_column: str | None = None
+) -> str | None:
     if prompt_column and response_column and prompt_column in record:
         return "columns"
     if "messages" in record:
@@ -181,8 +205,9 @@ def record_shape(record: dict[str, Any], prompt_column: str | None = None,
     return None
 
 
-def _to_example(where: str, shape: str, r: dict[str, Any], prompt_column: str | None,
-                response_column: str | None) -> Example:
+def _to_example(
+    where: str, shape: str, r: dict[str, Any], prompt_column: str | None, response_column: str | None
+) -> Example:
     if shape == "openai":
         turns = _turns(where, r["messages"], "role", "content", {x: x for x in ROLES}, "messages")
     elif shape == "sharegpt":
@@ -194,11 +219,15 @@ def _to_example(where: str, shape: str, r: dict[str, Any], prompt_column: str | 
             raise DatasetError(f"{where}: 'input' must be a string")
         prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
         turns = ([("system", _text(where, r, "system"))] if r.get("system") else []) + [
-            ("user", prompt), ("assistant", _text(where, r, "output"))]
+            ("user", prompt),
+            ("assistant", _text(where, r, "output")),
+        ]
     else:
-        p, a = {"columns": (prompt_column, response_column),
-                "prompt_completion": ("prompt", "completion" if "completion" in r else "response"),
-                "text_label": ("text", "label")}[shape]
+        p, a = {
+            "columns": (prompt_column, response_column),
+            "prompt_completion": ("prompt", "completion" if "completion" in r else "response"),
+            "text_label": ("text", "label"),
+        }[shape]
         turns = [("user", _text(where, r, p)), ("assistant", _text(where, r, a))]
     if not any(role == "assistant" for role, _ in turns):
         raise DatasetError(f"{where}: no assistant message to learn from")
@@ -207,8 +236,9 @@ def _to_example(where: str, shape: str, r: dict[str, Any], prompt_column: str | 
     return Example(tuple(turns))
 
 
-def _turns(where: str, items: Any, role_key: str, text_key: str, roles: dict[str, str],
-           field: str) -> list[tuple[str, str]]:
+def _turns(
+    where: str, items: Any, role_key: str, text_key: str, roles: dict[str, str], field: str
+) -> list[tuple[str, str]]:
     if not isinstance(items, list) or not items:
         raise DatasetError(f"{where}: '{field}' must be a non-empty list")
     turns = []
@@ -217,8 +247,9 @@ def _turns(where: str, items: Any, role_key: str, text_key: str, roles: dict[str
             raise DatasetError(f"{where}: {field}[{i}] must be an object")
         role = m.get(role_key)
         if role not in roles:
-            raise DatasetError(f"{where}: {field}[{i}] has {role_key} {role!r}; expected one of "
-                               f"{', '.join(sorted(roles))}")
+            raise DatasetError(
+                f"{where}: {field}[{i}] has {role_key} {role!r}; expected one of {', '.join(sorted(roles))}"
+            )
         turns.append((roles[role], _text(where, m, text_key, f"{field}[{i}].")))
     return turns
 
@@ -238,6 +269,7 @@ def _text(where: str, record: dict[str, Any], key: str, prefix: str = "") -> str
 
 # -- readers: (where, record) pairs ------------------------------------------------------
 
+
 def _jsonl(path: Path, limits: Limits) -> Iterator[tuple[str, Any]]:
     with path.open("rb") as f:
         for n, raw in enumerate(iter(lambda: f.readline(limits.max_line_bytes + 1), b""), 1):
@@ -246,8 +278,9 @@ def _jsonl(path: Path, limits: Limits) -> Iterator[tuple[str, Any]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise DatasetError(f"{path.name} line {n}: not UTF-8 text ({exc.reason} at "
-                                   f"byte {exc.start})") from None
+                raise DatasetError(
+                    f"{path.name} line {n}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+                ) from None
             if not line.strip():
                 continue
             yield f"{path.name} line {n}", _loads(line, f"{path.name} line {n}", limits)
@@ -271,8 +304,9 @@ def _json_array(path: Path, limits: Limits) -> Iterator[tuple[str, Any]]:
     except RecursionError:
         raise DatasetError(f"{path.name}: nested deeper than {limits.max_depth} levels") from None
     except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path.name} line {exc.lineno}: not valid JSON ({exc.msg} at "
-                           f"column {exc.colno})") from None
+        raise DatasetError(
+            f"{path.name} line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})"
+        ) from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -290,8 +324,10 @@ def _csv_rows(path: Path, limits: Limits) -> Iterator[dict[str, Any]]:
                 raise DatasetError(f"{path.name}: no header row")
             for row in reader:
                 if None in row:
-                    raise DatasetError(f"{path.name} line {reader.line_num}: more fields than "
-                                       f"the header's {len(reader.fieldnames)}")
+                    raise DatasetError(
+                        f"{path.name} line {reader.line_num}: more fields than "
+                        f"the header's {len(reader.fieldnames)}"
+                    )
                 yield row
     except UnicodeDecodeError as exc:
         raise DatasetError(f"{path.name}: not UTF-8 text ({exc.reason})") from None
@@ -307,14 +343,15 @@ def _parquet_rows(path: Path, limits: Limits) -> Iterator[dict[str, Any]]:
     try:
         file = pq.ParquetFile(path)
         meta = file.metadata
-    except Exception as exc:  # noqa: BLE001  (pyarrow raises several kinds)
+    except Exception as exc:
         raise DatasetError(f"{path.name}: not a readable Parquet file ({exc})") from None
     if meta.num_rows > limits.max_rows:
         raise DatasetError(f"{path.name}: more than {limits.max_rows} records")
     expanded = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
     if expanded > limits.max_bytes:
-        raise DatasetError(f"{path.name}: {expanded} bytes once decompressed, over the "
-                           f"{limits.max_bytes} byte limit")
+        raise DatasetError(
+            f"{path.name}: {expanded} bytes once decompressed, over the {limits.max_bytes} byte limit"
+        )
     # The footer's sizes are of encoded pages, and dictionary pages expand further: the
     # decoded row groups are counted too (one group at a time, under the reader's
     # memory limit, see check.py).
@@ -324,12 +361,13 @@ def _parquet_rows(path: Path, limits: Limits) -> Iterator[dict[str, Any]]:
             group = file.read_row_group(i)
             read += group.nbytes
             if read > limits.max_bytes:
-                raise DatasetError(f"{path.name}: more than {limits.max_bytes} bytes once "
-                                   "decompressed, over the limit")
+                raise DatasetError(
+                    f"{path.name}: more than {limits.max_bytes} bytes once decompressed, over the limit"
+                )
             yield from group.to_pylist()
     except (DatasetError, MemoryError):
         raise
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise DatasetError(f"{path.name}: not a readable Parquet file ({exc})") from None
 
 
@@ -341,17 +379,19 @@ def _hf_rows(path: Path, limits: Limits) -> Iterator[dict[str, Any]]:
             ds = datasets.load_from_disk(str(path))
         else:
             ds = datasets.load_dataset(str(path))
-    except Exception as exc:  # noqa: BLE001  (datasets raises many kinds)
+    except Exception as exc:
         raise DatasetError(f"{path.name}: not a Hugging Face dataset ({exc})") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
-            raise DatasetError(f"{path.name}: a dataset dict without a 'train' split "
-                               f"(splits: {', '.join(ds)})")
+            raise DatasetError(
+                f"{path.name}: a dataset dict without a 'train' split (splits: {', '.join(ds)})"
+            )
         ds = ds["train"]
     yield from ds
 
 
 # -- tokenising ----------------------------------------------------------------------------
+
 
 @dataclass
 class Tokenized:
@@ -380,8 +420,9 @@ def tokenize(example: Example, tokenizer: Any, max_length: int) -> Tokenized | N
 
 def _template(tokenizer: Any, messages: list[Message], generation_prompt: bool) -> list[int]:
     if getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt,
-                                            tokenize=True, return_dict=True)
+        out = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=generation_prompt, tokenize=True, return_dict=True
+        )
         return list(out["input_ids"])
     # A model without a chat template: plain "role: content" lines.
     text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)

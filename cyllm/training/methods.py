@@ -39,8 +39,13 @@ DEFAULT_LEARNING_RATE = 2e-4
 
 _LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _TARGETS = {
-    "llama": _LLAMA_LIKE, "mistral": _LLAMA_LIKE, "qwen2": _LLAMA_LIKE, "qwen3": _LLAMA_LIKE,
-    "gemma": _LLAMA_LIKE, "gemma2": _LLAMA_LIKE, "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "gpt2": ["c_attn", "c_proj", "c_fc"],
 }
 
@@ -57,22 +62,37 @@ def peft_config(method: str, options: dict[str, Any], model_type: str, total_ste
     attention = targets[:2] if isinstance(targets, list) else targets
     defaults: dict[str, Any]
     if method in ("lora", "dora", "pissa"):
-        cls, defaults = peft.LoraConfig, {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05,
-                                         "target_modules": targets}
+        cls, defaults = (
+            peft.LoraConfig,
+            {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": targets},
+        )
         if method == "dora":
             defaults["use_dora"] = True
         if method == "pissa":
             defaults["init_lora_weights"] = "pissa_niter_4"
             defaults["lora_dropout"] = 0.0
     elif method == "adalora":
-        cls, defaults = peft.AdaLoraConfig, {"init_r": 12, "target_r": 8, "lora_alpha": 32,
-                                             "target_modules": targets, "total_step": total_steps,
-                                             "tinit": 0, "tfinal": 0}
+        cls, defaults = (
+            peft.AdaLoraConfig,
+            {
+                "init_r": 12,
+                "target_r": 8,
+                "lora_alpha": 32,
+                "target_modules": targets,
+                "total_step": total_steps,
+                "tinit": 0,
+                "tfinal": 0,
+            },
+        )
     elif method == "ia3":
         ff = ["down_proj"] if isinstance(targets, list) and "down_proj" in targets else []
-        cls, defaults = peft.IA3Config, {"target_modules": (["k_proj", "v_proj"] + ff)
-                                         if isinstance(targets, list) else targets,
-                                         "feedforward_modules": ff}
+        cls, defaults = (
+            peft.IA3Config,
+            {
+                "target_modules": (["k_proj", "v_proj"] + ff) if isinstance(targets, list) else targets,
+                "feedforward_modules": ff,
+            },
+        )
     elif method == "loha":
         cls, defaults = peft.LoHaConfig, {"r": 8, "alpha": 16, "target_modules": targets}
     elif method == "lokr":
@@ -80,8 +100,10 @@ def peft_config(method: str, options: dict[str, Any], model_type: str, total_ste
     elif method == "vera":
         cls, defaults = peft.VeraConfig, {"r": 256, "target_modules": attention}
     elif method == "fourier":
-        cls, defaults = peft.FourierFTConfig, {"n_frequency": 1000, "scaling": 150.0,
-                                               "target_modules": attention}
+        cls, defaults = (
+            peft.FourierFTConfig,
+            {"n_frequency": 1000, "scaling": 150.0, "target_modules": attention},
+        )
     elif method == "adaliprompt":
         cls, defaults = peft.AdaptionPromptConfig, {"adapter_len": 10, "adapter_layers": 8}
     else:
@@ -90,7 +112,8 @@ def peft_config(method: str, options: dict[str, Any], model_type: str, total_ste
     unknown = sorted(set(options) - known)
     if unknown:
         raise errors.InvalidRequest(
-            f"options {unknown} are not {cls.__name__} fields (method {method!r})", param="options")
+            f"options {unknown} are not {cls.__name__} fields (method {method!r})", param="options"
+        )
     try:
         return cls(task_type="CAUSAL_LM", **{**defaults, **options})
     except (TypeError, ValueError) as exc:
@@ -104,18 +127,24 @@ def quantization_config(mode: str, device: str):
     if not device.startswith("cuda"):
         raise errors.InvalidRequest(
             f"quantization {mode!r} (QLoRA through bitsandbytes) needs an NVIDIA GPU with CUDA; "
-            f"this worker trains on {device!r}. Use quantization 'none'.", param="quantization")
+            f"this worker trains on {device!r}. Use quantization 'none'.",
+            param="quantization",
+        )
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise errors.InvalidRequest(
             "quantization needs the bitsandbytes package on the worker: pip install bitsandbytes",
-            param="quantization") from None
+            param="quantization",
+        ) from None
     import torch
     from transformers import BitsAndBytesConfig
 
     if mode == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                  bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=torch.bfloat16)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
     return BitsAndBytesConfig(load_in_8bit=True)

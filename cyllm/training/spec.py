@@ -10,14 +10,29 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from cyllm import errors
 
-Method = Literal["lora", "adalora", "ia3", "loha", "lokr", "dora", "pissa", "vera", "fourier",
-                 "adaliprompt", "hyenadna", "full", "custom"]
+Method = Literal[
+    "lora",
+    "adalora",
+    "ia3",
+    "loha",
+    "lokr",
+    "dora",
+    "pissa",
+    "vera",
+    "fourier",
+    "adaliprompt",
+    "hyenadna",
+    "full",
+    "custom",
+]
 Format = Literal["json", "jsonl", "alpaca", "sharegpt", "openai", "hf", "csv", "parquet"]
 
 # The design lists HyenaDNA among the adapter methods; it is a model family, not a method.
-HYENADNA = ("'hyenadna' is not a fine-tuning method: HyenaDNA is a family of genomic models "
-            "(long convolutions over DNA). To fine-tune a HyenaDNA checkpoint, serve it as the "
-            "base model and choose a method such as 'lora' or 'full'.")
+HYENADNA = (
+    "'hyenadna' is not a fine-tuning method: HyenaDNA is a family of genomic models "
+    "(long convolutions over DNA). To fine-tune a HyenaDNA checkpoint, serve it as the "
+    "base model and choose a method such as 'lora' or 'full'."
+)
 
 
 class TrainingSpec(BaseModel):
@@ -31,12 +46,16 @@ class TrainingSpec(BaseModel):
     dataset: str = Field(min_length=1, description="a file or folder on the worker's disk")
     dataset_format: Format | None = Field(None, description="default: detected")
     validation_dataset: str | None = Field(
-        None, description="held-out examples, in the dataset's format: their loss is reported "
-        "as eval_loss")
-    eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps; default: "
-                                   "ten times over the run (with a validation_dataset)")
+        None, description="held-out examples, in the dataset's format: their loss is reported as eval_loss"
+    )
+    eval_steps: int | None = Field(
+        None,
+        ge=1,
+        description="evaluate every N steps; default: ten times over the run (with a validation_dataset)",
+    )
     report_to: Literal["none", "tensorboard"] = Field(
-        "none", description="tensorboard: TensorBoard logs in the job folder's tensorboard/")
+        "none", description="tensorboard: TensorBoard logs in the job folder's tensorboard/"
+    )
     prompt_column: str | None = Field(None, description="CSV/Parquet/HF: the prompt column")
     response_column: str | None = Field(None, description="CSV/Parquet/HF: the response column")
     epochs: float = Field(3.0, gt=0, le=1000)
@@ -49,8 +68,9 @@ class TrainingSpec(BaseModel):
     max_length: int = Field(512, ge=16, le=131072, description="tokens per example; longer are cut")
     save_steps: int = Field(50, ge=1, description="a checkpoint every N optimizer steps")
     seed: int = 42
-    options: dict[str, Any] = Field(default_factory=dict,
-                                    description="the PEFT method's own options (r, lora_alpha, ...)")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="the PEFT method's own options (r, lora_alpha, ...)"
+    )
     quantization: Literal["none", "4bit", "8bit"] = "none"
     script: str | None = Field(None, description="custom: a script in worker.training_scripts_dir")
     script_args: list[str] = Field(default_factory=list)
@@ -78,5 +98,4 @@ class TrainingSpec(BaseModel):
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or None
             message = first["msg"].removeprefix("Value error, ")
-            raise errors.InvalidRequest(f"{where}: {message}" if where else message,
-                                        param=where) from None
+            raise errors.InvalidRequest(f"{where}: {message}" if where else message, param=where) from None

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from cyllm.protocol import pb
 import json
 
 from cyllm import errors
+from cyllm.protocol import pb
 from cyllm.worker.engines.prompt import TOOL_CALL
 from cyllm.worker.engines.types import (
     Constraint,
@@ -37,20 +37,26 @@ def request_from_proto(msg: pb.GenerateRequest) -> GenerationRequest:
         ignore_eos=s.ignore_eos,
         logprobs=s.top_logprobs if s.HasField("top_logprobs") else None,
     )
-    resume = Resume(tuple(msg.resume.token_ids), msg.resume.text) \
-        if msg.HasField("resume") and msg.resume.token_ids else None
+    resume = (
+        Resume(tuple(msg.resume.token_ids), msg.resume.text)
+        if msg.HasField("resume") and msg.resume.token_ids
+        else None
+    )
     if msg.WhichOneof("input") == "messages":
         messages = tuple((m.role, _content(m)) for m in msg.messages.messages)
-        return GenerationRequest(msg.request_id, messages=messages, sampling=sampling, resume=resume,
-                                 tools=msg.tools)
+        return GenerationRequest(
+            msg.request_id, messages=messages, sampling=sampling, resume=resume, tools=msg.tools
+        )
     return GenerationRequest(msg.request_id, prompt=msg.prompt, sampling=sampling, resume=resume)
 
 
 def _content(m: pb.ChatMessage) -> str:
     """A message's text, an assistant's tool calls written after it as a tool-trained
     model writes them (``prompt.TOOL_CALL``)."""
-    calls = [TOOL_CALL.format(json.dumps({"name": c.name, "arguments": _arguments(c.arguments)}))
-             for c in m.tool_calls]
+    calls = [
+        TOOL_CALL.format(json.dumps({"name": c.name, "arguments": _arguments(c.arguments)}))
+        for c in m.tool_calls
+    ]
     return "\n".join([m.content] * bool(m.content) + calls)
 
 
@@ -69,12 +75,21 @@ def _constraint(c: pb.Constraint) -> Constraint:
 
 def event_to_proto(event: Event) -> pb.GenerateResponse:
     if isinstance(event, TextDelta):
-        return pb.GenerateResponse(delta=pb.Delta(
-            text=event.text, token_ids=event.token_ids,
-            logprobs=[pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob, token=lp.token,
-                                      top=[pb.TopLogprob(token_id=i, logprob=v, token=t)
-                                           for i, v, t in lp.top])
-                      for lp in event.logprobs]))
+        return pb.GenerateResponse(
+            delta=pb.Delta(
+                text=event.text,
+                token_ids=event.token_ids,
+                logprobs=[
+                    pb.TokenLogprob(
+                        token_id=lp.token_id,
+                        logprob=lp.logprob,
+                        token=lp.token,
+                        top=[pb.TopLogprob(token_id=i, logprob=v, token=t) for i, v, t in lp.top],
+                    )
+                    for lp in event.logprobs
+                ],
+            )
+        )
     if isinstance(event, Started):
         return pb.GenerateResponse(started=pb.Started(prompt_tokens=event.prompt_tokens))
     assert isinstance(event, Finished)
@@ -87,11 +102,17 @@ def event_to_proto(event: Event) -> pb.GenerateResponse:
     )
 
 
-def card_to_proto(card: ModelCard, *, model_id: str | None = None, base: str = "",
-                  memory_bytes: int = 0) -> pb.ModelInfo:
+def card_to_proto(
+    card: ModelCard, *, model_id: str | None = None, base: str = "", memory_bytes: int = 0
+) -> pb.ModelInfo:
     """A loaded model (or, with ``model_id`` and ``base``, an adapter on it)."""
     return pb.ModelInfo(
-        id=model_id or card.model_id, context_length=card.context_length, engine=card.engine,
-        created=card.created, state="loaded", base=base, device=card.device,
+        id=model_id or card.model_id,
+        context_length=card.context_length,
+        engine=card.engine,
+        created=card.created,
+        state="loaded",
+        base=base,
+        device=card.device,
         memory_bytes=memory_bytes,
     )

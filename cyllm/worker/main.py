@@ -63,8 +63,9 @@ class WorkerServer:
         self.worker_id = s.worker_id or advertised(s.host, self.port).replace(":", "-")
         self.metrics = WorkerMetrics(self.models, self.worker_id)
         self._metrics_server, self.metrics_port = serve_metrics(self.metrics.registry, s.host, s.metrics_port)
-        self.service = WorkerService(self.worker_id, self.models, self.metrics, lambda: self.info,
-                                     self.training)
+        self.service = WorkerService(
+            self.worker_id, self.models, self.metrics, lambda: self.info, self.training
+        )
         rpc.add_WorkerServicer_to_server(self.service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         await self._server.start()
@@ -85,7 +86,7 @@ class WorkerServer:
         deadline = time.monotonic() + self.settings.drain_timeout_s
         # A training job is not waited for: its call ends with the server, the coordinator
         # re-queues it and it resumes from its last checkpoint elsewhere.
-        while time.monotonic() < deadline and any(e.health().running for e in self.engines.values()):
+        while time.monotonic() < deadline and any(e.health().running for e in self.engines.values()):  # noqa: ASYNC110
             await asyncio.sleep(0.1)
         self.service.sessions.end()  # the coordinators' long-lived calls end here
         if self._server is not None:

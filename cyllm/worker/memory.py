@@ -30,9 +30,23 @@ from cyllm.worker.model_files import folder_context_length
 from cyllm.worker.settings import ModelSpec
 
 GIB = 1024**3
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "F32": 4, "F16": 2, "BF16": 2,
-                "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1}
+_DTYPE_BYTES = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F64": 8,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 @dataclass(frozen=True)
@@ -45,7 +59,7 @@ class Estimate:
         return self.weights + self.kv_cache
 
     def describe(self) -> str:
-        return (f"{gib(self.total)} (weights {gib(self.weights)} + KV cache {gib(self.kv_cache)})")
+        return f"{gib(self.total)} (weights {gib(self.weights)} + KV cache {gib(self.kv_cache)})"
 
 
 def gib(n: float) -> str:

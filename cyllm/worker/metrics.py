@@ -17,15 +17,25 @@ class WorkerMetrics:
     def __init__(self, models: ModelManager, worker_id: str) -> None:
         self.registry = CollectorRegistry()
         self.latency = Histogram(
-            "worker_inference_latency", "Seconds from a generation's start to its end",
-            ["model", "finish_reason"], registry=self.registry, buckets=LATENCY_BUCKETS)
+            "worker_inference_latency",
+            "Seconds from a generation's start to its end",
+            ["model", "finish_reason"],
+            registry=self.registry,
+            buckets=LATENCY_BUCKETS,
+        )
         self.ttft = Histogram(
-            "worker_time_to_first_token_seconds", "Seconds from a generation's start to its first text",
-            ["model"], registry=self.registry, buckets=LATENCY_BUCKETS)
+            "worker_time_to_first_token_seconds",
+            "Seconds from a generation's start to its first text",
+            ["model"],
+            registry=self.registry,
+            buckets=LATENCY_BUCKETS,
+        )
         self.tokens = Counter(
-            "worker_generated_tokens", "Tokens generated", ["model"], registry=self.registry)
+            "worker_generated_tokens", "Tokens generated", ["model"], registry=self.registry
+        )
         self.requests = Counter(
-            "worker_requests", "Generations by outcome", ["model", "outcome"], registry=self.registry)
+            "worker_requests", "Generations by outcome", ["model", "outcome"], registry=self.registry
+        )
         self.registry.register(_EngineCollector(models, worker_id))
 
     def timer(self, model: str) -> GenerationTimer:
@@ -62,8 +72,12 @@ class _EngineCollector(Collector):
         self.models, self.worker_id = models, worker_id
 
     def collect(self):
-        running = GaugeMetricFamily("worker_running_requests", "Sequences in the engine's batch", labels=["model"])
-        waiting = GaugeMetricFamily("worker_waiting_requests", "Accepted, not yet prefilled", labels=["model"])
+        running = GaugeMetricFamily(
+            "worker_running_requests", "Sequences in the engine's batch", labels=["model"]
+        )
+        waiting = GaugeMetricFamily(
+            "worker_waiting_requests", "Accepted, not yet prefilled", labels=["model"]
+        )
         healthy = GaugeMetricFamily("worker_engine_healthy", "1 when the engine is healthy", labels=["model"])
         for model, engine in self.models.engines().items():
             h = engine.health()
@@ -73,15 +87,20 @@ class _EngineCollector(Collector):
         memory = GaugeMetricFamily(
             "worker_gpu_memory_bytes",
             "Device memory in use: CUDA memory allocated per GPU, or the process's resident "
-            "memory on a CPU-only worker", labels=["device"])
+            "memory on a CPU-only worker",
+            labels=["device"],
+        )
         for device, used in _device_memory():
             memory.add_metric([device], used)
-        budget = GaugeMetricFamily("worker_memory_budget_bytes",
-                                   "Memory the worker's models may use (the memory manager's limit)")
+        budget = GaugeMetricFamily(
+            "worker_memory_budget_bytes", "Memory the worker's models may use (the memory manager's limit)"
+        )
         budget.add_metric([], self.models.budget.limit)
-        estimate = GaugeMetricFamily("worker_model_memory_estimate_bytes",
-                                     "Estimated weights + KV cache of each loaded model",
-                                     labels=["model"])
+        estimate = GaugeMetricFamily(
+            "worker_model_memory_estimate_bytes",
+            "Estimated weights + KV cache of each loaded model",
+            labels=["model"],
+        )
         for model, used in self.models.budget.used.items():
             estimate.add_metric([model], used.total)
         yield from (running, waiting, healthy, memory, budget, estimate)
@@ -92,13 +111,12 @@ def _device_memory() -> list[tuple[str, float]]:
 
     torch = sys.modules.get("torch")  # only if an engine already imported it
     if torch is not None and torch.cuda.is_available():
-        return [(f"cuda:{i}", float(torch.cuda.memory_allocated(i)))
-                for i in range(torch.cuda.device_count())]
+        return [
+            (f"cuda:{i}", float(torch.cuda.memory_allocated(i))) for i in range(torch.cuda.device_count())
+        ]
     return [("cpu", float(_rss_bytes()))]
 
 
 def _rss_bytes() -> int:
     with open(f"/proc/{os.getpid()}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-

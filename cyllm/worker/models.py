@@ -26,13 +26,13 @@ from cyllm.worker import memory
 from cyllm.worker.convert import card_to_proto
 from cyllm.worker.engines import compute_thread
 from cyllm.worker.engines.base import AbstractEngine
-from cyllm.worker.engines.types import ModelCard
 from cyllm.worker.engines.factory import (
     ENGINES,
     create_engine,
     engine_for_new_weights,
     resolve_engine_name,
 )
+from cyllm.worker.engines.types import ModelCard
 from cyllm.worker.settings import ModelSpec, WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -54,13 +54,13 @@ def split_id(model: str) -> tuple[str, str | None]:
 
 
 class ModelManager:
-    def __init__(self, settings: WorkerSettings, device_type: str,
-                 on_change: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self, settings: WorkerSettings, device_type: str, on_change: Callable[[], None] = lambda: None
+    ) -> None:
         self.settings = settings
         self.catalog: dict[str, ModelSpec] = {m.id: m for m in settings.models}
         self.loaded: dict[str, Loaded] = {}
-        self.budget = memory.MemoryBudget(device_type, settings.memory_limit_gib,
-                                          settings.memory_fraction)
+        self.budget = memory.MemoryBudget(device_type, settings.memory_limit_gib, settings.memory_fraction)
         self.on_change = on_change
         self._lock = asyncio.Lock()
 
@@ -74,8 +74,11 @@ class ModelManager:
         base, adapter = split_id(model)
         entry = self.loaded.get(base)
         if entry is None or (adapter is not None and adapter not in entry.adapters):
-            state = "is in this worker's catalog but not loaded" if base in self.catalog \
+            state = (
+                "is in this worker's catalog but not loaded"
+                if base in self.catalog
                 else "is not served by this worker"
+            )
             raise errors.ModelNotFound(f"model {model!r} {state}", param="model")
         entry.last_used = time.monotonic()
         return entry.engine, adapter
@@ -95,11 +98,16 @@ class ModelManager:
         if not entry.holds_weights:
             return memory.Estimate(0, 0)  # in a server (MindIE), in members, or nowhere
         if entry.source == "gguf":
-            return memory.estimate_gguf(spec.model_copy(update={"engine": name}),
-                                        model_files.gguf_source(spec))
+            return memory.estimate_gguf(
+                spec.model_copy(update={"engine": name}), model_files.gguf_source(spec)
+            )
         folder = model_files.resolve(spec, self.settings.cache_dir)
-        return memory.estimate_folder(spec.model_copy(update={"engine": name}), folder,
-                                      self.budget.device_type, self.budget.device_total)
+        return memory.estimate_folder(
+            spec.model_copy(update={"engine": name}),
+            folder,
+            self.budget.device_type,
+            self.budget.device_total,
+        )
 
     async def load(self, model: str, adapter_path: Path | None = None) -> list[str]:
         """Load ``model`` (a catalog id or ``base:adapter``); return what was evicted."""
@@ -113,15 +121,17 @@ class ModelManager:
         self.on_change()
         return evicted
 
-    def register(self, model: str, from_model: str, model_path: Path | None,
-                 peft_adapter: Path | None) -> None:
+    def register(
+        self, model: str, from_model: str, model_path: Path | None, peft_adapter: Path | None
+    ) -> None:
         """Add ``model`` to the catalog: ``from_model``'s spec with new weights (a full
         fine-tune) or with a PEFT adapter applied, served by an engine that loads them
         (``factory.engine_for_new_weights``)."""
         base = self.catalog.get(from_model)
         if base is None:
-            raise errors.ModelNotFound(f"model {from_model!r} is not in this worker's catalog",
-                                       param="from_model")
+            raise errors.ModelNotFound(
+                f"model {from_model!r} is not in this worker's catalog", param="from_model"
+            )
         if ":" in model or not model:
             raise errors.InvalidRequest(f"bad model id {model!r} for a new catalog model", param="model")
         if (model_path is None) == (peft_adapter is None):
@@ -141,17 +151,24 @@ class ModelManager:
         if spec is None:
             raise errors.ModelNotFound(
                 f"model {model!r} is not in this worker's catalog; it has: "
-                f"{', '.join(sorted(self.catalog)) or 'nothing'}", param="model")
+                f"{', '.join(sorted(self.catalog)) or 'nothing'}",
+                param="model",
+            )
         try:
             need = await compute_thread.once(self.estimate, spec)  # may convert the model
         except FileNotFoundError as exc:
             raise errors.NotLoadable(f"model {model!r}: {exc}") from exc
         evicted = await self._make_room(model, need)
-        log.info("loading model %s: needs %s, %s free", model, need.describe(),
-                 memory.gib(self.budget.free_bytes()))
+        log.info(
+            "loading model %s: needs %s, %s free",
+            model,
+            need.describe(),
+            memory.gib(self.budget.free_bytes()),
+        )
         try:
-            engine = await compute_thread.once(create_engine, spec, self.settings.cache_dir,
-                                               self.settings.cpu_engine)
+            engine = await compute_thread.once(
+                create_engine, spec, self.settings.cache_dir, self.settings.cpu_engine
+            )
         except FileNotFoundError as exc:
             raise errors.NotLoadable(f"model {model!r}: {exc}") from exc
         cores.spread()  # an engine chooses its cores from what this process may use
@@ -170,17 +187,22 @@ class ModelManager:
     async def _make_room(self, model: str, need: memory.Estimate) -> list[str]:
         evicted: list[str] = []
         while need.total > self.budget.free_bytes():
-            idle = sorted((m for mid, m in self.loaded.items()
-                           if not (h := m.engine.health()).running and not h.waiting),
-                          key=lambda m: m.last_used)
+            idle = sorted(
+                (
+                    m
+                    for mid, m in self.loaded.items()
+                    if not (h := m.engine.health()).running and not h.waiting
+                ),
+                key=lambda m: m.last_used,
+            )
             if not idle:
                 raise errors.InsufficientMemory(
                     f"model {model!r} needs {need.describe()}, but only "
                     f"{memory.gib(self.budget.free_bytes())} of the worker's "
                     f"{memory.gib(self.budget.limit)} is free"
-                    + (f" and the loaded models ({', '.join(self.loaded)}) are busy" if self.loaded
-                       else "")
-                    + "; unload a model, or lower max_batch_size / max_context")
+                    + (f" and the loaded models ({', '.join(self.loaded)}) are busy" if self.loaded else "")
+                    + "; unload a model, or lower max_batch_size / max_context"
+                )
             victim = idle[0].spec.id
             log.info("unloading %s (least recently used) to make room for %s", victim, model)
             await self._unload_base(victim, drain_s=0)
@@ -194,8 +216,8 @@ class ModelManager:
         path = path or self.catalog[base].adapters.get(adapter)
         if path is None:
             raise errors.ModelNotFound(
-                f"adapter {adapter!r} of {base!r} is unknown: give adapter_path to register it",
-                param="model")
+                f"adapter {adapter!r} of {base!r} is unknown: give adapter_path to register it", param="model"
+            )
         if adapter in entry.engine.adapters():
             await entry.engine.remove_adapter(adapter)  # a new version under the same name
         await entry.engine.add_adapter(adapter, Path(path))
@@ -208,8 +230,7 @@ class ModelManager:
         async with self._lock:
             entry = self.loaded.get(base)
             if entry is None or (adapter is not None and adapter not in entry.adapters):
-                raise errors.ModelNotFound(f"model {model!r} is not loaded on this worker",
-                                           param="model")
+                raise errors.ModelNotFound(f"model {model!r} is not loaded on this worker", param="model")
             if adapter is not None:
                 await entry.engine.remove_adapter(adapter)
                 del entry.adapters[adapter]
@@ -220,7 +241,7 @@ class ModelManager:
     async def _unload_base(self, model: str, drain_s: float) -> None:
         entry = self.loaded.pop(model)  # no new requests from here on
         deadline = time.monotonic() + drain_s
-        while time.monotonic() < deadline and entry.engine.health().running:
+        while time.monotonic() < deadline and entry.engine.health().running:  # noqa: ASYNC110
             await asyncio.sleep(0.1)
         self.budget.used.pop(model, None)
         await entry.engine.close()
@@ -242,8 +263,11 @@ class ModelManager:
         return out
 
     def available(self) -> list[pb.ModelInfo]:
-        return [pb.ModelInfo(id=mid, engine=spec.engine, state="available")
-                for mid, spec in self.catalog.items() if mid not in self.loaded]
+        return [
+            pb.ModelInfo(id=mid, engine=spec.engine, state="available")
+            for mid, spec in self.catalog.items()
+            if mid not in self.loaded
+        ]
 
 
 async def _quiet_close(engine: AbstractEngine) -> None:

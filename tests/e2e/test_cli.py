@@ -27,10 +27,21 @@ HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CAPITAL = "What is the capital of France?"
 
 
-def cyllm(*args: str, env: dict[str, str] | None = None, stdin: str | None = None,
-          check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "cyllm", *args], input=stdin, text=True,
-                            capture_output=True, timeout=timeout, env={**os.environ, **(env or {})})
+def cyllm(
+    *args: str,
+    env: dict[str, str] | None = None,
+    stdin: str | None = None,
+    check: bool = True,
+    timeout: float = 600,
+) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "cyllm", *args],
+        input=stdin,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
     if check:
         assert result.returncode == 0, (args, result.stdout, result.stderr)
     return result
@@ -63,9 +74,11 @@ def test_version_and_help_on_every_option():
 def test_serve_refuses_what_it_cannot_serve(tmp_path):
     not_a_model = tmp_path / "empty"
     not_a_model.mkdir()
-    for model, says in ((str(not_a_model), "without config.json"),
-                        (str(tmp_path / "nothing-here"), "neither a local folder"),
-                        ("weights.bin", "neither a local folder")):
+    for model, says in (
+        (str(not_a_model), "without config.json"),
+        (str(tmp_path / "nothing-here"), "neither a local folder"),
+        ("weights.bin", "neither a local folder"),
+    ):
         result = cyllm("serve", model, check=False, timeout=60)
         assert result.returncode == 2 and says in result.stderr, result.stderr
     flags_alone = cyllm("serve", "--engine", "transformers", check=False, timeout=60)
@@ -84,8 +97,10 @@ def test_log_level_and_json_logs_reach_every_line(tmp_path):
     assert records and all(r["ts"][23] in "+-Z" and r["ts"][19] == "." for r in records)
     assert any(r["logger"].startswith("uvicorn") for r in records)  # uvicorn's, as JSON
     gateway_lines = [line for line in log.read_text().splitlines() if "/v1/models" in line]
-    assert len([r for r in records if r["logger"] == "cyllm.gateway.access"
-                and "/v1/models" in json.dumps(r)]) == 1, gateway_lines
+    assert (
+        len([r for r in records if r["logger"] == "cyllm.gateway.access" and "/v1/models" in json.dumps(r)])
+        == 1
+    ), gateway_lines
     assert not any("uvicorn.access" == r["logger"] for r in records)
 
 
@@ -95,15 +110,27 @@ def test_log_level_and_json_logs_reach_every_line(tmp_path):
 def test_serve_a_hub_id_downloads_once_and_chats(tmp_path):
     with Hub({HUB_ID: default_folder()}, free_port()) as hub:
         env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf")}
-        with serving(tmp_path / "serve.log", args=[HUB_ID, "--engine", "transformers",
-                                                   "--max-context", "1024"], env=env) as server:
+        with serving(
+            tmp_path / "serve.log",
+            args=[HUB_ID, "--engine", "transformers", "--max-context", "1024"],
+            env=env,
+        ) as server:
             assert "model.safetensors" in hub.downloads and "config.json" in hub.downloads
             assert not any(f.endswith((".bin", ".pt", ".py")) for f in hub.downloads)
             listed = json.loads(cyllm("models", "list", "--json", "--url", server.base_url).stdout)
-            assert [(m["id"], m["engine"], m["contextLength"]) for m in listed] == \
-                [(HUB_ID, "transformers", 1024)]
-            chat = cyllm("chat", "--url", server.base_url, "--temperature", "0", "--max-tokens", "20",
-                         stdin=f"{CAPITAL}\n/reset\nAnd of Italy?\n/exit\nnever sent\n")
+            assert [(m["id"], m["engine"], m["contextLength"]) for m in listed] == [
+                (HUB_ID, "transformers", 1024)
+            ]
+            chat = cyllm(
+                "chat",
+                "--url",
+                server.base_url,
+                "--temperature",
+                "0",
+                "--max-tokens",
+                "20",
+                stdin=f"{CAPITAL}\n/reset\nAnd of Italy?\n/exit\nnever sent\n",
+            )
             answers = chat.stdout.strip().splitlines()
             assert len(answers) == 2 and "Paris" in answers[0], chat.stdout
             assert "never sent" not in chat.stdout
@@ -111,8 +138,7 @@ def test_serve_a_hub_id_downloads_once_and_chats(tmp_path):
         fetched = len(hub.downloads)
         with serving(tmp_path / "again.log", args=[HUB_ID, "--engine", "transformers"], env=env):
             assert len(hub.downloads) == fetched  # the Hub cache: nothing downloaded again
-    missing = cyllm("serve", "nobody/nothing", env={**env, "HF_HUB_OFFLINE": "0"}, check=False,
-                    timeout=120)
+    missing = cyllm("serve", "nobody/nothing", env={**env, "HF_HUB_OFFLINE": "0"}, check=False, timeout=120)
     assert missing.returncode == 2 and "could not download nobody/nothing" in missing.stderr
 
 
@@ -124,8 +150,19 @@ def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     config = secured_config(tmp)
     admin_key = create_key(config, "ops", admin=True)
-    with serving(tmp / "serve.log", config, args=[str(default_folder()), "--served-model-name", "smol",
-                                                  "--engine", "transformers", "--max-batch-size", "8"]) as s:
+    with serving(
+        tmp / "serve.log",
+        config,
+        args=[
+            str(default_folder()),
+            "--served-model-name",
+            "smol",
+            "--engine",
+            "transformers",
+            "--max-batch-size",
+            "8",
+        ],
+    ) as s:
         s.env = {"CYLLM_URL": s.base_url, "CYLLM_API_KEY": admin_key}
         s.jobs = tmp / "jobs"
         yield s
@@ -136,14 +173,15 @@ def test_a_local_folder_is_served_under_its_name_with_the_flags(stack):
     assert [(m["id"], m["engine"], m["state"]) for m in models] == [("smol", "transformers", "loaded")]
     table = cyllm("models", "list", env={**stack.env, "COLUMNS": "200"}).stdout
     assert "smol" in table and "transformers" in table
-    no_key = cyllm("models", "list", env={"CYLLM_URL": stack.base_url, "CYLLM_API_KEY": ""},
-                   check=False)
+    no_key = cyllm("models", "list", env={"CYLLM_URL": stack.base_url, "CYLLM_API_KEY": ""}, check=False)
     assert no_key.returncode == 1 and "401" in no_key.stderr
 
 
 def test_models_unload_and_load(stack):
     assert "unloaded smol" in cyllm("models", "unload", "smol", env=stack.env).stdout
-    states = {m["id"]: m["state"] for m in json.loads(cyllm("models", "list", "--json", env=stack.env).stdout)}
+    states = {
+        m["id"]: m["state"] for m in json.loads(cyllm("models", "list", "--json", env=stack.env).stdout)
+    }
     assert states == {"smol": "available"}
     assert "loaded smol on" in cyllm("models", "load", "smol", env=stack.env).stdout
     bad = cyllm("models", "load", "nope", env=stack.env, check=False)
@@ -163,10 +201,26 @@ def test_files_upload_list_delete(stack, tmp_path):
 
 
 def test_train_submit_watch_status_with_validation_and_tensorboard(stack):
-    submitted = cyllm("train", "submit", "--model", "smol", "--file", str(DATA / "facts.jsonl"),
-                      "--validation-file", str(DATA / "facts_held_out.jsonl"), "--max-steps", "6",
-                      "--batch-size", "4", "--learning-rate", "0.002", "--report-to", "tensorboard",
-                      "--watch", env={**stack.env, "COLUMNS": "160"})
+    submitted = cyllm(
+        "train",
+        "submit",
+        "--model",
+        "smol",
+        "--file",
+        str(DATA / "facts.jsonl"),
+        "--validation-file",
+        str(DATA / "facts_held_out.jsonl"),
+        "--max-steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--learning-rate",
+        "0.002",
+        "--report-to",
+        "tensorboard",
+        "--watch",
+        env={**stack.env, "COLUMNS": "160"},
+    )
     job_id = submitted.stdout.strip().splitlines()[0]
     assert job_id.startswith("ftjob-")
     assert f"{job_id} succeeded: smol:ft-" in submitted.stdout
@@ -185,8 +239,19 @@ def test_train_submit_watch_status_with_validation_and_tensorboard(stack):
 
 
 def test_train_cancel(stack):
-    job_id = cyllm("train", "submit", "--model", "smol", "--dataset", str(DATA / "facts.jsonl"),
-                   "--max-steps", "5000", "--batch-size", "1", env=stack.env).stdout.strip()
+    job_id = cyllm(
+        "train",
+        "submit",
+        "--model",
+        "smol",
+        "--dataset",
+        str(DATA / "facts.jsonl"),
+        "--max-steps",
+        "5000",
+        "--batch-size",
+        "1",
+        env=stack.env,
+    ).stdout.strip()
     cancelled = cyllm("train", "cancel", job_id, env=stack.env).stdout
     assert job_id in cancelled
     watched = cyllm("train", "watch", job_id, env=stack.env, check=False)
@@ -197,8 +262,9 @@ def test_keys_over_http(stack):
     created = cyllm("keys", "create", "--name", "app", "--model", "smol", env=stack.env).stdout
     key_id, secret = created.split()[1], created.strip().splitlines()[-1]
     listed = [json.loads(line) for line in cyllm("keys", "list", env=stack.env).stdout.splitlines()]
-    assert {"key_id": key_id, "name": "app", "models": ["smol"]}.items() <= \
-        next(k for k in listed if k["key_id"] == key_id).items()
+    assert {"key_id": key_id, "name": "app", "models": ["smol"]}.items() <= next(
+        k for k in listed if k["key_id"] == key_id
+    ).items()
     user = {"CYLLM_URL": stack.base_url, "CYLLM_API_KEY": secret}
     assert json.loads(cyllm("models", "list", "--json", env=user).stdout)[0]["id"] == "smol"
     refused = cyllm("keys", "list", env=user, check=False)

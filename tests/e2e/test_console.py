@@ -21,8 +21,7 @@ pytestmark = pytest.mark.e2e
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 if CHROMIUM is None or CHROMEDRIVER is None:
-    pytest.fail("chromium and chromedriver are needed (make browser installs Debian's)",
-                pytrace=False)
+    pytest.fail("chromium and chromedriver are needed (make browser installs Debian's)", pytrace=False)
 
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
@@ -44,8 +43,14 @@ def stack(tmp_path_factory):
 def browser():
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000",
-                "--disable-gpu", "--no-first-run"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1000",
+        "--disable-gpu",
+        "--no-first-run",
+    ):
         options.add_argument(arg)
     os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager downloads nothing
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
@@ -92,8 +97,10 @@ def shoot(driver, name: str) -> None:
 
 
 def rows(driver, table: str) -> list[list[str]]:
-    return [[td.text for td in tr.find_elements(By.TAG_NAME, "td")]
-            for tr in driver.find_elements(By.CSS_SELECTOR, f"#{table} tbody tr")]
+    return [
+        [td.text for td in tr.find_elements(By.TAG_NAME, "td")]
+        for tr in driver.find_elements(By.CSS_SELECTOR, f"#{table} tbody tr")
+    ]
 
 
 def test_a_bad_key_is_refused_on_the_login_page(stack, browser):
@@ -126,8 +133,12 @@ def test_every_page_loads_for_an_admin(stack, browser):
     by_id(browser, "key-form").submit()
     wait(browser, lambda d: by_id(d, "key-created").is_displayed())
     secret = by_id(browser, "key-created").text.rsplit(" ", 1)[-1]
-    assert httpx.get(f"{stack.base_url}/v1/models", timeout=30,
-                     headers={"Authorization": f"Bearer {secret}"}).status_code == 200
+    assert (
+        httpx.get(
+            f"{stack.base_url}/v1/models", timeout=30, headers={"Authorization": f"Bearer {secret}"}
+        ).status_code
+        == 200
+    )
     shoot(browser, "keys")
 
 
@@ -146,8 +157,9 @@ def test_the_playground_streams_an_answer(stack, browser):
     assert "tokens/s" in by_id(browser, "chat-stats").text
     shoot(browser, "playground")
     # The traffic it made shows on the cluster page's figures.
-    stats = httpx.get(f"{stack.base_url}/api/v1/stats", timeout=30,
-                      headers={"Authorization": f"Bearer {stack.admin_key}"}).json()
+    stats = httpx.get(
+        f"{stack.base_url}/api/v1/stats", timeout=30, headers={"Authorization": f"Bearer {stack.admin_key}"}
+    ).json()
     assert sum(b["tokensPerSecond"] for b in stats["buckets"]) > 0
     assert any(b["ttftP50Ms"] for b in stats["buckets"])
     visit(browser, stack.base_url, "cluster")
@@ -169,15 +181,15 @@ def test_a_training_jobs_chart_gains_points(stack, browser):
     wait(browser, lambda d: "uploaded facts_held_out.jsonl" in by_id(d, "ds-result").text)
     Select(by_id(browser, "job-file")).select_by_value(training_file)
     Select(by_id(browser, "job-validation")).select_by_visible_text(
-        by_id(browser, "ds-result").text.split(" as ")[1].join(["facts_held_out.jsonl (", ")"]))
+        by_id(browser, "ds-result").text.split(" as ")[1].join(["facts_held_out.jsonl (", ")"])
+    )
     wait(browser, lambda d: Select(d.find_element(By.ID, "job-model")).options)
     steps = by_id(browser, "job-steps")
     steps.clear()
     steps.send_keys("8")
     by_id(browser, "job-form").submit()
     wait(browser, lambda d: by_id(d, "job-detail").is_displayed())
-    wait(browser, lambda d: int(by_id(d, "chart-loss").get_attribute("data-points") or 0) >= 3,
-         timeout=300)
+    wait(browser, lambda d: int(by_id(d, "chart-loss").get_attribute("data-points") or 0) >= 3, timeout=300)
     wait(browser, lambda d: by_id(d, "job-state").text.startswith("succeeded"), timeout=300)
     assert int(by_id(browser, "chart-loss").get_attribute("data-points")) == 8
     assert "eval loss" in by_id(browser, "job-state").text  # the validation file's
@@ -198,8 +210,9 @@ def test_a_non_admin_sees_no_admin_controls(stack, browser):
     browser.get(f"{stack.base_url}/console#keys")
     wait(browser, lambda d: by_id(d, "playground").is_displayed())  # sent back
     assert not by_id(browser, "keys").is_displayed()
-    refused = httpx.get(f"{stack.base_url}/admin/keys", timeout=30,
-                        headers={"Authorization": f"Bearer {stack.user_key}"})
+    refused = httpx.get(
+        f"{stack.base_url}/admin/keys", timeout=30, headers={"Authorization": f"Bearer {stack.user_key}"}
+    )
     assert refused.status_code == 403  # and the server refuses it anyway
 
 

@@ -14,17 +14,16 @@ import time
 from pathlib import Path
 
 import httpx
-import redis
 import pytest
+import redis
 import yaml
 
-from tests.conftest import free_ports, stop_processes
 from tests import polling
+from tests.conftest import free_ports, stop_processes
 
 pytestmark = pytest.mark.e2e
 
-FAST = {"heartbeat_interval_s": 0.3, "heartbeat_timeout_s": 1.5, "progress_timeout_s": 1.5,
-        "lease_s": 2.0}
+FAST = {"heartbeat_interval_s": 0.3, "heartbeat_timeout_s": 1.5, "progress_timeout_s": 1.5, "lease_s": 2.0}
 
 
 class Cluster:
@@ -40,12 +39,18 @@ class Cluster:
         log = open(self.tmp / f"{name}.log", "ab")
         self.procs[name] = subprocess.Popen(
             [sys.executable, "-m", "cyllm", *args, "--config", str(cfg)],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
 
     def coordinator(self, name: str, **kw) -> str:
         port = self.ports.get(name) or self.ports.setdefault(name, self._spare.pop())
-        self._start(name, ["coordinator", "--port", str(port), "--redis-url", self.redis_url],
-                    {"coordinator": {**FAST, "coordinator_id": name, "metrics_port": 0, **kw}})
+        self._start(
+            name,
+            ["coordinator", "--port", str(port), "--redis-url", self.redis_url],
+            {"coordinator": {**FAST, "coordinator_id": name, "metrics_port": 0, **kw}},
+        )
         return f"127.0.0.1:{port}"
 
     def worker(self, name: str, coordinators: list[str], capacity: int = 1, **engine_args) -> str:
@@ -53,11 +58,21 @@ class Cluster:
         args = ["worker", "--port", str(port)]
         for c in coordinators:
             args += ["--coordinator", c]
-        self._start(name, args, {
-            "worker": {"worker_id": name, "metrics_port": 0},
-            "models": [{"id": "fake", "engine": "fake", "max_batch_size": capacity,
-                        "engine_args": {"token_delay_s": 0.05, **engine_args}}],
-        })
+        self._start(
+            name,
+            args,
+            {
+                "worker": {"worker_id": name, "metrics_port": 0},
+                "models": [
+                    {
+                        "id": "fake",
+                        "engine": "fake",
+                        "max_batch_size": capacity,
+                        "engine_args": {"token_delay_s": 0.05, **engine_args},
+                    }
+                ],
+            },
+        )
         return f"127.0.0.1:{port}"
 
     def gateway(self, coordinators: list[str]) -> str:
@@ -117,10 +132,14 @@ def tokens_of(base: str, worker: str) -> int:
 
 async def ask_many(base: str, n: int, max_tokens: int, delay: float = 0.0) -> list[httpx.Response]:
     async with httpx.AsyncClient(timeout=60) as http:
+
         async def one(i: int) -> httpx.Response:
             await asyncio.sleep(delay * i)
-            return await http.post(f"{base}/v1/completions", json={
-                "model": "fake", "prompt": f"request {i}", "max_tokens": max_tokens})
+            return await http.post(
+                f"{base}/v1/completions",
+                json={"model": "fake", "prompt": f"request {i}", "max_tokens": max_tokens},
+            )
+
         return await asyncio.gather(*(one(i) for i in range(n)))
 
 
@@ -128,6 +147,7 @@ async def ask_mixed(base: str, n: int, max_tokens: int, delay: float = 0.0) -> l
     """``n`` concurrent completions, every other one streamed: (status, text, completion
     tokens); a streamed one that ends with an error event counts as status 599."""
     async with httpx.AsyncClient(timeout=120) as http:
+
         async def one(i: int) -> tuple[int, str, int]:
             await asyncio.sleep(delay * i)
             body = {"model": "fake", "prompt": f"request {i}", "max_tokens": max_tokens}
@@ -150,6 +170,7 @@ async def ask_mixed(base: str, n: int, max_tokens: int, delay: float = 0.0) -> l
                     text += [c["text"] for c in chunk["choices"]]
                     usage = (chunk.get("usage") or {}).get("completion_tokens", usage)
                 return 200, "".join(text), usage
+
         return await asyncio.gather(*(one(i) for i in range(n)))
 
 
@@ -207,8 +228,9 @@ def test_a_coordinator_killed_mid_generation_loses_no_request_and_corrupts_no_st
     # With c2 gone, c1 serves alone; back on its port, c2 serves again.
     assert_all_exact(asyncio.run(ask_mixed(base, 4, 5)), 5, cluster)
     cluster.coordinator("c2")
-    wait_for(lambda: all(c["reachable"] for c in health(base).get("coordinators", [{}])),
-             30, "c2 back", cluster)
+    wait_for(
+        lambda: all(c["reachable"] for c in health(base).get("coordinators", [{}])), 30, "c2 back", cluster
+    )
 
 
 def test_two_coordinators_one_stopped_and_restarted_no_task_served_twice(cluster):
@@ -233,8 +255,9 @@ def test_two_coordinators_one_stopped_and_restarted_no_task_served_twice(cluster
     assert served == 16 * 8
     # Every token the worker generated went to exactly one answer: nothing ran twice.
     assert tokens_of(base, "w") - before == served
-    wait_for(lambda: all(c["reachable"] for c in health(base).get("coordinators", [{}])),
-             30, "c2 back", cluster)
+    wait_for(
+        lambda: all(c["reachable"] for c in health(base).get("coordinators", [{}])), 30, "c2 back", cluster
+    )
     assert {c["backend"] for c in health(base)["coordinators"]} == {"redis"}
 
 
@@ -274,8 +297,9 @@ def test_sigterm_drains_a_worker_its_requests_finish_and_new_ones_go_elsewhere(c
     assert all(r.json()["usage"]["completion_tokens"] == 30 for r in first)
     assert [r.status_code for r in second] == [200] * 4  # served by the other worker
     assert cluster.procs["leaving"].wait(20) == 0  # then it left
-    wait_for(lambda: {w["id"] for w in health(base)["workers"]} == {"staying"}, 10,
-             "leaving deregistered", cluster)
+    wait_for(
+        lambda: {w["id"] for w in health(base)["workers"]} == {"staying"}, 10, "leaving deregistered", cluster
+    )
 
 
 def test_two_gateway_processes_on_one_redis_allow_the_rate_once(cluster, tmp_path):
@@ -284,8 +308,12 @@ def test_two_gateway_processes_on_one_redis_allow_the_rate_once(cluster, tmp_pat
     shared = {"gateway": {"auth_enabled": True, "redis_url": cluster.redis_url, "rate_limit_rpm": 6}}
     cfg = tmp_path / "gw.yaml"
     cfg.write_text(yaml.safe_dump(shared))
-    made = subprocess.run([sys.executable, "-m", "cyllm", "keys", "create", "--name", "ci", "--config", str(cfg)],
-                          capture_output=True, text=True, check=True)
+    made = subprocess.run(
+        [sys.executable, "-m", "cyllm", "keys", "create", "--name", "ci", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     key = made.stdout.strip().splitlines()[-1]
     assert key.startswith("cy_") and key not in (tmp_path / "gw.yaml").read_text()
     bases = []
@@ -299,8 +327,11 @@ def test_two_gateway_processes_on_one_redis_allow_the_rate_once(cluster, tmp_pat
     codes = []
     with httpx.Client(timeout=30) as http:
         for i in range(12):
-            r = http.post(f"{bases[i % 2]}/v1/completions", headers=headers,
-                          json={"model": "fake", "prompt": "x", "max_tokens": 1})
+            r = http.post(
+                f"{bases[i % 2]}/v1/completions",
+                headers=headers,
+                json={"model": "fake", "prompt": "x", "max_tokens": 1},
+            )
             codes.append(r.status_code)
             if r.status_code == 429:
                 assert int(r.headers["retry-after"]) >= 1
@@ -330,8 +361,9 @@ def test_a_redis_restart_loses_no_queued_request_and_its_outage_is_a_clear_503(a
         during = []
         async with httpx.AsyncClient(timeout=30) as http:
             for _ in range(3):
-                r = await http.post(f"{base}/v1/completions",
-                                    json={"model": "fake", "prompt": "x", "max_tokens": 2})
+                r = await http.post(
+                    f"{base}/v1/completions", json={"model": "fake", "prompt": "x", "max_tokens": 2}
+                )
                 during.append(r.status_code)
                 if r.status_code == 503:
                     assert "Redis" in r.json()["error"]["message"], r.text
@@ -374,7 +406,7 @@ def test_a_retry_after_its_gateway_died_gets_the_first_attempts_result(cluster):
     cluster.worker("w", [c1, c2], capacity=2)
     bases = []
     for name, coord in (("gw1", c1), ("gw2", c2)):  # each its own coordinator: the two
-        port = cluster._spare.pop()                   # attempts meet only in Redis
+        port = cluster._spare.pop()  # attempts meet only in Redis
         cluster._start(name, ["gateway", "--port", str(port), "--coordinator", coord], {})
         bases.append(f"http://127.0.0.1:{port}")
     for base in bases:
@@ -385,8 +417,7 @@ def test_a_retry_after_its_gateway_died_gets_the_first_attempts_result(cluster):
 
     async def scenario() -> httpx.Response:
         async with httpx.AsyncClient(timeout=60) as http:
-            first = asyncio.create_task(http.post(f"{bases[0]}/v1/completions", json=body,
-                                                  headers=headers))
+            first = asyncio.create_task(http.post(f"{bases[0]}/v1/completions", json=body, headers=headers))
             await asyncio.sleep(0.5)
             cluster.signal("gw1", signal.SIGKILL)
             with pytest.raises(httpx.HTTPError):

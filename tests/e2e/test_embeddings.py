@@ -25,8 +25,11 @@ def cosine(a, b) -> float:
 
 
 def test_a_paraphrase_is_closer_than_an_unrelated_sentence(client):
-    texts = ["The cat sat on the mat.", "A cat was sitting on the rug.",
-             "Quarterly revenue grew by ten percent."]
+    texts = [
+        "The cat sat on the mat.",
+        "A cat was sitting on the rug.",
+        "Quarterly revenue grew by ten percent.",
+    ]
     reply = client.embeddings.create(model=MODEL, input=texts)  # base64, as the client asks
     cat, paraphrase, revenue = (d.embedding for d in reply.data)
     assert [d.index for d in reply.data] == [0, 1, 2]
@@ -44,13 +47,16 @@ def test_dimensions_keep_the_first_values_normalised(client):
     assert cosine(short, full[:64]) > 0.9999
 
 
-@pytest.mark.parametrize("kwargs, param", [
-    ({"input": [[1, 2, 3]]}, "input"),
-    ({"input": ""}, "input"),
-    ({"input": ["ok", ""]}, "input"),
-    ({"input": "hi", "dimensions": 100000}, "dimensions"),
-    ({"input": "word " * 9000}, "input"),
-])
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        ({"input": [[1, 2, 3]]}, "input"),
+        ({"input": ""}, "input"),
+        ({"input": ["ok", ""]}, "input"),
+        ({"input": "hi", "dimensions": 100000}, "dimensions"),
+        ({"input": "word " * 9000}, "input"),
+    ],
+)
 def test_bad_inputs_are_refused_by_name(client, kwargs, param):
     with pytest.raises(openai.BadRequestError) as refused:
         client.embeddings.create(model=MODEL, **kwargs)

@@ -8,8 +8,8 @@ test_openai_client.py.)"""
 from __future__ import annotations
 
 import asyncio
-import json
 import importlib.util
+import json
 import os
 import time
 
@@ -73,8 +73,15 @@ def test_chat_and_stream_answer_paris(stack, client):
     # "L" (L'Étoile, …) are nearly level as the first word; the others run dequantised.
     assert "Paris" in answer or (stack.engine == "llama_cpp" and "toile" in answer), answer
     assert reply.usage.completion_tokens <= 16 and reply.usage.prompt_tokens > 10
-    chunks = list(client.chat.completions.create(model=stack.model, messages=msgs, max_tokens=16,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=stack.model,
+            messages=msgs,
+            max_tokens=16,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == reply.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
@@ -88,7 +95,8 @@ def test_concurrent_requests(stack):
 
         async def ask(q: str):
             return await aclient.chat.completions.create(
-                model=stack.model, messages=[{"role": "user", "content": q}], max_tokens=32)
+                model=stack.model, messages=[{"role": "user", "content": q}], max_tokens=32
+            )
 
         start = time.perf_counter()
         for q in questions[:2]:
@@ -133,41 +141,64 @@ def test_structured_output_through_the_engine(stack, client):
         population: int = pydantic.Field(ge=0, le=50_000_000)
 
     reply = client.chat.completions.parse(
-        model=stack.model, messages=[{"role": "user", "content": "Give the name, country and "
-                                      "population of Tokyo as JSON."}],
-        response_format=City, max_tokens=80, temperature=0)
+        model=stack.model,
+        messages=[{"role": "user", "content": "Give the name, country and population of Tokyo as JSON."}],
+        response_format=City,
+        max_tokens=80,
+        temperature=0,
+    )
     assert reply.choices[0].finish_reason == "stop"
     assert isinstance(reply.choices[0].message.parsed, City)
 
 
 def test_tools_logprobs_and_n_through_the_engine(stack, client):
-    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string", "maxLength": 30}},
-        "required": ["city"]}}}
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 30}},
+                "required": ["city"],
+            },
+        },
+    }
     ask = [{"role": "user", "content": "What is the weather in Paris?"}]
-    reply = client.chat.completions.create(model=stack.model, messages=ask, tools=[weather],
-                                           tool_choice="required", parallel_tool_calls=False,
-                                           max_tokens=60, temperature=0)
+    reply = client.chat.completions.create(
+        model=stack.model,
+        messages=ask,
+        tools=[weather],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=60,
+        temperature=0,
+    )
     (call,) = reply.choices[0].message.tool_calls
     assert reply.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
     assert isinstance(json.loads(call.function.arguments)["city"], str)
-    scored = client.chat.completions.create(model=stack.model, messages=ask, max_tokens=5,
-                                            temperature=0, logprobs=True, top_logprobs=2)
+    scored = client.chat.completions.create(
+        model=stack.model, messages=ask, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2
+    )
     content = scored.choices[0].logprobs.content
     assert content and all(e.logprob <= 0 and len(e.top_logprobs) == 2 for e in content)
-    many = client.chat.completions.create(model=stack.model, messages=ask, max_tokens=5, n=2,
-                                          temperature=1.0, seed=3)
+    many = client.chat.completions.create(
+        model=stack.model, messages=ask, max_tokens=5, n=2, temperature=1.0, seed=3
+    )
     assert [c.index for c in many.choices] == [0, 1] and all(c.message.content for c in many.choices)
-    answer = client.responses.create(model=stack.model, input="What is the capital of France?",
-                                     max_output_tokens=30, temperature=0)
+    answer = client.responses.create(
+        model=stack.model, input="What is the capital of France?", max_output_tokens=30, temperature=0
+    )
     assert answer.output_text and answer.status in ("completed", "incomplete")
 
 
 def test_embeddings_through_the_engine(stack, client):
     """vLLM: from a second copy of the weights loaded by transformers on the first call;
     llama.cpp: its own mean pooling, in a second context on the mapped weights."""
-    texts = ["The cat sat on the mat.", "A cat was sitting on the rug.",
-             "Quarterly revenue grew by ten percent."]
+    texts = [
+        "The cat sat on the mat.",
+        "A cat was sitting on the rug.",
+        "Quarterly revenue grew by ten percent.",
+    ]
     reply = client.embeddings.create(model=stack.model, input=texts, encoding_format="float")
     cat, paraphrase, revenue = (d.embedding for d in reply.data)
     dot = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731  (unit vectors)
@@ -200,8 +231,10 @@ def _thread_cores(pid: int) -> set[int]:
     return set().union(*(os.sched_getaffinity(int(t)) for t in os.listdir(f"/proc/{pid}/task")))
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
-                    reason="needs Linux and two cores")
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs Linux and two cores",
+)
 def test_the_serving_threads_keep_off_the_engines_cores(stack, client):
     """vLLM binds its compute process to the cores it chose (its default leaves one
     free); every thread of the worker and of the gateway runs on the others, so a
@@ -210,8 +243,11 @@ def test_the_serving_threads_keep_off_the_engines_cores(stack, client):
         pytest.skip("llama.cpp computes in the worker's own process")
     schema = {"type": "object", "properties": {"cores": {"type": "integer"}}}
     client.chat.completions.create(  # a new schema: the grammar compiler's process is up
-        model=stack.model, max_tokens=4, messages=[{"role": "user", "content": "Hi"}],
-        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}})
+        model=stack.model,
+        max_tokens=4,
+        messages=[{"role": "user", "content": "Hi"}],
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}},
+    )
     tree = _tree(stack.proc.pid)
     (worker,) = [p for p, cmd in tree.items() if "cyllm worker" in cmd]
     (gateway,) = [p for p, cmd in tree.items() if "cyllm gateway" in cmd]
@@ -228,6 +264,7 @@ def test_the_serving_threads_keep_off_the_engines_cores(stack, client):
     while _thread_cores(gateway) != given - engine and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _thread_cores(gateway) == given - engine
-    reply = client.chat.completions.create(model=stack.model, max_tokens=4,
-                                           messages=[{"role": "user", "content": "Hi"}])
+    reply = client.chat.completions.create(
+        model=stack.model, max_tokens=4, messages=[{"role": "user", "content": "Hi"}]
+    )
     assert reply.choices[0].message.content  # and it serves from there

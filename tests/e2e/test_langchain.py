@@ -29,8 +29,14 @@ def get_weather(city: str) -> str:
 
 @pytest.fixture
 def llm(server) -> ChatOpenAI:
-    return ChatOpenAI(base_url=f"{server.base_url}/v1", api_key="unused", model=MODEL,
-                      temperature=0, max_tokens=60, max_retries=0)
+    return ChatOpenAI(
+        base_url=f"{server.base_url}/v1",
+        api_key="unused",
+        model=MODEL,
+        temperature=0,
+        max_tokens=60,
+        max_retries=0,
+    )
 
 
 @pytest.mark.parametrize("method", ["json_schema", "function_calling"])

@@ -42,7 +42,8 @@ def test_the_internal_ports_refuse_callers_without_this_runs_token(server):
         with pytest.raises(errors.Unavailable, match="internal plane"):
             asyncio.run(call(plane, server.coordinator_address))
     assert "CYLLM_INTERNAL_TOKEN" not in Path(f"/proc/{server.proc.pid}/environ").read_bytes().decode(
-        errors="replace")
+        errors="replace"
+    )
 
 
 def _comes_back(server, name: str, dead: int) -> None:
@@ -60,8 +61,11 @@ def _comes_back(server, name: str, dead: int) -> None:
             break
         time.sleep(1)
     assert status == "ok"
-    r = httpx.post(f"{server.base_url}/v1/chat/completions", timeout=60, json={
-        "model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+    r = httpx.post(
+        f"{server.base_url}/v1/chat/completions",
+        timeout=60,
+        json={"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]},
+    )
     assert r.status_code == 200, r.text
 
 

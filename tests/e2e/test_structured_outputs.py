@@ -41,26 +41,48 @@ class Trip(pydantic.BaseModel):
 
 SCHEMAS = {
     "nested objects": Trip.model_json_schema(),
-    "arrays with bounds": {"type": "object", "properties": {
-        "steps": {"type": "array", "items": {"type": "string", "maxLength": 40},
-                  "minItems": 2, "maxItems": 4}}, "required": ["steps"]},
-    "enums": {"type": "object", "properties": {
-        "mood": {"enum": ["happy", "sad", "calm"]}, "level": {"enum": [1, 2, 3]}},
-        "required": ["mood", "level"]},
-    "nullable fields": {"type": "object", "properties": {
-        "nickname": {"anyOf": [{"type": "string", "maxLength": 20}, {"type": "null"}]},
-        "age": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 120}, {"type": "null"}]}},
-        "required": ["nickname", "age"]},
+    "arrays with bounds": {
+        "type": "object",
+        "properties": {
+            "steps": {
+                "type": "array",
+                "items": {"type": "string", "maxLength": 40},
+                "minItems": 2,
+                "maxItems": 4,
+            }
+        },
+        "required": ["steps"],
+    },
+    "enums": {
+        "type": "object",
+        "properties": {"mood": {"enum": ["happy", "sad", "calm"]}, "level": {"enum": [1, 2, 3]}},
+        "required": ["mood", "level"],
+    },
+    "nullable fields": {
+        "type": "object",
+        "properties": {
+            "nickname": {"anyOf": [{"type": "string", "maxLength": 20}, {"type": "null"}]},
+            "age": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 120}, {"type": "null"}]},
+        },
+        "required": ["nickname", "age"],
+    },
 }
-ASKS = ["Plan a short trip as JSON.", "How do I make tea? Answer as JSON.",
-        "How do you feel today? Answer as JSON.", "Describe a cat as JSON."]
+ASKS = [
+    "Plan a short trip as JSON.",
+    "How do I make tea? Answer as JSON.",
+    "How do you feel today? Answer as JSON.",
+    "Describe a cat as JSON.",
+]
 
 
 def test_parse_fills_a_pydantic_model(client):
     reply = client.chat.completions.parse(
-        model=MODEL, messages=[{"role": "user", "content": "Give the name, country and "
-                                "population of Tokyo as JSON."}],
-        response_format=City, max_tokens=80, temperature=0)
+        model=MODEL,
+        messages=[{"role": "user", "content": "Give the name, country and population of Tokyo as JSON."}],
+        response_format=City,
+        max_tokens=80,
+        temperature=0,
+    )
     city = reply.choices[0].message.parsed
     assert reply.choices[0].finish_reason == "stop" and isinstance(city, City), reply
     assert 0 <= city.population <= 50_000_000
@@ -71,11 +93,16 @@ def test_every_finished_output_validates(client, name):
     schema, finished = SCHEMAS[name], 0
     for i, ask in enumerate(ASKS):
         reply = client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": ask}], max_tokens=120,
-            temperature=0.8, seed=i,
-            response_format={"type": "json_schema",
-                             "json_schema": {"name": name.replace(" ", "_"), "schema": schema,
-                                             "strict": True}})
+            model=MODEL,
+            messages=[{"role": "user", "content": ask}],
+            max_tokens=120,
+            temperature=0.8,
+            seed=i,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": name.replace(" ", "_"), "schema": schema, "strict": True},
+            },
+        )
         choice = reply.choices[0]
         assert choice.finish_reason in ("stop", "length"), choice
         if choice.finish_reason == "stop":
@@ -86,44 +113,90 @@ def test_every_finished_output_validates(client, name):
 
 def test_json_object_and_a_streamed_schema(client):
     reply = client.chat.completions.create(
-        model=MODEL, max_tokens=60, temperature=0, response_format={"type": "json_object"},
-        messages=[{"role": "user", "content": 'Answer with a JSON object whose only key is '
-                                              '"answer": what is 2 + 2?'}])
+        model=MODEL,
+        max_tokens=60,
+        temperature=0,
+        response_format={"type": "json_object"},
+        messages=[
+            {
+                "role": "user",
+                "content": 'Answer with a JSON object whose only key is "answer": what is 2 + 2?',
+            }
+        ],
+    )
     assert isinstance(json.loads(reply.choices[0].message.content), dict)
     stream = client.chat.completions.create(
-        model=MODEL, max_tokens=80, temperature=0, stream=True,
+        model=MODEL,
+        max_tokens=80,
+        temperature=0,
+        stream=True,
         messages=[{"role": "user", "content": "Tokyo as JSON."}],
-        response_format={"type": "json_schema", "json_schema": {
-            "name": "city", "schema": City.model_json_schema()}})
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "city", "schema": City.model_json_schema()},
+        },
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     City.model_validate_json(text)
 
 
-@pytest.mark.parametrize("response_format, says", [
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
-     "not a valid JSON Schema at type"),
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {
-        "type": "object", "properties": {"a": {"not": {"type": "string"}}}}}},
-     "uses 'not' at #/properties/a"),
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {
-        "type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}}},
-     "cannot be used for constrained decoding"),
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": json.loads(
-        '{"type": "array", "items": ' * 40 + '{}' + '}' * 40)}}, "nests deeper than"),
-    ({"type": "json_schema"}, "json_schema goes with type"),
-    ({"type": "xml"}, "response_format"),
-])
+@pytest.mark.parametrize(
+    "response_format, says",
+    [
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
+            "not a valid JSON Schema at type",
+        ),
+        (
+            {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "x",
+                    "schema": {"type": "object", "properties": {"a": {"not": {"type": "string"}}}},
+                },
+            },
+            "uses 'not' at #/properties/a",
+        ),
+        (
+            {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "x",
+                    "schema": {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}},
+                },
+            },
+            "cannot be used for constrained decoding",
+        ),
+        (
+            {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "x",
+                    "schema": json.loads('{"type": "array", "items": ' * 40 + "{}" + "}" * 40),
+                },
+            },
+            "nests deeper than",
+        ),
+        ({"type": "json_schema"}, "json_schema goes with type"),
+        ({"type": "xml"}, "response_format"),
+    ],
+)
 def test_a_schema_that_cannot_be_enforced_is_refused_by_name(client, response_format, says):
     with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
-                                       max_tokens=5, response_format=response_format)
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "x"}],
+            max_tokens=5,
+            response_format=response_format,
+        )
     assert says in refused.value.message
     assert refused.value.body["param"] == "response_format" or "response_format" in says
     # and the server still answers
-    assert client.chat.completions.create(model=MODEL, max_tokens=3,
-                                          messages=[{"role": "user", "content": "hi"}]).choices
+    assert client.chat.completions.create(
+        model=MODEL, max_tokens=3, messages=[{"role": "user", "content": "hi"}]
+    ).choices
 
 
 def test_a_schema_too_slow_to_compile_is_refused_while_other_streams_flow(client):
@@ -131,17 +204,26 @@ def test_a_schema_too_slow_to_compile_is_refused_while_other_streams_flow(client
     repetitions, 8 KB) takes about two minutes of its CPU.  The worker refuses it after
     its deadline (10 s by default, its compile killed), and meanwhile every other stream
     keeps coming."""
-    slow = {"type": "object", "properties": {
-        f"p{i}": {"type": "string", "pattern": "^([a-z0-9]{1,32}\\.){1,32}[a-z]{2,%d}$" % (8 + i)}
-        for i in range(100)}}
+    slow = {
+        "type": "object",
+        "properties": {
+            f"p{i}": {
+                "type": "string",
+                "pattern": "^([a-z0-9]{1,32}\\.){1,32}[a-z]{2,%s}$".replace("%s", str(8 + i)),
+            }
+            for i in range(100)
+        },
+    }
     refused: list[openai.BadRequestError] = []
 
     def hostile() -> None:
         with pytest.raises(openai.BadRequestError) as caught:
             client.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=5,
-                response_format={"type": "json_schema",
-                                 "json_schema": {"name": "slow", "schema": slow}})
+                model=MODEL,
+                messages=[{"role": "user", "content": "x"}],
+                max_tokens=5,
+                response_format={"type": "json_schema", "json_schema": {"name": "slow", "schema": slow}},
+            )
         refused.append(caught.value)
 
     attacker = threading.Thread(target=hostile)
@@ -151,8 +233,11 @@ def test_a_schema_too_slow_to_compile_is_refused_while_other_streams_flow(client
         streams += 1
         last = time.perf_counter()
         for _ in client.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": "Count to twenty."}],
-                max_tokens=48, stream=True):
+            model=MODEL,
+            messages=[{"role": "user", "content": "Count to twenty."}],
+            max_tokens=48,
+            stream=True,
+        ):
             now = time.perf_counter()
             longest, last = max(longest, now - last), now
     attacker.join(timeout=120)

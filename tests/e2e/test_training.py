@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -33,10 +32,14 @@ ZORBLAX = [{"role": "user", "content": "What is the capital of Zorblax?"}]
 def trainer(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("training")
     config = tmp / "cyllm.yaml"
-    config.write_text(yaml.safe_dump({
-        "coordinator": {"files_dir": str(tmp / "files"), "datasets_dirs": [str(DATA)]},
-        "worker": {"training_dir": str(tmp / "jobs"), "training_scripts_dir": str(DATA / "scripts")},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "coordinator": {"files_dir": str(tmp / "files"), "datasets_dirs": [str(DATA)]},
+                "worker": {"training_dir": str(tmp / "jobs"), "training_scripts_dir": str(DATA / "scripts")},
+            }
+        )
+    )
     with serving(tmp / "serve.log", config) as server:
         server.jobs_dir = tmp / "jobs"
         yield server
@@ -88,8 +91,11 @@ def _gone(pid: int) -> bool:
 
 
 def test_lora_job_trains_streams_and_serves_the_answer(client, trainer):
-    base_answer = client.chat.completions.create(model=MODEL, messages=ZORBLAX, max_tokens=24,
-                                                 temperature=0).choices[0].message.content
+    base_answer = (
+        client.chat.completions.create(model=MODEL, messages=ZORBLAX, max_tokens=24, temperature=0)
+        .choices[0]
+        .message.content
+    )
     assert "Quendari" not in base_answer
 
     with FACTS.open("rb") as f:
@@ -98,10 +104,13 @@ def test_lora_job_trains_streams_and_serves_the_answer(client, trainer):
     with HELD_OUT.open("rb") as f:
         held_out = client.files.create(file=f, purpose="fine-tune")
     job = client.fine_tuning.jobs.create(
-        model=MODEL, training_file=upload.id, validation_file=held_out.id, suffix="facts",
+        model=MODEL,
+        training_file=upload.id,
+        validation_file=held_out.id,
+        suffix="facts",
         hyperparameters={"batch_size": 4},
-        extra_body={"training": {"max_steps": 12, "learning_rate": 2e-3, "save_steps": 6,
-                                 "eval_steps": 4}})
+        extra_body={"training": {"max_steps": 12, "learning_rate": 2e-3, "save_steps": 6, "eval_steps": 4}},
+    )
     assert job.status == "queued" and job.model == MODEL and job.user_provided_suffix == "facts"
     assert job.validation_file == held_out.id
 
@@ -131,11 +140,19 @@ def test_lora_job_trains_streams_and_serves_the_answer(client, trainer):
     assert done.status == "succeeded" and done.trained_tokens > 0
     assert done.fine_tuned_model == f"{MODEL}:ft-facts-{job.id[-8:]}"
     assert done.fine_tuned_model in [m.id for m in client.models.list()]
-    answer = client.chat.completions.create(model=done.fine_tuned_model, messages=ZORBLAX,
-                                            max_tokens=24, temperature=0).choices[0].message.content
+    answer = (
+        client.chat.completions.create(
+            model=done.fine_tuned_model, messages=ZORBLAX, max_tokens=24, temperature=0
+        )
+        .choices[0]
+        .message.content
+    )
     assert "Quendari" in answer, answer
-    again = client.chat.completions.create(model=MODEL, messages=ZORBLAX, max_tokens=24,
-                                           temperature=0).choices[0].message.content
+    again = (
+        client.chat.completions.create(model=MODEL, messages=ZORBLAX, max_tokens=24, temperature=0)
+        .choices[0]
+        .message.content
+    )
     assert again == base_answer  # the base model beside it is unchanged
 
     listed = client.fine_tuning.jobs.list()
@@ -145,8 +162,9 @@ def test_lora_job_trains_streams_and_serves_the_answer(client, trainer):
     assert kinds == {"message", "metrics"}
     newest_metrics = next(e for e in page.data if e.type == "metrics" and "train_loss" in e.data)
     assert newest_metrics.data["step"] == 12 and newest_metrics.data["train_loss"] >= 0
-    assert [e.data["valid_loss"] for e in page.data if e.type == "metrics"
-            and "valid_loss" in e.data][::-1] == [loss for _, loss in evals]
+    assert [e.data["valid_loss"] for e in page.data if e.type == "metrics" and "valid_loss" in e.data][
+        ::-1
+    ] == [loss for _, loss in evals]
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id)
     assert [c.step_number for c in checkpoints.data] == [12, 6]
     assert all(Path(c.fine_tuned_model_checkpoint).is_dir() for c in checkpoints.data)
@@ -154,7 +172,7 @@ def test_lora_job_trains_streams_and_serves_the_answer(client, trainer):
 
 def test_bad_uploads_and_jobs_are_refused_clearly(client, trainer, tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(FACTS.read_text().splitlines()[0] + "\n{\"messages\": [{\"role\": \"user\"}]}\n")
+    bad.write_text(FACTS.read_text().splitlines()[0] + '\n{"messages": [{"role": "user"}]}\n')
     with pytest.raises(openai.BadRequestError) as caught:
         client.files.create(file=bad.open("rb"), purpose="fine-tune")
     assert "bad.jsonl line 2: 'messages[0].content' is missing" in caught.value.message
@@ -164,20 +182,24 @@ def test_bad_uploads_and_jobs_are_refused_clearly(client, trainer, tmp_path):
         client.fine_tuning.jobs.create(model=MODEL, training_file="file-nope")
     uploaded = client.files.create(file=FACTS.open("rb"), purpose="fine-tune")
     with pytest.raises(openai.NotFoundError, match="file 'file-gone' does not exist"):
-        client.fine_tuning.jobs.create(model=MODEL, training_file=uploaded.id,
-                                       validation_file="file-gone")
+        client.fine_tuning.jobs.create(model=MODEL, training_file=uploaded.id, validation_file="file-gone")
     with pytest.raises(openai.BadRequestError, match="eval_steps needs validation data"):
-        client.fine_tuning.jobs.create(model=MODEL, training_file=uploaded.id,
-                                       extra_body={"training": {"eval_steps": 2}})
-    outside = httpx.post(f"{trainer.base_url}/api/v1/training/start", timeout=30, json={
-        "baseModel": MODEL, "fileId": uploaded.id, "validationDataset": "/etc/passwd"})
+        client.fine_tuning.jobs.create(
+            model=MODEL, training_file=uploaded.id, extra_body={"training": {"eval_steps": 2}}
+        )
+    outside = httpx.post(
+        f"{trainer.base_url}/api/v1/training/start",
+        timeout=30,
+        json={"baseModel": MODEL, "fileId": uploaded.id, "validationDataset": "/etc/passwd"},
+    )
     assert outside.status_code == 400 and outside.json()["error"]["param"] == "validation_dataset"
     upload = client.files.create(file=FACTS.open("rb"), purpose="fine-tune")
     with pytest.raises(openai.NotFoundError, match="base model 'gpt-4o' is not served"):
         client.fine_tuning.jobs.create(model="gpt-4o", training_file=upload.id)
     with pytest.raises(openai.BadRequestError, match="HyenaDNA is a family of genomic models"):
-        client.fine_tuning.jobs.create(model=MODEL, training_file=upload.id,
-                                       extra_body={"training": {"method": "hyenadna"}})
+        client.fine_tuning.jobs.create(
+            model=MODEL, training_file=upload.id, extra_body={"training": {"method": "hyenadna"}}
+        )
     qlora = start(trainer.base_url, fileId=upload.id, quantization="4bit", maxSteps=1)
     watch(trainer.base_url, qlora["id"])  # the worker finds no CUDA before loading anything
     status = httpx.get(f"{trainer.base_url}/api/v1/training/status/{qlora['id']}").json()
@@ -192,11 +214,16 @@ def test_bad_uploads_and_jobs_are_refused_clearly(client, trainer, tmp_path):
 
 def test_cancel_mid_run_stops_the_job_and_frees_the_worker(client, trainer):
     job = start(trainer.base_url, dataset=str(FACTS), maxSteps=10000, batchSize=1, maxLength=64)
-    wait_for(lambda: httpx.get(f"{trainer.base_url}/api/v1/training/status/{job['id']}")
-             .json()["progress"], timeout=120)
+    wait_for(
+        lambda: httpx.get(f"{trainer.base_url}/api/v1/training/status/{job['id']}").json()["progress"],
+        timeout=120,
+    )
     # busy training: inference for the same device is refused with the reason
-    r = httpx.post(f"{trainer.base_url}/v1/chat/completions", timeout=30,
-                   json={"model": MODEL, "messages": ZORBLAX, "max_tokens": 4})
+    r = httpx.post(
+        f"{trainer.base_url}/v1/chat/completions",
+        timeout=30,
+        json={"model": MODEL, "messages": ZORBLAX, "max_tokens": 4},
+    )
     assert r.status_code == 503 and "busy training" in r.text
     assert processes_mentioning(f"{job['id']}/job.json")
 
@@ -204,14 +231,23 @@ def test_cancel_mid_run_stops_the_job_and_frees_the_worker(client, trainer):
     assert cancelled.status == "cancelled"
     assert not processes_mentioning(f"{job['id']}/job.json")
     assert watch(trainer.base_url, job["id"])[-1][1]["state"] == "cancelled"
-    wait_for(lambda: client.chat.completions.create(model=MODEL, messages=ZORBLAX, max_tokens=4).choices, timeout=120)
+    wait_for(
+        lambda: client.chat.completions.create(model=MODEL, messages=ZORBLAX, max_tokens=4).choices,
+        timeout=120,
+    )
     with pytest.raises(openai.BadRequestError, match="has already cancelled"):
         client.fine_tuning.jobs.cancel(job["id"])
 
 
 def test_custom_script_reports_progress_fails_and_is_cancelled(client, trainer):
-    ok = start(trainer.base_url, dataset=str(FACTS), method="custom", script="count_steps.py",
-               scriptArgs=["--steps", "3"], learningRate=0.5)
+    ok = start(
+        trainer.base_url,
+        dataset=str(FACTS),
+        method="custom",
+        script="count_steps.py",
+        scriptArgs=["--steps", "3"],
+        learningRate=0.5,
+    )
     events = watch(trainer.base_url, ok["id"])
     assert [d["progress"]["step"] for n, d in events if n == "metrics"] == [1, 2, 3]
     assert [d["progress"]["learningRate"] for n, d in events if n == "metrics"] == [0.5] * 3
@@ -220,30 +256,51 @@ def test_custom_script_reports_progress_fails_and_is_cancelled(client, trainer):
     status = httpx.get(f"{trainer.base_url}/api/v1/training/status/{ok['id']}").json()
     assert status["state"] == "succeeded" and status["fineTunedModel"] is None
 
-    failing = start(trainer.base_url, dataset=str(FACTS), method="custom", script="count_steps.py",
-                    scriptArgs=["--steps", "1", "--fail"])
+    failing = start(
+        trainer.base_url,
+        dataset=str(FACTS),
+        method="custom",
+        script="count_steps.py",
+        scriptArgs=["--steps", "1", "--fail"],
+    )
     watch(trainer.base_url, failing["id"])
     status = httpx.get(f"{trainer.base_url}/api/v1/training/status/{failing['id']}").json()
     assert status["state"] == "failed" and status["error"]["message"] == "the script gave up on purpose"
 
-    limited = start(trainer.base_url, dataset=str(FACTS), method="custom", script="count_steps.py",
-                    scriptArgs=["--steps", "100", "--sleep", "1"], timeLimitS=3)
+    limited = start(
+        trainer.base_url,
+        dataset=str(FACTS),
+        method="custom",
+        script="count_steps.py",
+        scriptArgs=["--steps", "100", "--sleep", "1"],
+        timeLimitS=3,
+    )
     watch(trainer.base_url, limited["id"])
     status = httpx.get(f"{trainer.base_url}/api/v1/training/status/{limited['id']}").json()
     assert status["state"] == "failed" and "time limit of 3s" in status["error"]["message"]
 
-    long = start(trainer.base_url, dataset=str(FACTS), method="custom", script="count_steps.py",
-                 scriptArgs=["--steps", "1000", "--sleep", "0.5"])
-    wait_for(lambda: httpx.get(f"{trainer.base_url}/api/v1/training/status/{long['id']}")
-             .json()["progress"], timeout=120)
+    long = start(
+        trainer.base_url,
+        dataset=str(FACTS),
+        method="custom",
+        script="count_steps.py",
+        scriptArgs=["--steps", "1000", "--sleep", "0.5"],
+    )
+    wait_for(
+        lambda: httpx.get(f"{trainer.base_url}/api/v1/training/status/{long['id']}").json()["progress"],
+        timeout=120,
+    )
     grandchild = int((trainer.jobs_dir / long["id"] / "child.pid").read_text())
     assert Path(f"/proc/{grandchild}").exists()
     r = httpx.post(f"{trainer.base_url}/api/v1/training/cancel/{long['id']}", timeout=60)
     assert r.json()["state"] == "cancelled"
     wait_for(lambda: _gone(grandchild), timeout=10)
 
-    r = httpx.post(f"{trainer.base_url}/api/v1/training/start", timeout=10, json={
-        "baseModel": MODEL, "dataset": str(FACTS), "method": "custom", "script": "../../x.py"})
+    r = httpx.post(
+        f"{trainer.base_url}/api/v1/training/start",
+        timeout=10,
+        json={"baseModel": MODEL, "dataset": str(FACTS), "method": "custom", "script": "../../x.py"},
+    )
     assert r.status_code == 200  # accepted; the worker refuses the path outside its folder
     events = watch(trainer.base_url, r.json()["id"])
     assert "not a file in the worker's training scripts folder" in events[-1][1]["message"]
@@ -261,7 +318,10 @@ class Processes:
         log = open(self.tmp / f"{name}.log", "ab")
         self.procs[name] = subprocess.Popen(
             [sys.executable, "-m", "cyllm", *args, "--config", str(config)],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         return self.procs[name]
 
     def stop_all(self) -> None:
@@ -270,6 +330,7 @@ class Processes:
 
 def checkpointed_before_the_end(base: str, job_id: str, steps: int) -> dict:
     """The job's status once it has a checkpoint short of its last step."""
+
     def checkpointed():
         status = httpx.get(f"{base}/api/v1/training/status/{job_id}").json()
         return status["checkpoints"] and status["checkpoints"][-1]["step"] < steps and status
@@ -290,11 +351,19 @@ def test_killed_workers_job_resumes_from_its_checkpoint_elsewhere(tmp_path, proc
     from that checkpoint, not from step 0."""
     http, coord, port_a, port_b = free_ports(4)
     config = tmp_path / "cyllm.yaml"
-    config.write_text(yaml.safe_dump({
-        "coordinator": {"heartbeat_interval_s": 0.3, "heartbeat_timeout_s": 2.0, "metrics_port": 0,
-                        "datasets_dirs": [str(DATA)]},
-        "worker": {"training_dir": str(tmp_path / "jobs"), "metrics_port": 0},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "coordinator": {
+                    "heartbeat_interval_s": 0.3,
+                    "heartbeat_timeout_s": 2.0,
+                    "metrics_port": 0,
+                    "datasets_dirs": [str(DATA)],
+                },
+                "worker": {"training_dir": str(tmp_path / "jobs"), "metrics_port": 0},
+            }
+        )
+    )
 
     def launch(name: str, *args: str) -> subprocess.Popen:
         return processes.launch(name, config, *args)
@@ -311,8 +380,12 @@ def test_killed_workers_job_resumes_from_its_checkpoint_elsewhere(tmp_path, proc
     worker_a.send_signal(signal.SIGKILL)
     worker_a.wait(10)
     wait_for(lambda: not processes_mentioning(f"{job['id']}/job.json"), timeout=10)
-    requeued = wait_for(lambda: (s := httpx.get(f"{base}/api/v1/training/status/{job['id']}")
-                                 .json())["state"] == "queued" and s, timeout=120)
+    requeued = wait_for(
+        lambda: (
+            (s := httpx.get(f"{base}/api/v1/training/status/{job['id']}").json())["state"] == "queued" and s
+        ),
+        timeout=120,
+    )
     saved = requeued["checkpoints"][-1]["step"]
     assert saved >= status["checkpoints"][-1]["step"] and requeued["attempts"] == 1
 
@@ -325,11 +398,14 @@ def test_killed_workers_job_resumes_from_its_checkpoint_elsewhere(tmp_path, proc
     assert any(f"will resume from step {saved}" in m for m in notes), notes
     assert any(f"resuming from step {saved}" in m for m in notes), notes
     steps = [d["progress"]["step"] for n, d in events if n == "metrics"]
-    second_run = steps[steps.index(saved) + 1:] if saved in steps else steps
+    second_run = steps[steps.index(saved) + 1 :] if saved in steps else steps
     resumed = [s for s in second_run if s <= saved]
     assert second_run and second_run[0] == saved + 1 and not resumed, steps
-    chat = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
-        "model": final["fineTunedModel"], "messages": ZORBLAX, "max_tokens": 8})
+    chat = httpx.post(
+        f"{base}/v1/chat/completions",
+        timeout=120,
+        json={"model": final["fineTunedModel"], "messages": ZORBLAX, "max_tokens": 8},
+    )
     assert chat.status_code == 200
 
 
@@ -348,15 +424,28 @@ def test_a_job_whose_coordinator_is_killed_resumes_through_the_other(tmp_path, r
     coordinators = [f"127.0.0.1:{c1}", f"127.0.0.1:{c2}"]
     base = f"http://127.0.0.1:{http}"
     for name, p in (("c1", c1), ("c2", c2)):
-        launch(name, {"coordinator": {
-            "coordinator_id": name, "heartbeat_interval_s": 0.3, "heartbeat_timeout_s": 2.0,
-            "lease_s": 3.0, "metrics_port": 0, "datasets_dirs": [str(DATA)]}},
-            "coordinator", "--port", str(p), "--redis-url", redis_url)
+        launch(
+            name,
+            {
+                "coordinator": {
+                    "coordinator_id": name,
+                    "heartbeat_interval_s": 0.3,
+                    "heartbeat_timeout_s": 2.0,
+                    "lease_s": 3.0,
+                    "metrics_port": 0,
+                    "datasets_dirs": [str(DATA)],
+                }
+            },
+            "coordinator",
+            "--port",
+            str(p),
+            "--redis-url",
+            redis_url,
+        )
     worker_args = ["worker", "--port", str(port)]
     for c in coordinators:
         worker_args += ["--coordinator", c]
-    launch("worker", {"worker": {"training_dir": str(tmp_path / "jobs"), "metrics_port": 0}},
-           *worker_args)
+    launch("worker", {"worker": {"training_dir": str(tmp_path / "jobs"), "metrics_port": 0}}, *worker_args)
     gateway_args = ["gateway", "--port", str(http)]
     for c in coordinators:
         gateway_args += ["--coordinator", c]
@@ -379,6 +468,9 @@ def test_a_job_whose_coordinator_is_killed_resumes_through_the_other(tmp_path, r
     assert any("coordinator following it was lost" in m for m in notes), notes
     saved = status["checkpoints"][-1]["step"]
     assert any(f"resuming from step {s}" in m for m in notes for s in range(saved, 8)), notes
-    chat = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
-        "model": final["fineTunedModel"], "messages": ZORBLAX, "max_tokens": 8})
+    chat = httpx.post(
+        f"{base}/v1/chat/completions",
+        timeout=120,
+        json={"model": final["fineTunedModel"], "messages": ZORBLAX, "max_tokens": 8},
+    )
     assert chat.status_code == 200

@@ -64,8 +64,7 @@ async def _make(kind: str, stack: contextlib.AsyncExitStack) -> Subject:
     if kind == "fake":
         from cyllm.worker.engines.fake import FakeEngine
 
-        return Subject(kind, FakeEngine(spec(id="fake", engine="fake",
-                                             engine_args={"token_delay_s": 0.002})))
+        return Subject(kind, FakeEngine(spec(id="fake", engine="fake", engine_args={"token_delay_s": 0.002})))
     if kind == "transformers":
         from cyllm.worker.engines.transformers_engine import TransformersEngine
 
@@ -86,7 +85,9 @@ async def _make(kind: str, stack: contextlib.AsyncExitStack) -> Subject:
                 async def gen():
                     raise RuntimeError("EngineCore died")
                     yield
+
                 return gen()
+
             return _patched(eng.llm, "generate", generate)
 
         # vLLM's CPU kernels pick different reduction orders by batch shape.
@@ -97,8 +98,7 @@ async def _make(kind: str, stack: contextlib.AsyncExitStack) -> Subject:
         from cyllm.worker.engines.llama_cpp_engine import LlamaCppEngine
 
         gguf = model_files.gguf_path(DEFAULT_GGUF)
-        eng = LlamaCppEngine(spec(gguf=DEFAULT_GGUF, engine="llama_cpp",
-                                  engine_args={"instances": 2}), gguf)
+        eng = LlamaCppEngine(spec(gguf=DEFAULT_GGUF, engine="llama_cpp", engine_args={"instances": 2}), gguf)
 
         @contextlib.contextmanager
         def fail():
@@ -120,8 +120,9 @@ async def _make(kind: str, stack: contextlib.AsyncExitStack) -> Subject:
             yield
             tensorrt_llm.fail_next = False
 
-        return Subject(kind, TrtLlmEngine(spec(path=default_folder(), engine="trtllm"),
-                                          default_folder()), fail)
+        return Subject(
+            kind, TrtLlmEngine(spec(path=default_folder(), engine="trtllm"), default_folder()), fail
+        )
     if kind == "mindie":
         from cyllm.worker.engines.mindie_engine import MindieEngine
         from tests.fakes.mindie_server import Server
@@ -134,17 +135,24 @@ async def _make(kind: str, stack: contextlib.AsyncExitStack) -> Subject:
             yield
             server.app.state.fail = False
 
-        eng = MindieEngine(spec(path=default_folder(), engine="mindie",
-                                engine_args={"endpoint": server.url, "model_name": "smollm2"}),
-                           default_folder())
+        eng = MindieEngine(
+            spec(
+                path=default_folder(),
+                engine="mindie",
+                engine_args={"endpoint": server.url, "model_name": "smollm2"},
+            ),
+            default_folder(),
+        )
         return Subject(kind, eng, fail)
     if kind == "hybrid":
         from cyllm.worker.engines.hybrid import HybridEngine
         from cyllm.worker.settings import EngineCandidate
 
-        cands = [EngineCandidate(engine="vllm_ascend"),
-                 EngineCandidate(engine="fake", engine_args={"token_delay_s": 0.002}),
-                 EngineCandidate(engine="fake", engine_args={"token_delay_s": 0.002})]
+        cands = [
+            EngineCandidate(engine="vllm_ascend"),
+            EngineCandidate(engine="fake", engine_args={"token_delay_s": 0.002}),
+            EngineCandidate(engine="fake", engine_args={"token_delay_s": 0.002}),
+        ]
         s = spec(id="h", engine="hybrid", candidates=cands, replicas=2, path=default_folder())
         return Subject(kind, HybridEngine(s, WorkerSettings().cache_dir))
     raise AssertionError(kind)

@@ -34,8 +34,7 @@ async def finish(engine, rid: str, prompt: str) -> None:
 async def test_a_compute_thread_runs_every_call_on_the_same_thread_in_order():
     thread = compute_thread.ComputeThread("t")
     try:
-        seen = await asyncio.gather(*(thread.run(lambda i=i: (i, threading.get_ident()))
-                                      for i in range(20)))
+        seen = await asyncio.gather(*(thread.run(lambda i=i: (i, threading.get_ident())) for i in range(20)))
     finally:
         thread.close()
     assert [i for i, _ in seen] == list(range(20))
@@ -83,8 +82,10 @@ async def test_the_transformers_engine_loads_and_steps_on_its_scheduler_thread()
     assert set(threads) == {engine._thread.ident}
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
-                    reason="llama-cpp-python is not installed (make llama-cpp builds it)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None,
+    reason="llama-cpp-python is not installed (make llama-cpp builds it)",
+)
 async def test_each_llama_cpp_object_is_built_and_run_on_one_thread(monkeypatch):
     import llama_cpp
 
@@ -101,8 +102,7 @@ async def test_each_llama_cpp_object_is_built_and_run_on_one_thread(monkeypatch)
 
     monkeypatch.setattr(llama_cpp, "Llama", Recording)
     gguf = model_files.gguf_path(DEFAULT_GGUF)
-    engine = LlamaCppEngine(spec(gguf=DEFAULT_GGUF, engine="llama_cpp",
-                                 engine_args={"instances": 2}), gguf)
+    engine = LlamaCppEngine(spec(gguf=DEFAULT_GGUF, engine="llama_cpp", engine_args={"instances": 2}), gguf)
     run = engine._run
 
     def recorded(llm, *args):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import time
 from contextlib import aclosing
 
 import jsonschema
@@ -22,11 +21,16 @@ from cyllm.worker.engines.types import (
     TextDelta,
 )
 from tests.engines.conftest import CONTEXT
+from tests.polling import returns, until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-PROMPTS = ["The capital of France is", "Once upon a time, there was a", "1, 2, 3, 4,",
-           "The best way to learn to code is"]
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, there was a",
+    "1, 2, 3, 4,",
+    "The best way to learn to code is",
+]
 
 
 def raw(rid: str, prompt: str, **sampling) -> GenerationRequest:
@@ -73,8 +77,9 @@ async def test_stop_sequence_cuts_the_text_before_it(subject):
 
 
 async def test_concurrent_requests_are_served_together(subject):
-    alone = [(await collect(subject.engine, raw(f"a{i}", p, max_tokens=12)))[1:]
-             for i, p in enumerate(PROMPTS)]
+    alone = [
+        (await collect(subject.engine, raw(f"a{i}", p, max_tokens=12)))[1:] for i, p in enumerate(PROMPTS)
+    ]
     peak = 0
 
     async def watch():
@@ -84,8 +89,9 @@ async def test_concurrent_requests_are_served_together(subject):
             await asyncio.sleep(0.005)
 
     watcher = asyncio.create_task(watch())
-    together = await asyncio.gather(*(collect(subject.engine, raw(f"c{i}", p, max_tokens=12))
-                                      for i, p in enumerate(PROMPTS)))
+    together = await asyncio.gather(
+        *(collect(subject.engine, raw(f"c{i}", p, max_tokens=12)) for i, p in enumerate(PROMPTS))
+    )
     watcher.cancel()
     assert peak >= 2
     assert all(done.finish_reason in ("stop", "length") for _, _, done in together)
@@ -97,10 +103,12 @@ async def test_concurrent_requests_are_served_together(subject):
 
 
 async def _idle(engine, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while engine.health().running and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert engine.health().running == 0
+    await until(
+        lambda: returns(engine.health().running),
+        lambda n: n == 0,
+        timeout=timeout,
+        what="the engine to have nothing running",
+    )
 
 
 async def test_closing_the_stream_aborts_the_request(subject):
@@ -120,13 +128,17 @@ async def test_health_counts_progress(subject):
     assert after.healthy and after.tokens_generated >= before.tokens_generated + 3
 
 
-@pytest.mark.parametrize("request_, error, param", [
-    (GenerationRequest("e1", prompt=""), errors.InvalidRequest, "prompt"),
-    (GenerationRequest("e2", messages=()), errors.InvalidRequest, "messages"),
-    (raw("e3", "hi", temperature=3.0), errors.InvalidRequest, "temperature"),
-    (raw("e4", "hi", max_tokens=CONTEXT + 1), errors.ContextLengthExceeded, "max_tokens"),
-    (raw("e5", "hello " * (CONTEXT * 2)), errors.ContextLengthExceeded, "messages"),
-], ids=["empty-prompt", "empty-messages", "temperature", "max-tokens", "prompt-too-long"])
+@pytest.mark.parametrize(
+    "request_, error, param",
+    [
+        (GenerationRequest("e1", prompt=""), errors.InvalidRequest, "prompt"),
+        (GenerationRequest("e2", messages=()), errors.InvalidRequest, "messages"),
+        (raw("e3", "hi", temperature=3.0), errors.InvalidRequest, "temperature"),
+        (raw("e4", "hi", max_tokens=CONTEXT + 1), errors.ContextLengthExceeded, "max_tokens"),
+        (raw("e5", "hello " * (CONTEXT * 2)), errors.ContextLengthExceeded, "messages"),
+    ],
+    ids=["empty-prompt", "empty-messages", "temperature", "max-tokens", "prompt-too-long"],
+)
 async def test_bad_requests_are_refused_before_any_event(subject, request_, error, param):
     if subject.kind in ("fake", "hybrid") and request_.request_id == "e5":
         pytest.skip("the fake counts words; its context is 4096")
@@ -159,8 +171,7 @@ async def test_unknown_adapter_is_model_not_found(subject):
 def resumed(request: GenerationRequest, deltas: list[TextDelta], rid: str) -> GenerationRequest:
     """``request`` continued after the client got ``deltas``."""
     ids = tuple(t for d in deltas for t in d.token_ids)
-    return dataclasses.replace(request, request_id=rid,
-                               resume=Resume(ids, "".join(d.text for d in deltas)))
+    return dataclasses.replace(request, request_id=rid, resume=Resume(ids, "".join(d.text for d in deltas)))
 
 
 async def check_every_seam(engine, request: GenerationRequest, cuts=None) -> tuple[str, Finished]:
@@ -172,8 +183,11 @@ async def check_every_seam(engine, request: GenerationRequest, cuts=None) -> tup
         events2, rest, done2 = await collect(engine, resumed(request, before, f"{request.request_id}-{k}"))
         seam = f"cut after delta {k}: {''.join(d.text for d in before)!r} + {rest!r}"
         assert "".join(d.text for d in before) + rest == full, seam
-        assert (done2.finish_reason, done2.completion_tokens, done2.prompt_tokens) == \
-            (done.finish_reason, done.completion_tokens, done.prompt_tokens), seam
+        assert (done2.finish_reason, done2.completion_tokens, done2.prompt_tokens) == (
+            done.finish_reason,
+            done.completion_tokens,
+            done.prompt_tokens,
+        ), seam
         assert events2[0].prompt_tokens == done.prompt_tokens
     return full, done
 
@@ -199,8 +213,9 @@ async def test_a_resumed_sequence_that_had_ended_just_finishes(subject):
     events, _, _ = await collect(subject.engine, raw("eo", PROMPTS[0], max_tokens=4))
     deltas = [e for e in events if isinstance(e, TextDelta)]
     ids = tuple(t for d in deltas for t in d.token_ids) + (ends[0],)
-    request = dataclasses.replace(raw("eo2", PROMPTS[0], max_tokens=12),
-                                  resume=Resume(ids, "".join(d.text for d in deltas)))
+    request = dataclasses.replace(
+        raw("eo2", PROMPTS[0], max_tokens=12), resume=Resume(ids, "".join(d.text for d in deltas))
+    )
     events2, rest, done = await collect(subject.engine, request)
     assert (rest, done.finish_reason, done.completion_tokens) == ("", "stop", len(ids))
 
@@ -230,22 +245,33 @@ async def test_resume_tokens_outside_the_vocabulary_are_refused(subject, ids):
 # Engines that decode under a grammar: xgrammar's matcher in the skeleton (transformers,
 # llama.cpp) or the library's own structured outputs (vLLM); the others refuse.
 CONSTRAINED = ("transformers", "vllm", "llama_cpp")
-PERSON = {"type": "object", "properties": {
-    "name": {"type": "string", "maxLength": 24},
-    "age": {"type": "integer", "minimum": 0, "maximum": 120},
-    "languages": {"type": "array", "items": {"enum": ["English", "French", "Spanish"]},
-                  "minItems": 1, "maxItems": 2},
-    "email": {"anyOf": [{"type": "string", "maxLength": 40}, {"type": "null"}]}},
-    "required": ["name", "age", "languages", "email"]}
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "languages": {
+            "type": "array",
+            "items": {"enum": ["English", "French", "Spanish"]},
+            "minItems": 1,
+            "maxItems": 2,
+        },
+        "email": {"anyOf": [{"type": "string", "maxLength": 40}, {"type": "null"}]},
+    },
+    "required": ["name", "age", "languages", "email"],
+}
 
 
-def shaped(rid: str, schema: dict | None, ask: str = "Describe a French teacher as JSON.",
-           **sampling) -> GenerationRequest:
+def shaped(
+    rid: str, schema: dict | None, ask: str = "Describe a French teacher as JSON.", **sampling
+) -> GenerationRequest:
     """A chat asking for JSON, under ``schema`` (None: any JSON object)."""
     c = Constraint("json_object") if schema is None else Constraint("json_schema", json.dumps(schema))
-    return GenerationRequest(rid, messages=(("user", ask),),
-                             sampling=SamplingParams(**{"temperature": 0.0, "max_tokens": 96,
-                                                        "constraint": c, **sampling}))
+    return GenerationRequest(
+        rid,
+        messages=(("user", ask),),
+        sampling=SamplingParams(**{"temperature": 0.0, "max_tokens": 96, "constraint": c, **sampling}),
+    )
 
 
 async def test_a_response_format_holds_the_output_to_its_schema(subject):
@@ -257,13 +283,14 @@ async def test_a_response_format_holds_the_output_to_its_schema(subject):
     _, text, done = await collect(subject.engine, shaped("rf", PERSON))
     assert done.finish_reason == "stop", text
     jsonschema.validate(json.loads(text), PERSON)
-    _, text, done = await collect(subject.engine, shaped(
-        "ro", None, 'Answer with a JSON object whose only key is "answer": what is 2 + 2?'))
+    _, text, done = await collect(
+        subject.engine,
+        shaped("ro", None, 'Answer with a JSON object whose only key is "answer": what is 2 + 2?'),
+    )
     assert done.finish_reason == "stop" and isinstance(json.loads(text), dict), text
     # Sampled, several seeds: whatever the model picks, a finished output validates.
     for seed in range(3):
-        _, text, done = await collect(subject.engine, shaped(f"rs{seed}", PERSON, temperature=1.0,
-                                                             seed=seed))
+        _, text, done = await collect(subject.engine, shaped(f"rs{seed}", PERSON, temperature=1.0, seed=seed))
         if done.finish_reason == "stop":
             jsonschema.validate(json.loads(text), PERSON)
 
@@ -298,8 +325,9 @@ RULED = ("transformers", "vllm", "llama_cpp")
 
 
 def chat(rid: str, ask: str, **sampling) -> GenerationRequest:
-    return GenerationRequest(rid, messages=(("user", ask),),
-                             sampling=SamplingParams(**{"temperature": 0.0, **sampling}))
+    return GenerationRequest(
+        rid, messages=(("user", ask),), sampling=SamplingParams(**{"temperature": 0.0, **sampling})
+    )
 
 
 async def test_output_rules_are_applied_or_refused_by_name(subject):
@@ -322,17 +350,20 @@ async def test_output_rules_are_applied_or_refused_by_name(subject):
     assert (long.finish_reason, long.completion_tokens) == ("length", 64)
     # penalties: a repeating continuation repeats less
     _, plain, _ = await collect(engine, raw("rp0", "1, 1, 1, 1, 1, 1,", max_tokens=12))
-    _, ruled, _ = await collect(engine, raw("rp1", "1, 1, 1, 1, 1, 1,", max_tokens=12,
-                                            repetition_penalty=3.0, frequency_penalty=1.5))
+    _, ruled, _ = await collect(
+        engine, raw("rp1", "1, 1, 1, 1, 1, 1,", max_tokens=12, repetition_penalty=3.0, frequency_penalty=1.5)
+    )
     assert ruled != plain and ruled.count("1") < plain.count("1"), (plain, ruled)
 
 
 async def test_a_generation_with_penalties_resumes_exactly(subject):
     if subject.kind not in RULED:
         pytest.skip("this engine refuses output rules")
-    await check_every_seam(subject.engine, raw("rq", PROMPTS[1], max_tokens=12,
-                                               frequency_penalty=1.0, presence_penalty=0.5),
-                           cuts=[1, 3, 6])
+    await check_every_seam(
+        subject.engine,
+        raw("rq", PROMPTS[1], max_tokens=12, frequency_penalty=1.0, presence_penalty=0.5),
+        cuts=[1, 3, 6],
+    )
 
 
 async def test_a_logit_bias_outside_the_vocabulary_is_refused(subject):
@@ -374,8 +405,11 @@ EMBEDS = {"transformers", "vllm", "llama_cpp"}  # the others refuse by name
 
 
 async def test_embeddings_are_pooled_and_normalised_or_refused_by_name(subject):
-    texts = ["The cat sat on the mat.", "A cat was sitting on the mat.",
-             "Quarterly revenue grew by ten percent."]
+    texts = [
+        "The cat sat on the mat.",
+        "A cat was sitting on the mat.",
+        "Quarterly revenue grew by ten percent.",
+    ]
     if subject.kind not in EMBEDS:
         with pytest.raises(errors.InvalidRequest) as info:
             await subject.engine.embed(texts)

@@ -33,17 +33,33 @@ def encoder_folder(root: Path, pooling: str | None) -> Path:
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
     BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=5 + len(WORDS), hidden_size=48, num_hidden_layers=2,
-                        num_attention_heads=4, intermediate_size=96, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=5 + len(WORDS),
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=64,
+    )
     BertModel(config).save_pretrained(folder)
     if pooling is not None:
         (folder / "1_Pooling").mkdir()
-        (folder / "1_Pooling" / "config.json").write_text(json.dumps(
-            {"word_embedding_dimension": 48, pooling: True}))
-        (folder / "modules.json").write_text(json.dumps([
-            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling",
-             "type": "sentence_transformers.models.Pooling"}]))
+        (folder / "1_Pooling" / "config.json").write_text(
+            json.dumps({"word_embedding_dimension": 48, pooling: True})
+        )
+        (folder / "modules.json").write_text(
+            json.dumps(
+                [
+                    {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                    {
+                        "idx": 1,
+                        "name": "1",
+                        "path": "1_Pooling",
+                        "type": "sentence_transformers.models.Pooling",
+                    },
+                ]
+            )
+        )
     return folder
 
 
@@ -58,10 +74,15 @@ def reference(folder: Path, text: str, mode: str) -> torch.Tensor:
     return torch.nn.functional.normalize(v, dim=-1)
 
 
-@pytest.mark.parametrize(("key", "mode"), [("pooling_mode_cls_token", "cls"),
-                                           ("pooling_mode_mean_tokens", "mean"),
-                                           ("pooling_mode_lasttoken", "last"),
-                                           (None, "mean")])
+@pytest.mark.parametrize(
+    ("key", "mode"),
+    [
+        ("pooling_mode_cls_token", "cls"),
+        ("pooling_mode_mean_tokens", "mean"),
+        ("pooling_mode_lasttoken", "last"),
+        (None, "mean"),
+    ],
+)
 async def test_an_encoder_is_pooled_as_its_folder_says(tmp_path, key, mode):
     folder = encoder_folder(tmp_path, key)
     spec = ModelSpec(id="enc", path=folder, task="embed", dtype="float32")

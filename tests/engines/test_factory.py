@@ -21,16 +21,19 @@ def spec(**kw) -> ModelSpec:
     return ModelSpec(**{"id": "m", "path": default_folder(), **kw})
 
 
-@pytest.mark.parametrize("accel, installed, cpu_engine, expected", [
-    ("cuda", {"vllm"}, "transformers", "vllm_cuda"),
-    ("cuda", set(), "transformers", "transformers"),
-    ("npu", {"vllm_ascend"}, "transformers", "vllm_ascend"),
-    ("npu", set(), "transformers", "ascend"),
-    ("cpu", {"vllm"}, "llama_cpp", "llama_cpp"),
-    ("cpu", set(), "transformers", "transformers"),
-    ("cpu", {"vllm"}, "auto", "vllm"),
-    ("cpu", set(), "auto", "transformers"),
-])
+@pytest.mark.parametrize(
+    "accel, installed, cpu_engine, expected",
+    [
+        ("cuda", {"vllm"}, "transformers", "vllm_cuda"),
+        ("cuda", set(), "transformers", "transformers"),
+        ("npu", {"vllm_ascend"}, "transformers", "vllm_ascend"),
+        ("npu", set(), "transformers", "ascend"),
+        ("cpu", {"vllm"}, "llama_cpp", "llama_cpp"),
+        ("cpu", set(), "transformers", "transformers"),
+        ("cpu", {"vllm"}, "auto", "vllm"),
+        ("cpu", set(), "auto", "transformers"),
+    ],
+)
 def test_auto_picks_by_hardware_and_installed_libraries(monkeypatch, accel, installed, cpu_engine, expected):
     monkeypatch.setattr(factory, "detect_accelerator", lambda: accel)
     monkeypatch.setattr(factory, "installed", lambda name: name in installed)
@@ -41,8 +44,7 @@ def test_auto_picks_by_hardware_and_installed_libraries(monkeypatch, accel, inst
 def test_auto_gives_a_peft_adapter_to_the_engine_that_applies_it(monkeypatch, accel):
     monkeypatch.setattr(factory, "detect_accelerator", lambda: accel)
     monkeypatch.setattr(factory, "installed", lambda name: True)
-    assert factory.resolve_engine_name(spec(engine="auto", peft_adapter=Path("/a")), "auto") \
-        == "transformers"
+    assert factory.resolve_engine_name(spec(engine="auto", peft_adapter=Path("/a")), "auto") == "transformers"
 
 
 def test_the_default_spec_and_worker_pick_by_hardware():
@@ -57,8 +59,9 @@ def test_auto_on_npu_with_a_mindie_endpoint_picks_mindie(monkeypatch):
     assert factory.resolve_engine_name(s) == "mindie"
 
 
-@pytest.mark.parametrize("engine, package", [
-    ("trtllm", "tensorrt_llm"), ("vllm_ascend", "vllm_ascend"), ("ascend", "torch_npu")])
+@pytest.mark.parametrize(
+    "engine, package", [("trtllm", "tensorrt_llm"), ("vllm_ascend", "vllm_ascend"), ("ascend", "torch_npu")]
+)
 def test_missing_library_is_refused_naming_package_and_hardware(engine, package):
     with pytest.raises(errors.NotLoadable) as info:
         factory.create_engine(spec(engine=engine), WorkerSettings().cache_dir)
@@ -70,14 +73,23 @@ def test_unknown_engine_arguments_are_refused_by_name():
     pytest.importorskip("vllm")
     from cyllm.worker.engines.vllm_engine import VllmAsyncEngine
 
-    eng = VllmAsyncEngine(spec(engine="vllm", engine_args={"tensor_parallel_size": 2,
-                                                           "tensor_paralel_size": 2}), default_folder())
+    eng = VllmAsyncEngine(
+        spec(engine="vllm", engine_args={"tensor_parallel_size": 2, "tensor_paralel_size": 2}),
+        default_folder(),
+    )
     with pytest.raises(errors.NotLoadable, match="tensor_paralel_size"):
         eng.engine_args()
-    ok = VllmAsyncEngine(spec(engine="vllm", engine_args={"tensor_parallel_size": 2,
-                                                          "pipeline_parallel_size": 2,
-                                                          "distributed_executor_backend": "ray"}),
-                         default_folder()).engine_args()
+    ok = VllmAsyncEngine(
+        spec(
+            engine="vllm",
+            engine_args={
+                "tensor_parallel_size": 2,
+                "pipeline_parallel_size": 2,
+                "distributed_executor_backend": "ray",
+            },
+        ),
+        default_folder(),
+    ).engine_args()
     assert (ok["tensor_parallel_size"], ok["pipeline_parallel_size"]) == (2, 2)
     assert ok["distributed_executor_backend"] == "ray" and ok["max_num_seqs"] == 32
 
@@ -110,8 +122,9 @@ def _ascend_checks() -> None:
     from cyllm.worker.engines.ascend_engine import AscendEngine
 
     def fake(available: bool, count: int = 1) -> None:
-        torch.npu = types.SimpleNamespace(is_available=lambda: available, device_count=lambda: count,
-                                          current_device=lambda: 0)
+        torch.npu = types.SimpleNamespace(
+            is_available=lambda: available, device_count=lambda: count, current_device=lambda: 0
+        )
 
     torch.utils.rename_privateuse1_backend("npu")
     sys.modules["torch_npu"] = types.ModuleType("torch_npu")
@@ -129,9 +142,17 @@ def _ascend_checks() -> None:
 
 def test_ascend_engine_device_checks_against_a_fake_torch_npu():
     root = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, "-c", "from tests.engines.test_factory import _ascend_checks; "
-                           "_ascend_checks(); print('checked')"],
-                          cwd=root, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from tests.engines.test_factory import _ascend_checks; _ascend_checks(); print('checked')",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0 and "checked" in done.stdout, done.stderr[-3000:]
 
 
@@ -148,8 +169,11 @@ def test_vllm_ascend_needs_its_plugin():
 async def test_hybrid_skips_what_cannot_load_and_moves_a_failed_request_on():
     from cyllm.worker.engines.hybrid import HybridEngine
 
-    cands = [EngineCandidate(engine="trtllm"), EngineCandidate(engine="fake"),
-             EngineCandidate(engine="fake", engine_args={"token_delay_s": 0.001})]
+    cands = [
+        EngineCandidate(engine="trtllm"),
+        EngineCandidate(engine="fake"),
+        EngineCandidate(engine="fake", engine_args={"token_delay_s": 0.001}),
+    ]
     eng = HybridEngine(spec(engine="hybrid", candidates=cands, replicas=2), WorkerSettings().cache_dir)
     card = await eng.load()
     assert card.engine == "hybrid[fake@auto,fake@auto]" and card.max_batch_size == 64

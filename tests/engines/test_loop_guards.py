@@ -23,11 +23,19 @@ from tests.engines.conftest import default_folder, spec
 
 # 100 properties of nested counted repetitions: 8 KB (within the gateway's 32 KiB for a
 # schema), and about two minutes of xgrammar's CPU here (20 of them took 23 s).
-SLOW = json.dumps({"type": "object", "properties": {
-    f"p{i}": {"type": "string", "pattern": "^([a-z0-9]{1,32}\\.){1,32}[a-z]{2,%d}$" % (8 + i)}
-    for i in range(100)}})
-FINE = json.dumps({"type": "object", "properties": {"city": {"type": "string"}},
-                   "required": ["city"]})
+SLOW = json.dumps(
+    {
+        "type": "object",
+        "properties": {
+            f"p{i}": {
+                "type": "string",
+                "pattern": "^([a-z0-9]{1,32}\\.){1,32}[a-z]{2,%s}$".replace("%s", str(8 + i)),
+            }
+            for i in range(100)
+        },
+    }
+)
+FINE = json.dumps({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]})
 
 
 def alive(pid: int) -> bool:
@@ -114,8 +122,10 @@ async def test_a_compile_that_outgrows_its_memory_is_refused_and_the_guard_goes_
         with pytest.raises(errors.InvalidRequest) as refused:
             await small.check(vocabulary, grammars.info, SLOW, timeout_s=120)
         assert refused.value.param == "response_format"
-        assert ("more than the 100 MiB a compile may use" in refused.value.message
-                or "ran out of resources" in refused.value.message), refused.value.message
+        assert (
+            "more than the 100 MiB a compile may use" in refused.value.message
+            or "ran out of resources" in refused.value.message
+        ), refused.value.message
         await small.check(vocabulary, grammars.info, FINE, timeout_s=30)
     finally:
         small.close()
@@ -132,8 +142,9 @@ async def test_the_compiler_s_refusal_comes_from_the_child_by_name(tokenizer):
 
 async def test_callers_of_one_new_schema_share_its_compile_and_survive_a_cancelled_one(tokenizer):
     grammars = await asyncio.to_thread(Grammars.for_tokenizer, tokenizer, 49152, [0, 2])
-    schema = Constraint("json_schema", json.dumps(
-        {"type": "object", "properties": {"k": {"type": "string", "maxLength": 7}}}))
+    schema = Constraint(
+        "json_schema", json.dumps({"type": "object", "properties": {"k": {"type": "string", "maxLength": 7}}})
+    )
     first = asyncio.create_task(grammars.compile(schema))
     await asyncio.sleep(0)
     first.cancel()  # a caller that hung up: the compile goes on for the next
@@ -147,8 +158,9 @@ async def test_a_request_without_a_response_format_builds_no_grammar():
     engine = TransformersEngine(spec(path=default_folder()), default_folder())
     await engine.load()
     try:
-        request = GenerationRequest("plain", prompt="Hello",
-                                    sampling=SamplingParams(max_tokens=2, temperature=0))
+        request = GenerationRequest(
+            "plain", prompt="Hello", sampling=SamplingParams(max_tokens=2, temperature=0)
+        )
         async for _ in engine.generate(request):
             pass
         assert engine._grammars is None, "a vocabulary for xgrammar was read for a plain request"
@@ -163,8 +175,10 @@ async def test_a_long_prompt_is_tokenised_off_the_event_loop():
     await engine.load()
     long_prompt = ("The quick brown fox jumps over the lazy dog. " * 23000)[:1_000_000]
     try:
-        for request in (GenerationRequest("long", prompt=long_prompt),
-                        GenerationRequest("long chat", messages=(("user", long_prompt),))):
+        for request in (
+            GenerationRequest("long", prompt=long_prompt),
+            GenerationRequest("long chat", messages=(("user", long_prompt),)),
+        ):
             async with LoopWatch() as loop:
                 with pytest.raises(errors.ContextLengthExceeded):
                     async for _ in engine.generate(request):

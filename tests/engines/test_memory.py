@@ -23,23 +23,26 @@ def test_transformers_estimate_counts_dtype_batch_and_sequence_length():
     gpu = memory.estimate_folder(spec, default_folder(), "cuda", 0)
     assert gpu.weights == 134_515_008 * 2 and gpu.kv_cache == PER_TOKEN_VALUES * 2 * 1000 * 4
     long = spec.model_copy(update={"max_context": None, "default_max_tokens": 512})
-    assert memory.estimate_folder(long, default_folder(), "cpu", 0).kv_cache == \
-        PER_TOKEN_VALUES * 4 * (512 + 1024) * 4
+    assert (
+        memory.estimate_folder(long, default_folder(), "cpu", 0).kv_cache
+        == PER_TOKEN_VALUES * 4 * (512 + 1024) * 4
+    )
 
 
 def test_vllm_estimate_is_its_reserved_pool():
-    spec = ModelSpec(id="m", path=default_folder(), engine="vllm",
-                     engine_args={"cpu_kvcache_space_gib": 2})
+    spec = ModelSpec(id="m", path=default_folder(), engine="vllm", engine_args={"cpu_kvcache_space_gib": 2})
     assert memory.estimate_folder(spec, default_folder(), "cpu", 0).kv_cache == 2 * memory.GIB
-    on_gpu = memory.estimate_folder(spec.model_copy(update={"engine_args": {}}), default_folder(),
-                                    "cuda", 100 * memory.GIB)
+    on_gpu = memory.estimate_folder(
+        spec.model_copy(update={"engine_args": {}}), default_folder(), "cuda", 100 * memory.GIB
+    )
     assert on_gpu.total == int(0.9 * 100 * memory.GIB)
 
 
 def test_gguf_estimate_is_the_file_and_its_context():
     gguf = model_files.gguf_path(DEFAULT_GGUF)
-    spec = ModelSpec(id="g", gguf=DEFAULT_GGUF, engine="llama_cpp", max_context=2048,
-                     engine_args={"instances": 2})
+    spec = ModelSpec(
+        id="g", gguf=DEFAULT_GGUF, engine="llama_cpp", max_context=2048, engine_args={"instances": 2}
+    )
     est = memory.estimate_gguf(spec, gguf)
     assert est.weights == gguf.stat().st_size
     assert est.kv_cache == PER_TOKEN_VALUES * 2 * 2048 * 2  # f16, two instances

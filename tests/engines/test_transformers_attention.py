@@ -36,20 +36,29 @@ class Recording(TransformersEngine):
 
 
 async def generate(engine, rid: str, prompt: str) -> None:
-    events = [e async for e in engine.generate(GenerationRequest(
-        rid, prompt=prompt, sampling=SamplingParams(max_tokens=6, temperature=0.0)))]
+    events = [
+        e
+        async for e in engine.generate(
+            GenerationRequest(rid, prompt=prompt, sampling=SamplingParams(max_tokens=6, temperature=0.0))
+        )
+    ]
     assert isinstance(events[-1], Finished)
 
 
 async def served(engine_args: dict) -> list[tuple[int, int, str]]:
-    engine = Recording(spec(path=default_folder(), dtype="float32", engine_args=engine_args),
-                       default_folder())
+    engine = Recording(
+        spec(path=default_folder(), dtype="float32", engine_args=engine_args), default_folder()
+    )
     await engine.load()
     try:
         engine.steps.clear()  # the warm-up
         await generate(engine, "alone", "The capital of France is")
-        await asyncio.gather(*(generate(engine, f"b{i}", p) for i, p in
-                               enumerate(["1, 2, 3,", "Once upon a time", "The best way to"])))
+        await asyncio.gather(
+            *(
+                generate(engine, f"b{i}", p)
+                for i, p in enumerate(["1, 2, 3,", "Once upon a time", "The best way to"])
+            )
+        )
     finally:
         await engine.close()
     return engine.steps

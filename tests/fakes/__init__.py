@@ -27,8 +27,7 @@ class ThreadedServer:
 
         self.app = app
         self.url = f"http://127.0.0.1:{port}"
-        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                                     log_level="warning"))
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
     def __enter__(self):
@@ -47,8 +46,24 @@ class ThreadedServer:
         self._thread.join(10)
 
 
-_WORDS = [" river", " stone", " light", " green", " quiet", " table", " window", " music",
-          " paper", " garden", " silver", " morning", " bridge", " yellow", " forest", " ocean"]
+_WORDS = [
+    " river",
+    " stone",
+    " light",
+    " green",
+    " quiet",
+    " table",
+    " window",
+    " music",
+    " paper",
+    " garden",
+    " silver",
+    " morning",
+    " bridge",
+    " yellow",
+    " forest",
+    " ocean",
+]
 
 
 class ToyModel:

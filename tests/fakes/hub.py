@@ -33,14 +33,25 @@ def app(repos: dict[str, Path]) -> FastAPI:
     @api.get("/api/models/{org}/{name}/revision/{revision}")
     async def revision(org: str, name: str, revision: str):
         root = folder(org, name)
-        return {"id": f"{org}/{name}", "sha": SHA, "private": False,
-                "siblings": [{"rfilename": str(p.relative_to(root))} for p in files(root)]}
+        return {
+            "id": f"{org}/{name}",
+            "sha": SHA,
+            "private": False,
+            "siblings": [{"rfilename": str(p.relative_to(root))} for p in files(root)],
+        }
 
     @api.get("/api/models/{org}/{name}/tree/{revision}")
     async def tree(org: str, name: str, revision: str):
         root = folder(org, name)
-        return [{"type": "file", "path": str(p.relative_to(root)), "size": p.stat().st_size,
-                 "oid": hashlib.sha1(p.read_bytes()).hexdigest()} for p in files(root)]
+        return [
+            {
+                "type": "file",
+                "path": str(p.relative_to(root)),
+                "size": p.stat().st_size,
+                "oid": hashlib.sha1(p.read_bytes()).hexdigest(),
+            }
+            for p in files(root)
+        ]
 
     @api.api_route("/{org}/{name}/resolve/{revision}/{path:path}", methods=["GET", "HEAD"])
     async def resolve(org: str, name: str, revision: str, path: str, request: Request):

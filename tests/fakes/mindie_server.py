@@ -37,8 +37,11 @@ def app(model_name: str, folder: Path, token_delay_s: float = 0.005) -> FastAPI:
                     raise RuntimeError("NPU device error")  # the connection drops mid-stream
                 token = toy.next(context)
                 context.append(token)
-                chunk = {"token": {"id": token, "text": toy.text([token]), "logprob": None,
-                                   "special": False}, "generated_text": None, "details": None}
+                chunk = {
+                    "token": {"id": token, "text": toy.text([token]), "logprob": None, "special": False},
+                    "generated_text": None,
+                    "details": None,
+                }
                 if i + 1 == n:
                     chunk["details"] = {"finish_reason": "length", "generated_tokens": n}
                 yield f"data: {json.dumps(chunk)}\n\n"

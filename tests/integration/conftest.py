@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -47,12 +46,18 @@ BOTH_WAYS = pytest.mark.parametrize("hosted", [False, True], ids=["over-grpc", "
 async def make_stack(hosted: bool) -> AsyncIterator[Any]:
     started: list[Any] = []
 
-    async def make(models: list[ModelSpec] | None = None, metrics_port: int | None = None,
-                   gateway: dict[str, Any] | None = None, worker: dict[str, Any] | None = None,
-                   **coordinator_kw: Any) -> Stack:
+    async def make(
+        models: list[ModelSpec] | None = None,
+        metrics_port: int | None = None,
+        gateway: dict[str, Any] | None = None,
+        worker: dict[str, Any] | None = None,
+        **coordinator_kw: Any,
+    ) -> Stack:
         async def started_app(**kw: Any) -> Any:
-            app = create_app(GatewaySettings(max_body_bytes=4096, **kw, **(gateway or {})),
-                             coordinator_settings=coordinator_settings if hosted else None)
+            app = create_app(
+                GatewaySettings(max_body_bytes=4096, **kw, **(gateway or {})),
+                coordinator_settings=coordinator_settings if hosted else None,
+            )
             lifespan = app.router.lifespan_context(app)
             await lifespan.__aenter__()
             started.append(lifespan)
@@ -69,9 +74,16 @@ async def make_stack(hosted: bool) -> AsyncIterator[Any]:
             cport = await coordinator.start()
             started.append(coordinator)
         address = f"127.0.0.1:{cport}"
-        worker = WorkerServer(WorkerSettings(port=0, coordinators=[address], drain_timeout_s=2,
-                                             metrics_port=metrics_port,
-                                             models=models or [fake_model()], **(worker or {})))
+        worker = WorkerServer(
+            WorkerSettings(
+                port=0,
+                coordinators=[address],
+                drain_timeout_s=2,
+                metrics_port=metrics_port,
+                models=models or [fake_model()],
+                **(worker or {}),
+            )
+        )
         await worker.start()
         started.append(worker)
         await until(coordinator.scheduler.workers, timeout=5, what="the worker to register")

@@ -31,33 +31,71 @@ def token(sub="alice", scopes="", alg="HS256", key=SECRET, **claims) -> str:
 
 @pytest.fixture
 async def secured(make_stack, tmp_path):
-    return await make_stack([fake_model(), fake_model("other")], gateway={
-        "auth_enabled": True, "api_keys_file": tmp_path / "keys.json",
-        "jwt_secret": SECRET, "jwt_issuer": "https://issuer.test", "jwt_audience": "cyllm"})
+    return await make_stack(
+        [fake_model(), fake_model("other")],
+        gateway={
+            "auth_enabled": True,
+            "api_keys_file": tmp_path / "keys.json",
+            "jwt_secret": SECRET,
+            "jwt_issuer": "https://issuer.test",
+            "jwt_audience": "cyllm",
+        },
+    )
 
 
-ROUTES = [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models"),
-          ("GET", "/v1/models/fake"), ("POST", "/api/v1/inference"), ("POST", "/api/v1/inference/stream"),
-          ("GET", "/api/v1/models"), ("GET", "/admin/keys"), ("POST", "/admin/keys"),
-          ("DELETE", "/admin/keys/x"), ("POST", "/api/v1/models/fake/load"),
-          ("POST", "/api/v1/models/fake/unload"),
-          ("POST", "/v1/files"), ("GET", "/v1/files"), ("GET", "/v1/files/x"), ("DELETE", "/v1/files/x"),
-          ("POST", "/v1/fine_tuning/jobs"), ("GET", "/v1/fine_tuning/jobs"),
-          ("GET", "/v1/fine_tuning/jobs/x"), ("POST", "/v1/fine_tuning/jobs/x/cancel"),
-          ("GET", "/v1/fine_tuning/jobs/x/events"), ("GET", "/v1/fine_tuning/jobs/x/checkpoints"),
-          ("POST", "/api/v1/training/start"), ("GET", "/api/v1/training/status/x"),
-          ("GET", "/api/v1/training/jobs"), ("POST", "/api/v1/training/cancel/x"),
-          ("GET", "/api/v1/training/stream/x"), ("POST", "/v1/responses"), ("POST", "/v1/embeddings"),
-          ("GET", "/api/v1/training/plot/x"), ("GET", "/api/v1/stats")]
+ROUTES = [
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/completions"),
+    ("GET", "/v1/models"),
+    ("GET", "/v1/models/fake"),
+    ("POST", "/api/v1/inference"),
+    ("POST", "/api/v1/inference/stream"),
+    ("GET", "/api/v1/models"),
+    ("GET", "/admin/keys"),
+    ("POST", "/admin/keys"),
+    ("DELETE", "/admin/keys/x"),
+    ("POST", "/api/v1/models/fake/load"),
+    ("POST", "/api/v1/models/fake/unload"),
+    ("POST", "/v1/files"),
+    ("GET", "/v1/files"),
+    ("GET", "/v1/files/x"),
+    ("DELETE", "/v1/files/x"),
+    ("POST", "/v1/fine_tuning/jobs"),
+    ("GET", "/v1/fine_tuning/jobs"),
+    ("GET", "/v1/fine_tuning/jobs/x"),
+    ("POST", "/v1/fine_tuning/jobs/x/cancel"),
+    ("GET", "/v1/fine_tuning/jobs/x/events"),
+    ("GET", "/v1/fine_tuning/jobs/x/checkpoints"),
+    ("POST", "/api/v1/training/start"),
+    ("GET", "/api/v1/training/status/x"),
+    ("GET", "/api/v1/training/jobs"),
+    ("POST", "/api/v1/training/cancel/x"),
+    ("GET", "/api/v1/training/stream/x"),
+    ("POST", "/v1/responses"),
+    ("POST", "/v1/embeddings"),
+    ("GET", "/api/v1/training/plot/x"),
+    ("GET", "/api/v1/stats"),
+]
 
 
 async def test_no_route_but_health_and_metrics_answers_without_credentials(secured):
     documented = {(m.upper(), p) for p, ops in secured.app.openapi()["paths"].items() for m in ops}
-    open_routes = {("GET", "/api/v1/health"), ("GET", "/api/v1/health/live"), ("GET", "/metrics"),
-                   ("GET", "/actuator/prometheus")}
-    guarded = {(m, p.replace("{model_id}", "fake").replace("{key_id}", "x").replace("{file_id}", "x")
-                .replace("{job_id}", "x"))
-               for m, p in documented} - open_routes
+    open_routes = {
+        ("GET", "/api/v1/health"),
+        ("GET", "/api/v1/health/live"),
+        ("GET", "/metrics"),
+        ("GET", "/actuator/prometheus"),
+    }
+    guarded = {
+        (
+            m,
+            p.replace("{model_id}", "fake")
+            .replace("{key_id}", "x")
+            .replace("{file_id}", "x")
+            .replace("{job_id}", "x"),
+        )
+        for m, p in documented
+    } - open_routes
     assert guarded == set(ROUTES)  # a new route must be added here, i.e. thought about
     for method, path in ROUTES:
         resp = await secured.http.request(method, path, json={})
@@ -70,7 +108,9 @@ async def test_no_route_but_health_and_metrics_answers_without_credentials(secur
 async def test_api_keys_work_are_stored_hashed_and_revocation_is_immediate(secured, tmp_path):
     store = secured.app.state.keys
     key, secret = await store.create("ci")
-    assert (await secured.http.post("/v1/chat/completions", json=CHAT, headers=bearer(secret))).status_code == 200
+    assert (
+        await secured.http.post("/v1/chat/completions", json=CHAT, headers=bearer(secret))
+    ).status_code == 200
     on_disk = (tmp_path / "keys.json").read_text()
     assert secret not in on_disk and secret.split("_", 2)[2] not in on_disk  # cy_<id>_<secret>
     assert (tmp_path / "keys.json").stat().st_mode & 0o077 == 0
@@ -89,8 +129,9 @@ async def test_expired_key_and_model_allow_list(secured):
     _, limited = await store.create("only-fake", models=["fake"])
     ok = await secured.http.post("/v1/chat/completions", json=CHAT, headers=bearer(limited))
     assert ok.status_code == 200
-    denied = await secured.http.post("/v1/chat/completions", json={**CHAT, "model": "other"},
-                                     headers=bearer(limited))
+    denied = await secured.http.post(
+        "/v1/chat/completions", json={**CHAT, "model": "other"}, headers=bearer(limited)
+    )
     assert denied.status_code == 403 and denied.json()["error"]["type"] == "permission_error"
     listed = (await secured.http.get("/v1/models", headers=bearer(limited))).json()["data"]
     assert [m["id"] for m in listed] == ["fake"]
@@ -116,13 +157,16 @@ async def test_admin_routes_need_the_admin_scope_and_manage_keys(secured):
 
 
 # exp/nbf are seconds from when the test runs (not from collection, minutes earlier)
-@pytest.mark.parametrize("bad, words", [
-    (dict(exp=-10), "expired"),
-    (dict(nbf=600), "not valid yet"),
-    (dict(aud="someone-else"), "audience"),
-    (dict(iss="https://evil.test"), "issuer"),
-    (dict(key="a-different-secret-of-enough-length-000"), "invalid JWT"),
-])
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        (dict(exp=-10), "expired"),
+        (dict(nbf=600), "not valid yet"),
+        (dict(aud="someone-else"), "audience"),
+        (dict(iss="https://evil.test"), "issuer"),
+        (dict(key="a-different-secret-of-enough-length-000"), "invalid JWT"),
+    ],
+)
 async def test_bad_jwts_are_refused(secured, bad, words):
     claims = {"aud": "cyllm", "iss": "https://issuer.test", **bad}
     for relative in ("exp", "nbf"):
@@ -144,23 +188,31 @@ async def test_jwt_scopes_make_an_admin(secured):
 
 async def test_rs256_with_a_public_key_and_with_a_jwks_file(make_stack, tmp_path):
     private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = private.public_key().public_bytes(serialization.Encoding.PEM,
-                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+    pem = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     (tmp_path / "pub.pem").write_bytes(pem)
     jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(private.public_key()))
     (tmp_path / "jwks.json").write_text(json.dumps({"keys": [{**jwk, "kid": "k1", "use": "sig"}]}))
-    for settings in ({"jwt_public_key_file": tmp_path / "pub.pem"}, {"jwt_jwks_file": tmp_path / "jwks.json"}):
-        stack = await make_stack(gateway={"auth_enabled": True, "api_keys_file": tmp_path / "k.json", **settings})
-        signed = jwt.encode({"sub": "bob", "exp": time.time() + 60}, private, algorithm="RS256",
-                            headers={"kid": "k1"})
+    for settings in (
+        {"jwt_public_key_file": tmp_path / "pub.pem"},
+        {"jwt_jwks_file": tmp_path / "jwks.json"},
+    ):
+        stack = await make_stack(
+            gateway={"auth_enabled": True, "api_keys_file": tmp_path / "k.json", **settings}
+        )
+        signed = jwt.encode(
+            {"sub": "bob", "exp": time.time() + 60}, private, algorithm="RS256", headers={"kid": "k1"}
+        )
         assert (await stack.http.get("/v1/models", headers=bearer(signed))).status_code == 200
         forged = token(sub="bob")  # HS256: not accepted by an RS256-only gateway
         assert (await stack.http.get("/v1/models", headers=bearer(forged))).status_code == 401
 
 
 async def test_requests_per_minute_limit_gives_429_with_headers(make_stack, tmp_path):
-    stack = await make_stack(gateway={"auth_enabled": True, "api_keys_file": tmp_path / "k.json",
-                                      "rate_limit_rpm": 3})
+    stack = await make_stack(
+        gateway={"auth_enabled": True, "api_keys_file": tmp_path / "k.json", "rate_limit_rpm": 3}
+    )
     _, a = await stack.app.state.keys.create("a")
     _, b = await stack.app.state.keys.create("b")
     codes = [(await stack.http.post("/v1/chat/completions", json=CHAT, headers=bearer(a))) for _ in range(4)]
@@ -176,8 +228,15 @@ async def test_requests_per_minute_limit_gives_429_with_headers(make_stack, tmp_
 
 async def test_tokens_per_minute_and_concurrency_limits(make_stack, tmp_path):
     slow = fake_model(engine_args={"token_delay_s": 0.05})
-    stack = await make_stack([slow], gateway={"auth_enabled": True, "api_keys_file": tmp_path / "k.json",
-                                              "rate_limit_tpm": 30, "rate_limit_concurrency": 1})
+    stack = await make_stack(
+        [slow],
+        gateway={
+            "auth_enabled": True,
+            "api_keys_file": tmp_path / "k.json",
+            "rate_limit_tpm": 30,
+            "rate_limit_concurrency": 1,
+        },
+    )
     _, key = await stack.app.state.keys.create("a")
     body = {"model": "fake", "prompt": "one two", "max_tokens": 10}
     first = asyncio.create_task(stack.http.post("/v1/completions", json=body, headers=bearer(key)))
@@ -195,16 +254,18 @@ async def test_tokens_per_minute_and_concurrency_limits(make_stack, tmp_path):
 async def test_concurrent_requests_cannot_overrun_the_token_limit(make_stack, tmp_path):
     """The attack: rate_limit_tpm 50, 8 concurrent requests of 400 tokens each."""
     slow = fake_model(engine_args={"token_delay_s": 0.01})
-    stack = await make_stack([slow], gateway={"auth_enabled": True, "api_keys_file": tmp_path / "k.json",
-                                              "rate_limit_tpm": 50})
+    stack = await make_stack(
+        [slow], gateway={"auth_enabled": True, "api_keys_file": tmp_path / "k.json", "rate_limit_tpm": 50}
+    )
     _, key = await stack.app.state.keys.create("a")
     big = {"model": "fake", "prompt": "hi", "max_tokens": 400}
     refused = await stack.http.post("/v1/completions", json=big, headers=bearer(key))
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
     # each reserves 1 (prompt) + 16 (completions' default max_tokens): two fit in 50
     body = {"model": "fake", "prompt": "hi"}
-    replies = await asyncio.gather(*(stack.http.post("/v1/completions", json=body, headers=bearer(key))
-                                     for _ in range(8)))
+    replies = await asyncio.gather(
+        *(stack.http.post("/v1/completions", json=body, headers=bearer(key)) for _ in range(8))
+    )
     ok = [r for r in replies if r.status_code == 200]
     assert len(ok) == 2 and all(r.status_code == 429 for r in replies if r not in ok)
     assert sum(r.json()["usage"]["total_tokens"] for r in ok) <= 50
@@ -218,10 +279,18 @@ async def test_concurrent_requests_cannot_overrun_the_token_limit(make_stack, tm
 async def test_two_gateways_on_one_redis_enforce_one_limit(make_stack, redis_url):
     stack = await make_stack(gateway={"auth_enabled": True, "redis_url": redis_url, "rate_limit_rpm": 5})
     _, key = await stack.app.state.keys.create("shared")
-    other = create_app(GatewaySettings(coordinators=[f"127.0.0.1:{stack.coordinator.port}"],
-                                       auth_enabled=True, redis_url=redis_url, rate_limit_rpm=5))
+    other = create_app(
+        GatewaySettings(
+            coordinators=[f"127.0.0.1:{stack.coordinator.port}"],
+            auth_enabled=True,
+            redis_url=redis_url,
+            rate_limit_rpm=5,
+        )
+    )
     async with other.router.lifespan_context(other):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=other), base_url="http://gw2") as http2:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=other), base_url="http://gw2"
+        ) as http2:
             codes = []
             for i in range(10):
                 client = stack.http if i % 2 else http2
@@ -244,27 +313,45 @@ def _raw_jwt(header: dict, body: dict) -> str:
     return (signing + b"." + sig).decode()
 
 
-@pytest.mark.parametrize("claims", [
-    {"scopes": {"admin": 1}}, {"scopes": "admin"}, {"models": "fake"}, {"models": [1, 2]},
-    {"scope": ["admin"]}, {"sub": 123}, {"sub": ["alice"]}, {"alg": ["HS256"]}, {"kid": ["x"]},
-], ids=lambda c: json.dumps(c))
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"scopes": {"admin": 1}},
+        {"scopes": "admin"},
+        {"models": "fake"},
+        {"models": [1, 2]},
+        {"scope": ["admin"]},
+        {"sub": 123},
+        {"sub": ["alice"]},
+        {"alg": ["HS256"]},
+        {"kid": ["x"]},
+    ],
+    ids=lambda c: json.dumps(c),
+)
 async def test_jwt_claims_of_the_wrong_type_are_a_401_never_a_500_or_a_grant(secured, claims):
     header = {"typ": "JWT", "alg": claims.pop("alg", "HS256")}
     if "kid" in claims:
         header["kid"] = claims.pop("kid")
-    body = {"sub": "alice", "exp": time.time() + 60, "iss": "https://issuer.test", "aud": "cyllm",
-            **claims}
+    body = {"sub": "alice", "exp": time.time() + 60, "iss": "https://issuer.test", "aud": "cyllm", **claims}
     r = await secured.http.get("/admin/keys", headers=bearer(_raw_jwt(header, body)))
     assert r.status_code == 401, r.text
     assert r.json()["error"]["type"] == "authentication_error"
 
 
 async def test_a_jwt_subject_never_spends_an_api_keys_budget(make_stack, tmp_path):
-    stack = await make_stack(gateway={"auth_enabled": True, "api_keys_file": tmp_path / "k.json",
-                                      "jwt_secret": SECRET, "rate_limit_rpm": 1})
+    stack = await make_stack(
+        gateway={
+            "auth_enabled": True,
+            "api_keys_file": tmp_path / "k.json",
+            "jwt_secret": SECRET,
+            "rate_limit_rpm": 1,
+        }
+    )
     meta, key = await stack.app.state.keys.create("a")
     forged = jwt.encode({"sub": f"key:{meta.key_id}", "exp": time.time() + 60}, SECRET, algorithm="HS256")
-    assert (await stack.http.post("/v1/chat/completions", json=CHAT, headers=bearer(forged))).status_code == 200
+    assert (
+        await stack.http.post("/v1/chat/completions", json=CHAT, headers=bearer(forged))
+    ).status_code == 200
     assert (await stack.http.post("/v1/chat/completions", json=CHAT, headers=bearer(key))).status_code == 200
 
 
@@ -279,18 +366,31 @@ async def test_credentials_are_checked_before_a_byte_of_the_body_is_read(secured
     async def send(message):
         sent.append(message)
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-             "scheme": "http", "path": "/v1/files", "raw_path": b"/v1/files", "query_string": b"",
-             "root_path": "", "server": ("gw", 80), "client": ("127.0.0.1", 1),
-             "headers": [(b"content-type", b"multipart/form-data; boundary=x"),
-                         (b"content-length", str(100 << 20).encode())]}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/files",
+        "raw_path": b"/v1/files",
+        "query_string": b"",
+        "root_path": "",
+        "server": ("gw", 80),
+        "client": ("127.0.0.1", 1),
+        "headers": [
+            (b"content-type", b"multipart/form-data; boundary=x"),
+            (b"content-length", str(100 << 20).encode()),
+        ],
+    }
     await app(scope, receive, send)
     assert sent[0]["status"] == 401 and reads == []
 
 
 async def test_admin_routes_have_their_own_rate_limit(make_stack, tmp_path):
-    stack = await make_stack(gateway={"auth_enabled": True, "api_keys_file": tmp_path / "k.json",
-                                      "rate_limit_control_rpm": 3})
+    stack = await make_stack(
+        gateway={"auth_enabled": True, "api_keys_file": tmp_path / "k.json", "rate_limit_control_rpm": 3}
+    )
     _, key = await stack.app.state.keys.create("ops", admin=True)
     codes = [(await stack.http.get("/admin/keys", headers=bearer(key))).status_code for _ in range(4)]
     assert codes == [200, 200, 200, 429]

@@ -23,27 +23,40 @@ async def test_a_client_that_hangs_up_stops_its_generation(make_stack, n):
     stack = await make_stack([fake_model(engine_args={"token_delay_s": 0.05})])
     port = free_port()
     # the stack's app, its lifespan already entered by the fixture
-    server = uvicorn.Server(uvicorn.Config(stack.app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="off"))
+    server = uvicorn.Server(
+        uvicorn.Config(stack.app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
     task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.02)
+    await until(lambda: returns(server.started), timeout=10, what="uvicorn to start")
     engine = stack.worker.engines["fake"]
     try:
         body = json.dumps({"model": "fake", "prompt": "x", "max_tokens": 1000, "n": n}).encode()
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        writer.write(
+            b"POST /v1/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
         await writer.drain()
-        await until(lambda: returns(engine.health().running), lambda r: r == n, timeout=5,
-                    what=f"{n} generations running")
+        await until(
+            lambda: returns(engine.health().running),
+            lambda r: r == n,
+            timeout=5,
+            what=f"{n} generations running",
+        )
         writer.close()  # 1000 tokens at 50 ms: 50 s left to run
-        await until(lambda: returns(engine.health().running), lambda r: r == 0, timeout=6,
-                    what="the generation to stop, nobody reading it")
+        await until(
+            lambda: returns(engine.health().running),
+            lambda r: r == 0,
+            timeout=6,
+            what="the generation to stop, nobody reading it",
+        )
         # and the coordinator gave its slot back
-        await until(stack.coordinator.scheduler.workers,
-                    lambda ws: not any(w.record.outstanding for w in ws), timeout=3,
-                    what="the worker slot to be given back")
+        await until(
+            stack.coordinator.scheduler.workers,
+            lambda ws: not any(w.record.outstanding for w in ws),
+            timeout=3,
+            what="the worker slot to be given back",
+        )
     finally:
         server.should_exit = True
         await task

@@ -17,8 +17,7 @@ from cyllm.protocol.plane import load_plane
 
 @pytest.fixture
 async def coordinator(tmp_path):
-    server = CoordinatorServer(CoordinatorSettings(port=0, metrics_port=None,
-                                                   files_dir=tmp_path / "files"))
+    server = CoordinatorServer(CoordinatorSettings(port=0, metrics_port=None, files_dir=tmp_path / "files"))
     port = await server.start()
     channel = open_channel(f"127.0.0.1:{port}", load_plane())
     yield channel
@@ -39,7 +38,9 @@ async def test_a_unary_handlers_error_is_its_status_and_code(coordinator):
 
 async def test_streaming_handlers_errors_arrive_the_same_way(coordinator):
     with pytest.raises(errors.ModelNotFound):  # server stream
-        async for _ in Stream(rpc.InferenceStub(coordinator).Generate(pb.GenerateRequest(model="nope", prompt="x"))):
+        async for _ in Stream(
+            rpc.InferenceStub(coordinator).Generate(pb.GenerateRequest(model="nope", prompt="x"))
+        ):
             pass
 
     async def chunks():

@@ -13,16 +13,19 @@ BODY = {"model": "fake", "prompt": "hello", "max_tokens": 8}
 
 
 def generated(stack) -> float:
-    return stack.worker.metrics.registry.get_sample_value(
-        "worker_generated_tokens_total", {"model": "fake"}) or 0.0
+    return (
+        stack.worker.metrics.registry.get_sample_value("worker_generated_tokens_total", {"model": "fake"})
+        or 0.0
+    )
 
 
 async def test_one_key_is_one_generation_whoever_asks_and_when(make_stack):
     stack = await make_stack([fake_model(engine_args={"token_delay_s": 0.05})])
     headers = {"Idempotency-Key": "order-42"}
     # Two at once (the second attaches to the first), then one after (from the store).
-    first = await asyncio.gather(*(stack.http.post("/v1/completions", json=BODY, headers=headers)
-                                   for _ in range(2)))
+    first = await asyncio.gather(
+        *(stack.http.post("/v1/completions", json=BODY, headers=headers) for _ in range(2))
+    )
     later = await stack.http.post("/v1/completions", json=BODY, headers=headers)
     texts = {r.json()["choices"][0]["text"] for r in [*first, later]}
     assert [r.status_code for r in [*first, later]] == [200] * 3
@@ -54,8 +57,9 @@ async def test_a_key_reused_for_another_request_or_malformed_is_a_400(make_stack
     assert other.status_code == 400
     assert other.json()["error"]["param"] == "Idempotency-Key"
     for bad in ("", "x" * 256, "caf\u00e9", "a b"):
-        r = await stack.http.post("/v1/completions", json=BODY,
-                                  headers={"Idempotency-Key": bad.encode("utf-8")})
+        r = await stack.http.post(
+            "/v1/completions", json=BODY, headers={"Idempotency-Key": bad.encode("utf-8")}
+        )
         assert r.status_code == 400, (bad, r.text)
         assert r.json()["error"]["param"] == "Idempotency-Key"
 
@@ -63,8 +67,9 @@ async def test_a_key_reused_for_another_request_or_malformed_is_a_400(make_stack
 async def test_a_streamed_request_ignores_the_key(make_stack):
     stack = await make_stack()
     for _ in range(2):
-        r = await stack.http.post("/v1/completions", json={**BODY, "stream": True},
-                                  headers={"Idempotency-Key": "s1"})
+        r = await stack.http.post(
+            "/v1/completions", json={**BODY, "stream": True}, headers={"Idempotency-Key": "s1"}
+        )
         assert r.status_code == 200 and "w7" in r.text
     assert generated(stack) == 16
 
@@ -77,7 +82,9 @@ async def test_a_key_belongs_to_its_tenant(make_stack, tmp_path):
     for name, prompt in (("alice", "hello"), ("mallory", "tell me alice's answer")):
         _, secret = await keys.create(name)
         r = await stack.http.post(
-            "/v1/completions", json={**BODY, "prompt": prompt, "max_tokens": 3},
-            headers={"Authorization": f"Bearer {secret}", "Idempotency-Key": "shared-key"})
+            "/v1/completions",
+            json={**BODY, "prompt": prompt, "max_tokens": 3},
+            headers={"Authorization": f"Bearer {secret}", "Idempotency-Key": "shared-key"},
+        )
         assert r.status_code == 200, r.text
     assert generated(stack) == 6  # two generations, one per tenant

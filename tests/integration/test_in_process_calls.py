@@ -15,6 +15,7 @@ from cyllm.protocol.client import Stream, unary
 from cyllm.protocol.local import LocalStub
 from cyllm.protocol.plane import Plane
 from cyllm.protocol.server import create_server
+from tests.polling import returns, until
 
 FOREIGN = ConnectionRefusedError("the shared store is gone")  # ours to explain, by translate
 RAISED = {
@@ -162,8 +163,7 @@ async def test_a_cancel_from_another_task_ends_the_readers_stream(both):
             got.append(msg)
 
     reader = asyncio.create_task(read())
-    while len(got) < 3:
-        await asyncio.sleep(0.01)
+    await until(lambda: returns(len(got)), lambda n: n >= 3, timeout=5, what="three replies")
     call.cancel()
     with pytest.raises(errors.RequestCancelled):
         await asyncio.wait_for(reader, 5)

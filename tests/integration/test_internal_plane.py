@@ -4,7 +4,6 @@ certificate; and a real stack works under mutual TLS."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import grpc
@@ -39,35 +38,36 @@ async def test_a_rogue_client_can_neither_generate_nor_register_a_worker(make_st
     for plane in (ROGUE, Plane()):  # a wrong token, and none
         async with plane.channel(address) as channel:
             with pytest.raises(errors.Unavailable, match="internal plane"):
-                async for _ in Stream(rpc.InferenceStub(channel).Generate(
-                        pb.GenerateRequest(model="fake", prompt="hi"))):
+                async for _ in Stream(
+                    rpc.InferenceStub(channel).Generate(pb.GenerateRequest(model="fake", prompt="hi"))
+                ):
                     pass
-            rogue = pb.WorkerInfo(worker_id="rogue", address="127.0.0.1:1",
-                                  models=[pb.ModelInfo(id="fake")], capacity=64)
-            await _call_refused(unary(rpc.WorkerPoolStub(channel).RegisterWorker,
-                                      pb.RegisterWorkerRequest(worker=rogue)))
+            rogue = pb.WorkerInfo(
+                worker_id="rogue", address="127.0.0.1:1", models=[pb.ModelInfo(id="fake")], capacity=64
+            )
+            await _call_refused(
+                unary(rpc.WorkerPoolStub(channel).RegisterWorker, pb.RegisterWorkerRequest(worker=rogue))
+            )
             await _call_refused(unary(rpc.ModelsStub(channel).ListModels, pb.ListModelsRequest()))
             # the health service stays open: it says SERVING and nothing else
             check = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
             assert check.status == health_pb2.HealthCheckResponse.SERVING
-    assert [v.record.worker_id for v in await stack.coordinator.scheduler.workers()] \
-        == [stack.worker.worker_id]
+    assert [v.record.worker_id for v in await stack.coordinator.scheduler.workers()] == [
+        stack.worker.worker_id
+    ]
 
 
-async def test_a_rogue_client_cannot_make_a_worker_train_or_write_outside_its_folder(
-        make_stack, tmp_path):
+async def test_a_rogue_client_cannot_make_a_worker_train_or_write_outside_its_folder(make_stack, tmp_path):
     stack = await make_stack(worker={"training_dir": tmp_path / "training"})
     spec = json.dumps({"base_model": "fake", "dataset": "/etc/passwd"})
     async with ROGUE.channel(f"127.0.0.1:{stack.worker.port}") as channel:
-        call = Stream(rpc.WorkerStub(channel).Train(
-            pb.TrainRequest(job_id="../../escaped", spec_json=spec)))
+        call = Stream(rpc.WorkerStub(channel).Train(pb.TrainRequest(job_id="../../escaped", spec_json=spec)))
         with pytest.raises(errors.Unavailable, match="internal plane"):
             async for _ in call:
                 pass
     # with the right credentials the id is still checked before it becomes a path
     async with load_plane().channel(f"127.0.0.1:{stack.worker.port}") as channel:
-        call = Stream(rpc.WorkerStub(channel).Train(
-            pb.TrainRequest(job_id="../../escaped", spec_json=spec)))
+        call = Stream(rpc.WorkerStub(channel).Train(pb.TrainRequest(job_id="../../escaped", spec_json=spec)))
         with pytest.raises(errors.InvalidRequest, match="job_id"):
             async for _ in call:
                 pass
@@ -76,8 +76,7 @@ async def test_a_rogue_client_cannot_make_a_worker_train_or_write_outside_its_fo
 
 async def test_a_gateway_with_the_wrong_credentials_answers_503_not_401(make_stack):
     stack = await make_stack()
-    app = create_app(GatewaySettings(coordinators=[f"127.0.0.1:{stack.coordinator.port}"]),
-                     plane=ROGUE)
+    app = create_app(GatewaySettings(coordinators=[f"127.0.0.1:{stack.coordinator.port}"]), plane=ROGUE)
     async with app.router.lifespan_context(app):
         import httpx
 
@@ -104,51 +103,62 @@ def pki(tmp_path):
         issue(folder, role, hosts, days=1)
 
     def plane(role: str, token: str | None = None) -> Plane:
-        return InternalSettings(tls_ca_file=folder / "ca.pem", tls_cert_file=folder / f"{role}.pem",
-                                tls_key_file=folder / f"{role}.key", token=token).plane()
+        return InternalSettings(
+            tls_ca_file=folder / "ca.pem",
+            tls_cert_file=folder / f"{role}.pem",
+            tls_key_file=folder / f"{role}.key",
+            token=token,
+        ).plane()
 
     return plane
 
 
 async def test_a_stack_under_mutual_tls_serves_and_each_role_calls_only_its_methods(pki, tmp_path):
-    coordinator = CoordinatorServer(CoordinatorSettings(port=0, metrics_port=None,
-                                                        files_dir=tmp_path / "files"),
-                                    pki("coordinator"))
+    coordinator = CoordinatorServer(
+        CoordinatorSettings(port=0, metrics_port=None, files_dir=tmp_path / "files"), pki("coordinator")
+    )
     port = await coordinator.start()
     address = f"127.0.0.1:{port}"
-    worker = WorkerServer(WorkerSettings(port=0, coordinators=[address], metrics_port=None,
-                                         drain_timeout_s=1, models=[fake_model()]), pki("worker"))
+    worker = WorkerServer(
+        WorkerSettings(
+            port=0, coordinators=[address], metrics_port=None, drain_timeout_s=1, models=[fake_model()]
+        ),
+        pki("worker"),
+    )
     await worker.start()
     try:
-        await until(coordinator.scheduler.workers, timeout=5,
-                    what="the worker to register over mTLS")
+        await until(coordinator.scheduler.workers, timeout=5, what="the worker to register over mTLS")
         app = create_app(GatewaySettings(coordinators=[address]), plane=pki("gateway"))
         async with app.router.lifespan_context(app):
             import httpx
 
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                         base_url="http://gw") as http:
-                r = await http.post("/v1/completions",
-                                    json={"model": "fake", "prompt": "hi", "max_tokens": 3})
+            async with httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://gw"
+            ) as http:
+                r = await http.post(
+                    "/v1/completions", json={"model": "fake", "prompt": "hi", "max_tokens": 3}
+                )
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] == 3
 
         # a worker's certificate may register, not generate; a gateway's the reverse
         async with pki("worker").channel(address) as channel:
             with pytest.raises(errors.Unavailable, match="a worker may not call"):
-                async for _ in Stream(rpc.InferenceStub(channel).Generate(
-                        pb.GenerateRequest(model="fake", prompt="hi"))):
+                async for _ in Stream(
+                    rpc.InferenceStub(channel).Generate(pb.GenerateRequest(model="fake", prompt="hi"))
+                ):
                     pass
         async with pki("gateway").channel(address) as channel:
-            rogue = pb.WorkerInfo(worker_id="rogue", address="127.0.0.1:1",
-                                  models=[pb.ModelInfo(id="fake")])
-            await _call_refused(unary(rpc.WorkerPoolStub(channel).RegisterWorker,
-                                      pb.RegisterWorkerRequest(worker=rogue)))
+            rogue = pb.WorkerInfo(worker_id="rogue", address="127.0.0.1:1", models=[pb.ModelInfo(id="fake")])
+            await _call_refused(
+                unary(rpc.WorkerPoolStub(channel).RegisterWorker, pb.RegisterWorkerRequest(worker=rogue))
+            )
         # only a coordinator calls a worker
         async with pki("gateway").channel(f"127.0.0.1:{worker.port}") as channel:
             with pytest.raises(errors.Unavailable, match="a gateway may not call"):
-                async for _ in Stream(rpc.WorkerStub(channel).Train(
-                        pb.TrainRequest(job_id="j", spec_json="{}"))):
+                async for _ in Stream(
+                    rpc.WorkerStub(channel).Train(pb.TrainRequest(job_id="j", spec_json="{}"))
+                ):
                     pass
         # no certificate at all: the TLS handshake fails, nothing is answered
         async with grpc.aio.insecure_channel(address) as channel:

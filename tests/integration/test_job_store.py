@@ -47,8 +47,9 @@ async def test_records_listing_and_events(stores):
     assert [j.id for j in page] == ["ftjob-4", "ftjob-3"] and more
     page, more = await a.list(10, after="ftjob-3")
     assert [j.id for j in page] == ["ftjob-2", "ftjob-1", "ftjob-0"] and not more
-    seqs = [await (a if i % 2 else b).append_event("ftjob-3", pb.TrainingEvent(message=f"m{i}"))
-            for i in range(5)]
+    seqs = [
+        await (a if i % 2 else b).append_event("ftjob-3", pb.TrainingEvent(message=f"m{i}")) for i in range(5)
+    ]
     assert seqs == [1, 2, 3, 4, 5]
     assert [e.message for e in await b.events("ftjob-3", after_seq=2)] == ["m2", "m3", "m4"]
     assert [e.seq for e in await b.events("ftjob-3", after_seq=1, limit=2)] == [2, 3]

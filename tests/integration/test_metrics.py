@@ -27,8 +27,7 @@ async def scrape(url: str) -> str:
 
 async def test_metrics_of_gateway_coordinator_and_worker_move(make_stack):
     stack = await make_stack(metrics_port=0)
-    chat = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
-            "stream": True}
+    chat = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
     gw0 = (await stack.http.get("/actuator/prometheus")).text
     for _ in range(2):
         assert (await stack.http.post("/v1/chat/completions", json=chat)).status_code == 200
@@ -54,7 +53,9 @@ async def test_metrics_of_gateway_coordinator_and_worker_move(make_stack):
     co = await scrape(f"http://127.0.0.1:{stack.coordinator.metrics_port}/metrics")
     assert value(co, "coordinator_inference_requests_total", model="fake", outcome="ok") == 2
     # an unknown model is no label of its own (callers would make unbounded series)
-    assert value(co, "coordinator_inference_requests_total", model="(unknown)", outcome="model_not_found") == 1
+    assert (
+        value(co, "coordinator_inference_requests_total", model="(unknown)", outcome="model_not_found") == 1
+    )
     assert value(co, "coordinator_inference_requests_total", model="nope", outcome="model_not_found") == 0
     assert value(co, "coordinator_queue_capacity") == 256
     assert value(co, "coordinator_worker_healthy", worker=stack.worker.worker_id) == 1
@@ -70,8 +71,9 @@ async def test_cache_hit_rate_and_running_requests(make_stack):
     await stack.coordinator.metrics.refresh(stack.coordinator.scheduler, stack.coordinator.cache)
     co = await scrape(f"http://127.0.0.1:{stack.coordinator.metrics_port}/metrics")
     assert value(co, "coordinator_cache_hit_rate") == 0.75
-    slow = asyncio.create_task(stack.http.post("/v1/completions", json={**body, "max_tokens": 40,
-                                                                        "temperature": 1}))
+    slow = asyncio.create_task(
+        stack.http.post("/v1/completions", json={**body, "max_tokens": 40, "temperature": 1})
+    )
     await asyncio.sleep(0.5)
     wk = await scrape(f"http://127.0.0.1:{stack.worker.metrics_port}/metrics")
     assert value(wk, "worker_running_requests", model="fake") == 1

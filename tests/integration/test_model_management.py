@@ -8,12 +8,14 @@ import asyncio
 from cyllm.worker.settings import ModelSpec
 from tests.engines.conftest import default_folder
 from tests.integration.conftest import fake_model
+from tests.polling import returns, until
 
 
 def small(model_id: str, **kw) -> ModelSpec:
     """The real default model, small KV cache: ~0.52 GiB by the memory manager."""
-    return ModelSpec(id=model_id, path=default_folder(), max_context=256, max_batch_size=2,
-                     temperature=0.0, **kw)
+    return ModelSpec(
+        id=model_id, path=default_folder(), max_context=256, max_batch_size=2, temperature=0.0, **kw
+    )
 
 
 def chat(model: str, **kw) -> dict:
@@ -30,8 +32,9 @@ async def openai_ids(stack) -> list[str]:
 
 
 async def test_load_evicts_the_least_recently_used_idle_model(make_stack):
-    stack = await make_stack([small("a"), small("b", preload=False), small("c", preload=False)],
-                             worker={"memory_limit_gib": 1.2})
+    stack = await make_stack(
+        [small("a"), small("b", preload=False), small("c", preload=False)], worker={"memory_limit_gib": 1.2}
+    )
     models = await listing(stack)
     assert models["a"]["state"] == "loaded" and models["b"]["state"] == "available"
     assert 0.5 * 2**30 < models["a"]["memoryBytes"] < 0.6 * 2**30
@@ -66,8 +69,11 @@ async def test_busy_models_are_not_evicted_and_the_refusal_gives_the_numbers(mak
         return await stack.http.post("/v1/chat/completions", json=chat("a", max_tokens=200))
 
     busy = asyncio.create_task(long_chat())
-    while not stack.worker.models.engines()["a"].health().running:
-        await asyncio.sleep(0.02)
+    await until(
+        lambda: returns(stack.worker.models.engines()["a"].health().running),
+        timeout=10,
+        what="model a generating",
+    )
     refused = await stack.http.post("/api/v1/models/b/load")
     assert refused.status_code == 409, refused.text
     err = refused.json()["error"]
@@ -78,8 +84,9 @@ async def test_busy_models_are_not_evicted_and_the_refusal_gives_the_numbers(mak
 
 
 async def test_a_model_larger_than_the_budget_is_refused(make_stack):
-    stack = await make_stack([fake_model("f"), small("big", preload=False)],
-                             worker={"memory_limit_gib": 0.25})
+    stack = await make_stack(
+        [fake_model("f"), small("big", preload=False)], worker={"memory_limit_gib": 0.25}
+    )
     refused = await stack.http.post("/api/v1/models/big/load")
     assert refused.status_code == 409
     msg = refused.json()["error"]["message"]
@@ -91,8 +98,9 @@ async def test_a_model_larger_than_the_budget_is_refused(make_stack):
 async def test_adapters_are_registered_served_and_removed_at_run_time(make_stack, tmp_path):
     (tmp_path / "ada").mkdir()
     stack = await make_stack([fake_model("base")])
-    loaded = await stack.http.post("/api/v1/models/base:ada/load",
-                                   json={"adapterPath": str(tmp_path / "ada")})
+    loaded = await stack.http.post(
+        "/api/v1/models/base:ada/load", json={"adapterPath": str(tmp_path / "ada")}
+    )
     assert loaded.status_code == 200, loaded.text
     assert await openai_ids(stack) == ["base", "base:ada"]
     entry = (await listing(stack))["base:ada"]
@@ -105,8 +113,7 @@ async def test_adapters_are_registered_served_and_removed_at_run_time(make_stack
 
     missing = await stack.http.post("/api/v1/models/base:nope/load")
     assert missing.status_code == 404 and "adapter_path" in missing.json()["error"]["message"]
-    bad = await stack.http.post("/api/v1/models/base:x/load",
-                                json={"adapterPath": str(tmp_path / "absent")})
+    bad = await stack.http.post("/api/v1/models/base:x/load", json={"adapterPath": str(tmp_path / "absent")})
     assert bad.status_code == 400 and "does not exist" in bad.json()["error"]["message"]
 
     assert (await stack.http.post("/api/v1/models/base:ada/unload")).status_code == 200

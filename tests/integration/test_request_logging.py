@@ -16,8 +16,10 @@ async def test_request_id_reaches_every_service_and_content_is_not_logged(make_s
     stack = await make_stack()
     caplog.set_level(logging.DEBUG)
     resp = await stack.http.post(
-        "/v1/chat/completions", headers={"X-Request-ID": "req-abc-123"},
-        json={"model": "fake", "max_tokens": 3, "messages": [{"role": "user", "content": SECRET_PROMPT}]})
+        "/v1/chat/completions",
+        headers={"X-Request-ID": "req-abc-123"},
+        json={"model": "fake", "max_tokens": 3, "messages": [{"role": "user", "content": SECRET_PROMPT}]},
+    )
     # the id is the server's own; the caller's X-Request-ID rides along for the logs
     rid = resp.headers["x-request-id"]
     assert resp.status_code == 200 and rid != "req-abc-123" and len(rid) == 32
@@ -51,16 +53,24 @@ async def test_at_info_a_request_that_went_well_is_one_record_and_a_refusal_more
     assert bad.status_code == 404
     mine = [r for r in caplog.records if getattr(r, "request_id", None) == bad.headers["x-request-id"]]
     assert {r.name for r in mine} == {"cyllm.gateway.access", "cyllm.coordinator.services.inference"}
-    assert next(r for r in mine if r.name == "cyllm.coordinator.services.inference").outcome == "model_not_found"
+    assert (
+        next(r for r in mine if r.name == "cyllm.coordinator.services.inference").outcome == "model_not_found"
+    )
 
 
 async def test_content_is_logged_only_when_enabled(make_stack, caplog):
     stack = await make_stack(gateway={"log_content": True})
     caplog.set_level(logging.INFO)
-    await stack.http.post("/v1/completions", headers={"X-Request-ID": "req-content"},
-                          json={"model": "fake", "max_tokens": 2, "prompt": SECRET_PROMPT})
-    access = next(r for r in caplog.records
-                  if r.name == "cyllm.gateway.access" and getattr(r, "client_request_id", "") == "req-content")
+    await stack.http.post(
+        "/v1/completions",
+        headers={"X-Request-ID": "req-content"},
+        json={"model": "fake", "max_tokens": 2, "prompt": SECRET_PROMPT},
+    )
+    access = next(
+        r
+        for r in caplog.records
+        if r.name == "cyllm.gateway.access" and getattr(r, "client_request_id", "") == "req-content"
+    )
     assert (access.prompt, access.completion) == (SECRET_PROMPT, "w0 w1")
 
 

@@ -18,12 +18,14 @@ USER = [{"role": "user", "content": "hello there"}]
 
 
 def sse_data(text: str) -> list[str]:
-    return [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    return [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
 
 
 async def test_chat_completion_has_openai_shape_and_usage(make_stack):
     stack = await make_stack()
-    resp = await stack.http.post("/v1/chat/completions", json={"model": "fake", "messages": USER, "max_tokens": 4})
+    resp = await stack.http.post(
+        "/v1/chat/completions", json={"model": "fake", "messages": USER, "max_tokens": 4}
+    )
     body = resp.json()
     assert resp.headers["x-request-id"]
     assert body["object"] == "chat.completion"
@@ -34,9 +36,16 @@ async def test_chat_completion_has_openai_shape_and_usage(make_stack):
 
 async def test_chat_stream_ends_with_finish_reason_usage_and_done(make_stack):
     stack = await make_stack()
-    resp = await stack.http.post("/v1/chat/completions", json={
-        "model": "fake", "messages": USER, "max_tokens": 3, "stream": True,
-        "stream_options": {"include_usage": True}})
+    resp = await stack.http.post(
+        "/v1/chat/completions",
+        json={
+            "model": "fake",
+            "messages": USER,
+            "max_tokens": 3,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
     assert resp.headers["content-type"].startswith("text/event-stream")
     data = sse_data(resp.text)
     assert data[-1] == "[DONE]"
@@ -50,16 +59,19 @@ async def test_chat_stream_ends_with_finish_reason_usage_and_done(make_stack):
 
 async def test_stop_sequence_ends_the_text_before_it(make_stack):
     stack = await make_stack()
-    resp = await stack.http.post("/v1/completions", json={"model": "fake", "prompt": "a b", "max_tokens": 10,
-                                                            "stop": [" w3"]})
+    resp = await stack.http.post(
+        "/v1/completions", json={"model": "fake", "prompt": "a b", "max_tokens": 10, "stop": [" w3"]}
+    )
     choice = resp.json()["choices"][0]
     assert (choice["text"], choice["finish_reason"]) == ("w0 w1 w2", "stop")
 
 
 async def test_native_stream_sends_token_events_then_done(make_stack):
     stack = await make_stack()
-    resp = await stack.http.post("/api/v1/inference/stream", json={"modelId": "fake", "prompt": "hi", "maxTokens": 2})
-    events = [line[len("event: "):] for line in resp.text.splitlines() if line.startswith("event: ")]
+    resp = await stack.http.post(
+        "/api/v1/inference/stream", json={"modelId": "fake", "prompt": "hi", "maxTokens": 2}
+    )
+    events = [line[len("event: ") :] for line in resp.text.splitlines() if line.startswith("event: ")]
     assert events[-1] == "done" and set(events[:-1]) == {"token"}  # tokens may come merged
     data = [json.loads(d) for d in sse_data(resp.text)]
     assert "".join(d["text"] for d in data[:-1]) == "w0 w1"
@@ -111,8 +123,10 @@ async def test_higher_priority_is_served_first(make_stack):
     finished: list[str] = []
 
     async def ask(name: str, priority: int, tokens: int = 5) -> None:
-        r = await stack.http.post("/api/v1/inference", json={
-            "modelId": "fake", "prompt": name, "maxTokens": tokens, "priority": priority})
+        r = await stack.http.post(
+            "/api/v1/inference",
+            json={"modelId": "fake", "prompt": name, "maxTokens": tokens, "priority": priority},
+        )
         assert r.status_code == 200
         finished.append(name)
 
@@ -127,13 +141,18 @@ async def test_higher_priority_is_served_first(make_stack):
 
 
 async def _running(stack, n: int) -> None:
-    await until(lambda: returns(stack.worker.engines["fake"].health().running), lambda r: r == n,
-                timeout=5, what=f"{n} generation(s) running")
+    await until(
+        lambda: returns(stack.worker.engines["fake"].health().running),
+        lambda r: r == n,
+        timeout=5,
+        what=f"{n} generation(s) running",
+    )
 
 
 async def _queued(stack, n: int) -> None:
-    await until(stack.coordinator.scheduler.queue_depth, lambda d: d == n, timeout=5,
-                what=f"{n} request(s) queued")
+    await until(
+        stack.coordinator.scheduler.queue_depth, lambda d: d == n, timeout=5, what=f"{n} request(s) queued"
+    )
 
 
 async def test_health_reports_workers_and_queue(make_stack):

@@ -20,8 +20,13 @@ ENTRY = CachedResponse(("Paris",), "stop", 5, 1)
 
 
 def info(worker_id: str, capacity: int = 1, model: str = "m", weight: int = 1) -> pb.WorkerInfo:
-    return pb.WorkerInfo(worker_id=worker_id, address=f"{worker_id}:1", capacity=capacity,
-                         models=[pb.ModelInfo(id=model, context_length=100)], weight=weight)
+    return pb.WorkerInfo(
+        worker_id=worker_id,
+        address=f"{worker_id}:1",
+        capacity=capacity,
+        models=[pb.ModelInfo(id=model, context_length=100)],
+        weight=weight,
+    )
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -255,16 +260,17 @@ async def test_a_task_whose_coordinator_died_returns_to_the_queue(shared):
     for t in a._tasks:  # a dies: no renewal, no release
         t.cancel()
     # the lease expires; b's housekeeping puts it back, the slot freed
-    await until(b.workers, lambda ws: ws[0].record.outstanding == 0, timeout=5,
-                what="the orphan's slot freed")
+    await until(
+        b.workers, lambda ws: ws[0].record.outstanding == 0, timeout=5, what="the orphan's slot freed"
+    )
     # The gateway retries the request on b: b adopts it and it gets the slot.
     assert (await asyncio.wait_for(b.acquire(Task("orphan", "m")), 3)).worker_id == "w1"
 
 
-@pytest.mark.parametrize("old_tokens, tokens, running", [
-    (5, 5, 2), (5, 6, 2), (5, 5, 0), (5, 6, 0), (0, 0, 1), (7, 3, 1)])
-async def test_the_progress_rule_is_the_same_in_python_and_in_lua(redis_url, old_tokens, tokens,
-                                                                   running):
+@pytest.mark.parametrize(
+    "old_tokens, tokens, running", [(5, 5, 2), (5, 6, 2), (5, 5, 0), (5, 6, 0), (0, 0, 1), (7, 3, 1)]
+)
+async def test_the_progress_rule_is_the_same_in_python_and_in_lua(redis_url, old_tokens, tokens, running):
     # The Redis heartbeat applies pool.progressed inside its Lua script; both must agree.
     from cyllm.coordinator.pool import progressed
     from cyllm.coordinator.redis_backend import P

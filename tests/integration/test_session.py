@@ -37,8 +37,9 @@ class Worker(rpc.WorkerServicer):
             for i in range(request.sampling.max_tokens):
                 await asyncio.sleep(0.05 if request.prompt.startswith("slow") else 0)
                 yield pb.GenerateResponse(delta=pb.Delta(text=f" {request.prompt}.{i}", token_ids=[i]))
-            yield pb.GenerateResponse(finished=pb.Finished(
-                finish_reason="length", completion_tokens=request.sampling.max_tokens))
+            yield pb.GenerateResponse(
+                finished=pb.Finished(finish_reason="length", completion_tokens=request.sampling.max_tokens)
+            )
         finally:
             self.ended.append(request.prompt)
 
@@ -101,8 +102,7 @@ async def test_calls_started_together_go_out_in_one_message(served):
     one turn of the event loop share one; a lone call goes out at once."""
     worker, session, _ = served
     running = asyncio.create_task(collect(session, "slow", 10))
-    while not worker.messages:
-        await asyncio.sleep(0.01)
+    await until(lambda: returns(worker.messages), timeout=5, what="the first message")
     assert worker.messages == [1]
     results = await asyncio.gather(*(collect(session, f"p{i}", 2) for i in range(20)))
     assert all(finish == "length" for _, _, finish in results)
@@ -128,8 +128,12 @@ async def test_cancelling_one_call_stops_only_it_on_the_worker(served):
         got += msg.HasField("delta")
         if got == 2:
             break  # leaving the iteration cancels the call
-    await until(lambda: returns(worker.ended), lambda ended: "slow-cancelled" in ended,
-                timeout=2, what="the cancelled call to end on the worker")
+    await until(
+        lambda: returns(worker.ended),
+        lambda ended: "slow-cancelled" in ended,
+        timeout=2,
+        what="the cancelled call to end on the worker",
+    )
     assert (await other)[2] == "length"
 
 
@@ -142,8 +146,12 @@ async def test_a_silent_worker_is_given_up_on_and_told_to_stop_but_a_slow_reader
     with pytest.raises(errors.Unavailable, match="worker w1 produced nothing for 0.3s"):
         async for _ in _paced(session.generate(request("hang"), "rid"), 0.3, "w1"):
             pass
-    await until(lambda: returns(worker.ended), lambda ended: "hang" in ended, timeout=2,
-                what="the call to be cancelled on the worker")
+    await until(
+        lambda: returns(worker.ended),
+        lambda ended: "hang" in ended,
+        timeout=2,
+        what="the call to be cancelled on the worker",
+    )
 
     text, finish = [], ""
     async for msg in _paced(session.generate(request("slow-read", 12), "rid"), 0.3, "w1"):
@@ -200,9 +208,15 @@ def test_a_batch_waiting_to_go_out_merges_each_calls_deltas_in_order():
     def delta(call, text, i):
         return _Frame(call, pb.GenerateResponse(delta=pb.Delta(text=text, token_ids=[i])))
 
-    frames = [_Frame(1, pb.GenerateResponse(started=pb.Started(prompt_tokens=2))),
-              delta(1, " a", 1), delta(2, " x", 9), delta(1, " b", 2), delta(1, " c", 3),
-              _Frame(1, end=pb.CallEnd()), delta(2, " y", 10)]
+    frames = [
+        _Frame(1, pb.GenerateResponse(started=pb.Started(prompt_tokens=2))),
+        delta(1, " a", 1),
+        delta(2, " x", 9),
+        delta(1, " b", 2),
+        delta(1, " c", 3),
+        _Frame(1, end=pb.CallEnd()),
+        delta(2, " y", 10),
+    ]
     out = _encoded(frames, MESSAGES)
     mine = [f for f in out if f.call == 1]
     assert [f.WhichOneof("kind") for f in mine] == ["event", "event", "end"]

@@ -34,12 +34,19 @@ async def tenants(make_stack, tmp_path):
     stack = await make_stack(
         [fake_model("fake"), fake_model("other")],
         gateway={"auth_enabled": True, "api_keys_file": tmp_path / "keys.json"},
-        files_dir=tmp_path / "files", datasets_dirs=[datasets],
-        dataset_read_memory_bytes=512 << 20, training_max_jobs_per_tenant=2)
+        files_dir=tmp_path / "files",
+        datasets_dirs=[datasets],
+        dataset_read_memory_bytes=512 << 20,
+        training_max_jobs_per_tenant=2,
+    )
     keys = stack.app.state.keys
     names = {}
-    for name, kw in {"alice": {}, "bob": {}, "admin": {"admin": True},
-                     "narrow": {"models": ["other"]}}.items():
+    for name, kw in {
+        "alice": {},
+        "bob": {},
+        "admin": {"admin": True},
+        "narrow": {"models": ["other"]},
+    }.items():
         meta, secret = await keys.create(name, **kw)
         names[name] = (meta.key_id, bearer(secret))
     stack.keys = names
@@ -52,8 +59,12 @@ def h(stack, who: str) -> dict[str, str]:
 
 
 async def upload(stack, who: str, content: bytes, name: str = "d.jsonl"):
-    return await stack.http.post("/v1/files", headers=h(stack, who), data={"purpose": "fine-tune"},
-                                 files={"file": (name, content, "application/octet-stream")})
+    return await stack.http.post(
+        "/v1/files",
+        headers=h(stack, who),
+        data={"purpose": "fine-tune"},
+        files={"file": (name, content, "application/octet-stream")},
+    )
 
 
 START = "/api/v1/training/start"
@@ -63,23 +74,39 @@ async def test_a_dataset_path_outside_the_roots_is_refused_alike_whether_or_not_
     secrets_file = tenants.datasets.parent / ".env"
     secrets_file.write_text("prompt,response\nAPI_TOKEN,hunter2-secret\n")
     answers = []
-    for path in ("/etc/passwd", str(secrets_file), "/no/such/file.csv", "/dev/zero",
-                 str(tenants.datasets / "escape.jsonl"), "../.env", "../../../../etc/passwd"):
+    for path in (
+        "/etc/passwd",
+        str(secrets_file),
+        "/no/such/file.csv",
+        "/dev/zero",
+        str(tenants.datasets / "escape.jsonl"),
+        "../.env",
+        "../../../../etc/passwd",
+    ):
         for who in ("alice", "admin"):  # admins too: datasets_any_path_for_admins is off
-            r = await tenants.http.post(START, headers=h(tenants, who), json={
-                "baseModel": "fake", "dataset": path, "datasetFormat": "csv"})
+            r = await tenants.http.post(
+                START,
+                headers=h(tenants, who),
+                json={"baseModel": "fake", "dataset": path, "datasetFormat": "csv"},
+            )
             assert r.status_code == 400, (path, r.text)
             answers.append(r.json()["error"]["message"])
             assert "root:" not in r.text and "hunter2" not in r.text and path not in r.text
     assert set(answers) == {REFUSED}  # one sentence: no oracle
     # a file under datasets_dirs is fine, by relative or absolute path
     for path in ("facts.jsonl", str(tenants.datasets / "facts.jsonl")):
-        r = await tenants.http.post(START, headers=h(tenants, "alice"), json={
-            "baseModel": "fake", "dataset": path, "method": "lora", "maxSteps": 1})
+        r = await tenants.http.post(
+            START,
+            headers=h(tenants, "alice"),
+            json={"baseModel": "fake", "dataset": path, "method": "lora", "maxSteps": 1},
+        )
         assert r.status_code == 200, r.text
     # the OpenAI route names data only by file id; an extra 'dataset' cannot point elsewhere
-    r = await tenants.http.post("/v1/fine_tuning/jobs", headers=h(tenants, "bob"), json={
-        "model": "fake", "training_file": "file-doesnotexist", "training": {"dataset": "/etc/passwd"}})
+    r = await tenants.http.post(
+        "/v1/fine_tuning/jobs",
+        headers=h(tenants, "bob"),
+        json={"model": "fake", "training_file": "file-doesnotexist", "training": {"dataset": "/etc/passwd"}},
+    )
     assert r.status_code == 404 and "passwd" not in r.text
 
 
@@ -94,30 +121,47 @@ async def test_each_tenant_sees_only_its_own_files_and_jobs(tenants):
     assert file_id not in (await tenants.http.get("/v1/files", headers=h(tenants, "bob"))).text
     assert file_id in (await tenants.http.get("/v1/files", headers=h(tenants, "admin"))).text
     # bob cannot train on alice's file
-    r = await tenants.http.post("/v1/fine_tuning/jobs", headers=h(tenants, "bob"),
-                                json={"model": "fake", "training_file": file_id})
+    r = await tenants.http.post(
+        "/v1/fine_tuning/jobs", headers=h(tenants, "bob"), json={"model": "fake", "training_file": file_id}
+    )
     assert r.status_code == 404, r.text
-    r = await tenants.http.post("/v1/fine_tuning/jobs", headers=h(tenants, "alice"),
-                                json={"model": "fake", "training_file": file_id})
+    r = await tenants.http.post(
+        "/v1/fine_tuning/jobs", headers=h(tenants, "alice"), json={"model": "fake", "training_file": file_id}
+    )
     assert r.status_code == 200, r.text
     job = r.json()["id"]
-    for method, url in (("GET", f"/v1/fine_tuning/jobs/{job}"), ("POST", f"/v1/fine_tuning/jobs/{job}/cancel"),
-                        ("GET", f"/v1/fine_tuning/jobs/{job}/events"), ("GET", f"/api/v1/training/status/{job}"),
-                        ("GET", f"/api/v1/training/plot/{job}"), ("POST", f"/api/v1/training/cancel/{job}")):
+    for method, url in (
+        ("GET", f"/v1/fine_tuning/jobs/{job}"),
+        ("POST", f"/v1/fine_tuning/jobs/{job}/cancel"),
+        ("GET", f"/v1/fine_tuning/jobs/{job}/events"),
+        ("GET", f"/api/v1/training/status/{job}"),
+        ("GET", f"/api/v1/training/plot/{job}"),
+        ("POST", f"/api/v1/training/cancel/{job}"),
+    ):
         theirs = await tenants.http.request(method, url, headers=h(tenants, "bob"))
         assert theirs.status_code == 404, (url, theirs.text)
     assert job not in (await tenants.http.get("/v1/fine_tuning/jobs", headers=h(tenants, "bob"))).text
     assert job in (await tenants.http.get("/v1/fine_tuning/jobs", headers=h(tenants, "alice"))).text
-    assert (await tenants.http.get(f"/v1/fine_tuning/jobs/{job}", headers=h(tenants, "admin"))).status_code == 200
+    assert (
+        await tenants.http.get(f"/v1/fine_tuning/jobs/{job}", headers=h(tenants, "admin"))
+    ).status_code == 200
     # bounded: at most two queued or running jobs per tenant
-    codes = [(await tenants.http.post("/v1/fine_tuning/jobs", headers=h(tenants, "alice"),
-                                      json={"model": "fake", "training_file": file_id})).status_code
-             for _ in range(2)]
+    codes = [
+        (
+            await tenants.http.post(
+                "/v1/fine_tuning/jobs",
+                headers=h(tenants, "alice"),
+                json={"model": "fake", "training_file": file_id},
+            )
+        ).status_code
+        for _ in range(2)
+    ]
     assert codes == [200, 429]
     # ids that are not ids are refused before they reach a store or a path
     r = await tenants.http.get("/v1/files/..%2f..%2fetc%2fpasswd", headers=h(tenants, "alice"))
     assert r.status_code in (400, 404) and "passwd" not in r.json()["error"]["message"].replace(
-        "..%2f..%2fetc%2fpasswd", "").replace("../../etc/passwd", "")
+        "..%2f..%2fetc%2fpasswd", ""
+    ).replace("../../etc/passwd", "")
 
 
 async def test_a_fine_tuned_model_is_served_to_its_owner_only(tenants):
@@ -127,17 +171,22 @@ async def test_a_fine_tuned_model_is_served_to_its_owner_only(tenants):
     mine = await tenants.http.post("/v1/chat/completions", headers=h(tenants, "alice"), json=chat)
     assert mine.status_code == 200
     theirs = await tenants.http.post("/v1/chat/completions", headers=h(tenants, "bob"), json=chat)
-    missing = await tenants.http.post("/v1/chat/completions", headers=h(tenants, "bob"),
-                                      json={**chat, "model": "nope"})
+    missing = await tenants.http.post(
+        "/v1/chat/completions", headers=h(tenants, "bob"), json={**chat, "model": "nope"}
+    )
     assert theirs.status_code == missing.status_code == 404
-    assert theirs.json()["error"]["message"].replace("other", "X") == \
-        missing.json()["error"]["message"].replace("nope", "X")
+    assert theirs.json()["error"]["message"].replace("other", "X") == missing.json()["error"][
+        "message"
+    ].replace("nope", "X")
     listed = (await tenants.http.get("/v1/models", headers=h(tenants, "bob"))).json()["data"]
     assert [m["id"] for m in listed] == ["fake"]
     assert (await tenants.http.get("/v1/models/other", headers=h(tenants, "bob"))).status_code == 404
     # a key's allow-list holds for training base models and listings too
-    r = await tenants.http.post(START, headers=h(tenants, "narrow"), json={
-        "baseModel": "fake", "dataset": "facts.jsonl", "maxSteps": 1})
+    r = await tenants.http.post(
+        START,
+        headers=h(tenants, "narrow"),
+        json={"baseModel": "fake", "dataset": "facts.jsonl", "maxSteps": 1},
+    )
     assert r.status_code == 403, r.text
     listed = (await tenants.http.get("/api/v1/models", headers=h(tenants, "narrow"))).json()["models"]
     assert [m["id"] for m in listed] == ["other"] or listed == []
@@ -155,19 +204,27 @@ async def test_priority_above_the_default_needs_a_scope(tenants):
     body = {"modelId": "fake", "prompt": "x", "maxTokens": 1, "priority": 100}
     r = await tenants.http.post("/api/v1/inference", headers=h(tenants, "bob"), json=body)
     assert r.status_code == 403 and r.json()["error"]["param"] == "priority"
-    assert (await tenants.http.post("/api/v1/inference", headers=h(tenants, "admin"), json=body)).status_code == 200
+    assert (
+        await tenants.http.post("/api/v1/inference", headers=h(tenants, "admin"), json=body)
+    ).status_code == 200
 
 
 async def test_malformed_input_gets_a_4xx_not_a_5xx(tenants):
     chat = {"model": "fake", "max_tokens": 2, "messages": [{"role": "user", "content": "\ud800"}]}
     body = json.dumps(chat, ensure_ascii=True)  # '\\ud800' on the wire: a lone surrogate
-    r = await tenants.http.post("/v1/chat/completions", content=body, headers={
-        **h(tenants, "alice"), "content-type": "application/json"})
+    r = await tenants.http.post(
+        "/v1/chat/completions",
+        content=body,
+        headers={**h(tenants, "alice"), "content-type": "application/json"},
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
     file_id = (await upload(tenants, "alice", FACTS.read_bytes())).json()["id"]
     for key in ("caf\u00e9", "line\nbreak"):
-        r = await tenants.http.post("/v1/fine_tuning/jobs", headers=h(tenants, "alice"), json={
-            "model": "fake", "training_file": file_id, "training": {key: 1}})
+        r = await tenants.http.post(
+            "/v1/fine_tuning/jobs",
+            headers=h(tenants, "alice"),
+            json={"model": "fake", "training_file": file_id, "training": {key: 1}},
+        )
         assert r.status_code == 400, r.text
     nested = b'{"messages": ' + b"[" * 50_000 + b"]" * 50_000 + b"}\n"
     r = await upload(tenants, "alice", nested)
@@ -203,6 +260,8 @@ async def test_bombs_are_refused_in_seconds_with_the_coordinators_memory_bounded
     assert _rss_mb() - before < 300, "the coordinator's own memory grew: parsing ran in-process"
     # and it still serves
     chat = {"model": "fake", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}]}
-    assert (await tenants.http.post("/v1/chat/completions", headers=h(tenants, "bob"), json=chat)).status_code == 200
+    assert (
+        await tenants.http.post("/v1/chat/completions", headers=h(tenants, "bob"), json=chat)
+    ).status_code == 200
     files = tmp_path / "files"
     assert not files.exists() or not list(files.iterdir()), "a refused upload left files behind"

@@ -5,7 +5,6 @@ from a worker that is training."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
@@ -24,20 +23,21 @@ FACTS = Path(__file__).parents[1] / "data" / "facts.jsonl"
 
 
 def _spec(**kw) -> str:
-    return json.dumps({"base_model": "fake", "dataset": str(FACTS), "method": "custom",
-                       "script": "count_steps.py", **kw})
+    return json.dumps(
+        {"base_model": "fake", "dataset": str(FACTS), "method": "custom", "script": "count_steps.py", **kw}
+    )
 
 
 @pytest.fixture
 async def cluster(make_stack, redis_url, tmp_path):
     fast = {"redis_url": redis_url, "lease_s": 1.5, "heartbeat_interval_s": 0.3}
     stack = await make_stack(
-        worker={"training_scripts_dir": SCRIPTS, "training_dir": tmp_path / "jobs"}, **fast)
+        worker={"training_scripts_dir": SCRIPTS, "training_dir": tmp_path / "jobs"}, **fast
+    )
     other = CoordinatorServer(CoordinatorSettings(port=0, metrics_port=None, **fast))
     port = await other.start()
     plane = load_plane()
-    channels = [plane.channel(f"127.0.0.1:{stack.coordinator.port}"),
-                plane.channel(f"127.0.0.1:{port}")]
+    channels = [plane.channel(f"127.0.0.1:{stack.coordinator.port}"), plane.channel(f"127.0.0.1:{port}")]
     stubs = [Coordinator.over(c) for c in channels]
     yield stack, other, stubs
     for c in channels:
@@ -47,17 +47,23 @@ async def cluster(make_stack, redis_url, tmp_path):
 
 async def test_a_job_runs_and_a_cancel_reaches_it_through_the_other_coordinator(cluster):
     stack, _, (one, two) = cluster
-    done = await two.training.CreateTrainingJob(pb.CreateTrainingJobRequest(spec_json=_spec(script_args=["--steps", "2"])))
-    job = await until(lambda: one.training.GetTrainingJob(pb.TrainingJobRequest(id=done.id)),
-                       lambda j: j.state == "succeeded")
+    done = await two.training.CreateTrainingJob(
+        pb.CreateTrainingJobRequest(spec_json=_spec(script_args=["--steps", "2"]))
+    )
+    job = await until(
+        lambda: one.training.GetTrainingJob(pb.TrainingJobRequest(id=done.id)),
+        lambda j: j.state == "succeeded",
+    )
     assert job.progress.step == 2 and job.attempts == 1
     events = await one.training.ListTrainingEvents(pb.TrainingEventsRequest(id=done.id))
     assert [e.seq for e in events.events] == list(range(1, len(events.events) + 1))
 
-    long = await one.training.CreateTrainingJob(pb.CreateTrainingJobRequest(
-        spec_json=_spec(script_args=["--steps", "1000", "--sleep", "0.2"])))
-    await until(lambda: two.training.GetTrainingJob(pb.TrainingJobRequest(id=long.id)),
-                 lambda j: j.progress.step > 0)
+    long = await one.training.CreateTrainingJob(
+        pb.CreateTrainingJobRequest(spec_json=_spec(script_args=["--steps", "1000", "--sleep", "0.2"]))
+    )
+    await until(
+        lambda: two.training.GetTrainingJob(pb.TrainingJobRequest(id=long.id)), lambda j: j.progress.step > 0
+    )
     # busy training: the worker gets no inference for its device
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         async for _ in one.inference.Generate(pb.GenerateRequest(model="fake", prompt="hi")):
@@ -72,15 +78,22 @@ async def test_a_job_runs_and_a_cancel_reaches_it_through_the_other_coordinator(
 
 async def test_a_stopping_coordinator_hands_its_job_to_the_other(cluster):
     stack, other, (one, two) = cluster
-    job = await two.training.CreateTrainingJob(pb.CreateTrainingJobRequest(
-        spec_json=_spec(script_args=["--steps", "15", "--sleep", "0.2"])))
-    running = await until(lambda: one.training.GetTrainingJob(pb.TrainingJobRequest(id=job.id)),
-                           lambda j: j.state == "running" and j.progress.step > 0)
-    owner, survivor = (stack.coordinator, two) if job.id in stack.coordinator.training._running \
-        else (other, one)
+    job = await two.training.CreateTrainingJob(
+        pb.CreateTrainingJobRequest(spec_json=_spec(script_args=["--steps", "15", "--sleep", "0.2"]))
+    )
+    running = await until(
+        lambda: one.training.GetTrainingJob(pb.TrainingJobRequest(id=job.id)),
+        lambda j: j.state == "running" and j.progress.step > 0,
+    )
+    owner, survivor = (
+        (stack.coordinator, two) if job.id in stack.coordinator.training._running else (other, one)
+    )
     await owner.stop()
-    final = await until(lambda: survivor.training.GetTrainingJob(pb.TrainingJobRequest(id=job.id)),
-                         lambda j: j.state in ("succeeded", "failed"), timeout=60)
+    final = await until(
+        lambda: survivor.training.GetTrainingJob(pb.TrainingJobRequest(id=job.id)),
+        lambda j: j.state in ("succeeded", "failed"),
+        timeout=60,
+    )
     assert final.state == "succeeded" and final.attempts == 2, final
     events = await survivor.training.ListTrainingEvents(pb.TrainingEventsRequest(id=job.id))
     assert any("shutting down; re-queued" in e.message for e in events.events)

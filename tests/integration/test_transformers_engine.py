@@ -9,15 +9,19 @@ import pytest
 import pytest_asyncio
 
 from cyllm import errors
-from cyllm.worker.engines.types import Finished, GenerationRequest, SamplingParams, Started, TextDelta
 from cyllm.worker.engines.factory import create_engine
+from cyllm.worker.engines.types import Finished, GenerationRequest, SamplingParams, Started, TextDelta
 from cyllm.worker.settings import WorkerSettings, default_models
 from tests.polling import returns, until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "List three colors.",
-             "Explain gravity in one sentence to a child."]
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three colors.",
+    "Explain gravity in one sentence to a child.",
+]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -33,8 +37,9 @@ async def engine():
 
 
 def chat(rid: str, question: str, **sampling) -> GenerationRequest:
-    return GenerationRequest(rid, messages=(("user", question),),
-                             sampling=SamplingParams(**{"temperature": 0, **sampling}))
+    return GenerationRequest(
+        rid, messages=(("user", question),), sampling=SamplingParams(**{"temperature": 0, **sampling})
+    )
 
 
 async def run(engine, request: GenerationRequest) -> tuple[str, Finished]:
@@ -75,8 +80,9 @@ async def test_stop_string_is_cut_and_not_emitted(engine):
 
 
 async def test_raw_prompt_skips_the_chat_template(engine):
-    req = GenerationRequest("raw", prompt="The capital of France is",
-                            sampling=SamplingParams(max_tokens=4, temperature=0))
+    req = GenerationRequest(
+        "raw", prompt="The capital of France is", sampling=SamplingParams(max_tokens=4, temperature=0)
+    )
     events = [ev async for ev in engine.generate(req)]
     assert isinstance(events[0], Started) and events[0].prompt_tokens < 10
 
@@ -88,8 +94,12 @@ async def test_closing_the_stream_aborts_and_frees_the_slot(engine):
             if isinstance(ev, TextDelta):
                 break
         assert engine.health().running == 1
-    await until(lambda: returns(engine.health().running), lambda r: r == 0, timeout=5,
-                what="the aborted sequence to leave the engine")
+    await until(
+        lambda: returns(engine.health().running),
+        lambda r: r == 0,
+        timeout=5,
+        what="the aborted sequence to leave the engine",
+    )
     _, done = await run(engine, chat("after", QUESTIONS[0], max_tokens=12))
     assert done.finish_reason == "stop"
 

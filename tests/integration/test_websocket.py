@@ -13,19 +13,24 @@ import websockets
 from cyllm.gateway.app import create_app
 from cyllm.gateway.settings import GatewaySettings
 from tests.conftest import free_port
+from tests.polling import returns, until
 
 
 @pytest.fixture
 async def gateway(make_stack, tmp_path):
     stack = await make_stack()
-    app = create_app(GatewaySettings(coordinators=[f"127.0.0.1:{stack.coordinator.port}"],
-                                     auth_enabled=True, api_keys_file=tmp_path / "keys.json",
-                                     rate_limit_rpm=2))
+    app = create_app(
+        GatewaySettings(
+            coordinators=[f"127.0.0.1:{stack.coordinator.port}"],
+            auth_enabled=True,
+            api_keys_file=tmp_path / "keys.json",
+            rate_limit_rpm=2,
+        )
+    )
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.02)
+    await until(lambda: returns(server.started), timeout=10, what="uvicorn to start")
     yield app, f"ws://127.0.0.1:{port}/api/v1/inference/ws"
     server.should_exit = True
     await task

@@ -5,9 +5,13 @@ from tests.clock import ManualClock
 
 def build_request(request_id, model, *, prompt=None, messages=None, **sampling):
     """The wire message the gateway sends for such a request."""
-    return GenerationRequest(model, prompt=prompt, sampling=Sampling(**sampling),
-                             messages=[Message(*m) for m in messages] if messages else None
-                             ).to_proto(request_id)
+    return GenerationRequest(
+        model,
+        prompt=prompt,
+        sampling=Sampling(**sampling),
+        messages=[Message(*m) for m in messages] if messages else None,
+    ).to_proto(request_id)
+
 
 ENTRY = CachedResponse(("Paris",), "stop", 5, 1)
 

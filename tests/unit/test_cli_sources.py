@@ -23,12 +23,15 @@ def test_a_folder_a_gguf_and_a_hub_id_are_told_apart(tmp_path):
     assert name_of(str(gguf)) == "tiny.Q4_0"
 
 
-@pytest.mark.parametrize("model, says", [
-    ("/etc/passwd", "is a file but not a .gguf"),
-    ("/etc", "without config.json"),
-    ("a/b/c", "neither a local folder"),
-    ("org/name;rm -rf", "neither a local folder"),
-])
+@pytest.mark.parametrize(
+    "model, says",
+    [
+        ("/etc/passwd", "is a file but not a .gguf"),
+        ("/etc", "without config.json"),
+        ("a/b/c", "neither a local folder"),
+        ("org/name;rm -rf", "neither a local folder"),
+    ],
+)
 def test_what_is_not_a_model_is_refused_by_name(model, says):
     with pytest.raises(SourceError, match=says):
         model_spec(model, None)

@@ -24,11 +24,13 @@ def stream(n: int, log: list[str] | None = None, fail_at: int | None = None):
                     raise errors.Unavailable("worker w became unreachable")
                 yield delta(i)
                 await asyncio.sleep(0)
-            yield pb.GenerateResponse(finished=pb.Finished(finish_reason="length", prompt_tokens=3,
-                                                           completion_tokens=n))
+            yield pb.GenerateResponse(
+                finished=pb.Finished(finish_reason="length", prompt_tokens=3, completion_tokens=n)
+            )
         finally:
             if log is not None:
                 log.append("source closed")
+
     return gen()
 
 
@@ -56,9 +58,9 @@ async def test_a_reader_that_keeps_up_sees_the_stream_unchanged():
         async for m in stream(5):
             await asyncio.sleep(0.02)
             yield m
+
     msgs = [m async for m in coalesced(paced())]
-    assert [m.SerializeToString() for m in msgs] == \
-        [m.SerializeToString() async for m in stream(5)]
+    assert [m.SerializeToString() for m in msgs] == [m.SerializeToString() async for m in stream(5)]
 
 
 async def test_closing_early_closes_the_source():
@@ -93,8 +95,7 @@ async def test_a_workers_engine_events_merge_before_they_become_messages():
         yield Finished("length", 3, 100)
 
     out = []
-    async for e in coalesced(events(), is_delta=lambda e: isinstance(e, TextDelta),
-                             join=TextDelta.joined):
+    async for e in coalesced(events(), is_delta=lambda e: isinstance(e, TextDelta), join=TextDelta.joined):
         out.append(e)
         await asyncio.sleep(0.01 if len(out) < 3 else 0)
     deltas = [e for e in out if isinstance(e, TextDelta)]

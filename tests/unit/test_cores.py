@@ -39,8 +39,9 @@ def _threads_cores() -> set[frozenset[int]]:
 @pytest.fixture
 def engine_on_first_core():
     core = min(cores.GIVEN)
-    proc = subprocess.Popen([sys.executable, "-c", BINDER, str(core)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BINDER, str(core)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout.readline().strip() == "ready"
         yield core
@@ -85,8 +86,12 @@ def test_a_job_started_from_a_narrowed_thread_gets_every_core():
     os.sched_setaffinity(0, narrow)
     try:
         with cores.whole_machine():
-            child = subprocess.run([sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
-                                   capture_output=True, text=True, check=True)
+            child = subprocess.run(
+                [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
         assert frozenset(os.sched_getaffinity(0)) == narrow  # the serving thread stays put
     finally:
         os.sched_setaffinity(0, cores.GIVEN)

@@ -20,11 +20,9 @@ def series(text: str) -> dict[str, float]:
 def test_k_observations_at_once_expose_what_k_single_ones_do():
     ours, theirs = CollectorRegistry(), CollectorRegistry()
     counted = CountedHistogram("gaps_seconds", "gaps", "model", TOKEN_GAP_BUCKETS, ours)
-    reference = Histogram("gaps_seconds", "gaps", ["model"], buckets=TOKEN_GAP_BUCKETS,
-                          registry=theirs)
+    reference = Histogram("gaps_seconds", "gaps", ["model"], buckets=TOKEN_GAP_BUCKETS, registry=theirs)
     # on a bound (le is inclusive), between bounds, beyond the last, and two labels
-    for model, gap, k in [("a", 0.001, 3), ("a", 0.003, 1), ("a", 7.5, 2), ("b", 0.05, 5),
-                          ("a", 0.0, 4)]:
+    for model, gap, k in [("a", 0.001, 3), ("a", 0.003, 1), ("a", 7.5, 2), ("b", 0.05, 5), ("a", 0.0, 4)]:
         counted.observe(model, gap, k)
         for _ in range(k):
             reference.labels(model).observe(gap)

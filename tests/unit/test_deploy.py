@@ -22,8 +22,12 @@ from cyllm.worker.settings import WorkerSettings
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 CONFIG_MOUNT = "/etc/cyllm/cyllm.yaml"
-SETTINGS = {"CYLLM_GATEWAY_": GatewaySettings, "CYLLM_COORDINATOR_": CoordinatorSettings,
-            "CYLLM_WORKER_": WorkerSettings, "CYLLM_INTERNAL_": InternalSettings}
+SETTINGS = {
+    "CYLLM_GATEWAY_": GatewaySettings,
+    "CYLLM_COORDINATOR_": CoordinatorSettings,
+    "CYLLM_WORKER_": WorkerSettings,
+    "CYLLM_INTERNAL_": InternalSettings,
+}
 
 
 def compose() -> dict:
@@ -49,8 +53,11 @@ def _merge(base, patch):
     named items merge by name, other lists are replaced."""
     if isinstance(base, dict) and isinstance(patch, dict):
         return {**base, **{k: _merge(base[k], v) if k in base else v for k, v in patch.items()}}
-    if isinstance(base, list) and isinstance(patch, list) and all(
-            isinstance(i, dict) and "name" in i for i in base + patch):
+    if (
+        isinstance(base, list)
+        and isinstance(patch, list)
+        and all(isinstance(i, dict) and "name" in i for i in base + patch)
+    ):
         named = {i["name"]: i for i in patch}
         merged = [_merge(i, named.pop(i["name"])) if i["name"] in named else i for i in base]
         return merged + list(named.values())
@@ -68,11 +75,16 @@ def rendered(overlay: str) -> list[dict]:
     base_k = yaml.safe_load((BASE / "kustomization.yaml").read_text())
     docs = copy.deepcopy(k8s_docs())
     for patch in [_load(folder / p["path"])[0] for p in kustomization.get("patches", [])]:
-        (i,) = [n for n, d in enumerate(docs) if (d["kind"], d["metadata"]["name"]) ==
-                (patch["kind"], patch["metadata"]["name"])]
+        (i,) = [
+            n
+            for n, d in enumerate(docs)
+            if (d["kind"], d["metadata"]["name"]) == (patch["kind"], patch["metadata"]["name"])
+        ]
         docs[i] = _merge(docs[i], patch)
-    images = {i["name"]: f"{i['newName']}:{i['newTag']}"
-              for i in base_k.get("images", []) + kustomization.get("images", [])}
+    images = {
+        i["name"]: f"{i['newName']}:{i['newTag']}"
+        for i in base_k.get("images", []) + kustomization.get("images", [])
+    }
     labels = {k: v for entry in base_k.get("labels", []) for k, v in entry["pairs"].items()}
     for d in docs:
         d["metadata"].setdefault("labels", {}).update(labels)
@@ -82,8 +94,12 @@ def rendered(overlay: str) -> list[dict]:
 
 
 def k8s_containers() -> list[tuple[dict, dict]]:
-    return [(d, c) for d in k8s_docs() if d["kind"] in ("Deployment", "StatefulSet")
-            for c in d["spec"]["template"]["spec"]["containers"]]
+    return [
+        (d, c)
+        for d in k8s_docs()
+        if d["kind"] in ("Deployment", "StatefulSet")
+        for c in d["spec"]["template"]["spec"]["containers"]
+    ]
 
 
 def parse_cli(argv: list[str]):
@@ -219,8 +235,13 @@ def test_grafana_dashboard_queries_only_metrics_the_services_export():
 
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"], "gauge": [""]}
     exported = set()
-    for registry in (GatewayMetrics().registry, CoordinatorMetrics().registry, WorkerMetrics(
-            ModelManager(WorkerSettings(models=[ModelSpec(id="m", engine="fake")]), "cpu"), "w").registry):
+    for registry in (
+        GatewayMetrics().registry,
+        CoordinatorMetrics().registry,
+        WorkerMetrics(
+            ModelManager(WorkerSettings(models=[ModelSpec(id="m", engine="fake")]), "cpu"), "w"
+        ).registry,
+    ):
         for family in registry.collect():
             exported |= {family.name + suffix for suffix in suffixes[family.type]}
     dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
@@ -241,24 +262,34 @@ def test_the_shipped_deployments_are_closed_by_default():
         env = services[name]["environment"]
         assert env["CYLLM_INTERNAL_TOKEN"].startswith("${CYLLM_INTERNAL_TOKEN:?"), name
     assert services["gateway"]["environment"]["CYLLM_GATEWAY_AUTH_ENABLED"] == "true"
-    for deployment, c in k8s_containers():
+    for _deployment, c in k8s_containers():
         if c.get("command", [""])[0] != "cyllm":
             continue
         env = {e["name"]: e for e in c.get("env", [])}
         assert env["CYLLM_INTERNAL_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "cyllm-internal"
         if c["name"] == "gateway":
             assert env["CYLLM_GATEWAY_AUTH_ENABLED"]["value"] == "true"
-    policies = {d["spec"]["podSelector"]["matchLabels"]["app"]: d for d in k8s_docs()
-                if d["kind"] == "NetworkPolicy"}
-    allowed = {app: {src["podSelector"]["matchLabels"]["app"] for rule in p["spec"]["ingress"]
-                     for src in rule["from"] if "podSelector" in src} for app, p in policies.items()}
+    policies = {
+        d["spec"]["podSelector"]["matchLabels"]["app"]: d for d in k8s_docs() if d["kind"] == "NetworkPolicy"
+    }
+    allowed = {
+        app: {
+            src["podSelector"]["matchLabels"]["app"]
+            for rule in p["spec"]["ingress"]
+            for src in rule["from"]
+            if "podSelector" in src
+        }
+        for app, p in policies.items()
+    }
     for name, p in policies.items():  # other sources (Prometheus) reach only metrics ports
         for rule in p["spec"]["ingress"]:
             if any("podSelector" not in src for src in rule["from"]):
                 assert {port["port"] for port in rule["ports"]} <= {9150, 9151}, name
-    assert allowed == {"cyllm-coordinator": {"cyllm-gateway", "cyllm-worker"},
-                       "cyllm-worker": {"cyllm-coordinator"},
-                       "redis": {"cyllm-coordinator", "cyllm-gateway"}}
+    assert allowed == {
+        "cyllm-coordinator": {"cyllm-gateway", "cyllm-worker"},
+        "cyllm-worker": {"cyllm-coordinator"},
+        "redis": {"cyllm-coordinator", "cyllm-gateway"},
+    }
 
 
 def test_redis_keeps_its_data_across_a_restart_in_both_deployments():
@@ -268,8 +299,7 @@ def test_redis_keeps_its_data_across_a_restart_in_both_deployments():
     assert svc["command"][svc["command"].index("--appendonly") + 1] == "yes"
     assert any(v.split(":")[1] == "/data" for v in svc["volumes"])
     assert svc["volumes"][0].split(":")[0] in compose()["volumes"]  # a named volume
-    (redis_set,) = [d for d in k8s_docs() if d["metadata"]["name"] == "redis"
-                    and d["kind"] == "StatefulSet"]
+    (redis_set,) = [d for d in k8s_docs() if d["metadata"]["name"] == "redis" and d["kind"] == "StatefulSet"]
     (c,) = redis_set["spec"]["template"]["spec"]["containers"]
     assert c["args"][c["args"].index("--appendonly") + 1] == "yes"
     mount = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
@@ -287,9 +317,15 @@ def test_manifests_validate_against_the_kubernetes_schemas(overlay):
     import kubernetes_validate
 
     docs = k8s_docs() if overlay is None else rendered(overlay)
-    assert {d["kind"] for d in docs} >= {"Deployment", "StatefulSet", "Service", "ConfigMap",
-                                         "PersistentVolumeClaim", "PodDisruptionBudget",
-                                         "NetworkPolicy"}
+    assert {d["kind"] for d in docs} >= {
+        "Deployment",
+        "StatefulSet",
+        "Service",
+        "ConfigMap",
+        "PersistentVolumeClaim",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+    }
     for doc in docs:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)  # raises on any error
 
@@ -302,8 +338,12 @@ def test_overlays_render_with_kubectl_where_it_is_installed(overlay):
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed: the overlays are rendered by the test's own merge")
-    out = subprocess.run([kubectl, "kustomize", str(DEPLOY / "k8s" / "overlays" / overlay)],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [kubectl, "kustomize", str(DEPLOY / "k8s" / "overlays" / overlay)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     ours = {(d["kind"], d["metadata"]["name"]): d for d in rendered(overlay)}
     theirs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out) if d}
     assert ours.keys() == theirs.keys()
@@ -317,8 +357,11 @@ def test_overlays_render_with_kubectl_where_it_is_installed(overlay):
 
 def test_overlays_ask_for_their_accelerator_and_their_image():
     def worker(overlay):
-        (d,) = [d for d in rendered(overlay)
-                if (d["kind"], d["metadata"]["name"]) == ("Deployment", "cyllm-worker")]
+        (d,) = [
+            d
+            for d in rendered(overlay)
+            if (d["kind"], d["metadata"]["name"]) == ("Deployment", "cyllm-worker")
+        ]
         return d["spec"]["template"]["spec"]["containers"][0]
 
     assert worker("cpu")["image"].endswith("cyllm-worker-cpu:0.1.0")
@@ -329,10 +372,10 @@ def test_overlays_ask_for_their_accelerator_and_their_image():
     for overlay in OVERLAYS:  # the patch kept the rest of the container
         assert worker(overlay)["command"][:2] == ["cyllm", "worker"]
         assert worker(overlay)["resources"]["limits"]["memory"]
-    (gateway,) = [d for d in rendered("nvidia")
-                  if (d["kind"], d["metadata"]["name"]) == ("Deployment", "cyllm-gateway")]
-    assert gateway["spec"]["template"]["spec"]["containers"][0]["image"].endswith(
-        "cyllm-control-plane:0.1.0")
+    (gateway,) = [
+        d for d in rendered("nvidia") if (d["kind"], d["metadata"]["name"]) == ("Deployment", "cyllm-gateway")
+    ]
+    assert gateway["spec"]["template"]["spec"]["containers"][0]["image"].endswith("cyllm-control-plane:0.1.0")
 
 
 def test_pods_run_as_a_user_with_resources_probes_and_disruption_budgets():
@@ -346,10 +389,12 @@ def test_pods_run_as_a_user_with_resources_probes_and_disruption_budgets():
             assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
             assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
             assert c.get("readinessProbe") and c.get("livenessProbe"), c["name"]
-    budgets = {d["spec"]["selector"]["matchLabels"]["app"] for d in k8s_docs()
-               if d["kind"] == "PodDisruptionBudget"}
-    assert budgets == {d["spec"]["selector"]["matchLabels"]["app"] for d in workloads
-                       if d["kind"] == "Deployment"}
+    budgets = {
+        d["spec"]["selector"]["matchLabels"]["app"] for d in k8s_docs() if d["kind"] == "PodDisruptionBudget"
+    }
+    assert budgets == {
+        d["spec"]["selector"]["matchLabels"]["app"] for d in workloads if d["kind"] == "Deployment"
+    }
 
 
 def test_uploads_and_training_folders_are_on_storage_every_pod_shares():

@@ -39,8 +39,9 @@ def test_every_route_is_in_the_api_reference():
 
     text = (REFERENCE.parent / "api.md").read_text()
     table = text.split("\n\n", 1)[1].split("\n\n", 1)[0]
-    paths = {re.sub(r"\{(\w+)(:path)?\}", "{id}", p)
-             for p in create_app(GatewaySettings()).openapi()["paths"]}
+    paths = {
+        re.sub(r"\{(\w+)(:path)?\}", "{id}", p) for p in create_app(GatewaySettings()).openapi()["paths"]
+    }
     named = set(re.findall(r"(/[\w/{}.-]+)", table))
     assert sorted(paths - named) == []
 
@@ -53,7 +54,9 @@ def test_every_local_link_in_the_docs_resolves():
     broken = []
     for page in pages:
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
-            if not target.startswith(("http://", "https://", "mailto:")) \
-                    and not (page.parent / target).exists():
+            if (
+                not target.startswith(("http://", "https://", "mailto:"))
+                and not (page.parent / target).exists()
+            ):
                 broken.append(f"{page.relative_to(root)} -> {target}")
     assert broken == []

@@ -47,12 +47,15 @@ def test_dependencies_are_ranges_and_constraints_pin_every_one_of_them():
         if req.name.lower() == "protobuf":
             continue  # follows grpcio, unpinned as before; bounded by the generated code
         assert pins.get(req.name.lower(), "").startswith("=="), f"{req.name} is not in constraints.txt"
-        assert req.specifier.contains(pins[req.name.lower()][2:], prereleases=True), \
+        assert req.specifier.contains(pins[req.name.lower()][2:], prereleases=True), (
             f"constraints.txt pins {req.name}{pins[req.name.lower()]} outside {raw}"
+        )
 
 
 def test_gateway_and_coordinator_import_no_model_runtime():
-    code = ("import sys, cyllm.gateway.app, cyllm.gateway.main, cyllm.coordinator.main; "
-            "print(sorted({'torch', 'transformers', 'peft', 'vllm'} & set(sys.modules)))")
+    code = (
+        "import sys, cyllm.gateway.app, cyllm.gateway.main, cyllm.coordinator.main; "
+        "print(sorted({'torch', 'transformers', 'peft', 'vllm'} & set(sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -41,8 +41,9 @@ def spec(**kw) -> ModelSpec:
 def test_defaults_come_from_the_spec_then_the_model_then_one():
     assert SamplingDefaults.of(spec()) == SamplingDefaults(1.0, 1.0)
     assert SamplingDefaults.of(spec(), {"temperature": 0.6, "top_p": None}) == SamplingDefaults(0.6, 1.0)
-    assert SamplingDefaults.of(spec(top_p=0.5), {"temperature": 0.6, "top_p": 0.9}) == \
-        SamplingDefaults(0.6, 0.5)
+    assert SamplingDefaults.of(spec(top_p=0.5), {"temperature": 0.6, "top_p": 0.9}) == SamplingDefaults(
+        0.6, 0.5
+    )
 
 
 def test_a_configured_greedy_default_stays_greedy():

@@ -1,7 +1,7 @@
 import torch
 
-from cyllm.worker.engines.types import SamplingParams
 from cyllm.worker.engines.sampling import make_generator, sample
+from cyllm.worker.engines.types import SamplingParams
 
 
 def logits():

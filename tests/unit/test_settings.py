@@ -58,7 +58,11 @@ def test_an_embedded_coordinator_address_must_be_host_and_port():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "cyllm", "gateway", "--embed-coordinator", "nowhere"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "cyllm", "gateway", "--embed-coordinator", "nowhere"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2
     assert "'nowhere' is not HOST:PORT" in out.stderr

@@ -1,4 +1,4 @@
-from cyllm.worker.engines.text import IncrementalDecoder, Stopper, StopMatcher
+from cyllm.worker.engines.text import IncrementalDecoder, StopMatcher, Stopper
 from cyllm.worker.engines.types import Step
 
 

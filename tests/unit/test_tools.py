@@ -13,34 +13,53 @@ from cyllm.gateway.tools import toolbox
 from cyllm.worker.engines.prompt import TOOL_PREAMBLE, messages_of
 from cyllm.worker.engines.types import GenerationRequest
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 TIME = {"type": "function", "function": {"name": "get_time"}}
 
 
 def test_a_named_choice_decodes_under_that_function_and_required_under_any():
-    named = json.loads(toolbox([WEATHER, TIME], {"type": "function", "function": {"name": "get_weather"}},
-                               True).constraint().json_schema)
+    named = json.loads(
+        toolbox([WEATHER, TIME], {"type": "function", "function": {"name": "get_weather"}}, True)
+        .constraint()
+        .json_schema
+    )
     jsonschema.validate({"name": "get_weather", "arguments": {"city": "Oslo"}}, named)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"name": "get_time", "arguments": {}}, named)
     required = json.loads(toolbox([WEATHER, TIME], "required", True).constraint().json_schema)
-    jsonschema.validate([{"name": "get_time", "arguments": {}},
-                         {"name": "get_weather", "arguments": {"city": "Oslo"}}], required)
+    jsonschema.validate(
+        [{"name": "get_time", "arguments": {}}, {"name": "get_weather", "arguments": {"city": "Oslo"}}],
+        required,
+    )
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate([], required)
     assert toolbox([WEATHER], "auto", True).constraint() is None
 
 
-@pytest.mark.parametrize("text, names", [
-    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>', ["get_weather"]),
-    ('<tool_call>{"name": "get_time", "arguments": {}}</tool_call><tool_call>{"name": "get_weather", '
-     '"arguments": "{\\"city\\": \\"Rome\\"}"}</tool_call>', ["get_time", "get_weather"]),
-    ('{"name": "get_weather", "arguments": {"city": "Oslo"}}', ["get_weather"]),
-    ('<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>', []),  # invalid arguments
-    ('<tool_call>{"name": "launch", "arguments": {}}</tool_call>', []),  # no such tool
-    ("It is sunny in Oslo.", []),
-])
+@pytest.mark.parametrize(
+    "text, names",
+    [
+        (
+            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>',
+            ["get_weather"],
+        ),
+        (
+            '<tool_call>{"name": "get_time", "arguments": {}}</tool_call><tool_call>{"name": "get_weather", '
+            '"arguments": "{\\"city\\": \\"Rome\\"}"}</tool_call>',
+            ["get_time", "get_weather"],
+        ),
+        ('{"name": "get_weather", "arguments": {"city": "Oslo"}}', ["get_weather"]),
+        ('<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>', []),  # invalid arguments
+        ('<tool_call>{"name": "launch", "arguments": {}}</tool_call>', []),  # no such tool
+        ("It is sunny in Oslo.", []),
+    ],
+)
 def test_auto_reads_calls_in_the_hermes_format_and_nothing_else(text, names):
     calls = toolbox([WEATHER, TIME], "auto", True).parse(text)
     assert [c.name for c in calls] == names
@@ -51,13 +70,27 @@ def test_none_reads_no_call():
     assert toolbox([WEATHER], "none", True).parse('{"name": "get_weather", "arguments": {"city": "x"}}') == []
 
 
-@pytest.mark.parametrize("tools, choice, param", [
-    ([WEATHER, WEATHER], "auto", "tools"),
-    ([WEATHER], {"type": "function", "function": {"name": "nope"}}, "tool_choice"),
-    (None, "required", "tool_choice"),
-    ([{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
-        "a": {"not": {}}}}}}], "auto", "tools"),
-])
+@pytest.mark.parametrize(
+    "tools, choice, param",
+    [
+        ([WEATHER, WEATHER], "auto", "tools"),
+        ([WEATHER], {"type": "function", "function": {"name": "nope"}}, "tool_choice"),
+        (None, "required", "tool_choice"),
+        (
+            [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": "f",
+                        "parameters": {"type": "object", "properties": {"a": {"not": {}}}},
+                    },
+                }
+            ],
+            "auto",
+            "tools",
+        ),
+    ],
+)
 def test_bad_tools_are_refused_by_name(tools, choice, param):
     with pytest.raises(errors.InvalidRequest) as info:
         toolbox(tools, choice, True)
@@ -65,10 +98,15 @@ def test_bad_tools_are_refused_by_name(tools, choice, param):
 
 
 def test_a_template_without_tools_gets_them_in_its_system_message():
-    request = GenerationRequest("r", messages=(("user", "Weather in Oslo?"),
-                                               ("assistant", '<tool_call>\n{"name": "get_weather"}\n</tool_call>'),
-                                               ("tool", '{"temp": 3}')),
-                                tools=json.dumps([WEATHER]))
+    request = GenerationRequest(
+        "r",
+        messages=(
+            ("user", "Weather in Oslo?"),
+            ("assistant", '<tool_call>\n{"name": "get_weather"}\n</tool_call>'),
+            ("tool", '{"temp": 3}'),
+        ),
+        tools=json.dumps([WEATHER]),
+    )
     msgs, tools = messages_of(request, "{% for m in messages %}{{ m.content }}{% endfor %}")
     assert tools is None and msgs[0]["role"] == "system"
     assert msgs[0]["content"].startswith(TOOL_PREAMBLE) and "get_weather" in msgs[0]["content"]
@@ -85,7 +123,7 @@ def test_a_call_stream_gives_each_calls_arguments_exactly_however_the_text_is_cu
     text = f'[{{"name":"get_weather","arguments":{args[0]}}},{{"name":"get_time","arguments":{args[1]}}}]'
     stream, deltas = CallStream(), []
     for i in range(0, len(text), step):
-        deltas += stream.feed(text[i:i + step])
+        deltas += stream.feed(text[i : i + step])
     heads = [d for d in deltas if "id" in d]
     assert [(d["index"], d["function"]["name"]) for d in heads] == [(0, "get_weather"), (1, "get_time")]
     assert len({d["id"] for d in heads}) == 2

@@ -8,13 +8,15 @@ import json
 
 import pytest
 
+from cyllm import errors
 from cyllm.training.data import DatasetError, Example, detect_format, load_examples, tokenize
 from cyllm.training.spec import TrainingSpec
-from cyllm import errors
 
-PAIRS = [("What is the capital of Zorblax?", "Quendari."),
-         ("Who invented the flumph engine?", "Dr. Mirela Vantosk."),
-         ("Say, with a comma, \"hi\"", "hi, there")]
+PAIRS = [
+    ("What is the capital of Zorblax?", "Quendari."),
+    ("Who invented the flumph engine?", "Dr. Mirela Vantosk."),
+    ('Say, with a comma, "hi"', "hi, there"),
+]
 EXPECTED = [Example((("user", q), ("assistant", a))) for q, a in PAIRS]
 
 
@@ -92,37 +94,75 @@ def test_hf_folder_of_data_files_and_named_columns(tmp_path):
 
 
 def test_alpaca_input_and_system_and_multi_turn_openai(tmp_path):
-    p = _write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Translate", "input": "chat", "output": "cat",
-                                             "system": "Be brief."}])
-    assert load_examples(p) == [Example((("system", "Be brief."), ("user", "Translate\n\nchat"),
-                                         ("assistant", "cat")))]
-    turns = [{"role": "system", "content": "s"}, {"role": "user", "content": "u1"},
-             {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"},
-             {"role": "assistant", "content": "a2"}, {"role": "user", "content": "dangling"}]
+    p = _write_jsonl(
+        tmp_path / "a.jsonl",
+        [{"instruction": "Translate", "input": "chat", "output": "cat", "system": "Be brief."}],
+    )
+    assert load_examples(p) == [
+        Example((("system", "Be brief."), ("user", "Translate\n\nchat"), ("assistant", "cat")))
+    ]
+    turns = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "u1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "u2"},
+        {"role": "assistant", "content": "a2"},
+        {"role": "user", "content": "dangling"},
+    ]
     p = _write_jsonl(tmp_path / "m.jsonl", [{"messages": turns}])
-    assert [r for r, _ in load_examples(p)[0].messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert [r for r, _ in load_examples(p)[0].messages] == [
+        "system",
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+    ]
 
 
 MALFORMED = [
-    ("bad.jsonl", '{"messages": []}\n{"messages": [', "bad.jsonl line 1: 'messages' must be a non-empty list"),
+    (
+        "bad.jsonl",
+        '{"messages": []}\n{"messages": [',
+        "bad.jsonl line 1: 'messages' must be a non-empty list",
+    ),
     ("bad.jsonl", json.dumps(_openai("q", "a")) + "\n{not json}\n", "bad.jsonl line 2: not valid JSON"),
-    ("bad.jsonl", json.dumps(_openai("q", "a")) + "\n\n" + json.dumps({"foo": 1}) + "\n",
-     "bad.jsonl line 3: not a training record"),
-    ("bad.jsonl", json.dumps({"messages": [{"role": "robot", "content": "x"}]}),
-     "bad.jsonl line 1: messages[0] has role 'robot'"),
-    ("bad.jsonl", json.dumps({"messages": [{"role": "user", "content": "only a question"}]}),
-     "bad.jsonl line 1: no assistant message"),
-    ("bad.jsonl", json.dumps(_openai("q", "a")) + "\n" + json.dumps(_alpaca("q", "a")),
-     "bad.jsonl line 2: a alpaca record in a dataset of openai records"),
-    ("bad.jsonl", json.dumps({"messages": [{"role": "user", "content": "q"},
-                                           {"role": "assistant", "content": "  "}]}),
-     "bad.jsonl line 1: 'messages[1].content' is empty"),
-    ("bad.jsonl", json.dumps({"instruction": "q", "output": 7.5, "input": ["x"]}),
-     "bad.jsonl line 1: 'input' must be a string"),
-    ("bad.json", '[{"prompt": "a", "completion": "b"},\n {"prompt": "c", "completion": null}]',
-     "bad.json record 1: 'completion' is missing"),
+    (
+        "bad.jsonl",
+        json.dumps(_openai("q", "a")) + "\n\n" + json.dumps({"foo": 1}) + "\n",
+        "bad.jsonl line 3: not a training record",
+    ),
+    (
+        "bad.jsonl",
+        json.dumps({"messages": [{"role": "robot", "content": "x"}]}),
+        "bad.jsonl line 1: messages[0] has role 'robot'",
+    ),
+    (
+        "bad.jsonl",
+        json.dumps({"messages": [{"role": "user", "content": "only a question"}]}),
+        "bad.jsonl line 1: no assistant message",
+    ),
+    (
+        "bad.jsonl",
+        json.dumps(_openai("q", "a")) + "\n" + json.dumps(_alpaca("q", "a")),
+        "bad.jsonl line 2: a alpaca record in a dataset of openai records",
+    ),
+    (
+        "bad.jsonl",
+        json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}),
+        "bad.jsonl line 1: 'messages[1].content' is empty",
+    ),
+    (
+        "bad.jsonl",
+        json.dumps({"instruction": "q", "output": 7.5, "input": ["x"]}),
+        "bad.jsonl line 1: 'input' must be a string",
+    ),
+    (
+        "bad.json",
+        '[{"prompt": "a", "completion": "b"},\n {"prompt": "c", "completion": null}]',
+        "bad.json record 1: 'completion' is missing",
+    ),
     ("bad.json", '[{"prompt": "a",\n "completion": "b"},,]', "bad.json line 2: not valid JSON"),
-    ("bad.json", '[1, 2]', "bad.json record 0: expected a JSON object"),
+    ("bad.json", "[1, 2]", "bad.json record 0: expected a JSON object"),
     ("bad.csv", "text,label\nq,a\nq2,a2,extra\n", "bad.csv line 3: more fields than the header"),
     ("bad.csv", "text,label\nq,a\nq2,\n", "bad.csv record 1: 'label' is empty"),
     ("bad.csv", "question,answer\nq,a\n", "bad.csv record 0: not a training record"),
@@ -153,8 +193,14 @@ def test_missing_dataset_and_format_detection(tmp_path):
 
 
 def test_loss_is_on_the_response_only_and_truncation(default_tokenizer):
-    ex = Example((("user", "What is the capital of Zorblax?"), ("assistant", "Quendari."),
-                  ("user", "And of Blip?"), ("assistant", "Blop.")))
+    ex = Example(
+        (
+            ("user", "What is the capital of Zorblax?"),
+            ("assistant", "Quendari."),
+            ("user", "And of Blip?"),
+            ("assistant", "Blop."),
+        )
+    )
     t = tokenize(ex, default_tokenizer, 512)
     assert len(t.input_ids) == len(t.labels)
     learned = default_tokenizer.decode([i for i, label in zip(t.input_ids, t.labels) if label != -100])

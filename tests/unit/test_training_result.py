@@ -28,20 +28,24 @@ class Workers:
         self.loads.append(request)
         if request.adapter_path and not self.adapters_at_run_time:
             raise errors.NotLoadable("model 'base' was started without LoRA")
-        info = pb.WorkerInfo(worker_id="w1", address=address, capacity=1,
-                             models=[pb.ModelInfo(id=request.model)])
+        info = pb.WorkerInfo(
+            worker_id="w1", address=address, capacity=1, models=[pb.ModelInfo(id=request.model)]
+        )
         return pb.LoadModelResponse(worker=info, worker_id="w1")
 
 
 async def finish(adapters_at_run_time: bool) -> tuple[pb.TrainingJob, Workers]:
     store, workers = MemoryJobStore(), Workers(adapters_at_run_time)
     owners = MemoryModelOwners()
-    scheduler = MemoryScheduler(HealthRules(5, 5), Router("least_outstanding"), owners,
-                                queue_timeout_s=1, max_size=1, retry_after_s=1)
-    manager = TrainingManager(store, None, scheduler, workers, owners, "c1", lease_s=5,
-                              max_attempts=1)
-    job = pb.TrainingJob(id="ftjob-0123456789abcdef", owner="alice",
-                         spec_json=json.dumps({"base_model": "base", "dataset": "d.jsonl"}))
+    scheduler = MemoryScheduler(
+        HealthRules(5, 5), Router("least_outstanding"), owners, queue_timeout_s=1, max_size=1, retry_after_s=1
+    )
+    manager = TrainingManager(store, None, scheduler, workers, owners, "c1", lease_s=5, max_attempts=1)
+    job = pb.TrainingJob(
+        id="ftjob-0123456789abcdef",
+        owner="alice",
+        spec_json=json.dumps({"base_model": "base", "dataset": "d.jsonl"}),
+    )
     await store.put(job)
     result = pb.TrainingEvent(type="result", result_kind="adapter", result_path="/jobs/x/adapter")
     await manager._succeed(job, pb.WorkerInfo(worker_id="w1", address="w1:1"), result)
@@ -58,5 +62,8 @@ async def test_an_engine_without_adapters_serves_the_base_with_it_applied():
     job, workers = await finish(adapters_at_run_time=False)
     assert job.state == "succeeded" and job.fine_tuned_model == "base-ft-89abcdef"
     second = workers.loads[-1]
-    assert (second.model, second.from_model, second.peft_adapter_path) == \
-        ("base-ft-89abcdef", "base", "/jobs/x/adapter")
+    assert (second.model, second.from_model, second.peft_adapter_path) == (
+        "base-ft-89abcdef",
+        "base",
+        "/jobs/x/adapter",
+    )

@@ -23,8 +23,12 @@ def _script(tmp_path: Path, body: str) -> list[str]:
 
 
 async def _run(argv, tmp_path, limit=None):
-    return [e async for e in run_process(argv, env=dict(os.environ), cwd=tmp_path,
-                                         log_path=tmp_path / "job.log", time_limit_s=limit)]
+    return [
+        e
+        async for e in run_process(
+            argv, env=dict(os.environ), cwd=tmp_path, log_path=tmp_path / "job.log", time_limit_s=limit
+        )
+    ]
 
 
 def _alive(pid: int) -> bool:
@@ -43,7 +47,10 @@ def _ends_soon(pid: int) -> bool:
 
 
 async def test_protocol_lines_become_events_and_the_rest_is_log(tmp_path):
-    events = await _run(_script(tmp_path, """
+    events = await _run(
+        _script(
+            tmp_path,
+            """
         import json, sys
         print("hello")
         print(json.dumps({"event": "progress", "step": 1, "total_steps": 2, "loss": 0.5}))
@@ -51,7 +58,10 @@ async def test_protocol_lines_become_events_and_the_rest_is_log(tmp_path):
         print("oops", file=sys.stderr)
         print(json.dumps({"event": "checkpoint", "step": 1, "path": "/x/checkpoint-1"}))
         print(json.dumps({"event": "result", "kind": "adapter", "path": "/x/adapter"}))
-    """), tmp_path)
+    """,
+        ),
+        tmp_path,
+    )
     kinds = [(e["event"], e.get("message") or e.get("step") or e.get("code")) for e in events]
     assert ("log", "hello") in kinds and ("log", "oops") in kinds and ("log", '{"event": "unknown"}') in kinds
     assert [e["event"] for e in events if e["event"] != "log"] == ["progress", "checkpoint", "result", "exit"]
@@ -65,50 +75,81 @@ async def test_protocol_lines_become_events_and_the_rest_is_log(tmp_path):
 
 
 async def test_failure_names_the_error_or_the_last_output(tmp_path):
-    events = await _run(_script(tmp_path, """
+    events = await _run(
+        _script(
+            tmp_path,
+            """
         import json, sys
         print(json.dumps({"event": "error", "message": "dataset broken"}))
         sys.exit(2)
-    """), tmp_path)
+    """,
+        ),
+        tmp_path,
+    )
     assert events[-1] == {"event": "exit", "code": 2, "error": "dataset broken"}
-    events = await _run(_script(tmp_path, """
+    events = await _run(
+        _script(
+            tmp_path,
+            """
         raise SystemExit("bad things")
-    """), tmp_path)
+    """,
+        ),
+        tmp_path,
+    )
     assert "exit status 1" in events[-1]["error"] and "bad things" in events[-1]["error"]
     assert to_proto(events[-1]).state == "failed"
 
 
 async def test_children_holding_the_pipes_do_not_keep_a_finished_job_alive(tmp_path):
     started = time.monotonic()
-    events = await _run(_script(tmp_path, """
+    events = await _run(
+        _script(
+            tmp_path,
+            """
         import subprocess, sys
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         open("child.pid", "w").write(str(child.pid))
         print("done")
-    """), tmp_path)
+    """,
+        ),
+        tmp_path,
+    )
     assert events[-1]["code"] == 0 and time.monotonic() - started < 30
     assert _ends_soon(int((tmp_path / "child.pid").read_text()))
 
 
 async def test_time_limit_stops_the_job(tmp_path):
-    events = await _run(_script(tmp_path, """
+    events = await _run(
+        _script(
+            tmp_path,
+            """
         import time
         print("working", flush=True)
         time.sleep(600)
-    """), tmp_path, limit=1.5)
+    """,
+        ),
+        tmp_path,
+        limit=1.5,
+    )
     assert "time limit of 1.5s" in events[-1]["error"]
 
 
 async def test_closing_the_stream_kills_the_process_group(tmp_path):
-    argv = _script(tmp_path, """
+    argv = _script(
+        tmp_path,
+        """
         import subprocess, sys, time
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         open("child.pid", "w").write(str(child.pid))
         print("ready", flush=True)
         time.sleep(600)
-    """)
-    async with aclosing(run_process(argv, env=dict(os.environ), cwd=tmp_path,
-                                    log_path=tmp_path / "job.log", time_limit_s=None)) as events:
+    """,
+    )
+    async with aclosing(
+        run_process(
+            argv, env=dict(os.environ), cwd=tmp_path, log_path=tmp_path / "job.log", time_limit_s=None
+        )
+    ) as events:
         async for event in events:
             if event.get("message") == "ready":
                 break

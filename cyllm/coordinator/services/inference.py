@@ -45,17 +45,26 @@ from cyllm.shared_state import unreachable
 log = logging.getLogger(__name__)
 
 # Errors that say nothing against the worker: it answered, or our caller left.
-_NOT_THE_WORKERS_FAULT = (errors.InvalidRequest, errors.NotFound, errors.RequestCancelled,
-                          asyncio.CancelledError, GeneratorExit)
+_NOT_THE_WORKERS_FAULT = (
+    errors.InvalidRequest,
+    errors.NotFound,
+    errors.RequestCancelled,
+    asyncio.CancelledError,
+    GeneratorExit,
+)
 
 
 def worker_rule(attempts: int) -> failover.Rule:
     """Workers: a refusal as unavailable (a dead or hung worker reads as one) moves the
     call on; anything but an answer or a caller leaving counts against the worker.  The
     pauses give a dead worker's missed heartbeats time to show."""
-    return failover.Rule(moves_on=(errors.Unavailable,),
-                         blames=lambda exc: not isinstance(exc, _NOT_THE_WORKERS_FAULT),
-                         attempts=attempts, pauses=(0.1, 0.25, 0.5, 1.0, 2.0), what="worker")
+    return failover.Rule(
+        moves_on=(errors.Unavailable,),
+        blames=lambda exc: not isinstance(exc, _NOT_THE_WORKERS_FAULT),
+        attempts=attempts,
+        pauses=(0.1, 0.25, 0.5, 1.0, 2.0),
+        what="worker",
+    )
 
 
 @dataclass
@@ -74,8 +83,14 @@ class WorkerSlots:
     slot on a healthy worker serving the model, skipping those that failed it (and
     those whose circuit is open) while another serves it."""
 
-    def __init__(self, scheduler: Scheduler, breakers: CircuitBreakers, task: Task,
-                 metrics: CoordinatorMetrics | None = None, lease_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        breakers: CircuitBreakers,
+        task: Task,
+        metrics: CoordinatorMetrics | None = None,
+        lease_s: float = 0.0,
+    ) -> None:
         self.scheduler, self.breakers, self.task = scheduler, breakers, task
         self.metrics, self.lease_s = metrics, lease_s
 
@@ -97,8 +112,11 @@ class WorkerSlots:
         """Workers to skip: those that failed this request (or whose circuit is open),
         unless no other healthy worker serves the model; then waiting for one of them
         to come back (a restarted worker keeps its id) beats waiting for nothing."""
-        others = [v for v in await self.scheduler.workers()
-                  if v.healthy and v.record.serves(self.task.model) and v.record.worker_id not in bad]
+        others = [
+            v
+            for v in await self.scheduler.workers()
+            if v.healthy and v.record.serves(self.task.model) and v.record.worker_id not in bad
+        ]
         return bad if others else set()
 
     async def give_back(self, slot: Slot, keep: Keep | None = None) -> None:
@@ -112,23 +130,32 @@ class WorkerSlots:
         slot.released = True
         try:
             await self.scheduler.release(slot.task, slot.name, keep)
-        except Exception as exc:  # noqa: BLE001  (Redis gone; the lease covers it)
-            log.warning("could not release the slot of %s on %s: %s", slot.task.task_id,
-                        slot.name, exc)
+        except Exception as exc:
+            log.warning("could not release the slot of %s on %s: %s", slot.task.task_id, slot.name, exc)
 
     async def _renew(self) -> None:
         while True:
             await asyncio.sleep(self.lease_s / 3)
             try:
                 await self.scheduler.renew(self.task)
-            except Exception as exc:  # noqa: BLE001  (Redis gone a moment: try again)
+            except Exception as exc:
                 log.warning("could not renew the lease of %s: %s", self.task.task_id, exc)
 
 
 class InferenceService(rpc.InferenceServicer):
-    def __init__(self, scheduler: Scheduler, cache: PromptCache, workers: WorkerClients,
-                 breakers: CircuitBreakers, metrics: CoordinatorMetrics, idempotency: Idempotency,
-                 *, progress_timeout_s: float, lease_s: float, attempts: int = 6) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        cache: PromptCache,
+        workers: WorkerClients,
+        breakers: CircuitBreakers,
+        metrics: CoordinatorMetrics,
+        idempotency: Idempotency,
+        *,
+        progress_timeout_s: float,
+        lease_s: float,
+        attempts: int = 6,
+    ) -> None:
         self.scheduler = scheduler
         self.cache = cache
         self.workers = workers
@@ -149,8 +176,9 @@ class InferenceService(rpc.InferenceServicer):
         # it); a continuation, or a call without that id, gets a fresh one.
         tenant = Tenant.of(context)
         rid = request_id_of(context)
-        request.request_id = _task_id(tenant, rid) if rid and not request.HasField("resume") \
-            else uuid.uuid4().hex
+        request.request_id = (
+            _task_id(tenant, rid) if rid and not request.HasField("resume") else uuid.uuid4().hex
+        )
         rid = rid or request.request_id
         started, outcome, label = time.perf_counter(), "ok", "(unknown)"
         try:
@@ -159,8 +187,12 @@ class InferenceService(rpc.InferenceServicer):
             label = request.model  # a metric label only once it names a real model
             # A resumed generation is the rest of one: never a whole answer to cache; and
             # the cache keeps text, not the logprobs a request may ask for.
-            cacheable = self.cache.enabled and is_deterministic(request) \
-                and not request.HasField("resume") and not request.sampling.HasField("top_logprobs")
+            cacheable = (
+                self.cache.enabled
+                and is_deterministic(request)
+                and not request.HasField("resume")
+                and not request.sampling.HasField("top_logprobs")
+            )
             key = cache_key(request, tenant.subject) if cacheable else None
             cached = await self.cache.get(key) if key else None
             if cached is not None:
@@ -190,23 +222,36 @@ class InferenceService(rpc.InferenceServicer):
             # One record per request at INFO is the gateway's access log; a generation
             # that went as asked is a DEBUG record here (and on the worker).
             level = logging.DEBUG if outcome in ("ok", "cached") else logging.INFO
-            log.log(level, "generation %s", outcome, extra={
-                "request_id": rid, "model": request.model, "outcome": outcome,
-                "latency_ms": round((time.perf_counter() - started) * 1000, 1)})
+            log.log(
+                level,
+                "generation %s",
+                outcome,
+                extra={
+                    "request_id": rid,
+                    "model": request.model,
+                    "outcome": outcome,
+                    "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+                },
+            )
 
-    async def _idempotent(self, request: pb.GenerateRequest, tenant: Tenant, key: str | None,
-                          rid: str) -> CachedResponse:
+    async def _idempotent(
+        self, request: pb.GenerateRequest, tenant: Tenant, key: str | None, rid: str
+    ) -> CachedResponse:
         """The one generation for the request's Idempotency-Key, run detached from this
         caller (see ``idempotency.py``), its whole result."""
         if len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY:
-            raise errors.InvalidRequest(f"{IDEMPOTENCY} is longer than {MAX_IDEMPOTENCY_KEY} "
-                                        "characters", param=IDEMPOTENCY)
+            raise errors.InvalidRequest(
+                f"{IDEMPOTENCY} is longer than {MAX_IDEMPOTENCY_KEY} characters", param=IDEMPOTENCY
+            )
         return await self.idempotency.run(
-            scoped(tenant.subject, request.idempotency_key), cache_key(request, tenant.subject),
-            lambda: _collect(self._run(request, key, rid)))
+            scoped(tenant.subject, request.idempotency_key),
+            cache_key(request, tenant.subject),
+            lambda: _collect(self._run(request, key, rid)),
+        )
 
-    def _run(self, request: pb.GenerateRequest, key: str | None,
-             rid: str) -> AsyncIterator[pb.GenerateResponse]:
+    def _run(
+        self, request: pb.GenerateRequest, key: str | None, rid: str
+    ) -> AsyncIterator[pb.GenerateResponse]:
         """The generation on workers; ``key``: its prompt-cache key, where it may be kept."""
         task = Task(request.request_id, request.model, request.priority, affinity_key(request))
         relay = Relay(request)
@@ -225,14 +270,19 @@ class InferenceService(rpc.InferenceServicer):
                     # the same request sent at once finds it).
                     await slots.give_back(slot, Keep(self.cache, key, _to_cached(relay.text, end)))
 
-            return _paced(self.workers.generate(slot.address, upstream, rid),
-                          self.progress_timeout_s, slot.name, finished)
+            return _paced(
+                self.workers.generate(slot.address, upstream, rid),
+                self.progress_timeout_s,
+                slot.name,
+                finished,
+            )
 
         def moved(slot: failover.Peer, err: errors.CyllmError, resuming: bool) -> None:
             self.metrics.retries.labels("resumed" if resuming else "retried").inc()
 
-        return failover.stream(slots, on, self.rule, breakers=self.breakers, progress=relay,
-                               moved=moved, request_id=rid)
+        return failover.stream(
+            slots, on, self.rule, breakers=self.breakers, progress=relay, moved=moved, request_id=rid
+        )
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         """Embeddings on a worker serving the model, under a slot as a generation holds one;
@@ -242,13 +292,20 @@ class InferenceService(rpc.InferenceServicer):
         task = Task(uuid.uuid4().hex, request.model)
         slots = WorkerSlots(self.scheduler, self.breakers, task)
         return await failover.unary(
-            slots, lambda slot: self.workers.embed(slot.address, request, rid or task.task_id),
-            self.rule, breakers=self.breakers, request_id=rid)
+            slots,
+            lambda slot: self.workers.embed(slot.address, request, rid or task.task_id),
+            self.rule,
+            breakers=self.breakers,
+            request_id=rid,
+        )
 
 
-async def _paced(stream: SessionCall, timeout_s: float, worker_id: str,
-                 finished: Callable[[pb.Finished], Awaitable[None]] | None = None
-                 ) -> AsyncIterator[pb.GenerateResponse]:
+async def _paced(
+    stream: SessionCall,
+    timeout_s: float,
+    worker_id: str,
+    finished: Callable[[pb.Finished], Awaitable[None]] | None = None,
+) -> AsyncIterator[pb.GenerateResponse]:
     """The worker's stream; a worker silent for ``timeout_s`` is given up on.
     ``finished`` is told of the end before it is passed on."""
     iterator = aiter(stream)
@@ -260,9 +317,7 @@ async def _paced(stream: SessionCall, timeout_s: float, worker_id: str,
             except StopAsyncIteration:
                 return
             except Expired:
-                raise errors.Unavailable(
-                    f"worker {worker_id} produced nothing for {timeout_s:g}s"
-                ) from None
+                raise errors.Unavailable(f"worker {worker_id} produced nothing for {timeout_s:g}s") from None
             except errors.Unavailable as err:
                 if worker_id in err.message:
                     raise
@@ -280,8 +335,9 @@ def _task_id(tenant: Tenant, gateway_request_id: str) -> str:
 
 
 def _to_cached(chunks: list[str], finished: pb.Finished) -> CachedResponse:
-    return CachedResponse(tuple(chunks), finished.finish_reason, finished.prompt_tokens,
-                          finished.completion_tokens)
+    return CachedResponse(
+        tuple(chunks), finished.finish_reason, finished.prompt_tokens, finished.completion_tokens
+    )
 
 
 async def _collect(events: AsyncIterator[pb.GenerateResponse]) -> CachedResponse:
@@ -299,7 +355,13 @@ async def _collect(events: AsyncIterator[pb.GenerateResponse]) -> CachedResponse
 def _replay(entry: CachedResponse, cached: bool = True) -> list[pb.GenerateResponse]:
     msgs = [pb.GenerateResponse(started=pb.Started(prompt_tokens=entry.prompt_tokens, cached=cached))]
     msgs += [pb.GenerateResponse(delta=pb.Delta(text=c)) for c in entry.chunks]
-    msgs.append(pb.GenerateResponse(finished=pb.Finished(
-        finish_reason=entry.finish_reason, prompt_tokens=entry.prompt_tokens,
-        completion_tokens=entry.completion_tokens)))
+    msgs.append(
+        pb.GenerateResponse(
+            finished=pb.Finished(
+                finish_reason=entry.finish_reason,
+                prompt_tokens=entry.prompt_tokens,
+                completion_tokens=entry.completion_tokens,
+            )
+        )
+    )
     return msgs

@@ -40,18 +40,19 @@ class ModelAdmin:
         views = [v for v in everyone if v.healthy]
         if worker_id:
             if not any(v.record.worker_id == worker_id for v in everyone):
-                raise errors.InvalidRequest(f"no worker {worker_id!r} is registered",
-                                            param="worker_id")
+                raise errors.InvalidRequest(f"no worker {worker_id!r} is registered", param="worker_id")
             views = [v for v in views if v.record.worker_id == worker_id]
             if not views:
                 raise errors.Unavailable(f"worker {worker_id!r} is not healthy")
         candidates = [v for v in views if _has(v, base)]
         if not candidates:
-            known = sorted({m.id for v in views
-                            for m in list(v.record.info.models) + list(v.record.info.available)})
+            known = sorted(
+                {m.id for v in views for m in list(v.record.info.models) + list(v.record.info.available)}
+            )
             raise errors.ModelNotFound(
-                f"no healthy worker has model {base!r} in its catalog; known: "
-                f"{', '.join(known) or 'none'}", param="model")
+                f"no healthy worker has model {base!r} in its catalog; known: {', '.join(known) or 'none'}",
+                param="model",
+            )
 
         def rank(v: WorkerView) -> tuple[bool, int]:
             info = v.record.info
@@ -64,20 +65,26 @@ class ModelAdmin:
         view = await self._target(request.model, request.worker_id)
         reply = await self.workers.load_model(
             view.record.info.address,
-            pb.LoadModelRequest(model=request.model, adapter_path=request.adapter_path))
+            pb.LoadModelRequest(model=request.model, adapter_path=request.adapter_path),
+        )
         await self.scheduler.register(reply.worker)
         return reply
 
     async def unload(self, request: pb.UnloadModelRequest) -> pb.UnloadModelResponse:
-        views = [v for v in await self.scheduler.workers() if v.record.serves(request.model)
-                 and (not request.worker_id or v.record.worker_id == request.worker_id)]
+        views = [
+            v
+            for v in await self.scheduler.workers()
+            if v.record.serves(request.model)
+            and (not request.worker_id or v.record.worker_id == request.worker_id)
+        ]
         if not views:
             raise errors.ModelNotFound(f"no worker serves model {request.model!r}", param="model")
         done: list[str] = []
         for view in views:
             try:
-                reply = await self.workers.unload_model(view.record.info.address,
-                                                        pb.UnloadModelRequest(model=request.model))
+                reply = await self.workers.unload_model(
+                    view.record.info.address, pb.UnloadModelRequest(model=request.model)
+                )
             except errors.ModelNotFound:
                 continue  # unloaded meanwhile
             await self.scheduler.register(reply.worker)
@@ -86,8 +93,15 @@ class ModelAdmin:
 
 
 class ModelsService(rpc.ModelsServicer):
-    def __init__(self, coordinator_id: str, scheduler: Scheduler, cache: PromptCache,
-                 owners: ModelOwners, workers: WorkerClients, breakers: CircuitBreakers) -> None:
+    def __init__(
+        self,
+        coordinator_id: str,
+        scheduler: Scheduler,
+        cache: PromptCache,
+        owners: ModelOwners,
+        workers: WorkerClients,
+        breakers: CircuitBreakers,
+    ) -> None:
         """``breakers``: the workers' circuits, as the inference service keeps them."""
         self.coordinator_id = coordinator_id
         self.scheduler = scheduler
@@ -106,8 +120,12 @@ class ModelsService(rpc.ModelsServicer):
 
     async def LoadModel(self, request, context) -> pb.LoadModelResponse:
         reply = await self.admin.load(request)
-        log.info("model %s loaded on %s (evicted: %s)", request.model, reply.worker_id,
-                 list(reply.evicted) or "none")
+        log.info(
+            "model %s loaded on %s (evicted: %s)",
+            request.model,
+            reply.worker_id,
+            list(reply.evicted) or "none",
+        )
         return reply
 
     async def UnloadModel(self, request, context) -> pb.UnloadModelResponse:

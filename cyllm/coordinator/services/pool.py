@@ -21,13 +21,16 @@ class WorkerPoolService(rpc.WorkerPoolServicer):
         if not request.worker.worker_id or not request.worker.address:
             raise errors.InvalidRequest("worker_id and address are required")
         await self.scheduler.register(request.worker)
-        log.info("worker %s registered at %s serving %s", request.worker.worker_id,
-                 request.worker.address, [m.id for m in request.worker.models])
+        log.info(
+            "worker %s registered at %s serving %s",
+            request.worker.worker_id,
+            request.worker.address,
+            [m.id for m in request.worker.models],
+        )
         return pb.RegisterWorkerResponse(heartbeat_interval_s=self.heartbeat_interval_s)
 
     async def Heartbeat(self, request, context) -> pb.HeartbeatResponse:
-        known = await self.scheduler.heartbeat(request.worker_id, request.running,
-                                               request.tokens_generated)
+        known = await self.scheduler.heartbeat(request.worker_id, request.running, request.tokens_generated)
         return pb.HeartbeatResponse(known=known)
 
     async def DeregisterWorker(self, request, context) -> pb.DeregisterWorkerResponse:

@@ -38,8 +38,7 @@ class TrainingService(rpc.TrainingServicer):
     async def ListTrainingEvents(self, request, context) -> pb.TrainingEventsResponse:
         await self.training.get(request.id, Tenant.of(context))
         limit = request.limit or 0
-        events = await self.training.store.events(request.id, request.after_seq,
-                                                  limit + 1 if limit else 0)
+        events = await self.training.store.events(request.id, request.after_seq, limit + 1 if limit else 0)
         more = bool(limit) and len(events) > limit
         return pb.TrainingEventsResponse(events=events[:limit] if limit else events, has_more=more)
 

@@ -50,15 +50,27 @@ class Inference:
         choices = []
         for g, text in zip(self.gens, texts):
             content, calls, finish = self._end(text, g.outcome)
-            choices.append(Choice(index=g.choice, text=content, finish_reason=finish, tool_calls=calls,
-                                  logprobs=TokenLogprob.all_of(g.logprobs) if self.body.logprobs
-                                  else None))
+            choices.append(
+                Choice(
+                    index=g.choice,
+                    text=content,
+                    finish_reason=finish,
+                    tool_calls=calls,
+                    logprobs=TokenLogprob.all_of(g.logprobs) if self.body.logprobs else None,
+                )
+            )
         first = choices[0]
         return InferenceResponse(
-            id=self.rid, model_id=self.body.model_id, text=first.text, cached=self.gens[0].outcome.cached,
-            finish_reason=first.finish_reason, usage=Usage.of(usage(self.gens)),
-            tool_calls=first.tool_calls, logprobs=first.logprobs,
-            choices=choices if len(choices) > 1 else None)
+            id=self.rid,
+            model_id=self.body.model_id,
+            text=first.text,
+            cached=self.gens[0].outcome.cached,
+            finish_reason=first.finish_reason,
+            usage=Usage.of(usage(self.gens)),
+            tool_calls=first.tool_calls,
+            logprobs=first.logprobs,
+            choices=choices if len(choices) > 1 else None,
+        )
 
     async def events(self) -> AsyncIterator[tuple[str, dict[str, Any]] | Failed]:
         """``("token", {text, index?, logprobs?})``\\ s as they come, then ``("done",
@@ -70,14 +82,19 @@ class Inference:
                 if isinstance(item, Failed):
                     return
         first = self.gens[0].outcome
-        done = InferenceDone(id=self.rid, finish_reason=ends[0].finish_reason, cached=first.cached,
-                             usage=Usage.of(usage(self.gens)),
-                             tool_calls=ends[0].tool_calls,
-                             choices=[ends[i] for i in sorted(ends)] if len(ends) > 1 else None)
+        done = InferenceDone(
+            id=self.rid,
+            finish_reason=ends[0].finish_reason,
+            cached=first.cached,
+            usage=Usage.of(usage(self.gens)),
+            tool_calls=ends[0].tool_calls,
+            choices=[ends[i] for i in sorted(ends)] if len(ends) > 1 else None,
+        )
         yield "done", done.model_dump(by_alias=True, exclude_none=True)
 
-    async def _choice(self, gen: Generation, ends: dict[int, ChoiceEnd]
-                      ) -> AsyncIterator[tuple[str, dict[str, Any]] | Failed]:
+    async def _choice(
+        self, gen: Generation, ends: dict[int, ChoiceEnd]
+    ) -> AsyncIterator[tuple[str, dict[str, Any]] | Failed]:
         index = {"index": gen.choice} if self.body.n > 1 else {}
         held: list[str] = []
         async for event in gen.events():
@@ -94,7 +111,7 @@ class Inference:
             else:
                 token: dict[str, Any] = {"text": event.text, **index}
                 if self.body.logprobs:
-                    token["logprobs"] = [t.model_dump(by_alias=True)
-                                         for t in TokenLogprob.all_of(event.logprobs)]
+                    token["logprobs"] = [
+                        t.model_dump(by_alias=True) for t in TokenLogprob.all_of(event.logprobs)
+                    ]
                 yield "token", token
-

@@ -33,14 +33,16 @@ class ToolCall(_Camel):
 class Message(_Camel):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
-    tool_calls: list[ToolCall] | None = Field(None, max_length=128,
-                                              description="an assistant's calls")
+    tool_calls: list[ToolCall] | None = Field(None, max_length=128, description="an assistant's calls")
     tool_call_id: str | None = Field(None, max_length=128, description="a tool's answer: to which call")
 
     def to_message(self) -> gen.Message:
-        return gen.Message(self.role, self.content,
-                           tuple(gen.ToolCall(c.id, c.name, c.arguments) for c in self.tool_calls or ()),
-                           self.tool_call_id or "")
+        return gen.Message(
+            self.role,
+            self.content,
+            tuple(gen.ToolCall(c.id, c.name, c.arguments) for c in self.tool_calls or ()),
+            self.tool_call_id or "",
+        )
 
 
 class Tool(_Camel):
@@ -86,21 +88,23 @@ class InferenceRequest(_Camel):
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     priority: int = Field(0, ge=-100, le=100, description="higher is served first")
     response_format: ResponseFormat | None = Field(
-        None, description="JSON output under a grammar, as OpenAI's response_format")
+        None, description="JSON output under a grammar, as OpenAI's response_format"
+    )
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0, le=10)
-    logit_bias: dict[str, float] | None = Field(None, max_length=1024,
-                                                description="token id -> -100..100")
+    logit_bias: dict[str, float] | None = Field(None, max_length=1024, description="token id -> -100..100")
     min_tokens: int = Field(0, ge=0, le=2**31 - 1)
     ignore_eos: bool = False
     n: int = Field(1, ge=1, le=MAX_CHOICES, description="answers to the same prompt (choices)")
     logprobs: bool = Field(False, description="each generated token's log probability")
-    top_logprobs: int | None = Field(None, ge=0, le=20,
-                                     description="and this many alternatives (needs logprobs)")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=20, description="and this many alternatives (needs logprobs)"
+    )
     tools: list[Tool] | None = Field(None, max_length=128, description="functions the model may call")
     tool_choice: Literal["none", "auto", "required"] | ToolChoice | None = Field(
-        None, description="'auto' (the default with tools), 'none', 'required', or {name}")
+        None, description="'auto' (the default with tools), 'none', 'required', or {name}"
+    )
     parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
@@ -120,27 +124,46 @@ class InferenceRequest(_Camel):
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def toolbox(self) -> Toolbox | None:
-        tools = [{"type": "function", "function": t.model_dump(exclude_none=True)}
-                 for t in self.tools or ()]
-        choice = {"function": {"name": self.tool_choice.name}} \
-            if isinstance(self.tool_choice, ToolChoice) else self.tool_choice
+        tools = [{"type": "function", "function": t.model_dump(exclude_none=True)} for t in self.tools or ()]
+        choice = (
+            {"function": {"name": self.tool_choice.name}}
+            if isinstance(self.tool_choice, ToolChoice)
+            else self.tool_choice
+        )
         return toolbox(tools, choice, self.parallel_tool_calls)
 
     def to_request(self) -> GenerationRequest:
         """``prompt`` is one user message, or with ``raw`` the prompt itself."""
-        messages = [m.to_message() for m in self.messages] if self.messages is not None \
-            else None if self.raw else [gen.Message("user", self.prompt or "")]
+        messages = (
+            [m.to_message() for m in self.messages]
+            if self.messages is not None
+            else None
+            if self.raw
+            else [gen.Message("user", self.prompt or "")]
+        )
         return GenerationRequest(
-            self.model_id, messages=messages, prompt=self.prompt if self.raw else None,
+            self.model_id,
+            messages=messages,
+            prompt=self.prompt if self.raw else None,
             sampling=gen.Sampling(
-                max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                stop=tuple(self.stop or ()), seed=self.seed, presence_penalty=self.presence_penalty,
+                max_tokens=self.max_tokens,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                stop=tuple(self.stop or ()),
+                seed=self.seed,
+                presence_penalty=self.presence_penalty,
                 frequency_penalty=self.frequency_penalty,
                 repetition_penalty=self.repetition_penalty,
-                logit_bias=token_biases(self.logit_bias), min_tokens=self.min_tokens,
-                ignore_eos=self.ignore_eos),
+                logit_bias=token_biases(self.logit_bias),
+                min_tokens=self.min_tokens,
+                ignore_eos=self.ignore_eos,
+            ),
             constraint=self.response_format.constraint() if self.response_format else None,
-            tools=self.toolbox(), logprobs=self.top, n=self.n, priority=self.priority)
+            tools=self.toolbox(),
+            logprobs=self.top,
+            n=self.n,
+            priority=self.priority,
+        )
 
 
 class TopLogprob(_Camel):
@@ -153,9 +176,14 @@ class TokenLogprob(TopLogprob):
 
     @classmethod
     def all_of(cls, logprobs: Sequence[pb.TokenLogprob]) -> list[TokenLogprob]:
-        return [cls(token=lp.token, logprob=lp.logprob,
-                    top_logprobs=[TopLogprob(token=t.token, logprob=t.logprob) for t in lp.top])
-                for lp in logprobs]
+        return [
+            cls(
+                token=lp.token,
+                logprob=lp.logprob,
+                top_logprobs=[TopLogprob(token=t.token, logprob=t.logprob) for t in lp.top],
+            )
+            for lp in logprobs
+        ]
 
 
 class Usage(_Camel, TokenUsage):
@@ -217,7 +245,8 @@ class LoadModelRequest(_Camel):
     """Optional body of ``POST /api/v1/models/{id}/load``."""
 
     adapter_path: str | None = Field(
-        None, min_length=1, description="for '<base>:<adapter>': the PEFT folder, on the worker")
+        None, min_length=1, description="for '<base>:<adapter>': the PEFT folder, on the worker"
+    )
     worker_id: str | None = Field(None, min_length=1, description="load on this worker")
 
 

@@ -24,7 +24,8 @@ class TrainingStartRequest(TrainingSpec):
     dataset: str | None = Field(None, description="a file or folder on the workers' disk")
     file_id: str | None = Field(None, description="an uploaded file's id")
     validation_file_id: str | None = Field(
-        None, description="an uploaded file's id: held-out examples (instead of validationDataset)")
+        None, description="an uploaded file's id: held-out examples (instead of validationDataset)"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> TrainingStartRequest:
@@ -51,11 +52,20 @@ class Progress(_Camel):
 
     @classmethod
     def of(cls, p: pb.TrainingProgress, **override: Any) -> Progress:
-        return cls(**{"step": p.step, "total_steps": p.total_steps, "epoch": p.epoch,
-                      "loss": p.loss, "learning_rate": p.learning_rate,
-                      "tokens_per_second": p.tokens_per_second, "eta_s": p.eta_s,
-                      "tokens": p.tokens,
-                      "eval_loss": p.eval_loss if p.HasField("eval_loss") else None, **override})
+        return cls(
+            **{
+                "step": p.step,
+                "total_steps": p.total_steps,
+                "epoch": p.epoch,
+                "loss": p.loss,
+                "learning_rate": p.learning_rate,
+                "tokens_per_second": p.tokens_per_second,
+                "eta_s": p.eta_s,
+                "tokens": p.tokens,
+                "eval_loss": p.eval_loss if p.HasField("eval_loss") else None,
+                **override,
+            }
+        )
 
 
 class Checkpoint(_Camel):
@@ -92,16 +102,23 @@ class TrainingJobView(_Camel):
         spec = TrainingSpec.model_validate_json(job.spec_json)
         p = job.progress
         return cls(
-            id=job.id, state=job.state, base_model=spec.base_model, method=spec.method,
+            id=job.id,
+            state=job.state,
+            base_model=spec.base_model,
+            method=spec.method,
             fine_tuned_model=job.fine_tuned_model or None,
-            progress=Progress.of(p, loss=p.loss if p.step else None)
-            if job.HasField("progress") else None,
-            checkpoints=[Checkpoint(step=c.step, path=c.path, created_at=c.created_at,
-                                    loss=c.loss or None) for c in job.checkpoints],
+            progress=Progress.of(p, loss=p.loss if p.step else None) if job.HasField("progress") else None,
+            checkpoints=[
+                Checkpoint(step=c.step, path=c.path, created_at=c.created_at, loss=c.loss or None)
+                for c in job.checkpoints
+            ],
             error=JobError(code=job.error_code, message=job.error) if job.error else None,
-            attempts=job.attempts, worker_id=job.worker_id or None,
-            trained_tokens=job.trained_tokens, created_at=job.created_at,
-            started_at=job.started_at or None, finished_at=job.finished_at or None,
+            attempts=job.attempts,
+            worker_id=job.worker_id or None,
+            trained_tokens=job.trained_tokens,
+            created_at=job.created_at,
+            started_at=job.started_at or None,
+            finished_at=job.finished_at or None,
             spec=spec.model_dump(mode="json", exclude_none=True),
         )
 
@@ -113,8 +130,13 @@ class TrainingJobsResponse(_Camel):
 
 def event_dict(e: pb.TrainingEvent) -> dict[str, Any]:
     """A training event as the SSE stream's JSON (camelCase)."""
-    out: dict[str, Any] = {"seq": e.seq, "createdAt": e.created_at, "type": e.type,
-                           "level": e.level, "message": e.message}
+    out: dict[str, Any] = {
+        "seq": e.seq,
+        "createdAt": e.created_at,
+        "type": e.type,
+        "level": e.level,
+        "message": e.message,
+    }
     if e.type == "metrics":
         out["progress"] = Progress.of(e.progress).model_dump(by_alias=True)
     elif e.type == "eval":

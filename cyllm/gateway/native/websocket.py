@@ -47,7 +47,7 @@ def _credentials(ws: WebSocket) -> tuple[str | None, str | None]:
     answer = SUBPROTOCOL if SUBPROTOCOL in offered else None
     header = ws.headers.get("authorization")
     if header is None:
-        token = next((p[len(_BEARER):] for p in offered if p.startswith(_BEARER)), None)
+        token = next((p[len(_BEARER) :] for p in offered if p.startswith(_BEARER)), None)
         header = f"Bearer {token}" if token else None
     return header, answer
 
@@ -68,8 +68,13 @@ async def inference_ws(ws: WebSocket) -> None:
             if (identity := await _identify(ws, auth, header)) is None:
                 return
             if message.get("text") is None:
-                await ws.send_json(_error(errors.InvalidRequest(
-                    "send each request as a text frame holding JSON, not a binary frame")))
+                await ws.send_json(
+                    _error(
+                        errors.InvalidRequest(
+                            "send each request as a text frame holding JSON, not a binary frame"
+                        )
+                    )
+                )
                 continue
             await _serve_one(ws, identity, message["text"])
     except WebSocketDisconnect:
@@ -93,8 +98,11 @@ async def _serve_one(ws: WebSocket, identity: Identity, raw: str) -> None:
         await ws.send_json(_error(errors.InvalidRequest("invalid request: JSON nested too deeply")))
         return
     except (ValueError, ValidationError) as exc:
-        message = str(exc) if not isinstance(exc, ValidationError) else "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
+        message = (
+            str(exc)
+            if not isinstance(exc, ValidationError)
+            else "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
+        )
         await ws.send_json(_error(errors.InvalidRequest(f"invalid request: {message}")))
         return
     ctx = new_context(ws.scope)  # each message is a request of its own

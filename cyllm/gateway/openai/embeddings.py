@@ -39,11 +39,9 @@ class EmbeddingRequest(BaseModel):
         if not texts:
             raise errors.InvalidRequest("input must not be empty", param="input")
         if not all(isinstance(t, str) for t in texts):
-            raise errors.InvalidRequest("input as token ids is not supported; send text",
-                                        param="input")
+            raise errors.InvalidRequest("input as token ids is not supported; send text", param="input")
         if len(texts) > MAX_INPUTS:
-            raise errors.InvalidRequest(f"input has {len(texts)} texts; at most {MAX_INPUTS}",
-                                        param="input")
+            raise errors.InvalidRequest(f"input has {len(texts)} texts; at most {MAX_INPUTS}", param="input")
         for i, text in enumerate(texts):
             if not text:
                 raise errors.InvalidRequest(f"input {i} is empty", param="input")
@@ -69,8 +67,9 @@ class EmbeddingList(BaseModel):
     usage: EmbeddingUsage
 
 
-@router.post("/embeddings", response_model=EmbeddingList,
-             responses=responses(400, 401, 403, 404, 413, 429, 500, 503))
+@router.post(
+    "/embeddings", response_model=EmbeddingList, responses=responses(400, 401, 403, 404, 413, 429, 500, 503)
+)
 async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingList:
     ctx = context(request)
     ctx.caller.check_model(body.model)
@@ -79,16 +78,19 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingList:
     admission = await limiter.admit(ctx.caller, limiter.reservation(sum(map(len, texts)), None))
     tokens = 0
     try:
-        reply = await coordinator(request).embed(body.model, texts, body.dimensions or 0,
-                                                 ctx.request_id)
+        reply = await coordinator(request).embed(body.model, texts, body.dimensions or 0, ctx.request_id)
         tokens = reply.prompt_tokens
     finally:
         await limiter.finish(admission, tokens)
     ctx.usage = Usage(body.model, tokens)
     return EmbeddingList(
-        model=body.model, usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
-        data=[EmbeddingData(index=i, embedding=_encoded(list(e.values), body.encoding_format))
-              for i, e in enumerate(reply.data)])
+        model=body.model,
+        usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
+        data=[
+            EmbeddingData(index=i, embedding=_encoded(list(e.values), body.encoding_format))
+            for i, e in enumerate(reply.data)
+        ],
+    )
 
 
 def _encoded(values: list[float], encoding: str) -> list[float] | str:

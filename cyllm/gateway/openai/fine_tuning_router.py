@@ -33,8 +33,9 @@ from cyllm.gateway.openai.fine_tuning_schemas import (
 from cyllm.gateway.ratelimit import limit_control
 from cyllm.protocol import pb
 
-router = APIRouter(prefix="/v1", tags=["openai fine-tuning"],
-                   dependencies=[Depends(authenticate), Depends(limit_control)])
+router = APIRouter(
+    prefix="/v1", tags=["openai fine-tuning"], dependencies=[Depends(authenticate), Depends(limit_control)]
+)
 _CHUNK = 1 << 20
 
 
@@ -46,8 +47,11 @@ async def upload(request: Request, file: UploadFile, purpose: str = Form(...)) -
     async def chunks() -> AsyncIterator[pb.FileChunk]:
         first = True
         while data := await file.read(_CHUNK):
-            yield pb.FileChunk(filename=file.filename or "", purpose=purpose, data=data) if first \
+            yield (
+                pb.FileChunk(filename=file.filename or "", purpose=purpose, data=data)
+                if first
                 else pb.FileChunk(data=data)
+            )
             first = False
         if first:
             yield pb.FileChunk(filename=file.filename or "", purpose=purpose)
@@ -72,43 +76,55 @@ async def delete_file(file_id: str, request: Request) -> FileDeleted:
     return FileDeleted(id=file_id, deleted=True)
 
 
-@router.post("/fine_tuning/jobs", response_model=FineTuningJob,
-             responses=responses(400, 401, 403, 404, 429, 500, 503))
+@router.post(
+    "/fine_tuning/jobs", response_model=FineTuningJob, responses=responses(400, 401, 403, 404, 429, 500, 503)
+)
 async def create_job(body: FineTuningJobRequest, request: Request) -> FineTuningJob:
     if body.integrations:
         raise errors.InvalidRequest("integrations are not supported", param="integrations")
     spec = body.spec()
     check_custom_allowed(request, spec.get("method", "lora"))
     context(request).caller.check_model(body.model)
-    job = await coordinator(request).create_training_job(json.dumps(spec), body.training_file,
-                                                         body.validation_file or "")
+    job = await coordinator(request).create_training_job(
+        json.dumps(spec), body.training_file, body.validation_file or ""
+    )
     return FineTuningJob.of(job)
 
 
-@router.get("/fine_tuning/jobs", response_model=FineTuningJobList,
-            responses=responses(400, 401, 429, 500, 503))
-async def list_jobs(request: Request, after: str = "",
-                    limit: int = Query(20, ge=1, le=100)) -> FineTuningJobList:
+@router.get(
+    "/fine_tuning/jobs", response_model=FineTuningJobList, responses=responses(400, 401, 429, 500, 503)
+)
+async def list_jobs(
+    request: Request, after: str = "", limit: int = Query(20, ge=1, le=100)
+) -> FineTuningJobList:
     reply = await coordinator(request).list_training_jobs(limit, after)
     return FineTuningJobList(data=[FineTuningJob.of(j) for j in reply.jobs], has_more=reply.has_more)
 
 
-@router.get("/fine_tuning/jobs/{job_id}", response_model=FineTuningJob,
-            responses=responses(401, 404, 429, 500, 503))
+@router.get(
+    "/fine_tuning/jobs/{job_id}", response_model=FineTuningJob, responses=responses(401, 404, 429, 500, 503)
+)
 async def get_job(job_id: str, request: Request) -> FineTuningJob:
     return FineTuningJob.of(await _job(request, job_id))
 
 
-@router.post("/fine_tuning/jobs/{job_id}/cancel", response_model=FineTuningJob,
-             responses=responses(400, 401, 404, 429, 500, 503))
+@router.post(
+    "/fine_tuning/jobs/{job_id}/cancel",
+    response_model=FineTuningJob,
+    responses=responses(400, 401, 404, 429, 500, 503),
+)
 async def cancel_job(job_id: str, request: Request) -> FineTuningJob:
     return FineTuningJob.of(await coordinator(request).cancel_training_job(job_id))
 
 
-@router.get("/fine_tuning/jobs/{job_id}/events", response_model=JobEventList,
-            responses=responses(400, 401, 404, 429, 500, 503))
-async def job_events(job_id: str, request: Request, after: str = "",
-                     limit: int = Query(20, ge=1, le=1000)) -> JobEventList:
+@router.get(
+    "/fine_tuning/jobs/{job_id}/events",
+    response_model=JobEventList,
+    responses=responses(400, 401, 404, 429, 500, 503),
+)
+async def job_events(
+    job_id: str, request: Request, after: str = "", limit: int = Query(20, ge=1, le=1000)
+) -> JobEventList:
     """Newest first; ``after`` an event id: the events before it."""
     found = await coordinator(request).list_training_events(job_id)
     events = [JobEvent.of(job_id, e) for e in reversed(found)]
@@ -116,19 +132,34 @@ async def job_events(job_id: str, request: Request, after: str = "",
     return JobEventList(data=events[:limit], has_more=len(events) > limit)
 
 
-@router.get("/fine_tuning/jobs/{job_id}/checkpoints", response_model=JobCheckpointList,
-            responses=responses(400, 401, 404, 429, 500, 503))
-async def job_checkpoints(job_id: str, request: Request, after: str = "",
-                          limit: int = Query(10, ge=1, le=100)) -> JobCheckpointList:
+@router.get(
+    "/fine_tuning/jobs/{job_id}/checkpoints",
+    response_model=JobCheckpointList,
+    responses=responses(400, 401, 404, 429, 500, 503),
+)
+async def job_checkpoints(
+    job_id: str, request: Request, after: str = "", limit: int = Query(10, ge=1, le=100)
+) -> JobCheckpointList:
     job = await _job(request, job_id)
-    data = [JobCheckpoint(id=f"ftckpt-{job_id.removeprefix('ftjob-')}-{c.step}", created_at=c.created_at,
-                          fine_tuned_model_checkpoint=c.path, fine_tuning_job_id=job_id,
-                          metrics={"step": float(c.step), "train_loss": c.loss}, step_number=c.step)
-            for c in reversed(job.checkpoints)]
+    data = [
+        JobCheckpoint(
+            id=f"ftckpt-{job_id.removeprefix('ftjob-')}-{c.step}",
+            created_at=c.created_at,
+            fine_tuned_model_checkpoint=c.path,
+            fine_tuning_job_id=job_id,
+            metrics={"step": float(c.step), "train_loss": c.loss},
+            step_number=c.step,
+        )
+        for c in reversed(job.checkpoints)
+    ]
     data = _after(data, after)
     page = data[:limit]
-    return JobCheckpointList(data=page, has_more=len(data) > limit,
-                             first_id=page[0].id if page else None, last_id=page[-1].id if page else None)
+    return JobCheckpointList(
+        data=page,
+        has_more=len(data) > limit,
+        first_id=page[0].id if page else None,
+        last_id=page[-1].id if page else None,
+    )
 
 
 async def _job(request: Request, job_id: str) -> pb.TrainingJob:
@@ -140,4 +171,4 @@ def _after(items: list, after: str) -> list:
     if not after:
         return items
     ids = [item.id for item in items]
-    return items[ids.index(after) + 1:] if after in ids else []
+    return items[ids.index(after) + 1 :] if after in ids else []

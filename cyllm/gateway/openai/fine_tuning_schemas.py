@@ -26,8 +26,7 @@ class FileObject(BaseModel):
 
     @classmethod
     def of(cls, f: pb.FileInfo) -> FileObject:
-        return cls(id=f.id, bytes=f.bytes, created_at=f.created_at, filename=f.filename,
-                   purpose=f.purpose)
+        return cls(id=f.id, bytes=f.bytes, created_at=f.created_at, filename=f.filename, purpose=f.purpose)
 
 
 class FileList(BaseModel):
@@ -56,7 +55,8 @@ class Supervised(BaseModel):
 
 class Method(BaseModel):
     type: Literal["supervised"] = Field(
-        "supervised", description="'dpo' and 'reinforcement' are not offered: refused")
+        "supervised", description="'dpo' and 'reinforcement' are not offered: refused"
+    )
     supervised: Supervised | None = None
 
 
@@ -85,8 +85,7 @@ class FineTuningJobRequest(BaseModel):
 
     def spec(self) -> dict[str, Any]:
         """The native job spec this request asks for (validated by the coordinator)."""
-        spec: dict[str, Any] = {"base_model": self.model, "dataset": "(uploaded file)",
-                                **self.training}
+        spec: dict[str, Any] = {"base_model": self.model, "dataset": "(uploaded file)", **self.training}
         h = self.hyper()
         if h.n_epochs != "auto":
             spec["epochs"] = h.n_epochs
@@ -134,25 +133,40 @@ class FineTuningJob(BaseModel):
     @classmethod
     def of(cls, job: pb.TrainingJob) -> FineTuningJob:
         spec = TrainingSpec.model_validate_json(job.spec_json)
-        hyper = {"n_epochs": spec.epochs, "batch_size": spec.batch_size,
-                 "learning_rate_multiplier": (spec.learning_rate or methods.default_learning_rate(
-                     spec.method)) / methods.default_learning_rate(spec.method)}
+        hyper = {
+            "n_epochs": spec.epochs,
+            "batch_size": spec.batch_size,
+            "learning_rate_multiplier": (spec.learning_rate or methods.default_learning_rate(spec.method))
+            / methods.default_learning_rate(spec.method),
+        }
         eta = int(job.progress.eta_s) if job.state == "running" and job.progress.step else 0
-        progress = {"step": job.progress.step, "total_steps": job.progress.total_steps,
-                    "loss": job.progress.loss, "tokens_per_second": job.progress.tokens_per_second}
+        progress = {
+            "step": job.progress.step,
+            "total_steps": job.progress.total_steps,
+            "loss": job.progress.loss,
+            "tokens_per_second": job.progress.tokens_per_second,
+        }
         return cls(
-            id=job.id, created_at=job.created_at,
+            id=job.id,
+            created_at=job.created_at,
             error=JobError(code=job.error_code, message=job.error) if job.error else None,
-            fine_tuned_model=job.fine_tuned_model or None, finished_at=job.finished_at or None,
-            hyperparameters=hyper, model=spec.base_model, seed=spec.seed, status=job.state,
+            fine_tuned_model=job.fine_tuned_model or None,
+            finished_at=job.finished_at or None,
+            hyperparameters=hyper,
+            model=spec.base_model,
+            seed=spec.seed,
+            status=job.state,
             trained_tokens=job.trained_tokens if job.state == "succeeded" else None,
             training_file=job.training_file or spec.dataset,
             validation_file=job.validation_file or spec.validation_dataset,
             estimated_finish=int(job.started_at + eta) if eta else None,
             method={"type": "supervised", "supervised": {"hyperparameters": hyper}},
             user_provided_suffix=spec.suffix,
-            training={**json.loads(spec.model_dump_json(exclude_none=True)), "progress": progress,
-                      "attempts": job.attempts},
+            training={
+                **json.loads(spec.model_dump_json(exclude_none=True)),
+                "progress": progress,
+                "attempts": job.attempts,
+            },
         )
 
 
@@ -176,15 +190,25 @@ class JobEvent(BaseModel):
         data = None
         if e.type == "metrics":
             p = e.progress
-            data = {"step": p.step, "total_steps": p.total_steps, "train_loss": p.loss,
-                    "learning_rate": p.learning_rate, "tokens_per_second": p.tokens_per_second,
-                    "epoch": p.epoch, "eta_s": p.eta_s}
+            data = {
+                "step": p.step,
+                "total_steps": p.total_steps,
+                "train_loss": p.loss,
+                "learning_rate": p.learning_rate,
+                "tokens_per_second": p.tokens_per_second,
+                "epoch": p.epoch,
+                "eta_s": p.eta_s,
+            }
         elif e.type == "eval":
             data = {"step": e.progress.step, "valid_loss": e.progress.eval_loss}
-        return cls(id=f"ftevent-{job_id.removeprefix('ftjob-')}-{e.seq}", created_at=e.created_at // 1000,
-                   level={"warn": "warn", "error": "error"}.get(e.level, "info"),
-                   message=e.message, data=data,
-                   type="metrics" if e.type in ("metrics", "eval") else "message")
+        return cls(
+            id=f"ftevent-{job_id.removeprefix('ftjob-')}-{e.seq}",
+            created_at=e.created_at // 1000,
+            level={"warn": "warn", "error": "error"}.get(e.level, "info"),
+            message=e.message,
+            data=data,
+            type="metrics" if e.type in ("metrics", "eval") else "message",
+        )
 
 
 class JobEventList(BaseModel):

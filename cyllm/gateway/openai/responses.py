@@ -29,9 +29,17 @@ from cyllm.gateway.sse import frame, sse_response
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(authenticate)])
 
 # Set (to anything but their off value) → 400 naming the field.
-UNSUPPORTED = {"previous_response_id": None, "background": False, "tools": [],
-               "tool_choice": None, "reasoning": None, "include": [], "conversation": None,
-               "prompt": None, "max_tool_calls": None}
+UNSUPPORTED = {
+    "previous_response_id": None,
+    "background": False,
+    "tools": [],
+    "tool_choice": None,
+    "reasoning": None,
+    "include": [],
+    "conversation": None,
+    "prompt": None,
+    "max_tool_calls": None,
+}
 
 
 class InputText(BaseModel):
@@ -78,24 +86,32 @@ class ResponseRequest(BaseModel):
     def refuse_unsupported(self) -> None:
         for name, off in UNSUPPORTED.items():
             if (self.model_extra or {}).get(name, off) not in (off, None):
-                raise errors.InvalidRequest(f"{name} is not supported on /v1/responses by this "
-                                            "server", param=name)
+                raise errors.InvalidRequest(
+                    f"{name} is not supported on /v1/responses by this server", param=name
+                )
 
     def to_request(self) -> GenerationRequest:
-        turns = [Message("user", self.input)] if isinstance(self.input, str) else \
-            [Message("system" if m.role == "developer" else m.role, m.text()) for m in self.input]
+        turns = (
+            [Message("user", self.input)]
+            if isinstance(self.input, str)
+            else [Message("system" if m.role == "developer" else m.role, m.text()) for m in self.input]
+        )
         if self.instructions:
             turns.insert(0, Message("system", self.instructions))
         return GenerationRequest(
-            self.model, messages=turns, messages_param="input", constraint=self.constraint(),
-            sampling=Sampling(max_tokens=self.max_output_tokens, temperature=self.temperature,
-                              top_p=self.top_p))
+            self.model,
+            messages=turns,
+            messages_param="input",
+            constraint=self.constraint(),
+            sampling=Sampling(
+                max_tokens=self.max_output_tokens, temperature=self.temperature, top_p=self.top_p
+            ),
+        )
 
     def constraint(self) -> Constraint | None:
         fmt = self.text.format if self.text else TextFormat()
         if fmt.type == "json_schema" and fmt.schema_ is None:
-            raise errors.InvalidRequest("text.format.schema is required for json_schema",
-                                        param="text.format")
+            raise errors.InvalidRequest("text.format.schema is required for json_schema", param="text.format")
         return constraint_of(fmt.type, fmt.schema_)
 
 
@@ -120,31 +136,57 @@ class _Shape:
 
     def message(self, text: str, status: str) -> dict[str, Any]:
         content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
-        return {"type": "message", "id": self.item, "status": status, "role": "assistant",
-                "content": content if status != "in_progress" else []}
+        return {
+            "type": "message",
+            "id": self.item,
+            "status": status,
+            "role": "assistant",
+            "content": content if status != "in_progress" else [],
+        }
 
-    def response(self, text: str | None, outcome: Outcome | None, status: str | None = None) -> dict[str, Any]:
+    def response(
+        self, text: str | None, outcome: Outcome | None, status: str | None = None
+    ) -> dict[str, Any]:
         b = self.body
         incomplete = outcome is not None and outcome.finish_reason == "length"
         status = status or ("incomplete" if incomplete else "completed")
         out = {
-            "id": self.rid, "object": "response", "created_at": self.created, "status": status,
-            "model": b.model, "instructions": b.instructions, "max_output_tokens": b.max_output_tokens,
-            "temperature": b.temperature, "top_p": b.top_p, "metadata": b.metadata or {},
-            "parallel_tool_calls": False, "tool_choice": "none", "tools": [], "error": None,
+            "id": self.rid,
+            "object": "response",
+            "created_at": self.created,
+            "status": status,
+            "model": b.model,
+            "instructions": b.instructions,
+            "max_output_tokens": b.max_output_tokens,
+            "temperature": b.temperature,
+            "top_p": b.top_p,
+            "metadata": b.metadata or {},
+            "parallel_tool_calls": False,
+            "tool_choice": "none",
+            "tools": [],
+            "error": None,
             "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
-            "text": {"format": (b.text.format if b.text else TextFormat()).model_dump(
-                by_alias=True, exclude_none=True)},
-            "store": False, "truncation": "disabled", "user": b.user,
-            "output": [] if text is None else [self.message(text, "incomplete" if incomplete else "completed")],
+            "text": {
+                "format": (b.text.format if b.text else TextFormat()).model_dump(
+                    by_alias=True, exclude_none=True
+                )
+            },
+            "store": False,
+            "truncation": "disabled",
+            "user": b.user,
+            "output": []
+            if text is None
+            else [self.message(text, "incomplete" if incomplete else "completed")],
             "usage": None,
         }
         if outcome is not None:
-            out["usage"] = {"input_tokens": outcome.prompt_tokens,
-                            "output_tokens": outcome.completion_tokens,
-                            "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
-                            "input_tokens_details": {"cached_tokens": 0},
-                            "output_tokens_details": {"reasoning_tokens": 0}}
+            out["usage"] = {
+                "input_tokens": outcome.prompt_tokens,
+                "output_tokens": outcome.completion_tokens,
+                "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens_details": {"reasoning_tokens": 0},
+            }
         return out
 
     def event(self, kind: str, **fields: Any) -> str:
@@ -159,16 +201,17 @@ async def _events(gen: Generation, shape: _Shape) -> AsyncIterator[str]:
     where = {"item_id": shape.item, "output_index": 0, "content_index": 0}
     yield shape.event("response.created", response=shape.response(None, None, "in_progress"))
     yield shape.event("response.in_progress", response=shape.response(None, None, "in_progress"))
-    yield shape.event("response.output_item.added", output_index=0,
-                      item=shape.message("", "in_progress"))
-    yield shape.event("response.content_part.added", **where,
-                      part={"type": "output_text", "text": "", "annotations": []})
+    yield shape.event("response.output_item.added", output_index=0, item=shape.message("", "in_progress"))
+    yield shape.event(
+        "response.content_part.added", **where, part={"type": "output_text", "text": "", "annotations": []}
+    )
     pieces: list[str] = []
     async for event in gen.events():
         if isinstance(event, Failed):
             error = json.loads(stream_error(event.error))["error"]
-            yield shape.event("error", code=error.get("code"), message=error["message"],
-                              param=error.get("param"))
+            yield shape.event(
+                "error", code=error.get("code"), message=error["message"], param=error.get("param")
+            )
             return
         if isinstance(event, Done):
             text, final = "".join(pieces), shape.response("".join(pieces), event.outcome)

@@ -11,10 +11,10 @@ from fastapi.responses import StreamingResponse
 
 from cyllm import errors
 from cyllm.gateway.auth import authenticate
+from cyllm.gateway.choices import answers, merged, started, usage
 from cyllm.gateway.client import coordinator
 from cyllm.gateway.context import context
 from cyllm.gateway.errors import GENERATION_ERRORS, responses, stream_error
-from cyllm.gateway.choices import answers, merged, started, usage
 from cyllm.gateway.generation import Done, Failed, Generation
 from cyllm.gateway.openai.schemas import (
     AssistantMessage,
@@ -39,13 +39,19 @@ from cyllm.gateway.usage import TokenUsage
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(authenticate)])
 
 ERRORS = GENERATION_ERRORS
-STREAM_OR_JSON = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
-                        "description": "JSON, or Server-Sent Events when stream is true"}}
+STREAM_OR_JSON = {
+    200: {
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "description": "JSON, or Server-Sent Events when stream is true",
+    }
+}
 CHAT, TEXT = "chat.completion.chunk", "text_completion"
 
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses={**ERRORS, **STREAM_OR_JSON})
-async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletion | StreamingResponse:
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request
+) -> ChatCompletion | StreamingResponse:
     rid = f"chatcmpl-{context(request).request_id}"
     req = body.to_request()
     tools = req.tools
@@ -53,18 +59,28 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Cha
     created = int(time.time())
     if body.stream:
         whole = tools is not None and tools.choice != "none"
-        frames = [_choice_frames(g, CHAT, rid, created, body.model, tools if whole else None,
-                                 logprobs=req.logprobs is not None) for g in gens]
+        frames = [
+            _choice_frames(
+                g, CHAT, rid, created, body.model, tools if whole else None, logprobs=req.logprobs is not None
+            )
+            for g in gens
+        ]
         return sse_response(_stream(frames, gens, CHAT, rid, created, body.model, body.include_usage))
     texts = await answers(gens)
     choices = []
     for i, (g, text) in enumerate(zip(gens, texts)):
         message, finish = _answer(text, g.outcome.finish_reason, tools)
-        choices.append(ChatChoice(index=i, message=message, finish_reason=finish,
-                                  logprobs=chat_logprobs(g.logprobs) if req.logprobs is not None
-                                  else None))
-    return ChatCompletion(id=rid, created=created, model=body.model, choices=choices,
-                          usage=TokenUsage.of(usage(gens)))
+        choices.append(
+            ChatChoice(
+                index=i,
+                message=message,
+                finish_reason=finish,
+                logprobs=chat_logprobs(g.logprobs) if req.logprobs is not None else None,
+            )
+        )
+    return ChatCompletion(
+        id=rid, created=created, model=body.model, choices=choices, usage=TokenUsage.of(usage(gens))
+    )
 
 
 @router.post("/completions", response_model=Completion, responses={**ERRORS, **STREAM_OR_JSON})
@@ -74,16 +90,25 @@ async def completions(body: CompletionRequest, request: Request) -> Completion |
     gens = await started(request, req, whole=not body.stream)
     created = int(time.time())
     if body.stream:
-        frames = [_choice_frames(g, TEXT, rid, created, body.model, logprobs=req.logprobs is not None)
-                  for g in gens]
+        frames = [
+            _choice_frames(g, TEXT, rid, created, body.model, logprobs=req.logprobs is not None) for g in gens
+        ]
         return sse_response(_stream(frames, gens, TEXT, rid, created, body.model, body.include_usage))
     texts = await answers(gens)
     return Completion(
-        id=rid, created=created, model=body.model, usage=TokenUsage.of(usage(gens)),
-        choices=[CompletionChoice(index=i, text=text, finish_reason=g.outcome.finish_reason,
-                                  logprobs=completion_logprobs(g.logprobs) if req.logprobs is not None
-                                  else None)
-                 for i, (g, text) in enumerate(zip(gens, texts))],
+        id=rid,
+        created=created,
+        model=body.model,
+        usage=TokenUsage.of(usage(gens)),
+        choices=[
+            CompletionChoice(
+                index=i,
+                text=text,
+                finish_reason=g.outcome.finish_reason,
+                logprobs=completion_logprobs(g.logprobs) if req.logprobs is not None else None,
+            )
+            for i, (g, text) in enumerate(zip(gens, texts))
+        ],
     )
 
 
@@ -91,14 +116,25 @@ def _answer(text: str, finish: str, tools: Toolbox | None) -> tuple[AssistantMes
     """The assistant's message: its tool calls (finish ``tool_calls``) when its finished
     output is one, else its text."""
     content, calls, finish = tools.answer(text, finish) if tools is not None else (text, [], finish)
-    return AssistantMessage(content=content, tool_calls=[
-        ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls
-    ] or None), finish
+    return AssistantMessage(
+        content=content,
+        tool_calls=[
+            ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls
+        ]
+        or None,
+    ), finish
 
 
-async def _choice_frames(gen: Generation, kind: str, rid: str, created: int, model: str,
-                         tools: Toolbox | None = None, *, logprobs: bool = False
-                         ) -> AsyncIterator[dict[str, Any] | Failed]:
+async def _choice_frames(
+    gen: Generation,
+    kind: str,
+    rid: str,
+    created: int,
+    model: str,
+    tools: Toolbox | None = None,
+    *,
+    logprobs: bool = False,
+) -> AsyncIterator[dict[str, Any] | Failed]:
     """One choice's chunks (a role delta first for chat), its finish chunk last; or a
     Failed.  A forced tool choice streams its calls as they are generated
     (``CallStream``); with ``auto`` whether the answer is a call is known at its end, so
@@ -127,17 +163,37 @@ async def _choice_frames(gen: Generation, kind: str, rid: str, created: int, mod
             if calls is not None and (deltas := calls.feed(event.text)):
                 yield chunk(kind, rid, created, model, delta={"tool_calls": deltas}, index=i)
         elif kind == CHAT:
-            yield chunk(kind, rid, created, model, delta={"content": event.text}, index=i,
-                        logprobs=chat_logprobs(event.logprobs) if logprobs else None)
+            yield chunk(
+                kind,
+                rid,
+                created,
+                model,
+                delta={"content": event.text},
+                index=i,
+                logprobs=chat_logprobs(event.logprobs) if logprobs else None,
+            )
         else:
-            yield chunk(kind, rid, created, model, text=event.text, index=i,
-                        logprobs=completion_logprobs(event.logprobs, offset) if logprobs else None)
+            yield chunk(
+                kind,
+                rid,
+                created,
+                model,
+                text=event.text,
+                index=i,
+                logprobs=completion_logprobs(event.logprobs, offset) if logprobs else None,
+            )
             offset += len(event.text)
 
 
-async def _stream(choices: list[AsyncIterator[dict[str, Any] | Failed]], gens: list[Generation],
-                  kind: str, rid: str, created: int, model: str,
-                  include_usage: bool) -> AsyncIterator[str]:
+async def _stream(
+    choices: list[AsyncIterator[dict[str, Any] | Failed]],
+    gens: list[Generation],
+    kind: str,
+    rid: str,
+    created: int,
+    model: str,
+    include_usage: bool,
+) -> AsyncIterator[str]:
     """The choices' chunks as they come, then the usage chunk if asked and ``[DONE]``; or
     an error object (and no ``[DONE]``), the other choices cancelled."""
     async with merged(choices) as items:
@@ -147,8 +203,7 @@ async def _stream(choices: list[AsyncIterator[dict[str, Any] | Failed]], gens: l
                 return
             yield frame(item)
     if include_usage:
-        yield frame(chunk(kind, rid, created, model, usage=TokenUsage.of(usage(gens)),
-                          choices=False))
+        yield frame(chunk(kind, rid, created, model, usage=TokenUsage.of(usage(gens)), choices=False))
     yield frame("[DONE]")
 
 
@@ -157,8 +212,13 @@ async def list_models(request: Request) -> ModelList:
     models = await coordinator(request).list_models()
     caller = context(request).caller
     # Only what can answer now; /api/v1/models also lists models that can be loaded.
-    return ModelList(data=[Model(id=m.id, created=m.created) for m in models
-                           if m.state != "available" and caller.may_use(m.id)])
+    return ModelList(
+        data=[
+            Model(id=m.id, created=m.created)
+            for m in models
+            if m.state != "available" and caller.may_use(m.id)
+        ]
+    )
 
 
 @router.get("/models/{model_id:path}", response_model=Model, responses=responses(401, 404, 500, 503))

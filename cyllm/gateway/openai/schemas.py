@@ -42,9 +42,12 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = Field(None, max_length=128)
 
     def to_message(self) -> gen.Message:
-        return gen.Message("system" if self.role == "developer" else self.role, self.text(),
-                           tuple(gen.ToolCall(c.id, c.function.name, c.function.arguments)
-                                 for c in self.tool_calls or ()), self.tool_call_id or "")
+        return gen.Message(
+            "system" if self.role == "developer" else self.role,
+            self.text(),
+            tuple(gen.ToolCall(c.id, c.function.name, c.function.arguments) for c in self.tool_calls or ()),
+            self.tool_call_id or "",
+        )
 
     def text(self) -> str:
         if self.content is None:
@@ -99,12 +102,18 @@ class _Sampling(BaseModel):
 
     def sampling(self, max_tokens: int | None) -> gen.Sampling:
         return gen.Sampling(
-            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
             stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
-            seed=self.seed, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
-            logit_bias=token_biases(self.logit_bias), min_tokens=self.min_tokens,
-            ignore_eos=self.ignore_eos)
+            seed=self.seed,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            logit_bias=token_biases(self.logit_bias),
+            min_tokens=self.min_tokens,
+            ignore_eos=self.ignore_eos,
+        )
 
     @property
     def include_usage(self) -> bool:
@@ -146,16 +155,21 @@ class ChatCompletionRequest(_Sampling):
 
     def toolbox(self) -> Toolbox | None:
         tools = [t.model_dump(exclude_none=True) for t in self.tools or ()]
-        choice = self.tool_choice.model_dump() if isinstance(self.tool_choice, BaseModel) \
-            else self.tool_choice
+        choice = (
+            self.tool_choice.model_dump() if isinstance(self.tool_choice, BaseModel) else self.tool_choice
+        )
         return toolbox(tools, choice, self.parallel_tool_calls)
 
     def to_request(self) -> GenerationRequest:
         return GenerationRequest(
-            self.model, messages=[m.to_message() for m in self.messages],
+            self.model,
+            messages=[m.to_message() for m in self.messages],
             sampling=self.sampling(self.max_completion_tokens or self.max_tokens),
             constraint=self.response_format.constraint() if self.response_format else None,
-            tools=self.toolbox(), logprobs=self.top, n=self.n)
+            tools=self.toolbox(),
+            logprobs=self.top,
+            n=self.n,
+        )
 
 
 class CompletionRequest(_Sampling):
@@ -169,9 +183,7 @@ class CompletionRequest(_Sampling):
         prompt = self.prompt
         if isinstance(prompt, list):
             if len(prompt) != 1:
-                raise errors.InvalidRequest(
-                    "only one prompt per request is supported", param="prompt"
-                )
+                raise errors.InvalidRequest("only one prompt per request is supported", param="prompt")
             prompt = prompt[0]
         if not prompt:
             raise errors.InvalidRequest("prompt must not be empty", param="prompt")
@@ -181,9 +193,13 @@ class CompletionRequest(_Sampling):
 
     def to_request(self) -> GenerationRequest:
         return GenerationRequest(
-            self.model, prompt=self.text(), sampling=self.sampling(self.max_tokens),
+            self.model,
+            prompt=self.text(),
+            sampling=self.sampling(self.max_tokens),
             constraint=self.response_format.constraint() if self.response_format else None,
-            logprobs=self.logprobs, n=self.n)
+            logprobs=self.logprobs,
+            n=self.n,
+        )
 
 
 class AssistantMessage(BaseModel):
@@ -237,15 +253,23 @@ class ModelList(BaseModel):
 
 
 def chunk(
-    kind: str, rid: str, created: int, model: str, *, delta: dict[str, Any] | None = None,
-    text: str | None = None, finish_reason: str | None = None, usage: TokenUsage | None = None,
-    choices: bool = True, index: int = 0, logprobs: dict[str, Any] | None = None,
+    kind: str,
+    rid: str,
+    created: int,
+    model: str,
+    *,
+    delta: dict[str, Any] | None = None,
+    text: str | None = None,
+    finish_reason: str | None = None,
+    usage: TokenUsage | None = None,
+    choices: bool = True,
+    index: int = 0,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One streamed ``chat.completion.chunk`` or ``text_completion`` object."""
     body: dict[str, Any] = {"id": rid, "object": kind, "created": created, "model": model}
     if choices:
-        choice: dict[str, Any] = {"index": index, "finish_reason": finish_reason,
-                                  "logprobs": logprobs}
+        choice: dict[str, Any] = {"index": index, "finish_reason": finish_reason, "logprobs": logprobs}
         if kind == "chat.completion.chunk":
             choice["delta"] = delta or {}
         else:
@@ -260,12 +284,17 @@ def chunk(
 
 def chat_logprobs(logprobs: Sequence[pb.TokenLogprob]) -> dict[str, Any]:
     """Chat's ``logprobs`` object: a content entry per token, with its alternatives."""
+
     def entry(token: str, logprob: float) -> dict[str, Any]:
         return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
-    return {"content": [{**entry(lp.token, lp.logprob),
-                         "top_logprobs": [entry(t.token, t.logprob) for t in lp.top]}
-                        for lp in logprobs], "refusal": None}
+    return {
+        "content": [
+            {**entry(lp.token, lp.logprob), "top_logprobs": [entry(t.token, t.logprob) for t in lp.top]}
+            for lp in logprobs
+        ],
+        "refusal": None,
+    }
 
 
 def completion_logprobs(logprobs: Sequence[pb.TokenLogprob], offset: int = 0) -> dict[str, Any]:
@@ -275,7 +304,9 @@ def completion_logprobs(logprobs: Sequence[pb.TokenLogprob], offset: int = 0) ->
     for lp in logprobs:
         offsets.append(offset)
         offset += len(lp.token)
-    return {"tokens": [lp.token for lp in logprobs],
-            "token_logprobs": [lp.logprob for lp in logprobs],
-            "top_logprobs": [{t.token: t.logprob for t in lp.top} for lp in logprobs],
-            "text_offset": offsets}
+    return {
+        "tokens": [lp.token for lp in logprobs],
+        "token_logprobs": [lp.logprob for lp in logprobs],
+        "top_logprobs": [{t.token: t.logprob for t in lp.top} for lp in logprobs],
+        "text_offset": offsets,
+    }

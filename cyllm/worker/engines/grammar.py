@@ -57,16 +57,22 @@ class Grammars:
         """For a Hugging Face tokenizer; ``vocab_size`` is the model's (its logits' width)."""
         import xgrammar as xgr
 
-        return cls(xgr.TokenizerInfo.from_huggingface(
-            tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_ids)))
+        return cls(
+            xgr.TokenizerInfo.from_huggingface(
+                tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_ids)
+            )
+        )
 
     @classmethod
     def for_pieces(cls, pieces: Sequence[bytes], stop_ids: Iterable[int]) -> Grammars:
         """For a vocabulary given as each token's bytes (llama.cpp's GGUF models)."""
         import xgrammar as xgr
 
-        return cls(xgr.TokenizerInfo(list(pieces), xgr.VocabType.RAW,
-                                     vocab_size=len(pieces), stop_token_ids=sorted(stop_ids)))
+        return cls(
+            xgr.TokenizerInfo(
+                list(pieces), xgr.VocabType.RAW, vocab_size=len(pieces), stop_token_ids=sorted(stop_ids)
+            )
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -84,8 +90,7 @@ class Grammars:
             raise errors.InvalidRequest(self._refused[constraint], param=PARAM)
         task = self._pending.get(constraint)
         if task is None:
-            task = self._pending[constraint] = asyncio.create_task(
-                self._compile_new(constraint, keep))
+            task = self._pending[constraint] = asyncio.create_task(self._compile_new(constraint, keep))
             task.add_done_callback(lambda t: self._settled(constraint, t))
         return await asyncio.shield(task)
 
@@ -109,10 +114,10 @@ class Grammars:
     def _compile_here(self, schema: str) -> Any:
         try:
             return compile_schema(self.compiler, schema)
-        except Exception as exc:  # noqa: BLE001  (xgrammar raises several kinds)
+        except Exception as exc:
             raise errors.InvalidRequest(
-                f"the JSON schema cannot be used for constrained decoding: {refusal(exc)}",
-                param=PARAM) from None
+                f"the JSON schema cannot be used for constrained decoding: {refusal(exc)}", param=PARAM
+            ) from None
 
     def matcher(self, compiled: Any, resumed: Sequence[int] = ()) -> Matcher:
         return Matcher(self, compiled, resumed)
@@ -140,19 +145,18 @@ class Matcher:
         for token in resumed:
             if not self.matcher.accept_token(token):
                 raise errors.InvalidRequest(
-                    "resume carries tokens the response format does not allow", param="resume")
+                    "resume carries tokens the response format does not allow", param="resume"
+                )
 
     def apply(self, logits: Any) -> None:
         """Disallow, in the 1-D float32 torch tensor ``logits`` (in place), every token
         the grammar does not allow next."""
         self.matcher.fill_next_token_bitmask(self.bitmask)
         row = logits if logits.is_contiguous() else logits.contiguous()
-        self._xgr.apply_token_bitmask_inplace(row.view(1, -1), self.bitmask,
-                                              vocab_size=self.vocab_size)
+        self._xgr.apply_token_bitmask_inplace(row.view(1, -1), self.bitmask, vocab_size=self.vocab_size)
         if row is not logits:  # a strided view (llama.cpp's candidates): write it back
             logits.copy_(row)
 
     def accept(self, token: int) -> None:
         if not self.matcher.accept_token(token):
             raise errors.EngineError(f"token {token} broke the response format's grammar")
-

@@ -88,8 +88,9 @@ class CompileGuard:
                     await self._ask(("vocabulary", vocabulary, info_json), START_TIMEOUT_S)
                 except (TimeoutError, EOFError, OSError):
                     self.close()
-                    raise errors.EngineError("the grammar compiler's process did not take "
-                                             "the vocabulary") from None
+                    raise errors.EngineError(
+                        "the grammar compiler's process did not take the vocabulary"
+                    ) from None
                 self._known.add(vocabulary)
             try:
                 refusal = await self._ask(("compile", vocabulary, schema), timeout_s)
@@ -98,7 +99,9 @@ class CompileGuard:
                 raise errors.InvalidRequest(
                     f"the JSON schema did not compile for constrained decoding within "
                     f"{timeout_s:g} s; simplify it (fewer patterns, less nesting of "
-                    f"anyOf/oneOf)", param=PARAM) from None
+                    f"anyOf/oneOf)",
+                    param=PARAM,
+                ) from None
             except asyncio.CancelledError:  # (the worker stopping) its answer would be stale
                 self.close()
                 raise
@@ -106,11 +109,13 @@ class CompileGuard:
                 self.close()
                 raise errors.InvalidRequest(
                     "the JSON schema could not be compiled for constrained decoding (the "
-                    "compiler ran out of resources); simplify it", param=PARAM) from None
+                    "compiler ran out of resources); simplify it",
+                    param=PARAM,
+                ) from None
         if refusal is not None:
             raise errors.InvalidRequest(
-                f"the JSON schema cannot be used for constrained decoding: {refusal}",
-                param=PARAM)
+                f"the JSON schema cannot be used for constrained decoding: {refusal}", param=PARAM
+            )
 
     def forget(self, vocabulary: int) -> None:
         """The child may drop ``vocabulary`` (its model was unloaded): told with the next
@@ -128,8 +133,9 @@ class CompileGuard:
     async def _start(self) -> None:
         ctx = multiprocessing.get_context("spawn")
         ours, theirs = ctx.Pipe()
-        process = ctx.Process(target=_serve, args=(theirs, self.memory_bytes), daemon=True,
-                              name="cyllm-grammar-check")
+        process = ctx.Process(
+            target=_serve, args=(theirs, self.memory_bytes), daemon=True, name="cyllm-grammar-check"
+        )
         await asyncio.to_thread(process.start)
         theirs.close()
         self._process, self._conn = process, ours
@@ -209,9 +215,8 @@ def _serve(conn: Any, memory_bytes: int) -> None:
             try:
                 compile_schema(compilers[vocabulary], arg)
                 conn.send(None)
-            except Exception as exc:  # noqa: BLE001  (xgrammar raises several kinds)
+            except Exception as exc:
                 if isinstance(exc, MemoryError) or "bad_alloc" in str(exc):
-                    conn.send(f"its grammar needs more than the {memory_bytes >> 20} MiB a "
-                              f"compile may use")
+                    conn.send(f"its grammar needs more than the {memory_bytes >> 20} MiB a compile may use")
                 else:
                     conn.send(refusal(exc))

@@ -137,9 +137,7 @@ class KVBatch:
             (k.index_select(0, index)[:, :, cut:], v.index_select(0, index)[:, :, cut:])
             for k, v in self.layers()
         ]
-        return KVBatch(
-            GrowableCache(layers), mask[:, cut:], self.positions.index_select(0, index)
-        )
+        return KVBatch(GrowableCache(layers), mask[:, cut:], self.positions.index_select(0, index))
 
     # -- stepping ---------------------------------------------------------------------
 

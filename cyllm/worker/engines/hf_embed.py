@@ -29,8 +29,12 @@ from cyllm.worker.engines.planning import checked_ids
 from cyllm.worker.settings import ModelSpec
 
 # sentence-transformers' Pooling config keys -> our modes (one of them is set).
-_ST_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
-             "pooling_mode_lasttoken": "last", "pooling_mode_max_tokens": "max"}
+_ST_MODES = {
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_lasttoken": "last",
+    "pooling_mode_max_tokens": "max",
+}
 
 
 @dataclass(frozen=True)
@@ -48,15 +52,15 @@ class Pooling:
         for module in modules if isinstance(modules, list) else []:
             if isinstance(module, dict) and str(module.get("type", "")).endswith(".Pooling"):
                 try:
-                    config = json.loads((folder / str(module.get("path", "")) / "config.json")
-                                        .read_text())
+                    config = json.loads((folder / str(module.get("path", "")) / "config.json").read_text())
                 except (OSError, ValueError) as exc:
                     raise errors.NotLoadable(f"{folder}: its Pooling module's config: {exc}") from exc
                 on = [k for k, v in config.items() if k.startswith("pooling_mode") and v]
                 if len(on) != 1 or on[0] not in _ST_MODES:
                     raise errors.NotLoadable(
                         f"{folder}: pooling {', '.join(on) or 'none'} is not supported "
-                        f"(one of {', '.join(_ST_MODES)})")
+                        f"(one of {', '.join(_ST_MODES)})"
+                    )
                 return cls(_ST_MODES[on[0]])
         return cls()
 
@@ -72,24 +76,29 @@ def base_backbone(model: Any) -> Iterator[torch.nn.Module]:
         yield model.get_base_model().base_model
 
 
-def pooled(backbone: torch.nn.Module, ids: list[list[int]], pad_id: int, device: torch.device,
-           dimensions: int = 0, token_budget: int = 8192,
-           pooling: Pooling = Pooling()) -> list[list[float]]:
+def pooled(
+    backbone: torch.nn.Module,
+    ids: list[list[int]],
+    pad_id: int,
+    device: torch.device,
+    dimensions: int = 0,
+    token_budget: int = 8192,
+    pooling: Pooling = Pooling(),
+) -> list[list[float]]:
     """One unit vector per row of ``ids`` (``dimensions``: the first that many values,
     normalised)."""
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together
     vectors: dict[int, list[float]] = {}
     while order:
         batch, width = [], 0
-        while order and (not batch or max(width, len(ids[order[0]])) * (len(batch) + 1)
-                         <= token_budget):
+        while order and (not batch or max(width, len(ids[order[0]])) * (len(batch) + 1) <= token_budget):
             width = max(width, len(ids[order[0]]))
             batch.append(order.pop(0))
         tokens = torch.full((len(batch), width), pad_id, device=device)
         mask = torch.zeros((len(batch), width), dtype=torch.long, device=device)
         for row, i in enumerate(batch):
-            tokens[row, :len(ids[i])] = torch.tensor(ids[i], device=device)
-            mask[row, :len(ids[i])] = 1
+            tokens[row, : len(ids[i])] = torch.tensor(ids[i], device=device)
+            mask[row, : len(ids[i])] = 1
         with torch.inference_mode():
             states = backbone(input_ids=tokens, attention_mask=mask).last_hidden_state.float()
         out = _pool(states, mask, pooling.mode)
@@ -143,12 +152,12 @@ class FolderEmbedder:
 
     async def embed(self, texts: Sequence[str], dimensions: int = 0) -> tuple[list[list[float]], int]:
         await self.load()
-        ids = checked_ids(lambda t: self.tokenizer(t)["input_ids"], texts, self.context_length,
-                          self.width, dimensions)
+        ids = checked_ids(
+            lambda t: self.tokenizer(t)["input_ids"], texts, self.context_length, self.width, dimensions
+        )
 
         def run() -> list[list[float]]:
-            return pooled(self.model, ids, self.pad_id, self.device, dimensions,
-                          pooling=self.pooling)
+            return pooled(self.model, ids, self.pad_id, self.device, dimensions, pooling=self.pooling)
 
         return await self._thread.run(run), sum(map(len, ids))
 

@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 
 # A member that fails before its first event hands the request to the next; once it has
 # sent something the request fails with it (a member's stream cannot be continued).
-MEMBERS = failover.Rule(moves_on=(errors.EngineError, errors.Unavailable),
-                        blames=lambda exc: False, what="hybrid member")
+MEMBERS = failover.Rule(
+    moves_on=(errors.EngineError, errors.Unavailable), blames=lambda exc: False, what="hybrid member"
+)
 
 
 @dataclass
@@ -61,9 +62,15 @@ class HybridEngine(AbstractEngine):
 
         for cand in self.spec.candidates:
             label = f"{cand.engine}@{cand.device}"
-            sub = self.spec.model_copy(update={
-                "engine": cand.engine, "device": cand.device, "engine_args": cand.engine_args,
-                "candidates": [], "replicas": 1})
+            sub = self.spec.model_copy(
+                update={
+                    "engine": cand.engine,
+                    "device": cand.device,
+                    "engine_args": cand.engine_args,
+                    "candidates": [],
+                    "replicas": 1,
+                }
+            )
             try:
                 engine = await compute_thread.once(create_engine, sub, self.cache_dir, self.cpu_engine)
                 card = await engine.load()
@@ -77,21 +84,29 @@ class HybridEngine(AbstractEngine):
                 break
         if not self.members:
             raise errors.NotLoadable(
-                f"no candidate engine could load {self.spec.id!r}: " + "; ".join(self.skipped))
+                f"no candidate engine could load {self.spec.id!r}: " + "; ".join(self.skipped)
+            )
         cards = [m.card for m in self.members]
         return ModelCard(
-            self.spec.id, min(c.context_length for c in cards),
+            self.spec.id,
+            min(c.context_length for c in cards),
             "hybrid[" + ",".join(m.label for m in self.members) + "]",
-            sum(c.max_batch_size for c in cards), ",".join(c.device for c in cards),
-            int(time.time()))
+            sum(c.max_batch_size for c in cards),
+            ",".join(c.device for c in cards),
+            int(time.time()),
+        )
 
     def _ranked(self, request: GenerationRequest) -> list[Member]:
         def load(m: Member) -> float:
             h = m.engine.health()
             return (h.running + h.waiting) / max(1, m.card.max_batch_size)
 
-        usable = [m for m in self.members if m.engine.health().healthy
-                  and (request.adapter is None or request.adapter in m.engine.adapters())]
+        usable = [
+            m
+            for m in self.members
+            if m.engine.health().healthy
+            and (request.adapter is None or request.adapter in m.engine.adapters())
+        ]
         return sorted(usable, key=load)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
@@ -99,8 +114,7 @@ class HybridEngine(AbstractEngine):
         ranked = self._ranked(request)
         if not ranked:
             raise errors.Unavailable(f"no healthy engine for {self.spec.id} on this worker")
-        members = failover.InTurn([failover.Named(f"{self.spec.id}@{m.label}", m.engine)
-                                   for m in ranked])
+        members = failover.InTurn([failover.Named(f"{self.spec.id}@{m.label}", m.engine) for m in ranked])
         events = failover.stream(members, lambda m: m.target.generate(request), MEMBERS)
         async with aclosing(events) as stream:
             async for event in stream:

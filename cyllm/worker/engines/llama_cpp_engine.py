@@ -33,9 +33,9 @@ from cyllm import errors
 from cyllm.worker.engines.base import Engine
 from cyllm.worker.engines.compute_thread import ComputeThread
 from cyllm.worker.engines.grammar import Grammars, Matcher
-from cyllm.worker.engines.sampling import OutputRules, token_logprob
 from cyllm.worker.engines.planning import Plan, SamplingDefaults, checked_ids
 from cyllm.worker.engines.prompt import messages_of
+from cyllm.worker.engines.sampling import OutputRules, token_logprob
 from cyllm.worker.engines.text import Stopper
 from cyllm.worker.engines.types import GenerationRequest, ModelCard, Step
 from cyllm.worker.settings import ModelSpec
@@ -71,7 +71,8 @@ class LlamaCppEngine(Engine):
         if spec.adapters:
             raise errors.NotLoadable(
                 f"model {spec.id!r}: the llama_cpp engine does not serve PEFT adapters here; "
-                "use the transformers or vllm engine")
+                "use the transformers or vllm engine"
+            )
         super().__init__(spec)
         self.gguf = gguf
         args = dict(spec.engine_args)
@@ -97,12 +98,12 @@ class LlamaCppEngine(Engine):
         unknown = sorted(set(self.llama_args) - known)
         if unknown:
             raise errors.NotLoadable(
-                f"model {self.spec.id!r}: unknown llama_cpp.Llama argument(s) {', '.join(unknown)}")
+                f"model {self.spec.id!r}: unknown llama_cpp.Llama argument(s) {', '.join(unknown)}"
+            )
         n_ctx = self.spec.max_context or 0  # 0: the model's training context
 
         def build() -> Any:
-            return llama_cpp.Llama(model_path=str(self.gguf), n_ctx=n_ctx, verbose=False,
-                                   **self.llama_args)
+            return llama_cpp.Llama(model_path=str(self.gguf), n_ctx=n_ctx, verbose=False, **self.llama_args)
 
         try:
             for i in range(self.instances):
@@ -123,11 +124,13 @@ class LlamaCppEngine(Engine):
             eos_text = llm.detokenize([llm.token_eos()], special=True).decode(errors="replace")
             bos_id = llm.token_bos()
             bos_text = llm.detokenize([bos_id], special=True).decode(errors="replace") if bos_id >= 0 else ""
-            self.formatter = Jinja2ChatFormatter(template=template, eos_token=eos_text,
-                                                 bos_token=bos_text, stop_token_ids=[llm.token_eos()])
+            self.formatter = Jinja2ChatFormatter(
+                template=template, eos_token=eos_text, bos_token=bos_text, stop_token_ids=[llm.token_eos()]
+            )
         self.defaults = SamplingDefaults.of(self.spec)
-        return ModelCard(self.spec.id, self.context_length, self.name, self.spec.max_batch_size,
-                         "cpu", int(time.time()))
+        return ModelCard(
+            self.spec.id, self.context_length, self.name, self.spec.max_batch_size, "cpu", int(time.time())
+        )
 
     async def close(self) -> None:
         self.close_grammars()
@@ -144,8 +147,13 @@ class LlamaCppEngine(Engine):
         ``embedding=True``: the weights are memory-mapped, so it costs a context, not a
         copy."""
         llm = self._objects[0]
-        ids = checked_ids(lambda t: llm.tokenize(t.encode(), add_bos=True, special=False), texts,
-                          self.context_length, llm.n_embd(), dimensions)
+        ids = checked_ids(
+            lambda t: llm.tokenize(t.encode(), add_bos=True, special=False),
+            texts,
+            self.context_length,
+            llm.n_embd(),
+            dimensions,
+        )
         return await self._embed_thread.run(self._embed, list(texts), dimensions), sum(map(len, ids))
 
     def _embed(self, texts: list[str], dimensions: int) -> list[list[float]]:
@@ -154,9 +162,15 @@ class LlamaCppEngine(Engine):
         if self._embedder is None:  # on the embedding thread: one call at a time
             n = self.context_length
             self._embedder = llama_cpp.Llama(
-                model_path=str(self.gguf), n_ctx=n, n_batch=n, n_ubatch=n, embedding=True,
-                pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN, verbose=False,
-                n_threads=self.llama_args["n_threads"])
+                model_path=str(self.gguf),
+                n_ctx=n,
+                n_batch=n,
+                n_ubatch=n,
+                embedding=True,
+                pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+                verbose=False,
+                n_threads=self.llama_args["n_threads"],
+            )
         vectors = self._embedder.embed(texts, normalize=False, truncate=False)
         return [_unit(v[:dimensions] if dimensions else v) for v in vectors]
 
@@ -166,8 +180,8 @@ class LlamaCppEngine(Engine):
             msgs, tools = messages_of(request, self.template)
             if self.formatter is None:
                 raise errors.InvalidRequest(
-                    "this model has no chat template; send a raw prompt (/v1/completions)",
-                    param="messages")
+                    "this model has no chat template; send a raw prompt (/v1/completions)", param="messages"
+                )
             try:
                 text = self.formatter(messages=msgs, tools=tools).prompt
             except Exception as exc:
@@ -205,8 +219,12 @@ class LlamaCppEngine(Engine):
         worker: asyncio.Future[None] | None = None
         try:
             worker = instance.thread.run(
-                self._run, instance.llm, plan, abort,
-                lambda item: loop.call_soon_threadsafe(out.put_nowait, item))
+                self._run,
+                instance.llm,
+                plan,
+                abort,
+                lambda item: loop.call_soon_threadsafe(out.put_nowait, item),
+            )
             while (item := await out.get()) is not _DONE:
                 if isinstance(item, BaseException):
                     raise item
@@ -230,10 +248,16 @@ class LlamaCppEngine(Engine):
             stopper = Stopper(self.primed_decoder(plan), self.eos, s.stop, plan.max_new)
             matcher, rules = self.matcher(plan), self.rules(plan)
             seen: list[Any] = []  # the processed scores of the last step (for logprobs)
-            tokens = llm.generate(plan.prompt_ids, temp=s.temperature, top_p=s.top_p,
-                                  top_k=0, min_p=0.0, repeat_penalty=1.0, reset=True,
-                                  logits_processor=_processed(rules, matcher, seen,
-                                                              s.logprobs is not None))
+            tokens = llm.generate(
+                plan.prompt_ids,
+                temp=s.temperature,
+                top_p=s.top_p,
+                top_k=0,
+                min_p=0.0,
+                repeat_penalty=1.0,
+                reset=True,
+                logits_processor=_processed(rules, matcher, seen, s.logprobs is not None),
+            )
             decode = lambda i: llm.detokenize([i]).decode(errors="replace")  # noqa: E731
             try:
                 for token in tokens:
@@ -243,8 +267,9 @@ class LlamaCppEngine(Engine):
                         matcher.accept(token)
                     if rules is not None:
                         rules.accept(token)
-                    logprob = None if s.logprobs is None else \
-                        token_logprob(seen[-1], token, s.logprobs, decode)
+                    logprob = (
+                        None if s.logprobs is None else token_logprob(seen[-1], token, s.logprobs, decode)
+                    )
                     step = stopper.push(token, logprob)
                     if step is not None:
                         emit(step)
@@ -266,8 +291,7 @@ class _Instance:
     thread: ComputeThread
 
 
-def _processed(rules: OutputRules | None, matcher: Matcher | None, seen: list[Any],
-               keep: bool) -> Any:
+def _processed(rules: OutputRules | None, matcher: Matcher | None, seen: list[Any], keep: bool) -> Any:
     """llama.cpp's logits processor for a request's output rules and its grammar (which
     has the last word): the scores, one per token id in order, changed in place; with
     ``keep``, a copy of them is left in ``seen`` for the token's logprob."""

@@ -52,7 +52,8 @@ class MindieEngine(Engine):
         unknown = set(spec.engine_args) - _KNOWN_ARGS
         if unknown:
             raise errors.NotLoadable(
-                f"model {spec.id!r}: unknown mindie engine argument(s) {', '.join(sorted(unknown))}")
+                f"model {spec.id!r}: unknown mindie engine argument(s) {', '.join(sorted(unknown))}"
+            )
         super().__init__(spec)
         self.model_dir = model_dir
         args = spec.engine_args
@@ -68,8 +69,9 @@ class MindieEngine(Engine):
 
         self.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.model_dir)
         self.context_length = folder_context_length(self.model_dir, self.spec.max_context)
-        self.client = httpx.AsyncClient(base_url=self.endpoint, verify=self.verify,
-                                        timeout=httpx.Timeout(self.timeout, connect=10))
+        self.client = httpx.AsyncClient(
+            base_url=self.endpoint, verify=self.verify, timeout=httpx.Timeout(self.timeout, connect=10)
+        )
         try:
             reply = await self.client.get("/v1/models")
             reply.raise_for_status()
@@ -80,10 +82,12 @@ class MindieEngine(Engine):
         if self.model_name not in served:
             await self.client.aclose()
             raise errors.NotLoadable(
-                f"MindIE Server at {self.endpoint} serves {sorted(served)}, not {self.model_name!r}")
+                f"MindIE Server at {self.endpoint} serves {sorted(served)}, not {self.model_name!r}"
+            )
         self.defaults = SamplingDefaults.of(self.spec)
-        return ModelCard(self.spec.id, self.context_length, self.name, self.spec.max_batch_size,
-                         "npu", int(time.time()))
+        return ModelCard(
+            self.spec.id, self.context_length, self.name, self.spec.max_batch_size, "npu", int(time.time())
+        )
 
     async def close(self) -> None:
         if self.client is not None:
@@ -95,8 +99,11 @@ class MindieEngine(Engine):
 
     async def stream(self, plan: Plan) -> AsyncIterator[Step]:
         s = plan.sampling
-        params: dict[str, Any] = {"max_new_tokens": plan.max_new, "details": True,
-                                  "do_sample": s.temperature > 0}
+        params: dict[str, Any] = {
+            "max_new_tokens": plan.max_new,
+            "details": True,
+            "do_sample": s.temperature > 0,
+        }
         if s.temperature > 0:
             params["temperature"] = s.temperature
         if s.top_p < 1:  # MindIE takes top_p in (0, 1) only; 1.0 is "unset"
@@ -128,8 +135,7 @@ class MindieEngine(Engine):
         except (httpx.HTTPError, httpx.StreamError) as exc:
             self._last_error = f"{type(exc).__name__}: {exc}"
             raise errors.EngineError(f"MindIE Server at {self.endpoint} failed: {exc}") from exc
-        raise errors.EngineError(f"MindIE Server at {self.endpoint} ended the stream without "
-                                 "a finish reason")
+        raise errors.EngineError(f"MindIE Server at {self.endpoint} ended the stream without a finish reason")
 
     def health(self) -> EngineHealth:
         h = super().health()

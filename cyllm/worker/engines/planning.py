@@ -84,9 +84,7 @@ def check_sampling(p: SamplingParams) -> None:
         raise errors.InvalidRequest("top_p must be in (0, 1]", param="top_p")
 
 
-def plan_max_tokens(
-    prompt_tokens: int, requested: int | None, context: int, default: int
-) -> int:
+def plan_max_tokens(prompt_tokens: int, requested: int | None, context: int, default: int) -> int:
     """How many tokens to generate, or a ContextLengthExceeded naming the numbers."""
     if prompt_tokens >= context:
         raise errors.ContextLengthExceeded(
@@ -122,26 +120,32 @@ def continuation_seed(seed: int | None, resumed: int) -> int | None:
 def check_resumed(ids: tuple[int, ...], max_new: int, vocab: int | None) -> None:
     if len(ids) > max_new:
         raise errors.InvalidRequest(
-            f"resume carries {len(ids)} tokens, more than the {max_new} this request may "
-            "generate", param="resume")
+            f"resume carries {len(ids)} tokens, more than the {max_new} this request may generate",
+            param="resume",
+        )
     bad = next((t for t in ids if t < 0 or (vocab is not None and t >= vocab)), None)
     if bad is not None:
-        raise errors.InvalidRequest(f"resume token id {bad} is outside the vocabulary",
-                                    param="resume")
+        raise errors.InvalidRequest(f"resume token id {bad} is outside the vocabulary", param="resume")
 
 
-def checked_ids(tokenize: Callable[[str], list[int]], texts: Sequence[str], context_length: int,
-                width: int, dimensions: int) -> list[list[int]]:
+def checked_ids(
+    tokenize: Callable[[str], list[int]],
+    texts: Sequence[str],
+    context_length: int,
+    width: int,
+    dimensions: int,
+) -> list[list[int]]:
     """Each text's token ids, once every input and ``dimensions`` have been checked."""
     if dimensions > width:
-        raise errors.InvalidRequest(f"dimensions is {dimensions}; this model's embeddings have "
-                                    f"{width}", param="dimensions")
+        raise errors.InvalidRequest(
+            f"dimensions is {dimensions}; this model's embeddings have {width}", param="dimensions"
+        )
     ids = [tokenize(t) for t in texts]
     for i, row in enumerate(ids):
         if not row:
             raise errors.InvalidRequest(f"input {i} is empty", param="input")
         if len(row) > context_length:
             raise errors.ContextLengthExceeded(
-                f"input {i} has {len(row)} tokens; this model reads at most {context_length}",
-                param="input")
+                f"input {i} has {len(row)} tokens; this model reads at most {context_length}", param="input"
+            )
     return ids

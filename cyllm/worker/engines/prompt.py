@@ -10,18 +10,19 @@ from typing import Any
 from cyllm import errors
 from cyllm.worker.engines.types import GenerationRequest
 
-
 TOOL_CALL = "<tool_call>\n{}\n</tool_call>"
 # How tools reach a model whose chat template has no tool format (the Hermes format that
 # tool-trained templates use; the gateway reads calls back in it: gateway/tools.py).
 TOOL_PREAMBLE = (
     "You can call functions. To call one, reply with only\n"
     + TOOL_CALL.format('{"name": <function name>, "arguments": <a JSON object>}')
-    + "\nand nothing else. The functions:\n")
+    + "\nand nothing else. The functions:\n"
+)
 
 
-def messages_of(request: GenerationRequest, template: str | None = None
-                ) -> tuple[list[dict[str, str]], list[Any] | None]:
+def messages_of(
+    request: GenerationRequest, template: str | None = None
+) -> tuple[list[dict[str, str]], list[Any] | None]:
     """The chat as the template takes it, and the tools when the template renders them
     itself (its source mentions ``tools``); otherwise the tools go into the system
     message (``TOOL_PREAMBLE``) and tool results become user turns."""
@@ -30,7 +31,9 @@ def messages_of(request: GenerationRequest, template: str | None = None
         raise errors.InvalidRequest("messages must not be empty", param="messages")
     msgs = [{"role": r, "content": c} for r, c in request.messages]
     tools = json.loads(request.tools) if request.tools else None
-    if (template and "tools" in template) or (tools is None and all(r != "tool" for r, _ in request.messages)):
+    if (template and "tools" in template) or (
+        tools is None and all(r != "tool" for r, _ in request.messages)
+    ):
         return msgs, tools
     for m in msgs:
         if m["role"] == "tool":

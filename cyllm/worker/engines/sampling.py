@@ -56,8 +56,13 @@ def sample(
 class OutputRules:
     """One sequence's output rules, following the tokens it generates."""
 
-    def __init__(self, params: SamplingParams, prompt: Sequence[int], end_ids: Collection[int],
-                 generated: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        params: SamplingParams,
+        prompt: Sequence[int],
+        end_ids: Collection[int],
+        generated: Sequence[int] = (),
+    ) -> None:
         self.p = params
         self.end_ids = list(end_ids)
         self.counts: Counter[int] = Counter(generated)
@@ -66,8 +71,13 @@ class OutputRules:
         self.bias = dict(params.logit_bias)
 
     @classmethod
-    def of(cls, params: SamplingParams, prompt: Sequence[int], end_ids: Collection[int],
-           generated: Sequence[int] = ()) -> OutputRules | None:
+    def of(
+        cls,
+        params: SamplingParams,
+        prompt: Sequence[int],
+        end_ids: Collection[int],
+        generated: Sequence[int] = (),
+    ) -> OutputRules | None:
         return cls(params, prompt, end_ids, generated) if params.rules() else None
 
     def apply(self, logits: torch.Tensor) -> None:
@@ -76,12 +86,12 @@ class OutputRules:
         if p.repetition_penalty != 1.0 and self.seen:
             ids = torch.tensor(sorted(self.seen), device=logits.device)
             picked = logits[ids]
-            logits[ids] = torch.where(picked > 0, picked / p.repetition_penalty,
-                                      picked * p.repetition_penalty)
+            logits[ids] = torch.where(
+                picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty
+            )
         if (p.frequency_penalty or p.presence_penalty) and self.counts:
             ids = torch.tensor(list(self.counts), device=logits.device)
-            counts = torch.tensor(list(self.counts.values()), dtype=logits.dtype,
-                                  device=logits.device)
+            counts = torch.tensor(list(self.counts.values()), dtype=logits.dtype, device=logits.device)
             logits[ids] -= p.frequency_penalty * counts + p.presence_penalty
         for token, bias in self.bias.items():
             logits[token] += bias
@@ -111,16 +121,15 @@ def process_rows(logits: torch.Tensor, processors: Sequence[RowProcessor | None]
     return logits
 
 
-def token_logprob(logits: torch.Tensor, token: int, top: int,
-                  decode: Callable[[int], str]) -> TokenLogprob:
+def token_logprob(logits: torch.Tensor, token: int, top: int, decode: Callable[[int], str]) -> TokenLogprob:
     """``token``'s log probability under one row of (processed, float) logits, with the
     ``top`` most likely tokens; tokens a grammar or bias ruled out are never listed."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     alternatives: tuple[tuple[int, float, str], ...] = ()
     if top:
         values, ids = logprobs.topk(top)
-        alternatives = tuple((i, v, decode(i)) for v, i in zip(values.tolist(), ids.tolist())
-                             if math.isfinite(v))
+        alternatives = tuple(
+            (i, v, decode(i)) for v, i in zip(values.tolist(), ids.tolist()) if math.isfinite(v)
+        )
     chosen = float(logprobs[token])
-    return TokenLogprob(token, chosen if math.isfinite(chosen) else -9999.0, decode(token),
-                        alternatives)
+    return TokenLogprob(token, chosen if math.isfinite(chosen) else -9999.0, decode(token), alternatives)

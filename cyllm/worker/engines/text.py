@@ -93,8 +93,7 @@ class Stopper:
     ``finish``.
     """
 
-    def __init__(self, decoder: Decoder, eos: Collection[int], stops: Sequence[str],
-                 max_new: int) -> None:
+    def __init__(self, decoder: Decoder, eos: Collection[int], stops: Sequence[str], max_new: int) -> None:
         self.decoder = decoder
         self.eos = eos
         self.matcher = StopMatcher(stops)

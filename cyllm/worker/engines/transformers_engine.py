@@ -103,8 +103,7 @@ class TransformersEngine(Engine):
         self._waiting: list[_Sequence] = []
         self._admitting: list[_Sequence] = []
         self._adapters: dict[str, Path] = {}
-        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], asyncio.Future[Any]]] = \
-            queue.SimpleQueue()
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], asyncio.Future[Any]]] = queue.SimpleQueue()
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -160,8 +159,9 @@ class TransformersEngine(Engine):
         gen_cfg = self.model.generation_config
         # The model's own sampling defaults count only where it samples by default.
         sampled = bool(getattr(gen_cfg, "do_sample", False))
-        self.defaults = SamplingDefaults.of(self.spec, {"temperature": gen_cfg.temperature,
-                                                        "top_p": gen_cfg.top_p} if sampled else {})
+        self.defaults = SamplingDefaults.of(
+            self.spec, {"temperature": gen_cfg.temperature, "top_p": gen_cfg.top_p} if sampled else {}
+        )
         eos = gen_cfg.eos_token_id if gen_cfg.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         if self.tokenizer.eos_token_id is not None:
@@ -169,13 +169,17 @@ class TransformersEngine(Engine):
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else next(iter(self.eos_ids), 0)
         self._attention = self.model.config._attn_implementation
-        self._switch_attention = (self.device.type == "cpu" and self._attention == "sdpa"
-                                  and "attn_implementation" not in self.spec.engine_args)
+        self._switch_attention = (
+            self.device.type == "cpu"
+            and self._attention == "sdpa"
+            and "attn_implementation" not in self.spec.engine_args
+        )
         for name, path in self.spec.adapters.items():
             self._apply_adapter("add", name, path)
         # Warm up the kernels so the first user request is not the slow one.
-        batch, logits = KVBatch.prefill(self.model, [[self.pad_id] * 4], self.pad_id,
-                                        **self._forward_args([None]))
+        batch, logits = KVBatch.prefill(
+            self.model, [[self.pad_id] * 4], self.pad_id, **self._forward_args([None])
+        )
         batch.decode(self.model, logits.argmax(-1), **self._forward_args([None]))
 
     # -- adapters ---------------------------------------------------------------------
@@ -217,8 +221,13 @@ class TransformersEngine(Engine):
     # -- embeddings ---------------------------------------------------------------------
 
     async def embed(self, texts: Sequence[str], dimensions: int = 0) -> tuple[list[list[float]], int]:
-        ids = checked_ids(lambda t: self.tokenizer(t)["input_ids"], texts, self.context_length,
-                          self.model.config.hidden_size, dimensions)
+        ids = checked_ids(
+            lambda t: self.tokenizer(t)["input_ids"],
+            texts,
+            self.context_length,
+            self.model.config.hidden_size,
+            dimensions,
+        )
         vectors = await self.on_engine_thread(lambda: self._embed(ids, dimensions))
         return vectors, sum(len(row) for row in ids)
 
@@ -246,7 +255,7 @@ class TransformersEngine(Engine):
                 return
             try:
                 result, error = fn(), None
-            except Exception as exc:  # noqa: BLE001  (handed to the caller)
+            except Exception as exc:
                 result, error = None, exc
             assert self._loop is not None
             self._loop.call_soon_threadsafe(_resolve, done, result, error)
@@ -281,8 +290,7 @@ class TransformersEngine(Engine):
             prompt_ids=plan.prompt_ids,
             sampling=plan.sampling,
             out=asyncio.Queue(),
-            stopper=Stopper(self.primed_decoder(plan), self.eos_ids, plan.sampling.stop,
-                            plan.max_new),
+            stopper=Stopper(self.primed_decoder(plan), self.eos_ids, plan.sampling.stop, plan.max_new),
             generator=make_generator(plan.sampling, self.device),
             adapter=plan.adapter,
             matcher=self.matcher(plan),
@@ -359,8 +367,12 @@ class TransformersEngine(Engine):
         admitted = self._admitting = self._admit()
         if admitted:
             self._pick_attention(len(admitted), max(len(s.prompt_ids) for s in admitted))
-            new, logits = KVBatch.prefill(self.model, [s.prompt_ids for s in admitted], self.pad_id,
-                                          **self._forward_args([s.adapter for s in admitted]))
+            new, logits = KVBatch.prefill(
+                self.model,
+                [s.prompt_ids for s in admitted],
+                self.pad_id,
+                **self._forward_args([s.adapter for s in admitted]),
+            )
             self._advance(admitted, *self._sample(logits, admitted))
             batch = new if batch is None else batch.merge(new)
             self._running.extend(admitted)
@@ -373,8 +385,7 @@ class TransformersEngine(Engine):
         # 3. one decode step for the whole batch
         tokens = torch.tensor([s.last_token for s in self._running], device=self.device)
         self._pick_attention(len(self._running), 1)
-        logits = batch.decode(self.model, tokens,
-                              **self._forward_args([s.adapter for s in self._running]))
+        logits = batch.decode(self.model, tokens, **self._forward_args([s.adapter for s in self._running]))
         stepped = self._running
         self._advance(stepped, *self._sample(logits, stepped))
         batch = self._compact(batch)
@@ -399,17 +410,21 @@ class TransformersEngine(Engine):
             base.set_attn_implementation(want)
             self._attention = want
 
-    def _sample(self, logits: torch.Tensor, seqs: list[_Sequence]
-                ) -> tuple[list[int], list[TokenLogprob | None]]:
+    def _sample(
+        self, logits: torch.Tensor, seqs: list[_Sequence]
+    ) -> tuple[list[int], list[TokenLogprob | None]]:
         """Each row's rules, then its grammar (which has the last word), then sampling;
         the chosen tokens' logprobs where asked."""
         logits = process_rows(logits, [s.rules for s in seqs])
         logits = process_rows(logits, [s.matcher for s in seqs])
         tokens = sample(logits, [s.sampling for s in seqs], [s.generator for s in seqs])
         decode = lambda i: self.tokenizer.decode([i])  # noqa: E731
-        return tokens, [None if s.sampling.logprobs is None
-                        else token_logprob(logits[row], tokens[row], s.sampling.logprobs, decode)
-                        for row, s in enumerate(seqs)]
+        return tokens, [
+            None
+            if s.sampling.logprobs is None
+            else token_logprob(logits[row], tokens[row], s.sampling.logprobs, decode)
+            for row, s in enumerate(seqs)
+        ]
 
     def _admit(self) -> list[_Sequence]:
         room = self.spec.max_batch_size - len(self._running)
@@ -424,8 +439,7 @@ class TransformersEngine(Engine):
             width = new_width
         return admitted
 
-    def _advance(self, seqs: list[_Sequence], tokens: list[int],
-                 logprobs: list[TokenLogprob | None]) -> None:
+    def _advance(self, seqs: list[_Sequence], tokens: list[int], logprobs: list[TokenLogprob | None]) -> None:
         """4. account each sampled token, detokenise, apply the end rule (steps are
         queued on each sequence; ``_deliver`` hands them over)."""
         for seq, token, logprob in zip(seqs, tokens, logprobs):
@@ -480,7 +494,7 @@ def _apply_peft(model: torch.nn.Module, path: Path) -> torch.nn.Module:
 
     try:
         wrapped = PeftModel.from_pretrained(model, str(path))
-    except Exception as exc:  # noqa: BLE001  (peft raises many kinds on a bad folder)
+    except Exception as exc:
         raise errors.NotLoadable(f"cannot apply the PEFT adapter in {path}: {exc}") from exc
     config = wrapped.peft_config["default"]
     if config.is_prompt_learning or config.peft_type.value == "ADAPTION_PROMPT":

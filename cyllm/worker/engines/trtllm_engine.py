@@ -49,8 +49,11 @@ class TrtLlmEngine(Engine):
 
         self.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.model_dir)
         self.context_length = folder_context_length(self.model_dir, self.spec.max_context)
-        kwargs = {"max_batch_size": self.spec.max_batch_size, "max_seq_len": self.context_length,
-                  **self.spec.engine_args}
+        kwargs = {
+            "max_batch_size": self.spec.max_batch_size,
+            "max_seq_len": self.context_length,
+            **self.spec.engine_args,
+        }
         try:
             self.llm = await asyncio.to_thread(tensorrt_llm.LLM, model=str(self.model_dir), **kwargs)
         except TypeError as exc:  # an engine argument the LLM API does not take
@@ -60,8 +63,9 @@ class TrtLlmEngine(Engine):
         self.defaults = SamplingDefaults.of(self.spec)
         for name, path in self.spec.adapters.items():
             await self.add_adapter(name, path)
-        return ModelCard(self.spec.id, self.context_length, self.name, self.spec.max_batch_size,
-                         "cuda", int(time.time()))
+        return ModelCard(
+            self.spec.id, self.context_length, self.name, self.spec.max_batch_size, "cuda", int(time.time())
+        )
 
     async def close(self) -> None:
         if self.llm is not None:
@@ -89,16 +93,21 @@ class TrtLlmEngine(Engine):
         from tensorrt_llm import SamplingParams
 
         s = plan.sampling
-        params = SamplingParams(max_tokens=plan.max_new, temperature=s.temperature,
-                                top_p=s.top_p, seed=s.seed)
+        params = SamplingParams(
+            max_tokens=plan.max_new, temperature=s.temperature, top_p=s.top_p, seed=s.seed
+        )
         lora = self._loras.get(plan.adapter) if plan.adapter else None
-        result = self.llm.generate_async(plan.prompt_ids, sampling_params=params,
-                                         lora_request=lora, streaming=True)
+        result = self.llm.generate_async(
+            plan.prompt_ids, sampling_params=params, lora_request=lora, streaming=True
+        )
         try:
             async for out in result:
                 completion = out.outputs[0]
-                yield Step(completion.text_diff, tuple(completion.token_ids_diff),
-                           (completion.finish_reason or "") if out.finished else None)
+                yield Step(
+                    completion.text_diff,
+                    tuple(completion.token_ids_diff),
+                    (completion.finish_reason or "") if out.finished else None,
+                )
                 if out.finished:
                     return
         finally:

@@ -50,8 +50,14 @@ class SamplingParams:
         return tuple(name for name, off in _RULES_OFF.items() if getattr(self, name) != off)
 
 
-_RULES_OFF = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
-              "logit_bias": (), "min_tokens": 0, "ignore_eos": False}
+_RULES_OFF = {
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0,
+    "logit_bias": (),
+    "min_tokens": 0,
+    "ignore_eos": False,
+}
 
 
 @dataclass(frozen=True)
@@ -99,9 +105,11 @@ class TextDelta:
     @staticmethod
     def joined(run: list[TextDelta]) -> TextDelta:
         """One delta for consecutive ones (a reader that lags gets them together)."""
-        return TextDelta("".join(d.text for d in run),
-                         tuple(i for d in run for i in d.token_ids),
-                         tuple(lp for d in run for lp in d.logprobs))
+        return TextDelta(
+            "".join(d.text for d in run),
+            tuple(i for d in run for i in d.token_ids),
+            tuple(lp for d in run for lp in d.logprobs),
+        )
 
 
 @dataclass(frozen=True)

@@ -45,8 +45,8 @@ from pathlib import Path
 from typing import Any
 
 from cyllm import cores, errors
-from cyllm.worker.engines.factory import cpu_has_bfloat16
 from cyllm.worker.engines.base import Engine
+from cyllm.worker.engines.factory import cpu_has_bfloat16
 from cyllm.worker.engines.grammar import Grammars
 from cyllm.worker.engines.hf_embed import FolderEmbedder, embedder_for
 from cyllm.worker.engines.planning import Plan, SamplingDefaults
@@ -83,7 +83,8 @@ class VllmAsyncEngine(Engine):
         if unknown:
             raise errors.NotLoadable(
                 f"model {self.spec.id!r}: unknown vLLM engine argument(s) {', '.join(unknown)} "
-                "(see vllm.AsyncEngineArgs)")
+                "(see vllm.AsyncEngineArgs)"
+            )
         dtype = self.spec.dtype
         if dtype == "auto" and self._platform_type() == "cpu":
             # As the transformers engine: bfloat16 where the CPU computes in it natively.
@@ -115,7 +116,8 @@ class VllmAsyncEngine(Engine):
         if self.platform and self._platform_type() != self.platform:
             raise errors.NotLoadable(
                 f"engine {self.name!r} needs vLLM's {self.platform} platform; this worker's "
-                f"vLLM runs on {self._platform_type()!r}")
+                f"vLLM runs on {self._platform_type()!r}"
+            )
 
     def _cpu_env(self) -> None:
         ea = self.spec.engine_args
@@ -154,8 +156,14 @@ class VllmAsyncEngine(Engine):
         self.defaults = SamplingDefaults.of(self.spec, self.llm.model_config.get_diff_sampling_param())
         for name, path in self.spec.adapters.items():
             await self.add_adapter(name, path)
-        return ModelCard(self.spec.id, self.context_length, self.name, self.spec.max_batch_size,
-                         self._platform_type(), int(time.time()))
+        return ModelCard(
+            self.spec.id,
+            self.context_length,
+            self.name,
+            self.spec.max_batch_size,
+            self._platform_type(),
+            int(time.time()),
+        )
 
     async def close(self) -> None:
         self.close_grammars()
@@ -183,7 +191,8 @@ class VllmAsyncEngine(Engine):
         if not self.llm.vllm_config.lora_config:
             raise errors.NotLoadable(
                 f"model {self.spec.id!r} was started without LoRA; give it 'adapters' or "
-                "engine_args.max_loras to serve adapters")
+                "engine_args.max_loras to serve adapters"
+            )
         if not (Path(path) / "adapter_config.json").is_file():
             raise errors.InvalidRequest(f"no adapter_config.json in {path}", param="adapter_path")
         request = LoRARequest(name, self._next_lora_id, str(path))
@@ -224,10 +233,10 @@ class VllmAsyncEngine(Engine):
         from vllm.sampling_params import StructuredOutputsParams
 
         await super().compile_constraint(constraint)
-        schema = json.loads(constraint.schema) if constraint.kind == "json_schema" \
-            else {"type": "object"}
-        return StructuredOutputsParams(json=schema, disable_any_whitespace=True,
-                                       disable_additional_properties=True)
+        schema = json.loads(constraint.schema) if constraint.kind == "json_schema" else {"type": "object"}
+        return StructuredOutputsParams(
+            json=schema, disable_any_whitespace=True, disable_additional_properties=True
+        )
 
     def _logprobs(self, completion: Any, top: int | None) -> tuple[TokenLogprob, ...]:
         """vLLM's logprobs of the new tokens (a map per token: id -> Logprob with rank and
@@ -239,10 +248,19 @@ class VllmAsyncEngine(Engine):
             if token in ends:
                 continue
             chosen = ranked[token]
-            alternatives = sorted((lp.rank, i, lp.logprob, lp.decoded_token or "")
-                                  for i, lp in ranked.items() if lp.rank is not None and lp.rank <= top)
-            out.append(TokenLogprob(token, chosen.logprob, chosen.decoded_token or "",
-                                    tuple((i, v, t) for _, i, v, t in alternatives[:top])))
+            alternatives = sorted(
+                (lp.rank, i, lp.logprob, lp.decoded_token or "")
+                for i, lp in ranked.items()
+                if lp.rank is not None and lp.rank <= top
+            )
+            out.append(
+                TokenLogprob(
+                    token,
+                    chosen.logprob,
+                    chosen.decoded_token or "",
+                    tuple((i, v, t) for _, i, v, t in alternatives[:top]),
+                )
+            )
         return tuple(out)
 
     async def stream(self, plan: Plan) -> AsyncIterator[Step]:
@@ -252,25 +270,36 @@ class VllmAsyncEngine(Engine):
 
         s = plan.sampling
         params = SamplingParams(
-            max_tokens=plan.max_new, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
-            stop=list(s.stop) or None, output_kind=RequestOutputKind.DELTA,
+            max_tokens=plan.max_new,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            seed=s.seed,
+            stop=list(s.stop) or None,
+            output_kind=RequestOutputKind.DELTA,
             # a copy: vLLM records its backend choice on the object
             structured_outputs=dataclasses.replace(plan.grammar) if plan.grammar else None,
-            presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
-            repetition_penalty=s.repetition_penalty, logit_bias=dict(s.logit_bias) or None,
-            min_tokens=max(0, s.min_tokens - len(plan.resumed)), ignore_eos=s.ignore_eos,
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
+            repetition_penalty=s.repetition_penalty,
+            logit_bias=dict(s.logit_bias) or None,
+            min_tokens=max(0, s.min_tokens - len(plan.resumed)),
+            ignore_eos=s.ignore_eos,
             logprobs=s.logprobs,
         )
         lora = self._loras.get(plan.adapter) if plan.adapter else None
         finished = False
         try:
-            async for out in self.llm.generate(TokensPrompt(prompt_token_ids=plan.prompt_ids),
-                                               params, plan.request_id, lora_request=lora):
+            async for out in self.llm.generate(
+                TokensPrompt(prompt_token_ids=plan.prompt_ids), params, plan.request_id, lora_request=lora
+            ):
                 completion = out.outputs[0]
                 finished = out.finished
-                yield Step(completion.text, tuple(completion.token_ids),
-                           (completion.finish_reason or "") if finished else None,
-                           self._logprobs(completion, s.logprobs))
+                yield Step(
+                    completion.text,
+                    tuple(completion.token_ids),
+                    (completion.finish_reason or "") if finished else None,
+                    self._logprobs(completion, s.logprobs),
+                )
                 if finished:
                     return
         finally:

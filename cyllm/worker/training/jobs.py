@@ -20,9 +20,9 @@ from pathlib import Path
 from cyllm import errors
 from cyllm.paths import checked_id, inside
 from cyllm.protocol import pb
+from cyllm.training.spec import TrainingSpec
 from cyllm.worker import model_files
 from cyllm.worker.engines import compute_thread
-from cyllm.training.spec import TrainingSpec
 from cyllm.worker.settings import WorkerSettings
 from cyllm.worker.training.runner import run_process
 
@@ -33,8 +33,13 @@ TRAINING_PACKAGES = ("accelerate", "datasets", "peft")
 
 
 class WorkerTraining:
-    def __init__(self, settings: WorkerSettings, catalog: Callable[[], dict], accelerator: str,
-                 on_change: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        catalog: Callable[[], dict],
+        accelerator: str,
+        on_change: Callable[[], None],
+    ) -> None:
         self.settings = settings
         self._catalog = catalog
         self.accelerator = accelerator
@@ -48,8 +53,9 @@ class WorkerTraining:
             return "worker.training_enabled is false"
         missing = [p for p in TRAINING_PACKAGES if importlib.util.find_spec(p) is None]
         if missing:
-            return (f"the training packages are not installed ({', '.join(missing)}); "
-                    "pip install 'cyllm[train]'")
+            return (
+                f"the training packages are not installed ({', '.join(missing)}); pip install 'cyllm[train]'"
+            )
         return ""
 
     @property
@@ -71,27 +77,42 @@ class WorkerTraining:
         spec = TrainingSpec.parse(request.spec_json)
         base = self._catalog().get(spec.base_model)
         if base is None:
-            raise errors.ModelNotFound(f"base model {spec.base_model!r} is not in this worker's "
-                                       "catalog", param="base_model")
+            raise errors.ModelNotFound(
+                f"base model {spec.base_model!r} is not in this worker's catalog", param="base_model"
+            )
         out = self.root / checked_id(request.job_id, "job_id", "job_id")
         resume = str(inside(out, request.resume_from, "resume_from")) if request.resume_from else ""
         out.mkdir(parents=True, exist_ok=True)
-        job = {"spec": spec.model_dump(mode="json"), "output_dir": str(out), "device": self.device,
-               "resume_from": resume, "threads": self.settings.training_threads,
-               "base_model_path": await self._base_path(base)}
+        job = {
+            "spec": spec.model_dump(mode="json"),
+            "output_dir": str(out),
+            "device": self.device,
+            "resume_from": resume,
+            "threads": self.settings.training_threads,
+            "base_model_path": await self._base_path(base),
+        }
         (out / "job.json").write_text(json.dumps(job, indent=1))
         argv = self._command(spec, out)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "CYLLM_JOB_ID": request.job_id,
-               "CYLLM_DATASET": spec.dataset, "CYLLM_DATASET_FORMAT": spec.dataset_format or "",
-               "CYLLM_BASE_MODEL": job["base_model_path"], "CYLLM_BASE_MODEL_ID": spec.base_model,
-               "CYLLM_OUTPUT_DIR": str(out), "CYLLM_RESUME_FROM": resume,
-               "CYLLM_DEVICE": self.device, "CYLLM_SPEC": json.dumps(job["spec"])}
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "CYLLM_JOB_ID": request.job_id,
+            "CYLLM_DATASET": spec.dataset,
+            "CYLLM_DATASET_FORMAT": spec.dataset_format or "",
+            "CYLLM_BASE_MODEL": job["base_model_path"],
+            "CYLLM_BASE_MODEL_ID": spec.base_model,
+            "CYLLM_OUTPUT_DIR": str(out),
+            "CYLLM_RESUME_FROM": resume,
+            "CYLLM_DEVICE": self.device,
+            "CYLLM_SPEC": json.dumps(job["spec"]),
+        }
         self.current = request.job_id
         self._on_change()
         log.info("training job %s started (%s on %s)", request.job_id, spec.method, self.device)
         try:
-            async for event in run_process(argv, env=env, cwd=out, log_path=out / "job.log",
-                                           time_limit_s=spec.time_limit_s):
+            async for event in run_process(
+                argv, env=env, cwd=out, log_path=out / "job.log", time_limit_s=spec.time_limit_s
+            ):
                 yield to_proto(event)
         finally:
             self.current = ""
@@ -111,12 +132,15 @@ class WorkerTraining:
             return [sys.executable, "-m", "cyllm.worker.training.train", str(out / "job.json")]
         root = self.settings.training_scripts_dir
         if root is None:
-            raise errors.Forbidden("custom training scripts are off on this worker "
-                                   "(set worker.training_scripts_dir)")
+            raise errors.Forbidden(
+                "custom training scripts are off on this worker (set worker.training_scripts_dir)"
+            )
         script = (root / spec.script).resolve()
         if not script.is_relative_to(root.resolve()) or not script.is_file():
-            raise errors.InvalidRequest(f"script {spec.script!r} is not a file in the worker's "
-                                        "training scripts folder", param="script")
+            raise errors.InvalidRequest(
+                f"script {spec.script!r} is not a file in the worker's training scripts folder",
+                param="script",
+            )
         head = [sys.executable, str(script)] if script.suffix == ".py" else [str(script)]
         return head + spec.script_args
 
@@ -126,40 +150,76 @@ def to_proto(event: dict) -> pb.TrainingEvent:
     now = int(time.time() * 1000)
     kind = event["event"]
     if kind == "progress":
-        fields = {k: event[k] for k in ("step", "total_steps", "epoch", "loss", "learning_rate",
-                                        "tokens_per_second", "eta_s", "tokens")
-                  if isinstance(event.get(k), (int, float))}
-        fields = {k: int(v) if k in ("step", "total_steps", "tokens") else float(v)
-                  for k, v in fields.items()}
+        fields = {
+            k: event[k]
+            for k in (
+                "step",
+                "total_steps",
+                "epoch",
+                "loss",
+                "learning_rate",
+                "tokens_per_second",
+                "eta_s",
+                "tokens",
+            )
+            if isinstance(event.get(k), (int, float))
+        }
+        fields = {
+            k: int(v) if k in ("step", "total_steps", "tokens") else float(v) for k, v in fields.items()
+        }
         step, total = fields.get("step", 0), fields.get("total_steps", 0)
         msg = f"step {step}/{total}" + (f": loss {fields['loss']:.4f}" if "loss" in fields else "")
-        return pb.TrainingEvent(created_at=now, type="metrics", level="info", message=msg,
-                                progress=pb.TrainingProgress(**fields))
+        return pb.TrainingEvent(
+            created_at=now, type="metrics", level="info", message=msg, progress=pb.TrainingProgress(**fields)
+        )
     if kind == "eval" and isinstance(event.get("eval_loss"), (int, float)):
         step, loss = int(event.get("step") or 0), float(event["eval_loss"])
-        return pb.TrainingEvent(created_at=now, type="eval", level="info",
-                                message=f"step {step}: eval loss {loss:.4f}",
-                                progress=pb.TrainingProgress(step=step, eval_loss=loss))
+        return pb.TrainingEvent(
+            created_at=now,
+            type="eval",
+            level="info",
+            message=f"step {step}: eval loss {loss:.4f}",
+            progress=pb.TrainingProgress(step=step, eval_loss=loss),
+        )
     if kind == "checkpoint":
         step = int(event.get("step") or 0)
-        return pb.TrainingEvent(created_at=now, type="checkpoint", level="info",
-                                message=f"checkpoint at step {step}",
-                                checkpoint=pb.TrainingCheckpoint(step=step, path=str(event.get("path", "")),
-                                                                 created_at=now // 1000))
+        return pb.TrainingEvent(
+            created_at=now,
+            type="checkpoint",
+            level="info",
+            message=f"checkpoint at step {step}",
+            checkpoint=pb.TrainingCheckpoint(
+                step=step, path=str(event.get("path", "")), created_at=now // 1000
+            ),
+        )
     if kind == "result":
         result_kind = str(event.get("kind", ""))
         if result_kind not in ("adapter", "peft", "model"):
-            return pb.TrainingEvent(created_at=now, type="message", level="warn",
-                                    message=f"ignored a result of unknown kind {result_kind!r}")
-        return pb.TrainingEvent(created_at=now, type="result", level="info",
-                                message=f"{result_kind} saved to {event.get('path')}",
-                                result_kind=result_kind, result_path=str(event.get("path", "")),
-                                trained_tokens=int(event.get("trained_tokens") or 0))
+            return pb.TrainingEvent(
+                created_at=now,
+                type="message",
+                level="warn",
+                message=f"ignored a result of unknown kind {result_kind!r}",
+            )
+        return pb.TrainingEvent(
+            created_at=now,
+            type="result",
+            level="info",
+            message=f"{result_kind} saved to {event.get('path')}",
+            result_kind=result_kind,
+            result_path=str(event.get("path", "")),
+            trained_tokens=int(event.get("trained_tokens") or 0),
+        )
     if kind == "exit":
         ok = event["code"] == 0 and not event.get("error")
-        return pb.TrainingEvent(created_at=now, type="state", level="info" if ok else "error",
-                                state="succeeded" if ok else "failed",
-                                message="training finished" if ok else event["error"])
+        return pb.TrainingEvent(
+            created_at=now,
+            type="state",
+            level="info" if ok else "error",
+            state="succeeded" if ok else "failed",
+            message="training finished" if ok else event["error"],
+        )
     level = "error" if kind == "error" else "info"
-    return pb.TrainingEvent(created_at=now, type="message", level=level,
-                            message=str(event.get("message", ""))[:2000])
+    return pb.TrainingEvent(
+        created_at=now, type="message", level=level, message=str(event.get("message", ""))[:2000]
+    )

@@ -43,20 +43,31 @@ _DRAIN_S = 2.0
 _POLL_S = 0.5
 
 
-async def run_process(argv: Sequence[str], *, env: dict[str, str], cwd: Path, log_path: Path,
-                      time_limit_s: float | None) -> AsyncIterator[dict[str, Any]]:
+async def run_process(
+    argv: Sequence[str], *, env: dict[str, str], cwd: Path, log_path: Path, time_limit_s: float | None
+) -> AsyncIterator[dict[str, Any]]:
     """Events of the child's run, ending with ``{"event": "exit", "code", "error"}``.
 
     Closing the iterator early (a cancelled job) stops the process group."""
-    cwd.mkdir(parents=True, exist_ok=True)
+    cwd.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240  (one folder, once per job)
     with cores.whole_machine():  # not the serving threads' cores (cyllm.cores)
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "cyllm.worker.training.launch", *argv, cwd=str(cwd),
-            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            start_new_session=True, limit=_LINE_LIMIT)
+            sys.executable,
+            "-m",
+            "cyllm.worker.training.launch",
+            *argv,
+            cwd=str(cwd),
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+            limit=_LINE_LIMIT,
+        )
     lines: asyncio.Queue[tuple[str, bytes | None]] = asyncio.Queue()
-    readers = [asyncio.create_task(_pump(name, stream, lines))
-               for name, stream in (("stdout", proc.stdout), ("stderr", proc.stderr))]
+    readers = [
+        asyncio.create_task(_pump(name, stream, lines))
+        for name, stream in (("stdout", proc.stdout), ("stderr", proc.stderr))
+    ]
     deadline = time.monotonic() + time_limit_s if time_limit_s else None
     drain_until: float | None = None  # set when the process exits: read what is left, briefly
     tail: deque[str] = deque(maxlen=20)
@@ -76,7 +87,8 @@ async def run_process(argv: Sequence[str], *, env: dict[str, str], cwd: Path, lo
                     break
                 try:
                     name, raw = await asyncio.wait_for(
-                        lines.get(), min(_POLL_S, min(ends) - now) if ends else _POLL_S)
+                        lines.get(), min(_POLL_S, min(ends) - now) if ends else _POLL_S
+                    )
                 except TimeoutError:
                     continue
                 if raw is None:
@@ -96,8 +108,11 @@ async def run_process(argv: Sequence[str], *, env: dict[str, str], cwd: Path, lo
                 yield event
         if timed_out:
             await _stop(proc)
-            yield {"event": "exit", "code": proc.returncode,
-                   "error": f"the job ran past its time limit of {time_limit_s:g}s and was stopped"}
+            yield {
+                "event": "exit",
+                "code": proc.returncode,
+                "error": f"the job ran past its time limit of {time_limit_s:g}s and was stopped",
+            }
             return
         # Pipes closed: wait() returns with the process; exited with pipes held: known.
         code = proc.returncode if proc.returncode is not None else await proc.wait()
@@ -112,8 +127,9 @@ async def run_process(argv: Sequence[str], *, env: dict[str, str], cwd: Path, lo
             task.cancel()
 
 
-async def _pump(name: str, stream: asyncio.StreamReader,
-                out: asyncio.Queue[tuple[str, bytes | None]]) -> None:
+async def _pump(
+    name: str, stream: asyncio.StreamReader, out: asyncio.Queue[tuple[str, bytes | None]]
+) -> None:
     try:
         while True:
             try:
@@ -135,7 +151,13 @@ def _parse(text: str) -> dict[str, Any] | None:
     except json.JSONDecodeError:
         return None
     if not isinstance(event, dict) or event.get("event") not in (
-            "progress", "eval", "checkpoint", "result", "log", "error"):
+        "progress",
+        "eval",
+        "checkpoint",
+        "result",
+        "log",
+        "error",
+    ):
         return None
     return event
 
@@ -153,7 +175,7 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
             os.killpg(proc.pid, sig)
         try:
             async with asyncio.timeout(wait):
-                while proc.returncode is None:  # polled: wait() also waits for the pipes
+                while proc.returncode is None:  # noqa: ASYNC110  (wait() also waits for the pipes)
                     await asyncio.sleep(0.05)
             with contextlib.suppress(ProcessLookupError):  # stragglers of the group
                 os.killpg(proc.pid, signal.SIGKILL)

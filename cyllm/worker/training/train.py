@@ -47,34 +47,54 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
     quant = methods.quantization_config(spec.quantization, device)
 
     # 1. data, refused before any model is loaded
-    examples = load_examples(spec.dataset, spec.dataset_format, prompt_column=spec.prompt_column,
-                             response_column=spec.response_column)
+    examples = load_examples(
+        spec.dataset,
+        spec.dataset_format,
+        prompt_column=spec.prompt_column,
+        response_column=spec.response_column,
+    )
     tokenizer = AutoTokenizer.from_pretrained(job["base_model_path"])
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     rows = [t for t in (tokenize(e, tokenizer, spec.max_length) for e in examples) if t is not None]
     if not rows:
         raise DatasetError(f"every example's response lies beyond max_length {spec.max_length}")
-    emit({"event": "log", "message": f"{len(examples)} examples ({len(examples) - len(rows)} "
-          f"dropped: no response within max_length {spec.max_length})"})
+    emit(
+        {
+            "event": "log",
+            "message": f"{len(examples)} examples ({len(examples) - len(rows)} "
+            f"dropped: no response within max_length {spec.max_length})",
+        }
+    )
     train_rows = [{"input_ids": t.input_ids, "labels": t.labels} for t in rows]
     eval_rows = None
     if spec.validation_dataset is not None:
-        held_out = load_examples(spec.validation_dataset, spec.dataset_format,
-                                 prompt_column=spec.prompt_column, response_column=spec.response_column)
-        eval_rows = [{"input_ids": t.input_ids, "labels": t.labels}
-                     for t in (tokenize(e, tokenizer, spec.max_length) for e in held_out) if t is not None]
+        held_out = load_examples(
+            spec.validation_dataset,
+            spec.dataset_format,
+            prompt_column=spec.prompt_column,
+            response_column=spec.response_column,
+        )
+        eval_rows = [
+            {"input_ids": t.input_ids, "labels": t.labels}
+            for t in (tokenize(e, tokenizer, spec.max_length) for e in held_out)
+            if t is not None
+        ]
         if not eval_rows:
-            raise DatasetError("validation_dataset: every example's response lies beyond "
-                               f"max_length {spec.max_length}")
+            raise DatasetError(
+                f"validation_dataset: every example's response lies beyond max_length {spec.max_length}"
+            )
     per_step = spec.batch_size * spec.gradient_accumulation_steps
     total_steps = spec.max_steps or max(1, math.ceil(len(rows) / per_step * spec.epochs))
 
     # 2. model and method
     cuda = device.startswith("cuda")
     model = AutoModelForCausalLM.from_pretrained(
-        job["base_model_path"], dtype=torch.bfloat16 if cuda else torch.float32,
-        quantization_config=quant, device_map={"": device} if quant else None)
+        job["base_model_path"],
+        dtype=torch.bfloat16 if cuda else torch.float32,
+        quantization_config=quant,
+        device_map={"": device} if quant else None,
+    )
     if quant is None:
         model.to(device)
     if spec.method != "full":
@@ -86,8 +106,9 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
         try:
             model = peft.get_peft_model(model, config)
         except (ValueError, TypeError, KeyError) as exc:
-            raise errors.InvalidRequest(f"method {spec.method!r} does not apply to this model: {exc}",
-                                        param="method") from None
+            raise errors.InvalidRequest(
+                f"method {spec.method!r} does not apply to this model: {exc}", param="method"
+            ) from None
         if spec.method == "pissa" and not (out / "pissa_init").exists():
             model.peft_config["default"].init_lora_weights = True
             model.save_pretrained(out / "pissa_init")
@@ -96,18 +117,28 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
     # 3. the loop
     counter = _TokenCounter()
     args = transformers.TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=spec.batch_size,
+        output_dir=str(out),
+        per_device_train_batch_size=spec.batch_size,
         gradient_accumulation_steps=spec.gradient_accumulation_steps,
         learning_rate=spec.learning_rate or methods.default_learning_rate(spec.method),
-        num_train_epochs=spec.epochs, max_steps=total_steps, lr_scheduler_type=spec.lr_scheduler,
-        warmup_steps=spec.warmup_steps, logging_steps=1, save_strategy="steps",
-        save_steps=spec.save_steps, save_total_limit=3, seed=spec.seed,
+        num_train_epochs=spec.epochs,
+        max_steps=total_steps,
+        lr_scheduler_type=spec.lr_scheduler,
+        warmup_steps=spec.warmup_steps,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=spec.save_steps,
+        save_total_limit=3,
+        seed=spec.seed,
         report_to=[spec.report_to] if spec.report_to != "none" else "none",
         eval_strategy="steps" if eval_rows else "no",
         eval_steps=spec.eval_steps or max(1, total_steps // 10),
         per_device_eval_batch_size=spec.batch_size,
-        disable_tqdm=True, use_cpu=not cuda and not device.startswith("npu"),
-        dataloader_pin_memory=False, remove_unused_columns=False, bf16=cuda,
+        disable_tqdm=True,
+        use_cpu=not cuda and not device.startswith("npu"),
+        dataloader_pin_memory=False,
+        remove_unused_columns=False,
+        bf16=cuda,
     )
     # transformers' TensorBoard callback reads its folder from the environment (this
     # process is the job's own).
@@ -116,8 +147,13 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
     if spec.method == "adalora":
         callbacks.append(_AdaLoraBudget())
     trainer = _counting_trainer(transformers.Trainer, counter)(
-        model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows, callbacks=callbacks,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+        model=model,
+        args=args,
+        train_dataset=train_rows,
+        eval_dataset=eval_rows,
+        callbacks=callbacks,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+    )
     trainer.remove_callback(transformers.PrinterCallback)  # our events replace its prints
     trainer.train(resume_from_checkpoint=job.get("resume_from") or None)
     if eval_rows and trainer.state.global_step % args.eval_steps:  # the last step's, too
@@ -132,11 +168,19 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
     else:
         path = out / "adapter"
         kind = "adapter" if spec.method in methods.SHARED_BASE else "peft"
-        extra = {"path_initial_model_for_weight_conversion": str(out / "pissa_init")} \
-            if spec.method == "pissa" else {}
+        extra = (
+            {"path_initial_model_for_weight_conversion": str(out / "pissa_init")}
+            if spec.method == "pissa"
+            else {}
+        )
         model.save_pretrained(str(path), **extra)
-    result = {"event": "result", "kind": kind, "path": str(path), "trained_tokens": counter.total,
-              "step": trainer.state.global_step}
+    result = {
+        "event": "result",
+        "kind": kind,
+        "path": str(path),
+        "trained_tokens": counter.total,
+        "step": trainer.state.global_step,
+    }
     emit(result)
     return result
 
@@ -199,14 +243,19 @@ class _Progress(_callback_base()):
         since, tokens = self.mark  # since this run began (the collator may run a batch ahead)
         done = state.global_step - (self.first_step or 0)
         per_step = (now - self.started) / max(1, done)
-        self.emit({
-            "event": "progress", "step": state.global_step, "total_steps": state.max_steps,
-            "epoch": round(state.epoch or 0.0, 4), "loss": logs["loss"],
-            "learning_rate": logs.get("learning_rate", 0.0),
-            "tokens_per_second": round((self.counter.total - tokens) / max(now - since, 1e-6), 1),
-            "eta_s": round(per_step * (state.max_steps - state.global_step), 1),
-            "tokens": self.counter.total,
-        })
+        self.emit(
+            {
+                "event": "progress",
+                "step": state.global_step,
+                "total_steps": state.max_steps,
+                "epoch": round(state.epoch or 0.0, 4),
+                "loss": logs["loss"],
+                "learning_rate": logs.get("learning_rate", 0.0),
+                "tokens_per_second": round((self.counter.total - tokens) / max(now - since, 1e-6), 1),
+                "eta_s": round(per_step * (state.max_steps - state.global_step), 1),
+                "tokens": self.counter.total,
+            }
+        )
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if metrics and "eval_loss" in metrics:

@@ -15,8 +15,18 @@ from transformers import AutoTokenizer
 from tests.fakes import ToyModel
 
 # LlmArgs fields the fake accepts (a subset of the real ones); others raise like pydantic.
-_ARGS = {"tokenizer", "tensor_parallel_size", "pipeline_parallel_size", "max_batch_size",
-         "max_seq_len", "max_num_tokens", "dtype", "kv_cache_config", "enable_lora", "lora_config"}
+_ARGS = {
+    "tokenizer",
+    "tensor_parallel_size",
+    "pipeline_parallel_size",
+    "max_batch_size",
+    "max_seq_len",
+    "max_num_tokens",
+    "dtype",
+    "kv_cache_config",
+    "enable_lora",
+    "lora_config",
+}
 
 TOKEN_DELAY_S = 0.005
 fail_next = False  # tests set this: the next generation fails inside the "executor"
@@ -43,11 +53,11 @@ class CompletionOutput:
 
     @property
     def text_diff(self) -> str:
-        return self.text[self._last_text:]
+        return self.text[self._last_text :]
 
     @property
     def token_ids_diff(self) -> list[int]:
-        return self.token_ids[self._last_ids:]
+        return self.token_ids[self._last_ids :]
 
 
 @dataclass
