@@ -15,10 +15,12 @@ import ipaddress
 import os
 import socket
 from pathlib import Path
+from typing import cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from cyllm.protocol.plane import ROLES
@@ -41,11 +43,14 @@ def _name(cn: str) -> x509.Name:
     )
 
 
-def _ca(out: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def _ca(out: Path) -> tuple[x509.Certificate, CertificateIssuerPrivateKeyTypes]:
     cert_path, key_path = out / "ca.pem", out / "ca.key"
     if cert_path.exists() and key_path.exists():
-        key = serialization.load_pem_private_key(key_path.read_bytes(), None)
-        return x509.load_pem_x509_certificate(cert_path.read_bytes()), key
+        # Ours is ECDSA; a CA key put there by hand may be another kind (``sign`` refuses
+        # one that cannot sign certificates).
+        loaded = serialization.load_pem_private_key(key_path.read_bytes(), None)
+        ca_key = cast(CertificateIssuerPrivateKeyTypes, loaded)
+        return x509.load_pem_x509_certificate(cert_path.read_bytes()), ca_key
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
     cert = (

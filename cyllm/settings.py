@@ -55,12 +55,16 @@ def read_config_file(path: Path | None) -> dict[str, Any]:
 class _YamlSection(PydanticBaseSettingsSource):
     """The component's section of the file in ``_config_file`` (lowest precedence)."""
 
+    def __init__(self, settings_cls: type[BaseSettings], section: str) -> None:
+        super().__init__(settings_cls)
+        self.section = section
+
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
         return None, field_name, False  # unused: __call__ returns the whole section
 
     def __call__(self) -> dict[str, Any]:
         data = read_config_file(_config_file.get())
-        section = dict(data.get(self.settings_cls.section, None) or {})
+        section = dict(data.get(self.section, None) or {})
         # The models list is shared by name so that one file can describe the fleet.
         if "models" in self.settings_cls.model_fields and "models" in data:
             section.setdefault("models", data["models"])
@@ -82,7 +86,7 @@ class ComponentSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _YamlSection(settings_cls))
+        return (init_settings, env_settings, _YamlSection(settings_cls, cls.section))
 
 
 S = TypeVar("S", bound=ComponentSettings)

@@ -5,6 +5,9 @@ closed (a restart), and the outage told to callers as 503, never as a 500."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import cast
+
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -25,6 +28,19 @@ def connect(url: str) -> aioredis.Redis:
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
         retry_on_error=list(GONE),
     )
+
+
+def text(value: bytes | str) -> str:
+    """A Redis reply as text.  Connections here never decode (``decode_responses=False``),
+    so replies are bytes; redis-py's types say ``bytes | str`` whatever the setting."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def members(reply: Sequence[object]) -> list[bytes]:
+    """The members a ZRANGE-like command returned without scores.  redis-py types the
+    reply for every option at once (pairs with scores, nested lists, ``str`` when
+    decoding); on these connections, without scores, it is a list of bytes."""
+    return cast("list[bytes]", reply)
 
 
 def unreachable(exc: BaseException) -> errors.CyllmError | None:

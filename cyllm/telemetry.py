@@ -53,7 +53,8 @@ class CountedHistogram(Collector):
         family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
         for value, counts in list(self._series.items()):
             counts = list(counts)
-            cumulative, total = [], 0
+            cumulative: list[tuple[str, float]] = []
+            total: float = 0
             for bound, count in zip([*(str(float(b)) for b in self.bounds), "+Inf"], counts[:-1]):
                 total += count
                 cumulative.append((bound, total))

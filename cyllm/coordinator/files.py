@@ -49,9 +49,11 @@ class FileStore:
                         f"file is over the {self.max_bytes} byte limit (coordinator.files_max_bytes)",
                         param="file",
                     )
+                assert out is not None  # opened with the first chunk
                 await asyncio.to_thread(out.write, chunk.data)
             if info is None:
                 raise errors.InvalidRequest("no file was sent", param="file")
+            assert out is not None  # opened with the first chunk
             out.close()
             if info.bytes == 0:
                 raise errors.InvalidRequest(f"{info.filename} is empty", param="file")
@@ -89,7 +91,7 @@ class FileStore:
             raise errors.NotFound(f"file {file_id!r} does not exist", param=param)
         return info
 
-    async def list(self, tenant: Tenant, purpose: str = "") -> list[pb.FileInfo]:
+    async def owned(self, tenant: Tenant, purpose: str = "") -> list[pb.FileInfo]:
         return [
             f
             for f in await self.store.files()

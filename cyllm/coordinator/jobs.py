@@ -37,7 +37,7 @@ class JobStore(abc.ABC):
     async def get(self, job_id: str) -> pb.TrainingJob | None: ...
 
     @abc.abstractmethod
-    async def list(self, limit: int, after: str = "") -> tuple[list[pb.TrainingJob], bool]:
+    async def page(self, limit: int, after: str = "") -> tuple[list[pb.TrainingJob], bool]:
         """Newest first; ``after`` a job id: those created before it."""
 
     @abc.abstractmethod
@@ -111,19 +111,19 @@ class MemoryJobStore(JobStore):
         self._jobs[job.id] = copy
 
     async def get(self, job_id: str) -> pb.TrainingJob | None:
-        job = self._jobs.get(job_id)
-        if job is None:
-            return None
+        return self._read(job_id) if job_id in self._jobs else None
+
+    def _read(self, job_id: str) -> pb.TrainingJob:
         out = pb.TrainingJob()
-        out.CopyFrom(job)
+        out.CopyFrom(self._jobs[job_id])
         out.cancel_requested = job_id in self._cancel
         return out
 
-    async def list(self, limit: int, after: str = "") -> tuple[list[pb.TrainingJob], bool]:
+    async def page(self, limit: int, after: str = "") -> tuple[list[pb.TrainingJob], bool]:
         ids = sorted(self._jobs, key=lambda i: (self._jobs[i].created_at, i), reverse=True)
         if after:
             ids = ids[ids.index(after) + 1 :] if after in ids else []
-        return [await self.get(i) for i in ids[:limit]], len(ids) > limit
+        return [self._read(i) for i in ids[:limit]], len(ids) > limit
 
     async def append_event(self, job_id: str, event: pb.TrainingEvent) -> int:
         events = self._events.setdefault(job_id, [])

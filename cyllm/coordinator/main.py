@@ -10,6 +10,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -66,11 +67,6 @@ def build_backends(
     """``clock``: the in-memory backends' (Redis's state runs on Redis's clock)."""
     rules = HealthRules(s.heartbeat_timeout_s, s.progress_timeout_s)
     router = Router(s.routing)
-    limits = {
-        "queue_timeout_s": s.queue_timeout_s,
-        "max_size": s.queue_max_size,
-        "retry_after_s": s.retry_after_s,
-    }
     if s.redis_url:
         from cyllm.coordinator.redis_backend import RedisScheduler
         from cyllm.coordinator.redis_cache import RedisPromptCache
@@ -78,17 +74,35 @@ def build_backends(
         from cyllm.shared_state import connect
 
         client = connect(s.redis_url)
-        owners: ModelOwners = RedisModelOwners(client)
+        shared_owners = RedisModelOwners(client)
         return Backends(
-            RedisScheduler(client, coordinator_id, rules, router, owners, lease_s=s.lease_s, **limits),
+            RedisScheduler(
+                client,
+                coordinator_id,
+                rules,
+                router,
+                shared_owners,
+                lease_s=s.lease_s,
+                queue_timeout_s=s.queue_timeout_s,
+                max_size=s.queue_max_size,
+                retry_after_s=s.retry_after_s,
+            ),
             RedisPromptCache(client, s.cache_ttl_s, s.cache_max_entries),
             RedisIdempotencyStore(client),
-            owners,
+            shared_owners,
             RedisJobStore(s.redis_url),
         )
     owners = MemoryModelOwners()
     return Backends(
-        MemoryScheduler(rules, router, owners, clock=clock, **limits),
+        MemoryScheduler(
+            rules,
+            router,
+            owners,
+            clock=clock,
+            queue_timeout_s=s.queue_timeout_s,
+            max_size=s.queue_max_size,
+            retry_after_s=s.retry_after_s,
+        ),
         InMemoryPromptCache(s.cache_ttl_s, s.cache_max_entries, clock=clock),
         MemoryIdempotencyStore(),
         owners,
@@ -125,7 +139,7 @@ class CoordinatorServer:
         backends = self.backends = build_backends(s, self.coordinator_id)
         self.scheduler, self.cache = backends.scheduler, backends.cache
         self.metrics = CoordinatorMetrics()
-        self._metrics_server = None
+        self._metrics_server: WSGIServer | None = None
         self._refresher: asyncio.Task[None] | None = None
         self.metrics_port = 0
         self.workers = WorkerClients(self.plane)

@@ -15,6 +15,8 @@ import abc
 
 import redis.asyncio as aioredis
 
+from cyllm.shared_state import text
+
 OWNERS_KEY = "cyllm:model_owners"
 
 
@@ -50,4 +52,4 @@ class RedisModelOwners(ModelOwners):
 
     async def all(self) -> dict[str, str]:
         rows = await self.r.hgetall(self.key)
-        return {k.decode(): v.decode() for k, v in rows.items()}
+        return {text(k): text(v) for k, v in rows.items()}

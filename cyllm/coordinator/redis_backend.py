@@ -36,9 +36,11 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
+from redis.typing import EncodableT, FieldT
 
 from cyllm.coordinator import redis_scripts as lua
 from cyllm.coordinator.owners import RedisModelOwners
@@ -47,7 +49,10 @@ from cyllm.coordinator.queue import Task
 from cyllm.coordinator.routing import Router
 from cyllm.coordinator.scheduler import Keep, Scheduler, Waiter, WorkerView
 from cyllm.protocol import pb
-from cyllm.shared_state import GONE
+from cyllm.shared_state import GONE, members
+
+if TYPE_CHECKING:  # it imports this module
+    from cyllm.coordinator.redis_cache import RedisPromptCache
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +224,7 @@ class RedisScheduler(Scheduler):
         old = await self.r.hget(key, "info")
         keep = keeps_outstanding(pb.WorkerInfo.FromString(old) if old else None, info)
         now_ms = int(await redis_now(self.r) * 1000)
-        fields = {
+        fields: dict[FieldT, EncodableT] = {
             "info": info.SerializeToString(),
             "capacity": info.capacity,
             "hb": now_ms,
@@ -296,6 +301,7 @@ class RedisScheduler(Scheduler):
             self._forget(waiter)
             raise
         if added == 4:  # at the head, and the worker had room: its slot is taken
+            assert worker is not None  # only a given worker's slot is taken
             worker.outstanding += 1
             waiter.future.set_result(worker.info)
             return
@@ -368,7 +374,8 @@ class RedisScheduler(Scheduler):
             return False
         pipe = self.r.pipeline(transaction=False)
         pipe.evalsha(self._release.sha, len(keys), *keys, *args)
-        keep.cache.queue_put(pipe, keep.key, keep.value)  # type: ignore[attr-defined]
+        cache = cast("RedisPromptCache", keep.cache)  # it stores through our Redis: the Redis cache
+        cache.queue_put(pipe, keep.key, keep.value)
         try:
             await pipe.execute()
         except NoScriptError:
@@ -401,7 +408,7 @@ class RedisScheduler(Scheduler):
         for model in models:
             qkey = P + f"q:{model}"
             while True:
-                head = await self.r.zrange(qkey, 0, 0)
+                head = members(await self.r.zrange(qkey, 0, 0))
                 if not head:
                     break
                 waiter = self._waiting.get(head[0].decode())

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from cyllm.coordinator.jobs import JobStore
 from cyllm.coordinator.redis_backend import P
 from cyllm.protocol import pb
-from cyllm.shared_state import connect
+from cyllm.shared_state import connect, members, text
 
 # Take a queued job: only the coordinator whose LREM removed it gets the lease.
 _CLAIM = """
@@ -64,14 +64,15 @@ class RedisJobStore(JobStore):
         job.cancel_requested = cancel is not None
         return job
 
-    async def list(self, limit: int, after: str = "") -> tuple[list[pb.TrainingJob], bool]:
+    async def page(self, limit: int, after: str = "") -> tuple[list[pb.TrainingJob], bool]:
         start = 0
         if after:
             rank = await self.r.zrevrank(P + "jobs", after)
             if rank is None:
                 return [], False
+            assert isinstance(rank, int)  # asked without its score: the rank alone
             start = rank + 1
-        ids = await self.r.zrevrange(P + "jobs", start, start + limit)
+        ids = members(await self.r.zrevrange(P + "jobs", start, start + limit))
         jobs = [j for j in [await self.get(i.decode()) for i in ids[:limit]] if j is not None]
         return jobs, len(ids) > limit
 
@@ -99,7 +100,7 @@ class RedisJobStore(JobStore):
         return bool(await self.r.lrem(P + "jobs:queue", 0, job_id))
 
     async def queued(self) -> list[str]:
-        return [x.decode() for x in await self.r.lrange(P + "jobs:queue", 0, -1)]
+        return [text(x) for x in await self.r.lrange(P + "jobs:queue", 0, -1)]
 
     async def claim(self, job_id: str, owner: str, lease_s: float) -> bool:
         keys = [P + "jobs:queue", P + f"job:{job_id}:lease", P + "jobs:running"]
@@ -115,7 +116,7 @@ class RedisJobStore(JobStore):
             await p.execute()
 
     async def expired(self) -> list[str]:
-        running = [x.decode() for x in await self.r.smembers(P + "jobs:running")]
+        running = [text(x) for x in await self.r.smembers(P + "jobs:running")]
         if not running:
             return []
         alive = await self.r.mget([P + f"job:{j}:lease" for j in running])

@@ -271,7 +271,7 @@ class MemoryScheduler(Scheduler):
         now = self.clock()
         old = self._workers.get(info.worker_id)
         record = WorkerRecord(info, now, progress_at=now)
-        if keeps_outstanding(old.info if old else None, info):
+        if old is not None and keeps_outstanding(old.info, info):
             record.outstanding = old.outstanding
         self._workers[info.worker_id] = record
         self.pump()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -181,9 +182,9 @@ class TrainingManager:
             raise errors.NotFound(f"training job {job_id!r} does not exist", param="id")
         return job
 
-    async def list(self, tenant: Tenant, limit: int, after: str) -> tuple[list[pb.TrainingJob], bool]:
+    async def page(self, tenant: Tenant, limit: int, after: str) -> tuple[list[pb.TrainingJob], bool]:
         if tenant.admin:
-            return await self.store.list(limit, after)
+            return await self.store.page(limit, after)
         if after:
             try:
                 await self.get(after, tenant)
@@ -197,7 +198,7 @@ class TrainingManager:
         out: list[pb.TrainingJob] = []
         more = True
         while more:
-            page, more = await self.store.list(200, after)
+            page, more = await self.store.page(200, after)
             out += [j for j in page if j.owner == owner]
             after = page[-1].id if page else ""
             more = more and bool(page)
@@ -271,14 +272,14 @@ class TrainingManager:
             idle.remove(view)
             task = asyncio.create_task(self._follow(job_id, view.record.info))
             self._running[job_id] = (task, view.record.worker_id)
-            task.add_done_callback(lambda _t, j=job_id: self._ended(j))
+            task.add_done_callback(functools.partial(self._ended, job_id))
 
     def _idle(self, view: WorkerView) -> bool:
         info = view.record.info
         mine = {w for _, w in self._running.values()}
         return view.healthy and info.trains and not info.training_job and info.worker_id not in mine
 
-    def _ended(self, job_id: str) -> None:
+    def _ended(self, job_id: str, _task: asyncio.Task[None]) -> None:
         self._running.pop(job_id, None)
         self._kick.set()
 
@@ -390,6 +391,7 @@ class TrainingManager:
             # An engine that takes no adapters at run time (vLLM started without LoRA)
             # serves the base with the adapter applied, as a model of its own.
             kinds.append("peft")
+        failure: errors.CyllmError
         for kind in kinds:
             model, load = _serving(spec.base_model, name, kind, result.result_path)
             await self.owners.set(model, job.owner)  # before anyone can see it

@@ -3,6 +3,8 @@ calls, failures arriving as the project's errors (``protocol.client``)."""
 
 from __future__ import annotations
 
+import grpc
+
 from cyllm.protocol import pb, rpc
 from cyllm.protocol.client import Stream, open_channel, unary
 from cyllm.protocol.plane import Plane
@@ -19,7 +21,7 @@ class WorkerClients:
         self.plane = plane
         self._stubs: dict[str, rpc.WorkerStub] = {}
         self._sessions: dict[str, Session] = {}
-        self._channels = []
+        self._channels: list[grpc.aio.Channel] = []
 
     def _stub(self, address: str) -> rpc.WorkerStub:
         if address not in self._stubs:

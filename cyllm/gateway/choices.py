@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import Any, TypeVar
 
@@ -53,11 +53,11 @@ def usage(gens: list[Generation]) -> Usage:
 
 
 @contextlib.asynccontextmanager
-async def merged(streams: list[AsyncIterator[T]]) -> AsyncIterator[AsyncIterator[T]]:
+async def merged(streams: list[AsyncGenerator[T, None]]) -> AsyncIterator[AsyncIterator[T]]:
     """The items of ``streams`` as they come (one stream: itself, untouched); leaving
     early cancels the rest, which closes them (a generation's stream cancels upstream)."""
     if len(streams) == 1:
-        async with aclosing(streams[0]) as only:  # type: ignore[type-var]
+        async with aclosing(streams[0]) as only:
             yield only
         return
     queue: asyncio.Queue[Any] = asyncio.Queue()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -123,16 +123,18 @@ class CoordinatorClient:
 
     def generate(
         self, request: pb.GenerateRequest, request_id: str = ""
-    ) -> AsyncIterator[pb.GenerateResponse]:
+    ) -> AsyncGenerator[pb.GenerateResponse, None]:
         """The coordinator's events; closing this cancels the call.  Each coordinator
         once, then once more each: a restarted one may be back."""
         metadata = self._metadata(request_id)
         relay = Relay(request)
 
-        def call(peer: failover.Named[Coordinator]) -> Stream[pb.GenerateResponse]:
-            return Stream(
-                peer.target.inference.Generate(
-                    relay.continuation(), timeout=self.timeout_s, metadata=metadata
+        def call(peer: failover.Named[Coordinator]) -> AsyncGenerator[pb.GenerateResponse, None]:
+            return aiter(
+                Stream(
+                    peer.target.inference.Generate(
+                        relay.continuation(), timeout=self.timeout_s, metadata=metadata
+                    )
                 )
             )
 
@@ -216,15 +218,17 @@ class CoordinatorClient:
         )
         return list(reply.events)
 
-    def watch_training(self, job_id: str, after_seq: int = 0) -> AsyncIterator[pb.TrainingEvent]:
+    def watch_training(self, job_id: str, after_seq: int = 0) -> AsyncGenerator[pb.TrainingEvent, None]:
         """A job's events; a coordinator lost mid-watch is replaced by the next, from the
         last event seen (the events are shared in Redis)."""
         cursor = _Cursor(after_seq)
 
-        def call(peer: failover.Named[Coordinator]) -> Stream[pb.TrainingEvent]:
-            return Stream(
-                peer.target.training.WatchTrainingJob(
-                    pb.TrainingEventsRequest(id=job_id, after_seq=cursor.seq), metadata=self._meta
+        def call(peer: failover.Named[Coordinator]) -> AsyncGenerator[pb.TrainingEvent, None]:
+            return aiter(
+                Stream(
+                    peer.target.training.WatchTrainingJob(
+                        pb.TrainingEventsRequest(id=job_id, after_seq=cursor.seq), metadata=self._meta
+                    )
                 )
             )
 

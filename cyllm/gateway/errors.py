@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -45,7 +46,11 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-def responses(*codes: int) -> dict[int, dict]:
+# The type of a route's OpenAPI ``responses`` (FastAPI's own parameter type).
+Responses = dict[int | str, dict[str, Any]]
+
+
+def responses(*codes: int) -> Responses:
     """OpenAPI ``responses`` entries for these error statuses, all in ``ErrorResponse``."""
     text = {
         400: "Invalid request",

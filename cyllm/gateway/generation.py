@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -21,6 +21,7 @@ from starlette.requests import HTTPConnection, Request
 from cyllm import errors
 from cyllm.gateway.client import coordinator
 from cyllm.gateway.context import context
+from cyllm.gateway.ratelimit import Admission
 from cyllm.gateway.request import GenerationRequest
 from cyllm.gateway.usage import Usage
 from cyllm.protocol import pb
@@ -103,10 +104,10 @@ class Generation:
         self._rid = self.ctx.request_id if not choice else f"{self.ctx.request_id}-{choice}"
         self._conn = conn
         self._client, self.request = coordinator(conn), request
-        self._events: AsyncIterator[pb.GenerateResponse] | None = None
+        self._events: AsyncGenerator[pb.GenerateResponse, None] | None = None
         self.limiter = state.limiter
         self.metrics = state.metrics
-        self._admission = None
+        self._admission: Admission | None = None
         self.outcome = Outcome()
         self.logprobs: list[pb.TokenLogprob] = []  # a whole answer's, where asked
         self.model = request.model
@@ -167,7 +168,8 @@ class Generation:
         It is collected in this task (a task of its own and a wait for either cost a
         short request about 0.04 ms); a watcher cancels it on a hang-up, and that
         cancellation is told from any other by who asked for it."""
-        if not isinstance(self._conn, Request):
+        request = self._conn
+        if not isinstance(request, Request):
             return await self._collect()
         me = asyncio.current_task()
         assert me is not None
@@ -175,7 +177,7 @@ class Generation:
 
         async def watch() -> None:
             nonlocal gone
-            await _hung_up(self._conn)  # type: ignore[arg-type]
+            await _hung_up(request)
             gone = True
             me.cancel()  # this task waits in _collect: the only place it can be woken
 

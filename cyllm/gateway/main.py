@@ -26,9 +26,9 @@ def serve(settings: GatewaySettings, plane: Plane, coordinator: CoordinatorSetti
             "without the admin routes (set gateway.auth_enabled: true)",
             settings.host,
         )
-    tls = {}
+    ssl_certfile = ssl_keyfile = None
     if settings.tls_cert_file is not None:
-        tls = {"ssl_certfile": str(settings.tls_cert_file), "ssl_keyfile": str(settings.tls_key_file)}
+        ssl_certfile, ssl_keyfile = str(settings.tls_cert_file), str(settings.tls_key_file)
     config = uvicorn.Config(
         create_app(settings, plane=plane, coordinator_settings=coordinator),
         host=settings.host,
@@ -36,6 +36,7 @@ def serve(settings: GatewaySettings, plane: Plane, coordinator: CoordinatorSetti
         log_config=None,  # uvicorn's loggers go through ours (runtime.setup_logging)
         access_log=False,  # one access line per request: cyllm.gateway.access's
         timeout_graceful_shutdown=10,
-        **tls,
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
     )
     uvicorn.Server(config).run()

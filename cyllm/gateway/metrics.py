@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cyllm.gateway.context import peek
+from cyllm.gateway.errors import Responses
 from cyllm.gateway.traffic import TrafficStats
 from cyllm.telemetry import LATENCY_BUCKETS, TOKEN_GAP_BUCKETS, CountedHistogram
 
@@ -116,7 +117,7 @@ class MetricsMiddleware:
 router = APIRouter(tags=["metrics"])
 
 
-_TEXT = {
+_TEXT: Responses = {
     200: {
         "content": {"text/plain": {"schema": {"type": "string"}}},
         "description": "Prometheus text exposition",

@@ -23,6 +23,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
+import redis.asyncio as aioredis
 from fastapi import Request
 from limits import RateLimitItemPerMinute
 from limits.aio.storage import MemoryStorage, RedisStorage
@@ -53,6 +54,8 @@ class RateLimiter:
         )
         self.default_reserve = settings.tpm_default_reserve
         self.concurrency = settings.rate_limit_concurrency
+        storage: RedisStorage | MemoryStorage
+        self._redis: aioredis.Redis | None
         if settings.redis_url:
             storage = RedisStorage(
                 "async+" + settings.redis_url, implementation="redispy", key_prefix="cyllm:limits"

@@ -86,7 +86,8 @@ class Toolbox:
         else:
             found = [_json(m) for m in _CALL.findall(text)] or [_json(text.strip())]
         calls = [_as_call(c, self.functions) for c in found]
-        return calls if calls and all(calls) else []  # type: ignore[return-value]
+        valid = [c for c in calls if c is not None]
+        return valid if valid and len(valid) == len(calls) else []
 
 
 _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([A-Za-z0-9_-]{1,64})"\s*,\s*"arguments"\s*:\s*')

@@ -8,7 +8,7 @@ carry the process's credentials of the internal plane (``plane.py``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -41,7 +41,7 @@ class Stream(Generic[T]):
     def cancel(self) -> None:
         self._call.cancel()
 
-    async def __aiter__(self) -> AsyncIterator[T]:
+    async def __aiter__(self) -> AsyncGenerator[T, None]:
         replies = aiter(self._call)
         try:
             async for reply in replies:

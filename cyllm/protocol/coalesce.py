@@ -18,13 +18,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import enum
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 from cyllm.protocol import pb
 
 T = TypeVar("T")
-_END = object()
+
+
+class _End(enum.Enum):
+    END = enum.auto()  # the stream's end, after its items in the buffer
+
+
+_END = _End.END
 
 
 def is_delta(msg: object) -> bool:
@@ -93,10 +100,10 @@ async def coalesced(
     *,
     is_delta: Callable[[Any], bool] = is_delta,
     join: Callable[[list[Any]], Any] = joined,
-) -> AsyncIterator[T]:
+) -> AsyncGenerator[T, None]:
     """``events`` with deltas (``is_delta``) merged (``join``) while unread; at most
     ``ahead`` items buffered."""
-    buffer: Backlog[object] = Backlog(ahead)
+    buffer: Backlog[T | BaseException | _End] = Backlog(ahead)
 
     async def read() -> None:
         try:
@@ -121,7 +128,7 @@ async def coalesced(
                     return
                 if isinstance(msg, BaseException):
                     raise msg
-                yield msg  # type: ignore[misc]
+                yield msg
     finally:
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -132,13 +139,11 @@ async def coalesced(
                 await aclose()
 
 
-def merge_runs(
-    items: list[object], is_delta: Callable[[Any], bool], join: Callable[[list[Any]], Any]
-) -> list[object]:
+def merge_runs(items: Sequence[T], is_delta: Callable[[T], bool], join: Callable[[list[T]], T]) -> list[T]:
     """``items`` with each run of consecutive deltas made one (in one pass: a lagging
     reader's run may be hundreds long)."""
-    out: list[object] = []
-    run: list[object] = []
+    out: list[T] = []
+    run: list[T] = []
     for item in items:
         if is_delta(item):
             run.append(item)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
@@ -106,14 +106,14 @@ Moved = Callable[[Peer, errors.CyllmError, bool], None]  # (peer, why, resuming)
 
 def stream(
     peers: Peers[P],
-    call: Callable[[P], AsyncIterable[T]],
+    call: Callable[[P], AsyncGenerator[T, None]],
     rule: Rule,
     *,
     breakers: CircuitBreakers | None = None,
     progress: Progress[T] | None = None,
     moved: Moved | None = None,
     request_id: str = "",
-) -> AsyncIterator[T]:
+) -> AsyncGenerator[T, None]:
     """``call(peer)``'s items, moving to the next peer as ``rule`` says; closing this
     closes the peer's stream (cancelling its call).  ``moved`` hears of each move."""
     return _Attempts(peers, rule, breakers, moved, request_id).stream(call, progress or Fresh())
@@ -130,11 +130,12 @@ async def unary(
 ) -> T:
     """``call(peer)``'s answer from the first peer that gives one, as ``rule`` says."""
 
-    async def one(peer: P) -> AsyncIterator[T]:
+    async def one(peer: P) -> AsyncGenerator[T, None]:
         yield await call(peer)
 
     attempts = _Attempts(peers, rule, breakers, moved, request_id)
-    async with aclosing(attempts.stream(one, Fresh())) as answers:
+    fresh: Progress[T] = Fresh()
+    async with aclosing(attempts.stream(one, fresh)) as answers:
         async for answer in answers:
             return answer
     raise errors.EngineError("a call ended without an answer")
@@ -148,7 +149,9 @@ class _Attempts(Generic[P]):
     moved: Moved | None
     request_id: str
 
-    async def stream(self, call: Callable[[P], AsyncIterable[T]], progress: Progress[T]) -> AsyncIterator[T]:
+    async def stream(
+        self, call: Callable[[P], AsyncGenerator[T, None]], progress: Progress[T]
+    ) -> AsyncGenerator[T, None]:
         failed: set[str] = set()
         last: errors.CyllmError | None = None
         for attempt in itertools.count(1):
@@ -156,7 +159,7 @@ class _Attempts(Generic[P]):
             if peer is None:
                 raise last or errors.Unavailable(f"no {self.rule.what} to call")
             try:
-                async with aclosing(aiter(call(peer))) as items:
+                async with aclosing(call(peer)) as items:
                     async for item in items:
                         if progress.pass_on(item):
                             yield item

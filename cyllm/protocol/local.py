@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
+from types import AsyncGeneratorType
 from typing import Any
 
 from cyllm import errors
@@ -82,7 +83,9 @@ class LocalStub:
 class LocalCall:
     """A streaming call in-process: iterate it once; ``cancel()`` ends it."""
 
-    def __init__(self, replies: AsyncIterator[Any], timeout: float | None, translate: Translate) -> None:
+    def __init__(
+        self, replies: AsyncGeneratorType[Any, None], timeout: float | None, translate: Translate
+    ) -> None:
         self._replies = replies
         self._deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         self._translate = translate
@@ -95,10 +98,10 @@ class LocalCall:
         (being read by another task), as soon as it yields; its reader then gets
         ``RequestCancelled``, as a cancelled gRPC call's reader gets CANCELLED."""
         self._cancelled = True
-        if not self._closed and self._closing is None and not self._replies.ag_running:  # type: ignore[attr-defined]
-            self._closing = asyncio.ensure_future(self._replies.aclose())  # type: ignore[attr-defined]
+        if not self._closed and self._closing is None and not self._replies.ag_running:
+            self._closing = asyncio.ensure_future(self._replies.aclose())
 
-    async def __aiter__(self) -> AsyncIterator[Any]:
+    async def __aiter__(self) -> AsyncGenerator[Any, None]:
         # Each wait is bounded by what is left of the call's deadline: the servicer
         # runs in this task, so the deadline cancels it where it waits.
         deadline = Deadline(self._deadline)
@@ -123,4 +126,4 @@ class LocalCall:
                 await self._closing
             elif not self._closed:
                 self._closed = True
-                await self._replies.aclose()  # type: ignore[attr-defined]
+                await self._replies.aclose()

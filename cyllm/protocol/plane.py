@@ -84,6 +84,7 @@ class InternalSettings(ComponentSettings):
             raise ValueError("the internal token must be at least 16 characters")
         tls = None
         if self.tls_ca_file is not None:
+            assert self.tls_cert_file is not None and self.tls_key_file is not None  # _complete: all three
             tls = Tls(
                 self.tls_ca_file.read_bytes(),
                 self.tls_cert_file.read_bytes(),
@@ -144,7 +145,7 @@ class Plane:
             channel = grpc.aio.insecure_channel(address, options=_OPTIONS)
         else:
             channel = grpc.aio.secure_channel(address, self._credentials(), options=_OPTIONS + self._names())
-        return _TokenChannel(channel, self.token) if self.token else channel  # type: ignore[return-value]
+        return _TokenChannel(channel, self.token) if self.token else channel
 
     def sync_channel(self, address: str) -> grpc.Channel:
         """A blocking channel (``cyllm probe``); the health service needs no token."""

@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -58,12 +58,12 @@ class Encoder(Generic[E]):
     messages, so a lagging stream costs one message built per batch of tokens."""
 
     message: Callable[[E], pb.GenerateResponse]
+    join: Callable[[list[Any]], E]  # given a run of the events ``is_delta`` picked
     is_delta: Callable[[E], bool] = is_delta
-    join: Callable[[list[E]], E] = joined
 
 
-MESSAGES: Encoder[pb.GenerateResponse] = Encoder(lambda msg: msg)  # events that are messages
-Generate = Callable[[pb.GenerateRequest, str], AsyncIterator[E]]
+MESSAGES: Encoder[pb.GenerateResponse] = Encoder(lambda msg: msg, join=joined)  # events that are messages
+Generate = Callable[[pb.GenerateRequest, str], AsyncGenerator[E, None]]
 
 
 # -- the worker's side -------------------------------------------------------------------
@@ -85,7 +85,7 @@ class Sessions:
         generate: Generate[E],
         encoder: Encoder[E],
         translate: Translate = untranslated,
-    ) -> AsyncIterator[pb.SessionEvents]:
+    ) -> AsyncGenerator[pb.SessionEvents, None]:
         return _serve(requests, generate, encoder, translate, self._outgoing)
 
     def end(self) -> None:
@@ -108,7 +108,7 @@ async def _serve(
     encoder: Encoder[E],
     translate: Translate,
     registry: set[Backlog[Any]],
-) -> AsyncIterator[pb.SessionEvents]:
+) -> AsyncGenerator[pb.SessionEvents, None]:
     """The messages of a ``Session`` call: each ``start`` run by ``generate`` in a task;
     every frame ready when a message goes out travels in it, each call's deltas merged
     (the worker's one merge: what waits for the writer)."""
@@ -311,7 +311,7 @@ class SessionCall:
         if self.stream is not None:  # started: the worker must stop it
             self.session.cancel_later(self)
 
-    async def __aiter__(self) -> AsyncIterator[pb.GenerateResponse]:
+    async def __aiter__(self) -> AsyncGenerator[pb.GenerateResponse, None]:
         try:
             await self.session._start(
                 self, pb.SessionRequest(call=self.number, start=self._request, request_id=self._request_id)
@@ -322,7 +322,7 @@ class SessionCall:
                 frames, self._frames = self._frames, []
                 events = [f.event for f in frames if f.WhichOneof("kind") == "event"]
                 for msg in merge_runs(events, is_delta, joined):  # a backlog merges
-                    yield msg  # type: ignore[misc]
+                    yield msg
                 end = next((f.end for f in frames if f.WhichOneof("kind") == "end"), None)
                 if end is not None:
                     self._done = True

@@ -77,6 +77,7 @@ def main() -> None:
     # The limit is set before the dataset is opened (and not with preexec_fn, which is
     # unsafe in the coordinator's threaded process).
     memory = int(request["memory_bytes"])
+    answer: dict[str, int | str]
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     try:

@@ -119,7 +119,7 @@ def load_examples(
     name = path.name
     if fmt in _TABULAR:
         rows = {"csv": _csv_rows, "parquet": _parquet_rows, "hf": _hf_rows}[fmt](path, limits)
-        located = ((f"{name} record {i}", row) for i, row in enumerate(rows))
+        located: Iterator[tuple[str, Any]] = ((f"{name} record {i}", row) for i, row in enumerate(rows))
         return _collect(located, name, None, prompt_column, response_column, limits)
     shape = {"alpaca": "alpaca", "sharegpt": "sharegpt", "openai": "openai"}.get(fmt)
     if fmt == "json" or (shape and detect_format(path) == "json"):
@@ -228,6 +228,7 @@ def _to_example(
             "prompt_completion": ("prompt", "completion" if "completion" in r else "response"),
             "text_label": ("text", "label"),
         }[shape]
+        assert p is not None and a is not None  # "columns" only when both columns are named
         turns = [("user", _text(where, r, p)), ("assistant", _text(where, r, a))]
     if not any(role == "assistant" for role, _ in turns):
         raise DatasetError(f"{where}: no assistant message to learn from")

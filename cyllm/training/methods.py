@@ -60,6 +60,7 @@ def peft_config(method: str, options: dict[str, Any], model_type: str, total_ste
 
     targets = _TARGETS.get(model_type, "all-linear")
     attention = targets[:2] if isinstance(targets, list) else targets
+    cls: type[peft.PeftConfig]
     defaults: dict[str, Any]
     if method in ("lora", "dora", "pissa"):
         cls, defaults = (

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import time
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -38,7 +39,7 @@ class WorkerServer:
         self._health = health.aio.HealthServicer()
         self._registrars: list[Registrar] = []
         self._registering: list[asyncio.Task[None]] = []
-        self._metrics_server = None
+        self._metrics_server: WSGIServer | None = None
         self.models_changed = asyncio.Event()
         self.models_version = 0
 

@@ -68,7 +68,8 @@ def gib(n: float) -> str:
 
 def safetensors_elements(folder: Path) -> tuple[int, str]:
     """(element count, the checkpoint's most common dtype) from the headers only."""
-    total, by_dtype = 0, {}
+    total = 0
+    by_dtype: dict[str, int] = {}
     for file in sorted(folder.glob("*.safetensors")):
         with open(file, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from pathlib import Path
 
@@ -22,7 +22,9 @@ from cyllm.worker.training.jobs import WorkerTraining
 
 log = logging.getLogger(__name__)
 
-ENCODER = Encoder(event_to_proto, is_delta=lambda e: isinstance(e, TextDelta), join=TextDelta.joined)
+ENCODER: Encoder[Event] = Encoder(
+    event_to_proto, is_delta=lambda e: isinstance(e, TextDelta), join=TextDelta.joined
+)
 
 
 class WorkerService(rpc.WorkerServicer):
@@ -44,7 +46,7 @@ class WorkerService(rpc.WorkerServicer):
 
     async def Session(
         self, requests: AsyncIterator[pb.SessionRequests], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.SessionEvents]:
+    ) -> AsyncGenerator[pb.SessionEvents, None]:
         """Generations as calls of one long-lived stream (``protocol/session.py``): how
         coordinators reach a worker.  The engines' events become messages there, a
         call's deltas merged while they wait for the stream."""
@@ -52,7 +54,7 @@ class WorkerService(rpc.WorkerServicer):
             async for frame in frames:
                 yield frame
 
-    async def _generate(self, request: pb.GenerateRequest, request_id: str) -> AsyncIterator[Event]:
+    async def _generate(self, request: pb.GenerateRequest, request_id: str) -> AsyncGenerator[Event, None]:
         """The engine's events for ``request``; closing this (a cancelled call: the client
         gone) aborts the request inside the engine."""
         timer = self.metrics.timer(request.model)

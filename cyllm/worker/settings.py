@@ -69,57 +69,62 @@ class ModelSpec(BaseModel):
         max_length=200,
         description="the name clients use (model in the API)",
     )
-    path: Path | None = Field(None, description="a Hugging Face folder (config, safetensors, tokenizer)")
-    gguf: str | None = Field(None, description="a GGUF file: a path or package://<python package>/<file>")
+    path: Path | None = Field(
+        default=None, description="a Hugging Face folder (config, safetensors, tokenizer)"
+    )
+    gguf: str | None = Field(
+        default=None, description="a GGUF file: a path or package://<python package>/<file>"
+    )
     engine: EngineName = Field(
-        "auto",
+        default="auto",
         description="'auto' picks by hardware and installed libraries (engines.factory); "
         "'fake' is a test double that needs no weights",
     )
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | npu | npu:N")
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N | npu | npu:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto: bfloat16 on accelerators and on CPUs with native bfloat16, else float32"
+        default="auto",
+        description="auto: bfloat16 on accelerators and on CPUs with native bfloat16, else float32",
     )
     max_batch_size: int = Field(
-        32, ge=1, le=4096, description="sequences decoded together (the worker's slots for it)"
+        default=32, ge=1, le=4096, description="sequences decoded together (the worker's slots for it)"
     )
-    max_context: int | None = Field(None, ge=16, description="cap below the model's own")
-    default_max_tokens: int = Field(512, ge=1, description="max_tokens when a request sets none")
+    max_context: int | None = Field(default=None, ge=16, description="cap below the model's own")
+    default_max_tokens: int = Field(default=512, ge=1, description="max_tokens when a request sets none")
     grammar_timeout_s: float = Field(
-        10.0,
+        default=10.0,
         gt=0,
         le=600,
         description="how long a response format's JSON Schema may take to "
         "compile for constrained decoding before it is refused with a 400 (its compile killed)",
     )
     temperature: float | None = Field(
-        None,
+        default=None,
         ge=0,
         le=2,
         description="default when a request sets none; else the model's generation_config.json, else 1.0",
     )
-    top_p: float | None = Field(None, gt=0, le=1, description="default, as temperature")
+    top_p: float | None = Field(default=None, gt=0, le=1, description="default, as temperature")
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="passed to the engine's library (checked by the engine)"
     )
     candidates: list[EngineCandidate] = Field(default_factory=list, description="hybrid only")
-    replicas: int = Field(1, ge=1, le=64, description="hybrid only: candidates kept loaded")
+    replicas: int = Field(default=1, ge=1, le=64, description="hybrid only: candidates kept loaded")
     adapters: dict[str, Path] = Field(
         default_factory=dict, description="LoRA adapters served as <id>:<name>: name -> PEFT folder"
     )
     peft_adapter: Path | None = Field(
-        None,
+        default=None,
         description="a PEFT adapter applied to every request (merged into the weights "
         "where PEFT can); transformers/ascend engines only",
     )
-    preload: bool = Field(True, description="false: listed as available, loaded when asked")
+    preload: bool = Field(default=True, description="false: listed as available, loaded when asked")
     task: Literal["generate", "embed"] = Field(
-        "generate",
+        default="generate",
         description="'embed': an embedding model (a Hugging Face encoder folder, "
         "pooled as its sentence-transformers config says) that answers /v1/embeddings only",
     )
     embeddings: bool = Field(
-        True,
+        default=True,
         description="answer /v1/embeddings from this generative model (mean-pooled last "
         "hidden states); on the vLLM engine the first call loads a second copy of the weights "
         "with transformers (memory: set false to refuse instead)",

@@ -43,9 +43,9 @@ async def test_records_listing_and_events(stores):
     await b.put(job)
     assert (await a.get("ftjob-3")).progress.step == 7
     assert await a.get("nope") is None
-    page, more = await a.list(2)
+    page, more = await a.page(2)
     assert [j.id for j in page] == ["ftjob-4", "ftjob-3"] and more
-    page, more = await a.list(10, after="ftjob-3")
+    page, more = await a.page(10, after="ftjob-3")
     assert [j.id for j in page] == ["ftjob-2", "ftjob-1", "ftjob-0"] and not more
     seqs = [
         await (a if i % 2 else b).append_event("ftjob-3", pb.TrainingEvent(message=f"m{i}")) for i in range(5)

@@ -17,7 +17,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -251,13 +251,13 @@ class InferenceService(rpc.InferenceServicer):
 
     def _run(
         self, request: pb.GenerateRequest, key: str | None, rid: str
-    ) -> AsyncIterator[pb.GenerateResponse]:
+    ) -> AsyncGenerator[pb.GenerateResponse, None]:
         """The generation on workers; ``key``: its prompt-cache key, where it may be kept."""
         task = Task(request.request_id, request.model, request.priority, affinity_key(request))
         relay = Relay(request)
         slots = WorkerSlots(self.scheduler, self.breakers, task, self.metrics, self.lease_s)
 
-        def on(slot: Slot) -> AsyncIterator[pb.GenerateResponse]:
+        def on(slot: Slot) -> AsyncGenerator[pb.GenerateResponse, None]:
             # Each run has its own engine request id: a hung worker may still hold the last.
             upstream = relay.continuation()
             upstream.request_id = uuid.uuid4().hex
@@ -305,7 +305,7 @@ async def _paced(
     timeout_s: float,
     worker_id: str,
     finished: Callable[[pb.Finished], Awaitable[None]] | None = None,
-) -> AsyncIterator[pb.GenerateResponse]:
+) -> AsyncGenerator[pb.GenerateResponse, None]:
     """The worker's stream; a worker silent for ``timeout_s`` is given up on.
     ``finished`` is told of the end before it is passed on."""
     iterator = aiter(stream)
@@ -327,7 +327,7 @@ async def _paced(
             yield msg
     finally:
         silence.close()
-        await iterator.aclose()  # type: ignore[attr-defined]
+        await iterator.aclose()
 
 
 def _task_id(tenant: Tenant, gateway_request_id: str) -> str:
@@ -340,7 +340,7 @@ def _to_cached(chunks: list[str], finished: pb.Finished) -> CachedResponse:
     )
 
 
-async def _collect(events: AsyncIterator[pb.GenerateResponse]) -> CachedResponse:
+async def _collect(events: AsyncGenerator[pb.GenerateResponse, None]) -> CachedResponse:
     chunks: list[str] = []
     async with aclosing(events) as stream:
         async for msg in stream:

@@ -29,7 +29,7 @@ class TrainingService(rpc.TrainingServicer):
         return await self.training.get(request.id, Tenant.of(context))
 
     async def ListTrainingJobs(self, request, context) -> pb.ListTrainingJobsResponse:
-        jobs, more = await self.training.list(Tenant.of(context), request.limit or 20, request.after)
+        jobs, more = await self.training.page(Tenant.of(context), request.limit or 20, request.after)
         return pb.ListTrainingJobsResponse(jobs=jobs, has_more=more)
 
     async def CancelTrainingJob(self, request, context) -> pb.TrainingJob:
@@ -58,7 +58,7 @@ class FilesService(rpc.FilesServicer):
         return await self.files.get(request.id, Tenant.of(context))
 
     async def ListFiles(self, request, context) -> pb.ListFilesResponse:
-        return pb.ListFilesResponse(files=await self.files.list(Tenant.of(context), request.purpose))
+        return pb.ListFilesResponse(files=await self.files.owned(Tenant.of(context), request.purpose))
 
     async def DeleteFile(self, request, context) -> pb.DeleteFileResponse:
         await self.files.delete(request.id, Tenant.of(context))

@@ -11,6 +11,8 @@ from pathlib import Path
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.responses import Response
+from starlette.types import Scope
 
 STATIC = Path(__file__).parent / "static"
 HEADERS = {
@@ -32,7 +34,7 @@ async def console() -> FileResponse:
 
 
 class _Static(StaticFiles):
-    async def get_response(self, path, scope):  # type: ignore[no-untyped-def]
+    async def get_response(self, path: str, scope: Scope) -> Response:
         response = await super().get_response(path, scope)
         response.headers.update(HEADERS)
         return response

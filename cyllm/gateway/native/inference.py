@@ -8,7 +8,7 @@ known only at its end, so a stream holds its text back and sends it at the end a
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from starlette.requests import HTTPConnection
@@ -72,7 +72,7 @@ class Inference:
             choices=choices if len(choices) > 1 else None,
         )
 
-    async def events(self) -> AsyncIterator[tuple[str, dict[str, Any]] | Failed]:
+    async def events(self) -> AsyncGenerator[tuple[str, dict[str, Any]] | Failed, None]:
         """``("token", {text, index?, logprobs?})``\\ s as they come, then ``("done",
         InferenceDone)``; or a Failed, the other choices cancelled."""
         ends: dict[int, ChoiceEnd] = {}
@@ -94,7 +94,7 @@ class Inference:
 
     async def _choice(
         self, gen: Generation, ends: dict[int, ChoiceEnd]
-    ) -> AsyncIterator[tuple[str, dict[str, Any]] | Failed]:
+    ) -> AsyncGenerator[tuple[str, dict[str, Any]] | Failed, None]:
         index = {"index": gen.choice} if self.body.n > 1 else {}
         held: list[str] = []
         async for event in gen.events():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Literal, cast
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -23,6 +24,7 @@ from cyllm.gateway.native.schemas import (
     LoadModelResponse,
     ModelEntry,
     ModelsResponse,
+    ModelState,
     UnloadModelResponse,
     WorkerHealth,
 )
@@ -82,7 +84,7 @@ def _entry(m: pb.ModelInfo) -> ModelEntry:
         context_length=m.context_length,
         engine=m.engine,
         created=m.created,
-        state=m.state or "loaded",
+        state=cast(ModelState, m.state or "loaded"),  # checked by the model, as any field
         base=m.base or None,
         device=m.device or None,
         memory_bytes=m.memory_bytes or None,
@@ -146,7 +148,8 @@ async def health(request: Request) -> JSONResponse:
         detail = caller.admin
     except errors.CyllmError:
         detail = False
-    coordinators, workers = [], {}
+    coordinators: list[CoordinatorHealth] = []
+    workers: dict[str, WorkerHealth] = {}
     for address, state in await request.app.state.client.cluster_status():
         if state is None:
             coordinators.append(CoordinatorHealth(address=address, reachable=False))
@@ -188,7 +191,7 @@ async def health(request: Request) -> JSONResponse:
             )
     healthy = any(w.healthy for w in workers.values())
     all_up = healthy and all(c.reachable for c in coordinators) and all(w.healthy for w in workers.values())
-    status = "ok" if all_up else ("degraded" if healthy else "down")
+    status: Literal["ok", "degraded", "down"] = "ok" if all_up else ("degraded" if healthy else "down")
     body = HealthResponse(status=status, coordinators=coordinators, workers=list(workers.values()))
     return JSONResponse(
         body.model_dump(by_alias=True, exclude_none=True), status_code=200 if healthy else 503

@@ -65,7 +65,9 @@ class ResponseFormat(_Camel, schemas.ResponseFormat):
     """As OpenAI's ``response_format``: ``{"type": "jsonSchema", "jsonSchema": {"schema": ...}}``,
     ``{"type": "jsonObject"}`` or ``{"type": "text"}`` (the snake_case type names work too)."""
 
-    type: Literal["text", "jsonObject", "jsonSchema", "json_object", "json_schema"]  # type: ignore[assignment]
+    type: Literal[  # type: ignore[assignment]  # the camelCase names too: kind() maps them back
+        "text", "jsonObject", "jsonSchema", "json_object", "json_schema"
+    ]
     json_schema: JsonSchema | None = None
 
     def kind(self) -> str:
@@ -230,12 +232,15 @@ class InferenceResponse(_Camel):
     choices: list[Choice] | None = Field(None, description="every answer, when n > 1")
 
 
+ModelState = Literal["loaded", "available"]
+
+
 class ModelEntry(_Camel):
     id: str
     context_length: int
     engine: str
     created: int
-    state: Literal["loaded", "available"] = "loaded"
+    state: ModelState = "loaded"
     base: str | None = Field(None, description="for a LoRA adapter model: its base model")
     device: str | None = None
     memory_bytes: int | None = Field(None, description="the worker's estimate: weights + KV cache")
@@ -245,9 +250,9 @@ class LoadModelRequest(_Camel):
     """Optional body of ``POST /api/v1/models/{id}/load``."""
 
     adapter_path: str | None = Field(
-        None, min_length=1, description="for '<base>:<adapter>': the PEFT folder, on the worker"
+        default=None, min_length=1, description="for '<base>:<adapter>': the PEFT folder, on the worker"
     )
-    worker_id: str | None = Field(None, min_length=1, description="load on this worker")
+    worker_id: str | None = Field(default=None, min_length=1, description="load on this worker")
 
 
 class LoadModelResponse(_Camel):

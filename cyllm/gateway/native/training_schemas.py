@@ -21,7 +21,10 @@ class TrainingStartRequest(TrainingSpec):
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
 
-    dataset: str | None = Field(None, description="a file or folder on the workers' disk")
+    # None where a fileId names it instead (the coordinator makes that a path)
+    dataset: str | None = Field(  # type: ignore[assignment]  # optional here, unlike the spec's
+        None, description="a file or folder on the workers' disk"
+    )
     file_id: str | None = Field(None, description="an uploaded file's id")
     validation_file_id: str | None = Field(
         None, description="an uploaded file's id: held-out examples (instead of validationDataset)"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import struct
-from typing import Literal
+from typing import Any, Literal, TypeGuard
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
@@ -38,15 +38,19 @@ class EmbeddingRequest(BaseModel):
         texts = [self.input] if isinstance(self.input, str) else self.input
         if not texts:
             raise errors.InvalidRequest("input must not be empty", param="input")
-        if not all(isinstance(t, str) for t in texts):
+        if not _all_text(texts):
             raise errors.InvalidRequest("input as token ids is not supported; send text", param="input")
         if len(texts) > MAX_INPUTS:
             raise errors.InvalidRequest(f"input has {len(texts)} texts; at most {MAX_INPUTS}", param="input")
         for i, text in enumerate(texts):
             if not text:
                 raise errors.InvalidRequest(f"input {i} is empty", param="input")
-        check_text(texts, "input")  # type: ignore[arg-type]
-        return texts  # type: ignore[return-value]
+        check_text(texts, "input")
+        return texts
+
+
+def _all_text(items: list[Any]) -> TypeGuard[list[str]]:
+    return all(isinstance(t, str) for t in items)
 
 
 class EmbeddingData(BaseModel):

@@ -29,7 +29,7 @@ from cyllm.gateway.sse import frame, sse_response
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(authenticate)])
 
 # Set (to anything but their off value) → 400 naming the field.
-UNSUPPORTED = {
+UNSUPPORTED: dict[str, object] = {
     "previous_response_id": None,
     "background": False,
     "tools": [],
@@ -58,8 +58,8 @@ class InputMessage(BaseModel):
 
 class TextFormat(BaseModel):
     type: Literal["text", "json_object", "json_schema"] = "text"
-    name: str | None = Field(None, max_length=64)
-    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    name: str | None = Field(default=None, max_length=64)
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None
 
 

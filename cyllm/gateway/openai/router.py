@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -14,7 +14,7 @@ from cyllm.gateway.auth import authenticate
 from cyllm.gateway.choices import answers, merged, started, usage
 from cyllm.gateway.client import coordinator
 from cyllm.gateway.context import context
-from cyllm.gateway.errors import GENERATION_ERRORS, responses, stream_error
+from cyllm.gateway.errors import GENERATION_ERRORS, Responses, responses, stream_error
 from cyllm.gateway.generation import Done, Failed, Generation
 from cyllm.gateway.openai.schemas import (
     AssistantMessage,
@@ -39,7 +39,7 @@ from cyllm.gateway.usage import TokenUsage
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(authenticate)])
 
 ERRORS = GENERATION_ERRORS
-STREAM_OR_JSON = {
+STREAM_OR_JSON: Responses = {
     200: {
         "content": {"text/event-stream": {"schema": {"type": "string"}}},
         "description": "JSON, or Server-Sent Events when stream is true",
@@ -134,7 +134,7 @@ async def _choice_frames(
     tools: Toolbox | None = None,
     *,
     logprobs: bool = False,
-) -> AsyncIterator[dict[str, Any] | Failed]:
+) -> AsyncGenerator[dict[str, Any] | Failed, None]:
     """One choice's chunks (a role delta first for chat), its finish chunk last; or a
     Failed.  A forced tool choice streams its calls as they are generated
     (``CallStream``); with ``auto`` whether the answer is a call is known at its end, so
@@ -186,7 +186,7 @@ async def _choice_frames(
 
 
 async def _stream(
-    choices: list[AsyncIterator[dict[str, Any] | Failed]],
+    choices: list[AsyncGenerator[dict[str, Any] | Failed, None]],
     gens: list[Generation],
     kind: str,
     rid: str,

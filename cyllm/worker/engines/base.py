@@ -52,7 +52,7 @@ import abc
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from collections.abc import AsyncGenerator, Collection, Mapping, Sequence
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -139,7 +139,7 @@ class AbstractEngine(abc.ABC):
         """Load weights and warm up; return what the worker advertises."""
 
     @abc.abstractmethod
-    def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[Event, None]:
         """Stream events for ``request``; raise InvalidRequest before the first one."""
 
     @abc.abstractmethod
@@ -195,7 +195,7 @@ class Engine(AbstractEngine):
     # -- what an adapter implements ------------------------------------------------------
 
     @abc.abstractmethod
-    def stream(self, plan: Plan) -> AsyncIterator[Step]:
+    def stream(self, plan: Plan) -> AsyncGenerator[Step, None]:
         """Run ``plan`` in the library.  Closing this iterator must stop the request
         there (in a ``finally``); the last Step carries a finish reason."""
 
@@ -336,7 +336,7 @@ class Engine(AbstractEngine):
         )
         return ""
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Event, None]:
         if why := self.down():
             raise errors.EngineError(f"{self.library} engine for {self.spec.id} is down: {why}")
         self.check_adapter(request)
@@ -412,7 +412,7 @@ class Engine(AbstractEngine):
         finally:
             self.tracker.running -= 1
 
-    async def _replayed(self, plan: Plan) -> AsyncIterator[Step]:
+    async def _replayed(self, plan: Plan) -> AsyncGenerator[Step, None]:
         """``plan``'s generation run again from its prompt with its original seed; the
         tokens it resumes must come out first (a greedy or seeded run repeats them) and
         are dropped; the text of the rest is decoded here, after them."""

@@ -5,7 +5,7 @@ name.  Pooled as the folder's sentence-transformers config says (``hf_embed``)."
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 
 from cyllm import errors
@@ -44,7 +44,7 @@ class EmbeddingEngine(AbstractEngine):
         self.tracker.tokens_generated += tokens  # progress, as generated tokens are elsewhere
         return vectors, tokens
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:  # type: ignore[override]
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Event, None]:
         raise errors.InvalidRequest(
             f"model {self.spec.id!r} is an embedding model (task: embed); it answers "
             "/v1/embeddings, not generation",

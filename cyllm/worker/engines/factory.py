@@ -123,7 +123,7 @@ def detect_accelerator() -> str:
             import torch
             import torch_npu  # noqa: F401  (registers torch.npu)
 
-            if torch.npu.is_available():  # type: ignore[attr-defined]
+            if torch.npu.is_available():  # type: ignore[attr-defined]  # torch_npu patches torch at import
                 return "npu"
         except Exception:  # a broken CANN install is "no NPU", not a crash
             pass

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 from cyllm import errors
@@ -97,7 +97,7 @@ class FakeEngine(Engine):
     def vocab_size(self) -> None:
         return None
 
-    async def stream(self, plan: Plan) -> AsyncIterator[Step]:
+    async def stream(self, plan: Plan) -> AsyncGenerator[Step, None]:
         stopper = Stopper(self.primed_decoder(plan), (), plan.sampling.stop, plan.max_new)
         wedged = False
         try:

@@ -154,7 +154,12 @@ class CompileGuard:
         loop = asyncio.get_running_loop()
         ready = loop.create_future()
         fd = self._conn.fileno()
-        loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+
+        def readable() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_reader(fd, readable)
         try:
             await ready
         finally:

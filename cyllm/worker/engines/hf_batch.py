@@ -10,14 +10,23 @@ step is one forward pass for all running sequences.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 # Spare positions a layer's KV buffer keeps past its length.
 _ROOM = 128
+
+
+class CausalLM(Protocol):
+    """A Hugging Face causal LM, or a ``PeftModel`` around one, as a batch runs it."""
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
 class GrowableLayer(DynamicLayer):
@@ -83,14 +92,20 @@ class KVBatch:
         return int(self.mask.shape[0])
 
     def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(layer.keys, layer.values) for layer in self.cache.layers]
+        out = []
+        for layer in self.cache.layers:
+            # a filled key/value layer: the batch was prefilled (a linear-attention
+            # layer, which keeps no keys, cannot be batched here)
+            assert isinstance(layer, CacheLayerMixin) and layer.keys is not None and layer.values is not None
+            out.append((layer.keys, layer.values))
+        return out
 
     # -- building ---------------------------------------------------------------------
 
     @classmethod
     @torch.inference_mode()
     def prefill(
-        cls, model: torch.nn.Module, prompts: Sequence[Sequence[int]], pad_id: int, **extra: Any
+        cls, model: CausalLM, prompts: Sequence[Sequence[int]], pad_id: int, **extra: Any
     ) -> tuple[KVBatch, torch.Tensor]:
         """Run the prompts in one forward pass; return the batch and last-token logits.
         ``extra`` goes to the model's forward (PEFT's ``adapter_names``)."""
@@ -119,10 +134,11 @@ class KVBatch:
     def merge(self, other: KVBatch) -> KVBatch:
         """Append ``other``'s rows after this batch's, left-padding the shorter cache."""
         width = max(self.mask.shape[1], other.mask.shape[1])
-        layers = [
-            tuple(torch.cat([_left_pad(a, width, 2), _left_pad(b, width, 2)]) for a, b in zip(x, y))
-            for x, y in zip(self.layers(), other.layers())
-        ]
+
+        def joined(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.cat([_left_pad(a, width, 2), _left_pad(b, width, 2)])
+
+        layers = [(joined(k, ok), joined(v, ov)) for (k, v), (ok, ov) in zip(self.layers(), other.layers())]
         mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(other.mask, width, 1)])
         positions = torch.cat([self.positions, other.positions])
         return KVBatch(GrowableCache(layers), mask, positions)
@@ -142,7 +158,7 @@ class KVBatch:
     # -- stepping ---------------------------------------------------------------------
 
     @torch.inference_mode()
-    def decode(self, model: torch.nn.Module, tokens: torch.Tensor, **extra: Any) -> torch.Tensor:
+    def decode(self, model: CausalLM, tokens: torch.Tensor, **extra: Any) -> torch.Tensor:
         """Feed one token per row; return next-token logits [B, V]."""
         self.mask = torch.cat([self.mask, self.mask.new_ones((self.size, 1))], dim=1)
         out = model(

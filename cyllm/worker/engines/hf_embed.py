@@ -90,7 +90,8 @@ def pooled(
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together
     vectors: dict[int, list[float]] = {}
     while order:
-        batch, width = [], 0
+        batch: list[int] = []
+        width = 0
         while order and (not batch or max(width, len(ids[order[0]])) * (len(batch) + 1) <= token_budget):
             width = max(width, len(ids[order[0]]))
             batch.append(order.pop(0))

@@ -24,7 +24,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,7 +183,7 @@ class LlamaCppEngine(Engine):
                     "this model has no chat template; send a raw prompt (/v1/completions)", param="messages"
                 )
             try:
-                text = self.formatter(messages=msgs, tools=tools).prompt
+                text = self.formatter(messages=msgs, tools=tools).prompt  # type: ignore[arg-type]  # any role's {role, content}
             except Exception as exc:
                 raise errors.InvalidRequest(f"chat template rejected the messages: {exc}") from exc
             return llm.tokenize(text.encode(), add_bos=True, special=True)
@@ -207,7 +207,7 @@ class LlamaCppEngine(Engine):
         llm = self._objects[0]
         return Grammars.for_pieces([llm.detokenize([i]) for i in range(llm.n_vocab())], self.eos)
 
-    async def stream(self, plan: Plan) -> AsyncIterator[Step]:
+    async def stream(self, plan: Plan) -> AsyncGenerator[Step, None]:
         abort = threading.Event()
         out: asyncio.Queue[Any] = asyncio.Queue()
         loop = asyncio.get_running_loop()

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +97,10 @@ class MindieEngine(Engine):
     def down(self) -> str:
         return "closed" if self.client is None else ""
 
-    async def stream(self, plan: Plan) -> AsyncIterator[Step]:
+    async def stream(self, plan: Plan) -> AsyncGenerator[Step, None]:
+        assert self.client is not None  # generate() refuses a closed engine (down())
         s = plan.sampling
+        assert s.temperature is not None and s.top_p is not None  # resolved by SamplingDefaults.apply
         params: dict[str, Any] = {
             "max_new_tokens": plan.max_new,
             "details": True,

@@ -78,6 +78,7 @@ class Plan:
 
 
 def check_sampling(p: SamplingParams) -> None:
+    assert p.temperature is not None and p.top_p is not None  # resolved by SamplingDefaults.apply
     if not 0 <= p.temperature <= 2:
         raise errors.InvalidRequest("temperature must be between 0 and 2", param="temperature")
     if not 0 < p.top_p <= 1:

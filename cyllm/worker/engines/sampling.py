@@ -42,6 +42,7 @@ def sample(
     for row, (p, gen) in enumerate(zip(params, generators)):
         if p.temperature == 0 or gen is None:
             continue
+        assert p.temperature is not None and p.top_p is not None  # resolved by SamplingDefaults.apply
         probs = torch.softmax(logits[row] / p.temperature, dim=-1)
         if p.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)

@@ -22,7 +22,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -89,6 +89,10 @@ class TransformersEngine(Engine):
     output_rules = True
     gives_logprobs = True
 
+    # Set by load(): a transformers causal LM, or a PeftModel around one (which passes
+    # its attributes through); its config's fields depend on the architecture.
+    model: Any
+
     def __init__(self, spec: ModelSpec, model_dir: Path) -> None:
         super().__init__(spec)
         self.model_dir = model_dir
@@ -146,7 +150,7 @@ class TransformersEngine(Engine):
 
     def _load_blocking(self) -> None:
         self.device = self.pick_device()
-        dtype_name = self.spec.dtype
+        dtype_name: str = self.spec.dtype
         if dtype_name == "auto":
             cpu = "bfloat16" if cpu_has_bfloat16() else "float32"
             dtype_name = self.default_dtypes.get(self.device.type, cpu)
@@ -285,7 +289,7 @@ class TransformersEngine(Engine):
         alive = self._thread is not None and self._thread.is_alive()
         return "" if alive else "the engine thread is not running"
 
-    async def stream(self, plan: Plan) -> AsyncIterator[Step]:
+    async def stream(self, plan: Plan) -> AsyncGenerator[Step, None]:
         seq = _Sequence(
             prompt_ids=plan.prompt_ids,
             sampling=plan.sampling,
@@ -385,6 +389,7 @@ class TransformersEngine(Engine):
         # 3. one decode step for the whole batch
         tokens = torch.tensor([s.last_token for s in self._running], device=self.device)
         self._pick_attention(len(self._running), 1)
+        assert batch is not None  # rows are running: they are in the batch
         logits = batch.decode(self.model, tokens, **self._forward_args([s.adapter for s in self._running]))
         stepped = self._running
         self._advance(stepped, *self._sample(logits, stepped))
@@ -490,13 +495,13 @@ def _apply_peft(model: torch.nn.Module, path: Path) -> torch.nn.Module:
     """A model with the PEFT adapter at ``path`` applied to every request: merged into
     the weights where PEFT can (then it runs as fast as the base), else kept wrapped
     (adaption prompts)."""
-    from peft import PeftModel
+    from peft import PeftModel, PeftType
 
     try:
         wrapped = PeftModel.from_pretrained(model, str(path))
     except Exception as exc:
         raise errors.NotLoadable(f"cannot apply the PEFT adapter in {path}: {exc}") from exc
     config = wrapped.peft_config["default"]
-    if config.is_prompt_learning or config.peft_type.value == "ADAPTION_PROMPT":
+    if config.is_prompt_learning or config.peft_type == PeftType.ADAPTION_PROMPT:
         return wrapped
     return wrapped.merge_and_unload()

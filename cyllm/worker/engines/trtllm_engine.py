@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +89,7 @@ class TrtLlmEngine(Engine):
     def down(self) -> str:
         return "not loaded" if self.llm is None else ""
 
-    async def stream(self, plan: Plan) -> AsyncIterator[Step]:
+    async def stream(self, plan: Plan) -> AsyncGenerator[Step, None]:
         from tensorrt_llm import SamplingParams
 
         s = plan.sampling

@@ -40,7 +40,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -263,12 +263,13 @@ class VllmAsyncEngine(Engine):
             )
         return tuple(out)
 
-    async def stream(self, plan: Plan) -> AsyncIterator[Step]:
+    async def stream(self, plan: Plan) -> AsyncGenerator[Step, None]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
         s = plan.sampling
+        assert s.temperature is not None and s.top_p is not None  # resolved by SamplingDefaults.apply
         params = SamplingParams(
             max_tokens=plan.max_new,
             temperature=s.temperature,

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 
 from cyllm import errors
@@ -69,7 +69,7 @@ class WorkerTraining:
             return d
         return {"cuda": "cuda:0", "npu": "npu:0"}.get(self.accelerator, "cpu")
 
-    async def train(self, request: pb.TrainRequest) -> AsyncIterator[pb.TrainingEvent]:
+    async def train(self, request: pb.TrainRequest) -> AsyncGenerator[pb.TrainingEvent, None]:
         if why := self.unavailable:
             raise errors.Unavailable(f"this worker does not train: {why}")
         if self.current:
@@ -83,13 +83,15 @@ class WorkerTraining:
         out = self.root / checked_id(request.job_id, "job_id", "job_id")
         resume = str(inside(out, request.resume_from, "resume_from")) if request.resume_from else ""
         out.mkdir(parents=True, exist_ok=True)
+        spec_doc = spec.model_dump(mode="json")
+        base_path = await self._base_path(base)
         job = {
-            "spec": spec.model_dump(mode="json"),
+            "spec": spec_doc,
             "output_dir": str(out),
             "device": self.device,
             "resume_from": resume,
             "threads": self.settings.training_threads,
-            "base_model_path": await self._base_path(base),
+            "base_model_path": base_path,
         }
         (out / "job.json").write_text(json.dumps(job, indent=1))
         argv = self._command(spec, out)
@@ -99,12 +101,12 @@ class WorkerTraining:
             "CYLLM_JOB_ID": request.job_id,
             "CYLLM_DATASET": spec.dataset,
             "CYLLM_DATASET_FORMAT": spec.dataset_format or "",
-            "CYLLM_BASE_MODEL": job["base_model_path"],
+            "CYLLM_BASE_MODEL": base_path,
             "CYLLM_BASE_MODEL_ID": spec.base_model,
             "CYLLM_OUTPUT_DIR": str(out),
             "CYLLM_RESUME_FROM": resume,
             "CYLLM_DEVICE": self.device,
-            "CYLLM_SPEC": json.dumps(job["spec"]),
+            "CYLLM_SPEC": json.dumps(spec_doc),
         }
         self.current = request.job_id
         self._on_change()
@@ -135,6 +137,7 @@ class WorkerTraining:
             raise errors.Forbidden(
                 "custom training scripts are off on this worker (set worker.training_scripts_dir)"
             )
+        assert spec.script is not None  # the spec's check: method custom names a script
         script = (root / spec.script).resolve()
         if not script.is_relative_to(root.resolve()) or not script.is_file():
             raise errors.InvalidRequest(

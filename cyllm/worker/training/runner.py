@@ -63,6 +63,7 @@ async def run_process(
             start_new_session=True,
             limit=_LINE_LIMIT,
         )
+    assert proc.stdout is not None and proc.stderr is not None  # both piped
     lines: asyncio.Queue[tuple[str, bytes | None]] = asyncio.Queue()
     readers = [
         asyncio.create_task(_pump(name, stream, lines))

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from transformers import TrainerCallback
+
 from cyllm import errors
 from cyllm.training import methods
 from cyllm.training.data import DatasetError, load_examples, tokenize
@@ -143,7 +145,7 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
     # transformers' TensorBoard callback reads its folder from the environment (this
     # process is the job's own).
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
-    callbacks = [_Progress(emit, counter, out)]
+    callbacks: list[TrainerCallback] = [_Progress(emit, counter, out)]
     if spec.method == "adalora":
         callbacks.append(_AdaLoraBudget())
     trainer = _counting_trainer(transformers.Trainer, counter)(
@@ -168,7 +170,7 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
     else:
         path = out / "adapter"
         kind = "adapter" if spec.method in methods.SHARED_BASE else "peft"
-        extra = (
+        extra: dict[str, Any] = (
             {"path_initial_model_for_weight_conversion": str(out / "pissa_init")}
             if spec.method == "pissa"
             else {}
@@ -214,13 +216,7 @@ def _counting_trainer(base, counter: _TokenCounter):
     return CountingTrainer
 
 
-def _callback_base():
-    from transformers import TrainerCallback
-
-    return TrainerCallback
-
-
-class _Progress(_callback_base()):
+class _Progress(TrainerCallback):
     """Trainer callbacks → progress and checkpoint events."""
 
     def __init__(self, emit: Emit, counter: _TokenCounter, out: Path) -> None:
@@ -266,7 +262,7 @@ class _Progress(_callback_base()):
         self.emit({"event": "checkpoint", "step": state.global_step, "path": str(path)})
 
 
-class _AdaLoraBudget(_callback_base()):
+class _AdaLoraBudget(TrainerCallback):
     """AdaLoRA reallocates its rank budget after each optimizer step (PEFT's recipe)."""
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
