@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 ENGINES := $(VENV)/.engines
 VLLM    := $(VENV)/.vllm
 
-.PHONY: setup serve test test-fast bench proto docs redis browser engines clean
+.PHONY: setup serve check test test-fast bench proto docs redis browser engines clean
 
 PIN     := -c constraints.txt
 
@@ -52,6 +52,12 @@ redis:
 # downloaded browser).
 browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+
+# The gate before pushing (and before the tests in CI): format, lint, types.
+check: $(STAMP)
+	$(BIN)/ruff format --check cyllm tests bench
+	$(BIN)/ruff check cyllm tests bench
+	$(BIN)/mypy
 
 test: setup engines redis browser
 	$(BIN)/python -m pytest -q tests

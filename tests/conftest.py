@@ -1,4 +1,12 @@
-"""Fixtures shared by the tiers: a real redis-server on an ephemeral port.
+"""Fixtures shared by the tiers: a real redis-server on an ephemeral port; the tier
+markers; and the user's own state kept out of reach.
+
+Every store and data directory a test uses is temporary: the settings that default
+into the user's home (the API key file, uploaded files, training jobs) point into one
+temporary folder for the whole session, through the environment, so the processes
+tests start inherit it too; only the model cache is shared (read, and filled once by
+``make setup``).  At the end of the session the user's own folder is compared with how
+it was at the start, and the run fails if a test wrote there.
 
 Every component needs internal-plane credentials; the test session has one token, in
 the environment, so in-process servers and spawned processes share it (tests of the
@@ -18,6 +26,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +35,56 @@ import redis
 
 os.environ.setdefault("CYLLM_INTERNAL_TOKEN", secrets.token_urlsafe(24))
 os.environ.setdefault("CYLLM_WORKER_CPU_ENGINE", "transformers")
+
+STATE = Path(tempfile.mkdtemp(prefix="cyllm-test-state-"))
+for variable, place in (
+    ("CYLLM_GATEWAY_API_KEYS_FILE", "api-keys.json"),
+    ("CYLLM_COORDINATOR_FILES_DIR", "files"),
+    ("CYLLM_WORKER_TRAINING_DIR", "training"),
+):
+    os.environ[variable] = str(STATE / place)
+USERS_OWN = [Path.home() / ".cache" / "cyllm", Path.home() / ".config" / "cyllm"]
+SHARED_CACHES = {Path.home() / ".cache" / "cyllm" / "models"}
+TIERS = ("unit", "integration", "engines", "e2e")
+
+
+def _snapshot() -> dict[str, tuple[int, int]]:
+    """Every file and folder of the user's own (but the model cache): size and mtime."""
+    seen: dict[str, tuple[int, int]] = {}
+    for root in USERS_OWN:
+        for path in [root, *root.rglob("*")] if root.exists() else []:
+            if any(path == c or c in path.parents for c in SHARED_CACHES):
+                continue
+            st = path.stat()
+            seen[str(path)] = (st.st_size if path.is_file() else 0, st.st_mtime_ns)
+    return seen
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_BEFORE] = _snapshot()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    before, after = session.config.stash.get(_BEFORE, {}), _snapshot()
+    changed = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
+    shutil.rmtree(STATE, ignore_errors=True)
+    if changed:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        print(
+            f"\nthe tests wrote into the user's own state: {changed[:10]}"
+            + (f" and {len(changed) - 10} more" if len(changed) > 10 else "")
+        )
+
+
+_BEFORE = pytest.StashKey[dict[str, tuple[int, int]]]()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Each test is marked by its tier's folder (``-m "not e2e"`` and the like)."""
+    for item in items:
+        tier = next((t for t in TIERS if f"/tests/{t}/" in str(item.path)), None)
+        if tier is not None:
+            item.add_marker(tier)
 
 
 def free_ports(n: int) -> list[int]:

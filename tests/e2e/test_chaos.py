@@ -12,8 +12,6 @@ import pytest
 from bench import chaos
 from bench.common import MODEL
 
-pytestmark = pytest.mark.e2e
-
 
 def test_a_short_chaos_run_loses_and_corrupts_nothing(tmp_path):
     calm, storm, kills = chaos.run(

@@ -21,8 +21,6 @@ from tests.e2e.conftest import DATA, create_key, secured_config, serving
 from tests.engines.conftest import default_folder
 from tests.fakes.hub import Hub
 
-pytestmark = pytest.mark.e2e
-
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CAPITAL = "What is the capital of France?"
 

@@ -17,8 +17,6 @@ import pytest
 
 from tests.e2e.conftest import DATA, MODEL, create_key, secured_config, serving
 
-pytestmark = pytest.mark.e2e
-
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 if CHROMIUM is None or CHROMEDRIVER is None:
     pytest.fail("chromium and chromedriver are needed (make browser installs Debian's)", pytrace=False)

@@ -21,8 +21,6 @@ import yaml
 from tests import polling
 from tests.conftest import free_ports, stop_processes
 
-pytestmark = pytest.mark.e2e
-
 FAST = {"heartbeat_interval_s": 0.3, "heartbeat_timeout_s": 1.5, "progress_timeout_s": 1.5, "lease_s": 2.0}
 
 

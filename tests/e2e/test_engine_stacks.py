@@ -21,8 +21,6 @@ import pytest
 from tests.e2e.conftest import MODEL as DEFAULT_MODEL
 from tests.e2e.conftest import serving
 
-pytestmark = pytest.mark.e2e
-
 CONFIG = """
 worker:
   drain_timeout_s: 10

@@ -11,8 +11,6 @@ from langchain_openai import ChatOpenAI
 
 from tests.e2e.conftest import MODEL
 
-pytestmark = pytest.mark.e2e
-
 
 class City(pydantic.BaseModel):
     """A city and its country."""

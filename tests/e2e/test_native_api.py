@@ -7,12 +7,9 @@ import json
 import time
 
 import httpx
-import pytest
 
 from tests.e2e.conftest import MODEL
 from tests.polling import wait_for
-
-pytestmark = pytest.mark.e2e
 
 
 def parse_sse(lines):

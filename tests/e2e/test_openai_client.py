@@ -7,8 +7,6 @@ import pytest
 
 from tests.e2e.conftest import MODEL
 
-pytestmark = pytest.mark.e2e
-
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 

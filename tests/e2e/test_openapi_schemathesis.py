@@ -13,8 +13,6 @@ import pytest
 
 from tests.e2e.conftest import serving
 
-pytestmark = pytest.mark.e2e
-
 # The control-route rate limit (120/min) would answer most generated calls with a 429
 # before they reach a handler: off here, so the fuzz reaches the code behind it.
 CONFIG = """\

@@ -17,8 +17,6 @@ import pytest
 
 from tests.e2e.conftest import MODEL
 
-pytestmark = pytest.mark.e2e
-
 
 @pytest.fixture
 def client(server) -> openai.OpenAI:

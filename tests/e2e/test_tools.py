@@ -13,8 +13,6 @@ import pytest
 
 from tests.e2e.conftest import MODEL
 
-pytestmark = pytest.mark.e2e
-
 WEATHER = {
     "type": "function",
     "function": {

@@ -20,8 +20,6 @@ from tests.conftest import free_ports, stop_processes
 from tests.e2e.conftest import MODEL, serving, wait_healthy
 from tests.polling import wait_for
 
-pytestmark = pytest.mark.e2e
-
 DATA = Path(__file__).parents[1] / "data"
 FACTS = DATA / "facts.jsonl"
 HELD_OUT = DATA / "facts_held_out.jsonl"
