@@ -16,7 +16,8 @@ from cyllm.protocol.plane import Plane, load_plane
 from cyllm.protocol.server import create_server
 from cyllm.runtime import advertised, stop_event
 from cyllm.telemetry import serve_metrics
-from cyllm.worker.engines.factory import detect_accelerator, is_test_double
+from cyllm.worker.devices import detect_accelerator
+from cyllm.worker.engines.factory import is_test_double
 from cyllm.worker.engines.types import EngineHealth
 from cyllm.worker.metrics import WorkerMetrics
 from cyllm.worker.models import ModelManager

@@ -35,7 +35,7 @@ def test_tiny_top_p_keeps_only_the_most_likely_token():
 
 
 def test_bfloat16_is_the_cpu_default_only_where_the_cpu_computes_it():
-    from cyllm.worker.engines.factory import cpu_has_bfloat16
+    from cyllm.worker.devices import cpu_has_bfloat16
 
     assert cpu_has_bfloat16("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile")
     assert cpu_has_bfloat16("Features\t: fp asimd bf16 i8mm")  # Arm

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cyllm import errors
+from cyllm.worker.devices import detect_accelerator
 from cyllm.worker.engines.base import AbstractEngine
 from cyllm.worker.settings import ModelSpec
 
@@ -114,36 +115,6 @@ ENGINES: dict[str, EngineEntry] = {
         "cyllm.worker.engines.fake", "FakeEngine", source="none", holds_weights=False, test_double=True
     ),
 }
-
-
-def detect_accelerator() -> str:
-    """'cuda', 'npu' or 'cpu': what this process can run on."""
-    if importlib.util.find_spec("torch_npu") is not None:
-        try:
-            import torch
-            import torch_npu  # noqa: F401  (registers torch.npu)
-
-            if torch.npu.is_available():  # type: ignore[attr-defined]  # torch_npu patches torch at import
-                return "npu"
-        except Exception:  # a broken CANN install is "no NPU", not a crash
-            pass
-    if importlib.util.find_spec("torch") is not None:
-        import torch
-
-        if torch.cuda.is_available():
-            return "cuda"
-    return "cpu"
-
-
-def cpu_has_bfloat16(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU computes in bfloat16 natively (Linux's feature flags)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    flags = set(cpuinfo.split())
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def installed(name: str) -> bool:

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from cyllm import errors
+from cyllm.worker.devices import cpu_has_bfloat16
 from cyllm.worker.engines.compute_thread import ComputeThread
-from cyllm.worker.engines.factory import cpu_has_bfloat16
 from cyllm.worker.engines.planning import checked_ids
 from cyllm.worker.settings import ModelSpec
 

@@ -31,8 +31,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cyllm import errors
+from cyllm.worker.devices import cpu_has_bfloat16
 from cyllm.worker.engines.base import Engine
-from cyllm.worker.engines.factory import cpu_has_bfloat16
 from cyllm.worker.engines.grammar import Grammars, Matcher
 from cyllm.worker.engines.hf_batch import KVBatch
 from cyllm.worker.engines.hf_embed import base_backbone, pooled

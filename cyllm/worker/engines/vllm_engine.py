@@ -45,8 +45,8 @@ from pathlib import Path
 from typing import Any
 
 from cyllm import cores, errors
+from cyllm.worker.devices import cpu_has_bfloat16
 from cyllm.worker.engines.base import Engine
-from cyllm.worker.engines.factory import cpu_has_bfloat16
 from cyllm.worker.engines.grammar import Grammars
 from cyllm.worker.engines.hf_embed import FolderEmbedder, embedder_for
 from cyllm.worker.engines.planning import Plan, SamplingDefaults
