@@ -23,8 +23,9 @@ What each side sees is what a ``Generate`` call gives it:
 Back-pressure: the worker's frames for all calls go through one bounded queue, so a
 coordinator that does not keep up makes each call's producer wait; what waits there is
 the engines' events, each call's deltas merged as the writer takes them and only then
-made messages (``coalesce.py`` says where tokens merge, and what it is worth).  The coordinator reads the stream
-without pause (one slow call must not hold the others), so a call whose own reader lags
+made messages (``coalesce.py`` says where tokens merge, and what it is worth).  The
+coordinator reads the stream without pause (one slow call must not hold the others), so
+a call whose own reader lags
 keeps its unread frames — one generation's worth at most — and merges their deltas when
 it reads them.  A frame over the plane's message limit (64 MiB; the gateway bounds
 requests far below it) would end the whole stream, not one call.
