@@ -7,6 +7,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from cyllm.gateway import console, errors
 from cyllm.gateway.admin import router as admin_router
@@ -24,6 +25,7 @@ from cyllm.gateway.openai.embeddings import router as embeddings_router
 from cyllm.gateway.openai.fine_tuning_router import router as fine_tuning_router
 from cyllm.gateway.openai.responses import router as responses_router
 from cyllm.gateway.openai.router import router as openai_router
+from cyllm.gateway.origins import BrowserGuard
 from cyllm.gateway.ratelimit import RateLimiter
 from cyllm.gateway.settings import GatewaySettings
 from cyllm.protocol.plane import Plane, load_plane
@@ -101,6 +103,20 @@ def create_app(
     app.include_router(metrics_router)
     console.install(app)
     app.add_middleware(AuthMiddleware)  # inside the edge: the context exists, no body read yet
+    if settings.allowed_origins:  # their preflights answered before credentials are asked
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.allowed_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["*"],
+        )
+    app.add_middleware(
+        BrowserGuard,
+        bind_host=settings.host,
+        allowed_hosts=settings.allowed_hosts,
+        allowed_origins=settings.allowed_origins,
+    )
     app.add_middleware(
         EdgeMiddleware, max_body_bytes=settings.max_body_bytes, max_upload_bytes=settings.max_upload_bytes
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -106,17 +107,23 @@ def stream_error(err: errors.CyllmError) -> str:
     return json.dumps(error_body(err.message, kind, err.code, err.param))
 
 
-def _describe(exc: RequestValidationError) -> tuple[str, str | None]:
-    problems = []
-    param = None
-    for e in exc.errors():
+SHOWN_PROBLEMS = 5  # a body with 200,000 bad elements is told the first few and a count
+
+
+def describe(problems: Sequence[Any]) -> tuple[str, str | None]:
+    """A validation's problems (pydantic's ``errors()``) as one message and the first
+    parameter at fault: the first few, each bounded, and how many more there are."""
+    shown, param = [], None
+    for e in problems[:SHOWN_PROBLEMS]:
         loc = [str(p) for p in e.get("loc", ()) if p != "body"]
         if e.get("type") == "json_invalid":
             return f"request body is not valid JSON: {e.get('ctx', {}).get('error', e['msg'])}", None
-        where = ".".join(loc) or "body"
+        where = ".".join(loc)[:200] or "body"
         param = param or where
-        problems.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
-    return "; ".join(problems) or "invalid request", param
+        shown.append(f"{where}: {e['msg'].removeprefix('Value error, ')[:300]}")
+    more = len(problems) - len(shown)
+    message = "; ".join(shown) + (f"; and {more} more problems" if more > 0 else "")
+    return message or "invalid request", param
 
 
 def install(app: FastAPI) -> None:
@@ -126,7 +133,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _describe(exc)
+        message, param = describe(exc.errors())
         return JSONResponse(error_body(message, "invalid_request_error", "invalid_request", param), 400)
 
     @app.exception_handler(StarletteHTTPException)

@@ -3,25 +3,41 @@
 A key reads ``cy_<key id>_<secret>``.  The store keeps, per key id, the SHA-256 of the
 secret (keys are 256 random bits, so a fast hash is enough; no salt is needed against
 guessing) and compares in constant time.  ``FileKeyStore`` (a JSON file, mode 0600,
-re-read when it changes so a revocation takes effect at once) serves one gateway;
-``RedisKeyStore`` serves several gateways from one Redis.
+re-read when it changes so a revocation takes effect at once) serves one gateway and the
+``cyllm keys`` command beside it; ``RedisKeyStore`` serves several gateways from one
+Redis.
+
+A store that cannot be read refuses every credential with a 503 naming it (fails
+closed): a broken store must not become an open door, nor a 500 per request.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import redis.asyncio as aioredis
 
+from cyllm import errors
+
 PREFIX = "cy_"
+log = logging.getLogger(__name__)
+UNREADABLE = (
+    "the API key store cannot be read, so every credential is refused until an operator "
+    "repairs it (the gateway's log names the file)"
+)
 
 
 @dataclass
@@ -107,9 +123,15 @@ class KeyStore(abc.ABC):
 
 
 class FileKeyStore(KeyStore):
+    """Keys in a JSON file.  Writers in any process (gateways, ``cyllm keys``) take an
+    exclusive ``flock`` on ``<file>.lock``, read the file afresh, change one key and
+    replace the file by a complete new one (a temporary file of their own, flushed,
+    then renamed): a reader sees the old file or the new one, never a part, and no
+    writer's change is lost to another's."""
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path).expanduser()
-        self._stamp: tuple[float, int] | None = None
+        self._stamp: tuple[int, int, int] | None = None
         self._keys: dict[str, ApiKey] = {}
 
     def _refresh(self) -> None:
@@ -118,11 +140,22 @@ class FileKeyStore(KeyStore):
         except FileNotFoundError:
             self._keys, self._stamp = {}, None
             return
-        stamp = (st.st_mtime, st.st_size)
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
         if stamp != self._stamp:
-            raw = json.loads(self.path.read_text() or "{}")
-            self._keys = {k: ApiKey(**v) for k, v in raw.items()}
+            self._keys = self._read()
             self._stamp = stamp
+
+    def _read(self) -> dict[str, ApiKey]:
+        try:
+            raw = json.loads(self.path.read_text() or "{}")
+            if not isinstance(raw, dict):
+                raise ValueError("not a JSON object")
+            return {k: ApiKey(**v) for k, v in raw.items()}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, TypeError) as exc:
+            log.error("API key store %s cannot be read: %s", self.path, exc)
+            raise errors.Unavailable(UNREADABLE) from None
 
     async def _load(self, key_id: str) -> ApiKey | None:
         self._refresh()
@@ -133,15 +166,31 @@ class FileKeyStore(KeyStore):
         return sorted(self._keys.values(), key=lambda k: k.created)
 
     async def _save(self, key: ApiKey) -> None:
-        self._refresh()
-        self._keys[key.key_id] = key
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({k: asdict(v) for k, v in self._keys.items()}, f, indent=1)
-        tmp.replace(self.path)
+        await asyncio.to_thread(self._write, key)  # waits for other writers' locks
         self._stamp = None
+
+    def _write(self, key: ApiKey) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{self.path}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            keys = self._read()
+            keys[key.key_id] = key
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as f:  # mkstemp made it 0600
+                    json.dump({k: asdict(v) for k, v in keys.items()}, f, indent=1)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.path)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
+            directory = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)  # the rename itself survives a crash
+            finally:
+                os.close(directory)
 
 
 class RedisKeyStore(KeyStore):

@@ -38,5 +38,8 @@ def serve(settings: GatewaySettings, plane: Plane, coordinator: CoordinatorSetti
         timeout_graceful_shutdown=10,
         ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile,
+        # a WebSocket message is a request: one a little over the body limit is answered
+        # with an error frame (the route), one far over it ends the socket (1009)
+        ws_max_size=4 * settings.max_body_bytes,
     )
     uvicorn.Server(config).run()

@@ -20,6 +20,9 @@ from cyllm.gateway.tools import Toolbox
 from cyllm.protocol import pb
 
 MAX_CHOICES = 16  # n: each choice is a generation of its own
+# How many items a list in a request may hold: validated before its items, so a body of
+# 200,000 bad elements is one short error, not 200,000 of them.
+MAX_ITEMS = 4096
 INT64 = 2**64
 
 

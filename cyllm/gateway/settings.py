@@ -48,6 +48,16 @@ class GatewaySettings(ComponentSettings):
     admin_scope: str = Field(
         "admin", description="the JWT scope (or API key flag) that opens the admin routes"
     )
+    allowed_hosts: list[str] | None = Field(
+        None,
+        description="Host names requests may use (DNS rebinding); '*': any; default: the "
+        "loopback names on a loopback address, any on every interface",
+    )
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="web pages (origins, e.g. https://app.example) other than the gateway's own "
+        "that may call it from a browser; answered with CORS",
+    )
     metrics_public: bool = Field(True, description="serve metrics without credentials")
     log_content: bool = Field(False, description="put prompts and completions in the access log")
     # -- how much (per API key or JWT subject; null: unlimited)

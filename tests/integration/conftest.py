@@ -55,7 +55,7 @@ async def make_stack(hosted: bool) -> AsyncIterator[Any]:
     ) -> Stack:
         async def started_app(**kw: Any) -> Any:
             app = create_app(
-                GatewaySettings(max_body_bytes=4096, **kw, **(gateway or {})),
+                GatewaySettings(**{"max_body_bytes": 4096, **kw, **(gateway or {})}),
                 coordinator_settings=coordinator_settings if hosted else None,
             )
             lifespan = app.router.lifespan_context(app)
@@ -89,7 +89,7 @@ async def make_stack(hosted: bool) -> AsyncIterator[Any]:
         await until(coordinator.scheduler.workers, timeout=5, what="the worker to register")
         if app is None:
             app = await started_app(coordinators=[address])
-        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost")
         started.append(http)
         return Stack(coordinator, worker, http, app)
 

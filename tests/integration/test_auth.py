@@ -289,7 +289,7 @@ async def test_two_gateways_on_one_redis_enforce_one_limit(make_stack, redis_url
     )
     async with other.router.lifespan_context(other):
         async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=other), base_url="http://gw2"
+            transport=httpx.ASGITransport(app=other), base_url="http://127.0.0.1"
         ) as http2:
             codes = []
             for i in range(10):

@@ -33,7 +33,7 @@ async def test_a_client_that_hangs_up_stops_its_generation(make_stack, n):
         body = json.dumps({"model": "fake", "prompt": "x", "max_tokens": 1000, "n": n}).encode()
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(
-            b"POST /v1/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+            b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
         )
         await writer.drain()

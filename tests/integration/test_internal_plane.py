@@ -80,7 +80,9 @@ async def test_a_gateway_with_the_wrong_credentials_answers_503_not_401(make_sta
     async with app.router.lifespan_context(app):
         import httpx
 
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://localhost"
+        ) as http:
             r = await http.post("/v1/completions", json={"model": "fake", "prompt": "hi", "max_tokens": 2})
     assert r.status_code == 503, r.text
     assert "internal plane" in r.json()["error"]["message"]
@@ -133,7 +135,7 @@ async def test_a_stack_under_mutual_tls_serves_and_each_role_calls_only_its_meth
             import httpx
 
             async with httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://gw"
+                transport=httpx.ASGITransport(app=app), base_url="http://localhost"
             ) as http:
                 r = await http.post(
                     "/v1/completions", json={"model": "fake", "prompt": "hi", "max_tokens": 3}

@@ -171,7 +171,9 @@ async def test_gateway_skips_an_unreachable_coordinator(make_stack, unused_tcp_p
     dead = f"127.0.0.1:{unused_tcp_port}"
     app = create_app(GatewaySettings(coordinators=[dead, good]))
     async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://localhost"
+        ) as http:
             for _ in range(8):  # each coordinator gets its turn first
                 r = await http.post("/v1/completions", json={"model": "fake", "prompt": "x", "max_tokens": 2})
                 assert r.status_code == 200, r.text

@@ -10,7 +10,7 @@ from pydantic.alias_generators import to_camel
 
 from cyllm.gateway import request as gen
 from cyllm.gateway import schemas
-from cyllm.gateway.request import MAX_CHOICES, GenerationRequest, token_biases
+from cyllm.gateway.request import MAX_CHOICES, MAX_ITEMS, GenerationRequest, token_biases
 from cyllm.gateway.tools import Call, Toolbox, toolbox
 from cyllm.gateway.usage import TokenUsage
 from cyllm.protocol import pb
@@ -81,7 +81,7 @@ class InferenceRequest(_Camel):
 
     model_id: str = Field(min_length=1)
     prompt: str | None = Field(None, min_length=1)
-    messages: list[Message] | None = Field(None, min_length=1)
+    messages: list[Message] | None = Field(None, min_length=1, max_length=MAX_ITEMS)
     raw: bool = False
     max_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
     temperature: float | None = Field(None, ge=0, le=2)

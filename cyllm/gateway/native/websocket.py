@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from cyllm import errors
 from cyllm.gateway.auth import Identity
 from cyllm.gateway.context import new_context
-from cyllm.gateway.errors import error_body, http_status
+from cyllm.gateway.errors import describe, error_body, http_status
 from cyllm.gateway.generation import Failed
 from cyllm.gateway.native.inference import Inference
 from cyllm.gateway.native.schemas import InferenceRequest
@@ -76,6 +76,14 @@ async def inference_ws(ws: WebSocket) -> None:
                     )
                 )
                 continue
+            limit = ws.app.state.settings.max_body_bytes
+            if len(message["text"]) > limit or len(message["text"].encode(errors="surrogatepass")) > limit:
+                await ws.send_json(
+                    _error(
+                        errors.InvalidRequest(f"a request is at most {limit} bytes (gateway.max_body_bytes)")
+                    )
+                )
+                continue
             await _serve_one(ws, identity, message["text"])
     except WebSocketDisconnect:
         return
@@ -97,13 +105,12 @@ async def _serve_one(ws: WebSocket, identity: Identity, raw: str) -> None:
     except RecursionError:
         await ws.send_json(_error(errors.InvalidRequest("invalid request: JSON nested too deeply")))
         return
-    except (ValueError, ValidationError) as exc:
-        message = (
-            str(exc)
-            if not isinstance(exc, ValidationError)
-            else "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
-        )
-        await ws.send_json(_error(errors.InvalidRequest(f"invalid request: {message}")))
+    except ValidationError as exc:
+        message, param = describe(exc.errors(include_url=False, include_context=False, include_input=False))
+        await ws.send_json(_error(errors.InvalidRequest(f"invalid request: {message}", param=param)))
+        return
+    except ValueError as exc:  # not JSON
+        await ws.send_json(_error(errors.InvalidRequest(f"invalid request: {str(exc)[:300]}")))
         return
     ctx = new_context(ws.scope)  # each message is a request of its own
     ctx.identity = identity

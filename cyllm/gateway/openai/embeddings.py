@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import struct
-from typing import Any, Literal, TypeGuard
+from typing import Annotated, Any, Literal, TypeGuard
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
@@ -29,7 +29,12 @@ MAX_INPUTS = 2048
 
 class EmbeddingRequest(BaseModel):
     model: str = Field(min_length=1)
-    input: str | list[str] | list[int] | list[list[int]]
+    input: (
+        str
+        | Annotated[list[str], Field(max_length=MAX_INPUTS)]
+        | Annotated[list[int], Field(max_length=MAX_INPUTS)]
+        | Annotated[list[list[int]], Field(max_length=MAX_INPUTS)]
+    )
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1, le=65536)
     user: str | None = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,7 +23,7 @@ from cyllm.gateway.errors import GENERATION_ERRORS, stream_error
 from cyllm.gateway.generation import Done, Failed, Generation, Outcome
 from cyllm.gateway.json_schema import Constraint, constraint_of
 from cyllm.gateway.openai.schemas import INT32_MAX
-from cyllm.gateway.request import GenerationRequest, Message, Sampling
+from cyllm.gateway.request import MAX_ITEMS, GenerationRequest, Message, Sampling
 from cyllm.gateway.sse import frame, sse_response
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(authenticate)])
@@ -50,7 +50,7 @@ class InputText(BaseModel):
 class InputMessage(BaseModel):
     type: Literal["message"] = "message"
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[InputText]
+    content: str | Annotated[list[InputText], Field(max_length=MAX_ITEMS)]
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -71,7 +71,7 @@ class ResponseRequest(BaseModel):
     model_config = ConfigDict(extra="allow")  # new SDK fields: refused below when known
 
     model: str = Field(min_length=1)
-    input: str | list[InputMessage]
+    input: str | Annotated[list[InputMessage], Field(min_length=1, max_length=MAX_ITEMS)]
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     temperature: float | None = Field(None, ge=0, le=2)

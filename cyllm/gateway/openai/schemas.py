@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cyllm import errors
 from cyllm.gateway import request as gen
-from cyllm.gateway.request import MAX_CHOICES, GenerationRequest, token_biases
+from cyllm.gateway.request import MAX_CHOICES, MAX_ITEMS, GenerationRequest, token_biases
 from cyllm.gateway.schemas import ResponseFormat
 from cyllm.gateway.tools import Toolbox, toolbox
 from cyllm.gateway.usage import TokenUsage
@@ -36,7 +36,7 @@ class ToolCall(BaseModel):
 
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | Annotated[list[TextPart], Field(max_length=MAX_ITEMS)] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = Field(None, max_length=128)
     tool_call_id: str | None = Field(None, max_length=128)
@@ -138,7 +138,7 @@ class NamedToolChoice(BaseModel):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_ITEMS)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
@@ -173,7 +173,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    prompt: str | Annotated[list[str], Field(max_length=MAX_ITEMS)]
     max_tokens: int | None = Field(16, ge=1, le=INT32_MAX)  # OpenAI's default for completions
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
