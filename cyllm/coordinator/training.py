@@ -123,6 +123,7 @@ class TrainingManager:
                 "eval_steps needs validation data (a validation file or validation_dataset)",
                 param="eval_steps",
             )
+        tenant.check_model(spec.base_model)  # the key's allow-list, again
         if spec.base_model not in visible:
             raise errors.ModelNotFound(
                 f"base model {spec.base_model!r} is not served by any "

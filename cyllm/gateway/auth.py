@@ -45,16 +45,15 @@ class Identity:
     def admin(self) -> bool:
         return self.admin_scope in self.scopes
 
-    def check_model(self, model: str) -> None:
-        if not self.may_use(model):
-            raise errors.Forbidden(f"this key may not use model {model!r}", param="model")
+    def check_model(self, model: str, param: str = "model") -> None:
+        self.tenant.check_model(model, param)
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
 
     @property
     def tenant(self) -> Tenant:
-        return Tenant(self.subject, self.admin)
+        return Tenant(self.subject, self.admin, self.models)
 
 
 def anonymous(settings: GatewaySettings) -> Identity:

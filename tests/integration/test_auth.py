@@ -396,3 +396,49 @@ async def test_admin_routes_have_their_own_rate_limit(make_stack, tmp_path):
     assert codes == [200, 200, 200, 429]
     # generations are counted apart
     assert (await stack.http.post("/v1/chat/completions", json=CHAT, headers=bearer(key))).status_code == 200
+
+
+async def test_a_token_budget_counts_everything_that_becomes_prompt(make_stack, tmp_path):
+    """Tools, tool calls and results, system text and response-format schemas are prompt
+    too: 16 KB of tool definitions do not pass under a 3,000-token limit as a 2-token
+    message would (they used to: the reservation counted message content only)."""
+    stack = await make_stack(
+        gateway={
+            "auth_enabled": True,
+            "api_keys_file": tmp_path / "k.json",
+            "rate_limit_tpm": 3000,
+            "max_body_bytes": 1 << 20,
+        }
+    )
+    _, key = await stack.app.state.keys.create("a")
+    tools = [
+        {"type": "function", "function": {"name": f"tool_{i}", "description": "d" * 500}} for i in range(32)
+    ]
+    schema = {
+        "type": "object",
+        "properties": {f"p{i}": {"type": "string", "description": "x" * 500} for i in range(32)},
+    }
+    for body in (
+        {**CHAT, "tools": tools},
+        {**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}},
+        {
+            **CHAT,
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {
+                            "id": "c1",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": json.dumps({"a": "y" * 16000})},
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+            ],
+        },
+    ):
+        r = await stack.http.post("/v1/chat/completions", json=body, headers=bearer(key))
+        assert r.status_code == 400 and "tokens per minute" in r.json()["error"]["message"], r.text
+    assert (await stack.http.post("/v1/chat/completions", json=CHAT, headers=bearer(key))).status_code == 200

@@ -29,8 +29,10 @@ async def test_a_body_of_many_bad_elements_gets_a_short_error_at_once(make_stack
     assert "at most 4096 items" in r.json()["error"]["message"]  # the list refused whole
     assert elapsed < 5, elapsed  # generous for a 2-core CI machine; the old code took 3.4 s more
     # under the cap, every element bad: the first few problems and a count
-    r = await stack.http.post("/v1/chat/completions", content=json.dumps(
-        {"model": "fake", "messages": [{"content": [{}] * 4000}] * 4}))
+    r = await stack.http.post(
+        "/v1/chat/completions",
+        content=json.dumps({"model": "fake", "messages": [{"content": [{}] * 4000}] * 4}),
+    )
     assert r.status_code == 400 and len(r.content) < BOUND, len(r.content)
     message = r.json()["error"]["message"]
     assert "messages.0.role" in message and "more problems" in message, message

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from cyllm import errors
 from cyllm.coordinator.datasets import REFUSED
 from tests.integration.conftest import BOTH_WAYS, fake_model
 
@@ -265,3 +266,59 @@ async def test_bombs_are_refused_in_seconds_with_the_coordinators_memory_bounded
     ).status_code == 200
     files = tmp_path / "files"
     assert not files.exists() or not list(files.iterdir()), "a refused upload left files behind"
+
+
+async def test_the_allow_list_holds_for_the_model_a_job_really_trains(tenants):
+    """``training.base_model`` in the extra body names the model trained: a key allowed
+    only ``other`` may not train ``fake`` through it (it used to: the check read
+    ``model``)."""
+    file_id = (await upload(tenants, "narrow", FACTS.read_bytes())).json()["id"]
+    job = {"model": "other", "training_file": file_id, "training": {"base_model": "fake", "max_steps": 1}}
+    r = await tenants.http.post("/v1/fine_tuning/jobs", headers=h(tenants, "narrow"), json=job)
+    assert r.status_code == 400 and "training.base_model" in r.text, r.text
+    r = await tenants.http.post(
+        "/v1/fine_tuning/jobs",
+        headers=h(tenants, "narrow"),
+        json={"model": "fake", "training_file": file_id, "training": {"max_steps": 1}},
+    )
+    assert r.status_code == 403, r.text
+    jobs = (await tenants.http.get("/v1/fine_tuning/jobs", headers=h(tenants, "narrow"))).json()["data"]
+    assert jobs == []
+
+
+async def test_the_coordinator_holds_a_key_to_its_allow_list_too(tenants):
+    """Defence in depth: a call that reaches the coordinator (a gateway with a bug, a
+    tool holding the internal credentials) is checked against the allow-list it carries."""
+    from cyllm.protocol import pb, rpc
+    from cyllm.protocol.client import Stream, unary
+    from cyllm.protocol.plane import load_plane
+    from cyllm.protocol.tenant import Tenant
+
+    narrow = Tenant("key:narrow", models=frozenset({"other"})).metadata()
+    async with load_plane().channel(f"127.0.0.1:{tenants.coordinator.port}") as channel:
+        with pytest.raises(errors.Forbidden, match="may not use model 'fake'"):
+            async for _ in Stream(
+                rpc.InferenceStub(channel).Generate(
+                    pb.GenerateRequest(model="fake", prompt="hi"), metadata=narrow
+                )
+            ):
+                pass
+        spec = json.dumps({"base_model": "fake", "dataset": "facts.jsonl", "max_steps": 1})
+        with pytest.raises(errors.Forbidden):
+            await unary(
+                rpc.TrainingStub(channel).CreateTrainingJob,
+                pb.CreateTrainingJobRequest(spec_json=spec),
+                metadata=narrow,
+            )
+        listed = await unary(rpc.ModelsStub(channel).ListModels, pb.ListModelsRequest(), metadata=narrow)
+        assert [m.id for m in listed.models] == ["other"]
+        ok = [
+            m
+            async for m in Stream(
+                rpc.InferenceStub(channel).Generate(
+                    pb.GenerateRequest(model="other", prompt="hi", sampling=pb.SamplingParams(max_tokens=2)),
+                    metadata=narrow,
+                )
+            )
+        ]
+        assert ok[-1].HasField("finished")

@@ -182,6 +182,7 @@ class InferenceService(rpc.InferenceServicer):
         rid = rid or request.request_id
         started, outcome, label = time.perf_counter(), "ok", "(unknown)"
         try:
+            tenant.check_model(request.model)  # the key's allow-list, again
             # Another tenant's fine-tuned model reads exactly as a missing one.
             await self.scheduler.check_model(request.model, tenant.sees)
             label = request.model  # a metric label only once it names a real model
@@ -288,6 +289,7 @@ class InferenceService(rpc.InferenceServicer):
         """Embeddings on a worker serving the model, under a slot as a generation holds one;
         a worker that fails or is unreachable hands the call to another."""
         tenant, rid = Tenant.of(context), request_id_of(context)
+        tenant.check_model(request.model)
         await self.scheduler.check_model(request.model, tenant.sees)
         task = Task(uuid.uuid4().hex, request.model)
         slots = WorkerSlots(self.scheduler, self.breakers, task)

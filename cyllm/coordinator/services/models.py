@@ -116,7 +116,11 @@ class ModelsService(rpc.ModelsServicer):
     async def visible(self, tenant: Tenant) -> list[pb.ModelInfo]:
         """The models ``tenant`` may use: public ones and its own."""
         owners = await self.owners.all()
-        return [m for m in await self.scheduler.models() if tenant.sees(owners.get(m.id, PUBLIC))]
+        return [
+            m
+            for m in await self.scheduler.models()
+            if tenant.sees(owners.get(m.id, PUBLIC)) and (tenant.models is None or m.id in tenant.models)
+        ]
 
     async def LoadModel(self, request, context) -> pb.LoadModelResponse:
         reply = await self.admin.load(request)

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cyllm import errors
 from cyllm.protocol import pb
 from cyllm.training import methods
 from cyllm.training.spec import TrainingSpec
@@ -85,7 +86,14 @@ class FineTuningJobRequest(BaseModel):
 
     def spec(self) -> dict[str, Any]:
         """The native job spec this request asks for (validated by the coordinator)."""
-        spec: dict[str, Any] = {"base_model": self.model, "dataset": "(uploaded file)", **self.training}
+        given = self.training.get("base_model", self.model)
+        if given != self.model:
+            raise errors.InvalidRequest(
+                f"training.base_model ({str(given)[:100]!r}) differs from model ({self.model!r}): "
+                "name the model to train once, in model",
+                param="training.base_model",
+            )
+        spec: dict[str, Any] = {**self.training, "base_model": self.model, "dataset": "(uploaded file)"}
         h = self.hyper()
         if h.n_epochs != "auto":
             spec["epochs"] = h.n_epochs
