@@ -102,7 +102,7 @@ def process(cmd: list[str], health: str, env: dict[str, str] | None = None, time
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{health} not up after {timeout:g}s")
             time.sleep(0.5)
-        yield
+        yield proc
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

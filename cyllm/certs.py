@@ -3,7 +3,10 @@ internal plane's mutual TLS (``protocol/plane.py``).
 
 The certificate's common name is the role (``gateway``, ``coordinator``, ``worker``);
 servers read it to decide what the caller may call.  Subject alternative names are
-the hosts the component is dialled by.  Keys are ECDSA P-256, written with mode 0600.
+the hosts the component is dialled by.  A worker's certificate may also name the
+worker (``--worker-id``: ``cyllm://worker/<id>`` among its names, written as
+``worker-<id>.pem``): a coordinator then lets it register as that worker only, at an
+address among its hosts (``protocol/plane.py``).  Keys are ECDSA P-256, written with mode 0600.
 An existing CA in the folder is reused, so running the command again rotates the
 component certificates without touching the others' trust.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 import socket
 from pathlib import Path
 from typing import cast
@@ -23,9 +27,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from cyllm.protocol.plane import ROLES
+from cyllm.protocol.plane import ROLES, WORKER_URI
 
 CA_DAYS = 3650
+_WORKER_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
@@ -83,8 +88,10 @@ def _ca(out: Path) -> tuple[x509.Certificate, CertificateIssuerPrivateKeyTypes]:
     return cert, key
 
 
-def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
+def _san(hosts: list[str], worker_id: str | None = None) -> x509.SubjectAlternativeName:
     names: list[x509.GeneralName] = []
+    if worker_id is not None:
+        names.append(x509.UniformResourceIdentifier(WORKER_URI + worker_id))
     for host in dict.fromkeys(hosts):
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
@@ -93,10 +100,17 @@ def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(names)
 
 
-def issue(out: Path, role: str, hosts: list[str], days: int) -> tuple[Path, Path]:
-    """Write ``<role>.pem`` and ``<role>.key`` signed by the folder's CA (made if absent)."""
+def issue(
+    out: Path, role: str, hosts: list[str], days: int, worker_id: str | None = None
+) -> tuple[Path, Path]:
+    """Write ``<role>.pem`` and ``<role>.key`` signed by the folder's CA (made if absent);
+    with ``worker_id`` (role ``worker``) ``worker-<id>.pem``, naming that worker."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    if worker_id is not None and (role != "worker" or not _WORKER_ID.match(worker_id)):
+        raise ValueError(
+            "a worker id (1 to 64 letters, digits, '.', '_', '-') names a worker's certificate only"
+        )
     out.mkdir(parents=True, exist_ok=True)
     ca_cert, ca_key = _ca(out)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -114,10 +128,11 @@ def issue(out: Path, role: str, hosts: list[str], days: int) -> tuple[Path, Path
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
             critical=False,
         )
-        .add_extension(_san(hosts), critical=False)
+        .add_extension(_san(hosts, worker_id), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    cert_path, key_path = out / f"{role}.pem", out / f"{role}.key"
+    stem = role if worker_id is None else f"worker-{worker_id}"
+    cert_path, key_path = out / f"{stem}.pem", out / f"{stem}.key"
     _write_key(key_path, key)
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path

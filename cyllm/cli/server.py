@@ -240,19 +240,29 @@ def certs(
         ),
     ] = None,
     days: Annotated[int, typer.Option(min=1, help="certificate lifetime")] = 365,
+    worker_id: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="ID",
+            help="issue worker-ID.pem naming that worker (repeatable): it may register as ID "
+            "only, at an address among the hosts",
+        ),
+    ] = None,
 ) -> None:
     """Make the internal plane's CA (if absent) and a certificate per component role."""
     from cyllm.certs import default_hosts, issue
     from cyllm.protocol.plane import ROLES
 
     hosts = default_hosts() + list(host or [])
-    for name in role or ROLES:
+    wanted: list[tuple[str, str | None]] = [(name, None) for name in role or ([] if worker_id else ROLES)]
+    wanted += [("worker", wid) for wid in worker_id or ()]
+    for name, wid in wanted:
         try:
-            cert, key = issue(out, name, hosts, days)
+            cert, key = issue(out, name, hosts, days, wid)
         except ValueError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
-        typer.echo(f"{name}: {cert} {key}")
+        typer.echo(f"{name}{f' {wid}' if wid else ''}: {cert} {key}")
     typer.echo(f"CA: {out / 'ca.pem'} (keep {out / 'ca.key'} off the serving machines)")
 
 

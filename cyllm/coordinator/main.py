@@ -180,11 +180,12 @@ class CoordinatorServer:
                 progress_timeout_s=s.progress_timeout_s,
                 lease_s=s.lease_s,
                 attempts=s.generation_attempts,
+                owned_model_names=s.metrics_owned_model_names,
             ),
             models=models,
             training=TrainingService(self.training, models.visible),
             files=FilesService(files),
-            pool=WorkerPoolService(self.scheduler, s.heartbeat_interval_s),
+            pool=WorkerPoolService(self.scheduler, s.heartbeat_interval_s, self.plane),
         )
         self.services.add_to(self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)

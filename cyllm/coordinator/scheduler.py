@@ -187,31 +187,33 @@ class Scheduler(abc.ABC):
         serves in the view has its owner in it (it is recorded before the model loads)."""
         return await self.workers(), await self.owners.all()
 
-    async def check_model(self, model: str, sees: Callable[[str], bool] | None = None) -> None:
-        """ModelNotFound (also for a model ``sees`` refuses: another tenant's reads as
-        missing) or Unavailable (it exists, all unhealthy).  Decided on ``view()``;
-        a refusal is decided again on a fresh reading, since the view may be behind."""
+    async def check_model(self, model: str, sees: Callable[[str], bool] | None = None) -> str:
+        """The model's owner (``PUBLIC`` for most); ModelNotFound (also for a model
+        ``sees`` refuses: another tenant's reads as missing) or Unavailable (it exists,
+        all unhealthy).  Decided on ``view()``; a refusal is decided again on a fresh
+        reading, since the view may be behind."""
         if not model:
             raise errors.InvalidRequest("model is required", param="model")
         try:
-            self._check(model, sees, *await self.view())
+            return self._check(model, sees, *await self.view())
         except errors.CyllmError:
-            self._check(model, sees, await self.workers(), await self.owners.all())
+            return self._check(model, sees, await self.workers(), await self.owners.all())
 
     def _check(
         self, model: str, sees: Callable[[str], bool] | None, views: list[WorkerView], owners: dict[str, str]
-    ) -> None:
-        if sees is not None and not sees(owners.get(model, PUBLIC)):
+    ) -> str:
+        owner = owners.get(model, PUBLIC)
+        if sees is not None and not sees(owner):
             raise unknown_model(model)
         serving = [v for v in views if v.record.serves(model)]
         if serving and not any(v.healthy for v in serving):
             reasons = "; ".join(f"{v.record.worker_id}: {v.unhealthy_reason}" for v in serving)
             raise errors.Unavailable(f"every worker serving model {model!r} is unhealthy ({reasons})")
         if serving and all(v.record.training_busy for v in serving if v.healthy):
-            jobs = ", ".join(f"{v.record.worker_id}: {v.record.info.training_job}" for v in serving)
+            # whose job it is, is not the caller's business (it may be another tenant's)
             raise errors.Unavailable(
-                f"every worker serving model {model!r} is busy training ({jobs}); wait for the "
-                "job to end, or set worker.training_shares_device to serve while training"
+                f"every worker serving model {model!r} is busy training; wait for the job to "
+                "end, or set worker.training_shares_device to serve while training"
             )
         if not serving and any(m.id == model for v in views for m in v.record.info.available):
             raise errors.ModelNotFound(
@@ -220,6 +222,7 @@ class Scheduler(abc.ABC):
             )
         if not serving:
             raise unknown_model(model)
+        return owner
 
     def _free(
         self, records: Iterable[WorkerRecord], model: str, exclude: Iterable[str], now: float

@@ -78,6 +78,11 @@ class CoordinatorSettings(ComponentSettings):
             max_depth=self.dataset_max_depth,
         )
 
+    metrics_owned_model_names: bool = Field(
+        False,
+        description="label metrics with the ids of tenants' own (fine-tuned) models; by default "
+        "they read as their base, since metrics are public unless gateway.metrics_public is off",
+    )
     metrics_port: int | None = Field(
         9150, ge=0, le=65535, description="HTTP port for /metrics; 0 picks one, null: off"
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -85,12 +86,36 @@ def http_status(err: errors.CyllmError) -> tuple[int, str]:
     return 500, "server_error"
 
 
+# Internal addresses in a message (a worker's gRPC peer, a coordinator's, a worker id
+# made of its address): what a caller is told names none of them; the log keeps them.
+_INTERNAL = re.compile(
+    r"\bipv[46]:\S+?(?=[\s,;)]|$)"
+    r"|\[[0-9A-Fa-f:.]+\](?::\d{1,5})?"
+    r"|\b\d{1,3}(?:\.\d{1,3}){3}(?:[:-]\d{1,5})?\b"
+    r"|\b(?:localhost|[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+):\d{1,5}\b"
+)
+
+
+def public(message: str) -> str:
+    """``message`` as a caller may read it: internal addresses replaced."""
+    return _INTERNAL.sub("(internal address)", message)
+
+
 def error_body(message: str, kind: str, code: str | None, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+def error_of(err: errors.CyllmError) -> dict:
+    """``err`` in OpenAI's error shape.  A server-side failure (5xx) is told without
+    the internal addresses its message may carry (a worker's, a coordinator's); a
+    refusal of what the caller sent is told as it is."""
+    status, kind = http_status(err)
+    message = public(err.message) if status >= 500 else err.message
+    return error_body(message, kind, err.code, err.param)
+
+
 def error_response(err: errors.CyllmError) -> JSONResponse:
-    code, kind = http_status(err)
+    code, _ = http_status(err)
     headers = {}
     if isinstance(err, errors.Overloaded):
         headers["Retry-After"] = str(max(1, round(err.retry_after)))
@@ -98,13 +123,12 @@ def error_response(err: errors.CyllmError) -> JSONResponse:
         headers.update(err.headers)
     if isinstance(err, errors.Unauthenticated):
         headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse(error_body(err.message, kind, err.code, err.param), code, headers=headers)
+    return JSONResponse(error_of(err), code, headers=headers)
 
 
 def stream_error(err: errors.CyllmError) -> str:
     """The error as one SSE data payload, for failures after the stream has started."""
-    _, kind = http_status(err)
-    return json.dumps(error_body(err.message, kind, err.code, err.param))
+    return json.dumps(error_of(err))
 
 
 SHOWN_PROBLEMS = 5  # a body with 200,000 bad elements is told the first few and a count

@@ -111,6 +111,7 @@ class Generation:
         self.outcome = Outcome()
         self.logprobs: list[pb.TokenLogprob] = []  # a whole answer's, where asked
         self.model = request.model
+        self.label = "(unknown)"  # the model as metrics may name it: the coordinator says
         self._wire = request.to_proto(self.ctx.request_id, choice)
         self._wire.idempotency_key = f"{key}#{choice}" if key and choice else key
         self._started = time.perf_counter()
@@ -144,6 +145,7 @@ class Generation:
             raise
         self.outcome.prompt_tokens = first.started.prompt_tokens
         self.outcome.cached = first.started.cached
+        self.label = first.started.model_label or self.label
         return self
 
     async def close(self) -> None:
@@ -217,13 +219,13 @@ class Generation:
                         # is shared among them, so the histogram counts tokens.
                         now, k = time.perf_counter(), max(1, len(msg.delta.token_ids))
                         if last is None:
-                            self.metrics.ttft.labels(self.model).observe(now - self._started)
+                            self.metrics.ttft.labels(self.label).observe(now - self._started)
                             self.metrics.traffic.first_token(now - self._started)
                             gaps, gap = k - 1, 0.0
                         else:
                             gaps, gap = k, (now - last) / k
                         if gaps:
-                            self.metrics.itl.observe(self.model, gap, gaps)
+                            self.metrics.itl.observe(self.label, gap, gaps)
                         last = now
                         if self._keep_text is not None:
                             self._keep_text.append(msg.delta.text)
@@ -245,7 +247,7 @@ class Generation:
         self.outcome.finish_reason = f.finish_reason
         self.outcome.prompt_tokens = f.prompt_tokens
         self.outcome.completion_tokens = f.completion_tokens
-        self.metrics.tokens.labels(self.model).inc(f.completion_tokens)
+        self.metrics.tokens.labels(self.label).inc(f.completion_tokens)
         self.metrics.traffic.finished(f.completion_tokens)
 
     async def _settle(self) -> None:

@@ -110,12 +110,14 @@ class Resume(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ...) -> None: ...
 
 class Started(_message.Message):
-    __slots__ = ("prompt_tokens", "cached")
+    __slots__ = ("prompt_tokens", "cached", "model_label")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_LABEL_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     cached: bool
-    def __init__(self, prompt_tokens: _Optional[int] = ..., cached: _Optional[bool] = ...) -> None: ...
+    model_label: str
+    def __init__(self, prompt_tokens: _Optional[int] = ..., cached: _Optional[bool] = ..., model_label: _Optional[str] = ...) -> None: ...
 
 class Delta(_message.Message):
     __slots__ = ("text", "token_ids", "logprobs")

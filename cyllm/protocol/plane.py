@@ -94,6 +94,27 @@ class InternalSettings(ComponentSettings):
         return Plane(token, tls)
 
 
+WORKER_URI = "cyllm://worker/"  # a worker's id among its certificate's names (certs.py)
+
+
+@dataclass(frozen=True)
+class WorkerIdentity:
+    """What a per-worker certificate says: the one worker it may act as, and the hosts
+    whose addresses it may register."""
+
+    worker_id: str
+    hosts: frozenset[str]
+
+    def may_register(self, worker_id: str, address: str) -> str | None:
+        """Why this certificate may not register ``worker_id`` at ``address``, or None."""
+        if worker_id != self.worker_id:
+            return f"a certificate of worker {self.worker_id!r} may not act as worker {worker_id!r}"
+        host = address.rsplit(":", 1)[0].strip("[]").lower()
+        if host not in self.hosts:
+            return f"worker {worker_id!r} may register only at an address of its certificate's hosts"
+        return None
+
+
 @dataclass(frozen=True)
 class Tls:
     ca: bytes
@@ -137,6 +158,23 @@ class Plane:
             if role not in _allowed(method):
                 return f"a {role or 'certificate without a role'} may not call {method}"
         return None
+
+    def worker_named(self, context: grpc.aio.ServicerContext) -> WorkerIdentity | None:
+        """The worker the caller's certificate names (``cyllm certs --worker-id``), and
+        the hosts it names; None when its credentials name no worker (the token, a
+        role's certificate)."""
+        if self.tls is None:
+            return None
+        auth = context.auth_context() or {}
+        ids = [
+            u.decode()[len(WORKER_URI) :]
+            for u in auth.get("peer_uri", [])
+            if u.decode().startswith(WORKER_URI)
+        ]
+        if not ids:
+            return None
+        hosts = {h.decode().lower() for h in auth.get("peer_dns", []) + auth.get("peer_ip", [])}
+        return WorkerIdentity(ids[0], frozenset(hosts))
 
     # -- calling ---------------------------------------------------------------------------
 

@@ -35,7 +35,10 @@ class Tenant:
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         # gRPC metadata is ASCII: a JWT subject may not be.
-        meta = ((TENANT_KEY, quote(self.subject, safe="")), (ADMIN_KEY, "1" if self.admin else "0"))
+        meta: tuple[tuple[str, str], ...] = (
+            (TENANT_KEY, quote(self.subject, safe="")),
+            (ADMIN_KEY, "1" if self.admin else "0"),
+        )
         if self.models is not None:
             meta += ((MODELS_KEY, quote(json.dumps(sorted(self.models)), safe="")),)
         return meta

@@ -235,3 +235,16 @@ async def test_hostile_input_on_the_newer_surfaces_gets_400(make_stack, route, b
         await stack.http.post(route, content=raw, headers={"content-type": "application/json"}), 400, *words
     )
     await still_serving(stack)
+
+
+async def test_an_error_names_no_internal_address(make_stack):
+    """A dead worker's failure reaches the tenant without the addresses it carried
+    (the coordinator's log keeps them)."""
+    stack = await make_stack()
+    await stack.worker.stop()  # its session breaks: the coordinator cannot reach it
+    r = await stack.http.post(
+        CHAT, json={"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    )
+    assert r.status_code in (503, 404), r.text
+    message = r.json()["error"]["message"]
+    assert "127.0.0.1" not in message and f":{stack.worker.port}" not in message, message

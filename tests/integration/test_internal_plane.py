@@ -103,6 +103,8 @@ def pki(tmp_path):
     hosts = ["localhost", "127.0.0.1"]
     for role in ("gateway", "coordinator", "worker"):
         issue(folder, role, hosts, days=1)
+    for worker_id in ("w1", "evil"):
+        issue(folder, "worker", hosts, days=1, worker_id=worker_id)  # worker-<id>.pem
 
     def plane(role: str, token: str | None = None) -> Plane:
         return InternalSettings(
@@ -169,3 +171,74 @@ async def test_a_stack_under_mutual_tls_serves_and_each_role_calls_only_its_meth
     finally:
         await worker.stop()
         await coordinator.stop()
+
+
+async def test_a_worker_certificate_cannot_register_as_another_worker(pki, tmp_path):
+    """Under mutual TLS a per-worker certificate binds its holder to one worker id and
+    to its hosts; a role's certificate (no id) cannot take over a live worker either.
+    The impersonation used to be accepted, and the real worker was never reached again."""
+    coordinator = CoordinatorServer(
+        CoordinatorSettings(port=0, metrics_port=None, files_dir=tmp_path / "files"), pki("coordinator")
+    )
+    address = f"127.0.0.1:{await coordinator.start()}"
+    worker = WorkerServer(
+        WorkerSettings(
+            port=0,
+            worker_id="w1",
+            coordinators=[address],
+            metrics_port=None,
+            drain_timeout_s=1,
+            models=[fake_model()],
+        ),
+        pki("worker-w1"),
+    )
+    await worker.start()
+    try:
+        real = await until(coordinator.scheduler.workers, timeout=5, what="w1 to register")
+        assert real[0].record.info.address == f"127.0.0.1:{worker.port}"
+        rogue_at = pb.WorkerInfo(
+            worker_id="w1", address="127.0.0.1:1", models=[pb.ModelInfo(id="fake")], capacity=64
+        )
+        for cert, refusal in (
+            ("worker-evil", "may not act as worker 'w1'"),  # another worker's
+            ("worker", "alive at another address"),
+        ):  # a role's, no id
+            async with pki(cert).channel(address) as channel:
+                with pytest.raises(errors.Forbidden, match=refusal):
+                    await unary(
+                        rpc.WorkerPoolStub(channel).RegisterWorker,
+                        pb.RegisterWorkerRequest(worker=rogue_at),
+                        timeout=5,
+                    )
+        async with pki("worker-evil").channel(address) as channel:
+            pool = rpc.WorkerPoolStub(channel)
+            with pytest.raises(errors.Forbidden):
+                await unary(pool.Heartbeat, pb.HeartbeatRequest(worker_id="w1"), timeout=5)
+            with pytest.raises(errors.Forbidden):
+                await unary(pool.DeregisterWorker, pb.DeregisterWorkerRequest(worker_id="w1"), timeout=5)
+        async with pki("worker-w1").channel(address) as channel:  # its own id, a foreign host
+            elsewhere = pb.WorkerInfo(worker_id="w1", address="10.9.9.9:50051", capacity=1)
+            with pytest.raises(errors.Forbidden, match="address of its certificate"):
+                await unary(
+                    rpc.WorkerPoolStub(channel).RegisterWorker,
+                    pb.RegisterWorkerRequest(worker=elsewhere),
+                    timeout=5,
+                )
+        (view,) = await coordinator.scheduler.workers()
+        assert view.record.info.address == f"127.0.0.1:{worker.port}" and view.healthy
+    finally:
+        await worker.stop()
+        await coordinator.stop()
+
+
+async def test_the_token_cannot_take_over_a_live_workers_id(make_stack):
+    stack = await make_stack()
+    (real,) = await stack.coordinator.scheduler.workers()
+    takeover = pb.WorkerInfo(
+        worker_id=real.record.worker_id, address="127.0.0.1:1", models=[pb.ModelInfo(id="fake")], capacity=64
+    )
+    async with load_plane().channel(f"127.0.0.1:{stack.coordinator.port}") as channel:
+        with pytest.raises(errors.Forbidden, match="alive at another address"):
+            await unary(rpc.WorkerPoolStub(channel).RegisterWorker, pb.RegisterWorkerRequest(worker=takeover))
+    (after,) = await stack.coordinator.scheduler.workers()
+    assert after.record.info.address == real.record.info.address

@@ -322,3 +322,23 @@ async def test_the_coordinator_holds_a_key_to_its_allow_list_too(tenants):
             )
         ]
         assert ok[-1].HasField("finished")
+
+
+async def test_public_metrics_name_no_tenants_model(tenants):
+    """``/metrics`` is public by default: a tenant's own model is labelled as its base
+    there (here it has none: "fine-tuned"), at the gateway and at the coordinator."""
+    from prometheus_client import generate_latest
+
+    alice = f"key:{tenants.keys['alice'][0]}"
+    await tenants.coordinator.backends.owners.set("other", alice)
+    chat = {"model": "other", "max_tokens": 2, "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    r = await tenants.http.post("/v1/chat/completions", headers=h(tenants, "alice"), json=chat)
+    assert r.status_code == 200
+    await tenants.http.post(
+        "/v1/chat/completions", headers=h(tenants, "alice"), json={**chat, "model": "fake"}
+    )
+    gateway = (await tenants.http.get("/metrics")).text
+    coordinator = generate_latest(tenants.coordinator.metrics.registry).decode()
+    for text in (gateway, coordinator):
+        assert 'model="other"' not in text
+        assert 'model="fine-tuned"' in text and 'model="fake"' in text

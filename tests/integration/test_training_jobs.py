@@ -69,6 +69,7 @@ async def test_a_job_runs_and_a_cancel_reaches_it_through_the_other_coordinator(
         async for _ in one.inference.Generate(pb.GenerateRequest(model="fake", prompt="hi")):
             pass
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "busy training" in caught.value.details()
+    assert long.id not in caught.value.details()  # whose job it is: not the caller's business
     cancelled = await two.training.CancelTrainingJob(pb.TrainingJobRequest(id=long.id))
     assert cancelled.state == "cancelled"
     await until(lambda: returns(stack.worker.training.current), lambda c: c == "")

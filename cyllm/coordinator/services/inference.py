@@ -38,7 +38,7 @@ from cyllm.protocol.breaker import CircuitBreakers
 from cyllm.protocol.deadline import Deadline, Expired
 from cyllm.protocol.relay import Relay
 from cyllm.protocol.session import SessionCall
-from cyllm.protocol.tenant import Tenant
+from cyllm.protocol.tenant import PUBLIC, Tenant
 from cyllm.runtime import request_id_of
 from cyllm.shared_state import unreachable
 
@@ -90,9 +90,11 @@ class WorkerSlots:
         task: Task,
         metrics: CoordinatorMetrics | None = None,
         lease_s: float = 0.0,
+        label: str = "",
     ) -> None:
+        """``label``: the model as the metrics name it (``metric_label``)."""
         self.scheduler, self.breakers, self.task = scheduler, breakers, task
-        self.metrics, self.lease_s = metrics, lease_s
+        self.metrics, self.lease_s, self.label = metrics, lease_s, label
 
     async def take(self, failed: frozenset[str]) -> Slot:
         exclude = set(failed) | self.breakers.open_peers()
@@ -102,7 +104,7 @@ class WorkerSlots:
         waited = time.perf_counter()
         worker = await self.scheduler.acquire(self.task, exclude=exclude)
         if self.metrics is not None:
-            self.metrics.queue_wait.labels(self.task.model).observe(time.perf_counter() - waited)
+            self.metrics.queue_wait.labels(self.label).observe(time.perf_counter() - waited)
         slot = Slot(worker.worker_id, worker.address, self.task)
         if self.scheduler.leased and self.lease_s:
             slot.renewer = asyncio.create_task(self._renew())
@@ -155,7 +157,9 @@ class InferenceService(rpc.InferenceServicer):
         progress_timeout_s: float,
         lease_s: float,
         attempts: int = 6,
+        owned_model_names: bool = False,
     ) -> None:
+        """``owned_model_names``: metrics name a tenant's own models (else their base)."""
         self.scheduler = scheduler
         self.cache = cache
         self.workers = workers
@@ -165,6 +169,7 @@ class InferenceService(rpc.InferenceServicer):
         self.progress_timeout_s = progress_timeout_s
         self.lease_s = lease_s
         self.rule = worker_rule(attempts)
+        self.owned_model_names = owned_model_names
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -184,8 +189,9 @@ class InferenceService(rpc.InferenceServicer):
         try:
             tenant.check_model(request.model)  # the key's allow-list, again
             # Another tenant's fine-tuned model reads exactly as a missing one.
-            await self.scheduler.check_model(request.model, tenant.sees)
-            label = request.model  # a metric label only once it names a real model
+            owner = await self.scheduler.check_model(request.model, tenant.sees)
+            # a metric label only once it names a real model, and no tenant's own
+            label = metric_label(request.model, owner, self.owned_model_names)
             # A resumed generation is the rest of one: never a whole answer to cache; and
             # the cache keeps text, not the logprobs a request may ask for.
             cacheable = (
@@ -198,16 +204,17 @@ class InferenceService(rpc.InferenceServicer):
             cached = await self.cache.get(key) if key else None
             if cached is not None:
                 outcome = "cached"
-                for msg in _replay(cached):
-                    yield msg
-                return
-            if request.idempotency_key:
-                result = await self._idempotent(request, tenant, key, rid)
-                for msg in _replay(result, cached=False):
-                    yield msg
-                return
-            async with aclosing(self._run(request, key, rid)) as messages:
+                events = _listed(_replay(cached))
+            elif request.idempotency_key:
+                events = _listed(
+                    _replay(await self._idempotent(request, tenant, key, rid, label), cached=False)
+                )
+            else:
+                events = self._run(request, key, rid, label)
+            async with aclosing(events) as messages:
                 async for msg in messages:
+                    if msg.HasField("started"):
+                        msg.started.model_label = label
                     yield msg
         except errors.CyllmError as exc:
             outcome = exc.code
@@ -236,7 +243,7 @@ class InferenceService(rpc.InferenceServicer):
             )
 
     async def _idempotent(
-        self, request: pb.GenerateRequest, tenant: Tenant, key: str | None, rid: str
+        self, request: pb.GenerateRequest, tenant: Tenant, key: str | None, rid: str, label: str
     ) -> CachedResponse:
         """The one generation for the request's Idempotency-Key, run detached from this
         caller (see ``idempotency.py``), its whole result."""
@@ -247,16 +254,17 @@ class InferenceService(rpc.InferenceServicer):
         return await self.idempotency.run(
             scoped(tenant.subject, request.idempotency_key),
             cache_key(request, tenant.subject),
-            lambda: _collect(self._run(request, key, rid)),
+            lambda: _collect(self._run(request, key, rid, label)),
         )
 
     def _run(
-        self, request: pb.GenerateRequest, key: str | None, rid: str
+        self, request: pb.GenerateRequest, key: str | None, rid: str, label: str
     ) -> AsyncGenerator[pb.GenerateResponse, None]:
-        """The generation on workers; ``key``: its prompt-cache key, where it may be kept."""
+        """The generation on workers; ``key``: its prompt-cache key, where it may be kept;
+        ``label``: the model as the metrics name it."""
         task = Task(request.request_id, request.model, request.priority, affinity_key(request))
         relay = Relay(request)
-        slots = WorkerSlots(self.scheduler, self.breakers, task, self.metrics, self.lease_s)
+        slots = WorkerSlots(self.scheduler, self.breakers, task, self.metrics, self.lease_s, label)
 
         def on(slot: Slot) -> AsyncGenerator[pb.GenerateResponse, None]:
             # Each run has its own engine request id: a hung worker may still hold the last.
@@ -330,6 +338,20 @@ async def _paced(
     finally:
         silence.close()
         await iterator.aclose()
+
+
+def metric_label(model: str, owner: str, named: bool = False) -> str:
+    """What metrics call ``model``: its id, unless a tenant owns it (a fine-tuned
+    model's id is the tenant's business); then its base, or "fine-tuned"."""
+    if owner == PUBLIC or named:
+        return model
+    base, _, adapter = model.partition(":")
+    return base if adapter else "fine-tuned"
+
+
+async def _listed(messages: list[pb.GenerateResponse]) -> AsyncGenerator[pb.GenerateResponse, None]:
+    for msg in messages:
+        yield msg
 
 
 def _task_id(tenant: Tenant, gateway_request_id: str) -> str:

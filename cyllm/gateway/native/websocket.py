@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from cyllm import errors
 from cyllm.gateway.auth import Identity
 from cyllm.gateway.context import new_context
-from cyllm.gateway.errors import describe, error_body, http_status
+from cyllm.gateway.errors import describe, error_of
 from cyllm.gateway.generation import Failed
 from cyllm.gateway.native.inference import Inference
 from cyllm.gateway.native.schemas import InferenceRequest
@@ -33,8 +33,7 @@ router = APIRouter(prefix="/api/v1", tags=["native"])
 
 
 def _error(err: errors.CyllmError) -> dict:
-    _, kind = http_status(err)
-    return {"type": "error", "error": error_body(err.message, kind, err.code, err.param)["error"]}
+    return {"type": "error", "error": error_of(err)["error"]}
 
 
 SUBPROTOCOL = "cyllm.v1"
