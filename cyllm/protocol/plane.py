@@ -144,14 +144,20 @@ class Plane:
         )
         return server.add_secure_port(address, creds)
 
+    def token_sent(self, method: str, metadata: Any) -> bool:
+        """Whether a call's metadata carries the token (or none is needed): read before
+        its message is."""
+        if self.token is None or method.startswith(_OPEN):
+            return True
+        sent = dict(metadata or ()).get(AUTH_KEY, "")
+        return hmac.compare_digest(sent.encode(), f"Bearer {self.token}".encode())
+
     def check(self, method: str, context: grpc.aio.ServicerContext) -> str | None:
         """Why the caller may not make this call, or None when it may."""
         if method.startswith(_OPEN):
             return None
-        if self.token is not None:
-            sent = dict(context.invocation_metadata() or ()).get(AUTH_KEY, "")
-            if not hmac.compare_digest(sent.encode(), f"Bearer {self.token}".encode()):
-                return "missing or wrong internal token"
+        if not self.token_sent(method, context.invocation_metadata()):
+            return "missing or wrong internal token"
         if self.tls is not None:
             names = (context.auth_context() or {}).get("x509_common_name") or []
             role = names[0].decode() if names else ""

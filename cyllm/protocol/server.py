@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -40,25 +41,45 @@ def create_server(plane: Plane, translate: Translate = untranslated) -> grpc.aio
     )
 
 
+# The largest request of a method whose request is one message (the gRPC plane's
+# limit, 64 MiB, is for the streams that batch many): a generation's or a load's may
+# carry a long prompt (the gateway bounds what users send far below this), any other
+# is small.  Checked before the message is parsed.
+LARGE_REQUESTS = {"Generate": 16 << 20, "Embed": 16 << 20, "LoadModel": 1 << 20}
+SMALL_REQUEST = 1 << 20
+
+
 class EdgeInterceptor(grpc.aio.ServerInterceptor):
+    """Credentials first: with the internal token, a call without it is refused from its
+    metadata alone, before a byte of its message is parsed (an unauthenticated 60 MB
+    message would otherwise be deserialized, and its copies kept, to be refused after).
+    A role's certificate is checked as the handler starts (what it may call), and a
+    message larger than its method's bound is refused unparsed."""
+
     def __init__(self, plane: Plane, translate: Translate = untranslated) -> None:
         self.plane = plane
         self.translate = translate
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # by method: built once
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}  # built once
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        wrapped = self._wrapped.get(details.method)
-        if wrapped is None:
+        built = self._wrapped.get(details.method)
+        if built is None:
             handler = await continuation(details)
             if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED
                 return handler
-            wrapped = self._wrapped[details.method] = _translated(
-                handler, self._guard(details.method), self.translate
+            built = self._wrapped[details.method] = (
+                _translated(
+                    handler, self._guard(details.method), self.translate, _request_limit(details.method)
+                ),
+                _refusal(handler),
             )
+        wrapped, refused = built
+        if not self.plane.token_sent(details.method, details.invocation_metadata):
+            return refused
         return wrapped
 
     def _guard(self, method: str) -> Guard:
@@ -70,9 +91,53 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         return guard
 
 
-def _translated(handler: grpc.RpcMethodHandler, guard: Guard, translate: Translate) -> grpc.RpcMethodHandler:
+def _request_limit(method: str) -> int | None:
+    name = method.rpartition("/")[2]
+    return LARGE_REQUESTS.get(name, SMALL_REQUEST)
+
+
+@dataclass(frozen=True)
+class _TooLarge:
+    """A request message left unparsed: it is over its method's bound."""
+
+    size: int
+    limit: int
+
+
+def _bounded(deserialize: Callable[[bytes], Any] | None, limit: int | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None or limit is None:
+        return deserialize
+
+    def parse(raw: bytes) -> Any:
+        return _TooLarge(len(raw), limit) if len(raw) > limit else deserialize(raw)
+
+    return parse
+
+
+def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """``handler``'s shape, refusing the call without reading its message."""
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(
+            grpc.StatusCode.UNAUTHENTICATED, "internal plane: missing or wrong internal token"
+        )
+
+    codec = {"request_deserializer": lambda raw: None, "response_serializer": handler.response_serializer}
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(refuse, **codec)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(refuse, **codec)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(refuse, **codec)
+    return grpc.stream_stream_rpc_method_handler(refuse, **codec)
+
+
+def _translated(
+    handler: grpc.RpcMethodHandler, guard: Guard, translate: Translate, limit: int | None = None
+) -> grpc.RpcMethodHandler:
+    one_request = bool(handler.unary_unary or handler.unary_stream)  # streams have the plane's limit
     codec = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": _bounded(handler.request_deserializer, limit if one_request else None),
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary:
@@ -108,6 +173,7 @@ def _unary(
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
         await guard(context)
         try:
+            _check_size(request)
             return await behaviour(request, context)
         except Exception as exc:
             if (err := ours(exc, translate)) is None:
@@ -124,6 +190,7 @@ def _streaming(behaviour: Callable[..., Any], guard: Guard, translate: Translate
     async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         await guard(context)
         try:
+            _check_size(request)
             async for reply in behaviour(request, context):
                 yield reply
         except Exception as exc:
@@ -132,3 +199,10 @@ def _streaming(behaviour: Callable[..., Any], guard: Guard, translate: Translate
             await status.abort(context, err)
 
     return call
+
+
+def _check_size(request: Any) -> None:
+    if isinstance(request, _TooLarge):
+        raise errors.InvalidRequest(
+            f"a request of {request.size} bytes is over this call's limit of {request.limit} bytes"
+        )

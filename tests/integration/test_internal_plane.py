@@ -242,3 +242,31 @@ async def test_the_token_cannot_take_over_a_live_workers_id(make_stack):
             await unary(rpc.WorkerPoolStub(channel).RegisterWorker, pb.RegisterWorkerRequest(worker=takeover))
     (after,) = await stack.coordinator.scheduler.workers()
     assert after.record.info.address == real.record.info.address
+
+
+async def _raw(channel: grpc.aio.Channel, method: str, payload: bytes) -> grpc.StatusCode:
+    call = channel.unary_unary(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(payload, timeout=30)
+    return caught.value.code(), caught.value.details()
+
+
+async def test_a_call_without_the_token_is_refused_before_its_message_is_parsed(make_stack):
+    """Bytes that are no protobuf message: parsed, they fail as an internal error; refused
+    from the metadata alone, they never are.  (Unauthenticated 60 MB calls used to grow
+    the coordinator by hundreds of MB before their refusal.)"""
+    stack = await make_stack()
+    garbage = b"\xff" * 64
+    for plane in (ROGUE, Plane()):
+        async with plane.channel(f"127.0.0.1:{stack.coordinator.port}") as channel:
+            code, details = await _raw(channel, "/cyllm.v1.Inference/Generate", garbage)
+            assert code == grpc.StatusCode.UNAUTHENTICATED, (code, details)
+            code, _ = await _raw(channel, "/cyllm.v1.Models/ListModels", b"\x00" * (8 << 20))
+            assert code == grpc.StatusCode.UNAUTHENTICATED
+    async with load_plane().channel(f"127.0.0.1:{stack.coordinator.port}") as channel:
+        # with the token, a message over its method's bound is refused unparsed too
+        code, details = await _raw(channel, "/cyllm.v1.Models/ListModels", garbage * (1 << 15))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "over this call's limit" in details, details
+        # and garbage within the bound is what parsing it gives
+        code, _ = await _raw(channel, "/cyllm.v1.Models/ListModels", garbage)
+        assert code != grpc.StatusCode.UNAUTHENTICATED
