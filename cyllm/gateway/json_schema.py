@@ -9,9 +9,14 @@ not validate, so it is refused, by name and place, instead."""
 
 from __future__ import annotations
 
+import contextvars
 import json
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+import regex
 
 from cyllm import errors
 
@@ -142,3 +147,47 @@ def _depth(value: Any) -> int:
         children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
         todo.extend((child, depth + 1) for child in children)
     return deepest
+
+
+# Validating a model's output against a caller's schema runs the caller's regular
+# expressions ("pattern") on text the caller can steer: with Python's backtracking
+# ``re``, ``^(a|a)*$`` against 30 "a"s and a "!" takes minutes, on the event loop.
+# They run in the ``regex`` module instead, under one time budget for the whole
+# validation: past it the output is taken as not matching.
+PATTERN_BUDGET_S = 0.1
+_DEADLINE: contextvars.ContextVar[float] = contextvars.ContextVar("pattern_deadline", default=0.0)
+_BOUNDED: dict[type, type] = {}
+
+
+def _pattern(validator: Any, pattern: str, instance: Any, schema: dict[str, Any]) -> Iterator[Any]:
+    import jsonschema
+
+    if not validator.is_type(instance, "string"):
+        return
+    left = _DEADLINE.get() - time.monotonic()
+    try:
+        matched = left > 0 and regex.search(pattern, instance, timeout=left) is not None
+    except TimeoutError:
+        matched = False
+    except regex.error as exc:
+        yield jsonschema.ValidationError(f"pattern {pattern[:100]!r} is not a regular expression: {exc}")
+        return
+    if not matched:
+        yield jsonschema.ValidationError(f"{instance[:100]!r} does not match {pattern[:100]!r} (in time)")
+
+
+def valid(instance: Any, schema: dict[str, Any], deadline: float) -> bool:
+    """Whether ``instance`` validates against ``schema`` (checked by :func:`check_schema`),
+    its patterns run until ``deadline`` (``time.monotonic()``) at the latest: pass one
+    deadline to every validation of one answer (``PATTERN_BUDGET_S`` from its start)."""
+    import jsonschema
+
+    base = jsonschema.validators.validator_for(schema)
+    bounded = _BOUNDED.get(base)
+    if bounded is None:
+        bounded = _BOUNDED[base] = jsonschema.validators.extend(base, {"pattern": _pattern})
+    token = _DEADLINE.set(deadline)
+    try:
+        return bounded(schema).is_valid(instance)
+    finally:
+        _DEADLINE.reset(token)

@@ -20,11 +20,12 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from cyllm import errors
-from cyllm.gateway.json_schema import Constraint, check_schema
+from cyllm.gateway.json_schema import PATTERN_BUDGET_S, Constraint, check_schema, valid
 
 PARAM = "tools"
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
@@ -85,9 +86,10 @@ class Toolbox:
             found = found if isinstance(found, list) else [found]
         else:
             found = [_json(m) for m in _CALL.findall(text)] or [_json(text.strip())]
-        calls = [_as_call(c, self.functions) for c in found]
-        valid = [c for c in calls if c is not None]
-        return valid if valid and len(valid) == len(calls) else []
+        deadline = time.monotonic() + PATTERN_BUDGET_S  # for all of this answer's patterns
+        calls = [_as_call(c, self.functions, deadline) for c in found]
+        made = [c for c in calls if c is not None]
+        return made if made and len(made) == len(calls) else []
 
 
 _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([A-Za-z0-9_-]{1,64})"\s*,\s*"arguments"\s*:\s*')
@@ -197,16 +199,12 @@ def _json(text: str) -> Any:
         return None
 
 
-def _as_call(found: Any, functions: dict[str, dict[str, Any]]) -> Call | None:
-    import jsonschema
-
+def _as_call(found: Any, functions: dict[str, dict[str, Any]], deadline: float) -> Call | None:
     if not isinstance(found, dict) or found.get("name") not in functions:
         return None
     arguments = found.get("arguments", found.get("parameters", {}))
     if isinstance(arguments, str):  # some models write the arguments as a JSON string
         arguments = _json(arguments)
-    try:
-        jsonschema.validate(arguments, functions[found["name"]])
-    except jsonschema.ValidationError:
+    if not valid(arguments, functions[found["name"]], deadline):  # its patterns: in time
         return None
     return Call(f"call_{secrets.token_hex(12)}", found["name"], json.dumps(arguments))

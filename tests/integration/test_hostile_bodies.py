@@ -13,6 +13,7 @@ import uvicorn
 import websockets
 
 from tests.conftest import free_port
+from tests.integration.conftest import fake_model
 from tests.polling import returns, until
 
 BOUND = 8 * 1024  # the largest error answer this suite accepts
@@ -76,3 +77,27 @@ async def test_the_websockets_validation_errors_are_bounded_too(ws_url):
         await ws.send(json.dumps({"modelId": "fake", "messages": [{"role": "user", "content": 1}] * 1500}))
         reply = json.loads(await asyncio.wait_for(ws.recv(), 10))
         assert "more problems" in reply["error"]["message"] and len(json.dumps(reply)) < BOUND
+
+
+async def test_a_tool_schemas_pattern_cannot_stall_other_callers(make_stack):
+    """``tool_choice: auto``: the answer is read for calls and their arguments checked
+    against the caller's schema.  A catastrophic pattern and an answer built for it
+    used to hold the gateway's event loop for minutes; now the answer comes back as
+    text within the time budget and other callers are answered meanwhile."""
+    call = '<tool_call>{"name": "f", "arguments": {"x": "' + "a" * 30 + '!"}}</tool_call>'
+    stack = await make_stack([fake_model("evil", engine_args={"reply": call}), fake_model()],
+                             gateway={"max_body_bytes": 1 << 20})
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "string", "pattern": "^(a|a)*$"}}}}}
+    body = {"model": "evil", "tools": [tool], "tool_choice": "auto", "max_tokens": 200,
+            "messages": [{"role": "user", "content": "call f"}]}
+    started = time.perf_counter()
+    hostile = asyncio.create_task(stack.http.post("/v1/chat/completions", json=body))
+    others = [await stack.http.post("/v1/completions", json={"model": "fake", "prompt": "x", "max_tokens": 2})
+              for _ in range(5)]
+    r = await hostile
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "stop" and choice["message"]["content"] == call  # not a call
+    assert all(o.status_code == 200 for o in others)
+    assert time.perf_counter() - started < 10

@@ -141,3 +141,21 @@ def test_a_call_stream_waits_for_a_whole_head():
     head, args = stream.feed('{"c')
     assert head["function"] == {"name": "get_weather", "arguments": ""}
     assert args == {"index": 0, "function": {"arguments": '{"c'}}
+
+
+def test_a_callers_pattern_cannot_hold_the_gateway():
+    """``auto`` reads calls from the model's text and validates their arguments against
+    the caller's schema: a catastrophic pattern (Python's ``re`` took minutes on this,
+    on the event loop) runs under a time budget, and the call is then not accepted."""
+    import time
+
+    evil = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "string", "pattern": "^(a|a)*$"}}, "required": ["x"]}}}
+    box = toolbox([evil], "auto", True)
+    text = "".join(f'<tool_call>{{"name": "f", "arguments": {{"x": "{"a" * 30}!"}}}}</tool_call>'
+                   for _ in range(20))  # twenty of them: one budget for the whole answer
+    started = time.perf_counter()
+    assert box.parse(text) == []
+    assert time.perf_counter() - started < 2.0
+    good = '<tool_call>{"name": "f", "arguments": {"x": "aaaa"}}</tool_call>'
+    assert [c.name for c in box.parse(good)] == ["f"]  # a pattern that matches still does

@@ -10,7 +10,10 @@ counts one token per word.  ``engine_args``:
 - ``token_delay_s`` (float, default 0): sleep between tokens, to make streams last;
 - ``hang_after`` (int, optional): after this many tokens the engine wedges, as a stuck
   engine thread would: that request and every later one stop producing, and they stay
-  counted as running even after their callers leave, yet the process answers heartbeats.
+  counted as running even after their callers leave, yet the process answers heartbeats;
+- ``reply`` (str, optional): what every generation says instead of words, one
+  character a token, ending (``stop``) after the last: a model's answer of a chosen
+  shape (a tool call, a hostile one).
 """
 
 from __future__ import annotations
@@ -44,6 +47,19 @@ class WordDecoder:
         return ""
 
 
+class ReplyDecoder:
+    """Token ``i`` is the reply's ``i``-th character (the end-of-sequence id is past it)."""
+
+    def __init__(self, reply: str) -> None:
+        self.reply = reply
+
+    def push(self, token_id: int) -> str:
+        return self.reply[token_id] if token_id < len(self.reply) else ""
+
+    def flush(self) -> str:
+        return ""
+
+
 class FakeEngine(Engine):
     name = "fake"
     library = "the fake engine"
@@ -52,6 +68,7 @@ class FakeEngine(Engine):
         super().__init__(spec)
         self.delay = float(spec.engine_args.get("token_delay_s", 0.0))
         self.hang_after = spec.engine_args.get("hang_after")
+        self.reply: str | None = spec.engine_args.get("reply")
         self._wedged = False
         self._abandoned = 0  # wedged requests whose callers left (never cleaned up)
         self._adapters: dict[str, Path] = {}
@@ -88,17 +105,17 @@ class FakeEngine(Engine):
             text = request.prompt
         return list(range(len(text.split()) or 1))
 
-    def decoder(self, plan: Plan) -> WordDecoder:
-        return WordDecoder(plan.adapter or "w")
+    def decoder(self, plan: Plan) -> WordDecoder | ReplyDecoder:
+        return ReplyDecoder(self.reply) if self.reply is not None else WordDecoder(plan.adapter or "w")
 
     def end_ids(self) -> tuple[int, ...]:
-        return ()
+        return (len(self.reply),) if self.reply is not None else ()
 
     def vocab_size(self) -> None:
         return None
 
     async def stream(self, plan: Plan) -> AsyncGenerator[Step, None]:
-        stopper = Stopper(self.primed_decoder(plan), (), plan.sampling.stop, plan.max_new)
+        stopper = Stopper(self.primed_decoder(plan), self.end_ids(), plan.sampling.stop, plan.max_new)
         wedged = False
         try:
             for i in itertools.count(len(plan.resumed)):
