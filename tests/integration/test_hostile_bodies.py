@@ -85,16 +85,29 @@ async def test_a_tool_schemas_pattern_cannot_stall_other_callers(make_stack):
     used to hold the gateway's event loop for minutes; now the answer comes back as
     text within the time budget and other callers are answered meanwhile."""
     call = '<tool_call>{"name": "f", "arguments": {"x": "' + "a" * 30 + '!"}}</tool_call>'
-    stack = await make_stack([fake_model("evil", engine_args={"reply": call}), fake_model()],
-                             gateway={"max_body_bytes": 1 << 20})
-    tool = {"type": "function", "function": {"name": "f", "parameters": {
-        "type": "object", "properties": {"x": {"type": "string", "pattern": "^(a|a)*$"}}}}}
-    body = {"model": "evil", "tools": [tool], "tool_choice": "auto", "max_tokens": 200,
-            "messages": [{"role": "user", "content": "call f"}]}
+    stack = await make_stack(
+        [fake_model("evil", engine_args={"reply": call}), fake_model()], gateway={"max_body_bytes": 1 << 20}
+    )
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "f",
+            "parameters": {"type": "object", "properties": {"x": {"type": "string", "pattern": "^(a|a)*$"}}},
+        },
+    }
+    body = {
+        "model": "evil",
+        "tools": [tool],
+        "tool_choice": "auto",
+        "max_tokens": 200,
+        "messages": [{"role": "user", "content": "call f"}],
+    }
     started = time.perf_counter()
     hostile = asyncio.create_task(stack.http.post("/v1/chat/completions", json=body))
-    others = [await stack.http.post("/v1/completions", json={"model": "fake", "prompt": "x", "max_tokens": 2})
-              for _ in range(5)]
+    others = [
+        await stack.http.post("/v1/completions", json={"model": "fake", "prompt": "x", "max_tokens": 2})
+        for _ in range(5)
+    ]
     r = await hostile
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]

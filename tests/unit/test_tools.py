@@ -149,11 +149,21 @@ def test_a_callers_pattern_cannot_hold_the_gateway():
     on the event loop) runs under a time budget, and the call is then not accepted."""
     import time
 
-    evil = {"type": "function", "function": {"name": "f", "parameters": {
-        "type": "object", "properties": {"x": {"type": "string", "pattern": "^(a|a)*$"}}, "required": ["x"]}}}
+    evil = {
+        "type": "function",
+        "function": {
+            "name": "f",
+            "parameters": {
+                "type": "object",
+                "properties": {"x": {"type": "string", "pattern": "^(a|a)*$"}},
+                "required": ["x"],
+            },
+        },
+    }
     box = toolbox([evil], "auto", True)
-    text = "".join(f'<tool_call>{{"name": "f", "arguments": {{"x": "{"a" * 30}!"}}}}</tool_call>'
-                   for _ in range(20))  # twenty of them: one budget for the whole answer
+    text = "".join(
+        f'<tool_call>{{"name": "f", "arguments": {{"x": "{"a" * 30}!"}}}}</tool_call>' for _ in range(20)
+    )  # twenty of them: one budget for the whole answer
     started = time.perf_counter()
     assert box.parse(text) == []
     assert time.perf_counter() - started < 2.0
