@@ -15,6 +15,7 @@ from cyllm import errors
 from cyllm.protocol import pb, rpc
 from cyllm.protocol.session import Encoder, Sessions
 from cyllm.worker.convert import event_to_proto, request_from_proto
+from cyllm.worker.engines.grammar_guard import COMPILING_FOR
 from cyllm.worker.engines.types import Event, Finished, TextDelta
 from cyllm.worker.metrics import WorkerMetrics
 from cyllm.worker.models import ModelManager
@@ -59,6 +60,7 @@ class WorkerService(rpc.WorkerServicer):
         gone) aborts the request inside the engine."""
         timer = self.metrics.timer(request.model)
         rid = request_id or request.request_id
+        COMPILING_FOR.set(request.tenant)  # this call's task: its schema's turn is its tenant's
         try:
             if self.draining:
                 raise errors.Unavailable(f"worker {self.worker_id} is draining")

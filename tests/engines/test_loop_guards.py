@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from cyllm import errors
 from cyllm.worker.engines.grammar import Grammars
-from cyllm.worker.engines.grammar_guard import CompileGuard, guard
+from cyllm.worker.engines.grammar_guard import COMPILING_FOR, CompileGuard, guard
 from cyllm.worker.engines.transformers_engine import TransformersEngine
 from cyllm.worker.engines.types import Constraint, GenerationRequest, SamplingParams
 from tests.engines.conftest import default_folder, spec
@@ -186,3 +186,32 @@ async def test_a_long_prompt_is_tokenised_off_the_event_loop():
             assert loop.longest < 0.1, f"the event loop stalled {loop.longest:.2f} s"
     finally:
         await engine.close()
+
+
+async def test_one_tenants_slow_schemas_delay_anothers_new_schema_by_one_deadline(tokenizer):
+    """Three slow schemas of tenant A, then a trivial new one of tenant B: B's compile
+    waits for A's first (its deadline, and the child started again) and goes before A's
+    other two.  One compile at a time in arrival order made B wait for all three."""
+    grammars = await asyncio.to_thread(Grammars.for_tokenizer, tokenizer, 49152, [0, 2])
+    grammars.timeout_s = 1.0
+    assert await grammars.compile(Constraint("json_schema", FINE)) is not None  # the child is up
+
+    async def as_tenant(tenant: str, schema: str) -> object:
+        COMPILING_FOR.set(tenant)
+        return await grammars.compile(Constraint("json_schema", schema))
+
+    slow = [SLOW.replace('"p0"', f'"a{i}"') for i in range(3)]  # three distinct schemas
+    theirs = [asyncio.create_task(as_tenant("a", s)) for s in slow]
+    await asyncio.sleep(0.2)  # A's first is compiling; the others wait
+    started = time.perf_counter()
+    mine = json.dumps({"type": "object", "properties": {"b": {"type": "integer"}}})
+    assert await as_tenant("b", mine) is not None
+    took = time.perf_counter() - started
+    assert sum(t.done() for t in theirs) <= 1, "B went before A's second and third"
+    assert took < 1.0 + START_TIMEOUT_BOUND, took
+    for refused in await asyncio.gather(*theirs, return_exceptions=True):
+        assert isinstance(refused, errors.InvalidRequest)
+    grammars.close()
+
+
+START_TIMEOUT_BOUND = 10.0  # the compiler's child starting again (about 2 s) on a slow CI machine

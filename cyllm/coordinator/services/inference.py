@@ -185,6 +185,7 @@ class InferenceService(rpc.InferenceServicer):
             _task_id(tenant, rid) if rid and not request.HasField("resume") else uuid.uuid4().hex
         )
         rid = rid or request.request_id
+        request.tenant = hashlib.sha256(tenant.subject.encode()).hexdigest()[:16]
         started, outcome, label = time.perf_counter(), "ok", "(unknown)"
         try:
             tenant.check_model(request.model)  # the key's allow-list, again

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from cyllm import errors
-from cyllm.worker.engines.grammar_guard import PARAM, compile_schema, guard, refusal
+from cyllm.worker.engines.grammar_guard import COMPILING_FOR, PARAM, compile_schema, guard, refusal
 from cyllm.worker.engines.types import Constraint
 
 _CACHED = 64  # compiled grammars kept per vocabulary, and schemas refused
@@ -103,7 +103,7 @@ class Grammars:
         schema = constraint.schema if constraint.kind == "json_schema" else _JSON_OBJECT
         try:
             if constraint.kind == "json_schema":  # ours for json_object: no need to try it
-                await guard.check(self.vocabulary, self.info, schema, self.timeout_s)
+                await guard.check(self.vocabulary, self.info, schema, self.timeout_s, COMPILING_FOR.get())
             compiled = await asyncio.to_thread(self._compile_here, schema) if keep else None
         except errors.InvalidRequest as exc:
             _keep(self._refused, constraint, exc.message)

@@ -11,7 +11,9 @@ A thread with a timeout answers the caller but cannot stop the compile: the CPU 
 spent, and each retry adds another.
 
 So every new schema is compiled first in a child process (spawned, not forked: the
-worker holds gRPC's threads), one at a time, under a deadline.  One that compiles in
+worker holds gRPC's threads), one at a time, under a deadline, the tenants taking
+turns (:class:`FairTurns`): one tenant's queue of slow schemas delays another's new
+schema by one deadline at most, not by the whole queue.  One that compiles in
 time is compiled again in the worker, off the event loop, taking about as long; past
 the deadline the child is killed, its CPU and memory with it, the caller gets a 400,
 and the next schema starts a new child.  A compile costs twice the CPU of one (a few
@@ -23,9 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import multiprocessing
 import re
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator
 from typing import Any
 
 from cyllm import errors
@@ -48,6 +53,63 @@ def refusal(exc: Exception) -> str:
     return _SOURCE.sub("", str(exc)).strip()
 
 
+# Whose schema a compile is for: set by the worker for each generation (the tenant's
+# key from its request), read where the compile is queued.
+COMPILING_FOR: contextvars.ContextVar[str] = contextvars.ContextVar("compiling_for", default="")
+
+
+class FairTurns:
+    """One holder at a time; waiters queue per tenant, and the tenants take turns: the
+    next turn goes to the first tenant in line other than the one just served (it goes
+    to the back), so a tenant waits for at most one turn of each other tenant."""
+
+    def __init__(self) -> None:
+        self._queues: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
+        self._busy = False
+        self._last = ""
+
+    @contextlib.asynccontextmanager
+    async def turn(self, tenant: str) -> AsyncIterator[None]:
+        if self._busy or self._queues:
+            waiter = asyncio.get_running_loop().create_future()
+            self._queues.setdefault(tenant, deque()).append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():  # granted as it was cancelled
+                    self._pass_on()
+                else:
+                    self._drop(tenant, waiter)
+                raise
+        self._busy, self._last = True, tenant
+        try:
+            yield
+        finally:
+            self._pass_on()
+
+    def _pass_on(self) -> None:
+        while self._queues:
+            tenant = next((t for t in self._queues if t != self._last), next(iter(self._queues)))
+            line = self._queues[tenant]
+            waiter = line.popleft()
+            if line:
+                self._queues.move_to_end(tenant)
+            else:
+                del self._queues[tenant]
+            if not waiter.done():
+                self._last = tenant
+                waiter.set_result(None)  # busy stays True: it is theirs now
+                return
+        self._busy = False
+
+    def _drop(self, tenant: str, waiter: asyncio.Future[None]) -> None:
+        line = self._queues.get(tenant)
+        if line is not None and waiter in line:
+            line.remove(waiter)
+            if not line:
+                del self._queues[tenant]
+
+
 class CompileGuard:
     """The child process that tries each schema first: one per worker process (it holds
     torch, about 280 MB), shared by the vocabularies of its models, so a schema that
@@ -60,19 +122,22 @@ class CompileGuard:
         self._known: set[int] = set()  # vocabularies the child holds
         self._forgotten: set[int] = set()  # of those, the ones it may drop (told next time)
         self._vocabularies = itertools.count(1)
-        self._lock: asyncio.Lock | None = None
-        self._lock_loop: asyncio.AbstractEventLoop | None = None
+        self._turns: FairTurns | None = None
+        self._turns_loop: asyncio.AbstractEventLoop | None = None
 
     def vocabulary(self) -> int:
         """A number for a new vocabulary (passed to ``check`` and ``forget``)."""
         return next(self._vocabularies)
 
-    async def check(self, vocabulary: int, info: Any, schema: str, timeout_s: float) -> None:
+    async def check(
+        self, vocabulary: int, info: Any, schema: str, timeout_s: float, tenant: str = ""
+    ) -> None:
         """Return when ``schema`` compiles for ``info`` (an xgrammar ``TokenizerInfo``)
         within ``timeout_s``; else InvalidRequest naming why (the compiler's own
-        message, or the deadline).  Not to be cancelled (the child's answer would go
-        to the next schema): run it shielded."""
-        async with self._mutex():
+        message, or the deadline).  ``tenant``: whose schema it is (they take turns).
+        Not to be cancelled (the child's answer would go to the next schema): run it
+        shielded."""
+        async with self._fair().turn(tenant):
             try:
                 for gone in self._forgotten:  # no answer to wait for
                     await asyncio.to_thread(self._conn.send, ("forget", gone, None))
@@ -123,12 +188,12 @@ class CompileGuard:
         if vocabulary in self._known:
             self._forgotten.add(vocabulary)
 
-    def _mutex(self) -> asyncio.Lock:
+    def _fair(self) -> FairTurns:
         """One question at a time, on whichever event loop asks (tests run several)."""
         loop = asyncio.get_running_loop()
-        if self._lock is None or self._lock_loop is not loop:
-            self._lock, self._lock_loop = asyncio.Lock(), loop
-        return self._lock
+        if self._turns is None or self._turns_loop is not loop:
+            self._turns, self._turns_loop = FairTurns(), loop
+        return self._turns
 
     async def _start(self) -> None:
         ctx = multiprocessing.get_context("spawn")
