@@ -54,9 +54,60 @@ def default_learning_rate(method: str) -> float:
     return LEARNING_RATES.get(method, DEFAULT_LEARNING_RATE)
 
 
-def peft_config(method: str, options: dict[str, Any], model_type: str, total_steps: int):
-    """The PEFT config for ``method`` with the user's ``options``; InvalidRequest if unusable."""
+# What a method's options may ask: a job's memory grows with its adapter's size (a LoRA
+# rank of 4096 took a 135M model's job to 4 GB), so the sizes are bounded by what is
+# sensible for any model; a rank is also bounded by the model's width, where it is
+# known (``peft_config``).  Lists and maps (target modules, rank patterns) are bounded
+# in length.
+SIZE_BOUNDS: dict[str, tuple[float, float]] = {
+    "r": (1, 1024),
+    "init_r": (1, 1024),
+    "target_r": (1, 1024),
+    "lora_alpha": (0, 1 << 16),
+    "alpha": (0, 1 << 16),
+    "lora_dropout": (0, 1),
+    "module_dropout": (0, 1),
+    "rank_dropout": (0, 1),
+    "n_frequency": (1, 100_000),
+    "adapter_len": (1, 1024),
+    "adapter_layers": (1, 1024),
+}
+VERA_MAX_RANK = 8192  # VeRA shares its random matrices across layers: a rank costs little
+MAX_OPTION_ITEMS = 256
+
+
+def check_options(method: str, options: dict[str, Any], width: int | None = None) -> None:
+    """InvalidRequest naming the first option out of its bounds; ``width``: the model's
+    hidden size, which a rank may not pass."""
+    for name, value in options.items():
+        if isinstance(value, (list, dict)) and len(value) > MAX_OPTION_ITEMS:
+            raise errors.InvalidRequest(
+                f"options.{name}: at most {MAX_OPTION_ITEMS} entries", param=f"options.{name}"
+            )
+        bound = SIZE_BOUNDS.get(name)
+        if bound is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue  # PEFT refuses what is not its field or of the wrong type
+        low, high = bound
+        if name == "r" and method == "vera":
+            high = VERA_MAX_RANK
+        elif name in ("r", "init_r", "target_r") and width is not None:
+            high = min(high, width)
+        if not low <= value <= high:
+            raise errors.InvalidRequest(
+                f"options.{name} is {value}; for method {method!r} it must be between {low:g} and {high:g}"
+                + (" (the model's hidden size)" if high == width else ""),
+                param=f"options.{name}",
+            )
+
+
+def peft_config(
+    method: str, options: dict[str, Any], model_type: str, total_steps: int, width: int | None = None
+):
+    """The PEFT config for ``method`` with the user's ``options``; InvalidRequest if unusable.
+    ``width``: the model's hidden size (a rank's bound)."""
     import peft
+
+    check_options(method, options, width)
 
     targets = _TARGETS.get(model_type, "all-linear")
     attention = targets[:2] if isinstance(targets, list) else targets

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cyllm import errors
+from cyllm.training import methods
 
 Method = Literal[
     "lora",
@@ -85,6 +86,10 @@ class TrainingSpec(BaseModel):
             raise ValueError("'script' goes with method 'custom', and only there")
         if self.quantization != "none" and self.method in ("full", "custom"):
             raise ValueError(f"quantization is for adapter methods, not {self.method!r}")
+        try:
+            methods.check_options(self.method, self.options)
+        except errors.InvalidRequest as exc:
+            raise ValueError(exc.message) from None
         return self
 
     @classmethod

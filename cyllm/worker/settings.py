@@ -221,6 +221,12 @@ class WorkerSettings(ComponentSettings):
         None, description="where 'custom' jobs' scripts live; unset: custom jobs are refused"
     )
     training_threads: int | None = Field(None, ge=1, description="torch threads of a job; default all")
+    training_memory_gib: float | None = Field(
+        None,
+        gt=0,
+        description="resident memory a job's processes may use together; past it the job is "
+        "stopped and fails saying so (default: 80% of the machine's memory)",
+    )
     metrics_port: int | None = Field(
         9151, ge=0, le=65535, description="HTTP port for /metrics; 0 picks one, null: off"
     )

@@ -342,3 +342,19 @@ async def test_public_metrics_name_no_tenants_model(tenants):
     for text in (gateway, coordinator):
         assert 'model="other"' not in text
         assert 'model="fine-tuned"' in text and 'model="fake"' in text
+
+
+async def test_a_jobs_adapter_size_is_bounded_from_a_plain_key(tenants):
+    """``options: {"r": 4096}`` took a training process to 4.1 GB; now refused by name
+    (and a job that still outgrows its memory is stopped: test_training_runner)."""
+    for options, bad in (
+        ({"r": 4096}, "options.r"),
+        ({"lora_alpha": -1}, "options.lora_alpha"),
+        ({"target_modules": [f"m{i}" for i in range(300)]}, "options.target_modules"),
+    ):
+        r = await tenants.http.post(
+            START,
+            headers=h(tenants, "alice"),
+            json={"baseModel": "fake", "dataset": "facts.jsonl", "maxSteps": 1, "options": options},
+        )
+        assert r.status_code == 400 and bad in r.json()["error"]["message"], r.text

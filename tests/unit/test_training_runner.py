@@ -160,3 +160,35 @@ async def test_closing_the_stream_kills_the_process_group(tmp_path):
 async def test_lines_that_are_not_protocol_are_logs(line, tmp_path):
     events = await _run(_script(tmp_path, f"print({line!r})"), tmp_path)
     assert events[0] == {"event": "log", "message": line, "stream": "stdout"}
+
+
+async def test_a_job_that_outgrows_its_memory_limit_is_stopped_and_says_so(tmp_path):
+    """A job's memory is bounded (one asked for LoRA rank 4096 and took 4.1 GB): its
+    processes together, child processes included, past the limit: stopped, with the
+    reason."""
+    argv = _script(
+        tmp_path,
+        """
+        import subprocess, sys, time
+        child = subprocess.Popen([sys.executable, "-c",
+                                  "import time; held = bytearray(200 << 20); time.sleep(60)"])
+        held = []
+        for _ in range(40):  # 10 MiB a step, up to 400 MiB
+            held.append(bytearray(10 << 20))
+            time.sleep(0.05)
+        time.sleep(60)
+        """,
+    )
+    events = [
+        e
+        async for e in run_process(
+            argv,
+            env=dict(os.environ),
+            cwd=tmp_path,
+            log_path=tmp_path / "job.log",
+            time_limit_s=120,
+            memory_limit_bytes=300 << 20,
+        )
+    ]
+    end = events[-1]
+    assert end["event"] == "exit" and "over its limit of 0.3 GiB" in end["error"], end

@@ -59,6 +59,13 @@ class WorkerTraining:
         return ""
 
     @property
+    def memory_limit(self) -> int:
+        """What a job's processes may hold together (``worker.training_memory_gib``)."""
+        if self.settings.training_memory_gib is not None:
+            return int(self.settings.training_memory_gib * (1 << 30))
+        return int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+    @property
     def root(self) -> Path:
         return self.settings.training_dir or self.settings.cache_dir / "training"
 
@@ -113,7 +120,12 @@ class WorkerTraining:
         log.info("training job %s started (%s on %s)", request.job_id, spec.method, self.device)
         try:
             async for event in run_process(
-                argv, env=env, cwd=out, log_path=out / "job.log", time_limit_s=spec.time_limit_s
+                argv,
+                env=env,
+                cwd=out,
+                log_path=out / "job.log",
+                time_limit_s=spec.time_limit_s,
+                memory_limit_bytes=self.memory_limit,
             ):
                 yield to_proto(event)
         finally:

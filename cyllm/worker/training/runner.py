@@ -44,11 +44,20 @@ _POLL_S = 0.5
 
 
 async def run_process(
-    argv: Sequence[str], *, env: dict[str, str], cwd: Path, log_path: Path, time_limit_s: float | None
+    argv: Sequence[str],
+    *,
+    env: dict[str, str],
+    cwd: Path,
+    log_path: Path,
+    time_limit_s: float | None,
+    memory_limit_bytes: int | None = None,
 ) -> AsyncIterator[dict[str, Any]]:
     """Events of the child's run, ending with ``{"event": "exit", "code", "error"}``.
 
-    Closing the iterator early (a cancelled job) stops the process group."""
+    ``memory_limit_bytes``: the resident memory the job's whole process group may use;
+    past it the job is stopped and says so (a limit on the group's address space would
+    refuse what CUDA merely reserves; a group's resident memory is what the machine
+    gives).  Closing the iterator early (a cancelled job) stops the process group."""
     cwd.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240  (one folder, once per job)
     with cores.whole_machine():  # not the serving threads' cores (cyllm.cores)
         proc = await asyncio.create_subprocess_exec(
@@ -74,9 +83,17 @@ async def run_process(
     tail: deque[str] = deque(maxlen=20)
     last_error = ""
     open_streams, timed_out = 2, False
+    over: int | None = None  # the group's memory, when it went past its limit
+    next_look = time.monotonic()
     try:
         with log_path.open("a", encoding="utf-8") as log:
             while open_streams:
+                if memory_limit_bytes is not None and time.monotonic() >= next_look:
+                    next_look = time.monotonic() + _POLL_S
+                    used = await asyncio.to_thread(group_memory, proc.pid)
+                    if used > memory_limit_bytes:
+                        over = used
+                        break
                 # The exit is polled: asyncio's wait() also waits for the pipes, which
                 # children the job left behind may hold open for ever.
                 if proc.returncode is not None and drain_until is None:
@@ -107,13 +124,15 @@ async def run_process(
                 if event["event"] == "error":
                     last_error = str(event.get("message", ""))
                 yield event
-        if timed_out:
+        if timed_out or over is not None:
             await _stop(proc)
-            yield {
-                "event": "exit",
-                "code": proc.returncode,
-                "error": f"the job ran past its time limit of {time_limit_s:g}s and was stopped",
-            }
+            why = (
+                f"the job ran past its time limit of {time_limit_s:g}s and was stopped"
+                if over is None
+                else f"the job used {_gib(over)} of memory, over its limit of "
+                f"{_gib(memory_limit_bytes or 0)} (worker.training_memory_gib), and was stopped"
+            )
+            yield {"event": "exit", "code": proc.returncode, "error": why}
             return
         # Pipes closed: wait() returns with the process; exited with pipes held: known.
         code = proc.returncode if proc.returncode is not None else await proc.wait()
@@ -183,3 +202,24 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
             return
         except TimeoutError:
             continue
+
+
+def group_memory(pgid: int) -> int:
+    """Resident bytes of every process in the process group ``pgid`` (Linux's /proc)."""
+    page, total = os.sysconf("SC_PAGE_SIZE"), 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as stat:
+                if int(stat.read().rsplit(")", 1)[1].split()[2]) != pgid:  # its process group
+                    continue
+            with open(f"/proc/{entry.name}/statm") as statm:
+                total += int(statm.read().split()[1]) * page
+        except (OSError, ValueError, IndexError):  # gone meanwhile
+            continue
+    return total
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.1f} GiB"

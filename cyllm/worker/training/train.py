@@ -104,7 +104,13 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
 
         if quant is not None:
             model = peft.prepare_model_for_kbit_training(model)
-        config = methods.peft_config(spec.method, spec.options, model.config.model_type, total_steps)
+        config = methods.peft_config(
+            spec.method,
+            spec.options,
+            model.config.model_type,
+            total_steps,
+            getattr(model.config, "hidden_size", None),
+        )
         try:
             model = peft.get_peft_model(model, config)
         except (ValueError, TypeError, KeyError) as exc:
