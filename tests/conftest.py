@@ -40,10 +40,15 @@ STATE = Path(tempfile.mkdtemp(prefix="cyllm-test-state-"))
 for variable, place in (
     ("CYLLM_GATEWAY_API_KEYS_FILE", "api-keys.json"),
     ("CYLLM_COORDINATOR_FILES_DIR", "files"),
+    ("CYLLM_COORDINATOR_STATE_DB", "state.db"),
     ("CYLLM_WORKER_TRAINING_DIR", "training"),
 ):
     os.environ[variable] = str(STATE / place)
-USERS_OWN = [Path.home() / ".cache" / "cyllm", Path.home() / ".config" / "cyllm"]
+USERS_OWN = [
+    Path.home() / ".cache" / "cyllm",
+    Path.home() / ".config" / "cyllm",
+    Path.home() / ".local" / "share" / "cyllm",
+]
 SHARED_CACHES = {Path.home() / ".cache" / "cyllm" / "models"}
 TIERS = ("unit", "integration", "engines", "e2e")
 
@@ -77,6 +82,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 _BEFORE = pytest.StashKey[dict[str, tuple[int, int]]]()
+
+
+@pytest.fixture(autouse=True)
+def own_state_file(tmp_path, monkeypatch):
+    """Each test's coordinators (in this process or started by it) keep their state in a
+    file of the test's own: one test's jobs are never another's."""
+    monkeypatch.setenv("CYLLM_COORDINATOR_STATE_DB", str(tmp_path / "state.db"))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

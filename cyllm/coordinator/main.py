@@ -18,16 +18,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from cyllm.coordinator.cache import InMemoryPromptCache, PromptCache
 from cyllm.coordinator.datasets import DatasetPolicy
 from cyllm.coordinator.files import FileStore
-from cyllm.coordinator.idempotency import (
-    Idempotency,
-    IdempotencyStore,
-    MemoryIdempotencyStore,
-    RedisIdempotencyStore,
-)
-from cyllm.coordinator.jobs import JobStore, MemoryJobStore
+from cyllm.coordinator.idempotency import Idempotency, IdempotencyStore, RedisIdempotencyStore
+from cyllm.coordinator.jobs import JobStore
 from cyllm.coordinator.metrics import CoordinatorMetrics
-from cyllm.coordinator.owners import MemoryModelOwners, ModelOwners, RedisModelOwners
 from cyllm.coordinator.pool import HealthRules
+from cyllm.coordinator.registry import RedisRegistry, Registry, SqliteRegistry
 from cyllm.coordinator.routing import Router
 from cyllm.coordinator.scheduler import MemoryScheduler, Scheduler
 from cyllm.coordinator.services.inference import InferenceService
@@ -35,6 +30,8 @@ from cyllm.coordinator.services.models import ModelsService
 from cyllm.coordinator.services.pool import WorkerPoolService
 from cyllm.coordinator.services.training import FilesService, TrainingService
 from cyllm.coordinator.settings import CoordinatorSettings
+from cyllm.coordinator.sqlite import Database
+from cyllm.coordinator.sqlite_jobs import SqliteIdempotencyStore, SqliteJobStore
 from cyllm.coordinator.training import TrainingManager
 from cyllm.coordinator.workers import WorkerClients
 from cyllm.protocol import rpc
@@ -51,20 +48,33 @@ STOP_LIMIT_S = 20.0
 
 @dataclass
 class Backends:
-    """Where a coordinator keeps what it knows: in this process, or in Redis shared with
-    every other coordinator."""
+    """Where a coordinator keeps what it knows: what users made (jobs, files' records,
+    models and aliases, idempotency records) in an SQLite file, the queue and the cache
+    in this process — or all of it in Redis, shared with every other coordinator."""
 
     scheduler: Scheduler
     cache: PromptCache
     idempotency: IdempotencyStore
-    owners: ModelOwners
+    registry: Registry
     jobs: JobStore
+    database: Database | None = None  # the embedded default's state file
+
+    async def start(self) -> None:
+        if self.database is not None:
+            await self.database.start()
+        await self.scheduler.start()
+
+    async def close(self) -> None:
+        await self.scheduler.close()
+        if self.database is not None:
+            await self.database.close()
 
 
 def build_backends(
     s: CoordinatorSettings, coordinator_id: str, clock: Callable[[], float] = time.monotonic
 ) -> Backends:
-    """``clock``: the in-memory backends' (Redis's state runs on Redis's clock)."""
+    """``clock``: the in-memory scheduler's and cache's (Redis's state runs on Redis's
+    clock, the state file's on the wall clock)."""
     rules = HealthRules(s.heartbeat_timeout_s, s.progress_timeout_s)
     router = Router(s.routing)
     if s.redis_url:
@@ -74,14 +84,14 @@ def build_backends(
         from cyllm.shared_state import connect
 
         client = connect(s.redis_url)
-        shared_owners = RedisModelOwners(client)
+        shared = RedisRegistry(client)
         return Backends(
             RedisScheduler(
                 client,
                 coordinator_id,
                 rules,
                 router,
-                shared_owners,
+                shared,
                 lease_s=s.lease_s,
                 queue_timeout_s=s.queue_timeout_s,
                 max_size=s.queue_max_size,
@@ -89,24 +99,26 @@ def build_backends(
             ),
             RedisPromptCache(client, s.cache_ttl_s, s.cache_max_entries),
             RedisIdempotencyStore(client),
-            shared_owners,
+            shared,
             RedisJobStore(s.redis_url),
         )
-    owners = MemoryModelOwners()
+    db = Database(s.state_db)
+    registry = SqliteRegistry(db)
     return Backends(
         MemoryScheduler(
             rules,
             router,
-            owners,
+            registry,
             clock=clock,
             queue_timeout_s=s.queue_timeout_s,
             max_size=s.queue_max_size,
             retry_after_s=s.retry_after_s,
         ),
         InMemoryPromptCache(s.cache_ttl_s, s.cache_max_entries, clock=clock),
-        MemoryIdempotencyStore(),
-        owners,
-        MemoryJobStore(),
+        SqliteIdempotencyStore(db),
+        registry,
+        SqliteJobStore(db),
+        db,
     )
 
 
@@ -157,7 +169,7 @@ class CoordinatorServer:
             files,
             self.scheduler,
             self.workers,
-            backends.owners,
+            backends.registry,
             self.coordinator_id,
             lease_s=s.lease_s,
             max_attempts=s.training_max_attempts,
@@ -167,7 +179,7 @@ class CoordinatorServer:
             max_time_s=s.training_max_time_s,
         )
         models = ModelsService(
-            self.coordinator_id, self.scheduler, self.cache, backends.owners, self.workers, breakers
+            self.coordinator_id, self.scheduler, self.cache, backends.registry, self.workers, breakers
         )
         self.services = Services(
             inference=InferenceService(
@@ -191,7 +203,7 @@ class CoordinatorServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
 
     async def start(self) -> int:
-        await self.scheduler.start()
+        await self.backends.start()
         await self.training.start()
         self._metrics_server, self.metrics_port = serve_metrics(
             self.metrics.registry, self.settings.host, self.settings.metrics_port
@@ -218,7 +230,7 @@ class CoordinatorServer:
             self._metrics_server.server_close()
         await self.training.close()
         await self.workers.close()
-        await self.scheduler.close()
+        await self.backends.close()
 
 
 async def serve(settings: CoordinatorSettings, plane: Plane) -> None:

@@ -43,7 +43,7 @@ from redis.exceptions import NoScriptError
 from redis.typing import EncodableT, FieldT
 
 from cyllm.coordinator import redis_scripts as lua
-from cyllm.coordinator.owners import RedisModelOwners
+from cyllm.coordinator.owners import OWNERS_KEY, ModelOwners
 from cyllm.coordinator.pool import HealthRules, WorkerRecord, keeps_outstanding
 from cyllm.coordinator.queue import Task
 from cyllm.coordinator.routing import Router
@@ -111,7 +111,7 @@ class RedisScheduler(Scheduler):
         coordinator_id: str,
         rules: HealthRules,
         router: Router,
-        owners: RedisModelOwners,
+        owners: ModelOwners,
         *,
         queue_timeout_s: float,
         max_size: int,
@@ -255,7 +255,7 @@ class RedisScheduler(Scheduler):
         self._view = None
 
     async def _read(self) -> _View:
-        secs, micros, rows, owners = await self._pool(keys=[P + "workers", RedisModelOwners.key], args=[P])
+        secs, micros, rows, owners = await self._pool(keys=[P + "workers", OWNERS_KEY], args=[P])
         records = sorted((r for r in map(_record, rows) if r), key=lambda r: r.worker_id)
         self._view = _View(
             time.monotonic(),

@@ -46,6 +46,11 @@ class CoordinatorSettings(ComponentSettings):
     )
     coordinator_id: str | None = Field(None, description="default: host-port-pid")
     lease_s: float = Field(15.0, gt=0, description="a taken task returns to the queue if not renewed")
+    state_db: Path = Field(
+        default_factory=lambda: Path.home() / ".local" / "share" / "cyllm" / "state.db",
+        description="without redis_url: the SQLite file that keeps training jobs, uploads' records, "
+        "fine-tuned models, aliases and idempotency records across restarts",
+    )
     files_dir: Path = Field(
         default_factory=lambda: Path.home() / ".cache" / "cyllm" / "files",
         description="uploaded files; shared storage when workers are elsewhere",

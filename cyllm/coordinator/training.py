@@ -29,7 +29,7 @@ from cyllm import errors
 from cyllm.coordinator.datasets import DatasetPolicy
 from cyllm.coordinator.files import FileStore
 from cyllm.coordinator.jobs import TERMINAL, JobStore
-from cyllm.coordinator.owners import ModelOwners
+from cyllm.coordinator.registry import ModelRecord, Registry, served_as
 from cyllm.coordinator.scheduler import Scheduler, WorkerView
 from cyllm.coordinator.workers import WorkerClients
 from cyllm.paths import is_id
@@ -52,7 +52,7 @@ class TrainingManager:
         files: FileStore,
         scheduler: Scheduler,
         workers: WorkerClients,
-        owners: ModelOwners,
+        registry: Registry,
         coordinator_id: str,
         *,
         lease_s: float,
@@ -70,7 +70,7 @@ class TrainingManager:
         self.max_time_s = max_time_s
         self.scheduler = scheduler
         self.workers = workers
-        self.owners = owners
+        self.registry = registry
         self.owner = coordinator_id
         self.lease_s = lease_s
         self.max_attempts = max_attempts
@@ -394,17 +394,26 @@ class TrainingManager:
             kinds.append("peft")
         failure: errors.CyllmError
         for kind in kinds:
-            model, load = _serving(spec.base_model, name, kind, result.result_path)
-            await self.owners.set(model, job.owner)  # before anyone can see it
+            record = ModelRecord(
+                served_as(spec.base_model, name, kind),
+                job.owner,
+                spec.base_model,
+                kind,
+                result.result_path,
+                job_id=job.id,
+            )
+            await self.registry.put(record)  # before anyone can see it
             try:
-                reply = await self.workers.load_model(worker.address, load)
+                reply = await self.workers.load_model(worker.address, record.load_request())
                 break
             except errors.NotLoadable as err:
+                await self.registry.delete(record.id)
                 if kind != kinds[-1]:
                     log.info("job %s: %s; serving the adapter applied instead", job.id, err.message)
                     continue
                 failure = err
             except errors.CyllmError as err:
+                await self.registry.delete(record.id)
                 failure = err
             await self._finish(
                 job,
@@ -414,8 +423,8 @@ class TrainingManager:
             )
             return
         await self.scheduler.register(reply.worker)
-        job.fine_tuned_model = model
-        await self._finish(job, "succeeded", f"training finished; serving it as {model}")
+        job.fine_tuned_model = record.id
+        await self._finish(job, "succeeded", f"training finished; serving it as {record.id}")
 
     async def _requeue(self, job: pb.TrainingJob, why: str) -> None:
         if job.attempts >= self.max_attempts:
@@ -451,18 +460,3 @@ class TrainingManager:
                 created_at=int(time.time() * 1000), type=type_, level=level, message=message, state=state
             ),
         )
-
-
-def _serving(base: str, name: str, kind: str, path: str) -> tuple[str, pb.LoadModelRequest]:
-    """The model a training result is served as, and the request that loads it: an
-    adapter beside its base (``base:name``), else a model of its own (``base-name``)."""
-    if kind == "adapter":
-        model = f"{base}:{name}"
-        return model, pb.LoadModelRequest(model=model, adapter_path=path)
-    model = f"{base}-{name}"
-    load = pb.LoadModelRequest(model=model, from_model=base)
-    if kind == "model":
-        load.model_path = path
-    else:
-        load.peft_adapter_path = path
-    return model, load

@@ -61,8 +61,10 @@ class Tenant:
     def owns(self, owner: str) -> bool:
         return self.admin or owner == self.subject
 
-    def sees(self, owner: str) -> bool:
-        return owner == PUBLIC or self.owns(owner)
+    def sees(self, visibility: str) -> bool:
+        """``visibility``: who may see a model (``coordinator/owners.py``): ``PUBLIC``, or
+        the tenants who may, as a JSON list (the first its owner)."""
+        return visibility == PUBLIC or self.admin or self.subject in json.loads(visibility)
 
 
 OPERATOR = Tenant("operator", admin=True)

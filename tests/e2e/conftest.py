@@ -74,12 +74,14 @@ def serving(
     ]
     if config is not None:
         cmd += ["--config", str(config)]
+    # its own state file, beside its log, unless the test gives one (a restart keeps it)
+    env = {"CYLLM_COORDINATOR_STATE_DB": str(log.with_suffix(".state.db")), **(env or {})}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             cmd,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=_environment(env or {}),
+            env=_environment(env),
         )
     base = f"http://127.0.0.1:{http}"
     try:

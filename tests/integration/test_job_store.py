@@ -1,5 +1,6 @@
-"""The job store's contract, in memory and in a real Redis: records, events in order,
-the queue (one claimant wins), leases that expire, the cancel flag, files."""
+"""The job store's contract, in the embedded default's SQLite file and in a real Redis:
+records, events in order, the queue (one claimant wins), leases that expire, the cancel
+flag, files."""
 
 from __future__ import annotations
 
@@ -7,17 +8,23 @@ import asyncio
 
 import pytest
 
-from cyllm.coordinator.jobs import MemoryJobStore
 from cyllm.coordinator.redis_jobs import RedisJobStore
+from cyllm.coordinator.sqlite import Database
+from cyllm.coordinator.sqlite_jobs import SqliteJobStore
 from cyllm.protocol import pb
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def stores(request):
-    """Two handles on one store (two coordinators)."""
-    if request.param == "memory":
-        store = MemoryJobStore()
-        yield store, store
+@pytest.fixture(params=["sqlite", "redis"])
+async def stores(request, tmp_path):
+    """Two handles on one store (two coordinators; for SQLite, two connections to one
+    file, as two processes have)."""
+    if request.param == "sqlite":
+        dbs = [Database(tmp_path / "state.db"), Database(tmp_path / "state.db")]
+        for db in dbs:
+            await db.start()
+        yield SqliteJobStore(dbs[0]), SqliteJobStore(dbs[1])
+        for db in dbs:
+            await db.close()
         return
     url = request.getfixturevalue("redis_url")
     a, b = RedisJobStore(url), RedisJobStore(url)

@@ -40,10 +40,9 @@ async def make(request):
         url = request.getfixturevalue("redis_url") if request.param == "redis" else None
         settings = CoordinatorSettings(redis_url=url, **{"queue_timeout_s": 5, **kw})
         backends = build_backends(settings, name, clock)
-        scheduler, cache = backends.scheduler, backends.cache
-        await scheduler.start()
-        made.append(scheduler)
-        return scheduler, cache
+        await backends.start()
+        made.append(backends)
+        return backends.scheduler, backends.cache
 
     async def advance(seconds: float) -> None:
         if request.param == "memory":

@@ -15,6 +15,7 @@ import pytest
 
 from cyllm import errors
 from cyllm.coordinator.datasets import REFUSED
+from cyllm.coordinator.registry import ModelRecord
 from tests.integration.conftest import BOTH_WAYS, fake_model
 
 pytestmark = BOTH_WAYS
@@ -167,7 +168,7 @@ async def test_each_tenant_sees_only_its_own_files_and_jobs(tenants):
 
 async def test_a_fine_tuned_model_is_served_to_its_owner_only(tenants):
     alice = f"key:{tenants.keys['alice'][0]}"
-    await tenants.coordinator.backends.owners.set("other", alice)
+    await tenants.coordinator.backends.registry.put(ModelRecord("other", alice, "fake", "peft", "/x"))
     chat = {"model": "other", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]}
     mine = await tenants.http.post("/v1/chat/completions", headers=h(tenants, "alice"), json=chat)
     assert mine.status_code == 200
@@ -330,7 +331,7 @@ async def test_public_metrics_name_no_tenants_model(tenants):
     from prometheus_client import generate_latest
 
     alice = f"key:{tenants.keys['alice'][0]}"
-    await tenants.coordinator.backends.owners.set("other", alice)
+    await tenants.coordinator.backends.registry.put(ModelRecord("other", alice, "fake", "peft", "/x"))
     chat = {"model": "other", "max_tokens": 2, "stream": True, "messages": [{"role": "user", "content": "x"}]}
     r = await tenants.http.post("/v1/chat/completions", headers=h(tenants, "alice"), json=chat)
     assert r.status_code == 200

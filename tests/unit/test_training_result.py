@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 
 from cyllm import errors
-from cyllm.coordinator.jobs import MemoryJobStore
-from cyllm.coordinator.owners import MemoryModelOwners
 from cyllm.coordinator.pool import HealthRules
+from cyllm.coordinator.registry import SqliteRegistry
 from cyllm.coordinator.routing import Router
 from cyllm.coordinator.scheduler import MemoryScheduler
+from cyllm.coordinator.sqlite import Database
+from cyllm.coordinator.sqlite_jobs import SqliteJobStore
 from cyllm.coordinator.training import TrainingManager
 from cyllm.protocol import pb
 
@@ -35,12 +36,18 @@ class Workers:
 
 
 async def finish(adapters_at_run_time: bool) -> tuple[pb.TrainingJob, Workers]:
-    store, workers = MemoryJobStore(), Workers(adapters_at_run_time)
-    owners = MemoryModelOwners()
+    db = Database(":memory:")
+    await db.start()
+    store, workers, registry = SqliteJobStore(db), Workers(adapters_at_run_time), SqliteRegistry(db)
     scheduler = MemoryScheduler(
-        HealthRules(5, 5), Router("least_outstanding"), owners, queue_timeout_s=1, max_size=1, retry_after_s=1
+        HealthRules(5, 5),
+        Router("least_outstanding"),
+        registry,
+        queue_timeout_s=1,
+        max_size=1,
+        retry_after_s=1,
     )
-    manager = TrainingManager(store, None, scheduler, workers, owners, "c1", lease_s=5, max_attempts=1)
+    manager = TrainingManager(store, None, scheduler, workers, registry, "c1", lease_s=5, max_attempts=1)
     job = pb.TrainingJob(
         id="ftjob-0123456789abcdef",
         owner="alice",
