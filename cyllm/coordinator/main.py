@@ -20,6 +20,7 @@ from cyllm.coordinator.datasets import DatasetPolicy
 from cyllm.coordinator.files import FileStore
 from cyllm.coordinator.idempotency import Idempotency, IdempotencyStore, RedisIdempotencyStore
 from cyllm.coordinator.jobs import JobStore
+from cyllm.coordinator.loading import Loader
 from cyllm.coordinator.metrics import CoordinatorMetrics
 from cyllm.coordinator.pool import HealthRules
 from cyllm.coordinator.registry import RedisRegistry, Registry, SqliteRegistry
@@ -193,6 +194,8 @@ class CoordinatorServer:
                 lease_s=s.lease_s,
                 attempts=s.generation_attempts,
                 owned_model_names=s.metrics_owned_model_names,
+                registry=backends.registry,
+                loader=Loader(self.scheduler, backends.registry, models.admin),
             ),
             models=models,
             training=TrainingService(self.training, models.visible),

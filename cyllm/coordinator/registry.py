@@ -101,18 +101,33 @@ class AliasMove:
     reason: str
 
 
-class Registry(ModelOwners, abc.ABC):
-    """Model records and aliases; ``all()`` (``ModelOwners``) is who may see each."""
+@dataclass
+class Snapshot:
+    """The registry as one read found it: what a request reads (never a query each)."""
 
-    SNAPSHOT_S: ClassVar[float] = 0.5  # how old the visibility map a request reads may be
+    models: dict[str, ModelRecord]
+    aliases: dict[tuple[str, str], str]  # (owner, name) -> model
+    visibility: dict[str, str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.visibility = {mid: r.visibility for mid, r in self.models.items()}
+
+
+class Registry(ModelOwners, abc.ABC):
+    """Model records and aliases; ``all()`` (``ModelOwners``) is who may see each.  What
+    a request reads (who may see a model, where an alias points) comes from a snapshot
+    at most ``SNAPSHOT_S`` old, renewed at once after this process's own writes; another
+    process's write (another coordinator, the ``cyllm`` command) shows within it."""
+
+    SNAPSHOT_S: ClassVar[float] = 0.5
 
     def __init__(self) -> None:
-        self._snapshot: dict[str, ModelRecord] | None = None
+        self._snapshot: Snapshot | None = None
         self._read_at = 0.0
 
     # -- records
     @abc.abstractmethod
-    async def _load_all(self) -> dict[str, ModelRecord]: ...
+    async def _load_all(self) -> Snapshot: ...
 
     @abc.abstractmethod
     async def _store(self, record: ModelRecord) -> None: ...
@@ -120,14 +135,21 @@ class Registry(ModelOwners, abc.ABC):
     @abc.abstractmethod
     async def _remove(self, model: str) -> bool: ...
 
-    async def records(self) -> dict[str, ModelRecord]:
-        """Every record, as of at most ``SNAPSHOT_S`` ago (or this process's last write)."""
+    async def snapshot(self) -> Snapshot:
         if self._snapshot is None or time.monotonic() - self._read_at > self.SNAPSHOT_S:
             self._snapshot, self._read_at = await self._load_all(), time.monotonic()
         return self._snapshot
 
+    async def records(self) -> dict[str, ModelRecord]:
+        """Every record, as of at most ``SNAPSHOT_S`` ago (or this process's last write)."""
+        return (await self.snapshot()).models
+
     async def get(self, model: str) -> ModelRecord | None:
         return (await self.records()).get(model)
+
+    async def resolve(self, owner: str, name: str) -> str | None:
+        """Where ``owner``'s alias ``name`` points (None: it is no alias of theirs)."""
+        return (await self.snapshot()).aliases.get((owner, name))
 
     async def put(self, record: ModelRecord) -> None:
         if record.kind not in KINDS:
@@ -141,10 +163,7 @@ class Registry(ModelOwners, abc.ABC):
         return removed
 
     async def all(self) -> dict[str, str]:
-        return {mid: r.visibility for mid, r in (await self.records()).items()}
-
-    async def set(self, model: str, owner: str) -> None:
-        raise NotImplementedError("a model made here is a record: put() it")
+        return (await self.snapshot()).visibility
 
     # -- aliases
     @abc.abstractmethod
@@ -154,19 +173,31 @@ class Registry(ModelOwners, abc.ABC):
     @abc.abstractmethod
     async def aliases(self, owner: str) -> dict[str, str]: ...
 
-    @abc.abstractmethod
     async def move(
         self, owner: str, name: str, model: str, by: str, reason: str, expect: str | None = None
     ) -> AliasMove:
         """Point the alias at ``model`` (one atomic change, recorded); with ``expect``,
-        only if it still points there (else Conflict: it moved meanwhile)."""
+        only if it still points there (else InvalidRequest: it moved meanwhile)."""
+        done = await self._move(owner, name, model, by, reason, expect)
+        self._snapshot = None
+        return done
+
+    async def drop_alias(self, owner: str, name: str) -> bool:
+        dropped = await self._drop(owner, name)
+        self._snapshot = None
+        return dropped
+
+    @abc.abstractmethod
+    async def _move(
+        self, owner: str, name: str, model: str, by: str, reason: str, expect: str | None
+    ) -> AliasMove: ...
+
+    @abc.abstractmethod
+    async def _drop(self, owner: str, name: str) -> bool: ...
 
     @abc.abstractmethod
     async def moves(self, owner: str, name: str) -> list[AliasMove]:
         """The alias's moves, oldest first."""
-
-    @abc.abstractmethod
-    async def drop_alias(self, owner: str, name: str) -> bool: ...
 
 
 def conflict(owner: str, name: str) -> errors.InvalidRequest:
@@ -178,9 +209,13 @@ class SqliteRegistry(Registry):
         super().__init__()
         self.db = db
 
-    async def _load_all(self) -> dict[str, ModelRecord]:
-        rows = await self.db.run(lambda c: c.execute("SELECT record FROM models").fetchall())
-        return {r.id: r for r in (ModelRecord.of_json(row[0]) for row in rows)}
+    async def _load_all(self) -> Snapshot:
+        def read(conn: sqlite3.Connection) -> Snapshot:
+            models = [ModelRecord.of_json(row[0]) for row in conn.execute("SELECT record FROM models")]
+            aliases = conn.execute("SELECT owner, name, model FROM aliases").fetchall()
+            return Snapshot({r.id: r for r in models}, {(o, n): m for o, n, m in aliases})
+
+        return await self.db.run(read)
 
     async def _store(self, record: ModelRecord) -> None:
         await self.db.run(
@@ -208,8 +243,8 @@ class SqliteRegistry(Registry):
         )
         return dict(rows)
 
-    async def move(
-        self, owner: str, name: str, model: str, by: str, reason: str, expect: str | None = None
+    async def _move(
+        self, owner: str, name: str, model: str, by: str, reason: str, expect: str | None
     ) -> AliasMove:
         def move(conn: sqlite3.Connection) -> AliasMove:
             with transaction(conn):
@@ -240,7 +275,7 @@ class SqliteRegistry(Registry):
         )
         return [AliasMove(*row) for row in rows]
 
-    async def drop_alias(self, owner: str, name: str) -> bool:
+    async def _drop(self, owner: str, name: str) -> bool:
         cursor = await self.db.run(
             lambda c: c.execute("DELETE FROM aliases WHERE owner = ? AND name = ?", (owner, name))
         )
@@ -271,11 +306,18 @@ class RedisRegistry(Registry):
     def __init__(self, client: aioredis.Redis) -> None:
         super().__init__()
         self.r = client
-        self._move = client.register_script(_MOVE)
+        self._move_script = client.register_script(_MOVE)
 
-    async def _load_all(self) -> dict[str, ModelRecord]:
-        rows = await self.r.hgetall(self.MODELS)
-        return {text(k): ModelRecord.of_json(v) for k, v in rows.items()}
+    async def _load_all(self) -> Snapshot:
+        async with self.r.pipeline(transaction=True) as p:
+            p.hgetall(self.MODELS)
+            p.hgetall(self.ALIASES)
+            models, aliases = await p.execute()
+        pairs = {tuple(text(k).split("\0", 1)): text(v) for k, v in aliases.items()}
+        return Snapshot(
+            {text(k): ModelRecord.of_json(v) for k, v in models.items()},
+            {(p[0], p[1]): model for p, model in pairs.items()},
+        )
 
     async def _store(self, record: ModelRecord) -> None:
         async with self.r.pipeline(transaction=True) as p:
@@ -307,12 +349,12 @@ class RedisRegistry(Registry):
         prefix = f"{owner}\0"
         return {text(k)[len(prefix) :]: text(v) for k, v in rows.items() if text(k).startswith(prefix)}
 
-    async def move(
-        self, owner: str, name: str, model: str, by: str, reason: str, expect: str | None = None
+    async def _move(
+        self, owner: str, name: str, model: str, by: str, reason: str, expect: str | None
     ) -> AliasMove:
         field_ = self._field(owner, name)
         at = time.time()
-        done, now = await self._move(  # the script adds what it moved from
+        done, now = await self._move_script(  # the script adds what it moved from
             keys=[self.ALIASES, f"cyllm:alias_moves:{field_}"],
             args=[
                 field_,
@@ -333,5 +375,5 @@ class RedisRegistry(Registry):
             for m in moves
         ]
 
-    async def drop_alias(self, owner: str, name: str) -> bool:
+    async def _drop(self, owner: str, name: str) -> bool:
         return bool(await self.r.hdel(self.ALIASES, self._field(owner, name)))

@@ -50,6 +50,9 @@ class WorkerClients:
     async def unload_model(self, address: str, request: pb.UnloadModelRequest) -> pb.UnloadModelResponse:
         return await unary(self._stub(address).UnloadModel, request, timeout=LOAD_TIMEOUT_S)
 
+    async def forget(self, address: str, request: pb.ForgetRequest) -> pb.ForgetResponse:
+        return await unary(self._stub(address).Forget, request, timeout=LOAD_TIMEOUT_S)
+
     def train(self, address: str, request: pb.TrainRequest) -> Stream[pb.TrainingEvent]:
         return Stream(self._stub(address).Train(request))
 

@@ -174,7 +174,14 @@ class GenerateResponse(_message.Message):
     def __init__(self, started: _Optional[_Union[Started, _Mapping]] = ..., delta: _Optional[_Union[Delta, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("id", "context_length", "engine", "created", "state", "base", "memory_bytes", "device")
+    __slots__ = ("id", "context_length", "engine", "created", "state", "base", "memory_bytes", "device", "kind", "job_id", "evaluation", "aliases", "owner", "published_to", "path")
+    class EvaluationEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +190,13 @@ class ModelInfo(_message.Message):
     BASE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHED_TO_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
     id: str
     context_length: int
     engine: str
@@ -191,7 +205,14 @@ class ModelInfo(_message.Message):
     base: str
     memory_bytes: int
     device: str
-    def __init__(self, id: _Optional[str] = ..., context_length: _Optional[int] = ..., engine: _Optional[str] = ..., created: _Optional[int] = ..., state: _Optional[str] = ..., base: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+    kind: str
+    job_id: str
+    evaluation: _containers.ScalarMap[str, float]
+    aliases: _containers.RepeatedScalarFieldContainer[str]
+    owner: str
+    published_to: _containers.RepeatedScalarFieldContainer[str]
+    path: str
+    def __init__(self, id: _Optional[str] = ..., context_length: _Optional[int] = ..., engine: _Optional[str] = ..., created: _Optional[int] = ..., state: _Optional[str] = ..., base: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., device: _Optional[str] = ..., kind: _Optional[str] = ..., job_id: _Optional[str] = ..., evaluation: _Optional[_Mapping[str, float]] = ..., aliases: _Optional[_Iterable[str]] = ..., owner: _Optional[str] = ..., published_to: _Optional[_Iterable[str]] = ..., path: _Optional[str] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
     __slots__ = ("worker_id", "address", "models", "capacity", "device", "weight", "available", "memory_budget_bytes", "memory_used_bytes", "trains", "training_job", "training_shares_device")
@@ -222,20 +243,22 @@ class WorkerInfo(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., capacity: _Optional[int] = ..., device: _Optional[str] = ..., weight: _Optional[int] = ..., available: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., memory_budget_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., trains: _Optional[bool] = ..., training_job: _Optional[str] = ..., training_shares_device: _Optional[bool] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
-    __slots__ = ("model", "adapter_path", "worker_id", "from_model", "model_path", "peft_adapter_path")
+    __slots__ = ("keep_alive_s", "model", "adapter_path", "worker_id", "from_model", "model_path", "peft_adapter_path")
+    KEEP_ALIVE_S_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_PATH_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     FROM_MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     PEFT_ADAPTER_PATH_FIELD_NUMBER: _ClassVar[int]
+    keep_alive_s: float
     model: str
     adapter_path: str
     worker_id: str
     from_model: str
     model_path: str
     peft_adapter_path: str
-    def __init__(self, model: _Optional[str] = ..., adapter_path: _Optional[str] = ..., worker_id: _Optional[str] = ..., from_model: _Optional[str] = ..., model_path: _Optional[str] = ..., peft_adapter_path: _Optional[str] = ...) -> None: ...
+    def __init__(self, keep_alive_s: _Optional[float] = ..., model: _Optional[str] = ..., adapter_path: _Optional[str] = ..., worker_id: _Optional[str] = ..., from_model: _Optional[str] = ..., model_path: _Optional[str] = ..., peft_adapter_path: _Optional[str] = ...) -> None: ...
 
 class LoadModelResponse(_message.Message):
     __slots__ = ("worker", "worker_id", "evicted")
@@ -246,6 +269,96 @@ class LoadModelResponse(_message.Message):
     worker_id: str
     evicted: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, worker: _Optional[_Union[WorkerInfo, _Mapping]] = ..., worker_id: _Optional[str] = ..., evicted: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class DeleteModelResponse(_message.Message):
+    __slots__ = ("model", "worker_ids")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WORKER_IDS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    worker_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., worker_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PublishModelRequest(_message.Message):
+    __slots__ = ("model", "tenants", "everyone", "withdraw")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    EVERYONE_FIELD_NUMBER: _ClassVar[int]
+    WITHDRAW_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    tenants: _containers.RepeatedScalarFieldContainer[str]
+    everyone: bool
+    withdraw: bool
+    def __init__(self, model: _Optional[str] = ..., tenants: _Optional[_Iterable[str]] = ..., everyone: _Optional[bool] = ..., withdraw: _Optional[bool] = ...) -> None: ...
+
+class AliasMove(_message.Message):
+    __slots__ = ("from_model", "to_model", "by", "at", "reason")
+    FROM_MODEL_FIELD_NUMBER: _ClassVar[int]
+    TO_MODEL_FIELD_NUMBER: _ClassVar[int]
+    BY_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    from_model: str
+    to_model: str
+    by: str
+    at: float
+    reason: str
+    def __init__(self, from_model: _Optional[str] = ..., to_model: _Optional[str] = ..., by: _Optional[str] = ..., at: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class AliasRequest(_message.Message):
+    __slots__ = ("name", "model", "rollback", "expect", "reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACK_FIELD_NUMBER: _ClassVar[int]
+    EXPECT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    model: str
+    rollback: bool
+    expect: str
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., rollback: _Optional[bool] = ..., expect: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Alias(_message.Message):
+    __slots__ = ("name", "model", "moves")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MOVES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    model: str
+    moves: _containers.RepeatedCompositeFieldContainer[AliasMove]
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., moves: _Optional[_Iterable[_Union[AliasMove, _Mapping]]] = ...) -> None: ...
+
+class ListAliasesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListAliasesResponse(_message.Message):
+    __slots__ = ("aliases",)
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
+    aliases: _containers.RepeatedCompositeFieldContainer[Alias]
+    def __init__(self, aliases: _Optional[_Iterable[_Union[Alias, _Mapping]]] = ...) -> None: ...
+
+class ForgetRequest(_message.Message):
+    __slots__ = ("model", "path")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    path: str
+    def __init__(self, model: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+
+class ForgetResponse(_message.Message):
+    __slots__ = ("worker", "deleted")
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    worker: WorkerInfo
+    deleted: bool
+    def __init__(self, worker: _Optional[_Union[WorkerInfo, _Mapping]] = ..., deleted: _Optional[bool] = ...) -> None: ...
 
 class UnloadModelRequest(_message.Message):
     __slots__ = ("model", "worker_id")
@@ -386,7 +499,14 @@ class TrainingCheckpoint(_message.Message):
     def __init__(self, step: _Optional[int] = ..., path: _Optional[str] = ..., created_at: _Optional[int] = ..., loss: _Optional[float] = ...) -> None: ...
 
 class TrainingEvent(_message.Message):
-    __slots__ = ("seq", "created_at", "type", "level", "message", "progress", "checkpoint", "state", "result_kind", "result_path", "trained_tokens")
+    __slots__ = ("seq", "created_at", "type", "level", "message", "progress", "checkpoint", "state", "result_kind", "result_path", "trained_tokens", "scores")
+    class ScoresEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     SEQ_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -398,6 +518,7 @@ class TrainingEvent(_message.Message):
     RESULT_KIND_FIELD_NUMBER: _ClassVar[int]
     RESULT_PATH_FIELD_NUMBER: _ClassVar[int]
     TRAINED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
     seq: int
     created_at: int
     type: str
@@ -409,10 +530,18 @@ class TrainingEvent(_message.Message):
     result_kind: str
     result_path: str
     trained_tokens: int
-    def __init__(self, seq: _Optional[int] = ..., created_at: _Optional[int] = ..., type: _Optional[str] = ..., level: _Optional[str] = ..., message: _Optional[str] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., checkpoint: _Optional[_Union[TrainingCheckpoint, _Mapping]] = ..., state: _Optional[str] = ..., result_kind: _Optional[str] = ..., result_path: _Optional[str] = ..., trained_tokens: _Optional[int] = ...) -> None: ...
+    scores: _containers.ScalarMap[str, float]
+    def __init__(self, seq: _Optional[int] = ..., created_at: _Optional[int] = ..., type: _Optional[str] = ..., level: _Optional[str] = ..., message: _Optional[str] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., checkpoint: _Optional[_Union[TrainingCheckpoint, _Mapping]] = ..., state: _Optional[str] = ..., result_kind: _Optional[str] = ..., result_path: _Optional[str] = ..., trained_tokens: _Optional[int] = ..., scores: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class TrainingJob(_message.Message):
-    __slots__ = ("id", "spec_json", "state", "error", "error_code", "worker_id", "created_at", "started_at", "finished_at", "attempts", "fine_tuned_model", "progress", "checkpoints", "trained_tokens", "output_dir", "cancel_requested", "owner", "training_file", "validation_file")
+    __slots__ = ("id", "spec_json", "state", "error", "error_code", "worker_id", "created_at", "started_at", "finished_at", "attempts", "fine_tuned_model", "progress", "checkpoints", "trained_tokens", "output_dir", "cancel_requested", "owner", "training_file", "validation_file", "evaluation", "promotion")
+    class EvaluationEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -432,6 +561,8 @@ class TrainingJob(_message.Message):
     OWNER_FIELD_NUMBER: _ClassVar[int]
     TRAINING_FILE_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_FILE_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    PROMOTION_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec_json: str
     state: str
@@ -451,7 +582,9 @@ class TrainingJob(_message.Message):
     owner: str
     training_file: str
     validation_file: str
-    def __init__(self, id: _Optional[str] = ..., spec_json: _Optional[str] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., error_code: _Optional[str] = ..., worker_id: _Optional[str] = ..., created_at: _Optional[int] = ..., started_at: _Optional[int] = ..., finished_at: _Optional[int] = ..., attempts: _Optional[int] = ..., fine_tuned_model: _Optional[str] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., checkpoints: _Optional[_Iterable[_Union[TrainingCheckpoint, _Mapping]]] = ..., trained_tokens: _Optional[int] = ..., output_dir: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., owner: _Optional[str] = ..., training_file: _Optional[str] = ..., validation_file: _Optional[str] = ...) -> None: ...
+    evaluation: _containers.ScalarMap[str, float]
+    promotion: str
+    def __init__(self, id: _Optional[str] = ..., spec_json: _Optional[str] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., error_code: _Optional[str] = ..., worker_id: _Optional[str] = ..., created_at: _Optional[int] = ..., started_at: _Optional[int] = ..., finished_at: _Optional[int] = ..., attempts: _Optional[int] = ..., fine_tuned_model: _Optional[str] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., checkpoints: _Optional[_Iterable[_Union[TrainingCheckpoint, _Mapping]]] = ..., trained_tokens: _Optional[int] = ..., output_dir: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., owner: _Optional[str] = ..., training_file: _Optional[str] = ..., validation_file: _Optional[str] = ..., evaluation: _Optional[_Mapping[str, float]] = ..., promotion: _Optional[str] = ...) -> None: ...
 
 class CreateTrainingJobRequest(_message.Message):
     __slots__ = ("spec_json", "training_file", "validation_file")
@@ -556,14 +689,16 @@ class DeleteFileResponse(_message.Message):
     def __init__(self, deleted: _Optional[bool] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("job_id", "spec_json", "resume_from")
+    __slots__ = ("job_id", "spec_json", "resume_from", "incumbent_json")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     RESUME_FROM_FIELD_NUMBER: _ClassVar[int]
+    INCUMBENT_JSON_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     spec_json: str
     resume_from: str
-    def __init__(self, job_id: _Optional[str] = ..., spec_json: _Optional[str] = ..., resume_from: _Optional[str] = ...) -> None: ...
+    incumbent_json: str
+    def __init__(self, job_id: _Optional[str] = ..., spec_json: _Optional[str] = ..., resume_from: _Optional[str] = ..., incumbent_json: _Optional[str] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
     __slots__ = ("request_id", "model", "inputs", "dimensions")

@@ -185,6 +185,41 @@ class ModelsStub:
                 request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.ClusterStatusRequest.SerializeToString,
                 response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.ClusterStatusResponse.FromString,
                 _registered_method=True)
+        self.DeleteModel = channel.unary_unary(
+                '/cyllm.v1.Models/DeleteModel',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.ModelRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.DeleteModelResponse.FromString,
+                _registered_method=True)
+        self.PublishModel = channel.unary_unary(
+                '/cyllm.v1.Models/PublishModel',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.PublishModelRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.ModelInfo.FromString,
+                _registered_method=True)
+        self.ExportModel = channel.unary_stream(
+                '/cyllm.v1.Models/ExportModel',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.ModelRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.FileChunk.FromString,
+                _registered_method=True)
+        self.SetAlias = channel.unary_unary(
+                '/cyllm.v1.Models/SetAlias',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.AliasRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.Alias.FromString,
+                _registered_method=True)
+        self.GetAlias = channel.unary_unary(
+                '/cyllm.v1.Models/GetAlias',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.AliasRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.Alias.FromString,
+                _registered_method=True)
+        self.ListAliases = channel.unary_unary(
+                '/cyllm.v1.Models/ListAliases',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.ListAliasesRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.ListAliasesResponse.FromString,
+                _registered_method=True)
+        self.DeleteAlias = channel.unary_unary(
+                '/cyllm.v1.Models/DeleteAlias',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.AliasRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.Alias.FromString,
+                _registered_method=True)
 
 
 class ModelsServicer:
@@ -215,6 +250,49 @@ class ModelsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteModel(self, request, context):
+        """Models made here (the registry): delete, publish, export, and aliases.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PublishModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAlias(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAlias(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAliases(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteAlias(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -237,6 +315,41 @@ def add_ModelsServicer_to_server(servicer, server):
                     servicer.ClusterStatus,
                     request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.ClusterStatusRequest.FromString,
                     response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.ClusterStatusResponse.SerializeToString,
+            ),
+            'DeleteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteModel,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.ModelRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.DeleteModelResponse.SerializeToString,
+            ),
+            'PublishModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishModel,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.PublishModelRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.ModelInfo.SerializeToString,
+            ),
+            'ExportModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportModel,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.ModelRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.FileChunk.SerializeToString,
+            ),
+            'SetAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAlias,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.AliasRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.Alias.SerializeToString,
+            ),
+            'GetAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAlias,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.AliasRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.Alias.SerializeToString,
+            ),
+            'ListAliases': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAliases,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.ListAliasesRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.ListAliasesResponse.SerializeToString,
+            ),
+            'DeleteAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteAlias,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.AliasRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.Alias.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -348,6 +461,195 @@ class Models:
             '/cyllm.v1.Models/ClusterStatus',
             cyllm_dot_protocol_dot_cyllm__pb2.ClusterStatusRequest.SerializeToString,
             cyllm_dot_protocol_dot_cyllm__pb2.ClusterStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Models/DeleteModel',
+            cyllm_dot_protocol_dot_cyllm__pb2.ModelRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.DeleteModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Models/PublishModel',
+            cyllm_dot_protocol_dot_cyllm__pb2.PublishModelRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cyllm.v1.Models/ExportModel',
+            cyllm_dot_protocol_dot_cyllm__pb2.ModelRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.FileChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Models/SetAlias',
+            cyllm_dot_protocol_dot_cyllm__pb2.AliasRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.Alias.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Models/GetAlias',
+            cyllm_dot_protocol_dot_cyllm__pb2.AliasRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.Alias.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAliases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Models/ListAliases',
+            cyllm_dot_protocol_dot_cyllm__pb2.ListAliasesRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.ListAliasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Models/DeleteAlias',
+            cyllm_dot_protocol_dot_cyllm__pb2.AliasRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.Alias.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1045,6 +1347,11 @@ class WorkerStub:
                 request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelRequest.SerializeToString,
                 response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelResponse.FromString,
                 _registered_method=True)
+        self.Forget = channel.unary_unary(
+                '/cyllm.v1.Worker/Forget',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.ForgetRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.ForgetResponse.FromString,
+                _registered_method=True)
         self.Train = channel.unary_stream(
                 '/cyllm.v1.Worker/Train',
                 request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.TrainRequest.SerializeToString,
@@ -1081,6 +1388,12 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Forget(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Train(self, request, context):
         """Run a training job; events until its end.  Cancelling the call stops the job.
         """
@@ -1110,6 +1423,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.UnloadModel,
                     request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelRequest.FromString,
                     response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelResponse.SerializeToString,
+            ),
+            'Forget': grpc.unary_unary_rpc_method_handler(
+                    servicer.Forget,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.ForgetRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.ForgetResponse.SerializeToString,
             ),
             'Train': grpc.unary_stream_rpc_method_handler(
                     servicer.Train,
@@ -1227,6 +1545,33 @@ class Worker:
             '/cyllm.v1.Worker/UnloadModel',
             cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelRequest.SerializeToString,
             cyllm_dot_protocol_dot_cyllm__pb2.UnloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Forget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Worker/Forget',
+            cyllm_dot_protocol_dot_cyllm__pb2.ForgetRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.ForgetResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -75,7 +75,18 @@ class WorkerServer:
         log.info("worker %s listening on %s:%d", self.worker_id, s.host, self.port)
         self._registrars = [Registrar(a, self, self.plane) for a in s.coordinators]
         self._registering = [asyncio.create_task(r.run()) for r in self._registrars]
+        self._registering.append(asyncio.create_task(self._unload_idle_forever()))
         return self.port
+
+    async def _unload_idle_forever(self, every_s: float = 5.0) -> None:
+        """Models unused past their keep-alive are unloaded (the coordinators are told;
+        the next request for one loads it again)."""
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await self.models.unload_idle()
+            except Exception:  # one bad unload must not end the sweeps
+                log.exception("unloading idle models failed")
 
     async def stop(self) -> None:
         """Graceful drain: no new work, finish what is running (bounded), then leave."""

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cyllm import cores, errors
+from cyllm.paths import inside
 from cyllm.protocol import pb
 from cyllm.worker import memory
 from cyllm.worker.convert import card_to_proto
@@ -46,6 +48,7 @@ class Loaded:
     estimate: memory.Estimate
     last_used: float = field(default_factory=time.monotonic)
     adapters: dict[str, Path] = field(default_factory=dict)
+    adapter_used: dict[str, float] = field(default_factory=dict)  # adapter -> last used
 
 
 def split_id(model: str) -> tuple[str, str | None]:
@@ -59,6 +62,8 @@ class ModelManager:
     ) -> None:
         self.settings = settings
         self.catalog: dict[str, ModelSpec] = {m.id: m for m in settings.models}
+        self.configured = frozenset(self.catalog)  # the rest was registered at run time
+        self.keep_alive: dict[str, float] = {}  # model (or base:adapter) -> seconds, as loaded
         self.loaded: dict[str, Loaded] = {}
         self.budget = memory.MemoryBudget(device_type, settings.memory_limit_gib, settings.memory_fraction)
         self.on_change = on_change
@@ -81,6 +86,8 @@ class ModelManager:
             )
             raise errors.ModelNotFound(f"model {model!r} {state}", param="model")
         entry.last_used = time.monotonic()
+        if adapter is not None:
+            entry.adapter_used[adapter] = entry.last_used
         return entry.engine, adapter
 
     # -- loading ----------------------------------------------------------------------
@@ -109,8 +116,11 @@ class ModelManager:
             self.budget.device_total,
         )
 
-    async def load(self, model: str, adapter_path: Path | None = None) -> list[str]:
-        """Load ``model`` (a catalog id or ``base:adapter``); return what was evicted."""
+    async def load(
+        self, model: str, adapter_path: Path | None = None, keep_alive_s: float | None = None
+    ) -> list[str]:
+        """Load ``model`` (a catalog id or ``base:adapter``); return what was evicted.
+        ``keep_alive_s``: how long it may stay unused (0: for ever; None: its spec's)."""
         base, adapter = split_id(model)
         async with self._lock:
             evicted: list[str] = []
@@ -118,8 +128,60 @@ class ModelManager:
                 evicted = await self._load_base(base)
             if adapter is not None:
                 await self._add_adapter(base, adapter, adapter_path)
+                self.loaded[base].adapter_used[adapter] = time.monotonic()
+            if keep_alive_s is not None:
+                self.keep_alive[model] = keep_alive_s
         self.on_change()
         return evicted
+
+    def idle(self, now: float | None = None) -> list[str]:
+        """Loaded models and adapters unused for longer than they may stay (none running)."""
+        now = time.monotonic() if now is None else now
+        out = []
+        for mid, entry in self.loaded.items():
+            keep = self.keep_alive.get(mid, entry.spec.keep_alive_s)
+            if keep and now - entry.last_used > keep and not entry.engine.health().running:
+                out.append(mid)
+            for name in entry.adapters:
+                keep = self.keep_alive.get(f"{mid}:{name}", 0.0)
+                if keep and now - entry.adapter_used.get(name, entry.last_used) > keep:
+                    out.append(f"{mid}:{name}")
+        return out
+
+    async def unload_idle(self) -> list[str]:
+        """Unload what ``idle`` names; a request later loads it again (the coordinator)."""
+        gone = []
+        for model in self.idle():
+            try:
+                await self.unload(model)
+            except errors.ModelNotFound:
+                continue  # unloaded meanwhile
+            log.info("model %s unloaded: unused past its keep-alive", model)
+            gone.append(model)
+        return gone
+
+    async def forget(self, model: str, path: Path | None, root: Path) -> bool:
+        """``model`` is gone for good: unloaded if loaded, out of the catalog if it was
+        registered here, and its artefact ``path`` deleted if it lies under ``root``
+        (this worker's own training folder).  True when the artefact was deleted."""
+        base, adapter = split_id(model)
+        entry = self.loaded.get(base)
+        if entry is not None and (adapter is None or adapter in entry.adapters):
+            await self.unload(model)
+        if adapter is None and model in self.catalog and model not in self.configured:
+            del self.catalog[model]
+            self.on_change()
+        self.keep_alive.pop(model, None)
+        if path is None:
+            return False
+        try:
+            folder = inside(root, path, "the artefact")
+        except errors.InvalidRequest:
+            return False  # not ours to delete (another worker's, or storage elsewhere)
+        if not folder.exists():
+            return False
+        await asyncio.to_thread(shutil.rmtree, folder)
+        return True
 
     def register(
         self, model: str, from_model: str, model_path: Path | None, peft_adapter: Path | None
@@ -234,6 +296,7 @@ class ModelManager:
             if adapter is not None:
                 await entry.engine.remove_adapter(adapter)
                 del entry.adapters[adapter]
+                entry.adapter_used.pop(adapter, None)
             else:
                 await self._unload_base(base, drain_s=self.settings.drain_timeout_s)
         self.on_change()

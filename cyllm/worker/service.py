@@ -122,11 +122,25 @@ class WorkerService(rpc.WorkerServicer):
                     Path(request.model_path) if request.model_path else None,
                     Path(request.peft_adapter_path) if request.peft_adapter_path else None,
                 )
-            evicted = await self.models.load(request.model, path)
+            keep_alive = request.keep_alive_s if request.HasField("keep_alive_s") else None
+            evicted = await self.models.load(request.model, path, keep_alive)
         except errors.CyllmError as exc:
             log.info("load of %s refused: %s", request.model, exc.message)
             raise
         return pb.LoadModelResponse(worker=self.info(), worker_id=self.worker_id, evicted=evicted)
+
+    async def Forget(self, request: pb.ForgetRequest, context) -> pb.ForgetResponse:
+        """A model made here was deleted: unload it, drop it, delete its artefact where
+        it lies under this worker's training folder."""
+        root = self.training.root if self.training is not None else None
+        deleted = False
+        if root is not None:
+            deleted = await self.models.forget(
+                request.model, Path(request.path) if request.path else None, root
+            )
+        else:
+            await self.models.forget(request.model, None, Path("/nonexistent"))
+        return pb.ForgetResponse(worker=self.info(), deleted=deleted)
 
     async def UnloadModel(self, request: pb.UnloadModelRequest, context) -> pb.UnloadModelResponse:
         await self.models.unload(request.model)

@@ -118,6 +118,12 @@ class ModelSpec(BaseModel):
         "where PEFT can); transformers/ascend engines only",
     )
     preload: bool = Field(default=True, description="false: listed as available, loaded when asked")
+    keep_alive_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="unload the model after it has been unused this long (0: keep it loaded); "
+        "a request for it later loads it again",
+    )
     task: Literal["generate", "embed"] = Field(
         default="generate",
         description="'embed': an embedding model (a Hugging Face encoder folder, "

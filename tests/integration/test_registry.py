@@ -65,15 +65,18 @@ async def test_an_alias_moves_atomically_keeps_its_history_and_follows_deletes(r
         await a.put(record(f"base:ft-{i}"))
     first = await a.move("key:alice", "support-bot", "base:ft-1", "key:alice", "first version")
     assert (first.from_model, first.to_model) == ("", "base:ft-1")
-    await b.move("key:alice", "support-bot", "base:ft-2", "job ftjob-x", "eval loss 1.2 < 1.5",
-                 expect="base:ft-1")
+    await b.move(
+        "key:alice", "support-bot", "base:ft-2", "job ftjob-x", "eval loss 1.2 < 1.5", expect="base:ft-1"
+    )
     assert await a.alias("key:alice", "support-bot") == "base:ft-2"
     assert await a.alias("key:bob", "support-bot") is None  # each tenant's own names
     with pytest.raises(errors.InvalidRequest, match="moved meanwhile"):  # lost the race
         await a.move("key:alice", "support-bot", "base:ft-1", "key:alice", "rollback", expect="base:ft-1")
     moves = await b.moves("key:alice", "support-bot")
     assert [(m.from_model, m.to_model, m.by) for m in moves] == [
-        ("", "base:ft-1", "key:alice"), ("base:ft-1", "base:ft-2", "job ftjob-x")]
+        ("", "base:ft-1", "key:alice"),
+        ("base:ft-1", "base:ft-2", "job ftjob-x"),
+    ]
     assert await a.aliases("key:alice") == {"support-bot": "base:ft-2"}
     await a.delete("base:ft-2")  # the alias pointed at it: gone with it
     assert await b.alias("key:alice", "support-bot") is None
@@ -83,8 +86,9 @@ async def test_concurrent_moves_of_one_alias_each_see_the_last(registries):
     a, b = registries
     for i in range(20):
         await a.put(record(f"base:ft-{i}"))
-    await asyncio.gather(*((a if i % 2 else b).move("key:alice", "x", f"base:ft-{i}", "t", "r")
-                           for i in range(20)))
+    await asyncio.gather(
+        *((a if i % 2 else b).move("key:alice", "x", f"base:ft-{i}", "t", "r") for i in range(20))
+    )
     moves = await a.moves("key:alice", "x")
     assert len(moves) == 20
     # a chain: each move starts where the one before it ended
@@ -109,19 +113,29 @@ asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
 """
 
 
-async def test_two_processes_writing_the_state_file_lose_nothing(tmp_path):
+def test_two_processes_writing_the_state_file_lose_nothing(tmp_path):
     """The gateway (hosting the coordinator) and a ``cyllm`` command on one file."""
     path = tmp_path / "state.db"
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), tag, "60"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for tag in ("gateway", "cli")]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(path), tag, "60"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for tag in ("gateway", "cli")
+    ]
     for p in procs:
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
-    db = Database(path)
-    await db.start()
-    registry = SqliteRegistry(db)
-    assert len(await registry.records()) == 120
-    moves = await registry.moves("key:a", "shared")
-    assert len(moves) == 120 and all(moves[i].from_model == moves[i - 1].to_model for i in range(1, 120))
-    await db.close()
+
+    async def read() -> None:
+        db = Database(path)
+        await db.start()
+        registry = SqliteRegistry(db)
+        assert len(await registry.records()) == 120
+        moves = await registry.moves("key:a", "shared")
+        assert len(moves) == 120 and all(moves[i].from_model == moves[i - 1].to_model for i in range(1, 120))
+        await db.close()
+
+    asyncio.run(read())

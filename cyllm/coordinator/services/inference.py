@@ -28,8 +28,10 @@ from cyllm.coordinator.cache import CachedResponse, PromptCache, cache_key, is_d
 from cyllm.coordinator.idempotency import MAX_KEY as MAX_IDEMPOTENCY_KEY
 from cyllm.coordinator.idempotency import PARAM as IDEMPOTENCY
 from cyllm.coordinator.idempotency import Idempotency, scoped
+from cyllm.coordinator.loading import Loader
 from cyllm.coordinator.metrics import CoordinatorMetrics
 from cyllm.coordinator.queue import Task
+from cyllm.coordinator.registry import Registry
 from cyllm.coordinator.routing import affinity_key
 from cyllm.coordinator.scheduler import Keep, Scheduler
 from cyllm.coordinator.workers import WorkerClients
@@ -158,6 +160,8 @@ class InferenceService(rpc.InferenceServicer):
         lease_s: float,
         attempts: int = 6,
         owned_model_names: bool = False,
+        registry: Registry,
+        loader: Loader,
     ) -> None:
         """``owned_model_names``: metrics name a tenant's own models (else their base)."""
         self.scheduler = scheduler
@@ -170,6 +174,8 @@ class InferenceService(rpc.InferenceServicer):
         self.lease_s = lease_s
         self.rule = worker_rule(attempts)
         self.owned_model_names = owned_model_names
+        self.registry = registry
+        self.loader = loader
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -181,6 +187,8 @@ class InferenceService(rpc.InferenceServicer):
         # it); a continuation, or a call without that id, gets a fresh one.
         tenant = Tenant.of(context)
         rid = request_id_of(context)
+        tenant.check_model(request.model)  # the key's allow-list, again (it names what callers send)
+        request.model = await self._target(request.model, tenant)
         request.request_id = (
             _task_id(tenant, rid) if rid and not request.HasField("resume") else uuid.uuid4().hex
         )
@@ -188,9 +196,8 @@ class InferenceService(rpc.InferenceServicer):
         request.tenant = hashlib.sha256(tenant.subject.encode()).hexdigest()[:16]
         started, outcome, label = time.perf_counter(), "ok", "(unknown)"
         try:
-            tenant.check_model(request.model)  # the key's allow-list, again
             # Another tenant's fine-tuned model reads exactly as a missing one.
-            owner = await self.scheduler.check_model(request.model, tenant.sees)
+            owner = await self._placed(request.model, tenant)
             # a metric label only once it names a real model, and no tenant's own
             label = metric_label(request.model, owner, self.owned_model_names)
             # A resumed generation is the rest of one: never a whole answer to cache; and
@@ -242,6 +249,21 @@ class InferenceService(rpc.InferenceServicer):
                     "latency_ms": round((time.perf_counter() - started) * 1000, 1),
                 },
             )
+
+    async def _target(self, model: str, tenant: Tenant) -> str:
+        """The model a request names: where the tenant's alias of that name points, or
+        the model itself."""
+        return await self.registry.resolve(tenant.subject, model) or model
+
+    async def _placed(self, model: str, tenant: Tenant) -> str:
+        """The model's owner, once some worker serves it: loaded on demand where no
+        worker does (``loading.py``), the request waiting meanwhile."""
+        try:
+            return await self.scheduler.check_model(model, tenant.sees)
+        except errors.ModelNotFound:
+            if not await self.loader.ensure(model, tenant):
+                raise
+        return await self.scheduler.check_model(model, tenant.sees)
 
     async def _idempotent(
         self, request: pb.GenerateRequest, tenant: Tenant, key: str | None, rid: str, label: str
@@ -299,7 +321,8 @@ class InferenceService(rpc.InferenceServicer):
         a worker that fails or is unreachable hands the call to another."""
         tenant, rid = Tenant.of(context), request_id_of(context)
         tenant.check_model(request.model)
-        await self.scheduler.check_model(request.model, tenant.sees)
+        request.model = await self._target(request.model, tenant)
+        await self._placed(request.model, tenant)
         task = Task(uuid.uuid4().hex, request.model)
         slots = WorkerSlots(self.scheduler, self.breakers, task)
         return await failover.unary(

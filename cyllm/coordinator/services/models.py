@@ -1,21 +1,18 @@
-"""``Models``: what is served where, loading and unloading models on workers on an
-operator's request, and the cluster's status.
-
-A load goes to a healthy worker that has the model (or, for ``base:adapter``, its base)
-in its catalog: one that already serves the base first, then the one with the most free
-memory by its own accounting.  The worker's new registration comes back in the reply
-and is recorded at once, so the model is routable as soon as the call returns.
-An unload goes to every worker serving the model (or the one named).
-"""
+"""``Models``: what a tenant may use (loaded, or loadable on demand), loading and
+unloading models on workers on an operator's request (``coordinator/loading.py``), the
+cluster's status, and what tenants do with the models they made (delete, publish,
+export, alias: ``coordinator/lifecycle.py``)."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 
-from cyllm import errors
 from cyllm.coordinator.cache import PromptCache
-from cyllm.coordinator.owners import ModelOwners
-from cyllm.coordinator.scheduler import Scheduler, WorkerView
+from cyllm.coordinator.lifecycle import Lifecycle
+from cyllm.coordinator.loading import ModelAdmin
+from cyllm.coordinator.registry import AliasMove, Registry
+from cyllm.coordinator.scheduler import Scheduler
 from cyllm.coordinator.workers import WorkerClients
 from cyllm.protocol import pb, rpc
 from cyllm.protocol.breaker import CircuitBreakers
@@ -24,81 +21,13 @@ from cyllm.protocol.tenant import PUBLIC, Tenant
 log = logging.getLogger(__name__)
 
 
-def _has(view: WorkerView, model: str) -> bool:
-    info = view.record.info
-    return any(m.id == model for m in list(info.models) + list(info.available))
-
-
-class ModelAdmin:
-    def __init__(self, scheduler: Scheduler, workers: WorkerClients) -> None:
-        self.scheduler = scheduler
-        self.workers = workers
-
-    async def _target(self, model: str, worker_id: str) -> WorkerView:
-        base = model.partition(":")[0]
-        everyone = await self.scheduler.workers()
-        views = [v for v in everyone if v.healthy]
-        if worker_id:
-            if not any(v.record.worker_id == worker_id for v in everyone):
-                raise errors.InvalidRequest(f"no worker {worker_id!r} is registered", param="worker_id")
-            views = [v for v in views if v.record.worker_id == worker_id]
-            if not views:
-                raise errors.Unavailable(f"worker {worker_id!r} is not healthy")
-        candidates = [v for v in views if _has(v, base)]
-        if not candidates:
-            known = sorted(
-                {m.id for v in views for m in list(v.record.info.models) + list(v.record.info.available)}
-            )
-            raise errors.ModelNotFound(
-                f"no healthy worker has model {base!r} in its catalog; known: {', '.join(known) or 'none'}",
-                param="model",
-            )
-
-        def rank(v: WorkerView) -> tuple[bool, int]:
-            info = v.record.info
-            serving = any(m.id == base for m in info.models)
-            return (not serving, -(info.memory_budget_bytes - info.memory_used_bytes))
-
-        return min(candidates, key=rank)
-
-    async def load(self, request: pb.LoadModelRequest) -> pb.LoadModelResponse:
-        view = await self._target(request.model, request.worker_id)
-        reply = await self.workers.load_model(
-            view.record.info.address,
-            pb.LoadModelRequest(model=request.model, adapter_path=request.adapter_path),
-        )
-        await self.scheduler.register(reply.worker)
-        return reply
-
-    async def unload(self, request: pb.UnloadModelRequest) -> pb.UnloadModelResponse:
-        views = [
-            v
-            for v in await self.scheduler.workers()
-            if v.record.serves(request.model)
-            and (not request.worker_id or v.record.worker_id == request.worker_id)
-        ]
-        if not views:
-            raise errors.ModelNotFound(f"no worker serves model {request.model!r}", param="model")
-        done: list[str] = []
-        for view in views:
-            try:
-                reply = await self.workers.unload_model(
-                    view.record.info.address, pb.UnloadModelRequest(model=request.model)
-                )
-            except errors.ModelNotFound:
-                continue  # unloaded meanwhile
-            await self.scheduler.register(reply.worker)
-            done.append(view.record.worker_id)
-        return pb.UnloadModelResponse(worker_ids=done)
-
-
 class ModelsService(rpc.ModelsServicer):
     def __init__(
         self,
         coordinator_id: str,
         scheduler: Scheduler,
         cache: PromptCache,
-        owners: ModelOwners,
+        registry: Registry,
         workers: WorkerClients,
         breakers: CircuitBreakers,
     ) -> None:
@@ -106,21 +35,69 @@ class ModelsService(rpc.ModelsServicer):
         self.coordinator_id = coordinator_id
         self.scheduler = scheduler
         self.cache = cache
-        self.owners = owners
+        self.registry = registry
         self.breakers = breakers
         self.admin = ModelAdmin(scheduler, workers)
+        self.lifecycle = Lifecycle(scheduler, registry, self.admin, workers)
 
     async def ListModels(self, request, context) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=await self.visible(Tenant.of(context)))
 
     async def visible(self, tenant: Tenant) -> list[pb.ModelInfo]:
-        """The models ``tenant`` may use: public ones and its own."""
-        owners = await self.owners.all()
-        return [
-            m
-            for m in await self.scheduler.models()
-            if tenant.sees(owners.get(m.id, PUBLIC)) and (tenant.models is None or m.id in tenant.models)
-        ]
+        """The models ``tenant`` may use — public ones, its own and those published to
+        it — loaded or loadable (a model made here loads on demand: ``loading.py``)."""
+        snapshot = await self.registry.snapshot()
+        found = {m.id: m for m in await self.scheduler.models()}
+        for mid, record in snapshot.models.items():
+            info = found.setdefault(mid, pb.ModelInfo(id=mid, state="available", created=record.created_at))
+            info.base, info.kind, info.job_id = record.base, record.kind, record.job_id
+            info.evaluation.update(record.evaluation)
+            if tenant.owns(record.owner):
+                info.owner, info.path = record.owner, record.path
+                info.published_to.extend(record.published)
+        mine: dict[str, list[str]] = {}
+        for (owner, name), target in snapshot.aliases.items():
+            if owner == tenant.subject:
+                mine.setdefault(target, []).append(name)
+        out = []
+        for mid, info in sorted(found.items()):
+            if tenant.sees(snapshot.visibility.get(mid, PUBLIC)) and (
+                tenant.models is None or mid in tenant.models
+            ):
+                info.aliases.extend(sorted(mine.get(mid, ())))
+                out.append(info)
+        return out
+
+    async def DeleteModel(self, request, context) -> pb.DeleteModelResponse:
+        unloaded = await self.lifecycle.delete(request.model, Tenant.of(context))
+        return pb.DeleteModelResponse(model=request.model, worker_ids=unloaded)
+
+    async def PublishModel(self, request, context) -> pb.ModelInfo:
+        tenant = Tenant.of(context)
+        await self.lifecycle.publish(request, tenant)
+        return next(m for m in await self.visible(tenant) if m.id == request.model)
+
+    async def ExportModel(self, request, context) -> AsyncIterator[pb.FileChunk]:
+        async for chunk in self.lifecycle.export(request.model, Tenant.of(context)):
+            yield chunk
+
+    async def SetAlias(self, request, context) -> pb.Alias:
+        tenant = Tenant.of(context)
+        await self.lifecycle.set_alias(request, tenant)
+        return await self.GetAlias(request, context)
+
+    async def GetAlias(self, request, context) -> pb.Alias:
+        target, moves = await self.lifecycle.alias(request.name, Tenant.of(context))
+        return pb.Alias(name=request.name, model=target, moves=[_move(m) for m in moves])
+
+    async def ListAliases(self, request, context) -> pb.ListAliasesResponse:
+        tenant = Tenant.of(context)
+        names = await self.registry.aliases(tenant.subject)
+        return pb.ListAliasesResponse(aliases=[pb.Alias(name=n, model=m) for n, m in sorted(names.items())])
+
+    async def DeleteAlias(self, request, context) -> pb.Alias:
+        target = await self.lifecycle.drop_alias(request.name, Tenant.of(context))
+        return pb.Alias(name=request.name, model=target)
 
     async def LoadModel(self, request, context) -> pb.LoadModelResponse:
         reply = await self.admin.load(request)
@@ -160,3 +137,7 @@ class ModelsService(rpc.ModelsServicer):
             coordinator_id=self.coordinator_id,
             backend=self.scheduler.backend,
         )
+
+
+def _move(m: AliasMove) -> pb.AliasMove:
+    return pb.AliasMove(from_model=m.from_model, to_model=m.to_model, by=m.by, at=m.at, reason=m.reason)

@@ -211,12 +211,11 @@ async def _stream(
 async def list_models(request: Request) -> ModelList:
     models = await coordinator(request).list_models()
     caller = context(request).caller
-    # Only what can answer now; /api/v1/models also lists models that can be loaded.
     return ModelList(
         data=[
             Model(id=m.id, created=m.created)
-            for m in models
-            if m.state != "available" and caller.may_use(m.id)
+            for m in models  # loaded, or loaded on demand when asked for
+            if caller.may_use(m.id)
         ]
     )
 
@@ -224,6 +223,6 @@ async def list_models(request: Request) -> ModelList:
 @router.get("/models/{model_id:path}", response_model=Model, responses=responses(401, 404, 500, 503))
 async def get_model(model_id: str, request: Request) -> Model:
     for m in await coordinator(request).list_models():
-        if m.id == model_id and m.state != "available" and context(request).caller.may_use(m.id):
+        if m.id == model_id and context(request).caller.may_use(m.id):
             return Model(id=m.id, created=m.created)
     raise errors.ModelNotFound(f"model {model_id!r} does not exist", param="model")
