@@ -17,6 +17,7 @@ from cyllm.gateway.context import EdgeMiddleware
 from cyllm.gateway.keys import FileKeyStore, KeyStore, RedisKeyStore
 from cyllm.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from cyllm.gateway.metrics import router as metrics_router
+from cyllm.gateway.native.registry_router import router as registry_router
 from cyllm.gateway.native.router import health_router
 from cyllm.gateway.native.router import router as native_router
 from cyllm.gateway.native.training_router import router as training_router
@@ -96,6 +97,7 @@ def create_app(
     app.include_router(embeddings_router)
     app.include_router(fine_tuning_router)
     app.include_router(native_router)
+    app.include_router(registry_router)
     app.include_router(training_router)
     app.include_router(health_router)
     app.include_router(websocket_router)

@@ -169,6 +169,32 @@ class CoordinatorClient:
             lambda c: c.models.UnloadModel, pb.UnloadModelRequest(model=model), timeout=300
         )
 
+    async def delete_model(self, model: str) -> pb.DeleteModelResponse:
+        return await self._unary(lambda c: c.models.DeleteModel, pb.ModelRequest(model=model), timeout=300)
+
+    async def publish_model(self, request: pb.PublishModelRequest) -> pb.ModelInfo:
+        return await self._unary(lambda c: c.models.PublishModel, request)
+
+    async def export_model(self, model: str) -> AsyncIterator[pb.FileChunk]:
+        """The artefact's tar stream, from the first coordinator in turn (a stream read
+        once, not started again elsewhere)."""
+        peer = await self._in_turn().take(frozenset())
+        if peer is None:
+            raise errors.Unavailable("no coordinator configured")
+        call: Stream[pb.FileChunk] = Stream(
+            peer.target.models.ExportModel(pb.ModelRequest(model=model), metadata=self._meta)
+        )
+        async for chunk in call:
+            yield chunk
+
+    async def alias(self, op: str, request: pb.AliasRequest) -> pb.Alias:
+        """``op``: SetAlias, GetAlias or DeleteAlias."""
+        return await self._unary(lambda c: getattr(c.models, op), request)
+
+    async def list_aliases(self) -> list[pb.Alias]:
+        reply = await self._unary(lambda c: c.models.ListAliases, pb.ListAliasesRequest())
+        return list(reply.aliases)
+
     async def cluster_status(self) -> list[tuple[str, pb.ClusterStatusResponse | None]]:
         """Every coordinator's view (None where it cannot be reached), asked of all at
         once.  The health route that asks is public: callers that come while an answer

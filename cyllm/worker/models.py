@@ -64,6 +64,7 @@ class ModelManager:
         self.catalog: dict[str, ModelSpec] = {m.id: m for m in settings.models}
         self.configured = frozenset(self.catalog)  # the rest was registered at run time
         self.keep_alive: dict[str, float] = {}  # model (or base:adapter) -> seconds, as loaded
+        self.unloaded_adapters: dict[str, Path] = {}  # base:adapter -> its folder, gone idle
         self.loaded: dict[str, Loaded] = {}
         self.budget = memory.MemoryBudget(device_type, settings.memory_limit_gib, settings.memory_fraction)
         self.on_change = on_change
@@ -73,6 +74,19 @@ class ModelManager:
 
     def engines(self) -> dict[str, AbstractEngine]:
         return {mid: m.engine for mid, m in self.loaded.items()}
+
+    async def resolve_or_load(self, model: str) -> tuple[AbstractEngine, str | None]:
+        """``resolve``, loading first what this worker unloaded for going unused (a
+        request can come just before the coordinators hear it went: the worker takes it
+        as a load on demand)."""
+        try:
+            return self.resolve(model)
+        except errors.ModelNotFound:
+            base, adapter = split_id(model)
+            if base not in self.catalog or (adapter is not None and model not in self.unloaded_adapters):
+                raise
+        await self.load(model, self.unloaded_adapters.get(model), self.keep_alive.get(model))
+        return self.resolve(model)
 
     def resolve(self, model: str) -> tuple[AbstractEngine, str | None]:
         """The engine and adapter for a request's model id (and mark it used)."""
@@ -152,6 +166,9 @@ class ModelManager:
         """Unload what ``idle`` names; a request later loads it again (the coordinator)."""
         gone = []
         for model in self.idle():
+            base, adapter = split_id(model)
+            if adapter is not None and base in self.loaded:
+                self.unloaded_adapters[model] = self.loaded[base].adapters[adapter]
             try:
                 await self.unload(model)
             except errors.ModelNotFound:
@@ -172,6 +189,7 @@ class ModelManager:
             del self.catalog[model]
             self.on_change()
         self.keep_alive.pop(model, None)
+        self.unloaded_adapters.pop(model, None)
         if path is None:
             return False
         try:

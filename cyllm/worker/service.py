@@ -64,7 +64,7 @@ class WorkerService(rpc.WorkerServicer):
         try:
             if self.draining:
                 raise errors.Unavailable(f"worker {self.worker_id} is draining")
-            engine, adapter = self.models.resolve(request.model)
+            engine, adapter = await self.models.resolve_or_load(request.model)
             gen_request = dataclasses.replace(request_from_proto(request), adapter=adapter)
             async with aclosing(engine.generate(gen_request)) as events:
                 async for event in events:

@@ -75,6 +75,16 @@ ROUTES = [
     ("POST", "/v1/embeddings"),
     ("GET", "/api/v1/training/plot/x"),
     ("GET", "/api/v1/stats"),
+    ("DELETE", "/v1/models/fake"),
+    ("GET", "/api/v1/models/fake"),
+    ("DELETE", "/api/v1/models/fake"),
+    ("POST", "/api/v1/models/fake/publish"),
+    ("GET", "/api/v1/models/fake/export"),
+    ("GET", "/api/v1/aliases"),
+    ("PUT", "/api/v1/aliases/x"),
+    ("GET", "/api/v1/aliases/x"),
+    ("DELETE", "/api/v1/aliases/x"),
+    ("POST", "/api/v1/aliases/x/rollback"),
 ]
 
 
@@ -92,7 +102,8 @@ async def test_no_route_but_health_and_metrics_answers_without_credentials(secur
             p.replace("{model_id}", "fake")
             .replace("{key_id}", "x")
             .replace("{file_id}", "x")
-            .replace("{job_id}", "x"),
+            .replace("{job_id}", "x")
+            .replace("{name}", "x"),
         )
         for m, p in documented
     } - open_routes

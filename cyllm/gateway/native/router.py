@@ -88,6 +88,13 @@ def _entry(m: pb.ModelInfo) -> ModelEntry:
         base=m.base or None,
         device=m.device or None,
         memory_bytes=m.memory_bytes or None,
+        kind=m.kind or None,
+        job_id=m.job_id or None,
+        evaluation=dict(m.evaluation) or None,
+        aliases=list(m.aliases) or None,
+        owner=m.owner or None,
+        published_to=list(m.published_to) or None,
+        path=m.path or None,
     )
 
 

@@ -241,9 +241,52 @@ class ModelEntry(_Camel):
     engine: str
     created: int
     state: ModelState = "loaded"
-    base: str | None = Field(None, description="for a LoRA adapter model: its base model")
+    base: str | None = Field(None, description="for a model made here (or an adapter): its base model")
     device: str | None = None
     memory_bytes: int | None = Field(None, description="the worker's estimate: weights + KV cache")
+    kind: str | None = Field(None, description="a model made here: adapter | peft | model")
+    job_id: str | None = Field(None, description="the training job that made it")
+    evaluation: dict[str, float] | None = Field(None, description="its scores on its job's validation data")
+    aliases: list[str] | None = Field(None, description="your aliases that point at it")
+    owner: str | None = Field(None, description="for its owner and admins")
+    published_to: list[str] | None = Field(None, description="tenants it is published to ('*': all)")
+    path: str | None = Field(None, description="where its artefact lives, for its owner and admins")
+
+
+class PublishRequest(_Camel):
+    tenants: list[str] = Field(default_factory=list, max_length=256, description="publish to these tenants")
+    everyone: bool = Field(False, description="publish to every tenant")
+    withdraw: bool = Field(False, description="published to nobody but its owner again")
+
+
+class ModelDeleted(_Camel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool
+
+
+class AliasMove(_Camel):
+    from_model: str = Field(description="'' when the alias was new")
+    to_model: str
+    by: str
+    at: float
+    reason: str
+
+
+class AliasSet(_Camel):
+    model: str = Field(min_length=1, max_length=512, description="the model it points at from now on")
+    expect: str | None = Field(None, description="move only if it points at this model now")
+    reason: str | None = Field(None, max_length=500)
+
+
+class AliasEntry(_Camel):
+    name: str
+    model: str
+    moves: list[AliasMove] | None = Field(None, description="oldest first")
+
+
+class AliasesResponse(_Camel):
+    aliases: list[AliasEntry]
 
 
 class LoadModelRequest(_Camel):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 
 from cyllm import errors
 from cyllm.gateway.auth import authenticate
@@ -32,6 +33,7 @@ from cyllm.gateway.openai.schemas import (
     chunk,
     completion_logprobs,
 )
+from cyllm.gateway.ratelimit import limit_control
 from cyllm.gateway.sse import frame, sse_response
 from cyllm.gateway.tools import CallStream, Toolbox
 from cyllm.gateway.usage import TokenUsage
@@ -226,3 +228,21 @@ async def get_model(model_id: str, request: Request) -> Model:
         if m.id == model_id and context(request).caller.may_use(m.id):
             return Model(id=m.id, created=m.created)
     raise errors.ModelNotFound(f"model {model_id!r} does not exist", param="model")
+
+
+class ModelDeleted(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool
+
+
+@router.delete(
+    "/models/{model_id:path}",
+    response_model=ModelDeleted,
+    dependencies=[Depends(limit_control)],
+    responses=responses(400, 401, 403, 404, 429, 500, 503),
+)
+async def delete_model(model_id: str, request: Request) -> ModelDeleted:
+    """Delete a fine-tuned model you own (OpenAI's ``client.models.delete``)."""
+    await coordinator(request).delete_model(model_id)
+    return ModelDeleted(id=model_id, deleted=True)
