@@ -14,6 +14,9 @@ from pathlib import Path
 from cyllm import errors
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# A tenant's name for a model (``support-bot``): an id, shorter.
+ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+ALIAS_RULE = "an alias is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
 
 
 def is_id(value: str) -> bool:

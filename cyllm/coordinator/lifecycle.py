@@ -28,11 +28,12 @@ from cyllm.coordinator.loading import ModelAdmin
 from cyllm.coordinator.registry import EVERYONE, AliasMove, ModelRecord, Registry
 from cyllm.coordinator.scheduler import Scheduler
 from cyllm.coordinator.workers import WorkerClients
+from cyllm.paths import ALIAS_PATTERN, ALIAS_RULE
 from cyllm.protocol import pb
 from cyllm.protocol.tenant import PUBLIC, Tenant
 
 log = logging.getLogger(__name__)
-ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ALIAS = re.compile(ALIAS_PATTERN)
 CHUNK = 1 << 20
 
 
@@ -134,10 +135,7 @@ class Lifecycle:
     async def set_alias(self, request: pb.AliasRequest, tenant: Tenant) -> AliasMove:
         name = request.name
         if not ALIAS.match(name):
-            raise errors.InvalidRequest(
-                "an alias is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
-                param="name",
-            )
+            raise errors.InvalidRequest(ALIAS_RULE, param="name")
         if request.rollback:
             moves = await self.registry.moves(tenant.subject, name)
             current = await self.registry.alias(tenant.subject, name)

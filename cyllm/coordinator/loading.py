@@ -127,9 +127,7 @@ class Loader:
         if record is not None:
             if not tenant.sees(record.visibility):
                 return None, ""
-            request = record.load_request()
-            request.keep_alive_s = record.keep_alive_s
-            return request, record.base
+            return record.load_request(), record.base
         views = await self.scheduler.workers()
         if any(v.healthy and any(m.id == model for m in v.record.info.available) for v in views):
             return pb.LoadModelRequest(model=model), model

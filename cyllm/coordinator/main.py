@@ -60,6 +60,12 @@ class Backends:
     jobs: JobStore
     database: Database | None = None  # the embedded default's state file
 
+    @property
+    def described(self) -> str:
+        if self.database is None:
+            return "state in Redis"
+        return f"queue in memory, state in {self.database.path}"
+
     async def start(self) -> None:
         if self.database is not None:
             await self.database.start()
@@ -215,9 +221,9 @@ class CoordinatorServer:
         await self._server.start()
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "coordinator %s (%s backend) listening on %s:%d",
+            "coordinator %s (%s) listening on %s:%d",
             self.coordinator_id,
-            self.scheduler.backend,
+            self.backends.described,
             self.settings.host,
             self.port,
         )

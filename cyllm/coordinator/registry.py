@@ -39,10 +39,10 @@ from cyllm.coordinator.sqlite import Database, one, transaction
 from cyllm.protocol import pb
 from cyllm.protocol.tenant import PUBLIC
 from cyllm.shared_state import text
+from cyllm.training.spec import KEEP_ALIVE_S
 
 EVERYONE = "*"
 KINDS = ("adapter", "peft", "model")
-KEEP_ALIVE_S = 300.0  # a fine-tuned model unused this long is unloaded (0: never)
 
 
 @dataclass
@@ -66,10 +66,10 @@ class ModelRecord:
         return json.dumps([self.owner, *self.published])
 
     def load_request(self) -> pb.LoadModelRequest:
-        """What a worker is asked to serve it with."""
+        """What a worker is asked to serve it with (and for how long unused)."""
         if self.kind == "adapter":
-            return pb.LoadModelRequest(model=self.id, adapter_path=self.path)
-        load = pb.LoadModelRequest(model=self.id, from_model=self.base)
+            return pb.LoadModelRequest(model=self.id, adapter_path=self.path, keep_alive_s=self.keep_alive_s)
+        load = pb.LoadModelRequest(model=self.id, from_model=self.base, keep_alive_s=self.keep_alive_s)
         if self.kind == "model":
             load.model_path = self.path
         else:

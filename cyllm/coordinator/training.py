@@ -9,15 +9,22 @@ and serve the result.
    log lines) while renewing the lease and watching the cancel flag.
 4. The end: success registers what was trained as a model on that worker
    (``<base>:ft-…`` for a LoRA adapter served beside its base, ``<base>-ft-…`` for a
-   model of its own); a worker lost mid-run (or a coordinator whose lease ran out) puts
+   model of its own; its last checkpoints as ``…-step-N``, loaded when asked for); a
+   worker lost mid-run (or a coordinator whose lease ran out) puts
    the job back in the queue to resume from its last checkpoint, up to
    ``training_max_attempts`` runs; a cancel stops the worker's process.
+5. Promotion (``promote_to``): before training, the worker scores the alias's current
+   target (the incumbent) on the job's validation data; after it, the result.  The
+   alias moves to the result only if its loss is lower and the alias still points
+   where it did when it was scored (one atomic move, recorded) — the platform's gate,
+   not the job's; ``job.promotion`` says what happened and why.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -36,6 +43,7 @@ from cyllm.paths import is_id
 from cyllm.protocol import pb
 from cyllm.protocol.client import Stream
 from cyllm.protocol.tenant import Tenant
+from cyllm.training import methods
 from cyllm.training.spec import TrainingSpec
 
 log = logging.getLogger(__name__)
@@ -123,6 +131,14 @@ class TrainingManager:
                 "eval_steps needs validation data (a validation file or validation_dataset)",
                 param="eval_steps",
             )
+        if spec.promote_to is not None:
+            if spec.validation_dataset is None:
+                raise errors.InvalidRequest(
+                    "promote_to needs validation data (a validation file or validation_dataset): "
+                    "the result is promoted only if its loss there is lower",
+                    param="promote_to",
+                )
+            await self._incumbent(tenant.subject, spec)  # refused now if it cannot compare
         tenant.check_model(spec.base_model)  # the key's allow-list, again
         if spec.base_model not in visible:
             raise errors.ModelNotFound(
@@ -292,6 +308,8 @@ class TrainingManager:
         job.attempts += 1
         job.started_at = job.started_at or int(time.time())
         resume = job.checkpoints[-1].path if job.checkpoints else ""
+        spec = TrainingSpec.model_validate_json(job.spec_json)
+        incumbent = await self._incumbent_of(job, spec)
         await self.store.put(job)
         await self._event(
             job_id,
@@ -301,7 +319,13 @@ class TrainingManager:
             state="running",
         )
         call = self.workers.train(
-            worker.address, pb.TrainRequest(job_id=job_id, spec_json=job.spec_json, resume_from=resume)
+            worker.address,
+            pb.TrainRequest(
+                job_id=job_id,
+                spec_json=job.spec_json,
+                resume_from=resume,
+                incumbent_json=json.dumps(incumbent) if incumbent else "",
+            ),
         )
         cancelled = asyncio.Event()
         keeper = asyncio.create_task(self._keep(job_id, call, cancelled))
@@ -361,7 +385,7 @@ class TrainingManager:
             await self.store.renew(job_id, self.owner, self.lease_s)
 
     async def _record(self, job_id: str, event: pb.TrainingEvent) -> None:
-        if event.type in ("metrics", "eval", "checkpoint", "result"):
+        if event.type in ("metrics", "eval", "evaluation", "checkpoint", "result"):
             job = await self.get(job_id)
             if event.type == "metrics":
                 eval_loss = job.progress.eval_loss if job.progress.HasField("eval_loss") else None
@@ -371,6 +395,8 @@ class TrainingManager:
                 job.trained_tokens = max(job.trained_tokens, event.progress.tokens)
             elif event.type == "eval":
                 job.progress.eval_loss = event.progress.eval_loss
+            elif event.type == "evaluation":
+                job.evaluation.update(event.scores)
             elif event.type == "checkpoint":
                 job.checkpoints.append(event.checkpoint)
                 job.checkpoints[-1].loss = job.progress.loss
@@ -401,6 +427,10 @@ class TrainingManager:
                 kind,
                 result.result_path,
                 job_id=job.id,
+                keep_alive_s=spec.keep_alive_s,
+                evaluation={
+                    k.removeprefix("result."): v for k, v in job.evaluation.items() if k.startswith("result.")
+                },
             )
             await self.registry.put(record)  # before anyone can see it
             try:
@@ -424,7 +454,83 @@ class TrainingManager:
             return
         await self.scheduler.register(reply.worker)
         job.fine_tuned_model = record.id
+        if spec.method not in methods.UNSERVABLE_CHECKPOINTS:
+            for checkpoint in job.checkpoints[-methods.CHECKPOINTS_KEPT :]:  # the ones on disk
+                kept = dataclasses.replace(
+                    record,
+                    id=served_as(spec.base_model, f"{name}-step-{checkpoint.step}", record.kind),
+                    path=checkpoint.path,
+                    evaluation={},
+                )
+                await self.registry.put(kept)  # loaded when asked for
+                checkpoint.model = kept.id
+        if spec.promote_to is not None:
+            job.promotion = await self._promote(job, spec.promote_to, record)
+            await self._event(job.id, "promotion", job.promotion)
         await self._finish(job, "succeeded", f"training finished; serving it as {record.id}")
+
+    # -- promotion: the platform's gate, not the job's --------------------------------------
+
+    async def _incumbent(self, owner: str, spec: TrainingSpec) -> dict[str, str] | None:
+        """What the result must beat: the alias's target, if it has one (None: the alias
+        is new, so the result is promoted unless its training failed).  A target not made
+        from this job's base cannot be compared on its losses: refused."""
+        assert spec.promote_to is not None
+        target = await self.registry.alias(owner, spec.promote_to)
+        if target is None:
+            return None
+        if target == spec.base_model:
+            return {"model": target, "kind": "base"}
+        record = await self.registry.get(target)
+        if record is None or record.base != spec.base_model:
+            raise errors.InvalidRequest(
+                f"promote_to: alias {spec.promote_to!r} points at {target!r}, which is not "
+                f"{spec.base_model!r} or a model made from it; losses of other models do not compare",
+                param="promote_to",
+            )
+        return {"model": target, "kind": record.kind, "path": record.path}
+
+    async def _incumbent_of(self, job: pb.TrainingJob, spec: TrainingSpec) -> dict[str, str] | None:
+        """The incumbent this run evaluates (None when it was already scored, or there is
+        none); ``job.incumbent`` names it."""
+        if spec.promote_to is None:
+            return None
+        try:
+            incumbent = await self._incumbent(job.owner, spec)
+        except errors.InvalidRequest:  # the alias moved to something else: the gate says so
+            job.incumbent = await self.registry.alias(job.owner, spec.promote_to) or ""
+            job.evaluation.pop("incumbent.eval_loss", None)
+            return None
+        name = incumbent["model"] if incumbent else ""
+        if name == job.incumbent and ("incumbent.eval_loss" in job.evaluation or not name):
+            return None  # scored on an earlier run
+        job.incumbent = name
+        job.evaluation.pop("incumbent.eval_loss", None)
+        return incumbent
+
+    async def _promote(self, job: pb.TrainingJob, alias: str, record: ModelRecord) -> str:
+        """Point ``alias`` at the result if it beats the alias's target on the job's
+        validation data, atomically (refused if the alias moved since it was scored)."""
+        mine = job.evaluation.get("result.eval_loss")
+        if mine is None:
+            return f"not promoted to {alias}: the result has no evaluation loss"
+        now = await self.registry.alias(job.owner, alias) or ""
+        if now != job.incumbent:
+            return f"not promoted to {alias}: it moved to {now or 'nothing'} during training"
+        theirs = job.evaluation.get("incumbent.eval_loss")
+        if now and theirs is None:
+            return f"not promoted to {alias}: its target {now} could not be evaluated"
+        if theirs is not None and not mine < theirs:
+            return (
+                f"not promoted to {alias}: evaluation loss {mine:.4f} is not below "
+                f"{theirs:.4f} of its target {now}"
+            )
+        why = f"{job.id}: evaluation loss {mine:.4f}" + (f" < {theirs:.4f} of {now}" if now else "")
+        try:
+            await self.registry.move(job.owner, alias, record.id, job.owner, why, expect=now)
+        except errors.InvalidRequest:
+            return f"not promoted to {alias}: it moved while the result was being promoted"
+        return f"promoted to {alias} ({why})"
 
     async def _requeue(self, job: pb.TrainingJob, why: str) -> None:
         if job.attempts >= self.max_attempts:

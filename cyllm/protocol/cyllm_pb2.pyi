@@ -487,16 +487,18 @@ class TrainingProgress(_message.Message):
     def __init__(self, step: _Optional[int] = ..., total_steps: _Optional[int] = ..., epoch: _Optional[float] = ..., loss: _Optional[float] = ..., learning_rate: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., eta_s: _Optional[float] = ..., tokens: _Optional[int] = ..., eval_loss: _Optional[float] = ...) -> None: ...
 
 class TrainingCheckpoint(_message.Message):
-    __slots__ = ("step", "path", "created_at", "loss")
+    __slots__ = ("step", "path", "created_at", "loss", "model")
     STEP_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     step: int
     path: str
     created_at: int
     loss: float
-    def __init__(self, step: _Optional[int] = ..., path: _Optional[str] = ..., created_at: _Optional[int] = ..., loss: _Optional[float] = ...) -> None: ...
+    model: str
+    def __init__(self, step: _Optional[int] = ..., path: _Optional[str] = ..., created_at: _Optional[int] = ..., loss: _Optional[float] = ..., model: _Optional[str] = ...) -> None: ...
 
 class TrainingEvent(_message.Message):
     __slots__ = ("seq", "created_at", "type", "level", "message", "progress", "checkpoint", "state", "result_kind", "result_path", "trained_tokens", "scores")
@@ -534,7 +536,7 @@ class TrainingEvent(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., created_at: _Optional[int] = ..., type: _Optional[str] = ..., level: _Optional[str] = ..., message: _Optional[str] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., checkpoint: _Optional[_Union[TrainingCheckpoint, _Mapping]] = ..., state: _Optional[str] = ..., result_kind: _Optional[str] = ..., result_path: _Optional[str] = ..., trained_tokens: _Optional[int] = ..., scores: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class TrainingJob(_message.Message):
-    __slots__ = ("id", "spec_json", "state", "error", "error_code", "worker_id", "created_at", "started_at", "finished_at", "attempts", "fine_tuned_model", "progress", "checkpoints", "trained_tokens", "output_dir", "cancel_requested", "owner", "training_file", "validation_file", "evaluation", "promotion")
+    __slots__ = ("id", "spec_json", "state", "error", "error_code", "worker_id", "created_at", "started_at", "finished_at", "attempts", "fine_tuned_model", "progress", "checkpoints", "trained_tokens", "output_dir", "cancel_requested", "owner", "training_file", "validation_file", "evaluation", "promotion", "incumbent")
     class EvaluationEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -563,6 +565,7 @@ class TrainingJob(_message.Message):
     VALIDATION_FILE_FIELD_NUMBER: _ClassVar[int]
     EVALUATION_FIELD_NUMBER: _ClassVar[int]
     PROMOTION_FIELD_NUMBER: _ClassVar[int]
+    INCUMBENT_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec_json: str
     state: str
@@ -584,7 +587,8 @@ class TrainingJob(_message.Message):
     validation_file: str
     evaluation: _containers.ScalarMap[str, float]
     promotion: str
-    def __init__(self, id: _Optional[str] = ..., spec_json: _Optional[str] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., error_code: _Optional[str] = ..., worker_id: _Optional[str] = ..., created_at: _Optional[int] = ..., started_at: _Optional[int] = ..., finished_at: _Optional[int] = ..., attempts: _Optional[int] = ..., fine_tuned_model: _Optional[str] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., checkpoints: _Optional[_Iterable[_Union[TrainingCheckpoint, _Mapping]]] = ..., trained_tokens: _Optional[int] = ..., output_dir: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., owner: _Optional[str] = ..., training_file: _Optional[str] = ..., validation_file: _Optional[str] = ..., evaluation: _Optional[_Mapping[str, float]] = ..., promotion: _Optional[str] = ...) -> None: ...
+    incumbent: str
+    def __init__(self, id: _Optional[str] = ..., spec_json: _Optional[str] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., error_code: _Optional[str] = ..., worker_id: _Optional[str] = ..., created_at: _Optional[int] = ..., started_at: _Optional[int] = ..., finished_at: _Optional[int] = ..., attempts: _Optional[int] = ..., fine_tuned_model: _Optional[str] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., checkpoints: _Optional[_Iterable[_Union[TrainingCheckpoint, _Mapping]]] = ..., trained_tokens: _Optional[int] = ..., output_dir: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., owner: _Optional[str] = ..., training_file: _Optional[str] = ..., validation_file: _Optional[str] = ..., evaluation: _Optional[_Mapping[str, float]] = ..., promotion: _Optional[str] = ..., incumbent: _Optional[str] = ...) -> None: ...
 
 class CreateTrainingJobRequest(_message.Message):
     __slots__ = ("spec_json", "training_file", "validation_file")

@@ -34,6 +34,11 @@ from cyllm import errors
 # (mixed-adapter batches); the others are served as a model of their own with the
 # adapter applied (merged where PEFT can merge).
 SHARED_BASE = ("lora", "pissa")
+# The trainer keeps a job's last checkpoints; when the job succeeds each becomes a model
+# of its own, served as the result is — except PiSSA's, whose checkpoints hold residual
+# weights that only its modified base gives meaning to (its result is converted).
+CHECKPOINTS_KEPT = 3
+UNSERVABLE_CHECKPOINTS = ("pissa", "custom")
 LEARNING_RATES = {"full": 2e-5, "ia3": 3e-3, "adaliprompt": 9e-3, "vera": 5e-3, "fourier": 5e-3}
 DEFAULT_LEARNING_RATE = 2e-4
 

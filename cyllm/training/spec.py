@@ -9,7 +9,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cyllm import errors
+from cyllm.paths import ALIAS_PATTERN
 from cyllm.training import methods
+
+KEEP_ALIVE_S = 300.0  # a fine-tuned model unused this long is unloaded (0: never)
 
 Method = Literal[
     "lora",
@@ -77,6 +80,17 @@ class TrainingSpec(BaseModel):
     script_args: list[str] = Field(default_factory=list)
     time_limit_s: float | None = Field(None, gt=0)
     suffix: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")
+    keep_alive_s: float = Field(
+        KEEP_ALIVE_S,
+        ge=0,
+        description="the result unloads after this long unused (0: never); it loads again when asked",
+    )
+    promote_to: str | None = Field(
+        None,
+        pattern=ALIAS_PATTERN,
+        description="an alias of yours to point at the result, only if its loss on the validation "
+        "data is below the alias's current target's (needs validation data)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingSpec:
@@ -86,6 +100,8 @@ class TrainingSpec(BaseModel):
             raise ValueError("'script' goes with method 'custom', and only there")
         if self.quantization != "none" and self.method in ("full", "custom"):
             raise ValueError(f"quantization is for adapter methods, not {self.method!r}")
+        if self.promote_to is not None and self.method == "custom":
+            raise ValueError("promote_to needs the built-in trainer's evaluation, not a custom script's")
         try:
             methods.check_options(self.method, self.options)
         except errors.InvalidRequest as exc:

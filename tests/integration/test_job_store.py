@@ -1,17 +1,22 @@
 """The job store's contract, in the embedded default's SQLite file and in a real Redis:
 records, events in order, the queue (one claimant wins), leases that expire, the cancel
-flag, files."""
+flag, files; the idempotency store's; and the state file across a restart."""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
+import redis.asyncio
 
+from cyllm.coordinator.cache import CachedResponse
+from cyllm.coordinator.idempotency import RedisIdempotencyStore
 from cyllm.coordinator.redis_jobs import RedisJobStore
+from cyllm.coordinator.registry import ModelRecord, SqliteRegistry
 from cyllm.coordinator.sqlite import Database
-from cyllm.coordinator.sqlite_jobs import SqliteJobStore
+from cyllm.coordinator.sqlite_jobs import SqliteIdempotencyStore, SqliteJobStore
 from cyllm.protocol import pb
+from tests.polling import until
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -95,3 +100,68 @@ async def test_files(stores):
     assert (await b.get_file("file-2")).path == "/x/b"
     assert await b.delete_file("file-2") and not await a.delete_file("file-2")
     assert await a.get_file("file-2") is None
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def idempotency(request, tmp_path):
+    """Two handles on one idempotency store (two coordinators)."""
+    if request.param == "sqlite":
+        dbs = [Database(tmp_path / "state.db"), Database(tmp_path / "state.db")]
+        for db in dbs:
+            await db.start()
+        yield SqliteIdempotencyStore(dbs[0]), SqliteIdempotencyStore(dbs[1])
+        for db in dbs:
+            await db.close()
+        return
+    client = redis.asyncio.Redis.from_url(request.getfixturevalue("redis_url"))
+    yield RedisIdempotencyStore(client), RedisIdempotencyStore(client)
+    await client.aclose()
+
+
+async def test_idempotency_claims_results_conflicts_and_leases(idempotency):
+    a, b = idempotency
+    answer = CachedResponse(("Hello", " there"), "stop", 3, 2)
+    assert (await a.claim("k", "fp", "coord-a", 30)).claimed
+    running = await b.claim("k", "fp", "coord-b", 30)
+    assert not running.claimed and running.result is None and not running.conflict
+    assert (await b.claim("k", "other request", "coord-b", 30)).conflict
+    await a.finish("k", "coord-a", answer, 60)
+    assert (await b.claim("k", "fp", "coord-b", 30)).result == answer
+    # a failed generation keeps nothing; an abandoned claim lapses with its lease
+    assert (await a.claim("gone", "fp", "coord-a", 30)).claimed
+    await a.release("gone", "coord-a")
+    assert (await b.claim("gone", "fp", "coord-b", 0.3)).claimed
+    await until(lambda: a.claim("gone", "fp", "coord-a", 30), lambda c: c.claimed, timeout=10)
+
+
+async def test_the_state_file_keeps_everything_across_a_restart(tmp_path):
+    """A coordinator restarted on its state file finds what it wrote: jobs with their
+    events and queue, files, idempotency results, models and aliases."""
+    answer = CachedResponse(("Hi",), "stop", 1, 1)
+    db = Database(tmp_path / "state.db")
+    await db.start()
+    jobs, registry = SqliteJobStore(db), SqliteRegistry(db)
+    await jobs.put(_job(1))
+    await jobs.append_event("ftjob-1", pb.TrainingEvent(type="state", message="created"))
+    await jobs.enqueue("ftjob-1")
+    await jobs.put_file(pb.FileInfo(id="file-1", filename="a.jsonl", bytes=3, owner="key:a", path="/f"))
+    store = SqliteIdempotencyStore(db)
+    assert (await store.claim("k", "fp", "coord", 30)).claimed
+    await store.finish("k", "coord", answer, 600)
+    await registry.put(
+        ModelRecord("base:ft-1", "key:a", "base", "adapter", "/x", evaluation={"eval_loss": 1.5})
+    )
+    await registry.move("key:a", "bot", "base:ft-1", "key:a", "set")
+    await db.close()
+
+    db = Database(tmp_path / "state.db")
+    await db.start()
+    jobs, registry = SqliteJobStore(db), SqliteRegistry(db)
+    assert (await jobs.get("ftjob-1")).state == "queued"
+    assert [e.message for e in await jobs.events("ftjob-1", 0)] == ["created"]
+    assert await jobs.queued() == ["ftjob-1"]
+    assert (await jobs.get_file("file-1")).filename == "a.jsonl"
+    assert (await SqliteIdempotencyStore(db).claim("k", "fp", "coord-2", 30)).result == answer
+    assert (await registry.get("base:ft-1")).evaluation == {"eval_loss": 1.5}
+    assert await registry.alias("key:a", "bot") == "base:ft-1"
+    await db.close()

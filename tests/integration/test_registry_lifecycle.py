@@ -149,6 +149,11 @@ async def test_an_alias_follows_its_moves_and_rolls_back(made):
     assert r.status_code == 404
     r = await made.http.put("/api/v1/aliases/fake", headers=alice, json={"model": "fake:ft-1"})
     assert r.status_code == 400 and "a model's id" in r.text  # no shadowing a model
+    for _ in range(3):  # a loaded model's listing is made anew each time (not added to)
+        models = (await made.http.get("/api/v1/models", headers=alice)).json()["models"]
+        entry = next(m for m in models if m["id"] == "fake:ft-1")
+        assert entry["state"] == "loaded" and entry["aliases"] == ["support-bot"], entry
+        assert entry["evaluation"] == {"eval_loss": 2.0}
     listed = (await made.http.get("/api/v1/aliases", headers=alice)).json()["aliases"]
     assert listed == [{"name": "support-bot", "model": "fake:ft-1", "moves": None}]
 

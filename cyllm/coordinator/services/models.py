@@ -47,7 +47,10 @@ class ModelsService(rpc.ModelsServicer):
         """The models ``tenant`` may use — public ones, its own and those published to
         it — loaded or loadable (a model made here loads on demand: ``loading.py``)."""
         snapshot = await self.registry.snapshot()
-        found = {m.id: m for m in await self.scheduler.models()}
+        found: dict[str, pb.ModelInfo] = {}
+        for m in await self.scheduler.models():  # copies: the scheduler's own are not ours to change
+            found[m.id] = copy = pb.ModelInfo()
+            copy.CopyFrom(m)
         for mid, record in snapshot.models.items():
             info = found.setdefault(mid, pb.ModelInfo(id=mid, state="available", created=record.created_at))
             info.base, info.kind, info.job_id = record.base, record.kind, record.job_id

@@ -76,6 +76,7 @@ class Checkpoint(_Camel):
     path: str
     created_at: int
     loss: float | None
+    model: str | None = Field(description="once the job succeeded, the model a kept checkpoint is served as")
 
 
 class JobError(_Camel):
@@ -99,6 +100,11 @@ class TrainingJobView(_Camel):
     started_at: int | None
     finished_at: int | None
     spec: dict[str, Any]
+    evaluation: dict[str, float] = Field(
+        description="scores on the validation data: incumbent.eval_loss (the promote_to alias's "
+        "target's, before training), result.eval_loss"
+    )
+    promotion: str | None = Field(description="what became of promote_to: promoted, or why not")
 
     @classmethod
     def of(cls, job: pb.TrainingJob) -> TrainingJobView:
@@ -112,7 +118,13 @@ class TrainingJobView(_Camel):
             fine_tuned_model=job.fine_tuned_model or None,
             progress=Progress.of(p, loss=p.loss if p.step else None) if job.HasField("progress") else None,
             checkpoints=[
-                Checkpoint(step=c.step, path=c.path, created_at=c.created_at, loss=c.loss or None)
+                Checkpoint(
+                    step=c.step,
+                    path=c.path,
+                    created_at=c.created_at,
+                    loss=c.loss or None,
+                    model=c.model or None,
+                )
                 for c in job.checkpoints
             ],
             error=JobError(code=job.error_code, message=job.error) if job.error else None,
@@ -123,6 +135,8 @@ class TrainingJobView(_Camel):
             started_at=job.started_at or None,
             finished_at=job.finished_at or None,
             spec=spec.model_dump(mode="json", exclude_none=True),
+            evaluation=dict(job.evaluation),
+            promotion=job.promotion or None,
         )
 
 
@@ -150,4 +164,6 @@ def event_dict(e: pb.TrainingEvent) -> dict[str, Any]:
         out["state"] = e.state
     elif e.type == "result":
         out["result"] = {"kind": e.result_kind, "path": e.result_path}
+    elif e.type == "evaluation":
+        out["scores"] = dict(e.scores)
     return out

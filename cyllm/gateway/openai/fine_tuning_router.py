@@ -146,12 +146,13 @@ async def job_checkpoints(
         JobCheckpoint(
             id=f"ftckpt-{job_id.removeprefix('ftjob-')}-{c.step}",
             created_at=c.created_at,
-            fine_tuned_model_checkpoint=c.path,
+            fine_tuned_model_checkpoint=c.model,
             fine_tuning_job_id=job_id,
             metrics={"step": float(c.step), "train_loss": c.loss},
             step_number=c.step,
         )
         for c in reversed(job.checkpoints)
+        if c.model  # as OpenAI: the kept checkpoints of a job that succeeded, each a model
     ]
     data = _after(data, after)
     page = data[:limit]

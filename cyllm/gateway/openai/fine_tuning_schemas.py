@@ -174,6 +174,8 @@ class FineTuningJob(BaseModel):
                 **json.loads(spec.model_dump_json(exclude_none=True)),
                 "progress": progress,
                 "attempts": job.attempts,
+                "evaluation": dict(job.evaluation),
+                "promotion": job.promotion or None,
             },
         )
 
@@ -209,6 +211,8 @@ class JobEvent(BaseModel):
             }
         elif e.type == "eval":
             data = {"step": e.progress.step, "valid_loss": e.progress.eval_loss}
+        elif e.type == "evaluation":
+            data = dict(e.scores)
         return cls(
             id=f"ftevent-{job_id.removeprefix('ftjob-')}-{e.seq}",
             created_at=e.created_at // 1000,
@@ -229,7 +233,7 @@ class JobCheckpoint(BaseModel):
     id: str
     object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
     created_at: int
-    fine_tuned_model_checkpoint: str = Field(description="the checkpoint folder on the worker")
+    fine_tuned_model_checkpoint: str = Field(description="the model it is served as")
     fine_tuning_job_id: str
     metrics: dict[str, float]
     step_number: int

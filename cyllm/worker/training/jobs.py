@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -100,6 +101,8 @@ class WorkerTraining:
             "threads": self.settings.training_threads,
             "base_model_path": base_path,
         }
+        if request.incumbent_json:
+            job["incumbent"] = _incumbent(request.incumbent_json, spec.base_model)
         (out / "job.json").write_text(json.dumps(job, indent=1))
         argv = self._command(spec, out)
         env = {
@@ -160,6 +163,23 @@ class WorkerTraining:
         return head + spec.script_args
 
 
+def _incumbent(raw: str, base: str) -> dict:
+    """The coordinator's incumbent: the base itself, or a model made from it."""
+    try:
+        incumbent = json.loads(raw)
+    except json.JSONDecodeError:
+        incumbent = None
+    if not isinstance(incumbent, dict) or incumbent.get("kind") not in ("base", "adapter", "peft", "model"):
+        raise errors.InvalidRequest("incumbent_json: {kind: base|adapter|peft|model, path, model}")
+    if incumbent["kind"] != "base" and not isinstance(incumbent.get("path"), str):
+        raise errors.InvalidRequest(f"incumbent_json: a {incumbent['kind']} needs its path")
+    return {
+        "model": str(incumbent.get("model") or base),
+        "kind": incumbent["kind"],
+        "path": incumbent.get("path"),
+    }
+
+
 def to_proto(event: dict) -> pb.TrainingEvent:
     """A progress-protocol line (or the runner's exit) as a TrainingEvent."""
     now = int(time.time() * 1000)
@@ -195,6 +215,25 @@ def to_proto(event: dict) -> pb.TrainingEvent:
             level="info",
             message=f"step {step}: eval loss {loss:.4f}",
             progress=pb.TrainingProgress(step=step, eval_loss=loss),
+        )
+    if kind == "evaluation":
+        of, scores = event.get("of"), event.get("scores")
+        numbers = {
+            f"{of}.{k}": float(v)
+            for k, v in (scores.items() if isinstance(scores, dict) else ())
+            if isinstance(k, str) and len(k) <= 64 and isinstance(v, (int, float)) and math.isfinite(v)
+        }
+        if of not in ("incumbent", "result") or not numbers:
+            return pb.TrainingEvent(
+                created_at=now, type="message", level="warn", message="ignored an evaluation without scores"
+            )
+        said = ", ".join(f"{k.split('.', 1)[1]} {v:.4f}" for k, v in sorted(numbers.items())[:8])
+        return pb.TrainingEvent(
+            created_at=now,
+            type="evaluation",
+            level="info",
+            message=("the alias's current target" if of == "incumbent" else "the result") + f": {said}",
+            scores=dict(sorted(numbers.items())[:32]),
         )
     if kind == "checkpoint":
         step = int(event.get("step") or 0)

@@ -3,10 +3,13 @@
     python -m cyllm.worker.training.train JOB.json
 
 ``JOB.json`` is ``{"spec": TrainingSpec, "base_model_path", "output_dir", "resume_from",
-"device", "threads"}``.  The loop is transformers' ``Trainer`` with callbacks that print
-the progress protocol (``runner.py`` documents it) on stdout — the same lines a custom
-script prints.  Checkpoints (adapter or model, optimizer, scheduler, RNG) go to
-``output_dir/checkpoint-<step>`` every ``save_steps``; ``resume_from`` continues one.
+"device", "threads", "incumbent"}``; ``incumbent`` (``{"model", "kind", "path"}``, kind
+``base``, ``adapter``, ``peft`` or ``model``) is what a promotion must beat, evaluated on
+the validation data before training as the result is after it.  The loop is
+transformers' ``Trainer`` with callbacks that print the progress protocol (``runner.py``
+documents it) on stdout — the same lines a custom script prints.  Checkpoints (adapter
+or model, optimizer, scheduler, RNG) go to ``output_dir/checkpoint-<step>`` every
+``save_steps``; ``resume_from`` continues one.
 """
 
 from __future__ import annotations
@@ -47,6 +50,15 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
         torch.set_num_threads(int(job["threads"]))
     transformers.logging.set_verbosity_error()
     quant = methods.quantization_config(spec.quantization, device)
+
+    def load(path: str) -> Any:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32,
+            quantization_config=quant,
+            device_map={"": device} if quant else None,
+        )
+        return model if quant else model.to(device)
 
     # 1. data, refused before any model is loaded
     examples = load_examples(
@@ -89,16 +101,45 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
     per_step = spec.batch_size * spec.gradient_accumulation_steps
     total_steps = spec.max_steps or max(1, math.ceil(len(rows) / per_step * spec.epochs))
 
-    # 2. model and method
     cuda = device.startswith("cuda")
-    model = AutoModelForCausalLM.from_pretrained(
-        job["base_model_path"],
-        dtype=torch.bfloat16 if cuda else torch.float32,
-        quantization_config=quant,
-        device_map={"": device} if quant else None,
+    counter = _TokenCounter()
+    args = transformers.TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=spec.batch_size,
+        gradient_accumulation_steps=spec.gradient_accumulation_steps,
+        learning_rate=spec.learning_rate or methods.default_learning_rate(spec.method),
+        num_train_epochs=spec.epochs,
+        max_steps=total_steps,
+        lr_scheduler_type=spec.lr_scheduler,
+        warmup_steps=spec.warmup_steps,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=spec.save_steps,
+        save_total_limit=methods.CHECKPOINTS_KEPT,
+        seed=spec.seed,
+        report_to=[spec.report_to] if spec.report_to != "none" else "none",
+        eval_strategy="steps" if eval_rows else "no",
+        eval_steps=spec.eval_steps or max(1, total_steps // 10),
+        per_device_eval_batch_size=spec.batch_size,
+        disable_tqdm=True,
+        use_cpu=not cuda and not device.startswith("npu"),
+        dataloader_pin_memory=False,
+        remove_unused_columns=False,
+        bf16=cuda,
     )
-    if quant is None:
-        model.to(device)
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    # transformers' TensorBoard callback reads its folder from the environment (this
+    # process is the job's own).
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
+
+    # 2. what the result must beat to be promoted, on the same data and the same measure
+    incumbent = job.get("incumbent")
+    if incumbent and eval_rows:
+        scores = _evaluate(_incumbent(incumbent, job["base_model_path"], load), args, eval_rows, collator)
+        emit({"event": "evaluation", "of": "incumbent", "model": incumbent.get("model"), "scores": scores})
+
+    # 3. model and method
+    model = load(job["base_model_path"])
     if spec.method != "full":
         import peft
 
@@ -122,35 +163,7 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
             model.save_pretrained(out / "pissa_init")
             model.peft_config["default"].init_lora_weights = config.init_lora_weights
 
-    # 3. the loop
-    counter = _TokenCounter()
-    args = transformers.TrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=spec.batch_size,
-        gradient_accumulation_steps=spec.gradient_accumulation_steps,
-        learning_rate=spec.learning_rate or methods.default_learning_rate(spec.method),
-        num_train_epochs=spec.epochs,
-        max_steps=total_steps,
-        lr_scheduler_type=spec.lr_scheduler,
-        warmup_steps=spec.warmup_steps,
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=spec.save_steps,
-        save_total_limit=3,
-        seed=spec.seed,
-        report_to=[spec.report_to] if spec.report_to != "none" else "none",
-        eval_strategy="steps" if eval_rows else "no",
-        eval_steps=spec.eval_steps or max(1, total_steps // 10),
-        per_device_eval_batch_size=spec.batch_size,
-        disable_tqdm=True,
-        use_cpu=not cuda and not device.startswith("npu"),
-        dataloader_pin_memory=False,
-        remove_unused_columns=False,
-        bf16=cuda,
-    )
-    # transformers' TensorBoard callback reads its folder from the environment (this
-    # process is the job's own).
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
+    # 4. the loop
     callbacks: list[TrainerCallback] = [_Progress(emit, counter, out)]
     if spec.method == "adalora":
         callbacks.append(_AdaLoraBudget())
@@ -160,15 +173,18 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
         train_dataset=train_rows,
         eval_dataset=eval_rows,
         callbacks=callbacks,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        data_collator=collator,
+        processing_class=tokenizer,  # saved with each checkpoint: a full one is a servable folder
     )
     trainer.remove_callback(transformers.PrinterCallback)  # our events replace its prints
     trainer.train(resume_from_checkpoint=job.get("resume_from") or None)
-    if eval_rows and trainer.state.global_step % args.eval_steps:  # the last step's, too
-        trainer.evaluate()
+    if eval_rows:  # the result's score: the last step's evaluation
+        final = [h for h in trainer.state.log_history if h.get("step") == trainer.state.global_step]
+        metrics = next((h for h in final if "eval_loss" in h), None) or trainer.evaluate()
+        emit({"event": "evaluation", "of": "result", "scores": _scores(metrics)})
     _plot(trainer.state.log_history, out, f"{spec.method} on {spec.base_model}")
 
-    # 4. the result
+    # 5. the result
     if spec.method == "full":
         path, kind = out / "model", "model"
         trainer.save_model(str(path))
@@ -191,6 +207,42 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
     }
     emit(result)
     return result
+
+
+def _incumbent(incumbent: dict[str, Any], base_path: str, load: Callable[[str], Any]) -> Any:
+    """The model a promotion must beat: the base, an adapter on it, or full weights."""
+    kind = incumbent.get("kind")
+    if kind == "model":
+        return load(str(incumbent["path"]))
+    model = load(base_path)
+    if kind in ("adapter", "peft"):
+        import peft
+
+        model = peft.PeftModel.from_pretrained(model, str(incumbent["path"]))
+    return model
+
+
+def _evaluate(model: Any, args: Any, rows: list[dict[str, Any]], collator: Any) -> dict[str, float]:
+    """The model's scores on the validation rows, measured as the trainer measures the
+    result (its evaluation loop, batch size and collator), so the two compare."""
+    import gc
+
+    import torch
+    import transformers
+
+    trainer = transformers.Trainer(model=model, args=args, eval_dataset=rows, data_collator=collator)
+    trainer.remove_callback(transformers.PrinterCallback)
+    scores = _scores(trainer.evaluate())
+    del trainer, model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return scores
+
+
+def _scores(metrics: dict[str, Any]) -> dict[str, float]:
+    """What a promotion compares (lower is better)."""
+    return {"eval_loss": float(metrics["eval_loss"])}
 
 
 def _plot(history: list[dict[str, Any]], out: Path, title: str) -> None:
