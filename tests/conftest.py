@@ -37,13 +37,38 @@ os.environ.setdefault("CYLLM_INTERNAL_TOKEN", secrets.token_urlsafe(24))
 os.environ.setdefault("CYLLM_WORKER_CPU_ENGINE", "transformers")
 
 STATE = Path(tempfile.mkdtemp(prefix="cyllm-test-state-"))
-for variable, place in (
-    ("CYLLM_GATEWAY_API_KEYS_FILE", "api-keys.json"),
-    ("CYLLM_COORDINATOR_FILES_DIR", "files"),
-    ("CYLLM_COORDINATOR_STATE_DB", "state.db"),
-    ("CYLLM_WORKER_TRAINING_DIR", "training"),
-):
+# variable -> (config section, setting, its place in STATE)
+STATE_SETTINGS = {
+    "CYLLM_GATEWAY_API_KEYS_FILE": ("gateway", "api_keys_file", "api-keys.json"),
+    "CYLLM_COORDINATOR_FILES_DIR": ("coordinator", "files_dir", "files"),
+    "CYLLM_COORDINATOR_STATE_DB": ("coordinator", "state_db", "state.db"),
+    "CYLLM_WORKER_TRAINING_DIR": ("worker", "training_dir", "training"),
+}
+for variable, (_, _, place) in STATE_SETTINGS.items():
     os.environ[variable] = str(STATE / place)
+
+
+def config_environment(config: Path | None) -> dict[str, str | None]:
+    """For a process given ``config``: the session's state variables that the file sets
+    itself, removed (the environment would win over the file)."""
+    if config is None:
+        return {}
+    import yaml
+
+    doc = yaml.safe_load(config.read_text()) or {}
+    return {
+        variable: None
+        for variable, (section, setting, _) in STATE_SETTINGS.items()
+        if setting in (doc.get(section) or {})
+    }
+
+
+def environment_for(config: Path) -> dict[str, str]:
+    """This session's environment for a ``cyllm`` process given ``config``."""
+    dropped = config_environment(config)
+    return {k: v for k, v in os.environ.items() if k not in dropped}
+
+
 USERS_OWN = [
     Path.home() / ".cache" / "cyllm",
     Path.home() / ".config" / "cyllm",

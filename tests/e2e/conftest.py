@@ -21,7 +21,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import free_ports
+from tests.conftest import config_environment, free_ports
 
 MODEL = "smollm2-135m-instruct"
 
@@ -74,8 +74,13 @@ def serving(
     ]
     if config is not None:
         cmd += ["--config", str(config)]
-    # its own state file, beside its log, unless the test gives one (a restart keeps it)
-    env = {"CYLLM_COORDINATOR_STATE_DB": str(log.with_suffix(".state.db")), **(env or {})}
+    # its own state file, beside its log, unless the test gives one (a restart keeps it);
+    # what the config file sets, from the file
+    env = {
+        "CYLLM_COORDINATOR_STATE_DB": str(log.with_suffix(".state.db")),
+        **config_environment(config),
+        **(env or {}),
+    }
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             cmd,
@@ -142,5 +147,41 @@ def create_key(config: Path, name: str, admin: bool = False) -> str:
         check=True,
         capture_output=True,
         text=True,
+        env=_environment(config_environment(config)),
     ).stdout
     return out.strip().splitlines()[-1]
+
+
+def children(pid: int) -> dict[str, int]:
+    """serve's children by component name (from their command lines)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            for name in ("worker", "gateway"):
+                if name.encode() in argv[3:5]:
+                    out[name] = int(child)
+    return out
+
+
+def comes_back(server, name: str, dead: int) -> None:
+    """Wait until ``name`` runs again under a new pid and the service is healthy."""
+    deadline = time.monotonic() + 240
+    status = None
+    while time.monotonic() < deadline:
+        assert server.proc.poll() is None, f"serve went down with its {name}"
+        try:
+            status = httpx.get(f"{server.base_url}/api/v1/health", timeout=3).json()["status"]
+        except httpx.HTTPError:
+            status = None
+        new = children(server.proc.pid).get(name)
+        if status == "ok" and new not in (None, dead):
+            break
+        time.sleep(1)
+    assert status == "ok"
+    r = httpx.post(
+        f"{server.base_url}/v1/chat/completions",
+        timeout=60,
+        json={"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert r.status_code == 200, r.text

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import redis
 import yaml
 
 from tests import polling
-from tests.conftest import free_ports, stop_processes
+from tests.conftest import environment_for, free_ports, stop_processes
 
 FAST = {"heartbeat_interval_s": 0.3, "heartbeat_timeout_s": 1.5, "progress_timeout_s": 1.5, "lease_s": 2.0}
 
@@ -39,7 +38,7 @@ class Cluster:
             [sys.executable, "-m", "cyllm", *args, "--config", str(cfg)],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**environment_for(cfg), "PYTHONUNBUFFERED": "1"},
         )
 
     def coordinator(self, name: str, **kw) -> str:
@@ -311,6 +310,7 @@ def test_two_gateway_processes_on_one_redis_allow_the_rate_once(cluster, tmp_pat
         capture_output=True,
         text=True,
         check=True,
+        env=environment_for(cfg),
     )
     key = made.stdout.strip().splitlines()[-1]
     assert key.startswith("cy_") and key not in (tmp_path / "gw.yaml").read_text()

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from tests.conftest import environment_for
 from tests.e2e.conftest import serving
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,6 +53,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(tmp_path, au
             capture_output=True,
             text=True,
             check=True,
+            env=environment_for(config),
         )
         headers = ["-H", f"Authorization: Bearer {made.stdout.split()[-1]}"]
     else:
@@ -130,6 +132,7 @@ def ws_server(tmp_path_factory):
         capture_output=True,
         text=True,
         check=True,
+        env=environment_for(config),
     )
     with serving(tmp / "serve.log", config, timeout=60) as server:
         yield server.base_url.replace("http://", "ws://") + "/api/v1/inference/ws", made.stdout.split()[-1]

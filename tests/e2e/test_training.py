@@ -5,7 +5,6 @@ resuming from its checkpoint on another worker."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import openai
 import pytest
 import yaml
 
-from tests.conftest import free_ports, stop_processes
+from tests.conftest import environment_for, free_ports, stop_processes
 from tests.e2e.conftest import MODEL, serving, wait_healthy
 from tests.polling import wait_for
 
@@ -165,7 +164,14 @@ def test_lora_job_trains_streams_and_serves_the_answer(client, trainer):
     ] == [loss for _, loss in evals]
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id)
     assert [c.step_number for c in checkpoints.data] == [12, 6]
-    assert all(Path(c.fine_tuned_model_checkpoint).is_dir() for c in checkpoints.data)
+    assert [c.fine_tuned_model_checkpoint for c in checkpoints.data] == [
+        f"{done.fine_tuned_model}-step-{n}" for n in (12, 6)
+    ]
+    # each a model of its own, loaded when asked for; the last one is the result
+    last = client.chat.completions.create(
+        model=checkpoints.data[0].fine_tuned_model_checkpoint, messages=ZORBLAX, max_tokens=24, temperature=0
+    )
+    assert last.choices[0].message.content == answer
 
 
 def test_bad_uploads_and_jobs_are_refused_clearly(client, trainer, tmp_path):
@@ -318,7 +324,7 @@ class Processes:
             [sys.executable, "-m", "cyllm", *args, "--config", str(config)],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**environment_for(config), "PYTHONUNBUFFERED": "1"},
         )
         return self.procs[name]
 
