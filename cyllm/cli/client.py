@@ -1,5 +1,5 @@
 """Client commands against a running gateway, over its public HTTP API only (what a
-script or the console could do too): chat, models, files, train, keys.
+script or the console could do too): chat, models, aliases, files, train, keys.
 
 ``--url`` / ``CYLLM_URL`` (default http://127.0.0.1:8080) and ``--api-key`` /
 ``CYLLM_API_KEY``.  An error answer is printed as the server wrote it (the OpenAI error
@@ -200,7 +200,9 @@ def chat(
 
 # -- models -------------------------------------------------------------------------------
 
-models_app = typer.Typer(no_args_is_help=True, help="List, load and unload models.")
+models_app = typer.Typer(
+    no_args_is_help=True, help="List, load and unload models; show, delete, publish and export yours."
+)
 app.add_typer(models_app, name="models")
 
 
@@ -240,6 +242,153 @@ def models_unload(
     out.print(
         f"unloaded {_e(model)} from {_e(', '.join(reply['workerIds']) or 'no worker')}", highlight=False
     )
+
+
+@models_app.command("show")
+def models_show(
+    model: Annotated[str, typer.Argument(help="A model id.")],
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+    as_json: AsJson = False,
+) -> None:
+    """One model: its state, base, kind, the job that made it, its evaluation, your
+    aliases on it, whom it is published to and where its artefact lives."""
+    entry = Gateway(url, api_key).call("GET", f"/api/v1/models/{model}")
+    if as_json:
+        out.print_json(data=entry)
+        return
+    for key in ("id", "state", "base", "kind", "jobId", "evaluation", "aliases", "publishedTo", "path"):
+        if entry.get(key) not in (None, [], {}):
+            out.print(f"{key}: {_e(entry[key])}", highlight=False)
+
+
+@models_app.command("delete")
+def models_delete(
+    model: Annotated[str, typer.Argument(help="A model you made.")],
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Delete a model you made: no longer served or listed, its artefact removed."""
+    Gateway(url, api_key).call("DELETE", f"/api/v1/models/{model}")
+    out.print(f"deleted {_e(model)}", highlight=False)
+
+
+@models_app.command("publish")
+def models_publish(
+    model: Annotated[str, typer.Argument(help="A model made here.")],
+    tenant: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--tenant", help="A tenant to publish to (repeat); none: --everyone.", show_default=False
+        ),
+    ] = None,
+    everyone: Annotated[bool, typer.Option(help="Publish to every tenant.")] = False,
+    withdraw: Annotated[bool, typer.Option(help="Back to its owner only.")] = False,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Publish a model to other tenants, or withdraw it (admin)."""
+    if not (tenant or everyone or withdraw):
+        _fail("give --tenant, --everyone or --withdraw")
+    body = {"tenants": tenant or [], "everyone": everyone, "withdraw": withdraw}
+    entry = Gateway(url, api_key).call("POST", f"/api/v1/models/{model}/publish", json=body)
+    out.print(f"{_e(model)} published to {_e(', '.join(entry['publishedTo'] or []) or 'its owner')}")
+
+
+@models_app.command("export")
+def models_export(
+    model: Annotated[str, typer.Argument(help="A model you made.")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Where to write the tar archive.", show_default=False)
+    ],
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Download a model you made (its adapter or model folder) as a tar archive."""
+    gw = Gateway(url, api_key)
+    try:
+        with gw.http.stream("GET", f"/api/v1/models/{model}/export") as reply:
+            if reply.status_code >= 400:
+                reply.read()
+                _fail(_message(reply))
+            with output.open("wb") as f:
+                for chunk in reply.iter_bytes():
+                    f.write(chunk)
+    except httpx.HTTPError as exc:
+        _fail(f"download from {gw.http.base_url} failed: {exc}")
+    out.print(f"wrote {_e(output)} ({output.stat().st_size} bytes)", highlight=False)
+
+
+# -- aliases ------------------------------------------------------------------------------
+
+aliases_app = typer.Typer(
+    no_args_is_help=True, help="Your stable names for models: set, show (with history), roll back, delete."
+)
+app.add_typer(aliases_app, name="aliases")
+
+
+@aliases_app.command("list")
+def aliases_list(url: Url = DEFAULT_URL, api_key: ApiKey = None, as_json: AsJson = False) -> None:
+    """Your aliases and where they point."""
+    _listing(Gateway(url, api_key).call("GET", "/api/v1/aliases")["aliases"], ["name", "model"], as_json)
+
+
+@aliases_app.command("set")
+def aliases_set(
+    name: Annotated[str, typer.Argument(help="The alias (1-64 letters, digits, '.', '_', '-').")],
+    model: Annotated[str, typer.Argument(help="The model it points at from now on.")],
+    expect: Annotated[
+        str | None, typer.Option(help="Move only if it points at this model now.", show_default=False)
+    ] = None,
+    reason: Annotated[str | None, typer.Option(help="Kept in its history.", show_default=False)] = None,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Point an alias at a model (atomically; recorded)."""
+    body = {k: v for k, v in {"model": model, "expect": expect, "reason": reason}.items() if v is not None}
+    entry = Gateway(url, api_key).call("PUT", f"/api/v1/aliases/{name}", json=body)
+    out.print(f"{_e(entry['name'])} -> {_e(entry['model'])}", highlight=False)
+
+
+@aliases_app.command("show")
+def aliases_show(
+    name: Annotated[str, typer.Argument(help="An alias of yours.")],
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+    as_json: AsJson = False,
+) -> None:
+    """Where an alias points, and its moves (oldest first)."""
+    entry = Gateway(url, api_key).call("GET", f"/api/v1/aliases/{name}")
+    if as_json:
+        out.print_json(data=entry)
+        return
+    out.print(f"{_e(entry['name'])} -> {_e(entry['model'])}", highlight=False)
+    moves = [
+        {**m, "at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["at"]))} for m in entry["moves"] or []
+    ]
+    _listing(moves, ["at", "fromModel", "toModel", "by", "reason"], False)
+
+
+@aliases_app.command("rollback")
+def aliases_rollback(
+    name: Annotated[str, typer.Argument(help="An alias of yours.")],
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Point an alias back where it was before its last move."""
+    entry = Gateway(url, api_key).call("POST", f"/api/v1/aliases/{name}/rollback")
+    out.print(f"{_e(entry['name'])} -> {_e(entry['model'])}", highlight=False)
+
+
+@aliases_app.command("delete")
+def aliases_delete(
+    name: Annotated[str, typer.Argument(help="An alias of yours.")],
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """Remove an alias (the model stays)."""
+    Gateway(url, api_key).call("DELETE", f"/api/v1/aliases/{name}")
+    out.print(f"deleted alias {_e(name)}", highlight=False)
 
 
 # -- files --------------------------------------------------------------------------------
@@ -316,6 +465,14 @@ def train_submit(
     suffix: Annotated[
         str | None, typer.Option(show_default=False, help="Part of the result model's name.")
     ] = None,
+    promote_to: Annotated[
+        str | None,
+        typer.Option(
+            show_default=False,
+            help="Point this alias of yours at the result if it beats the alias's current target on "
+            "the validation data (needs --validation-file).",
+        ),
+    ] = None,
     report_to: Annotated[
         str | None,
         typer.Option(help="'tensorboard': write TensorBoard logs into the job folder.", show_default=False),
@@ -341,6 +498,7 @@ def train_submit(
         ("batchSize", batch_size),
         ("learningRate", learning_rate),
         ("suffix", suffix),
+        ("promoteTo", promote_to),
         ("reportTo", report_to),
     ):
         if value is not None:
@@ -408,6 +566,10 @@ def train_status(
         out.print(f"checkpoint step {_e(c['step'])}: {_e(c['path'])}", highlight=False)
     if job["fineTunedModel"]:
         out.print(f"result: {_e(job['fineTunedModel'])}", highlight=False)
+    for key, value in sorted((job.get("evaluation") or {}).items()):
+        out.print(f"{_e(key)}: {value:.4f}", highlight=False)
+    if job.get("promotion"):
+        out.print(_e(job["promotion"]), highlight=False)
     if job["error"]:
         out.print(f"[red]{_e(job['error']['code'])}: {_e(job['error']['message'])}[/]", highlight=False)
 
@@ -477,11 +639,13 @@ def _watch(gw: Gateway, job_id: str) -> int:
                     rate=f"{p['tokensPerSecond']:.0f}",
                     spark=sparkline(losses),
                 )
-            elif kind in ("message", "checkpoint") and event.get("message"):
+            elif kind in ("message", "checkpoint", "evaluation", "promotion") and event.get("message"):
                 bar.console.print(f"[dim]{_e(event['message'])}[/]", highlight=False)
     job = gw.call("GET", f"/api/v1/training/status/{job_id}")
     if job["state"] == "succeeded":
         out.print(f"{_e(job_id)} succeeded: {_e(job['fineTunedModel'])}", highlight=False)
+        if job.get("promotion"):
+            out.print(_e(job["promotion"]), highlight=False)
         return 0
     reason = f": {job['error']['message']}" if job["error"] else ""
     out.print(f"{_e(job_id)} {_e(job['state'])}{_e(reason)}", highlight=False)

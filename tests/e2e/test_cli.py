@@ -216,15 +216,20 @@ def test_train_submit_watch_status_with_validation_and_tensorboard(stack):
         "0.002",
         "--report-to",
         "tensorboard",
+        "--promote-to",
+        "smol-bot",
         "--watch",
         env={**stack.env, "COLUMNS": "160"},
     )
     job_id = submitted.stdout.strip().splitlines()[0]
     assert job_id.startswith("ftjob-")
     assert f"{job_id} succeeded: smol:ft-" in submitted.stdout
+    assert "promoted to smol-bot" in submitted.stdout  # a new alias: nothing to beat
     assert "6/6" in submitted.stderr and "loss" in submitted.stderr  # the progress bar's end
     status = json.loads(cyllm("train", "status", job_id, "--json", env=stack.env).stdout)
     assert status["state"] == "succeeded" and status["progress"]["evalLoss"] > 0
+    assert status["evaluation"]["result.eval_loss"] > 0
+    stack.tuned = status["fineTunedModel"]
     assert job_id in cyllm("train", "list", env={**stack.env, "COLUMNS": "200"}).stdout
     # TensorBoard's event files, with the training loss in them
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -234,6 +239,32 @@ def test_train_submit_watch_status_with_validation_and_tensorboard(stack):
     scalars = EventAccumulator(str(runs[0].parent)).Reload().Tags()["scalars"]
     assert "train/loss" in scalars and "eval/loss" in scalars, scalars
     assert (stack.jobs / job_id / "loss.png").is_file()
+
+
+def test_models_and_aliases_commands(stack, tmp_path):
+    tuned = stack.tuned  # the previous test's result
+    shown = cyllm("models", "show", tuned, env={**stack.env, "COLUMNS": "200"}).stdout
+    assert "kind: adapter" in shown and "aliases: ['smol-bot']" in shown and "evaluation:" in shown
+    listed = json.loads(cyllm("aliases", "list", "--json", env=stack.env).stdout)
+    assert listed == [{"name": "smol-bot", "model": tuned, "moves": None}]
+    assert (
+        "smol-bot -> smol"
+        in cyllm("aliases", "set", "smol-bot", "smol", "--reason", "compare", env=stack.env).stdout
+    )
+    history = json.loads(cyllm("aliases", "show", "smol-bot", "--json", env=stack.env).stdout)["moves"]
+    assert [(m["fromModel"], m["toModel"], m["reason"]) for m in history][-1] == (tuned, "smol", "compare")
+    assert f"smol-bot -> {tuned}" in cyllm("aliases", "rollback", "smol-bot", env=stack.env).stdout
+    archive = tmp_path / "tuned.tar"
+    assert "wrote" in cyllm("models", "export", tuned, "-o", str(archive), env=stack.env).stdout
+    import tarfile
+
+    names = tarfile.open(archive).getnames()
+    assert any(n.endswith("/adapter_config.json") for n in names), names
+    assert "published to *" in cyllm("models", "publish", tuned, "--everyone", env=stack.env).stdout
+    assert f"deleted {tuned}" in cyllm("models", "delete", tuned, env=stack.env).stdout
+    gone = cyllm("models", "show", tuned, env=stack.env, check=False)
+    assert gone.returncode == 1 and "404" in gone.stderr
+    assert cyllm("aliases", "show", "smol-bot", env=stack.env, check=False).returncode == 1
 
 
 def test_train_cancel(stack):

@@ -1,7 +1,8 @@
 """The web console in a real browser (Debian's headless Chromium through its
 chromedriver) against a real stack with authentication on: each page loads, the
-playground streams an answer, a training job's chart gains points as it trains, a
-non-admin sees no admin controls, a bad key is refused.
+playground streams an answer, a training job's chart gains points as it trains and its
+result is promoted to an alias, the models page shows it and its alias (set, roll back,
+delete), a non-admin sees no admin controls, a bad key is refused.
 
 ``CYLLM_SCREENSHOTS=docs/console`` saves a screenshot of each page there (how the
 README's pictures are made)."""
@@ -117,7 +118,6 @@ def test_every_page_loads_for_an_admin(stack, browser):
     wait(browser, lambda d: rows(d, "models-table"))
     model = next(r for r in rows(browser, "models-table") if r[0] == MODEL)
     assert model[1] == "loaded" and model[-1] == "Unload"  # the admin's control
-    shoot(browser, "models")
     visit(browser, stack.base_url, "cluster")
     wait(browser, lambda d: rows(d, "workers-table") and by_id(d, "cluster-status").text)
     assert by_id(browser, "cluster-status").text == "ok"
@@ -185,17 +185,52 @@ def test_a_training_jobs_chart_gains_points(stack, browser):
     steps = by_id(browser, "job-steps")
     steps.clear()
     steps.send_keys("8")
+    by_id(browser, "job-promote").send_keys("console-bot")
     by_id(browser, "job-form").submit()
     wait(browser, lambda d: by_id(d, "job-detail").is_displayed())
     wait(browser, lambda d: int(by_id(d, "chart-loss").get_attribute("data-points") or 0) >= 3, timeout=300)
     wait(browser, lambda d: by_id(d, "job-state").text.startswith("succeeded"), timeout=300)
     assert int(by_id(browser, "chart-loss").get_attribute("data-points")) == 8
     assert "eval loss" in by_id(browser, "job-state").text  # the validation file's
+    wait(browser, lambda d: "promoted to console-bot" in by_id(d, "job-promotion").text)
+    assert "result.eval_loss" in by_id(browser, "job-promotion").text
     wait(browser, lambda d: rows(d, "jobs-table")[0][1] == "succeeded")
     shoot(browser, "fine-tuning")
     by_id(browser, "job-open").click()
     wait(browser, lambda d: by_id(d, "playground").is_displayed())
     wait(browser, lambda d: ":ft-" in Select(by_id(d, "pg-model")).first_selected_option.text)
+
+
+def test_the_models_page_shows_made_models_and_their_aliases(stack, browser):
+    """After the training test: its result, its evaluation and the alias it was promoted to."""
+    log_in(browser, stack.base_url, stack.admin_key)
+    visit(browser, stack.base_url, "models")
+    wait(browser, lambda d: rows(d, "aliases-table"))
+    alias, result = rows(browser, "aliases-table")[0][:2]
+    assert alias == "console-bot" and ":ft-" in result
+    made = next(r for r in rows(browser, "models-table") if r[0] == result)
+    assert made[7] == "adapter" and float(made[8]) > 0 and made[9] == "console-bot", made
+    assert "Export" in made[10] and "Delete" in made[10]
+    checkpoint = next(r for r in rows(browser, "models-table") if r[0] == f"{result}-step-8")
+    assert checkpoint[1] == "available" and checkpoint[7] == "adapter"  # loaded when asked for
+    shoot(browser, "models")
+    # point a new alias at the base, from the form
+    by_id(browser, "alias-name").send_keys("base-bot")
+    Select(by_id(browser, "alias-model")).select_by_visible_text(MODEL)
+    by_id(browser, "alias-form").submit()
+    wait(browser, lambda d: ["base-bot", MODEL] in [r[:2] for r in rows(d, "aliases-table")])
+    # a rollback with nowhere to go says why
+    browser.find_element(
+        By.XPATH, "//table[@id='aliases-table']//tr[td='console-bot']//button[.='Roll back']"
+    ).click()
+    wait(browser, lambda d: "nowhere else to roll back to" in by_id(d, "models-error").text)
+    # delete the model: gone from both tables (its alias goes with it)
+    browser.find_element(
+        By.XPATH, f"//table[@id='models-table']//tr[td='{made[0]}']//button[.='Delete']"
+    ).click()
+    browser.switch_to.alert.accept()
+    wait(browser, lambda d: all(r[0] != made[0] for r in rows(d, "models-table")))
+    assert [r[0] for r in rows(browser, "aliases-table")] == ["base-bot"]
 
 
 def test_a_non_admin_sees_no_admin_controls(stack, browser):

@@ -233,21 +233,74 @@ $("chat-reset").addEventListener("click", () => {
 
 async function showModels() {
   $("models-error").textContent = "";
-  const { models } = await api("GET", "/api/v1/models");
+  const [{ models }, { aliases }] = await Promise.all([api("GET", "/api/v1/models"),
+                                                       api("GET", "/api/v1/aliases")]);
+  const failed = (e) => { $("models-error").textContent = e.message; };
   fill($("models-table").querySelector("tbody"), models.map((m) => {
-    const cells = [m.id, m.state, m.engine, m.device, m.contextLength, bytes(m.memoryBytes), m.base];
+    const loss = m.evaluation && m.evaluation.eval_loss;
+    const cells = [m.id, m.state, m.engine, m.device, m.contextLength, bytes(m.memoryBytes), m.base,
+                   m.kind || "", loss === undefined || loss === null ? "" : loss.toFixed(4),
+                   (m.aliases || []).join(", ")];
+    const actions = el("span");
     if (state.admin) {
       const verb = m.state === "loaded" ? "unload" : "load";
-      cells.push(button(verb === "load" ? "Load" : "Unload", async (event) => {
+      actions.append(button(verb === "load" ? "Load" : "Unload", async (event) => {
         event.target.disabled = true;
-        try { await api("POST", `/api/v1/models/${encodeURIComponent(m.id)}/${verb}`); }
-        catch (e) { $("models-error").textContent = e.message; }
+        try { await api("POST", `/api/v1/models/${encodeURIComponent(m.id)}/${verb}`); } catch (e) { failed(e); }
         showModels();
       }));
     }
+    if (m.kind && m.owner) {  // made here, and the caller's (or an admin's): export, delete
+      actions.append(button("Export", () => exportModel(m.id).catch(failed)));
+      actions.append(button("Delete", async (event) => {
+        if (!confirm(`Delete ${m.id} and its files?`)) return;
+        event.target.disabled = true;
+        try { await api("DELETE", `/api/v1/models/${encodeURIComponent(m.id)}`); } catch (e) { failed(e); }
+        showModels();
+      }, "danger"));
+    }
+    cells.push(actions);
     return row(cells);
   }));
+  fill($("aliases-table").querySelector("tbody"), aliases.map((a) => row([a.name, a.model, el("span")])));
+  for (const [i, a] of aliases.entries()) {
+    const cell = $("aliases-table").querySelectorAll("tbody tr")[i].lastChild.firstChild;
+    const act = (method, path) => async (event) => {
+      event.target.disabled = true;
+      try { await api(method, path); } catch (e) { failed(e); }
+      showModels();
+    };
+    const name = encodeURIComponent(a.name);
+    cell.append(button("Roll back", act("POST", `/api/v1/aliases/${name}/rollback`)),
+                button("Delete", act("DELETE", `/api/v1/aliases/${name}`), "danger"));
+  }
+  fillSelect($("alias-model"), models.map((m) => m.id), $("alias-model").value);
 }
+
+async function exportModel(id) {
+  // A download that carries the key: fetched, then handed to the browser as a file.
+  const reply = await fetch(`/api/v1/models/${encodeURIComponent(id)}/export`, { headers: authHeaders() });
+  if (!reply.ok) {
+    let body = null;
+    try { body = JSON.parse(await reply.text()); } catch (_) { /* not the error shape */ }
+    throw new ApiError(reply.status, body);
+  }
+  const link = el("a", null, { href: URL.createObjectURL(await reply.blob()),
+                               download: `${id.replace(/[^A-Za-z0-9._-]/g, "_")}.tar` });
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(link.href), 60000);
+}
+
+$("alias-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  $("models-error").textContent = "";
+  const name = $("alias-name").value.trim();
+  try {
+    await api("PUT", `/api/v1/aliases/${encodeURIComponent(name)}`, { model: $("alias-model").value });
+    $("alias-name").value = "";
+  } catch (e) { $("models-error").textContent = e.message; }
+  showModels();
+});
 
 // Cluster -----------------------------------------------------------------------------------
 
@@ -358,6 +411,7 @@ $("job-form").addEventListener("submit", async (event) => {
   if ($("job-validation").value) body.validationFileId = $("job-validation").value;
   if ($("job-lr").value) body.learningRate = Number($("job-lr").value);
   if ($("job-suffix").value) body.suffix = $("job-suffix").value;
+  if ($("job-promote").value) body.promoteTo = $("job-promote").value.trim();
   try {
     const job = await api("POST", "/api/v1/training/start", body);
     await refreshJobs();
@@ -386,6 +440,8 @@ async function openJob(id) {
       (p && p.loss != null ? ` · loss ${p.loss.toFixed(4)}` : "") +
       (p && p.evalLoss != null ? ` · eval loss ${p.evalLoss.toFixed(4)}` : "") +
       (j.error ? ` · ${j.error.message}` : "");
+    const scores = Object.entries(j.evaluation || {}).map(([k, v]) => `${k} ${v.toFixed(4)}`);
+    $("job-promotion").textContent = [j.promotion, ...scores].filter(Boolean).join(" · ");
     $("job-cancel").hidden = ["succeeded", "failed", "cancelled"].includes(j.state);
     $("job-open").hidden = !j.fineTunedModel;
     $("job-open").onclick = () => { state.wantedModel = j.fineTunedModel; location.hash = "#playground"; };
