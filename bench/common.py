@@ -166,8 +166,14 @@ def served(config: Path | None = None, env: dict[str, str] | None = None):
         cmd += ["--config", str(config)]
     metrics = {"CYLLM_COORDINATOR_METRICS_PORT": "0", "CYLLM_WORKER_METRICS_PORT": "0"}
     base = f"http://127.0.0.1:{http}"
-    with process(cmd, f"{base}/api/v1/health", {**metrics, **(env or {})}, timeout=300):
-        yield base
+    with tempfile.TemporaryDirectory(prefix="cyllm-bench-") as state:  # not the user's state
+        own = {
+            "CYLLM_COORDINATOR_STATE_DB": f"{state}/state.db",
+            "CYLLM_COORDINATOR_FILES_DIR": f"{state}/files",
+            "CYLLM_WORKER_TRAINING_DIR": f"{state}/training",
+        }
+        with process(cmd, f"{base}/api/v1/health", {**metrics, **own, **(env or {})}, timeout=300):
+            yield base
 
 
 async def stream_chat(base: str, model: str, texts: list[str], max_tokens: int) -> tuple[float, float]:

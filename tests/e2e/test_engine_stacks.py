@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -266,3 +267,43 @@ def test_the_serving_threads_keep_off_the_engines_cores(stack, client):
         model=stack.model, max_tokens=4, messages=[{"role": "user", "content": "Hi"}]
     )
     assert reply.choices[0].message.content  # and it serves from there
+
+
+def test_a_fine_tune_is_served_as_an_adapter_on_the_loaded_base(stack, client):
+    """On the default engine as shipped: the result of a LoRA job is an adapter in vLLM's
+    LoRA slots beside the base it was trained from (the base, started without slots,
+    started again with them), not a second copy of the base."""
+    if stack.engine != "vllm":
+        pytest.skip("llama.cpp serves no fine-tune here")
+    data = Path(__file__).parents[1] / "data"
+    with (data / "facts.jsonl").open("rb") as f:
+        upload = client.files.create(file=f, purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model=stack.model,
+        training_file=upload.id,
+        suffix="vllm",
+        extra_body={"training": {"max_steps": 12, "learning_rate": 2e-3, "batch_size": 4}},
+    )
+    deadline = time.monotonic() + 900
+    while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in (
+        "succeeded",
+        "failed",
+        "cancelled",
+    ):
+        assert time.monotonic() < deadline, job
+        time.sleep(2)
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model == f"{stack.model}:ft-vllm-{job.id[-8:]}"  # an adapter, beside its base
+    models = {m["id"]: m for m in httpx.get(f"{stack.base_url}/api/v1/models", timeout=30).json()["models"]}
+    tuned = models[job.fine_tuned_model]
+    assert tuned["engine"] == "vllm" and tuned["kind"] == "adapter" and tuned["state"] == "loaded", tuned
+    assert [m for m in models.values() if m["state"] == "loaded" and not m.get("kind")] == [
+        models[stack.model]
+    ]  # one copy of the weights
+    reply = client.chat.completions.create(
+        model=job.fine_tuned_model,
+        messages=[{"role": "user", "content": "What is the capital of Zorblax?"}],
+        max_tokens=24,
+        temperature=0,
+    )
+    assert "Quendari" in reply.choices[0].message.content, reply.choices[0].message.content

@@ -123,6 +123,29 @@ async def test_adapters_are_registered_served_and_removed_at_run_time(make_stack
     assert (await stack.http.post("/v1/chat/completions", json=chat("base:ada"))).status_code == 404
 
 
+async def test_a_base_without_lora_slots_starts_again_with_them_and_no_request_fails(make_stack, tmp_path):
+    """As vLLM started without LoRA: the first adapter restarts the base with slots; its
+    running request finishes, one sent during the restart waits for it."""
+    (tmp_path / "ada").mkdir()
+    stack = await make_stack(
+        [fake_model("base", engine_args={"slots_for_adapters": True, "token_delay_s": 0.02})]
+    )  # 40 tokens: 0.8 s, within the stack's drain of 2 s
+    before = stack.worker.models.loaded["base"].engine
+    running = asyncio.create_task(stack.http.post("/v1/chat/completions", json=chat("base", max_tokens=40)))
+    await until(lambda: returns(before.health().running), timeout=10, what="the base generating")
+    load = asyncio.create_task(
+        stack.http.post("/api/v1/models/base:ada/load", json={"adapterPath": str(tmp_path / "ada")})
+    )
+    await until(lambda: returns("base" not in stack.worker.models.loaded), timeout=10, what="the restart")
+    meanwhile = asyncio.create_task(stack.http.post("/v1/chat/completions", json=chat("base")))
+    assert (await load).status_code == 200
+    assert (await running).status_code == 200 and (await meanwhile).status_code == 200
+    after = stack.worker.models.loaded["base"].engine
+    assert after is not before and after.spec.lora_slots == 4
+    reply = (await stack.http.post("/v1/chat/completions", json=chat("base:ada"))).json()
+    assert reply["choices"][0]["message"]["content"] == "ada0 ada1 ada2 ada3"
+
+
 async def test_loading_on_a_named_worker(make_stack):
     stack = await make_stack([fake_model("f"), fake_model("g", preload=False)])
     unknown = await stack.http.post("/api/v1/models/g/load", json={"workerId": "nobody"})

@@ -117,6 +117,12 @@ class AbstractEngine(abc.ABC):
     def adapters(self) -> list[str]:
         return []
 
+    @property
+    def adapters_need_restart(self) -> bool:
+        """Whether this engine serves adapters only once started again with room for them
+        (vLLM started without LoRA slots)."""
+        return False
+
     async def embed(self, texts: Sequence[str], dimensions: int = 0) -> tuple[list[list[float]], int]:
         """One vector per text (the mean of the last hidden states over its tokens,
         L2-normalised; ``dimensions``: the first that many, normalised again) and the

@@ -13,7 +13,9 @@ counts one token per word.  ``engine_args``:
   counted as running even after their callers leave, yet the process answers heartbeats;
 - ``reply`` (str, optional): what every generation says instead of words, one
   character a token, ending (``stop``) after the last: a model's answer of a chosen
-  shape (a tool call, a hostile one).
+  shape (a tool call, a hostile one);
+- ``slots_for_adapters`` (bool, default false): as vLLM, it takes adapters only when
+  started with ``lora_slots``.
 """
 
 from __future__ import annotations
@@ -69,11 +71,18 @@ class FakeEngine(Engine):
         self.delay = float(spec.engine_args.get("token_delay_s", 0.0))
         self.hang_after = spec.engine_args.get("hang_after")
         self.reply: str | None = spec.engine_args.get("reply")
+        self.slots_for_adapters = bool(spec.engine_args.get("slots_for_adapters"))
         self._wedged = False
         self._abandoned = 0  # wedged requests whose callers left (never cleaned up)
         self._adapters: dict[str, Path] = {}
 
+    @property
+    def adapters_need_restart(self) -> bool:
+        return self.slots_for_adapters and not self.spec.lora_slots
+
     async def add_adapter(self, name: str, path: Path) -> None:
+        if self.adapters_need_restart:
+            raise errors.NotLoadable(f"model {self.spec.id!r} was started without LoRA slots")
         if not Path(path).is_dir():  # noqa: ASYNC240  (a test double; one stat)
             raise errors.InvalidRequest(f"adapter folder {path} does not exist", param="adapter_path")
         self._adapters[name] = Path(path)

