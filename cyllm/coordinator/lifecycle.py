@@ -20,7 +20,7 @@ import queue
 import re
 import tarfile
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from cyllm import errors
@@ -35,20 +35,28 @@ from cyllm.protocol.tenant import PUBLIC, Tenant
 log = logging.getLogger(__name__)
 ALIAS = re.compile(ALIAS_PATTERN)
 CHUNK = 1 << 20
+ARTEFACT_MARKS = ("adapter_config.json", "config.json")  # what a PEFT or model folder holds
 
 
 class Lifecycle:
     def __init__(
-        self, scheduler: Scheduler, registry: Registry, admin: ModelAdmin, workers: WorkerClients
+        self,
+        scheduler: Scheduler,
+        registry: Registry,
+        admin: ModelAdmin,
+        workers: WorkerClients,
+        private: Sequence[Path] = (),
     ) -> None:
         self.scheduler = scheduler
         self.registry = registry
         self.admin = admin
         self.workers = workers
+        self.private = [p.resolve() for p in private]
 
     async def owned(self, model: str, tenant: Tenant) -> ModelRecord:
         """The record of ``model`` if ``tenant`` owns it (or is an admin); another
         tenant's reads as missing, one published to the caller is refused by name."""
+        tenant.check_model(model)  # the key's allow-list
         record = await self.registry.get(model)
         if record is None or not tenant.sees(record.visibility):
             if record is None and any(m.id == model for m in await self.scheduler.models()):
@@ -65,14 +73,18 @@ class Lifecycle:
         return record
 
     async def delete(self, model: str, tenant: Tenant) -> list[str]:
-        """Delete a model made here; the workers it was unloaded from."""
+        """Delete a model made here; the workers it was unloaded from.  The record becomes
+        a tombstone first: no request loads it again, and a copy a worker still holds
+        (unreachable now) is for admins only, never another tenant's."""
         record = await self.owned(model, tenant)
-        await self.registry.delete(model)  # no request loads it again from here on
+        await self.registry.delete(model)
         unloaded: list[str] = []
         try:
             unloaded = list((await self.admin.unload(pb.UnloadModelRequest(model=model))).worker_ids)
         except errors.ModelNotFound:
             pass  # loaded nowhere
+        except errors.CyllmError as exc:  # an unreachable worker: its copy stays, hidden
+            log.warning("model %s deleted, but not unloaded everywhere: %s", model, exc.message)
         forget = pb.ForgetRequest(model=model, path=record.path)
         for view in await self.scheduler.workers():
             if not view.healthy:
@@ -102,12 +114,15 @@ class Lifecycle:
     async def export(self, model: str, tenant: Tenant) -> AsyncIterator[pb.FileChunk]:
         """The artefact as a tar stream (its folder's files, under the model's name)."""
         record = await self.owned(model, tenant)
-        folder = Path(record.path)
+        folder, marked = await asyncio.to_thread(_artefact, Path(record.path))
         if not await asyncio.to_thread(folder.is_dir):
             raise errors.Unavailable(
                 f"model {model!r}'s artefact is not on storage this coordinator reads; export it "
                 "where it lives (coordinator.files_dir's storage, shared with the workers)"
             )
+        if any(folder == p or p in folder.parents or folder in p.parents for p in self.private) or not marked:
+            # a path a worker (or a script) made up: only a model's or an adapter's folder
+            raise errors.Forbidden(f"model {model!r}'s artefact is not a model folder this server exports")
         chunks: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=8)
         stop = threading.Event()
         thread = threading.Thread(target=_tar, args=(folder, _safe(model), chunks, stop), daemon=True)
@@ -129,6 +144,9 @@ class Lifecycle:
                     chunks.get_nowait()
                 except queue.Empty:
                     await asyncio.sleep(0.01)
+            # a reader cancelled while waiting (the client went away) still holds a pool
+            # thread in chunks.get(): give it something to return
+            chunks.put_nowait(None)
 
     # -- aliases
 
@@ -146,10 +164,11 @@ class Lifecycle:
                 raise errors.InvalidRequest(
                     f"alias {name!r} has pointed nowhere else to roll back to", param="name"
                 )
+            await self._usable(before, tenant)  # still there, and still the tenant's to use
             return await self.registry.move(
                 tenant.subject, name, before, tenant.subject, request.reason or "rollback", expect=current
             )
-        if await self._is_model(name):
+        if await self._is_model(name, tenant):
             raise errors.InvalidRequest(
                 f"{name!r} is a model's id: an alias needs a name of its own", param="name"
             )
@@ -163,10 +182,12 @@ class Lifecycle:
             expect=request.expect or None,
         )
 
-    async def _is_model(self, name: str) -> bool:
-        return await self.registry.get(name) is not None or any(
-            m.id == name for m in await self.scheduler.models()
-        )
+    async def _is_model(self, name: str, tenant: Tenant) -> bool:
+        """A model's id the tenant may see (others' read as free names: no oracle)."""
+        visibility = (await self.registry.all()).get(name)
+        if visibility is not None:
+            return tenant.sees(visibility)
+        return any(m.id == name for m in await self.scheduler.models())
 
     async def _usable(self, model: str, tenant: Tenant) -> None:
         """ModelNotFound unless ``tenant`` may use ``model`` (an alias points only there)."""
@@ -192,6 +213,12 @@ class Lifecycle:
         if target is None or not await self.registry.drop_alias(tenant.subject, name):
             raise errors.NotFound(f"alias {name!r} does not exist", param="name")
         return target
+
+
+def _artefact(path: Path) -> tuple[Path, bool]:
+    """The folder, resolved, and whether it holds what a PEFT or model folder holds."""
+    folder = path.resolve()
+    return folder, any((folder / name).is_file() for name in ARTEFACT_MARKS)
 
 
 def _safe(model: str) -> str:

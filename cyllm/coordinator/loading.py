@@ -26,7 +26,7 @@ from cyllm.coordinator.registry import Registry
 from cyllm.coordinator.scheduler import Scheduler, WorkerView
 from cyllm.coordinator.workers import WorkerClients
 from cyllm.protocol import pb
-from cyllm.protocol.tenant import Tenant
+from cyllm.protocol.tenant import PUBLIC, Tenant
 
 log = logging.getLogger(__name__)
 
@@ -128,14 +128,29 @@ class Loader:
             if not tenant.sees(record.visibility):
                 return None, ""
             return record.load_request(), record.base
+        if not tenant.sees((await self.registry.all()).get(model, PUBLIC)):  # a deleted one, say
+            return None, ""
         views = await self.scheduler.workers()
         if any(v.healthy and any(m.id == model for m in v.record.info.available) for v in views):
             return pb.LoadModelRequest(model=model), model
         return None, ""
 
     async def _load(self, request: pb.LoadModelRequest, base: str) -> None:
+        """The load, its refusals told to a tenant without naming any other model (the
+        workers' own messages list their catalogs and what they hold)."""
         log.info("loading model %s on demand", request.model)
-        reply = await self.admin.load(request, base)
+        try:
+            reply = await self.admin.load(request, base)
+        except errors.InsufficientMemory as exc:
+            log.info("model %s not loaded on demand: %s", request.model, exc.message)
+            raise errors.InsufficientMemory(
+                f"model {request.model!r} does not fit beside the models in use on any worker now; "
+                "try again later",
+                param="model",
+            ) from None
+        except (errors.ModelNotFound, errors.NotLoadable) as exc:
+            log.warning("model %s not loaded on demand: %s", request.model, exc.message)
+            raise errors.Unavailable(f"no healthy worker can load model {request.model!r} now") from None
         log.info(
             "model %s loaded on demand on %s (evicted: %s)",
             request.model,

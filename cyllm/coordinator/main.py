@@ -186,7 +186,13 @@ class CoordinatorServer:
             max_time_s=s.training_max_time_s,
         )
         models = ModelsService(
-            self.coordinator_id, self.scheduler, self.cache, backends.registry, self.workers, breakers
+            self.coordinator_id,
+            self.scheduler,
+            self.cache,
+            backends.registry,
+            self.workers,
+            breakers,
+            private=[s.files_dir, s.state_db],  # never exported as (or inside) a model's folder
         )
         self.services = Services(
             inference=InferenceService(

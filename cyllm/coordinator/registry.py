@@ -57,10 +57,15 @@ class ModelRecord:
     evaluation: dict[str, float] = field(default_factory=dict)
     published: list[str] = field(default_factory=list)  # tenants; ["*"]: everyone
     keep_alive_s: float = KEEP_ALIVE_S
+    # Deleted: kept as a tombstone, so that its id is never taken again and a copy a
+    # worker still holds (one unreachable during the delete) is seen by admins only.
+    deleted: bool = False
 
     @property
     def visibility(self) -> str:
         """Who may see it, as the owners map holds it (``Tenant.sees`` reads it)."""
+        if self.deleted:
+            return json.dumps([])
         if EVERYONE in self.published:
             return PUBLIC
         return json.dumps([self.owner, *self.published])
@@ -103,7 +108,8 @@ class AliasMove:
 
 @dataclass
 class Snapshot:
-    """The registry as one read found it: what a request reads (never a query each)."""
+    """The registry as one read found it: what a request reads (never a query each).
+    ``models``: the live records; ``visibility``: who may see each id, tombstones too."""
 
     models: dict[str, ModelRecord]
     aliases: dict[tuple[str, str], str]  # (owner, name) -> model
@@ -111,6 +117,7 @@ class Snapshot:
 
     def __post_init__(self) -> None:
         self.visibility = {mid: r.visibility for mid, r in self.models.items()}
+        self.models = {mid: r for mid, r in self.models.items() if not r.deleted}
 
 
 class Registry(ModelOwners, abc.ABC):
@@ -151,6 +158,10 @@ class Registry(ModelOwners, abc.ABC):
         """Where ``owner``'s alias ``name`` points (None: it is no alias of theirs)."""
         return (await self.snapshot()).aliases.get((owner, name))
 
+    async def taken(self, model: str) -> bool:
+        """Whether ``model`` names a record, live or deleted (an id is never reused)."""
+        return model in (await self._load_all()).visibility
+
     async def put(self, record: ModelRecord) -> None:
         if record.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}")
@@ -158,6 +169,7 @@ class Registry(ModelOwners, abc.ABC):
         self._snapshot = None
 
     async def delete(self, model: str) -> bool:
+        """Make the record a tombstone and drop the aliases that point at it."""
         removed = await self._remove(model)
         self._snapshot = None
         return removed
@@ -228,7 +240,12 @@ class SqliteRegistry(Registry):
         def remove(conn: sqlite3.Connection) -> bool:
             with transaction(conn):
                 conn.execute("DELETE FROM aliases WHERE model = ?", (model,))
-                return conn.execute("DELETE FROM models WHERE id = ?", (model,)).rowcount > 0
+                raw = one(conn, "SELECT record FROM models WHERE id = ?", model)
+                if raw is None or (record := ModelRecord.of_json(raw)).deleted:
+                    return False
+                record.deleted = True
+                conn.execute("UPDATE models SET record = ? WHERE id = ?", (record.to_json(), model))
+                return True
 
         return await self.db.run(remove)
 
@@ -326,15 +343,19 @@ class RedisRegistry(Registry):
             await p.execute()
 
     async def _remove(self, model: str) -> bool:
+        raw = await self.r.hget(self.MODELS, model)
+        if raw is None or (record := ModelRecord.of_json(raw)).deleted:
+            return False
+        record.deleted = True
         aliases = {text(k): text(v) for k, v in (await self.r.hgetall(self.ALIASES)).items()}
         async with self.r.pipeline(transaction=True) as p:
-            p.hdel(self.MODELS, model)
-            p.hdel(OWNERS_KEY, model)
+            p.hset(self.MODELS, model, record.to_json())
+            p.hset(OWNERS_KEY, model, record.visibility)
             for key, target in aliases.items():
                 if target == model:
                     p.hdel(self.ALIASES, key)
-            removed = (await p.execute())[0]
-        return bool(removed)
+            await p.execute()
+        return True
 
     @staticmethod
     def _field(owner: str, name: str) -> str:

@@ -329,6 +329,19 @@ class TrainingManager:
         )
         cancelled = asyncio.Event()
         keeper = asyncio.create_task(self._keep(job_id, call, cancelled))
+        try:
+            await self._run(job_id, worker, call, cancelled)
+        except asyncio.CancelledError:
+            # stopped after the run (serving or promoting its result): the lease, kept,
+            # runs out and the job is taken up again (coordinator lost)
+            keeper.cancel()
+            raise
+        keeper.cancel()  # renewed until the job's end is recorded, not only the run's
+        await self.store.release(job_id)
+
+    async def _run(
+        self, job_id: str, worker: pb.WorkerInfo, call: Stream[pb.TrainingEvent], cancelled: asyncio.Event
+    ) -> None:
         final: pb.TrainingEvent | None = None
         result: pb.TrainingEvent | None = None
         try:
@@ -344,6 +357,7 @@ class TrainingManager:
                 await self._finish(await self.get(job_id), "cancelled", "cancelled while running")
                 return
             await self._requeue(await self.get(job_id), "this coordinator is shutting down")
+            await self.store.release(job_id)
             raise
         except errors.CyllmError as err:
             job = await self.get(job_id)
@@ -358,9 +372,7 @@ class TrainingManager:
                 await self._finish(job, "failed", err.message, code=err.code)
             return
         finally:
-            keeper.cancel()
             call.cancel()
-            await self.store.release(job_id)
         job = await self.get(job_id)
         if cancelled.is_set():
             await self._finish(job, "cancelled", "cancelled while running")
@@ -413,6 +425,9 @@ class TrainingManager:
             return
         spec = TrainingSpec.model_validate_json(job.spec_json)
         name = "ft-" + (f"{spec.suffix}-" if spec.suffix else "") + job.id[-8:]
+        for kind in (result.result_kind, "peft"):  # an id is never taken twice (ids are short)
+            if await self.registry.taken(served_as(spec.base_model, name, kind)):
+                name = "ft-" + (f"{spec.suffix}-" if spec.suffix else "") + job.id.removeprefix("ftjob-")
         kinds = [result.result_kind]
         if result.result_kind == "adapter":
             # An engine that takes no adapters at run time (vLLM started without LoRA)
@@ -482,6 +497,8 @@ class TrainingManager:
         if target == spec.base_model:
             return {"model": target, "kind": "base"}
         record = await self.registry.get(target)
+        if record is not None and not Tenant(owner).sees(record.visibility):
+            record = None  # no longer published to the job's owner: not its to evaluate
         if record is None or record.base != spec.base_model:
             raise errors.InvalidRequest(
                 f"promote_to: alias {spec.promote_to!r} points at {target!r}, which is not "

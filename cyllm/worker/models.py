@@ -14,6 +14,7 @@ Loads and unloads run one at a time; generation goes on meanwhile.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import shutil
 import time
@@ -39,6 +40,7 @@ from cyllm.worker.settings import ModelSpec, WorkerSettings
 
 log = logging.getLogger(__name__)
 LORA_SLOTS_ON_DEMAND = 4  # a base started again for adapters: room for this many in a batch
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM takes
 
 
 @dataclass
@@ -70,6 +72,7 @@ class ModelManager:
         self.budget = memory.MemoryBudget(device_type, settings.memory_limit_gib, settings.memory_fraction)
         self.on_change = on_change
         self._lock = asyncio.Lock()
+        self._no_slots: set[str] = set()  # bases that failed to start with LoRA slots
 
     # -- serving ----------------------------------------------------------------------
 
@@ -142,8 +145,8 @@ class ModelManager:
             if base not in self.loaded:
                 evicted = await self._load_base(base)
             if adapter is not None:
-                if self.loaded[base].engine.adapters_need_restart:
-                    evicted += await self._restart_with_lora_slots(base)
+                if self.loaded[base].engine.adapters_need_restart and base not in self._no_slots:
+                    evicted += await self._restart_with_lora_slots(base, adapter_path)
                 await self._add_adapter(base, adapter, adapter_path)
                 self.loaded[base].adapter_used[adapter] = time.monotonic()
             if keep_alive_s is not None:
@@ -161,7 +164,8 @@ class ModelManager:
                 out.append(mid)
             for name in entry.adapters:
                 keep = self.keep_alive.get(f"{mid}:{name}", 0.0)
-                if keep and now - entry.adapter_used.get(name, entry.last_used) > keep:
+                busy = entry.engine.health().running  # the engine does not say which adapter runs
+                if keep and now - entry.adapter_used.get(name, entry.last_used) > keep and not busy:
                     out.append(f"{mid}:{name}")
         return out
 
@@ -195,11 +199,8 @@ class ModelManager:
         self.unloaded_adapters.pop(model, None)
         if path is None:
             return False
-        try:
-            folder = inside(root, path, "the artefact")
-        except errors.InvalidRequest:
-            return False  # not ours to delete (another worker's, or storage elsewhere)
-        if not folder.exists():
+        folder = await asyncio.to_thread(_artefact_folder, root, path)
+        if folder is None:
             return False
         await asyncio.to_thread(shutil.rmtree, folder)
         return True
@@ -210,7 +211,7 @@ class ModelManager:
         ``worker.lora_slots``, by default none (they cost every request: vllm_engine.py)."""
         return self.settings.lora_slots or 0
 
-    async def _restart_with_lora_slots(self, base: str) -> list[str]:
+    async def _restart_with_lora_slots(self, base: str, adapter: Path | None) -> list[str]:
         """Start ``base`` again with LoRA slots for its first adapter: its running requests
         finish first (up to ``drain_timeout_s``), requests that come meanwhile wait for it
         (``resolve_or_load``), so none fails — it costs them the restart's latency, once
@@ -219,15 +220,22 @@ class ModelManager:
         entry = self.loaded[base]
         adapters = dict(entry.adapters)
         slots = max(LORA_SLOTS_ON_DEMAND, len(adapters) + 2)
+        rank = await asyncio.to_thread(_lora_rank, adapter)
+        if rank is None:  # not an adapter vLLM could hold in a slot: served another way
+            return []
         log.info("model %s: starting it again with %d LoRA slots for its first adapter", base, slots)
         await self._unload_base(base, drain_s=self.settings.drain_timeout_s)
         before = self.catalog[base]
-        self.catalog[base] = before.model_copy(update={"lora_slots": slots})
+        update: dict = {"lora_slots": slots}
+        if rank > VLLM_LORA_RANKS[2]:  # vLLM's default max_lora_rank (16) would refuse it
+            update["engine_args"] = {**before.engine_args, "max_lora_rank": rank}
+        self.catalog[base] = before.model_copy(update=update)
         try:
             evicted = await self._load_base(base)
         except errors.CyllmError as exc:  # serve the base as it was; the adapter is refused
             log.warning("model %s did not start with LoRA slots: %s", base, exc.message)
             self.catalog[base] = before
+            self._no_slots.add(base)  # not tried again in this worker's life
             await self._load_base(base)
             raise errors.NotLoadable(
                 f"model {base!r} could not start with LoRA slots: {exc.message}"
@@ -393,3 +401,27 @@ async def _quiet_close(engine: AbstractEngine) -> None:
         await engine.close()
     except Exception as exc:
         log.warning("closing engine: %s", exc)
+
+
+def _artefact_folder(root: Path, path: Path) -> Path | None:
+    """The artefact's folder if it is this worker's to delete: a folder in a job's folder
+    under ``root`` (never a job's folder, or the root), that exists."""
+    try:
+        folder = inside(root, path, "the artefact")
+    except errors.InvalidRequest:
+        return None  # not ours (another worker's, or storage elsewhere)
+    if len(folder.relative_to(root.resolve()).parts) < 2 or not folder.exists():
+        return None
+    return folder
+
+
+def _lora_rank(adapter: Path | None) -> int | None:
+    """The smallest of vLLM's ``max_lora_rank`` values that holds the adapter's rank (16
+    when its config does not say); None for a rank no slot holds."""
+    try:
+        config = json.loads((Path(adapter) / "adapter_config.json").read_text()) if adapter else {}
+    except (OSError, ValueError):
+        config = {}
+    r = config.get("r", 16) if isinstance(config, dict) else 16
+    r = r if isinstance(r, int) and r > 0 else 16
+    return next((v for v in VLLM_LORA_RANKS if v >= r), None)

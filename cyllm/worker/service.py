@@ -96,7 +96,7 @@ class WorkerService(rpc.WorkerServicer):
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         if self.draining:
             raise errors.Unavailable(f"worker {self.worker_id} is draining")
-        engine, adapter = self.models.resolve(request.model)
+        engine, adapter = await self.models.resolve_or_load(request.model)
         if adapter is not None:
             raise errors.InvalidRequest(
                 "embeddings come from a base model, not a LoRA adapter", param="model"

@@ -33,7 +33,7 @@ async def made(make_stack, tmp_path):
     for name, kw in {"alice": {}, "bob": {}, "admin": {"admin": True}}.items():
         meta, secret = await stack.app.state.keys.create(name, **kw)
         keys[name] = (f"key:{meta.key_id}", bearer(secret))
-    stack.keys = keys
+    stack.keys, stack.tmp = keys, tmp_path
     registry = stack.coordinator.backends.registry
     for n in (1, 2):
         folder = jobs / f"ftjob-{n}" / "adapter"
@@ -190,3 +190,66 @@ async def test_publish_export_and_delete(made, tmp_path):
     assert (await made.http.get("/api/v1/aliases/bot", headers=alice)).status_code == 404
     r = await made.http.delete("/v1/models/fake", headers=admin)
     assert r.status_code == 400 and "configured" in r.text  # not made here: unloaded instead
+
+
+async def test_a_deleted_model_a_worker_still_holds_is_no_other_tenants(made, tmp_path):
+    """A worker unreachable during a delete keeps its copy: the record stays as a
+    tombstone, so the copy is for admins only and its id is never taken again."""
+    alice, bob, admin = (made.keys[n][1] for n in ("alice", "bob", "admin"))
+    assert (await made.http.delete("/v1/models/fake:ft-1", headers=alice)).status_code == 200
+    registry = made.coordinator.backends.registry
+    assert await registry.get("fake:ft-1") is None and await registry.taken("fake:ft-1")
+    # the copy a worker kept (loaded again here by hand, as one that missed the delete)
+    folder = tmp_path / "jobs" / "kept" / "adapter"
+    folder.mkdir(parents=True)
+    r = await made.http.post(
+        "/api/v1/models/fake:ft-1/load", headers=admin, json={"adapterPath": str(folder)}
+    )
+    assert r.status_code == 200, r.text
+    for who in (alice, bob):
+        r = await made.http.post("/v1/chat/completions", headers=who, json=chat("fake:ft-1"))
+        assert r.status_code == 404, r.text
+        ids = [m["id"] for m in (await made.http.get("/v1/models", headers=who)).json()["data"]]
+        assert "fake:ft-1" not in ids
+
+
+async def test_an_export_reads_only_a_model_folder(made, tmp_path):
+    alice = made.keys["alice"][1]
+    registry = made.coordinator.backends.registry
+    bare = tmp_path / "jobs" / "ftjob-9" / "not-a-model"
+    bare.mkdir(parents=True)
+    (bare / "secrets.txt").write_text("x")
+    await registry.put(ModelRecord("fake:ft-9", made.keys["alice"][0], "fake", "adapter", str(bare)))
+    r = await made.http.get("/api/v1/models/fake:ft-9/export", headers=alice)
+    assert r.status_code == 403 and "not a model folder" in r.text, r.text
+
+
+async def test_a_rollback_checks_the_model_it_goes_back_to(made):
+    """bob's alias went from a model published to him to another; once it is withdrawn,
+    rolling back to it is refused as any other way of pointing at it would be."""
+    alice, bob, admin = (made.keys[n][1] for n in ("alice", "bob", "admin"))
+    published = {"tenants": [made.keys["bob"][0]]}
+    assert (
+        await made.http.post("/api/v1/models/fake:ft-1/publish", headers=admin, json=published)
+    ).status_code == 200
+    assert (
+        await made.http.put("/api/v1/aliases/mine", headers=bob, json={"model": "fake:ft-1"})
+    ).status_code == 200
+    assert (
+        await made.http.put("/api/v1/aliases/mine", headers=bob, json={"model": "fake"})
+    ).status_code == 200
+    r = await made.http.post("/api/v1/models/fake:ft-1/publish", headers=admin, json={"withdraw": True})
+    assert r.status_code == 200
+    back = await made.http.post("/api/v1/aliases/mine/rollback", headers=bob)
+    assert back.status_code == 404, back.text
+    assert (await made.http.get("/api/v1/aliases/mine", headers=bob)).json()["model"] == "fake"
+    # another tenant's model's id is a free name to bob, not a model's (no oracle): his
+    # alias of that name is his own, and alice's model stays hers
+    folder = made.tmp / "jobs" / "ftjob-7" / "model"
+    await made.coordinator.backends.registry.put(
+        ModelRecord("fake-ft-7", made.keys["alice"][0], "fake", "model", str(folder))
+    )
+    r = await made.http.put("/api/v1/aliases/fake-ft-7", headers=bob, json={"model": "fake"})
+    assert r.status_code == 200, r.text
+    r = await made.http.put("/api/v1/aliases/fake-ft-7", headers=alice, json={"model": "fake"})
+    assert r.status_code == 400 and "a model's id" in r.text

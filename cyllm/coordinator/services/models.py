@@ -6,7 +6,8 @@ export, alias: ``coordinator/lifecycle.py``)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 from cyllm.coordinator.cache import PromptCache
 from cyllm.coordinator.lifecycle import Lifecycle
@@ -30,15 +31,17 @@ class ModelsService(rpc.ModelsServicer):
         registry: Registry,
         workers: WorkerClients,
         breakers: CircuitBreakers,
+        private: Sequence[Path] = (),
     ) -> None:
-        """``breakers``: the workers' circuits, as the inference service keeps them."""
+        """``breakers``: the workers' circuits, as the inference service keeps them;
+        ``private``: folders of the coordinator's own that no export may read."""
         self.coordinator_id = coordinator_id
         self.scheduler = scheduler
         self.cache = cache
         self.registry = registry
         self.breakers = breakers
         self.admin = ModelAdmin(scheduler, workers)
-        self.lifecycle = Lifecycle(scheduler, registry, self.admin, workers)
+        self.lifecycle = Lifecycle(scheduler, registry, self.admin, workers, private)
 
     async def ListModels(self, request, context) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=await self.visible(Tenant.of(context)))
@@ -77,8 +80,9 @@ class ModelsService(rpc.ModelsServicer):
 
     async def PublishModel(self, request, context) -> pb.ModelInfo:
         tenant = Tenant.of(context)
-        await self.lifecycle.publish(request, tenant)
-        return next(m for m in await self.visible(tenant) if m.id == request.model)
+        record = await self.lifecycle.publish(request, tenant)
+        shown = [m for m in await self.visible(tenant) if m.id == request.model]
+        return shown[0] if shown else pb.ModelInfo(id=record.id, base=record.base, kind=record.kind)
 
     async def ExportModel(self, request, context) -> AsyncIterator[pb.FileChunk]:
         async for chunk in self.lifecycle.export(request.model, Tenant.of(context)):

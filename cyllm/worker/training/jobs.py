@@ -130,7 +130,7 @@ class WorkerTraining:
                 time_limit_s=spec.time_limit_s,
                 memory_limit_bytes=self.memory_limit,
             ):
-                yield to_proto(event)
+                yield to_proto(_confined(event, out))
         finally:
             self.current = ""
             self._on_change()
@@ -161,6 +161,20 @@ class WorkerTraining:
             )
         head = [sys.executable, str(script)] if script.suffix == ".py" else [str(script)]
         return head + spec.script_args
+
+
+def _confined(event: dict, out: Path) -> dict:
+    """A result or checkpoint names a folder inside the job's own (a script may print any
+    path; what it names is served, exported and, when deleted, removed)."""
+    if event.get("event") not in ("result", "checkpoint"):
+        return event
+    try:
+        folder = inside(out, str(event.get("path", "")), "the folder")
+    except errors.InvalidRequest:
+        folder = out
+    if folder == out.resolve():
+        return {"event": "log", "message": f"ignored a {event['event']} outside the job's folder"}
+    return {**event, "path": str(folder)}
 
 
 def _incumbent(raw: str, base: str) -> dict:

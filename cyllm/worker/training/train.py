@@ -135,8 +135,14 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
     # 2. what the result must beat to be promoted, on the same data and the same measure
     incumbent = job.get("incumbent")
     if incumbent and eval_rows:
-        scores = _evaluate(_incumbent(incumbent, job["base_model_path"], load), args, eval_rows, collator)
-        emit({"event": "evaluation", "of": "incumbent", "model": incumbent.get("model"), "scores": scores})
+        try:
+            scores = _evaluate(_incumbent(incumbent, job["base_model_path"], load), args, eval_rows, collator)
+        except Exception as exc:  # the job trains all the same; the gate then says why not
+            emit({"event": "log", "message": f"the alias's current target could not be evaluated: {exc}"})
+        else:
+            emit(
+                {"event": "evaluation", "of": "incumbent", "model": incumbent.get("model"), "scores": scores}
+            )
 
     # 3. model and method
     model = load(job["base_model_path"])
