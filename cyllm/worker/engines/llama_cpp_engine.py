@@ -27,7 +27,7 @@ import time
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cyllm import errors
 from cyllm.worker.engines.base import Engine
@@ -183,7 +183,8 @@ class LlamaCppEngine(Engine):
                     "this model has no chat template; send a raw prompt (/v1/completions)", param="messages"
                 )
             try:
-                text = self.formatter(messages=msgs, tools=tools).prompt  # type: ignore[arg-type]  # any role's {role, content}
+                # any role's {role, content}; cast: checked alike with and without llama_cpp
+                text = self.formatter(messages=cast(Any, msgs), tools=tools).prompt
             except Exception as exc:
                 raise errors.InvalidRequest(f"chat template rejected the messages: {exc}") from exc
             return llm.tokenize(text.encode(), add_bos=True, special=True)
