@@ -5,6 +5,7 @@ through a worker and a coordinator SIGKILLed mid-generation, equal to undisturbe
 from __future__ import annotations
 
 import asyncio
+import re
 
 import httpx
 import pytest
@@ -55,5 +56,6 @@ def test_the_default_models_answers_survive_a_worker_and_a_coordinator_killed(mo
         assert not bad, (victim, bad)
         stack.start(victim)
     logs = {n: (stack.tmp / f"{n}.log").read_text() for n in ("c1", "c2", "gateway")}
-    assert "resumed on another" in logs["c1"] + logs["c2"]
-    assert "continuing through the next" in logs["gateway"]
+    # each kill was survived by continuing the running answers elsewhere, said where it happened
+    assert re.search(r"worker w1 failed \(.*\); continuing on the next", logs["c1"] + logs["c2"])
+    assert re.search(r"coordinator \S+ failed \(.*\); continuing on the next", logs["gateway"])

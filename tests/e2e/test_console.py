@@ -23,6 +23,7 @@ if CHROMIUM is None or CHROMEDRIVER is None:
     pytest.fail("chromium and chromedriver are needed (make browser installs Debian's)", pytrace=False)
 
 from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
@@ -59,7 +60,10 @@ def browser():
 
 
 def wait(driver, predicate, timeout: float = 30):
-    return WebDriverWait(driver, timeout, poll_frequency=0.2).until(lambda d: predicate(d))
+    """Until ``predicate`` holds; a table redrawn while it was read is read again."""
+    return WebDriverWait(
+        driver, timeout, poll_frequency=0.2, ignored_exceptions=(StaleElementReferenceException,)
+    ).until(lambda d: predicate(d))
 
 
 def by_id(driver, element_id: str):

@@ -231,11 +231,18 @@ $("chat-reset").addEventListener("click", () => {
 
 // Models ------------------------------------------------------------------------------------
 
-async function showModels() {
-  $("models-error").textContent = "";
+// Each action redraws the page and then says what went wrong, if anything: the message is
+// shown by the redraw, not before it (a redraw would wipe it).
+async function showModels(message = "") {
+  $("models-error").textContent = message;
   const [{ models }, { aliases }] = await Promise.all([api("GET", "/api/v1/models"),
                                                        api("GET", "/api/v1/aliases")]);
-  const failed = (e) => { $("models-error").textContent = e.message; };
+  const act = (call) => async (event) => {
+    event.target.disabled = true;
+    let said = "";
+    try { await call(); } catch (e) { said = e.message; }
+    showModels(said);
+  };
   fill($("models-table").querySelector("tbody"), models.map((m) => {
     const loss = m.evaluation && m.evaluation.eval_loss;
     const cells = [m.id, m.state, m.engine, m.device, m.contextLength, bytes(m.memoryBytes), m.base,
@@ -244,19 +251,16 @@ async function showModels() {
     const actions = el("span");
     if (state.admin) {
       const verb = m.state === "loaded" ? "unload" : "load";
-      actions.append(button(verb === "load" ? "Load" : "Unload", async (event) => {
-        event.target.disabled = true;
-        try { await api("POST", `/api/v1/models/${encodeURIComponent(m.id)}/${verb}`); } catch (e) { failed(e); }
-        showModels();
-      }));
+      actions.append(button(verb === "load" ? "Load" : "Unload",
+                            act(() => api("POST", `/api/v1/models/${encodeURIComponent(m.id)}/${verb}`))));
     }
     if (m.kind && m.owner) {  // made here, and the caller's (or an admin's): export, delete
-      actions.append(button("Export", () => exportModel(m.id).catch(failed)));
-      actions.append(button("Delete", async (event) => {
-        if (!confirm(`Delete ${m.id} and its files?`)) return;
-        event.target.disabled = true;
-        try { await api("DELETE", `/api/v1/models/${encodeURIComponent(m.id)}`); } catch (e) { failed(e); }
-        showModels();
+      actions.append(button("Export", () => exportModel(m.id).catch((e) => {
+        $("models-error").textContent = e.message;
+      })));
+      const remove = act(() => api("DELETE", `/api/v1/models/${encodeURIComponent(m.id)}`));
+      actions.append(button("Delete", (event) => {
+        if (confirm(`Delete ${m.id} and its files?`)) remove(event);
       }, "danger"));
     }
     cells.push(actions);
@@ -265,14 +269,9 @@ async function showModels() {
   fill($("aliases-table").querySelector("tbody"), aliases.map((a) => row([a.name, a.model, el("span")])));
   for (const [i, a] of aliases.entries()) {
     const cell = $("aliases-table").querySelectorAll("tbody tr")[i].lastChild.firstChild;
-    const act = (method, path) => async (event) => {
-      event.target.disabled = true;
-      try { await api(method, path); } catch (e) { failed(e); }
-      showModels();
-    };
     const name = encodeURIComponent(a.name);
-    cell.append(button("Roll back", act("POST", `/api/v1/aliases/${name}/rollback`)),
-                button("Delete", act("DELETE", `/api/v1/aliases/${name}`), "danger"));
+    cell.append(button("Roll back", act(() => api("POST", `/api/v1/aliases/${name}/rollback`))),
+                button("Delete", act(() => api("DELETE", `/api/v1/aliases/${name}`)), "danger"));
   }
   fillSelect($("alias-model"), models.map((m) => m.id), $("alias-model").value);
 }
@@ -293,13 +292,13 @@ async function exportModel(id) {
 
 $("alias-form").addEventListener("submit", async (event) => {
   event.preventDefault();
-  $("models-error").textContent = "";
   const name = $("alias-name").value.trim();
+  let said = "";
   try {
     await api("PUT", `/api/v1/aliases/${encodeURIComponent(name)}`, { model: $("alias-model").value });
     $("alias-name").value = "";
-  } catch (e) { $("models-error").textContent = e.message; }
-  showModels();
+  } catch (e) { said = e.message; }
+  showModels(said);
 });
 
 // Cluster -----------------------------------------------------------------------------------
