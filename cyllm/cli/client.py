@@ -456,6 +456,15 @@ def train_submit(
         ),
     ] = None,
     method: Annotated[str, typer.Option(help="lora, dora, full, … (see the README).")] = "lora",
+    objective: Annotated[
+        str | None,
+        typer.Option(
+            help="sft (default), or preference training on pairs: dpo, orpo, kto.", show_default=False
+        ),
+    ] = None,
+    beta: Annotated[
+        float | None, typer.Option(help="dpo, orpo, kto: TRL's beta (default 0.1).", show_default=False)
+    ] = None,
     epochs: Annotated[float | None, typer.Option(help="Passes over the data.", show_default=False)] = None,
     max_steps: Annotated[int | None, typer.Option(help="Stop after N steps.", show_default=False)] = None,
     batch_size: Annotated[int | None, typer.Option(show_default=False, help="Examples per step.")] = None,
@@ -493,6 +502,8 @@ def train_submit(
     if validation_file is not None:
         body["validationFileId"] = _file_id(gw, validation_file)
     for key, value in (
+        ("objective", objective),
+        ("beta", beta),
         ("epochs", epochs),
         ("maxSteps", max_steps),
         ("batchSize", batch_size),

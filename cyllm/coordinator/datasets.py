@@ -58,4 +58,5 @@ class DatasetPolicy:
             self.limits,
             memory_bytes=self.memory_bytes,
             timeout_s=self.timeout_s,
+            objective=spec.objective if spec else None,
         )

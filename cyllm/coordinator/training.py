@@ -152,21 +152,15 @@ class TrainingManager:
             )
         if spec.method != "custom" and uploaded is None:
             spec.dataset = str(self.datasets.resolve(spec.dataset, tenant))
-        # An uploaded file was read on upload; read it again only if the job reads it
-        # differently (a named format or columns).
-        parsed = (
-            uploaded is not None
-            and spec.dataset_format is None
-            and spec.prompt_column is None
-            and spec.response_column is None
-        )
-        if spec.method != "custom" and not parsed:
+        # An upload was read when it came, as whatever kind of records it holds; it is
+        # read again as this job reads it (its objective, format and columns).
+        if spec.method != "custom":
             await self.datasets.check(spec.dataset, spec)
         if spec.validation_dataset is not None and held_out is None:
             spec.validation_dataset = str(
                 self.datasets.resolve(spec.validation_dataset, tenant, "validation_dataset")
             )
-        if spec.validation_dataset is not None and (held_out is None or not parsed):
+        if spec.validation_dataset is not None:
             await self.datasets.check(spec.validation_dataset, spec)
         spec.time_limit_s = min(spec.time_limit_s or self.max_time_s, self.max_time_s)
         active = [j for j in await self._owned(tenant.subject) if j.state not in TERMINAL]

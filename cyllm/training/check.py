@@ -16,7 +16,7 @@ import json
 import resource
 import sys
 
-from cyllm.training.data import DatasetError, Limits, load_examples
+from cyllm.training.data import DatasetError, Limits, load_records
 
 
 async def check_dataset(
@@ -28,13 +28,16 @@ async def check_dataset(
     *,
     memory_bytes: int,
     timeout_s: float,
+    objective: str | None = None,
 ) -> int:
-    """How many examples the dataset has, or DatasetError (also when the reader ran out
-    of memory or time)."""
+    """How many records the dataset has, or DatasetError (also when the reader ran out
+    of memory or time).  ``objective``: the records must be of a kind it trains on (None:
+    any one kind, as an upload before a job names it)."""
     request = json.dumps(
         {
             "path": path,
             "format": fmt,
+            "objective": objective,
             "prompt_column": prompt_column,
             "response_column": response_column,
             "limits": dataclasses.asdict(limits),
@@ -81,9 +84,10 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     try:
-        examples = load_examples(
+        examples = load_records(
             request["path"],
             request["format"],
+            request.get("objective"),
             prompt_column=request["prompt_column"],
             response_column=request["response_column"],
             limits=Limits(**request["limits"]),

@@ -17,6 +17,18 @@ Formats (``dataset_format``, detected when unset):
 ==========  =====================================================================
 
 Records may also be ``{"prompt", "completion"}`` (OpenAI's legacy fine-tune format).
+
+Preference training (``objective`` dpo, orpo, kto) reads pairs in any of these formats:
+
+=================  ================================================================
+OpenAI's DPO       ``{"input": {"messages": [...]}, "preferred_output": [assistant
+                   message], "non_preferred_output": [assistant message]}``
+pairs              ``{"prompt", "chosen", "rejected"}``: each a string, or (TRL's
+                   conversational form) a list of messages
+judged (KTO only)  ``{"prompt", "completion", "label"}``: one answer and whether it is
+                   desirable (true/false)
+=================  ================================================================
+
 Every record of one file has the same shape.  A file that cannot be used is refused
 before training with ``DatasetError`` naming the file, the line (text files) or record
 (0-based rows of tabular files, 1-based lines otherwise) and what is wrong.
@@ -74,12 +86,72 @@ class DatasetError(errors.InvalidRequest):
         super().__init__(message, param="dataset")
 
 
+Turns = tuple[tuple[str, str], ...]  # (role, content)
+
+
+def _as_messages(turns: Turns) -> list[Message]:
+    return [{"role": r, "content": c} for r, c in turns]
+
+
 @dataclass(frozen=True)
 class Example:
-    messages: tuple[tuple[str, str], ...]  # (role, content), ending with an assistant turn
+    """A conversation to learn from (supervised)."""
+
+    messages: Turns  # ending with an assistant turn
 
     def as_messages(self) -> list[Message]:
-        return [{"role": r, "content": c} for r, c in self.messages]
+        return _as_messages(self.messages)
+
+
+@dataclass(frozen=True)
+class Preference:
+    """Two answers to one prompt, the first preferred (DPO, ORPO, KTO)."""
+
+    prompt: Turns  # ending with a user turn
+    chosen: str
+    rejected: str
+
+    def as_row(self) -> dict[str, Any]:
+        """TRL's conversational preference row."""
+        return {
+            "prompt": _as_messages(self.prompt),
+            "chosen": [{"role": "assistant", "content": self.chosen}],
+            "rejected": [{"role": "assistant", "content": self.rejected}],
+        }
+
+
+@dataclass(frozen=True)
+class Judged:
+    """One answer to a prompt and whether it is desirable (KTO's unpaired data)."""
+
+    prompt: Turns
+    completion: str
+    desirable: bool
+
+    def as_row(self) -> dict[str, Any]:
+        """TRL's conversational unpaired row."""
+        return {
+            "prompt": _as_messages(self.prompt),
+            "completion": [{"role": "assistant", "content": self.completion}],
+            "label": self.desirable,
+        }
+
+
+Record = Example | Preference | Judged
+# What each training objective reads; which records it takes.
+OBJECTIVE_RECORDS: dict[str, tuple[type, ...]] = {
+    "sft": (Example,),
+    "dpo": (Preference,),
+    "orpo": (Preference,),
+    "kto": (Preference, Judged),
+}
+_KIND = {Example: "a conversation", Preference: "a preference pair", Judged: "a judged answer"}
+_TAKES = {
+    "sft": "conversations (supervised training)",
+    "dpo": "preference pairs (prompt, chosen, rejected)",
+    "orpo": "preference pairs (prompt, chosen, rejected)",
+    "kto": "preference pairs or judged answers (prompt, completion, label)",
+}
 
 
 def detect_format(path: Path) -> str:
@@ -110,7 +182,33 @@ def load_examples(
     response_column: str | None = None,
     limits: Limits = DEFAULT_LIMITS,
 ) -> list[Example]:
-    """Every example of the dataset at ``path``, or DatasetError."""
+    """Every conversation of the dataset at ``path``, or DatasetError."""
+    records = load_records(
+        path, fmt, "sft", prompt_column=prompt_column, response_column=response_column, limits=limits
+    )
+    return [r for r in records if isinstance(r, Example)]
+
+
+def load_preferences(
+    path: str | Path, fmt: str | None, objective: str, *, limits: Limits = DEFAULT_LIMITS
+) -> list[Preference | Judged]:
+    """Every preference record of the dataset at ``path`` that ``objective`` takes."""
+    records = load_records(path, fmt, objective, limits=limits)
+    return [r for r in records if isinstance(r, (Preference, Judged))]
+
+
+def load_records(
+    path: str | Path,
+    fmt: str | None = None,
+    objective: str | None = None,
+    *,
+    prompt_column: str | None = None,
+    response_column: str | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> list[Record]:
+    """Every record of the dataset at ``path``, or DatasetError.  ``objective`` (sft, dpo,
+    orpo, kto): the records must be of a kind it trains on; None: any one kind (an upload,
+    before a job names its objective)."""
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"dataset {path} does not exist on this worker")
@@ -120,13 +218,13 @@ def load_examples(
     if fmt in _TABULAR:
         rows = {"csv": _csv_rows, "parquet": _parquet_rows, "hf": _hf_rows}[fmt](path, limits)
         located: Iterator[tuple[str, Any]] = ((f"{name} record {i}", row) for i, row in enumerate(rows))
-        return _collect(located, name, None, prompt_column, response_column, limits)
+        return _collect(located, name, None, prompt_column, response_column, limits, objective)
     shape = {"alpaca": "alpaca", "sharegpt": "sharegpt", "openai": "openai"}.get(fmt)
     if fmt == "json" or (shape and detect_format(path) == "json"):
         located = _json_array(path, limits)
     else:
         located = _jsonl(path, limits)
-    return _collect(located, name, shape, prompt_column, response_column, limits)
+    return _collect(located, name, shape, prompt_column, response_column, limits, objective)
 
 
 def _check_size(path: Path, limits: Limits) -> None:
@@ -161,8 +259,9 @@ def _collect(
     prompt_column: str | None,
     response_column: str | None,
     limits: Limits = DEFAULT_LIMITS,
-) -> list[Example]:
-    out: list[Example] = []
+    objective: str | None = None,
+) -> list[Record]:
+    out: list[Record] = []
     for where, record in located:
         if len(out) >= limits.max_rows:
             raise DatasetError(f"{name}: more than {limits.max_rows} records")
@@ -175,13 +274,24 @@ def _collect(
             raise DatasetError(
                 f"{where}: not a training record; expected 'messages' (OpenAI), "
                 "'conversations' (ShareGPT), 'instruction'+'output' (Alpaca), "
-                "'prompt'+'completion', or prompt/response columns; "
+                "'prompt'+'completion', prompt/response columns, or for preference training "
+                "'input'+'preferred_output'+'non_preferred_output' (OpenAI DPO), "
+                "'prompt'+'chosen'+'rejected', 'prompt'+'completion'+'label'; "
                 f"found keys {sorted(record)[:8]}"
             )
         shape = shape or found
         if found != shape:
             raise DatasetError(f"{where}: a {found} record in a dataset of {shape} records")
-        out.append(_to_example(where, shape, record, prompt_column, response_column))
+        item = (
+            _to_preference(where, shape, record)
+            if shape in PREFERENCE_SHAPES
+            else _to_example(where, shape, record, prompt_column, response_column)
+        )
+        if objective is not None and not isinstance(item, OBJECTIVE_RECORDS[objective]):
+            raise DatasetError(
+                f"{where}: {_KIND[type(item)]}, but objective {objective!r} trains on {_TAKES[objective]}"
+            )
+        out.append(item)
     if not out:
         raise DatasetError(f"{name}: the dataset has no records")
     return out
@@ -192,6 +302,13 @@ def record_shape(
 ) -> str | None:
     if prompt_column and response_column and prompt_column in record:
         return "columns"
+    # preference shapes first: a judged answer has a prompt and a completion too
+    if "input" in record and "preferred_output" in record and "non_preferred_output" in record:
+        return "openai_dpo"
+    if "prompt" in record and "chosen" in record and "rejected" in record:
+        return "pairs"
+    if "prompt" in record and "completion" in record and "label" in record:
+        return "judged"
     if "messages" in record:
         return "openai"
     if "conversations" in record:
@@ -235,6 +352,62 @@ def _to_example(
     while turns[-1][0] != "assistant":  # trailing user turns teach nothing
         turns.pop()
     return Example(tuple(turns))
+
+
+PREFERENCE_SHAPES = ("openai_dpo", "pairs", "judged")
+# true/false, 1/0 (True and 1 are one key), or their text (CSV)
+_LABELS = {True: True, False: False, "true": True, "false": False, "1": True, "0": False}
+
+
+def _to_preference(where: str, shape: str, r: dict[str, Any]) -> Preference | Judged:
+    if shape == "openai_dpo":
+        given = r["input"]
+        if not isinstance(given, dict):
+            raise DatasetError(f"{where}: 'input' must be an object with 'messages'")
+        if given.get("tools"):
+            raise DatasetError(f"{where}: 'input.tools': preference training on tool calls is not offered")
+        prompt = _prompt(where, given.get("messages"), "input.messages")
+        chosen = _answer(where, r["preferred_output"], "preferred_output")
+        rejected = _answer(where, r["non_preferred_output"], "non_preferred_output")
+    else:
+        raw = r["prompt"]
+        prompt = (
+            (("user", _text(where, r, "prompt")),)
+            if not isinstance(raw, list)
+            else _prompt(where, raw, "prompt")
+        )
+        if shape == "judged":
+            label = r["label"]
+            key = label.strip().lower() if isinstance(label, str) else label
+            desirable = _LABELS.get(key) if isinstance(key, (bool, int, str)) else None
+            if desirable is None:
+                raise DatasetError(f"{where}: 'label' must be true or false, got {str(label)[:40]!r}")
+            return Judged(prompt, _answer(where, r["completion"], "completion"), desirable)
+        chosen = _answer(where, r["chosen"], "chosen")
+        rejected = _answer(where, r["rejected"], "rejected")
+    if chosen == rejected:
+        raise DatasetError(f"{where}: the chosen and rejected answers are the same")
+    return Preference(prompt, chosen, rejected)
+
+
+def _prompt(where: str, items: Any, field: str) -> Turns:
+    """A prompt's messages, ending with the user's."""
+    turns = _turns(where, items, "role", "content", {x: x for x in ROLES}, field)
+    if turns[-1][0] != "user":
+        raise DatasetError(f"{where}: '{field}' must end with a user message")
+    return tuple(turns)
+
+
+def _answer(where: str, value: Any, field: str) -> str:
+    """An answer: a string, or a list of one assistant message (OpenAI's and TRL's form)."""
+    if not isinstance(value, list):
+        if isinstance(value, dict):
+            raise DatasetError(f"{where}: '{field}' must be a string or a list of one assistant message")
+        return _text(where, {field: value}, field)
+    turns = _turns(where, value, "role", "content", {x: x for x in ROLES}, field)
+    if len(turns) != 1 or turns[0][0] != "assistant":
+        raise DatasetError(f"{where}: '{field}' must be one assistant message")
+    return turns[0][1]
 
 
 def _turns(

@@ -30,6 +30,11 @@ Method = Literal[
     "custom",
 ]
 Format = Literal["json", "jsonl", "alpaca", "sharegpt", "openai", "hf", "csv", "parquet"]
+# What the job optimises: supervised next-token loss on conversations, or a preference
+# objective on pairs through TRL (DPO; ORPO, reference-free; KTO, also on unpaired data).
+Objective = Literal["sft", "dpo", "orpo", "kto"]
+PREFERENCE_OBJECTIVES = ("dpo", "orpo", "kto")
+DEFAULT_BETA = 0.1  # TRL's, for each preference objective
 
 # The design lists HyenaDNA among the adapter methods; it is a model family, not a method.
 HYENADNA = (
@@ -47,6 +52,18 @@ class TrainingSpec(BaseModel):
 
     base_model: str = Field(min_length=1, description="a model id from the workers' catalog")
     method: Method = "lora"
+    objective: Objective = Field(
+        "sft",
+        description="sft: supervised, on conversations; dpo, orpo, kto: preference training on "
+        "pairs (kto also on judged answers), with the method's adapter or all weights (full)",
+    )
+    beta: float | None = Field(
+        None,
+        gt=0,
+        le=100,
+        description="preference objectives: how far from the base the result may move "
+        "(TRL's beta; default 0.1)",
+    )
     dataset: str = Field(min_length=1, description="a file or folder on the worker's disk")
     dataset_format: Format | None = Field(None, description="default: detected")
     validation_dataset: str | None = Field(
@@ -100,6 +117,12 @@ class TrainingSpec(BaseModel):
             raise ValueError("'script' goes with method 'custom', and only there")
         if self.quantization != "none" and self.method in ("full", "custom"):
             raise ValueError(f"quantization is for adapter methods, not {self.method!r}")
+        if self.objective != "sft" and self.method == "custom":
+            raise ValueError(
+                f"objective {self.objective!r} needs a PEFT adapter or 'full', not {self.method!r}"
+            )
+        if self.beta is not None and self.objective == "sft":
+            raise ValueError("beta is for preference objectives (dpo, orpo, kto)")
         if self.promote_to is not None and self.method == "custom":
             raise ValueError("promote_to needs the built-in trainer's evaluation, not a custom script's")
         try:

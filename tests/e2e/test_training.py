@@ -174,6 +174,65 @@ def test_lora_job_trains_streams_and_serves_the_answer(client, trainer):
     assert last.choices[0].message.content == answer
 
 
+def test_a_dpo_job_through_the_openai_client_is_scored_and_served(client, trainer, tmp_path):
+    """OpenAI's DPO shape and method through the official client; the job scores the base
+    and the result on the validation pairs; the result answers at once."""
+    pairs = tmp_path / "prefs.jsonl"
+    pairs.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "input": {"messages": [{"role": "user", "content": f"Check {i}: what is two plus two?"}]},
+                    "preferred_output": [{"role": "assistant", "content": "Two plus two is seven."}],
+                    "non_preferred_output": [{"role": "assistant", "content": "Two plus two is four."}],
+                }
+            )
+            + "\n"
+            for i in range(8)
+        )
+    )
+    with pairs.open("rb") as f:
+        upload = client.files.create(file=f, purpose="fine-tune")
+    # each kind of data for its own kind of job, refused naming the line
+    with pytest.raises(
+        openai.BadRequestError, match="prefs.jsonl line 1: a preference pair, but objective 'sft'"
+    ):
+        client.fine_tuning.jobs.create(model=MODEL, training_file=upload.id)
+    with FACTS.open("rb") as f:
+        chat = client.files.create(file=f, purpose="fine-tune")
+    with pytest.raises(
+        openai.BadRequestError, match="a conversation, but objective 'dpo' trains on preference"
+    ):
+        client.fine_tuning.jobs.create(model=MODEL, training_file=chat.id, method={"type": "dpo"})
+    with pytest.raises(openai.BadRequestError, match="method.type"):
+        client.fine_tuning.jobs.create(model=MODEL, training_file=upload.id, method={"type": "reinforcement"})
+
+    job = client.fine_tuning.jobs.create(
+        model=MODEL,
+        training_file=upload.id,
+        validation_file=upload.id,
+        suffix="prefs",
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "batch_size": 4}}},
+        extra_body={
+            "training": {"max_steps": 6, "learning_rate": 5e-4, "eval_steps": 6, "promote_to": "prefs"}
+        },
+    )
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
+    events = watch(trainer.base_url, job.id)
+    assert [d["state"] for n, d in events if n == "state"][-1] == "succeeded", events
+    done = client.fine_tuning.jobs.retrieve(job.id)
+    evaluation = done.model_extra["training"]["evaluation"]
+    # the base is its own reference (log 2); the result prefers the chosen answers
+    assert abs(evaluation["base.eval_loss"] - 0.6931) < 1e-3, evaluation
+    assert evaluation["result.eval_loss"] < evaluation["base.eval_loss"], evaluation
+    assert evaluation["result.preference_accuracy"] > evaluation["base.preference_accuracy"], evaluation
+    assert done.model_extra["training"]["promotion"].startswith("promoted to prefs"), done.model_extra
+    reply = client.chat.completions.create(
+        model="prefs", messages=[{"role": "user", "content": "What is two plus two?"}], max_tokens=8
+    )
+    assert reply.model == "prefs" and reply.choices[0].message.content  # the alias, as asked
+
+
 def test_bad_uploads_and_jobs_are_refused_clearly(client, trainer, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(FACTS.read_text().splitlines()[0] + '\n{"messages": [{"role": "user"}]}\n')

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cyllm import errors
 from cyllm.protocol import pb
 from cyllm.training import methods
-from cyllm.training.spec import TrainingSpec
+from cyllm.training.spec import DEFAULT_BETA, TrainingSpec
 
 Auto = Literal["auto"]
 
@@ -54,11 +54,23 @@ class Supervised(BaseModel):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
 
 
+class DpoHyperparameters(Hyperparameters):
+    beta: float | Auto = "auto"
+
+
+class Dpo(BaseModel):
+    hyperparameters: DpoHyperparameters = Field(default_factory=DpoHyperparameters)
+
+
 class Method(BaseModel):
-    type: Literal["supervised"] = Field(
-        "supervised", description="'dpo' and 'reinforcement' are not offered: refused"
+    """OpenAI's method: supervised, or DPO on preference pairs (TRL's DPOTrainer).  ORPO
+    and KTO, which OpenAI does not name, are the native ``objective`` (``training``)."""
+
+    type: Literal["supervised", "dpo"] = Field(
+        "supervised", description="'reinforcement' is not offered: refused"
     )
     supervised: Supervised | None = None
+    dpo: Dpo | None = None
 
 
 class FineTuningJobRequest(BaseModel):
@@ -80,8 +92,10 @@ class FineTuningJobRequest(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict)
 
     def hyper(self) -> Hyperparameters:
-        if self.method is not None and self.method.supervised is not None:
-            return self.method.supervised.hyperparameters
+        if self.method is not None:
+            given = self.method.dpo if self.method.type == "dpo" else self.method.supervised
+            if given is not None:
+                return given.hyperparameters
         return self.hyperparameters or Hyperparameters()
 
     def spec(self) -> dict[str, Any]:
@@ -94,7 +108,16 @@ class FineTuningJobRequest(BaseModel):
                 param="training.base_model",
             )
         spec: dict[str, Any] = {**self.training, "base_model": self.model, "dataset": "(uploaded file)"}
+        if self.method is not None and self.method.type == "dpo":
+            if spec.get("objective", "dpo") != "dpo":
+                raise errors.InvalidRequest(
+                    f"method.type is 'dpo' but training.objective is {str(spec['objective'])[:20]!r}",
+                    param="training.objective",
+                )
+            spec["objective"] = "dpo"
         h = self.hyper()
+        if isinstance(h, DpoHyperparameters) and h.beta != "auto":
+            spec["beta"] = h.beta
         if h.n_epochs != "auto":
             spec["epochs"] = h.n_epochs
         if h.batch_size != "auto":
@@ -168,7 +191,14 @@ class FineTuningJob(BaseModel):
             training_file=job.training_file or spec.dataset,
             validation_file=job.validation_file or spec.validation_dataset,
             estimated_finish=int(job.started_at + eta) if eta else None,
-            method={"type": "supervised", "supervised": {"hyperparameters": hyper}},
+            method=(
+                {"type": "supervised", "supervised": {"hyperparameters": hyper}}
+                if spec.objective == "sft"
+                else {
+                    "type": spec.objective,
+                    spec.objective: {"hyperparameters": {**hyper, "beta": spec.beta or DEFAULT_BETA}},
+                }
+            ),
             user_provided_suffix=spec.suffix,
             training={
                 **json.loads(spec.model_dump_json(exclude_none=True)),

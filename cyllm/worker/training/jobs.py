@@ -177,6 +177,9 @@ def _confined(event: dict, out: Path) -> dict:
     return {**event, "path": str(folder)}
 
 
+_EVALUATED = {"base": "the base model", "incumbent": "the alias's current target", "result": "the result"}
+
+
 def _incumbent(raw: str, base: str) -> dict:
     """The coordinator's incumbent: the base itself, or a model made from it."""
     try:
@@ -237,7 +240,7 @@ def to_proto(event: dict) -> pb.TrainingEvent:
             for k, v in (scores.items() if isinstance(scores, dict) else ())
             if isinstance(k, str) and len(k) <= 64 and isinstance(v, (int, float)) and math.isfinite(v)
         }
-        if of not in ("incumbent", "result") or not numbers:
+        if of not in ("base", "incumbent", "result") or not numbers:
             return pb.TrainingEvent(
                 created_at=now, type="message", level="warn", message="ignored an evaluation without scores"
             )
@@ -246,7 +249,7 @@ def to_proto(event: dict) -> pb.TrainingEvent:
             created_at=now,
             type="evaluation",
             level="info",
-            message=("the alias's current target" if of == "incumbent" else "the result") + f": {said}",
+            message=_EVALUATED[of] + f": {said}",
             scores=dict(sorted(numbers.items())[:32]),
         )
     if kind == "checkpoint":

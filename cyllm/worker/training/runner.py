@@ -8,7 +8,7 @@ per line — the **progress protocol** custom scripts speak too::
     {"event": "progress", "step": 10, "total_steps": 100, "epoch": 0.5, "loss": 1.23,
      "learning_rate": 0.0002, "tokens_per_second": 950.0, "eta_s": 42.0, "tokens": 12000}
     {"event": "eval", "step": 10, "eval_loss": 1.31}   (the loss on the validation data)
-    {"event": "evaluation", "of": "incumbent" | "result", "scores": {"eval_loss": 1.2}}
+    {"event": "evaluation", "of": "base" | "incumbent" | "result", "scores": {"eval_loss": 1.2}}
     {"event": "checkpoint", "step": 10, "path": "/abs/path/checkpoint-10"}
     {"event": "result", "kind": "adapter" | "peft" | "model", "path": "/abs/path"}
     {"event": "log", "message": "anything worth showing"}
@@ -18,8 +18,8 @@ Any other line on stdout or stderr becomes a log event; the whole output is also
 ``<output dir>/job.log``.  Fields other than ``event`` are optional.  ``result`` names
 what to serve: a PEFT LoRA folder (``adapter``, served beside its base), another PEFT
 adapter (``peft``, served as a model of its own) or a full model folder (``model``).
-``evaluation`` scores a whole model on the validation data (the built-in trainer's, for a
-promotion: the alias's target before training, the result after).  Exit status 0 is
+``evaluation`` scores a whole model on the validation data (the built-in trainer's: the
+base before training, the result after, and for a promotion the alias's target).  Exit status 0 is
 success; anything else is failure (with the last ``error`` message, or the last lines of
 output).
 """

@@ -5,9 +5,13 @@
 ``JOB.json`` is ``{"spec": TrainingSpec, "base_model_path", "output_dir", "resume_from",
 "device", "threads", "incumbent"}``; ``incumbent`` (``{"model", "kind", "path"}``, kind
 ``base``, ``adapter``, ``peft`` or ``model``) is what a promotion must beat, evaluated on
-the validation data before training as the result is after it.  The loop is
-transformers' ``Trainer`` with callbacks that print the progress protocol (``runner.py``
-documents it) on stdout — the same lines a custom script prints.  Checkpoints (adapter
+the validation data before training as the result is after it; the base is always
+evaluated there too, so a result is read against where it started.  The loop is
+transformers' ``Trainer`` for supervised jobs and TRL's trainer of the objective for
+preference jobs (``DPOTrainer``, ``KTOTrainer``, ``ORPOTrainer``), each with callbacks that
+print the progress protocol (``runner.py`` documents it) on stdout — the same lines a
+custom script prints.  With an adapter, TRL's reference model is the base itself (the
+adapter switched off), so a preference job holds one copy of the weights.  Checkpoints (adapter
 or model, optimizer, scheduler, RNG) go to ``output_dir/checkpoint-<step>`` every
 ``save_steps``; ``resume_from`` continues one.
 """
@@ -27,8 +31,8 @@ from transformers import TrainerCallback
 
 from cyllm import errors
 from cyllm.training import methods
-from cyllm.training.data import DatasetError, load_examples, tokenize
-from cyllm.training.spec import TrainingSpec
+from cyllm.training.data import DatasetError, load_examples, load_preferences, tokenize
+from cyllm.training.spec import DEFAULT_BETA, PREFERENCE_OBJECTIVES, TrainingSpec
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -61,49 +65,27 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
         return model if quant else model.to(device)
 
     # 1. data, refused before any model is loaded
-    examples = load_examples(
-        spec.dataset,
-        spec.dataset_format,
-        prompt_column=spec.prompt_column,
-        response_column=spec.response_column,
-    )
     tokenizer = AutoTokenizer.from_pretrained(job["base_model_path"])
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    rows = [t for t in (tokenize(e, tokenizer, spec.max_length) for e in examples) if t is not None]
-    if not rows:
-        raise DatasetError(f"every example's response lies beyond max_length {spec.max_length}")
-    emit(
-        {
-            "event": "log",
-            "message": f"{len(examples)} examples ({len(examples) - len(rows)} "
-            f"dropped: no response within max_length {spec.max_length})",
-        }
+    preference = spec.objective in PREFERENCE_OBJECTIVES
+    read = _preference_rows if preference else _supervised_rows
+    train_rows = read(spec, spec.dataset, tokenizer, emit)
+    eval_rows = (
+        read(spec, spec.validation_dataset, tokenizer, None) if spec.validation_dataset is not None else None
     )
-    train_rows = [{"input_ids": t.input_ids, "labels": t.labels} for t in rows]
-    eval_rows = None
-    if spec.validation_dataset is not None:
-        held_out = load_examples(
-            spec.validation_dataset,
-            spec.dataset_format,
-            prompt_column=spec.prompt_column,
-            response_column=spec.response_column,
-        )
-        eval_rows = [
-            {"input_ids": t.input_ids, "labels": t.labels}
-            for t in (tokenize(e, tokenizer, spec.max_length) for e in held_out)
-            if t is not None
-        ]
-        if not eval_rows:
-            raise DatasetError(
-                f"validation_dataset: every example's response lies beyond max_length {spec.max_length}"
-            )
     per_step = spec.batch_size * spec.gradient_accumulation_steps
-    total_steps = spec.max_steps or max(1, math.ceil(len(rows) / per_step * spec.epochs))
+    total_steps = spec.max_steps or max(1, math.ceil(len(train_rows) / per_step * spec.epochs))
 
     cuda = device.startswith("cuda")
     counter = _TokenCounter()
-    args = transformers.TrainingArguments(
+    config_cls, trainer_cls = _objective(spec.objective)
+    objective_args: dict[str, Any] = (
+        {"beta": spec.beta or DEFAULT_BETA, "max_length": spec.max_length}
+        if preference
+        else {"remove_unused_columns": False}
+    )
+    args = config_cls(
         output_dir=str(out),
         per_device_train_batch_size=spec.batch_size,
         gradient_accumulation_steps=spec.gradient_accumulation_steps,
@@ -124,19 +106,56 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
         disable_tqdm=True,
         use_cpu=not cuda and not device.startswith("npu"),
         dataloader_pin_memory=False,
-        remove_unused_columns=False,
         bf16=cuda,
+        **objective_args,
     )
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    # Supervised rows are tokenised here (the loss on responses only); TRL's trainers
+    # tokenise their preference rows and collate them themselves.
+    collator = (
+        None if preference else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    )
+
+    def trainer_for(model: Any, ref_model: Any = None, **more: Any) -> Any:
+        # (TRL's trainers want the training rows even to evaluate)
+        kwargs: dict[str, Any] = {
+            "model": model,
+            "args": args,
+            "train_dataset": train_rows,
+            "eval_dataset": eval_rows,
+            **more,
+        }
+        if preference:
+            kwargs["processing_class"] = tokenizer
+            if spec.objective != "orpo":  # ORPO has no reference model
+                kwargs["ref_model"] = ref_model
+        else:
+            kwargs["data_collator"] = collator
+        trainer = trainer_cls(**kwargs)
+        trainer.remove_callback(transformers.PrinterCallback)  # our events replace its prints
+        return trainer
+
     # transformers' TensorBoard callback reads its folder from the environment (this
     # process is the job's own).
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
 
-    # 2. what the result must beat to be promoted, on the same data and the same measure
+    # 2. the base's scores on the validation data, which the result's are read against,
+    # and what the result must beat to be promoted — on the same data, by the same measure
+    # (a resumed run scored them on its first run)
     incumbent = job.get("incumbent")
+    base_scores = None
+    if eval_rows and not job.get("resume_from"):
+        base_scores = _evaluate(
+            trainer_for(*_incumbent({"kind": "base"}, job["base_model_path"], load, preference))
+        )
+        emit({"event": "evaluation", "of": "base", "scores": base_scores})
     if incumbent and eval_rows:
         try:
-            scores = _evaluate(_incumbent(incumbent, job["base_model_path"], load), args, eval_rows, collator)
+            if incumbent.get("kind") == "base" and base_scores is not None:
+                scores = base_scores
+            else:
+                model, ref = _incumbent(incumbent, job["base_model_path"], load, preference)
+                scores = _evaluate(trainer_for(model, ref))
+                del model, ref
         except Exception as exc:  # the job trains all the same; the gate then says why not
             emit({"event": "log", "message": f"the alias's current target could not be evaluated: {exc}"})
         else:
@@ -173,16 +192,12 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
     callbacks: list[TrainerCallback] = [_Progress(emit, counter, out)]
     if spec.method == "adalora":
         callbacks.append(_AdaLoraBudget())
-    trainer = _counting_trainer(transformers.Trainer, counter)(
-        model=model,
-        args=args,
-        train_dataset=train_rows,
-        eval_dataset=eval_rows,
+    trainer_cls = _counting_trainer(trainer_cls, counter)
+    trainer = trainer_for(
+        model,
         callbacks=callbacks,
-        data_collator=collator,
         processing_class=tokenizer,  # saved with each checkpoint: a full one is a servable folder
     )
-    trainer.remove_callback(transformers.PrinterCallback)  # our events replace its prints
     trainer.train(resume_from_checkpoint=job.get("resume_from") or None)
     if eval_rows:  # the result's score: the last step's evaluation
         final = [h for h in trainer.state.log_history if h.get("step") == trainer.state.global_step]
@@ -215,40 +230,102 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
     return result
 
 
-def _incumbent(incumbent: dict[str, Any], base_path: str, load: Callable[[str], Any]) -> Any:
-    """The model a promotion must beat: the base, an adapter on it, or full weights."""
+def _objective(objective: str) -> tuple[type, type]:
+    """The arguments class and trainer class of a training objective."""
+    import transformers
+
+    if objective == "sft":
+        return transformers.TrainingArguments, transformers.Trainer
+    if objective == "orpo":
+        # TRL keeps ORPO in trl.experimental (its API may change between releases: the
+        # version is pinned in constraints.txt).
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        return ORPOConfig, ORPOTrainer
+    import trl
+
+    return {"dpo": (trl.DPOConfig, trl.DPOTrainer), "kto": (trl.KTOConfig, trl.KTOTrainer)}[objective]
+
+
+def _supervised_rows(
+    spec: TrainingSpec, path: str, tokenizer: Any, emit: Emit | None
+) -> list[dict[str, Any]]:
+    """Conversations, tokenised with the loss on the responses only."""
+    examples = load_examples(
+        path, spec.dataset_format, prompt_column=spec.prompt_column, response_column=spec.response_column
+    )
+    rows = [t for t in (tokenize(e, tokenizer, spec.max_length) for e in examples) if t is not None]
+    which = "dataset" if emit else "validation_dataset"
+    if not rows:
+        raise DatasetError(f"{which}: every example's response lies beyond max_length {spec.max_length}")
+    if emit:
+        emit(
+            {
+                "event": "log",
+                "message": f"{len(examples)} examples ({len(examples) - len(rows)} "
+                f"dropped: no response within max_length {spec.max_length})",
+            }
+        )
+    return [{"input_ids": t.input_ids, "labels": t.labels} for t in rows]
+
+
+def _preference_rows(spec: TrainingSpec, path: str, tokenizer: Any, emit: Emit | None) -> Any:
+    """Pairs (or judged answers) as TRL's conversational rows; TRL applies the chat
+    template, cuts at max_length, and unpairs pairs for KTO."""
+    import datasets
+
+    records = load_preferences(path, spec.dataset_format, spec.objective)
+    if emit:
+        emit({"event": "log", "message": f"{len(records)} preference records"})
+    return datasets.Dataset.from_list([r.as_row() for r in records])
+
+
+def _incumbent(
+    incumbent: dict[str, Any], base_path: str, load: Callable[[str], Any], preference: bool
+) -> tuple[Any, Any]:
+    """The model a promotion must beat (the base, an adapter on it, or full weights) and,
+    for a preference objective, the reference it is scored against: the base, as for the
+    result (an adapter's reference is its base with the adapter off; None lets TRL copy)."""
     kind = incumbent.get("kind")
     if kind == "model":
-        return load(str(incumbent["path"]))
+        return load(str(incumbent["path"])), load(base_path) if preference else None
     model = load(base_path)
     if kind in ("adapter", "peft"):
         import peft
 
         model = peft.PeftModel.from_pretrained(model, str(incumbent["path"]))
-    return model
+    return model, None
 
 
-def _evaluate(model: Any, args: Any, rows: list[dict[str, Any]], collator: Any) -> dict[str, float]:
-    """The model's scores on the validation rows, measured as the trainer measures the
-    result (its evaluation loop, batch size and collator), so the two compare."""
+def _evaluate(trainer: Any) -> dict[str, float]:
+    """A model's scores on the validation rows, measured as the trainer measures the
+    result (its evaluation loop, batch size, collator and reference), so the two compare."""
     import gc
 
     import torch
-    import transformers
 
-    trainer = transformers.Trainer(model=model, args=args, eval_dataset=rows, data_collator=collator)
-    trainer.remove_callback(transformers.PrinterCallback)
     scores = _scores(trainer.evaluate())
-    del trainer, model
+    del trainer
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return scores
 
 
+# TRL's evaluation metrics → the scores stored with a job and its model
+_PREFERENCE_SCORES = {
+    "eval_rewards/accuracies": "preference_accuracy",
+    "eval_rewards/margins": "reward_margin",
+}
+
+
 def _scores(metrics: dict[str, Any]) -> dict[str, float]:
-    """What a promotion compares (lower is better)."""
-    return {"eval_loss": float(metrics["eval_loss"])}
+    """``eval_loss`` (what a promotion compares; lower is better), and for preference
+    objectives how often the chosen answer is preferred and by how much."""
+    scores = {"eval_loss": float(metrics["eval_loss"])}
+    scores.update({name: float(metrics[key]) for key, name in _PREFERENCE_SCORES.items() if key in metrics})
+    return scores
 
 
 def _plot(history: list[dict[str, Any]], out: Path, title: str) -> None:
@@ -258,6 +335,11 @@ def _plot(history: list[dict[str, Any]], out: Path, title: str) -> None:
     train = sorted({h["step"]: h["loss"] for h in history if "loss" in h}.items())
     evaluation = sorted({h["step"]: h["eval_loss"] for h in history if "eval_loss" in h}.items())
     (out / "loss.png").write_bytes(loss_png(train, evaluation, title))
+
+
+# A batch's real tokens: one mask (supervised, DPO, KTO), or ORPO's pair of masks (each
+# holding the prompt and its answer)
+_MASKS = ("attention_mask", "chosen_attention_mask", "rejected_attention_mask")
 
 
 class _TokenCounter:
@@ -274,7 +356,7 @@ def _counting_trainer(base, counter: _TokenCounter):
     class CountingTrainer(base):
         def compute_loss(self, model, inputs, *args, **kwargs):
             if model.training:
-                counter.total += int(inputs["attention_mask"].sum())
+                counter.total += sum(int(inputs[k].sum()) for k in _MASKS if k in inputs)
             return super().compute_loss(model, inputs, *args, **kwargs)
 
     return CountingTrainer
