@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from contextlib import aclosing
+from contextlib import AbstractContextManager, aclosing, nullcontext
 from pathlib import Path
 
 import grpc
@@ -62,28 +62,29 @@ class WorkerService(rpc.WorkerServicer):
         rid = request_id or request.request_id
         COMPILING_FOR.set(request.tenant)  # this call's task: its schema's turn is its tenant's
         try:
-            if self.draining:
-                raise errors.Unavailable(f"worker {self.worker_id} is draining")
-            engine, adapter = await self.models.resolve_or_load(request.model)
-            gen_request = dataclasses.replace(request_from_proto(request), adapter=adapter)
-            async with aclosing(engine.generate(gen_request)) as events:
-                async for event in events:
-                    if isinstance(event, TextDelta):
-                        timer.text()
-                    elif isinstance(event, Finished):
-                        timer.done(event.finish_reason, event.completion_tokens)
-                        log.debug(
-                            "generation %s",
-                            event.finish_reason,
-                            extra={
-                                "request_id": rid,
-                                "model": request.model,
-                                "outcome": event.finish_reason,
-                                "prompt_tokens": event.prompt_tokens,
-                                "completion_tokens": event.completion_tokens,
-                            },
-                        )
-                    yield event
+            with self._demand():  # a training job on this device gives way meanwhile
+                if self.draining:
+                    raise errors.Unavailable(f"worker {self.worker_id} is draining")
+                engine, adapter = await self.models.resolve_or_load(request.model)
+                gen_request = dataclasses.replace(request_from_proto(request), adapter=adapter)
+                async with aclosing(engine.generate(gen_request)) as events:
+                    async for event in events:
+                        if isinstance(event, TextDelta):
+                            timer.text()
+                        elif isinstance(event, Finished):
+                            timer.done(event.finish_reason, event.completion_tokens)
+                            log.debug(
+                                "generation %s",
+                                event.finish_reason,
+                                extra={
+                                    "request_id": rid,
+                                    "model": request.model,
+                                    "outcome": event.finish_reason,
+                                    "prompt_tokens": event.prompt_tokens,
+                                    "completion_tokens": event.completion_tokens,
+                                },
+                            )
+                        yield event
         except errors.CyllmError as exc:
             timer.failed(exc.code)
             log.info(
@@ -92,6 +93,9 @@ class WorkerService(rpc.WorkerServicer):
                 extra={"request_id": rid, "model": request.model, "outcome": exc.code},
             )
             raise
+
+    def _demand(self) -> AbstractContextManager[None]:
+        return self.training.demand.serving() if self.training is not None else nullcontext()
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         if self.draining:
@@ -107,7 +111,8 @@ class WorkerService(rpc.WorkerServicer):
                 f"model {spec.id!r} does not answer embeddings here (embeddings: false in its spec)",
                 param="model",
             )
-        vectors, tokens = await engine.embed(list(request.inputs), request.dimensions)
+        with self._demand():
+            vectors, tokens = await engine.embed(list(request.inputs), request.dimensions)
         return pb.EmbedResponse(data=[pb.Embedding(values=v) for v in vectors], prompt_tokens=tokens)
 
     async def LoadModel(self, request: pb.LoadModelRequest, context) -> pb.LoadModelResponse:

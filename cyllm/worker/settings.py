@@ -236,7 +236,16 @@ class WorkerSettings(ComponentSettings):
         "auto", description="auto (the accelerator, else cpu) | cpu | cuda:N | npu:N"
     )
     training_shares_device: bool = Field(
-        False, description="keep serving inference while a job trains on the same device"
+        True,
+        description="keep serving inference while a job trains on the same device: the job "
+        "gives way while requests run (false: the worker takes no inference while it trains)",
+    )
+    training_share_under_load: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="the share of time a job still runs while inference never stops (0: none "
+        "until the load ends)",
     )
     training_scripts_dir: Path | None = Field(
         None, description="where 'custom' jobs' scripts live; unset: custom jobs are refused"

@@ -1,7 +1,7 @@
 """Training jobs across coordinators sharing Redis, with a worker running custom scripts
 (no model needed): dispatch, a cancel arriving at the other coordinator, a coordinator
 stopping mid-job (its job re-queued and finished by the other), and inference kept away
-from a worker that is training."""
+from a worker that is training when it does not share its device with a job."""
 
 from __future__ import annotations
 
@@ -32,7 +32,12 @@ def _spec(**kw) -> str:
 async def cluster(make_stack, redis_url, tmp_path):
     fast = {"redis_url": redis_url, "lease_s": 1.5, "heartbeat_interval_s": 0.3}
     stack = await make_stack(
-        worker={"training_scripts_dir": SCRIPTS, "training_dir": tmp_path / "jobs"}, **fast
+        worker={
+            "training_scripts_dir": SCRIPTS,
+            "training_dir": tmp_path / "jobs",
+            "training_shares_device": False,  # the worker takes no inference while training
+        },
+        **fast,
     )
     other = CoordinatorServer(CoordinatorSettings(port=0, metrics_port=None, **fast))
     port = await other.start()

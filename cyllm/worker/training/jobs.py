@@ -2,8 +2,9 @@
 start the job's process (``runner.py``) and turn what it reports into ``TrainingEvent``s.
 
 One job at a time per worker.  While it runs the worker tells the coordinators
-(``WorkerInfo.training_job``), which then send it no inference for the device it trains
-on unless ``worker.training_shares_device`` is set.
+(``WorkerInfo.training_job``).  By default it keeps serving, the job giving way to each
+inference call (``sharing.py``); with ``worker.training_shares_device`` off the
+coordinators send it no inference while it trains.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from cyllm.worker import model_files
 from cyllm.worker.engines import compute_thread
 from cyllm.worker.settings import WorkerSettings
 from cyllm.worker.training.runner import run_process
+from cyllm.worker.training.sharing import Demand, Yielding
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ class WorkerTraining:
         self.accelerator = accelerator
         self._on_change = on_change
         self.current = ""  # the running job's id
+        self.demand = Demand()  # the worker's inference calls, which a job gives way to
 
     @property
     def unavailable(self) -> str:
@@ -129,6 +132,11 @@ class WorkerTraining:
                 log_path=out / "job.log",
                 time_limit_s=spec.time_limit_s,
                 memory_limit_bytes=self.memory_limit,
+                yielding=(
+                    Yielding(self.demand, self.settings.training_share_under_load)
+                    if self.settings.training_shares_device
+                    else None
+                ),
             ):
                 yield to_proto(_confined(event, out))
         finally:

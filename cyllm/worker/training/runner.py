@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from cyllm import cores
+from cyllm.worker.training.sharing import Yielding
 
 _LINE_LIMIT = 1 << 20
 _KILL_GRACE_S = 5.0
@@ -54,8 +55,12 @@ async def run_process(
     log_path: Path,
     time_limit_s: float | None,
     memory_limit_bytes: int | None = None,
+    yielding: Yielding | None = None,
 ) -> AsyncIterator[dict[str, Any]]:
     """Events of the child's run, ending with ``{"event": "exit", "code", "error"}``.
+
+    ``yielding``: the job gives way to inference on its device (``sharing.py``); the time
+    it spends stopped does not count against ``time_limit_s``.
 
     ``memory_limit_bytes``: the resident memory the job's whole process group may use;
     past it the job is stopped and says so (a limit on the group's address space would
@@ -81,7 +86,14 @@ async def run_process(
         asyncio.create_task(_pump(name, stream, lines))
         for name, stream in (("stdout", proc.stdout), ("stderr", proc.stderr))
     ]
-    deadline = time.monotonic() + time_limit_s if time_limit_s else None
+    giving_way = asyncio.create_task(yielding.run(proc.pid)) if yielding is not None else None
+    started = time.monotonic()
+
+    def deadline() -> float | None:
+        if not time_limit_s:
+            return None
+        return started + time_limit_s + (yielding.paused_s() if yielding is not None else 0.0)
+
     drain_until: float | None = None  # set when the process exits: read what is left, briefly
     tail: deque[str] = deque(maxlen=20)
     last_error = ""
@@ -101,7 +113,7 @@ async def run_process(
                 # children the job left behind may hold open for ever.
                 if proc.returncode is not None and drain_until is None:
                     drain_until = time.monotonic() + _DRAIN_S  # read what is left, briefly
-                ends = [t for t in (deadline, drain_until) if t is not None]
+                ends = [t for t in (deadline(), drain_until) if t is not None]
                 now = time.monotonic()
                 if ends and now >= min(ends):
                     timed_out = drain_until is None
@@ -127,6 +139,13 @@ async def run_process(
                 if event["event"] == "error":
                     last_error = str(event.get("message", ""))
                 yield event
+        await _stop_giving_way(giving_way)
+        if yielding is not None and yielding.pauses:
+            yield {
+                "event": "log",
+                "message": f"gave way to inference {yielding.pauses} times, "
+                f"{yielding.paused_s():.0f}s in all (worker.training_shares_device)",
+            }
         if timed_out or over is not None:
             await _stop(proc)
             why = (
@@ -144,10 +163,19 @@ async def run_process(
         error = "" if code == 0 else (last_error or _describe_exit(code, tail))
         yield {"event": "exit", "code": code, "error": error}
     finally:
+        await _stop_giving_way(giving_way)
         if proc.returncode is None:
             await _stop(proc)
         for task in readers:
             task.cancel()
+
+
+async def _stop_giving_way(task: asyncio.Task[None] | None) -> None:
+    """The job's group left running (a stopped group would not see a SIGTERM)."""
+    if task is not None and not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _pump(
@@ -197,6 +225,7 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
     for sig, wait in ((signal.SIGTERM, _KILL_GRACE_S), (signal.SIGKILL, 10.0)):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
+            os.killpg(proc.pid, signal.SIGCONT)  # a stopped process acts on SIGTERM once continued
         try:
             async with asyncio.timeout(wait):
                 while proc.returncode is None:  # noqa: ASYNC110  (wait() also waits for the pipes)
