@@ -55,6 +55,17 @@ _TARGETS = {
 }
 
 
+# Model families whose attention (transformers 5's ``create_causal_mask``) keeps packed
+# examples apart: given position ids that restart at each example and no attention mask,
+# it builds a block-diagonal mask.  Packing is on by default for these only (and never
+# for adaption prompts, which add attention of their own).
+PACKABLE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
+
+
+def packs(method: str, model_type: str) -> bool:
+    return model_type in PACKABLE and method != "adaliprompt"
+
+
 def default_learning_rate(method: str) -> float:
     return LEARNING_RATES.get(method, DEFAULT_LEARNING_RATE)
 

@@ -57,6 +57,17 @@ class TrainingSpec(BaseModel):
         description="sft: supervised, on conversations; dpo, orpo, kto: preference training on "
         "pairs (kto also on judged answers), with the method's adapter or all weights (full)",
     )
+    packing: bool | None = Field(
+        None,
+        description="supervised jobs: examples laid end to end in rows of max_length tokens, "
+        "none attending to another (fewer steps, no padding); default: on where the model's "
+        "attention keeps packed examples apart",
+    )
+    precision: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto",
+        description="auto: bfloat16 mixed precision on a GPU, an NPU or a CPU with native "
+        "bfloat16 (AVX-512 BF16, AMX), float32 elsewhere",
+    )
     beta: float | None = Field(
         None,
         gt=0,
@@ -121,6 +132,8 @@ class TrainingSpec(BaseModel):
             raise ValueError(
                 f"objective {self.objective!r} needs a PEFT adapter or 'full', not {self.method!r}"
             )
+        if self.packing and self.objective != "sft":
+            raise ValueError("packing is for supervised jobs (objective 'sft')")
         if self.beta is not None and self.objective == "sft":
             raise ValueError("beta is for preference objectives (dpo, orpo, kto)")
         if self.promote_to is not None and self.method == "custom":

@@ -74,10 +74,17 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
     eval_rows = (
         read(spec, spec.validation_dataset, tokenizer, None) if spec.validation_dataset is not None else None
     )
+    model_type = transformers.AutoConfig.from_pretrained(job["base_model_path"]).model_type
+    packing = _packing(spec, model_type)
+    if packing:  # rows of up to max_length tokens, several examples each: fewer steps
+        examples = len(train_rows)
+        train_rows = _pack(train_rows, spec.max_length)
+        emit({"event": "log", "message": f"packed {examples} examples into {len(train_rows)} rows"})
     per_step = spec.batch_size * spec.gradient_accumulation_steps
     total_steps = spec.max_steps or max(1, math.ceil(len(train_rows) / per_step * spec.epochs))
 
     cuda = device.startswith("cuda")
+    bf16 = _bfloat16(spec.precision, device)
     counter = _TokenCounter()
     config_cls, trainer_cls = _objective(spec.objective)
     objective_args: dict[str, Any] = (
@@ -106,14 +113,17 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
         disable_tqdm=True,
         use_cpu=not cuda and not device.startswith("npu"),
         dataloader_pin_memory=False,
-        bf16=cuda,
+        bf16=bf16,
         **objective_args,
     )
+    emit({"event": "log", "message": "bfloat16 mixed precision" if bf16 else "float32"})
     # Supervised rows are tokenised here (the loss on responses only); TRL's trainers
     # tokenise their preference rows and collate them themselves.
-    collator = (
-        None if preference else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-    )
+    collator: Any = None
+    if packing:
+        collator = _Unpacking()
+    elif not preference:
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
 
     def trainer_for(model: Any, ref_model: Any = None, **more: Any) -> Any:
         # (TRL's trainers want the training rows even to evaluate)
@@ -248,6 +258,64 @@ def _objective(objective: str) -> tuple[type, type]:
     return {"dpo": (trl.DPOConfig, trl.DPOTrainer), "kto": (trl.KTOConfig, trl.KTOTrainer)}[objective]
 
 
+def _packing(spec: TrainingSpec, model_type: str) -> bool:
+    """Whether the job's examples are packed: as asked, else where it is safe."""
+    safe = spec.objective == "sft" and methods.packs(spec.method, model_type)
+    if spec.packing and not safe:
+        raise errors.InvalidRequest(
+            f"packing: {model_type!r} models with method {spec.method!r} cannot keep packed examples "
+            f"apart here (packed: {', '.join(methods.PACKABLE)}, not adaliprompt)",
+            param="packing",
+        )
+    return safe if spec.packing is None else spec.packing
+
+
+def _bfloat16(precision: str, device: str) -> bool:
+    if precision != "auto":
+        return precision == "bfloat16"
+    from cyllm.worker.devices import cpu_has_bfloat16
+
+    return device.startswith(("cuda", "npu")) or (device == "cpu" and cpu_has_bfloat16())
+
+
+def _pack(rows: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
+    """TRL's best-fit-decreasing packing: bins of at most ``max_length`` tokens, each
+    remembering its examples' lengths (``seq_lengths``)."""
+    import datasets
+    import trl
+
+    packed = trl.pack_dataset(datasets.Dataset.from_list(rows), max_length, strategy="bfd")
+    return list(packed.to_list())
+
+
+class _Unpacking:
+    """A batch of packed rows (or plain examples) → one row of its examples end to end,
+    with position ids restarting at each, through transformers' flattening collator; the
+    model's attention then keeps them apart (``methods.PACKABLE``; the test compares with
+    the same examples padded), and no token is padding."""
+
+    def __init__(self) -> None:
+        from transformers import DataCollatorWithFlattening
+
+        self.flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        examples = []
+        for row in rows:
+            start = 0
+            for n in row.get("seq_lengths") or [len(row["input_ids"])]:
+                examples.append(
+                    {
+                        "input_ids": row["input_ids"][start : start + n],
+                        "labels": row["labels"][start : start + n],
+                    }
+                )
+                start += n
+        # No cache: with one, transformers takes the call for generation and does not look
+        # for packed examples in the position ids (they would attend to each other).
+        return {**self.flatten(examples), "use_cache": False}
+
+
 def _supervised_rows(
     spec: TrainingSpec, path: str, tokenizer: Any, emit: Emit | None
 ) -> list[dict[str, Any]]:
@@ -338,7 +406,7 @@ def _plot(history: list[dict[str, Any]], out: Path, title: str) -> None:
 
 
 # A batch's real tokens: one mask (supervised, DPO, KTO), or ORPO's pair of masks (each
-# holding the prompt and its answer)
+# holding the prompt and its answer); a packed batch has no mask and no padding
 _MASKS = ("attention_mask", "chosen_attention_mask", "rejected_attention_mask")
 
 
@@ -356,7 +424,10 @@ def _counting_trainer(base, counter: _TokenCounter):
     class CountingTrainer(base):
         def compute_loss(self, model, inputs, *args, **kwargs):
             if model.training:
-                counter.total += sum(int(inputs[k].sum()) for k in _MASKS if k in inputs)
+                masks = [k for k in _MASKS if k in inputs]
+                counter.total += (
+                    sum(int(inputs[k].sum()) for k in masks) if masks else int(inputs["input_ids"].numel())
+                )
             return super().compute_loss(model, inputs, *args, **kwargs)
 
     return CountingTrainer
