@@ -57,6 +57,13 @@ class TrainingSpec(BaseModel):
         description="sft: supervised, on conversations; dpo, orpo, kto: preference training on "
         "pairs (kto also on judged answers), with the method's adapter or all weights (full)",
     )
+    processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="data-parallel processes (torchrun; gloo on CPUs, NCCL on GPUs): each takes "
+        "batch_size examples a step, so the global batch is processes x batch_size",
+    )
     packing: bool | None = Field(
         None,
         description="supervised jobs: examples laid end to end in rows of max_length tokens, "
@@ -132,6 +139,8 @@ class TrainingSpec(BaseModel):
             raise ValueError(
                 f"objective {self.objective!r} needs a PEFT adapter or 'full', not {self.method!r}"
             )
+        if self.processes > 1 and self.method == "custom":
+            raise ValueError("processes: a custom script starts its own processes")
         if self.packing and self.objective != "sft":
             raise ValueError("packing is for supervised jobs (objective 'sft')")
         if self.beta is not None and self.objective == "sft":

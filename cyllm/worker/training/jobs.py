@@ -154,7 +154,19 @@ class WorkerTraining:
 
     def _command(self, spec: TrainingSpec, out: Path) -> list[str]:
         if spec.method != "custom":
-            return [sys.executable, "-m", "cyllm.worker.training.train", str(out / "job.json")]
+            trainer = ["-m", "cyllm.worker.training.train", str(out / "job.json")]
+            if spec.processes == 1:
+                return [sys.executable, *trainer]
+            # torchrun on this machine (a free rendezvous port of its own); its ranks are
+            # in the job's process group: cancel and limits stop them all
+            return [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc-per-node={spec.processes}",
+                *trainer,
+            ]
         root = self.settings.training_scripts_dir
         if root is None:
             raise errors.Forbidden(

@@ -50,8 +50,14 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
     spec = TrainingSpec.parse(job["spec"])
     out = Path(job["output_dir"])
     device = job.get("device", "cpu")
-    if job.get("threads"):
-        torch.set_num_threads(int(job["threads"]))
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's, when the job asked for processes
+    first = int(os.environ.get("RANK", "0")) == 0  # the process that reports and saves
+    if not first:
+        emit = _silent
+    if device.startswith("cuda") and ranks > 1:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    threads = int(job.get("threads") or 0) or (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, threads // ranks) if device == "cpu" else threads)
     transformers.logging.set_verbosity_error()
     quant = methods.quantization_config(spec.quantization, device)
 
@@ -114,9 +120,12 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
         use_cpu=not cuda and not device.startswith("npu"),
         dataloader_pin_memory=False,
         bf16=bf16,
+        ddp_backend=("gloo" if device == "cpu" else None) if ranks > 1 else None,
         **objective_args,
     )
     emit({"event": "log", "message": "bfloat16 mixed precision" if bf16 else "float32"})
+    if ranks > 1:
+        emit({"event": "log", "message": f"{ranks} processes, {args.ddp_backend or 'nccl'}"})
     # Supervised rows are tokenised here (the loss on responses only); TRL's trainers
     # tokenise their preference rows and collate them themselves.
     collator: Any = None
@@ -173,7 +182,9 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
                 {"event": "evaluation", "of": "incumbent", "model": incumbent.get("model"), "scores": scores}
             )
 
-    # 3. model and method
+    # 3. model and method, the adapter's random start drawn from the job's seed (the same
+    # in every process, and from one run to the next)
+    transformers.set_seed(spec.seed)
     model = load(job["base_model_path"])
     if spec.method != "full":
         import peft
@@ -193,7 +204,7 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
             raise errors.InvalidRequest(
                 f"method {spec.method!r} does not apply to this model: {exc}", param="method"
             ) from None
-        if spec.method == "pissa" and not (out / "pissa_init").exists():
+        if spec.method == "pissa" and first and not (out / "pissa_init").exists():
             model.peft_config["default"].init_lora_weights = True
             model.save_pretrained(out / "pissa_init")
             model.peft_config["default"].init_lora_weights = config.init_lora_weights
@@ -213,13 +224,15 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
         final = [h for h in trainer.state.log_history if h.get("step") == trainer.state.global_step]
         metrics = next((h for h in final if "eval_loss" in h), None) or trainer.evaluate()
         emit({"event": "evaluation", "of": "result", "scores": _scores(metrics)})
-    _plot(trainer.state.log_history, out, f"{spec.method} on {spec.base_model}")
+    if first:
+        _plot(trainer.state.log_history, out, f"{spec.method} on {spec.base_model}")
 
-    # 5. the result
+    # 5. the result (saved by the first process; the others have the same weights)
     if spec.method == "full":
         path, kind = out / "model", "model"
-        trainer.save_model(str(path))
-        tokenizer.save_pretrained(str(path))
+        trainer.save_model(str(path))  # the first process writes, the others wait for it
+        if first:
+            tokenizer.save_pretrained(str(path))
     else:
         path = out / "adapter"
         kind = "adapter" if spec.method in methods.SHARED_BASE else "peft"
@@ -228,7 +241,8 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
             if spec.method == "pissa"
             else {}
         )
-        model.save_pretrained(str(path), **extra)
+        if first:
+            model.save_pretrained(str(path), **extra)
     result = {
         "event": "result",
         "kind": kind,
@@ -410,6 +424,22 @@ def _plot(history: list[dict[str, Any]], out: Path, title: str) -> None:
 _MASKS = ("attention_mask", "chosen_attention_mask", "rejected_attention_mask")
 
 
+def _everyones(n: int) -> int:
+    """``n`` summed over the job's processes (each counts its own batches; every process
+    computes each step's loss, so the sum is taken in step)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return n
+    import torch
+
+    total = torch.tensor([n], dtype=torch.long)
+    if dist.get_backend() == "nccl":
+        total = total.cuda()
+    dist.all_reduce(total)
+    return int(total.item())
+
+
 class _TokenCounter:
     """Real (unpadded) tokens the model has trained on in this run."""
 
@@ -425,9 +455,8 @@ def _counting_trainer(base, counter: _TokenCounter):
         def compute_loss(self, model, inputs, *args, **kwargs):
             if model.training:
                 masks = [k for k in _MASKS if k in inputs]
-                counter.total += (
-                    sum(int(inputs[k].sum()) for k in masks) if masks else int(inputs["input_ids"].numel())
-                )
+                n = sum(int(inputs[k].sum()) for k in masks) if masks else int(inputs["input_ids"].numel())
+                counter.total += _everyones(n)
             return super().compute_loss(model, inputs, *args, **kwargs)
 
     return CountingTrainer
@@ -486,12 +515,21 @@ class _AdaLoraBudget(TrainerCallback):
         model.base_model.update_and_allocate(state.global_step)
 
 
+def _silent(event: dict[str, Any]) -> None:
+    """The events of a process other than the first: the first reports for all."""
+
+
 def main() -> int:
+    if "LOCAL_RANK" in os.environ:  # a rank started by torchrun: gone with it
+        from cyllm.worker.training.launch import die_with_parent
+
+        die_with_parent()
     job = json.loads(Path(sys.argv[1]).read_text())
     try:
         run(job)
     except errors.CyllmError as exc:
-        print_event({"event": "error", "code": exc.code, "message": exc.message})
+        if int(os.environ.get("RANK", "0")) == 0:
+            print_event({"event": "error", "code": exc.code, "message": exc.message})
         return 2
     return 0
 
