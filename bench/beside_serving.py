@@ -28,6 +28,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import itertools
+
 from bench.common import MODEL, print_table, prompts, served, stream_chat
 
 FACTS = Path(__file__).resolve().parents[1] / "tests" / "data" / "facts.jsonl"
@@ -45,7 +47,8 @@ def submit(base: str, steps: int) -> str:
 
 
 def state(base: str, job: str) -> str:
-    reply = httpx.get(f"{base}/api/v1/training/status/{job}", timeout=30)
+    while (reply := httpx.get(f"{base}/api/v1/training/status/{job}", timeout=30)).status_code == 429:
+        time.sleep(1.0)  # the gateway's rate limit: look again later
     reply.raise_for_status()
     return reply.json()["state"]
 
@@ -53,15 +56,24 @@ def state(base: str, job: str) -> str:
 def wait_state(base: str, job: str, leaving: tuple[str, ...]) -> str:
     """Poll until the job's state is not one of ``leaving``; that state."""
     while (now := state(base, job)) in leaving:
-        time.sleep(0.2)
+        time.sleep(1.0)
     return now
+
+
+ROUND = itertools.count()
+
+
+def fresh(n: int) -> list[str]:
+    """Prompts no earlier round asked: the coordinator's prompt cache must not answer."""
+    r = next(ROUND)
+    return [f"{p} (round {r})" for p in prompts(n)]
 
 
 async def chats_until(base: str, args, done) -> list[tuple[float, float]]:
     """Chat rounds (tokens/s, TTFT) until ``done()``; at least one."""
     rounds = []
     while True:
-        rounds.append(await stream_chat(base, MODEL, prompts(args.streams), args.tokens))
+        rounds.append(await stream_chat(base, MODEL, fresh(args.streams), args.tokens))
         if done():
             return rounds
         await asyncio.sleep(args.gap)
@@ -94,12 +106,14 @@ def main() -> None:
     args = ap.parse_args()
 
     with served() as base:
-        asyncio.run(stream_chat(base, MODEL, prompts(args.streams), args.tokens))  # warm-up
+        asyncio.run(stream_chat(base, MODEL, fresh(args.streams), args.tokens))  # warm-up
+        steps, args.steps, args.chat = args.steps, 2, False
+        asyncio.run(job_alongside(base, args))  # warm-up: the first job loads what jobs share
+        args.steps = steps
         alone_rounds = []
         for _ in range(args.rounds):
-            alone_rounds.append(asyncio.run(stream_chat(base, MODEL, prompts(args.streams), args.tokens)))
+            alone_rounds.append(asyncio.run(stream_chat(base, MODEL, fresh(args.streams), args.tokens)))
             time.sleep(args.gap)
-        args.chat = False
         job_alone, _ = asyncio.run(job_alongside(base, args))
         args.chat = True
         job_loaded, loaded_rounds = asyncio.run(job_alongside(base, args))

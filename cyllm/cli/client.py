@@ -465,6 +465,9 @@ def train_submit(
     beta: Annotated[
         float | None, typer.Option(help="dpo, orpo, kto: TRL's beta (default 0.1).", show_default=False)
     ] = None,
+    processes: Annotated[
+        int | None, typer.Option(help="Data-parallel processes (torchrun).", show_default=False)
+    ] = None,
     epochs: Annotated[float | None, typer.Option(help="Passes over the data.", show_default=False)] = None,
     max_steps: Annotated[int | None, typer.Option(help="Stop after N steps.", show_default=False)] = None,
     batch_size: Annotated[int | None, typer.Option(show_default=False, help="Examples per step.")] = None,
@@ -504,6 +507,7 @@ def train_submit(
     for key, value in (
         ("objective", objective),
         ("beta", beta),
+        ("processes", processes),
         ("epochs", epochs),
         ("maxSteps", max_steps),
         ("batchSize", batch_size),

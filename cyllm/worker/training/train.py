@@ -56,8 +56,9 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
         emit = _silent
     if device.startswith("cuda") and ranks > 1:
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    threads = int(job.get("threads") or 0) or (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, threads // ranks) if device == "cpu" else threads)
+    if job.get("threads") or ranks > 1:  # the processes of a job share the cores
+        threads = int(job.get("threads") or 0) or len(os.sched_getaffinity(0))  # (torchrun says 1)
+        torch.set_num_threads(max(1, threads // ranks) if device == "cpu" else threads)
     transformers.logging.set_verbosity_error()
     quant = methods.quantization_config(spec.quantization, device)
 
