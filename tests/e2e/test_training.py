@@ -220,7 +220,8 @@ def test_a_dpo_job_through_the_openai_client_is_scored_and_served(client, traine
     assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.2
     # beside serving (the default): streamed chats are answered while the job runs
     status = f"{trainer.base_url}/api/v1/training/status/{job.id}"
-    wait_for(lambda: (httpx.get(status).json().get("progress") or {}).get("step"), timeout=300)
+    # (once a second: training routes are held to 120 requests a minute)
+    wait_for(lambda: (httpx.get(status).json().get("progress") or {}).get("step"), timeout=300, every=1.0)
     for _ in range(2):
         stream = client.chat.completions.create(model=MODEL, messages=ZORBLAX, max_tokens=16, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
@@ -230,8 +231,9 @@ def test_a_dpo_job_through_the_openai_client_is_scored_and_served(client, traine
     assert any("gave way to inference" in json.dumps(d) for _, d in events), events
     done = client.fine_tuning.jobs.retrieve(job.id)
     evaluation = done.model_extra["training"]["evaluation"]
-    # the base is its own reference (log 2); the result prefers the chosen answers
-    assert abs(evaluation["base.eval_loss"] - 0.6931) < 1e-3, evaluation
+    # the base is its own reference (log 2, up to bfloat16 where the CPU trains in it); the
+    # result prefers the chosen answers
+    assert abs(evaluation["base.eval_loss"] - 0.6931) < 0.01, evaluation
     assert evaluation["result.eval_loss"] < evaluation["base.eval_loss"], evaluation
     assert evaluation["result.preference_accuracy"] > evaluation["base.preference_accuracy"], evaluation
     assert done.model_extra["training"]["promotion"].startswith("promoted to prefs"), done.model_extra

@@ -131,7 +131,7 @@ def test_dpo_flips_a_preference_and_scores_the_base_and_the_result(
     scores = {e["of"]: e["scores"] for e in events if e["event"] == "evaluation"}
     # the base is its own reference: DPO's loss is log 2 and no pair is won; as the
     # promotion's incumbent it is not scored twice
-    assert scores["base"]["eval_loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert scores["base"]["eval_loss"] == pytest.approx(0.6931, abs=0.01)  # (bfloat16 on some CPUs)
     assert scores["incumbent"] == scores["base"]
     assert scores["result"]["eval_loss"] < scores["base"]["eval_loss"]
     assert scores["result"]["preference_accuracy"] == 1.0 and scores["result"]["reward_margin"] > 0
