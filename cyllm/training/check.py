@@ -97,6 +97,8 @@ def main() -> None:
         answer = {"error": exc.message}
     except MemoryError:
         answer = {"error": "the dataset is too large to read within this server's memory limit"}
+    except Exception as exc:  # a reader's own failure on hostile data: refused, not a crash
+        answer = {"error": f"the dataset could not be read ({type(exc).__name__}: {str(exc)[:200]})"}
     json.dump(answer, sys.stdout)
 
 

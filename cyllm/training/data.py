@@ -288,8 +288,10 @@ def _collect(
             else _to_example(where, shape, record, prompt_column, response_column)
         )
         if objective is not None and not isinstance(item, OBJECTIVE_RECORDS[objective]):
+            hint = " ('label' must be true or false for a judged answer)" if "label" in record else ""
             raise DatasetError(
                 f"{where}: {_KIND[type(item)]}, but objective {objective!r} trains on {_TAKES[objective]}"
+                + hint
             )
         out.append(item)
     if not out:
@@ -307,8 +309,8 @@ def record_shape(
         return "openai_dpo"
     if "prompt" in record and "chosen" in record and "rejected" in record:
         return "pairs"
-    if "prompt" in record and "completion" in record and "label" in record:
-        return "judged"
+    if "prompt" in record and "completion" in record and _desirable(record.get("label")) is not None:
+        return "judged"  # (a label that is not true/false leaves a prompt/completion record)
     if "messages" in record:
         return "openai"
     if "conversations" in record:
@@ -378,8 +380,7 @@ def _to_preference(where: str, shape: str, r: dict[str, Any]) -> Preference | Ju
         )
         if shape == "judged":
             label = r["label"]
-            key = label.strip().lower() if isinstance(label, str) else label
-            desirable = _LABELS.get(key) if isinstance(key, (bool, int, str)) else None
+            desirable = _desirable(label)
             if desirable is None:
                 raise DatasetError(f"{where}: 'label' must be true or false, got {str(label)[:40]!r}")
             return Judged(prompt, _answer(where, r["completion"], "completion"), desirable)
@@ -388,6 +389,11 @@ def _to_preference(where: str, shape: str, r: dict[str, Any]) -> Preference | Ju
     if chosen == rejected:
         raise DatasetError(f"{where}: the chosen and rejected answers are the same")
     return Preference(prompt, chosen, rejected)
+
+
+def _desirable(label: Any) -> bool | None:
+    key = label.strip().lower() if isinstance(label, str) else label
+    return _LABELS.get(key) if isinstance(key, (bool, int, str)) else None
 
 
 def _prompt(where: str, items: Any, field: str) -> Turns:
@@ -420,7 +426,7 @@ def _turns(
         if not isinstance(m, dict):
             raise DatasetError(f"{where}: {field}[{i}] must be an object")
         role = m.get(role_key)
-        if role not in roles:
+        if not isinstance(role, str) or role not in roles:
             raise DatasetError(
                 f"{where}: {field}[{i}] has {role_key} {role!r}; expected one of {', '.join(sorted(roles))}"
             )
@@ -465,6 +471,8 @@ def _loads(text: str, where: str, limits: Limits) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except ValueError as exc:  # an integer of thousands of digits
+        raise DatasetError(f"{where}: not usable JSON ({str(exc)[:80]})") from None
     except RecursionError:
         raise DatasetError(f"{where}: nested deeper than {limits.max_depth} levels") from None
 

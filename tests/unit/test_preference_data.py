@@ -133,6 +133,28 @@ def test_judged_answers_are_for_kto_only(tmp_path):
         load_preferences(path, None, "dpo")
 
 
+def test_a_label_that_is_not_a_judgement_leaves_a_supervised_record(tmp_path):
+    path = _jsonl(tmp_path / "labelled.jsonl", [{"prompt": "q", "completion": "a", "label": "positive"}])
+    assert load_examples(path) == [Example((("user", "q"), ("assistant", "a")))]
+
+
+def test_hostile_values_are_refused_naming_the_line(tmp_path):
+    for record, message in (
+        ({"messages": [{"role": ["user"], "content": "q"}]}, "line 1: messages[0] has role ['user']"),
+        (
+            {"prompt": [{"role": {"a": 1}, "content": "q"}], "chosen": "a", "rejected": "b"},
+            "line 1: prompt[0]",
+        ),
+    ):
+        path = _jsonl(tmp_path / "h.jsonl", [record])
+        with pytest.raises(DatasetError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            load_records(path)
+    huge = tmp_path / "huge.jsonl"
+    huge.write_text('{"prompt": "q", "chosen": ' + "9" * 5000 + ', "rejected": "b"}\n')
+    with pytest.raises(DatasetError, match="huge.jsonl line 1: not usable JSON"):
+        load_records(huge)
+
+
 def test_each_objective_refuses_the_other_kind_naming_the_line(tmp_path):
     pairs = _make("pairs", tmp_path)
     chat = _jsonl(
@@ -169,9 +191,10 @@ BAD = [
     ),
     (
         {"prompt": "q", "completion": "a", "label": "maybe"},
-        "line 1: 'label' must be true or false, got 'maybe'",
+        "line 1: a conversation, but objective 'kto' trains on preference pairs or judged answers "
+        "(prompt, completion, label) ('label' must be true or false for a judged answer)",
     ),
-    ({"prompt": "q", "completion": "a", "label": [1]}, "line 1: 'label' must be true or false"),
+    ({"prompt": "q", "completion": "a", "label": [1]}, "('label' must be true or false for a judged answer)"),
     (
         {**_openai_dpo("q", "a", "b"), "input": "q"},
         "line 1: 'input' must be an object with 'messages'",

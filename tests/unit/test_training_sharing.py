@@ -111,7 +111,7 @@ async def test_paused_time_is_not_counted_against_the_time_limit(tmp_path):
         env=dict(os.environ),
         cwd=tmp_path,
         log_path=tmp_path / "job.log",
-        time_limit_s=1.5,  # passed by the clock, not by the job's own running time
+        time_limit_s=2.0,  # passed by the clock (2.5 s), not by the job's own running time
         yielding=Yielding(demand, share=0.0, linger=0.05),
     )
     events = [e async for e in run]

@@ -133,7 +133,7 @@ class WorkerTraining:
                 time_limit_s=spec.time_limit_s,
                 memory_limit_bytes=self.memory_limit,
                 yielding=(
-                    Yielding(self.demand, self.settings.training_share_under_load)
+                    Yielding(self.demand, self.settings.training_share_under_load, processes=spec.processes)
                     if self.settings.training_shares_device
                     else None
                 ),
@@ -154,17 +154,20 @@ class WorkerTraining:
 
     def _command(self, spec: TrainingSpec, out: Path) -> list[str]:
         if spec.method != "custom":
-            trainer = ["-m", "cyllm.worker.training.train", str(out / "job.json")]
+            trainer = [sys.executable, "-m", "cyllm.worker.training.train", str(out / "job.json")]
             if spec.processes == 1:
-                return [sys.executable, *trainer]
-            # torchrun on this machine (a free rendezvous port of its own); its ranks are
-            # in the job's process group: cancel and limits stop them all
+                return trainer
+            # torchrun on this machine (a free rendezvous port of its own); its ranks start
+            # sessions of their own, so cancel, limits and giving way reach them as the
+            # job's descendants (runner.job_processes), and each dies with torchrun
             return [
                 sys.executable,
                 "-m",
                 "torch.distributed.run",
                 "--standalone",
                 f"--nproc-per-node={spec.processes}",
+                "-m",
+                "cyllm.worker.training.launch",  # each rank dies with torchrun, set before its imports
                 *trainer,
             ]
         root = self.settings.training_scripts_dir

@@ -13,19 +13,14 @@ import sys
 PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> None:
-    """SIGKILL this process when its parent exits (Linux); exit now if it already has.
-    The launched command calls it too in each process it starts for a job (the ranks a
-    torchrun starts), so none outlives the job's first process."""
+def main() -> None:
+    """Also each rank of a job of several processes: torchrun starts this, which becomes
+    the trainer, so no rank outlives torchrun."""
     if sys.platform.startswith("linux"):
         parent = os.getppid()
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # the parent died before prctl took effect
+        if parent == 1 or os.getppid() != parent:  # the parent died before prctl took effect
             sys.exit(1)
-
-
-def main() -> None:
-    die_with_parent()
     os.execvp(sys.argv[1], sys.argv[1:])
 
 

@@ -60,7 +60,8 @@ async def run_process(
     """Events of the child's run, ending with ``{"event": "exit", "code", "error"}``.
 
     ``yielding``: the job gives way to inference on its device (``sharing.py``); the time
-    it spends stopped does not count against ``time_limit_s``.
+    it spends stopped does not count against ``time_limit_s`` (up to ``time_limit_s``
+    more).
 
     ``memory_limit_bytes``: the resident memory the job's whole process group may use;
     past it the job is stopped and says so (a limit on the group's address space would
@@ -90,9 +91,13 @@ async def run_process(
     started = time.monotonic()
 
     def deadline() -> float | None:
+        """Paused time is not the job's: it is added to its limit, up to the limit itself
+        (a job under unbroken load still ends within twice its limit)."""
         if not time_limit_s:
             return None
-        return started + time_limit_s + (yielding.paused_s() if yielding is not None else 0.0)
+        return (
+            started + time_limit_s + min(yielding.paused_s() if yielding is not None else 0.0, time_limit_s)
+        )
 
     drain_until: float | None = None  # set when the process exits: read what is left, briefly
     tail: deque[str] = deque(maxlen=20)
@@ -158,8 +163,7 @@ async def run_process(
             return
         # Pipes closed: wait() returns with the process; exited with pipes held: known.
         code = proc.returncode if proc.returncode is not None else await proc.wait()
-        with contextlib.suppress(ProcessLookupError):  # a finished job leaves nothing running
-            os.killpg(proc.pid, signal.SIGKILL)
+        await asyncio.to_thread(signal_job, proc.pid, signal.SIGKILL)  # a finished job leaves nothing running
         error = "" if code == 0 else (last_error or _describe_exit(code, tail))
         yield {"event": "exit", "code": code, "error": error}
     finally:
@@ -223,31 +227,65 @@ def _describe_exit(code: int, tail: deque[str]) -> str:
 async def _stop(proc: asyncio.subprocess.Process) -> None:
     """SIGTERM to the job's process group, SIGKILL after a grace period."""
     for sig, wait in ((signal.SIGTERM, _KILL_GRACE_S), (signal.SIGKILL, 10.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-            os.killpg(proc.pid, signal.SIGCONT)  # a stopped process acts on SIGTERM once continued
+        # every process of the job (torchrun's ranks are outside its group); a stopped
+        # process acts on SIGTERM once continued
+        await asyncio.to_thread(signal_job, proc.pid, sig)
+        await asyncio.to_thread(signal_job, proc.pid, signal.SIGCONT)
         try:
             async with asyncio.timeout(wait):
                 while proc.returncode is None:  # noqa: ASYNC110  (wait() also waits for the pipes)
                     await asyncio.sleep(0.05)
-            with contextlib.suppress(ProcessLookupError):  # stragglers of the group
-                os.killpg(proc.pid, signal.SIGKILL)
+            await asyncio.to_thread(signal_job, proc.pid, signal.SIGKILL)  # stragglers
             return
         except TimeoutError:
             continue
 
 
-def group_memory(pgid: int) -> int:
-    """Resident bytes of every process in the process group ``pgid`` (Linux's /proc)."""
-    page, total = os.sysconf("SC_PAGE_SIZE"), 0
+def job_processes(pgid: int) -> list[int]:
+    """The job's processes: its process group ``pgid`` and every descendant of it — the
+    ranks torchrun starts each begin a session of their own, outside the group (Linux's
+    /proc; one pass)."""
+    parent: dict[int, int] = {}
+    members: list[int] = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
             with open(f"/proc/{entry.name}/stat") as stat:
-                if int(stat.read().rsplit(")", 1)[1].split()[2]) != pgid:  # its process group
-                    continue
-            with open(f"/proc/{entry.name}/statm") as statm:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):  # gone meanwhile
+            continue
+        pid = int(entry.name)
+        parent[pid] = int(fields[1])
+        if int(fields[2]) == pgid:
+            members.append(pid)
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = set(members), list(members)
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return sorted(found)
+
+
+def signal_job(pgid: int, sig: int) -> None:
+    """``sig`` to every process of the job (its group, and descendants outside it)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
+    for pid in job_processes(pgid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def group_memory(pgid: int) -> int:
+    """Resident bytes of every process of the job (``job_processes``)."""
+    page, total = os.sysconf("SC_PAGE_SIZE"), 0
+    for pid in job_processes(pgid):
+        try:
+            with open(f"/proc/{pid}/statm") as statm:
                 total += int(statm.read().split()[1]) * page
         except (OSError, ValueError, IndexError):  # gone meanwhile
             continue

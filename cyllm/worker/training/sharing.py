@@ -1,13 +1,14 @@
 """A training job beside serving on the same device: inference first, the job still ends.
 
-While a worker answers any inference call, the job's process group is stopped
+While a worker answers any inference call, the job's processes are stopped
 (``SIGSTOP``) and continued (``SIGCONT``) once the worker has been idle a moment: a
 request never waits for an optimizer step to end, and the job needs no cooperation
 (custom scripts and every rank of a job yield alike).  Under unbroken load the job
 still gets ``share`` of each ``PERIOD_S`` (``worker.training_share_under_load``), so it
 finishes; 0 stops it for as long as the load lasts.  Paused time does not count
-against the job's time limit.  A stopped job keeps its memory: what it yields is
-compute.  See docs/fine-tuning.md ("Training beside serving") for the measured cost.
+against the job's time limit, up to the limit again (a job ends within twice its
+limit).  A stopped job keeps its memory: what it yields is compute.  See
+docs/fine-tuning.md ("Training beside serving") for the measured cost.
 """
 
 from __future__ import annotations
@@ -57,8 +58,16 @@ class Demand:
 class Yielding:
     """Stops and continues one job's process group as ``demand`` comes and goes."""
 
-    def __init__(self, demand: Demand, share: float, period: float = PERIOD_S, linger: float = LINGER_S):
+    def __init__(
+        self,
+        demand: Demand,
+        share: float,
+        period: float = PERIOD_S,
+        linger: float = LINGER_S,
+        processes: int = 1,
+    ):
         self.demand, self.share, self.period, self.linger = demand, share, period, linger
+        self.processes = processes
         self.pauses = 0
         self._paused_s = 0.0
         self._since: float | None = None  # when the current pause began
@@ -93,14 +102,23 @@ class Yielding:
                 self._continue(pgid)
 
     def _stop(self, pgid: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGSTOP)
+        self._signal(pgid, signal.SIGSTOP)
         self._since = time.monotonic()
         self.pauses += 1
 
     def _continue(self, pgid: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGCONT)
+        self._signal(pgid, signal.SIGCONT)
         if self._since is not None:
             self._paused_s += time.monotonic() - self._since
         self._since = None
+
+    def _signal(self, pgid: int, sig: int) -> None:
+        """The group at once; with several processes (torchrun's ranks have sessions of
+        their own) each of them, found in /proc."""
+        if self.processes == 1:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, sig)
+        else:
+            from cyllm.worker.training.runner import signal_job
+
+            signal_job(pgid, sig)

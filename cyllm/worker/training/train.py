@@ -164,10 +164,14 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
     incumbent = job.get("incumbent")
     base_scores = None
     if eval_rows and not job.get("resume_from"):
-        base_scores = _evaluate(
-            trainer_for(*_incumbent({"kind": "base"}, job["base_model_path"], load, preference))
-        )
-        emit({"event": "evaluation", "of": "base", "scores": base_scores})
+        try:
+            base_scores = _evaluate(
+                trainer_for(*_incumbent({"kind": "base"}, job["base_model_path"], load, preference))
+            )
+        except Exception as exc:  # the job trains all the same; its result is read alone
+            emit({"event": "log", "message": f"the base model could not be evaluated: {exc}"})
+        else:
+            emit({"event": "evaluation", "of": "base", "scores": base_scores})
     if incumbent and eval_rows:
         try:
             if incumbent.get("kind") == "base" and base_scores is not None:
@@ -521,10 +525,6 @@ def _silent(event: dict[str, Any]) -> None:
 
 
 def main() -> int:
-    if "LOCAL_RANK" in os.environ:  # a rank started by torchrun: gone with it
-        from cyllm.worker.training.launch import die_with_parent
-
-        die_with_parent()
     job = json.loads(Path(sys.argv[1]).read_text())
     try:
         run(job)
