@@ -1,6 +1,7 @@
 """A job of two processes (torchrun, gloo, on the CPU) as the worker launches it: the same
-losses and weights as one process with the same global batch; one rank killed fails the
-job with every rank gone and a reason; the job resumes from its last checkpoint."""
+losses and weights as one process with the same global batch; both ranks give way to
+inference; one rank killed fails the job with every rank gone and a reason; the job
+resumes from its last checkpoint."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from cyllm.training.spec import TrainingSpec
 from cyllm.worker.settings import WorkerSettings
 from cyllm.worker.training.jobs import WorkerTraining
 from cyllm.worker.training.runner import run_process
+from cyllm.worker.training.sharing import Demand, Yielding
 from tests.polling import returns, until
 
 DATA = Path(__file__).parents[1] / "data" / "facts.jsonl"
@@ -34,7 +36,9 @@ def _spec(**kw) -> dict:
     }
 
 
-async def _run(out: Path, default_model_dir, spec: dict, resume_from: str = "", on_event=None) -> list[dict]:
+async def _run(
+    out: Path, default_model_dir, spec: dict, resume_from: str = "", on_event=None, yielding=None
+) -> list[dict]:
     """The job as the worker runs it: its command (torchrun for several processes) under
     the runner."""
     parsed = TrainingSpec.parse(spec)
@@ -51,7 +55,7 @@ async def _run(out: Path, default_model_dir, spec: dict, resume_from: str = "", 
     argv = WorkerTraining(WorkerSettings(), dict, "cpu", lambda: None)._command(parsed, out)
     events = []
     async for event in run_process(
-        argv, env=dict(os.environ), cwd=out, log_path=out / "job.log", time_limit_s=600
+        argv, env=dict(os.environ), cwd=out, log_path=out / "job.log", time_limit_s=600, yielding=yielding
     ):
         events.append(event)
         if on_event is not None:
@@ -90,6 +94,11 @@ async def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path, d
     assert [e for e in two if e["event"] == "result"]  # reported once
 
 
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
 def _ranks(job: Path) -> list[int]:
     """The job's training processes: torchrun's children, which name its job file."""
     found = []
@@ -111,11 +120,21 @@ def _ranks(job: Path) -> list[int]:
 async def test_a_killed_rank_fails_the_job_with_every_rank_gone_and_it_resumes(tmp_path, default_model_dir):
     out = tmp_path / "job"
     killed: list[int] = []
+    demand = Demand()
 
     async def kill_a_rank(event: dict) -> None:
         if event["event"] == "checkpoint" and not killed:
             ranks = _ranks(out / "job.json")
             assert len(ranks) == 2, ranks
+            with demand.serving():  # inference on the worker: both ranks give way
+                await until(
+                    lambda: returns([_state(p) for p in ranks]),
+                    lambda s: s == ["T", "T"],
+                    what="ranks stopped",
+                )
+            await until(
+                lambda: returns([_state(p) for p in ranks]), lambda s: "T" not in s, what="ranks going on"
+            )
             killed.extend(ranks)
             os.kill(max(ranks), signal.SIGKILL)  # one rank dies
 
@@ -124,6 +143,7 @@ async def test_a_killed_rank_fails_the_job_with_every_rank_gone_and_it_resumes(t
         default_model_dir,
         _spec(batch_size=4, max_steps=200, save_steps=2, processes=2),
         on_event=kill_a_rank,
+        yielding=Yielding(demand, share=0.0, linger=0.05, processes=2),
     )
     assert killed
     end = events[-1]
