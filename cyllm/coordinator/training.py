@@ -150,6 +150,15 @@ class TrainingManager:
             raise errors.InvalidRequest(
                 f"max_steps: at most {self.max_steps} on this server", param="max_steps"
             )
+        # the tenant's cap before its data is read (a read is a child process of up to
+        # a gigabyte and two minutes)
+        active = [j for j in await self._owned(tenant.subject) if j.state not in TERMINAL]
+        if len(active) >= self.max_jobs_per_tenant:
+            raise errors.Overloaded(
+                f"{len(active)} of your training jobs are queued or running; "
+                f"at most {self.max_jobs_per_tenant} at once",
+                retry_after=60,
+            )
         if spec.method != "custom" and uploaded is None:
             spec.dataset = str(self.datasets.resolve(spec.dataset, tenant))
         # An upload was read when it came, as whatever kind of records it holds; it is
@@ -163,13 +172,6 @@ class TrainingManager:
         if spec.validation_dataset is not None:
             await self.datasets.check(spec.validation_dataset, spec)
         spec.time_limit_s = min(spec.time_limit_s or self.max_time_s, self.max_time_s)
-        active = [j for j in await self._owned(tenant.subject) if j.state not in TERMINAL]
-        if len(active) >= self.max_jobs_per_tenant:
-            raise errors.Overloaded(
-                f"{len(active)} of your training jobs are queued or running; "
-                f"at most {self.max_jobs_per_tenant} at once",
-                retry_after=60,
-            )
         job = pb.TrainingJob(
             id=f"ftjob-{uuid.uuid4().hex[:24]}",
             spec_json=spec.model_dump_json(),
