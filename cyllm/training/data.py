@@ -379,10 +379,8 @@ def _to_preference(where: str, shape: str, r: dict[str, Any]) -> Preference | Ju
             else _prompt(where, raw, "prompt")
         )
         if shape == "judged":
-            label = r["label"]
-            desirable = _desirable(label)
-            if desirable is None:
-                raise DatasetError(f"{where}: 'label' must be true or false, got {str(label)[:40]!r}")
+            desirable = _desirable(r["label"])
+            assert desirable is not None  # record_shape reads it as judged only then
             return Judged(prompt, _answer(where, r["completion"], "completion"), desirable)
         chosen = _answer(where, r["chosen"], "chosen")
         rejected = _answer(where, r["rejected"], "rejected")

@@ -159,7 +159,7 @@ class WorkerTraining:
                 return trainer
             # torchrun on this machine (a free rendezvous port of its own); its ranks start
             # sessions of their own, so cancel, limits and giving way reach them as the
-            # job's descendants (runner.job_processes), and each dies with torchrun
+            # job's descendants (processes.job_processes), and each dies with torchrun
             return [
                 sys.executable,
                 "-m",

@@ -20,6 +20,8 @@ import signal
 import time
 from collections.abc import Iterator
 
+from cyllm.worker.training.processes import signal_job
+
 PERIOD_S = 10.0  # under unbroken load: the job runs share x PERIOD_S of every PERIOD_S
 LINGER_S = 0.25  # idle this long before the job continues (a caller's next request is often near)
 
@@ -119,6 +121,4 @@ class Yielding:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, sig)
         else:
-            from cyllm.worker.training.runner import signal_job
-
             signal_job(pgid, sig)
