@@ -8,6 +8,7 @@ how to fill one from a section of the YAML config file.  The file looks like::
     coordinator: {port: 50050, queue_max_size: 256}
     worker:      {port: 50051, coordinators: ["127.0.0.1:50050"]}
     models:      [{id: my-model, path: /models/my-model}]   # read by the worker
+    dataset_formatters: ["mycorp.formats:QA"]               # coordinator and workers
     internal:    {token_file: /run/secrets/cyllm-internal}  # every component: plane.py
 
 Environment variables override the file: ``CYLLM_<SECTION>_<FIELD>`` (lists and dicts
@@ -25,6 +26,7 @@ import yaml
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+SHARED = ("models", "dataset_formatters")  # top-level keys read by every section that has them
 _config_file: ContextVar[Path | None] = ContextVar("cyllm_config_file", default=None)
 
 
@@ -43,11 +45,11 @@ def read_config_file(path: Path | None) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections")
-    unknown = set(data) - {"gateway", "coordinator", "worker", "models", "internal"}
+    unknown = set(data) - {"gateway", "coordinator", "worker", "internal", *SHARED}
     if unknown:
         raise ConfigError(
             f"config file {path}: unknown section(s) {sorted(unknown)}; "
-            "allowed: gateway, coordinator, worker, models, internal"
+            f"allowed: gateway, coordinator, worker, internal, {', '.join(SHARED)}"
         )
     return data
 
@@ -65,9 +67,11 @@ class _YamlSection(PydanticBaseSettingsSource):
     def __call__(self) -> dict[str, Any]:
         data = read_config_file(_config_file.get())
         section = dict(data.get(self.section, None) or {})
-        # The models list is shared by name so that one file can describe the fleet.
-        if "models" in self.settings_cls.model_fields and "models" in data:
-            section.setdefault("models", data["models"])
+        # Shared by name, so that one file describes the fleet: the models list, and the
+        # dataset formatters the coordinator checks with and the workers train with.
+        for key in SHARED:
+            if key in self.settings_cls.model_fields and key in data:
+                section.setdefault(key, data[key])
         return section
 
 

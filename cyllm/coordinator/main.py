@@ -169,6 +169,9 @@ class CoordinatorServer:
             s.dataset_limits(),
             s.dataset_read_memory_bytes,
             s.dataset_read_timeout_s,
+            tuple(s.dataset_formatters),
+            s.hub_datasets_dir or s.files_dir.parent / "hub-datasets" if s.hub_datasets_allowed else None,
+            tuple(s.hub_datasets_allowed),
         )
         files = FileStore(backends.jobs, s.files_dir, s.files_max_bytes, datasets)
         self.training = TrainingManager(

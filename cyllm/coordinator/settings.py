@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from cyllm.settings import ComponentSettings
+from cyllm.training import formats
 from cyllm.training.data import Limits
 
 
@@ -72,7 +73,25 @@ class CoordinatorSettings(ComponentSettings):
         1 << 30, ge=512 << 20, description="memory limit of the process that reads one"
     )
     dataset_read_timeout_s: float = Field(
-        120.0, gt=0, description="time to read and check a dataset before it is refused"
+        120.0,
+        gt=0,
+        description="time to read and check a dataset (and fetch one from the Hub) before it is refused",
+    )
+    dataset_formatters: list[str] = Field(
+        default_factory=list,
+        description="a deployment's record shapes, as module:Class (BaseFormatter subclasses); "
+        "a top-level dataset_formatters in the config file is shared with the workers",
+    )
+    _formatters = field_validator("dataset_formatters")(formats.loadable)
+    hub_datasets_allowed: list[str] = Field(
+        default_factory=lambda: ["admins"],
+        description="who may train on a Hub dataset (hf://org/name): 'admins', 'everyone', or "
+        "tenant ids; [] turns Hub datasets off.  HF_ENDPOINT and HF_TOKEN say which Hub, as whom",
+    )
+    hub_datasets_dir: Path | None = Field(
+        None,
+        description="where Hub datasets are fetched and kept (shared storage when workers are "
+        "elsewhere); default: hub-datasets beside files_dir",
     )
 
     def dataset_limits(self) -> Limits:

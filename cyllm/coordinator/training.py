@@ -159,18 +159,18 @@ class TrainingManager:
                 f"at most {self.max_jobs_per_tenant} at once",
                 retry_after=60,
             )
-        if spec.method != "custom" and uploaded is None:
-            spec.dataset = str(self.datasets.resolve(spec.dataset, tenant))
+        # the split read of a validation dataset that is the dataset itself, said before
+        # either is replaced by the local path it is read from
+        if spec.validation_dataset is not None:
+            spec.validation_split = spec.split_of("validation_dataset")
         # An upload was read when it came, as whatever kind of records it holds; it is
         # read again as this job reads it (its objective, format and columns).
         if spec.method != "custom":
-            await self.datasets.check(spec.dataset, spec)
-        if spec.validation_dataset is not None and held_out is None:
-            spec.validation_dataset = str(
-                self.datasets.resolve(spec.validation_dataset, tenant, "validation_dataset")
-            )
+            spec.dataset = await self.datasets.admit(spec, "dataset", tenant, uploaded is not None)
         if spec.validation_dataset is not None:
-            await self.datasets.check(spec.validation_dataset, spec)
+            spec.validation_dataset = await self.datasets.admit(
+                spec, "validation_dataset", tenant, held_out is not None
+            )
         spec.time_limit_s = min(spec.time_limit_s or self.max_time_s, self.max_time_s)
         job = pb.TrainingJob(
             id=f"ftjob-{uuid.uuid4().hex[:24]}",

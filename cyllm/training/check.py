@@ -2,7 +2,8 @@
 
     python -m cyllm.training.check   (a JSON request on stdin, a JSON answer on stdout)
 
-The coordinator checks every upload and every job's dataset before accepting it.  The
+The coordinator checks every upload and every job's dataset before accepting it (a Hub
+dataset is fetched here first, ``hub.py``).  The
 caps of ``data.Limits`` stop the known ways a small file becomes a large one; this
 process boundary stops the unknown ones: a reader that still blows up hits its
 address-space limit (or the time limit) and dies alone, and the caller answers 400.
@@ -15,33 +16,49 @@ import dataclasses
 import json
 import resource
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
-from cyllm.training.data import DatasetError, Limits, load_records
+from cyllm.training.data import DatasetError, Limits, Reading, load_records
+from cyllm.training.hub import fetch
+
+
+@dataclass(frozen=True)
+class Hub:
+    """Fetch the dataset from the Hub first: ``repo`` at ``revision`` into ``cache_dir``."""
+
+    repo: str
+    revision: str | None
+    cache_dir: str
+
+
+@dataclass(frozen=True)
+class Checked:
+    examples: int
+    path: str  # where it was read (a Hub dataset: its local folder)
 
 
 async def check_dataset(
     path: str,
-    fmt: str | None,
-    prompt_column: str | None,
-    response_column: str | None,
+    reading: Reading,
     limits: Limits,
     *,
     memory_bytes: int,
     timeout_s: float,
     objective: str | None = None,
-) -> int:
+    hub: Hub | None = None,
+) -> Checked:
     """How many records the dataset has, or DatasetError (also when the reader ran out
     of memory or time).  ``objective``: the records must be of a kind it trains on (None:
     any one kind, as an upload before a job names it)."""
     request = json.dumps(
         {
             "path": path,
-            "format": fmt,
+            "reading": dataclasses.asdict(reading),
             "objective": objective,
-            "prompt_column": prompt_column,
-            "response_column": response_column,
             "limits": dataclasses.asdict(limits),
             "memory_bytes": memory_bytes,
+            "hub": dataclasses.asdict(hub) if hub else None,
         }
     )
     proc = await asyncio.create_subprocess_exec(
@@ -72,7 +89,7 @@ async def check_dataset(
         )
     if "error" in answer:
         raise DatasetError(str(answer["error"]))
-    return int(answer["examples"])
+    return Checked(int(answer["examples"]), str(answer["path"]))
 
 
 def main() -> None:
@@ -84,15 +101,14 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     try:
-        examples = load_records(
-            request["path"],
-            request["format"],
-            request.get("objective"),
-            prompt_column=request["prompt_column"],
-            response_column=request["response_column"],
-            limits=Limits(**request["limits"]),
-        )
-        answer = {"examples": len(examples)}
+        limits = Limits(**request["limits"])
+        path = request["path"]
+        if hub := request.get("hub"):
+            path = str(fetch(hub["repo"], hub["revision"], Path(hub["cache_dir"]), limits))
+        raw = request["reading"]
+        reading = Reading(**{**raw, "formatters": tuple(raw["formatters"])})
+        examples = load_records(path, reading, request.get("objective"), limits=limits)
+        answer = {"examples": len(examples), "path": path}
     except DatasetError as exc:
         answer = {"error": exc.message}
     except MemoryError:

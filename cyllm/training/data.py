@@ -1,7 +1,10 @@
-"""Datasets: eight formats read into one shape — conversations — and
-tokenised for training with the loss on the responses only.
+"""Datasets: files read record by record, each record through a formatter
+(``formats.py``) into a conversation, a preference pair or a judged answer; and
+conversations tokenised for training with the loss on the responses only.
 
-Formats (``dataset_format``, detected when unset):
+``dataset_format`` (detected when unset) names either the file's container (json,
+jsonl, csv, parquet, hf) or a record shape (a registered formatter's name: openai,
+sharegpt, alpaca, ... or a deployment's own), the container then told by the name:
 
 ==========  =====================================================================
 ``json``      a JSON array of records, each in one of the record shapes below
@@ -16,7 +19,8 @@ Formats (``dataset_format``, detected when unset):
               of data files ``datasets`` reads; rows in any record shape or with columns
 ==========  =====================================================================
 
-Records may also be ``{"prompt", "completion"}`` (OpenAI's legacy fine-tune format).
+Records may also be ``{"prompt", "completion"}`` (OpenAI's legacy fine-tune format,
+``prompt_completion``) or ``{"text", "label"}`` (``text_label``).
 
 Preference training (``objective`` dpo, orpo, kto) reads pairs in any of these formats:
 
@@ -45,99 +49,18 @@ from __future__ import annotations
 import csv
 import json
 import stat
-from collections.abc import Iterable, Iterator
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cyllm import errors
+from cyllm.training.formats import BUILT_IN, CONTAINERS, BaseFormatter, Columns, FormatterFactory, configured
+from cyllm.training.records import DatasetError, Example, Judged, Message, Preference, Record
 
-Message = dict[str, str]
-ROLES = ("system", "user", "assistant")
-_SHAREGPT_ROLES = {
-    "system": "system",
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "chatgpt": "assistant",
-    "model": "assistant",
-    "bing": "assistant",
-    "bard": "assistant",
-}
-_TABULAR = ("csv", "parquet", "hf")
+if TYPE_CHECKING:
+    from cyllm.training.spec import TrainingSpec
 
-
-@dataclass(frozen=True)
-class Limits:
-    max_bytes: int = 512 << 20  # on disk, and once decompressed (Parquet)
-    max_rows: int = 1_000_000
-    max_line_bytes: int = 4 << 20  # one JSONL line or CSV field
-    max_depth: int = 32  # JSON nesting
-
-
-DEFAULT_LIMITS = Limits()
-
-
-class DatasetError(errors.InvalidRequest):
-    """A dataset that cannot be trained on; the message says where and why."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, param="dataset")
-
-
-Turns = tuple[tuple[str, str], ...]  # (role, content)
-
-
-def _as_messages(turns: Turns) -> list[Message]:
-    return [{"role": r, "content": c} for r, c in turns]
-
-
-@dataclass(frozen=True)
-class Example:
-    """A conversation to learn from (supervised)."""
-
-    messages: Turns  # ending with an assistant turn
-
-    def as_messages(self) -> list[Message]:
-        return _as_messages(self.messages)
-
-
-@dataclass(frozen=True)
-class Preference:
-    """Two answers to one prompt, the first preferred (DPO, ORPO, KTO)."""
-
-    prompt: Turns  # ending with a user turn
-    chosen: str
-    rejected: str
-
-    def as_row(self) -> dict[str, Any]:
-        """TRL's conversational preference row."""
-        return {
-            "prompt": _as_messages(self.prompt),
-            "chosen": [{"role": "assistant", "content": self.chosen}],
-            "rejected": [{"role": "assistant", "content": self.rejected}],
-        }
-
-
-@dataclass(frozen=True)
-class Judged:
-    """One answer to a prompt and whether it is desirable (KTO's unpaired data)."""
-
-    prompt: Turns
-    completion: str
-    desirable: bool
-
-    def as_row(self) -> dict[str, Any]:
-        """TRL's conversational unpaired row."""
-        return {
-            "prompt": _as_messages(self.prompt),
-            "completion": [{"role": "assistant", "content": self.completion}],
-            "label": self.desirable,
-        }
-
-
-Record = Example | Preference | Judged
 # What each training objective reads; which records it takes.
 OBJECTIVE_RECORDS: dict[str, tuple[type, ...]] = {
     "sft": (Example,),
@@ -145,6 +68,7 @@ OBJECTIVE_RECORDS: dict[str, tuple[type, ...]] = {
     "orpo": (Preference,),
     "kto": (Preference, Judged),
 }
+_BUILT_IN_NAMES = {f.name for f in BUILT_IN}
 _KIND = {Example: "a conversation", Preference: "a preference pair", Judged: "a judged answer"}
 _TAKES = {
     "sft": "conversations (supervised training)",
@@ -170,40 +94,67 @@ def detect_format(path: Path) -> str:
         return "json" if head.startswith(b"[") else "jsonl"
     raise DatasetError(
         f"{path.name}: cannot tell the format from the name; give "
-        "dataset_format (json, jsonl, alpaca, sharegpt, openai, hf, csv, parquet)"
+        f"dataset_format ({', '.join(CONTAINERS)}, or a record shape such as openai)"
     )
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int = 512 << 20  # on disk, and once decompressed (Parquet)
+    max_rows: int = 1_000_000
+    max_line_bytes: int = 4 << 20  # one JSONL line or CSV field
+    max_depth: int = 32  # JSON nesting
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How to read a dataset beyond its path: the format (a container or a formatter's
+    name; None: detected), named columns, and for a Hugging Face dataset folder (a Hub
+    dataset once fetched) its config and split."""
+
+    fmt: str | None = None
+    prompt_column: str | None = None
+    response_column: str | None = None
+    config: str | None = None
+    split: str = "train"
+    formatters: tuple[str, ...] = ()  # a deployment's, as module:Class (formats.configured)
+
+    @classmethod
+    def of(cls, spec: TrainingSpec, field: str, formatters: Sequence[str] = ()) -> Reading:
+        """How ``spec`` reads its ``dataset`` or ``validation_dataset``."""
+        return cls(
+            spec.dataset_format,
+            spec.prompt_column,
+            spec.response_column,
+            spec.dataset_config,
+            spec.split_of(field),
+            tuple(formatters),
+        )
 
 
 def load_examples(
-    path: str | Path,
-    fmt: str | None = None,
-    *,
-    prompt_column: str | None = None,
-    response_column: str | None = None,
-    limits: Limits = DEFAULT_LIMITS,
+    path: str | Path, reading: Reading = Reading(), *, limits: Limits = DEFAULT_LIMITS
 ) -> list[Example]:
     """Every conversation of the dataset at ``path``, or DatasetError."""
-    records = load_records(
-        path, fmt, "sft", prompt_column=prompt_column, response_column=response_column, limits=limits
-    )
-    return [r for r in records if isinstance(r, Example)]
+    return [r for r in load_records(path, reading, "sft", limits=limits) if isinstance(r, Example)]
 
 
 def load_preferences(
-    path: str | Path, fmt: str | None, objective: str, *, limits: Limits = DEFAULT_LIMITS
+    path: str | Path, reading: Reading, objective: str, *, limits: Limits = DEFAULT_LIMITS
 ) -> list[Preference | Judged]:
     """Every preference record of the dataset at ``path`` that ``objective`` takes."""
-    records = load_records(path, fmt, objective, limits=limits)
+    records = load_records(path, reading, objective, limits=limits)
     return [r for r in records if isinstance(r, (Preference, Judged))]
 
 
 def load_records(
     path: str | Path,
-    fmt: str | None = None,
+    reading: Reading = Reading(),
     objective: str | None = None,
     *,
-    prompt_column: str | None = None,
-    response_column: str | None = None,
     limits: Limits = DEFAULT_LIMITS,
 ) -> list[Record]:
     """Every record of the dataset at ``path``, or DatasetError.  ``objective`` (sft, dpo,
@@ -213,18 +164,23 @@ def load_records(
     if not path.exists():
         raise DatasetError(f"dataset {path} does not exist on this worker")
     _check_size(path, limits)
-    fmt = fmt or detect_format(path)
+    fmt = reading.fmt or detect_format(path)
+    factory = configured(reading.formatters)
+    shape = None if fmt in CONTAINERS else factory.get(fmt)
+    container = fmt if shape is None else detect_format(path)
     name = path.name
-    if fmt in _TABULAR:
-        rows = {"csv": _csv_rows, "parquet": _parquet_rows, "hf": _hf_rows}[fmt](path, limits)
-        located: Iterator[tuple[str, Any]] = ((f"{name} record {i}", row) for i, row in enumerate(rows))
-        return _collect(located, name, None, prompt_column, response_column, limits, objective)
-    shape = {"alpaca": "alpaca", "sharegpt": "sharegpt", "openai": "openai"}.get(fmt)
-    if fmt == "json" or (shape and detect_format(path) == "json"):
+    located: Iterator[tuple[str, Any]]
+    if container in ("csv", "parquet", "hf"):
+        if container == "hf":
+            rows = _hf_rows(path, limits, reading.config, reading.split)
+        else:
+            rows = {"csv": _csv_rows, "parquet": _parquet_rows}[container](path, limits)
+        located = ((f"{name} record {i}", row) for i, row in enumerate(rows))
+    elif container == "json":
         located = _json_array(path, limits)
     else:
         located = _jsonl(path, limits)
-    return _collect(located, name, shape, prompt_column, response_column, limits, objective)
+    return _collect(located, name, shape, factory, reading, limits, objective)
 
 
 def _check_size(path: Path, limits: Limits) -> None:
@@ -252,15 +208,30 @@ def _depth(value: Any, limit: int) -> bool:
     return False
 
 
+_SHAPES_EXPECTED = (
+    "expected 'messages' (OpenAI), 'conversations' (ShareGPT), 'instruction'+'output' (Alpaca), "
+    "'prompt'+'completion', prompt/response columns, or for preference training "
+    "'input'+'preferred_output'+'non_preferred_output' (OpenAI DPO), "
+    "'prompt'+'chosen'+'rejected', 'prompt'+'completion'+'label'"
+)
+
+
 def _collect(
     located: Iterable[tuple[str, Any]],
     name: str,
-    shape: str | None,
-    prompt_column: str | None,
-    response_column: str | None,
-    limits: Limits = DEFAULT_LIMITS,
-    objective: str | None = None,
+    shape: BaseFormatter | None,
+    factory: FormatterFactory,
+    reading: Reading,
+    limits: Limits,
+    objective: str | None,
 ) -> list[Record]:
+    """Each record through its formatter: the one named, or the first record's, which
+    every later record must also match."""
+    columns = (
+        Columns(reading.prompt_column, (reading.response_column,))
+        if reading.prompt_column and reading.response_column
+        else None
+    )
     out: list[Record] = []
     for where, record in located:
         if len(out) >= limits.max_rows:
@@ -269,24 +240,20 @@ def _collect(
             raise DatasetError(f"{where}: nested deeper than {limits.max_depth} levels")
         if not isinstance(record, dict):
             raise DatasetError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        found = record_shape(record, prompt_column, response_column)
-        if found is None:
-            raise DatasetError(
-                f"{where}: not a training record; expected 'messages' (OpenAI), "
-                "'conversations' (ShareGPT), 'instruction'+'output' (Alpaca), "
-                "'prompt'+'completion', prompt/response columns, or for preference training "
-                "'input'+'preferred_output'+'non_preferred_output' (OpenAI DPO), "
-                "'prompt'+'chosen'+'rejected', 'prompt'+'completion'+'label'; "
-                f"found keys {sorted(record)[:8]}"
-            )
-        shape = shape or found
-        if found != shape:
-            raise DatasetError(f"{where}: a {found} record in a dataset of {shape} records")
-        item = (
-            _to_preference(where, shape, record)
-            if shape in PREFERENCE_SHAPES
-            else _to_example(where, shape, record, prompt_column, response_column)
-        )
+        if shape is None or not shape.matches(record):
+            found = columns if columns and columns.prompt_key in record else factory.detect(record)
+            if found is None:
+                more = [n for n in factory.names if n not in _BUILT_IN_NAMES]
+                also = f" (or this server's {', '.join(more)})" if more else ""
+                ours = f" (this dataset's records are {shape.name})" if shape else ""
+                raise DatasetError(
+                    f"{where}: not a training record{ours}; {_SHAPES_EXPECTED}{also}; "
+                    f"found keys {sorted(record)[:8]}"
+                )
+            if shape is not None:
+                raise DatasetError(f"{where}: a {found.name} record in a dataset of {shape.name} records")
+            shape = found
+        item = factory.convert(shape, record, where)
         if objective is not None and not isinstance(item, OBJECTIVE_RECORDS[objective]):
             hint = " ('label' must be true or false for a judged answer)" if "label" in record else ""
             raise DatasetError(
@@ -297,152 +264,6 @@ def _collect(
     if not out:
         raise DatasetError(f"{name}: the dataset has no records")
     return out
-
-
-def record_shape(
-    record: dict[str, Any], prompt_column: str | None = None, response_column: str | None = None
-) -> str | None:
-    if prompt_column and response_column and prompt_column in record:
-        return "columns"
-    # preference shapes first: a judged answer has a prompt and a completion too
-    if "input" in record and "preferred_output" in record and "non_preferred_output" in record:
-        return "openai_dpo"
-    if "prompt" in record and "chosen" in record and "rejected" in record:
-        return "pairs"
-    if "prompt" in record and "completion" in record and _desirable(record.get("label")) is not None:
-        return "judged"  # (a label that is not true/false leaves a prompt/completion record)
-    if "messages" in record:
-        return "openai"
-    if "conversations" in record:
-        return "sharegpt"
-    if "instruction" in record and "output" in record:
-        return "alpaca"
-    if "prompt" in record and ("completion" in record or "response" in record):
-        return "prompt_completion"
-    if "text" in record and "label" in record:
-        return "text_label"
-    return None
-
-
-def _to_example(
-    where: str, shape: str, r: dict[str, Any], prompt_column: str | None, response_column: str | None
-) -> Example:
-    if shape == "openai":
-        turns = _turns(where, r["messages"], "role", "content", {x: x for x in ROLES}, "messages")
-    elif shape == "sharegpt":
-        turns = _turns(where, r["conversations"], "from", "value", _SHAREGPT_ROLES, "conversations")
-    elif shape == "alpaca":
-        instruction = _text(where, r, "instruction")
-        extra = r.get("input") or ""
-        if not isinstance(extra, str):
-            raise DatasetError(f"{where}: 'input' must be a string")
-        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        turns = ([("system", _text(where, r, "system"))] if r.get("system") else []) + [
-            ("user", prompt),
-            ("assistant", _text(where, r, "output")),
-        ]
-    else:
-        p, a = {
-            "columns": (prompt_column, response_column),
-            "prompt_completion": ("prompt", "completion" if "completion" in r else "response"),
-            "text_label": ("text", "label"),
-        }[shape]
-        assert p is not None and a is not None  # "columns" only when both columns are named
-        turns = [("user", _text(where, r, p)), ("assistant", _text(where, r, a))]
-    if not any(role == "assistant" for role, _ in turns):
-        raise DatasetError(f"{where}: no assistant message to learn from")
-    while turns[-1][0] != "assistant":  # trailing user turns teach nothing
-        turns.pop()
-    return Example(tuple(turns))
-
-
-PREFERENCE_SHAPES = ("openai_dpo", "pairs", "judged")
-# true/false, 1/0 (True and 1 are one key), or their text (CSV)
-_LABELS = {True: True, False: False, "true": True, "false": False, "1": True, "0": False}
-
-
-def _to_preference(where: str, shape: str, r: dict[str, Any]) -> Preference | Judged:
-    if shape == "openai_dpo":
-        given = r["input"]
-        if not isinstance(given, dict):
-            raise DatasetError(f"{where}: 'input' must be an object with 'messages'")
-        if given.get("tools"):
-            raise DatasetError(f"{where}: 'input.tools': preference training on tool calls is not offered")
-        prompt = _prompt(where, given.get("messages"), "input.messages")
-        chosen = _answer(where, r["preferred_output"], "preferred_output")
-        rejected = _answer(where, r["non_preferred_output"], "non_preferred_output")
-    else:
-        raw = r["prompt"]
-        prompt = (
-            (("user", _text(where, r, "prompt")),)
-            if not isinstance(raw, list)
-            else _prompt(where, raw, "prompt")
-        )
-        if shape == "judged":
-            desirable = _desirable(r["label"])
-            assert desirable is not None  # record_shape reads it as judged only then
-            return Judged(prompt, _answer(where, r["completion"], "completion"), desirable)
-        chosen = _answer(where, r["chosen"], "chosen")
-        rejected = _answer(where, r["rejected"], "rejected")
-    if chosen == rejected:
-        raise DatasetError(f"{where}: the chosen and rejected answers are the same")
-    return Preference(prompt, chosen, rejected)
-
-
-def _desirable(label: Any) -> bool | None:
-    key = label.strip().lower() if isinstance(label, str) else label
-    return _LABELS.get(key) if isinstance(key, (bool, int, str)) else None
-
-
-def _prompt(where: str, items: Any, field: str) -> Turns:
-    """A prompt's messages, ending with the user's."""
-    turns = _turns(where, items, "role", "content", {x: x for x in ROLES}, field)
-    if turns[-1][0] != "user":
-        raise DatasetError(f"{where}: '{field}' must end with a user message")
-    return tuple(turns)
-
-
-def _answer(where: str, value: Any, field: str) -> str:
-    """An answer: a string, or a list of one assistant message (OpenAI's and TRL's form)."""
-    if not isinstance(value, list):
-        if isinstance(value, dict):
-            raise DatasetError(f"{where}: '{field}' must be a string or a list of one assistant message")
-        return _text(where, {field: value}, field)
-    turns = _turns(where, value, "role", "content", {x: x for x in ROLES}, field)
-    if len(turns) != 1 or turns[0][0] != "assistant":
-        raise DatasetError(f"{where}: '{field}' must be one assistant message")
-    return turns[0][1]
-
-
-def _turns(
-    where: str, items: Any, role_key: str, text_key: str, roles: dict[str, str], field: str
-) -> list[tuple[str, str]]:
-    if not isinstance(items, list) or not items:
-        raise DatasetError(f"{where}: '{field}' must be a non-empty list")
-    turns = []
-    for i, m in enumerate(items):
-        if not isinstance(m, dict):
-            raise DatasetError(f"{where}: {field}[{i}] must be an object")
-        role = m.get(role_key)
-        if not isinstance(role, str) or role not in roles:
-            raise DatasetError(
-                f"{where}: {field}[{i}] has {role_key} {role!r}; expected one of {', '.join(sorted(roles))}"
-            )
-        turns.append((roles[role], _text(where, m, text_key, f"{field}[{i}].")))
-    return turns
-
-
-def _text(where: str, record: dict[str, Any], key: str, prefix: str = "") -> str:
-    value = record.get(key)
-    if value is None or (isinstance(value, float) and value != value):  # NaN from pandas
-        raise DatasetError(f"{where}: '{prefix}{key}' is missing")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = str(value)  # a numeric label
-    if not isinstance(value, str):
-        raise DatasetError(f"{where}: '{prefix}{key}' must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise DatasetError(f"{where}: '{prefix}{key}' is empty")
-    return value
 
 
 # -- readers: (where, record) pairs ------------------------------------------------------
@@ -551,23 +372,25 @@ def _parquet_rows(path: Path, limits: Limits) -> Iterator[dict[str, Any]]:
         raise DatasetError(f"{path.name}: not a readable Parquet file ({exc})") from None
 
 
-def _hf_rows(path: Path, limits: Limits) -> Iterator[dict[str, Any]]:
+def _hf_rows(path: Path, limits: Limits, config: str | None, split: str) -> Iterator[dict[str, Any]]:
+    """A folder ``datasets`` reads (``save_to_disk``'s, or data files with a card naming
+    configs, as a Hub dataset is fetched); its Arrow cache in a temporary folder, not the
+    user's."""
     import datasets
 
-    try:
-        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-            ds = datasets.load_from_disk(str(path))
-        else:
-            ds = datasets.load_dataset(str(path))
-    except Exception as exc:
-        raise DatasetError(f"{path.name}: not a Hugging Face dataset ({exc})") from None
-    if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise DatasetError(
-                f"{path.name}: a dataset dict without a 'train' split (splits: {', '.join(ds)})"
-            )
-        ds = ds["train"]
-    yield from ds
+    with tempfile.TemporaryDirectory(prefix="cyllm-hf-") as cache:
+        try:
+            if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+                ds = datasets.load_from_disk(str(path))
+            else:
+                ds = datasets.load_dataset(str(path), name=config, cache_dir=cache)
+        except Exception as exc:
+            raise DatasetError(f"{path.name}: not a Hugging Face dataset ({str(exc)[:300]})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DatasetError(f"{path.name}: no split {split!r} (splits: {', '.join(ds)})")
+            ds = ds[split]
+        yield from ds
 
 
 # -- tokenising ----------------------------------------------------------------------------

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -29,7 +30,11 @@ Method = Literal[
     "full",
     "custom",
 ]
-Format = Literal["json", "jsonl", "alpaca", "sharegpt", "openai", "hf", "csv", "parquet"]
+# A container (json, jsonl, csv, parquet, hf) or a record shape: a formatter's name,
+# built in or a deployment's (training/formats.py), known where the dataset is read.
+FORMAT_PATTERN = r"^[a-z][a-z0-9_]{0,39}$"
+HUB = "hf://"  # a dataset on the Hugging Face Hub (or the HF_ENDPOINT the server names)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 # What the job optimises: supervised next-token loss on conversations, or a preference
 # objective on pairs through TRL (DPO; ORPO, reference-free; KTO, also on unpaired data).
 Objective = Literal["sft", "dpo", "orpo", "kto"]
@@ -82,10 +87,34 @@ class TrainingSpec(BaseModel):
         description="preference objectives: how far from the base the result may move "
         "(TRL's beta; default 0.1)",
     )
-    dataset: str = Field(min_length=1, description="a file or folder on the worker's disk")
-    dataset_format: Format | None = Field(None, description="default: detected")
+    dataset: str = Field(
+        min_length=1,
+        description="a path under the server's datasets folders, an uploaded file (training_file), "
+        "or a Hub dataset 'hf://org/name' (where the server allows it)",
+    )
+    dataset_format: str | None = Field(
+        None,
+        pattern=FORMAT_PATTERN,
+        description="json, jsonl, csv, parquet, hf, or a record shape (openai, sharegpt, alpaca, "
+        "prompt_completion, text_label, openai_dpo, pairs, judged, or the server's own); default: detected",
+    )
+    dataset_config: str | None = Field(
+        None, pattern=r"^[\w.-]{1,100}$", description="a Hub or hf dataset's config (subset)"
+    )
+    dataset_revision: str | None = Field(
+        None, pattern=r"^[\w.-][\w./-]{0,99}$", description="a Hub dataset's branch, tag or commit"
+    )
+    dataset_split: str = Field(
+        "train", pattern=r"^[\w.-]{1,100}$", description="the split of a Hub or hf dataset to train on"
+    )
     validation_dataset: str | None = Field(
         None, description="held-out examples, in the dataset's format: their loss is reported as eval_loss"
+    )
+    validation_split: str | None = Field(
+        None,
+        pattern=r"^[\w.-]{1,100}$",
+        description="the split of a Hub or hf validation_dataset; default: 'validation' when it is "
+        "the dataset itself, else 'train'",
     )
     eval_steps: int | None = Field(
         None,
@@ -145,6 +174,12 @@ class TrainingSpec(BaseModel):
             raise ValueError("packing is for supervised jobs (objective 'sft')")
         if self.beta is not None and self.objective == "sft":
             raise ValueError("beta is for preference objectives (dpo, orpo, kto)")
+        for field in ("dataset", "validation_dataset"):
+            given = getattr(self, field)
+            if given and given.startswith(HUB) and not HUB_ID.match(given.removeprefix(HUB)):
+                raise ValueError(f"{field}: a Hub dataset is 'hf://org/name'")
+        if self.dataset_revision and ".." in self.dataset_revision.split("/"):
+            raise ValueError("dataset_revision: a branch, tag or commit, without '..'")
         if self.promote_to is not None and self.method == "custom":
             raise ValueError("promote_to needs the built-in trainer's evaluation, not a custom script's")
         try:
@@ -152,6 +187,14 @@ class TrainingSpec(BaseModel):
         except errors.InvalidRequest as exc:
             raise ValueError(exc.message) from None
         return self
+
+    def split_of(self, field: str) -> str:
+        """The split read of ``dataset`` or ``validation_dataset``."""
+        if field == "dataset":
+            return self.dataset_split
+        if self.validation_split is not None:
+            return self.validation_split
+        return "validation" if self.validation_dataset == self.dataset else "train"
 
     @classmethod
     def parse(cls, raw: str | dict[str, Any]) -> TrainingSpec:

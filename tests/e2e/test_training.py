@@ -17,6 +17,7 @@ import yaml
 
 from tests.conftest import environment_for, free_ports, stop_processes
 from tests.e2e.conftest import MODEL, serving, wait_healthy
+from tests.fakes.hub import Hub
 from tests.polling import wait_for
 
 DATA = Path(__file__).parents[1] / "data"
@@ -25,8 +26,25 @@ HELD_OUT = DATA / "facts_held_out.jsonl"
 ZORBLAX = [{"role": "user", "content": "What is the capital of Zorblax?"}]
 
 
+def _qa(source: Path, to: Path) -> None:
+    """The facts in a deployment's own record shape (tests/plugins/qa_formats.py)."""
+    lines = [json.loads(line)["messages"] for line in source.read_text().splitlines() if line.strip()]
+    to.write_text("".join(json.dumps({"q": m[-2]["content"], "a": m[-1]["content"]}) + "\n" for m in lines))
+
+
 @pytest.fixture(scope="module")
-def trainer(tmp_path_factory):
+def hub(tmp_path_factory):
+    """A stand-in Hub with one dataset, acme/qa, in the qa shape, train and validation."""
+    repo = tmp_path_factory.mktemp("hub") / "qa"
+    (repo / "data").mkdir(parents=True)
+    _qa(FACTS, repo / "data" / "train-00000.jsonl")
+    _qa(HELD_OUT, repo / "data" / "validation-00000.jsonl")
+    with Hub({"datasets/acme/qa": repo}, free_ports(1)[0]) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory, hub):
     tmp = tmp_path_factory.mktemp("training")
     config = tmp / "cyllm.yaml"
     config.write_text(
@@ -34,10 +52,12 @@ def trainer(tmp_path_factory):
             {
                 "coordinator": {"files_dir": str(tmp / "files"), "datasets_dirs": [str(DATA)]},
                 "worker": {"training_dir": str(tmp / "jobs"), "training_scripts_dir": str(DATA / "scripts")},
+                "dataset_formatters": ["tests.plugins.qa_formats:QA"],
             }
         )
     )
-    with serving(tmp / "serve.log", config) as server:
+    env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp / "hf"), "PYTHONPATH": str(Path(__file__).parents[2])}
+    with serving(tmp / "serve.log", config, env=env) as server:
         server.jobs_dir = tmp / "jobs"
         yield server
 
@@ -283,6 +303,41 @@ def test_bad_uploads_and_jobs_are_refused_clearly(client, trainer, tmp_path):
     assert r.status_code == 400 and "exactly one of 'dataset' and 'fileId'" in r.text
     # the server is undisturbed
     assert client.chat.completions.create(model=MODEL, messages=ZORBLAX, max_tokens=4).choices
+
+
+def test_a_job_on_a_hub_dataset_in_a_deployments_own_shape(client, trainer, hub):
+    """hf://acme/qa through the stand-in Hub, its records in the qa shape the config
+    adds: fetched, read as the job reads it (train and validation splits), trained on,
+    scored against the base, and served."""
+    job = start(
+        trainer.base_url,
+        dataset="hf://acme/qa",
+        validationDataset="hf://acme/qa",
+        datasetFormat="qa",
+        maxSteps=4,
+        batchSize=4,
+        learningRate=2e-3,
+        maxLength=64,
+    )
+    assert job["state"] == "queued"
+    assert any("validation-00000.jsonl" in d for d in hub.downloads)
+    events = watch(trainer.base_url, job["id"])
+    states = [d["state"] for n, d in events if n == "state"]
+    assert states[-1] == "succeeded", events
+    status = httpx.get(f"{trainer.base_url}/api/v1/training/status/{job['id']}", timeout=30).json()
+    scores = status["evaluation"]
+    assert scores["base.eval_loss"] > scores["result.eval_loss"] > 0, scores
+    answer = client.chat.completions.create(
+        model=status["fineTunedModel"], messages=ZORBLAX, max_tokens=8, temperature=0
+    )
+    assert answer.choices[0].message.content
+    # a tenant-chosen format that this server does not have is refused by name
+    r = httpx.post(
+        f"{trainer.base_url}/api/v1/training/start",
+        json={"baseModel": MODEL, "dataset": "hf://acme/qa", "datasetFormat": "yaml_qa"},
+        timeout=60,
+    )
+    assert r.status_code == 400 and "unknown dataset_format 'yaml_qa'; known: json" in r.text, r.text
 
 
 def test_cancel_mid_run_stops_the_job_and_frees_the_worker(client, trainer):

@@ -15,6 +15,7 @@ from cyllm.training.data import (
     Example,
     Judged,
     Preference,
+    Reading,
     load_examples,
     load_preferences,
     load_records,
@@ -89,7 +90,7 @@ def _make(shape, tmp_path):
 @pytest.mark.parametrize("shape", ["openai_dpo", "pairs", "conversational", "csv", "parquet", "hf"])
 @pytest.mark.parametrize("objective", ["dpo", "orpo", "kto"])
 def test_each_shape_gives_the_same_pairs(shape, objective, tmp_path):
-    assert load_preferences(_make(shape, tmp_path), None, objective) == EXPECTED
+    assert load_preferences(_make(shape, tmp_path), Reading(), objective) == EXPECTED
 
 
 def test_a_system_prompt_and_turns_before_the_pair_are_kept(tmp_path):
@@ -100,7 +101,7 @@ def test_a_system_prompt_and_turns_before_the_pair_are_kept(tmp_path):
         {"role": "assistant", "content": "a1"},
         {"role": "user", "content": "q2"},
     ]
-    (got,) = load_preferences(_jsonl(tmp_path / "d.jsonl", [record]), None, "dpo")
+    (got,) = load_preferences(_jsonl(tmp_path / "d.jsonl", [record]), Reading(), "dpo")
     assert got.prompt == (("system", "Be brief."), ("user", "q1"), ("assistant", "a1"), ("user", "q2"))
     assert got.as_row() == {
         "prompt": [
@@ -122,15 +123,15 @@ def test_judged_answers_are_for_kto_only(tmp_path):
             {"prompt": "q", "completion": "bad", "label": "false"},
         ],
     )
-    assert load_preferences(path, None, "kto") == [
+    assert load_preferences(path, Reading(), "kto") == [
         Judged((("user", "q"),), "good", True),
         Judged((("user", "q"),), "bad", False),
     ]
-    assert load_preferences(path, None, "kto")[0].as_row()["label"] is True
+    assert load_preferences(path, Reading(), "kto")[0].as_row()["label"] is True
     with pytest.raises(
         DatasetError, match="kto.jsonl line 1: a judged answer, but objective 'dpo' trains on"
     ):
-        load_preferences(path, None, "dpo")
+        load_preferences(path, Reading(), "dpo")
 
 
 def test_a_label_that_is_not_a_judgement_leaves_a_supervised_record(tmp_path):
@@ -164,7 +165,7 @@ def test_each_objective_refuses_the_other_kind_naming_the_line(tmp_path):
     with pytest.raises(DatasetError, match="pairs.jsonl line 1: a preference pair, but objective 'sft'"):
         load_examples(pairs)
     with pytest.raises(DatasetError, match="chat.jsonl line 1: a conversation, but objective 'orpo'"):
-        load_preferences(chat, None, "orpo")
+        load_preferences(chat, Reading(), "orpo")
     # an upload, before a job names its objective, may be either kind (not mixed)
     assert load_records(pairs) == EXPECTED
     assert load_records(chat) == [Example((("user", "q"), ("assistant", "a")))]
@@ -217,7 +218,7 @@ BAD = [
 def test_a_bad_record_is_refused_naming_where_and_what(record, message, tmp_path):
     path = _jsonl(tmp_path / "bad.jsonl", [record])
     with pytest.raises(DatasetError) as caught:
-        load_preferences(path, None, "kto")
+        load_preferences(path, Reading(), "kto")
     assert message in caught.value.message, caught.value.message
 
 

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from cyllm import errors
-from cyllm.training.data import DatasetError, Example, detect_format, load_examples, tokenize
+from cyllm.training.data import DatasetError, Example, Reading, detect_format, load_examples, tokenize
 from cyllm.training.spec import TrainingSpec
 
 PAIRS = [
@@ -82,14 +82,14 @@ def _make(fmt, tmp_path):
 @pytest.mark.parametrize("named", [False, True], ids=["detected", "named"])
 def test_each_format_gives_the_same_examples(fmt, named, tmp_path):
     path = _make(fmt, tmp_path)
-    assert load_examples(path, fmt if named else None) == EXPECTED
+    assert load_examples(path, Reading(fmt if named else None)) == EXPECTED
 
 
 def test_hf_folder_of_data_files_and_named_columns(tmp_path):
     folder = tmp_path / "files"
     folder.mkdir()
     _write_csv(folder / "train.csv", ["question", "answer"], PAIRS)
-    got = load_examples(folder, "hf", prompt_column="question", response_column="answer")
+    got = load_examples(folder, Reading("hf", prompt_column="question", response_column="answer"))
     assert got == EXPECTED
 
 

@@ -103,6 +103,7 @@ class WorkerTraining:
             "resume_from": resume,
             "threads": self.settings.training_threads,
             "base_model_path": base_path,
+            "formatters": self.settings.dataset_formatters,
         }
         if request.incumbent_json:
             job["incumbent"] = _incumbent(request.incumbent_json, spec.base_model)

@@ -31,7 +31,7 @@ from transformers import TrainerCallback
 
 from cyllm import errors
 from cyllm.training import methods
-from cyllm.training.data import DatasetError, load_examples, load_preferences, tokenize
+from cyllm.training.data import DatasetError, Reading, load_examples, load_preferences, tokenize
 from cyllm.training.spec import DEFAULT_BETA, PREFERENCE_OBJECTIVES, TrainingSpec
 
 Emit = Callable[[dict[str, Any]], None]
@@ -77,9 +77,14 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
         tokenizer.pad_token = tokenizer.eos_token
     preference = spec.objective in PREFERENCE_OBJECTIVES
     read = _preference_rows if preference else _supervised_rows
-    train_rows = read(spec, spec.dataset, tokenizer, emit)
+    formatters = job.get("formatters") or ()
+    train_rows = read(spec, Reading.of(spec, "dataset", formatters), spec.dataset, tokenizer, emit)
     eval_rows = (
-        read(spec, spec.validation_dataset, tokenizer, None) if spec.validation_dataset is not None else None
+        read(
+            spec, Reading.of(spec, "validation_dataset", formatters), spec.validation_dataset, tokenizer, None
+        )
+        if spec.validation_dataset is not None
+        else None
     )
     model_type = transformers.AutoConfig.from_pretrained(job["base_model_path"]).model_type
     packing = _packing(spec, model_type)
@@ -336,12 +341,10 @@ class _Unpacking:
 
 
 def _supervised_rows(
-    spec: TrainingSpec, path: str, tokenizer: Any, emit: Emit | None
+    spec: TrainingSpec, reading: Reading, path: str, tokenizer: Any, emit: Emit | None
 ) -> list[dict[str, Any]]:
     """Conversations, tokenised with the loss on the responses only."""
-    examples = load_examples(
-        path, spec.dataset_format, prompt_column=spec.prompt_column, response_column=spec.response_column
-    )
+    examples = load_examples(path, reading)
     rows = [t for t in (tokenize(e, tokenizer, spec.max_length) for e in examples) if t is not None]
     which = "dataset" if emit else "validation_dataset"
     if not rows:
@@ -357,12 +360,14 @@ def _supervised_rows(
     return [{"input_ids": t.input_ids, "labels": t.labels} for t in rows]
 
 
-def _preference_rows(spec: TrainingSpec, path: str, tokenizer: Any, emit: Emit | None) -> Any:
+def _preference_rows(
+    spec: TrainingSpec, reading: Reading, path: str, tokenizer: Any, emit: Emit | None
+) -> Any:
     """Pairs (or judged answers) as TRL's conversational rows; TRL applies the chat
     template, cuts at max_length, and unpairs pairs for KTO."""
     import datasets
 
-    records = load_preferences(path, spec.dataset_format, spec.objective)
+    records = load_preferences(path, reading, spec.objective)
     if emit:
         emit({"event": "log", "message": f"{len(records)} preference records"})
     return datasets.Dataset.from_list([r.as_row() for r in records])
@@ -408,10 +413,14 @@ _PREFERENCE_SCORES = {
 
 
 def _scores(metrics: dict[str, Any]) -> dict[str, float]:
-    """``eval_loss`` (what a promotion compares; lower is better), and for preference
-    objectives how often the chosen answer is preferred and by how much."""
+    """``eval_loss`` (what a promotion compares; lower is better); for supervised jobs its
+    perplexity, for preference objectives (TRL logs their rewards) how often the chosen
+    answer is preferred and by how much."""
     scores = {"eval_loss": float(metrics["eval_loss"])}
-    scores.update({name: float(metrics[key]) for key, name in _PREFERENCE_SCORES.items() if key in metrics})
+    if any(key.startswith("eval_rewards/") for key in metrics):
+        scores.update({name: float(metrics[k]) for k, name in _PREFERENCE_SCORES.items() if k in metrics})
+    else:
+        scores["perplexity"] = math.exp(min(scores["eval_loss"], 50.0))  # (capped: no overflow)
     return scores
 
 

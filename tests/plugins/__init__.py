@@ -1,0 +1,1 @@
+"""A deployment's own code, as the config names it (dataset formatters)."""
