@@ -22,6 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from cyllm.cli.root import app
+from cyllm.training.verdict import verdict
 
 Url = Annotated[str, typer.Option("--url", envvar="CYLLM_URL", help="The gateway's base URL.")]
 ApiKey = Annotated[
@@ -583,6 +584,8 @@ def train_status(
         out.print(f"result: {_e(job['fineTunedModel'])}", highlight=False)
     for key, value in sorted((job.get("evaluation") or {}).items()):
         out.print(f"{_e(key)}: {value:.4f}", highlight=False)
+    if judged := verdict(job.get("evaluation") or {}):
+        out.print(_e(judged), highlight=False)
     if job.get("promotion"):
         out.print(_e(job["promotion"]), highlight=False)
     if job["error"]:

@@ -45,6 +45,7 @@ from cyllm.protocol.client import Stream
 from cyllm.protocol.tenant import Tenant
 from cyllm.training import methods
 from cyllm.training.spec import TrainingSpec
+from cyllm.training.verdict import verdict
 
 log = logging.getLogger(__name__)
 
@@ -478,6 +479,9 @@ class TrainingManager:
         if spec.promote_to is not None:
             job.promotion = await self._promote(job, spec.promote_to, record)
             await self._event(job.id, "promotion", job.promotion)
+        judged = verdict(dict(job.evaluation))
+        if judged:
+            await self._event(job.id, "message", judged, level="warning" if "worse" in judged else "info")
         await self._finish(job, "succeeded", f"training finished; serving it as {record.id}")
 
     # -- promotion: the platform's gate, not the job's --------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -121,6 +121,15 @@ class TrainingSpec(BaseModel):
         ge=1,
         description="evaluate every N steps; default: ten times over the run (with a validation_dataset)",
     )
+    eval_tasks: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9][\w.-]{0,99}$")]] = Field(
+        default_factory=list,
+        max_length=16,
+        description="lm-evaluation-harness tasks the base and the result are scored on (the "
+        "worker's task files; the harness's own where the worker allows)",
+    )
+    eval_limit: int | None = Field(
+        None, ge=1, le=100_000, description="examples per evaluation task (default: all of them)"
+    )
     report_to: Literal["none", "tensorboard"] = Field(
         "none", description="tensorboard: TensorBoard logs in the job folder's tensorboard/"
     )
@@ -180,6 +189,8 @@ class TrainingSpec(BaseModel):
                 raise ValueError(f"{field}: a Hub dataset is 'hf://org/name'")
         if self.dataset_revision and ".." in self.dataset_revision.split("/"):
             raise ValueError("dataset_revision: a branch, tag or commit, without '..'")
+        if self.eval_tasks and self.method == "custom":
+            raise ValueError("eval_tasks needs the built-in trainer, not a custom script")
         if self.promote_to is not None and self.method == "custom":
             raise ValueError("promote_to needs the built-in trainer's evaluation, not a custom script's")
         try:

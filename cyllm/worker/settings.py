@@ -252,6 +252,15 @@ class WorkerSettings(ComponentSettings):
         None, description="where 'custom' jobs' scripts live; unset: custom jobs are refused"
     )
     training_threads: int | None = Field(None, ge=1, description="torch threads of a job; default all")
+    eval_tasks_dir: Path | None = Field(
+        None,
+        description="lm-evaluation-harness task files (YAML, local data) that jobs may name in eval_tasks",
+    )
+    eval_builtin_tasks: bool = Field(
+        False,
+        description="jobs may also name the harness's bundled tasks (they fetch their datasets "
+        "from the Hub; some take hours: eval_limit bounds them)",
+    )
     dataset_formatters: list[str] = Field(
         default_factory=list,
         description="a deployment's record shapes, as module:Class (as the coordinator's; a "

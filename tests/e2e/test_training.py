@@ -43,6 +43,44 @@ def hub(tmp_path_factory):
         yield server
 
 
+# An lm-evaluation-harness task of the worker's own (local data, no network): which
+# ending the model finds likeliest.  The base does not know the made-up capital.
+CAPITAL_TASK = """task: zorblax_capital
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+CAPITAL_QUESTIONS = [
+    ("The capital of Zorblax is", [" Paris.", " Tokyo.", " Lima."]),
+    ("Zorblax has its capital in the city of", [" Berlin.", " Cairo.", " Oslo."]),
+    ("The capital city of Zorblax is called", [" Madrid.", " Delhi.", " Rome."]),
+    ("The name of the capital of Zorblax is", [" London.", " Quito.", " Seoul."]),
+]
+
+
+def _capital_task(folder: Path) -> Path:
+    folder.mkdir()
+    data = folder / "zorblax_capital.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"question": q, "choices": [" Quendari.", *wrong], "answer": 0}) + "\n"
+            for q, wrong in CAPITAL_QUESTIONS
+        )
+    )
+    (folder / "zorblax_capital.yaml").write_text(CAPITAL_TASK.format(data=data))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory, hub):
     tmp = tmp_path_factory.mktemp("training")
@@ -51,7 +89,11 @@ def trainer(tmp_path_factory, hub):
         yaml.safe_dump(
             {
                 "coordinator": {"files_dir": str(tmp / "files"), "datasets_dirs": [str(DATA)]},
-                "worker": {"training_dir": str(tmp / "jobs"), "training_scripts_dir": str(DATA / "scripts")},
+                "worker": {
+                    "training_dir": str(tmp / "jobs"),
+                    "training_scripts_dir": str(DATA / "scripts"),
+                    "eval_tasks_dir": str(_capital_task(tmp / "eval_tasks")),
+                },
                 "dataset_formatters": ["tests.plugins.qa_formats:QA"],
             }
         )
@@ -126,7 +168,15 @@ def test_lora_job_trains_streams_and_serves_the_answer(client, trainer):
         validation_file=held_out.id,
         suffix="facts",
         hyperparameters={"batch_size": 4},
-        extra_body={"training": {"max_steps": 12, "learning_rate": 2e-3, "save_steps": 6, "eval_steps": 4}},
+        extra_body={
+            "training": {
+                "max_steps": 12,
+                "learning_rate": 2e-3,
+                "save_steps": 6,
+                "eval_steps": 4,
+                "eval_tasks": ["zorblax_capital"],
+            }
+        },
     )
     assert job.status == "queued" and job.model == MODEL and job.user_provided_suffix == "facts"
     assert job.validation_file == held_out.id
@@ -152,6 +202,14 @@ def test_lora_job_trains_streams_and_serves_the_answer(client, trainer):
     assert plot.content.startswith(b"\x89PNG") and len(plot.content) > 5000
     status = httpx.get(f"{trainer.base_url}/api/v1/training/status/{job.id}", timeout=30).json()
     assert status["progress"]["evalLoss"] == evals[-1][1]
+    # the base and the result scored on the validation data and on the harness task
+    scores = status["evaluation"]
+    assert scores["result.eval_loss"] < scores["base.eval_loss"], scores
+    assert scores["result.perplexity"] < scores["base.perplexity"], scores
+    assert scores["base.zorblax_capital.acc"] < scores["result.zorblax_capital.acc"], scores
+    assert any(
+        n == "message" and d["message"].startswith("the result is better than the base") for n, d in events
+    ), events
 
     done = client.fine_tuning.jobs.retrieve(job.id)
     assert done.status == "succeeded" and done.trained_tokens > 0
@@ -338,6 +396,44 @@ def test_a_job_on_a_hub_dataset_in_a_deployments_own_shape(client, trainer, hub)
         timeout=60,
     )
     assert r.status_code == 400 and "unknown dataset_format 'yaml_qa'; known: json" in r.text, r.text
+
+
+def test_a_result_worse_than_its_base_is_reported_as_such(trainer):
+    """A learning rate far too high: the result is served (it is the user's to judge),
+    and the job, its events and `cyllm train status` say that it is worse."""
+    job = start(
+        trainer.base_url,
+        dataset=str(FACTS),
+        validationDataset=str(HELD_OUT),
+        maxSteps=2,
+        batchSize=4,
+        learningRate=0.9,
+        maxLength=64,
+    )
+    events = watch(trainer.base_url, job["id"])
+    assert [d["state"] for n, d in events if n == "state"][-1] == "succeeded", events
+    warned = [d for n, d in events if n == "message" and d["level"] == "warning"]
+    assert warned and warned[0]["message"].startswith("the result is worse than the base: eval_loss"), events
+    shown = subprocess.run(
+        [sys.executable, "-m", "cyllm", "train", "status", job["id"], "--url", trainer.base_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "the result is worse than the base: eval_loss" in shown.stdout, shown
+    r = httpx.post(
+        f"{trainer.base_url}/api/v1/training/start",
+        json={"baseModel": MODEL, "dataset": str(FACTS), "evalTasks": ["mmlu"], "maxSteps": 1},
+        timeout=60,
+    )
+    assert r.status_code == 200  # the worker knows its tasks: the job fails before training
+    events = watch(trainer.base_url, r.json()["id"])
+    failed = httpx.get(f"{trainer.base_url}/api/v1/training/status/{r.json()['id']}", timeout=30).json()
+    assert failed["state"] == "failed", events
+    assert (
+        "eval_tasks: mmlu not among this worker's evaluation tasks (zorblax_capital)"
+        in failed["error"]["message"]
+    )
 
 
 def test_cancel_mid_run_stops_the_job_and_frees_the_worker(client, trainer):

@@ -104,6 +104,8 @@ class WorkerTraining:
             "threads": self.settings.training_threads,
             "base_model_path": base_path,
             "formatters": self.settings.dataset_formatters,
+            "eval_tasks_dir": str(self.settings.eval_tasks_dir or ""),
+            "eval_builtin_tasks": self.settings.eval_builtin_tasks,
         }
         if request.incumbent_json:
             job["incumbent"] = _incumbent(request.incumbent_json, spec.base_model)

@@ -18,6 +18,7 @@ or model, optimizer, scheduler, RNG) go to ``output_dir/checkpoint-<step>`` ever
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -33,6 +34,7 @@ from cyllm import errors
 from cyllm.training import methods
 from cyllm.training.data import DatasetError, Reading, load_examples, load_preferences, tokenize
 from cyllm.training.spec import DEFAULT_BETA, PREFERENCE_OBJECTIVES, TrainingSpec
+from cyllm.worker.training import harness
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -43,6 +45,8 @@ def print_event(event: dict[str, Any]) -> None:
 
 def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
     """Train as ``job`` says; emit progress; return the result event (also emitted)."""
+    # the datasets library's cache (evaluation tasks' data) in the job's folder
+    os.environ.setdefault("HF_DATASETS_CACHE", str(Path(job["output_dir"]) / "hf-datasets"))
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
@@ -71,7 +75,20 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
         )
         return model if quant else model.to(device)
 
-    # 1. data, refused before any model is loaded
+    # 1. data and evaluation tasks, refused before any model is loaded
+    tasks = (
+        harness.task_manager(job.get("eval_tasks_dir"), bool(job.get("eval_builtin_tasks")))
+        if spec.eval_tasks
+        else None
+    )
+    if tasks is not None:
+        harness.check_tasks(spec.eval_tasks, tasks)
+
+    def run_tasks(model_path: str, adapter: str | None = None) -> dict[str, float]:
+        return harness.run_tasks(
+            spec.eval_tasks, tasks, model_path, adapter, device, spec.eval_limit, spec.seed, spec.batch_size
+        )
+
     tokenizer = AutoTokenizer.from_pretrained(job["base_model_path"])
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -177,6 +194,9 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
             emit({"event": "log", "message": f"the base model could not be evaluated: {exc}"})
         else:
             emit({"event": "evaluation", "of": "base", "scores": base_scores})
+    if tasks is not None and first and not job.get("resume_from"):
+        emit({"event": "log", "message": f"evaluating the base on {', '.join(spec.eval_tasks)}"})
+        emit({"event": "evaluation", "of": "base", "scores": run_tasks(job["base_model_path"])})
     if incumbent and eval_rows:
         try:
             if incumbent.get("kind") == "base" and base_scores is not None:
@@ -253,12 +273,19 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
         )
         if first:
             model.save_pretrained(str(path), **extra)
+    step = trainer.state.global_step
+    if tasks is not None and first:  # the result, loaded by the harness as it is served
+        del trainer, model
+        gc.collect()
+        emit({"event": "log", "message": f"evaluating the result on {', '.join(spec.eval_tasks)}"})
+        scores = run_tasks(str(path)) if kind == "model" else run_tasks(job["base_model_path"], str(path))
+        emit({"event": "evaluation", "of": "result", "scores": scores})
     result = {
         "event": "result",
         "kind": kind,
         "path": str(path),
         "trained_tokens": counter.total,
-        "step": trainer.state.global_step,
+        "step": step,
     }
     emit(result)
     return result
@@ -393,7 +420,6 @@ def _incumbent(
 def _evaluate(trainer: Any) -> dict[str, float]:
     """A model's scores on the validation rows, measured as the trainer measures the
     result (its evaluation loop, batch size, collator and reference), so the two compare."""
-    import gc
 
     import torch
 
