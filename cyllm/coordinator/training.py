@@ -147,6 +147,7 @@ class TrainingManager:
                 "worker; GET /v1/models lists the models you can use",
                 param="model",
             )
+        await self._check_room(spec)
         if spec.max_steps is not None and spec.max_steps > self.max_steps:
             raise errors.InvalidRequest(
                 f"max_steps: at most {self.max_steps} on this server", param="max_steps"
@@ -274,12 +275,8 @@ class TrainingManager:
             if job is None:
                 await self.store.dequeue(job_id)
                 continue
-            base = TrainingSpec.model_validate_json(job.spec_json).base_model
-            fits = [
-                v
-                for v in idle
-                if any(m.id == base for m in list(v.record.info.models) + list(v.record.info.available))
-            ]
+            spec = TrainingSpec.model_validate_json(job.spec_json)
+            fits = [v for v in idle if _fits(v.record.info, spec)]
             if not fits or not await self.store.claim(job_id, self.owner, self.lease_s):
                 continue
             view = fits[0]
@@ -287,6 +284,17 @@ class TrainingManager:
             task = asyncio.create_task(self._follow(job_id, view.record.info))
             self._running[job_id] = (task, view.record.worker_id)
             task.add_done_callback(functools.partial(self._ended, job_id))
+
+    async def _check_room(self, spec: TrainingSpec) -> None:
+        """InvalidRequest when the training workers there are all have fewer devices than
+        the job's processes (none registered yet: it waits for one)."""
+        trainers = [v.record.info for v in await self.scheduler.workers() if v.record.info.trains]
+        if trainers and not any(_enough(info, spec) for info in trainers):
+            most = max(info.training_devices or 1 for info in trainers)
+            raise errors.InvalidRequest(
+                f"processes: {spec.processes}, but the training workers have at most {most} devices each",
+                param="processes",
+            )
 
     def _idle(self, view: WorkerView) -> bool:
         info = view.record.info
@@ -583,3 +591,14 @@ class TrainingManager:
                 created_at=int(time.time() * 1000), type=type_, level=level, message=message, state=state
             ),
         )
+
+
+def _enough(info: pb.WorkerInfo, spec: TrainingSpec) -> bool:
+    """Whether a worker has the devices (GPUs, NPUs, or CPU cores) for the job's
+    processes; devices: all takes whatever the worker has."""
+    return spec.devices == "all" or (info.training_devices or 1) >= spec.processes
+
+
+def _fits(info: pb.WorkerInfo, spec: TrainingSpec) -> bool:
+    has_base = any(m.id == spec.base_model for m in list(info.models) + list(info.available))
+    return has_base and _enough(info, spec)

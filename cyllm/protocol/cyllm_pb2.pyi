@@ -215,7 +215,7 @@ class ModelInfo(_message.Message):
     def __init__(self, id: _Optional[str] = ..., context_length: _Optional[int] = ..., engine: _Optional[str] = ..., created: _Optional[int] = ..., state: _Optional[str] = ..., base: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., device: _Optional[str] = ..., kind: _Optional[str] = ..., job_id: _Optional[str] = ..., evaluation: _Optional[_Mapping[str, float]] = ..., aliases: _Optional[_Iterable[str]] = ..., owner: _Optional[str] = ..., published_to: _Optional[_Iterable[str]] = ..., path: _Optional[str] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "address", "models", "capacity", "device", "weight", "available", "memory_budget_bytes", "memory_used_bytes", "trains", "training_job", "training_shares_device")
+    __slots__ = ("worker_id", "address", "models", "capacity", "device", "weight", "available", "memory_budget_bytes", "memory_used_bytes", "trains", "training_job", "training_shares_device", "training_devices")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
@@ -228,6 +228,7 @@ class WorkerInfo(_message.Message):
     TRAINS_FIELD_NUMBER: _ClassVar[int]
     TRAINING_JOB_FIELD_NUMBER: _ClassVar[int]
     TRAINING_SHARES_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_DEVICES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     address: str
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
@@ -240,7 +241,8 @@ class WorkerInfo(_message.Message):
     trains: bool
     training_job: str
     training_shares_device: bool
-    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., capacity: _Optional[int] = ..., device: _Optional[str] = ..., weight: _Optional[int] = ..., available: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., memory_budget_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., trains: _Optional[bool] = ..., training_job: _Optional[str] = ..., training_shares_device: _Optional[bool] = ...) -> None: ...
+    training_devices: int
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., capacity: _Optional[int] = ..., device: _Optional[str] = ..., weight: _Optional[int] = ..., available: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., memory_budget_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., trains: _Optional[bool] = ..., training_job: _Optional[str] = ..., training_shares_device: _Optional[bool] = ..., training_devices: _Optional[int] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
     __slots__ = ("keep_alive_s", "model", "adapter_path", "worker_id", "from_model", "model_path", "peft_adapter_path")

@@ -69,6 +69,16 @@ class TrainingSpec(BaseModel):
         description="data-parallel processes (torchrun; gloo on CPUs, NCCL on GPUs): each takes "
         "batch_size examples a step, so the global batch is processes x batch_size",
     )
+    devices: Literal["all"] | None = Field(
+        None,
+        description="all: one process per GPU (or NPU) of the worker, which then runs no other "
+        "job; overrides processes (a CPU worker runs one process)",
+    )
+    distributed: Literal["ddp", "fsdp", "zero2", "zero3"] = Field(
+        "ddp",
+        description="how the processes share the model: ddp (each holds it all), fsdp (PyTorch "
+        "FSDP, sharded), zero2/zero3 (DeepSpeed ZeRO); the sharded ones on GPUs only",
+    )
     packing: bool | None = Field(
         None,
         description="supervised jobs: examples laid end to end in rows of max_length tokens, "
@@ -177,8 +187,10 @@ class TrainingSpec(BaseModel):
             raise ValueError(
                 f"objective {self.objective!r} needs a PEFT adapter or 'full', not {self.method!r}"
             )
-        if self.processes > 1 and self.method == "custom":
+        if (self.processes > 1 or self.devices) and self.method == "custom":
             raise ValueError("processes: a custom script starts its own processes")
+        if self.distributed != "ddp" and self.quantization != "none":
+            raise ValueError(f"distributed {self.distributed!r} does not shard a quantized model")
         if self.packing and self.objective != "sft":
             raise ValueError("packing is for supervised jobs (objective 'sft')")
         if self.beta is not None and self.objective == "sft":

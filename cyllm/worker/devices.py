@@ -5,6 +5,7 @@ it).  The engines and the training job read it here, not from the engine factory
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 
@@ -25,6 +26,19 @@ def detect_accelerator() -> str:
         if torch.cuda.is_available():
             return "cuda"
     return "cpu"
+
+
+def device_count(device: str) -> int:
+    """How many processes a job may run on ``device`` (a worker's training_device, or its
+    accelerator): every GPU or NPU this process sees for 'cuda'/'npu', one for a named
+    one (cuda:3), the usable cores for 'cpu'."""
+    if ":" in device:
+        return 1
+    if device in ("cuda", "npu"):
+        import torch
+
+        return int(torch.cuda.device_count() if device == "cuda" else torch.npu.device_count())  # type: ignore[attr-defined]
+    return len(os.sched_getaffinity(0))
 
 
 def cpu_has_bfloat16(cpuinfo: str | None = None) -> bool:

@@ -127,6 +127,7 @@ class WorkerServer:
             trains=not self.training.unavailable,
             training_job=self.training.current,
             training_shares_device=s.training_shares_device,
+            training_devices=self.training.devices,
         )
 
     def healths(self) -> list[EngineHealth]:

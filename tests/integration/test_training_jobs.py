@@ -117,6 +117,11 @@ async def test_unknown_jobs_and_bad_specs_get_clear_statuses(cluster):
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await one.training.CreateTrainingJob(pb.CreateTrainingJobRequest(spec_json=_spec(base_model="gpt-9")))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    too_many = json.dumps({"base_model": "fake", "dataset": str(FACTS), "processes": 64})
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await one.training.CreateTrainingJob(pb.CreateTrainingJobRequest(spec_json=too_many))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "processes: 64, but the training workers have at most" in caught.value.details()
     for bad in ("{not json", "[1]"):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await one.training.CreateTrainingJob(pb.CreateTrainingJobRequest(spec_json=bad))

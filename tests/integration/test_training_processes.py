@@ -77,7 +77,7 @@ async def test_two_processes_train_as_one_with_the_same_global_batch(tmp_path, d
         two[-1],
         (tmp_path / "two/job.log").read_text(),
     )
-    assert any(e.get("message") == "2 processes, gloo" for e in two)
+    assert any(e.get("message") == "2 processes, gloo, ddp" for e in two)
     losses = {
         n: [e["loss"] for e in ev if e["event"] == "progress"] for n, ev in (("one", one), ("two", two))
     }

@@ -24,6 +24,7 @@ from cyllm.paths import checked_id, inside
 from cyllm.protocol import pb
 from cyllm.training.spec import TrainingSpec
 from cyllm.worker import model_files
+from cyllm.worker.devices import device_count
 from cyllm.worker.engines import compute_thread
 from cyllm.worker.settings import WorkerSettings
 from cyllm.worker.training.runner import run_process
@@ -74,6 +75,12 @@ class WorkerTraining:
         return self.settings.training_dir or self.settings.cache_dir / "training"
 
     @property
+    def devices(self) -> int:
+        """The processes a job may run here (``devices.device_count``)."""
+        d = self.settings.training_device
+        return device_count(self.accelerator if d == "auto" else d)
+
+    @property
     def device(self) -> str:
         d = self.settings.training_device
         if d != "auto":
@@ -85,7 +92,7 @@ class WorkerTraining:
             raise errors.Unavailable(f"this worker does not train: {why}")
         if self.current:
             raise errors.Overloaded(f"this worker is running training job {self.current}")
-        spec = TrainingSpec.parse(request.spec_json)
+        spec = self._placed(TrainingSpec.parse(request.spec_json))
         base = self._catalog().get(spec.base_model)
         if base is None:
             raise errors.ModelNotFound(
@@ -145,6 +152,18 @@ class WorkerTraining:
         finally:
             self.current = ""
             self._on_change()
+
+    def _placed(self, spec: TrainingSpec) -> TrainingSpec:
+        """The spec with its processes counted here (devices: all), or InvalidRequest."""
+        have = self.devices
+        if spec.devices == "all":
+            return spec.model_copy(update={"processes": have if self.device != "cpu" else 1})
+        if spec.processes > have:
+            unit = "CPU cores" if self.device == "cpu" else f"{self.device.split(':')[0]} devices"
+            raise errors.InvalidRequest(
+                f"processes: {spec.processes}, but this worker has {have} {unit}", param="processes"
+            )
+        return spec
 
     async def _base_path(self, base) -> str:
         """The base model's folder (a GGUF converted once); empty for a test double."""

@@ -34,7 +34,7 @@ from cyllm import errors
 from cyllm.training import methods
 from cyllm.training.data import DatasetError, Reading, load_examples, load_preferences, tokenize
 from cyllm.training.spec import DEFAULT_BETA, PREFERENCE_OBJECTIVES, TrainingSpec
-from cyllm.worker.training import harness
+from cyllm.worker.training import harness, presets
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -144,11 +144,13 @@ def run(job: dict[str, Any], emit: Emit = print_event) -> dict[str, Any]:
         dataloader_pin_memory=False,
         bf16=bf16,
         ddp_backend=("gloo" if device == "cpu" else None) if ranks > 1 else None,
+        **presets.arguments(spec.distributed, device, bf16),
         **objective_args,
     )
     emit({"event": "log", "message": "bfloat16 mixed precision" if bf16 else "float32"})
     if ranks > 1:
-        emit({"event": "log", "message": f"{ranks} processes, {args.ddp_backend or 'nccl'}"})
+        backend = args.ddp_backend or "nccl"
+        emit({"event": "log", "message": f"{ranks} processes, {backend}, {spec.distributed}"})
     # Supervised rows are tokenised here (the loss on responses only); TRL's trainers
     # tokenise their preference rows and collate them themselves.
     collator: Any = None
