@@ -11,7 +11,10 @@ Data: the made-up facts of the tests repeated 64 times (``tests/data/facts.jsonl
 the real (unpadded) tokens of each batch.  Each row runs the same number of optimizer
 steps after one warm-up step.
 
-    python bench/training.py [--steps 20] [--batch-size 8]
+    python bench/training.py [--steps 20] [--batch-size 8] [--dpo | --dpo-only]
+
+``--dpo`` adds a preference job (DPO, LoRA, float32) against TRL's ``DPOTrainer`` run by
+hand on the same pairs (each fact's answer preferred to a refusal), as pairs per second.
 """
 
 from __future__ import annotations
@@ -32,6 +35,26 @@ DATA = Path(tempfile.mkdtemp(prefix="cyllm-bench-")) / "facts.jsonl"
 DATA.write_text(FACTS.read_text() * REPEATS)
 
 
+PAIRS = DATA.parent / "pairs.jsonl"  # each fact's answer preferred to a refusal
+
+
+def _pairs() -> None:
+    import json
+
+    lines = [json.loads(line)["messages"] for line in FACTS.read_text().splitlines() if line.strip()]
+    PAIRS.write_text(
+        "".join(
+            json.dumps({"prompt": m[0]["content"], "chosen": m[1]["content"], "rejected": "I am not sure."})
+            + "\n"
+            for m in lines
+        )
+        * REPEATS
+    )
+
+
+_pairs()
+
+
 def folder() -> Path:
     from cyllm.worker import model_files
     from cyllm.worker.settings import WorkerSettings, default_models
@@ -39,27 +62,38 @@ def folder() -> Path:
     return model_files.resolve(default_models()[0], WorkerSettings().cache_dir)
 
 
-def ours(method: str, steps: int, batch: int, packing: bool = False, precision: str = "float32") -> float:
-    """Tokens/s of our trainer between its first and last step (warm-up excluded)."""
+def ours(
+    method: str,
+    steps: int,
+    batch: int,
+    packing: bool = False,
+    precision: str = "float32",
+    objective: str = "sft",
+) -> float:
+    """Tokens/s of our trainer between its first and last step (warm-up excluded); for a
+    preference objective, pairs/s."""
     from cyllm.worker.training.train import run
 
     seen: list[tuple[float, int]] = []  # (when, tokens trained so far) at each step's end
 
     def emit(event: dict) -> None:
         if event["event"] == "progress":
-            seen.append((time.perf_counter(), event["tokens"]))
+            seen.append(
+                (time.perf_counter(), event["tokens"] if objective == "sft" else event["step"] * batch)
+            )
 
     with tempfile.TemporaryDirectory() as out:
         run(
             {
                 "spec": {
                     "base_model": MODEL,
-                    "dataset": str(DATA),
+                    "dataset": str(DATA if objective == "sft" else PAIRS),
+                    "objective": objective,
                     "method": method,
                     "max_steps": steps + 1,
                     "batch_size": batch,
                     "save_steps": 10_000,
-                    "packing": packing,
+                    **({"packing": packing} if objective == "sft" else {}),
                     "precision": precision,
                     "learning_rate": 2e-4,
                 },
@@ -120,6 +154,54 @@ def trl_by_hand(steps: int, batch: int, packing: bool, bf16: bool) -> float:
     return (n1 - n0) / (t1 - t0)
 
 
+def trl_dpo_by_hand(steps: int, batch: int, bf16: bool) -> float:
+    """Pairs/s of TRL's DPOTrainer as a user would write it: the same LoRA config, pairs,
+    beta, settings and precision (TRL's configs default to bfloat16: it is set either
+    way); the reference is the base with the adapter off, as in the job."""
+    import datasets
+    import torch
+    import trl
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    from cyllm.training import methods
+    from cyllm.training.data import Reading, load_preferences
+
+    rows = [r.as_row() for r in load_preferences(PAIRS, Reading(), "dpo")]
+    seen: list[tuple[float, int]] = []
+
+    class Steps(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append((time.perf_counter(), state.global_step * batch))
+
+    tok = AutoTokenizer.from_pretrained(folder())
+    model = AutoModelForCausalLM.from_pretrained(folder(), dtype=torch.float32)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = trl.DPOTrainer(
+            model=model,
+            args=trl.DPOConfig(
+                output_dir=out,
+                per_device_train_batch_size=batch,
+                max_steps=steps + 1,
+                learning_rate=2e-4,
+                beta=0.1,
+                max_length=512,
+                logging_steps=1,
+                save_strategy="no",
+                report_to="none",
+                use_cpu=True,
+                bf16=bf16,
+                disable_tqdm=True,
+            ),
+            train_dataset=datasets.Dataset.from_list(rows),
+            processing_class=tok,
+            peft_config=methods.peft_config("lora", {}, model.config.model_type, steps + 1),
+            callbacks=[Steps()],
+        )
+        trainer.train()
+    (t0, n0), (t1, n1) = seen[0], seen[-1]
+    return (n1 - n0) / (t1 - t0)
+
+
 def bare_loop(steps: int, batch: int) -> float:
     import torch
     from peft import get_peft_model
@@ -153,6 +235,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--dpo", action="store_true", help="also DPO: the job against TRL's DPOTrainer")
+    parser.add_argument("--dpo-only", action="store_true", help="only the DPO comparison")
     args = parser.parse_args()
     import torch
 
@@ -162,6 +246,9 @@ def main() -> None:
     bf16 = cpu_has_bfloat16()
     picked = "bfloat16" if bf16 else "float32"
     steps, batch = args.steps, args.batch_size
+    if args.dpo_only:
+        dpo_rows(steps, batch, bf16)
+        return
     padded = ours("lora", steps, batch)
     # a packed row holds max_length (512) tokens, about what a padded batch of eight of these
     # examples holds: one row per step keeps the tokens per step alike
@@ -179,6 +266,30 @@ def main() -> None:
         f"training tokens/s, {MODEL}, CPU, batch {batch}, {steps} steps (one process, same minute)",
         ["run", "tokens/s", "vs the padded float32 job"],
         [[name, f"{rate:.0f}", ratio] for name, rate, ratio in rows],
+    )
+    if args.dpo:
+        dpo_rows(steps, batch, bf16)
+
+
+def dpo_rows(steps: int, batch: int, bf16: bool) -> None:
+    """The DPO job against TRL's DPOTrainer by hand, in each precision the CPU has, each
+    pair run in both orders (neither side always first)."""
+    rows = []
+    for precision in ["float32"] + (["bfloat16"] if bf16 else []):
+        half = precision == "bfloat16"
+        a = ours("lora", steps, batch, precision=precision, objective="dpo")
+        b = trl_dpo_by_hand(steps, batch, half)
+        b2 = trl_dpo_by_hand(steps, batch, half)
+        a2 = ours("lora", steps, batch, precision=precision, objective="dpo")
+        for n, (mine, theirs) in enumerate([(a, b), (a2, b2)]):
+            order = "job first" if n == 0 else "TRL first"
+            rows.append(
+                [f"DPO, LoRA, {precision} ({order})", f"{mine:.2f}", f"{theirs:.2f}", f"{mine / theirs:.2f}"]
+            )
+    print_table(
+        f"DPO pairs/s, {MODEL}, CPU, batch {batch}, {steps} steps (same minutes)",
+        ["run", "cyllm job", "TRL DPOTrainer by hand", "ratio"],
+        rows,
     )
 
 

@@ -41,6 +41,8 @@ def cache_key(request: pb.GenerateRequest, tenant: str = "") -> str:
     canonical = pb.GenerateRequest(model=request.model, sampling=request.sampling)
     if request.WhichOneof("input") == "messages":
         canonical.messages.CopyFrom(request.messages)
+    elif request.WhichOneof("input") == "prompt_token_ids":
+        canonical.prompt_token_ids.CopyFrom(request.prompt_token_ids)
     else:
         canonical.prompt = request.prompt
     body = json_format.MessageToJson(canonical, sort_keys=True, indent=None)

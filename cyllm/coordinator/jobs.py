@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 import time
-from collections import deque
+from collections import OrderedDict, deque
 
 from cyllm.protocol import pb
 
@@ -94,6 +94,19 @@ class JobStore(abc.ABC):
     @abc.abstractmethod
     async def delete_file(self, file_id: str) -> bool: ...
 
+    # -- stored responses (/v1/responses), each until its expiry (wall-clock seconds)
+    @abc.abstractmethod
+    async def put_response(self, response: pb.StoredResponse, ttl_s: float) -> None: ...
+
+    @abc.abstractmethod
+    async def get_response(self, response_id: str) -> pb.StoredResponse | None: ...
+
+    @abc.abstractmethod
+    async def delete_response(self, response_id: str) -> bool: ...
+
+
+MAX_MEMORY_RESPONSES = 10_000  # in memory, the oldest go first past this many
+
 
 class MemoryJobStore(JobStore):
     def __init__(self, clock=time.monotonic) -> None:
@@ -104,6 +117,7 @@ class MemoryJobStore(JobStore):
         self._queue: deque[str] = deque()
         self._leases: dict[str, tuple[str, float]] = {}
         self._files: dict[str, pb.FileInfo] = {}
+        self._responses: OrderedDict[str, tuple[pb.StoredResponse, float]] = OrderedDict()
 
     async def put(self, job: pb.TrainingJob) -> None:
         copy = pb.TrainingJob()
@@ -187,3 +201,16 @@ class MemoryJobStore(JobStore):
 
     async def delete_file(self, file_id: str) -> bool:
         return self._files.pop(file_id, None) is not None
+
+    async def put_response(self, response: pb.StoredResponse, ttl_s: float) -> None:
+        self._responses[response.id] = (response, time.time() + ttl_s)
+        self._responses.move_to_end(response.id)
+        while len(self._responses) > MAX_MEMORY_RESPONSES:
+            self._responses.popitem(last=False)
+
+    async def get_response(self, response_id: str) -> pb.StoredResponse | None:
+        found = self._responses.get(response_id)
+        return found[0] if found is not None and found[1] > time.time() else None
+
+    async def delete_response(self, response_id: str) -> bool:
+        return self._responses.pop(response_id, None) is not None

@@ -29,6 +29,7 @@ from cyllm.coordinator.scheduler import MemoryScheduler, Scheduler
 from cyllm.coordinator.services.inference import InferenceService
 from cyllm.coordinator.services.models import ModelsService
 from cyllm.coordinator.services.pool import WorkerPoolService
+from cyllm.coordinator.services.responses import ResponsesService
 from cyllm.coordinator.services.training import FilesService, TrainingService
 from cyllm.coordinator.settings import CoordinatorSettings
 from cyllm.coordinator.sqlite import Database
@@ -137,6 +138,7 @@ class Services:
     models: ModelsService
     training: TrainingService
     files: FilesService
+    responses: ResponsesService
     pool: WorkerPoolService
 
     def add_to(self, server: grpc.aio.Server) -> None:
@@ -144,6 +146,7 @@ class Services:
         rpc.add_ModelsServicer_to_server(self.models, server)
         rpc.add_TrainingServicer_to_server(self.training, server)
         rpc.add_FilesServicer_to_server(self.files, server)
+        rpc.add_ResponsesServicer_to_server(self.responses, server)
         rpc.add_WorkerPoolServicer_to_server(self.pool, server)
 
 
@@ -215,6 +218,7 @@ class CoordinatorServer:
             models=models,
             training=TrainingService(self.training, models.visible),
             files=FilesService(files),
+            responses=ResponsesService(backends.jobs, s.responses_ttl_s),
             pool=WorkerPoolService(self.scheduler, s.heartbeat_interval_s, self.plane),
         )
         self.services.add_to(self._server)

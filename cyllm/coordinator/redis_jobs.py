@@ -5,7 +5,7 @@ ids by creation time (listing); ``job:<id>:events`` a ZSET of serialized events 
 by their sequence number, from the counter ``job:<id>:seq``; ``job:<id>:cancel`` the
 cancel flag; ``jobs:queue`` the FIFO list of queued ids; ``job:<id>:lease`` the owning
 coordinator's id with a TTL, and ``jobs:running`` the ids holding one; ``files`` a hash
-of serialized ``FileInfo``.
+of serialized ``FileInfo``; ``response:<id>`` a stored response, expiring by its TTL.
 """
 
 from __future__ import annotations
@@ -135,6 +135,16 @@ class RedisJobStore(JobStore):
 
     async def delete_file(self, file_id: str) -> bool:
         return bool(await self.r.hdel(P + "files", file_id))
+
+    async def put_response(self, response: pb.StoredResponse, ttl_s: float) -> None:
+        await self.r.set(P + f"response:{response.id}", response.SerializeToString(), px=int(ttl_s * 1000))
+
+    async def get_response(self, response_id: str) -> pb.StoredResponse | None:
+        raw = await self.r.get(P + f"response:{response_id}")
+        return None if raw is None else pb.StoredResponse.FromString(raw)
+
+    async def delete_response(self, response_id: str) -> bool:
+        return bool(await self.r.delete(P + f"response:{response_id}"))
 
 
 def _copy(message, cls):

@@ -61,6 +61,8 @@ def affinity_key(request: pb.GenerateRequest, chars: int = 256) -> str:
     """The conversation prefix: the first messages (or prompt) up to ``chars`` characters."""
     if request.WhichOneof("input") == "messages":
         text = "\n".join(f"{m.role}:{m.content}" for m in request.messages.messages)
+    elif request.WhichOneof("input") == "prompt_token_ids":
+        text = ",".join(map(str, request.prompt_token_ids.ids[:chars]))
     else:
         text = request.prompt
     return f"{request.model}\0{text[:chars]}"

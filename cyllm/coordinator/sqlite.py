@@ -53,6 +53,10 @@ MIGRATIONS: tuple[str, ...] = (
         from_model TEXT NOT NULL, to_model TEXT NOT NULL, by TEXT NOT NULL, at REAL NOT NULL,
         reason TEXT NOT NULL);
     """,
+    """
+    CREATE TABLE responses (id TEXT PRIMARY KEY, expires REAL NOT NULL, record BLOB NOT NULL);
+    CREATE INDEX responses_by_expiry ON responses (expires);
+    """,
 )
 
 

@@ -2,7 +2,8 @@
 (``sqlite.py``): tables ``jobs`` (the serialized ``TrainingJob`` and its cancel flag),
 ``job_events`` (numbered per job), ``job_queue`` (FIFO by position), ``job_leases``
 (the coordinator following a running job, and until when: wall-clock time, since the
-file outlives the process), ``files`` (uploads' records) and ``idempotency``.
+file outlives the process), ``files`` (uploads' records), ``responses`` (stored
+Responses API responses, until they expire) and ``idempotency``.
 
 A lease left by a coordinator that died (``cyllm serve`` stopped mid-job, killed, the
 machine rebooted) expires like any other: the restarted coordinator puts the job back
@@ -163,6 +164,31 @@ class SqliteJobStore(JobStore):
 
     async def delete_file(self, file_id: str) -> bool:
         cursor = await self.db.run(lambda c: c.execute("DELETE FROM files WHERE id = ?", (file_id,)))
+        return cursor.rowcount > 0
+
+    async def put_response(self, response: pb.StoredResponse, ttl_s: float) -> None:
+        now = self.clock()
+
+        def put(conn: sqlite3.Connection) -> None:
+            with transaction(conn):
+                conn.execute("DELETE FROM responses WHERE expires < ?", (now,))  # kept bounded
+                conn.execute(
+                    "INSERT OR REPLACE INTO responses (id, expires, record) VALUES (?, ?, ?)",
+                    (response.id, now + ttl_s, response.SerializeToString()),
+                )
+
+        await self.db.run(put)
+
+    async def get_response(self, response_id: str) -> pb.StoredResponse | None:
+        raw = await self.db.run(
+            lambda c: one(
+                c, "SELECT record FROM responses WHERE id = ? AND expires >= ?", response_id, self.clock()
+            )
+        )
+        return None if raw is None else pb.StoredResponse.FromString(raw)
+
+    async def delete_response(self, response_id: str) -> bool:
+        cursor = await self.db.run(lambda c: c.execute("DELETE FROM responses WHERE id = ?", (response_id,)))
         return cursor.rowcount > 0
 
 

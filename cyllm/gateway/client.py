@@ -50,6 +50,7 @@ class Coordinator:
     models: Any
     training: Any
     files: Any
+    responses: Any
 
     @classmethod
     def over(cls, channel: grpc.aio.Channel) -> Coordinator:
@@ -58,6 +59,7 @@ class Coordinator:
             rpc.ModelsStub(channel),
             rpc.TrainingStub(channel),
             rpc.FilesStub(channel),
+            rpc.ResponsesStub(channel),
         )
 
     @classmethod
@@ -66,7 +68,7 @@ class Coordinator:
         return cls(
             *(
                 LocalStub(getattr(services, name), translate)
-                for name in ("inference", "models", "training", "files")
+                for name in ("inference", "models", "training", "files", "responses")
             )
         )
 
@@ -278,6 +280,22 @@ class CoordinatorClient:
 
     async def delete_file(self, file_id: str) -> None:
         await self._training(lambda c: c.files.DeleteFile, pb.FileRequest(id=file_id))
+
+    # -- stored responses ---------------------------------------------------------------
+
+    async def put_response(self, stored: pb.StoredResponse) -> pb.StoredResponse:
+        return await self._training(lambda c: c.responses.PutResponse, stored)
+
+    async def get_response(self, response_id: str) -> pb.StoredResponse:
+        return await self._training(
+            lambda c: c.responses.GetResponse, pb.StoredResponseRequest(id=response_id)
+        )
+
+    async def delete_response(self, response_id: str) -> bool:
+        reply = await self._training(
+            lambda c: c.responses.DeleteResponse, pb.StoredResponseRequest(id=response_id)
+        )
+        return reply.deleted
 
     # -- plumbing ---------------------------------------------------------------------
 

@@ -110,6 +110,7 @@ class Generation:
         self._admission: Admission | None = None
         self.outcome = Outcome()
         self.logprobs: list[pb.TokenLogprob] = []  # a whole answer's, where asked
+        self.prompt_logprobs: list[pb.TokenLogprob] = []  # the prompt's, where asked (first: none)
         self.model = request.model
         self.label = "(unknown)"  # the model as metrics may name it: the coordinator says
         self._wire = request.to_proto(self.ctx.request_id, choice)
@@ -146,6 +147,7 @@ class Generation:
         self.outcome.prompt_tokens = first.started.prompt_tokens
         self.outcome.cached = first.started.cached
         self.label = first.started.model_label or self.label
+        self.prompt_logprobs = list(first.started.prompt_logprobs)
         return self
 
     async def close(self) -> None:

@@ -119,6 +119,8 @@ class GenerationRequest:
     model: str
     messages: list[Message] | None = None
     prompt: str | None = None
+    prompt_ids: list[int] | None = None  # a prompt given as token ids (the harnesses send them)
+    prompt_logprobs: int | None = None  # score the prompt too, with this many alternatives
     sampling: Sampling = field(default_factory=Sampling)
     constraint: Constraint | None = None
     tools: Toolbox | None = None
@@ -128,8 +130,13 @@ class GenerationRequest:
     messages_param: str = "messages"  # what the surface calls the conversation
 
     def __post_init__(self) -> None:
-        if (self.messages is None) == (self.prompt is None):
+        if sum(x is not None for x in (self.messages, self.prompt, self.prompt_ids)) != 1:
             raise errors.InvalidRequest("give exactly one of a prompt or messages")
+        if self.sampling.max_tokens == 0 and self.prompt_logprobs is None:
+            raise errors.InvalidRequest(
+                "max_tokens 0 scores a prompt: it needs echo with logprobs, or prompt_logprobs",
+                param="max_tokens",
+            )
         check_text([self.prompt or ""], "prompt")
         if self.messages is not None and not any(m.content.strip() or m.tool_calls for m in self.messages):
             raise errors.InvalidRequest(f"{self.messages_param} holds no text", param=self.messages_param)
@@ -146,6 +153,7 @@ class GenerationRequest:
         tool calls and results, the tools' definitions, the schema an output is held to
         (a caller's token budget counts all of it)."""
         chars = len(self.prompt or "") + sum(m.text_chars() for m in self.messages or ())
+        chars += 4 * len(self.prompt_ids or ())  # a token is about four characters
         if self.tools is not None:
             chars += len(self.tools.declared_json)
         if self.constraint is not None:
@@ -176,6 +184,8 @@ class GenerationRequest:
             sampling.repetition_penalty = s.repetition_penalty
         if self.logprobs is not None:
             sampling.top_logprobs = self.logprobs
+        if self.prompt_logprobs is not None:
+            sampling.prompt_logprobs = self.prompt_logprobs
         if self.constraint is not None:
             sampling.constraint.CopyFrom(
                 pb.Constraint(kind=self.constraint.kind, json_schema=self.constraint.json_schema)
@@ -187,7 +197,9 @@ class GenerationRequest:
             priority=self.priority,
             tools=self.tools.declared_json if self.tools else "",
         )
-        if self.messages is None:
+        if self.prompt_ids is not None:
+            out.prompt_token_ids.ids[:] = self.prompt_ids
+        elif self.messages is None:
             out.prompt = self.prompt or ""
         else:
             out.messages.CopyFrom(

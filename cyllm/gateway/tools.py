@@ -3,7 +3,11 @@ how its output becomes ``tool_calls``.
 
 - ``tool_choice: "required"`` or a named function: the output is decoded under a JSON
   Schema of the call(s) (``constraint``), so the arguments always validate against the
-  function's ``parameters``; ``parallel_tool_calls`` allows a list of calls.
+  function's ``parameters``; ``parallel_tool_calls`` (the default) allows a list of up to
+  ``MAX_PARALLEL_CALLS`` calls, ``false`` exactly one.  The answer is calls, never text:
+  an identical call repeated counts once (a stream sends calls as they are generated,
+  so it shows the repeat), and when the length limit cuts the list the calls finished
+  before it are the answer (``finish_reason: length``).
 - ``"auto"`` (the default when tools are given): the model decides; calls are read from
   its text (``parse``) in the Hermes format that tool-trained chat templates use
   (``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, Qwen2.5, Hermes,
@@ -28,6 +32,9 @@ from cyllm import errors
 from cyllm.gateway.json_schema import PATTERN_BUDGET_S, Constraint, check_schema, valid
 
 PARAM = "tools"
+# The most calls one forced answer may hold: the grammar closes the list there (a small
+# model otherwise repeats its call until the length limit).
+MAX_PARALLEL_CALLS = 8
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
 
@@ -61,7 +68,7 @@ class Toolbox:
         calls = [_call_schema(n, self.functions[n]) for n in names]
         one = calls[0] if len(calls) == 1 else {"anyOf": calls}
         schema = (
-            {"type": "array", "items": one, "minItems": 1}
+            {"type": "array", "items": one, "minItems": 1, "maxItems": MAX_PARALLEL_CALLS}
             if self.parallel and self.choice == "required"
             else one
         )
@@ -69,8 +76,13 @@ class Toolbox:
         return Constraint("json_schema", json.dumps(schema, separators=(",", ":")))
 
     def answer(self, text: str, finish: str) -> tuple[str | None, list[Call], str]:
-        """A finished output as (its text, its calls, the finish reason): its calls with
-        ``tool_calls`` when it is one, else its text (with the finish reason it had)."""
+        """A finished output as (its text, its calls, the finish reason).  Under a forced
+        choice the output is calls, never text: those complete when the length limit cut
+        it (finish ``length``, as OpenAI reports a cut call), each distinct call once.
+        Under ``auto``: its calls (``tool_calls``) when it is one, else its text."""
+        if self.forced:
+            calls = self.parse(text)
+            return None, calls, "tool_calls" if calls and finish == "stop" else finish
         calls = self.parse(text) if finish == "stop" else []
         return (None, calls, "tool_calls") if calls else (text, [], finish)
 
@@ -79,17 +91,43 @@ class Toolbox:
         if self.choice == "none":
             return []
         if self.forced:
-            try:
-                found = json.loads(text)
-            except ValueError:
-                return []
-            found = found if isinstance(found, list) else [found]
+            found = _complete_values(text)
         else:
             found = [_json(m) for m in _CALL.findall(text)] or [_json(text.strip())]
         deadline = time.monotonic() + PATTERN_BUDGET_S  # for all of this answer's patterns
         calls = [_as_call(c, self.functions, deadline) for c in found]
         made = [c for c in calls if c is not None]
-        return made if made and len(made) == len(calls) else []
+        if not made or len(made) != len(calls):
+            return []
+        distinct: dict[tuple[str, str], Call] = {}
+        for c in made:  # a small model repeats a call; the repeat is not another call
+            distinct.setdefault((c.name, c.arguments), c)
+        return list(distinct.values())
+
+
+def _complete_values(text: str) -> list[Any]:
+    """The complete JSON values of a forced output: one call, or the calls of a list as
+    far as the list got (a cut list keeps its finished calls)."""
+    decoder = json.JSONDecoder()
+    text = text.strip()
+    if not text.startswith("["):
+        try:
+            value, _ = decoder.raw_decode(text)
+        except ValueError:
+            return []
+        return [value]
+    out, pos = [], 1
+    while pos < len(text):
+        while pos < len(text) and text[pos] in " \n\t\r,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            break
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except ValueError:
+            break  # cut here
+        out.append(value)
+    return out
 
 
 _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([A-Za-z0-9_-]{1,64})"\s*,\s*"arguments"\s*:\s*')
@@ -136,7 +174,11 @@ class CallStream:
             while self.pos < len(self.text) and self.in_args:
                 self._scan(self.text[self.pos])
                 self.pos += 1
-            out.append({"index": self.index, "function": {"arguments": self.text[start : self.pos]}})
+            piece = self.text[start : self.pos]
+            if out and out[-1]["index"] == self.index and "id" not in out[-1]:
+                out[-1]["function"]["arguments"] += piece
+            else:
+                out.append({"index": self.index, "function": {"arguments": piece}})
         return out
 
     def _scan(self, c: str) -> None:
@@ -155,6 +197,18 @@ class CallStream:
             self.depth -= 1
         if self.depth == 0 and not self.in_string and c not in " \n\t\r":
             self.in_args = False  # a closed object (or a scalar's last character)
+
+
+def one_per_index(deltas: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Tool-call deltas in chunks that each carry a call's index once, as OpenAI streams
+    them (a reader taking entry [0] of each chunk's deltas must not miss a piece): a
+    call's head (id, name, no arguments) is a chunk of its own."""
+    chunks: list[list[dict[str, Any]]] = []
+    for delta in deltas:
+        if not chunks or any(d["index"] == delta["index"] for d in chunks[-1]):
+            chunks.append([])
+        chunks[-1].append(delta)
+    return chunks
 
 
 def toolbox(tools: list[dict[str, Any]] | None, choice: Any, parallel: bool) -> Toolbox | None:

@@ -1155,6 +1155,170 @@ class Files:
             _registered_method=True)
 
 
+class ResponsesStub:
+    """Responses kept for /v1/responses' store and previous_response_id, each its
+    owner's alone (another tenant's id is not found), kept responses_ttl_s.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.PutResponse = channel.unary_unary(
+                '/cyllm.v1.Responses/PutResponse',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.StoredResponse.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.StoredResponse.FromString,
+                _registered_method=True)
+        self.GetResponse = channel.unary_unary(
+                '/cyllm.v1.Responses/GetResponse',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.StoredResponseRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.StoredResponse.FromString,
+                _registered_method=True)
+        self.DeleteResponse = channel.unary_unary(
+                '/cyllm.v1.Responses/DeleteResponse',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.StoredResponseRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.DeleteStoredResponseReply.FromString,
+                _registered_method=True)
+
+
+class ResponsesServicer:
+    """Responses kept for /v1/responses' store and previous_response_id, each its
+    owner's alone (another tenant's id is not found), kept responses_ttl_s.
+    """
+
+    def PutResponse(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetResponse(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteResponse(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ResponsesServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'PutResponse': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutResponse,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.StoredResponse.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.StoredResponse.SerializeToString,
+            ),
+            'GetResponse': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetResponse,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.StoredResponseRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.StoredResponse.SerializeToString,
+            ),
+            'DeleteResponse': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteResponse,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.StoredResponseRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.DeleteStoredResponseReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'cyllm.v1.Responses', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('cyllm.v1.Responses', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Responses:
+    """Responses kept for /v1/responses' store and previous_response_id, each its
+    owner's alone (another tenant's id is not found), kept responses_ttl_s.
+    """
+
+    @staticmethod
+    def PutResponse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Responses/PutResponse',
+            cyllm_dot_protocol_dot_cyllm__pb2.StoredResponse.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.StoredResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetResponse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Responses/GetResponse',
+            cyllm_dot_protocol_dot_cyllm__pb2.StoredResponseRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.StoredResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteResponse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Responses/DeleteResponse',
+            cyllm_dot_protocol_dot_cyllm__pb2.StoredResponseRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.DeleteStoredResponseReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class WorkerPoolStub:
     """Workers joining and leaving (worker -> coordinator).
     """

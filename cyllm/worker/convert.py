@@ -17,6 +17,7 @@ from cyllm.worker.engines.types import (
     SamplingParams,
     Started,
     TextDelta,
+    TokenLogprob,
 )
 
 
@@ -36,6 +37,7 @@ def request_from_proto(msg: pb.GenerateRequest) -> GenerationRequest:
         min_tokens=s.min_tokens,
         ignore_eos=s.ignore_eos,
         logprobs=s.top_logprobs if s.HasField("top_logprobs") else None,
+        prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None,
     )
     resume = (
         Resume(tuple(msg.resume.token_ids), msg.resume.text)
@@ -47,6 +49,9 @@ def request_from_proto(msg: pb.GenerateRequest) -> GenerationRequest:
         return GenerationRequest(
             msg.request_id, messages=messages, sampling=sampling, resume=resume, tools=msg.tools
         )
+    if msg.WhichOneof("input") == "prompt_token_ids":
+        ids = tuple(msg.prompt_token_ids.ids)
+        return GenerationRequest(msg.request_id, sampling=sampling, resume=resume, prompt_token_ids=ids)
     return GenerationRequest(msg.request_id, prompt=msg.prompt, sampling=sampling, resume=resume)
 
 
@@ -73,25 +78,29 @@ def _constraint(c: pb.Constraint) -> Constraint:
     return Constraint(c.kind, c.json_schema)
 
 
+def _logprobs(found: tuple[TokenLogprob, ...]) -> list[pb.TokenLogprob]:
+    return [
+        pb.TokenLogprob(
+            token_id=lp.token_id,
+            logprob=lp.logprob,
+            token=lp.token,
+            top=[pb.TopLogprob(token_id=i, logprob=v, token=t) for i, v, t in lp.top],
+        )
+        for lp in found
+    ]
+
+
 def event_to_proto(event: Event) -> pb.GenerateResponse:
     if isinstance(event, TextDelta):
         return pb.GenerateResponse(
-            delta=pb.Delta(
-                text=event.text,
-                token_ids=event.token_ids,
-                logprobs=[
-                    pb.TokenLogprob(
-                        token_id=lp.token_id,
-                        logprob=lp.logprob,
-                        token=lp.token,
-                        top=[pb.TopLogprob(token_id=i, logprob=v, token=t) for i, v, t in lp.top],
-                    )
-                    for lp in event.logprobs
-                ],
-            )
+            delta=pb.Delta(text=event.text, token_ids=event.token_ids, logprobs=_logprobs(event.logprobs))
         )
     if isinstance(event, Started):
-        return pb.GenerateResponse(started=pb.Started(prompt_tokens=event.prompt_tokens))
+        return pb.GenerateResponse(
+            started=pb.Started(
+                prompt_tokens=event.prompt_tokens, prompt_logprobs=_logprobs(event.prompt_logprobs)
+            )
+        )
     assert isinstance(event, Finished)
     return pb.GenerateResponse(
         finished=pb.Finished(

@@ -359,3 +359,30 @@ async def test_a_jobs_adapter_size_is_bounded_from_a_plain_key(tenants):
             json={"baseModel": "fake", "dataset": "facts.jsonl", "maxSteps": 1, "options": options},
         )
         assert r.status_code == 400 and bad in r.json()["error"]["message"], r.text
+
+
+async def test_a_stored_response_is_its_owners_alone(tenants):
+    """/v1/responses keeps what it answers for the tenant who asked: another tenant's id
+    is a 404 (read, continued, listed, deleted), as a missing one."""
+    r = await tenants.http.post(
+        "/v1/responses", headers=h(tenants, "alice"), json={"model": "fake", "input": "my secret plan"}
+    )
+    assert r.status_code == 200, r.text
+    rid = r.json()["id"]
+    assert (await tenants.http.get(f"/v1/responses/{rid}", headers=h(tenants, "alice"))).status_code == 200
+    for method, path, body in [
+        ("GET", f"/v1/responses/{rid}", None),
+        ("GET", f"/v1/responses/{rid}/input_items", None),
+        ("DELETE", f"/v1/responses/{rid}", None),
+        ("POST", "/v1/responses", {"model": "fake", "input": "go on", "previous_response_id": rid}),
+    ]:
+        theirs = await tenants.http.request(method, path, headers=h(tenants, "bob"), json=body)
+        assert theirs.status_code == 404 and "my secret" not in theirs.text, (method, path, theirs.text)
+    nothing = await tenants.http.get("/v1/responses/resp_nothing", headers=h(tenants, "bob"))
+    assert nothing.json()["error"]["message"] == theirs.json()["error"]["message"].replace(
+        rid, "resp_nothing"
+    )
+    items = await tenants.http.get(f"/v1/responses/{rid}/input_items", headers=h(tenants, "alice"))
+    assert [i["content"] for i in items.json()["data"]] == ["my secret plan"]
+    bad = await tenants.http.get("/v1/responses/..%2F..%2Fetc", headers=h(tenants, "alice"))
+    assert bad.status_code == 404

@@ -22,9 +22,10 @@ def test_max_tokens_beyond_the_context_is_refused_with_the_numbers():
     assert info.value.param == "max_tokens"
 
 
-def test_max_tokens_below_one_is_refused():
-    with pytest.raises(errors.InvalidRequest, match="at least 1"):
-        plan_max_tokens(10, 0, context=100, default=16)
+def test_negative_max_tokens_is_refused_and_zero_scores_a_prompt():
+    with pytest.raises(errors.InvalidRequest, match="must not be negative"):
+        plan_max_tokens(10, -1, context=100, default=16)
+    assert plan_max_tokens(10, 0, context=100, default=16) == 0  # the engine asks for prompt logprobs
 
 
 def test_unset_sampling_takes_the_defaults():

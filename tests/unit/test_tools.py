@@ -169,3 +169,39 @@ def test_a_callers_pattern_cannot_hold_the_gateway():
     assert time.perf_counter() - started < 2.0
     good = '<tool_call>{"name": "f", "arguments": {"x": "aaaa"}}</tool_call>'
     assert [c.name for c in box.parse(good)] == ["f"]  # a pattern that matches still does
+
+
+def test_a_forced_answer_is_calls_each_distinct_once_and_a_cut_list_keeps_its_finished_calls():
+    required = toolbox([WEATHER, TIME], "required", True)
+    schema = json.loads(required.constraint().json_schema)
+    assert schema["maxItems"] == 8  # the grammar closes the list
+    oslo = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
+    content, calls, finish = required.answer(f"[{oslo}, {oslo}, {oslo}]", "stop")
+    assert (content, finish, [(c.name, json.loads(c.arguments)) for c in calls]) == (
+        None,
+        "tool_calls",
+        [("get_weather", {"city": "Oslo"})],
+    )
+    rome = '{"name": "get_time", "arguments": {"city": "Rome"}}'
+    content, calls, finish = required.answer(f'[{oslo}, {rome}, {{"name": "get_wea', "length")
+    assert content is None and finish == "length" and [c.name for c in calls] == ["get_weather", "get_time"]
+    content, calls, finish = required.answer('[{"name": "get_wea', "length")
+    assert (content, calls, finish) == (None, [], "length")  # never raw JSON as the answer
+    single = toolbox([WEATHER, TIME], "required", False)
+    assert "maxItems" not in json.loads(single.constraint().json_schema)  # exactly one call
+
+
+def test_streamed_tool_call_chunks_carry_each_index_once():
+    from cyllm.gateway.tools import CallStream, one_per_index
+
+    stream = CallStream()
+    deltas = stream.feed(
+        '[{"name":"get_time","arguments":{"city":"Rome"}},{"name":"get_weather","arguments":{'
+    )
+    chunks = one_per_index(deltas)
+    for c in chunks:
+        assert len({d["index"] for d in c}) == len(c)
+    assert chunks[0][0]["function"] == {"name": "get_time", "arguments": ""}  # the head alone first
+    assert (
+        "".join(d["function"]["arguments"] for c in chunks for d in c if d["index"] == 0) == '{"city":"Rome"}'
+    )

@@ -207,6 +207,7 @@ class InferenceService(rpc.InferenceServicer):
                 and is_deterministic(request)
                 and not request.HasField("resume")
                 and not request.sampling.HasField("top_logprobs")
+                and not request.sampling.HasField("prompt_logprobs")
             )
             key = cache_key(request, tenant.subject) if cacheable else None
             cached = await self.cache.get(key) if key else None

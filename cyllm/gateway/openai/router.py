@@ -32,10 +32,11 @@ from cyllm.gateway.openai.schemas import (
     chat_logprobs,
     chunk,
     completion_logprobs,
+    vllm_prompt_logprobs,
 )
 from cyllm.gateway.ratelimit import limit_control
 from cyllm.gateway.sse import frame, sse_response
-from cyllm.gateway.tools import CallStream, Toolbox
+from cyllm.gateway.tools import CallStream, Toolbox, one_per_index
 from cyllm.gateway.usage import TokenUsage
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(authenticate)])
@@ -81,22 +82,33 @@ async def chat_completions(
             )
         )
     return ChatCompletion(
-        id=rid, created=created, model=body.model, choices=choices, usage=TokenUsage.of(usage(gens))
+        id=rid,
+        created=created,
+        model=body.model,
+        choices=choices,
+        usage=TokenUsage.of(usage(gens)),
+        prompt_logprobs=vllm_prompt_logprobs(gens[0].prompt_logprobs)
+        if req.prompt_logprobs is not None
+        else None,
     )
 
 
 @router.post("/completions", response_model=Completion, responses={**ERRORS, **STREAM_OR_JSON})
 async def completions(body: CompletionRequest, request: Request) -> Completion | StreamingResponse:
+    """``echo`` (with ``logprobs``, and ``max_tokens: 0``): the prompt's text and its
+    tokens' logprobs come first, as lm-evaluation-harness scores a continuation."""
     rid = f"cmpl-{context(request).request_id}"
     req = body.to_request()
     gens = await started(request, req, whole=not body.stream)
     created = int(time.time())
     if body.stream:
         frames = [
-            _choice_frames(g, TEXT, rid, created, body.model, logprobs=req.logprobs is not None) for g in gens
+            _choice_frames(g, TEXT, rid, created, body.model, logprobs=req.logprobs is not None, echo=body)
+            for g in gens
         ]
         return sse_response(_stream(frames, gens, TEXT, rid, created, body.model, body.include_usage))
     texts = await answers(gens)
+    echo_logprobs = body.echo and body.logprobs is not None
     return Completion(
         id=rid,
         created=created,
@@ -105,9 +117,14 @@ async def completions(body: CompletionRequest, request: Request) -> Completion |
         choices=[
             CompletionChoice(
                 index=i,
-                text=text,
+                text=body.echoed(g.prompt_logprobs) + text,
                 finish_reason=g.outcome.finish_reason,
-                logprobs=completion_logprobs(g.logprobs) if req.logprobs is not None else None,
+                logprobs=completion_logprobs(g.logprobs, prompt=g.prompt_logprobs if echo_logprobs else ())
+                if req.logprobs is not None
+                else None,
+                prompt_logprobs=vllm_prompt_logprobs(g.prompt_logprobs)
+                if body.prompt_logprobs is not None
+                else None,
             )
             for i, (g, text) in enumerate(zip(gens, texts))
         ],
@@ -136,6 +153,7 @@ async def _choice_frames(
     tools: Toolbox | None = None,
     *,
     logprobs: bool = False,
+    echo: CompletionRequest | None = None,
 ) -> AsyncGenerator[dict[str, Any] | Failed, None]:
     """One choice's chunks (a role delta first for chat), its finish chunk last; or a
     Failed.  A forced tool choice streams its calls as they are generated
@@ -147,6 +165,11 @@ async def _choice_frames(
     calls = CallStream() if tools is not None and tools.forced else None
     pieces: list[str] = []
     offset = 0  # completions' text_offset
+    if echo is not None and echo.echo:  # the prompt first, scored where asked
+        head = echo.echoed(gen.prompt_logprobs)
+        scored = completion_logprobs([], 0, gen.prompt_logprobs) if logprobs else None
+        yield chunk(kind, rid, created, model, text=head, index=i, logprobs=scored)
+        offset = len(head)
     async for event in gen.events():
         if isinstance(event, Failed):
             yield event
@@ -162,8 +185,9 @@ async def _choice_frames(
             yield chunk(kind, rid, created, model, finish_reason=finish, index=i)
         elif tools is not None:
             pieces.append(event.text)
-            if calls is not None and (deltas := calls.feed(event.text)):
-                yield chunk(kind, rid, created, model, delta={"tool_calls": deltas}, index=i)
+            if calls is not None:
+                for deltas in one_per_index(calls.feed(event.text)):
+                    yield chunk(kind, rid, created, model, delta={"tool_calls": deltas}, index=i)
         elif kind == CHAT:
             yield chunk(
                 kind,

@@ -88,6 +88,9 @@ class _Sampling(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     min_tokens: int = Field(0, ge=0, le=INT32_MAX)
     ignore_eos: bool = False
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=20, description="vLLM's: each prompt token's logprob and this many alternatives"
+    )
 
     @model_validator(mode="after")
     def _supported(self) -> _Sampling:
@@ -169,36 +172,59 @@ class ChatCompletionRequest(_Sampling):
             tools=self.toolbox(),
             logprobs=self.top,
             n=self.n,
+            prompt_logprobs=self.prompt_logprobs,
         )
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[str], Field(max_length=MAX_ITEMS)]
-    max_tokens: int | None = Field(16, ge=1, le=INT32_MAX)  # OpenAI's default for completions
+    # text, or token ids (as lm-evaluation-harness sends them); one prompt per request
+    prompt: (
+        str
+        | Annotated[list[str], Field(max_length=MAX_ITEMS)]
+        | Annotated[list[int], Field(max_length=1 << 20)]
+        | Annotated[list[Annotated[list[int], Field(max_length=1 << 20)]], Field(max_length=MAX_ITEMS)]
+    )
+    # OpenAI's default for completions; 0 (with echo and logprobs): score the prompt only
+    max_tokens: int | None = Field(16, ge=0, le=INT32_MAX)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
     suffix: str | None = None
 
-    def text(self) -> str:
-        prompt = self.prompt
-        if isinstance(prompt, list):
+    def text(self) -> str | list[int]:
+        prompt: Any = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
                 raise errors.InvalidRequest("only one prompt per request is supported", param="prompt")
             prompt = prompt[0]
         if not prompt:
             raise errors.InvalidRequest("prompt must not be empty", param="prompt")
-        if self.echo or self.suffix:
-            raise errors.InvalidRequest("echo and suffix are not supported", param="echo")
+        if self.suffix:
+            raise errors.InvalidRequest("suffix is not supported", param="suffix")
         return prompt
 
+    def echoed(self, scored: Sequence[pb.TokenLogprob]) -> str:
+        """The prompt's text as ``echo`` sends it (token ids: their tokens' text)."""
+        if not self.echo:
+            return ""
+        prompt = self.text()
+        return prompt if isinstance(prompt, str) else "".join(lp.token for lp in scored)
+
     def to_request(self) -> GenerationRequest:
+        """``echo``: the prompt is scored too (its tokens' text and, with ``logprobs``,
+        their logprobs come first in the answer)."""
+        prompt = self.text()
+        scored = self.prompt_logprobs
+        if self.echo and (self.logprobs is not None or not isinstance(prompt, str)):
+            scored = max(scored or 0, self.logprobs or 0)  # (token ids: their text comes scored)
         return GenerationRequest(
             self.model,
-            prompt=self.text(),
+            prompt=prompt if isinstance(prompt, str) else None,
+            prompt_ids=prompt if isinstance(prompt, list) else None,
             sampling=self.sampling(self.max_tokens),
             constraint=self.response_format.constraint() if self.response_format else None,
             logprobs=self.logprobs,
             n=self.n,
+            prompt_logprobs=scored,
         )
 
 
@@ -222,6 +248,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: TokenUsage
+    prompt_logprobs: list[dict[str, Any] | None] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class CompletionChoice(BaseModel):
@@ -229,6 +256,7 @@ class CompletionChoice(BaseModel):
     text: str
     finish_reason: str
     logprobs: dict[str, Any] | None = None
+    prompt_logprobs: list[dict[str, Any] | None] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class Completion(BaseModel):
@@ -297,16 +325,36 @@ def chat_logprobs(logprobs: Sequence[pb.TokenLogprob]) -> dict[str, Any]:
     }
 
 
-def completion_logprobs(logprobs: Sequence[pb.TokenLogprob], offset: int = 0) -> dict[str, Any]:
+def vllm_prompt_logprobs(scored: Sequence[pb.TokenLogprob]) -> list[dict[str, Any] | None]:
+    """vLLM's ``prompt_logprobs``: None for the first token, then per token a map of token
+    id to ``{logprob, rank, decoded_token}`` holding the token and its alternatives (rank
+    1 is the likeliest; the prompt's own token has one only when it is among them)."""
+    out: list[dict[str, Any] | None] = [None] if scored else []
+    for lp in scored[1:]:
+        entry = {
+            str(t.token_id): {"logprob": t.logprob, "rank": r, "decoded_token": t.token}
+            for r, t in enumerate(lp.top, 1)
+        }
+        entry.setdefault(str(lp.token_id), {"logprob": lp.logprob, "rank": None, "decoded_token": lp.token})
+        out.append(entry)
+    return out
+
+
+def completion_logprobs(
+    logprobs: Sequence[pb.TokenLogprob], offset: int = 0, prompt: Sequence[pb.TokenLogprob] = ()
+) -> dict[str, Any]:
     """The legacy completions ``logprobs`` object: parallel lists, ``text_offset``
-    counting characters from ``offset``."""
+    counting characters from ``offset``; with ``prompt`` (echo) the prompt's tokens first,
+    the very first with no logprob (as OpenAI's and vLLM's ``null``)."""
     offsets = []
-    for lp in logprobs:
+    every = [*prompt, *logprobs]
+    for lp in every:
         offsets.append(offset)
         offset += len(lp.token)
+    first = 1 if prompt else 0
     return {
-        "tokens": [lp.token for lp in logprobs],
-        "token_logprobs": [lp.logprob for lp in logprobs],
-        "top_logprobs": [{t.token: t.logprob for t in lp.top} for lp in logprobs],
+        "tokens": [lp.token for lp in every],
+        "token_logprobs": [None] * first + [lp.logprob for lp in every[first:]],
+        "top_logprobs": [None] * first + [{t.token: t.logprob for t in lp.top} for lp in every[first:]],
         "text_offset": offsets,
     }

@@ -81,6 +81,7 @@ from cyllm.worker.engines.types import (
     Started,
     Step,
     TextDelta,
+    TokenLogprob,
 )
 from cyllm.worker.settings import ModelSpec
 
@@ -184,8 +185,10 @@ class Engine(AbstractEngine):
     # Whether the engine applies a request's output rules (penalties, logit bias,
     # min_tokens, ignore_eos); engines that do not refuse requests that set them.
     output_rules = False
-    # Whether it reports tokens' log probabilities (``SamplingParams.logprobs``).
+    # Whether it reports tokens' log probabilities (``SamplingParams.logprobs``), and its
+    # prompt's (``prompt_logprobs``: ``score_prompt``).
     gives_logprobs = False
+    gives_prompt_logprobs = False
 
     # Set by load():
     context_length: int
@@ -275,6 +278,16 @@ class Engine(AbstractEngine):
         return self._grammars.matcher(plan.grammar, plan.resumed)
 
     def check_rules(self, sampling: SamplingParams) -> None:
+        if sampling.prompt_logprobs is not None and not self.gives_prompt_logprobs:
+            raise errors.InvalidRequest(
+                f"prompt logprobs (echo, prompt_logprobs) are not supported by the {self.name} "
+                f"engine serving {self.spec.id}",
+                param="prompt_logprobs",
+            )
+        if sampling.max_tokens == 0 and sampling.prompt_logprobs is None:
+            raise errors.InvalidRequest(
+                "max_tokens 0 is for scoring a prompt (echo with logprobs)", param="max_tokens"
+            )
         if sampling.logprobs is not None and not self.gives_logprobs:
             raise errors.InvalidRequest(
                 f"logprobs are not supported by the {self.name} engine serving {self.spec.id}",
@@ -327,6 +340,11 @@ class Engine(AbstractEngine):
             tuple(resumed),
         )
 
+    async def score_prompt(self, plan: Plan) -> tuple[TokenLogprob, ...]:
+        """Each prompt token's logprob under the model (and ``prompt_logprobs``
+        alternatives), the first token's 0: engines with ``gives_prompt_logprobs``."""
+        raise NotImplementedError
+
     def held_text(self, plan: Plan) -> str:
         """What an undisturbed run would have produced for the resumed tokens beyond the
         text the client got: text it was still holding back."""
@@ -365,7 +383,11 @@ class Engine(AbstractEngine):
             plan = dataclasses.replace(plan, sampling=dataclasses.replace(plan.sampling, stop=()))
         self.tracker.running += 1
         try:
-            yield Started(prompt_tokens)
+            scored = () if plan.sampling.prompt_logprobs is None else await self.score_prompt(plan)
+            yield Started(prompt_tokens, scored)
+            if plan.max_new == 0 and not plan.resumed:  # a prompt scored, nothing generated
+                yield Finished("length", prompt_tokens, 0)
+                return
             if plan.resumed:
                 assert matcher is not None
                 text, hit = matcher.push(self.held_text(plan))

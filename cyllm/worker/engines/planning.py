@@ -95,8 +95,8 @@ def plan_max_tokens(prompt_tokens: int, requested: int | None, context: int, def
         )
     if requested is None:
         return min(default, context - prompt_tokens)
-    if requested < 1:
-        raise errors.InvalidRequest("max_tokens must be at least 1", param="max_tokens")
+    if requested < 0:
+        raise errors.InvalidRequest("max_tokens must not be negative", param="max_tokens")
     if prompt_tokens + requested > context:
         raise errors.ContextLengthExceeded(
             f"this model's maximum context length is {context} tokens, but you requested "

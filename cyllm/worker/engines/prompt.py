@@ -48,7 +48,19 @@ def messages_of(
 
 
 def prepare_prompt(tokenizer: Any, request: GenerationRequest) -> list[int]:
-    """Token ids for ``request``: its raw prompt, or its messages through the chat template."""
+    """Token ids for ``request``: its raw prompt, or its messages through the chat template
+    (or the ids it was given)."""
+    if request.prompt_token_ids is not None:
+        vocab = len(tokenizer)
+        bad = next((t for t in request.prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None or not request.prompt_token_ids:
+            raise errors.InvalidRequest(
+                f"prompt: token id {bad} is outside the vocabulary (0..{vocab - 1})"
+                if bad is not None
+                else "prompt must not be empty",
+                param="prompt",
+            )
+        return list(request.prompt_token_ids)
     if request.messages is not None:
         template = getattr(tokenizer, "chat_template", None)
         if not template:

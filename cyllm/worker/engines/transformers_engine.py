@@ -88,6 +88,7 @@ class TransformersEngine(Engine):
     library = "transformers"
     output_rules = True
     gives_logprobs = True
+    gives_prompt_logprobs = True
 
     # Set by load(): a transformers causal LM, or a PeftModel around one (which passes
     # its attributes through); its config's fields depend on the architecture.
@@ -221,6 +222,24 @@ class TransformersEngine(Engine):
                 raise errors.InvalidRequest(f"adapter {name!r} is serving requests; retry when idle")
             self.model.delete_adapter(name)
             del self._adapters[name]
+
+    # -- a prompt scored (echo with logprobs, prompt_logprobs) ------------------------------
+
+    async def score_prompt(self, plan: Plan) -> tuple[TokenLogprob, ...]:
+        ids, top, adapter = list(plan.prompt), plan.sampling.prompt_logprobs or 0, plan.request.adapter
+        return await self.on_engine_thread(lambda: self._score(ids, top, adapter))
+
+    def _score(self, ids: list[int], top: int, adapter: str | None) -> tuple[TokenLogprob, ...]:
+        """One forward pass over the prompt on the engine thread (the model is its own),
+        with the request's adapter; each position's logits score the next token, in
+        float32, as the generated tokens' are (before temperature)."""
+        decode = lambda i: self.tokenizer.decode([i])  # noqa: E731
+        self._pick_attention(1, len(ids))
+        with torch.inference_mode():
+            x = torch.tensor([ids], device=self.device)
+            logits = self.model(input_ids=x, use_cache=False, **self._forward_args([adapter])).logits[0]
+        first = TokenLogprob(ids[0], 0.0, decode(ids[0]))
+        return (first, *(token_logprob(logits[i - 1], ids[i], top, decode) for i in range(1, len(ids))))
 
     # -- embeddings ---------------------------------------------------------------------
 

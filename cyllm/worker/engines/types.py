@@ -44,6 +44,7 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None  # set: each token's logprob and this many alternatives
+    prompt_logprobs: int | None = None  # set: each prompt token's too (echo, vLLM's prompt_logprobs)
 
     def rules(self) -> tuple[str, ...]:
         """The output rules this request sets (names as in the API)."""
@@ -78,11 +79,15 @@ class GenerationRequest:
     adapter: str | None = None  # a LoRA adapter registered on this engine; None: the base model
     resume: Resume | None = None
     tools: str = ""  # the function tools (OpenAI's list, JSON text), for the chat template
+    prompt_token_ids: tuple[int, ...] | None = None  # a prompt given as token ids, used as is
 
 
 @dataclass(frozen=True)
 class Started:
     prompt_tokens: int
+    # where asked (sampling.prompt_logprobs): every prompt token, the first without a
+    # logprob of its own (nothing comes before it: its logprob is 0 here)
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -233,6 +233,7 @@ class VllmAsyncEngine(Engine):
     continues_output_state = False
     output_rules = True
     gives_logprobs = True
+    gives_prompt_logprobs = True
 
     def make_grammars(self) -> Grammars:
         return Grammars.for_tokenizer(self.tokenizer, len(self.tokenizer), self.end_ids())
@@ -269,6 +270,47 @@ class VllmAsyncEngine(Engine):
                     token,
                     chosen.logprob,
                     chosen.decoded_token or "",
+                    tuple((i, v, t) for _, i, v, t in alternatives[:top]),
+                )
+            )
+        return tuple(out)
+
+    async def score_prompt(self, plan: Plan) -> tuple[TokenLogprob, ...]:
+        """vLLM's ``prompt_logprobs``, from a request of its own that generates one token
+        (the generation that follows may be any length, or none)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        top = plan.sampling.prompt_logprobs or 0
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=top)
+        lora = self._loras.get(plan.adapter) if plan.adapter else None
+        ids, found = list(plan.prompt), None
+        rid = f"{plan.request_id}-prompt"
+        try:
+            async for out in self.llm.generate(
+                TokensPrompt(prompt_token_ids=ids), params, rid, lora_request=lora
+            ):
+                found = out.prompt_logprobs if out.prompt_logprobs is not None else found
+                if out.finished:
+                    break
+        finally:
+            await _quietly(self.llm.abort(rid))
+        if not found:
+            raise errors.EngineError(f"vLLM gave no prompt logprobs for request {plan.request_id}")
+        decode = lambda i: self.tokenizer.decode([i])  # noqa: E731
+        out = [TokenLogprob(ids[0], 0.0, decode(ids[0]))]
+        for token, ranked in zip(ids[1:], found[1:]):
+            chosen = ranked[token]
+            alternatives = sorted(
+                (lp.rank, i, lp.logprob, lp.decoded_token or decode(i))
+                for i, lp in ranked.items()
+                if lp.rank is not None and lp.rank <= top
+            )
+            out.append(
+                TokenLogprob(
+                    token,
+                    chosen.logprob,
+                    chosen.decoded_token or decode(token),
                     tuple((i, v, t) for _, i, v, t in alternatives[:top]),
                 )
             )
