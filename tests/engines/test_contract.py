@@ -398,6 +398,34 @@ async def test_logprobs_come_with_their_tokens_or_are_refused_by_name(subject):
     assert not any(e.logprobs for e in unasked if isinstance(e, TextDelta))
 
 
+SCORES_PROMPTS = {"transformers", "vllm"}  # the others refuse by name
+
+
+async def test_a_prompt_is_scored_or_refused_by_name(subject):
+    """``prompt_logprobs``: each prompt token's logprob in Started (the first 0: nothing
+    comes before it); with max_tokens 0 nothing is generated.  The greedy first token
+    of the generation that follows is the prompt's likeliest continuation."""
+    if subject.kind not in SCORES_PROMPTS:
+        with pytest.raises(errors.InvalidRequest) as info:
+            await anext(aiter(subject.engine.generate(raw("pl", PROMPTS[0], prompt_logprobs=1))))
+        assert info.value.param == "prompt_logprobs"
+        return
+    events, text, done = await collect(subject.engine, raw("pl", PROMPTS[0], max_tokens=0, prompt_logprobs=2))
+    started = events[0]
+    assert isinstance(started, Started) and len(started.prompt_logprobs) == started.prompt_tokens
+    assert (text, done.finish_reason, done.completion_tokens) == ("", "length", 0)
+    first, *rest = started.prompt_logprobs
+    assert first.logprob == 0.0 and rest
+    assert "".join(lp.token for lp in started.prompt_logprobs).strip() == PROMPTS[0]
+    for lp in rest:
+        assert lp.logprob <= 0 and len(lp.top) == 2 and lp.top[0][1] >= lp.top[1][1]
+        listed = {i for i, _, _ in lp.top}
+        assert lp.token_id in listed or lp.logprob <= lp.top[1][1] + 1e-3  # below the top two
+    with pytest.raises(errors.InvalidRequest) as info:
+        await anext(aiter(subject.engine.generate(raw("pl0", PROMPTS[0], max_tokens=0))))
+    assert info.value.param == "max_tokens"
+
+
 # -- embeddings --------------------------------------------------------------------------
 
 
