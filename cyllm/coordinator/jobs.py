@@ -96,7 +96,8 @@ class JobStore(abc.ABC):
 
     # -- stored responses (/v1/responses), each until its expiry (wall-clock seconds)
     @abc.abstractmethod
-    async def put_response(self, response: pb.StoredResponse, ttl_s: float) -> None: ...
+    async def put_response(self, response: pb.StoredResponse, ttl_s: float, keep: int) -> None:
+        """Store it for ``ttl_s``; its owner keeps at most ``keep`` (the oldest go)."""
 
     @abc.abstractmethod
     async def get_response(self, response_id: str) -> pb.StoredResponse | None: ...
@@ -202,9 +203,12 @@ class MemoryJobStore(JobStore):
     async def delete_file(self, file_id: str) -> bool:
         return self._files.pop(file_id, None) is not None
 
-    async def put_response(self, response: pb.StoredResponse, ttl_s: float) -> None:
+    async def put_response(self, response: pb.StoredResponse, ttl_s: float, keep: int) -> None:
         self._responses[response.id] = (response, time.time() + ttl_s)
         self._responses.move_to_end(response.id)
+        mine = [k for k, (r, _) in self._responses.items() if r.owner == response.owner]
+        for old in mine[: max(0, len(mine) - keep)]:
+            del self._responses[old]
         while len(self._responses) > MAX_MEMORY_RESPONSES:
             self._responses.popitem(last=False)
 

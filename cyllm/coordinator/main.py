@@ -218,7 +218,7 @@ class CoordinatorServer:
             models=models,
             training=TrainingService(self.training, models.visible),
             files=FilesService(files),
-            responses=ResponsesService(backends.jobs, s.responses_ttl_s),
+            responses=ResponsesService(backends.jobs, s.responses_ttl_s, s.responses_max_per_tenant),
             pool=WorkerPoolService(self.scheduler, s.heartbeat_interval_s, self.plane),
         )
         self.services.add_to(self._server)

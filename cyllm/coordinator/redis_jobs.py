@@ -5,10 +5,14 @@ ids by creation time (listing); ``job:<id>:events`` a ZSET of serialized events 
 by their sequence number, from the counter ``job:<id>:seq``; ``job:<id>:cancel`` the
 cancel flag; ``jobs:queue`` the FIFO list of queued ids; ``job:<id>:lease`` the owning
 coordinator's id with a TTL, and ``jobs:running`` the ids holding one; ``files`` a hash
-of serialized ``FileInfo``; ``response:<id>`` a stored response, expiring by its TTL.
+of serialized ``FileInfo``; ``response:<id>`` a stored response, expiring by its TTL,
+and ``responses:owner:<owner>`` a ZSET of each owner's ids by expiry (its oldest beyond
+the cap go).
 """
 
 from __future__ import annotations
+
+import time
 
 import redis.asyncio as aioredis
 
@@ -136,8 +140,22 @@ class RedisJobStore(JobStore):
     async def delete_file(self, file_id: str) -> bool:
         return bool(await self.r.hdel(P + "files", file_id))
 
-    async def put_response(self, response: pb.StoredResponse, ttl_s: float) -> None:
-        await self.r.set(P + f"response:{response.id}", response.SerializeToString(), px=int(ttl_s * 1000))
+    async def put_response(self, response: pb.StoredResponse, ttl_s: float, keep: int) -> None:
+        """The response under its key with a TTL, and its id in its owner's sorted set
+        (scored by expiry) so the owner's oldest beyond ``keep`` can go."""
+        owned = P + f"responses:owner:{response.owner}"
+        expires = time.time() + ttl_s
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.set(P + f"response:{response.id}", response.SerializeToString(), px=int(ttl_s * 1000))
+            pipe.zadd(owned, {response.id: expires})
+            pipe.zremrangebyscore(owned, "-inf", time.time())
+            pipe.expire(owned, int(ttl_s) + 1)
+            await pipe.execute()
+        surplus = await self.r.zcard(owned) - keep
+        if surplus > 0:
+            old = [text(i) for i in await self.r.zrange(owned, 0, surplus - 1) if isinstance(i, (bytes, str))]
+            await self.r.delete(*(P + f"response:{i}" for i in old))
+            await self.r.zrem(owned, *old)
 
     async def get_response(self, response_id: str) -> pb.StoredResponse | None:
         raw = await self.r.get(P + f"response:{response_id}")

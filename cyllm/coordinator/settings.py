@@ -60,6 +60,9 @@ class CoordinatorSettings(ComponentSettings):
     responses_ttl_s: float = Field(
         30 * 86_400.0, gt=0, description="how long /v1/responses keeps a stored response (store: true)"
     )
+    responses_max_per_tenant: int = Field(
+        10_000, ge=1, description="stored responses a tenant keeps; beyond it its oldest go first"
+    )
     training_max_attempts: int = Field(3, ge=1, description="runs of a job whose worker is lost")
     training_max_jobs_per_tenant: int = Field(4, ge=1, description="queued or running jobs per tenant")
     training_max_steps: int = Field(100_000, ge=1, description="largest max_steps a job may ask")

@@ -54,8 +54,10 @@ MIGRATIONS: tuple[str, ...] = (
         reason TEXT NOT NULL);
     """,
     """
-    CREATE TABLE responses (id TEXT PRIMARY KEY, expires REAL NOT NULL, record BLOB NOT NULL);
+    CREATE TABLE responses (
+        id TEXT PRIMARY KEY, owner TEXT NOT NULL, expires REAL NOT NULL, record BLOB NOT NULL);
     CREATE INDEX responses_by_expiry ON responses (expires);
+    CREATE INDEX responses_by_owner ON responses (owner, expires);
     """,
 )
 

@@ -166,15 +166,20 @@ class SqliteJobStore(JobStore):
         cursor = await self.db.run(lambda c: c.execute("DELETE FROM files WHERE id = ?", (file_id,)))
         return cursor.rowcount > 0
 
-    async def put_response(self, response: pb.StoredResponse, ttl_s: float) -> None:
+    async def put_response(self, response: pb.StoredResponse, ttl_s: float, keep: int) -> None:
         now = self.clock()
 
         def put(conn: sqlite3.Connection) -> None:
             with transaction(conn):
                 conn.execute("DELETE FROM responses WHERE expires < ?", (now,))  # kept bounded
                 conn.execute(
-                    "INSERT OR REPLACE INTO responses (id, expires, record) VALUES (?, ?, ?)",
-                    (response.id, now + ttl_s, response.SerializeToString()),
+                    "INSERT OR REPLACE INTO responses (id, owner, expires, record) VALUES (?, ?, ?, ?)",
+                    (response.id, response.owner, now + ttl_s, response.SerializeToString()),
+                )
+                conn.execute(  # the owner's oldest beyond ``keep``
+                    "DELETE FROM responses WHERE id IN (SELECT id FROM responses WHERE owner = ? "
+                    "ORDER BY expires DESC LIMIT -1 OFFSET ?)",
+                    (response.owner, keep),
                 )
 
         await self.db.run(put)

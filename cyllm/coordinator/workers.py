@@ -44,6 +44,16 @@ class WorkerClients:
             self._stub(address).Embed, request, timeout=EMBED_TIMEOUT_S, metadata=((REQUEST_ID, request_id),)
         )
 
+    async def tokenize(
+        self, address: str, request: pb.TokenizeRequest, request_id: str
+    ) -> pb.TokenizeResponse:
+        return await unary(
+            self._stub(address).Tokenize,
+            request,
+            timeout=EMBED_TIMEOUT_S,
+            metadata=((REQUEST_ID, request_id),),
+        )
+
     async def load_model(self, address: str, request: pb.LoadModelRequest) -> pb.LoadModelResponse:
         return await unary(self._stub(address).LoadModel, request, timeout=LOAD_TIMEOUT_S)
 

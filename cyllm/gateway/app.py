@@ -26,6 +26,7 @@ from cyllm.gateway.openai.embeddings import router as embeddings_router
 from cyllm.gateway.openai.fine_tuning_router import router as fine_tuning_router
 from cyllm.gateway.openai.responses import router as responses_router
 from cyllm.gateway.openai.router import router as openai_router
+from cyllm.gateway.openai.tokenize import router as tokenize_router
 from cyllm.gateway.origins import BrowserGuard
 from cyllm.gateway.ratelimit import RateLimiter
 from cyllm.gateway.settings import GatewaySettings
@@ -95,6 +96,7 @@ def create_app(
     app.include_router(openai_router)
     app.include_router(responses_router)
     app.include_router(embeddings_router)
+    app.include_router(tokenize_router)
     app.include_router(fine_tuning_router)
     app.include_router(native_router)
     app.include_router(registry_router)

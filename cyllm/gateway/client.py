@@ -150,6 +150,9 @@ class CoordinatorClient:
             lambda c: c.inference.Embed, request, timeout=self.timeout_s, request_id=request_id
         )
 
+    async def tokenize(self, request: pb.TokenizeRequest, request_id: str) -> pb.TokenizeResponse:
+        return await self._unary(lambda c: c.inference.Tokenize, request, timeout=60, request_id=request_id)
+
     # -- models -----------------------------------------------------------------------
 
     async def list_models(self) -> list[pb.ModelInfo]:

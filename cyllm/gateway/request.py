@@ -132,6 +132,10 @@ class GenerationRequest:
     def __post_init__(self) -> None:
         if sum(x is not None for x in (self.messages, self.prompt, self.prompt_ids)) != 1:
             raise errors.InvalidRequest("give exactly one of a prompt or messages")
+        if self.prompt_logprobs is not None and self.n > 1:
+            raise errors.InvalidRequest(
+                "n must be 1 when the prompt is scored (echo with logprobs, prompt_logprobs)", param="n"
+            )
         if self.sampling.max_tokens == 0 and self.prompt_logprobs is None:
             raise errors.InvalidRequest(
                 "max_tokens 0 scores a prompt: it needs echo with logprobs, or prompt_logprobs",

@@ -200,15 +200,9 @@ class CallStream:
 
 
 def one_per_index(deltas: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """Tool-call deltas in chunks that each carry a call's index once, as OpenAI streams
-    them (a reader taking entry [0] of each chunk's deltas must not miss a piece): a
-    call's head (id, name, no arguments) is a chunk of its own."""
-    chunks: list[list[dict[str, Any]]] = []
-    for delta in deltas:
-        if not chunks or any(d["index"] == delta["index"] for d in chunks[-1]):
-            chunks.append([])
-        chunks[-1].append(delta)
-    return chunks
+    """Tool-call deltas a chunk each, as OpenAI streams them (a reader taking entry [0]
+    of each chunk's deltas must not miss a piece or a call's head)."""
+    return [[delta] for delta in deltas]
 
 
 def toolbox(tools: list[dict[str, Any]] | None, choice: Any, parallel: bool) -> Toolbox | None:

@@ -49,6 +49,11 @@ class InferenceStub:
                 request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/cyllm.v1.Inference/Tokenize',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -71,6 +76,12 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -83,6 +94,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.EmbedRequest.FromString,
                     response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.EmbedResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.TokenizeRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.TokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -144,6 +160,33 @@ class Inference:
             '/cyllm.v1.Inference/Embed',
             cyllm_dot_protocol_dot_cyllm__pb2.EmbedRequest.SerializeToString,
             cyllm_dot_protocol_dot_cyllm__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Inference/Tokenize',
+            cyllm_dot_protocol_dot_cyllm__pb2.TokenizeRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.TokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1501,6 +1544,11 @@ class WorkerStub:
                 request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/cyllm.v1.Worker/Tokenize',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
         self.LoadModel = channel.unary_unary(
                 '/cyllm.v1.Worker/LoadModel',
                 request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.LoadModelRequest.SerializeToString,
@@ -1535,6 +1583,12 @@ class WorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Embed(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Tokenize(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -1577,6 +1631,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.EmbedRequest.FromString,
                     response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.EmbedResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.TokenizeRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.TokenizeResponse.SerializeToString,
             ),
             'LoadModel': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadModel,
@@ -1655,6 +1714,33 @@ class Worker:
             '/cyllm.v1.Worker/Embed',
             cyllm_dot_protocol_dot_cyllm__pb2.EmbedRequest.SerializeToString,
             cyllm_dot_protocol_dot_cyllm__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Worker/Tokenize',
+            cyllm_dot_protocol_dot_cyllm__pb2.TokenizeRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.TokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cyllm.training.data import DatasetError, Limits, Reading, load_records
-from cyllm.training.hub import fetch
+from cyllm.training.hub import fetch, forget
 
 
 @dataclass(frozen=True)
@@ -103,11 +103,20 @@ def main() -> None:
     try:
         limits = Limits(**request["limits"])
         path = request["path"]
+        fetched = folder = None
         if hub := request.get("hub"):
-            path = str(fetch(hub["repo"], hub["revision"], Path(hub["cache_dir"]), limits))
+            folder, fresh = fetch(hub["repo"], hub["revision"], Path(hub["cache_dir"]), limits)
+            path, fetched = str(folder), folder if fresh else None
         raw = request["reading"]
         reading = Reading(**{**raw, "formatters": tuple(raw["formatters"])})
-        examples = load_records(path, reading, request.get("objective"), limits=limits)
+        try:
+            examples = load_records(path, reading, request.get("objective"), limits=limits)
+        except BaseException as exc:
+            if fetched is not None:  # a refused Hub dataset is not kept
+                forget(fetched, Path(hub["cache_dir"]))
+            if folder is not None and isinstance(exc, DatasetError):  # named as the user named it
+                raise DatasetError(exc.message.replace(folder.name, f"hf://{hub['repo']}")) from None
+            raise
         answer = {"examples": len(examples), "path": path}
     except DatasetError as exc:
         answer = {"error": exc.message}

@@ -49,7 +49,6 @@ from __future__ import annotations
 import csv
 import json
 import stat
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,11 +169,10 @@ def load_records(
     container = fmt if shape is None else detect_format(path)
     name = path.name
     located: Iterator[tuple[str, Any]]
-    if container in ("csv", "parquet", "hf"):
-        if container == "hf":
-            rows = _hf_rows(path, limits, reading.config, reading.split)
-        else:
-            rows = {"csv": _csv_rows, "parquet": _parquet_rows}[container](path, limits)
+    if container == "hf":
+        located = _folder_records(path, limits, reading.config, reading.split)
+    elif container in ("csv", "parquet"):
+        rows = {"csv": _csv_rows, "parquet": _parquet_rows}[container](path, limits)
         located = ((f"{name} record {i}", row) for i, row in enumerate(rows))
     elif container == "json":
         located = _json_array(path, limits)
@@ -372,25 +370,140 @@ def _parquet_rows(path: Path, limits: Limits) -> Iterator[dict[str, Any]]:
         raise DatasetError(f"{path.name}: not a readable Parquet file ({exc})") from None
 
 
-def _hf_rows(path: Path, limits: Limits, config: str | None, split: str) -> Iterator[dict[str, Any]]:
-    """A folder ``datasets`` reads (``save_to_disk``'s, or data files with a card naming
-    configs, as a Hub dataset is fetched); its Arrow cache in a temporary folder, not the
-    user's."""
+# A folder's data files by suffix: read by this module's own readers, under its limits.
+_DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".pq")
+_SPLIT_WORDS = ("train", "validation", "valid", "dev", "test", "eval")
+
+
+def _folder_records(path: Path, limits: Limits, config: str | None, split: str) -> Iterator[tuple[str, Any]]:
+    """A Hugging Face dataset folder's records: a ``save_to_disk`` folder (an operator's)
+    through ``datasets``; a folder of data files — a Hub dataset once fetched — file by
+    file through the readers above.  Which files make a config's split is read from the
+    dataset card's ``configs`` (as the Hub does), but only as patterns inside the folder:
+    a card is the dataset author's, and ``datasets`` would follow an absolute path, a
+    ``..`` or a URL in it to any file or address the server can reach."""
+    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        for i, row in enumerate(_saved_rows(path, split)):
+            yield f"{path.name} record {i}", row
+        return
+    for file in _split_files(path, config, split):
+        name = file.relative_to(path).as_posix()
+        suffix = file.suffix.lower()
+        if suffix in (".csv", ".tsv", ".parquet", ".pq"):
+            rows = _csv_rows(file, limits) if suffix in (".csv", ".tsv") else _parquet_rows(file, limits)
+            yield from ((f"{name} record {i}", row) for i, row in enumerate(rows))
+        elif detect_format(file) == "json":
+            yield from _json_array(file, limits)
+        else:
+            yield from _jsonl(file, limits)
+
+
+def _saved_rows(path: Path, split: str) -> Iterator[dict[str, Any]]:
     import datasets
 
-    with tempfile.TemporaryDirectory(prefix="cyllm-hf-") as cache:
-        try:
-            if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-                ds = datasets.load_from_disk(str(path))
-            else:
-                ds = datasets.load_dataset(str(path), name=config, cache_dir=cache)
-        except Exception as exc:
-            raise DatasetError(f"{path.name}: not a Hugging Face dataset ({str(exc)[:300]})") from None
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise DatasetError(f"{path.name}: no split {split!r} (splits: {', '.join(ds)})")
-            ds = ds[split]
-        yield from ds
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as exc:
+        raise DatasetError(f"{path.name}: not a Hugging Face dataset ({str(exc)[:300]})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DatasetError(f"{path.name}: no split {split!r} (splits: {', '.join(ds)})")
+        ds = ds[split]
+    yield from ds
+
+
+def _split_files(root: Path, config: str | None, split: str) -> list[Path]:
+    configs = _card_configs(root)
+    if configs:
+        names = [str(c.get("config_name", "default")) for c in configs]
+        if config is not None:
+            chosen = next((c for c, n in zip(configs, names) if n == config), None)
+            if chosen is None:
+                raise DatasetError(f"{root.name}: no config {config!r} (configs: {', '.join(names)})")
+        else:
+            chosen = next((c for c in configs if c.get("default")), configs[0])
+        splits = _card_splits(root, chosen)
+        if split not in splits:
+            raise DatasetError(f"{root.name}: no split {split!r} (splits: {', '.join(splits) or 'none'})")
+        found = [f for pattern in splits[split] for f in _inside(root, pattern)]
+    else:
+        if config is not None:
+            raise DatasetError(f"{root.name}: no config {config!r} (the dataset's card names none)")
+        files = [f for f in sorted(root.rglob("*")) if f.suffix.lower() in _DATA_SUFFIXES and f.is_file()]
+        named = {w: [f for f in files if _mentions(f.relative_to(root), w)] for w in _SPLIT_WORDS}
+        found = named.get(split, [f for f in files if _mentions(f.relative_to(root), split)])
+        if not found and split == "train" and not any(named.values()):
+            found = files  # files that name no split are the training split
+        if not found:
+            present = [w for w, fs in named.items() if fs] or (["train"] if files else [])
+            raise DatasetError(f"{root.name}: no split {split!r} (splits: {', '.join(present) or 'none'})")
+    data = sorted({f for f in found if f.suffix.lower() in _DATA_SUFFIXES})
+    if not data:
+        raise DatasetError(f"{root.name}: split {split!r} has no JSON, JSONL, CSV or Parquet files")
+    return data
+
+
+def _card_configs(root: Path) -> list[dict[str, Any]]:
+    """The ``configs`` of the dataset card's YAML header ([] without one)."""
+    import yaml
+
+    card = root / "README.md"
+    if not card.is_file():
+        return []
+    text = card.read_text(encoding="utf-8", errors="replace")[: 1 << 20]
+    if not text.startswith("---"):
+        return []
+    header = text[3:].split("\n---", 1)[0]
+    try:
+        meta = yaml.safe_load(header)
+    except yaml.YAMLError:
+        raise DatasetError(f"{root.name}: its README's YAML header cannot be read") from None
+    configs = meta.get("configs") if isinstance(meta, dict) else None
+    if configs is None:
+        return []
+    if not isinstance(configs, list) or not all(isinstance(c, dict) for c in configs):
+        raise DatasetError(f"{root.name}: its README's 'configs' must be a list of objects")
+    return configs
+
+
+def _card_splits(root: Path, config: dict[str, Any]) -> dict[str, list[str]]:
+    """A card config's ``data_files`` as split → patterns (relative to its ``data_dir``)."""
+    given = config.get("data_files", "**/*")
+    base = config.get("data_dir", "")
+    if not isinstance(base, str):
+        raise DatasetError(f"{root.name}: a config's data_dir must be a path")
+    if isinstance(given, (str, list)) and all(
+        isinstance(p, str) for p in ([given] if isinstance(given, str) else given)
+    ):
+        given = [{"split": "train", "path": given}]
+    if not isinstance(given, list):
+        raise DatasetError(f"{root.name}: a config's data_files must be a list of splits and paths")
+    out: dict[str, list[str]] = {}
+    for entry in given:
+        if not isinstance(entry, dict) or not isinstance(entry.get("split"), str):
+            raise DatasetError(f"{root.name}: a config's data_files entry needs a split and a path")
+        paths = entry.get("path")
+        paths = [paths] if isinstance(paths, str) else paths
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise DatasetError(f"{root.name}: split {entry['split']!r}: its path must be text")
+        out.setdefault(entry["split"], []).extend(f"{base}/{p}" if base else p for p in paths)
+    return out
+
+
+def _inside(root: Path, pattern: str) -> list[Path]:
+    """The files a card's pattern names, only inside ``root``: no absolute path, no
+    ``..``, no URL or other protocol."""
+    parts = pattern.replace("\\", "/").split("/")
+    if pattern.startswith(("/", "~")) or "://" in pattern or ":" in parts[0] or ".." in parts:
+        raise DatasetError(f"{root.name}: the card names {pattern[:80]!r}, outside the dataset")
+    return [f for f in sorted(root.glob(pattern)) if f.is_file()]
+
+
+def _mentions(relative: Path, word: str) -> bool:
+    """Whether a data file's path names a split as the Hub's conventions do (a folder
+    ``train/``, a file ``train.jsonl``, ``train-00000-of-00001.parquet``)."""
+    names = [*relative.parts[:-1], relative.name.split(".")[0]]
+    return any(n == word or n.startswith((f"{word}-", f"{word}_")) for n in names)
 
 
 # -- tokenising ----------------------------------------------------------------------------

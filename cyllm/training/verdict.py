@@ -6,11 +6,20 @@ served (it is the user's to judge), and the promotion gate reads ``eval_loss``."
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 # the metrics where less is better (the harness's perplexities, bits per byte and
 # translation error rate among them); every other score is better higher
-LOWER_IS_BETTER = {"eval_loss", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "ter"}
+LOWER_IS_BETTER = {
+    "eval_loss",
+    "perplexity",
+    "word_perplexity",
+    "byte_perplexity",
+    "bits_per_byte",
+    "ter",
+    "brier_score",
+}
 
 
 @dataclass(frozen=True)
@@ -32,11 +41,12 @@ class Comparison:
 
 def compare(evaluation: dict[str, float]) -> list[Comparison]:
     """The scores the base and the result both have (``base.<m>``, ``result.<m>``)."""
-    return [
+    found = [
         Comparison(key.removeprefix("result."), evaluation[f"base.{key.removeprefix('result.')}"], value)
         for key, value in sorted(evaluation.items())
         if key.startswith("result.") and f"base.{key.removeprefix('result.')}" in evaluation
     ]
+    return [c for c in found if math.isfinite(c.base) and math.isfinite(c.result)]  # NaN: not a score
 
 
 def verdict(evaluation: dict[str, float]) -> str:

@@ -85,6 +85,7 @@ def _logprobs(found: tuple[TokenLogprob, ...]) -> list[pb.TokenLogprob]:
             logprob=lp.logprob,
             token=lp.token,
             top=[pb.TopLogprob(token_id=i, logprob=v, token=t) for i, v, t in lp.top],
+            rank=lp.rank,
         )
         for lp in found
     ]

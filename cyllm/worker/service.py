@@ -15,6 +15,7 @@ from cyllm import errors
 from cyllm.protocol import pb, rpc
 from cyllm.protocol.session import Encoder, Sessions
 from cyllm.worker.convert import event_to_proto, request_from_proto
+from cyllm.worker.engines.base import Engine
 from cyllm.worker.engines.grammar_guard import COMPILING_FOR
 from cyllm.worker.engines.types import Event, Finished, TextDelta
 from cyllm.worker.metrics import WorkerMetrics
@@ -114,6 +115,29 @@ class WorkerService(rpc.WorkerServicer):
         with self._demand():
             vectors, tokens = await engine.embed(list(request.inputs), request.dimensions)
         return pb.EmbedResponse(data=[pb.Embedding(values=v) for v in vectors], prompt_tokens=tokens)
+
+    async def Tokenize(
+        self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TokenizeResponse:
+        """vLLM's /tokenize and /detokenize with the model's own tokenizer (and chat
+        template); an engine without one refuses by name."""
+        engine, _ = await self.models.resolve_or_load(request.model)
+        if not isinstance(engine, Engine) or engine.tokenizer is None:
+            raise errors.InvalidRequest(
+                f"the {engine.name} engine serving {request.model!r} does not tokenize here", param="model"
+            )
+        length = engine.context_length
+        if request.WhichOneof("input") == "tokens":
+            return pb.TokenizeResponse(
+                prompt=await engine.detokenize(list(request.tokens.ids)), max_model_len=length
+            )
+        wire = pb.GenerateRequest(request_id="tokenize", model=request.model, tools=request.tools)
+        if request.WhichOneof("input") == "messages":
+            wire.messages.CopyFrom(request.messages)
+        else:
+            wire.prompt = request.prompt
+        ids, strs = await engine.tokenize(request_from_proto(wire))
+        return pb.TokenizeResponse(tokens=ids, token_strs=strs, max_model_len=length)
 
     async def LoadModel(self, request: pb.LoadModelRequest, context) -> pb.LoadModelResponse:
         try:

@@ -152,3 +152,35 @@ def test_lm_evaluation_harness_scores_a_task_through_the_server(server, default_
     )
     acc = out["results"]["capitals"]["acc,none"]
     assert acc == 1.0 and not math.isnan(acc), out["results"]
+
+
+def test_tokenize_and_detokenize_as_vllm_serves_them(server, client, direct):
+    _, tok = direct
+    r = httpx.post(
+        f"{server.base_url}/tokenize",
+        json={"model": MODEL, "prompt": TEXT, "return_token_strs": True},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    found = r.json()
+    assert found["tokens"] == tok(TEXT)["input_ids"] and found["count"] == len(found["tokens"])
+    assert found["token_strs"] == tok.convert_ids_to_tokens(found["tokens"])
+    listed = {m.id: m for m in client.models.list()}
+    assert found["max_model_len"] == listed[MODEL].model_extra["max_model_len"] > 0
+    chat = [{"role": "user", "content": "Hi there"}]
+    r = httpx.post(f"{server.base_url}/tokenize", json={"model": MODEL, "messages": chat}, timeout=60)
+    want = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)[
+        "input_ids"
+    ]
+    assert r.json()["tokens"] == list(want) and r.json()["token_strs"] is None
+    r = httpx.post(
+        f"{server.base_url}/detokenize", json={"model": MODEL, "tokens": found["tokens"]}, timeout=60
+    )
+    assert r.status_code == 200 and r.json() == {"prompt": TEXT}
+    for path, body, says in [
+        ("/detokenize", {"model": MODEL, "tokens": [10**9]}, "outside the vocabulary"),
+        ("/tokenize", {"model": MODEL}, "exactly one of prompt and messages"),
+        ("/tokenize", {"model": "nope", "prompt": "x"}, "nope"),
+    ]:
+        r = httpx.post(f"{server.base_url}{path}", json=body, timeout=60)
+        assert r.status_code in (400, 404) and says in r.json()["error"]["message"], (path, r.text)

@@ -175,3 +175,22 @@ def test_a_forced_call_streams_as_function_call_events(client):
     assert item.type == "function_call" and item.arguments == pieces == events[-3].arguments
     jsonschema.validate(json.loads(pieces), WEATHER["parameters"])
     assert [e.sequence_number for e in events] == list(range(1, len(events) + 1))
+
+
+def test_a_text_answer_is_continued_by_previous_response_id(client):
+    first = client.responses.create(model=MODEL, input="My name is Ada.", max_output_tokens=8, temperature=0)
+    second = client.responses.create(
+        model=MODEL,
+        input="What is my name?",
+        previous_response_id=first.id,
+        max_output_tokens=8,
+        temperature=0,
+    )
+    assert second.output_text and second.usage.input_tokens > first.usage.input_tokens
+    items = client.responses.input_items.list(second.id, order="asc")
+    assert [(i.type, i.role) for i in items.data] == [
+        ("message", "user"),
+        ("message", "assistant"),
+        ("message", "user"),
+    ]
+    assert items.data[1].content[0].text == first.output_text

@@ -72,6 +72,11 @@ ROUTES = [
     ("POST", "/api/v1/training/cancel/x"),
     ("GET", "/api/v1/training/stream/x"),
     ("POST", "/v1/responses"),
+    ("GET", "/v1/responses/resp_x"),
+    ("DELETE", "/v1/responses/resp_x"),
+    ("GET", "/v1/responses/resp_x/input_items"),
+    ("POST", "/tokenize"),
+    ("POST", "/detokenize"),
     ("POST", "/v1/embeddings"),
     ("GET", "/api/v1/training/plot/x"),
     ("GET", "/api/v1/stats"),
@@ -103,7 +108,8 @@ async def test_no_route_but_health_and_metrics_answers_without_credentials(secur
             .replace("{key_id}", "x")
             .replace("{file_id}", "x")
             .replace("{job_id}", "x")
-            .replace("{name}", "x"),
+            .replace("{name}", "x")
+            .replace("{response_id}", "resp_x"),
         )
         for m, p in documented
     } - open_routes

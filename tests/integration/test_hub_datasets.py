@@ -108,7 +108,7 @@ async def test_a_missing_dataset_revision_or_split_is_a_clear_refusal(policy):
         (_spec(dataset="hf://acme/nothing"), "'acme/nothing' was not found"),
         (_spec(dataset_revision="v9"), "no such revision"),
         (_spec(dataset_split="test"), "no split 'test'"),
-        (_spec(dataset_config="other"), "not a Hugging Face dataset"),
+        (_spec(dataset_config="other"), "hf://acme/facts: no config 'other' \\(configs: facts\\)"),
     ]:
         with pytest.raises(DatasetError, match=why):
             await policy.admit(spec, "dataset", ALICE, uploaded=False)
@@ -121,3 +121,44 @@ def test_a_hub_id_is_checked_where_the_spec_is():
     with pytest.raises(errors.InvalidRequest, match="dataset_revision"):
         _spec(dataset_revision="../x")
     assert json.loads(_spec().model_dump_json())["dataset_split"] == "train"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/etc/passwd",
+        "../../../../etc/hostname",
+        "http://169.254.169.254/latest/meta-data",
+        "hf://datasets/acme/facts",
+    ],
+)
+async def test_a_card_that_names_files_outside_the_dataset_is_refused(tmp_path, monkeypatch, path):
+    """A dataset's card is its author's: its configs may only name files inside it."""
+    repo = tmp_path / "hostile"
+    repo.mkdir()
+    shutil.copy(DATA / "facts.jsonl", repo / "train.jsonl")
+    (repo / "README.md").write_text(
+        f"---\nconfigs:\n- config_name: x\n  data_files:\n  - split: train\n    path: {path}\n---\n"
+    )
+    (repo / "state.json").write_text('{"_data_files": [{"filename": "/etc/passwd"}]}')  # never fetched
+    with Hub({"datasets/evil/card": repo}, free_port()) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+        policy = DatasetPolicy(hub_dir=tmp_path / "hub-datasets", hub_allowed=("everyone",))
+        spec = _spec(dataset="hf://evil/card", dataset_config="x")
+        with pytest.raises(DatasetError, match="outside the dataset"):
+            await policy.admit(spec, "dataset", BOB, uploaded=False)
+        assert "state.json" not in hub.downloads
+
+
+def test_a_folder_without_a_card_takes_its_splits_from_file_names(tmp_path):
+    from cyllm.training.data import Reading, load_examples
+
+    (tmp_path / "data").mkdir()
+    shutil.copy(DATA / "facts.jsonl", tmp_path / "data" / "train-00000-of-00001.jsonl")
+    shutil.copy(DATA / "facts_held_out.jsonl", tmp_path / "data" / "validation-00000-of-00001.jsonl")
+    facts = len((DATA / "facts.jsonl").read_text().splitlines())
+    assert len(load_examples(tmp_path, Reading("hf"))) == facts
+    assert len(load_examples(tmp_path, Reading("hf", split="validation"))) == 2
+    with pytest.raises(DatasetError, match="no split 'test' \\(splits: train, validation\\)"):
+        load_examples(tmp_path, Reading("hf", split="test"))

@@ -5,12 +5,14 @@ flag, files; the idempotency store's; and the state file across a restart."""
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import pytest
 import redis.asyncio
 
 from cyllm.coordinator.cache import CachedResponse
 from cyllm.coordinator.idempotency import RedisIdempotencyStore
+from cyllm.coordinator.jobs import MemoryJobStore
 from cyllm.coordinator.redis_jobs import RedisJobStore
 from cyllm.coordinator.registry import ModelRecord, SqliteRegistry
 from cyllm.coordinator.sqlite import Database
@@ -165,3 +167,19 @@ async def test_the_state_file_keeps_everything_across_a_restart(tmp_path):
     assert (await registry.get("base:ft-1")).evaluation == {"eval_loss": 1.5}
     assert await registry.alias("key:a", "bot") == "base:ft-1"
     await db.close()
+
+
+async def test_stored_responses_expire_and_each_owner_keeps_at_most_its_cap(stores):
+    """/v1/responses' store: shared by both handles, gone after its TTL, and an owner's
+    oldest go first beyond the cap, never another owner's."""
+    memory = MemoryJobStore()
+    for a, b in [stores, (memory, memory)]:
+        for i in range(3):
+            await a.put_response(pb.StoredResponse(id=f"resp_a{i}", owner="alice"), ttl_s=60 + i, keep=2)
+        await a.put_response(pb.StoredResponse(id="resp_b0", owner="bob"), ttl_s=60, keep=2)
+        assert await b.get_response("resp_a0") is None  # alice's oldest, past her cap of 2
+        assert (await b.get_response("resp_a2")).owner == "alice"
+        assert (await b.get_response("resp_b0")).owner == "bob"
+        await a.put_response(pb.StoredResponse(id="resp_short", owner="bob"), ttl_s=0.2, keep=2)
+        await until(functools.partial(b.get_response, "resp_short"), lambda found: found is None, timeout=10)
+        assert await b.delete_response("resp_a2") and await b.get_response("resp_a2") is None

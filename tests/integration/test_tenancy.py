@@ -383,6 +383,6 @@ async def test_a_stored_response_is_its_owners_alone(tenants):
         rid, "resp_nothing"
     )
     items = await tenants.http.get(f"/v1/responses/{rid}/input_items", headers=h(tenants, "alice"))
-    assert [i["content"] for i in items.json()["data"]] == ["my secret plan"]
+    assert [i["content"][0]["text"] for i in items.json()["data"]] == ["my secret plan"]
     bad = await tenants.http.get("/v1/responses/..%2F..%2Fetc", headers=h(tenants, "alice"))
     assert bad.status_code == 404

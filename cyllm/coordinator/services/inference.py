@@ -214,6 +214,12 @@ class InferenceService(rpc.InferenceServicer):
             if cached is not None:
                 outcome = "cached"
                 events = _listed(_replay(cached))
+            elif request.idempotency_key and request.sampling.HasField("prompt_logprobs"):
+                raise errors.InvalidRequest(
+                    "Idempotency-Key cannot be combined with a scored prompt (echo, prompt_logprobs): "
+                    "a replay keeps the text, not the prompt's logprobs",
+                    param="Idempotency-Key",
+                )
             elif request.idempotency_key:
                 events = _listed(
                     _replay(await self._idempotent(request, tenant, key, rid, label), cached=False)
@@ -329,6 +335,23 @@ class InferenceService(rpc.InferenceServicer):
         return await failover.unary(
             slots,
             lambda slot: self.workers.embed(slot.address, request, rid or task.task_id),
+            self.rule,
+            breakers=self.breakers,
+            request_id=rid,
+        )
+
+    async def Tokenize(
+        self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TokenizeResponse:
+        """A model's tokenizer on a worker serving it (placed as embeddings are)."""
+        tenant, rid = Tenant.of(context), request_id_of(context)
+        tenant.check_model(request.model)
+        request.model = await self._target(request.model, tenant)
+        await self._placed(request.model, tenant)
+        task = Task(uuid.uuid4().hex, request.model)
+        return await failover.unary(
+            WorkerSlots(self.scheduler, self.breakers, task),
+            lambda slot: self.workers.tokenize(slot.address, request, rid or task.task_id),
             self.rule,
             breakers=self.breakers,
             request_id=rid,

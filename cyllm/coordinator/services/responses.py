@@ -1,8 +1,9 @@
 """``Responses``: the Responses API's stored responses (``store``, and the conversation
 ``previous_response_id`` continues).  Each is its owner's: the coordinator sets the
 owner from the call's tenant, and another tenant's id reads as a missing one.  They are
-kept ``coordinator.responses_ttl_s`` (OpenAI keeps 30 days), in the job store: SQLite
-(expired rows removed on each write) or Redis (a TTL per key)."""
+kept ``coordinator.responses_ttl_s`` (OpenAI keeps 30 days), at most
+``responses_max_per_tenant`` per tenant (its oldest go first), in the job store: memory,
+SQLite (expired rows removed on each write) or Redis (a TTL per key)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ MAX_BYTES = 16 << 20  # one stored response with its conversation
 
 
 class ResponsesService(rpc.ResponsesServicer):
-    def __init__(self, store: JobStore, ttl_s: float) -> None:
-        self.store, self.ttl_s = store, ttl_s
+    def __init__(self, store: JobStore, ttl_s: float, per_tenant: int = 10_000) -> None:
+        self.store, self.ttl_s, self.per_tenant = store, ttl_s, per_tenant
 
     async def PutResponse(self, request: pb.StoredResponse, context) -> pb.StoredResponse:
         if not ID.match(request.id):
@@ -33,7 +34,7 @@ class ResponsesService(rpc.ResponsesServicer):
         stored = pb.StoredResponse()
         stored.CopyFrom(request)
         stored.owner = found.owner if found is not None else tenant.subject
-        await self.store.put_response(stored, self.ttl_s)
+        await self.store.put_response(stored, self.ttl_s, self.per_tenant)
         return stored
 
     async def GetResponse(self, request: pb.StoredResponseRequest, context) -> pb.StoredResponse:

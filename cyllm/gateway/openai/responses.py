@@ -26,11 +26,13 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 
+from cyllm import errors
 from cyllm.gateway.auth import authenticate
 from cyllm.gateway.client import coordinator
 from cyllm.gateway.errors import GENERATION_ERRORS, responses, stream_error
 from cyllm.gateway.generation import Done, Failed, Generation, Outcome
-from cyllm.gateway.openai.responses_schemas import ResponseRequest, TextFormat, stored_items
+from cyllm.gateway.openai.responses_schemas import ResponseRequest, TextFormat, normal_items, stored_items
+from cyllm.gateway.ratelimit import limit_control
 from cyllm.gateway.sse import frame, sse_response
 from cyllm.gateway.tools import Call, CallStream
 from cyllm.protocol import pb
@@ -44,7 +46,9 @@ async def create_response(body: ResponseRequest, request: Request) -> Any:
     history: list[dict[str, Any]] = []
     if body.previous_response_id:
         stored = await coordinator(request).get_response(body.previous_response_id)
-        history = stored_items(stored.input_json) + json.loads(stored.response_json).get("output", [])
+        history = stored_items(stored.input_json) + normal_items(
+            json.loads(stored.response_json).get("output", [])
+        )
     req = body.to_request(history)
     gen = await Generation(request, req, whole=not body.stream).start()
     shape = _Shape(body, secrets.token_hex(12), int(time.time()), history + body.items())
@@ -56,18 +60,30 @@ async def create_response(body: ResponseRequest, request: Request) -> Any:
     return final
 
 
-@router.get("/responses/{response_id}", responses=responses(401, 404, 500, 503))
+@router.get(
+    "/responses/{response_id}",
+    dependencies=[Depends(limit_control)],
+    responses=responses(400, 401, 404, 429, 500, 503),
+)
 async def get_response(response_id: str, request: Request) -> Any:
     return json.loads((await coordinator(request).get_response(response_id)).response_json)
 
 
-@router.delete("/responses/{response_id}", responses=responses(401, 404, 500, 503))
+@router.delete(
+    "/responses/{response_id}",
+    dependencies=[Depends(limit_control)],
+    responses=responses(400, 401, 404, 429, 500, 503),
+)
 async def delete_response(response_id: str, request: Request) -> Any:
     await coordinator(request).delete_response(response_id)
     return {"id": response_id, "object": "response", "deleted": True}
 
 
-@router.get("/responses/{response_id}/input_items", responses=responses(401, 404, 500, 503))
+@router.get(
+    "/responses/{response_id}/input_items",
+    dependencies=[Depends(limit_control)],
+    responses=responses(400, 401, 404, 429, 500, 503),
+)
 async def list_input_items(
     response_id: str,
     request: Request,
@@ -77,7 +93,10 @@ async def list_input_items(
     """The response's input items (its conversation before its output), newest first
     unless ``order=asc``, as OpenAI lists them."""
     items = stored_items((await coordinator(request).get_response(response_id)).input_json)
-    data = [{"id": f"item_{response_id.removeprefix('resp_')}_{i}", **item} for i, item in enumerate(items)]
+    data = [
+        {"id": f"item_{response_id.removeprefix('resp_')}_{i}", **_as_listed(item)}
+        for i, item in enumerate(items)
+    ]
     data = (data[::-1] if order == "desc" else data)[:limit]
     return {
         "object": "list",
@@ -86,6 +105,14 @@ async def list_input_items(
         "last_id": data[-1]["id"] if data else None,
         "has_more": len(items) > limit,
     }
+
+
+def _as_listed(item: dict[str, Any]) -> dict[str, Any]:
+    """An input item as OpenAI lists it: a message's text as a content part."""
+    if item["type"] != "message":
+        return {**item, "status": "completed"}
+    part = "output_text" if item["role"] == "assistant" else "input_text"
+    return {**item, "status": "completed", "content": [{"type": part, "text": item["content"]}]}
 
 
 class _Shape:
@@ -242,10 +269,22 @@ async def _events(gen: Generation, shape: _Shape, request: Request) -> AsyncIter
                     yield shape.event("response.output_item.added", output_index=n, item=item)
                     if item["type"] == "message":
                         where = {"item_id": item["id"], "output_index": n, "content_index": 0}
+                        empty = {"type": "output_text", "text": "", "annotations": []}
+                        yield shape.event("response.content_part.added", **where, part=empty)
                         yield shape.event("response.output_text.delta", **where, delta=text, logprobs=[])
                         yield shape.event("response.output_text.done", **where, text=text, logprobs=[])
+                        yield shape.event("response.content_part.done", **where, part=item["content"][0])
                     yield shape.event("response.output_item.done", output_index=n, item=item)
-            await shape.keep(request, final)
+            try:
+                await shape.keep(request, final)
+            except errors.CyllmError as exc:  # answered, but not kept: say so, not a cut stream
+                yield shape.event(
+                    "error",
+                    code=exc.code,
+                    message=f"the response could not be stored: {exc.message}",
+                    param="store",
+                )
+                return
             kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
             yield shape.event(kind, response=final)
             return

@@ -235,3 +235,9 @@ def stored_items(raw: str) -> list[dict[str, Any]]:
     """A stored conversation (items written by this server)."""
     found = json.loads(raw or "[]")
     return found if isinstance(found, list) else []
+
+
+def normal_items(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Output items (a message's content is a list of parts; a call has an id and a
+    status) in the input form a conversation continues from."""
+    return [ITEMS[item["type"]].model_validate(item).item() for item in items if item.get("type") in ITEMS]

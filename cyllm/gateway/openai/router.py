@@ -239,7 +239,7 @@ async def list_models(request: Request) -> ModelList:
     caller = context(request).caller
     return ModelList(
         data=[
-            Model(id=m.id, created=m.created)
+            Model(id=m.id, created=m.created, max_model_len=m.context_length or None)
             for m in models  # loaded, or loaded on demand when asked for
             if caller.may_use(m.id)
         ]
@@ -250,7 +250,7 @@ async def list_models(request: Request) -> ModelList:
 async def get_model(model_id: str, request: Request) -> Model:
     for m in await coordinator(request).list_models():
         if m.id == model_id and context(request).caller.may_use(m.id):
-            return Model(id=m.id, created=m.created)
+            return Model(id=m.id, created=m.created, max_model_len=m.context_length or None)
     raise errors.ModelNotFound(f"model {model_id!r} does not exist", param="model")
 
 

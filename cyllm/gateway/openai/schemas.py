@@ -176,13 +176,19 @@ class ChatCompletionRequest(_Sampling):
         )
 
 
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
+MAX_PROMPT_IDS = 1 << 17  # the longest context a model has; the worker checks its own
+
+
 class CompletionRequest(_Sampling):
     # text, or token ids (as lm-evaluation-harness sends them); one prompt per request
     prompt: (
         str
         | Annotated[list[str], Field(max_length=MAX_ITEMS)]
-        | Annotated[list[int], Field(max_length=1 << 20)]
-        | Annotated[list[Annotated[list[int], Field(max_length=1 << 20)]], Field(max_length=MAX_ITEMS)]
+        | Annotated[list[TokenId], Field(max_length=MAX_PROMPT_IDS)]
+        | Annotated[
+            list[Annotated[list[TokenId], Field(max_length=MAX_PROMPT_IDS)]], Field(max_length=MAX_ITEMS)
+        ]
     )
     # OpenAI's default for completions; 0 (with echo and logprobs): score the prompt only
     max_tokens: int | None = Field(16, ge=0, le=INT32_MAX)
@@ -273,6 +279,7 @@ class Model(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "cyllm"
+    max_model_len: int | None = Field(None, description="the model's context length (vLLM's)")
 
 
 class ModelList(BaseModel):
@@ -328,14 +335,14 @@ def chat_logprobs(logprobs: Sequence[pb.TokenLogprob]) -> dict[str, Any]:
 def vllm_prompt_logprobs(scored: Sequence[pb.TokenLogprob]) -> list[dict[str, Any] | None]:
     """vLLM's ``prompt_logprobs``: None for the first token, then per token a map of token
     id to ``{logprob, rank, decoded_token}`` holding the token and its alternatives (rank
-    1 is the likeliest; the prompt's own token has one only when it is among them)."""
+    1 is the likeliest)."""
     out: list[dict[str, Any] | None] = [None] if scored else []
     for lp in scored[1:]:
         entry = {
             str(t.token_id): {"logprob": t.logprob, "rank": r, "decoded_token": t.token}
             for r, t in enumerate(lp.top, 1)
         }
-        entry.setdefault(str(lp.token_id), {"logprob": lp.logprob, "rank": None, "decoded_token": lp.token})
+        entry[str(lp.token_id)] = {"logprob": lp.logprob, "rank": lp.rank or None, "decoded_token": lp.token}
         out.append(entry)
     return out
 

@@ -87,6 +87,9 @@ from cyllm.worker.settings import ModelSpec
 
 log = logging.getLogger(__name__)
 
+# The longest prompt scored token by token (echo, prompt_logprobs): its logits are
+# tokens x vocabulary (8k tokens of a 150k vocabulary: 2.4 GB in bfloat16).
+SCORE_MAX_TOKENS = 4096
 LONG_PROMPT_CHARS = 32_768  # planned on a thread beyond this (a hop costs ~0.1 ms)
 
 
@@ -326,6 +329,17 @@ class Engine(AbstractEngine):
             len(prompt_ids), sampling.max_tokens, self.context_length, self.spec.default_max_tokens
         )
         self.check_rules(sampling)
+        if sampling.prompt_logprobs is not None and len(prompt_ids) > SCORE_MAX_TOKENS:
+            raise errors.InvalidRequest(
+                f"the prompt has {len(prompt_ids)} tokens; prompt logprobs are given for prompts of "
+                f"up to {SCORE_MAX_TOKENS} tokens",
+                param="prompt_logprobs",
+            )
+        vocab = self.vocab_size() if request.prompt_token_ids is not None else None
+        if vocab is not None and any(t >= vocab for t in prompt_ids):
+            raise errors.InvalidRequest(
+                f"prompt: a token id is outside this model's vocabulary (0..{vocab - 1})", param="prompt"
+            )
         resumed = request.resume.token_ids if request.resume is not None else ()
         if not resumed:
             return Plan(request, sampling, prompt_ids, max_new)
@@ -339,6 +353,27 @@ class Engine(AbstractEngine):
             len(prompt_ids),
             tuple(resumed),
         )
+
+    async def tokenize(self, request: GenerationRequest) -> tuple[list[int], list[str]]:
+        """The prompt's token ids as a generation would see them, and their token strings
+        (vLLM's /tokenize); a long prompt on a thread, as ``generate`` plans one."""
+
+        def work() -> tuple[list[int], list[str]]:
+            ids = self.prompt_ids(request)
+            convert = getattr(self.tokenizer, "convert_ids_to_tokens", None)
+            strs = convert(ids) if convert else [self.tokenizer.decode([i]) for i in ids]
+            return ids, [str(t) for t in strs]
+
+        return await asyncio.to_thread(work) if _prompt_chars(request) > LONG_PROMPT_CHARS else work()
+
+    async def detokenize(self, ids: list[int]) -> str:
+        vocab = self.vocab_size()
+        bad = next((t for t in ids if t < 0 or (vocab is not None and t >= vocab)), None)
+        if bad is not None:
+            raise errors.InvalidRequest(
+                f"tokens: id {bad} is outside the vocabulary (0..{(vocab or 0) - 1})", param="tokens"
+            )
+        return await asyncio.to_thread(self.tokenizer.decode, ids)
 
     async def score_prompt(self, plan: Plan) -> tuple[TokenLogprob, ...]:
         """Each prompt token's logprob under the model (and ``prompt_logprobs``

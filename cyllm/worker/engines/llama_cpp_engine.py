@@ -176,6 +176,10 @@ class LlamaCppEngine(Engine):
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
         llm = self._objects[0]  # tokenising is read-only on the vocabulary
+        if request.prompt_token_ids is not None:
+            if not request.prompt_token_ids:
+                raise errors.InvalidRequest("prompt must not be empty", param="prompt")
+            return list(request.prompt_token_ids)  # checked against the vocabulary by plan()
         if request.messages is not None:
             msgs, tools = messages_of(request, self.template)
             if self.formatter is None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import threading
 import time
@@ -54,6 +55,7 @@ T = TypeVar("T")
 
 # Prompt tokens (rows x padded width) prefilled in one forward pass at most.
 _PREFILL_TOKEN_BUDGET = 8192
+_SCORE_ROWS = 256  # prompt positions scored at once (a block of float32 log-softmax rows)
 
 
 # Eager attention's scores of one forward pass, float32, at most (see eager_fits).
@@ -223,6 +225,17 @@ class TransformersEngine(Engine):
             self.model.delete_adapter(name)
             del self._adapters[name]
 
+    def vocab_size(self) -> int | None:
+        """The ids this model takes: the tokenizer may count more than the embedding has
+        rows (an id in the gap would crash a CUDA kernel), or fewer (padding rows)."""
+        rows = (
+            self.model.get_input_embeddings().num_embeddings
+            if getattr(self, "model", None) is not None
+            else None
+        )
+        size = len(self.tokenizer)
+        return min(size, rows) if rows else size
+
     # -- a prompt scored (echo with logprobs, prompt_logprobs) ------------------------------
 
     async def score_prompt(self, plan: Plan) -> tuple[TokenLogprob, ...]:
@@ -232,14 +245,41 @@ class TransformersEngine(Engine):
     def _score(self, ids: list[int], top: int, adapter: str | None) -> tuple[TokenLogprob, ...]:
         """One forward pass over the prompt on the engine thread (the model is its own),
         with the request's adapter; each position's logits score the next token, in
-        float32, as the generated tokens' are (before temperature)."""
-        decode = lambda i: self.tokenizer.decode([i])  # noqa: E731
+        float32 a block of rows at a time, as the generated tokens' are (before
+        temperature)."""
+        texts: dict[int, str] = {}
+
+        def text(i: int) -> str:
+            if i not in texts:
+                texts[i] = self.tokenizer.decode([i])
+            return texts[i]
+
         self._pick_attention(1, len(ids))
+        out = [TokenLogprob(ids[0], 0.0, text(ids[0]))]
         with torch.inference_mode():
             x = torch.tensor([ids], device=self.device)
-            logits = self.model(input_ids=x, use_cache=False, **self._forward_args([adapter])).logits[0]
-        first = TokenLogprob(ids[0], 0.0, decode(ids[0]))
-        return (first, *(token_logprob(logits[i - 1], ids[i], top, decode) for i in range(1, len(ids))))
+            logits = self.model(input_ids=x, use_cache=False, **self._forward_args([adapter])).logits[0, :-1]
+            nxt = torch.tensor(ids[1:], device=self.device)
+            for start in range(0, len(ids) - 1, _SCORE_ROWS):
+                rows = torch.log_softmax(logits[start : start + _SCORE_ROWS].float(), dim=-1)
+                picked = rows.gather(1, nxt[start : start + _SCORE_ROWS, None])
+                ranks = ((rows > picked).sum(-1) + 1).tolist()
+                chosen = picked[:, 0].tolist()
+                best = rows.topk(top) if top else None
+                for r, value in enumerate(chosen):
+                    alternatives = (
+                        tuple(
+                            (i, v, text(i))
+                            for v, i in zip(best.values[r].tolist(), best.indices[r].tolist())
+                            if math.isfinite(v)
+                        )
+                        if best is not None
+                        else ()
+                    )
+                    token = ids[start + r + 1]
+                    logprob = value if math.isfinite(value) else -9999.0
+                    out.append(TokenLogprob(token, logprob, text(token), alternatives, int(ranks[r])))
+        return tuple(out)
 
     # -- embeddings ---------------------------------------------------------------------
 

@@ -99,6 +99,7 @@ class TokenLogprob:
     logprob: float
     token: str
     top: tuple[tuple[int, float, str], ...] = ()
+    rank: int = 0  # where known: 1 the likeliest (0: unknown)
 
 
 @dataclass(frozen=True)

@@ -312,6 +312,7 @@ class VllmAsyncEngine(Engine):
                     chosen.logprob,
                     chosen.decoded_token or decode(token),
                     tuple((i, v, t) for _, i, v, t in alternatives[:top]),
+                    chosen.rank or 0,
                 )
             )
         return tuple(out)

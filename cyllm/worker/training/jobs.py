@@ -9,6 +9,7 @@ coordinators send it no inference while it trains.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -74,11 +75,16 @@ class WorkerTraining:
     def root(self) -> Path:
         return self.settings.training_dir or self.settings.cache_dir / "training"
 
-    @property
+    @functools.cached_property
     def devices(self) -> int:
-        """The processes a job may run here (``devices.device_count``)."""
+        """The processes a job may run here (``devices.device_count``; counted once, as
+        every registration reports it; 1 when the count fails)."""
         d = self.settings.training_device
-        return device_count(self.accelerator if d == "auto" else d)
+        try:
+            return max(1, device_count(self.accelerator if d == "auto" else d))
+        except Exception:  # no torch, or a device the driver cannot count
+            log.warning("could not count the training devices of %s; counting one", d, exc_info=True)
+            return 1
 
     @property
     def device(self) -> str:
