@@ -46,7 +46,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -255,25 +255,12 @@ class VllmAsyncEngine(Engine):
         text) as ours; end tokens are no content and carry none."""
         if top is None or not completion.logprobs:
             return ()
-        ends, out = self.end_ids(), []
-        for token, ranked in zip(completion.token_ids, completion.logprobs):
-            if token in ends:
-                continue
-            chosen = ranked[token]
-            alternatives = sorted(
-                (lp.rank, i, lp.logprob, lp.decoded_token or "")
-                for i, lp in ranked.items()
-                if lp.rank is not None and lp.rank <= top
-            )
-            out.append(
-                TokenLogprob(
-                    token,
-                    chosen.logprob,
-                    chosen.decoded_token or "",
-                    tuple((i, v, t) for _, i, v, t in alternatives[:top]),
-                )
-            )
-        return tuple(out)
+        ends = self.end_ids()
+        return tuple(
+            _ours(token, ranked, top, lambda _: "")
+            for token, ranked in zip(completion.token_ids, completion.logprobs)
+            if token not in ends
+        )
 
     async def score_prompt(self, plan: Plan) -> tuple[TokenLogprob, ...]:
         """vLLM's ``prompt_logprobs``, from a request of its own that generates one token
@@ -298,24 +285,8 @@ class VllmAsyncEngine(Engine):
         if not found:
             raise errors.EngineError(f"vLLM gave no prompt logprobs for request {plan.request_id}")
         decode = lambda i: self.tokenizer.decode([i])  # noqa: E731
-        out = [TokenLogprob(ids[0], 0.0, decode(ids[0]))]
-        for token, ranked in zip(ids[1:], found[1:]):
-            chosen = ranked[token]
-            alternatives = sorted(
-                (lp.rank, i, lp.logprob, lp.decoded_token or decode(i))
-                for i, lp in ranked.items()
-                if lp.rank is not None and lp.rank <= top
-            )
-            out.append(
-                TokenLogprob(
-                    token,
-                    chosen.logprob,
-                    chosen.decoded_token or decode(token),
-                    tuple((i, v, t) for _, i, v, t in alternatives[:top]),
-                    chosen.rank or 0,
-                )
-            )
-        return tuple(out)
+        first = TokenLogprob(ids[0], 0.0, decode(ids[0]))
+        return (first, *(_ours(token, ranked, top, decode) for token, ranked in zip(ids[1:], found[1:])))
 
     async def stream(self, plan: Plan) -> AsyncGenerator[Step, None]:
         from vllm import SamplingParams
@@ -362,6 +333,25 @@ class VllmAsyncEngine(Engine):
                 # AsyncLLM aborts a request whose generator is closed; say it anyway, it
                 # is a no-op for ids it no longer knows.
                 await _quietly(self.llm.abort(plan.request_id))
+
+
+def _ours(token: int, ranked: Any, top: int, decode: Callable[[int], str]) -> TokenLogprob:
+    """vLLM's map for one position (id -> Logprob with rank and text) as our logprob:
+    the token, its rank, and the ``top`` likeliest (text from ``decode`` where vLLM
+    gave none)."""
+    chosen = ranked[token]
+    alternatives = sorted(
+        (lp.rank, i, lp.logprob, lp.decoded_token or decode(i))
+        for i, lp in ranked.items()
+        if lp.rank is not None and lp.rank <= top
+    )
+    return TokenLogprob(
+        token,
+        chosen.logprob,
+        chosen.decoded_token or decode(token),
+        tuple((i, v, t) for _, i, v, t in alternatives[:top]),
+        chosen.rank or 0,
+    )
 
 
 class VllmCudaEngine(VllmAsyncEngine):
