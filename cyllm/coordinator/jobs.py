@@ -105,7 +105,41 @@ class JobStore(abc.ABC):
     @abc.abstractmethod
     async def delete_response(self, response_id: str) -> bool: ...
 
+    # -- batches (/v1/batches): the record, a runner's lease, the results of its lines
+    @abc.abstractmethod
+    async def put_batch(self, batch: pb.Batch) -> None: ...
 
+    @abc.abstractmethod
+    async def get_batch(self, batch_id: str) -> pb.Batch | None: ...
+
+    @abc.abstractmethod
+    async def batches(self, open_only: bool = False) -> list[pb.Batch]:
+        """Oldest first; ``open_only``: those not yet in a final state."""
+
+    @abc.abstractmethod
+    async def claim_batch(self, batch_id: str, runner: str, lease_s: float) -> bool:
+        """Take the batch's lease for ``runner`` (or renew it); False while another holds it."""
+
+    @abc.abstractmethod
+    async def release_batch(self, batch_id: str, runner: str) -> None: ...
+
+    @abc.abstractmethod
+    async def add_batch_results(self, batch_id: str, results: list[pb.BatchResult]) -> list[pb.BatchResult]:
+        """Keep each line's first result; return those that were new."""
+
+    @abc.abstractmethod
+    async def batch_done(self, batch_id: str) -> list[int]:
+        """The lines that have a result."""
+
+    @abc.abstractmethod
+    async def batch_results(self, batch_id: str, start: int, stop: int) -> list[pb.BatchResult]:
+        """The results of lines ``start`` to ``stop - 1``, by line."""
+
+    @abc.abstractmethod
+    async def drop_batch_results(self, batch_id: str) -> None: ...
+
+
+FINAL_BATCH = ("completed", "failed", "expired", "cancelled")
 MAX_MEMORY_RESPONSES = 10_000  # in memory, the oldest go first past this many
 
 
@@ -119,6 +153,9 @@ class MemoryJobStore(JobStore):
         self._leases: dict[str, tuple[str, float]] = {}
         self._files: dict[str, pb.FileInfo] = {}
         self._responses: OrderedDict[str, tuple[pb.StoredResponse, float]] = OrderedDict()
+        self._batches: dict[str, pb.Batch] = {}
+        self._batch_leases: dict[str, tuple[str, float]] = {}
+        self._batch_results: dict[str, dict[int, pb.BatchResult]] = {}
 
     async def put(self, job: pb.TrainingJob) -> None:
         copy = pb.TrainingJob()
@@ -218,3 +255,48 @@ class MemoryJobStore(JobStore):
 
     async def delete_response(self, response_id: str) -> bool:
         return self._responses.pop(response_id, None) is not None
+
+    async def put_batch(self, batch: pb.Batch) -> None:
+        copy = pb.Batch()
+        copy.CopyFrom(batch)
+        self._batches[batch.id] = copy
+
+    async def get_batch(self, batch_id: str) -> pb.Batch | None:
+        found = self._batches.get(batch_id)
+        if found is None:
+            return None
+        out = pb.Batch()
+        out.CopyFrom(found)
+        return out
+
+    async def batches(self, open_only: bool = False) -> list[pb.Batch]:
+        found = [b for b in self._batches.values() if not open_only or b.status not in FINAL_BATCH]
+        return sorted(found, key=lambda b: (b.created_at, b.id))
+
+    async def claim_batch(self, batch_id: str, runner: str, lease_s: float) -> bool:
+        held = self._batch_leases.get(batch_id)
+        if held is not None and held[0] != runner and held[1] > self.clock():
+            return False
+        self._batch_leases[batch_id] = (runner, self.clock() + lease_s)
+        return True
+
+    async def release_batch(self, batch_id: str, runner: str) -> None:
+        if self._batch_leases.get(batch_id, ("",))[0] == runner:
+            del self._batch_leases[batch_id]
+
+    async def add_batch_results(self, batch_id: str, results: list[pb.BatchResult]) -> list[pb.BatchResult]:
+        kept = self._batch_results.setdefault(batch_id, {})
+        new = [r for r in results if r.index not in kept]
+        for r in new:
+            kept[r.index] = r
+        return new
+
+    async def batch_done(self, batch_id: str) -> list[int]:
+        return sorted(self._batch_results.get(batch_id, {}))
+
+    async def batch_results(self, batch_id: str, start: int, stop: int) -> list[pb.BatchResult]:
+        kept = self._batch_results.get(batch_id, {})
+        return [kept[i] for i in sorted(kept) if start <= i < stop]
+
+    async def drop_batch_results(self, batch_id: str) -> None:
+        self._batch_results.pop(batch_id, None)

@@ -26,6 +26,7 @@ from cyllm.coordinator.pool import HealthRules
 from cyllm.coordinator.registry import RedisRegistry, Registry, SqliteRegistry
 from cyllm.coordinator.routing import Router
 from cyllm.coordinator.scheduler import MemoryScheduler, Scheduler
+from cyllm.coordinator.services.batches import BatchService
 from cyllm.coordinator.services.inference import InferenceService
 from cyllm.coordinator.services.models import ModelsService
 from cyllm.coordinator.services.pool import WorkerPoolService
@@ -139,6 +140,7 @@ class Services:
     training: TrainingService
     files: FilesService
     responses: ResponsesService
+    batches: BatchService
     pool: WorkerPoolService
 
     def add_to(self, server: grpc.aio.Server) -> None:
@@ -147,6 +149,7 @@ class Services:
         rpc.add_TrainingServicer_to_server(self.training, server)
         rpc.add_FilesServicer_to_server(self.files, server)
         rpc.add_ResponsesServicer_to_server(self.responses, server)
+        rpc.add_BatchesServicer_to_server(self.batches, server)
         rpc.add_WorkerPoolServicer_to_server(self.pool, server)
 
 
@@ -176,7 +179,7 @@ class CoordinatorServer:
             s.hub_datasets_dir or s.files_dir.parent / "hub-datasets" if s.hub_datasets_allowed else None,
             tuple(s.hub_datasets_allowed),
         )
-        files = FileStore(backends.jobs, s.files_dir, s.files_max_bytes, datasets)
+        files = FileStore(backends.jobs, s.files_dir, s.files_max_bytes, datasets, s.batch_max_requests)
         self.training = TrainingManager(
             backends.jobs,
             files,
@@ -219,6 +222,7 @@ class CoordinatorServer:
             training=TrainingService(self.training, models.visible),
             files=FilesService(files),
             responses=ResponsesService(backends.jobs, s.responses_ttl_s, s.responses_max_per_tenant),
+            batches=BatchService(backends.jobs, files, s.batch_max_open_per_tenant),
             pool=WorkerPoolService(self.scheduler, s.heartbeat_interval_s, self.plane),
         )
         self.services.add_to(self._server)

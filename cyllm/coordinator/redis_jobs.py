@@ -7,7 +7,9 @@ cancel flag; ``jobs:queue`` the FIFO list of queued ids; ``job:<id>:lease`` the 
 coordinator's id with a TTL, and ``jobs:running`` the ids holding one; ``files`` a hash
 of serialized ``FileInfo``; ``response:<id>`` a stored response, expiring by its TTL,
 and ``responses:owner:<owner>`` a ZSET of each owner's ids by expiry (its oldest beyond
-the cap go).
+the cap go); ``batch:<id>`` a serialized ``Batch``, ``batches`` a ZSET of ids by creation
+and ``batches:open`` those not final, ``batch:<id>:lease`` the runner with a TTL,
+``batch:<id>:results`` a hash of each line's first result.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 
 import redis.asyncio as aioredis
 
-from cyllm.coordinator.jobs import JobStore
+from cyllm.coordinator.jobs import FINAL_BATCH, JobStore
 from cyllm.coordinator.redis_backend import P
 from cyllm.protocol import pb
 from cyllm.shared_state import connect, members, text
@@ -32,6 +34,17 @@ _ENQUEUE = """
 if redis.call('LPOS', KEYS[1], ARGV[1]) then return 0 end
 return redis.call('RPUSH', KEYS[1], ARGV[1])
 """
+# Take a batch's lease, or renew it for the runner that holds it.
+_LEASE = """
+local held = redis.call('GET', KEYS[1])
+if held and held ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+_UNLEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"""
 _RENEW = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -45,6 +58,8 @@ class RedisJobStore(JobStore):
         self._claim = self.r.register_script(_CLAIM)
         self._renew = self.r.register_script(_RENEW)
         self._enqueue = self.r.register_script(_ENQUEUE)
+        self._lease = self.r.register_script(_LEASE)
+        self._unlease = self.r.register_script(_UNLEASE)
 
     async def start(self) -> None:
         await self.r.ping()
@@ -163,6 +178,58 @@ class RedisJobStore(JobStore):
 
     async def delete_response(self, response_id: str) -> bool:
         return bool(await self.r.delete(P + f"response:{response_id}"))
+
+    async def put_batch(self, batch: pb.Batch) -> None:
+        async with self.r.pipeline(transaction=True) as p:
+            p.set(P + f"batch:{batch.id}", batch.SerializeToString())
+            p.zadd(P + "batches", {batch.id: batch.created_at}, nx=True)
+            if batch.status in FINAL_BATCH:
+                p.zrem(P + "batches:open", batch.id)
+            else:
+                p.zadd(P + "batches:open", {batch.id: batch.created_at}, nx=True)
+            await p.execute()
+
+    async def get_batch(self, batch_id: str) -> pb.Batch | None:
+        raw = await self.r.get(P + f"batch:{batch_id}")
+        return None if raw is None else pb.Batch.FromString(raw)
+
+    async def batches(self, open_only: bool = False) -> list[pb.Batch]:
+        ids = [
+            i.decode()
+            for i in members(await self.r.zrange(P + ("batches:open" if open_only else "batches"), 0, -1))
+        ]
+        if not ids:
+            return []
+        raw = await self.r.mget([P + f"batch:{i}" for i in ids])
+        return [pb.Batch.FromString(x) for x in raw if x is not None]
+
+    async def claim_batch(self, batch_id: str, runner: str, lease_s: float) -> bool:
+        return bool(
+            await self._lease(keys=[P + f"batch:{batch_id}:lease"], args=[runner, int(lease_s * 1000)])
+        )
+
+    async def release_batch(self, batch_id: str, runner: str) -> None:
+        await self._unlease(keys=[P + f"batch:{batch_id}:lease"], args=[runner])
+
+    async def add_batch_results(self, batch_id: str, results: list[pb.BatchResult]) -> list[pb.BatchResult]:
+        key = P + f"batch:{batch_id}:results"
+        async with self.r.pipeline(transaction=True) as p:
+            for r in results:
+                p.hsetnx(key, str(r.index), r.SerializeToString())
+            added = await p.execute()
+        return [r for r, new in zip(results, added) if new]
+
+    async def batch_done(self, batch_id: str) -> list[int]:
+        return sorted(int(text(k)) for k in await self.r.hkeys(P + f"batch:{batch_id}:results"))
+
+    async def batch_results(self, batch_id: str, start: int, stop: int) -> list[pb.BatchResult]:
+        if stop <= start:
+            return []
+        raw = await self.r.hmget(P + f"batch:{batch_id}:results", [str(i) for i in range(start, stop)])
+        return [pb.BatchResult.FromString(x) for x in raw if x is not None]
+
+    async def drop_batch_results(self, batch_id: str) -> None:
+        await self.r.delete(P + f"batch:{batch_id}:results")
 
 
 def _copy(message, cls):

@@ -63,6 +63,10 @@ class CoordinatorSettings(ComponentSettings):
     responses_max_per_tenant: int = Field(
         10_000, ge=1, description="stored responses a tenant keeps; beyond it its oldest go first"
     )
+    batch_max_requests: int = Field(50_000, ge=1, description="requests one batch file may hold")
+    batch_max_open_per_tenant: int = Field(
+        16, ge=1, description="batches a tenant may have running at once; beyond: 429"
+    )
     training_max_attempts: int = Field(3, ge=1, description="runs of a job whose worker is lost")
     training_max_jobs_per_tenant: int = Field(4, ge=1, description="queued or running jobs per tenant")
     training_max_steps: int = Field(100_000, ge=1, description="largest max_steps a job may ask")

@@ -59,6 +59,14 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX responses_by_expiry ON responses (expires);
     CREATE INDEX responses_by_owner ON responses (owner, expires);
     """,
+    """
+    CREATE TABLE batches (
+        id TEXT PRIMARY KEY, created_at INTEGER NOT NULL, open INTEGER NOT NULL, record BLOB NOT NULL);
+    CREATE INDEX batches_open ON batches (open, created_at, id);
+    CREATE TABLE batch_leases (batch_id TEXT PRIMARY KEY, runner TEXT NOT NULL, until REAL NOT NULL);
+    CREATE TABLE batch_results (
+        batch_id TEXT NOT NULL, idx INTEGER NOT NULL, record BLOB NOT NULL, PRIMARY KEY (batch_id, idx));
+    """,
 )
 
 

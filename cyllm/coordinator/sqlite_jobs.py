@@ -3,7 +3,8 @@
 ``job_events`` (numbered per job), ``job_queue`` (FIFO by position), ``job_leases``
 (the coordinator following a running job, and until when: wall-clock time, since the
 file outlives the process), ``files`` (uploads' records), ``responses`` (stored
-Responses API responses, until they expire) and ``idempotency``.
+Responses API responses, until they expire), ``batches`` with ``batch_leases`` (the
+gateway running one) and ``batch_results`` (a line's first result), and ``idempotency``.
 
 A lease left by a coordinator that died (``cyllm serve`` stopped mid-job, killed, the
 machine rebooted) expires like any other: the restarted coordinator puts the job back
@@ -18,7 +19,7 @@ from collections.abc import Callable
 
 from cyllm.coordinator.cache import CachedResponse, decode, encode
 from cyllm.coordinator.idempotency import Claim, IdempotencyStore
-from cyllm.coordinator.jobs import JobStore
+from cyllm.coordinator.jobs import FINAL_BATCH, JobStore
 from cyllm.coordinator.sqlite import Database, one, transaction
 from cyllm.protocol import pb
 
@@ -195,6 +196,81 @@ class SqliteJobStore(JobStore):
     async def delete_response(self, response_id: str) -> bool:
         cursor = await self.db.run(lambda c: c.execute("DELETE FROM responses WHERE id = ?", (response_id,)))
         return cursor.rowcount > 0
+
+    async def put_batch(self, batch: pb.Batch) -> None:
+        await self.db.run(
+            lambda c: c.execute(
+                "INSERT OR REPLACE INTO batches (id, created_at, open, record) VALUES (?, ?, ?, ?)",
+                (batch.id, batch.created_at, batch.status not in FINAL_BATCH, batch.SerializeToString()),
+            )
+        )
+
+    async def get_batch(self, batch_id: str) -> pb.Batch | None:
+        raw = await self.db.run(lambda c: one(c, "SELECT record FROM batches WHERE id = ?", batch_id))
+        return None if raw is None else pb.Batch.FromString(raw)
+
+    async def batches(self, open_only: bool = False) -> list[pb.Batch]:
+        rows = await self.db.run(
+            lambda c: c.execute(
+                "SELECT record FROM batches WHERE open >= ? ORDER BY created_at, id", (int(open_only),)
+            ).fetchall()
+        )
+        return [pb.Batch.FromString(row[0]) for row in rows]
+
+    async def claim_batch(self, batch_id: str, runner: str, lease_s: float) -> bool:
+        now = self.clock()
+
+        def claim(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                "INSERT INTO batch_leases (batch_id, runner, until) VALUES (?, ?, ?) "
+                "ON CONFLICT (batch_id) DO UPDATE SET runner = excluded.runner, until = excluded.until "
+                "WHERE batch_leases.runner = excluded.runner OR batch_leases.until < ?",
+                (batch_id, runner, now + lease_s, now),
+            )
+            return cursor.rowcount > 0
+
+        return await self.db.run(claim)
+
+    async def release_batch(self, batch_id: str, runner: str) -> None:
+        await self.db.run(
+            lambda c: c.execute(
+                "DELETE FROM batch_leases WHERE batch_id = ? AND runner = ?", (batch_id, runner)
+            )
+        )
+
+    async def add_batch_results(self, batch_id: str, results: list[pb.BatchResult]) -> list[pb.BatchResult]:
+        def add(conn: sqlite3.Connection) -> list[pb.BatchResult]:
+            with transaction(conn):
+                return [
+                    r
+                    for r in results
+                    if conn.execute(
+                        "INSERT OR IGNORE INTO batch_results (batch_id, idx, record) VALUES (?, ?, ?)",
+                        (batch_id, r.index, r.SerializeToString()),
+                    ).rowcount
+                ]
+
+        return await self.db.run(add)
+
+    async def batch_done(self, batch_id: str) -> list[int]:
+        rows = await self.db.run(
+            lambda c: c.execute(
+                "SELECT idx FROM batch_results WHERE batch_id = ? ORDER BY idx", (batch_id,)
+            ).fetchall()
+        )
+        return [row[0] for row in rows]
+
+    async def batch_results(self, batch_id: str, start: int, stop: int) -> list[pb.BatchResult]:
+        rows = await self.db.run(
+            lambda c: c.execute(
+                "SELECT record FROM batch_results WHERE batch_id = ? AND idx >= ? AND idx < ? ORDER BY idx",
+                (batch_id, start, stop),
+            ).fetchall()
+        )
+        return [pb.BatchResult.FromString(row[0]) for row in rows]
+
+    async def drop_batch_results(self, batch_id: str) -> None:
+        await self.db.run(lambda c: c.execute("DELETE FROM batch_results WHERE batch_id = ?", (batch_id,)))
 
 
 def _job(record: bytes, cancel: int) -> pb.TrainingJob:

@@ -12,6 +12,7 @@ from starlette.middleware.cors import CORSMiddleware
 from cyllm.gateway import console, errors
 from cyllm.gateway.admin import router as admin_router
 from cyllm.gateway.auth import Authenticator, AuthMiddleware
+from cyllm.gateway.batch_runner import BatchRunner
 from cyllm.gateway.client import Coordinator, CoordinatorClient
 from cyllm.gateway.context import EdgeMiddleware
 from cyllm.gateway.keys import FileKeyStore, KeyStore, RedisKeyStore
@@ -22,6 +23,7 @@ from cyllm.gateway.native.router import health_router
 from cyllm.gateway.native.router import router as native_router
 from cyllm.gateway.native.training_router import router as training_router
 from cyllm.gateway.native.websocket import router as websocket_router
+from cyllm.gateway.openai.batches import router as batches_router
 from cyllm.gateway.openai.embeddings import router as embeddings_router
 from cyllm.gateway.openai.fine_tuning_router import router as fine_tuning_router
 from cyllm.gateway.openai.responses import router as responses_router
@@ -82,6 +84,16 @@ def create_app(
             app.state.auth = Authenticator(settings, app.state.keys)
             app.state.limiter = RateLimiter(settings)
             stack.push_async_callback(app.state.limiter.close)
+            if settings.batch_concurrency:
+                runner = BatchRunner(
+                    app,
+                    app.state.client,
+                    settings.batch_concurrency,
+                    settings.batch_poll_s,
+                    settings.admin_scope,
+                )
+                runner.start()
+                stack.push_async_callback(runner.stop)
             yield
 
     app = _Gateway(
@@ -98,6 +110,7 @@ def create_app(
     app.include_router(embeddings_router)
     app.include_router(tokenize_router)
     app.include_router(fine_tuning_router)
+    app.include_router(batches_router)
     app.include_router(native_router)
     app.include_router(registry_router)
     app.include_router(training_router)

@@ -26,7 +26,7 @@ from fastapi import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cyllm import errors
-from cyllm.gateway.context import context, peek
+from cyllm.gateway.context import BATCH_CALLER, context, peek
 from cyllm.gateway.errors import error_response
 from cyllm.gateway.keys import PREFIX, KeyStore
 from cyllm.gateway.settings import GatewaySettings
@@ -174,6 +174,12 @@ class Authenticator:
             raise errors.Unauthenticated("not an API key, and JWTs are not configured")
         return self.jwt.verify(token, self.settings.admin_scope)
 
+    async def batch_caller(self, identity: Identity) -> Identity:
+        """The creator of a batch, for one of its requests: an API key must still be live."""
+        if identity.kind == "api_key" and not await self.keys.live(identity.subject.removeprefix("key:")):
+            raise errors.Unauthenticated("the API key that created this batch was revoked or has expired")
+        return identity
+
 
 async def authenticate(request: Request) -> Identity:
     """FastAPI dependency: the caller's identity (also in the request's context), or 401.
@@ -201,8 +207,12 @@ class AuthMiddleware:
             return await self.app(scope, receive, send)
         state = scope["app"].state
         header = dict(scope["headers"]).get(b"authorization")
+        batch_caller = scope.get(BATCH_CALLER)
         try:
-            identity = await state.auth.identify(header.decode("latin-1") if header else None)
+            if batch_caller is not None:
+                identity = await state.auth.batch_caller(batch_caller)
+            else:
+                identity = await state.auth.identify(header.decode("latin-1") if header else None)
         except errors.CyllmError as exc:
             return await error_response(exc)(scope, receive, send)
         ctx = peek(scope)

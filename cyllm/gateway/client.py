@@ -51,6 +51,7 @@ class Coordinator:
     training: Any
     files: Any
     responses: Any
+    batches: Any
 
     @classmethod
     def over(cls, channel: grpc.aio.Channel) -> Coordinator:
@@ -60,6 +61,7 @@ class Coordinator:
             rpc.TrainingStub(channel),
             rpc.FilesStub(channel),
             rpc.ResponsesStub(channel),
+            rpc.BatchesStub(channel),
         )
 
     @classmethod
@@ -68,7 +70,7 @@ class Coordinator:
         return cls(
             *(
                 LocalStub(getattr(services, name), translate)
-                for name in ("inference", "models", "training", "files", "responses")
+                for name in ("inference", "models", "training", "files", "responses", "batches")
             )
         )
 
@@ -284,6 +286,28 @@ class CoordinatorClient:
     async def delete_file(self, file_id: str) -> None:
         await self._training(lambda c: c.files.DeleteFile, pb.FileRequest(id=file_id))
 
+    def read_file(self, file_id: str, offset: int = 0) -> AsyncGenerator[pb.FileChunk, None]:
+        """The file's bytes from ``offset``; a coordinator lost mid-read is replaced by
+        the next, from the bytes already read."""
+        cursor = _Offset(offset)
+
+        def call(peer: failover.Named[Coordinator]) -> AsyncGenerator[pb.FileChunk, None]:
+            return aiter(
+                Stream(
+                    peer.target.files.ReadFile(
+                        pb.ReadFileRequest(id=file_id, offset=cursor.offset), metadata=self._meta
+                    )
+                )
+            )
+
+        return failover.stream(self._in_turn(rounds=2), call, RULE, breakers=self.breakers, progress=cursor)
+
+    # -- batches ------------------------------------------------------------------------
+
+    async def batch(self, op: str, request: Any) -> Any:
+        """``op``: a method of the Batches service (CreateBatch, GetBatch, ...)."""
+        return await self._training(lambda c: getattr(c.batches, op), request)
+
     # -- stored responses ---------------------------------------------------------------
 
     async def put_response(self, stored: pb.StoredResponse) -> pb.StoredResponse:
@@ -332,6 +356,21 @@ class _Cursor:
         if event.seq and event.seq <= self.seq:
             return False
         self.seq = max(self.seq, event.seq)
+        return True
+
+    resumable = True
+    resuming = False
+
+
+class _Offset:
+    """A file read's progress: the bytes relayed, from which the next coordinator
+    continues (the files are on storage every coordinator mounts)."""
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+    def pass_on(self, chunk: pb.FileChunk) -> bool:
+        self.offset += len(chunk.data)
         return True
 
     resumable = True

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _KEY = "cyllm"
+# A batch's request, sent in-process by ``batch_runner``: the scope holds the creator's
+# identity under this key (no HTTP request can put anything in an ASGI scope).
+BATCH_CALLER = "cyllm.batch_caller"
 
 
 @dataclass

@@ -20,7 +20,7 @@ from starlette.requests import HTTPConnection, Request
 
 from cyllm import errors
 from cyllm.gateway.client import coordinator
-from cyllm.gateway.context import context
+from cyllm.gateway.context import BATCH_CALLER, context
 from cyllm.gateway.ratelimit import Admission
 from cyllm.gateway.request import GenerationRequest
 from cyllm.gateway.usage import Usage
@@ -28,6 +28,7 @@ from cyllm.protocol import pb
 from cyllm.protocol.coalesce import coalesced
 
 PRIORITY_SCOPE = "priority"
+BATCH_PRIORITY = -101  # a batch's requests: below the lowest a caller may ask (batch_runner.py)
 
 
 async def _hung_up(request: Request) -> None:
@@ -115,6 +116,8 @@ class Generation:
         self.label = "(unknown)"  # the model as metrics may name it: the coordinator says
         self._wire = request.to_proto(self.ctx.request_id, choice)
         self._wire.idempotency_key = f"{key}#{choice}" if key and choice else key
+        if BATCH_CALLER in conn.scope:
+            self._wire.priority = BATCH_PRIORITY
         self._started = time.perf_counter()
         self._keep_text: list[str] | None = [] if state.settings.log_content else None
         # A whole answer is collected as it comes, never lagging: nothing to merge.

@@ -109,6 +109,13 @@ class KeyStore(abc.ABC):
         await self._save(key)
         return True
 
+    async def live(self, key_id: str) -> bool:
+        """Whether the key exists and is neither revoked nor expired."""
+        key = await self._load(key_id)
+        return (
+            key is not None and not key.revoked and (key.expires_at is None or key.expires_at > time.time())
+        )
+
     async def verify(self, presented: str) -> ApiKey | None:
         """The key if ``presented`` is a live key, else None (unknown, wrong, revoked, expired)."""
         parts = split(presented)
@@ -117,9 +124,7 @@ class KeyStore(abc.ABC):
         key = await self._load(parts[0])
         if key is None or not hmac.compare_digest(key.secret_sha256, _digest(parts[1])):
             return None
-        if key.revoked or (key.expires_at is not None and key.expires_at <= time.time()):
-            return None
-        return key
+        return key if await self.live(key.key_id) else None
 
 
 class FileKeyStore(KeyStore):

@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cyllm import errors
 from cyllm.gateway.auth import loopback
+from cyllm.gateway.context import BATCH_CALLER
 from cyllm.gateway.errors import error_response
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -53,7 +54,7 @@ class BrowserGuard:
         self.origins = {o.rstrip("/").lower() for o in allowed_origins}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
+        if scope["type"] not in ("http", "websocket") or BATCH_CALLER in scope:  # in-process: no browser
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         refused = self._refusal(headers)

@@ -69,6 +69,10 @@ class GatewaySettings(ComponentSettings):
         ge=1,
         description="tokens reserved for a request without max_tokens, while it runs (rate_limit_tpm)",
     )
+    batch_concurrency: int = Field(
+        2, ge=0, le=256, description="a batch's requests this gateway runs at once (0: it runs no batches)"
+    )
+    batch_poll_s: float = Field(2.0, gt=0, le=60, description="how often an idle gateway asks for a batch")
     rate_limit_control_rpm: int | None = Field(
         120, ge=1, description="requests per minute to files, training and admin routes"
     )

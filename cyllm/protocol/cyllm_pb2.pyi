@@ -798,6 +798,158 @@ class EmbedResponse(_message.Message):
     prompt_tokens: int
     def __init__(self, data: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
 
+class ReadFileRequest(_message.Message):
+    __slots__ = ("id", "offset")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    offset: int
+    def __init__(self, id: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class Batch(_message.Message):
+    __slots__ = ("id", "owner", "endpoint", "input_file_id", "completion_window", "status", "output_file_id", "error_file_id", "created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at", "total", "completed", "failed", "metadata_json", "errors_json", "caller_json", "input_tokens", "output_tokens")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FILE_ID_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FILE_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FILE_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    IN_PROGRESS_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    FINALIZING_AT_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_AT_FIELD_NUMBER: _ClassVar[int]
+    FAILED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRED_AT_FIELD_NUMBER: _ClassVar[int]
+    CANCELLING_AT_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_AT_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_JSON_FIELD_NUMBER: _ClassVar[int]
+    CALLER_JSON_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    owner: str
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    status: str
+    output_file_id: str
+    error_file_id: str
+    created_at: int
+    in_progress_at: int
+    expires_at: int
+    finalizing_at: int
+    completed_at: int
+    failed_at: int
+    expired_at: int
+    cancelling_at: int
+    cancelled_at: int
+    total: int
+    completed: int
+    failed: int
+    metadata_json: str
+    errors_json: str
+    caller_json: str
+    input_tokens: int
+    output_tokens: int
+    def __init__(self, id: _Optional[str] = ..., owner: _Optional[str] = ..., endpoint: _Optional[str] = ..., input_file_id: _Optional[str] = ..., completion_window: _Optional[str] = ..., status: _Optional[str] = ..., output_file_id: _Optional[str] = ..., error_file_id: _Optional[str] = ..., created_at: _Optional[int] = ..., in_progress_at: _Optional[int] = ..., expires_at: _Optional[int] = ..., finalizing_at: _Optional[int] = ..., completed_at: _Optional[int] = ..., failed_at: _Optional[int] = ..., expired_at: _Optional[int] = ..., cancelling_at: _Optional[int] = ..., cancelled_at: _Optional[int] = ..., total: _Optional[int] = ..., completed: _Optional[int] = ..., failed: _Optional[int] = ..., metadata_json: _Optional[str] = ..., errors_json: _Optional[str] = ..., caller_json: _Optional[str] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ...) -> None: ...
+
+class CreateBatchRequest(_message.Message):
+    __slots__ = ("input_file_id", "endpoint", "completion_window", "metadata_json", "caller_json")
+    INPUT_FILE_ID_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    CALLER_JSON_FIELD_NUMBER: _ClassVar[int]
+    input_file_id: str
+    endpoint: str
+    completion_window: str
+    metadata_json: str
+    caller_json: str
+    def __init__(self, input_file_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., completion_window: _Optional[str] = ..., metadata_json: _Optional[str] = ..., caller_json: _Optional[str] = ...) -> None: ...
+
+class BatchRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class ListBatchesRequest(_message.Message):
+    __slots__ = ("limit", "after")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    after: str
+    def __init__(self, limit: _Optional[int] = ..., after: _Optional[str] = ...) -> None: ...
+
+class ListBatchesResponse(_message.Message):
+    __slots__ = ("batches", "has_more")
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    HAS_MORE_FIELD_NUMBER: _ClassVar[int]
+    batches: _containers.RepeatedCompositeFieldContainer[Batch]
+    has_more: bool
+    def __init__(self, batches: _Optional[_Iterable[_Union[Batch, _Mapping]]] = ..., has_more: _Optional[bool] = ...) -> None: ...
+
+class ClaimBatchRequest(_message.Message):
+    __slots__ = ("runner", "lease_s")
+    RUNNER_FIELD_NUMBER: _ClassVar[int]
+    LEASE_S_FIELD_NUMBER: _ClassVar[int]
+    runner: str
+    lease_s: float
+    def __init__(self, runner: _Optional[str] = ..., lease_s: _Optional[float] = ...) -> None: ...
+
+class ClaimedBatch(_message.Message):
+    __slots__ = ("batch", "done")
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    batch: Batch
+    done: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, batch: _Optional[_Union[Batch, _Mapping]] = ..., done: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class BatchResult(_message.Message):
+    __slots__ = ("index", "failed", "line", "input_tokens", "output_tokens")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    LINE_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    failed: bool
+    line: bytes
+    input_tokens: int
+    output_tokens: int
+    def __init__(self, index: _Optional[int] = ..., failed: _Optional[bool] = ..., line: _Optional[bytes] = ..., input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ...) -> None: ...
+
+class BatchReport(_message.Message):
+    __slots__ = ("id", "runner", "lease_s", "results", "finished", "release", "failure")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    RUNNER_FIELD_NUMBER: _ClassVar[int]
+    LEASE_S_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    runner: str
+    lease_s: float
+    results: _containers.RepeatedCompositeFieldContainer[BatchResult]
+    finished: bool
+    release: bool
+    failure: str
+    def __init__(self, id: _Optional[str] = ..., runner: _Optional[str] = ..., lease_s: _Optional[float] = ..., results: _Optional[_Iterable[_Union[BatchResult, _Mapping]]] = ..., finished: _Optional[bool] = ..., release: _Optional[bool] = ..., failure: _Optional[str] = ...) -> None: ...
+
+class BatchReportReply(_message.Message):
+    __slots__ = ("stop",)
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    stop: bool
+    def __init__(self, stop: _Optional[bool] = ...) -> None: ...
+
 class SessionRequest(_message.Message):
     __slots__ = ("call", "start", "cancel", "request_id")
     CALL_FIELD_NUMBER: _ClassVar[int]

@@ -1024,6 +1024,11 @@ class FilesStub:
                 request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.FileRequest.SerializeToString,
                 response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.DeleteFileResponse.FromString,
                 _registered_method=True)
+        self.ReadFile = channel.unary_stream(
+                '/cyllm.v1.Files/ReadFile',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.ReadFileRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.FileChunk.FromString,
+                _registered_method=True)
 
 
 class FilesServicer:
@@ -1054,6 +1059,13 @@ class FilesServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadFile(self, request, context):
+        """its bytes, from offset
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FilesServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1076,6 +1088,11 @@ def add_FilesServicer_to_server(servicer, server):
                     servicer.DeleteFile,
                     request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.FileRequest.FromString,
                     response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.DeleteFileResponse.SerializeToString,
+            ),
+            'ReadFile': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadFile,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.ReadFileRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.FileChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1187,6 +1204,329 @@ class Files:
             '/cyllm.v1.Files/DeleteFile',
             cyllm_dot_protocol_dot_cyllm__pb2.FileRequest.SerializeToString,
             cyllm_dot_protocol_dot_cyllm__pb2.DeleteFileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cyllm.v1.Files/ReadFile',
+            cyllm_dot_protocol_dot_cyllm__pb2.ReadFileRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.FileChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class BatchesStub:
+    """Batches of requests (/v1/batches), run by the gateways at the lowest priority.  The
+    tenant's calls: create, get, list, cancel; a gateway's own (no tenant): claim a
+    batch to run, under a lease, and report its results, which renews the lease.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateBatch = channel.unary_unary(
+                '/cyllm.v1.Batches/CreateBatch',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.CreateBatchRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.Batch.FromString,
+                _registered_method=True)
+        self.GetBatch = channel.unary_unary(
+                '/cyllm.v1.Batches/GetBatch',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.BatchRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.Batch.FromString,
+                _registered_method=True)
+        self.ListBatches = channel.unary_unary(
+                '/cyllm.v1.Batches/ListBatches',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.ListBatchesRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.ListBatchesResponse.FromString,
+                _registered_method=True)
+        self.CancelBatch = channel.unary_unary(
+                '/cyllm.v1.Batches/CancelBatch',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.BatchRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.Batch.FromString,
+                _registered_method=True)
+        self.ClaimBatch = channel.unary_unary(
+                '/cyllm.v1.Batches/ClaimBatch',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.ClaimBatchRequest.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.ClaimedBatch.FromString,
+                _registered_method=True)
+        self.ReportBatch = channel.unary_unary(
+                '/cyllm.v1.Batches/ReportBatch',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.BatchReport.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.BatchReportReply.FromString,
+                _registered_method=True)
+
+
+class BatchesServicer:
+    """Batches of requests (/v1/batches), run by the gateways at the lowest priority.  The
+    tenant's calls: create, get, list, cancel; a gateway's own (no tenant): claim a
+    batch to run, under a lease, and report its results, which renews the lease.
+    """
+
+    def CreateBatch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBatch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBatches(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelBatch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClaimBatch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportBatch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_BatchesServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateBatch,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.CreateBatchRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.Batch.SerializeToString,
+            ),
+            'GetBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBatch,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.BatchRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.Batch.SerializeToString,
+            ),
+            'ListBatches': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBatches,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.ListBatchesRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.ListBatchesResponse.SerializeToString,
+            ),
+            'CancelBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelBatch,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.BatchRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.Batch.SerializeToString,
+            ),
+            'ClaimBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClaimBatch,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.ClaimBatchRequest.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.ClaimedBatch.SerializeToString,
+            ),
+            'ReportBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportBatch,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.BatchReport.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.BatchReportReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'cyllm.v1.Batches', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('cyllm.v1.Batches', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Batches:
+    """Batches of requests (/v1/batches), run by the gateways at the lowest priority.  The
+    tenant's calls: create, get, list, cancel; a gateway's own (no tenant): claim a
+    batch to run, under a lease, and report its results, which renews the lease.
+    """
+
+    @staticmethod
+    def CreateBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Batches/CreateBatch',
+            cyllm_dot_protocol_dot_cyllm__pb2.CreateBatchRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.Batch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Batches/GetBatch',
+            cyllm_dot_protocol_dot_cyllm__pb2.BatchRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.Batch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Batches/ListBatches',
+            cyllm_dot_protocol_dot_cyllm__pb2.ListBatchesRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.ListBatchesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Batches/CancelBatch',
+            cyllm_dot_protocol_dot_cyllm__pb2.BatchRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.Batch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClaimBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Batches/ClaimBatch',
+            cyllm_dot_protocol_dot_cyllm__pb2.ClaimBatchRequest.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.ClaimedBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Batches/ReportBatch',
+            cyllm_dot_protocol_dot_cyllm__pb2.BatchReport.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.BatchReportReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -183,3 +183,45 @@ async def test_stored_responses_expire_and_each_owner_keeps_at_most_its_cap(stor
         await a.put_response(pb.StoredResponse(id="resp_short", owner="bob"), ttl_s=0.2, keep=2)
         await until(functools.partial(b.get_response, "resp_short"), lambda found: found is None, timeout=10)
         assert await b.delete_response("resp_a2") and await b.get_response("resp_a2") is None
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+async def batch_stores(request, tmp_path):
+    """Two handles on one store (memory: the same store twice)."""
+    if request.param == "memory":
+        store = MemoryJobStore()
+        yield store, store
+    else:
+        async for pair in stores.__wrapped__(request, tmp_path):
+            yield pair
+
+
+async def test_batches_leases_and_results(batch_stores):
+    """One runner holds a batch at a time (until its lease lapses); each line's first
+    result is kept; a final batch leaves the open list."""
+    a, b = batch_stores
+    for i, status in enumerate(["in_progress", "completed", "cancelling"]):
+        await a.put_batch(pb.Batch(id=f"batch_{i}", owner="t", status=status, created_at=100 + i, total=3))
+    assert [x.id for x in await b.batches(open_only=True)] == ["batch_0", "batch_2"]
+    assert len(await b.batches()) == 3 and (await b.get_batch("batch_1")).status == "completed"
+    assert await b.get_batch("batch_9") is None
+
+    assert await a.claim_batch("batch_0", "g1", 30)
+    assert not await b.claim_batch("batch_0", "g2", 30)
+    assert await a.claim_batch("batch_0", "g1", 0.2)  # renewed, shorter
+    await asyncio.sleep(0.3)
+    assert await b.claim_batch("batch_0", "g2", 30)  # lapsed: taken over
+    await a.release_batch("batch_0", "g1")  # not g1's any more: no effect
+    assert not await a.claim_batch("batch_0", "g1", 30)
+    await b.release_batch("batch_0", "g2")
+    assert await a.claim_batch("batch_0", "g1", 30)
+
+    first = [pb.BatchResult(index=i, line=b"first %d" % i, failed=i == 2) for i in (0, 2)]
+    assert [r.index for r in await a.add_batch_results("batch_0", first)] == [0, 2]
+    again = [pb.BatchResult(index=i, line=b"again %d" % i) for i in (1, 2)]
+    assert [r.index for r in await b.add_batch_results("batch_0", again)] == [1]
+    assert await a.batch_done("batch_0") == [0, 1, 2]
+    found = await b.batch_results("batch_0", 1, 3)
+    assert [(r.index, r.line, r.failed) for r in found] == [(1, b"again 1", False), (2, b"first 2", True)]
+    await a.drop_batch_results("batch_0")
+    assert await b.batch_done("batch_0") == []

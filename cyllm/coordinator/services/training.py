@@ -63,3 +63,7 @@ class FilesService(rpc.FilesServicer):
     async def DeleteFile(self, request, context) -> pb.DeleteFileResponse:
         await self.files.delete(request.id, Tenant.of(context))
         return pb.DeleteFileResponse(deleted=True)
+
+    async def ReadFile(self, request, context) -> AsyncIterator[pb.FileChunk]:
+        async for chunk in self.files.read(request.id, Tenant.of(context), request.offset):
+            yield chunk

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from fastapi import APIRouter, Depends, Form, Query, Request, UploadFile
+from fastapi.responses import StreamingResponse
 
 from cyllm import errors
 from cyllm.gateway.auth import authenticate
@@ -41,8 +43,9 @@ _CHUNK = 1 << 20
 
 @router.post("/files", response_model=FileObject, responses=responses(400, 401, 413, 429, 500, 503))
 async def upload(request: Request, file: UploadFile, purpose: str = Form(...)) -> FileObject:
-    """Upload a dataset (``purpose=fine-tune``); it is parsed now and refused with the
-    line or record that is wrong.  Limit: ``gateway.max_upload_bytes``."""
+    """Upload a dataset (``purpose=fine-tune``) or a batch's requests (``purpose=batch``);
+    it is parsed now and refused with the line or record that is wrong.  Limit:
+    ``gateway.max_upload_bytes``."""
 
     async def chunks() -> AsyncIterator[pb.FileChunk]:
         first = True
@@ -68,6 +71,26 @@ async def list_files(request: Request, purpose: str = "") -> FileList:
 @router.get("/files/{file_id}", response_model=FileObject, responses=responses(401, 404, 429, 500, 503))
 async def get_file(file_id: str, request: Request) -> FileObject:
     return FileObject.of(await coordinator(request).get_file(file_id))
+
+
+@router.get(
+    "/files/{file_id}/content",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}, **responses(401, 404, 429, 500, 503)},
+)
+async def file_content(file_id: str, request: Request) -> StreamingResponse:
+    """The file's bytes: an upload, or a batch's output or error file."""
+    client = coordinator(request)
+    info = await client.get_file(file_id)  # a 404 before any byte is sent
+
+    async def body() -> AsyncIterator[bytes]:
+        async with aclosing(client.read_file(file_id)) as chunks:
+            async for chunk in chunks:
+                yield chunk.data
+
+    return StreamingResponse(
+        body(), media_type="application/octet-stream", headers={"content-length": str(info.bytes)}
+    )
 
 
 @router.delete("/files/{file_id}", response_model=FileDeleted, responses=responses(401, 404, 429, 500, 503))
