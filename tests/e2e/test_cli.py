@@ -1,7 +1,7 @@
 """The ``cyllm`` command as a user runs it: ``serve`` with a Hub id (through a local
 stand-in for the Hub's file API on ``HF_ENDPOINT``) and with a local folder and flags,
 and the client commands against the live stack (chat, models, files, train with a
-validation file and TensorBoard, keys over HTTP).  Every command is a real process."""
+validation file and TensorBoard, keys over HTTP, batches).  Every command is a real process."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import click
 import httpx
+import numpy as np
+import openai
 import pytest
 import typer.main
 
@@ -301,3 +304,62 @@ def test_keys_over_http(stack):
     assert f"revoked {key_id}" in cyllm("keys", "revoke", key_id, env=stack.env).stdout
     gone = cyllm("models", "list", env=user, check=False)
     assert gone.returncode == 1 and "401" in gone.stderr
+
+
+def test_batch_submit_wait_download_and_the_official_client(stack, tmp_path):
+    """``cyllm batch`` runs a file of chat requests on the real model; the official
+    openai client runs a batch of embeddings and reads both, as its docs show."""
+    rows = [
+        {
+            "custom_id": f"q{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "smol",
+                "messages": [{"role": "user", "content": q}],
+                "max_tokens": 12,
+                "temperature": 0,
+            },
+        }
+        for i, q in enumerate([CAPITAL, "Name a colour."])
+    ]
+    path = tmp_path / "requests.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    submitted = cyllm("batch", "submit", str(path), "--wait", env=stack.env)
+    batch_id = submitted.stdout.split()[0]
+    assert batch_id.startswith("batch_") and "completed: 2 done, 0 failed of 2" in submitted.stdout
+    cyllm("batch", "download", batch_id, "-o", str(tmp_path / "out.jsonl"), env=stack.env)
+    out = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [o["custom_id"] for o in out] == ["q0", "q1"]
+    assert "Paris" in out[0]["response"]["body"]["choices"][0]["message"]["content"]
+    listed = json.loads(cyllm("batch", "list", "--json", env=stack.env).stdout)
+    assert batch_id in [b["id"] for b in listed]
+    none = cyllm("batch", "download", batch_id, "--errors", env=stack.env, check=False)
+    assert none.returncode == 1 and "has no error file" in none.stderr
+
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=stack.env["CYLLM_API_KEY"], max_retries=0)
+    lines = [
+        {
+            "custom_id": f"e{i}",
+            "method": "POST",
+            "url": "/v1/embeddings",
+            "body": {"model": "smol", "input": t},
+        }
+        for i, t in enumerate(["a cat", "a dog", "the stock market"])
+    ]
+    upload = client.files.create(
+        file=("emb.jsonl", "".join(json.dumps(x) + "\n" for x in lines).encode()), purpose="batch"
+    )
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/embeddings", completion_window="24h")
+    deadline = time.monotonic() + 120
+    while batch.status not in ("completed", "failed", "expired", "cancelled") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        batch = client.batches.retrieve(batch.id)
+    assert batch.status == "completed" and batch.request_counts.completed == 3, batch
+    assert batch.id in [b.id for b in client.batches.list()]
+    vectors = [
+        json.loads(x)["response"]["body"]["data"][0]["embedding"]
+        for x in client.files.content(batch.output_file_id).text.splitlines()
+    ]
+    cat, dog, market = (np.array(v) for v in vectors)
+    assert cat @ dog > cat @ market  # normalised: the cosine

@@ -60,6 +60,11 @@ ROUTES = [
     ("GET", "/v1/files"),
     ("GET", "/v1/files/x"),
     ("DELETE", "/v1/files/x"),
+    ("GET", "/v1/files/x/content"),
+    ("POST", "/v1/batches"),
+    ("GET", "/v1/batches"),
+    ("GET", "/v1/batches/x"),
+    ("POST", "/v1/batches/x/cancel"),
     ("POST", "/v1/fine_tuning/jobs"),
     ("GET", "/v1/fine_tuning/jobs"),
     ("GET", "/v1/fine_tuning/jobs/x"),
@@ -109,7 +114,8 @@ async def test_no_route_but_health_and_metrics_answers_without_credentials(secur
             .replace("{file_id}", "x")
             .replace("{job_id}", "x")
             .replace("{name}", "x")
-            .replace("{response_id}", "resp_x"),
+            .replace("{response_id}", "resp_x")
+            .replace("{batch_id}", "x"),
         )
         for m, p in documented
     } - open_routes
