@@ -98,6 +98,9 @@ class _Sampling(BaseModel):
             raise ValueError("stop takes at most 4 sequences")
         if "tools" in (self.model_extra or {}):
             raise ValueError("tools are supported on /v1/chat/completions only")
+        if self.prompt_logprobs is not None and self.stream:
+            # as vLLM: they come in the whole answer only
+            raise ValueError("prompt_logprobs are not available when stream is true")
         value = (self.model_extra or {}).get("functions")
         if value not in (None, False, [], {}):
             raise ValueError("functions is not supported by this server (use tools)")
