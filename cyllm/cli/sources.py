@@ -61,6 +61,8 @@ def _source(model: str) -> dict[str, Any]:
         if path.suffix != ".gguf":
             raise SourceError(f"{path} is a file but not a .gguf")
         return {"gguf": str(path.resolve())}
+    if path.suffix == ".gguf" or model.startswith((".", "/", "~")):
+        raise SourceError(f"{model!r}: no such file or folder")
     if HUB_ID.match(model):
         return {"path": download(model)}
     raise SourceError(f"{model!r} is neither a local folder, a .gguf file nor a Hub id (org/name)")

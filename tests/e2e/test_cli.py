@@ -77,7 +77,7 @@ def test_serve_refuses_what_it_cannot_serve(tmp_path):
     not_a_model.mkdir()
     for model, says in (
         (str(not_a_model), "without config.json"),
-        (str(tmp_path / "nothing-here"), "neither a local folder"),
+        (str(tmp_path / "nothing-here"), "no such file or folder"),
         ("weights.bin", "neither a local folder"),
     ):
         result = cyllm("serve", model, check=False, timeout=60)

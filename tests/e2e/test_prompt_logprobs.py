@@ -111,7 +111,10 @@ def test_bad_prompts_are_refused_by_name(server):
         ({"prompt": "hi", "max_tokens": 0}, "max_tokens 0 scores a prompt"),
         ({"prompt": "hi", "suffix": "x"}, "suffix is not supported"),
         ({"prompt": [[1, 2], [3]], "max_tokens": 1}, "only one prompt per request"),
-        ({"prompt": "hi", "max_tokens": 1, "prompt_logprobs": 1, "stream": True}, "not available when stream"),
+        (
+            {"prompt": "hi", "max_tokens": 1, "prompt_logprobs": 1, "stream": True},
+            "not available when stream",
+        ),
     ]
     for extra, says in cases:
         r = httpx.post(f"{server.base_url}/v1/completions", json={"model": MODEL, **extra}, timeout=60)

@@ -30,6 +30,8 @@ def test_a_folder_a_gguf_and_a_hub_id_are_told_apart(tmp_path):
         ("/etc", "without config.json"),
         ("a/b/c", "neither a local folder"),
         ("org/name;rm -rf", "neither a local folder"),
+        ("./model.Q4_K_M.gguf", "no such file or folder"),
+        ("/srv/gone", "no such file or folder"),
     ],
 )
 def test_what_is_not_a_model_is_refused_by_name(model, says):
