@@ -18,15 +18,22 @@ from cyllm import errors
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 MAX_LINE_BYTES = 4 << 20
 MAX_CUSTOM_ID = 256
+MAX_META_BYTES = 16 * 600  # a batch's metadata as JSON: 16 pairs of 64 + 512 characters
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(name)
 
 
 def check_line(raw: bytes, number: int) -> dict:
     """One line as a request, or a 400 naming ``number`` (1-based, as editors count)."""
     where = f"line {number} of the batch file"
     try:
-        request = json.loads(raw)
+        request = json.loads(raw, parse_constant=_no_constant)
     except (ValueError, RecursionError):
-        raise errors.InvalidRequest(f"{where} is not JSON", param="file") from None
+        raise errors.InvalidRequest(
+            f"{where} is not JSON (NaN and Infinity are not JSON)", param="file"
+        ) from None
     if not isinstance(request, dict):
         raise errors.InvalidRequest(f"{where} is not a JSON object", param="file")
     custom_id, url, body = request.get("custom_id"), request.get("url"), request.get("body")

@@ -138,6 +138,13 @@ class JobStore(abc.ABC):
     @abc.abstractmethod
     async def drop_batch_results(self, batch_id: str) -> None: ...
 
+    @abc.abstractmethod
+    async def cancel_batch(self, batch_id: str) -> None:
+        """Set the batch's cancel flag (kept apart from its record, as a job's is)."""
+
+    @abc.abstractmethod
+    async def batch_cancelled(self, batch_id: str) -> bool: ...
+
 
 FINAL_BATCH = ("completed", "failed", "expired", "cancelled")
 MAX_MEMORY_RESPONSES = 10_000  # in memory, the oldest go first past this many
@@ -156,6 +163,7 @@ class MemoryJobStore(JobStore):
         self._batches: dict[str, pb.Batch] = {}
         self._batch_leases: dict[str, tuple[str, float]] = {}
         self._batch_results: dict[str, dict[int, pb.BatchResult]] = {}
+        self._batch_cancels: set[str] = set()
 
     async def put(self, job: pb.TrainingJob) -> None:
         copy = pb.TrainingJob()
@@ -300,3 +308,9 @@ class MemoryJobStore(JobStore):
 
     async def drop_batch_results(self, batch_id: str) -> None:
         self._batch_results.pop(batch_id, None)
+
+    async def cancel_batch(self, batch_id: str) -> None:
+        self._batch_cancels.add(batch_id)
+
+    async def batch_cancelled(self, batch_id: str) -> bool:
+        return batch_id in self._batch_cancels

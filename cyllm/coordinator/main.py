@@ -222,7 +222,13 @@ class CoordinatorServer:
             training=TrainingService(self.training, models.visible),
             files=FilesService(files),
             responses=ResponsesService(backends.jobs, s.responses_ttl_s, s.responses_max_per_tenant),
-            batches=BatchService(backends.jobs, files, s.batch_max_open_per_tenant),
+            batches=BatchService(
+                backends.jobs,
+                files,
+                s.batch_max_open_per_tenant,
+                s.batch_max_output_bytes,
+                self.coordinator_id,
+            ),
             pool=WorkerPoolService(self.scheduler, s.heartbeat_interval_s, self.plane),
         )
         self.services.add_to(self._server)
@@ -255,6 +261,7 @@ class CoordinatorServer:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
         await self.training.close()
+        await self.services.batches.close()
         await self.workers.close()
         await self.backends.close()
 

@@ -9,7 +9,8 @@ of serialized ``FileInfo``; ``response:<id>`` a stored response, expiring by its
 and ``responses:owner:<owner>`` a ZSET of each owner's ids by expiry (its oldest beyond
 the cap go); ``batch:<id>`` a serialized ``Batch``, ``batches`` a ZSET of ids by creation
 and ``batches:open`` those not final, ``batch:<id>:lease`` the runner with a TTL,
-``batch:<id>:results`` a hash of each line's first result.
+``batch:<id>:results`` a hash of each line's first result, ``batch:<id>:cancel`` its
+cancel flag.
 """
 
 from __future__ import annotations
@@ -230,6 +231,12 @@ class RedisJobStore(JobStore):
 
     async def drop_batch_results(self, batch_id: str) -> None:
         await self.r.delete(P + f"batch:{batch_id}:results")
+
+    async def cancel_batch(self, batch_id: str) -> None:
+        await self.r.set(P + f"batch:{batch_id}:cancel", b"1")
+
+    async def batch_cancelled(self, batch_id: str) -> bool:
+        return bool(await self.r.exists(P + f"batch:{batch_id}:cancel"))
 
 
 def _copy(message, cls):

@@ -64,6 +64,9 @@ class CoordinatorSettings(ComponentSettings):
         10_000, ge=1, description="stored responses a tenant keeps; beyond it its oldest go first"
     )
     batch_max_requests: int = Field(50_000, ge=1, description="requests one batch file may hold")
+    batch_max_output_bytes: int = Field(
+        256 << 20, ge=1 << 16, description="results one batch may keep; past it its lines fail"
+    )
     batch_max_open_per_tenant: int = Field(
         16, ge=1, description="batches a tenant may have running at once; beyond: 429"
     )

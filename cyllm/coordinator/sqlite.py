@@ -66,6 +66,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE batch_leases (batch_id TEXT PRIMARY KEY, runner TEXT NOT NULL, until REAL NOT NULL);
     CREATE TABLE batch_results (
         batch_id TEXT NOT NULL, idx INTEGER NOT NULL, record BLOB NOT NULL, PRIMARY KEY (batch_id, idx));
+    CREATE TABLE batch_cancels (batch_id TEXT PRIMARY KEY);
     """,
 )
 

@@ -4,7 +4,7 @@
 (the coordinator following a running job, and until when: wall-clock time, since the
 file outlives the process), ``files`` (uploads' records), ``responses`` (stored
 Responses API responses, until they expire), ``batches`` with ``batch_leases`` (the
-gateway running one) and ``batch_results`` (a line's first result), and ``idempotency``.
+gateway running one), ``batch_results`` (a line's first result) and ``batch_cancels``, and ``idempotency``.
 
 A lease left by a coordinator that died (``cyllm serve`` stopped mid-job, killed, the
 machine rebooted) expires like any other: the restarted coordinator puts the job back
@@ -271,6 +271,16 @@ class SqliteJobStore(JobStore):
 
     async def drop_batch_results(self, batch_id: str) -> None:
         await self.db.run(lambda c: c.execute("DELETE FROM batch_results WHERE batch_id = ?", (batch_id,)))
+
+    async def cancel_batch(self, batch_id: str) -> None:
+        await self.db.run(
+            lambda c: c.execute("INSERT OR IGNORE INTO batch_cancels (batch_id) VALUES (?)", (batch_id,))
+        )
+
+    async def batch_cancelled(self, batch_id: str) -> bool:
+        return bool(
+            await self.db.run(lambda c: one(c, "SELECT 1 FROM batch_cancels WHERE batch_id = ?", batch_id))
+        )
 
 
 def _job(record: bytes, cancel: int) -> pb.TrainingJob:

@@ -16,8 +16,10 @@ The rule by which a batch yields to interactive traffic:
   before any batch request;
 - the requests count against their owner's limits like any other (tokens and
   requests per minute, generations at once); over a limit (429), or with the queue
-  full or no worker (503, five times at most), a request waits and is sent again —
-  a batch is throttled by its owner's budget, never failed by it.
+  full or no worker (503), a request waits and is sent again until the batch stops —
+  a batch is throttled by its owner's budget and by outages, never failed by them;
+- a runner works on a batch for ``SLICE_S`` at most, then gives it back and takes the
+  one run least recently: batches (and so tenants) take turns.
 
 Results go to the coordinator every ``REPORT_EVERY_S`` (which renews the lease); a
 gateway that stops gives its batch back (a killed one lets the lease run out), and the
@@ -31,6 +33,7 @@ import json
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
@@ -48,10 +51,11 @@ from cyllm.protocol import pb
 log = logging.getLogger(__name__)
 
 LEASE_S = 60.0
+SLICE_S = 60.0
 REPORT_EVERY_S = 2.0
 MAX_REPORT_BYTES = 2 << 20  # results per report, well under gRPC's 4 MiB message
 MAX_RESULT_BYTES = 3 << 20  # one output line; a larger answer is a failed line
-UNAVAILABLE_TRIES = 5
+BIG_JSON = 64 << 10  # JSON parsed or written on a thread beyond this
 
 
 class BatchRunner:
@@ -93,7 +97,7 @@ class BatchRunner:
 
 
 class _Run:
-    """One claimed batch, run until its lines are done or it is stopped."""
+    """One claimed batch, run until its lines are done, its turn is over or it is stopped."""
 
     def __init__(self, runner: BatchRunner, claimed: pb.ClaimedBatch) -> None:
         self.runner = runner
@@ -113,6 +117,7 @@ class _Run:
         self.stopped = asyncio.Event()
         self.tasks: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
+        self._reported = time.monotonic()  # the lease's last renewal
 
     async def _as_owner(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope[BATCH_CALLER] = self.identity
@@ -124,7 +129,8 @@ class _Run:
         reporter = asyncio.create_task(self._report_forever())
         slots = asyncio.Semaphore(self.runner.concurrency)
         tasks = self.tasks
-        failure, finished = "", False
+        failure, finished, turn_over = "", False, False
+        until = time.monotonic() + SLICE_S
         try:
             async with aclosing(self._lines()) as lines:
                 async for index, raw in lines:
@@ -133,13 +139,17 @@ class _Run:
                     await slots.acquire()
                     if self.stopped.is_set():
                         break
+                    if time.monotonic() > until:  # its turn is over: the running lines finish
+                        slots.release()
+                        turn_over = True
+                        break
                     task = asyncio.create_task(self._one(http, index, raw))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                     task.add_done_callback(lambda _: slots.release())
             if tasks:  # the last lines run (a stop cancels them)
                 await asyncio.wait(list(tasks))
-            finished = not self.stopped.is_set()
+            finished = not self.stopped.is_set() and not turn_over
         except errors.NotFound:
             failure = "the batch's input file was deleted while it ran"
         finally:
@@ -168,7 +178,7 @@ class _Run:
             yield index, buffer
 
     async def _one(self, http: httpx.AsyncClient, index: int, raw: bytes) -> None:
-        request = json.loads(raw)
+        request = await _json(json.loads, raw, len(raw))
         try:
             status, body, request_id = await self._send(http, request)
         except (asyncio.CancelledError, KeyboardInterrupt):
@@ -182,13 +192,15 @@ class _Run:
                     "type": "server_error",
                 }
             }
-        line = {
+        line: dict[str, Any] = {
             "id": f"batch_req_{uuid.uuid4().hex}",
             "custom_id": request["custom_id"],
             "response": {"status_code": status, "request_id": request_id, "body": body},
             "error": None,
         }
-        data = json.dumps(line).encode()
+        data = (
+            await _json(json.dumps, line, len(raw) + BIG_JSON * (request["url"] == "/v1/embeddings"))
+        ).encode()
         if len(data) > MAX_RESULT_BYTES:
             status = 413
             line["response"] = None
@@ -198,42 +210,41 @@ class _Run:
             }
             data = json.dumps(line).encode()
         usage = body.get("usage") if isinstance(body, dict) else None
-        usage = usage if isinstance(usage, dict) else {}
-        result = pb.BatchResult(
-            index=index,
-            failed=status >= 400,
-            line=data,
-            input_tokens=int(usage.get("prompt_tokens") or 0),
-            output_tokens=int(usage.get("completion_tokens") or 0),
+        counts = {k: v for k, v in usage.items() if isinstance(v, int)} if isinstance(usage, dict) else {}
+        self.pending.append(
+            pb.BatchResult(
+                index=index,
+                failed=status >= 400,
+                line=data,
+                input_tokens=counts.get("prompt_tokens", 0),
+                output_tokens=counts.get("completion_tokens", 0),
+            )
         )
-        self.pending.append(result)
         self.pending_bytes += len(data)
         if self.pending_bytes > MAX_REPORT_BYTES:
             await self._flush()
 
     async def _send(self, http: httpx.AsyncClient, request: dict[str, Any]) -> tuple[int, Any, str]:
         """Its answer; over a limit or with no capacity it waits and sends it again."""
-        unavailable = 0
+        waits = 0
         while True:
             reply = await http.post(request["url"], json=request["body"])
-            waits = reply.status_code == 429 or (
-                reply.status_code == 503 and (unavailable := unavailable + 1) < UNAVAILABLE_TRIES
-            )
-            if not waits:
+            if reply.status_code not in (429, 503):
                 try:
-                    body = reply.json()
+                    body = await _json(httpx.Response.json, reply, len(reply.content))
                 except ValueError:
                     body = {"error": {"message": reply.text[:500], "type": "server_error"}}
                 return reply.status_code, body, reply.headers.get("x-request-id", "")
             try:
-                wait = float(reply.headers.get("retry-after", "1"))
+                wait = max(float(reply.headers.get("retry-after", "1")), 0.5)
             except ValueError:
                 wait = 1.0
-            wait = min(max(wait, 0.5), 30.0) * (
-                2 ** max(0, unavailable - 1) if reply.status_code == 503 else 1
-            )
+            # 429: the owner's limits say when; 503 (no worker, queue full): backing off
+            if reply.status_code == 503:
+                wait *= 2 ** min(waits, 5)
+            waits += 1
             try:
-                await asyncio.wait_for(self.stopped.wait(), min(wait, 60.0))
+                await asyncio.wait_for(self.stopped.wait(), min(wait, 30.0))
                 raise asyncio.CancelledError  # stopped while waiting: not a result
             except TimeoutError:
                 pass
@@ -244,26 +255,51 @@ class _Run:
             await self._flush()
 
     async def _flush(self, finished: bool = False, failure: str = "", release: bool = False) -> None:
-        """Send what has run (and renew the lease); the reply may stop the batch."""
+        """Send what has run, in reports of at most ``MAX_REPORT_BYTES`` (each renews the
+        lease); a reply may stop the batch.  Reports failing for most of a lease mean
+        another runner may take it over: this one stops."""
         async with self._lock:
-            results, self.pending, self.pending_bytes = self.pending, [], 0
-            report = pb.BatchReport(
-                id=self.batch.id,
-                runner=self.runner.runner,
-                lease_s=LEASE_S,
-                results=results,
-                finished=finished,
-                release=release,
-                failure=failure,
-            )
-            try:
-                reply = await self.runner.client.batch("ReportBatch", report)
-            except errors.CyllmError as exc:
-                log.warning("batches: cannot report on %s: %s", self.batch.id, exc)
-                self.pending[:0] = results  # sent again with the next report
-                self.pending_bytes += sum(len(r.line) for r in results)
-                return
-            if reply.stop:
-                self.stopped.set()
-                for task in self.tasks:  # cancelled or expired: its running lines end now
-                    task.cancel()
+            while True:
+                results: list[pb.BatchResult] = []
+                size = 0
+                while self.pending and (not results or size + len(self.pending[0].line) <= MAX_REPORT_BYTES):
+                    size += len(self.pending[0].line)
+                    results.append(self.pending.pop(0))
+                self.pending_bytes -= size
+                last = not self.pending
+                report = pb.BatchReport(
+                    id=self.batch.id,
+                    runner=self.runner.runner,
+                    lease_s=LEASE_S,
+                    results=results,
+                    finished=finished and last,
+                    release=release and last,
+                    failure=failure if last else "",
+                )
+                try:
+                    reply = await self.runner.client.batch("ReportBatch", report)
+                except errors.CyllmError as exc:
+                    log.warning("batches: cannot report on %s: %s", self.batch.id, exc)
+                    self.pending[:0] = results  # sent again with the next report
+                    self.pending_bytes += size
+                    if time.monotonic() - self._reported > LEASE_S * 0.8:
+                        self._stop()
+                    return
+                self._reported = time.monotonic()
+                if reply.stop:
+                    self._stop()
+                    return
+                if last:
+                    return
+
+    def _stop(self) -> None:
+        """Cancelled, expired, or no longer ours: its running lines end now."""
+        self.stopped.set()
+        for task in self.tasks:
+            task.cancel()
+
+
+async def _json(work: Any, value: Any, size: int) -> Any:
+    """``work(value)``, JSON in or out, on a thread when it is large: never a long
+    stretch of the event loop."""
+    return await asyncio.to_thread(work, value) if size > BIG_JSON else work(value)

@@ -146,8 +146,12 @@ class CoordinatorClient:
             self._in_turn(rounds=2), call, RULE, breakers=self.breakers, progress=relay, request_id=request_id
         )
 
-    async def embed(self, model: str, texts: list[str], dimensions: int, request_id: str) -> pb.EmbedResponse:
-        request = pb.EmbedRequest(request_id=request_id, model=model, inputs=texts, dimensions=dimensions)
+    async def embed(
+        self, model: str, texts: list[str], dimensions: int, request_id: str, priority: int = 0
+    ) -> pb.EmbedResponse:
+        request = pb.EmbedRequest(
+            request_id=request_id, model=model, inputs=texts, dimensions=dimensions, priority=priority
+        )
         return await self._unary(
             lambda c: c.inference.Embed, request, timeout=self.timeout_s, request_id=request_id
         )

@@ -12,6 +12,7 @@ import pytest
 
 from cyllm import errors
 from cyllm.coordinator.settings import CoordinatorSettings
+from cyllm.gateway import batch_runner
 from cyllm.gateway.app import create_app
 from cyllm.gateway.auth import Identity
 from cyllm.gateway.generation import BATCH_PRIORITY
@@ -23,7 +24,7 @@ from cyllm.worker.settings import WorkerSettings
 from tests.integration.conftest import fake_model
 from tests.polling import until
 
-FAST = {"batch_poll_s": 0.1}
+FAST = {"batch_poll_s": 0.1, "rate_limit_control_rpm": 100_000}  # the tests poll often
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -70,7 +71,10 @@ async def finished(http, batch_id: str, headers=None, timeout: float = 30) -> di
         return (await http.get(f"/v1/batches/{batch_id}", headers=headers or {})).json()
 
     return await until(
-        get, lambda b: b["status"] in ("completed", "failed", "expired", "cancelled"), timeout=timeout
+        get,
+        lambda b: b["status"] in ("completed", "failed", "expired", "cancelled"),
+        timeout=timeout,
+        every=0.2,
     )
 
 
@@ -158,6 +162,7 @@ async def test_bad_batch_files_and_requests_are_refused_by_name(tenants):
         ([{**line("a"), "method": "GET"}], "method must be POST"),
         ([{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}}], "names a model"),
         (["[1, 2]"], "not a JSON object"),
+        ([json.dumps(line("a")).replace('"max_tokens": 3', '"max_tokens": NaN')], "NaN and Infinity"),
     ]
     for rows, says in cases:
         r = await upload(http, jsonl(rows), alice)
@@ -301,3 +306,29 @@ async def test_only_a_gateways_own_calls_run_batches(tenants):
     ):
         with pytest.raises(errors.Forbidden):
             await as_tenant.batch(op, request)
+
+
+async def test_batches_take_turns_and_a_batchs_output_is_capped(make_stack, tmp_path, monkeypatch):
+    """A runner gives a batch back after its turn: a short batch submitted behind a long
+    one finishes first.  Past ``batch_max_output_bytes`` a batch's lines fail by name."""
+    monkeypatch.setattr(batch_runner, "SLICE_S", 0.5)
+    stack = await make_stack(
+        [fake_model("fake", engine_args={"token_delay_s": 0.01}), fake_model("quick")],
+        gateway={**FAST, "batch_concurrency": 1},
+        files_dir=tmp_path / "files",
+        batch_max_output_bytes=1 << 16,
+    )
+    long = await submit(stack.http, [line(f"l{i}", max_tokens=20) for i in range(30)])
+    short = await submit(stack.http, [line(f"s{i}") for i in range(2)])
+    done = await finished(stack.http, short["id"])
+    assert done["request_counts"]["completed"] == 2
+    assert (await stack.http.get(f"/v1/batches/{long['id']}")).json()["status"] == "in_progress"
+    await finished(stack.http, long["id"], timeout=60)
+
+    wide = await submit(stack.http, [line(f"w{i}", "quick", max_tokens=60) for i in range(160)])
+    done = await finished(stack.http, wide["id"], timeout=120)
+    counts = done["request_counts"]
+    assert counts["total"] == 160 and counts["completed"] + counts["failed"] == 160
+    assert 0 < counts["completed"] < 160, counts
+    capped = await content(stack.http, done["error_file_id"])
+    assert {e["error"]["code"] for e in capped} == {"batch_output_too_large"}

@@ -225,3 +225,7 @@ async def test_batches_leases_and_results(batch_stores):
     assert [(r.index, r.line, r.failed) for r in found] == [(1, b"again 1", False), (2, b"first 2", True)]
     await a.drop_batch_results("batch_0")
     assert await b.batch_done("batch_0") == []
+    assert not await b.batch_cancelled("batch_0")
+    await a.cancel_batch("batch_0")
+    await a.cancel_batch("batch_0")
+    assert await b.batch_cancelled("batch_0") and not await b.batch_cancelled("batch_2")

@@ -330,7 +330,7 @@ class InferenceService(rpc.InferenceServicer):
         tenant.check_model(request.model)
         request.model = await self._target(request.model, tenant)
         await self._placed(request.model, tenant)
-        task = Task(uuid.uuid4().hex, request.model)
+        task = Task(uuid.uuid4().hex, request.model, request.priority)
         slots = WorkerSlots(self.scheduler, self.breakers, task)
         return await failover.unary(
             slots,

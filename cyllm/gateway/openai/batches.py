@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from cyllm import errors
+from cyllm.coordinator.batch_input import MAX_META_BYTES
 from cyllm.gateway.auth import Identity, authenticate
 from cyllm.gateway.client import coordinator
 from cyllm.gateway.context import context
@@ -42,7 +43,12 @@ class BatchCreate(BaseModel):
                 raise errors.InvalidRequest(
                     "metadata keys are at most 64 characters and values 512", param="metadata"
                 )
-        return json.dumps(self.metadata) if self.metadata else ""
+        encoded = json.dumps(self.metadata, ensure_ascii=False) if self.metadata else ""
+        if len(encoded.encode()) > MAX_META_BYTES:
+            raise errors.InvalidRequest(
+                f"metadata is at most {MAX_META_BYTES} bytes as JSON", param="metadata"
+            )
+        return encoded
 
 
 class RequestCounts(BaseModel):

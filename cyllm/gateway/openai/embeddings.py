@@ -17,8 +17,9 @@ from pydantic import BaseModel, Field
 from cyllm import errors
 from cyllm.gateway.auth import authenticate
 from cyllm.gateway.client import coordinator
-from cyllm.gateway.context import context
+from cyllm.gateway.context import BATCH_CALLER, context
 from cyllm.gateway.errors import responses
+from cyllm.gateway.generation import BATCH_PRIORITY
 from cyllm.gateway.request import check_text
 from cyllm.gateway.usage import Usage
 
@@ -87,7 +88,10 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingList:
     admission = await limiter.admit(ctx.caller, limiter.reservation(sum(map(len, texts)), None))
     tokens = 0
     try:
-        reply = await coordinator(request).embed(body.model, texts, body.dimensions or 0, ctx.request_id)
+        priority = BATCH_PRIORITY if BATCH_CALLER in request.scope else 0
+        reply = await coordinator(request).embed(
+            body.model, texts, body.dimensions or 0, ctx.request_id, priority
+        )
         tokens = reply.prompt_tokens
     finally:
         await limiter.finish(admission, tokens)
