@@ -9,9 +9,10 @@ shape's message) and the command exits 1; listings take ``--json`` for scripts.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -67,13 +68,20 @@ class Gateway:
         try:
             reply = self.http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
-            _fail(f"cannot reach {self.http.base_url}: {exc}")
+            _fail(self.unreachable(exc))
         if reply.status_code >= 400:
             _fail(_message(reply))
         return reply.json()
 
-    def events(self, path: str, **kwargs: Any) -> Iterator[tuple[str, Any]]:
-        """Server-sent events as (event name, JSON data)."""
+    def unreachable(self, exc: Exception) -> str:
+        return (
+            f"cannot reach {self.http.base_url} ({exc}): start one with `cyllm serve`, or name "
+            "the gateway with --url or CYLLM_URL"
+        )
+
+    def events(self, path: str, **kwargs: Any) -> Generator[tuple[str, Any], None, None]:
+        """Server-sent events as (event name, JSON data).  Closing the iterator ends the
+        request (the server cancels the generation)."""
         try:
             with self.http.stream(kwargs.pop("method", "GET"), path, **kwargs) as reply:
                 if reply.status_code >= 400:
@@ -88,6 +96,8 @@ class Gateway:
                         yield event, (data if data == "[DONE]" else json.loads(data))
                     elif not line:
                         event = "message"
+        except httpx.ConnectError as exc:
+            _fail(self.unreachable(exc))
         except httpx.HTTPError as exc:
             _fail(f"connection to {self.http.base_url} lost: {exc}")
 
@@ -96,6 +106,8 @@ def _message(reply: httpx.Response) -> str:
     try:
         error = reply.json()["error"]
         where = f" ({error['param']})" if error.get("param") else ""
+        if reply.status_code == 401:
+            where += "; pass an API key with --api-key or CYLLM_API_KEY"
         return f"{reply.status_code} {error['message']}{where}"
     except (ValueError, KeyError, TypeError):
         return f"{reply.status_code} {reply.text[:500]}"
@@ -107,14 +119,31 @@ def _fail(message: str) -> None:
 
 
 def _listing(rows: list[dict[str, Any]], columns: list[str], as_json: bool) -> None:
-    """The rows as JSON (for scripts), or a table of ``columns``."""
+    """The rows as JSON (for scripts), or a table of ``columns``: the first (an id) never
+    cut or wrapped, times (``created_at``, ``…_at``) as local dates."""
     if as_json:
         out.print_json(data=rows)
         return
-    table = Table(*columns)
+    table = Table()
+    for n, column in enumerate(columns):
+        widest = max((len(str(row.get(column) or "")) for row in rows), default=0)
+        if n == 0:
+            table.add_column(column, no_wrap=True, min_width=max(widest, len(column)))
+        else:
+            table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(*("" if row.get(c) is None else _e(row.get(c)) for c in columns))
+        table.add_row(*(_cell(c, row.get(c)) for c in columns))
     out.print(table)
+
+
+def _cell(column: str, value: object) -> str:
+    if value is None:
+        return ""
+    if (column == "created" or column.endswith("_at") or column.endswith("At")) and isinstance(
+        value, (int, float)
+    ):
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(value)) if value else ""
+    return _e(value)
 
 
 # -- chat ---------------------------------------------------------------------------------
@@ -137,7 +166,9 @@ def chat(
 ) -> None:
     """Chat in the terminal, answers streamed; the conversation is kept until /reset.
 
-    Type a message and Enter; /reset forgets the conversation, /exit (or Ctrl-D) leaves.
+    Type a message and Enter (arrow keys edit the line and recall earlier ones); Ctrl-C
+    stops an answer, /reset forgets the conversation, /exit (or Ctrl-D) leaves.  A
+    refused message is not kept: send it again, or another.
     """
     gw = Gateway(url, api_key)
     if model is None:
@@ -147,13 +178,20 @@ def chat(
         model = served[0]["id"]
     interactive = sys.stdin.isatty()
     if interactive:
-        err.print(f"[bold]{_e(model)}[/] at {_e(url)} — /reset, /exit", highlight=False)
+        import readline  # noqa: F401  (input() gets line editing and this session's history)
+
+        err.print(
+            f"[bold]{_e(model)}[/] at {_e(url)} — Ctrl-C stops an answer; /reset, /exit", highlight=False
+        )
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     while True:
         try:
             line = input("> " if interactive else "")
         except EOFError:
             return
+        except KeyboardInterrupt:  # at the prompt: a fresh line, as a shell does
+            sys.stdout.write("\n")
+            continue
         if line.strip() == "/exit":
             return
         if line.strip() == "/reset":
@@ -172,20 +210,31 @@ def chat(
         }
         if temperature is not None:
             body["temperature"] = temperature
-        answer, usage, first, start = [], None, None, time.perf_counter()
-        for _, data in gw.events("/v1/chat/completions", method="POST", json=body):
-            if data == "[DONE]":
-                break
-            if "error" in data:
-                _fail(data["error"].get("message", "the generation failed"))
-            usage = data.get("usage") or usage
-            for choice in data.get("choices", ()):
-                piece = choice["delta"].get("content") or ""
-                if piece and first is None:
-                    first = time.perf_counter()
-                answer.append(piece)
-                sys.stdout.write(printable(piece))
-                sys.stdout.flush()
+        answer: list[str] = []
+        usage, first, start = None, None, time.perf_counter()
+        events = gw.events("/v1/chat/completions", method="POST", json=body)
+        try:
+            for _, data in events:
+                if data == "[DONE]":
+                    break
+                if "error" in data:
+                    _fail(data["error"].get("message", "the generation failed"))
+                usage = data.get("usage") or usage
+                for choice in data.get("choices", ()):
+                    piece = choice["delta"].get("content") or ""
+                    if piece and first is None:
+                        first = time.perf_counter()
+                    answer.append(piece)
+                    sys.stdout.write(printable(piece))
+                    sys.stdout.flush()
+        except KeyboardInterrupt:  # the answer stops (the server cancels it); the chat goes on
+            events.close()
+            err.print("\n[dim](stopped)[/]", highlight=False)
+            usage = None
+        except typer.Exit:  # refused or failed: said above; the conversation stays as it was
+            events.close()
+            history.pop()
+            continue
         sys.stdout.write("\n")
         sys.stdout.flush()
         history.append({"role": "assistant", "content": "".join(answer)})
@@ -394,7 +443,7 @@ def aliases_delete(
 
 # -- files --------------------------------------------------------------------------------
 
-files_app = typer.Typer(no_args_is_help=True, help="Upload, list and delete training datasets.")
+files_app = typer.Typer(no_args_is_help=True, help="Upload, list, show and delete files (datasets, batches).")
 app.add_typer(files_app, name="files")
 
 
@@ -420,6 +469,21 @@ def files_list(url: Url = DEFAULT_URL, api_key: ApiKey = None, as_json: AsJson =
     """Your uploaded files."""
     files = Gateway(url, api_key).call("GET", "/v1/files")["data"]
     _listing(files, ["id", "filename", "bytes", "purpose", "created_at"], as_json)
+
+
+@files_app.command("show")
+def files_show(
+    file_id: Annotated[str, typer.Argument(help="A file id (file-…).")],
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """One file: name, size, purpose, when."""
+    f = Gateway(url, api_key).call("GET", f"/v1/files/{file_id}")
+    out.print(
+        f"[bold]{_e(f['id'])}[/] {_e(f['filename'])}: {_e(f['bytes'])} bytes, {_e(f['purpose'])}, "
+        f"{_cell('created_at', f['created_at'])}",
+        highlight=False,
+    )
 
 
 @files_app.command("delete")
@@ -582,10 +646,7 @@ def train_status(
         out.print(f"checkpoint step {_e(c['step'])}: {_e(c['path'])}", highlight=False)
     if job["fineTunedModel"]:
         out.print(f"result: {_e(job['fineTunedModel'])}", highlight=False)
-    for key, value in sorted((job.get("evaluation") or {}).items()):
-        out.print(f"{_e(key)}: {value:.4f}", highlight=False)
-    if judged := verdict(job.get("evaluation") or {}):
-        out.print(_e(judged), highlight=False)
+    _evaluation(job)
     if job.get("promotion"):
         out.print(_e(job["promotion"]), highlight=False)
     if job["error"]:
@@ -611,6 +672,32 @@ def train_watch(
 
 
 SPARKS = "▁▂▃▄▅▆▇█"
+# A line of a library's own progress bar (tqdm: "45%|████▌     | 9/20 [00:03<00:04, ...]").
+PROGRESS_BAR = re.compile(r"\d+%\|.*\|\s*\d+/\d+|\r")
+
+
+def _evaluation(job: dict[str, Any]) -> None:
+    """The base and the result scored, and the verdict, rounded."""
+    for key, value in sorted((job.get("evaluation") or {}).items()):
+        out.print(f"{_e(key)}: {value:.4f}", highlight=False)
+    if judged := verdict(job.get("evaluation") or {}):
+        out.print(_e(judged), highlight=False)
+
+
+@train_app.command("logs")
+def train_logs(
+    job_id: Annotated[str, typer.Argument(help="A job id.")],
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="The last this many.")] = 100,
+    url: Url = DEFAULT_URL,
+    api_key: ApiKey = None,
+) -> None:
+    """A job's event log, oldest first: states, progress, checkpoints, messages."""
+    events = Gateway(url, api_key).call(
+        "GET", f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": limit}
+    )["data"]
+    for e in reversed(events):
+        stamp = time.strftime("%H:%M:%S", time.localtime(e["created_at"]))
+        out.print(f"[dim]{stamp}[/] {_e(e['level'])[:4]:4} {_e(e['message'])}", highlight=False)
 
 
 def sparkline(values: list[float], width: int = 40) -> str:
@@ -633,12 +720,13 @@ def _watch(gw: Gateway, job_id: str) -> int:
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]}"),
+        TextColumn("eval {task.fields[eval]}"),
         TextColumn("{task.fields[rate]} tok/s"),
         TimeRemainingColumn(),
         TextColumn("{task.fields[spark]}"),
     ]
     with Progress(*columns, console=err, transient=False) as bar:
-        task = bar.add_task("train", total=None, state="queued", loss="-", rate="-", spark="")
+        task = bar.add_task("train", total=None, state="queued", loss="-", eval="-", rate="-", spark="")
         for kind, event in gw.events(f"/api/v1/training/stream/{job_id}"):
             if kind == "error":
                 _fail(event["error"]["message"])
@@ -657,11 +745,15 @@ def _watch(gw: Gateway, job_id: str) -> int:
                     rate=f"{p['tokensPerSecond']:.0f}",
                     spark=sparkline(losses),
                 )
+                if p.get("evalLoss") is not None:
+                    bar.update(task, eval=f"{p['evalLoss']:.4f}")
             elif kind in ("message", "checkpoint", "evaluation", "promotion") and event.get("message"):
-                bar.console.print(f"[dim]{_e(event['message'])}[/]", highlight=False)
+                if not PROGRESS_BAR.search(event["message"]):  # a library's own bar: ours is above
+                    bar.console.print(f"[dim]{_e(event['message'])}[/]", highlight=False)
     job = gw.call("GET", f"/api/v1/training/status/{job_id}")
     if job["state"] == "succeeded":
         out.print(f"{_e(job_id)} succeeded: {_e(job['fineTunedModel'])}", highlight=False)
+        _evaluation(job)
         if job.get("promotion"):
             out.print(_e(job["promotion"]), highlight=False)
         return 0

@@ -175,7 +175,9 @@ def test_a_local_folder_is_served_under_its_name_with_the_flags(stack):
     table = cyllm("models", "list", env={**stack.env, "COLUMNS": "200"}).stdout
     assert "smol" in table and "transformers" in table
     no_key = cyllm("models", "list", env={"CYLLM_URL": stack.base_url, "CYLLM_API_KEY": ""}, check=False)
-    assert no_key.returncode == 1 and "401" in no_key.stderr
+    assert no_key.returncode == 1 and "401" in no_key.stderr and "--api-key" in no_key.stderr
+    nobody = cyllm("models", "list", "--url", f"http://127.0.0.1:{free_port()}", check=False)
+    assert nobody.returncode == 1 and "cyllm serve" in nobody.stderr and "CYLLM_URL" in nobody.stderr
 
 
 def test_models_unload_and_load(stack):
@@ -192,6 +194,8 @@ def test_models_unload_and_load(stack):
 def test_files_upload_list_delete(stack, tmp_path):
     file_id = cyllm("files", "upload", str(DATA / "facts.jsonl"), env=stack.env).stdout.strip()
     assert file_id.startswith("file-")
+    assert "facts.jsonl" in cyllm("files", "show", file_id, env=stack.env).stdout
+    assert file_id in cyllm("files", "list", env={**stack.env, "COLUMNS": "60"}).stdout
     listed = json.loads(cyllm("files", "list", "--json", env=stack.env).stdout)
     assert file_id in [f["id"] for f in listed]
     assert f"deleted {file_id}" in cyllm("files", "delete", file_id, env=stack.env).stdout
@@ -233,7 +237,11 @@ def test_train_submit_watch_status_with_validation_and_tensorboard(stack):
     assert status["state"] == "succeeded" and status["progress"]["evalLoss"] > 0
     assert status["evaluation"]["result.eval_loss"] > 0
     stack.tuned = status["fineTunedModel"]
-    assert job_id in cyllm("train", "list", env={**stack.env, "COLUMNS": "200"}).stdout
+    assert "eval" in submitted.stderr and "result.eval_loss" in submitted.stdout  # eval loss, evaluation
+    narrow = cyllm("train", "list", env={**stack.env, "COLUMNS": "70"}).stdout
+    assert job_id in narrow  # an id is never cut, however narrow the terminal
+    logs = cyllm("train", "logs", job_id, env=stack.env).stdout
+    assert "succeeded" in logs and logs.index("running") < logs.index("succeeded")
     # TensorBoard's event files, with the training loss in them
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -363,3 +371,59 @@ def test_batch_submit_wait_download_and_the_official_client(stack, tmp_path):
     ]
     cat, dog, market = (np.array(v) for v in vectors)
     assert cat @ dog > cat @ market  # normalised: the cosine
+
+
+def test_chat_edits_recalls_and_stops_in_a_terminal(stack):
+    """``cyllm chat`` in a pseudo-terminal, keys as a user presses them: the up arrow
+    recalls the last message, Ctrl-C stops an answer and the chat goes on, a refused
+    message keeps the conversation."""
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the command, its terminal the pty
+        os.environ.update({**stack.env, "COLUMNS": "120", "TERM": "xterm"})
+        os.execv(sys.executable, [sys.executable, "-m", "cyllm", "chat", "smol", "--temperature", "0"])
+    seen = b""
+
+    def until(*wanted: bytes, timeout: float = 120) -> bytes:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while not all(w in seen for w in wanted):
+            left = deadline - time.monotonic()
+            assert left > 0, (wanted, seen[-2000:])
+            if select.select([fd], [], [], left)[0]:
+                try:
+                    seen += os.read(fd, 4096)
+                except OSError:
+                    break
+        return seen
+
+    try:
+        until(b"> ")
+        seen = b""
+        os.write(fd, b"What is the capital of France?\r")
+        until(b"tokens, first after", b"> ")
+        seen = b""
+        os.write(fd, b"\x1b[A")  # up: the last message again, editable
+        until(b"What is the capital of France?")
+        os.write(fd, b"\x15Write a very long story about a dragon.\r")  # Ctrl-U clears it first
+        until(b"\n", timeout=60)
+        time.sleep(1.0)  # mid-answer
+        os.write(fd, b"\x03")
+        until(b"(stopped)", b"> ")
+        seen = b""
+        os.write(fd, b"/reset\r")
+        until(b"conversation reset")
+        os.write(fd, b"/exit\r")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        os.close(fd)
+    refused = cyllm("chat", "no-such-model", stdin="hi\nhello\n/exit\n", env=stack.env, check=False)
+    assert refused.returncode == 0 and refused.stderr.count("no-such-model") == 2, refused.stderr
