@@ -2,7 +2,10 @@
 chromedriver) against a real stack with authentication on: each page loads, the
 playground streams an answer, a training job's chart gains points as it trains and its
 result is promoted to an alias, the models page shows it and its alias (set, roll back,
-delete), a non-admin sees no admin controls, a bad key is refused.
+delete), a non-admin sees no admin controls, a bad key is refused; without
+authentication (the session's plain server) a newcomer goes straight in; a failed
+message is a banner with Retry, a conversation survives a reload with its code blocks;
+every page fits a phone's 390 px.
 
 ``CYLLM_SCREENSHOTS=docs/console`` saves a screenshot of each page there (how the
 README's pictures are made)."""
@@ -134,7 +137,7 @@ def test_every_page_loads_for_an_admin(stack, browser):
     by_id(browser, "key-name").send_keys("console-made")
     by_id(browser, "key-form").submit()
     wait(browser, lambda d: by_id(d, "key-created").is_displayed())
-    secret = by_id(browser, "key-created").text.rsplit(" ", 1)[-1]
+    secret = next(w for w in by_id(browser, "key-created").text.split() if w.startswith("cy_"))
     assert (
         httpx.get(
             f"{stack.base_url}/v1/models", timeout=30, headers={"Authorization": f"Bearer {secret}"}
@@ -192,6 +195,7 @@ def test_a_training_jobs_chart_gains_points(stack, browser):
     by_id(browser, "job-promote").send_keys("console-bot")
     by_id(browser, "job-form").submit()
     wait(browser, lambda d: by_id(d, "job-detail").is_displayed())
+    wait(browser, lambda d: "running · step" in by_id(d, "job-state").text, timeout=300)  # live
     wait(browser, lambda d: int(by_id(d, "chart-loss").get_attribute("data-points") or 0) >= 3, timeout=300)
     wait(browser, lambda d: by_id(d, "job-state").text.startswith("succeeded"), timeout=300)
     assert int(by_id(browser, "chart-loss").get_attribute("data-points")) == 8
@@ -257,6 +261,62 @@ def test_the_page_ships_its_assets_and_a_strict_policy(stack):
     page = httpx.get(f"{stack.base_url}/console", timeout=30)
     assert page.status_code == 200 and "script-src 'self'" in page.headers["content-security-policy"]
     assert "http://" not in page.text.replace(stack.base_url, "") and "https://" not in page.text
-    for asset in ("console.js", "console.css", "vendor/uPlot.iife.min.js"):
+    for asset in ("console.js", "console.css", "vendor/uPlot.iife.min.js", "favicon.svg"):
         assert httpx.get(f"{stack.base_url}/console/static/{asset}", timeout=30).status_code == 200
     assert httpx.get(f"{stack.base_url}/console/static/../__init__.py", timeout=30).status_code == 404
+
+
+def test_without_authentication_a_newcomer_goes_straight_in(server, browser):
+    """The session's plain ``cyllm serve`` (no authentication): no login page, a warning."""
+    browser.get("about:blank")
+    browser.get(f"{server.base_url}/console")
+    wait(browser, lambda d: by_id(d, "playground").is_displayed())
+    assert by_id(browser, "who").text == "authentication off"
+    assert not by_id(browser, "logout").is_displayed()
+    visit(browser, server.base_url, "keys")  # the machine's own user on loopback is its admin
+    assert by_id(browser, "keys-auth-off").is_displayed()
+
+
+def test_a_failed_message_is_a_banner_and_a_conversation_survives_a_reload(stack, browser):
+    log_in(browser, stack.base_url, stack.admin_key)
+    by_id(browser, "chat-reset").click()
+    temperature = by_id(browser, "pg-temperature")
+    assert temperature.get_attribute("value") == ""  # the model's own default unless set
+    temperature.send_keys("5")  # over the API's limit: the server refuses it
+    by_id(browser, "chat-input").send_keys("Hello there")
+    by_id(browser, "chat-send").click()
+    wait(browser, lambda d: by_id(d, "chat-error").is_displayed())
+    assert "temperature" in by_id(browser, "chat-error-text").text
+    assert browser.find_elements(By.CSS_SELECTOR, "#chat-log .msg") == []  # the turn is dropped
+    temperature.clear()
+    temperature.send_keys("0")
+    by_id(browser, "chat-retry").click()
+    wait(browser, lambda d: "TTFT" in by_id(d, "chat-stats").text, timeout=60)
+    assert not by_id(browser, "chat-error").is_displayed()
+    # A conversation with code in it, as the tab keeps it: after a reload, still there,
+    # the code a block of its own with a Copy button, and markup shown as text.
+    browser.execute_script(
+        "sessionStorage.setItem('cyllm.chat', JSON.stringify(["
+        "{role: 'user', content: 'Code?'},"
+        "{role: 'assistant', content: 'Here:\\n```python\\nprint(1)\\n```\\n<b>bold?</b>'}]))"
+    )
+    browser.refresh()
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#chat-log .code pre"))
+    assert by_id(browser, "chat-log").find_element(By.CSS_SELECTOR, ".code pre").text == "print(1)"
+    assert browser.find_elements(By.CSS_SELECTOR, "#chat-log .code button")
+    assert "<b>bold?</b>" in by_id(browser, "chat-log").text
+    assert browser.find_elements(By.CSS_SELECTOR, "#chat-log b") == []
+
+
+def test_every_page_fits_a_phone(stack, browser):
+    log_in(browser, stack.base_url, stack.admin_key)
+    browser.set_window_size(390, 844)
+    try:
+        for page in ("playground", "models", "cluster", "training", "keys"):
+            visit(browser, stack.base_url, page)
+            wait(browser, lambda d: d.execute_script("return document.readyState") == "complete")
+            wide = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+            assert wide <= 1, (page, wide)  # a wide table scrolls inside itself, not the page
+            shoot(browser, f"{page}-390")
+    finally:
+        browser.set_window_size(1400, 1000)

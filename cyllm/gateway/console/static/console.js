@@ -4,6 +4,7 @@
 "use strict";
 
 const KEY = "cyllm.key";
+const CHAT = "cyllm.chat";  // this tab's conversation: it survives a reload
 const state = { key: null, admin: false, timers: [], jobStream: null, chat: [], chatAbort: null };
 const $ = (id) => document.getElementById(id);
 
@@ -108,8 +109,10 @@ async function logIn(key) {
   try { await api("GET", "/admin/keys"); state.admin = true; } catch (_) { state.admin = false; }
   sessionStorage.setItem(KEY, key || "");
   for (const node of document.querySelectorAll(".admin-only")) node.hidden = !state.admin;
-  $("who").textContent = state.key ? (state.admin ? "admin" : "signed in") : "no authentication";
-  $("logout").hidden = false;
+  $("who").textContent = state.key ? (state.admin ? "admin" : "signed in") : "authentication off";
+  $("who").classList.toggle("bad", !state.key);
+  $("logout").hidden = !state.key;
+  $("keys-auth-off").hidden = Boolean(state.key);
   if (!location.hash || location.hash === "#login") location.hash = "#playground";
   else route();
 }
@@ -117,8 +120,13 @@ async function logIn(key) {
 $("login-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   $("login-error").textContent = "";
-  try { await logIn($("login-key").value.trim()); }
-  catch (e) { $("login-error").textContent = e.message; state.key = null; }
+  const key = $("login-key").value.trim();
+  try { await logIn(key); }
+  catch (e) {
+    $("login-error").textContent = !key && e.status === 401
+      ? "This server needs an API key (cy_…) or a JWT: ask its administrator for one." : e.message;
+    state.key = null;
+  }
 });
 
 $("logout").addEventListener("click", () => {
@@ -148,8 +156,17 @@ function route() {
 window.addEventListener("hashchange", route);
 
 async function servedModels() {
-  return (await api("GET", "/v1/models")).data.map((m) => m.id);
+  const { data } = await api("GET", "/v1/models");
+  state.contexts = Object.fromEntries(data.map((m) => [m.id, m.max_model_len]));
+  return data.map((m) => m.id);
 }
+
+function boundMaxTokens() {  // an answer cannot be longer than the model's context
+  const context = (state.contexts || {})[$("pg-model").value];
+  $("pg-max-tokens").max = context || 131072;
+  if (context && Number($("pg-max-tokens").value) > context) $("pg-max-tokens").value = context;
+}
+$("pg-model").addEventListener("change", boundMaxTokens);
 
 function fillSelect(select, values, keep) {
   const current = keep ?? select.value;
@@ -162,6 +179,8 @@ function fillSelect(select, values, keep) {
 async function showPlayground() {
   fillSelect($("pg-model"), await servedModels(), state.wantedModel);
   state.wantedModel = undefined;
+  boundMaxTokens();
+  if (!$("chat-log").childElementCount) showChat();
 }
 
 function addMessage(role, text) {
@@ -172,20 +191,50 @@ function addMessage(role, text) {
   return div.querySelector(".text");
 }
 
-async function send() {
-  const text = $("chat-input").value.trim();
+// An answer's text, its fenced code blocks (```) as code with a Copy button: built from
+// text nodes only, so nothing a model writes is ever read as HTML.
+function render(node, text) {
+  node.replaceChildren();
+  const parts = text.split(/^```[^\n]*\n?/m);
+  parts.forEach((part, i) => {
+    if (i % 2 === 0) { if (part) node.append(document.createTextNode(part)); return; }
+    const block = el("div", undefined, { class: "code" });
+    const code = el("pre", part.replace(/\n$/, ""));
+    const copy = button("Copy", () => navigator.clipboard && navigator.clipboard.writeText(code.textContent));
+    block.append(copy, code);
+    node.append(block);
+  });
+}
+
+function showChat() {
+  $("chat-log").replaceChildren();
+  for (const m of state.chat) render(addMessage(m.role, ""), m.content);
+}
+
+function saveChat() { sessionStorage.setItem(CHAT, JSON.stringify(state.chat)); }
+
+function number(id) {  // a setting left empty: the model's own default
+  const v = $(id).value.trim();
+  return v === "" ? undefined : Number(v);
+}
+
+async function send(retry) {
+  const text = retry ?? $("chat-input").value.trim();
   if (!text || state.chatAbort) return;
   $("chat-input").value = "";
+  $("chat-error").hidden = true;
   state.chat.push({ role: "user", content: text });
-  addMessage("user", text);
+  const asked = addMessage("user", text);
   const out = addMessage("assistant", "");
   const messages = [...state.chat];
   const system = $("pg-system").value.trim();
   if (system) messages.unshift({ role: "system", content: system });
   const body = { model: $("pg-model").value, messages, stream: true,
                  stream_options: { include_usage: true },
-                 temperature: Number($("pg-temperature").value), top_p: Number($("pg-top-p").value),
-                 max_tokens: Number($("pg-max-tokens").value) };
+                 temperature: number("pg-temperature"), top_p: number("pg-top-p"),
+                 max_tokens: number("pg-max-tokens"), seed: number("pg-seed") };
+  const stop = $("pg-stop").value.trim();
+  if (stop) body.stop = [stop];
   state.chatAbort = new AbortController();
   $("chat-send").disabled = true; $("chat-stop").disabled = false;
   const started = performance.now();
@@ -206,14 +255,27 @@ async function send() {
       $("chat-log").scrollTop = $("chat-log").scrollHeight;
     }
     state.chat.push({ role: "assistant", content: out.textContent });
+    render(out, out.textContent);
+    saveChat();
     if (usage && first !== null) {
       const seconds = (performance.now() - first) / 1000;
       $("chat-stats").textContent = `${usage.prompt_tokens} prompt + ${usage.completion_tokens} completion tokens · ` +
         `TTFT ${Math.round(first - started)} ms · ${(usage.completion_tokens / Math.max(seconds, 1e-3)).toFixed(1)} tokens/s`;
     } else $("chat-stats").textContent = "";
   } catch (e) {
-    if (e.name !== "AbortError") { out.classList.add("bad"); out.textContent += `\n[${e.message}]`; }
-    $("chat-stats").textContent = e.name === "AbortError" ? "stopped" : "";
+    if (e.name === "AbortError") {  // stopped: what came so far is the answer
+      state.chat.push({ role: "assistant", content: out.textContent });
+      saveChat();
+      $("chat-stats").textContent = "stopped";
+    } else {  // failed: the turn is dropped, the error is a banner with Retry
+      state.chat.pop();
+      asked.parentNode.remove();
+      out.parentNode.remove();
+      $("chat-error-text").textContent = e.message;
+      $("chat-error").hidden = false;
+      state.retry = text;
+      $("chat-stats").textContent = "";
+    }
   } finally {
     state.chatAbort = null;
     $("chat-send").disabled = false; $("chat-stop").disabled = true;
@@ -226,8 +288,10 @@ $("chat-input").addEventListener("keydown", (event) => {
 });
 $("chat-stop").addEventListener("click", () => state.chatAbort && state.chatAbort.abort());
 $("chat-reset").addEventListener("click", () => {
-  state.chat = []; $("chat-log").replaceChildren(); $("chat-stats").textContent = "";
+  state.chat = []; saveChat(); $("chat-log").replaceChildren(); $("chat-stats").textContent = "";
+  $("chat-error").hidden = true;
 });
+$("chat-retry").addEventListener("click", () => send(state.retry));
 
 // Models ------------------------------------------------------------------------------------
 
@@ -323,6 +387,11 @@ async function refreshCluster() {
   const stats = await api("GET", "/api/v1/stats");
   const t = stats.buckets.map((b) => b.start);
   const lines = (label, stroke) => [{ label, stroke, width: 2, spanGaps: false }];
+  const traffic = stats.buckets.some((b) => b.tokensPerSecond || b.ttftP50Ms);
+  for (const id of ["chart-tokens", "chart-ttft"]) {
+    if (!traffic) $(id).replaceChildren(el("p", "No traffic yet in the last 10 minutes.", { class: "empty-chart" }));
+  }
+  if (!traffic) return;
   chart($("chart-tokens"), { time: true, lines: lines("tokens/s", "#2f5fd0"),
                              data: [t, stats.buckets.map((b) => b.tokensPerSecond)] });
   chart($("chart-ttft"), { time: true, lines: lines("TTFT p50 ms", "#b36b00"),
@@ -438,6 +507,7 @@ async function openJob(id) {
     $("job-state").textContent = `${j.state}` + (p ? ` · step ${p.step}/${p.totalSteps}` : "") +
       (p && p.loss != null ? ` · loss ${p.loss.toFixed(4)}` : "") +
       (p && p.evalLoss != null ? ` · eval loss ${p.evalLoss.toFixed(4)}` : "") +
+      (p && j.state === "running" && p.etaS ? ` · ${Math.round(p.etaS)} s left` : "") +
       (j.error ? ` · ${j.error.message}` : "");
     const scores = Object.entries(j.evaluation || {}).map(([k, v]) => `${k} ${v.toFixed(4)}`);
     $("job-promotion").textContent = [j.promotion, ...scores].filter(Boolean).join(" · ");
@@ -445,6 +515,7 @@ async function openJob(id) {
     $("job-open").hidden = !j.fineTunedModel;
     $("job-open").onclick = () => { state.wantedModel = j.fineTunedModel; location.hash = "#playground"; };
   };
+  let current = job;  // what the page shows: live progress on top of the last status
   describe(job);
   $("job-checkpoints").replaceChildren(...job.checkpoints.map((c) => el("li", `step ${c.step}: ${c.path}`)));
   $("job-cancel").onclick = async () => {
@@ -461,13 +532,16 @@ async function openJob(id) {
         const p = data.progress;
         points.set(p.step, [p.loss, (points.get(p.step) || [null, null])[1]]);
         draw();
+        current = { ...current, state: "running", progress: { ...(current.progress || {}), ...p } };
+        describe(current);
       } else if (name === "eval") {
         points.set(data.step, [(points.get(data.step) || [null, null])[0], data.evalLoss]);
         draw();
       } else if (name === "checkpoint") {
         $("job-checkpoints").append(el("li", `step ${data.checkpoint.step}: ${data.checkpoint.path}`));
       } else if (name === "state") {
-        describe(await api("GET", `/api/v1/training/status/${encodeURIComponent(id)}`));
+        current = await api("GET", `/api/v1/training/status/${encodeURIComponent(id)}`);
+        describe(current);
         refreshJobs().catch(console.error);
       }
     }
@@ -481,9 +555,10 @@ async function openJob(id) {
 async function showKeys() {
   $("keys-error").textContent = "";
   const { keys } = await api("GET", "/admin/keys");
-  fill($("keys-table").querySelector("tbody"), keys.map((k) => row([
+  const shown = keys.filter((k) => !k.revoked || $("keys-revoked").checked);
+  fill($("keys-table").querySelector("tbody"), shown.map((k) => row([
     k.key_id, k.name, k.models ? k.models.join(", ") : "all", k.admin ? "yes" : "",
-    when(k.created), k.revoked ? "revoked" : (k.expires_at && k.expires_at * 1000 < Date.now() ? "expired" : "active"),
+    when(k.created), when(k.expires_at) || "never", k.revoked ? "revoked" : (k.expires_at && k.expires_at * 1000 < Date.now() ? "expired" : "active"),
     k.revoked ? "" : button("Revoke", async () => {
       try { await api("DELETE", `/admin/keys/${encodeURIComponent(k.key_id)}`); }
       catch (e) { $("keys-error").textContent = e.message; }
@@ -491,6 +566,7 @@ async function showKeys() {
     })])));
 }
 
+$("keys-revoked").addEventListener("change", () => showKeys());
 $("key-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   const models = $("key-models").value.split(",").map((m) => m.trim()).filter(Boolean);
@@ -500,6 +576,7 @@ $("key-form").addEventListener("submit", async (event) => {
     const notice = $("key-created");
     notice.hidden = false;
     notice.textContent = `Key for ${created.name} (shown once, copy it now): ${created.key}`;
+    notice.append(" ", button("Copy", () => navigator.clipboard && navigator.clipboard.writeText(created.key)));
     $("key-form").reset();
     showKeys();
   } catch (e) { $("keys-error").textContent = e.message; }
@@ -508,9 +585,11 @@ $("key-form").addEventListener("submit", async (event) => {
 // -- start ---------------------------------------------------------------------------------
 
 (async () => {
+  try { state.chat = JSON.parse(sessionStorage.getItem(CHAT) || "[]"); } catch (_) { state.chat = []; }
   const saved = sessionStorage.getItem(KEY);
-  if (saved !== null) {
-    try { await logIn(saved); return; } catch (_) { sessionStorage.removeItem(KEY); }
+  // A saved key, or none at all: a server without authentication lets everyone straight in.
+  for (const key of saved !== null ? [saved] : [""]) {
+    try { await logIn(key); return; } catch (_) { sessionStorage.removeItem(KEY); }
   }
   location.hash = "#login";
   route();
