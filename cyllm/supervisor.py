@@ -116,6 +116,7 @@ def run(
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     code = 0
+    ready = Ready(host, port, _served(models, config))
     try:
         for child in children:
             child.start(env)
@@ -126,10 +127,56 @@ def run(
                     stopping = True
                     break
             _follow(*children)
+            ready.check()
             time.sleep(0.2)
     finally:
         _terminate([c.proc for c in reversed(children) if c.proc is not None])
     return code
+
+
+class Ready:
+    """Says once, when the stack first answers healthy, where it listens and what it
+    serves: the line a user waits for among the components' logs."""
+
+    def __init__(self, host: str, port: int, models: list[str]) -> None:
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        self.base = f"http://{shown}:{port}"
+        self.models = models
+        self.said = False
+        self.next = 0.0
+
+    def check(self) -> None:
+        if self.said or time.monotonic() < self.next:
+            return
+        self.next = time.monotonic() + 1.0
+        import httpx
+
+        try:
+            health = httpx.get(f"{self.base}/api/v1/health", timeout=2)
+        except httpx.HTTPError:
+            return
+        models = self.models
+        if health.status_code != 200:
+            return
+        self.said = True
+        print(
+            f"cyllm serve: ready on {self.base} (OpenAI API {self.base}/v1, console {self.base}/console)"
+            + (f", serving {', '.join(sorted(set(models)))}" if models else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _served(models: list[ModelSpec] | None, config: Path | None) -> list[str]:
+    """The models the worker is given (the command's, else the config's)."""
+    if models is None:
+        from cyllm.worker.settings import WorkerSettings
+
+        try:
+            models = load_settings(WorkerSettings, config).models
+        except ConfigError:
+            return []
+    return [m.id for m in models]
 
 
 def _watch(child: Child, env: dict[str, str]) -> int:

@@ -165,11 +165,17 @@ def stack(tmp_path_factory):
         ],
     ) as s:
         s.env = {"CYLLM_URL": s.base_url, "CYLLM_API_KEY": admin_key}
+        s.log = tmp / "serve.log"
         s.jobs = tmp / "jobs"
         yield s
 
 
 def test_a_local_folder_is_served_under_its_name_with_the_flags(stack):
+    said = [line for line in stack.log.read_text().splitlines() if "cyllm serve: ready on" in line]
+    assert said == [
+        f"cyllm serve: ready on {stack.base_url} (OpenAI API {stack.base_url}/v1, "
+        f"console {stack.base_url}/console), serving smol"
+    ], said
     models = json.loads(cyllm("models", "list", "--json", env=stack.env).stdout)
     assert [(m["id"], m["engine"], m["state"]) for m in models] == [("smol", "transformers", "loaded")]
     table = cyllm("models", "list", env={**stack.env, "COLUMNS": "200"}).stdout
