@@ -192,6 +192,7 @@ def test_a_training_jobs_chart_gains_points(stack, browser):
     steps = by_id(browser, "job-steps")
     steps.clear()
     steps.send_keys("8")
+    by_id(browser, "job-rank").send_keys("8")
     by_id(browser, "job-promote").send_keys("console-bot")
     by_id(browser, "job-form").submit()
     wait(browser, lambda d: by_id(d, "job-detail").is_displayed())
@@ -203,6 +204,8 @@ def test_a_training_jobs_chart_gains_points(stack, browser):
     wait(browser, lambda d: "promoted to console-bot" in by_id(d, "job-promotion").text)
     assert "result.eval_loss" in by_id(browser, "job-promotion").text
     wait(browser, lambda d: rows(d, "jobs-table")[0][1] == "succeeded")
+    assert "max_steps 8" in by_id(browser, "job-params").text and '"r":8' in by_id(browser, "job-params").text
+    wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#job-events div")) >= 3)
     shoot(browser, "fine-tuning")
     by_id(browser, "job-open").click()
     wait(browser, lambda d: by_id(d, "playground").is_displayed())

@@ -475,7 +475,14 @@ $("job-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   $("job-error").textContent = "";
   const body = { baseModel: $("job-model").value, fileId: $("job-file").value, method: $("job-method").value,
-                 maxSteps: Number($("job-steps").value), batchSize: Number($("job-batch").value) };
+                 batchSize: Number($("job-batch").value) };
+  if ($("job-steps").value) body.maxSteps = Number($("job-steps").value);
+  if ($("job-epochs").value) body.epochs = Number($("job-epochs").value);
+  if ($("job-max-length").value) body.maxLength = Number($("job-max-length").value);
+  const options = {};
+  if ($("job-rank").value) options.r = Number($("job-rank").value);
+  if ($("job-alpha").value) options.lora_alpha = Number($("job-alpha").value);
+  if (Object.keys(options).length) body.options = options;
   if ($("job-validation").value) body.validationFileId = $("job-validation").value;
   if ($("job-lr").value) body.learningRate = Number($("job-lr").value);
   if ($("job-suffix").value) body.suffix = $("job-suffix").value;
@@ -517,6 +524,16 @@ async function openJob(id) {
   };
   let current = job;  // what the page shows: live progress on top of the last status
   describe(job);
+  const spec = job.spec || {};
+  $("job-params").textContent = ["method", "epochs", "max_steps", "batch_size", "learning_rate", "max_length",
+                                 "objective", "options"]
+    .filter((k) => spec[k] !== undefined && spec[k] !== null)
+    .map((k) => `${k} ${typeof spec[k] === "object" ? JSON.stringify(spec[k]) : spec[k]}`).join(" · ");
+  const showEvents = () => api("GET", `/v1/fine_tuning/jobs/${encodeURIComponent(id)}/events?limit=100`)
+    .then(({ data }) => $("job-events").replaceChildren(...data.reverse().map((e) =>
+      el("div", `${new Date(e.created_at * 1000).toLocaleTimeString()} ${e.message}`))))
+    .catch(console.error);
+  showEvents();
   $("job-checkpoints").replaceChildren(...job.checkpoints.map((c) => el("li", `step ${c.step}: ${c.path}`)));
   $("job-cancel").onclick = async () => {
     try { describe(await api("POST", `/api/v1/training/cancel/${encodeURIComponent(id)}`)); }
@@ -542,6 +559,7 @@ async function openJob(id) {
       } else if (name === "state") {
         current = await api("GET", `/api/v1/training/status/${encodeURIComponent(id)}`);
         describe(current);
+        showEvents();
         refreshJobs().catch(console.error);
       }
     }
