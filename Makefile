@@ -79,6 +79,7 @@ bench: setup engines redis
 # The configuration reference is generated from the settings models (a test checks it).
 docs: $(STAMP)
 	$(BIN)/python -m cyllm.config_reference > docs/configuration-reference.md
+	$(BIN)/python -m cyllm.config_reference --env > .env.example
 
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. cyllm/protocol/cyllm.proto

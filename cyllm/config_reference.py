@@ -1,9 +1,11 @@
 """The configuration reference, generated from the settings models so that it cannot
 drift from them: every section's keys with their type, default, environment variable
-and description.  ``make docs`` writes docs/configuration-reference.md; a test fails
-when the file differs from what this renders, or when a setting has no description.
+and description; and ``.env.example``, every environment variable with its meaning.
+``make docs`` writes both; a test fails when a file differs from what this renders, or
+when a setting has no description.
 
     python -m cyllm.config_reference > docs/configuration-reference.md
+    python -m cyllm.config_reference --env > .env.example
 """
 
 from __future__ import annotations
@@ -81,6 +83,30 @@ def render() -> str:
     return "\n".join(out) + "\n"
 
 
+ENV_HEADER = """\
+# CY-LLM's settings as environment variables: copy this file to .env (read from the
+# working directory of every cyllm command; a variable set in the environment wins over
+# the file, the file over the config file given with --config, that over the defaults).
+# Lists and mappings are JSON.  Generated from the settings by
+# `python -m cyllm.config_reference --env` (make docs): do not edit by hand.
+# Keep secrets (CYLLM_INTERNAL_TOKEN, CYLLM_GATEWAY_JWT_SECRET) out of version control.
+"""
+
+
+def render_env() -> str:
+    out = [ENV_HEADER]
+    for name, model, env in SECTIONS:
+        if not env:
+            continue
+        out.append(f"\n# -- {name}")
+        for key, field in model.model_fields.items():
+            default = _default(field).strip("`")
+            what = " ".join((field.description or "").split())
+            out.append(f"# {what} (default: {default})" if default else f"# {what}")
+            out.append(f"#{env}{key.upper()}=")
+    return "\n".join(out) + "\n"
+
+
 def undocumented() -> list[str]:
     return [
         f"{name}.{key}"
@@ -91,4 +117,6 @@ def undocumented() -> list[str]:
 
 
 if __name__ == "__main__":
-    print(render(), end="")
+    import sys
+
+    print(render_env() if sys.argv[1:] == ["--env"] else render(), end="")

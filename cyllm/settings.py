@@ -1,4 +1,4 @@
-"""Loading of component settings: YAML file < environment < command line.
+"""Loading of component settings: YAML file < ``.env`` < environment < command line.
 
 Each component owns one ``pydantic-settings`` model (``GatewaySettings``,
 ``CoordinatorSettings``, ``WorkerSettings``) beside its code.  This module only knows
@@ -12,8 +12,10 @@ how to fill one from a section of the YAML config file.  The file looks like::
     internal:    {token_file: /run/secrets/cyllm-internal}  # every component: plane.py
 
 Environment variables override the file: ``CYLLM_<SECTION>_<FIELD>`` (lists and dicts
-as JSON), e.g. ``CYLLM_COORDINATOR_QUEUE_MAX_SIZE=64``.  A bad value stops start-up
-with pydantic's message naming the key.
+as JSON), e.g. ``CYLLM_COORDINATOR_QUEUE_MAX_SIZE=64``; so does a ``.env`` file in the
+working directory holding such variables (the environment wins over it), as operators
+keep them: ``.env.example`` lists every one (``python -m cyllm.config_reference
+--env``).  A bad value stops start-up with pydantic's message naming the key.
 """
 
 from __future__ import annotations
@@ -75,11 +77,28 @@ class _YamlSection(PydanticBaseSettingsSource):
         return section
 
 
+class _OwnDotEnv(PydanticBaseSettingsSource):
+    """``.env``'s values for this component: one file holds every component's variables,
+    and another's are not this one's unknown keys (a misspelt one of its own still is)."""
+
+    def __init__(self, inner: PydanticBaseSettingsSource) -> None:
+        super().__init__(inner.settings_cls)
+        self.inner = inner
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ returns the whole mapping
+
+    def __call__(self) -> dict[str, Any]:
+        prefix = str(self.settings_cls.model_config.get("env_prefix", "")).lower()
+        fields = self.settings_cls.model_fields
+        return {k: v for k, v in self.inner().items() if k in fields or (prefix and k.startswith(prefix))}
+
+
 class ComponentSettings(BaseSettings):
     """Base for one component's settings; subclasses set ``section`` and env_prefix."""
 
     section: ClassVar[str] = ""
-    model_config = SettingsConfigDict(extra="forbid")
+    model_config = SettingsConfigDict(extra="forbid", env_file=".env", env_file_encoding="utf-8")
 
     @classmethod
     def settings_customise_sources(
@@ -90,7 +109,12 @@ class ComponentSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _YamlSection(settings_cls, cls.section))
+        return (
+            init_settings,
+            env_settings,
+            _OwnDotEnv(dotenv_settings),
+            _YamlSection(settings_cls, cls.section),
+        )
 
 
 S = TypeVar("S", bound=ComponentSettings)

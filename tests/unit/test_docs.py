@@ -60,3 +60,10 @@ def test_every_local_link_in_the_docs_resolves():
             ):
                 broken.append(f"{page.relative_to(root)} -> {target}")
     assert broken == []
+
+
+def test_the_committed_env_example_is_what_the_settings_render():
+    from cyllm.config_reference import render_env
+
+    example = Path(__file__).resolve().parents[2] / ".env.example"
+    assert example.read_text() == render_env(), "run `make docs` and commit the result"

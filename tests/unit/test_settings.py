@@ -66,3 +66,23 @@ def test_an_embedded_coordinator_address_must_be_host_and_port():
     )
     assert out.returncode == 2
     assert "'nowhere' is not HOST:PORT" in out.stderr
+
+
+def test_a_dotenv_file_sits_between_the_environment_and_the_config_file(tmp_path, monkeypatch):
+    """``.env`` in the working directory, as operators keep it: over the YAML file, under
+    the environment; a misspelt variable of a component's prefix stops it by name."""
+    from cyllm.gateway.settings import GatewaySettings
+    from cyllm.settings import ConfigError, load_settings
+
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "cyllm.yaml"
+    config.write_text("gateway:\n  port: 7001\n  max_body_bytes: 2048\n")
+    (tmp_path / ".env").write_text("CYLLM_GATEWAY_PORT=7002\nCYLLM_WORKER_PORT=7010\n# a comment\n")
+    monkeypatch.delenv("CYLLM_GATEWAY_PORT", raising=False)
+    loaded = load_settings(GatewaySettings, config)
+    assert (loaded.port, loaded.max_body_bytes) == (7002, 2048)  # .env over the file
+    monkeypatch.setenv("CYLLM_GATEWAY_PORT", "7003")
+    assert load_settings(GatewaySettings, config).port == 7003  # the environment over .env
+    (tmp_path / ".env").write_text("CYLLM_GATEWAY_PROT=7002\n")
+    with pytest.raises(ConfigError, match="prot"):
+        load_settings(GatewaySettings, config)
