@@ -224,9 +224,8 @@ def test_k8s_ports_probes_and_services_match():
                 assert int(port) in {p["port"] for p in services[host]["spec"]["ports"]}
 
 
-def test_grafana_dashboard_queries_only_metrics_the_services_export():
-    import json
-
+def exported_metrics() -> set[str]:
+    """Every metric series name the gateway, coordinator and worker export."""
     from cyllm.coordinator.metrics import CoordinatorMetrics
     from cyllm.gateway.metrics import GatewayMetrics
     from cyllm.worker.metrics import WorkerMetrics
@@ -244,6 +243,13 @@ def test_grafana_dashboard_queries_only_metrics_the_services_export():
     ):
         for family in registry.collect():
             exported |= {family.name + suffix for suffix in suffixes[family.type]}
+    return exported
+
+
+def test_grafana_dashboard_queries_only_metrics_the_services_export():
+    import json
+
+    exported = exported_metrics()
     dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
     queried = set()
     for panel in dashboard["panels"]:
@@ -462,3 +468,30 @@ def test_images_run_as_a_user_with_a_health_check_and_a_real_command(name):
         assert sub == "gateway" and "pip install --no-cache-dir -c constraints.txt . " in installs + " "
     else:
         assert "'.[worker,train" in installs
+
+
+def test_workers_scale_on_queue_depth_and_load_and_drain_when_they_go():
+    """The HorizontalPodAutoscalers: each targets a Deployment of the base; the workers'
+    metrics are ones the services export and prometheus-adapter's rules serve; a worker
+    leaves one at a time, with a grace period longer than its drain."""
+    from cyllm.worker.settings import WorkerSettings
+
+    docs = k8s_docs()
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    scalers = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "HorizontalPodAutoscaler"}
+    assert set(scalers) == {"cyllm-worker", "cyllm-gateway"}
+    for name, spec in scalers.items():
+        assert spec["scaleTargetRef"]["name"] == name and name in deployments
+        assert "replicas" not in deployments[name]["spec"]  # the autoscaler's to set
+    worker = scalers["cyllm-worker"]
+    read = {m[m["type"].lower()]["metric"]["name"] for m in worker["metrics"]}
+    assert read == {"coordinator_queue_depth", "worker_running_requests"}
+    assert read <= exported_metrics()
+    rules = yaml.safe_load((DEPLOY / "k8s" / "prometheus-adapter-rules.yaml").read_text())["rules"]
+    served = {r["name"]["as"] for kind in rules.values() for r in kind}
+    assert read <= served
+    assert worker["behavior"]["scaleDown"]["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 120}]
+    grace = deployments["cyllm-worker"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace > WorkerSettings.model_fields["drain_timeout_s"].default
+    gateway = scalers["cyllm-gateway"]["metrics"]
+    assert [m["resource"]["name"] for m in gateway] == ["cpu"]
