@@ -220,10 +220,11 @@ def test_the_models_page_shows_made_models_and_their_aliases(stack, browser):
     alias, result = rows(browser, "aliases-table")[0][:2]
     assert alias == "console-bot" and ":ft-" in result
     made = next(r for r in rows(browser, "models-table") if r[0] == result)
-    assert made[7] == "adapter" and float(made[8]) > 0 and made[9] == "console-bot", made
+    assert made[7].startswith("adapter · ftjob-") and made[6] == MODEL, made  # its base, its job
+    assert float(made[8]) > 0 and made[9] == "console-bot", made
     assert "Export" in made[10] and "Delete" in made[10]
     checkpoint = next(r for r in rows(browser, "models-table") if r[0] == f"{result}-step-8")
-    assert checkpoint[1] == "available" and checkpoint[7] == "adapter"  # loaded when asked for
+    assert checkpoint[1] == "available" and checkpoint[7].startswith("adapter")  # loaded when asked for
     shoot(browser, "models")
     # point a new alias at the base, from the form
     by_id(browser, "alias-name").send_keys("base-bot")

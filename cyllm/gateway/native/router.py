@@ -181,6 +181,8 @@ async def health(request: Request) -> JSONResponse:
                     device=w.worker.device,
                     running=w.running,
                     tokens_generated=w.tokens_generated,
+                    training_job=w.worker.training_job or None,
+                    training_shares_device=w.worker.training_shares_device if w.worker.training_job else None,
                 )
                 if detail
                 else {}

@@ -328,6 +328,10 @@ class WorkerHealth(_Camel):
     device: str | None = None
     running: int | None = Field(None, description="generations in flight, as it last reported")
     tokens_generated: int | None = Field(None, description="tokens it has generated since it started")
+    training_job: str | None = Field(None, description="the fine-tuning job it is running, if any")
+    training_shares_device: bool | None = Field(
+        None, description="while it trains: whether it still serves (false: its requests go elsewhere)"
+    )
 
 
 class CoordinatorHealth(_Camel):

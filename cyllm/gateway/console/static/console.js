@@ -309,8 +309,14 @@ async function showModels(message = "") {
   };
   fill($("models-table").querySelector("tbody"), models.map((m) => {
     const loss = m.evaluation && m.evaluation.eval_loss;
+    const kind = el("span", m.kind || "");
+    if (m.jobId) {  // the job that made it, one click away
+      const link = el("a", m.jobId, { href: "#training" });
+      link.addEventListener("click", () => { state.openJob = m.jobId; });
+      kind.append(" · ", link);
+    }
     const cells = [m.id, m.state, m.engine, m.device, m.contextLength, bytes(m.memoryBytes), m.base,
-                   m.kind || "", loss === undefined || loss === null ? "" : loss.toFixed(4),
+                   kind, loss === undefined || loss === null ? "" : loss.toFixed(4),
                    (m.aliases || []).join(", ")];
     const actions = el("span");
     if (state.admin) {
@@ -382,6 +388,11 @@ async function refreshCluster() {
   fill($("workers-table").querySelector("tbody"), health.workers.map((w) => {
     const h = el("span", w.healthy ? "healthy" : `unhealthy: ${w.unhealthyReason || "no reason given"}`,
                  { class: w.healthy ? "good" : "bad" });
+    if (w.trainingJob) {  // training: say so, and whether it serves meanwhile
+      h.append(el("span", ` · training ${w.trainingJob}` +
+                  (w.trainingSharesDevice === false ? " (not serving until it ends)" : " (serving beside it)"),
+                  { class: "muted" }));
+    }
     return row([w.id, h, `${w.outstanding} / ${w.capacity}`, (w.models || []).join(", "), w.device]);
   }));
   const stats = await api("GET", "/api/v1/stats");
@@ -403,6 +414,7 @@ async function refreshCluster() {
 async function showTraining() {
   await refreshFiles();
   await refreshJobs();
+  if (state.openJob) { openJob(state.openJob); state.openJob = undefined; }
   state.timers.push(setInterval(() => refreshJobs().catch(console.error), 5000));
 }
 
