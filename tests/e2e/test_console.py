@@ -236,6 +236,12 @@ def test_the_models_page_shows_made_models_and_their_aliases(stack, browser):
         By.XPATH, "//table[@id='aliases-table']//tr[td='console-bot']//button[.='Roll back']"
     ).click()
     wait(browser, lambda d: "nowhere else to roll back to" in by_id(d, "models-error").text)
+    # published to every tenant from its row, and withdrawn
+    publish = f"//table[@id='models-table']//tr[td='{made[0]}']//button[.='%s']"
+    browser.find_element(By.XPATH, publish % "Publish").click()
+    wait(browser, lambda d: d.find_elements(By.XPATH, publish % "Withdraw"))
+    browser.find_element(By.XPATH, publish % "Withdraw").click()
+    wait(browser, lambda d: d.find_elements(By.XPATH, publish % "Publish"))
     # delete the model: gone from both tables (its alias goes with it)
     browser.find_element(
         By.XPATH, f"//table[@id='models-table']//tr[td='{made[0]}']//button[.='Delete']"

@@ -328,6 +328,11 @@ async function showModels(message = "") {
       actions.append(button("Export", () => exportModel(m.id).catch((e) => {
         $("models-error").textContent = e.message;
       })));
+      if (state.admin) {  // share it with every tenant, or take it back
+        const shared = (m.publishedTo || []).includes("*");
+        actions.append(button(shared ? "Withdraw" : "Publish", act(() => api(
+          "POST", `/api/v1/models/${encodeURIComponent(m.id)}/publish`, { everyone: true, withdraw: shared }))));
+      }
       const remove = act(() => api("DELETE", `/api/v1/models/${encodeURIComponent(m.id)}`));
       actions.append(button("Delete", (event) => {
         if (confirm(`Delete ${m.id} and its files?`)) remove(event);
