@@ -127,6 +127,11 @@ def load_settings(cls: type[S], config_file: Path | None = None, **overrides: An
         return cls(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         where = f" (config file {config_file})" if config_file else ""
-        raise ConfigError(f"invalid {cls.section} settings{where}:\n{exc}") from exc
+        # Named, never quoted: a misspelt secret's value must not reach a log.
+        said = "\n".join(
+            f"  {'.'.join(map(str, e['loc'])) or '(settings)'}: {e['msg']}"
+            for e in exc.errors(include_input=False)
+        )
+        raise ConfigError(f"invalid {cls.section} settings{where}:\n{said}") from exc
     finally:
         _config_file.reset(token)

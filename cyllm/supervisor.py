@@ -116,7 +116,7 @@ def run(
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     code = 0
-    ready = Ready(host, port, _served(models, config))
+    ready = Ready(host, port, _served(models, config), _tls(config))
     try:
         for child in children:
             child.start(env)
@@ -138,9 +138,11 @@ class Ready:
     """Says once, when the stack first answers healthy, where it listens and what it
     serves: the line a user waits for among the components' logs."""
 
-    def __init__(self, host: str, port: int, models: list[str]) -> None:
+    def __init__(self, host: str, port: int, models: list[str], tls: bool = False) -> None:
         shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-        self.base = f"http://{shown}:{port}"
+        if ":" in shown:  # an IPv6 address
+            shown = f"[{shown}]"
+        self.base = f"{'https' if tls else 'http'}://{shown}:{port}"
         self.models = models
         self.said = False
         self.next = 0.0
@@ -151,9 +153,9 @@ class Ready:
         self.next = time.monotonic() + 1.0
         import httpx
 
-        try:
-            health = httpx.get(f"{self.base}/api/v1/health", timeout=2)
-        except httpx.HTTPError:
+        try:  # the local server itself: no proxy, its own certificate
+            health = httpx.get(f"{self.base}/api/v1/health", timeout=2, trust_env=False, verify=False)
+        except Exception:  # not up yet, or never answering: the line is a courtesy, never fatal
             return
         models = self.models
         if health.status_code != 200:
@@ -165,6 +167,15 @@ class Ready:
             file=sys.stderr,
             flush=True,
         )
+
+
+def _tls(config: Path | None) -> bool:
+    from cyllm.gateway.settings import GatewaySettings
+
+    try:
+        return load_settings(GatewaySettings, config).tls_cert_file is not None
+    except ConfigError:
+        return False
 
 
 def _served(models: list[ModelSpec] | None, config: Path | None) -> list[str]:

@@ -36,6 +36,8 @@ import redis
 os.environ.setdefault("CYLLM_INTERNAL_TOKEN", secrets.token_urlsafe(24))
 os.environ.setdefault("CYLLM_WORKER_CPU_ENGINE", "transformers")
 
+if (Path(__file__).parents[1] / ".env").exists():  # it would configure every server the tests start
+    raise SystemExit("a .env in the repository root would configure the tests' servers: move it aside")
 STATE = Path(tempfile.mkdtemp(prefix="cyllm-test-state-"))
 # variable -> (config section, setting, its place in STATE)
 STATE_SETTINGS = {

@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 import httpx
 import typer
+from rich.cells import cell_len
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -67,8 +68,10 @@ class Gateway:
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             reply = self.http.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
+        except httpx.ConnectError as exc:
             _fail(self.unreachable(exc))
+        except httpx.HTTPError as exc:
+            _fail(f"the request to {self.http.base_url} failed: {exc}")
         if reply.status_code >= 400:
             _fail(_message(reply))
         return reply.json()
@@ -126,9 +129,10 @@ def _listing(rows: list[dict[str, Any]], columns: list[str], as_json: bool) -> N
         return
     table = Table()
     for n, column in enumerate(columns):
-        widest = max((len(str(row.get(column) or "")) for row in rows), default=0)
-        if n == 0:
-            table.add_column(column, no_wrap=True, min_width=max(widest, len(column)))
+        if n == 0:  # whole, unless the other columns would get under 6 cells each
+            widest = max((cell_len(str(row.get(column) or "")) for row in rows), default=0)
+            room = max(cell_len(column), out.width - 7 * (len(columns) - 1) - 4)
+            table.add_column(column, no_wrap=True, min_width=min(max(widest, cell_len(column)), room))
         else:
             table.add_column(column, overflow="fold")
     for row in rows:
@@ -139,10 +143,9 @@ def _listing(rows: list[dict[str, Any]], columns: list[str], as_json: bool) -> N
 def _cell(column: str, value: object) -> str:
     if value is None:
         return ""
-    if (column == "created" or column.endswith("_at") or column.endswith("At")) and isinstance(
-        value, (int, float)
-    ):
-        return time.strftime("%Y-%m-%d %H:%M", time.localtime(value)) if value else ""
+    dated = column == "created" or column.endswith("_at") or column.endswith("At")
+    if dated and isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1e11:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(value))
     return _e(value)
 
 
@@ -177,8 +180,12 @@ def chat(
             _fail("the gateway serves no model")
         model = served[0]["id"]
     interactive = sys.stdin.isatty()
+    refused = False  # piped: the exit status says whether every message was answered
     if interactive:
-        import readline  # noqa: F401  (input() gets line editing and this session's history)
+        try:
+            import readline  # noqa: F401  (input() gets line editing and this session's history)
+        except ImportError:  # not on every platform: plain input()
+            pass
 
         err.print(
             f"[bold]{_e(model)}[/] at {_e(url)} — Ctrl-C stops an answer; /reset, /exit", highlight=False
@@ -188,12 +195,12 @@ def chat(
         try:
             line = input("> " if interactive else "")
         except EOFError:
-            return
+            raise typer.Exit(1 if refused else 0) from None
         except KeyboardInterrupt:  # at the prompt: a fresh line, as a shell does
             sys.stdout.write("\n")
             continue
         if line.strip() == "/exit":
-            return
+            raise typer.Exit(1 if refused else 0)
         if line.strip() == "/reset":
             history = history[:1] if system else []
             err.print("[dim](conversation reset)[/]")
@@ -234,6 +241,7 @@ def chat(
         except typer.Exit:  # refused or failed: said above; the conversation stays as it was
             events.close()
             history.pop()
+            refused = not interactive
             continue
         sys.stdout.write("\n")
         sys.stdout.flush()

@@ -432,4 +432,4 @@ def test_chat_edits_recalls_and_stops_in_a_terminal(stack):
             pass
         os.close(fd)
     refused = cyllm("chat", "no-such-model", stdin="hi\nhello\n/exit\n", env=stack.env, check=False)
-    assert refused.returncode == 0 and refused.stderr.count("no-such-model") == 2, refused.stderr
+    assert refused.returncode == 1 and refused.stderr.count("no-such-model") == 2, refused.stderr

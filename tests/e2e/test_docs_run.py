@@ -92,6 +92,9 @@ def test_the_block_runs_as_written(block, server, place):
             timeout=900,
         )
         assert done.returncode == 0, (block.name, done.stdout[-3000:], done.stderr[-3000:])
+        # A stream that ends in an error, or a job that failed, is a broken example too.
+        failed = re.search(r'event: error|"state":\s*"failed"', done.stdout)
+        assert failed is None, (block.name, done.stdout[-3000:])
     elif block.language == "python":
         exec(compile(code, block.name, "exec"), {"__name__": "__doc_example__"})
     else:  # a configuration file: every component takes it

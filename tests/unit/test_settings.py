@@ -83,6 +83,7 @@ def test_a_dotenv_file_sits_between_the_environment_and_the_config_file(tmp_path
     assert (loaded.port, loaded.max_body_bytes) == (7002, 2048)  # .env over the file
     monkeypatch.setenv("CYLLM_GATEWAY_PORT", "7003")
     assert load_settings(GatewaySettings, config).port == 7003  # the environment over .env
-    (tmp_path / ".env").write_text("CYLLM_GATEWAY_PROT=7002\n")
-    with pytest.raises(ConfigError, match="prot"):
+    (tmp_path / ".env").write_text("CYLLM_GATEWAY_PROT=7002\nCYLLM_GATEWAY_JWT_SECRT=s3cr3t-value\n")
+    with pytest.raises(ConfigError, match="prot") as refused:
         load_settings(GatewaySettings, config)
+    assert "jwt_secrt" in str(refused.value) and "s3cr3t" not in str(refused.value)  # named, not quoted

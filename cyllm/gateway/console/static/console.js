@@ -131,6 +131,7 @@ $("login-form").addEventListener("submit", async (event) => {
 
 $("logout").addEventListener("click", () => {
   sessionStorage.removeItem(KEY);
+  sessionStorage.removeItem(CHAT);  // the next user of this tab starts a conversation of their own
   state.key = null; state.admin = false;
   location.hash = "#login";
   location.reload();
@@ -211,7 +212,9 @@ function showChat() {
   for (const m of state.chat) render(addMessage(m.role, ""), m.content);
 }
 
-function saveChat() { sessionStorage.setItem(CHAT, JSON.stringify(state.chat)); }
+function saveChat() {  // best effort: a full storage never fails the chat itself
+  try { sessionStorage.setItem(CHAT, JSON.stringify(state.chat)); } catch (e) { console.warn(e); }
+}
 
 function number(id) {  // a setting left empty: the model's own default
   const v = $(id).value.trim();
@@ -221,7 +224,7 @@ function number(id) {  // a setting left empty: the model's own default
 async function send(retry) {
   const text = retry ?? $("chat-input").value.trim();
   if (!text || state.chatAbort) return;
-  $("chat-input").value = "";
+  if (retry === undefined) $("chat-input").value = "";  // a retry keeps what was typed since
   $("chat-error").hidden = true;
   state.chat.push({ role: "user", content: text });
   const asked = addMessage("user", text);
@@ -499,7 +502,13 @@ $("job-form").addEventListener("submit", async (event) => {
   const options = {};
   if ($("job-rank").value) options.r = Number($("job-rank").value);
   if ($("job-alpha").value) options.lora_alpha = Number($("job-alpha").value);
-  if (Object.keys(options).length) body.options = options;
+  if (Object.keys(options).length) {
+    if (!["lora", "dora", "pissa"].includes(body.method)) {  // the others name them otherwise
+      $("job-error").textContent = "LoRA rank and alpha apply to lora, dora and pissa";
+      return;
+    }
+    body.options = options;
+  }
   if ($("job-validation").value) body.validationFileId = $("job-validation").value;
   if ($("job-lr").value) body.learningRate = Number($("job-lr").value);
   if ($("job-suffix").value) body.suffix = $("job-suffix").value;
@@ -547,7 +556,7 @@ async function openJob(id) {
     .filter((k) => spec[k] !== undefined && spec[k] !== null)
     .map((k) => `${k} ${typeof spec[k] === "object" ? JSON.stringify(spec[k]) : spec[k]}`).join(" · ");
   const showEvents = () => api("GET", `/v1/fine_tuning/jobs/${encodeURIComponent(id)}/events?limit=100`)
-    .then(({ data }) => $("job-events").replaceChildren(...data.reverse().map((e) =>
+    .then(({ data }) => state.job === id && $("job-events").replaceChildren(...data.reverse().map((e) =>
       el("div", `${new Date(e.created_at * 1000).toLocaleTimeString()} ${e.message}`))))
     .catch(console.error);
   showEvents();
@@ -566,7 +575,9 @@ async function openJob(id) {
         const p = data.progress;
         points.set(p.step, [p.loss, (points.get(p.step) || [null, null])[1]]);
         draw();
-        current = { ...current, state: "running", progress: { ...(current.progress || {}), ...p } };
+        if (state.job !== id) return;  // another job was opened meanwhile
+        const known = Object.fromEntries(Object.entries(p).filter(([, v]) => v !== null && v !== undefined));
+        current = { ...current, state: "running", progress: { ...(current.progress || {}), ...known } };
         describe(current);
       } else if (name === "eval") {
         points.set(data.step, [(points.get(data.step) || [null, null])[0], data.evalLoss]);
