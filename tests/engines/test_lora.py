@@ -135,3 +135,17 @@ async def test_removed_adapter_is_not_found_and_the_rest_still_serve(engine):
     assert await answer(engine, ask("still", "alpha"))
     with pytest.raises(errors.InvalidRequest):
         await engine.add_adapter("broken", default_folder())  # a model folder, not an adapter
+
+
+async def test_the_base_serves_on_when_its_last_adapter_goes(engine, adapters, reference):
+    """Every adapter removed (fine-tunes unloaded past their keep-alive), the base answers
+    as before; an adapter added again answers as PEFT's."""
+    await engine.remove_adapter("alpha")
+    assert engine.adapters() == []
+    base = await answer(engine, ask("bare", None))
+    await engine.add_adapter("alpha", adapters["alpha"])
+    again = await answer(engine, ask("again", "alpha"))
+    if engine.kind == "transformers":
+        assert (base, again) == (reference[None], reference["alpha"])
+    else:
+        assert (start(base), start(again)) == (start(reference[None]), start(reference["alpha"]))

@@ -222,7 +222,13 @@ class TransformersEngine(Engine):
         else:
             if any(s.adapter == name for s in self._running + self._waiting):
                 raise errors.InvalidRequest(f"adapter {name!r} is serving requests; retry when idle")
-            self.model.delete_adapter(name)
+            if len(self._adapters) == 1:
+                # The last one: PEFT would keep it as the active adapter of a model that
+                # has none left (every later request a KeyError); the base comes back
+                # unwrapped instead, and the next adapter wraps it again.
+                self.model = self.model.unload()
+            else:
+                self.model.delete_adapter(name)
             del self._adapters[name]
 
     def vocab_size(self) -> int | None:
