@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Generator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import httpx
 import typer
@@ -66,15 +66,28 @@ class Gateway:
         )
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """The JSON answer; a read over the caller's rate limit (429) waits as the server
+        says (up to 30 s, three times) rather than failing a command that polls."""
+        for attempt in range(4):
+            reply = self._send(method, path, **kwargs)
+            if reply.status_code != 429 or method != "GET" or attempt == 3:
+                break
+            try:
+                wait = float(reply.headers.get("retry-after", "1"))
+            except ValueError:
+                wait = 1.0
+            time.sleep(min(max(wait, 0.5), 30.0))
+        if reply.status_code >= 400:
+            _fail(_message(reply))
+        return reply.json()
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
-            reply = self.http.request(method, path, **kwargs)
+            return self.http.request(method, path, **kwargs)
         except httpx.ConnectError as exc:
             _fail(self.unreachable(exc))
         except httpx.HTTPError as exc:
             _fail(f"the request to {self.http.base_url} failed: {exc}")
-        if reply.status_code >= 400:
-            _fail(_message(reply))
-        return reply.json()
 
     def unreachable(self, exc: Exception) -> str:
         return (
@@ -116,7 +129,7 @@ def _message(reply: httpx.Response) -> str:
         return f"{reply.status_code} {reply.text[:500]}"
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     err.print(f"[red]error:[/] {_e(message)}", highlight=False)
     raise typer.Exit(1)
 

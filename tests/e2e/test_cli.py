@@ -351,7 +351,8 @@ def test_batch_submit_wait_download_and_the_official_client(stack, tmp_path):
     none = cyllm("batch", "download", batch_id, "--errors", env=stack.env, check=False)
     assert none.returncode == 1 and "has no error file" in none.stderr
 
-    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=stack.env["CYLLM_API_KEY"], max_retries=0)
+    # retries as the client does by default: polling meets the control routes' rate limit
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=stack.env["CYLLM_API_KEY"], max_retries=3)
     lines = [
         {
             "custom_id": f"e{i}",
