@@ -134,6 +134,7 @@ def test_every_page_loads_for_an_admin(stack, browser):
     wait(browser, lambda d: "No traffic yet" in by_id(d, "chart-tokens").text)
     visit(browser, stack.base_url, "keys")
     wait(browser, lambda d: len(rows(d, "keys-table")) >= 2)
+    assert not by_id(browser, "keys-auth-off").is_displayed()  # authentication is on here
     assert {r[1] for r in rows(browser, "keys-table")} >= {"ops", "app"}
     by_id(browser, "key-name").send_keys("console-made")
     by_id(browser, "key-form").submit()
