@@ -171,7 +171,10 @@ def stack(tmp_path_factory):
 
 
 def test_a_local_folder_is_served_under_its_name_with_the_flags(stack):
-    said = [line for line in stack.log.read_text().splitlines() if "cyllm serve: ready on" in line]
+    deadline = time.monotonic() + 15  # serve looks once a second: it may follow the health check
+    while not (said := [x for x in stack.log.read_text().splitlines() if "cyllm serve: ready on" in x]):
+        assert time.monotonic() < deadline, "no ready line"
+        time.sleep(0.2)
     assert said == [
         f"cyllm serve: ready on {stack.base_url} (OpenAI API {stack.base_url}/v1, "
         f"console {stack.base_url}/console), serving smol"
