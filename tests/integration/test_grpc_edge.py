@@ -44,7 +44,7 @@ async def test_streaming_handlers_errors_arrive_the_same_way(coordinator):
             pass
 
     async def chunks():
-        yield pb.FileChunk(filename="x.jsonl", purpose="batch", data=b"{}")
+        yield pb.FileChunk(filename="x.jsonl", purpose="assistants", data=b"{}")
 
     with pytest.raises(errors.InvalidRequest, match="purpose"):  # client stream
         await unary(rpc.FilesStub(coordinator).UploadFile, chunks())
