@@ -290,6 +290,40 @@ AdminKey = Annotated[
 ]
 
 
+BudgetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        metavar="LIMIT=N",
+        help="A budget limit (repeatable): tokens_per_day, tokens_per_month, "
+        "device_seconds_per_month, warn_at (a share, default 0.8).",
+        show_default=False,
+    ),
+]
+
+
+def _budget(limits: list[str] | None) -> dict | None:
+    """``--budget tokens_per_day=100000 ...`` as the budget's fields, checked."""
+    if not limits:
+        return None
+    from pydantic import ValidationError
+
+    from cyllm.gateway.budgets import Budget
+
+    fields = {}
+    for item in limits:
+        name, sep, value = item.partition("=")
+        if not sep:
+            typer.echo(f"error: --budget {item!r}: write LIMIT=N, e.g. tokens_per_day=100000", err=True)
+            raise typer.Exit(2)
+        fields[name.strip().replace("-", "_")] = value.strip()
+    try:
+        return Budget.model_validate(fields).model_dump(exclude_none=True)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        typer.echo(f"error: --budget: {problems}", err=True)
+        raise typer.Exit(2) from None
+
+
 def _store(config: Path | None):
     from cyllm.gateway.app import key_store
     from cyllm.gateway.settings import GatewaySettings
@@ -319,27 +353,53 @@ def keys_create(
     expires_in_days: Annotated[
         float | None, typer.Option(min=0.001, help="Lifetime; default: no expiry.", show_default=False)
     ] = None,
+    budget: BudgetOption = None,
     config: ConfigFile = None,
     url: KeysUrl = None,
     api_key: AdminKey = None,
 ) -> None:
     """Create a key and print it (the only time it is shown in clear)."""
     expires = expires_in_days * 86400 if expires_in_days else None
+    limits = _budget(budget)
     gw = _over_http(url, api_key, config)
     if gw is not None:
         reply = gw.call(
             "POST",
             "/admin/keys",
-            json={"name": name, "admin": admin, "models": model, "expires_in_s": expires},
+            json={"name": name, "admin": admin, "models": model, "expires_in_s": expires, "budget": limits},
         )
         key_id, secret = reply["key_id"], reply["key"]
     else:
         key, secret = asyncio.run(
-            _store(config).create(name, admin=admin, models=model, expires_in_s=expires)
+            _store(config).create(name, admin=admin, models=model, expires_in_s=expires, budget=limits)
         )
         key_id = key.key_id
     typer.echo(f"created {key_id} ({name}); the key, shown once:")
     typer.echo(secret)
+
+
+@keys_app.command("budget")
+def keys_budget(
+    key_id: Annotated[str, typer.Argument(help="The key's id (not its secret).")],
+    budget: BudgetOption = None,
+    clear: Annotated[bool, typer.Option(help="Take the key's budget away.")] = False,
+    config: ConfigFile = None,
+    url: KeysUrl = None,
+    api_key: AdminKey = None,
+) -> None:
+    """Set (--budget) or clear (--clear) a key's budget; it applies from its next request."""
+    if clear == bool(budget):
+        typer.echo("error: give --budget, or --clear", err=True)
+        raise typer.Exit(2)
+    limits = _budget(budget)
+    gw = _over_http(url, api_key, config)
+    if gw is not None:
+        path = f"/admin/keys/{key_id}/budget"
+        gw.call("DELETE", path) if clear else gw.call("PUT", path, json=limits)
+    elif asyncio.run(_store(config).set_budget(key_id, limits)) is None:
+        typer.echo(f"error: no API key {key_id!r}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{key_id}: {'no budget' if clear else limits}")
 
 
 @keys_app.command("list")

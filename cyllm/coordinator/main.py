@@ -20,6 +20,7 @@ from cyllm.coordinator.datasets import DatasetPolicy
 from cyllm.coordinator.files import FileStore
 from cyllm.coordinator.idempotency import Idempotency, IdempotencyStore, RedisIdempotencyStore
 from cyllm.coordinator.jobs import JobStore
+from cyllm.coordinator.ledger import Ledger, RedisLedger, SqliteLedger
 from cyllm.coordinator.loading import Loader
 from cyllm.coordinator.metrics import CoordinatorMetrics
 from cyllm.coordinator.pool import HealthRules
@@ -32,6 +33,7 @@ from cyllm.coordinator.services.models import ModelsService
 from cyllm.coordinator.services.pool import WorkerPoolService
 from cyllm.coordinator.services.responses import ResponsesService
 from cyllm.coordinator.services.training import FilesService, TrainingService
+from cyllm.coordinator.services.usage import UsageService
 from cyllm.coordinator.settings import CoordinatorSettings
 from cyllm.coordinator.sqlite import Database
 from cyllm.coordinator.sqlite_jobs import SqliteIdempotencyStore, SqliteJobStore
@@ -60,6 +62,7 @@ class Backends:
     idempotency: IdempotencyStore
     registry: Registry
     jobs: JobStore
+    ledger: Ledger
     database: Database | None = None  # the embedded default's state file
 
     @property
@@ -110,6 +113,7 @@ def build_backends(
             RedisIdempotencyStore(client),
             shared,
             RedisJobStore(s.redis_url),
+            RedisLedger(client, s.usage_retention_days),
         )
     db = Database(s.state_db)
     registry = SqliteRegistry(db)
@@ -127,6 +131,7 @@ def build_backends(
         SqliteIdempotencyStore(db),
         registry,
         SqliteJobStore(db),
+        SqliteLedger(db, s.usage_retention_days),
         db,
     )
 
@@ -141,6 +146,7 @@ class Services:
     files: FilesService
     responses: ResponsesService
     batches: BatchService
+    usage: UsageService
     pool: WorkerPoolService
 
     def add_to(self, server: grpc.aio.Server) -> None:
@@ -150,6 +156,7 @@ class Services:
         rpc.add_FilesServicer_to_server(self.files, server)
         rpc.add_ResponsesServicer_to_server(self.responses, server)
         rpc.add_BatchesServicer_to_server(self.batches, server)
+        rpc.add_UsageServicer_to_server(self.usage, server)
         rpc.add_WorkerPoolServicer_to_server(self.pool, server)
 
 
@@ -193,6 +200,7 @@ class CoordinatorServer:
             max_jobs_per_tenant=s.training_max_jobs_per_tenant,
             max_steps=s.training_max_steps,
             max_time_s=s.training_max_time_s,
+            ledger=backends.ledger,
         )
         models = ModelsService(
             self.coordinator_id,
@@ -229,6 +237,7 @@ class CoordinatorServer:
                 s.batch_max_output_bytes,
                 self.coordinator_id,
             ),
+            usage=UsageService(backends.ledger),
             pool=WorkerPoolService(self.scheduler, s.heartbeat_interval_s, self.plane),
         )
         self.services.add_to(self._server)

@@ -63,6 +63,11 @@ class CoordinatorSettings(ComponentSettings):
     responses_max_per_tenant: int = Field(
         10_000, ge=1, description="stored responses a tenant keeps; beyond it its oldest go first"
     )
+    usage_retention_days: float = Field(
+        400.0,
+        gt=0,
+        description="how long the usage ledger keeps an hour's rows (a year of months to compare)",
+    )
     batch_max_requests: int = Field(50_000, ge=1, description="requests one batch file may hold")
     batch_max_output_bytes: int = Field(
         256 << 20, ge=1 << 16, description="results one batch may keep; past it its lines fail"

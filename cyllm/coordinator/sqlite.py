@@ -68,6 +68,15 @@ MIGRATIONS: tuple[str, ...] = (
         batch_id TEXT NOT NULL, idx INTEGER NOT NULL, record BLOB NOT NULL, PRIMARY KEY (batch_id, idx));
     CREATE TABLE batch_cancels (batch_id TEXT PRIMARY KEY);
     """,
+    """
+    CREATE TABLE usage_hourly (
+        subject TEXT NOT NULL, start INTEGER NOT NULL, model TEXT NOT NULL, route TEXT NOT NULL,
+        outcome TEXT NOT NULL, requests INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL, cached_tokens INTEGER NOT NULL,
+        trained_tokens INTEGER NOT NULL, device_seconds REAL NOT NULL,
+        PRIMARY KEY (subject, start, model, route, outcome));
+    CREATE INDEX usage_by_hour ON usage_hourly (start);
+    """,
 )
 
 

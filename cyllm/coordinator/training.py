@@ -36,6 +36,7 @@ from cyllm import errors
 from cyllm.coordinator.datasets import DatasetPolicy
 from cyllm.coordinator.files import FileStore
 from cyllm.coordinator.jobs import TERMINAL, JobStore
+from cyllm.coordinator.ledger import Ledger
 from cyllm.coordinator.registry import ModelRecord, Registry, served_as
 from cyllm.coordinator.scheduler import Scheduler, WorkerView
 from cyllm.coordinator.workers import WorkerClients
@@ -70,8 +71,10 @@ class TrainingManager:
         max_jobs_per_tenant: int = 4,
         max_steps: int = 100_000,
         max_time_s: float = 86_400.0,
+        ledger: Ledger | None = None,
     ) -> None:
         self.store = store
+        self.ledger = ledger
         self.files = files
         self.datasets = datasets or DatasetPolicy()
         self.max_jobs_per_tenant = max_jobs_per_tenant
@@ -580,7 +583,31 @@ class TrainingManager:
         await self._event(
             job.id, "state", message, state=state, level="error" if state == "failed" else "info"
         )
+        await self._record_usage(job)
         return job
+
+    async def _record_usage(self, job: pb.TrainingJob) -> None:
+        """The job in the usage ledger: its tokens, and device-seconds as wall time from
+        its (last) start times its processes.  A ledger that cannot be written loses the
+        row, never the job's end (it is logged)."""
+        if self.ledger is None or not job.owner:
+            return
+        spec = TrainingSpec.model_validate_json(job.spec_json)
+        ran = max(0, job.finished_at - job.started_at) if job.started_at else 0
+        row = pb.UsageRow(
+            start=job.finished_at,
+            subject=job.owner,
+            model=spec.base_model,
+            route="fine_tuning",
+            outcome="ok" if job.state == "succeeded" else "error",
+            requests=1,
+            trained_tokens=job.trained_tokens,
+            device_seconds=float(ran * max(1, spec.processes)),
+        )
+        try:
+            await self.ledger.add([row])
+        except Exception:
+            log.exception("training job %s: its usage was not recorded", job.id)
 
     async def _event(
         self, job_id: str, type_: str, message: str, *, state: str = "", level: str = "info"

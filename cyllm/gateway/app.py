@@ -22,6 +22,7 @@ from cyllm.gateway.native.registry_router import router as registry_router
 from cyllm.gateway.native.router import health_router
 from cyllm.gateway.native.router import router as native_router
 from cyllm.gateway.native.training_router import router as training_router
+from cyllm.gateway.native.usage_router import router as usage_router
 from cyllm.gateway.native.websocket import router as websocket_router
 from cyllm.gateway.openai.batches import router as batches_router
 from cyllm.gateway.openai.embeddings import router as embeddings_router
@@ -32,6 +33,7 @@ from cyllm.gateway.openai.tokenize import router as tokenize_router
 from cyllm.gateway.origins import BrowserGuard
 from cyllm.gateway.ratelimit import RateLimiter
 from cyllm.gateway.settings import GatewaySettings
+from cyllm.gateway.usage import UsageRecorder
 from cyllm.protocol.plane import Plane, load_plane
 from cyllm.shared_state import unreachable
 
@@ -82,8 +84,11 @@ def create_app(
             stack.push_async_callback(app.state.client.close)
             app.state.keys = key_store(settings)
             app.state.auth = Authenticator(settings, app.state.keys)
-            app.state.limiter = RateLimiter(settings)
+            app.state.limiter = RateLimiter(settings, seed=app.state.client.spent_since)
             stack.push_async_callback(app.state.limiter.close)
+            app.state.usage = UsageRecorder(app.state.client.record_usage, settings.usage_report_s)
+            app.state.usage.start()
+            stack.push_async_callback(app.state.usage.stop)  # before the client closes
             if settings.batch_concurrency:
                 runner = BatchRunner(
                     app,
@@ -114,6 +119,7 @@ def create_app(
     app.include_router(native_router)
     app.include_router(registry_router)
     app.include_router(training_router)
+    app.include_router(usage_router)
     app.include_router(health_router)
     app.include_router(websocket_router)
     app.include_router(admin_router)

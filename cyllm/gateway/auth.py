@@ -16,9 +16,10 @@ route reads a byte of the body, so an unauthenticated 100 MB upload is refused a
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
@@ -26,6 +27,7 @@ from fastapi import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cyllm import errors
+from cyllm.gateway.budgets import Budget
 from cyllm.gateway.context import BATCH_CALLER, context, peek
 from cyllm.gateway.errors import error_response
 from cyllm.gateway.keys import PREFIX, KeyStore
@@ -40,6 +42,7 @@ class Identity:
     scopes: frozenset[str] = frozenset()
     models: frozenset[str] | None = None  # None: every model
     admin_scope: str = "admin"
+    budget: Budget | None = field(default=None, compare=False)  # budgets.py
 
     @property
     def admin(self) -> bool:
@@ -60,7 +63,9 @@ def anonymous(settings: GatewaySettings) -> Identity:
     """The caller when auth is off: the machine's own user (admin) on loopback; on any
     other address a plain caller, so an open gateway never hands out the admin routes."""
     scopes = frozenset({settings.admin_scope}) if loopback(settings.host) else frozenset()
-    return Identity("anonymous", "anonymous", scopes, None, settings.admin_scope)
+    return Identity(
+        "anonymous", "anonymous", scopes, None, settings.admin_scope, settings.budgets.get("anonymous")
+    )
 
 
 def loopback(host: str) -> bool:
@@ -163,16 +168,20 @@ class Authenticator:
             if key is None:
                 raise errors.Unauthenticated("invalid, revoked or expired API key")
             scopes = frozenset({self.settings.admin_scope} if key.admin else ())
+            subject = f"key:{key.key_id}"
             return Identity(
-                f"key:{key.key_id}",
+                subject,
                 "api_key",
                 scopes,
                 frozenset(key.models) if key.models is not None else None,
                 self.settings.admin_scope,
+                Budget(**key.budget) if key.budget else self.settings.budgets.get(subject),
             )
         if not self.jwt.enabled:
             raise errors.Unauthenticated("not an API key, and JWTs are not configured")
-        return self.jwt.verify(token, self.settings.admin_scope)
+        identity = self.jwt.verify(token, self.settings.admin_scope)
+        budget = self.settings.budgets.get(identity.subject)
+        return identity if budget is None else dataclasses.replace(identity, budget=budget)
 
     async def batch_caller(self, identity: Identity) -> Identity:
         """The creator of a batch, for one of its requests: an API key must still be live."""

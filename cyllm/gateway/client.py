@@ -52,6 +52,7 @@ class Coordinator:
     files: Any
     responses: Any
     batches: Any
+    usage: Any
 
     @classmethod
     def over(cls, channel: grpc.aio.Channel) -> Coordinator:
@@ -62,6 +63,7 @@ class Coordinator:
             rpc.FilesStub(channel),
             rpc.ResponsesStub(channel),
             rpc.BatchesStub(channel),
+            rpc.UsageStub(channel),
         )
 
     @classmethod
@@ -70,7 +72,7 @@ class Coordinator:
         return cls(
             *(
                 LocalStub(getattr(services, name), translate)
-                for name in ("inference", "models", "training", "files", "responses", "batches")
+                for name in ("inference", "models", "training", "files", "responses", "batches", "usage")
             )
         )
 
@@ -327,6 +329,19 @@ class CoordinatorClient:
             lambda c: c.responses.DeleteResponse, pb.StoredResponseRequest(id=response_id)
         )
         return reply.deleted
+
+    # -- the usage ledger ---------------------------------------------------------------
+
+    async def record_usage(self, rows: list[pb.UsageRow]) -> None:
+        await self._unary(lambda c: c.usage.RecordUsage, pb.UsageRecords(rows=rows))
+
+    async def query_usage(self, query: pb.UsageQuery) -> pb.UsageReport:
+        return await self._training(lambda c: c.usage.QueryUsage, query)
+
+    async def spent_since(self, subject: str, since: int) -> tuple[int, float]:
+        """What the ledger has of ``subject`` since ``since``: (tokens, device-seconds)."""
+        reply = await self._unary(lambda c: c.usage.Spent, pb.BudgetSpent(subject=subject, since=since))
+        return reply.tokens, reply.device_seconds
 
     # -- plumbing ---------------------------------------------------------------------
 

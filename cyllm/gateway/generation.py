@@ -129,7 +129,7 @@ class Generation:
         if self.request.priority > 0 and not (caller.admin or PRIORITY_SCOPE in caller.scopes):
             raise errors.Forbidden(f"priority above 0 needs the {PRIORITY_SCOPE!r} scope", param="priority")
         sampling = self._wire.sampling
-        bound = self.limiter.bound(sampling.max_tokens if sampling.HasField("max_tokens") else None)
+        bound = self.limiter.bound(sampling.max_tokens if sampling.HasField("max_tokens") else None, caller)
         if bound is not None:
             sampling.max_tokens = bound
         reserve = self.limiter.reservation(self.request.prompt_chars(), bound)
@@ -242,7 +242,7 @@ class Generation:
 
     def _finished(self, f: pb.Finished) -> None:
         assert self.ctx.usage is not None
-        self.ctx.usage.add(f.prompt_tokens, f.completion_tokens)
+        self.ctx.usage.add(f.prompt_tokens, f.completion_tokens, self.outcome.cached)
         if self._keep_text is not None:  # log_content: explicitly enabled
             r = self.request
             self.ctx.content = {

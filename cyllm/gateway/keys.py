@@ -50,6 +50,7 @@ class ApiKey:
     models: list[str] | None = None  # None: every model
     admin: bool = False
     revoked: bool = False
+    budget: dict | None = None  # budgets.Budget's fields; None: the gateway's budgets setting
 
     def public(self) -> dict:
         """What listing shows: everything but the hash."""
@@ -86,6 +87,7 @@ class KeyStore(abc.ABC):
         admin: bool = False,
         models: list[str] | None = None,
         expires_in_s: float | None = None,
+        budget: dict | None = None,
     ) -> tuple[ApiKey, str]:
         """A new key and its only appearance in clear."""
         key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
@@ -97,6 +99,7 @@ class KeyStore(abc.ABC):
             time.time() + expires_in_s if expires_in_s else None,
             models,
             admin,
+            budget=budget,
         )
         await self._save(key)
         return key, f"{PREFIX}{key_id}_{secret}"
@@ -108,6 +111,14 @@ class KeyStore(abc.ABC):
         key.revoked = True
         await self._save(key)
         return True
+
+    async def set_budget(self, key_id: str, budget: dict | None) -> ApiKey | None:
+        key = await self._load(key_id)
+        if key is None:
+            return None
+        key.budget = budget
+        await self._save(key)
+        return key
 
     async def live(self, key_id: str) -> bool:
         """Whether the key exists and is neither revoked nor expired."""

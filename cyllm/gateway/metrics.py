@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 import logging
 import time
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cyllm.gateway.context import peek
+from cyllm.gateway.context import BATCH_CALLER, peek
 from cyllm.gateway.errors import Responses
 from cyllm.gateway.traffic import TrafficStats
+from cyllm.gateway.usage import Usage
 from cyllm.telemetry import LATENCY_BUCKETS, TOKEN_GAP_BUCKETS, CountedHistogram
 
 
@@ -89,6 +91,10 @@ class MetricsMiddleware:
                 self.metrics.rejected.labels(str(status["code"])).inc()
             ctx = peek(scope)
             identity, usage = (ctx.identity, ctx.usage) if ctx else (None, None)
+            if identity is not None and usage is not None:
+                if BATCH_CALLER in scope:
+                    label = f"batch {label}"
+                record_usage(scope["app"], identity.subject, label, status["code"], usage)
             # The path is the caller's: escaped, so a newline in it cannot forge a line.
             path = json.dumps(scope["path"])[1:-1]
             access_log.info(
@@ -112,6 +118,14 @@ class MetricsMiddleware:
                 },
             )
             self.metrics.latency.labels(method, label).observe(elapsed)
+
+
+def record_usage(app: Any, subject: str, route: str, status: int, usage: Usage) -> None:
+    """One request in the usage ledger (``usage.UsageRecorder``: added up here, reported
+    in the background)."""
+    recorder = getattr(app.state, "usage", None)
+    if recorder is not None:
+        recorder.record(time.time(), subject, route, status, usage)
 
 
 router = APIRouter(tags=["metrics"])

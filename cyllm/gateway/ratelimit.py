@@ -31,6 +31,7 @@ from limits.aio.strategies import MovingWindowRateLimiter
 
 from cyllm import errors
 from cyllm.gateway.auth import Identity, authenticate
+from cyllm.gateway.budgets import Budgets, Hold, Seed
 from cyllm.gateway.settings import GatewaySettings
 from cyllm.shared_state import connect
 
@@ -41,10 +42,12 @@ class Admission:
     headers: dict[str, str] = field(default_factory=dict)
     holds_slot: bool = False
     reserved: int = 0
+    budget: Hold | None = None
 
 
 class RateLimiter:
-    def __init__(self, settings: GatewaySettings) -> None:
+    def __init__(self, settings: GatewaySettings, seed: Seed) -> None:
+        """``seed``: the usage ledger's spending of a caller since a time (``budgets.py``)."""
         self.rpm = RateLimitItemPerMinute(settings.rate_limit_rpm) if settings.rate_limit_rpm else None
         self.tpm = RateLimitItemPerMinute(settings.rate_limit_tpm) if settings.rate_limit_tpm else None
         self.control_rpm = (
@@ -66,23 +69,23 @@ class RateLimiter:
             self._redis = None
         self.window = MovingWindowRateLimiter(storage)
         self._counters: dict[str, int] = {}
+        self.budgets = Budgets(settings.redis_url, seed)
 
     @property
     def active(self) -> bool:
         return bool(self.rpm or self.tpm or self.concurrency)
 
-    def bound(self, max_tokens: int | None) -> int | None:
-        """The ``max_tokens`` a request runs with: its own, or the default under a token limit."""
-        if max_tokens is not None or self.tpm is None:
+    def bound(self, max_tokens: int | None, caller: Identity) -> int | None:
+        """The ``max_tokens`` a request runs with: its own, or the default under a token
+        limit or a budget (what it reserves bounds what it can use)."""
+        if max_tokens is not None or (self.tpm is None and caller.budget is None):
             return max_tokens
-        return min(self.default_reserve, self.tpm.amount)
+        return min(self.default_reserve, self.tpm.amount) if self.tpm else self.default_reserve
 
     def reservation(self, prompt_chars: int, max_tokens: int | None) -> int:
-        if self.tpm is None:
-            return 0
         prompt = prompt_chars // 3 + 1
         reserve = prompt + (max_tokens or 0)
-        if reserve > self.tpm.amount:
+        if self.tpm is not None and reserve > self.tpm.amount:
             raise errors.InvalidRequest(
                 f"the prompt (about {prompt} tokens) plus max_tokens ({max_tokens}) "
                 f"is over this caller's limit of {self.tpm.amount} tokens per minute",
@@ -92,7 +95,7 @@ class RateLimiter:
 
     async def admit(self, identity: Identity, reserve: int = 0) -> Admission:
         adm = Admission(identity.subject)
-        if not self.active:
+        if not self.active and identity.budget is None:
             return adm
         try:
             if self.rpm is not None:
@@ -108,6 +111,10 @@ class RateLimiter:
                         headers=adm.headers,
                     )
                 adm.holds_slot = True
+            if identity.budget is not None:
+                adm.budget = await self.budgets.reserve(
+                    identity.subject, identity.budget, reserve, adm.headers
+                )
         except BaseException:
             await self.finish(adm, 0)
             raise
@@ -136,6 +143,9 @@ class RateLimiter:
         if adm.reserved:
             reserved, adm.reserved = adm.reserved, 0
             await self._add("reserved", adm.subject, -reserved)
+        if adm.budget is not None:
+            hold, adm.budget = adm.budget, None
+            await self.budgets.release(hold, tokens)
         if self.tpm is not None and tokens > 0:
             stats = await self.window.get_window_stats(self.tpm, "tpm", adm.subject)
             if stats.remaining > 0:
@@ -177,6 +187,7 @@ class RateLimiter:
         return self._counters[key]
 
     async def close(self) -> None:
+        await self.budgets.close()
         if self._redis is not None:
             await self._redis.aclose()
 
@@ -192,3 +203,10 @@ def _headers(kind: str, limit: int, remaining: int, reset: float) -> dict[str, s
 async def limit_control(request: Request) -> None:
     """FastAPI dependency of the file, training and admin routes."""
     await request.app.state.limiter.control(await authenticate(request))
+
+
+async def check_training_budget(request: Request) -> None:
+    """A new training job: 429 while the caller's month of device-seconds is spent."""
+    caller = await authenticate(request)
+    if caller.budget is not None:
+        await request.app.state.limiter.budgets.check_training(caller.subject, caller.budget)

@@ -8,6 +8,7 @@ from typing import ClassVar
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
+from cyllm.gateway.budgets import Budget
 from cyllm.settings import ComponentSettings
 
 
@@ -68,6 +69,14 @@ class GatewaySettings(ComponentSettings):
         256,
         ge=1,
         description="tokens reserved for a request without max_tokens, while it runs (rate_limit_tpm)",
+    )
+    usage_report_s: float = Field(
+        2.0, gt=0, le=60, description="how often this gateway reports its requests' usage to the ledger"
+    )
+    budgets: dict[str, Budget] = Field(
+        default_factory=dict,
+        description="budgets by caller ('jwt:<sub>', 'key:<id>', 'anonymous'); a key's own budget "
+        "(cyllm keys create --budget) comes first",
     )
     batch_concurrency: int = Field(
         2, ge=0, le=256, description="a batch's requests this gateway runs at once (0: it runs no batches)"

@@ -956,6 +956,78 @@ class BatchReportReply(_message.Message):
     stop: bool
     def __init__(self, stop: _Optional[bool] = ...) -> None: ...
 
+class UsageRow(_message.Message):
+    __slots__ = ("start", "subject", "model", "route", "outcome", "requests", "prompt_tokens", "completion_tokens", "cached_tokens", "trained_tokens", "device_seconds")
+    START_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    subject: str
+    model: str
+    route: str
+    outcome: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    trained_tokens: int
+    device_seconds: float
+    def __init__(self, start: _Optional[int] = ..., subject: _Optional[str] = ..., model: _Optional[str] = ..., route: _Optional[str] = ..., outcome: _Optional[str] = ..., requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., trained_tokens: _Optional[int] = ..., device_seconds: _Optional[float] = ...) -> None: ...
+
+class UsageRecords(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[UsageRow]
+    def __init__(self, rows: _Optional[_Iterable[_Union[UsageRow, _Mapping]]] = ...) -> None: ...
+
+class UsageRecorded(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class UsageQuery(_message.Message):
+    __slots__ = ("start", "end", "group_by", "subject")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    GROUP_BY_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    group_by: _containers.RepeatedScalarFieldContainer[str]
+    subject: str
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., group_by: _Optional[_Iterable[str]] = ..., subject: _Optional[str] = ...) -> None: ...
+
+class UsageReport(_message.Message):
+    __slots__ = ("rows", "truncated")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[UsageRow]
+    truncated: bool
+    def __init__(self, rows: _Optional[_Iterable[_Union[UsageRow, _Mapping]]] = ..., truncated: _Optional[bool] = ...) -> None: ...
+
+class BudgetSpent(_message.Message):
+    __slots__ = ("subject", "since")
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    subject: str
+    since: int
+    def __init__(self, subject: _Optional[str] = ..., since: _Optional[int] = ...) -> None: ...
+
+class BudgetSpentReply(_message.Message):
+    __slots__ = ("tokens", "device_seconds")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    tokens: int
+    device_seconds: float
+    def __init__(self, tokens: _Optional[int] = ..., device_seconds: _Optional[float] = ...) -> None: ...
+
 class SessionRequest(_message.Message):
     __slots__ = ("call", "start", "cancel", "request_id")
     CALL_FIELD_NUMBER: _ClassVar[int]

@@ -1702,6 +1702,164 @@ class Responses:
             _registered_method=True)
 
 
+class UsageStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.RecordUsage = channel.unary_unary(
+                '/cyllm.v1.Usage/RecordUsage',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.UsageRecords.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.UsageRecorded.FromString,
+                _registered_method=True)
+        self.QueryUsage = channel.unary_unary(
+                '/cyllm.v1.Usage/QueryUsage',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.UsageQuery.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.UsageReport.FromString,
+                _registered_method=True)
+        self.Spent = channel.unary_unary(
+                '/cyllm.v1.Usage/Spent',
+                request_serializer=cyllm_dot_protocol_dot_cyllm__pb2.BudgetSpent.SerializeToString,
+                response_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.BudgetSpentReply.FromString,
+                _registered_method=True)
+
+
+class UsageServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def RecordUsage(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def QueryUsage(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Spent(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_UsageServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'RecordUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordUsage,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.UsageRecords.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.UsageRecorded.SerializeToString,
+            ),
+            'QueryUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.QueryUsage,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.UsageQuery.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.UsageReport.SerializeToString,
+            ),
+            'Spent': grpc.unary_unary_rpc_method_handler(
+                    servicer.Spent,
+                    request_deserializer=cyllm_dot_protocol_dot_cyllm__pb2.BudgetSpent.FromString,
+                    response_serializer=cyllm_dot_protocol_dot_cyllm__pb2.BudgetSpentReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'cyllm.v1.Usage', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('cyllm.v1.Usage', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Usage:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def RecordUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Usage/RecordUsage',
+            cyllm_dot_protocol_dot_cyllm__pb2.UsageRecords.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.UsageRecorded.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QueryUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Usage/QueryUsage',
+            cyllm_dot_protocol_dot_cyllm__pb2.UsageQuery.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.UsageReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Spent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cyllm.v1.Usage/Spent',
+            cyllm_dot_protocol_dot_cyllm__pb2.BudgetSpent.SerializeToString,
+            cyllm_dot_protocol_dot_cyllm__pb2.BudgetSpentReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class WorkerPoolStub:
     """Workers joining and leaving (worker -> coordinator).
     """

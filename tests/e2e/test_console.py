@@ -2,10 +2,12 @@
 chromedriver) against a real stack with authentication on: each page loads, the
 playground streams an answer, a training job's chart gains points as it trains and its
 result is promoted to an alias, the models page shows it and its alias (set, roll back,
-delete), a non-admin sees no admin controls, a bad key is refused; without
-authentication (the session's plain server) a newcomer goes straight in; a failed
-message is a banner with Retry, a conversation survives a reload with its code blocks;
-every page fits a phone's 390 px.
+delete), two runs' loss curves overlaid, the result answering beside its base in the
+playground, the usage each key made and a budget set from the Keys page, a non-admin sees
+no admin controls, a bad key is refused; without authentication (the session's plain
+server) a newcomer goes straight in; a failed message is a banner with Retry,
+conversations survive a reload with their code blocks and have a history list; every
+page fits a phone's 390 px.
 
 ``CYLLM_SCREENSHOTS=docs/console`` saves a screenshot of each page there (how the
 README's pictures are made)."""
@@ -186,10 +188,14 @@ def test_a_training_jobs_chart_gains_points(stack, browser):
     by_id(browser, "ds-file").send_keys(str(DATA / "facts_held_out.jsonl"))
     by_id(browser, "ds-upload").click()
     wait(browser, lambda d: "uploaded facts_held_out.jsonl" in by_id(d, "ds-result").text)
+    # On a fresh page the training file defaults to the newest upload.
+    browser.refresh()
+    wait(browser, lambda d: by_id(d, "training").is_displayed() and Select(by_id(d, "job-file")).options)
+    held_out = by_id(browser, "ds-result").text  # cleared by the reload
+    newest = Select(by_id(browser, "job-file")).first_selected_option.text
+    assert newest.startswith("facts_held_out.jsonl") and held_out == "", newest
     Select(by_id(browser, "job-file")).select_by_value(training_file)
-    Select(by_id(browser, "job-validation")).select_by_visible_text(
-        by_id(browser, "ds-result").text.split(" as ")[1].join(["facts_held_out.jsonl (", ")"])
-    )
+    Select(by_id(browser, "job-validation")).select_by_visible_text(newest)
     wait(browser, lambda d: Select(d.find_element(By.ID, "job-model")).options)
     steps = by_id(browser, "job-steps")
     steps.clear()
@@ -205,13 +211,76 @@ def test_a_training_jobs_chart_gains_points(stack, browser):
     assert "eval loss" in by_id(browser, "job-state").text  # the validation file's
     wait(browser, lambda d: "promoted to console-bot" in by_id(d, "job-promotion").text)
     assert "result.eval_loss" in by_id(browser, "job-promotion").text
-    wait(browser, lambda d: rows(d, "jobs-table")[0][1] == "succeeded")
+    wait(browser, lambda d: rows(d, "jobs-table")[0][2] == "succeeded")
     assert "max_steps 8" in by_id(browser, "job-params").text and '"r":8' in by_id(browser, "job-params").text
     wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#job-events div")) >= 3)
+    # A second, shorter run of the same data: both loss curves on one chart.
+    auth = {"Authorization": f"Bearer {stack.admin_key}"}
+    second = httpx.post(
+        f"{stack.base_url}/api/v1/training/start",
+        headers=auth,
+        timeout=30,
+        json={"baseModel": MODEL, "fileId": training_file, "maxSteps": 3, "suffix": "short"},
+    ).json()["id"]
+    wait(browser, lambda d: [second, "succeeded"] in [r[1:3] for r in rows(d, "jobs-table")], timeout=300)
+    for row in browser.find_elements(By.CSS_SELECTOR, "#jobs-table tbody tr")[:2]:
+        row.find_element(By.CSS_SELECTOR, "input[type=checkbox]").click()
+    wait(browser, lambda d: by_id(d, "chart-runs").get_attribute("data-runs") == "2")
+    assert by_id(browser, "chart-runs").get_attribute("data-points") == "8"  # steps 1-8, the union
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#chart-runs .u-series")) == 3  # x and two runs
     shoot(browser, "fine-tuning")
+    # Opened in the playground: the result beside its base, each answering in its column.
+    browser.find_element(By.XPATH, f"//table[@id='jobs-table']//tr[not(td[2]='{second}')]/td[2]").click()
+    wait(browser, lambda d: not by_id(d, "job-open").get_attribute("hidden"))
     by_id(browser, "job-open").click()
     wait(browser, lambda d: by_id(d, "playground").is_displayed())
     wait(browser, lambda d: ":ft-" in Select(by_id(d, "pg-model")).first_selected_option.text)
+    assert Select(by_id(browser, "pg-compare")).first_selected_option.text == MODEL
+    by_id(browser, "chat-reset").click()
+    by_id(browser, "chat-input").send_keys("Who discovered Zorblax?")
+    by_id(browser, "chat-send").click()
+    wait(browser, lambda d: "TTFT" in by_id(d, "chat-stats").text, timeout=120)
+    sides = browser.find_elements(By.CSS_SELECTOR, "#chat-log .msg.pair .side")
+    assert [s.find_element(By.CSS_SELECTOR, ".role").text for s in sides][1] == MODEL
+    assert all(s.find_element(By.CSS_SELECTOR, ".text").text for s in sides)
+    shoot(browser, "playground-compare")
+
+
+def test_usage_and_budgets_show_what_each_key_used(stack, browser):
+    """After the playground's and training's traffic: the Usage page and the Keys page's
+    tokens per key; a budget set from the Keys page holds at the API."""
+    log_in(browser, stack.base_url, stack.admin_key)
+    visit(browser, stack.base_url, "usage")
+    wait(browser, lambda d: rows(d, "usage-table"), timeout=30)
+    by_model = {r[0]: r for r in rows(browser, "usage-table")}
+    assert MODEL in by_model and int(by_model[MODEL][1].replace(",", "")) >= 1, by_model
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#chart-usage canvas"))
+    assert "tokens this day" in by_id(browser, "usage-budget").text
+    Select(by_id(browser, "usage-by")).select_by_visible_text("caller")
+    wait(browser, lambda d: by_id(d, "usage-key").text == "Caller")
+    wait(browser, lambda d: any(r[0].startswith("key:") for r in rows(d, "usage-table")))
+    shoot(browser, "usage")
+    visit(browser, stack.base_url, "keys")
+    wait(browser, lambda d: any(r[1] == "ops" for r in rows(d, "keys-table")))
+    ops = next(r for r in rows(browser, "keys-table") if r[1] == "ops")
+    assert int(ops[7].replace(",", "")) > 0, ops  # the admin's tokens over 30 days
+    # The app key's budget set in place: 1 token a day refuses its next request.
+    edit = "//table[@id='keys-table']//tr[td[2]='app']//button[.='%s']"
+    browser.find_element(By.XPATH, edit % "Edit").click()
+    browser.find_element(By.CSS_SELECTOR, "#keys-table .budget-day").send_keys("1")
+    browser.find_element(By.XPATH, edit % "Save").click()
+    wait(browser, lambda d: "1/day" in next(r for r in rows(d, "keys-table") if r[1] == "app")[8])
+    refused = httpx.post(
+        f"{stack.base_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {stack.user_key}"},
+        timeout=60,
+        json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+    )
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "insufficient_quota"
+    browser.find_element(By.XPATH, edit % "Edit").click()
+    browser.find_element(By.CSS_SELECTOR, "#keys-table .budget-day").clear()
+    browser.find_element(By.XPATH, edit % "Save").click()  # both empty: no budget
+    wait(browser, lambda d: next(r for r in rows(d, "keys-table") if r[1] == "app")[8].startswith("none"))
 
 
 def test_the_models_page_shows_made_models_and_their_aliases(stack, browser):
@@ -308,9 +377,11 @@ def test_a_failed_message_is_a_banner_and_a_conversation_survives_a_reload(stack
     # A conversation with code in it, as the tab keeps it: after a reload, still there,
     # the code a block of its own with a Copy button, and markup shown as text.
     browser.execute_script(
-        "sessionStorage.setItem('cyllm.chat', JSON.stringify(["
-        "{role: 'user', content: 'Code?'},"
-        "{role: 'assistant', content: 'Here:\\n```python\\nprint(1)\\n```\\n<b>bold?</b>'}]))"
+        "sessionStorage.setItem('cyllm.chats', JSON.stringify({current: 'a', chats: ["
+        "{id: 'a', messages: [{role: 'user', content: 'Code?'},"
+        "{role: 'assistant', content: 'Here:\\n```python\\nprint(1)\\n```\\n<b>bold?</b>'}]},"
+        "{id: 'b', messages: [{role: 'user', content: 'An older question'},"
+        "{role: 'assistant', content: 'An older answer'}]}]}))"
     )
     browser.refresh()
     wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#chat-log .code pre"))
@@ -318,13 +389,22 @@ def test_a_failed_message_is_a_banner_and_a_conversation_survives_a_reload(stack
     assert browser.find_elements(By.CSS_SELECTOR, "#chat-log .code button")
     assert "<b>bold?</b>" in by_id(browser, "chat-log").text
     assert browser.find_elements(By.CSS_SELECTOR, "#chat-log b") == []
+    # The history list: each conversation by its first question; one chosen, shown.
+    history = Select(by_id(browser, "chat-history"))
+    assert [o.text for o in history.options] == ["Code?", "An older question"]
+    history.select_by_visible_text("An older question")
+    wait(browser, lambda d: "An older answer" in by_id(d, "chat-log").text)
+    by_id(browser, "chat-reset").click()  # a new one, first in the list
+    assert Select(by_id(browser, "chat-history")).options[0].text == "New conversation"
+    by_id(browser, "chat-delete").click()
+    assert len(Select(by_id(browser, "chat-history")).options) == 2
 
 
 def test_every_page_fits_a_phone(stack, browser):
     log_in(browser, stack.base_url, stack.admin_key)
     browser.set_window_size(390, 844)
     try:
-        for page in ("playground", "models", "cluster", "training", "keys"):
+        for page in ("playground", "models", "cluster", "training", "keys", "usage"):
             visit(browser, stack.base_url, page)
             wait(browser, lambda d: d.execute_script("return document.readyState") == "complete")
             wide = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")

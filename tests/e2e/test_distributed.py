@@ -317,13 +317,7 @@ def test_two_gateway_processes_on_one_redis_allow_the_rate_once(cluster, tmp_pat
     )
     key = made.stdout.strip().splitlines()[-1]
     assert key.startswith("cy_") and key not in (tmp_path / "gw.yaml").read_text()
-    bases = []
-    for name in ("gw1", "gw2"):
-        port = cluster._spare.pop()
-        cluster._start(name, ["gateway", "--port", str(port), "--coordinator", coord], shared)
-        bases.append(f"http://127.0.0.1:{port}")
-    for base in bases:
-        wait_for(lambda b=base: healthy_workers(b) == {"w"}, 60, "gateway up", cluster)
+    bases = two_gateways(cluster, coord, shared)
     headers = {"Authorization": f"Bearer {key}"}
     codes = []
     with httpx.Client(timeout=30) as http:
@@ -337,6 +331,18 @@ def test_two_gateway_processes_on_one_redis_allow_the_rate_once(cluster, tmp_pat
             if r.status_code == 429:
                 assert int(r.headers["retry-after"]) >= 1
     assert codes.count(200) == 6 and codes.count(429) == 6, codes
+
+
+def two_gateways(cluster: Cluster, coord: str, config: dict) -> list[str]:
+    """Two gateway processes of one configuration, both up with the worker ``w``."""
+    bases = []
+    for name in ("gw1", "gw2"):
+        port = cluster._spare.pop()
+        cluster._start(name, ["gateway", "--port", str(port), "--coordinator", coord], config)
+        bases.append(f"http://127.0.0.1:{port}")
+    for base in bases:
+        wait_for(lambda b=base: healthy_workers(b) == {"w"}, 60, "gateway up", cluster)
+    return bases
 
 
 @pytest.fixture
@@ -429,3 +435,79 @@ def test_a_retry_after_its_gateway_died_gets_the_first_attempts_result(cluster):
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"] == words(30)
     assert tokens_of(bases[1], "w") - before == 30  # one generation, not two
+
+
+def test_two_gateways_on_one_redis_share_a_budget_and_report_to_one_ledger(cluster, tmp_path, redis_url):
+    """A key's budget holds across two gateway processes under concurrent requests, the
+    ledger adds up what both served (read with ``cyllm usage``), and a budget's counters
+    lost from Redis start again from the ledger."""
+    coord = cluster.coordinator("c1")
+    cluster.worker("w", [coord], capacity=8, token_delay_s=0.0)
+    shared = {"gateway": {"auth_enabled": True, "redis_url": cluster.redis_url, "usage_report_s": 0.2}}
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(yaml.safe_dump(shared))
+
+    def cli(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "cyllm", *args], capture_output=True, text=True, env=environment_for(cfg)
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    capped = cli("keys", "create", "--name", "capped", "--budget", "tokens_per_day=60", "--config", str(cfg))
+    admin = cli("keys", "create", "--name", "ops", "--admin", "--config", str(cfg))
+    capped_key, admin_key = capped.strip().splitlines()[-1], admin.strip().splitlines()[-1]
+    capped_id = capped.split()[1]
+    bad = subprocess.run(
+        [sys.executable, "-m", "cyllm", "keys", "create", "--name", "x", "--budget", "tokens_per_day=-1"],
+        capture_output=True,
+        text=True,
+        env=environment_for(cfg),
+    )
+    assert bad.returncode == 2 and "tokens_per_day" in bad.stderr
+    bases = two_gateways(cluster, coord, shared)
+    headers = {"Authorization": f"Bearer {capped_key}"}
+    body = {"model": "fake", "prompt": "one two", "max_tokens": 5}
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30) as http:
+            return await asyncio.gather(
+                *(http.post(f"{bases[i % 2]}/v1/completions", headers=headers, json=body) for i in range(16))
+            )
+
+    replies = asyncio.run(burst())
+    ok = [r for r in replies if r.status_code == 200]
+    assert ok and len(ok) < 16 and all(r.status_code in (200, 429) for r in replies), [
+        r.text for r in replies
+    ]
+    used = sum(r.json()["usage"]["total_tokens"] for r in ok)
+    assert used <= 60
+    served_by_both = {r.url.port for r in ok}
+    assert len(served_by_both) == 2
+
+    def ledger() -> dict:
+        out = cli("usage", "--url", bases[0], "--api-key", admin_key, "--group-by", "subject", "--json")
+        return {d["subject"]: d for d in json.loads(out)["data"]}
+
+    # Refused at admission, a request used nothing and is not in the ledger.
+    wait_for(
+        lambda: ledger().get(f"key:{capped_id}", {}).get("requests") == len(ok), 20, "the ledger", cluster
+    )
+    assert ledger()[f"key:{capped_id}"]["totalTokens"] == used
+    csv_out = cli("usage", "--url", bases[1], "--api-key", capped_key, "--group-by", "model", "--csv")
+    assert csv_out.splitlines()[0].startswith("model,requests") and "fake," in csv_out
+
+    # The counters gone from Redis: they start again from the ledger, the budget holds.
+    client = redis.Redis.from_url(redis_url)
+    client.delete(*client.keys("cyllm:budget:*"))
+    client.close()
+    again = httpx.post(
+        f"{bases[1]}/v1/completions", headers=headers, json={**body, "max_tokens": max(1, 60 - used)}
+    )
+    assert again.status_code == 429 and again.json()["error"]["code"] == "insufficient_quota", again.text
+
+    # Cleared from the command line, the budget no longer applies, on either gateway.
+    assert "no budget" in cli("keys", "budget", capped_id, "--clear", "--config", str(cfg))
+    assert httpx.post(f"{bases[0]}/v1/completions", headers=headers, json=body).status_code == 200
+    table = cli("usage", "--url", bases[0], "--api-key", admin_key, "--group-by", "subject")
+    assert f"key:{capped_id}" in table and "total" in table

@@ -22,7 +22,7 @@ from cyllm.gateway.native.training_schemas import (
     TrainingStartRequest,
     event_dict,
 )
-from cyllm.gateway.ratelimit import limit_control
+from cyllm.gateway.ratelimit import check_training_budget, limit_control
 from cyllm.gateway.sse import frame, sse_response
 
 router = APIRouter(
@@ -44,6 +44,7 @@ def check_custom_allowed(request: Request, method: str) -> None:
 async def start(body: TrainingStartRequest, request: Request) -> TrainingJobView:
     """Queue a fine-tuning job; it runs on the first idle worker that has the base model."""
     check_custom_allowed(request, body.method)
+    await check_training_budget(request)
     context(request).caller.check_model(body.base_model)
     job = await coordinator(request).create_training_job(
         body.spec_json(), body.file_id or "", body.validation_file_id or ""

@@ -11,7 +11,7 @@ from cyllm.protocol import pb
 from cyllm.training.spec import TrainingSpec
 
 
-class _Camel(BaseModel):
+class Camel(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
 
 
@@ -42,7 +42,7 @@ class TrainingStartRequest(TrainingSpec):
         return self.model_dump_json(exclude={"file_id", "validation_file_id"}, exclude_none=True)
 
 
-class Progress(_Camel):
+class Progress(Camel):
     step: int
     total_steps: int
     epoch: float
@@ -71,7 +71,7 @@ class Progress(_Camel):
         )
 
 
-class Checkpoint(_Camel):
+class Checkpoint(Camel):
     step: int
     path: str
     created_at: int
@@ -79,12 +79,12 @@ class Checkpoint(_Camel):
     model: str | None = Field(description="once the job succeeded, the model a kept checkpoint is served as")
 
 
-class JobError(_Camel):
+class JobError(Camel):
     code: str
     message: str
 
 
-class TrainingJobView(_Camel):
+class TrainingJobView(Camel):
     id: str
     state: str = Field(description="queued | running | succeeded | failed | cancelled")
     base_model: str
@@ -140,7 +140,7 @@ class TrainingJobView(_Camel):
         )
 
 
-class TrainingJobsResponse(_Camel):
+class TrainingJobsResponse(Camel):
     jobs: list[TrainingJobView]
     has_more: bool
 

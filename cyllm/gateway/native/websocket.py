@@ -26,6 +26,7 @@ from cyllm.gateway.auth import Identity
 from cyllm.gateway.context import new_context
 from cyllm.gateway.errors import describe, error_of
 from cyllm.gateway.generation import Failed
+from cyllm.gateway.metrics import record_usage
 from cyllm.gateway.native.inference import Inference
 from cyllm.gateway.native.schemas import InferenceRequest
 
@@ -118,9 +119,15 @@ async def _serve_one(ws: WebSocket, identity: Identity, raw: str) -> None:
     except errors.CyllmError as exc:
         await ws.send_json(_error(exc))
         return
-    async with aclosing(run.events()) as events:  # a client gone mid-stream: closed here
-        async for event in events:
-            if isinstance(event, Failed):
-                await ws.send_json(_error(event.error))
-            else:
-                await ws.send_json({"type": event[0], **event[1]})
+    failed = False
+    try:
+        async with aclosing(run.events()) as events:  # a client gone mid-stream: closed here
+            async for event in events:
+                if isinstance(event, Failed):
+                    failed = True
+                    await ws.send_json(_error(event.error))
+                else:
+                    await ws.send_json({"type": event[0], **event[1]})
+    finally:
+        if ctx.usage is not None:
+            record_usage(ws.app, identity.subject, "/api/v1/inference/ws", 500 if failed else 200, ctx.usage)

@@ -32,7 +32,7 @@ from cyllm.gateway.openai.fine_tuning_schemas import (
     JobEvent,
     JobEventList,
 )
-from cyllm.gateway.ratelimit import limit_control
+from cyllm.gateway.ratelimit import check_training_budget, limit_control
 from cyllm.protocol import pb
 
 router = APIRouter(
@@ -107,6 +107,7 @@ async def create_job(body: FineTuningJobRequest, request: Request) -> FineTuning
         raise errors.InvalidRequest("integrations are not supported", param="integrations")
     spec = body.spec()
     check_custom_allowed(request, spec.get("method", "lora"))
+    await check_training_budget(request)
     # the model that will be trained: ``training`` may name it too, and must agree
     context(request).caller.check_model(str(spec["base_model"]))
     job = await coordinator(request).create_training_job(

@@ -4,8 +4,10 @@
 "use strict";
 
 const KEY = "cyllm.key";
-const CHAT = "cyllm.chat";  // this tab's conversation: it survives a reload
-const state = { key: null, admin: false, timers: [], jobStream: null, chat: [], chatAbort: null };
+const CHATS = "cyllm.chats";  // this tab's conversations: they survive a reload
+const MAX_CHATS = 20;
+const state = { key: null, admin: false, timers: [], jobStream: null, chats: [], chat: [], chatAbort: null,
+                runs: new Set() };
 const $ = (id) => document.getElementById(id);
 
 // -- the API ------------------------------------------------------------------------------
@@ -131,7 +133,7 @@ $("login-form").addEventListener("submit", async (event) => {
 
 $("logout").addEventListener("click", () => {
   sessionStorage.removeItem(KEY);
-  sessionStorage.removeItem(CHAT);  // the next user of this tab starts a conversation of their own
+  sessionStorage.removeItem(CHATS);  // the next user of this tab starts conversations of their own
   state.key = null; state.admin = false;
   location.hash = "#login";
   location.reload();
@@ -140,7 +142,7 @@ $("logout").addEventListener("click", () => {
 // -- pages --------------------------------------------------------------------------------
 
 const pages = { playground: showPlayground, models: showModels, cluster: showCluster,
-                training: showTraining, keys: showKeys };
+                training: showTraining, keys: showKeys, usage: showUsage };
 
 function route() {
   for (const t of state.timers) clearInterval(t);
@@ -178,9 +180,16 @@ function fillSelect(select, values, keep) {
 // Playground --------------------------------------------------------------------------------
 
 async function showPlayground() {
-  fillSelect($("pg-model"), await servedModels(), state.wantedModel);
-  state.wantedModel = undefined;
+  const models = await servedModels();
+  fillSelect($("pg-model"), models, state.wantedModel);
+  const compare = $("pg-compare");
+  const keep = state.wantedCompare ?? compare.value;
+  compare.replaceChildren(el("option", "(no comparison)", { value: "" }),
+                          ...models.map((m) => el("option", m, { value: m })));
+  compare.value = models.includes(keep) ? keep : "";
+  state.wantedModel = state.wantedCompare = undefined;
   boundMaxTokens();
+  showHistory();
   if (!$("chat-log").childElementCount) showChat();
 }
 
@@ -191,6 +200,57 @@ function addMessage(role, text) {
   $("chat-log").scrollTop = $("chat-log").scrollHeight;
   return div.querySelector(".text");
 }
+
+// Two models' answers to the same turn, side by side, each under its model's name.
+function addPair(models) {
+  const div = el("div", undefined, { class: "msg assistant pair" });
+  const nodes = models.map((model) => {
+    const column = el("div", undefined, { class: "side" });
+    column.append(el("span", model, { class: "role" }), el("span", "", { class: "text" }));
+    div.append(column);
+    return column.querySelector(".text");
+  });
+  $("chat-log").append(div);
+  return nodes;
+}
+
+// Conversations: a list in this tab's session storage, newest first, MAX_CHATS at most.
+function newConversation() {
+  const chat = { id: Date.now().toString(36) + Math.random().toString(36).slice(2, 6), messages: [] };
+  state.chats.unshift(chat);
+  state.chats = state.chats.slice(0, MAX_CHATS);
+  return chat;
+}
+
+function currentConversation() {
+  if (!state.chats.length) newConversation();
+  const found = state.chats.find((c) => c.id === state.current) || state.chats[0];
+  state.current = found.id;
+  return found;
+}
+
+function showHistory() {
+  const current = currentConversation();
+  state.chat = current.messages;
+  $("chat-history").replaceChildren(...state.chats.map((c) => {
+    const first = c.messages.find((m) => m.role === "user");
+    const title = first ? first.content.replace(/\s+/g, " ").slice(0, 48) : "New conversation";
+    return el("option", title, { value: c.id });
+  }));
+  $("chat-history").value = current.id;
+}
+
+$("chat-history").addEventListener("change", () => {
+  if (state.chatAbort) return;
+  state.current = $("chat-history").value;
+  showHistory(); showChat(); $("chat-error").hidden = true; $("chat-stats").textContent = "";
+});
+$("chat-delete").addEventListener("click", () => {
+  if (state.chatAbort) return;
+  state.chats = state.chats.filter((c) => c.id !== state.current);
+  state.current = undefined;
+  saveChat(); showHistory(); showChat();
+});
 
 // An answer's text, its fenced code blocks (```) as code with a Copy button: built from
 // text nodes only, so nothing a model writes is ever read as HTML.
@@ -209,11 +269,17 @@ function render(node, text) {
 
 function showChat() {
   $("chat-log").replaceChildren();
-  for (const m of state.chat) render(addMessage(m.role, ""), m.content);
+  for (const m of state.chat) {
+    if (m.compare) {
+      const [a, b] = addPair([m.model, m.compare.model]);
+      render(a, m.content); render(b, m.compare.content);
+    } else render(addMessage(m.role, ""), m.content);
+  }
 }
 
 function saveChat() {  // best effort: a full storage never fails the chat itself
-  try { sessionStorage.setItem(CHAT, JSON.stringify(state.chat)); } catch (e) { console.warn(e); }
+  try { sessionStorage.setItem(CHATS, JSON.stringify({ chats: state.chats, current: state.current })); }
+  catch (e) { console.warn(e); }
 }
 
 function number(id) {  // a setting left empty: the model's own default
@@ -221,45 +287,55 @@ function number(id) {  // a setting left empty: the model's own default
   return v === "" ? undefined : Number(v);
 }
 
+// One model's answer streamed into ``node``: its text, usage and when its first token came.
+async function streamAnswer(model, messages, node, signal) {
+  const body = { model, messages, stream: true, stream_options: { include_usage: true },
+                 temperature: number("pg-temperature"), top_p: number("pg-top-p"),
+                 max_tokens: number("pg-max-tokens"), seed: number("pg-seed") };
+  const stop = $("pg-stop").value.trim();
+  if (stop) body.stop = [stop];
+  let usage = null, first = null;
+  for await (const [, data] of events("/v1/chat/completions", {
+    method: "POST", body: JSON.stringify(body), signal, headers: { "Content-Type": "application/json" } })) {
+    if (data === "[DONE]") break;
+    if (data.error) throw new ApiError(500, data);
+    if (data.usage) usage = data.usage;
+    for (const choice of data.choices || []) {
+      const piece = choice.delta.content || "";
+      if (piece && first === null) first = performance.now();
+      node.textContent += piece;
+    }
+    $("chat-log").scrollTop = $("chat-log").scrollHeight;
+  }
+  return { usage, first };
+}
+
 async function send(retry) {
   const text = retry ?? $("chat-input").value.trim();
   if (!text || state.chatAbort) return;
   if (retry === undefined) $("chat-input").value = "";  // a retry keeps what was typed since
   $("chat-error").hidden = true;
+  const model = $("pg-model").value, compare = $("pg-compare").value;
   state.chat.push({ role: "user", content: text });
   const asked = addMessage("user", text);
-  const out = addMessage("assistant", "");
-  const messages = [...state.chat];
+  const outs = compare ? addPair([model, compare]) : [addMessage("assistant", "")];
   const system = $("pg-system").value.trim();
-  if (system) messages.unshift({ role: "system", content: system });
-  const body = { model: $("pg-model").value, messages, stream: true,
-                 stream_options: { include_usage: true },
-                 temperature: number("pg-temperature"), top_p: number("pg-top-p"),
-                 max_tokens: number("pg-max-tokens"), seed: number("pg-seed") };
-  const stop = $("pg-stop").value.trim();
-  if (stop) body.stop = [stop];
+  // Each model sees its own earlier answers.
+  const history = (side) => [...(system ? [{ role: "system", content: system }] : []),
+    ...state.chat.map((m) => ({ role: m.role, content: side && m.compare ? m.compare.content : m.content }))];
   state.chatAbort = new AbortController();
   $("chat-send").disabled = true; $("chat-stop").disabled = false;
   const started = performance.now();
-  let first = null, usage = null;
   $("chat-stats").textContent = "…";
+  const answer = () => ({ role: "assistant", content: outs[0].textContent, model,
+                          ...(compare ? { compare: { model: compare, content: outs[1].textContent } } : {}) });
   try {
-    for await (const [, data] of events("/v1/chat/completions", {
-      method: "POST", body: JSON.stringify(body), signal: state.chatAbort.signal,
-      headers: { "Content-Type": "application/json" } })) {
-      if (data === "[DONE]") break;
-      if (data.error) throw new ApiError(500, data);
-      if (data.usage) usage = data.usage;
-      for (const choice of data.choices || []) {
-        const piece = choice.delta.content || "";
-        if (piece && first === null) first = performance.now();
-        out.textContent += piece;
-      }
-      $("chat-log").scrollTop = $("chat-log").scrollHeight;
-    }
-    state.chat.push({ role: "assistant", content: out.textContent });
-    render(out, out.textContent);
-    saveChat();
+    const results = await Promise.all(outs.map((node, side) =>
+      streamAnswer(side ? compare : model, history(side), node, state.chatAbort.signal)));
+    state.chat.push(answer());
+    outs.forEach((node) => render(node, node.textContent));
+    saveChat(); showHistory();
+    const { usage, first } = results[0];
     if (usage && first !== null) {
       const seconds = (performance.now() - first) / 1000;
       $("chat-stats").textContent = `${usage.prompt_tokens} prompt + ${usage.completion_tokens} completion tokens · ` +
@@ -267,13 +343,14 @@ async function send(retry) {
     } else $("chat-stats").textContent = "";
   } catch (e) {
     if (e.name === "AbortError") {  // stopped: what came so far is the answer
-      state.chat.push({ role: "assistant", content: out.textContent });
+      state.chat.push(answer());
       saveChat();
       $("chat-stats").textContent = "stopped";
     } else {  // failed: the turn is dropped, the error is a banner with Retry
+      state.chatAbort.abort();  // the other side of a comparison too
       state.chat.pop();
       asked.parentNode.remove();
-      out.parentNode.remove();
+      outs[0].closest(".msg").remove();
       $("chat-error-text").textContent = e.message;
       $("chat-error").hidden = false;
       state.retry = text;
@@ -291,7 +368,10 @@ $("chat-input").addEventListener("keydown", (event) => {
 });
 $("chat-stop").addEventListener("click", () => state.chatAbort && state.chatAbort.abort());
 $("chat-reset").addEventListener("click", () => {
-  state.chat = []; saveChat(); $("chat-log").replaceChildren(); $("chat-stats").textContent = "";
+  if (state.chatAbort) return;
+  const current = currentConversation();
+  if (current.messages.length) state.current = newConversation().id;  // an empty one is reused
+  saveChat(); showHistory(); $("chat-log").replaceChildren(); $("chat-stats").textContent = "";
   $("chat-error").hidden = true;
 });
 $("chat-retry").addEventListener("click", () => send(state.retry));
@@ -354,18 +434,21 @@ async function showModels(message = "") {
   fillSelect($("alias-model"), models.map((m) => m.id), $("alias-model").value);
 }
 
-async function exportModel(id) {
-  // A download that carries the key: fetched, then handed to the browser as a file.
-  const reply = await fetch(`/api/v1/models/${encodeURIComponent(id)}/export`, { headers: authHeaders() });
+// A download that carries the key: fetched, then handed to the browser as a file.
+async function download(path, filename) {
+  const reply = await fetch(path, { headers: authHeaders() });
   if (!reply.ok) {
     let body = null;
     try { body = JSON.parse(await reply.text()); } catch (_) { /* not the error shape */ }
     throw new ApiError(reply.status, body);
   }
-  const link = el("a", null, { href: URL.createObjectURL(await reply.blob()),
-                               download: `${id.replace(/[^A-Za-z0-9._-]/g, "_")}.tar` });
+  const link = el("a", null, { href: URL.createObjectURL(await reply.blob()), download: filename });
   link.click();
   setTimeout(() => URL.revokeObjectURL(link.href), 60000);
+}
+
+function exportModel(id) {
+  return download(`/api/v1/models/${encodeURIComponent(id)}/export`, `${id.replace(/[^A-Za-z0-9._-]/g, "_")}.tar`);
 }
 
 $("alias-form").addEventListener("submit", async (event) => {
@@ -427,27 +510,55 @@ async function showTraining() {
 }
 
 async function refreshFiles() {
-  const [models, files] = await Promise.all([servedModels(), api("GET", "/v1/files")]);
+  const [models, files] = await Promise.all([servedModels(), api("GET", "/v1/files?purpose=fine-tune")]);
   fillSelect($("job-model"), models.filter((m) => !m.includes(":")));
-  const ids = files.data.map((f) => f.id);
-  const names = Object.fromEntries(files.data.map((f) => [f.id, `${f.filename} (${f.id})`]));
+  const datasets = files.data.filter((f) => f.purpose === "fine-tune")
+    .sort((a, b) => b.created_at - a.created_at || (a.id < b.id ? 1 : -1));  // the newest first
   for (const [select, none] of [[$("job-file"), false], [$("job-validation"), true]]) {
     const current = select.value;
-    const options = ids.map((id) => el("option", names[id], { value: id }));
+    const options = datasets.map((f) => el("option", `${f.filename} (${f.id})`, { value: f.id }));
     if (none) options.unshift(el("option", "(none)", { value: "" }));
     select.replaceChildren(...options);
-    if ([...select.options].some((o) => o.value === current)) select.value = current;
+    // what was chosen stays; else the newest upload (validation: none)
+    select.value = [...select.options].some((o) => o.value === current) ? current : (none ? "" : select.options[0]?.value ?? "");
   }
 }
 
 async function refreshJobs() {
   const { jobs } = await api("GET", "/api/v1/training/jobs?limit=50");
   fill($("jobs-table").querySelector("tbody"), jobs.map((j) => {
-    const tr = row([j.id, j.state, j.baseModel, j.progress ? `${j.progress.step}/${j.progress.totalSteps}` : ""]);
+    const tick = el("input", null, { type: "checkbox", "aria-label": `compare ${j.id}` });
+    tick.checked = state.runs.has(j.id);
+    tick.addEventListener("click", (event) => event.stopPropagation());
+    tick.addEventListener("change", () => {
+      if (tick.checked) state.runs.add(j.id); else state.runs.delete(j.id);
+      drawRuns().catch(console.error);
+    });
+    const tr = row([tick, j.id, j.state, j.baseModel, j.progress ? `${j.progress.step}/${j.progress.totalSteps}` : ""]);
     tr.className = `selectable${state.job === j.id ? " selected" : ""}`;
     tr.addEventListener("click", () => openJob(j.id));
     return tr;
   }));
+}
+
+// The training loss of every run ticked, on one chart (steps on a shared axis).
+const RUN_COLOURS = ["#2f5fd0", "#b36b00", "#1e7a3c", "#b3261e", "#7b3fb3", "#00838f"];
+async function drawRuns() {
+  const ids = [...state.runs];
+  $("runs").hidden = ids.length === 0;
+  if (!ids.length) return;
+  const curves = await Promise.all(ids.map(async (id) => {
+    const { data } = await api("GET", `/v1/fine_tuning/jobs/${encodeURIComponent(id)}/events?limit=1000`);
+    const loss = new Map();
+    for (const e of data) if (e.type === "metrics" && e.data && e.data.train_loss != null) loss.set(e.data.step, e.data.train_loss);
+    return loss;
+  }));
+  const steps = [...new Set(curves.flatMap((c) => [...c.keys()]))].sort((a, b) => a - b);
+  chart($("chart-runs"), { time: false,
+    lines: ids.map((id, i) => ({ label: id, stroke: RUN_COLOURS[i % RUN_COLOURS.length], width: 2, spanGaps: true })),
+    data: [steps, ...curves.map((c) => steps.map((s) => c.get(s) ?? null))] });
+  $("chart-runs").dataset.runs = String(ids.length);
+  $("chart-runs").dataset.points = String(steps.length);
 }
 
 // The dataset's first examples, read in the browser before it is sent; the server reads
@@ -546,7 +657,10 @@ async function openJob(id) {
     $("job-promotion").textContent = [j.promotion, ...scores].filter(Boolean).join(" · ");
     $("job-cancel").hidden = ["succeeded", "failed", "cancelled"].includes(j.state);
     $("job-open").hidden = !j.fineTunedModel;
-    $("job-open").onclick = () => { state.wantedModel = j.fineTunedModel; location.hash = "#playground"; };
+    $("job-open").onclick = () => {  // the result beside its base, side by side
+      state.wantedModel = j.fineTunedModel; state.wantedCompare = j.baseModel;
+      location.hash = "#playground";
+    };
   };
   let current = job;  // what the page shows: live progress on top of the last status
   describe(job);
@@ -600,11 +714,15 @@ async function openJob(id) {
 
 async function showKeys() {
   $("keys-error").textContent = "";
-  const { keys } = await api("GET", "/admin/keys");
+  const since = Math.floor(Date.now() / 1000) - 30 * 86400;
+  const [{ keys }, usage] = await Promise.all([api("GET", "/admin/keys"),
+    api("GET", `/api/v1/usage?group_by=subject&from=${since}`).catch(() => ({ data: [] }))]);
+  const tokens = Object.fromEntries(usage.data.map((u) => [u.subject, u.totalTokens]));
   const shown = keys.filter((k) => !k.revoked || $("keys-revoked").checked);
   fill($("keys-table").querySelector("tbody"), shown.map((k) => row([
     k.key_id, k.name, k.models ? k.models.join(", ") : "all", k.admin ? "yes" : "",
     when(k.created), when(k.expires_at) || "never", k.revoked ? "revoked" : (k.expires_at && k.expires_at * 1000 < Date.now() ? "expired" : "active"),
+    (tokens[`key:${k.key_id}`] || 0).toLocaleString(), budgetCell(k),
     k.revoked ? "" : button("Revoke", async () => {
       try { await api("DELETE", `/admin/keys/${encodeURIComponent(k.key_id)}`); }
       catch (e) { $("keys-error").textContent = e.message; }
@@ -612,13 +730,51 @@ async function showKeys() {
     })])));
 }
 
+function budgetText(b) {
+  if (!b) return "none";
+  const parts = [];
+  if (b.tokens_per_day) parts.push(`${b.tokens_per_day.toLocaleString()}/day`);
+  if (b.tokens_per_month) parts.push(`${b.tokens_per_month.toLocaleString()}/month`);
+  if (b.device_seconds_per_month) parts.push(`${b.device_seconds_per_month} training s/month`);
+  return parts.join(" · ") || "none";
+}
+
+// A key's budget, edited in place: tokens per day and per month (both empty: no budget).
+function budgetCell(k) {
+  const cell = el("span", budgetText(k.budget) + " ");
+  if (k.revoked) return cell;
+  cell.append(button("Edit", () => {
+    const day = el("input", null, { type: "number", min: "1", placeholder: "tokens/day", class: "budget-day" });
+    const month = el("input", null, { type: "number", min: "1", placeholder: "tokens/month", class: "budget-month" });
+    day.value = (k.budget && k.budget.tokens_per_day) || "";
+    month.value = (k.budget && k.budget.tokens_per_month) || "";
+    const save = button("Save", async () => {
+      const budget = { ...(k.budget || {}) };
+      delete budget.tokens_per_day; delete budget.tokens_per_month;
+      if (day.value) budget.tokens_per_day = Number(day.value);
+      if (month.value) budget.tokens_per_month = Number(month.value);
+      const path = `/admin/keys/${encodeURIComponent(k.key_id)}/budget`;
+      const limits = Object.keys(budget).filter((name) => name !== "warn_at");
+      try { await (limits.length ? api("PUT", path, budget) : api("DELETE", path)); }
+      catch (e) { $("keys-error").textContent = e.message; return; }
+      showKeys();
+    }, "");
+    cell.replaceChildren(day, month, save);
+  }));
+  return cell;
+}
+
 $("keys-revoked").addEventListener("change", () => showKeys());
 $("key-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   const models = $("key-models").value.split(",").map((m) => m.trim()).filter(Boolean);
+  const budget = {};
+  if ($("key-day").value) budget.tokens_per_day = Number($("key-day").value);
+  if ($("key-month").value) budget.tokens_per_month = Number($("key-month").value);
   try {
     const created = await api("POST", "/admin/keys", { name: $("key-name").value, admin: $("key-admin").checked,
-                                                      models: models.length ? models : null });
+                                                      models: models.length ? models : null,
+                                                      budget: Object.keys(budget).length ? budget : null });
     const notice = $("key-created");
     notice.hidden = false;
     notice.textContent = `Key for ${created.name} (shown once, copy it now): ${created.key}`;
@@ -628,10 +784,57 @@ $("key-form").addEventListener("submit", async (event) => {
   } catch (e) { $("keys-error").textContent = e.message; }
 });
 
+// Usage -------------------------------------------------------------------------------------
+
+function usageQuery(groupBy, format) {
+  const since = Math.floor(Date.now() / 1000) - Number($("usage-days").value) * 86400;
+  return `/api/v1/usage?group_by=${groupBy}&from=${since}${format ? `&format=${format}` : ""}`;
+}
+
+async function showUsage() {
+  $("usage-error").textContent = "";
+  const by = $("usage-by").value;
+  try {
+    const [daily, grouped, budget] = await Promise.all([
+      api("GET", usageQuery("day")), api("GET", usageQuery(by)), api("GET", "/api/v1/usage/budget")]);
+    const spent = (p) => {
+      const t = budget.tokens[p];
+      return `${t.spent.toLocaleString()}${t.limit ? ` of ${t.limit.toLocaleString()}` : ""} tokens this ${p}`;
+    };
+    $("usage-budget").textContent = `You (${budget.subject}): ${spent("day")} · ${spent("month")}` +
+      (budget.budget ? "" : " · no budget");
+    $("usage-key").textContent = { model: "Model", route: "Route", subject: "Caller" }[by];
+    fill($("usage-table").querySelector("tbody"), grouped.data.map((u) => row([
+      u[by] || "(unknown)", u.requests.toLocaleString(), u.promptTokens.toLocaleString(),
+      u.completionTokens.toLocaleString(), u.cachedTokens.toLocaleString(), u.trainedTokens.toLocaleString(),
+      u.deviceSeconds.toFixed(1)])));
+    if (!daily.data.length) {
+      $("chart-usage").replaceChildren(el("p", "No usage in this period yet.", { class: "empty-chart" }));
+      return;
+    }
+    const t = daily.data.map((u) => Date.parse(u.start) / 1000);
+    chart($("chart-usage"), { time: true,
+      lines: [{ label: "prompt tokens", stroke: "#2f5fd0", width: 2 },
+              { label: "completion tokens", stroke: "#b36b00", width: 2 }],
+      data: [t, daily.data.map((u) => u.promptTokens), daily.data.map((u) => u.completionTokens)] });
+  } catch (e) { $("usage-error").textContent = e.message; }
+}
+
+$("usage-days").addEventListener("change", () => showUsage());
+$("usage-by").addEventListener("change", () => showUsage());
+$("usage-csv").addEventListener("click", () => {
+  download(usageQuery(`day,${$("usage-by").value}`, "csv"), "cyllm-usage.csv")
+    .catch((e) => { $("usage-error").textContent = e.message; });
+});
+
 // -- start ---------------------------------------------------------------------------------
 
 (async () => {
-  try { state.chat = JSON.parse(sessionStorage.getItem(CHAT) || "[]"); } catch (_) { state.chat = []; }
+  try {
+    const saved = JSON.parse(sessionStorage.getItem(CHATS) || "{}");
+    state.chats = Array.isArray(saved.chats) ? saved.chats : [];
+    state.current = saved.current;
+  } catch (_) { state.chats = []; }
   const saved = sessionStorage.getItem(KEY);
   // A saved key, or none at all: a server without authentication lets everyone straight in.
   for (const key of saved !== null ? [saved] : [""]) {

@@ -1,0 +1,217 @@
+"""Budgets: how many tokens a caller may use in a UTC day and month, and how many
+training device-seconds in a month.
+
+A budget belongs to a subject — an API key (``cyllm keys create --budget``, or the
+console) or, for a JWT's subject or the anonymous caller, ``gateway.budgets`` — and is
+checked at admission with the reservation the TPM limit uses (the prompt's estimate plus
+``max_tokens``; a request without ``max_tokens`` is given ``tpm_default_reserve``): a
+request is admitted only if what the period has spent, plus what requests still running
+have reserved, plus its own reservation fits.  Concurrent requests on every gateway
+therefore cannot together overrun it, since the counters are in Redis when
+``redis_url`` is set (one counter for all gateways, its increment atomic), in this
+process otherwise (one gateway).  A period's counter that does not exist yet (a new
+day, a restarted gateway, a Redis that was emptied) starts from the usage ledger's sum
+for the period, so a restart forgets nothing but the few seconds of usage not yet
+reported.
+
+Over ``warn_at`` of a budget a response carries ``x-cyllm-budget-warning`` and the
+gateway logs a ``budget warning`` event (once per subject and period per process);
+over the budget the request is a 429 ``insufficient_quota`` that says when the period
+resets (``Retry-After``).  A training job is refused at creation while the month's
+device-seconds are spent.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel, ConfigDict, Field
+
+from cyllm import errors
+
+log = logging.getLogger("cyllm.gateway.budgets")
+PERIODS = ("day", "month")
+
+
+class Budget(BaseModel):
+    """What one subject may spend; a limit left out is no limit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tokens_per_day: int | None = Field(None, ge=1, description="prompt + completion tokens per UTC day")
+    tokens_per_month: int | None = Field(None, ge=1, description="prompt + completion tokens per UTC month")
+    device_seconds_per_month: float | None = Field(
+        None, gt=0, description="training device-seconds (wall time x processes) per UTC month"
+    )
+    warn_at: float = Field(0.8, gt=0, le=1, description="the share of a budget past which responses warn")
+
+    def tokens(self, period: str) -> int | None:
+        return self.tokens_per_day if period == "day" else self.tokens_per_month
+
+
+class QuotaExceeded(errors.RateLimited):
+    code = "insufficient_quota"
+
+
+def period_bounds(period: str, now: float) -> tuple[int, int]:
+    """The UTC day's or month's start and end around ``now`` (unix seconds)."""
+    day = dt.datetime.fromtimestamp(now, dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "day":
+        return int(day.timestamp()), int((day + dt.timedelta(days=1)).timestamp())
+    first = day.replace(day=1)
+    following = (first + dt.timedelta(days=32)).replace(day=1)
+    return int(first.timestamp()), int(following.timestamp())
+
+
+Seed = Callable[[str, int], Awaitable[tuple[int, float]]]
+
+
+@dataclass
+class Hold:
+    """One admitted request's reservations, released when it ends."""
+
+    subject: str
+    reserved: dict[str, tuple[int, int]]  # period -> (its start, tokens reserved)
+
+
+class Budgets:
+    """``seed(subject, since)``: the ledger's (tokens, device-seconds) since a period's
+    start, for a counter that does not exist yet."""
+
+    def __init__(self, redis_url: str | None, seed: Seed, clock: Callable[[], float] = time.time) -> None:
+        self._redis: aioredis.Redis | None = None
+        if redis_url:
+            from cyllm.shared_state import connect
+
+            self._redis = connect(redis_url)
+        self._seed = seed
+        self._clock = clock
+        self._counters: dict[str, int] = {}  # without Redis
+        self._warned: set[tuple[str, str, int]] = set()
+
+    async def reserve(self, subject: str, budget: Budget, reserve: int, headers: dict[str, str]) -> Hold:
+        """Reserve ``reserve`` tokens in each period the budget limits, or raise 429."""
+        hold = Hold(subject, {})
+        now = self._clock()
+        try:
+            for period in PERIODS:
+                limit = budget.tokens(period)
+                if limit is None:
+                    continue
+                start, end = period_bounds(period, now)
+                spent = await self._spent(subject, period, start, end)
+                in_flight = await self._incr(self._key(subject, period, start, "reserved"), reserve, end)
+                hold.reserved[period] = (start, reserve)
+                used = spent + in_flight
+                if used > limit:
+                    raise QuotaExceeded(
+                        f"budget exceeded: this caller's {limit} tokens per {period} are spent or "
+                        f"reserved by requests still running; it resets at {_iso(end)}",
+                        retry_after=max(1.0, end - now),
+                        headers=headers | {"x-cyllm-budget-reset": _iso(end)},
+                    )
+                self._warn(subject, period, start, end, used, limit, budget.warn_at, headers)
+        except BaseException:
+            await self.release(hold, 0)
+            raise
+        return hold
+
+    async def release(self, hold: Hold, tokens: int) -> None:
+        """The request ended having used ``tokens``: its reservations become spending."""
+        reserved, hold.reserved = hold.reserved, {}
+        for period, (start, amount) in reserved.items():
+            end = period_bounds(period, start)[1]
+            await self._incr(self._key(hold.subject, period, start, "reserved"), -amount, end)
+            if tokens:
+                await self._incr(self._key(hold.subject, period, start, "spent"), tokens, end)
+
+    async def check_training(self, subject: str, budget: Budget) -> None:
+        """Refuse a new training job while the month's device-seconds are spent."""
+        if budget.device_seconds_per_month is None:
+            return
+        now = self._clock()
+        start, end = period_bounds("month", now)
+        used = (await self._seed(subject, start))[1]
+        if used >= budget.device_seconds_per_month:
+            raise QuotaExceeded(
+                f"budget exceeded: this caller's {budget.device_seconds_per_month:g} training "
+                f"device-seconds per month are spent ({used:.0f}); it resets at {_iso(end)}",
+                retry_after=max(1.0, end - now),
+                headers={"x-cyllm-budget-reset": _iso(end)},
+            )
+
+    def _warn(
+        self,
+        subject: str,
+        period: str,
+        start: int,
+        end: int,
+        used: int,
+        limit: int,
+        warn_at: float,
+        headers: dict[str, str],
+    ) -> None:
+        if used < warn_at * limit:
+            return
+        headers["x-cyllm-budget-warning"] = (
+            f"{min(100, math.floor(100 * used / limit))}% of {limit} tokens per {period} used; "
+            f"resets at {_iso(end)}"
+        )
+        if (subject, period, start) not in self._warned:
+            self._warned.add((subject, period, start))
+            log.warning(
+                "budget warning: %s has used %d of its %d tokens per %s",
+                subject,
+                used,
+                limit,
+                period,
+                extra={"event": "budget_warning", "caller": subject, "period": period},
+            )
+
+    @staticmethod
+    def _key(subject: str, period: str, start: int, what: str) -> str:
+        return f"cyllm:budget:{what}:{period}:{start}:{subject}"
+
+    async def _spent(self, subject: str, period: str, start: int, end: int) -> int:
+        key = self._key(subject, period, start, "spent")
+        if self._redis is not None:
+            found = await self._redis.get(key)
+            if found is None:
+                seeded = (await self._seed(subject, start))[0]
+                await self._redis.set(key, seeded, nx=True, exat=end + 86400)
+                found = await self._redis.get(key)
+            return int(found or 0)
+        if key not in self._counters:
+            self._counters[key] = (await self._seed(subject, start))[0]
+            self._forget_old(start)
+        return self._counters[key]
+
+    async def _incr(self, key: str, amount: int, end: int) -> int:
+        if self._redis is not None:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.incrby(key, amount)
+                pipe.expireat(key, end + 86400)
+                n, _ = await pipe.execute()
+            return int(n)
+        self._counters[key] = max(0, self._counters.get(key, 0) + amount)
+        return self._counters[key]
+
+    def _forget_old(self, start: int) -> None:
+        """Past periods' counters go (memory stays bounded by the callers of two periods)."""
+        oldest = period_bounds("month", start)[0]
+        for key in [k for k in self._counters if int(k.split(":")[4]) < oldest]:
+            del self._counters[key]
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+
+
+def _iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
