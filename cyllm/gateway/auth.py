@@ -184,10 +184,17 @@ class Authenticator:
         return identity if budget is None else dataclasses.replace(identity, budget=budget)
 
     async def batch_caller(self, identity: Identity) -> Identity:
-        """The creator of a batch, for one of its requests: an API key must still be live."""
-        if identity.kind == "api_key" and not await self.keys.live(identity.subject.removeprefix("key:")):
-            raise errors.Unauthenticated("the API key that created this batch was revoked or has expired")
-        return identity
+        """The creator of a batch, for one of its requests: an API key must still be live,
+        and its budget as it is now applies."""
+        budget = self.settings.budgets.get(identity.subject)
+        if identity.kind == "api_key":
+            key_id = identity.subject.removeprefix("key:")
+            if not await self.keys.live(key_id):
+                raise errors.Unauthenticated("the API key that created this batch was revoked or has expired")
+            key = await self.keys.find(key_id)
+            if key is not None and key.budget:
+                budget = Budget(**key.budget)
+        return dataclasses.replace(identity, budget=budget)
 
 
 async def authenticate(request: Request) -> Identity:

@@ -207,6 +207,7 @@ class Budgets:
         oldest = period_bounds("month", start)[0]
         for key in [k for k in self._counters if int(k.split(":")[4]) < oldest]:
             del self._counters[key]
+        self._warned = {w for w in self._warned if w[2] >= oldest}
 
     async def close(self) -> None:
         if self._redis is not None:

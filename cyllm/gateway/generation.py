@@ -120,6 +120,8 @@ class Generation:
             self._wire.priority = BATCH_PRIORITY
         self._started = time.perf_counter()
         self._keep_text: list[str] | None = [] if state.settings.log_content else None
+        self._streamed = 0  # completion tokens relayed: what a stream cut short has used
+        self._counted = False  # its usage added to the request's (at the end, or when cut short)
         # A whole answer is collected as it comes, never lagging: nothing to merge.
         self._merge = not whole and self._client.unmerged
 
@@ -223,6 +225,7 @@ class Generation:
                         # A merged delta carries k tokens: the gap since the last one
                         # is shared among them, so the histogram counts tokens.
                         now, k = time.perf_counter(), max(1, len(msg.delta.token_ids))
+                        self._streamed += k
                         if last is None:
                             self.metrics.ttft.labels(self.label).observe(now - self._started)
                             self.metrics.traffic.first_token(now - self._started)
@@ -243,6 +246,7 @@ class Generation:
     def _finished(self, f: pb.Finished) -> None:
         assert self.ctx.usage is not None
         self.ctx.usage.add(f.prompt_tokens, f.completion_tokens, self.outcome.cached)
+        self._counted = True
         if self._keep_text is not None:  # log_content: explicitly enabled
             r = self.request
             self.ctx.content = {
@@ -256,6 +260,16 @@ class Generation:
         self.metrics.traffic.finished(f.completion_tokens)
 
     async def _settle(self) -> None:
+        """The generation's end, however it ended: a stream cut short (the caller gone,
+        a failure) is counted by the tokens it relayed, in the ledger and the budget."""
+        if (
+            not self._counted
+            and self.ctx.usage is not None
+            and (self._streamed or self.outcome.prompt_tokens)
+        ):
+            self._counted = True
+            self.ctx.usage.add(self.outcome.prompt_tokens, self._streamed)
         if self._admission is not None:
             adm, self._admission = self._admission, None
-            await self.limiter.finish(adm, self.outcome.prompt_tokens + self.outcome.completion_tokens)
+            used = self.outcome.prompt_tokens + max(self.outcome.completion_tokens, self._streamed)
+            await self.limiter.finish(adm, used)

@@ -120,6 +120,9 @@ class KeyStore(abc.ABC):
         await self._save(key)
         return key
 
+    async def find(self, key_id: str) -> ApiKey | None:
+        return await self._load(key_id)
+
     async def live(self, key_id: str) -> bool:
         """Whether the key exists and is neither revoked nor expired."""
         key = await self._load(key_id)

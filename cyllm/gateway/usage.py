@@ -66,7 +66,7 @@ class UsageRecorder:
         self,
         report: Callable[[list[pb.UsageRow]], Awaitable[None]],
         every_s: float = 2.0,
-        max_rows: int = 20_000,
+        max_rows: int = 10_000,  # what one report may carry (services/usage.py)
     ) -> None:
         self._report = report
         self.every_s = every_s
@@ -100,7 +100,10 @@ class UsageRecorder:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.every_s)
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:  # a report never stops the next
+                log.exception("usage report failed")
 
     async def flush(self) -> None:
         if not self._rows:

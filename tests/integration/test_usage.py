@@ -266,3 +266,26 @@ async def test_the_ledger_adds_up_by_hour_and_keeps_only_its_retention(ledger):
     assert spent.tokens == 4 + 15 and (await ledger.spent("jwt:b", now - 86400)).device_seconds == 2.5
     with pytest.raises(ValueError, match="one period"):
         Grouping.of(["day", "hour"])
+
+
+async def test_a_batch_is_held_to_its_creators_budget(make_stack, tmp_path):
+    """A batch's lines wait at the creator's budget like any of its requests: the batch
+    slows, the budget holds."""
+    stack = await keyed_stack(make_stack, tmp_path)
+    key, secret = await stack.app.state.keys.create("batcher", budget={"tokens_per_day": 20})
+    lines = [
+        {"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": CHAT}
+        for i in range(6)
+    ]
+    batch = await submit(stack.http, lines, bearer(secret))
+
+    async def counts():
+        return (await stack.http.get(f"/v1/batches/{batch['id']}", headers=bearer(secret))).json()
+
+    await until(counts, lambda b: b["request_counts"]["completed"] >= 1, what="a first line")
+    await asyncio.sleep(1.0)  # the runner meanwhile tries the rest, and is refused
+    now = await counts()
+    assert now["status"] == "in_progress" and now["request_counts"]["completed"] < 6, now
+    await stack.app.state.usage.flush()
+    spent, _ = await stack.app.state.client.spent_since(f"key:{key.key_id}", 0)
+    assert 0 < spent <= 20

@@ -27,6 +27,7 @@ from cyllm.protocol import pb
 
 router = APIRouter(prefix="/api/v1/usage", tags=["usage"], dependencies=[Depends(limit_control)])
 DEFAULT_DAYS = 30
+LATEST = 253402300800 - 400 * 86400  # 9999-12-31, less the widest range
 
 
 class UsageEntry(Camel):
@@ -59,10 +60,14 @@ def _time(value: str | None, param: str, default: float) -> int:
     if value is None or value == "":
         return int(default)
     try:
-        return int(float(value)) if value.replace(".", "", 1).isdigit() else _iso(value)
+        t = int(float(value)) if value.replace(".", "", 1).isdigit() else _iso(value)
+        if not 0 <= t < LATEST:
+            raise ValueError(value)
+        return t
     except (ValueError, OverflowError):
         raise errors.InvalidRequest(
-            f"{param}: a date (2026-12-01), a time (2026-12-01T12:00:00Z) or unix seconds", param=param
+            f"{param}: a date (2026-12-01), a time (2026-12-01T12:00:00Z) or unix seconds, from 1970 to 9999",
+            param=param,
         ) from None
 
 
