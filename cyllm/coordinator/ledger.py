@@ -74,8 +74,10 @@ class Sums:
         self.grouping = grouping
         self.rows: dict[tuple, pb.UsageRow] = {}
         self.truncated = False
+        self.total = pb.UsageRow()
 
     def add(self, row: pb.UsageRow) -> None:
+        add_sums(self.total, row)
         g = self.grouping
         start = period_start(row.start, g.period) if g.period else 0
         key = (start, *(getattr(row, k) for k in g.keys))
@@ -89,7 +91,7 @@ class Sums:
 
     def report(self) -> pb.UsageReport:
         rows = sorted(self.rows.values(), key=lambda r: (r.start, *(getattr(r, k) for k in KEY_FIELDS)))
-        return pb.UsageReport(rows=rows, truncated=self.truncated)
+        return pb.UsageReport(rows=rows, truncated=self.truncated, total=self.total)
 
 
 def add_sums(into: pb.UsageRow, row: pb.UsageRow) -> None:
@@ -118,7 +120,7 @@ class Ledger(abc.ABC):
         """What ``subject`` used from ``since`` (an hour's start) on, all models and routes."""
         sums = Sums(Grouping(None, ()))
         await self._rows(since, 2**62, subject, sums)
-        total = sums.rows.get((0,), pb.UsageRow())
+        total = sums.total
         return pb.BudgetSpentReply(
             tokens=total.prompt_tokens + total.completion_tokens, device_seconds=total.device_seconds
         )
@@ -192,16 +194,23 @@ class SqliteLedger(Ledger):
 
 
 class RedisLedger(Ledger):
-    """One hash per hour, ``cyllm:usage:<hour start>``, a field per key and sum (the key's
-    parts joined by a separator no name contains), HINCRBY'd by every coordinator at
-    once without a lock; each hash expires with the retention."""
+    """A hash per caller and hour, ``cyllm:usage:<hour start>:<subject>``, a field per
+    model, route, outcome and sum (joined by a separator no name contains), HINCRBY'd by
+    every coordinator at once without a lock, and a set per hour of the callers it has
+    (``cyllm:usage:subjects:<hour start>``) for an admin's reading of everyone's: a
+    caller's query and a budget's sum read that caller's hashes only.  Each key expires
+    with the retention."""
 
     PREFIX = "cyllm:usage:"
     SEP = "\x1f"
+    BATCH = 256
 
     def __init__(self, client: aioredis.Redis, retention_days: float) -> None:
         super().__init__(retention_days)
         self.r = client
+
+    def _key(self, hour: int, subject: str) -> str:
+        return f"{self.PREFIX}{hour}:{subject}"
 
     async def add(self, rows: list[pb.UsageRow]) -> None:
         oldest = hour_of(time.time() - self.retention_s)
@@ -209,8 +218,8 @@ class RedisLedger(Ledger):
             for row in merge(rows):
                 if row.start < oldest:
                     continue
-                key = f"{self.PREFIX}{row.start}"
-                base = self.SEP.join(_clean(getattr(row, k)) for k in KEY_FIELDS)
+                key, expiry = self._key(row.start, row.subject), int(row.start + self.retention_s + HOUR)
+                base = self.SEP.join(_clean(getattr(row, k)) for k in KEY_FIELDS[1:])
                 for name in SUMS:
                     value = getattr(row, name)
                     if not value:
@@ -220,26 +229,38 @@ class RedisLedger(Ledger):
                         pipe.hincrbyfloat(key, field, value)
                     else:
                         pipe.hincrby(key, field, value)
-                pipe.expireat(key, int(row.start + self.retention_s + HOUR))
+                pipe.expireat(key, expiry)
+                pipe.sadd(f"{self.PREFIX}subjects:{row.start}", row.subject)
+                pipe.expireat(f"{self.PREFIX}subjects:{row.start}", expiry)
             await pipe.execute()
 
     async def _rows(self, start: int, end: int, subject: str, sums: Sums) -> None:
         end = min(end, hour_of(time.time()) + HOUR)
         hours = list(range(max(hour_of(start), hour_of(time.time() - self.retention_s)), end, HOUR))
-        for i in range(0, len(hours), 256):
+        wanted: list[tuple[int, str]]
+        if subject:
+            wanted = [(h, subject) for h in hours]
+        else:
+            wanted = []
+            for i in range(0, len(hours), self.BATCH):
+                async with self.r.pipeline(transaction=False) as pipe:
+                    for h in hours[i : i + self.BATCH]:
+                        pipe.smembers(f"{self.PREFIX}subjects:{h}")
+                    members = await pipe.execute()
+                for h, found in zip(hours[i : i + self.BATCH], members):
+                    wanted += [(h, m.decode() if isinstance(m, bytes) else m) for m in sorted(found)]
+        for i in range(0, len(wanted), self.BATCH):
             async with self.r.pipeline(transaction=False) as pipe:
-                for h in hours[i : i + 256]:
-                    pipe.hgetall(f"{self.PREFIX}{h}")
+                for h, who in wanted[i : i + self.BATCH]:
+                    pipe.hgetall(self._key(h, who))
                 replies = await pipe.execute()
-            for h, fields in zip(hours[i : i + 256], replies):
+            for (h, who), fields in zip(wanted[i : i + self.BATCH], replies):
                 rows: dict[tuple[str, ...], pb.UsageRow] = {}
                 for field, value in fields.items():
                     parts = (field.decode() if isinstance(field, bytes) else field).split(self.SEP)
-                    if len(parts) != len(KEY_FIELDS) + 1 or parts[-1] not in SUMS:
+                    if len(parts) != len(KEY_FIELDS) or parts[-1] not in SUMS:
                         continue
-                    key, name = tuple(parts[:-1]), parts[-1]
-                    if subject and key[0] != subject:
-                        continue
+                    key, name = (who, *parts[:-1]), parts[-1]
                     row = rows.get(key)
                     if row is None:
                         row = rows[key] = pb.UsageRow(start=h, **dict(zip(KEY_FIELDS, key)))

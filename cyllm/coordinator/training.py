@@ -336,15 +336,18 @@ class TrainingManager:
             ),
         )
         cancelled = asyncio.Event()
-        keeper = asyncio.create_task(self._keep(job_id, call, cancelled))
+        meter = _Meter(job.owner, spec)
+        keeper = asyncio.create_task(self._keep(job_id, call, cancelled, meter))
         try:
             await self._run(job_id, worker, call, cancelled)
         except asyncio.CancelledError:
             # stopped after the run (serving or promoting its result): the lease, kept,
             # runs out and the job is taken up again (coordinator lost)
             keeper.cancel()
+            await self._meter(meter)
             raise
         keeper.cancel()  # renewed until the job's end is recorded, not only the run's
+        await self._meter(meter)
         await self.store.release(job_id)
 
     async def _run(
@@ -394,8 +397,11 @@ class TrainingManager:
         else:
             await self._succeed(job, worker, result)
 
-    async def _keep(self, job_id: str, call: Stream[pb.TrainingEvent], cancelled: asyncio.Event) -> None:
-        """Renew the lease; stop the worker's run when a cancel is requested anywhere."""
+    async def _keep(
+        self, job_id: str, call: Stream[pb.TrainingEvent], cancelled: asyncio.Event, meter: _Meter
+    ) -> None:
+        """Renew the lease; stop the worker's run when a cancel is requested anywhere;
+        put the run's device-seconds in the usage ledger as they accrue."""
         while True:
             await asyncio.sleep(min(1.0, self.lease_s / 3))
             if await self.store.cancel_requested(job_id):
@@ -403,6 +409,18 @@ class TrainingManager:
                 call.cancel()
                 return
             await self.store.renew(job_id, self.owner, self.lease_s)
+            if meter.due():
+                await self._meter(meter)
+
+    async def _meter(self, meter: _Meter) -> None:
+        """The device-seconds a run used since they were last recorded (every attempt's
+        run counts; a running job's within ``_Meter.EVERY_S``)."""
+        if self.ledger is None or not meter.owner:
+            return
+        try:
+            await self.ledger.add([meter.take()])
+        except Exception:
+            log.exception("a training run's device-seconds were not recorded")
 
     async def _record(self, job_id: str, event: pb.TrainingEvent) -> None:
         if event.type in ("metrics", "eval", "evaluation", "checkpoint", "result"):
@@ -587,13 +605,12 @@ class TrainingManager:
         return job
 
     async def _record_usage(self, job: pb.TrainingJob) -> None:
-        """The job in the usage ledger: its tokens, and device-seconds as wall time from
-        its (last) start times its processes.  A ledger that cannot be written loses the
-        row, never the job's end (it is logged)."""
+        """The job in the usage ledger when it ends: one request and its tokens (its
+        device-seconds are recorded as its runs go, by ``_meter``).  A ledger that cannot
+        be written loses the row, never the job's end (it is logged)."""
         if self.ledger is None or not job.owner:
             return
         spec = TrainingSpec.model_validate_json(job.spec_json)
-        ran = max(0, job.finished_at - job.started_at) if job.started_at else 0
         row = pb.UsageRow(
             start=job.finished_at,
             subject=job.owner,
@@ -602,7 +619,6 @@ class TrainingManager:
             outcome="ok" if job.state == "succeeded" else "error",
             requests=1,
             trained_tokens=job.trained_tokens,
-            device_seconds=float(ran * max(1, spec.processes)),
         )
         try:
             await self.ledger.add([row])
@@ -617,6 +633,31 @@ class TrainingManager:
             pb.TrainingEvent(
                 created_at=int(time.time() * 1000), type=type_, level=level, message=message, state=state
             ),
+        )
+
+
+class _Meter:
+    """One run's device-seconds (wall time x its processes), taken as they accrue."""
+
+    EVERY_S = 30.0
+
+    def __init__(self, owner: str, spec: TrainingSpec) -> None:
+        self.owner, self.model, self.processes = owner, spec.base_model, max(1, spec.processes)
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        return time.monotonic() - self.last >= self.EVERY_S
+
+    def take(self) -> pb.UsageRow:
+        now = time.monotonic()
+        seconds, self.last = (now - self.last) * self.processes, now
+        return pb.UsageRow(
+            start=int(time.time()),
+            subject=self.owner,
+            model=self.model,
+            route="fine_tuning",
+            outcome="ok",
+            device_seconds=seconds,
         )
 
 

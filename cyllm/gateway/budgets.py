@@ -37,6 +37,9 @@ from cyllm import errors
 
 log = logging.getLogger("cyllm.gateway.budgets")
 PERIODS = ("day", "month")
+# What requests running reserve lives an hour past the last change: a gateway that died
+# mid-request leaves its reservations for that long, not until the period ends.
+RESERVED_TTL_S = 3600
 
 
 class Budget(BaseModel):
@@ -106,7 +109,9 @@ class Budgets:
                     continue
                 start, end = period_bounds(period, now)
                 spent = await self._spent(subject, period, start, end)
-                in_flight = await self._incr(self._key(subject, period, start, "reserved"), reserve, end)
+                in_flight = await self._incr(
+                    self._key(subject, period, start, "reserved"), reserve, RESERVED_TTL_S
+                )
                 hold.reserved[period] = (start, reserve)
                 used = spent + in_flight
                 if used > limit:
@@ -123,13 +128,24 @@ class Budgets:
         return hold
 
     async def release(self, hold: Hold, tokens: int) -> None:
-        """The request ended having used ``tokens``: its reservations become spending."""
+        """The request ended having used ``tokens``: its reservations become spending
+        (each period's on its own: one that fails does not keep the other's)."""
         reserved, hold.reserved = hold.reserved, {}
+        failed: BaseException | None = None
         for period, (start, amount) in reserved.items():
             end = period_bounds(period, start)[1]
-            await self._incr(self._key(hold.subject, period, start, "reserved"), -amount, end)
-            if tokens:
-                await self._incr(self._key(hold.subject, period, start, "spent"), tokens, end)
+            try:
+                await self._incr(self._key(hold.subject, period, start, "reserved"), -amount, RESERVED_TTL_S)
+                if tokens:
+                    await self._incr(
+                        self._key(hold.subject, period, start, "spent"),
+                        tokens,
+                        end + 86400 - int(self._clock()),
+                    )
+            except Exception as exc:
+                failed = exc
+        if failed is not None:
+            raise failed
 
     async def check_training(self, subject: str, budget: Budget) -> None:
         """Refuse a new training job while the month's device-seconds are spent."""
@@ -184,7 +200,7 @@ class Budgets:
             found = await self._redis.get(key)
             if found is None:
                 seeded = (await self._seed(subject, start))[0]
-                await self._redis.set(key, seeded, nx=True, exat=end + 86400)
+                await self._redis.set(key, seeded, nx=True, exat=end + 86400)  # the period, and a day
                 found = await self._redis.get(key)
             return int(found or 0)
         if key not in self._counters:
@@ -192,11 +208,11 @@ class Budgets:
             self._forget_old(start)
         return self._counters[key]
 
-    async def _incr(self, key: str, amount: int, end: int) -> int:
+    async def _incr(self, key: str, amount: int, ttl_s: int) -> int:
         if self._redis is not None:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.incrby(key, amount)
-                pipe.expireat(key, end + 86400)
+                pipe.expire(key, max(1, ttl_s))
                 n, _ = await pipe.execute()
             return int(n)
         self._counters[key] = max(0, self._counters.get(key, 0) + amount)

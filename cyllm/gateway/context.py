@@ -35,6 +35,7 @@ class RequestContext:
     client_request_id: str | None = None  # the caller's X-Request-ID, for the logs only
     identity: Identity | None = None  # set by the credentials check
     usage: Usage | None = None  # set when a generation ends
+    failed: bool = False  # a stream that ended in an error event (its status was 200)
     content: dict[str, Any] | None = None  # prompt and completion, only with log_content
     ratelimit_headers: dict[str, str] = field(default_factory=dict)  # echoed on the response
 

@@ -167,6 +167,7 @@ class Generation:
             async for piece in self._pieces():
                 yield piece
         except errors.CyllmError as exc:
+            self.ctx.failed = True  # after a 200 was sent: still a failure in the ledger
             yield Failed(exc)
             return
         yield Done(self.outcome)
@@ -271,5 +272,6 @@ class Generation:
             self.ctx.usage.add(self.outcome.prompt_tokens, self._streamed)
         if self._admission is not None:
             adm, self._admission = self._admission, None
-            used = self.outcome.prompt_tokens + max(self.outcome.completion_tokens, self._streamed)
-            await self.limiter.finish(adm, used)
+            # the prompt counted once for all of a request's choices, as OpenAI counts it
+            prompt = 0 if self.choice else self.outcome.prompt_tokens
+            await self.limiter.finish(adm, prompt + max(self.outcome.completion_tokens, self._streamed))

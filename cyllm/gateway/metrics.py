@@ -94,7 +94,8 @@ class MetricsMiddleware:
             if identity is not None and usage is not None:
                 if BATCH_CALLER in scope:
                     label = f"batch {label}"
-                record_usage(scope["app"], identity.subject, label, status["code"], usage)
+                code = 500 if ctx is not None and ctx.failed else status["code"]
+                record_usage(scope["app"], identity.subject, label, code, usage)
             # The path is the caller's: escaped, so a newline in it cannot forge a line.
             path = json.dumps(scope["path"])[1:-1]
             access_log.info(

@@ -136,20 +136,24 @@ class RateLimiter:
             )
 
     async def finish(self, adm: Admission, tokens: int) -> None:
-        """Free the slot and the reservation; count the tokens really used."""
-        if adm.holds_slot:
-            adm.holds_slot = False
-            await self._add("running", adm.subject, -1)
-        if adm.reserved:
-            reserved, adm.reserved = adm.reserved, 0
-            await self._add("reserved", adm.subject, -reserved)
-        if adm.budget is not None:
-            hold, adm.budget = adm.budget, None
-            await self.budgets.release(hold, tokens)
-        if self.tpm is not None and tokens > 0:
-            stats = await self.window.get_window_stats(self.tpm, "tpm", adm.subject)
-            if stats.remaining > 0:
-                await self.window.hit(self.tpm, "tpm", adm.subject, cost=min(tokens, stats.remaining))
+        """Free the slot and the reservations; count the tokens really used.  The budget's
+        hold is released whatever happens to the rest (a hold left would keep reserving
+        until its counter expires)."""
+        try:
+            if adm.holds_slot:
+                adm.holds_slot = False
+                await self._add("running", adm.subject, -1)
+            if adm.reserved:
+                reserved, adm.reserved = adm.reserved, 0
+                await self._add("reserved", adm.subject, -reserved)
+            if self.tpm is not None and tokens > 0:
+                stats = await self.window.get_window_stats(self.tpm, "tpm", adm.subject)
+                if stats.remaining > 0:
+                    await self.window.hit(self.tpm, "tpm", adm.subject, cost=min(tokens, stats.remaining))
+        finally:
+            if adm.budget is not None:
+                hold, adm.budget = adm.budget, None
+                await self.budgets.release(hold, tokens)
 
     async def control(self, identity: Identity) -> None:
         """A request to a route that is not a generation (files, training, admin)."""

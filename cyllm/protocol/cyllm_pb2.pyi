@@ -1005,12 +1005,14 @@ class UsageQuery(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., group_by: _Optional[_Iterable[str]] = ..., subject: _Optional[str] = ...) -> None: ...
 
 class UsageReport(_message.Message):
-    __slots__ = ("rows", "truncated")
+    __slots__ = ("rows", "truncated", "total")
     ROWS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
     rows: _containers.RepeatedCompositeFieldContainer[UsageRow]
     truncated: bool
-    def __init__(self, rows: _Optional[_Iterable[_Union[UsageRow, _Mapping]]] = ..., truncated: _Optional[bool] = ...) -> None: ...
+    total: UsageRow
+    def __init__(self, rows: _Optional[_Iterable[_Union[UsageRow, _Mapping]]] = ..., truncated: _Optional[bool] = ..., total: _Optional[_Union[UsageRow, _Mapping]] = ...) -> None: ...
 
 class BudgetSpent(_message.Message):
     __slots__ = ("subject", "since")

@@ -1,11 +1,13 @@
 """Training jobs across coordinators sharing Redis, with a worker running custom scripts
 (no model needed): dispatch, a cancel arriving at the other coordinator, a coordinator
-stopping mid-job (its job re-queued and finished by the other), and inference kept away
+stopping mid-job (its job re-queued and finished by the other, the device-seconds of both
+its runs in the usage ledger), and inference kept away
 from a worker that is training when it does not share its device with a job."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import grpc
@@ -104,6 +106,13 @@ async def test_a_stopping_coordinator_hands_its_job_to_the_other(cluster):
     events = await survivor.training.ListTrainingEvents(pb.TrainingEventsRequest(id=job.id))
     assert any("shutting down; re-queued" in e.message for e in events.events)
     assert running.worker_id == final.worker_id
+    # In the usage ledger: the job once, with the device-seconds of both its runs.
+    now = int(time.time())
+    report = await survivor.usage.QueryUsage(
+        pb.UsageQuery(start=now - 3600, end=now + 3600, group_by=["route"])
+    )
+    (trained,) = [r for r in report.rows if r.route == "fine_tuning"]
+    assert trained.requests == 1 and trained.device_seconds >= 15 * 0.2, trained
 
 
 async def test_unknown_jobs_and_bad_specs_get_clear_statuses(cluster):

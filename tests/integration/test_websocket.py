@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 import uvicorn
@@ -12,6 +13,7 @@ import websockets
 
 from cyllm.gateway.app import create_app
 from cyllm.gateway.settings import GatewaySettings
+from cyllm.protocol import pb
 from tests.conftest import free_port
 from tests.polling import returns, until
 
@@ -52,7 +54,7 @@ async def test_websocket_needs_credentials(gateway):
 
 async def test_websocket_streams_tokens_then_done_and_reports_errors(gateway):
     app, url = gateway
-    _, key = await app.state.keys.create("ws")
+    meta, key = await app.state.keys.create("ws")
     async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {key}"}) as ws:
         await ws.send(json.dumps({"modelId": "fake", "prompt": "hello", "maxTokens": 3}))
         got = [await recv(ws)]
@@ -73,6 +75,22 @@ async def test_websocket_streams_tokens_then_done_and_reports_errors(gateway):
         await ws.send(json.dumps({"modelId": "fake", "prompt": "x", "maxTokens": 1}))  # 3rd: over rpm=2
         limited = await recv(ws)
         assert limited["error"]["code"] == "rate_limit_exceeded"
+    # Each message in the usage ledger: the answer, and the unknown model as an error with no name.
+    await app.state.usage.flush()
+    now = int(time.time())
+    report = await app.state.client.query_usage(
+        pb.UsageQuery(
+            start=now - 3600,
+            end=now + 3600,
+            group_by=["route", "model", "outcome"],
+            subject=f"key:{meta.key_id}",
+        )
+    )
+    got = {(r.route, r.model, r.outcome): (r.requests, r.completion_tokens) for r in report.rows}
+    assert got == {
+        ("/api/v1/inference/ws", "fake", "ok"): (1, 3),
+        ("/api/v1/inference/ws", "", "error"): (1, 0),
+    }
 
 
 async def test_a_revoked_key_closes_an_open_socket_and_bad_frames_get_errors(gateway):

@@ -137,10 +137,6 @@ async def usage(
     )
     periodic = any(g in ("hour", "day", "month") for g in grouped)
     data = [_entry(row, grouped, periodic) for row in report.rows]
-    total = pb.UsageRow()
-    for row in report.rows:
-        for s in SUMS:
-            setattr(total, s, getattr(total, s) + getattr(row, s))
     if format == "csv":
         return Response(_csv(data, grouped, periodic), media_type="text/csv; charset=utf-8")
     return UsageReport(
@@ -148,7 +144,7 @@ async def usage(
         end=_stamp(to),
         group_by=grouped,
         data=data,
-        total=_entry(total, [], False),
+        total=_entry(report.total, [], False),
         truncated=report.truncated,
     )
 

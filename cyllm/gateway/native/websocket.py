@@ -115,19 +115,19 @@ async def _serve_one(ws: WebSocket, identity: Identity, raw: str) -> None:
     ctx = new_context(ws.scope)  # each message is a request of its own
     ctx.identity = identity
     try:
-        run = await Inference(body, ctx.request_id).start(ws, whole=False)
-    except errors.CyllmError as exc:
-        await ws.send_json(_error(exc))
-        return
-    failed = False
-    try:
+        try:
+            run = await Inference(body, ctx.request_id).start(ws, whole=False)
+        except errors.CyllmError as exc:
+            ctx.failed = True
+            await ws.send_json(_error(exc))
+            return
         async with aclosing(run.events()) as events:  # a client gone mid-stream: closed here
             async for event in events:
                 if isinstance(event, Failed):
-                    failed = True
                     await ws.send_json(_error(event.error))
                 else:
                     await ws.send_json({"type": event[0], **event[1]})
     finally:
         if ctx.usage is not None:
-            record_usage(ws.app, identity.subject, "/api/v1/inference/ws", 500 if failed else 200, ctx.usage)
+            status = 500 if ctx.failed else 200
+            record_usage(ws.app, identity.subject, "/api/v1/inference/ws", status, ctx.usage)
