@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from cyllm import tracing
 from cyllm.cli.root import ConfigFile, app
 from cyllm.runtime import setup_logging
 from cyllm.settings import ConfigError, load_settings
@@ -142,6 +143,7 @@ def gateway(
     from cyllm.gateway.settings import GatewaySettings
 
     setup_logging()
+    tracing.setup("cyllm-gateway")
     settings = _load(
         GatewaySettings,
         config,
@@ -183,6 +185,7 @@ def coordinator(
     from cyllm.coordinator.settings import CoordinatorSettings
 
     setup_logging()
+    tracing.setup("cyllm-coordinator")
     asyncio.run(
         run(_load(CoordinatorSettings, config, host=host, port=port, redis_url=redis_url), _plane(config))
     )
@@ -197,6 +200,7 @@ def worker(
     from cyllm.worker.settings import WorkerSettings
 
     setup_logging()
+    tracing.setup("cyllm-worker")
     asyncio.run(
         run(
             _load(WorkerSettings, config, host=host, port=port, coordinators=coordinator or None),

@@ -32,7 +32,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from cyllm import errors
+from cyllm import errors, tracing
 from cyllm.coordinator.datasets import DatasetPolicy
 from cyllm.coordinator.files import FileStore
 from cyllm.coordinator.jobs import TERMINAL, JobStore
@@ -326,6 +326,13 @@ class TrainingManager:
             + (f", resuming from step {job.checkpoints[-1].step}" if resume else ""),
             state="running",
         )
+        # One trace per run of a job (a run starts long after the request that queued it).
+        span = tracing.start(
+            "training.run",
+            None,
+            "internal",
+            **{"cyllm.job_id": job_id, "cyllm.attempt": job.attempts, "cyllm.worker": worker.worker_id},
+        )
         call = self.workers.train(
             worker.address,
             pb.TrainRequest(
@@ -333,6 +340,7 @@ class TrainingManager:
                 spec_json=job.spec_json,
                 resume_from=resume,
                 incumbent_json=json.dumps(incumbent) if incumbent else "",
+                traceparent=tracing.traceparent(span),
             ),
         )
         cancelled = asyncio.Event()
@@ -346,6 +354,8 @@ class TrainingManager:
             keeper.cancel()
             await self._meter(meter)
             raise
+        finally:
+            tracing.end(span)
         keeper.cancel()  # renewed until the job's end is recorded, not only the run's
         await self._meter(meter)
         await self.store.release(job_id)

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import grpc
 from starlette.requests import HTTPConnection
 
-from cyllm import errors
+from cyllm import errors, tracing
 from cyllm.gateway.context import context
 from cyllm.protocol import failover, pb, rpc
 from cyllm.protocol.breaker import CircuitBreakers
@@ -131,8 +131,11 @@ class CoordinatorClient:
         self, request: pb.GenerateRequest, request_id: str = ""
     ) -> AsyncGenerator[pb.GenerateResponse, None]:
         """The coordinator's events; closing this cancels the call.  Each coordinator
-        once, then once more each: a restarted one may be back."""
+        once, then once more each: a restarted one may be back.  Its ``traceparent``, when
+        tracing is on, travels in the metadata too (the W3C way across gRPC)."""
         metadata = self._metadata(request_id)
+        if request.traceparent:
+            metadata += ((tracing.TRACEPARENT, request.traceparent),)
         relay = Relay(request)
 
         def call(peer: failover.Named[Coordinator]) -> AsyncGenerator[pb.GenerateResponse, None]:

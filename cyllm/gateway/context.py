@@ -27,6 +27,9 @@ _KEY = "cyllm"
 # A batch's request, sent in-process by ``batch_runner``: the scope holds the creator's
 # identity under this key (no HTTP request can put anything in an ASGI scope).
 BATCH_CALLER = "cyllm.batch_caller"
+# The request's span (tracing.py), when tracing is on: made at the edge, the parent of
+# what the request does.
+TRACE = "cyllm.trace"
 
 
 @dataclass

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 from starlette.requests import HTTPConnection, Request
 
-from cyllm import errors
+from cyllm import errors, tracing
 from cyllm.gateway.client import coordinator
-from cyllm.gateway.context import BATCH_CALLER, context
+from cyllm.gateway.context import BATCH_CALLER, TRACE, context
 from cyllm.gateway.ratelimit import Admission
 from cyllm.gateway.request import GenerationRequest
 from cyllm.gateway.usage import Usage
@@ -135,7 +135,10 @@ class Generation:
         if bound is not None:
             sampling.max_tokens = bound
         reserve = self.limiter.reservation(self.request.prompt_chars(), bound)
-        self._admission = await self.limiter.admit(caller, reserve)
+        trace = self._conn.scope.get(TRACE)  # the request's span, when tracing is on
+        with tracing.child(trace, "admission", **{"cyllm.reserved_tokens": reserve}):
+            self._admission = await self.limiter.admit(caller, reserve)
+        self._wire.traceparent = tracing.traceparent(trace)
         self.ctx.ratelimit_headers = self._admission.headers
         if self.ctx.usage is None:
             self.ctx.usage = Usage(self.model)

@@ -12,7 +12,8 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cyllm.gateway.context import BATCH_CALLER, peek
+from cyllm import tracing
+from cyllm.gateway.context import BATCH_CALLER, TRACE, peek
 from cyllm.gateway.errors import Responses
 from cyllm.gateway.traffic import TrafficStats
 from cyllm.gateway.usage import Usage
@@ -73,6 +74,14 @@ class MetricsMiddleware:
             return await self.app(scope, receive, send)
         start = time.perf_counter()
         status = {"code": 500}
+        if tracing.ENABLED:  # the request's span, under the caller's traceparent if it sent one
+            span = tracing.start(
+                scope["method"],
+                tracing.from_headers(scope["headers"]),
+                "server",
+                **{"http.request.method": scope["method"]},
+            )
+            scope[TRACE] = span
 
         async def send_observed(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -119,6 +128,21 @@ class MetricsMiddleware:
                 },
             )
             self.metrics.latency.labels(method, label).observe(elapsed)
+            if (span := scope.get(TRACE)) is not None:
+                span.update_name(f"{method} {label}")
+                tracing.end(
+                    span,
+                    error=f"HTTP {status['code']}" if status["code"] >= 500 else None,
+                    **{
+                        "http.route": label,
+                        "http.response.status_code": status["code"],
+                        "cyllm.request_id": ctx.request_id if ctx else None,
+                        "cyllm.caller": identity.subject if identity else None,
+                        "gen_ai.request.model": usage.model if usage else None,
+                        "gen_ai.usage.input_tokens": usage.prompt_tokens if usage else None,
+                        "gen_ai.usage.output_tokens": usage.completion_tokens if usage else None,
+                    },
+                )
 
 
 def record_usage(app: Any, subject: str, route: str, status: int, usage: Usage) -> None:

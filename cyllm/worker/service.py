@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AbstractContextManager, aclosing, nullcontext
 from pathlib import Path
 
 import grpc
 
-from cyllm import errors
+from cyllm import errors, tracing
 from cyllm.protocol import pb, rpc
 from cyllm.protocol.session import Encoder, Sessions
 from cyllm.worker.convert import event_to_proto, request_from_proto
@@ -62,6 +63,17 @@ class WorkerService(rpc.WorkerServicer):
         timer = self.metrics.timer(request.model)
         rid = request_id or request.request_id
         COMPILING_FOR.set(request.tenant)  # this call's task: its schema's turn is its tenant's
+        span = tracing.start(
+            "worker.generate",
+            request.traceparent,
+            "server",
+            **{
+                "cyllm.request_id": rid,
+                "gen_ai.request.model": request.model,
+                "cyllm.worker": self.worker_id,
+            },
+        )
+        began, first, error = time.perf_counter(), True, None
         try:
             with self._demand():  # a training job on this device gives way meanwhile
                 if self.draining:
@@ -72,7 +84,16 @@ class WorkerService(rpc.WorkerServicer):
                     async for event in events:
                         if isinstance(event, TextDelta):
                             timer.text()
+                            if first and span is not None:
+                                first = False
+                                span.set_attribute(
+                                    "gen_ai.time_to_first_token_ms", (time.perf_counter() - began) * 1000
+                                )
                         elif isinstance(event, Finished):
+                            if span is not None:
+                                span.set_attribute("gen_ai.usage.input_tokens", event.prompt_tokens)
+                                span.set_attribute("gen_ai.usage.output_tokens", event.completion_tokens)
+                                span.set_attribute("gen_ai.response.finish_reason", event.finish_reason)
                             timer.done(event.finish_reason, event.completion_tokens)
                             log.debug(
                                 "generation %s",
@@ -87,6 +108,7 @@ class WorkerService(rpc.WorkerServicer):
                             )
                         yield event
         except errors.CyllmError as exc:
+            error = exc.code
             timer.failed(exc.code)
             log.info(
                 "generation refused: %s",
@@ -94,6 +116,8 @@ class WorkerService(rpc.WorkerServicer):
                 extra={"request_id": rid, "model": request.model, "outcome": exc.code},
             )
             raise
+        finally:
+            tracing.end(span, error=error)
 
     def _demand(self) -> AbstractContextManager[None]:
         return self.training.demand.serving() if self.training is not None else nullcontext()
@@ -177,12 +201,21 @@ class WorkerService(rpc.WorkerServicer):
 
     async def Train(self, request: pb.TrainRequest, context) -> AsyncIterator[pb.TrainingEvent]:
         """Run a training job; a cancelled call (the job cancelled) stops its process."""
+        span = tracing.start(
+            "worker.train", request.traceparent, "server", **{"cyllm.job_id": request.job_id}
+        )
+        error = None
         try:
             if self.draining or self.training is None:
                 raise errors.Unavailable(f"worker {self.worker_id} takes no training now")
             async with aclosing(self.training.train(request)) as events:
                 async for event in events:
+                    if span is not None and event.type == "metrics":
+                        span.set_attribute("cyllm.step", event.progress.step)
                     yield event
         except errors.CyllmError as exc:
+            error = exc.code
             log.info("training job %s refused: %s", request.job_id, exc.message)
             raise
+        finally:
+            tracing.end(span, error=error)

@@ -29,6 +29,7 @@ class Cluster:
         self.tmp, self.redis_url = tmp, redis_url
         self.procs: dict[str, subprocess.Popen] = {}
         self.ports: dict[str, int] = {}
+        self.env: dict[str, str] = {}  # for every process started after it is set
         self._spare = free_ports(8)  # chosen together, so no two processes get the same
 
     def _start(self, name: str, args: list[str], config: dict) -> None:
@@ -39,7 +40,7 @@ class Cluster:
             [sys.executable, "-m", "cyllm", *args, "--config", str(cfg)],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**environment_for(cfg), "PYTHONUNBUFFERED": "1"},
+            env={**environment_for(cfg), "PYTHONUNBUFFERED": "1", **self.env},
         )
 
     def coordinator(self, name: str, **kw) -> str:
@@ -511,3 +512,131 @@ def test_two_gateways_on_one_redis_share_a_budget_and_report_to_one_ledger(clust
     assert httpx.post(f"{bases[0]}/v1/completions", headers=headers, json=body).status_code == 200
     table = cli("usage", "--url", bases[0], "--api-key", admin_key, "--group-by", "subject")
     assert f"key:{capped_id}" in table and "total" in table
+
+
+class OtlpReceiver:
+    """An OTLP/HTTP trace receiver in the test: what the processes export, decoded
+    (``ExportTraceServiceRequest``) into (service, span) pairs."""
+
+    def __init__(self) -> None:
+        import gzip
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+            ExportTraceServiceResponse,
+        )
+
+        received = self.spans = []
+        lock = self.lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                export = ExportTraceServiceRequest.FromString(body)
+                with lock:
+                    for resource in export.resource_spans:
+                        attrs = {a.key: a.value.string_value for a in resource.resource.attributes}
+                        for scope in resource.scope_spans:
+                            received.extend((attrs.get("service.name"), span) for span in scope.spans)
+                reply = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def trace(self, trace_id: str) -> list[tuple[str, object]]:
+        with self.lock:
+            return [(service, span) for service, span in self.spans if span.trace_id.hex() == trace_id]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def attributes(span) -> dict:
+    out = {}
+    for a in span.attributes:
+        v = a.value
+        out[a.key] = next(
+            getattr(v, k)
+            for k in ("string_value", "int_value", "double_value", "bool_value")
+            if v.HasField(k)
+        )
+    return out
+
+
+def test_one_trace_across_gateway_coordinator_and_worker_processes(cluster):
+    """With the standard OTEL_* variables set, a request that brings a traceparent is one
+    trace across the three processes, exported over OTLP: the gateway's request and
+    admission, the coordinator's generation, placement, cache and queue wait, the
+    worker's generation with its time to first token and tokens; the request id on it."""
+    receiver = OtlpReceiver()
+    try:
+        cluster.env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+        coord = cluster.coordinator("c1")
+        cluster.worker("w", [coord], capacity=2, token_delay_s=0.0)
+        base = cluster.gateway([coord])
+        wait_for(lambda: healthy_workers(base) == {"w"}, 60, "gateway up", cluster)
+        trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+        r = httpx.post(
+            f"{base}/v1/chat/completions",
+            headers={"traceparent": f"00-{trace_id}-{parent}-01"},
+            json={"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+        wanted = {
+            "POST /v1/chat/completions",
+            "admission",
+            "coordinator.generate",
+            "placement",
+            "cache",
+            "queue",
+            "worker.generate",
+        }
+        wait_for(lambda: wanted <= {s.name for _, s in receiver.trace(trace_id)}, 30, "the spans", cluster)
+        spans = {s.name: (service, s) for service, s in receiver.trace(trace_id)}
+        assert {spans[n][0] for n in wanted} == {"cyllm-gateway", "cyllm-coordinator", "cyllm-worker"}
+        edge = spans["POST /v1/chat/completions"][1]
+        assert edge.parent_span_id.hex() == parent  # the caller's span is its parent
+        assert attributes(edge)["cyllm.request_id"] == r.headers["x-request-id"]
+        assert attributes(edge)["http.response.status_code"] == 200
+        coordinator = spans["coordinator.generate"][1]
+        assert coordinator.parent_span_id == edge.span_id
+        assert attributes(coordinator)["cyllm.request_id"] == r.headers["x-request-id"]
+        worker = spans["worker.generate"][1]
+        assert worker.parent_span_id == coordinator.span_id
+        assert attributes(worker)["gen_ai.usage.output_tokens"] == 3
+        assert attributes(worker)["gen_ai.time_to_first_token_ms"] > 0
+        assert spans["queue"][1].parent_span_id == coordinator.span_id
+        assert attributes(spans["queue"][1])["cyllm.worker"] == "w"
+        # A request without one starts a trace of its own, still across the processes.
+        r = httpx.post(
+            f"{base}/v1/completions", json={"model": "fake", "prompt": "x", "max_tokens": 1}, timeout=30
+        )
+        assert r.status_code == 200
+
+        def its_trace() -> set[str]:
+            with receiver.lock:
+                mine = [
+                    s
+                    for _, s in receiver.spans
+                    if attributes(s).get("cyllm.request_id") == r.headers["x-request-id"]
+                ]
+            return {s.trace_id.hex() for s in mine} if len(mine) >= 2 else set()
+
+        wait_for(lambda: len(its_trace()) == 1 and its_trace() != {trace_id}, 30, "a new trace", cluster)
+    finally:
+        receiver.close()

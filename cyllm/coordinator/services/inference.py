@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from cyllm import errors
+from cyllm import errors, tracing
 from cyllm.coordinator.cache import CachedResponse, PromptCache, cache_key, is_deterministic
 from cyllm.coordinator.idempotency import MAX_KEY as MAX_IDEMPOTENCY_KEY
 from cyllm.coordinator.idempotency import PARAM as IDEMPOTENCY
@@ -93,10 +93,13 @@ class WorkerSlots:
         metrics: CoordinatorMetrics | None = None,
         lease_s: float = 0.0,
         label: str = "",
+        traceparent: str = "",
     ) -> None:
-        """``label``: the model as the metrics name it (``metric_label``)."""
+        """``label``: the model as the metrics name it (``metric_label``); ``traceparent``:
+        the span a queue wait is traced under."""
         self.scheduler, self.breakers, self.task = scheduler, breakers, task
         self.metrics, self.lease_s, self.label = metrics, lease_s, label
+        self.traceparent = traceparent
 
     async def take(self, failed: frozenset[str]) -> Slot:
         exclude = set(failed) | self.breakers.open_peers()
@@ -104,7 +107,10 @@ class WorkerSlots:
             await self.scheduler.check_model(self.task.model)
             exclude = await self._avoid(exclude)
         waited = time.perf_counter()
-        worker = await self.scheduler.acquire(self.task, exclude=exclude)
+        with tracing.child(self.traceparent, "queue", **{"cyllm.priority": self.task.priority}) as span:
+            worker = await self.scheduler.acquire(self.task, exclude=exclude)
+            if span is not None:
+                span.set_attribute("cyllm.worker", worker.worker_id)
         if self.metrics is not None:
             self.metrics.queue_wait.labels(self.label).observe(time.perf_counter() - waited)
         slot = Slot(worker.worker_id, worker.address, self.task)
@@ -195,9 +201,17 @@ class InferenceService(rpc.InferenceServicer):
         rid = rid or request.request_id
         request.tenant = hashlib.sha256(tenant.subject.encode()).hexdigest()[:16]
         started, outcome, label = time.perf_counter(), "ok", "(unknown)"
+        span = tracing.start(
+            "coordinator.generate",
+            tracing.of_call(context) or request.traceparent,
+            "server",
+            **{"cyllm.request_id": rid, "gen_ai.request.model": request.model},
+        )
+        request.traceparent = tracing.traceparent(span)  # the worker's spans go under it
         try:
             # Another tenant's fine-tuned model reads exactly as a missing one.
-            owner = await self._placed(request.model, tenant)
+            with tracing.child(span, "placement"):
+                owner = await self._placed(request.model, tenant)
             # a metric label only once it names a real model, and no tenant's own
             label = metric_label(request.model, owner, self.owned_model_names)
             # A resumed generation is the rest of one: never a whole answer to cache; and
@@ -210,7 +224,10 @@ class InferenceService(rpc.InferenceServicer):
                 and not request.sampling.HasField("prompt_logprobs")
             )
             key = cache_key(request, tenant.subject) if cacheable else None
-            cached = await self.cache.get(key) if key else None
+            with tracing.child(span, "cache", **{"cyllm.cacheable": bool(key)}) as looked:
+                cached = await self.cache.get(key) if key else None
+                if looked is not None:
+                    looked.set_attribute("cyllm.cache_hit", cached is not None)
             if cached is not None:
                 outcome = "cached"
                 events = _listed(_replay(cached))
@@ -241,6 +258,9 @@ class InferenceService(rpc.InferenceServicer):
             outcome = err.code if (err := unreachable(exc)) else "internal"
             raise
         finally:
+            tracing.end(
+                span, error=None if outcome in ("ok", "cached") else outcome, **{"cyllm.outcome": outcome}
+            )
             self.metrics.requests.labels(label, outcome).inc()
             # One record per request at INFO is the gateway's access log; a generation
             # that went as asked is a DEBUG record here (and on the worker).
@@ -294,7 +314,9 @@ class InferenceService(rpc.InferenceServicer):
         ``label``: the model as the metrics name it."""
         task = Task(request.request_id, request.model, request.priority, affinity_key(request))
         relay = Relay(request)
-        slots = WorkerSlots(self.scheduler, self.breakers, task, self.metrics, self.lease_s, label)
+        slots = WorkerSlots(
+            self.scheduler, self.breakers, task, self.metrics, self.lease_s, label, request.traceparent
+        )
 
         def on(slot: Slot) -> AsyncGenerator[pb.GenerateResponse, None]:
             # Each run has its own engine request id: a hung worker may still hold the last.
