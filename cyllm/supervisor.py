@@ -13,6 +13,12 @@ the supervisor makes a random token for this run and hands it to its three child
 in their environment (readable only by this user), so another local user who can
 reach the loopback ports still cannot call the coordinator or the worker.
 
+What ``cyllm serve`` prints is its own lines (starting, ready, a restart) and the
+gateway's log; the worker's output — its engine's start-up (vLLM, torch, compilers) and
+its log — goes to ``logs/worker.log`` beside the state file (the previous run's kept as
+``worker.log.1``), and a worker that exits has the last lines of it printed.
+``--log-level debug`` lets everything through instead.
+
 A component that dies is restarted (with a growing pause, logged) while the others
 keep running: a worker killed by the kernel for memory must not take the gateway
 down with it.  One that keeps dying (``MAX_RESTARTS`` within ``RESTART_WINDOW_S``)
@@ -36,6 +42,7 @@ from pathlib import Path
 
 from cyllm import cores
 from cyllm.protocol.plane import InternalSettings
+from cyllm.runtime import LOG_LEVEL_ENV
 from cyllm.settings import ConfigError, load_settings
 from cyllm.worker.settings import ModelSpec
 
@@ -56,10 +63,27 @@ class Child:
     restarts: list[float] = field(default_factory=list)  # when, within the window
     due: float = 0.0  # a restart waits until then
     cores: frozenset[int] = frozenset()  # what it was pinned to, if anything
+    log: Path | None = None  # where its output goes (None: through, with serve's own)
 
     def start(self, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(self.cmd, env=env)
+        if self.log is None:
+            self.proc = subprocess.Popen(self.cmd, env=env)
+        else:
+            with open(self.log, "ab") as out:
+                self.proc = subprocess.Popen(self.cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
         self.cores = frozenset()
+
+    def tail(self, lines: int = 20) -> str:
+        """The end of its log, for a child that exited (what it said before it went)."""
+        if self.log is None:
+            return ""
+        try:
+            with open(self.log, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 16384))
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(f"  | {line}" for line in text.splitlines()[-lines:])
 
 
 def internal_env(config: Path | None) -> dict[str, str]:
@@ -103,6 +127,14 @@ def run(
         ),
     ]
     env = internal_env(config)
+    children[1].log = _worker_log(config)
+    print(
+        f"cyllm serve: starting; the worker's and its engine's output go to {children[1].log}"
+        if children[1].log
+        else "cyllm serve: starting",
+        file=sys.stderr,
+        flush=True,
+    )
     if models is not None:  # the environment wins over the config file's models
         env["CYLLM_WORKER_MODELS"] = json.dumps(
             [m.model_dump(mode="json", exclude_defaults=True) for m in models]
@@ -169,6 +201,27 @@ class Ready:
         )
 
 
+def _worker_log(config: Path | None) -> Path | None:
+    """``logs/worker.log`` beside the coordinator's state file, the last run's moved to
+    ``worker.log.1``; None (the output through) at ``--log-level debug``."""
+    if os.environ.get(LOG_LEVEL_ENV, "").upper() == "DEBUG":
+        return None
+    from cyllm.coordinator.settings import CoordinatorSettings
+
+    try:
+        state = load_settings(CoordinatorSettings, config).state_db
+    except ConfigError:
+        return None  # the gateway child says what is wrong with the file
+    log = Path(state).expanduser().parent / "logs" / "worker.log"
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        if log.exists():
+            log.replace(log.with_name("worker.log.1"))
+    except OSError:
+        return None
+    return log
+
+
 def _tls(config: Path | None) -> bool:
     from cyllm.gateway.settings import GatewaySettings
 
@@ -202,6 +255,8 @@ def _watch(child: Child, env: dict[str, str]) -> int:
     if rc is None:
         return 0
     child.proc = None
+    if said := child.tail():
+        print(f"cyllm serve: the last lines of {child.log}:\n{said}", file=sys.stderr, flush=True)
     if rc == CONFIG_ERROR:  # restarting cannot help
         print(f"cyllm serve: {child.name} refused its configuration; stopping", file=sys.stderr, flush=True)
         return rc

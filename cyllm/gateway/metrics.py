@@ -62,9 +62,10 @@ access_log = logging.getLogger("cyllm.gateway.access")
 
 class MetricsMiddleware:
     """Counts and times every HTTP request by its route template (bounded labels), and
-    writes one access-log record per request: method, route, status, latency, request id,
-    caller, model and token counts — the prompt and the completion only when
-    ``gateway.log_content`` is explicitly on."""
+    writes one access-log record per request (health checks at DEBUG): method, route,
+    status, latency, request id, caller, model and token counts — the prompt and the
+    completion only when ``gateway.log_content`` is explicitly on; records the usage
+    ledger's share of it; ends the request's span when tracing is on."""
 
     def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
         self.app, self.metrics = app, metrics
@@ -107,7 +108,10 @@ class MetricsMiddleware:
                 record_usage(scope["app"], identity.subject, label, code, usage)
             # The path is the caller's: escaped, so a newline in it cannot forge a line.
             path = json.dumps(scope["path"])[1:-1]
-            access_log.info(
+            # Health checks (probes, cyllm serve's wait for ready) every few seconds are
+            # DEBUG records: at INFO they would bury the requests.
+            access_log.log(
+                logging.DEBUG if label.startswith("/api/v1/health") else logging.INFO,
                 "%s %s %d %.1fms",
                 method,
                 path,

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import click
 import httpx
@@ -179,6 +180,14 @@ def test_a_local_folder_is_served_under_its_name_with_the_flags(stack):
         f"cyllm serve: ready on {stack.base_url} (OpenAI API {stack.base_url}/v1, "
         f"console {stack.base_url}/console), serving smol"
     ], said
+    # The worker's and its engine's start-up went to its log file, named at the start;
+    # serve's own output has the gateway's lines and no health probes.
+    lines = stack.log.read_text().splitlines()
+    (starting,) = [x for x in lines if x.startswith("cyllm serve: starting")]
+    worker_log = Path(starting.rsplit(" go to ", 1)[1])
+    assert "cyllm.worker" in worker_log.read_text()
+    assert not any("cyllm.worker" in x for x in lines), lines
+    assert not any("/api/v1/health" in x for x in lines), lines
     models = json.loads(cyllm("models", "list", "--json", env=stack.env).stdout)
     assert [(m["id"], m["engine"], m["state"]) for m in models] == [("smol", "transformers", "loaded")]
     table = cyllm("models", "list", env={**stack.env, "COLUMNS": "200"}).stdout
