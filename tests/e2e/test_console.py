@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import httpx
@@ -185,6 +186,7 @@ def test_a_training_jobs_chart_gains_points(stack, browser):
     by_id(browser, "ds-upload").click()
     wait(browser, lambda d: "uploaded facts.jsonl" in by_id(d, "ds-result").text)
     training_file = Select(by_id(browser, "job-file")).first_selected_option.get_attribute("value")
+    time.sleep(1.1)  # uploads are timed in seconds: the next one is newer
     by_id(browser, "ds-file").send_keys(str(DATA / "facts_held_out.jsonl"))
     by_id(browser, "ds-upload").click()
     wait(browser, lambda d: "uploaded facts_held_out.jsonl" in by_id(d, "ds-result").text)
@@ -229,6 +231,13 @@ def test_a_training_jobs_chart_gains_points(stack, browser):
     assert by_id(browser, "chart-runs").get_attribute("data-points") == "8"  # steps 1-8, the union
     assert len(browser.find_elements(By.CSS_SELECTOR, "#chart-runs .u-series")) == 3  # x and two runs
     shoot(browser, "fine-tuning")
+    # The file list: both uploads; one deleted from its row.
+    names = [r[0].split(" (")[0] for r in rows(browser, "files-table")]
+    assert sorted(names) == ["facts.jsonl", "facts_held_out.jsonl"], names
+    delete = "//table[@id='files-table']//tr[starts-with(td[1], 'facts_held_out.jsonl')]//button[.='Delete']"
+    browser.find_element(By.XPATH, delete).click()
+    browser.switch_to.alert.accept()
+    wait(browser, lambda d: [r[0].split(" (")[0] for r in rows(d, "files-table")] == ["facts.jsonl"])
     # Opened in the playground: the result beside its base, each answering in its column.
     browser.find_element(By.XPATH, f"//table[@id='jobs-table']//tr[not(td[2]='{second}')]/td[2]").click()
     wait(browser, lambda d: not by_id(d, "job-open").get_attribute("hidden"))
@@ -263,13 +272,14 @@ def test_usage_and_budgets_show_what_each_key_used(stack, browser):
     visit(browser, stack.base_url, "keys")
     wait(browser, lambda d: any(r[1] == "ops" for r in rows(d, "keys-table")))
     ops = next(r for r in rows(browser, "keys-table") if r[1] == "ops")
-    assert int(ops[7].replace(",", "")) > 0, ops  # the admin's tokens over 30 days
+    assert ops[7] == time.strftime("%Y-%m-%d", time.gmtime()), ops  # last used: today (UTC)
+    assert int(ops[8].replace(",", "")) > 0, ops  # the admin's tokens over 30 days
     # The app key's budget set in place: 1 token a day refuses its next request.
     edit = "//table[@id='keys-table']//tr[td[2]='app']//button[.='%s']"
     browser.find_element(By.XPATH, edit % "Edit").click()
     browser.find_element(By.CSS_SELECTOR, "#keys-table .budget-day").send_keys("1")
     browser.find_element(By.XPATH, edit % "Save").click()
-    wait(browser, lambda d: "1/day" in next(r for r in rows(d, "keys-table") if r[1] == "app")[8])
+    wait(browser, lambda d: "1/day" in next(r for r in rows(d, "keys-table") if r[1] == "app")[9])
     refused = httpx.post(
         f"{stack.base_url}/v1/chat/completions",
         headers={"Authorization": f"Bearer {stack.user_key}"},
@@ -280,7 +290,7 @@ def test_usage_and_budgets_show_what_each_key_used(stack, browser):
     browser.find_element(By.XPATH, edit % "Edit").click()
     browser.find_element(By.CSS_SELECTOR, "#keys-table .budget-day").clear()
     browser.find_element(By.XPATH, edit % "Save").click()  # both empty: no budget
-    wait(browser, lambda d: next(r for r in rows(d, "keys-table") if r[1] == "app")[8].startswith("none"))
+    wait(browser, lambda d: next(r for r in rows(d, "keys-table") if r[1] == "app")[9].startswith("none"))
 
 
 def test_the_models_page_shows_made_models_and_their_aliases(stack, browser):

@@ -510,10 +510,21 @@ async function showTraining() {
 }
 
 async function refreshFiles() {
-  const [models, files] = await Promise.all([servedModels(), api("GET", "/v1/files?purpose=fine-tune")]);
+  const [models, files] = await Promise.all([servedModels(), api("GET", "/v1/files")]);
   fillSelect($("job-model"), models.filter((m) => !m.includes(":")));
+  // Every file of the caller's (datasets, batches and their results), newest first, with Delete.
+  const all = [...files.data].sort((a, b) => b.created_at - a.created_at);
+  fill($("files-table").querySelector("tbody"), all.map((f) => row([
+    `${f.filename} (${f.id})`, f.purpose, f.bytes < 1024 ? `${f.bytes} B` : `${(f.bytes / 1024).toFixed(1)} KiB`,
+    when(f.created_at), button("Delete", async () => {
+      if (!confirm(`Delete ${f.filename}?`)) return;
+      $("files-error").textContent = "";
+      try { await api("DELETE", `/v1/files/${encodeURIComponent(f.id)}`); }
+      catch (e) { $("files-error").textContent = e.message; }
+      refreshFiles();
+    }, "danger")])));
   const datasets = files.data.filter((f) => f.purpose === "fine-tune")
-    .sort((a, b) => b.created_at - a.created_at || (a.id < b.id ? 1 : -1));  // the newest first
+    .sort((a, b) => b.created_at - a.created_at);  // the newest first
   for (const [select, none] of [[$("job-file"), false], [$("job-validation"), true]]) {
     const current = select.value;
     const options = datasets.map((f) => el("option", `${f.filename} (${f.id})`, { value: f.id }));
@@ -716,12 +727,17 @@ async function showKeys() {
   $("keys-error").textContent = "";
   const since = Math.floor(Date.now() / 1000) - 30 * 86400;
   const [{ keys }, usage] = await Promise.all([api("GET", "/admin/keys"),
-    api("GET", `/api/v1/usage?group_by=subject&from=${since}`).catch(() => ({ data: [] }))]);
-  const tokens = Object.fromEntries(usage.data.map((u) => [u.subject, u.totalTokens]));
+    api("GET", `/api/v1/usage?group_by=day,subject&from=${since}`).catch(() => ({ data: [] }))]);
+  const tokens = {}, last = {};  // per caller: tokens over 30 days, the last day it was used
+  for (const u of usage.data) {
+    tokens[u.subject] = (tokens[u.subject] || 0) + u.totalTokens;
+    if (!last[u.subject] || u.start > last[u.subject]) last[u.subject] = u.start;
+  }
   const shown = keys.filter((k) => !k.revoked || $("keys-revoked").checked);
   fill($("keys-table").querySelector("tbody"), shown.map((k) => row([
     k.key_id, k.name, k.models ? k.models.join(", ") : "all", k.admin ? "yes" : "",
     when(k.created), when(k.expires_at) || "never", k.revoked ? "revoked" : (k.expires_at && k.expires_at * 1000 < Date.now() ? "expired" : "active"),
+    last[`key:${k.key_id}`] ? last[`key:${k.key_id}`].slice(0, 10) : "not in 30 days",
     (tokens[`key:${k.key_id}`] || 0).toLocaleString(), budgetCell(k),
     k.revoked ? "" : button("Revoke", async () => {
       try { await api("DELETE", `/admin/keys/${encodeURIComponent(k.key_id)}`); }
