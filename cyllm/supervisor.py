@@ -64,26 +64,36 @@ class Child:
     due: float = 0.0  # a restart waits until then
     cores: frozenset[int] = frozenset()  # what it was pinned to, if anything
     log: Path | None = None  # where its output goes (None: through, with serve's own)
+    offset: int = 0  # where this run's output starts in the log
 
     def start(self, env: dict[str, str]) -> None:
         if self.log is None:
             self.proc = subprocess.Popen(self.cmd, env=env)
-        else:
-            with open(self.log, "ab") as out:
-                self.proc = subprocess.Popen(self.cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        else:  # this user's alone, as the state beside it; unbuffered, so a kill loses nothing
+            fd = os.open(self.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with os.fdopen(fd, "ab") as out:
+                self.offset = out.seek(0, os.SEEK_END)
+                self.proc = subprocess.Popen(
+                    self.cmd, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=out, stderr=subprocess.STDOUT
+                )
         self.cores = frozenset()
 
-    def tail(self, lines: int = 20) -> str:
-        """The end of its log, for a child that exited (what it said before it went)."""
+    def said(self, most: int = 60) -> str:
+        """What this run wrote to its log that explains its exit: from its first traceback
+        or error (engines print the cause above their last words), else its last lines."""
         if self.log is None:
             return ""
         try:
             with open(self.log, "rb") as f:
-                f.seek(max(0, f.seek(0, os.SEEK_END) - 16384))
-                text = f.read().decode(errors="replace")
+                f.seek(max(self.offset, f.seek(0, os.SEEK_END) - (256 << 10)))
+                lines = f.read().decode(errors="replace").splitlines()
         except OSError:
             return ""
-        return "\n".join(f"  | {line}" for line in text.splitlines()[-lines:])
+        first = next((i for i, x in enumerate(lines) if "Traceback" in x or " ERROR " in x), None)
+        shown = lines[first:] if first is not None else lines[-20:]
+        if len(shown) > most:  # the cause's start and the last words, not all between
+            shown = [*shown[:10], "…", *shown[-(most - 11) :]]
+        return "\n".join(f"  | {line}" for line in shown)
 
 
 def internal_env(config: Path | None) -> dict[str, str]:
@@ -214,7 +224,7 @@ def _worker_log(config: Path | None) -> Path | None:
         return None  # the gateway child says what is wrong with the file
     log = Path(state).expanduser().parent / "logs" / "worker.log"
     try:
-        log.parent.mkdir(parents=True, exist_ok=True)
+        log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if log.exists():
             log.replace(log.with_name("worker.log.1"))
     except OSError:
@@ -255,8 +265,9 @@ def _watch(child: Child, env: dict[str, str]) -> int:
     if rc is None:
         return 0
     child.proc = None
-    if said := child.tail():
-        print(f"cyllm serve: the last lines of {child.log}:\n{said}", file=sys.stderr, flush=True)
+    recent = [t for t in child.restarts if now - t < RESTART_WINDOW_S]
+    if not recent and (said := child.said()):  # once per run of failures, not at each restart
+        print(f"cyllm serve: {child.name} exited; from {child.log}:\n{said}", file=sys.stderr, flush=True)
     if rc == CONFIG_ERROR:  # restarting cannot help
         print(f"cyllm serve: {child.name} refused its configuration; stopping", file=sys.stderr, flush=True)
         return rc

@@ -23,6 +23,7 @@ cannot follow across its ``yield``\\s.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -66,7 +67,14 @@ def setup(service: str) -> None:
 
         exporter = Http()
     attributes = {} if os.environ.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: service}
-    provider = TracerProvider(resource=Resource.create(attributes))
+    sampler = None  # OTEL_TRACES_SAMPLER's, when the operator names one
+    if not os.environ.get("OTEL_TRACES_SAMPLER"):
+        from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
+
+        # Every request recorded: a caller's traceparent places the request in its trace,
+        # but its "not sampled" flag does not hide the request from the operator's.
+        sampler = ParentBased(ALWAYS_ON, remote_parent_not_sampled=ALWAYS_ON)
+    provider = TracerProvider(resource=Resource.create(attributes), sampler=sampler)
     provider.add_span_processor(BatchSpanProcessor(exporter))  # flushed at exit by the SDK
     trace.set_tracer_provider(provider)
     _tracer = trace.get_tracer("cyllm")
@@ -127,6 +135,11 @@ def child(parent: Any, name: str, **attributes: Any) -> Iterator[Any]:
         end(span, error=type(exc).__name__)
         raise
     end(span)
+
+
+def digest(name: str) -> str:
+    """A stable short digest of a caller's name, for span attributes."""
+    return hashlib.sha256(name.encode()).hexdigest()[:16]
 
 
 def traceparent(span: Any) -> str:

@@ -101,15 +101,16 @@ class MetricsMiddleware:
                 self.metrics.rejected.labels(str(status["code"])).inc()
             ctx = peek(scope)
             identity, usage = (ctx.identity, ctx.usage) if ctx else (None, None)
+            # a stream that ended in an error event was sent with 200: still a failure
+            code = 500 if ctx is not None and ctx.failed else status["code"]
             if identity is not None and usage is not None:
-                if BATCH_CALLER in scope:
-                    label = f"batch {label}"
-                code = 500 if ctx is not None and ctx.failed else status["code"]
-                record_usage(scope["app"], identity.subject, label, code, usage)
+                where = f"batch {label}" if BATCH_CALLER in scope else label
+                record_usage(scope["app"], identity.subject, where, code, usage)
             # The path is the caller's: escaped, so a newline in it cannot forge a line.
             path = json.dumps(scope["path"])[1:-1]
             # Health checks (probes, cyllm serve's wait for ready) every few seconds are
-            # DEBUG records: at INFO they would bury the requests.
+            # DEBUG records, answered 503 too: at INFO they would bury the requests (an
+            # outage shows in gateway_requests_total{route="/api/v1/health",status="503"}).
             access_log.log(
                 logging.DEBUG if label.startswith("/api/v1/health") else logging.INFO,
                 "%s %s %d %.1fms",
@@ -136,12 +137,14 @@ class MetricsMiddleware:
                 span.update_name(f"{method} {label}")
                 tracing.end(
                     span,
-                    error=f"HTTP {status['code']}" if status["code"] >= 500 else None,
+                    error=f"HTTP {code}" if code >= 500 else None,
                     **{
                         "http.route": label,
                         "http.response.status_code": status["code"],
                         "cyllm.request_id": ctx.request_id if ctx else None,
-                        "cyllm.caller": identity.subject if identity else None,
+                        # a digest, as the coordinator names tenants to workers: a JWT's
+                        # subject may be an e-mail address, and traces leave the cluster
+                        "cyllm.caller": tracing.digest(identity.subject) if identity else None,
                         "gen_ai.request.model": usage.model if usage else None,
                         "gen_ai.usage.input_tokens": usage.prompt_tokens if usage else None,
                         "gen_ai.usage.output_tokens": usage.completion_tokens if usage else None,

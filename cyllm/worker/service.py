@@ -3,6 +3,7 @@ training jobs.  Errors become gRPC statuses at the server's edge (``protocol.ser
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -84,16 +85,16 @@ class WorkerService(rpc.WorkerServicer):
                     async for event in events:
                         if isinstance(event, TextDelta):
                             timer.text()
-                            if first and span is not None:
+                            if first and span is not None:  # vLLM's name, in seconds
                                 first = False
                                 span.set_attribute(
-                                    "gen_ai.time_to_first_token_ms", (time.perf_counter() - began) * 1000
+                                    "gen_ai.latency.time_to_first_token", time.perf_counter() - began
                                 )
                         elif isinstance(event, Finished):
                             if span is not None:
                                 span.set_attribute("gen_ai.usage.input_tokens", event.prompt_tokens)
                                 span.set_attribute("gen_ai.usage.output_tokens", event.completion_tokens)
-                                span.set_attribute("gen_ai.response.finish_reason", event.finish_reason)
+                                span.set_attribute("gen_ai.response.finish_reasons", [event.finish_reason])
                             timer.done(event.finish_reason, event.completion_tokens)
                             log.debug(
                                 "generation %s",
@@ -115,6 +116,9 @@ class WorkerService(rpc.WorkerServicer):
                 exc.code,
                 extra={"request_id": rid, "model": request.model, "outcome": exc.code},
             )
+            raise
+        except BaseException as exc:  # cancelled (the call moved elsewhere, the caller left), or a bug
+            error = "cancelled" if isinstance(exc, asyncio.CancelledError) else type(exc).__name__
             raise
         finally:
             tracing.end(span, error=error)

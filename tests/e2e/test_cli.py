@@ -18,9 +18,10 @@ import numpy as np
 import openai
 import pytest
 import typer.main
+import yaml
 
 from cyllm.cli import app
-from tests.conftest import free_port
+from tests.conftest import free_port, free_ports
 from tests.e2e.conftest import DATA, create_key, secured_config, serving
 from tests.engines.conftest import default_folder
 from tests.fakes.hub import Hub
@@ -446,3 +447,51 @@ def test_chat_edits_recalls_and_stops_in_a_terminal(stack):
         os.close(fd)
     refused = cyllm("chat", "no-such-model", stdin="hi\nhello\n/exit\n", env=stack.env, check=False)
     assert refused.returncode == 1 and refused.stderr.count("no-such-model") == 2, refused.stderr
+
+
+def test_serve_says_once_why_its_worker_failed(tmp_path):
+    """A worker that cannot start: its own words (the error, from the worker's log) are
+    printed with its exit, once, not at every restart."""
+    config = tmp_path / "cyllm.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {"models": [{"id": "broken", "engine": "transformers", "path": str(tmp_path / "gone")}]}
+        )
+    )
+    http, coord, work = free_ports(3)
+    env = {**os.environ, "CYLLM_COORDINATOR_STATE_DB": str(tmp_path / "state.db"), "COLUMNS": "120"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cyllm",
+            "serve",
+            "--config",
+            str(config),
+            "--port",
+            str(http),
+            "--coordinator-port",
+            str(coord),
+            "--worker-port",
+            str(work),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        while sum("worker exited with code" in x for x in seen) < 2:  # a first exit, then a second
+            assert time.monotonic() < deadline and proc.poll() is None, "\n".join(seen[-40:])
+            seen.append(proc.stdout.readline().rstrip("\n"))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    text = "\n".join(seen)
+    log = tmp_path / "logs" / "worker.log"
+    assert seen[0] == f"cyllm serve: starting; the worker's and its engine's output go to {log}"
+    assert text.count(f"cyllm serve: worker exited; from {log}") == 1, text
+    assert str(tmp_path / "gone") in text  # the cause, in the worker's words
+    assert log.stat().st_mode & 0o077 == 0  # this user's alone

@@ -569,10 +569,9 @@ def attributes(span) -> dict:
     out = {}
     for a in span.attributes:
         v = a.value
-        out[a.key] = next(
-            getattr(v, k)
-            for k in ("string_value", "int_value", "double_value", "bool_value")
-            if v.HasField(k)
+        kind = v.WhichOneof("value")
+        out[a.key] = (
+            [x.string_value for x in v.array_value.values] if kind == "array_value" else getattr(v, kind)
         )
     return out
 
@@ -619,7 +618,8 @@ def test_one_trace_across_gateway_coordinator_and_worker_processes(cluster):
         worker = spans["worker.generate"][1]
         assert worker.parent_span_id == coordinator.span_id
         assert attributes(worker)["gen_ai.usage.output_tokens"] == 3
-        assert attributes(worker)["gen_ai.time_to_first_token_ms"] > 0
+        assert attributes(worker)["gen_ai.latency.time_to_first_token"] > 0
+        assert attributes(worker)["gen_ai.response.finish_reasons"] == ["length"]
         assert spans["queue"][1].parent_span_id == coordinator.span_id
         assert attributes(spans["queue"][1])["cyllm.worker"] == "w"
         # A request without one starts a trace of its own, still across the processes.
@@ -638,5 +638,26 @@ def test_one_trace_across_gateway_coordinator_and_worker_processes(cluster):
             return {s.trace_id.hex() for s in mine} if len(mine) >= 2 else set()
 
         wait_for(lambda: len(its_trace()) == 1 and its_trace() != {trace_id}, 30, "a new trace", cluster)
+        # A malformed traceparent is ignored (a trace of its own), and a caller's "not
+        # sampled" flag does not hide its request from the operator's traces.
+        for header in ("garbage", "00-" + "z" * 32 + "-" + "1" * 16 + "-01", "x" * 10_000):
+            r = httpx.post(
+                f"{base}/v1/completions",
+                headers={"traceparent": header},
+                json={"model": "fake", "prompt": "x", "max_tokens": 1},
+                timeout=30,
+            )
+            assert r.status_code == 200, (header[:40], r.text)
+        hidden = "5bf92f3577b34da6a3ce929d0e0e4736"
+        r = httpx.post(
+            f"{base}/v1/completions",
+            headers={"traceparent": f"00-{hidden}-{parent}-00"},
+            json={"model": "fake", "prompt": "x", "max_tokens": 1},
+            timeout=30,
+        )
+        assert r.status_code == 200
+        wait_for(
+            lambda: "worker.generate" in {s.name for _, s in receiver.trace(hidden)}, 30, "recorded", cluster
+        )
     finally:
         receiver.close()

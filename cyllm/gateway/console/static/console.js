@@ -521,7 +521,7 @@ async function refreshFiles() {
       $("files-error").textContent = "";
       try { await api("DELETE", `/v1/files/${encodeURIComponent(f.id)}`); }
       catch (e) { $("files-error").textContent = e.message; }
-      refreshFiles();
+      refreshFiles().catch((e) => { $("files-error").textContent = e.message; });
     }, "danger")])));
   const datasets = files.data.filter((f) => f.purpose === "fine-tune")
     .sort((a, b) => b.created_at - a.created_at);  // the newest first
@@ -727,9 +727,9 @@ async function showKeys() {
   $("keys-error").textContent = "";
   const since = Math.floor(Date.now() / 1000) - 30 * 86400;
   const [{ keys }, usage] = await Promise.all([api("GET", "/admin/keys"),
-    api("GET", `/api/v1/usage?group_by=day,subject&from=${since}`).catch(() => ({ data: [] }))]);
+    api("GET", `/api/v1/usage?group_by=day,subject&from=${since}`).catch(() => null)]);
   const tokens = {}, last = {};  // per caller: tokens over 30 days, the last day it was used
-  for (const u of usage.data) {
+  for (const u of usage ? usage.data : []) {
     tokens[u.subject] = (tokens[u.subject] || 0) + u.totalTokens;
     if (!last[u.subject] || u.start > last[u.subject]) last[u.subject] = u.start;
   }
@@ -737,8 +737,8 @@ async function showKeys() {
   fill($("keys-table").querySelector("tbody"), shown.map((k) => row([
     k.key_id, k.name, k.models ? k.models.join(", ") : "all", k.admin ? "yes" : "",
     when(k.created), when(k.expires_at) || "never", k.revoked ? "revoked" : (k.expires_at && k.expires_at * 1000 < Date.now() ? "expired" : "active"),
-    last[`key:${k.key_id}`] ? last[`key:${k.key_id}`].slice(0, 10) : "not in 30 days",
-    (tokens[`key:${k.key_id}`] || 0).toLocaleString(), budgetCell(k),
+    !usage ? "(usage unavailable)" : last[`key:${k.key_id}`] ? last[`key:${k.key_id}`].slice(0, 10) : "not in 30 days",
+    usage ? (tokens[`key:${k.key_id}`] || 0).toLocaleString() : "", budgetCell(k),
     k.revoked ? "" : button("Revoke", async () => {
       try { await api("DELETE", `/admin/keys/${encodeURIComponent(k.key_id)}`); }
       catch (e) { $("keys-error").textContent = e.message; }
