@@ -38,14 +38,22 @@ def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 3
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{said(log)}")
         try:
             if httpx.get(url, timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise RuntimeError(f"server not healthy after {timeout}s:\n{log.read_text()[-3000:]}")
+    raise RuntimeError(f"server not healthy after {timeout}s:\n{said(log)}")
+
+
+def said(log: Path) -> str:
+    """The end of serve's output and of its worker's log (``cyllm serve`` keeps the
+    worker's output in ``logs/worker.log`` beside the state file, which is beside ``log``)."""
+    worker = log.parent / "logs" / "worker.log"
+    found = worker.read_text()[-3000:] if worker.exists() else "(none)"
+    return f"{log.read_text()[-3000:]}\n--- {worker}:\n{found}"
 
 
 @contextmanager

@@ -264,7 +264,7 @@ def test_usage_and_budgets_show_what_each_key_used(stack, browser):
     by_model = {r[0]: r for r in rows(browser, "usage-table")}
     assert MODEL in by_model and int(by_model[MODEL][1].replace(",", "")) >= 1, by_model
     wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#chart-usage canvas"))
-    assert "tokens this day" in by_id(browser, "usage-budget").text
+    assert "tokens today" in by_id(browser, "usage-budget").text
     Select(by_id(browser, "usage-by")).select_by_visible_text("caller")
     wait(browser, lambda d: by_id(d, "usage-key").text == "Caller")
     wait(browser, lambda d: any(r[0].startswith("key:") for r in rows(d, "usage-table")))

@@ -97,7 +97,8 @@ function when(seconds) { return seconds ? new Date(seconds * 1000).toLocaleStrin
 
 function chart(container, series, height = 220) {
   const width = Math.max(320, container.clientWidth || 480);
-  const opts = { width, height, scales: { x: { time: series.time } },
+  const x = series.range ? { time: series.time, range: () => series.range } : { time: series.time };
+  const opts = { width, height, scales: { x },
                  series: [{}, ...series.lines], axes: [{}, {}] };
   container.replaceChildren();
   return new uPlot(opts, series.data, container);
@@ -815,7 +816,7 @@ async function showUsage() {
       api("GET", usageQuery("day")), api("GET", usageQuery(by)), api("GET", "/api/v1/usage/budget")]);
     const spent = (p) => {
       const t = budget.tokens[p];
-      return `${t.spent.toLocaleString()}${t.limit ? ` of ${t.limit.toLocaleString()}` : ""} tokens this ${p}`;
+      return `${t.spent.toLocaleString()}${t.limit ? ` of ${t.limit.toLocaleString()}` : ""} tokens ${p === "day" ? "today" : "this month"}`;
     };
     $("usage-budget").textContent = `You (${budget.subject}): ${spent("day")} · ${spent("month")}` +
       (budget.budget ? "" : " · no budget");
@@ -829,7 +830,8 @@ async function showUsage() {
       return;
     }
     const t = daily.data.map((u) => Date.parse(u.start) / 1000);
-    chart($("chart-usage"), { time: true,
+    const now = Date.now() / 1000, days = Number($("usage-days").value);
+    chart($("chart-usage"), { time: true, range: [Math.floor((now - days * 86400) / 86400) * 86400, now],
       lines: [{ label: "prompt tokens", stroke: "#2f5fd0", width: 2 },
               { label: "completion tokens", stroke: "#b36b00", width: 2 }],
       data: [t, daily.data.map((u) => u.promptTokens), daily.data.map((u) => u.completionTokens)] });
