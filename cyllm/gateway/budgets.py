@@ -204,7 +204,9 @@ class Budgets:
                 found = await self._redis.get(key)
             return int(found or 0)
         if key not in self._counters:
-            self._counters[key] = (await self._seed(subject, start))[0]
+            seeded = (await self._seed(subject, start))[0]
+            # another request may have seeded it, and spent since, while this one waited
+            self._counters.setdefault(key, seeded)
             self._forget_old(start)
         return self._counters[key]
 

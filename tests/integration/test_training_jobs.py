@@ -80,7 +80,18 @@ async def test_a_job_runs_and_a_cancel_reaches_it_through_the_other_coordinator(
     cancelled = await two.training.CancelTrainingJob(pb.TrainingJobRequest(id=long.id))
     assert cancelled.state == "cancelled"
     await until(lambda: returns(stack.worker.training.current), lambda c: c == "")
-    replies = [m async for m in one.inference.Generate(pb.GenerateRequest(model="fake", prompt="hi"))]
+
+    async def generated() -> list[pb.GenerateResponse] | None:
+        """The answer, or None while the coordinators have not yet heard (the worker's next
+        heartbeat) that the worker no longer trains."""
+        try:
+            return [m async for m in one.inference.Generate(pb.GenerateRequest(model="fake", prompt="hi"))]
+        except grpc.aio.AioRpcError as exc:
+            if "busy training" in (exc.details() or ""):
+                return None
+            raise
+
+    replies = await until(generated, lambda r: r is not None, what="the worker serving again")
     assert replies[-1].WhichOneof("event") == "finished"
 
 
