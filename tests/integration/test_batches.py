@@ -325,7 +325,8 @@ async def test_batches_take_turns_and_a_batchs_output_is_capped(make_stack, tmp_
     assert (await stack.http.get(f"/v1/batches/{long['id']}")).json()["status"] == "in_progress"
     await finished(stack.http, long["id"], timeout=60)
 
-    wide = await submit(stack.http, [line(f"w{i}", "quick", max_tokens=60) for i in range(160)])
+    # about 0.9 KiB a line: some 70 fit in 64 KiB, the rest fail by name
+    wide = await submit(stack.http, [line(f"w{i}", "quick", max_tokens=120) for i in range(160)])
     done = await finished(stack.http, wide["id"], timeout=120)
     counts = done["request_counts"]
     assert counts["total"] == 160 and counts["completed"] + counts["failed"] == 160

@@ -174,7 +174,10 @@ class BatchService(rpc.BatchesServicer):
             return pb.BatchReportReply(stop=True)
         if not await self.store.claim_batch(batch.id, request.runner, min(max(request.lease_s, 5.0), 600.0)):
             return pb.BatchReportReply(stop=True)  # another runner took it over
-        results = [self._bounded(batch, r) for r in request.results]
+        results, size = [], batch.output_bytes  # the cap counts this report's lines as they come
+        for r in request.results:
+            results.append(self._bounded(size, r))
+            size += len(results[-1].line)
         for r in await self.store.add_batch_results(batch.id, results):
             batch.failed += r.failed
             batch.completed += not r.failed
@@ -198,9 +201,10 @@ class BatchService(rpc.BatchesServicer):
             await self._finish_later(batch)
         return pb.BatchReportReply(stop=bool(ends))
 
-    def _bounded(self, batch: pb.Batch, result: pb.BatchResult) -> pb.BatchResult:
-        """The result, or in its place a failure once the batch's output is at its cap."""
-        if batch.output_bytes + len(result.line) <= self.max_output_bytes:
+    def _bounded(self, size: int, result: pb.BatchResult) -> pb.BatchResult:
+        """The result, or in its place a failure once the batch's output (``size`` so far)
+        is at its cap."""
+        if size + len(result.line) <= self.max_output_bytes:
             return result
         custom_id = json.loads(result.line).get("custom_id", "")
         error = {
