@@ -56,6 +56,14 @@ def said(log: Path) -> str:
     return f"{log.read_text()[-3000:]}\n--- {worker}:\n{found}"
 
 
+def serve_command(config: Path | None = None, args: list[str] = ()) -> tuple[list[str], int, int, int]:
+    """``cyllm serve`` on three free ports: the command, its HTTP, coordinator and worker ports."""
+    http, coord, work = free_ports(3)
+    cmd = [sys.executable, "-m", "cyllm", "serve", *args, "--port", str(http)]
+    cmd += ["--coordinator-port", str(coord), "--worker-port", str(work)]
+    return cmd + (["--config", str(config)] if config is not None else []), http, coord, work
+
+
 @contextmanager
 def serving(
     log: Path,
@@ -66,22 +74,7 @@ def serving(
 ) -> Iterator[Server]:
     """``cyllm serve`` (optionally with a config file, ``args`` such as a MODEL and its
     flags, and ``env`` changed: None removes a variable) on free ports, stopped by its pid."""
-    http, coord, work = free_ports(3)
-    cmd = [
-        sys.executable,
-        "-m",
-        "cyllm",
-        "serve",
-        *args,
-        "--port",
-        str(http),
-        "--coordinator-port",
-        str(coord),
-        "--worker-port",
-        str(work),
-    ]
-    if config is not None:
-        cmd += ["--config", str(config)]
+    cmd, http, coord, work = serve_command(config, args)
     # its own state file, beside its log, unless the test gives one (a restart keeps it);
     # what the config file sets, from the file
     env = {

@@ -21,8 +21,8 @@ import typer.main
 import yaml
 
 from cyllm.cli import app
-from tests.conftest import free_port, free_ports
-from tests.e2e.conftest import DATA, create_key, secured_config, serving
+from tests.conftest import free_port
+from tests.e2e.conftest import DATA, create_key, secured_config, serve_command, serving
 from tests.engines.conftest import default_folder
 from tests.fakes.hub import Hub
 
@@ -458,23 +458,10 @@ def test_serve_says_once_why_its_worker_failed(tmp_path):
             {"models": [{"id": "broken", "engine": "transformers", "path": str(tmp_path / "gone")}]}
         )
     )
-    http, coord, work = free_ports(3)
+    cmd, *_ = serve_command(config)
     env = {**os.environ, "CYLLM_COORDINATOR_STATE_DB": str(tmp_path / "state.db"), "COLUMNS": "120"}
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cyllm",
-            "serve",
-            "--config",
-            str(config),
-            "--port",
-            str(http),
-            "--coordinator-port",
-            str(coord),
-            "--worker-port",
-            str(work),
-        ],
+        cmd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
