@@ -18,15 +18,25 @@ from cyllm import errors
 GONE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
+# Connections one process opens to Redis at most.  More commands at once than this wait
+# for a connection (up to ``socket_timeout``) instead of failing: redis-py's default pool
+# raises ``MaxConnectionsError`` past 100, which a burst of requests reached.
+POOL_SIZE = 100
+
+
 def connect(url: str) -> aioredis.Redis:
-    return aioredis.from_url(
-        url,
-        decode_responses=False,
-        socket_connect_timeout=2,
-        socket_timeout=5,
-        health_check_interval=10,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
-        retry_on_error=list(GONE),
+    return aioredis.Redis.from_pool(
+        aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=POOL_SIZE,
+            timeout=5,
+            decode_responses=False,
+            socket_connect_timeout=2,
+            socket_timeout=5,
+            health_check_interval=10,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
+            retry_on_error=list(GONE),
+        )
     )
 
 

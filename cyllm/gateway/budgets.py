@@ -108,10 +108,7 @@ class Budgets:
                 if limit is None:
                     continue
                 start, end = period_bounds(period, now)
-                spent = await self._spent(subject, period, start, end)
-                in_flight = await self._incr(
-                    self._key(subject, period, start, "reserved"), reserve, RESERVED_TTL_S
-                )
+                spent, in_flight = await self._reserve(subject, period, start, end, reserve)
                 hold.reserved[period] = (start, reserve)
                 used = spent + in_flight
                 if used > limit:
@@ -133,15 +130,8 @@ class Budgets:
         reserved, hold.reserved = hold.reserved, {}
         failed: BaseException | None = None
         for period, (start, amount) in reserved.items():
-            end = period_bounds(period, start)[1]
             try:
-                await self._incr(self._key(hold.subject, period, start, "reserved"), -amount, RESERVED_TTL_S)
-                if tokens:
-                    await self._incr(
-                        self._key(hold.subject, period, start, "spent"),
-                        tokens,
-                        end + 86400 - int(self._clock()),
-                    )
+                await self._settle(hold.subject, period, start, amount, tokens)
             except Exception as exc:
                 failed = exc
         if failed is not None:
@@ -194,31 +184,45 @@ class Budgets:
     def _key(subject: str, period: str, start: int, what: str) -> str:
         return f"cyllm:budget:{what}:{period}:{start}:{subject}"
 
-    async def _spent(self, subject: str, period: str, start: int, end: int) -> int:
-        key = self._key(subject, period, start, "spent")
+    async def _reserve(self, subject: str, period: str, start: int, end: int, amount: int) -> tuple[int, int]:
+        """Add ``amount`` to the period's reservations: (spent, reserved) as they were
+        together.  Read apart, a request settling in between would be in neither (its
+        reservation gone, its spending not yet read), and concurrent requests would
+        overrun the budget by what they spent; so Redis does both in one transaction, as
+        ``_settle`` does, and in this process nothing awaits between them."""
+        spent_key, reserved_key = (self._key(subject, period, start, w) for w in ("spent", "reserved"))
         if self._redis is not None:
-            found = await self._redis.get(key)
-            if found is None:
+            if await self._redis.get(spent_key) is None:
                 seeded = (await self._seed(subject, start))[0]
-                await self._redis.set(key, seeded, nx=True, exat=end + 86400)  # the period, and a day
-                found = await self._redis.get(key)
-            return int(found or 0)
-        if key not in self._counters:
+                await self._redis.set(spent_key, seeded, nx=True, exat=end + 86400)  # the period, and a day
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.get(spent_key)
+                pipe.incrby(reserved_key, amount)
+                pipe.expire(reserved_key, RESERVED_TTL_S)
+                spent, reserved, _ = await pipe.execute()
+            return int(spent or 0), int(reserved)
+        if spent_key not in self._counters:
             seeded = (await self._seed(subject, start))[0]
             # another request may have seeded it, and spent since, while this one waited
-            self._counters.setdefault(key, seeded)
+            self._counters.setdefault(spent_key, seeded)
             self._forget_old(start)
-        return self._counters[key]
+        self._counters[reserved_key] = self._counters.get(reserved_key, 0) + amount
+        return self._counters[spent_key], self._counters[reserved_key]
 
-    async def _incr(self, key: str, amount: int, ttl_s: int) -> int:
+    async def _settle(self, subject: str, period: str, start: int, reserved: int, spent: int) -> None:
+        """A reservation becomes spending, both at once (see ``_reserve``)."""
+        spent_key, reserved_key = (self._key(subject, period, start, w) for w in ("spent", "reserved"))
         if self._redis is not None:
+            end = period_bounds(period, start)[1]
             async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.incrby(key, amount)
-                pipe.expire(key, max(1, ttl_s))
-                n, _ = await pipe.execute()
-            return int(n)
-        self._counters[key] = max(0, self._counters.get(key, 0) + amount)
-        return self._counters[key]
+                pipe.incrby(spent_key, spent)
+                pipe.expireat(spent_key, end + 86400)
+                pipe.decrby(reserved_key, reserved)
+                pipe.expire(reserved_key, RESERVED_TTL_S)
+                await pipe.execute()
+            return
+        self._counters[spent_key] = self._counters.get(spent_key, 0) + spent
+        self._counters[reserved_key] = max(0, self._counters.get(reserved_key, 0) - reserved)
 
     def _forget_old(self, start: int) -> None:
         """Past periods' counters go (memory stays bounded by the callers of two periods)."""

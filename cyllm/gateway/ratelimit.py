@@ -122,10 +122,12 @@ class RateLimiter:
 
     async def _reserve(self, adm: Admission, reserve: int) -> None:
         assert self.tpm is not None
-        stats = await self.window.get_window_stats(self.tpm, "tpm", adm.subject)
-        spent = self.tpm.amount - stats.remaining
+        # Reserve, then read the window; ``finish`` counts, then releases.  A request
+        # ending meanwhile is then seen as reserved or as counted, never as neither.
         in_flight = await self._add("reserved", adm.subject, reserve)
         adm.reserved = reserve
+        stats = await self.window.get_window_stats(self.tpm, "tpm", adm.subject)
+        spent = self.tpm.amount - stats.remaining
         left = self.tpm.amount - spent - in_flight
         adm.headers |= _headers("tokens", self.tpm.amount, left, stats.reset_time)
         if left < 0:
@@ -143,13 +145,15 @@ class RateLimiter:
             if adm.holds_slot:
                 adm.holds_slot = False
                 await self._add("running", adm.subject, -1)
-            if adm.reserved:
-                reserved, adm.reserved = adm.reserved, 0
-                await self._add("reserved", adm.subject, -reserved)
-            if self.tpm is not None and tokens > 0:
-                stats = await self.window.get_window_stats(self.tpm, "tpm", adm.subject)
-                if stats.remaining > 0:
-                    await self.window.hit(self.tpm, "tpm", adm.subject, cost=min(tokens, stats.remaining))
+            try:
+                if self.tpm is not None and tokens > 0:
+                    stats = await self.window.get_window_stats(self.tpm, "tpm", adm.subject)
+                    if stats.remaining > 0:
+                        await self.window.hit(self.tpm, "tpm", adm.subject, cost=min(tokens, stats.remaining))
+            finally:
+                if adm.reserved:
+                    reserved, adm.reserved = adm.reserved, 0
+                    await self._add("reserved", adm.subject, -reserved)
         finally:
             if adm.budget is not None:
                 hold, adm.budget = adm.budget, None

@@ -1,13 +1,19 @@
-"""Budgets' counters without Redis: what a period has spent is never forgotten by a
-request that was waiting for the ledger's sum while others spent."""
+"""Budgets' and the tokens-per-minute limit's counters under concurrency: what was spent
+is never forgotten by a request admitted meanwhile, on this gateway or another."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
+from cyllm import errors
+from cyllm.gateway.auth import Identity
 from cyllm.gateway.budgets import Budget, Budgets, QuotaExceeded, period_bounds
+from cyllm.gateway.ratelimit import RateLimiter
+from cyllm.gateway.settings import GatewaySettings
+from cyllm.shared_state import POOL_SIZE
 
 
 async def test_a_counter_seeded_while_others_spend_keeps_their_spending():
@@ -35,3 +41,76 @@ def test_periods_are_utc_days_and_months():
     t = 1_796_342_400 + 3600  # 2026-12-04T01:00:00Z
     assert period_bounds("day", t) == (1_796_342_400, 1_796_342_400 + 86400)
     assert period_bounds("month", t) == (1_796_083_200, 1_798_761_600)  # 2026-12-01 to 2027-01-01
+
+
+async def test_a_request_ending_on_another_gateway_while_one_is_admitted_is_counted(redis_url):
+    """Gateway B's request ends (its reservation becomes spending) while gateway A admits
+    one: A sees it as reserved or as spent, never as neither (read apart, the counters
+    let A in: 91 tokens of a budget of 60 in CI, with 16 requests on two gateways)."""
+
+    async def seed(subject: str, since: int) -> tuple[int, float]:
+        return 0, 0.0
+
+    a, b = Budgets(redis_url, seed), Budgets(redis_url, seed)
+    budget = Budget(tokens_per_day=10)
+    running_on_b = await b.reserve("key:shared", budget, 8, {})
+    read = a._redis.get
+
+    async def get_then_b_ends(*args, **kwargs):
+        reply = await read(*args, **kwargs)
+        if running_on_b.reserved:
+            await b.release(running_on_b, 8)
+        return reply
+
+    a._redis.get = get_then_b_ends
+    with pytest.raises(QuotaExceeded):  # 8 spent + 8 reserved > 10
+        await a.reserve("key:shared", budget, 8, {})
+    assert not running_on_b.reserved
+    await a.close()
+    await b.close()
+
+
+async def test_a_burst_of_more_requests_than_redis_connections_waits_for_them(redis_url):
+    """More budgeted requests at once than a gateway's connections to Redis: they queue
+    for a connection, none fails (redis-py's default pool raised past 100)."""
+
+    async def seed(subject: str, since: int) -> tuple[int, float]:
+        return 0, 0.0
+
+    budgets = Budgets(redis_url, seed)
+    budget = Budget(tokens_per_day=10_000)
+    holds = await asyncio.gather(*(budgets.reserve("key:burst", budget, 8, {}) for _ in range(3 * POOL_SIZE)))
+    await asyncio.gather(*(budgets.release(h, 7) for h in holds))
+    assert (await budgets._reserve("key:burst", "day", *period_bounds("day", time.time()), 0))[
+        0
+    ] == 7 * 3 * POOL_SIZE
+    await budgets.close()
+
+
+async def test_a_request_ending_on_another_gateway_while_one_is_admitted_counts_against_tpm(redis_url):
+    """The tokens-per-minute limit on two gateways, as the budget above: a request that
+    ends on B while A admits one is in B's reservation or in the window when A reads
+    them, never in neither (A read the window, then reserved: in neither)."""
+    settings = GatewaySettings(redis_url=redis_url, rate_limit_tpm=20)
+
+    async def seed(subject: str, since: int) -> tuple[int, float]:
+        return 0, 0.0
+
+    a, b = RateLimiter(settings, seed), RateLimiter(settings, seed)
+    caller = Identity("key:shared", "api_key")
+    running_on_b = await b.admit(caller, 12)
+    read, add = a.window.get_window_stats, a._add
+
+    async def then_b_ends(step, *args):
+        reply = await step(*args)
+        if running_on_b.reserved:
+            await b.finish(running_on_b, 12)
+        return reply
+
+    a.window.get_window_stats = lambda *args: then_b_ends(read, *args)
+    a._add = lambda *args: then_b_ends(add, *args)
+    with pytest.raises(errors.RateLimited, match="tokens per minute"):  # 12 counted + 12 reserved > 20
+        await a.admit(caller, 12)
+    assert not running_on_b.reserved
+    await a.close()
+    await b.close()
