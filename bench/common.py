@@ -166,14 +166,22 @@ def served(config: Path | None = None, env: dict[str, str] | None = None):
         cmd += ["--config", str(config)]
     metrics = {"CYLLM_COORDINATOR_METRICS_PORT": "0", "CYLLM_WORKER_METRICS_PORT": "0"}
     base = f"http://127.0.0.1:{http}"
-    with tempfile.TemporaryDirectory(prefix="cyllm-bench-") as state:  # not the user's state
-        own = {
-            "CYLLM_COORDINATOR_STATE_DB": f"{state}/state.db",
-            "CYLLM_COORDINATOR_FILES_DIR": f"{state}/files",
-            "CYLLM_WORKER_TRAINING_DIR": f"{state}/training",
-        }
-        with process(cmd, f"{base}/api/v1/health", {**metrics, **own, **(env or {})}, timeout=300):
+    with tempfile.TemporaryDirectory(prefix="cyllm-bench-") as state:
+        with process(
+            cmd, f"{base}/api/v1/health", {**metrics, **state_in(state), **(env or {})}, timeout=300
+        ):
             yield base
+
+
+def state_in(folder: str) -> dict[str, str]:
+    """The environment that keeps a ``cyllm serve`` run's state (jobs, files, models,
+    keys, usage) in ``folder``: a benchmark never writes to the user's own."""
+    return {
+        "CYLLM_COORDINATOR_STATE_DB": f"{folder}/state.db",
+        "CYLLM_COORDINATOR_FILES_DIR": f"{folder}/files",
+        "CYLLM_WORKER_TRAINING_DIR": f"{folder}/training",
+        "CYLLM_GATEWAY_API_KEYS_FILE": f"{folder}/api-keys.json",
+    }
 
 
 async def stream_chat(base: str, model: str, texts: list[str], max_tokens: int) -> tuple[float, float]:
