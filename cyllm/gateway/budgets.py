@@ -7,9 +7,9 @@ checked at admission with the reservation the TPM limit uses (the prompt's estim
 ``max_tokens``; a request without ``max_tokens`` is given ``tpm_default_reserve``): a
 request is admitted only if what the period has spent, plus what requests still running
 have reserved, plus its own reservation fits.  Concurrent requests on every gateway
-therefore cannot together overrun it, since the counters are in Redis when
-``redis_url`` is set (one counter for all gateways, its increment atomic), in this
-process otherwise (one gateway).  A period's counter that does not exist yet (a new
+therefore cannot together overrun it: the counters are in Redis when ``redis_url`` is
+set (one for all gateways; the check and the settlement each one step, see
+``counters.py``), in this process otherwise (one gateway).  A period's counter that does not exist yet (a new
 day, a restarted gateway, a Redis that was emptied) starts from the usage ledger's sum
 for the period, so a restart forgets nothing but the few seconds of usage not yet
 reported.
@@ -30,16 +30,13 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field
 
 from cyllm import errors
+from cyllm.gateway.counters import Counters
 
 log = logging.getLogger("cyllm.gateway.budgets")
 PERIODS = ("day", "month")
-# What requests running reserve lives an hour past the last change: a gateway that died
-# mid-request leaves its reservations for that long, not until the period ends.
-RESERVED_TTL_S = 3600
 
 
 class Budget(BaseModel):
@@ -87,15 +84,10 @@ class Budgets:
     """``seed(subject, since)``: the ledger's (tokens, device-seconds) since a period's
     start, for a counter that does not exist yet."""
 
-    def __init__(self, redis_url: str | None, seed: Seed, clock: Callable[[], float] = time.time) -> None:
-        self._redis: aioredis.Redis | None = None
-        if redis_url:
-            from cyllm.shared_state import connect
-
-            self._redis = connect(redis_url)
+    def __init__(self, counters: Counters, seed: Seed, clock: Callable[[], float] = time.time) -> None:
+        self._counters = counters
         self._seed = seed
         self._clock = clock
-        self._counters: dict[str, int] = {}  # without Redis
         self._warned: set[tuple[str, str, int]] = set()
 
     async def reserve(self, subject: str, budget: Budget, reserve: int, headers: dict[str, str]) -> Hold:
@@ -185,55 +177,33 @@ class Budgets:
         return f"cyllm:budget:{what}:{period}:{start}:{subject}"
 
     async def _reserve(self, subject: str, period: str, start: int, end: int, amount: int) -> tuple[int, int]:
-        """Add ``amount`` to the period's reservations: (spent, reserved) as they were
-        together.  Read apart, a request settling in between would be in neither (its
-        reservation gone, its spending not yet read), and concurrent requests would
-        overrun the budget by what they spent; so Redis does both in one transaction, as
-        ``_settle`` does, and in this process nothing awaits between them."""
-        spent_key, reserved_key = (self._key(subject, period, start, w) for w in ("spent", "reserved"))
-        if self._redis is not None:
-            if await self._redis.get(spent_key) is None:
-                seeded = (await self._seed(subject, start))[0]
-                await self._redis.set(spent_key, seeded, nx=True, exat=end + 86400)  # the period, and a day
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.get(spent_key)
-                pipe.incrby(reserved_key, amount)
-                pipe.expire(reserved_key, RESERVED_TTL_S)
-                spent, reserved, _ = await pipe.execute()
-            return int(spent or 0), int(reserved)
-        if spent_key not in self._counters:
+        """Hold ``amount`` more in the period: (spent, held) as they were together, the
+        hold included (``counters.py``: a request settling meanwhile is in one of them)."""
+        spent = self._key(subject, period, start, "spent")
+        if await self._counters.get(spent) is None:
             seeded = (await self._seed(subject, start))[0]
             # another request may have seeded it, and spent since, while this one waited
-            self._counters.setdefault(spent_key, seeded)
-            self._forget_old(start)
-        self._counters[reserved_key] = self._counters.get(reserved_key, 0) + amount
-        return self._counters[spent_key], self._counters[reserved_key]
+            await self._counters.set_if_missing(spent, seeded, end + 86400)  # the period, and a day
+            self._forget_before(period_bounds("month", start)[0])
+        held, spending = await self._counters.hold(
+            self._key(subject, period, start, "reserved"), amount, (spent, 0, end + 86400)
+        )
+        return spending, held
 
-    async def _settle(self, subject: str, period: str, start: int, reserved: int, spent: int) -> None:
-        """A reservation becomes spending, both at once (see ``_reserve``)."""
-        spent_key, reserved_key = (self._key(subject, period, start, w) for w in ("spent", "reserved"))
-        if self._redis is not None:
-            end = period_bounds(period, start)[1]
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.incrby(spent_key, spent)
-                pipe.expireat(spent_key, end + 86400)
-                pipe.decrby(reserved_key, reserved)
-                pipe.expire(reserved_key, RESERVED_TTL_S)
-                await pipe.execute()
-            return
-        self._counters[spent_key] = self._counters.get(spent_key, 0) + spent
-        self._counters[reserved_key] = max(0, self._counters.get(reserved_key, 0) - reserved)
-
-    def _forget_old(self, start: int) -> None:
-        """Past periods' counters go (memory stays bounded by the callers of two periods)."""
-        oldest = period_bounds("month", start)[0]
-        for key in [k for k in self._counters if int(k.split(":")[4]) < oldest]:
-            del self._counters[key]
+    def _forget_before(self, oldest: int) -> None:
+        """Periods before last month's go (without Redis, memory stays bounded by the
+        callers of two periods; Redis expires its own)."""
+        self._counters.forget(lambda key: key.startswith("cyllm:budget:") and int(key.split(":")[4]) < oldest)
         self._warned = {w for w in self._warned if w[2] >= oldest}
 
-    async def close(self) -> None:
-        if self._redis is not None:
-            await self._redis.aclose()
+    async def _settle(self, subject: str, period: str, start: int, reserved: int, spent: int) -> None:
+        """A hold becomes spending, in one step."""
+        end = period_bounds(period, start)[1]
+        await self._counters.hold(
+            self._key(subject, period, start, "reserved"),
+            -reserved,
+            (self._key(subject, period, start, "spent"), spent, end + 86400),
+        )
 
 
 def _iso(t: float) -> str:

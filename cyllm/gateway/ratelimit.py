@@ -23,7 +23,6 @@ import math
 import time
 from dataclasses import dataclass, field
 
-import redis.asyncio as aioredis
 from fastapi import Request
 from limits import RateLimitItemPerMinute
 from limits.aio.storage import MemoryStorage, RedisStorage
@@ -32,8 +31,8 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from cyllm import errors
 from cyllm.gateway.auth import Identity, authenticate
 from cyllm.gateway.budgets import Budgets, Hold, Seed
+from cyllm.gateway.counters import Counters
 from cyllm.gateway.settings import GatewaySettings
-from cyllm.shared_state import connect
 
 
 @dataclass
@@ -58,18 +57,15 @@ class RateLimiter:
         self.default_reserve = settings.tpm_default_reserve
         self.concurrency = settings.rate_limit_concurrency
         storage: RedisStorage | MemoryStorage
-        self._redis: aioredis.Redis | None
         if settings.redis_url:
             storage = RedisStorage(
                 "async+" + settings.redis_url, implementation="redispy", key_prefix="cyllm:limits"
             )
-            self._redis = connect(settings.redis_url)
         else:
             storage = MemoryStorage()
-            self._redis = None
         self.window = MovingWindowRateLimiter(storage)
-        self._counters: dict[str, int] = {}
-        self.budgets = Budgets(settings.redis_url, seed)
+        self.counters = Counters(settings.redis_url)
+        self.budgets = Budgets(self.counters, seed)
 
     @property
     def active(self) -> bool:
@@ -184,20 +180,11 @@ class RateLimiter:
         )
 
     async def _add(self, counter: str, subject: str, amount: int) -> int:
-        """Add to a per-caller counter of things in flight; its new value."""
-        if self._redis is not None:
-            key = f"cyllm:limits:{counter}:{subject}"
-            n = await self._redis.incrby(key, amount)
-            await self._redis.expire(key, 3600)  # a crashed gateway's holds do not last forever
-            return int(n)
-        key = f"{counter}:{subject}"
-        self._counters[key] = max(0, self._counters.get(key, 0) + amount)
-        return self._counters[key]
+        """Add to what this caller's requests running hold (``counters.py``); the total."""
+        return (await self.counters.hold(f"cyllm:limits:{counter}:{subject}", amount))[0]
 
     async def close(self) -> None:
-        await self.budgets.close()
-        if self._redis is not None:
-            await self._redis.aclose()
+        await self.counters.close()
 
 
 def _headers(kind: str, limit: int, remaining: int, reset: float) -> dict[str, str]:

@@ -18,6 +18,7 @@ import pytest
 import redis
 import yaml
 
+from cyllm.gateway.counters import LIVE
 from tests import polling
 from tests.conftest import environment_for, free_ports, stop_processes
 
@@ -679,3 +680,40 @@ def test_one_trace_across_gateway_coordinator_and_worker_processes(cluster):
         )
     finally:
         receiver.close()
+
+
+def test_a_gateway_killed_mid_request_gives_its_callers_slot_back(cluster):
+    """Two gateways on one Redis, one generation at a time per caller.  The gateway
+    serving it is killed: the slot stays held (the other gateway refuses a second
+    generation) while the dead gateway may still be alive, and is let go once its last
+    sign of life is older than ``DEAD_AFTER_S`` (set back here rather than waited for)."""
+    coord = cluster.coordinator("c1")
+    cluster.worker("w", [coord], capacity=2)
+    gw = {"gateway": {"redis_url": cluster.redis_url, "rate_limit_concurrency": 1}}
+    bases = two_gateways(cluster, coord, gw)
+    body = {"model": "fake", "prompt": "hold the slot", "max_tokens": 200}
+    since = {"w": tokens_of(bases[1], "w")}
+
+    async def kill_mid_request() -> None:
+        async with httpx.AsyncClient(timeout=60) as http:
+            first = asyncio.create_task(http.post(f"{bases[0]}/v1/completions", json=body))
+            await until_generating(bases[1], ["w"], since)
+            cluster.signal("gw1", signal.SIGKILL)
+            with pytest.raises(httpx.HTTPError):
+                await first
+
+    asyncio.run(kill_mid_request())
+    short = {**body, "max_tokens": 2}
+    held = httpx.post(f"{bases[1]}/v1/completions", json=short, timeout=30)
+    assert held.status_code == 429 and "generations at once" in held.text, held.text
+    r = redis.Redis.from_url(cluster.redis_url)
+    dead = [
+        m.decode()
+        for m in r.zrange(LIVE, 0, -1)
+        if m.decode().split("-")[-2] == str(cluster.procs["gw1"].pid)
+    ]
+    assert len(dead) == 1
+    r.zadd(LIVE, {dead[0]: 0})  # its last mark, long ago
+    r.close()
+    again = httpx.post(f"{bases[1]}/v1/completions", json=short, timeout=30)
+    assert again.status_code == 200, again.text

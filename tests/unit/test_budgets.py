@@ -11,6 +11,7 @@ import pytest
 from cyllm import errors
 from cyllm.gateway.auth import Identity
 from cyllm.gateway.budgets import Budget, Budgets, QuotaExceeded, period_bounds
+from cyllm.gateway.counters import LIVE, Counters
 from cyllm.gateway.ratelimit import RateLimiter
 from cyllm.gateway.settings import GatewaySettings
 from cyllm.shared_state import POOL_SIZE
@@ -24,7 +25,7 @@ async def test_a_counter_seeded_while_others_spend_keeps_their_spending():
         await next(calls).wait()  # the ledger's answer, when the test says
         return 0, 0.0
 
-    budgets = Budgets(None, seed)
+    budgets = Budgets(Counters(None), seed)
     budget = Budget(tokens_per_day=100)
     first = asyncio.create_task(budgets.reserve("key:a", budget, 10, {}))
     second = asyncio.create_task(budgets.reserve("key:a", budget, 10, {}))
@@ -51,10 +52,11 @@ async def test_a_request_ending_on_another_gateway_while_one_is_admitted_is_coun
     async def seed(subject: str, since: int) -> tuple[int, float]:
         return 0, 0.0
 
-    a, b = Budgets(redis_url, seed), Budgets(redis_url, seed)
+    on_a, on_b = Counters(redis_url), Counters(redis_url)
+    a, b = Budgets(on_a, seed), Budgets(on_b, seed)
     budget = Budget(tokens_per_day=10)
     running_on_b = await b.reserve("key:shared", budget, 8, {})
-    read = a._redis.get
+    read = on_a.redis.get
 
     async def get_then_b_ends(*args, **kwargs):
         reply = await read(*args, **kwargs)
@@ -62,12 +64,12 @@ async def test_a_request_ending_on_another_gateway_while_one_is_admitted_is_coun
             await b.release(running_on_b, 8)
         return reply
 
-    a._redis.get = get_then_b_ends
+    on_a.redis.get = get_then_b_ends
     with pytest.raises(QuotaExceeded):  # 8 spent + 8 reserved > 10
         await a.reserve("key:shared", budget, 8, {})
     assert not running_on_b.reserved
-    await a.close()
-    await b.close()
+    await on_a.close()
+    await on_b.close()
 
 
 async def test_a_burst_of_more_requests_than_redis_connections_waits_for_them(redis_url):
@@ -77,14 +79,14 @@ async def test_a_burst_of_more_requests_than_redis_connections_waits_for_them(re
     async def seed(subject: str, since: int) -> tuple[int, float]:
         return 0, 0.0
 
-    budgets = Budgets(redis_url, seed)
+    counters = Counters(redis_url)
+    budgets = Budgets(counters, seed)
     budget = Budget(tokens_per_day=10_000)
     holds = await asyncio.gather(*(budgets.reserve("key:burst", budget, 8, {}) for _ in range(3 * POOL_SIZE)))
     await asyncio.gather(*(budgets.release(h, 7) for h in holds))
-    assert (await budgets._reserve("key:burst", "day", *period_bounds("day", time.time()), 0))[
-        0
-    ] == 7 * 3 * POOL_SIZE
-    await budgets.close()
+    spent, held = await budgets._reserve("key:burst", "day", *period_bounds("day", time.time()), 0)
+    assert (spent, held) == (7 * 3 * POOL_SIZE, 0)
+    await counters.close()
 
 
 async def test_a_request_ending_on_another_gateway_while_one_is_admitted_counts_against_tpm(redis_url):
@@ -114,3 +116,22 @@ async def test_a_request_ending_on_another_gateway_while_one_is_admitted_counts_
     assert not running_on_b.reserved
     await a.close()
     await b.close()
+
+
+async def test_what_a_dead_gateway_held_is_let_go_and_a_live_ones_kept(redis_url):
+    """A gateway killed mid-request never lets go of its holds: once its last mark is
+    older than ``DEAD_AFTER_S`` the others count them no more (a plain counter kept
+    them while the caller's traffic refreshed its expiry: a caller locked out of its
+    generation slots for good); a live gateway's holds are counted."""
+    dead, live, other = Counters(redis_url), Counters(redis_url), Counters(redis_url)
+    key = "cyllm:limits:running:key:victim"
+    assert await dead.hold(key, 3) == (3, 0)
+    assert await live.hold(key, 2) == (5, 0)
+    dead._task.cancel()  # killed: no more marks, no let-go
+    await dead.redis.zadd(LIVE, {dead.me: 0})  # its last mark, long ago
+    assert await other.hold(key, 1) == (3, 0)  # the live gateway's 2 and its own 1
+    assert await live.hold(key, -2) == (1, 0)
+    assert await other.hold(key, -1) == (0, 0)
+    assert not await other.redis.exists(key) or not await other.redis.hgetall(key)
+    for c in (dead, live, other):
+        await c.close()
