@@ -48,6 +48,14 @@ def period_start(start: int, by: str) -> int:
     return int(dt.datetime(day.year, day.month, 1, tzinfo=dt.UTC).timestamp())
 
 
+def period_bounds(period: str, now: float) -> tuple[int, int]:
+    """The UTC day's or month's start and end around ``now`` (a budget's periods)."""
+    start = period_start(int(now), period)
+    if period == "day":
+        return start, start + 86400
+    return start, period_start(start + 32 * 86400, "month")
+
+
 @dataclass
 class Grouping:
     """What one query's rows are added up by: at most one period, and any key fields."""

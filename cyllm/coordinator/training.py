@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -39,6 +40,7 @@ from cyllm.coordinator.jobs import TERMINAL, JobStore
 from cyllm.coordinator.ledger import Ledger
 from cyllm.coordinator.registry import ModelRecord, Registry, served_as
 from cyllm.coordinator.scheduler import Scheduler, WorkerView
+from cyllm.coordinator.training_meter import QUOTA_CODE, Meter, record_end
 from cyllm.coordinator.workers import WorkerClients
 from cyllm.paths import is_id
 from cyllm.protocol import pb
@@ -185,6 +187,7 @@ class TrainingManager:
             training_file=request.training_file,
             owner=tenant.subject,
             validation_file=request.validation_file,
+            device_seconds_per_month=_cap(request.device_seconds_per_month),
         )
         await self.store.put(job)
         await self._event(job.id, "state", f"job created: {spec.method} on {spec.base_model}", state="queued")
@@ -317,6 +320,11 @@ class TrainingManager:
         job.started_at = job.started_at or int(time.time())
         resume = job.checkpoints[-1].path if job.checkpoints else ""
         spec = TrainingSpec.model_validate_json(job.spec_json)
+        meter = Meter(self.ledger, job, spec)
+        if spent := await meter.spent():  # by its owner's other jobs, or its own earlier runs
+            await self._finish(await self.get(job_id), "failed", spent, code=QUOTA_CODE)
+            await self.store.release(job_id)
+            return
         incumbent = await self._incumbent_of(job, spec)
         await self.store.put(job)
         await self._event(
@@ -343,25 +351,24 @@ class TrainingManager:
                 traceparent=tracing.traceparent(span),
             ),
         )
-        cancelled = asyncio.Event()
-        meter = _Meter(job.owner, spec)
-        keeper = asyncio.create_task(self._keep(job_id, call, cancelled, meter))
+        stop = _Stop()
+        keeper = asyncio.create_task(self._keep(job_id, call, stop, meter))
         try:
-            await self._run(job_id, worker, call, cancelled)
+            await self._run(job_id, worker, call, stop)
         except asyncio.CancelledError:
             # stopped after the run (serving or promoting its result): the lease, kept,
             # runs out and the job is taken up again (coordinator lost)
             keeper.cancel()
-            await self._meter(meter)
+            await meter.record()
             raise
         finally:
             tracing.end(span)
         keeper.cancel()  # renewed until the job's end is recorded, not only the run's
-        await self._meter(meter)
+        await meter.record()
         await self.store.release(job_id)
 
     async def _run(
-        self, job_id: str, worker: pb.WorkerInfo, call: Stream[pb.TrainingEvent], cancelled: asyncio.Event
+        self, job_id: str, worker: pb.WorkerInfo, call: Stream[pb.TrainingEvent], stop: _Stop
     ) -> None:
         final: pb.TrainingEvent | None = None
         result: pb.TrainingEvent | None = None
@@ -374,16 +381,16 @@ class TrainingManager:
                     result = event
                 await self._record(job_id, event)
         except asyncio.CancelledError:
-            if cancelled.is_set():
-                await self._finish(await self.get(job_id), "cancelled", "cancelled while running")
+            if stop.is_set():
+                await stop.finish(self, await self.get(job_id))
                 return
             await self._requeue(await self.get(job_id), "this coordinator is shutting down")
             await self.store.release(job_id)
             raise
         except errors.CyllmError as err:
             job = await self.get(job_id)
-            if cancelled.is_set():
-                await self._finish(job, "cancelled", "cancelled while running")
+            if stop.is_set():
+                await stop.finish(self, job)
             elif isinstance(err, errors.Overloaded):  # the worker took another job
                 job.attempts -= 1
                 await self._requeue(job, err.message or "worker busy")
@@ -395,8 +402,8 @@ class TrainingManager:
         finally:
             call.cancel()
         job = await self.get(job_id)
-        if cancelled.is_set():
-            await self._finish(job, "cancelled", "cancelled while running")
+        if stop.is_set():
+            await stop.finish(self, job)
         elif final is None or final.state != "succeeded":
             await self._finish(
                 job,
@@ -407,30 +414,23 @@ class TrainingManager:
         else:
             await self._succeed(job, worker, result)
 
-    async def _keep(
-        self, job_id: str, call: Stream[pb.TrainingEvent], cancelled: asyncio.Event, meter: _Meter
-    ) -> None:
-        """Renew the lease; stop the worker's run when a cancel is requested anywhere;
-        put the run's device-seconds in the usage ledger as they accrue."""
+    async def _keep(self, job_id: str, call: Stream[pb.TrainingEvent], stop: _Stop, meter: Meter) -> None:
+        """Renew the lease; stop the worker's run when a cancel is requested anywhere or
+        the owner's budget is spent; put the run's device-seconds in the usage ledger as
+        they accrue."""
         while True:
             await asyncio.sleep(min(1.0, self.lease_s / 3))
             if await self.store.cancel_requested(job_id):
-                cancelled.set()
+                stop.set("cancelled", "cancelled while running")
                 call.cancel()
                 return
             await self.store.renew(job_id, self.owner, self.lease_s)
             if meter.due():
-                await self._meter(meter)
-
-    async def _meter(self, meter: _Meter) -> None:
-        """The device-seconds a run used since they were last recorded (every attempt's
-        run counts; a running job's within ``_Meter.EVERY_S``)."""
-        if self.ledger is None or not meter.owner:
-            return
-        try:
-            await self.ledger.add([meter.take()])
-        except Exception:
-            log.exception("a training run's device-seconds were not recorded")
+                await meter.record()
+                if spent := await meter.spent():
+                    stop.set("failed", f"stopped: {spent}", QUOTA_CODE)
+                    call.cancel()
+                    return
 
     async def _record(self, job_id: str, event: pb.TrainingEvent) -> None:
         if event.type in ("metrics", "eval", "evaluation", "checkpoint", "result"):
@@ -611,29 +611,8 @@ class TrainingManager:
         await self._event(
             job.id, "state", message, state=state, level="error" if state == "failed" else "info"
         )
-        await self._record_usage(job)
+        await record_end(self.ledger, job)
         return job
-
-    async def _record_usage(self, job: pb.TrainingJob) -> None:
-        """The job in the usage ledger when it ends: one request and its tokens (its
-        device-seconds are recorded as its runs go, by ``_meter``).  A ledger that cannot
-        be written loses the row, never the job's end (it is logged)."""
-        if self.ledger is None or not job.owner:
-            return
-        spec = TrainingSpec.model_validate_json(job.spec_json)
-        row = pb.UsageRow(
-            start=job.finished_at,
-            subject=job.owner,
-            model=spec.base_model,
-            route="fine_tuning",
-            outcome="ok" if job.state == "succeeded" else "error",
-            requests=1,
-            trained_tokens=job.trained_tokens,
-        )
-        try:
-            await self.ledger.add([row])
-        except Exception:
-            log.exception("training job %s: its usage was not recorded", job.id)
 
     async def _event(
         self, job_id: str, type_: str, message: str, *, state: str = "", level: str = "info"
@@ -646,29 +625,29 @@ class TrainingManager:
         )
 
 
-class _Meter:
-    """One run's device-seconds (wall time x its processes), taken as they accrue."""
+@dataclasses.dataclass
+class _Stop:
+    """Why a run is being stopped from here, once it is: a cancel, or a spent budget."""
 
-    EVERY_S = 30.0
+    event: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    state: str = "cancelled"
+    message: str = ""
+    code: str = ""
 
-    def __init__(self, owner: str, spec: TrainingSpec) -> None:
-        self.owner, self.model, self.processes = owner, spec.base_model, max(1, spec.processes)
-        self.last = time.monotonic()
+    def set(self, state: str, message: str, code: str = "") -> None:
+        self.state, self.message, self.code = state, message, code
+        self.event.set()
 
-    def due(self) -> bool:
-        return time.monotonic() - self.last >= self.EVERY_S
+    def is_set(self) -> bool:
+        return self.event.is_set()
 
-    def take(self) -> pb.UsageRow:
-        now = time.monotonic()
-        seconds, self.last = (now - self.last) * self.processes, now
-        return pb.UsageRow(
-            start=int(time.time()),
-            subject=self.owner,
-            model=self.model,
-            route="fine_tuning",
-            outcome="ok",
-            device_seconds=seconds,
-        )
+    async def finish(self, manager: TrainingManager, job: pb.TrainingJob) -> None:
+        await manager._finish(job, self.state, self.message, code=self.code)
+
+
+def _cap(seconds: float) -> float:
+    """A budget as the gateway passed it; anything but a positive number is none."""
+    return seconds if math.isfinite(seconds) and seconds > 0 else 0.0
 
 
 def _enough(info: pb.WorkerInfo, spec: TrainingSpec) -> bool:

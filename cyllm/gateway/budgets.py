@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field
 
 from cyllm import errors
+from cyllm.coordinator.ledger import period_bounds
 from cyllm.gateway.counters import Counters
 
 log = logging.getLogger("cyllm.gateway.budgets")
@@ -57,16 +58,6 @@ class Budget(BaseModel):
 
 class QuotaExceeded(errors.RateLimited):
     code = "insufficient_quota"
-
-
-def period_bounds(period: str, now: float) -> tuple[int, int]:
-    """The UTC day's or month's start and end around ``now`` (unix seconds)."""
-    day = dt.datetime.fromtimestamp(now, dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    if period == "day":
-        return int(day.timestamp()), int((day + dt.timedelta(days=1)).timestamp())
-    first = day.replace(day=1)
-    following = (first + dt.timedelta(days=32)).replace(day=1)
-    return int(first.timestamp()), int(following.timestamp())
 
 
 Seed = Callable[[str, int], Awaitable[tuple[int, float]]]

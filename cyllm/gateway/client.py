@@ -234,12 +234,16 @@ class CoordinatorClient:
     # -- training jobs ----------------------------------------------------------------
 
     async def create_training_job(
-        self, spec_json: str, training_file: str = "", validation_file: str = ""
+        self, spec_json: str, training_file: str = "", validation_file: str = "", budget_s: float = 0.0
     ) -> pb.TrainingJob:
+        """``budget_s``: the caller's training device-seconds per month (0: none)."""
         return await self._training(
             lambda c: c.training.CreateTrainingJob,
             pb.CreateTrainingJobRequest(
-                spec_json=spec_json, training_file=training_file, validation_file=validation_file
+                spec_json=spec_json,
+                training_file=training_file,
+                validation_file=validation_file,
+                device_seconds_per_month=budget_s,
             ),
         )
 

@@ -200,8 +200,11 @@ async def limit_control(request: Request) -> None:
     await request.app.state.limiter.control(await authenticate(request))
 
 
-async def check_training_budget(request: Request) -> None:
-    """A new training job: 429 while the caller's month of device-seconds is spent."""
+async def check_training_budget(request: Request) -> float:
+    """A new training job: 429 while the caller's month of device-seconds is spent.  The
+    budget (0: none), for the job to carry: the coordinator stops it once it is spent."""
     caller = await authenticate(request)
-    if caller.budget is not None:
-        await request.app.state.limiter.budgets.check_training(caller.subject, caller.budget)
+    if caller.budget is None:
+        return 0.0
+    await request.app.state.limiter.budgets.check_training(caller.subject, caller.budget)
+    return caller.budget.device_seconds_per_month or 0.0

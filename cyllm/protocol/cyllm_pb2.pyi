@@ -580,7 +580,7 @@ class TrainingEvent(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., created_at: _Optional[int] = ..., type: _Optional[str] = ..., level: _Optional[str] = ..., message: _Optional[str] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., checkpoint: _Optional[_Union[TrainingCheckpoint, _Mapping]] = ..., state: _Optional[str] = ..., result_kind: _Optional[str] = ..., result_path: _Optional[str] = ..., trained_tokens: _Optional[int] = ..., scores: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class TrainingJob(_message.Message):
-    __slots__ = ("id", "spec_json", "state", "error", "error_code", "worker_id", "created_at", "started_at", "finished_at", "attempts", "fine_tuned_model", "progress", "checkpoints", "trained_tokens", "output_dir", "cancel_requested", "owner", "training_file", "validation_file", "evaluation", "promotion", "incumbent")
+    __slots__ = ("id", "spec_json", "state", "error", "error_code", "worker_id", "created_at", "started_at", "finished_at", "attempts", "fine_tuned_model", "progress", "checkpoints", "trained_tokens", "output_dir", "cancel_requested", "owner", "training_file", "validation_file", "evaluation", "promotion", "incumbent", "device_seconds_per_month")
     class EvaluationEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -610,6 +610,7 @@ class TrainingJob(_message.Message):
     EVALUATION_FIELD_NUMBER: _ClassVar[int]
     PROMOTION_FIELD_NUMBER: _ClassVar[int]
     INCUMBENT_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_SECONDS_PER_MONTH_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec_json: str
     state: str
@@ -632,17 +633,20 @@ class TrainingJob(_message.Message):
     evaluation: _containers.ScalarMap[str, float]
     promotion: str
     incumbent: str
-    def __init__(self, id: _Optional[str] = ..., spec_json: _Optional[str] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., error_code: _Optional[str] = ..., worker_id: _Optional[str] = ..., created_at: _Optional[int] = ..., started_at: _Optional[int] = ..., finished_at: _Optional[int] = ..., attempts: _Optional[int] = ..., fine_tuned_model: _Optional[str] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., checkpoints: _Optional[_Iterable[_Union[TrainingCheckpoint, _Mapping]]] = ..., trained_tokens: _Optional[int] = ..., output_dir: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., owner: _Optional[str] = ..., training_file: _Optional[str] = ..., validation_file: _Optional[str] = ..., evaluation: _Optional[_Mapping[str, float]] = ..., promotion: _Optional[str] = ..., incumbent: _Optional[str] = ...) -> None: ...
+    device_seconds_per_month: float
+    def __init__(self, id: _Optional[str] = ..., spec_json: _Optional[str] = ..., state: _Optional[str] = ..., error: _Optional[str] = ..., error_code: _Optional[str] = ..., worker_id: _Optional[str] = ..., created_at: _Optional[int] = ..., started_at: _Optional[int] = ..., finished_at: _Optional[int] = ..., attempts: _Optional[int] = ..., fine_tuned_model: _Optional[str] = ..., progress: _Optional[_Union[TrainingProgress, _Mapping]] = ..., checkpoints: _Optional[_Iterable[_Union[TrainingCheckpoint, _Mapping]]] = ..., trained_tokens: _Optional[int] = ..., output_dir: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., owner: _Optional[str] = ..., training_file: _Optional[str] = ..., validation_file: _Optional[str] = ..., evaluation: _Optional[_Mapping[str, float]] = ..., promotion: _Optional[str] = ..., incumbent: _Optional[str] = ..., device_seconds_per_month: _Optional[float] = ...) -> None: ...
 
 class CreateTrainingJobRequest(_message.Message):
-    __slots__ = ("spec_json", "training_file", "validation_file")
+    __slots__ = ("spec_json", "training_file", "validation_file", "device_seconds_per_month")
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     TRAINING_FILE_FIELD_NUMBER: _ClassVar[int]
     VALIDATION_FILE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_SECONDS_PER_MONTH_FIELD_NUMBER: _ClassVar[int]
     spec_json: str
     training_file: str
     validation_file: str
-    def __init__(self, spec_json: _Optional[str] = ..., training_file: _Optional[str] = ..., validation_file: _Optional[str] = ...) -> None: ...
+    device_seconds_per_month: float
+    def __init__(self, spec_json: _Optional[str] = ..., training_file: _Optional[str] = ..., validation_file: _Optional[str] = ..., device_seconds_per_month: _Optional[float] = ...) -> None: ...
 
 class TrainingJobRequest(_message.Message):
     __slots__ = ("id",)

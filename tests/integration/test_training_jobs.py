@@ -15,6 +15,7 @@ import pytest
 
 from cyllm.coordinator.main import CoordinatorServer
 from cyllm.coordinator.settings import CoordinatorSettings
+from cyllm.coordinator.training_meter import Meter
 from cyllm.gateway.client import Coordinator
 from cyllm.protocol import pb
 from cyllm.protocol.plane import load_plane
@@ -124,6 +125,34 @@ async def test_a_stopping_coordinator_hands_its_job_to_the_other(cluster):
     )
     (trained,) = [r for r in report.rows if r.route == "fine_tuning"]
     assert trained.requests == 1 and trained.device_seconds >= 15 * 0.2, trained
+
+
+async def test_a_running_job_stops_when_its_owners_month_of_device_seconds_is_spent(cluster, monkeypatch):
+    """Created under a budget of 1.5 device-seconds a month (as the gateway passes a
+    caller's), a job of 100 s stops within a metering period of it being spent, failed
+    with insufficient_quota, its process stopped; the owner's next job does not start."""
+    monkeypatch.setattr(Meter, "EVERY_S", 0.3)
+    stack, _, (one, two) = cluster
+    capped = pb.CreateTrainingJobRequest(
+        spec_json=_spec(script_args=["--steps", "500", "--sleep", "0.2"]), device_seconds_per_month=1.5
+    )
+    job = await one.training.CreateTrainingJob(capped)
+    final = await until(
+        lambda: two.training.GetTrainingJob(pb.TrainingJobRequest(id=job.id)),
+        lambda j: j.state in ("succeeded", "failed", "cancelled"),
+        timeout=30,
+    )
+    assert final.state == "failed" and final.error_code == "insufficient_quota", final
+    assert "1.5 training device-seconds per month are spent" in final.error
+    assert 0 < final.progress.step < 100
+    await until(lambda: returns(stack.worker.training.current), lambda c: c == "")  # its process stopped
+    nxt = await two.training.CreateTrainingJob(capped)
+    refused = await until(
+        lambda: one.training.GetTrainingJob(pb.TrainingJobRequest(id=nxt.id)),
+        lambda j: j.state in ("succeeded", "failed", "cancelled"),
+        timeout=30,
+    )
+    assert refused.error_code == "insufficient_quota" and refused.progress.step == 0, refused
 
 
 async def test_unknown_jobs_and_bad_specs_get_clear_statuses(cluster):

@@ -9,6 +9,7 @@ import asyncio
 import csv
 import io
 import time
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,8 @@ from cyllm.protocol import pb
 from tests.integration.conftest import BOTH_WAYS, fake_model
 from tests.integration.test_batches import FAST, bearer, finished, submit
 from tests.polling import until
+
+FACTS = Path(__file__).parents[1] / "data" / "facts.jsonl"
 
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4}
 GATEWAY = {"auth_enabled": True, "usage_report_s": 0.1, **FAST}
@@ -197,8 +200,25 @@ async def test_a_budget_survives_a_gateway_restart_from_the_ledger(make_stack, t
 
 
 async def test_training_is_refused_while_the_months_device_seconds_are_spent(make_stack, tmp_path):
+    """A job is created with its owner's budget (the coordinator stops it when the month
+    has used it: test_training_jobs.py); once spent, a new job is a 429."""
     stack = await keyed_stack(make_stack, tmp_path)
     key, secret = await stack.app.state.keys.create("trainer", budget={"device_seconds_per_month": 60})
+    upload = await stack.http.post(
+        "/v1/files",
+        headers=bearer(secret),
+        files={"file": ("facts.jsonl", FACTS.read_bytes())},
+        data={"purpose": "fine-tune"},
+    )
+    assert upload.status_code == 200, upload.text
+    created = await stack.http.post(
+        "/v1/fine_tuning/jobs",
+        headers=bearer(secret),
+        json={"model": "fake", "training_file": upload.json()["id"]},
+    )
+    assert created.status_code == 200, created.text
+    job = await stack.coordinator.training.get(created.json()["id"])
+    assert job.device_seconds_per_month == 60
     row = pb.UsageRow(
         start=int(time.time()),
         subject=f"key:{key.key_id}",

@@ -44,10 +44,10 @@ def check_custom_allowed(request: Request, method: str) -> None:
 async def start(body: TrainingStartRequest, request: Request) -> TrainingJobView:
     """Queue a fine-tuning job; it runs on the first idle worker that has the base model."""
     check_custom_allowed(request, body.method)
-    await check_training_budget(request)
+    budget_s = await check_training_budget(request)
     context(request).caller.check_model(body.base_model)
     job = await coordinator(request).create_training_job(
-        body.spec_json(), body.file_id or "", body.validation_file_id or ""
+        body.spec_json(), body.file_id or "", body.validation_file_id or "", budget_s
     )
     return TrainingJobView.of(job)
 

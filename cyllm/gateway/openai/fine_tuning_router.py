@@ -107,11 +107,11 @@ async def create_job(body: FineTuningJobRequest, request: Request) -> FineTuning
         raise errors.InvalidRequest("integrations are not supported", param="integrations")
     spec = body.spec()
     check_custom_allowed(request, spec.get("method", "lora"))
-    await check_training_budget(request)
+    budget_s = await check_training_budget(request)
     # the model that will be trained: ``training`` may name it too, and must agree
     context(request).caller.check_model(str(spec["base_model"]))
     job = await coordinator(request).create_training_job(
-        json.dumps(spec), body.training_file, body.validation_file or ""
+        json.dumps(spec), body.training_file, body.validation_file or "", budget_s
     )
     return FineTuningJob.of(job)
 
