@@ -534,14 +534,18 @@ def test_two_gateways_on_one_redis_share_a_budget_and_report_to_one_ledger(clust
 
 
 class OtlpReceiver:
-    """An OTLP/HTTP trace receiver in the test: what the processes export, decoded
-    (``ExportTraceServiceRequest``) into (service, span) pairs."""
+    """An OTLP trace receiver in the test, over HTTP (``url``) and gRPC (``grpc_url``):
+    what the processes export, decoded (``ExportTraceServiceRequest``) into (service,
+    span) pairs."""
 
     def __init__(self) -> None:
         import gzip
         import threading
+        from concurrent.futures import ThreadPoolExecutor
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+        import grpc
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
             ExportTraceServiceRequest,
             ExportTraceServiceResponse,
@@ -550,17 +554,29 @@ class OtlpReceiver:
         received = self.spans = []
         lock = self.lock = threading.Lock()
 
+        def keep(export: ExportTraceServiceRequest) -> None:
+            with lock:
+                for resource in export.resource_spans:
+                    attrs = {a.key: a.value.string_value for a in resource.resource.attributes}
+                    for scope in resource.scope_spans:
+                        received.extend((attrs.get("service.name"), span) for span in scope.spans)
+
+        class Service(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):
+                keep(request)
+                return ExportTraceServiceResponse()
+
+        self.grpc_server = grpc.server(ThreadPoolExecutor(4))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), self.grpc_server)
+        self.grpc_url = f"http://127.0.0.1:{self.grpc_server.add_insecure_port('127.0.0.1:0')}"
+        self.grpc_server.start()
+
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 if self.headers.get("Content-Encoding") == "gzip":
                     body = gzip.decompress(body)
-                export = ExportTraceServiceRequest.FromString(body)
-                with lock:
-                    for resource in export.resource_spans:
-                        attrs = {a.key: a.value.string_value for a in resource.resource.attributes}
-                        for scope in resource.scope_spans:
-                            received.extend((attrs.get("service.name"), span) for span in scope.spans)
+                keep(ExportTraceServiceRequest.FromString(body))
                 reply = ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
@@ -582,6 +598,7 @@ class OtlpReceiver:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+        self.grpc_server.stop(0)
 
 
 def attributes(span) -> dict:
@@ -599,12 +616,20 @@ def test_one_trace_across_gateway_coordinator_and_worker_processes(cluster):
     """With the standard OTEL_* variables set, a request that brings a traceparent is one
     trace across the three processes, exported over OTLP: the gateway's request and
     admission, the coordinator's generation, placement, cache and queue wait, the
-    worker's generation with its time to first token and tokens; the request id on it."""
+    worker's generation with its time to first token and tokens; the request id on it.
+    The worker exports over OTLP/gRPC, the others over OTLP/HTTP (the default)."""
     receiver = OtlpReceiver()
     try:
-        cluster.env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+        over_http = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+        cluster.env = over_http
         coord = cluster.coordinator("c1")
+        cluster.env = {
+            **over_http,
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.grpc_url,
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        }
         cluster.worker("w", [coord], capacity=2, token_delay_s=0.0)
+        cluster.env = over_http
         base = cluster.gateway([coord])
         wait_for(lambda: healthy_workers(base) == {"w"}, 60, "gateway up", cluster)
         trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
