@@ -30,6 +30,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import anyio
 from pydantic import BaseModel, ConfigDict, Field
 
 from cyllm import errors
@@ -91,8 +92,7 @@ class Budgets:
                 if limit is None:
                     continue
                 start, end = period_bounds(period, now)
-                spent, in_flight = await self._reserve(subject, period, start, end, reserve)
-                hold.reserved[period] = (start, reserve)
+                spent, in_flight = await self._reserve(hold, period, start, end, reserve)
                 used = spent + in_flight
                 if used > limit:
                     raise QuotaExceeded(
@@ -108,17 +108,17 @@ class Budgets:
         return hold
 
     async def release(self, hold: Hold, tokens: int) -> None:
-        """The request ended having used ``tokens``: its reservations become spending
-        (each period's on its own: one that fails does not keep the other's)."""
-        reserved, hold.reserved = hold.reserved, {}
-        failed: BaseException | None = None
-        for period, (start, amount) in reserved.items():
-            try:
-                await self._settle(hold.subject, period, start, amount, tokens)
-            except Exception as exc:
-                failed = exc
-        if failed is not None:
-            raise failed
+        """The request ended having used ``tokens``: its reservations become spending,
+        whatever happens to the request meanwhile (``counters.py``)."""
+        with anyio.CancelScope(shield=True):
+            reserved, hold.reserved = hold.reserved, {}
+            for period, (start, amount) in reserved.items():
+                end = period_bounds(period, start)[1]
+                await self._counters.let_go(
+                    self._key(hold.subject, period, start, "reserved"),
+                    amount,
+                    (self._key(hold.subject, period, start, "spent"), tokens, end + 86400),
+                )
 
     async def check_training(self, subject: str, budget: Budget) -> None:
         """Refuse a new training job while the month's device-seconds are spent."""
@@ -167,34 +167,27 @@ class Budgets:
     def _key(subject: str, period: str, start: int, what: str) -> str:
         return f"cyllm:budget:{what}:{period}:{start}:{subject}"
 
-    async def _reserve(self, subject: str, period: str, start: int, end: int, amount: int) -> tuple[int, int]:
+    async def _reserve(self, hold: Hold, period: str, start: int, end: int, amount: int) -> tuple[int, int]:
         """Hold ``amount`` more in the period: (spent, held) as they were together, the
-        hold included (``counters.py``: a request settling meanwhile is in one of them)."""
-        spent = self._key(subject, period, start, "spent")
-        if await self._counters.get(spent) is None:
-            seeded = (await self._seed(subject, start))[0]
+        hold included (``counters.py``: a request settling meanwhile is in one of them).
+        A period's spending that is not counted yet starts from the ledger's sum."""
+        held_key, spent_key = (self._key(hold.subject, period, start, w) for w in ("reserved", "spent"))
+        spent = (spent_key, 0, end + 86400)  # the period, and a day
+        held, spending = await self._counters.hold(held_key, amount, spent)
+        hold.reserved[period] = (start, amount)
+        if spending is None:
+            seeded = (await self._seed(hold.subject, start))[0]
             # another request may have seeded it, and spent since, while this one waited
-            await self._counters.set_if_missing(spent, seeded, end + 86400)  # the period, and a day
+            await self._counters.set_if_missing(spent_key, seeded, end + 86400)
             self._forget_before(period_bounds("month", start)[0])
-        held, spending = await self._counters.hold(
-            self._key(subject, period, start, "reserved"), amount, (spent, 0, end + 86400)
-        )
-        return spending, held
+            held, spending = await self._counters.hold(held_key, 0, spent)
+        return spending or 0, held
 
     def _forget_before(self, oldest: int) -> None:
         """Periods before last month's go (without Redis, memory stays bounded by the
         callers of two periods; Redis expires its own)."""
         self._counters.forget(lambda key: key.startswith("cyllm:budget:") and int(key.split(":")[4]) < oldest)
         self._warned = {w for w in self._warned if w[2] >= oldest}
-
-    async def _settle(self, subject: str, period: str, start: int, reserved: int, spent: int) -> None:
-        """A hold becomes spending, in one step."""
-        end = period_bounds(period, start)[1]
-        await self._counters.hold(
-            self._key(subject, period, start, "reserved"),
-            -reserved,
-            (self._key(subject, period, start, "spent"), spent, end + 86400),
-        )
 
 
 def _iso(t: float) -> str:

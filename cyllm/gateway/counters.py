@@ -13,8 +13,18 @@ gateway's holds are let go ``DEAD_AFTER_S`` after its last mark.
 The change and the read are one Lua script, and the script can also add to and read a
 spending counter: a budget's check (spent + held + this request) and its settlement
 (held → spent) are each one step, so no request is ever seen as neither held nor spent.
-Without Redis there is one gateway and nothing to let go: plain integers, changed with
-no await in between.
+The script marks its gateway alive too (a gateway that holds is alive, whatever became
+of the set: a Redis flushed or restarted).  It never creates a spending counter: one
+that is missing (a new period, a Redis that lost it) is seeded from the usage ledger by
+the budget, which the settlement's tokens reach in the gateway's next usage report.
+
+A hold and a let-go are never cut in half by a request being cancelled (a client gone
+mid-stream): each runs shielded.  A let-go that Redis refuses (it is away) is kept and
+tried again with the next marks, so a request's end is never lost.  What may be
+miscounted: requests that were running through a Redis outage of more than
+``DEAD_AFTER_S`` (their gateways' marks lapse, and the others stop counting them) —
+until they end.  Without Redis there is one gateway and nothing to let go: plain
+integers, changed with no await in between.
 """
 
 from __future__ import annotations
@@ -27,9 +37,10 @@ import socket
 import uuid
 from collections.abc import Callable
 
+import anyio
 import redis.asyncio as aioredis
 
-from cyllm.shared_state import GONE, connect
+from cyllm.shared_state import connect
 
 log = logging.getLogger("cyllm.gateway.counters")
 ALIVE_EVERY_S = 5.0
@@ -41,6 +52,7 @@ IDLE_TTL_S = 3600
 
 _HOLD = """
 local now = tonumber(redis.call('TIME')[1])
+redis.call('ZADD', KEYS[2], now, ARGV[1])
 local mine = redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
 if mine <= 0 then
   redis.call('HDEL', KEYS[1], ARGV[1])  -- let go of all it held (or dropped while it seemed dead)
@@ -59,8 +71,8 @@ for i = 1, #fields, 2 do
   end
   if n > 0 then total = total + n end
 end
-local spent = 0
-if #KEYS == 3 then
+local spent = -1
+if #KEYS == 3 and redis.call('EXISTS', KEYS[3]) == 1 then
   spent = redis.call('INCRBY', KEYS[3], ARGV[5])
   redis.call('EXPIREAT', KEYS[3], ARGV[6])
 end
@@ -72,6 +84,8 @@ local now = tonumber(redis.call('TIME')[1])
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 86400)
 """
+Spent = tuple[str, int, int]  # a spending counter's key, what to add, its expiry (unix s)
+MAX_OWED = 100_000  # let-gos kept for a Redis that is away (their keys: callers x periods)
 
 
 class Counters:
@@ -79,29 +93,54 @@ class Counters:
         self.redis: aioredis.Redis | None = connect(redis_url) if redis_url else None
         self.me = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._local: dict[str, int] = {}
+        self._owed: dict[tuple[str, str, int], tuple[int, int]] = {}  # let-gos Redis refused
         self._task: asyncio.Task[None] | None = None
         if self.redis is not None:
             self._hold = self.redis.register_script(_HOLD)
             self._alive = self.redis.register_script(_ALIVE)
 
-    async def hold(self, key: str, amount: int, spent: tuple[str, int, int] | None = None) -> tuple[int, int]:
-        """Add ``amount`` (negative: let go) to what this gateway holds in ``key``; with
-        ``spent`` = (its key, an amount, its expiry as unix seconds), add to that counter
-        in the same step.  Returns what live gateways hold together and the spending."""
+    async def hold(self, key: str, amount: int, spent: Spent | None = None) -> tuple[int, int | None]:
+        """Add ``amount`` to what this gateway holds in ``key`` and, with ``spent``, to a
+        spending counter, in one step.  What live gateways hold together, and the
+        spending (None: its counter does not exist, and nothing was added to it)."""
         if self.redis is None:
             self._local[key] = max(0, self._local.get(key, 0) + amount)
             if spent is None:
-                return self._local[key], 0
-            self._local[spent[0]] = self._local.get(spent[0], 0) + spent[1]
-            return self._local[key], self._local[spent[0]]
-        await self._mark_alive()
+                return self._local[key], None
+            if spent[0] in self._local:
+                self._local[spent[0]] += spent[1]
+            return self._local[key], self._local.get(spent[0])
+        self._start_marks()
         keys = [key, LIVE]
         args: list[int | str] = [self.me, amount, IDLE_TTL_S, DEAD_AFTER_S]
         if spent is not None:
             keys.append(spent[0])
             args += [spent[1], spent[2]]
-        total, spending = await self._hold(keys=keys, args=args)
-        return int(total), int(spending)
+        with anyio.CancelScope(shield=True):  # done, or not, as a whole: never left unknown
+            total, spending = await self._hold(keys=keys, args=args)
+        return int(total), None if int(spending) < 0 else int(spending)
+
+    async def let_go(self, key: str, amount: int, spent: Spent | None = None) -> None:
+        """``hold(key, -amount, spent)`` that never fails: what Redis refuses is tried
+        again with the next marks."""
+        try:
+            await self.hold(key, -amount, spent)
+        except Exception as exc:
+            log.warning("could not let go of %s in Redis (%s): tried again in %gs", key, exc, ALIVE_EVERY_S)
+            self._owe(key, amount, spent)
+
+    def _owe(self, key: str, amount: int, spent: Spent | None) -> None:
+        name, tokens, expire_at = spent or ("", 0, 0)
+        owed = self._owed.get((key, name, expire_at), (0, 0))
+        if len(self._owed) >= MAX_OWED and (key, name, expire_at) not in self._owed:
+            log.error("let-gos owed to Redis past %d keys: %s dropped", MAX_OWED, key)
+            return
+        self._owed[(key, name, expire_at)] = (owed[0] + amount, owed[1] + tokens)
+
+    async def _pay(self) -> None:
+        owed, self._owed = self._owed, {}
+        for (key, name, expire_at), (amount, tokens) in owed.items():
+            await self.let_go(key, amount, (name, tokens, expire_at) if name else None)
 
     async def get(self, key: str) -> int | None:
         if self.redis is None:
@@ -120,19 +159,21 @@ class Counters:
         for key in [k for k in self._local if stale(k)]:
             del self._local[key]
 
-    async def _mark_alive(self) -> None:
-        """The first hold starts the marks (a gateway that holds nothing needs none)."""
-        if self._task is None:
+    def _start_marks(self) -> None:
+        """The first hold starts the marks (a gateway that holds nothing needs none);
+        marks that stopped start again."""
+        if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._marking())
-            await self._alive(keys=[LIVE], args=[self.me])
 
     async def _marking(self) -> None:
         while True:
             await asyncio.sleep(ALIVE_EVERY_S)
             try:
                 await self._alive(keys=[LIVE], args=[self.me])
-            except GONE as exc:  # Redis away: the requests are refused with 503 meanwhile
+            except Exception as exc:  # Redis away or refusing writes: requests get 503s meanwhile
                 log.warning("could not mark this gateway alive in Redis: %s", exc)
+                continue
+            await self._pay()
 
     async def close(self) -> None:
         if self._task is not None:
@@ -140,6 +181,7 @@ class Counters:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self.redis is not None:
-            with contextlib.suppress(*GONE):
+            with contextlib.suppress(Exception):
+                await self._pay()
                 await self.redis.zrem(LIVE, self.me)  # its holds go at once
             await self.redis.aclose()

@@ -23,6 +23,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
+import anyio
 from fastapi import Request
 from limits import RateLimitItemPerMinute
 from limits.aio.storage import MemoryStorage, RedisStorage
@@ -100,7 +101,7 @@ class RateLimiter:
                 await self._reserve(adm, reserve)
             if self.concurrency is not None:
                 if await self._add("running", adm.subject, 1) > self.concurrency:
-                    await self._add("running", adm.subject, -1)
+                    await self.counters.let_go(_key("running", adm.subject), 1)
                     raise errors.RateLimited(
                         f"more than {self.concurrency} generations at once for this caller",
                         retry_after=1,
@@ -134,13 +135,13 @@ class RateLimiter:
             )
 
     async def finish(self, adm: Admission, tokens: int) -> None:
-        """Free the slot and the reservations; count the tokens really used.  The budget's
-        hold is released whatever happens to the rest (a hold left would keep reserving
-        until its counter expires)."""
-        try:
+        """Free the slot and the reservations; count the tokens really used — all of it
+        whatever happens to the request meanwhile (a client gone mid-stream cancels it)
+        and whatever fails: a hold left would keep the caller's slot or tokens."""
+        with anyio.CancelScope(shield=True):
             if adm.holds_slot:
                 adm.holds_slot = False
-                await self._add("running", adm.subject, -1)
+                await self.counters.let_go(_key("running", adm.subject), 1)
             try:
                 if self.tpm is not None and tokens > 0:
                     stats = await self.window.get_window_stats(self.tpm, "tpm", adm.subject)
@@ -149,11 +150,10 @@ class RateLimiter:
             finally:
                 if adm.reserved:
                     reserved, adm.reserved = adm.reserved, 0
-                    await self._add("reserved", adm.subject, -reserved)
-        finally:
-            if adm.budget is not None:
-                hold, adm.budget = adm.budget, None
-                await self.budgets.release(hold, tokens)
+                    await self.counters.let_go(_key("reserved", adm.subject), reserved)
+                if adm.budget is not None:
+                    hold, adm.budget = adm.budget, None
+                    await self.budgets.release(hold, tokens)
 
     async def control(self, identity: Identity) -> None:
         """A request to a route that is not a generation (files, training, admin)."""
@@ -181,10 +181,14 @@ class RateLimiter:
 
     async def _add(self, counter: str, subject: str, amount: int) -> int:
         """Add to what this caller's requests running hold (``counters.py``); the total."""
-        return (await self.counters.hold(f"cyllm:limits:{counter}:{subject}", amount))[0]
+        return (await self.counters.hold(_key(counter, subject), amount))[0]
 
     async def close(self) -> None:
         await self.counters.close()
+
+
+def _key(counter: str, subject: str) -> str:
+    return f"cyllm:limits:{counter}:{subject}"
 
 
 def _headers(kind: str, limit: int, remaining: int, reset: float) -> dict[str, str]:

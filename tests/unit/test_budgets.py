@@ -10,8 +10,8 @@ import pytest
 
 from cyllm import errors
 from cyllm.gateway.auth import Identity
-from cyllm.gateway.budgets import Budget, Budgets, QuotaExceeded, period_bounds
-from cyllm.gateway.counters import LIVE, Counters
+from cyllm.gateway.budgets import Budget, Budgets, Hold, QuotaExceeded, period_bounds
+from cyllm.gateway.counters import Counters
 from cyllm.gateway.ratelimit import RateLimiter
 from cyllm.gateway.settings import GatewaySettings
 from cyllm.shared_state import POOL_SIZE
@@ -56,15 +56,15 @@ async def test_a_request_ending_on_another_gateway_while_one_is_admitted_is_coun
     a, b = Budgets(on_a, seed), Budgets(on_b, seed)
     budget = Budget(tokens_per_day=10)
     running_on_b = await b.reserve("key:shared", budget, 8, {})
-    read = on_a.redis.get
+    command = on_a.redis.execute_command
 
-    async def get_then_b_ends(*args, **kwargs):
-        reply = await read(*args, **kwargs)
+    async def then_b_ends(*args, **kwargs):  # after A's first command to Redis
+        reply = await command(*args, **kwargs)
         if running_on_b.reserved:
             await b.release(running_on_b, 8)
         return reply
 
-    on_a.redis.get = get_then_b_ends
+    on_a.redis.execute_command = then_b_ends
     with pytest.raises(QuotaExceeded):  # 8 spent + 8 reserved > 10
         await a.reserve("key:shared", budget, 8, {})
     assert not running_on_b.reserved
@@ -84,7 +84,7 @@ async def test_a_burst_of_more_requests_than_redis_connections_waits_for_them(re
     budget = Budget(tokens_per_day=10_000)
     holds = await asyncio.gather(*(budgets.reserve("key:burst", budget, 8, {}) for _ in range(3 * POOL_SIZE)))
     await asyncio.gather(*(budgets.release(h, 7) for h in holds))
-    spent, held = await budgets._reserve("key:burst", "day", *period_bounds("day", time.time()), 0)
+    spent, held = await budgets._reserve(Hold("key:burst", {}), "day", *period_bounds("day", time.time()), 0)
     assert (spent, held) == (7 * 3 * POOL_SIZE, 0)
     await counters.close()
 
@@ -118,20 +118,23 @@ async def test_a_request_ending_on_another_gateway_while_one_is_admitted_counts_
     await b.close()
 
 
-async def test_what_a_dead_gateway_held_is_let_go_and_a_live_ones_kept(redis_url):
-    """A gateway killed mid-request never lets go of its holds: once its last mark is
-    older than ``DEAD_AFTER_S`` the others count them no more (a plain counter kept
-    them while the caller's traffic refreshed its expiry: a caller locked out of its
-    generation slots for good); a live gateway's holds are counted."""
-    dead, live, other = Counters(redis_url), Counters(redis_url), Counters(redis_url)
-    key = "cyllm:limits:running:key:victim"
-    assert await dead.hold(key, 3) == (3, 0)
-    assert await live.hold(key, 2) == (5, 0)
-    dead._task.cancel()  # killed: no more marks, no let-go
-    await dead.redis.zadd(LIVE, {dead.me: 0})  # its last mark, long ago
-    assert await other.hold(key, 1) == (3, 0)  # the live gateway's 2 and its own 1
-    assert await live.hold(key, -2) == (1, 0)
-    assert await other.hold(key, -1) == (0, 0)
-    assert not await other.redis.exists(key) or not await other.redis.hgetall(key)
-    for c in (dead, live, other):
-        await c.close()
+async def test_a_spending_counter_lost_mid_request_starts_again_from_the_ledger(redis_url):
+    """The spent counter evicted or flushed while a request runs: its settlement does not
+    create it with the request's tokens alone (the period's spending before would be
+    forgotten); the next request seeds it from the ledger, which has them all."""
+    ledger = {"tokens": 0}
+
+    async def seed(subject: str, since: int) -> tuple[int, float]:
+        return ledger["tokens"], 0.0
+
+    counters = Counters(redis_url)
+    budgets = Budgets(counters, seed)
+    budget = Budget(tokens_per_day=100)
+    running = await budgets.reserve("key:a", budget, 10, {})
+    await counters.redis.delete(*await counters.redis.keys("cyllm:budget:spent:*"))
+    await budgets.release(running, 5)
+    assert not await counters.redis.keys("cyllm:budget:spent:*")
+    ledger["tokens"] = 95  # what the gateways reported before, and this request's 5
+    with pytest.raises(QuotaExceeded):  # 95 spent + 10 > 100
+        await budgets.reserve("key:a", budget, 10, {})
+    await counters.close()
