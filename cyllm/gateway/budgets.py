@@ -23,6 +23,7 @@ device-seconds are spent.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import math
@@ -30,7 +31,6 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import anyio
 from pydantic import BaseModel, ConfigDict, Field
 
 from cyllm import errors
@@ -69,7 +69,7 @@ class Hold:
     """One admitted request's reservations, released when it ends."""
 
     subject: str
-    reserved: dict[str, tuple[int, int]]  # period -> (its start, tokens reserved)
+    reserved: dict[str, tuple[int, str]]  # period -> (its start, its entry in the counters)
 
 
 class Budgets:
@@ -82,9 +82,10 @@ class Budgets:
         self._clock = clock
         self._warned: set[tuple[str, str, int]] = set()
 
-    async def reserve(self, subject: str, budget: Budget, reserve: int, headers: dict[str, str]) -> Hold:
-        """Reserve ``reserve`` tokens in each period the budget limits, or raise 429."""
-        hold = Hold(subject, {})
+    async def reserve(self, hold: Hold, budget: Budget, reserve: int, headers: dict[str, str]) -> None:
+        """Reserve ``reserve`` tokens in each period the budget limits, in ``hold`` (let
+        go of by ``release``, even when this raises), or raise 429."""
+        subject = hold.subject
         now = self._clock()
         try:
             for period in PERIODS:
@@ -105,20 +106,25 @@ class Budgets:
         except BaseException:
             await self.release(hold, 0)
             raise
-        return hold
 
     async def release(self, hold: Hold, tokens: int) -> None:
         """The request ended having used ``tokens``: its reservations become spending,
         whatever happens to the request meanwhile (``counters.py``)."""
-        with anyio.CancelScope(shield=True):
-            reserved, hold.reserved = hold.reserved, {}
-            for period, (start, amount) in reserved.items():
-                end = period_bounds(period, start)[1]
-                await self._counters.let_go(
+        reserved, hold.reserved = hold.reserved, {}
+        await asyncio.gather(
+            *(
+                self._counters.let_go(
                     self._key(hold.subject, period, start, "reserved"),
-                    amount,
-                    (self._key(hold.subject, period, start, "spent"), tokens, end + 86400),
+                    entry,
+                    (
+                        self._key(hold.subject, period, start, "spent"),
+                        tokens,
+                        period_bounds(period, start)[1] + 86400,
+                    ),
                 )
+                for period, (start, entry) in reserved.items()
+            )
+        )
 
     async def check_training(self, subject: str, budget: Budget) -> None:
         """Refuse a new training job while the month's device-seconds are spent."""
@@ -173,15 +179,16 @@ class Budgets:
         A period's spending that is not counted yet starts from the ledger's sum."""
         held_key, spent_key = (self._key(hold.subject, period, start, w) for w in ("reserved", "spent"))
         spent = (spent_key, 0, end + 86400)  # the period, and a day
-        held, spending = await self._counters.hold(held_key, amount, spent)
-        hold.reserved[period] = (start, amount)
+        entry = self._counters.new_id()
+        hold.reserved[period] = (start, entry)  # before holding: let go of whatever happens
+        held, spending = await self._counters.hold(held_key, entry, amount, spent)
         if spending is None:
             seeded = (await self._seed(hold.subject, start))[0]
             # another request may have seeded it, and spent since, while this one waited
             await self._counters.set_if_missing(spent_key, seeded, end + 86400)
             self._forget_before(period_bounds("month", start)[0])
-            held, spending = await self._counters.hold(held_key, 0, spent)
-        return spending or 0, held
+            held, spending = await self._counters.read(held_key, spent)
+        return seeded if spending is None else spending, held
 
     def _forget_before(self, oldest: int) -> None:
         """Periods before last month's go (without Redis, memory stays bounded by the

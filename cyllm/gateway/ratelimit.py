@@ -19,11 +19,11 @@ alone is over the limit is a 400 naming ``max_tokens``.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from dataclasses import dataclass, field
 
-import anyio
 from fastapi import Request
 from limits import RateLimitItemPerMinute
 from limits.aio.storage import MemoryStorage, RedisStorage
@@ -38,10 +38,12 @@ from cyllm.gateway.settings import GatewaySettings
 
 @dataclass
 class Admission:
+    """What one admitted request holds (entries in ``counters.py``), let go when it ends."""
+
     subject: str
     headers: dict[str, str] = field(default_factory=dict)
-    holds_slot: bool = False
-    reserved: int = 0
+    slot: str = ""
+    reserved: str = ""
     budget: Hold | None = None
 
 
@@ -66,6 +68,7 @@ class RateLimiter:
             storage = MemoryStorage()
         self.window = MovingWindowRateLimiter(storage)
         self.counters = Counters(settings.redis_url)
+        self._ending: set[asyncio.Task[None]] = set()
         self.budgets = Budgets(self.counters, seed)
 
     @property
@@ -100,18 +103,17 @@ class RateLimiter:
             if self.tpm is not None:
                 await self._reserve(adm, reserve)
             if self.concurrency is not None:
-                if await self._add("running", adm.subject, 1) > self.concurrency:
-                    await self.counters.let_go(_key("running", adm.subject), 1)
+                adm.slot = self.counters.new_id()  # before holding: let go of whatever happens
+                running, _ = await self.counters.hold(_key("running", adm.subject), adm.slot, 1)
+                if running > self.concurrency:
                     raise errors.RateLimited(
                         f"more than {self.concurrency} generations at once for this caller",
                         retry_after=1,
                         headers=adm.headers,
                     )
-                adm.holds_slot = True
             if identity.budget is not None:
-                adm.budget = await self.budgets.reserve(
-                    identity.subject, identity.budget, reserve, adm.headers
-                )
+                adm.budget = Hold(identity.subject, {})
+                await self.budgets.reserve(adm.budget, identity.budget, reserve, adm.headers)
         except BaseException:
             await self.finish(adm, 0)
             raise
@@ -121,8 +123,8 @@ class RateLimiter:
         assert self.tpm is not None
         # Reserve, then read the window; ``finish`` counts, then releases.  A request
         # ending meanwhile is then seen as reserved or as counted, never as neither.
-        in_flight = await self._add("reserved", adm.subject, reserve)
-        adm.reserved = reserve
+        adm.reserved = self.counters.new_id()
+        in_flight = (await self.counters.hold(_key("reserved", adm.subject), adm.reserved, reserve))[0]
         stats = await self.window.get_window_stats(self.tpm, "tpm", adm.subject)
         spent = self.tpm.amount - stats.remaining
         left = self.tpm.amount - spent - in_flight
@@ -135,25 +137,31 @@ class RateLimiter:
             )
 
     async def finish(self, adm: Admission, tokens: int) -> None:
-        """Free the slot and the reservations; count the tokens really used — all of it
-        whatever happens to the request meanwhile (a client gone mid-stream cancels it)
-        and whatever fails: a hold left would keep the caller's slot or tokens."""
-        with anyio.CancelScope(shield=True):
-            if adm.holds_slot:
-                adm.holds_slot = False
-                await self.counters.let_go(_key("running", adm.subject), 1)
-            try:
-                if self.tpm is not None and tokens > 0:
-                    stats = await self.window.get_window_stats(self.tpm, "tpm", adm.subject)
-                    if stats.remaining > 0:
-                        await self.window.hit(self.tpm, "tpm", adm.subject, cost=min(tokens, stats.remaining))
-            finally:
-                if adm.reserved:
-                    reserved, adm.reserved = adm.reserved, 0
-                    await self.counters.let_go(_key("reserved", adm.subject), reserved)
-                if adm.budget is not None:
-                    hold, adm.budget = adm.budget, None
-                    await self.budgets.release(hold, tokens)
+        """Free the slot and the reservations; count the tokens really used — all of it,
+        whatever happens to the request meanwhile (a client gone mid-stream cancels it):
+        a hold left would keep the caller's slot or tokens."""
+        ending = asyncio.ensure_future(self._end(adm, tokens))
+        self._ending.add(ending)
+        ending.add_done_callback(self._ending.discard)
+        await asyncio.shield(ending)
+
+    async def _end(self, adm: Admission, tokens: int) -> None:
+        try:
+            if self.tpm is not None and tokens > 0 and adm.reserved:
+                stats = await self.window.get_window_stats(self.tpm, "tpm", adm.subject)
+                if stats.remaining > 0:
+                    await self.window.hit(self.tpm, "tpm", adm.subject, cost=min(tokens, stats.remaining))
+        finally:
+            slot, reserved, budget = adm.slot, adm.reserved, adm.budget
+            adm.slot, adm.reserved, adm.budget = "", "", None
+            endings = []
+            if slot:
+                endings.append(self.counters.let_go(_key("running", adm.subject), slot))
+            if reserved:
+                endings.append(self.counters.let_go(_key("reserved", adm.subject), reserved))
+            if budget is not None:
+                endings.append(self.budgets.release(budget, tokens))
+            await asyncio.gather(*endings)
 
     async def control(self, identity: Identity) -> None:
         """A request to a route that is not a generation (files, training, admin)."""
@@ -179,11 +187,9 @@ class RateLimiter:
             f"rate limit exceeded: {what}; retry in {math.ceil(wait)}s", retry_after=wait, headers=headers
         )
 
-    async def _add(self, counter: str, subject: str, amount: int) -> int:
-        """Add to what this caller's requests running hold (``counters.py``); the total."""
-        return (await self.counters.hold(_key(counter, subject), amount))[0]
-
     async def close(self) -> None:
+        if self._ending:
+            await asyncio.wait(list(self._ending), timeout=10)
         await self.counters.close()
 
 

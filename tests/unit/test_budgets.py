@@ -17,6 +17,12 @@ from cyllm.gateway.settings import GatewaySettings
 from cyllm.shared_state import POOL_SIZE
 
 
+async def reserve(budgets: Budgets, subject: str, budget: Budget, tokens: int) -> Hold:
+    hold = Hold(subject, {})
+    await budgets.reserve(hold, budget, tokens, {})
+    return hold
+
+
 async def test_a_counter_seeded_while_others_spend_keeps_their_spending():
     gates = [asyncio.Event(), asyncio.Event()]
     calls = iter(gates)
@@ -27,15 +33,15 @@ async def test_a_counter_seeded_while_others_spend_keeps_their_spending():
 
     budgets = Budgets(Counters(None), seed)
     budget = Budget(tokens_per_day=100)
-    first = asyncio.create_task(budgets.reserve("key:a", budget, 10, {}))
-    second = asyncio.create_task(budgets.reserve("key:a", budget, 10, {}))
+    first = asyncio.create_task(reserve(budgets, "key:a", budget, 10))
+    second = asyncio.create_task(reserve(budgets, "key:a", budget, 10))
     await asyncio.sleep(0)  # both wait for the ledger
     gates[0].set()
     await budgets.release(await first, 60)  # the first ends having used 60
     gates[1].set()  # the second's (stale) sum arrives after that
     await second
     with pytest.raises(QuotaExceeded, match="100 tokens per day"):
-        await budgets.reserve("key:a", budget, 50, {})  # 60 spent + 10 running + 50 > 100
+        await reserve(budgets, "key:a", budget, 50)  # 60 spent + 10 running + 50 > 100
 
 
 def test_periods_are_utc_days_and_months():
@@ -55,7 +61,7 @@ async def test_a_request_ending_on_another_gateway_while_one_is_admitted_is_coun
     on_a, on_b = Counters(redis_url), Counters(redis_url)
     a, b = Budgets(on_a, seed), Budgets(on_b, seed)
     budget = Budget(tokens_per_day=10)
-    running_on_b = await b.reserve("key:shared", budget, 8, {})
+    running_on_b = await reserve(b, "key:shared", budget, 8)
     command = on_a.redis.execute_command
 
     async def then_b_ends(*args, **kwargs):  # after A's first command to Redis
@@ -66,7 +72,7 @@ async def test_a_request_ending_on_another_gateway_while_one_is_admitted_is_coun
 
     on_a.redis.execute_command = then_b_ends
     with pytest.raises(QuotaExceeded):  # 8 spent + 8 reserved > 10
-        await a.reserve("key:shared", budget, 8, {})
+        await reserve(a, "key:shared", budget, 8)
     assert not running_on_b.reserved
     await on_a.close()
     await on_b.close()
@@ -82,7 +88,7 @@ async def test_a_burst_of_more_requests_than_redis_connections_waits_for_them(re
     counters = Counters(redis_url)
     budgets = Budgets(counters, seed)
     budget = Budget(tokens_per_day=10_000)
-    holds = await asyncio.gather(*(budgets.reserve("key:burst", budget, 8, {}) for _ in range(3 * POOL_SIZE)))
+    holds = await asyncio.gather(*(reserve(budgets, "key:burst", budget, 8) for _ in range(3 * POOL_SIZE)))
     await asyncio.gather(*(budgets.release(h, 7) for h in holds))
     spent, held = await budgets._reserve(Hold("key:burst", {}), "day", *period_bounds("day", time.time()), 0)
     assert (spent, held) == (7 * 3 * POOL_SIZE, 0)
@@ -101,16 +107,16 @@ async def test_a_request_ending_on_another_gateway_while_one_is_admitted_counts_
     a, b = RateLimiter(settings, seed), RateLimiter(settings, seed)
     caller = Identity("key:shared", "api_key")
     running_on_b = await b.admit(caller, 12)
-    read, add = a.window.get_window_stats, a._add
+    read, hold = a.window.get_window_stats, a.counters.hold
 
-    async def then_b_ends(step, *args):
+    async def then_b_ends(step, *args):  # after A's first step, whichever it is
         reply = await step(*args)
         if running_on_b.reserved:
             await b.finish(running_on_b, 12)
         return reply
 
     a.window.get_window_stats = lambda *args: then_b_ends(read, *args)
-    a._add = lambda *args: then_b_ends(add, *args)
+    a.counters.hold = lambda *args: then_b_ends(hold, *args)
     with pytest.raises(errors.RateLimited, match="tokens per minute"):  # 12 counted + 12 reserved > 20
         await a.admit(caller, 12)
     assert not running_on_b.reserved
@@ -130,11 +136,11 @@ async def test_a_spending_counter_lost_mid_request_starts_again_from_the_ledger(
     counters = Counters(redis_url)
     budgets = Budgets(counters, seed)
     budget = Budget(tokens_per_day=100)
-    running = await budgets.reserve("key:a", budget, 10, {})
+    running = await reserve(budgets, "key:a", budget, 10)
     await counters.redis.delete(*await counters.redis.keys("cyllm:budget:spent:*"))
     await budgets.release(running, 5)
     assert not await counters.redis.keys("cyllm:budget:spent:*")
     ledger["tokens"] = 95  # what the gateways reported before, and this request's 5
     with pytest.raises(QuotaExceeded):  # 95 spent + 10 > 100
-        await budgets.reserve("key:a", budget, 10, {})
+        await reserve(budgets, "key:a", budget, 10)
     await counters.close()
