@@ -173,6 +173,24 @@ def served(config: Path | None = None, env: dict[str, str] | None = None):
             yield base
 
 
+def checkout_env(tree: Path) -> dict[str, str]:
+    """The environment that runs another checkout's code: on PYTHONPATH, and without the
+    working directory first on sys.path (``python -m`` and ``-c`` put it there, and from
+    this repository's root that is this tree's ``cyllm``, not the baseline's: an A/B of
+    a tree against itself).  Checked here before any figure is taken."""
+    env = {"PYTHONPATH": str(tree.resolve()), "PYTHONSAFEPATH": "1"}
+    found = subprocess.run(
+        [sys.executable, "-c", "import cyllm; print(cyllm.__file__)"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    if not found.startswith(str(tree.resolve()) + os.sep):
+        raise SystemExit(f"{tree}: python imports cyllm from {found}, not from that checkout")
+    return env
+
+
 def state_in(folder: str) -> dict[str, str]:
     """The environment that keeps a ``cyllm serve`` run's state (jobs, files, models,
     keys, usage) in ``folder``: a benchmark never writes to the user's own."""

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
 
 import aiohttp
 
-from bench.common import free_ports, print_table, process, state_in
+from bench.common import checkout_env, free_ports, print_table, process, state_in
 
 HERE = Path(__file__).resolve().parents[1]
 
@@ -105,7 +105,7 @@ def main() -> None:
                     ],
                     f"{base}/api/v1/health",
                     {
-                        "PYTHONPATH": str(tree),
+                        **checkout_env(tree),
                         "CYLLM_COORDINATOR_METRICS_PORT": "0",
                         "CYLLM_WORKER_METRICS_PORT": "0",
                         **state_in(up.enter_context(tempfile.TemporaryDirectory(prefix="cyllm-bench-"))),

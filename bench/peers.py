@@ -39,7 +39,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
 
 import aiohttp
 
-from bench.common import MODEL, free_port, free_ports, print_table, process, served, stream_chat, tagged
+from bench.common import (
+    MODEL,
+    checkout_env,
+    free_port,
+    free_ports,
+    print_table,
+    process,
+    served,
+    stream_chat,
+    tagged,
+)
 
 # -- load -----------------------------------------------------------------------------------
 
@@ -385,7 +395,7 @@ def main() -> None:
     if args.baseline is not None or args.baseline_env:
         baseline = dict(item.split("=", 1) for item in args.baseline_env)
         if args.baseline is not None:
-            baseline["PYTHONPATH"] = str(args.baseline)
+            baseline |= checkout_env(args.baseline)
     if args.part in ("all", "engines"):
         engines_part(
             args.tokens,
