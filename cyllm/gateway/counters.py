@@ -1,30 +1,33 @@
 """What requests still running hold — a generation slot, tokens reserved under a
 tokens-per-minute limit or a budget — and what a budget's period has spent.
 
-Each hold is its own entry: in Redis a field ``<gateway>|<hold id>`` of a hash per
-counter, so holding (HSET) and letting go (HDEL) are idempotent — a command that redis-py
-sends again after a timeout, or a let-go tried again after Redis was away, changes
-nothing the second time, and a let-go of a hold that never landed is harmless.  A
-budget's settlement adds the tokens used to its spending counter only when its HDEL
-removed the hold, so it is counted once.  One Lua script marks the caller alive,
-changes one entry, adds up what live gateways hold and (optionally) adds to or reads a
+Each hold is its own entry, so holding and letting go are idempotent: a command that
+redis-py sends again after a timeout, or a let-go tried again after Redis was away,
+changes nothing the second time, and a budget's settlement adds its tokens to the
+spending counter only when its let-go removed the entry.  In Redis a counter is a hash
+of each gateway's subtotal, beside one hash of entries per gateway, so a call costs as
+many steps as there are gateways, not requests; a let-go of an entry that is not there
+(its hold still on its way, stalled on a dead connection) leaves a tombstone that keeps
+that hold from landing later.  One Lua script marks the caller alive, changes one
+entry and its subtotal, and — for a hold — adds up what live gateways hold and reads a
 spending counter: a budget's check (spent + held + this request) and its settlement
-(held → spent) are each one step, so no request is ever seen as neither held nor
-spent.  The script never creates a spending counter: one that is missing (a new
-period, a Redis that lost it) is seeded from the usage ledger by the budget.
+(held → spent) are each one step, so no request is seen as neither held nor spent.
+The script never creates a spending counter: one that is missing (a new period, a
+Redis that lost it) is seeded from the usage ledger by the budget.
 
 A gateway that dies mid-request (SIGKILL, out of memory) never lets go: each gateway
 marks itself alive every ``ALIVE_EVERY_S`` in one sorted set (scored by Redis's clock)
-and in every hold, and the others stop counting a gateway's entries ``DEAD_AFTER_S``
-after its last mark (dropping them as they read).
+and in every call, and the others drop a gateway's subtotal ``DEAD_AFTER_S`` after its
+last mark (a gateway found alive after all rebuilds its subtotal from its entries).
 
 A hold or let-go runs in a task of its own that the request's cancellation (a client
 gone mid-stream, a hang-up watcher, a batch stopping) does not stop; a let-go waits for
-its hold to land first; a let-go Redis refuses is kept and tried again with the marks.
-What may be miscounted: requests that were running through a Redis outage of more
-than ``DEAD_AFTER_S`` (their gateways' marks lapse and the others stop counting them)
-until they end, and their tokens in a budget's counter until the next period.  Without
-Redis there is one gateway and nothing to let go: plain dicts, changed with no await.
+its hold to land first; a let-go Redis refuses is kept (``MAX_OWED``; let-gos of holds
+that failed themselves give way first) and paid in batches with the marks.  What may be
+miscounted: requests that were running through a Redis outage of more than
+``DEAD_AFTER_S`` (their gateways' marks lapse and the others stop counting them) until
+they end, and their tokens in a budget's counter until the next period.  Without Redis
+there is one gateway and nothing to let go: plain dicts, changed with no await.
 """
 
 from __future__ import annotations
@@ -46,45 +49,63 @@ log = logging.getLogger("cyllm.gateway.counters")
 ALIVE_EVERY_S = 5.0
 DEAD_AFTER_S = 30
 LIVE = "cyllm:gateways:alive"
-# A counter's hash lives an hour past its last change (every hold and let-go of a live
-# gateway rewrites it).
-IDLE_TTL_S = 3600
+# A counter's hashes live a day past their last change (requests end well within it:
+# gateway.request_timeout_s); a dead gateway's entries go with them.
+IDLE_TTL_S = 86400
+TOMBSTONE_S = 600  # longer than any command can stall on its way (socket_timeout x retries)
 MAX_OWED = 100_000  # let-gos kept for a Redis that is away
+PAY_AT_ONCE = 64  # owed let-gos in flight at once when Redis is back
 
-# KEYS: the counter's hash, the live gateways, [a spending counter]
+# KEYS: the subtotals (gateway -> held), this gateway's entries, its tombstone for this
+#       entry, the live gateways, [a spending counter]
 # ARGV: gateway, entry, "hold" | "let_go" | "read", amount, idle ttl, dead after,
-#       [what to add to the spending, its expiry (unix s)]
+#       tombstone ttl, [what to add to the spending, its expiry (unix s)]
 _CHANGE = """
 local now = tonumber(redis.call('TIME')[1])
-redis.call('ZADD', KEYS[2], now, ARGV[1])
-local changed = 0
-if ARGV[3] == 'hold' then
-  redis.call('HSET', KEYS[1], ARGV[2], ARGV[4])
-elseif ARGV[3] == 'let_go' then
-  changed = redis.call('HDEL', KEYS[1], ARGV[2])
+local me, entry, mode, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[5]
+redis.call('ZADD', KEYS[4], now, me)
+if redis.call('HEXISTS', KEYS[1], me) == 0 and redis.call('EXISTS', KEYS[2]) == 1 then
+  local mine = 0  -- dropped while it seemed dead (or lost): rebuilt from its entries
+  for _, v in ipairs(redis.call('HVALS', KEYS[2])) do mine = mine + tonumber(v) end
+  redis.call('HSET', KEYS[1], me, mine)
 end
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-local total, alive = 0, {}
-local entries = redis.call('HGETALL', KEYS[1])
-for i = 1, #entries, 2 do
-  local gateway = string.sub(entries[i], 1, (string.find(entries[i], '|', 1, true) or 1) - 1)
-  if alive[gateway] == nil then
-    local seen = redis.call('ZSCORE', KEYS[2], gateway)
-    alive[gateway] = gateway == ARGV[1] or (seen and tonumber(seen) >= now - tonumber(ARGV[6])) or false
+local removed = 0
+if mode == 'hold' then
+  if redis.call('EXISTS', KEYS[3]) == 0 and redis.call('HSETNX', KEYS[2], entry, ARGV[4]) == 1 then
+    redis.call('HINCRBY', KEYS[1], me, ARGV[4])
   end
-  if alive[gateway] then
-    total = total + tonumber(entries[i + 1])
+elseif mode == 'let_go' then
+  local held = redis.call('HGET', KEYS[2], entry)
+  if held then
+    redis.call('HDEL', KEYS[2], entry)
+    redis.call('HINCRBY', KEYS[1], me, -tonumber(held))
+    removed = 1
   else
-    redis.call('HDEL', KEYS[1], entries[i])
+    redis.call('SET', KEYS[3], 1, 'EX', ARGV[7])  -- its hold, if on its way, never lands
   end
 end
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('EXPIRE', KEYS[2], ttl)
 local spent = -1
-if #KEYS == 3 and redis.call('EXISTS', KEYS[3]) == 1 then
-  if changed == 1 then
-    redis.call('INCRBY', KEYS[3], ARGV[7])
-    redis.call('EXPIREAT', KEYS[3], ARGV[8])
+if #KEYS == 5 and redis.call('EXISTS', KEYS[5]) == 1 then
+  if removed == 1 then
+    redis.call('INCRBY', KEYS[5], ARGV[8])
+    redis.call('EXPIREAT', KEYS[5], ARGV[9])
   end
-  spent = tonumber(redis.call('GET', KEYS[3]))
+  spent = tonumber(redis.call('GET', KEYS[5]))
+end
+if mode == 'let_go' then
+  return {0, spent}
+end
+local total = 0
+local subtotals = redis.call('HGETALL', KEYS[1])
+for i = 1, #subtotals, 2 do
+  local seen = redis.call('ZSCORE', KEYS[4], subtotals[i])
+  if subtotals[i] == me or (seen and tonumber(seen) >= now - tonumber(ARGV[6])) then
+    total = total + math.max(0, tonumber(subtotals[i + 1]))
+  else
+    redis.call('HDEL', KEYS[1], subtotals[i])
+  end
 end
 return {total, spent}
 """
@@ -106,6 +127,8 @@ class Counters:
         self._landing: dict[str, asyncio.Task[Any]] = {}  # entry -> its hold, while in flight
         self._tasks: set[asyncio.Task[Any]] = set()
         self._owed: dict[tuple[str, str], Spent | None] = {}  # let-gos Redis refused
+        self._unsure: set[str] = set()  # entries whose hold failed (it may never have landed)
+        self.dropped = 0
         self._marks: asyncio.Task[None] | None = None
         self._closed = False
         if self.redis is not None:
@@ -129,7 +152,13 @@ class Counters:
             return sum(self._local[key].values()), self._spending.get(spent[0]) if spent else None
         task = self._spawn(self._run(key, entry, "hold", amount, spent))
         self._landing[entry] = task
-        task.add_done_callback(lambda _: self._landing.pop(entry, None))
+
+        def landed(task: asyncio.Task[Any]) -> None:
+            self._landing.pop(entry, None)
+            if task.cancelled() or task.exception() is not None:
+                self._unsure.add(entry)  # its let-go gives way first when too many are owed
+
+        task.add_done_callback(landed)
         return await asyncio.shield(task)
 
     async def read(self, key: str, spent: Spent) -> tuple[int, int | None]:
@@ -156,18 +185,29 @@ class Counters:
         try:
             await self._run(key, entry, "let_go", 0, spent)
         except Exception as exc:
-            log.warning("could not let go of %s in Redis (%s): tried again in %gs", key, exc, ALIVE_EVERY_S)
-            if len(self._owed) < MAX_OWED:
-                self._owed[(key, entry)] = spent
-            else:
-                log.error("let-gos owed to Redis past %d: one of %s dropped", MAX_OWED, key)
+            if not self._owed:
+                log.warning("could not let go in Redis (%s): kept, tried again with the marks", exc)
+            self._owe(key, entry, spent)
+            return
+        self._owed.pop((key, entry), None)
+        self._unsure.discard(entry)
+
+    def _owe(self, key: str, entry: str, spent: Spent | None) -> None:
+        if (key, entry) not in self._owed and len(self._owed) >= MAX_OWED:
+            gives_way = next(((k, e) for k, e in self._owed if e in self._unsure), None)
+            if gives_way is None:
+                self.dropped += 1
+                return
+            del self._owed[gives_way]
+            self._unsure.discard(gives_way[1])
+        self._owed[(key, entry)] = spent
 
     async def _run(
         self, key: str, entry: str, mode: str, amount: int, spent: Spent | None
     ) -> tuple[int, int | None]:
         self._start_marks()
-        keys = [key, LIVE]
-        args: list[int | str] = [self.me, f"{self.me}|{entry}", mode, amount, IDLE_TTL_S, DEAD_AFTER_S]
+        keys = [key, f"{key}:entries:{self.me}", f"{key}:gone:{self.me}:{entry}", LIVE]
+        args: list[int | str] = [self.me, entry, mode, amount, IDLE_TTL_S, DEAD_AFTER_S, TOMBSTONE_S]
         if spent is not None:
             keys.append(spent[0])
             args += [spent[1], spent[2]]
@@ -214,8 +254,17 @@ class Counters:
             await self._pay()
 
     async def _pay(self) -> None:
-        owed, self._owed = self._owed, {}
-        await asyncio.gather(*(self._let_go(key, entry, spent) for (key, entry), spent in owed.items()))
+        """Let-gos owed, ``PAY_AT_ONCE`` at a time; each leaves the list when it is done
+        (a close or an error midway keeps the rest)."""
+        if self.dropped:
+            log.error("let-gos owed to Redis past %d: %d dropped", MAX_OWED, self.dropped)
+            self.dropped = 0
+        owed = list(self._owed.items())
+        for start in range(0, len(owed), PAY_AT_ONCE):
+            batch = owed[start : start + PAY_AT_ONCE]
+            await asyncio.gather(*(self._let_go(key, entry, spent) for (key, entry), spent in batch))
+            if any(k in self._owed for k, _ in batch):
+                return  # Redis away again: the next marks go on
 
     async def close(self) -> None:
         self._closed = True

@@ -146,14 +146,14 @@ class RateLimiter:
         await asyncio.shield(ending)
 
     async def _end(self, adm: Admission, tokens: int) -> None:
+        slot, reserved, budget = adm.slot, adm.reserved, adm.budget  # taken: ended once
+        adm.slot, adm.reserved, adm.budget = "", "", None
         try:
-            if self.tpm is not None and tokens > 0 and adm.reserved:
+            if self.tpm is not None and tokens > 0 and reserved:
                 stats = await self.window.get_window_stats(self.tpm, "tpm", adm.subject)
                 if stats.remaining > 0:
                     await self.window.hit(self.tpm, "tpm", adm.subject, cost=min(tokens, stats.remaining))
         finally:
-            slot, reserved, budget = adm.slot, adm.reserved, adm.budget
-            adm.slot, adm.reserved, adm.budget = "", "", None
             endings = []
             if slot:
                 endings.append(self.counters.let_go(_key("running", adm.subject), slot))
