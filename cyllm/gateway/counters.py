@@ -64,7 +64,9 @@ _CHANGE = """
 local now = tonumber(redis.call('TIME')[1])
 local me, entry, mode, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[5]
 redis.call('ZADD', KEYS[4], now, me)
-if redis.call('HEXISTS', KEYS[1], me) == 0 and redis.call('EXISTS', KEYS[2]) == 1 then
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('HDEL', KEYS[1], me)  -- its entries expired or lost: so is what they held
+elseif redis.call('HEXISTS', KEYS[1], me) == 0 then
   local mine = 0  -- dropped while it seemed dead (or lost): rebuilt from its entries
   for _, v in ipairs(redis.call('HVALS', KEYS[2])) do mine = mine + tonumber(v) end
   redis.call('HSET', KEYS[1], me, mine)
@@ -78,7 +80,7 @@ elseif mode == 'let_go' then
   local held = redis.call('HGET', KEYS[2], entry)
   if held then
     redis.call('HDEL', KEYS[2], entry)
-    redis.call('HINCRBY', KEYS[1], me, -tonumber(held))
+    redis.call('HINCRBY', KEYS[1], me, 0 - tonumber(held))  -- (-0 would be refused)
     removed = 1
   else
     redis.call('SET', KEYS[3], 1, 'EX', ARGV[7])  -- its hold, if on its way, never lands

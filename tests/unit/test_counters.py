@@ -200,3 +200,21 @@ async def test_a_counter_adds_up_gateways_not_requests(redis_url):
     assert await total(two) == 2
     await one.close()
     await two.close()
+
+
+async def test_what_expired_entries_held_goes_with_them_and_a_zero_hold_lets_go(redis_url):
+    """This gateway's entries gone (expired, or a let-go never paid) while the others
+    kept the subtotals alive: what they held is no longer counted.  A hold of nothing
+    is let go like any other, its tokens spent."""
+    one, two = Counters(redis_url), Counters(redis_url)
+    await one.hold(KEY, "lost", 1)
+    await one.redis.delete(f"{KEY}:entries:{one.me}")
+    assert await two.hold(KEY, "b", 1) == (2, None)  # still there until this gateway calls
+    assert await one.hold(KEY, "c", 1) == (2, None)  # its lost entry's hold is gone
+    spent = ("cyllm:budget:spent:zero", 4, 2**31)
+    await one.redis.set(spent[0], 0)
+    await one.hold(KEY, "zero", 0)
+    await one.let_go(KEY, "zero", spent)
+    assert int(await one.redis.get(spent[0])) == 4 and not one._owed
+    await one.close()
+    await two.close()
