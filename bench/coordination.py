@@ -158,6 +158,7 @@ async def coordinator(redis_url: str | None, tmp: Path):
         redis_url=redis_url,
         metrics_port=0,
         files_dir=tmp / "files",
+        state_db=tmp / "state.db",  # not the user's
         queue_max_size=100_000,
     )
     server = CoordinatorServer(settings, Plane(TOKEN))

@@ -47,6 +47,7 @@ from bench.common import (
     print_table,
     process,
     served,
+    state_in,
     stream_chat,
     tagged,
 )
@@ -290,6 +291,7 @@ def cyllm_fake_three_processes(env: dict[str, str] | None = None):
             "CYLLM_INTERNAL_TOKEN": secrets.token_urlsafe(32),
             "CYLLM_COORDINATOR_METRICS_PORT": "0",
             "CYLLM_WORKER_METRICS_PORT": "0",
+            **state_in(tmp),  # not the user's (nor the other tree's) state file
             **(env or {}),
         }
         address = f"127.0.0.1:{coord}"
