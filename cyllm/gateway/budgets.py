@@ -23,7 +23,6 @@ device-seconds are spent.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 import math
@@ -111,20 +110,12 @@ class Budgets:
         """The request ended having used ``tokens``: its reservations become spending,
         whatever happens to the request meanwhile (``counters.py``)."""
         reserved, hold.reserved = hold.reserved, {}
-        await asyncio.gather(
-            *(
-                self._counters.let_go(
-                    self._key(hold.subject, period, start, "reserved"),
-                    entry,
-                    (
-                        self._key(hold.subject, period, start, "spent"),
-                        tokens,
-                        period_bounds(period, start)[1] + 86400,
-                    ),
-                )
-                for period, (start, entry) in reserved.items()
+        for period, (start, entry) in reserved.items():
+            await self._counters.let_go(
+                self._key(hold.subject, period, start, "reserved"),
+                entry,
+                (self._key(hold.subject, period, start, "spent"), tokens, _expiry(period, start)),
             )
-        )
 
     async def check_training(self, subject: str, budget: Budget) -> None:
         """Refuse a new training job while the month's device-seconds are spent."""
@@ -195,6 +186,11 @@ class Budgets:
         callers of two periods; Redis expires its own)."""
         self._counters.forget(lambda key: key.startswith("cyllm:budget:") and int(key.split(":")[4]) < oldest)
         self._warned = {w for w in self._warned if w[2] >= oldest}
+
+
+def _expiry(period: str, start: int) -> int:
+    """A spending counter's: the period's end, and a day."""
+    return period_bounds(period, start)[1] + 86400
 
 
 def _iso(t: float) -> str:
