@@ -169,14 +169,14 @@ class Budgets:
         hold included (``counters.py``: a request settling meanwhile is in one of them).
         A period's spending that is not counted yet starts from the ledger's sum."""
         held_key, spent_key = (self._key(hold.subject, period, start, w) for w in ("reserved", "spent"))
-        spent = (spent_key, 0, end + 86400)  # the period, and a day
+        spent = (spent_key, 0, _expiry(period, start))
         entry = self._counters.new_id()
         hold.reserved[period] = (start, entry)  # before holding: let go of whatever happens
         held, spending = await self._counters.hold(held_key, entry, amount, spent)
         if spending is None:
             seeded = (await self._seed(hold.subject, start))[0]
             # another request may have seeded it, and spent since, while this one waited
-            await self._counters.set_if_missing(spent_key, seeded, end + 86400)
+            await self._counters.set_if_missing(spent_key, seeded, _expiry(period, start))
             self._forget_before(period_bounds("month", start)[0])
             held, spending = await self._counters.read(held_key, spent)
         return seeded if spending is None else spending, held

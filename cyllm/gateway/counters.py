@@ -222,12 +222,6 @@ class Counters:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def get(self, key: str) -> int | None:
-        if self.redis is None:
-            return self._spending.get(key)
-        found = await self.redis.get(key)
-        return None if found is None else int(found)
-
     async def set_if_missing(self, key: str, value: int, expire_at: int) -> None:
         if self.redis is None:
             self._spending.setdefault(key, value)
